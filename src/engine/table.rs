@@ -132,6 +132,13 @@ impl Changes {
         let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         self.stripe(digest).fetch_max(n, Ordering::SeqCst);
     }
+
+    fn mark_all(&self) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        for stripe in &self.stripes {
+            stripe.fetch_max(n, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The tenants by id, in shards each behind its own lock (as `DashMap` shards, so that a
@@ -243,12 +250,17 @@ impl TenantTable {
         self.changes.seq.load(Ordering::SeqCst)
     }
 
-    /// Whether the credential `lookup` or the tenant `id` changed in the directory after
-    /// [`changes_seen`](Self::changes_seen) answered `seen` (or another credential or tenant
-    /// of the same stripe did).
-    pub(crate) fn changed_since(&self, seen: u64, lookup: Lookup<'_>, id: &TenantId) -> bool {
+    /// Whether the credential `lookup` changed in the directory (`invalidate_key`,
+    /// revalidation) after [`changes_seen`](Self::changes_seen) answered `seen` (or another
+    /// of its stripe did).
+    pub(crate) fn key_changed_since(&self, seen: u64, lookup: Lookup<'_>) -> bool {
         self.changes.stripe(self.digest(lookup)).load(Ordering::SeqCst) > seen
-            || self.changes.stripe(self.digest(Lookup::Identity(id.as_str()))).load(Ordering::SeqCst) > seen
+    }
+
+    /// Whether the tenant `id` changed in the directory after `seen` (or another of its
+    /// stripe did).
+    pub(crate) fn tenant_changed_since(&self, seen: u64, id: &TenantId) -> bool {
+        self.changes.stripe(self.digest(Lookup::Identity(id.as_str()))).load(Ordering::SeqCst) > seen
     }
 
     /// Marks a change of the tenant `id` in the directory (its plan or customer changed, or
@@ -262,6 +274,7 @@ impl TenantTable {
     /// with the old secrets, and an identity's digest is found again only with them. The
     /// tenants are let go after, so that their rate buckets are kept under the new secrets.
     pub(crate) fn reseed(&self) -> Vec<Tenant> {
+        self.changes.mark_all();
         self.credentials.clear();
         self.digest.reseed();
         self.evict_all()
@@ -295,6 +308,21 @@ impl TenantTable {
         validated: i64,
         make: impl FnOnce() -> TenantState,
     ) -> Tenant {
+        self.attach_read(lookup, hash, id, validated, None, make).expect("attached whatever changed")
+    }
+
+    /// [`attach`](Self::attach) of what the directory answered a read that began when
+    /// [`changes_seen`](Self::changes_seen) answered `seen`: `None`, nothing attached, when
+    /// the credential or the tenant changed since (the read may predate the change).
+    pub(crate) fn attach_read(
+        &self,
+        lookup: Lookup<'_>,
+        hash: Option<KeyHash>,
+        id: &TenantId,
+        validated: i64,
+        seen: Option<u64>,
+        make: impl FnOnce() -> TenantState,
+    ) -> Option<Tenant> {
         let digest = self.digest(lookup);
         // What reaches the tenant again: an API key (kept with its hash, for revalidation), or
         // its own identity (the anonymous one for the anonymous tenant), found from its id.
@@ -318,6 +346,12 @@ impl TenantTable {
         // replacement (which take the entry first) cannot slip in between and leave the
         // credential on a state the table no longer holds.
         let mut shard = self.tenants.write(h);
+        // A change of the tenant lets go of it under this shard after its mark: asked here,
+        // either the mark is seen, or the change comes after and lets go of what is attached.
+        let changed = |digest| seen.is_some_and(|seen| self.changes.stripe(digest).load(Ordering::SeqCst) > seen);
+        if changed(self.digest(Lookup::Identity(id.as_str()))) {
+            return None;
+        }
         let entry = shard
             .entry(h, |e| e.state.id == *id, |e| self.tenants.hash(e.state.id.as_str()))
             .or_insert_with(|| {
@@ -331,6 +365,16 @@ impl TenantTable {
                 Entry { state: Tenant::new(state), keys: Box::default() }
             })
             .into_mut();
+        let state = entry.state.clone();
+        if mapped {
+            // Under the credential's own lock, which `forget` takes after its mark: asked
+            // here, either the mark is seen, or `forget` finds the credential mapped.
+            let slot = self.credentials.entry(digest);
+            if changed(digest) {
+                return None;
+            }
+            slot.insert(state.clone());
+        }
         if let Some(hash) = key.filter(|_| !entry.keys.iter().any(|(d, _)| *d == digest)) {
             // Sized exactly: the boxed slice keeps this allocation as it is.
             let mut keys = Vec::with_capacity(entry.keys.len() + 1);
@@ -338,12 +382,8 @@ impl TenantTable {
             keys.push((digest, hash));
             entry.keys = keys.into_boxed_slice();
         }
-        let state = entry.state.clone();
-        if mapped {
-            self.credentials.insert(digest, state.clone());
-        }
         drop(shard);
-        state
+        Some(state)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -411,9 +451,21 @@ impl TenantTable {
 
     /// Replaces the state of `id` (its plan or customer changed): its credentials reach `make`'s
     /// state from now on; the old one is retired (its usage is kept, its leases go back).
-    pub(crate) fn replace(&self, id: &TenantId, now: i64, make: impl FnOnce() -> TenantState) -> Option<Tenant> {
-        self.tenant_changed(id);
+    /// `seen`: where [`changes_seen`](Self::changes_seen) stood when the record was read;
+    /// nothing is replaced when the tenant changed since (the record may predate the change).
+    pub(crate) fn replace(
+        &self,
+        id: &TenantId,
+        now: i64,
+        seen: u64,
+        make: impl FnOnce() -> TenantState,
+    ) -> Option<Tenant> {
         let old = self.tenants.with_mut(id.as_str(), |e| {
+            if self.tenant_changed_since(seen, id) {
+                return None;
+            }
+            // Marked under the shard, before the old state is let go (see [`Changes`]).
+            self.tenant_changed(id);
             let new = make();
             if let Some(tat) = e.state.rate_tat() {
                 // The same tenant: its bucket carries over to its new state.
@@ -429,8 +481,8 @@ impl TenantTable {
                     }
                 }
             }
-            old
-        })?;
+            Some(old)
+        })??;
         old.mark_evicted();
         self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old.clone());
         Some(old)
@@ -481,8 +533,10 @@ impl TenantTable {
         (d.lo, d.hi)
     }
 
-    /// Takes every tenant out of the table.
+    /// Takes every tenant out of the table (a reload, a snapshot's restore): every lookup
+    /// under way reads again ([`Changes`]).
     pub(crate) fn evict_all(&self) -> Vec<Tenant> {
+        self.changes.mark_all();
         let mut ids = Vec::with_capacity(self.len());
         self.tenants.for_each(|e| ids.push(e.state.id.clone()));
         self.evict(ids)
@@ -605,7 +659,7 @@ mod tests {
         assert_eq!(stale.len(), 1);
         assert_eq!(stale[0].2, vec![(key, Some(hash)), (identity, None)], "revalidated by key and by id");
 
-        let old = table.replace(&t1, 6, || make("t1")).expect("held");
+        let old = table.replace(&t1, 6, table.changes_seen(), || make("t1")).expect("held");
         assert!(Tenant::ptr_eq(&old, &by_key));
         let new = table.state(&t1).unwrap();
         assert!(!Tenant::ptr_eq(&new, &old));
@@ -648,7 +702,7 @@ mod tests {
         table.attach(Lookup::Identity(ANONYMOUS), None, &anonymous, i64::MAX, || make(ANONYMOUS_TENANT));
         assert!(table.get(Lookup::Identity(ANONYMOUS)).is_some());
         assert!(table.stale(i64::MAX).is_empty(), "declared: never revalidated");
-        let old = table.replace(&anonymous, 7, || make(ANONYMOUS_TENANT)).unwrap();
+        let old = table.replace(&anonymous, 7, table.changes_seen(), || make(ANONYMOUS_TENANT)).unwrap();
         assert!(!Tenant::ptr_eq(&table.get(Lookup::Identity(ANONYMOUS)).unwrap(), &old));
         table.evict([anonymous]);
         assert!(table.get(Lookup::Identity(ANONYMOUS)).is_none());

@@ -221,22 +221,51 @@ async fn a_lookup_overtaken_by_a_change_at_every_read_is_refused_to_send_again()
     };
     let (mut entered, mut release) = gate();
     let lookups = store.lookups.load(Ordering::SeqCst);
-    let (refused, ()) = tokio::join!(h.send(common::req("GET", "/", Some("key-acme"), None)), async {
-        for read in 0..3 {
-            entered.notified().await;
-            h.tollgate.invalidate_tenant(&"acme".into());
-            let this = release.clone();
-            if read < 2 {
-                (entered, release) = gate();
+    // Bounded in real time: a lookup that read only once would leave the second wait alone.
+    let both = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(h.send(common::req("GET", "/", Some("key-acme"), None)), async {
+            for read in 0..3 {
+                entered.notified().await;
+                h.tollgate.invalidate_tenant(&"acme".into());
+                let this = release.clone();
+                if read < 2 {
+                    (entered, release) = gate();
+                }
+                this.notify_one();
             }
-            this.notify_one();
-        }
+        })
     });
+    let (refused, ()) = both.await.expect("the lookup read three times");
     assert_eq!(refused.status.as_u16(), 503);
     assert!(refused.headers.get("retry-after").is_some());
     assert_eq!(store.lookups.load(Ordering::SeqCst) - lookups, 3, "three reads");
     assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
     assert_eq!(store.lookups.load(Ordering::SeqCst) - lookups, 4, "nothing was held of it");
+}
+
+/// A revalidation that read a tenant's record before a change the node was told of
+/// (`invalidate_tenant`) does not undo the change with its older record.
+#[tokio::test]
+async fn a_revalidation_that_read_before_a_change_does_not_undo_it() {
+    let (h, store) = node(PLANS);
+    let free = TenantRecord::new("acme".into(), "free".into());
+    store.inner.put_tenant(&free, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+    // The plan moves to pro in the store; the revalidation due reads that, and is held.
+    store.inner.put_tenant(&TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
+    h.clock.advance(Duration::from_secs(60));
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (read, ()) = tokio::join!(h.tollgate.revalidate(), async {
+        entered.notified().await;
+        // Moved back to free before the revalidation answers, and the node told.
+        store.inner.put_tenant(&free, &[]).await.unwrap();
+        h.tollgate.invalidate_tenant(&"acme".into());
+        assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+        release.notify_one();
+    });
+    assert_eq!(read, 1);
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free", "the older read does not undo the change");
 }
 
 /// A directory record named like the anonymous tenant (or outside the tenant id grammar) is

@@ -95,9 +95,8 @@ impl Gate {
         let now_nanos = self.shared.clock().unix_nanos();
         let known_unknown = self.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
         let _turn = if known_unknown { None } else { Some(self.table.lookup_turn(unknown_key).await) };
-        // Before the directory is read (and before the table is asked: a credential it holds
-        // now was attached by a read that began after any change it missed).
-        let seen = self.table.changes_seen();
+        // Taken again just before the directory is read (the limits' waits then fall outside).
+        let mut seen = self.table.changes_seen();
         if let Some(state) = self.table.get(lookup) {
             return Ok(Some(state));
         }
@@ -166,6 +165,7 @@ impl Gate {
                                         .with_retry_after(1)),
                                     },
                                 };
+                            seen = self.table.changes_seen();
                             let found = self.shared.stores().request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
@@ -186,7 +186,10 @@ impl Gate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => self.shared.stores().request().directory.tenant(id).await,
+                    None => {
+                        seen = self.table.changes_seen();
+                        self.shared.stores().request().directory.tenant(id).await
+                    }
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }
@@ -211,6 +214,11 @@ impl Gate {
             if !remembered && !matches!(credential, OwnedCredential::Anonymous) {
                 let ttl = i64::try_from(rt.config.limits.negative_ttl.as_nanos()).unwrap_or(i64::MAX);
                 self.unknown.insert(unknown_key, now_nanos.saturating_add(ttl));
+                // A key issued (and the node told) while it was read is not remembered as
+                // unknown: `invalidate_key` marks it before it clears the entry.
+                if self.table.key_changed_since(seen, lookup) {
+                    self.unknown.invalidate(&unknown_key);
+                }
             }
             return match &rt.anonymous {
                 Some(plan) => Ok(Some(self.anonymous(&rt, plan))),
@@ -241,19 +249,17 @@ impl Gate {
                     .with_retry_after(60));
             }
         };
-        let state = self.table.attach(lookup, hash, &record.id, validated, || {
+        let attached = self.table.attach_read(lookup, hash, &record.id, validated, Some(seen), || {
             if let Some(why) = &unfit {
                 self.overrides_not_served(&record, why);
             }
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
         });
-        if self.table.changed_since(seen, lookup, &record.id) {
-            // The record may predate the change: the tenant goes (with every credential that
-            // reaches it; its usage is kept and billed), to be read again.
-            self.table.evict([record.id.clone()]);
+        let Some(state) = attached else {
+            // The record may predate the change: nothing of it attached, to be read again.
             tracing::debug!(tenant = %record.id, "the tenant changed in the directory while it was read: read again");
             return Ok(None);
-        }
+        };
         self.after_insert(&rt);
         Ok(Some(state))
     }
@@ -314,6 +320,8 @@ impl Gate {
         for batch in active.chunks(BATCH) {
             for (id, _, creds) in batch {
                 read += 1;
+                // A change this node is told of while the record is read wins over it.
+                let seen = self.table.changes_seen();
                 let mut record: Option<TenantRecord> = None;
                 let mut failed = false;
                 for (digest, hash) in creds {
@@ -342,7 +350,7 @@ impl Gate {
                         let gone = self.table.evict([id.clone()]);
                         self.units.leases().return_leases(gone).await;
                     }
-                    Some(r) => self.refresh(&rt, r, now).await,
+                    Some(r) => self.refresh(&rt, r, now, seen).await,
                 }
             }
             tokio::task::yield_now().await;
@@ -352,7 +360,7 @@ impl Gate {
 
     /// Applies a directory record to the tenant held: a new state if its plan or customer
     /// changed, else just confirmed.
-    async fn refresh(&self, rt: &Runtime, record: TenantRecord, now: i64) {
+    async fn refresh(&self, rt: &Runtime, record: TenantRecord, now: i64, seen: u64) {
         let Some(current) = self.table.state(&record.id) else {
             return;
         };
@@ -378,7 +386,7 @@ impl Gate {
         if let Some(why) = &unfit {
             self.overrides_not_served(&record, why);
         }
-        let old = self.table.replace(&record.id, now, || {
+        let old = self.table.replace(&record.id, now, seen, || {
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
         });
         if let Some(old) = old {
