@@ -299,7 +299,9 @@ impl TenantTable {
     /// The state of `id`, created by `make` if absent; `lookup` (whose key hashes to `hash`,
     /// for an API key) then reaches it directly, unless it is an identity other than the
     /// tenant's own (see [`identity_of`](Self::identity_of)). `validated`: when the directory
-    /// confirmed it.
+    /// confirmed it. (The engine attaches what the directory answered with
+    /// [`attach_read`](Self::attach_read).)
+    #[cfg(test)]
     pub(crate) fn attach(
         &self,
         lookup: Lookup<'_>,
@@ -349,12 +351,13 @@ impl TenantTable {
         // A change of the tenant lets go of it under this shard after its mark: asked here,
         // either the mark is seen, or the change comes after and lets go of what is attached.
         let changed = |digest| seen.is_some_and(|seen| self.changes.stripe(digest).load(Ordering::SeqCst) > seen);
-        if changed(self.digest(Lookup::Identity(id.as_str()))) {
+        if changed(self.digest(Lookup::Identity(id.as_str()))) || (mapped && changed(digest)) {
             return None;
         }
-        let entry = shard
-            .entry(h, |e| e.state.id == *id, |e| self.tenants.hash(e.state.id.as_str()))
-            .or_insert_with(|| {
+        let mut created = false;
+        let entry =
+            shard.entry(h, |e| e.state.id == *id, |e| self.tenants.hash(e.state.id.as_str())).or_insert_with(|| {
+                created = true;
                 let state = make();
                 state.set_validated(validated);
                 // A tenant let go before its bucket was full again finds it as it left it.
@@ -363,18 +366,27 @@ impl TenantTable {
                     state.restore_rate(tat);
                 }
                 Entry { state: Tenant::new(state), keys: Box::default() }
-            })
-            .into_mut();
-        let state = entry.state.clone();
+            });
+        let state = entry.get().state.clone();
         if mapped {
             // Under the credential's own lock, which `forget` takes after its mark: asked
             // here, either the mark is seen, or `forget` finds the credential mapped.
             let slot = self.credentials.entry(digest);
             if changed(digest) {
+                drop(slot);
+                if created {
+                    // Made for this credential alone: nothing of it stays (its bucket goes
+                    // back to where it was found).
+                    let (entry, _) = entry.remove();
+                    if let Some(tat) = entry.state.rate_tat() {
+                        self.rates.keep(self.rate_key(id), tat, entry.state.rate_now());
+                    }
+                }
                 return None;
             }
             slot.insert(state.clone());
         }
+        let entry = entry.into_mut();
         if let Some(hash) = key.filter(|_| !entry.keys.iter().any(|(d, _)| *d == digest)) {
             // Sized exactly: the boxed slice keeps this allocation as it is.
             let mut keys = Vec::with_capacity(entry.keys.len() + 1);

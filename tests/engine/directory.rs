@@ -175,6 +175,7 @@ async fn a_key_removed_while_its_lookup_is_in_flight_stops_working() {
         release.notify_one();
     });
     assert!(first == 200 || first == 401, "{first}");
+    assert_eq!(h.tollgate.stats().tracked_tenants, 0, "nothing of the older read is held");
     assert_eq!(h.status("/", "key-acme").await, 401, "the removed key stops working at once");
     assert_eq!(h.status("/", "key-acme").await, 401);
 }
@@ -256,16 +257,43 @@ async fn a_revalidation_that_read_before_a_change_does_not_undo_it() {
     h.clock.advance(Duration::from_secs(60));
     let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
     *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
-    let (read, ()) = tokio::join!(h.tollgate.revalidate(), async {
-        entered.notified().await;
-        // Moved back to free before the revalidation answers, and the node told.
-        store.inner.put_tenant(&free, &[]).await.unwrap();
-        h.tollgate.invalidate_tenant(&"acme".into());
-        assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
-        release.notify_one();
+    let both = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(h.tollgate.revalidate(), async {
+            entered.notified().await;
+            // Moved back to free before the revalidation answers, and the node told.
+            store.inner.put_tenant(&free, &[]).await.unwrap();
+            h.tollgate.invalidate_tenant(&"acme".into());
+            assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+            release.notify_one();
+        })
     });
+    let (read, ()) = both.await.expect("the revalidation read the tenant");
     assert_eq!(read, 1);
     assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free", "the older read does not undo the change");
+}
+
+/// A reload while a lookup reads the directory: the tenant is served under the configuration
+/// in force, not attached under the one the lookup began with (here the reload drops its plan:
+/// refused, and not served the dropped plan on later requests).
+#[tokio::test]
+async fn a_reload_while_a_lookup_reads_the_directory_wins_over_it() {
+    let (h, store) = node(PLANS);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let without_free = PLANS.replace("[plans.free]\nrate = \"1000/s\"\n", "");
+    assert_ne!(without_free, PLANS);
+    let (first, ()) = tokio::join!(h.status("/", "key-acme"), async {
+        entered.notified().await;
+        h.tollgate.reload(tollgate::Config::from_toml_str(&without_free).unwrap()).await.unwrap();
+        release.notify_one();
+    });
+    assert!(first == 200 || first == 503, "{first}");
+    assert_eq!(h.status("/", "key-acme").await, 503, "the dropped plan is not served");
 }
 
 /// A directory record named like the anonymous tenant (or outside the tenant id grammar) is

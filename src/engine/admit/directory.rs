@@ -71,7 +71,11 @@ impl Gate {
         address: u64,
         fail_open: bool,
     ) -> Result<Option<Tenant>, Rejection> {
-        let rt = self.shared.runtime().load_full();
+        // Where the directory's changes stand, then the configuration: a reload stores the new
+        // one before it marks every change (taken again, both, just before the store is read,
+        // so that the limits' waits fall outside).
+        let mut seen = self.table.changes_seen();
+        let mut rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
         let lookup = match credential {
             OwnedCredential::ApiKey(key) => {
@@ -95,8 +99,6 @@ impl Gate {
         let now_nanos = self.shared.clock().unix_nanos();
         let known_unknown = self.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
         let _turn = if known_unknown { None } else { Some(self.table.lookup_turn(unknown_key).await) };
-        // Taken again just before the directory is read (the limits' waits then fall outside).
-        let mut seen = self.table.changes_seen();
         if let Some(state) = self.table.get(lookup) {
             return Ok(Some(state));
         }
@@ -166,6 +168,7 @@ impl Gate {
                                     },
                                 };
                             seen = self.table.changes_seen();
+                            rt = self.shared.runtime().load_full();
                             let found = self.shared.stores().request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
@@ -188,6 +191,7 @@ impl Gate {
                     }
                     None => {
                         seen = self.table.changes_seen();
+                        rt = self.shared.runtime().load_full();
                         self.shared.stores().request().directory.tenant(id).await
                     }
                 },
@@ -200,7 +204,7 @@ impl Gate {
                 // Without a tenant nothing can be billed: only an anonymous plan can fail open.
                 return match &rt.anonymous {
                     Some(plan) if fail_open && plan.on_store_error == StoreErrorPolicy::FailOpen => {
-                        Ok(Some(self.anonymous(&rt, plan)))
+                        Ok(self.anonymous(&rt, plan, seen))
                     }
                     _ => Err(Rejection::new(
                         RejectionKind::StoreUnavailable,
@@ -221,7 +225,7 @@ impl Gate {
                 }
             }
             return match &rt.anonymous {
-                Some(plan) => Ok(Some(self.anonymous(&rt, plan))),
+                Some(plan) => Ok(self.anonymous(&rt, plan, seen)),
                 None => {
                     let mut r =
                         Rejection::new(RejectionKind::UnknownCredentials, "the credential does not match any tenant");
@@ -264,13 +268,15 @@ impl Gate {
         Ok(Some(state))
     }
 
-    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
+    /// The anonymous tenant, under the configuration `rt` loaded after `seen`: `None` when a
+    /// reload came since (its plan may be the previous configuration's), to be read again.
+    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>, seen: u64) -> Option<Tenant> {
         let id = TenantId::from(ANONYMOUS_TENANT);
-        let state = self.table.attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || {
+        let state = self.table.attach_read(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, Some(seen), || {
             TenantState::new(id.clone(), plan.clone(), None)
-        });
+        })?;
         self.after_insert(rt);
-        state
+        Some(state)
     }
 
     /// The tenant's customer in the billing system its usage is exported to.
@@ -383,10 +389,10 @@ impl Gate {
             self.table.confirmed(&record.id, now);
             return;
         }
-        if let Some(why) = &unfit {
-            self.overrides_not_served(&record, why);
-        }
         let old = self.table.replace(&record.id, now, seen, || {
+            if let Some(why) = &unfit {
+                self.overrides_not_served(&record, why);
+            }
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
         });
         if let Some(old) = old {
