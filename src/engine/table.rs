@@ -354,17 +354,19 @@ impl TenantTable {
         if changed(self.digest(Lookup::Identity(id.as_str()))) || (mapped && changed(digest)) {
             return None;
         }
-        let mut created = false;
+        // `Some(bucket)`: made here (with the bucket it was let go with, if any).
+        let mut created = None;
         let entry =
             shard.entry(h, |e| e.state.id == *id, |e| self.tenants.hash(e.state.id.as_str())).or_insert_with(|| {
-                created = true;
                 let state = make();
                 state.set_validated(validated);
                 // A tenant let go before its bucket was full again finds it as it left it.
                 let now = state.rate_now();
-                if let Some(tat) = self.rates.take(self.rate_key(id), now) {
+                let bucket = self.rates.take(self.rate_key(id), now);
+                if let Some(tat) = bucket {
                     state.restore_rate(tat);
                 }
+                created = Some(bucket.map(|tat| (tat, now)));
                 Entry { state: Tenant::new(state), keys: Box::default() }
             });
         let state = entry.get().state.clone();
@@ -374,12 +376,12 @@ impl TenantTable {
             let slot = self.credentials.entry(digest);
             if changed(digest) {
                 drop(slot);
-                if created {
-                    // Made for this credential alone: nothing of it stays (its bucket goes
-                    // back to where it was found).
-                    let (entry, _) = entry.remove();
-                    if let Some(tat) = entry.state.rate_tat() {
-                        self.rates.keep(self.rate_key(id), tat, entry.state.rate_now());
+                if let Some(bucket) = created {
+                    // Made for this credential alone: nothing of it stays (the bucket it was
+                    // let go with goes back as it was found).
+                    entry.remove();
+                    if let Some((tat, now)) = bucket {
+                        self.rates.keep(self.rate_key(id), tat, now);
                     }
                 }
                 return None;

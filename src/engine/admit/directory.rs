@@ -72,10 +72,11 @@ impl Gate {
         fail_open: bool,
     ) -> Result<Option<Tenant>, Rejection> {
         // Where the directory's changes stand, then the configuration: a reload stores the new
-        // one before it marks every change (taken again, both, just before the store is read,
-        // so that the limits' waits fall outside).
+        // one before it marks every change. Taken again just before the store is read (the
+        // limits' waits then fall outside), when a configuration reloaded meanwhile sends the
+        // lookup round again.
         let mut seen = self.table.changes_seen();
-        let mut rt = self.shared.runtime().load_full();
+        let rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
         let lookup = match credential {
             OwnedCredential::ApiKey(key) => {
@@ -168,7 +169,16 @@ impl Gate {
                                     },
                                 };
                             seen = self.table.changes_seen();
-                            rt = self.shared.runtime().load_full();
+                            let fresh = self.shared.runtime().load_full();
+                            if !Arc::ptr_eq(&fresh, &rt) {
+                                // Reloaded while this lookup waited: the key may be declared
+                                // now. Read again, under the new configuration (the address's
+                                // cell given back: it is taken again).
+                                if let Some(own) = &own {
+                                    own.give_back(rate);
+                                }
+                                return Ok(None);
+                            }
                             let found = self.shared.stores().request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
@@ -191,7 +201,10 @@ impl Gate {
                     }
                     None => {
                         seen = self.table.changes_seen();
-                        rt = self.shared.runtime().load_full();
+                        if !Arc::ptr_eq(&self.shared.runtime().load_full(), &rt) {
+                            // Reloaded meanwhile: the tenant may be declared now.
+                            return Ok(None);
+                        }
                         self.shared.stores().request().directory.tenant(id).await
                     }
                 },
@@ -326,8 +339,10 @@ impl Gate {
         for batch in active.chunks(BATCH) {
             for (id, _, creds) in batch {
                 read += 1;
-                // A change this node is told of while the record is read wins over it.
+                // A change this node is told of while the record is read wins over it, a
+                // reload's too: the configuration is loaded after.
                 let seen = self.table.changes_seen();
+                let rt = self.shared.runtime().load_full();
                 let mut record: Option<TenantRecord> = None;
                 let mut failed = false;
                 for (digest, hash) in creds {
