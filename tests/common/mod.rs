@@ -646,6 +646,16 @@ impl UsageStore for Faulty {
     }
 }
 
+impl Faulty {
+    /// Holds the next key lookup once it has read the store ([`hold_key_lookup`](Self::hold_key_lookup)):
+    /// notified on the first when it has, released by the second.
+    pub fn hold_next_key_lookup(&self) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+        let pair = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+        *self.hold_key_lookup.lock().unwrap() = Some(pair.clone());
+        pair
+    }
+}
+
 #[async_trait::async_trait]
 impl LedgerStore for Faulty {
     async fn ledger(

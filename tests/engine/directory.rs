@@ -157,6 +157,17 @@ async fn removed_keys_and_plan_changes_reach_a_running_node() {
     assert_eq!(billed, 9);
 }
 
+/// A node whose directory holds acme on the free plan, reached by `key-acme`.
+async fn acme_on_free() -> (Harness, Arc<Faulty>) {
+    let (h, store) = node(PLANS);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    (h, store)
+}
+
 /// A key lookup that read the directory before the key was removed there, and before the
 /// node was told (`invalidate_key`), must not leave the key working: the request in flight
 /// may be served (it was sent before the removal), the next one is refused.
@@ -165,8 +176,7 @@ async fn a_key_removed_while_its_lookup_is_in_flight_stops_working() {
     let (h, store) = node(PLANS);
     let key = KeyHash::of(b"key-acme");
     store.inner.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[key]).await.unwrap();
-    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (entered, release) = store.hold_next_key_lookup();
     let (first, ()) = tokio::join!(h.status("/", "key-acme"), async {
         // The lookup has the record; the key is removed and the node told before it answers.
         entered.notified().await;
@@ -185,14 +195,8 @@ async fn a_key_removed_while_its_lookup_is_in_flight_stops_working() {
 /// record the lookup read before the change.
 #[tokio::test]
 async fn a_plan_changed_while_a_lookup_is_in_flight_is_served_at_once() {
-    let (h, store) = node(PLANS);
-    store
-        .inner
-        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
-        .await
-        .unwrap();
-    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (h, store) = acme_on_free().await;
+    let (entered, release) = store.hold_next_key_lookup();
     let (first, ()) = tokio::join!(h.get("/", "key-acme"), async {
         entered.notified().await;
         store.inner.put_tenant(&TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
@@ -209,17 +213,8 @@ async fn a_plan_changed_while_a_lookup_is_in_flight_is_served_at_once() {
 /// once and is served.
 #[tokio::test]
 async fn a_lookup_overtaken_by_a_change_at_every_read_is_refused_to_send_again() {
-    let (h, store) = node(PLANS);
-    store
-        .inner
-        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
-        .await
-        .unwrap();
-    let gate = || {
-        let pair = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-        *store.hold_key_lookup.lock().unwrap() = Some(pair.clone());
-        pair
-    };
+    let (h, store) = acme_on_free().await;
+    let gate = || store.hold_next_key_lookup();
     let (mut entered, mut release) = gate();
     let lookups = store.lookups.load(Ordering::SeqCst);
     // Bounded in real time: a lookup that read only once would leave the second wait alone.
@@ -255,8 +250,7 @@ async fn a_revalidation_that_read_before_a_change_does_not_undo_it() {
     // The plan moves to pro in the store; the revalidation due reads that, and is held.
     store.inner.put_tenant(&TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
     h.clock.advance(Duration::from_secs(60));
-    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (entered, release) = store.hold_next_key_lookup();
     let both = tokio::time::timeout(Duration::from_secs(60), async {
         tokio::join!(h.tollgate.revalidate(), async {
             entered.notified().await;
@@ -277,14 +271,8 @@ async fn a_revalidation_that_read_before_a_change_does_not_undo_it() {
 /// refused, and not served the dropped plan on later requests).
 #[tokio::test]
 async fn a_reload_while_a_lookup_reads_the_directory_wins_over_it() {
-    let (h, store) = node(PLANS);
-    store
-        .inner
-        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
-        .await
-        .unwrap();
-    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (h, store) = acme_on_free().await;
+    let (entered, release) = store.hold_next_key_lookup();
     let without_free = PLANS.replace("[plans.free]\nrate = \"1000/s\"\n", "");
     assert_ne!(without_free, PLANS);
     let (first, ()) = tokio::join!(h.status("/", "key-acme"), async {
