@@ -1,6 +1,7 @@
 //! Tenants: how a request names its tenant, and the per-tenant state on the request path.
 
 mod clients;
+mod cmac;
 mod fleet;
 mod gcra;
 mod handle;
