@@ -78,7 +78,7 @@ pub(crate) struct Fingerprint {
 pub(crate) struct Fingerprinter {
     /// Whether [`cmac`](Self::cmac) computes the fingerprints (checked once, at start-up).
     aes: bool,
-    /// The CMAC keys of each kind, by tag (index 0 unused), where `aes`.
+    /// The CMAC keys of each kind, by tag (index 0 unused, never set), where `aes`.
     cmac: [CmacKeys; 3],
     /// The two SipHash secrets of each kind, by tag (index 0 unused), where not.
     keys: [[AtomicU64; 2]; 3],
@@ -97,7 +97,7 @@ impl Fingerprinter {
     /// Draws new secrets: every fingerprint computed before no longer matches.
     pub(crate) fn reseed(&self) {
         if self.aes {
-            for keys in &self.cmac {
+            for keys in &self.cmac[usize::from(TAG_API_KEY)..] {
                 let mut key = [0u8; 16];
                 key[..8].copy_from_slice(&draw_u64().to_le_bytes());
                 key[8..].copy_from_slice(&draw_u64().to_le_bytes());
@@ -143,6 +143,7 @@ mod tests {
                 continue;
             }
             let f = Fingerprinter::random();
+            assert_eq!(f.aes, super::CmacKeys::supported(), "AES-CMAC wherever the processor has AES-NI");
             let f = Fingerprinter { aes, ..f };
             let key = b"tg_live_0123456789abcdef0123456789";
             let first = f.of(TAG_API_KEY, key);
