@@ -320,9 +320,7 @@ impl Tollgate {
     /// quota calls, idempotency and export claims) and new credential secrets from the
     /// operating system, forgets what the old secrets keyed (tenants, unknown credentials),
     /// and reads the wall clock again. Copies of one snapshot then never share a flush id or
-    /// a lease. Call it once per restore: each call leaves the replaced secrets' AES key
-    /// schedules allocated (416 bytes, where the digest is AES-CMAC), as a request may still
-    /// read them.
+    /// a lease.
     pub async fn after_restore(&self) {
         self.shared().ids().renew();
         self.units().pipeline().lock().await.renew_node();

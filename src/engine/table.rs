@@ -80,8 +80,7 @@ struct Entry {
     keys: Box<[(Digest, KeyHash)]>,
 }
 
-/// Credentials map to tenant states by a 128-bit digest (AES-128-CMAC where the processor has
-/// AES instructions, SipHash-1-3-128 elsewhere: [`Fingerprinter`]) keyed by secrets drawn at
+/// Credentials map to tenant states by a 128-bit SipHash-1-3 digest keyed by secrets drawn at
 /// start-up (a PRF: nobody outside the process can make two credentials collide, and by
 /// chance they collide with probability about n²/2¹²⁹). Matching the whole digest stands for
 /// matching the whole credential, with 24-byte map entries that keep the table in cache.

@@ -5,7 +5,6 @@ use std::{
 
 use siphasher::sip128::SipHasher13;
 
-use super::cmac::CmacKeys;
 use crate::base::{draw_u64, TenantId};
 
 /// What a request says about its tenant, as a [`TenantResolver`](crate::TenantResolver) finds it.
@@ -67,20 +66,15 @@ pub(crate) struct Fingerprint {
     pub(crate) hi: u64,
 }
 
-/// Computes fingerprints with AES-128-CMAC where the processor has AES instructions (x86-64
-/// with AES-NI: [`CmacKeys`]), SipHash-1-3-128 elsewhere, keyed by secrets drawn at start-up, so
-/// nobody outside the process can craft colliding inputs. Drawn anew after a SnapStart restore
+/// Computes fingerprints with SipHash-1-3 keyed by secrets drawn at start-up, so nobody outside
+/// the process can craft colliding inputs. Drawn anew after a SnapStart restore
 /// ([`reseed`](Self::reseed)), so that copies of one snapshot do not share them.
 ///
 /// Each kind of credential (`TAG_*`) has secrets of its own, drawn apart: an API key and a
 /// tenant id of the same bytes never share a fingerprint, and the bytes are hashed in one pass
 /// from their first byte (a tag byte written first would misalign every word of them).
 pub(crate) struct Fingerprinter {
-    /// Whether [`cmac`](Self::cmac) computes the fingerprints (checked once, at start-up).
-    aes: bool,
-    /// The CMAC keys of each kind, by tag (index 0 unused, never set), where `aes`.
-    cmac: [CmacKeys; 3],
-    /// The two SipHash secrets of each kind, by tag (index 0 unused), where not.
+    /// The two secrets of each kind, by tag (index 0 unused).
     keys: [[AtomicU64; 2]; 3],
 }
 
@@ -89,21 +83,13 @@ pub(crate) const TAG_TENANT: u8 = 2;
 
 impl Fingerprinter {
     pub(crate) fn random() -> Self {
-        let this = Self { aes: CmacKeys::supported(), cmac: Default::default(), keys: Default::default() };
+        let this = Self { keys: Default::default() };
         this.reseed();
         this
     }
 
     /// Draws new secrets: every fingerprint computed before no longer matches.
     pub(crate) fn reseed(&self) {
-        if self.aes {
-            for keys in &self.cmac[usize::from(TAG_API_KEY)..] {
-                let mut key = [0u8; 16];
-                key[..8].copy_from_slice(&draw_u64().to_le_bytes());
-                key[8..].copy_from_slice(&draw_u64().to_le_bytes());
-                keys.set(key);
-            }
-        }
         for pair in &self.keys {
             for k in pair {
                 k.store(draw_u64(), Ordering::Relaxed);
@@ -113,10 +99,6 @@ impl Fingerprinter {
 
     #[inline]
     pub(crate) fn of(&self, tag: u8, bytes: &[u8]) -> Fingerprint {
-        if self.aes {
-            let (lo, hi) = self.cmac[usize::from(tag)].mac(bytes);
-            return Fingerprint { lo, hi };
-        }
         let [k0, k1] = &self.keys[usize::from(tag)];
         let h = SipHasher13::new_with_keys(k0.load(Ordering::Relaxed), k1.load(Ordering::Relaxed)).hash(bytes);
         Fingerprint { lo: h.h1, hi: h.h2 }
@@ -131,30 +113,6 @@ impl fmt::Debug for Fingerprinter {
 
 #[cfg(test)]
 mod tests {
-    use super::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
-
-    /// Both ways of fingerprinting (AES-CMAC where the processor has AES-NI, which every test
-    /// here uses, and SipHash, which the others do not): one input gives one fingerprint, the
-    /// kinds are keyed apart, and new secrets give new fingerprints.
-    #[test]
-    fn each_way_keys_the_kinds_apart_and_reseeding_changes_every_fingerprint() {
-        for aes in [true, false] {
-            if aes && !super::CmacKeys::supported() {
-                continue;
-            }
-            let f = Fingerprinter::random();
-            assert_eq!(f.aes, super::CmacKeys::supported(), "AES-CMAC wherever the processor has AES-NI");
-            let f = Fingerprinter { aes, ..f };
-            let key = b"tg_live_0123456789abcdef0123456789";
-            let first = f.of(TAG_API_KEY, key);
-            assert_eq!(f.of(TAG_API_KEY, key), first, "aes {aes}");
-            assert_ne!(f.of(TAG_TENANT, key), first, "aes {aes}: the kinds are keyed apart");
-            assert_ne!(f.of(TAG_API_KEY, &key[..33]), first, "aes {aes}");
-            f.reseed();
-            assert_ne!(f.of(TAG_API_KEY, key), first, "aes {aes}: new secrets");
-        }
-    }
-
     /// Ids are drawn from the operating system, not from state a copy of the process shares:
     /// after a fork (which copies memory as a SnapStart restore does), parent and child draw
     /// different values. `RandomState`, seeded once per thread and then counted up, draws the

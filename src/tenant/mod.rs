@@ -1,7 +1,6 @@
 //! Tenants: how a request names its tenant, and the per-tenant state on the request path.
 
 mod clients;
-mod cmac;
 mod fleet;
 mod gcra;
 mod handle;
