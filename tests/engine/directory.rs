@@ -159,7 +159,12 @@ async fn removed_keys_and_plan_changes_reach_a_running_node() {
 
 /// A node whose directory holds acme on the free plan, reached by `key-acme`.
 async fn acme_on_free() -> (Harness, Arc<Faulty>) {
-    let (h, store) = node(PLANS);
+    acme_on_free_of(PLANS).await
+}
+
+/// [`acme_on_free`] under the configuration `toml`.
+async fn acme_on_free_of(toml: &str) -> (Harness, Arc<Faulty>) {
+    let (h, store) = node(toml);
     store
         .inner
         .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
@@ -307,12 +312,7 @@ async fn a_record_that_would_share_the_anonymous_tenant_is_refused() {
 async fn a_request_waiting_across_a_reload_keeps_its_meter() {
     let a = "[meters.tokens]\n[plans.free]\n[[routes]]\npath = \"/gen\"\nmeter = \"tokens\"\n";
     let b = "[meters.images]\n[meters.tokens]\n[plans.free]\n[[routes]]\npath = \"/gen\"\nmeter = \"tokens\"\n";
-    let (h, store) = node(a);
-    store
-        .inner
-        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
-        .await
-        .unwrap();
+    let (h, store) = acme_on_free_of(a).await;
     let info = tollgate::door::RequestInfo::new("GET", "/gen", tollgate::door::Credential::ApiKey(b"key-acme"));
     let tollgate::door::Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
     h.tollgate.reload(tollgate::Config::from_toml_str(b).unwrap()).await.unwrap();
