@@ -415,3 +415,35 @@ async fn set_overrides_checks_them_against_the_plan_they_are_written_over() {
     assert_eq!(record.plan.as_str(), "norate");
     assert!(store.tenant(&"t".into()).await.unwrap().unwrap().overrides.unwrap().contains("5/s"));
 }
+
+/// A key refused as unknown that a reload then declares (`[tenants.NAME] keys`) is served on
+/// the next request: the reload forgets what the node remembered as unknown, as it lets go of
+/// every tenant, instead of refusing the key for the rest of `negative_ttl`.
+#[tokio::test]
+async fn a_key_a_reload_declares_is_served_at_once_after_a_refusal() {
+    let (h, _store) = node(PLANS);
+    assert_eq!(h.status("/", "key-declared").await, 401);
+    let declared = format!("{PLANS}[tenants.acme]\nplan = \"free\"\nkeys = [\"key-declared\"]\n");
+    h.tollgate.reload(tollgate::Config::from_toml_str(&declared).unwrap()).await.unwrap();
+    assert_eq!(&h.get("/", "key-declared").await.body[..], b"acme on free", "served within the negative TTL");
+}
+
+/// A tenant id refused as unknown (its identity given by an earlier layer) and then created in
+/// the directory is served at once when the node is told (`invalidate_tenant`, as webhooks and
+/// `Admin` do), as a key is after `invalidate_key`.
+#[tokio::test]
+async fn a_tenant_created_after_a_refusal_is_served_once_the_node_is_told() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let (h, store) = node(PLANS);
+    let info = RequestInfo::new("GET", "/", Credential::Tenant("acme"));
+    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
+    assert_eq!(h.tollgate.resolve(pending).await.unwrap_err().kind(), tollgate::RejectionKind::UnknownCredentials);
+    store.inner.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
+    h.tollgate.invalidate_tenant(&"acme".into());
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await.expect("the tenant the node was told of is served"),
+        Admission::Rejected(r) => panic!("refused: {r:?}"),
+    };
+    assert!(ticket.complete(200));
+}

@@ -424,11 +424,16 @@ impl Gate {
             "the tenant's overrides do not fit its plan ({why}): served the plan without them until they are mended");
     }
 
-    /// Forgets what this node holds of `tenant`: its next request reads the directory again
-    /// (after a plan change made on this node, for example). Usage recorded so far is kept
-    /// and billed; its leases go back at the next flush.
+    /// Forgets what this node holds of `tenant` (and that its id was unknown): its next request
+    /// reads the directory again (after a plan change made on this node, or the tenant created,
+    /// for example). Usage recorded so far is kept and billed; its leases go back at the next
+    /// flush.
     pub(crate) fn invalidate_tenant(&self, tenant: &TenantId) {
+        // Marked first, so that a lookup that read the directory before and finds the id
+        // unknown does not remember it so (as `invalidate_key`).
         self.table.tenant_changed(tenant);
+        let digest = self.table.digest(Lookup::Identity(tenant.as_str()));
+        self.unknown.invalidate(&(digest.lo, digest.hi));
         self.table.evict([tenant.clone()]);
     }
 

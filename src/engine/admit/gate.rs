@@ -115,7 +115,8 @@ impl Gate {
         &self.places
     }
 
-    /// Forgets the credentials remembered as unknown (a process restored from a snapshot).
+    /// Forgets the credentials remembered as unknown (a process restored from a snapshot, a
+    /// reload).
     pub(crate) fn forget_unknown(&self) {
         self.unknown.invalidate_all();
     }
