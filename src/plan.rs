@@ -61,13 +61,8 @@ impl MeterTable {
                 .map_or(NO_SUCH_FEATURE, |i| i as u8 + 1),
         };
         RouteCost {
-            meter,
-            cost: route.cost,
-            reports,
-            shape: meter as u8,
-            feature,
             client: route.client,
-            hold: route.hold,
+            ..RouteCost::new(meter, route.cost, reports, meter as u8, feature, route.hold)
         }
     }
 
@@ -635,6 +630,25 @@ pub(crate) struct RouteCost {
     pub(crate) client: u64,
     /// The route's hold (its index in [`Runtime::holds`] + 1; 0: none).
     pub(crate) hold: u8,
+    /// Nothing beyond its meter's units: no reported meter, feature or hold. Worked out once
+    /// per route (and again by [`MeterTable::remap`]), so that admission tests one flag.
+    pub(crate) plain: bool,
+}
+
+impl RouteCost {
+    /// A route's cost, its `plain` flag worked out from the rest.
+    pub(crate) fn new(meter: usize, cost: u32, reports: u64, shape: u8, feature: u8, hold: u8) -> Self {
+        RouteCost {
+            meter,
+            cost,
+            reports,
+            shape,
+            feature,
+            client: 0,
+            hold,
+            plain: reports == 0 && feature == 0 && hold == 0,
+        }
+    }
 }
 
 /// A tenant declared in the configuration.
@@ -726,15 +740,7 @@ impl Runtime {
                 CompiledRoute {
                     method: r.method.clone(),
                     pattern: r.pattern.clone(),
-                    cost: RouteCost {
-                        meter,
-                        cost: r.cost.get(),
-                        reports,
-                        shape: shape as u8,
-                        feature,
-                        client: 0,
-                        hold,
-                    },
+                    cost: RouteCost::new(meter, r.cost.get(), reports, shape as u8, feature, hold),
                 }
             })
             .collect();
@@ -891,14 +897,40 @@ impl Runtime {
                 return r.cost;
             }
         }
-        RouteCost {
-            meter: self.default_meter,
-            cost: 1,
-            reports: 0,
-            shape: self.default_meter as u8,
-            feature: 0,
-            client: 0,
-            hold: 0,
+        RouteCost::new(self.default_meter, 1, 0, self.default_meter as u8, 0, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(meters: &[&str], features: &[&str]) -> MeterTable {
+        MeterTable {
+            ids: meters.iter().map(MeterId::new).collect(),
+            features: features.iter().map(|f| Box::<str>::from(*f)).collect(),
         }
+    }
+
+    /// A route is plain (admission's one test of the common request) exactly when it reports
+    /// no meter, needs no feature and holds nothing, and stays so across a reload's remap: a
+    /// feature the new configuration does not know makes it a refusal, never a plain route.
+    #[test]
+    fn a_route_is_plain_only_with_nothing_beyond_its_units() {
+        assert!(RouteCost::new(0, 1, 0, 0, 0, 0).plain);
+        assert!(!RouteCost::new(0, 1, 0b10, 1, 0, 0).plain, "a reported meter");
+        assert!(!RouteCost::new(0, 1, 0, 0, 1, 0).plain, "a feature");
+        assert!(!RouteCost::new(0, 1, 0, 0, 0, 1).plain, "a hold");
+        let before = table(&["requests", "tokens"], &["sso"]);
+        let after = table(&["requests"], &[]);
+        let featured = before.remap(RouteCost::new(0, 1, 0, 0, 1, 0), &after);
+        assert_eq!(featured.feature, NO_SUCH_FEATURE);
+        assert!(!featured.plain);
+        // A reported meter the new configuration lacks is dropped: nothing is left to report.
+        let reported = before.remap(RouteCost::new(0, 1, 0b10, 2, 0, 0), &after);
+        assert!(reported.plain, "{reported:?}");
+        let kept = before.remap(RouteCost::new(1, 3, 0b01, 2, 0, 0), &table(&["tokens", "requests"], &[]));
+        assert_eq!((kept.meter, kept.reports, kept.cost), (0, 0b10, 3));
+        assert!(!kept.plain);
     }
 }

@@ -39,8 +39,8 @@ impl Gate {
     pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
         // The common request, decided in one step: a plan with nothing beyond its rate and its
         // quotas (`CompiledPlan::straight`), a route that needs no feature, reports no meter
-        // and holds nothing, no `Idempotency-Key`.
-        if idem.is_none() && state.plan.straight && route.reports == 0 && route.feature == 0 && route.hold == 0 {
+        // and holds nothing (`RouteCost::plain`), no `Idempotency-Key`.
+        if route.plain && state.plan.straight && idem.is_none() {
             return self.decide_straight(state, route);
         }
         self.decide_charged(RateCharge::new(state, &route), route, idem)
