@@ -349,7 +349,9 @@ pub struct Stats {
     /// Tenants evicted (idle, or over the cap).
     pub evictions: u64,
     /// Tenants served their plan without their overrides, which do not fit it (a plan change
-    /// made without looking at them): logged as errors.
+    /// made without looking at them): logged as errors. Counted each time this node begins
+    /// serving such a tenant (its first request, and again after an eviction or a reload), so
+    /// it keeps rising while the overrides are not mended.
     pub overrides_not_served: u64,
     /// Store calls of the request path not made because the store had failed several times in
     /// a row (their requests' `on_store_error` applied at once).
