@@ -110,6 +110,14 @@ impl Admin {
         }
     }
 
+    /// Tells the engine (if any) that keys were added by their hashes: it forgets the
+    /// credentials it remembers as unknown.
+    pub(super) fn keys_added(&self) {
+        if let Some(node) = &self.node {
+            node.keys_added();
+        }
+    }
+
     /// Plans are checked against `config`, and store calls bounded by its
     /// `limits.background_timeout` (an engine's follow the engine's configuration).
     #[must_use]

@@ -109,6 +109,8 @@ impl Admin {
             record = record.with_customer(c);
         }
         self.directory.put_tenant(&record, &[]).await?;
+        // Its id may have been refused as unknown on this node (a tenant identified by id).
+        self.changed(&record.id);
         Ok(record)
     }
 

@@ -13,6 +13,11 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
     /// what this node holds of it, so that its next request reads the directory again.
     fn tenant_changed(&self, tenant: &TenantId);
 
+    /// API keys were added to the directory (imported, by their hashes): forget the
+    /// credentials this node remembers as unknown, so that a client refused before its key was
+    /// added is served at once. Nothing by default.
+    fn keys_added(&self) {}
+
     /// A Stripe webhook delivery ended this way: counted in the engine's totals and metrics.
     fn webhook_handled(&self, outcome: WebhookCount);
 

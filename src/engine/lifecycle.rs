@@ -119,9 +119,9 @@ impl Tollgate {
         self.units().leases().configure(&rt.config);
         self.shared().runtime().store(Arc::new(rt));
         // Every tenant gets a state of the new configuration; their buckets carry over. What
-        // was unknown may be known now (a key declared in `[tenants]`, an id whose plan the
-        // new configuration has): forgotten after the table marked every credential changed,
-        // so that a lookup read under the old configuration does not remember it again.
+        // was unknown may be known now (a key or tenant declared in `[tenants]`): forgotten,
+        // every credential marked changed first, so that a lookup read under the old
+        // configuration does not remember it again.
         let states = self.gate().table().evict_all();
         self.gate().forget_unknown();
         self.return_leases(states).await;

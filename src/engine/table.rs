@@ -269,6 +269,12 @@ impl TenantTable {
         self.changes.mark(self.digest(Lookup::Identity(id.as_str())));
     }
 
+    /// Marks a change of every credential (keys added to the directory whose digests this
+    /// node cannot compute: imported by their hashes).
+    pub(crate) fn mark_all_changed(&self) {
+        self.changes.mark_all();
+    }
+
     /// Draws new credential secrets (after a snapshot restore) and lets every tenant go
     /// (returned, and kept as retired). Every credential is taken out first: each was digested
     /// with the old secrets, and an identity's digest is found again only with them. The

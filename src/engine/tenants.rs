@@ -20,9 +20,10 @@ impl Tollgate {
         self.gate().revalidate().await
     }
 
-    /// Forgets what this node holds of `tenant`: its next request reads the directory again
-    /// (after a plan change made on this node, for example). Usage recorded so far is kept
-    /// and billed; its leases go back at the next flush.
+    /// Forgets what this node holds of `tenant` (and that its id was unknown): its next
+    /// request reads the directory again (after a plan change made on this node, or the
+    /// tenant created, for example). Usage recorded so far is kept and billed; its leases go
+    /// back at the next flush.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
         self.gate().invalidate_tenant(tenant);
     }
@@ -41,6 +42,10 @@ impl Tollgate {
 impl DirectoryEvents for Tollgate {
     fn tenant_changed(&self, tenant: &TenantId) {
         self.invalidate_tenant(tenant);
+    }
+
+    fn keys_added(&self) {
+        self.gate().forget_unknown();
     }
 
     fn webhook_handled(&self, outcome: WebhookCount) {

@@ -447,3 +447,38 @@ async fn a_tenant_created_after_a_refusal_is_served_once_the_node_is_told() {
     };
     assert!(ticket.complete(200));
 }
+
+/// The same through `Admin` on the engine's node: a tenant id refused as unknown and then
+/// added is served at once, not after `negative_ttl`.
+#[tokio::test]
+async fn a_tenant_admin_adds_after_a_refusal_is_served_at_once() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let (h, _store) = node(PLANS);
+    let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
+    let info = RequestInfo::new("GET", "/", Credential::Tenant("acme"));
+    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
+    assert_eq!(h.tollgate.resolve(pending).await.unwrap_err().kind(), tollgate::RejectionKind::UnknownCredentials);
+    admin.add_tenant("acme", "free", None).await.unwrap();
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await.expect("the tenant Admin added is served"),
+        Admission::Rejected(r) => panic!("refused: {r:?}"),
+    };
+    assert!(ticket.complete(200));
+}
+
+/// A key refused as unknown and then imported (a cut-over from another gateway, whose clients
+/// kept sending their keys) is served at once on the node that imported it, whether the file
+/// gives the key or only its SHA-256.
+#[tokio::test]
+async fn keys_admin_imports_after_a_refusal_are_served_at_once() {
+    let (h, _store) = node(PLANS);
+    let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
+    assert_eq!(h.status("/", "key-imported").await, 401);
+    assert_eq!(h.status("/", "key-hashed").await, 401);
+    let sha = tollgate::store::KeyHash::of(b"key-hashed").to_hex();
+    admin.import_csv("tenant,plan,key\nacme,free,key-imported\n").await.unwrap();
+    assert_eq!(&h.get("/", "key-imported").await.body[..], b"acme on free", "served within the negative TTL");
+    admin.import_csv(&format!("tenant,key_sha256\nacme,{sha}\n")).await.unwrap();
+    assert_eq!(&h.get("/", "key-hashed").await.body[..], b"acme on free", "served within the negative TTL");
+}

@@ -116,8 +116,10 @@ impl Gate {
     }
 
     /// Forgets the credentials remembered as unknown (a process restored from a snapshot, a
-    /// reload).
+    /// reload, keys imported by their hashes). Every credential is marked changed first, so
+    /// that a lookup that read the directory before does not remember one again.
     pub(crate) fn forget_unknown(&self) {
+        self.table.mark_all_changed();
         self.unknown.invalidate_all();
     }
 
