@@ -196,7 +196,8 @@ impl Admin {
         let imported = self.import_rows(rows, &mut report).await;
         // The keys' clients may have been refused as unknown on this node (a cut-over from
         // another gateway): told once, whether or not a later line failed.
-        if report.keys > 0 {
+        // (A store error may come after a key was written: told then too.)
+        if report.keys > 0 || imported.is_err() {
             self.keys_added();
         }
         imported.map(|()| report)

@@ -101,9 +101,12 @@ impl Admin {
         }
         let mut record = TenantRecord::new(tenant, plan);
         record.metronome_customer = metronome_customer.map(str::to_owned);
+        let mut loser = None;
         if let Some(c) = customer {
             let c = check_customer(c)?;
-            if !take {
+            if take {
+                loser = self.holder(c, &record.id).await?;
+            } else {
                 self.refuse_held(c, &record.id).await?;
             }
             record = record.with_customer(c);
@@ -111,6 +114,9 @@ impl Admin {
         self.directory.put_tenant(&record, &[]).await?;
         // Its id may have been refused as unknown on this node (a tenant identified by id).
         self.changed(&record.id);
+        if let Some(loser) = loser {
+            self.changed(&loser);
+        }
         Ok(record)
     }
 
@@ -129,17 +135,32 @@ impl Admin {
         let customer = customer.map(check_customer).transpose()?;
         for _ in 0..SET_PLAN_ATTEMPTS {
             let mut record = self.existing(id).await?;
-            if let (Some(c), false) = (customer, take) {
-                self.refuse_held(c, &record.id).await?;
-            }
+            let loser = match (customer, take) {
+                (Some(c), false) => {
+                    self.refuse_held(c, &record.id).await?;
+                    None
+                }
+                (Some(c), true) => self.holder(c, &record.id).await?,
+                (None, _) => None,
+            };
             let update = TenantUpdate::Customer(record.id.clone(), customer.map(str::to_owned));
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.customer = customer.map(str::to_owned);
                 self.changed(&record.id);
+                // The tenant the customer was taken from keeps none: told too.
+                if let Some(loser) = loser {
+                    self.changed(&loser);
+                }
                 return Ok(record);
             }
         }
         Err(AdminError::Store(StoreError::Conflict("the tenant's customer (it kept changing)")))
+    }
+
+    /// The tenant of the directory other than `tenant` that holds `customer`, which a `take`
+    /// moves it from.
+    async fn holder(&self, customer: &str, tenant: &TenantId) -> Result<Option<TenantId>, AdminError> {
+        Ok(self.directory.tenant_by_customer(customer).await?.map(|t| t.id).filter(|t| t != tenant))
     }
 
     /// [`AdminError::CustomerHeld`] if a tenant other than `tenant` holds `customer`.

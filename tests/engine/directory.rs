@@ -479,6 +479,46 @@ async fn keys_admin_imports_after_a_refusal_are_served_at_once() {
     let sha = tollgate::store::KeyHash::of(b"key-hashed").to_hex();
     admin.import_csv("tenant,plan,key\nacme,free,key-imported\n").await.unwrap();
     assert_eq!(&h.get("/", "key-imported").await.body[..], b"acme on free", "served within the negative TTL");
+    assert_eq!(h.status("/", "key-hashed").await, 401, "refused again before its import");
     admin.import_csv(&format!("tenant,key_sha256\nacme,{sha}\n")).await.unwrap();
     assert_eq!(&h.get("/", "key-hashed").await.body[..], b"acme on free", "served within the negative TTL");
+}
+
+/// A billing customer `Admin` moves to another tenant leaves the tenant that held it at once
+/// on the engine's node (its usage is no longer billable to that customer, its handlers no
+/// longer see it), as the tenant that takes it gets it: both are told.
+#[tokio::test]
+async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let (h, store) = node(PLANS);
+    let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
+    admin.add_tenant("acme", "free", Some("cus_1")).await.unwrap();
+    store
+        .inner
+        .put_tenant(&store.inner.tenant(&"acme".into()).await.unwrap().unwrap(), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    let customer = |h: &Harness| {
+        let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-acme"));
+        let engine = h.tollgate.clone();
+        async move {
+            let ticket = match engine.admit(&info) {
+                Admission::Admitted(t) => t,
+                Admission::Pending(p) => engine.resolve(p).await.unwrap(),
+                Admission::Rejected(r) => panic!("refused: {r:?}"),
+            };
+            let customer = ticket.context().customer().map(str::to_owned);
+            assert!(ticket.complete(200));
+            customer
+        }
+    };
+    assert_eq!(customer(&h).await.as_deref(), Some("cus_1"));
+    admin.add_tenant_moving_customer("beta", "free", "cus_1").await.unwrap();
+    assert_eq!(customer(&h).await, None, "moved away with add_tenant_moving_customer");
+    admin.set_customer("acme", Some("cus_1"), false).await.unwrap_err();
+    admin.set_customer("beta", None, false).await.unwrap();
+    admin.set_customer("acme", Some("cus_2"), false).await.unwrap();
+    assert_eq!(customer(&h).await.as_deref(), Some("cus_2"));
+    admin.set_customer("beta", Some("cus_2"), true).await.unwrap();
+    assert_eq!(customer(&h).await, None, "moved away with set_customer(take)");
 }
