@@ -206,60 +206,69 @@ impl Admin {
     /// Writes the checked rows of [`import_csv`](Self::import_csv), counting them in `report`.
     async fn import_rows(&self, rows: Vec<ImportRow>, report: &mut ImportReport) -> Result<(), AdminError> {
         for row in rows {
-            let line = row.line;
-            let current = self.directory.tenant(&row.tenant).await?;
-            let record = match current {
-                None => {
-                    let Some(plan) = row.plan.clone() else {
-                        return Err(AdminError::Import {
-                            line,
-                            message: format!("tenant `{}` is new: it needs a plan", row.tenant),
-                        });
-                    };
-                    let mut r = TenantRecord::new(row.tenant.clone(), plan);
-                    r.customer = row.customer.clone();
-                    self.directory.put_tenant(&r, &[]).await?;
-                    report.tenants_created += 1;
-                    r
-                }
-                Some(mut r) => {
-                    let before = r.clone();
-                    if let Some(plan) = &row.plan {
-                        r.plan = plan.clone();
-                    }
-                    if row.customer.is_some() {
-                        r.customer = row.customer.clone();
-                    }
-                    if r != before {
-                        self.directory.put_tenant(&r, &[]).await?;
-                        report.tenants_updated += 1;
-                    }
-                    r
-                }
-            };
-            if let Some((hash, prefix)) = row.key {
-                // A key the tenant holds keeps what the line does not say (its expiry, say,
-                // during a rotation's grace): importing the same file again changes nothing.
-                let held = self.directory.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
-                let key = match held {
-                    Some(k) => {
-                        let expiry = row.expires_at.or(k.expires_at);
-                        let prefix = if k.prefix.is_empty() { prefix } else { k.prefix.clone() };
-                        k.with_prefix(prefix).with_expiry(expiry)
-                    }
-                    None => ApiKeyRecord::new(hash, record.id.clone(), unix_now())
-                        .with_prefix(prefix)
-                        .with_expiry(row.expires_at),
+            // Told of each row's tenant, also after a store error (a write may have been made).
+            let tenant = row.tenant.clone();
+            let written = self.import_row(row, report).await;
+            self.changed(&tenant);
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Writes one row of [`import_csv`](Self::import_csv): its tenant, then its key.
+    async fn import_row(&self, row: ImportRow, report: &mut ImportReport) -> Result<(), AdminError> {
+        let line = row.line;
+        let current = self.directory.tenant(&row.tenant).await?;
+        let record = match current {
+            None => {
+                let Some(plan) = row.plan.clone() else {
+                    return Err(AdminError::Import {
+                        line,
+                        message: format!("tenant `{}` is new: it needs a plan", row.tenant),
+                    });
                 };
-                self.directory.put_key(&key).await.map_err(|e| match e {
-                    StoreError::Conflict(_) => {
-                        AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }
-                    }
-                    e => AdminError::Store(e),
-                })?;
-                report.keys += 1;
+                let mut r = TenantRecord::new(row.tenant.clone(), plan);
+                r.customer = row.customer.clone();
+                self.directory.put_tenant(&r, &[]).await?;
+                report.tenants_created += 1;
+                r
             }
-            self.changed(&record.id);
+            Some(mut r) => {
+                let before = r.clone();
+                if let Some(plan) = &row.plan {
+                    r.plan = plan.clone();
+                }
+                if row.customer.is_some() {
+                    r.customer = row.customer.clone();
+                }
+                if r != before {
+                    self.directory.put_tenant(&r, &[]).await?;
+                    report.tenants_updated += 1;
+                }
+                r
+            }
+        };
+        if let Some((hash, prefix)) = row.key {
+            // A key the tenant holds keeps what the line does not say (its expiry, say,
+            // during a rotation's grace): importing the same file again changes nothing.
+            let held = self.directory.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
+            let key = match held {
+                Some(k) => {
+                    let expiry = row.expires_at.or(k.expires_at);
+                    let prefix = if k.prefix.is_empty() { prefix } else { k.prefix.clone() };
+                    k.with_prefix(prefix).with_expiry(expiry)
+                }
+                None => ApiKeyRecord::new(hash, record.id.clone(), unix_now())
+                    .with_prefix(prefix)
+                    .with_expiry(row.expires_at),
+            };
+            self.directory.put_key(&key).await.map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }
+                }
+                e => AdminError::Store(e),
+            })?;
+            report.keys += 1;
         }
         Ok(())
     }

@@ -111,12 +111,15 @@ impl Admin {
             }
             record = record.with_customer(c);
         }
-        self.directory.put_tenant(&record, &[]).await?;
-        // Its id may have been refused as unknown on this node (a tenant identified by id).
+        let written = self.directory.put_tenant(&record, &[]).await;
+        // Its id may have been refused as unknown on this node (a tenant identified by id),
+        // and the tenant a customer is taken from keeps none: both told, also after a store
+        // error (the write may have been made).
         self.changed(&record.id);
         if let Some(loser) = loser {
             self.changed(&loser);
         }
+        written?;
         Ok(record)
     }
 
@@ -144,13 +147,17 @@ impl Admin {
                 (None, _) => None,
             };
             let update = TenantUpdate::Customer(record.id.clone(), customer.map(str::to_owned));
-            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
-                record.customer = customer.map(str::to_owned);
+            let written = self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await;
+            if !matches!(written, Ok(false)) {
+                // Written, or maybe (a store error): the tenant, and the one the customer was
+                // taken from, which keeps none, are told.
                 self.changed(&record.id);
-                // The tenant the customer was taken from keeps none: told too.
                 if let Some(loser) = loser {
                     self.changed(&loser);
                 }
+            }
+            if written? {
+                record.customer = customer.map(str::to_owned);
                 return Ok(record);
             }
         }

@@ -485,8 +485,8 @@ async fn keys_admin_imports_after_a_refusal_are_served_at_once() {
 }
 
 /// A billing customer `Admin` moves to another tenant leaves the tenant that held it at once
-/// on the engine's node (its usage is no longer billable to that customer, its handlers no
-/// longer see it), as the tenant that takes it gets it: both are told.
+/// on the engine's node (its handlers no longer see it, its usage is no longer flushed as an
+/// export candidate), as the tenant that takes it gets it: both are told.
 #[tokio::test]
 async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
     use tollgate::door::{Admission, Credential, RequestInfo};
@@ -515,7 +515,8 @@ async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
     assert_eq!(customer(&h).await.as_deref(), Some("cus_1"));
     admin.add_tenant_moving_customer("beta", "free", "cus_1").await.unwrap();
     assert_eq!(customer(&h).await, None, "moved away with add_tenant_moving_customer");
-    admin.set_customer("acme", Some("cus_1"), false).await.unwrap_err();
+    let held = admin.set_customer("acme", Some("cus_1"), false).await.unwrap_err();
+    assert!(matches!(held, tollgate::admin::AdminError::CustomerHeld { .. }), "{held:?}");
     admin.set_customer("beta", None, false).await.unwrap();
     admin.set_customer("acme", Some("cus_2"), false).await.unwrap();
     assert_eq!(customer(&h).await.as_deref(), Some("cus_2"));
