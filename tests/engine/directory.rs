@@ -10,6 +10,7 @@ use std::{
 };
 
 use common::{Faulty, Harness, NOON};
+use tollgate::door::{Admission, Credential, RequestInfo};
 use tollgate::store::KeyHash;
 use tollgate::{clock::Clock, store::TenantRecord};
 
@@ -428,43 +429,45 @@ async fn a_key_a_reload_declares_is_served_at_once_after_a_refusal() {
     assert_eq!(&h.get("/", "key-declared").await.body[..], b"acme on free", "served within the negative TTL");
 }
 
+/// A request to `/` with `credential`, on `h`'s engine: its ticket, or why it was refused.
+async fn ticket_for(h: &Harness, credential: Credential<'_>) -> Result<tollgate::door::Ticket, tollgate::Rejection> {
+    let info = RequestInfo::new("GET", "/", credential);
+    match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => Ok(t),
+        Admission::Pending(p) => h.tollgate.resolve(p).await,
+        Admission::Rejected(r) => Err(r),
+    }
+}
+
+/// Refused as unknown, whatever the caller retries.
+async fn refused_as_unknown(h: &Harness, credential: Credential<'_>) {
+    let refused = ticket_for(h, credential).await.expect_err("unknown");
+    assert_eq!(refused.kind(), tollgate::RejectionKind::UnknownCredentials);
+}
+
 /// A tenant id refused as unknown (its identity given by an earlier layer) and then created in
-/// the directory is served at once when the node is told (`invalidate_tenant`, as webhooks and
-/// `Admin` do), as a key is after `invalidate_key`.
+/// the directory is served at once when the node is told (`invalidate_tenant`), as a key is
+/// after `invalidate_key`.
 #[tokio::test]
 async fn a_tenant_created_after_a_refusal_is_served_once_the_node_is_told() {
-    use tollgate::door::{Admission, Credential, RequestInfo};
     let (h, store) = node(PLANS);
-    let info = RequestInfo::new("GET", "/", Credential::Tenant("acme"));
-    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
-    assert_eq!(h.tollgate.resolve(pending).await.unwrap_err().kind(), tollgate::RejectionKind::UnknownCredentials);
+    refused_as_unknown(&h, Credential::Tenant("acme")).await;
     store.inner.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
     h.tollgate.invalidate_tenant(&"acme".into());
-    let ticket = match h.tollgate.admit(&info) {
-        Admission::Admitted(t) => t,
-        Admission::Pending(p) => h.tollgate.resolve(p).await.expect("the tenant the node was told of is served"),
-        Admission::Rejected(r) => panic!("refused: {r:?}"),
-    };
-    assert!(ticket.complete(200));
+    let ticket = ticket_for(&h, Credential::Tenant("acme")).await;
+    assert!(ticket.expect("the tenant the node was told of is served").complete(200));
 }
 
 /// The same through `Admin` on the engine's node: a tenant id refused as unknown and then
 /// added is served at once, not after `negative_ttl`.
 #[tokio::test]
 async fn a_tenant_admin_adds_after_a_refusal_is_served_at_once() {
-    use tollgate::door::{Admission, Credential, RequestInfo};
     let (h, _store) = node(PLANS);
     let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
-    let info = RequestInfo::new("GET", "/", Credential::Tenant("acme"));
-    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
-    assert_eq!(h.tollgate.resolve(pending).await.unwrap_err().kind(), tollgate::RejectionKind::UnknownCredentials);
+    refused_as_unknown(&h, Credential::Tenant("acme")).await;
     admin.add_tenant("acme", "free", None).await.unwrap();
-    let ticket = match h.tollgate.admit(&info) {
-        Admission::Admitted(t) => t,
-        Admission::Pending(p) => h.tollgate.resolve(p).await.expect("the tenant Admin added is served"),
-        Admission::Rejected(r) => panic!("refused: {r:?}"),
-    };
-    assert!(ticket.complete(200));
+    let ticket = ticket_for(&h, Credential::Tenant("acme")).await;
+    assert!(ticket.expect("the tenant Admin added is served").complete(200));
 }
 
 /// A key refused as unknown and then imported (a cut-over from another gateway, whose clients
@@ -489,7 +492,6 @@ async fn keys_admin_imports_after_a_refusal_are_served_at_once() {
 /// export candidate), as the tenant that takes it gets it: both are told.
 #[tokio::test]
 async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
-    use tollgate::door::{Admission, Credential, RequestInfo};
     let (h, store) = node(PLANS);
     let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
     admin.add_tenant("acme", "free", Some("cus_1")).await.unwrap();
@@ -498,20 +500,12 @@ async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
         .put_tenant(&store.inner.tenant(&"acme".into()).await.unwrap().unwrap(), &[KeyHash::of(b"key-acme")])
         .await
         .unwrap();
-    let customer = |h: &Harness| {
-        let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-acme"));
-        let engine = h.tollgate.clone();
-        async move {
-            let ticket = match engine.admit(&info) {
-                Admission::Admitted(t) => t,
-                Admission::Pending(p) => engine.resolve(p).await.unwrap(),
-                Admission::Rejected(r) => panic!("refused: {r:?}"),
-            };
-            let customer = ticket.context().customer().map(str::to_owned);
-            assert!(ticket.complete(200));
-            customer
-        }
-    };
+    async fn customer(h: &Harness) -> Option<String> {
+        let ticket = ticket_for(h, Credential::ApiKey(b"key-acme")).await.expect("served");
+        let customer = ticket.context().customer().map(str::to_owned);
+        assert!(ticket.complete(200));
+        customer
+    }
     assert_eq!(customer(&h).await.as_deref(), Some("cus_1"));
     admin.add_tenant_moving_customer("beta", "free", "cus_1").await.unwrap();
     assert_eq!(customer(&h).await, None, "moved away with add_tenant_moving_customer");
