@@ -182,11 +182,9 @@ impl Admin {
                 });
             }
         }
-        match self.directory.tenant_by_customer(customer).await? {
-            Some(holder) if &holder.id != tenant => {
-                Err(AdminError::CustomerHeld { customer: customer.to_owned(), holder: holder.id.to_string() })
-            }
-            _ => Ok(()),
+        match self.holder(customer, tenant).await? {
+            Some(holder) => Err(AdminError::CustomerHeld { customer: customer.to_owned(), holder: holder.to_string() }),
+            None => Ok(()),
         }
     }
 
