@@ -33,7 +33,7 @@ pub use admit::ticket::{InFlight, Ticket};
 pub use alerts::{AlertReport, EndpointError};
 pub use builder::{BuildError, Builder};
 pub(crate) use builder::{OpenStores, Opened};
-pub(crate) use door::credential_by;
+pub(crate) use door::{credential_by, values_of};
 pub use door::{replay_response, ClientAddr, FrontDoor, RequestView};
 pub use engine::Tollgate;
 pub use export::exporter::ExportReport;

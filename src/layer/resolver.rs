@@ -42,7 +42,7 @@ impl<B> TenantResolver<B> for FromConfig {
     fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
         crate::engine::credential_by(
             identify,
-            |header| request.headers().get_all(header).iter().map(http::HeaderValue::as_bytes),
+            |header| crate::engine::values_of(request.headers(), header),
             || request.extensions().get::<Identity>(),
         )
     }
