@@ -115,9 +115,14 @@ const SCAN_UP_TO: usize = 6;
 /// The values of the header `name` in `headers`, in order, as [`http::HeaderMap::get_all`]
 /// gives them, found for less. A request carries a few headers; comparing each name with
 /// `name` (a discriminant, or a length and bytes) costs less than the map's hash of a name
-/// (FNV over its discriminant, length and every byte: about 150 instructions for
-/// `x-api-key`), so up to [`SCAN_UP_TO`] values the names are compared, past it the map hashes.
-/// Every request pays this once for its API key header, so it is on the common path.
+/// (FNV a byte at a time over its discriminant and every byte of a custom name: about 150
+/// instructions for `x-api-key`), so up to [`SCAN_UP_TO`] values the names are compared, past
+/// it the map hashes. Every request pays this for its API key header; an `Idempotency-Key`,
+/// a hold's estimate header and `If-None-Match` are read through it too.
+///
+/// The scan gives the values in `get_all`'s order because [`http::HeaderMap::iter`] walks
+/// each name's values together in the order they were added (`http` documents its order only
+/// as consistent: the unit test below would fail on an `http` that changed it).
 #[inline]
 pub(crate) fn values_of<'h, 'n>(headers: &'h http::HeaderMap, name: &'n http::HeaderName) -> HeaderValues<'h, 'n> {
     if headers.len() <= SCAN_UP_TO {
@@ -401,35 +406,65 @@ pub fn replay_response(ticket: &crate::engine::Ticket) -> http::Response<bytes::
 mod tests {
     use http::{HeaderMap, HeaderName, HeaderValue};
 
-    use super::{values_of, SCAN_UP_TO};
+    use super::{values_of, HeaderValues, SCAN_UP_TO};
 
     /// Whether a map is scanned or hashed, [`values_of`] gives what `get_all` gives: every value
     /// of the name, in order, none of another name (standard names and custom ones, of the
-    /// same length as the one looked for or not).
+    /// same length as the one looked for or not, a prefix of it, names repeated), for a custom
+    /// and a standard wanted name, the wanted values together or between others.
     #[test]
     fn values_of_gives_what_the_maps_lookup_gives() {
-        let wanted = HeaderName::from_static("x-api-key");
-        let others = ["host", "x-api-kez", "accept", "x-request-id", "user-agent", "x-api-ke", "traceparent"];
-        for total in 0..=SCAN_UP_TO + 4 {
-            for copies in 0..=2usize.min(total) {
-                for first in 0..=total - copies {
-                    let mut map = HeaderMap::new();
-                    let mut other = 0;
-                    for i in 0..total {
-                        if (first..first + copies).contains(&i) {
-                            map.append(wanted.clone(), HeaderValue::from_str(&format!("key{i}")).unwrap());
-                        } else {
-                            let name = HeaderName::from_static(others[other % others.len()]);
-                            map.append(name, HeaderValue::from_str(&format!("v{i}")).unwrap());
-                            other += 1;
+        let others = ["host", "x-api-kez", "accept", "x-api-ke", "user-agent", "x-request-id", "traceparent"];
+        for wanted in [HeaderName::from_static("x-api-key"), http::header::AUTHORIZATION] {
+            // Each value of a map: `None` for the wanted name, else an index into `others`
+            // (from a few names, so that other names repeat within the scan's size too).
+            for total in 0..=SCAN_UP_TO + 4 {
+                for copies in 0..=3usize.min(total) {
+                    for first in 0..=total - copies {
+                        for spread in [1, 2] {
+                            let mut map = HeaderMap::new();
+                            let mut placed = 0;
+                            for i in 0..total {
+                                let is_wanted = placed < copies && i >= first && (i - first) % spread == 0;
+                                if is_wanted {
+                                    placed += 1;
+                                    map.append(wanted.clone(), HeaderValue::from_str(&format!("key{i}")).unwrap());
+                                } else {
+                                    let name = HeaderName::from_static(others[i % 4 + (i / 4) % 3]);
+                                    map.append(name, HeaderValue::from_str(&format!("v{i}")).unwrap());
+                                }
+                            }
+                            let expected: Vec<&[u8]> = map.get_all(&wanted).iter().map(HeaderValue::as_bytes).collect();
+                            let found = values_of(&map, &wanted);
+                            assert_eq!(
+                                matches!(found, HeaderValues::Scan { .. }),
+                                map.len() <= SCAN_UP_TO,
+                                "{total} values: scanned up to SCAN_UP_TO, hashed past it"
+                            );
+                            let got: Vec<&[u8]> = found.collect();
+                            assert_eq!(got, expected, "{wanted}: {total} values, {copies} wanted from {first}, every {spread}");
+                            assert_eq!(got.len(), placed);
                         }
                     }
-                    let expected: Vec<&[u8]> = map.get_all(&wanted).iter().map(HeaderValue::as_bytes).collect();
-                    let got: Vec<&[u8]> = values_of(&map, &wanted).collect();
-                    assert_eq!(got, expected, "{total} headers, {copies} wanted from {first}");
-                    assert_eq!(got.len(), copies);
                 }
             }
         }
+    }
+
+    /// The order is the order the values were added, also when other names come between
+    /// them: what `credential_in` and a hold's estimate read.
+    #[test]
+    fn values_of_keeps_the_order_values_were_added() {
+        let wanted = HeaderName::from_static("x-api-key");
+        let mut map = HeaderMap::new();
+        map.append(wanted.clone(), HeaderValue::from_static("first"));
+        map.append(http::header::HOST, HeaderValue::from_static("a"));
+        map.append(http::header::HOST, HeaderValue::from_static("b"));
+        map.append(wanted.clone(), HeaderValue::from_static("second"));
+        map.append(http::header::ACCEPT, HeaderValue::from_static("c"));
+        map.append(wanted.clone(), HeaderValue::from_static("third"));
+        assert!(map.len() <= SCAN_UP_TO);
+        let got: Vec<&[u8]> = values_of(&map, &wanted).collect();
+        assert_eq!(got, [&b"first"[..], b"second", b"third"]);
     }
 }
