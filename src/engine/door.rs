@@ -117,7 +117,8 @@ const SCAN_UP_TO: usize = 6;
 /// `name` (a discriminant, or a length and bytes) costs less than the map's hash of a name
 /// (FNV a byte at a time over its discriminant and every byte of a custom name: about 150
 /// instructions for `x-api-key`), so up to [`SCAN_UP_TO`] values the names are compared, past
-/// it the map hashes. Every request pays this for its API key header; an `Idempotency-Key`,
+/// it the map hashes. Every request pays this for its API key header, and every response
+/// with a header for its `Content-Type` (whether it is a gRPC answer); an `Idempotency-Key`,
 /// a hold's estimate header and `If-None-Match` are read through it too.
 ///
 /// The scan gives the values in `get_all`'s order because [`http::HeaderMap::iter`] walks
@@ -442,7 +443,10 @@ mod tests {
                                 "{total} values: scanned up to SCAN_UP_TO, hashed past it"
                             );
                             let got: Vec<&[u8]> = found.collect();
-                            assert_eq!(got, expected, "{wanted}: {total} values, {copies} wanted from {first}, every {spread}");
+                            assert_eq!(
+                                got, expected,
+                                "{wanted}: {total} values, {copies} wanted from {first}, every {spread}"
+                            );
                             assert_eq!(got.len(), placed);
                         }
                     }

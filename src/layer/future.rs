@@ -285,9 +285,11 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
         return Grpc::No;
     }
     // gRPC-Web sends its status in the body, not in HTTP trailers: billed by HTTP status.
-    let grpc = response.headers().get(http::header::CONTENT_TYPE).is_some_and(|c| {
-        c.as_bytes().starts_with(b"application/grpc") && !c.as_bytes().starts_with(b"application/grpc-web")
-    });
+    // Every response with a header is asked: found as the API key header is, without hashing
+    // the name in a small map (the first value, as `get` gives).
+    let content_type = crate::engine::values_of(response.headers(), &http::header::CONTENT_TYPE).next();
+    let grpc =
+        content_type.is_some_and(|c| c.starts_with(b"application/grpc") && !c.starts_with(b"application/grpc-web"));
     if !grpc {
         return Grpc::No;
     }
