@@ -284,10 +284,10 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     if response.headers().is_empty() {
         return Grpc::No;
     }
-    // gRPC-Web sends its status in the body, not in HTTP trailers: billed by HTTP status.
     // Every response with a header is asked: found as the API key header is, without hashing
     // the name in a small map (the first value, as `get` gives).
     let content_type = crate::engine::values_of(response.headers(), &http::header::CONTENT_TYPE).next();
+    // gRPC-Web sends its status in the body, not in HTTP trailers: billed by HTTP status.
     let grpc =
         content_type.is_some_and(|c| c.starts_with(b"application/grpc") && !c.starts_with(b"application/grpc-web"));
     if !grpc {
