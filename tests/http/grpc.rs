@@ -243,3 +243,59 @@ async fn a_grpc_body_that_has_ended_is_settled_by_its_status() {
         assert_eq!(used, billed, "status {status}");
     }
 }
+
+/// A gRPC answer is known by its `Content-Type` however many headers it has (the layer finds
+/// it by comparing names in a small map and by the map's hash in a larger one), and gRPC-Web,
+/// whose status travels in its body, is billed by its HTTP status: an `INTERNAL` trailers-only
+/// gRPC answer is not billed with 0 to 10 other headers before or after its `Content-Type`, an
+/// `OK` one is, and a gRPC-Web answer is billed as the HTTP 200 it is.
+#[tokio::test]
+async fn a_grpc_answer_is_known_by_its_content_type_with_any_number_of_headers() {
+    use tower::{Layer, ServiceExt};
+    let toml = "[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n";
+    let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
+    let svc = TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
+        |req: http::Request<tollgate::layer::RequestBody<String>>| async move {
+            // The request's body: "<content type>,<grpc-status>,<headers before>,<headers after>".
+            let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+            let asked: Vec<String> = std::str::from_utf8(&body).unwrap().split(',').map(str::to_owned).collect();
+            let mut response = http::Response::builder();
+            let extra = |i: usize| (format!("x-extra-{i}"), format!("v{i}"));
+            let before: usize = asked[2].parse().unwrap();
+            let after: usize = asked[3].parse().unwrap();
+            for i in 0..before {
+                let (n, v) = extra(i);
+                response = response.header(n, v);
+            }
+            response = response.header("content-type", asked[0].as_str()).header("grpc-status", asked[1].as_str());
+            for i in before..before + after {
+                let (n, v) = extra(i);
+                response = response.header(n, v);
+            }
+            Ok::<_, std::convert::Infallible>(response.body(String::new()).unwrap())
+        },
+    ));
+    let mut expected = 0;
+    for (content_type, status, billed) in
+        [("application/grpc", "13", false), ("application/grpc", "0", true), ("application/grpc-web", "13", true)]
+    {
+        for (before, after) in [(0, 0), (2, 1), (4, 0), (0, 5), (5, 5), (10, 0)] {
+            let request = http::Request::builder()
+                .method("POST")
+                .uri(SAY)
+                .header("content-type", "application/grpc")
+                .header("x-api-key", "key-acme")
+                .body(format!("{content_type},{status},{before},{after}"))
+                .unwrap();
+            let response = svc.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            expected += u64::from(billed);
+            engine.flush().await.unwrap();
+            use tollgate::store::prelude::*;
+            let total: u64 =
+                store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+            assert_eq!(total, expected, "{content_type} {status}, {before} headers before and {after} after");
+        }
+    }
+}
