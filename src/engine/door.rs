@@ -113,11 +113,11 @@ impl<B> RequestView for http::Request<B> {
 const SCAN_UP_TO: usize = 6;
 
 /// The values of the header `name` in `headers`, in order, as [`http::HeaderMap::get_all`]
-/// gives them, without hashing `name` when the map is small. A request carries a few headers; comparing each name with
-/// `name` (a discriminant, or a length and bytes) costs less than the map's hash of a name
-/// (FNV a byte at a time over its discriminant and every byte of a custom name: about 150
-/// instructions for `x-api-key`), so up to [`SCAN_UP_TO`] values the names are compared, past
-/// it the map hashes. Every `http::Request` identified by an API key header (the tower layer,
+/// gives them, without hashing `name` when the map is small. A request carries a few
+/// headers; comparing each name with `name` (a discriminant, or a length and bytes) costs less
+/// than the map's hash of a name (FNV a byte at a time over its discriminant and every byte of
+/// a custom name: about 150 instructions for `x-api-key`), so up to [`SCAN_UP_TO`] values the
+/// names are compared, past it the map hashes. Every `http::Request` identified by an API key header (the tower layer,
 /// Lambda) pays this for that header, and every response of the tower layer with a header for
 /// its `Content-Type` (whether it is a gRPC answer); an `Idempotency-Key`, a hold's estimate
 /// header and `If-None-Match` are read through it too. (actix-web's door reads actix's map.)
