@@ -117,10 +117,11 @@ const SCAN_UP_TO: usize = 6;
 /// headers; comparing each name with `name` (a discriminant, or a length and bytes) costs less
 /// than the map's hash of a name (FNV a byte at a time over its discriminant and every byte of
 /// a custom name: about 150 instructions for `x-api-key`), so up to [`SCAN_UP_TO`] values the
-/// names are compared, past it the map hashes. Every `http::Request` identified by an API key header (the tower layer,
-/// Lambda) pays this for that header, and every response of the tower layer with a header for
-/// its `Content-Type` (whether it is a gRPC answer); an `Idempotency-Key`, a hold's estimate
-/// header and `If-None-Match` are read through it too. (actix-web's door reads actix's map.)
+/// names are compared, past it the map hashes. Every `http::Request` identified by an API key
+/// header (the tower layer, Lambda) pays this for that header, and every response of the tower
+/// layer with a header for its `Content-Type` (whether it is a gRPC answer); an
+/// `Idempotency-Key`, a hold's estimate header and `If-None-Match` are read through it too.
+/// (actix-web's door reads actix's map.)
 ///
 /// The scan gives the values in `get_all`'s order because [`http::HeaderMap::iter`] walks
 /// each name's values together in the order they were added (`http` documents its order only

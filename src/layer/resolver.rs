@@ -1,6 +1,6 @@
 use http::Request;
 
-use crate::tenant::Identity;
+use crate::engine::RequestView;
 use crate::{config::Identify, tenant::Credential};
 
 /// Finds what identifies the tenant of a request.
@@ -33,17 +33,14 @@ where
 }
 
 /// The default resolver: follows `[identify]` in the configuration (an API key header, or an
-/// [`Identity`] in the request extensions).
+/// [`Identity`](crate::tenant::Identity) in the request extensions).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FromConfig;
 
 impl<B> TenantResolver<B> for FromConfig {
     #[inline]
     fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
-        crate::engine::credential_by(
-            identify,
-            |header| crate::engine::values_of(request.headers(), header),
-            || request.extensions().get::<Identity>(),
-        )
+        // As every front door reads a request: `RequestView` of an `http::Request`.
+        crate::engine::credential_by(identify, |header| request.header_values_named(header), || request.identity())
     }
 }
