@@ -2,27 +2,28 @@
 //! lease's take and the usage's add as the request path makes them today (two atomic
 //! operations on the tenant's first cache line), against the one-word charges that would
 //! replace them (issue 59: "taking the lease unit and recording the usage one atomic
-//! operation"). Each variant is the operation alone, on a cache line of its own:
+//! operation"). The words share one cache line, as on a tenant's first line; a run exercises
+//! one variant:
 //!
 //! - `take`: the lease word's compare-and-swap alone (a tag of 16 bits, the units left in
-//!   48), as `QuotaRef::try_take` makes it: the floor no one-word charge goes below;
-//! - `two`: that take, then the usage slot's add on the same line (what a billed request makes
-//!   today, the add on its response);
+//!   48), `QuotaRef::try_take`'s loop without its period check: the floor no one-word charge
+//!   goes below;
+//! - `two`: that take, then a bare add of the usage on the same line (the engine's add also
+//!   checks the usage slot's window);
 //! - `split`: the same two, the other work split between them, as the handler's work separates
-//!   the admission's take from the response's add (the line may move between them);
+//!   the admission's take from the response's add;
 //! - `wide`: one compare-and-swap of a 128-bit word (the lease word and the usage beside it),
-//!   through `portable-atomic`, which picks `cmpxchg16b` at run time as a library must (a
-//!   build with `-C target-feature=+cmpxchg16b` inlines it);
-//! - `packed`: one compare-and-swap of a 64-bit word holding the tag (16 bits), a draining
-//!   flag (1), the units left (23) and the usage not yet flushed (24), with the checks that
-//!   word would need (its tag, the flag clear, the units there, the usage's room).
+//!   through `portable-atomic`, which picks `cmpxchg16b` at run time as a library must;
+//! - `packed`: one compare-and-swap of a 64-bit word holding the tag (16 bits), a flag (1),
+//!   the units left (23) and the usage not yet flushed (24), with the checks that word would
+//!   need (its tag, the flag clear, the units there, the usage's room).
 //!
-//! `cargo run --release --example charge_word -- VARIANT [THREADS] [OPS] [WORK]`: THREADS (1 or
-//! more, 1 by default) run OPS operations each (10,000,000 by default) on the one line, with
-//! WORK steps of other work between two (20 by default: with two threads the line then moves
-//! between the cores as requests of one tenant served on two cores move it). Prints the time
-//! per operation; run under `valgrind --tool=callgrind` with two values of OPS, the difference
-//! of the counts over the difference of OPS is the instructions per operation.
+//! `cargo run --release --example charge_word -- VARIANT [THREADS] [OPS] [WORK]`: THREADS (1 by
+//! default) run OPS operations each (10,000,000 by default) on the one line, with WORK steps
+//! of other work between two (1,000 by default, about a request's time on the machine of
+//! `docs/performance.md`). Prints the time per operation. For instructions per operation, run
+//! it under `valgrind --tool=callgrind` with WORK 0 and two values of OPS: the difference of
+//! the counts over the difference of OPS.
 use std::{
     hint::black_box,
     sync::atomic::{AtomicU64, Ordering},
@@ -43,7 +44,7 @@ struct Line {
 const TAG: u64 = 0x1234;
 const LEFT48: u64 = (1 << 48) - 1;
 
-/// The lease word's take: `QuotaRef::try_take`'s loop.
+/// The lease word's take: `QuotaRef::try_take`'s loop, without its period check.
 #[inline(never)]
 fn take(lease: &AtomicU64, cost: u64) -> bool {
     let mut word = lease.load(Ordering::Acquire);
@@ -82,8 +83,8 @@ fn take_wide(wide: &AtomicU128, cost: u64) -> bool {
     }
 }
 
-/// The packed word's fields: the tag in bits 48 to 63, the draining flag in bit 47, the units
-/// left in bits 24 to 46, the usage not yet flushed in bits 0 to 23.
+/// The packed word's fields: the tag in bits 48 to 63, a flag in bit 47 (set, the word takes
+/// no charge), the units left in bits 24 to 46, the usage not yet flushed in bits 0 to 23.
 const DRAINING: u64 = 1 << 47;
 const LEFT_SHIFT: u32 = 24;
 const LEFT23: u64 = (1 << 23) - 1;
@@ -121,7 +122,8 @@ fn run(line: &Line, variant: &str, ops: u64, work: u64) {
         "wide" => |line| {
             black_box(take_wide(&line.wide, 1));
         },
-        // The usage is taken by a flush long before it fills: here, every 2^23 operations.
+        // The units run out every 2^23 operations: the word is set afresh, as a refill and a
+        // flush would.
         "packed" => |line| {
             if !take_packed(&line.packed, 1) {
                 line.packed.store(fresh_packed(), Ordering::Release);
@@ -160,7 +162,7 @@ fn main() {
     let variant = args.get(1).map_or("two", String::as_str).to_owned();
     let threads: usize = args.get(2).map_or(1, |a| a.parse().expect("THREADS: a number"));
     let ops: u64 = args.get(3).map_or(10_000_000, |a| a.parse().expect("OPS: a number"));
-    let work: u64 = args.get(4).map_or(20, |a| a.parse().expect("WORK: a number"));
+    let work: u64 = args.get(4).map_or(1_000, |a| a.parse().expect("WORK: a number"));
     let line: &'static Line = Box::leak(Box::new(Line {
         lease: AtomicU64::new((TAG << 48) | LEFT48),
         usage: AtomicU64::new(0),
