@@ -278,7 +278,7 @@ impl Gate {
             slot: None,
             hold: None,
             spend: None,
-            units: self.lanes.handle(),
+            units: self.units.clone(),
         })
     }
 
@@ -928,7 +928,7 @@ impl Gate {
             slot,
             hold: None,
             spend: spend.map(SpendTab::new),
-            units: self.lanes.handle(),
+            units: self.units.clone(),
         }
     }
 

@@ -21,11 +21,7 @@ use crate::engine::{
         ticket::Ticket,
     },
     shared::Shared,
-    usage::{
-        hold::Hold,
-        hold::RouteHeld,
-        units::{Units, UnitsLanes},
-    },
+    usage::{hold::Hold, hold::RouteHeld, units::Units},
 };
 use crate::{
     base::CustomerField,
@@ -39,8 +35,6 @@ pub(crate) struct Gate {
     pub(super) shared: Arc<Shared>,
     /// The usage part: the quota leases a request takes from, the holds its route takes.
     pub(super) units: Arc<Units>,
-    /// What a request's ticket counts the units on: a lane per thread.
-    pub(super) lanes: UnitsLanes,
     pub(super) table: Arc<TenantTable>,
     /// The `Idempotency-Key`s this node saw, and the settlements of their claims.
     pub(super) idempotency: Idempotency,
@@ -84,7 +78,6 @@ impl Gate {
         let places = Arc::new(PlacesNode::new(shared.clone(), table.clone(), in_flight.clone()));
         Self {
             shared,
-            lanes: UnitsLanes::new(&units),
             units,
             table,
             idempotency,

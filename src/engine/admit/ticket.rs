@@ -12,7 +12,7 @@ use crate::engine::{
         hold::RouteHeld,
         spend::SpendTab,
         taken::{Source, Taken},
-        units::UnitsHandle,
+        units::Units,
     },
 };
 use crate::{
@@ -69,7 +69,7 @@ pub struct Ticket {
     pub(crate) spend: Option<Arc<SpendTab>>,
     /// The usage part, handed to its contexts (their holds), and through which its units go
     /// back.
-    pub(crate) units: UnitsHandle,
+    pub(crate) units: Arc<Units>,
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight

@@ -6,7 +6,7 @@ use std::{fmt, sync::Arc};
 use crate::engine::usage::{
     hold::{Hold, RecordError, RouteHeld},
     spend::{charge_units, cost_of, SpendTab},
-    units::UnitsHandle,
+    units::Units,
 };
 use crate::{
     config::{Overrun, PlanId, TenantId},
@@ -37,7 +37,7 @@ pub struct TenantContext {
     /// hold are charged through it, rounded once for the request.
     spend: Option<Arc<SpendTab>>,
     /// The usage part: the holds this context takes, the leases they take from.
-    units: UnitsHandle,
+    units: Arc<Units>,
 }
 
 /// A plan feature as a type, for extractors that require one (`tollgate_axum::RequireFeature`,
@@ -89,7 +89,7 @@ impl TenantContext {
         charged: bool,
         hold: Option<Arc<RouteHeld>>,
         spend: Option<Arc<SpendTab>>,
-        units: UnitsHandle,
+        units: Arc<Units>,
     ) -> Self {
         Self { state, charged, hold, spend, units }
     }
@@ -314,7 +314,7 @@ impl TenantContext {
     pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
         let state = self.state.clone();
         let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
-        let mut hold = Hold::new(state, index, self.charged, overrun, None, self.units.arc().clone());
+        let mut hold = Hold::new(state, index, self.charged, overrun, None, self.units.clone());
         hold.extend(units).await?;
         Ok(hold)
     }
