@@ -331,9 +331,10 @@ impl FrontDoor {
     /// here; the rest come back as [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_request(&mut self, request: &impl RequestView) -> Admission {
-        self.admit_view(request, |identify| {
+        let admission = self.admit_view(request, |identify| {
             credential_by(identify, |header| request.header_values_named(header), || request.identity())
-        })
+        });
+        admission.carrying(self.tollgate.units())
     }
 
     /// [`admit_request`](Self::admit_request) with the credential `credential` finds (the
@@ -368,7 +369,7 @@ impl FrontDoor {
     /// [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_with<'a>(&mut self, describe: impl FnOnce(&Identify) -> RequestInfo<'a>) -> Admission {
-        self.admit_raw(
+        let admission = self.admit_raw(
             |rt| {
                 let mut req = describe(&rt.config.identify);
                 if req.idempotency_key.is_some() && !rt.honours_idempotency(req.method) {
@@ -377,7 +378,8 @@ impl FrontDoor {
                 Ok(req)
             },
             |_| None,
-        )
+        );
+        admission.carrying(self.tollgate.units())
     }
 }
 

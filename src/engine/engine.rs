@@ -169,7 +169,9 @@ impl Tollgate {
     /// # Errors
     /// The rejection to answer the request with.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        self.gate().resolve(pending).await
+        let mut ticket = self.gate().resolve(pending).await?;
+        ticket.units = Some(self.units().clone());
+        Ok(ticket)
     }
 
     /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,

@@ -1,4 +1,7 @@
-use std::task::{Context, Poll};
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use http::{Request, Response};
 use tower_service::Service;
@@ -9,7 +12,7 @@ use super::{
     FromConfig, TenantResolver,
 };
 use crate::{
-    engine::{Admission, FrontDoor, Tollgate},
+    engine::{usage::units::Units, Admission, FrontDoor, Tollgate},
     response::{reject_for, ProblemJson, RejectionResponder},
 };
 
@@ -59,7 +62,7 @@ fn keyed_call<S, B, P, M>(
     mut request: Request<B>,
     mut ticket: crate::engine::Ticket,
     responder: &P,
-    context: bool,
+    context: Option<&Arc<Units>>,
 ) -> ResponseFuture<S, B, P, M>
 where
     M: BodyMode<B>,
@@ -69,8 +72,8 @@ where
     if ticket.is_replay() {
         return ResponseFuture::replay(request, ticket, responder.clone());
     }
-    if context {
-        request.extensions_mut().insert(ticket.context());
+    if let Some(units) = context {
+        request.extensions_mut().insert(ticket.context_with(units.clone()));
     }
     ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket)
 }
@@ -102,10 +105,12 @@ where
             Admission::Admitted(ticket) => {
                 // One test for requests without an `Idempotency-Key`.
                 if ticket.has_key() {
-                    return keyed_call::<S, B, P, M>(inner, request, ticket, &self.responder, self.context);
+                    let context = self.context.then(|| self.door.engine().units());
+                    return keyed_call::<S, B, P, M>(inner, request, ticket, &self.responder, context);
                 }
                 if self.context {
-                    request.extensions_mut().insert(ticket.context());
+                    // Made from the engine's units: the layer's tickets carry none.
+                    request.extensions_mut().insert(ticket.context_with(self.door.engine().units().clone()));
                 }
                 ResponseFuture::inner(inner.call(M::plain_request(request)), ticket)
             }

@@ -131,3 +131,43 @@ async fn the_policy_names_its_unit_and_the_current_month_s_length() {
     let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
     assert_eq!(policy, "\"requests-month\";q=9;w=2592000");
 }
+
+/// A ticket from each of the engine's entry points makes a context that records what its
+/// handler reports: `Tollgate::resolve`'s, `Tollgate::admit`'s, and a front door's by
+/// `admit_with` and by `admit_request`. (The tower layer makes its requests' contexts itself,
+/// from the engine it holds: the first test above records through them.)
+#[tokio::test]
+async fn a_ticket_from_every_entry_point_makes_a_context() {
+    let toml = r#"
+[meters.tokens]
+[plans.p]
+quotas.requests = { limit = 100, period = "month", mode = "hard", lease = 10 }
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+    let h = Harness::new(toml);
+    let info = || tollgate::door::RequestInfo::new("GET", "/", tollgate::door::Credential::ApiKey(b"key-t"));
+    let record = |ticket: tollgate::door::Ticket, tokens: u64| {
+        ticket.context().record("tokens", tokens).expect("the context records");
+        assert!(ticket.complete(200));
+    };
+    // The first request has no lease to take from: it waits on the store.
+    let first = match h.tollgate.admit(&info()) {
+        tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        other => panic!("the first request should wait for its lease: {other:?}"),
+    };
+    record(first, 1);
+    let admitted = |admission| match admission {
+        tollgate::door::Admission::Admitted(t) => t,
+        other => panic!("the lease covers it: {other:?}"),
+    };
+    record(admitted(h.tollgate.admit(&info())), 2);
+    let mut door = h.tollgate.front_door();
+    record(admitted(door.admit_with(|_| info())), 4);
+    let request = http::Request::get("/").header("x-api-key", "key-t").body(()).unwrap();
+    record(admitted(door.admit_request(&request)), 8);
+    h.tollgate.flush().await.unwrap();
+    let billed = common::committed(&**h.tollgate.usage_store(), "t", "tokens", NOON - 7200, NOON + 7200, 3600).await;
+    assert_eq!(billed, 15, "every context recorded");
+}

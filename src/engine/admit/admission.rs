@@ -278,7 +278,7 @@ impl Gate {
             slot: None,
             hold: None,
             spend: None,
-            units: self.units.clone(),
+            units: None,
         })
     }
 
@@ -672,7 +672,7 @@ impl Gate {
                 if route.hold != 0 && charged {
                     return Self::ready_for_hold(Partial { charge, claim, charged, slot }, &route, source, spend);
                 }
-                Admission::Admitted(self.ticket_of(charge, claim, charged, slot, cost, source, spend))
+                Admission::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend))
             }
             // Refused for its quota: the request spends no rate cells, nor money (its spend
             // goes back as it drops).
@@ -868,7 +868,6 @@ impl Gate {
     /// become the ticket's once the hold is there, and go back as they drop if it is refused.
     #[inline(always)]
     pub(crate) fn admitted(
-        &self,
         p: Partial,
         route: &RouteCost,
         source: Option<Source>,
@@ -877,7 +876,7 @@ impl Gate {
         if route.hold != 0 && p.charged {
             return Self::ready_for_hold(p, route, source, spend);
         }
-        Admission::Admitted(self.ticket(p, route.cost, source, spend))
+        Admission::Admitted(Self::ticket(p, route.cost, source, spend))
     }
 
     /// A request admitted on a route that holds, waiting for its hold.
@@ -893,9 +892,9 @@ impl Gate {
 
     /// The ticket of an admitted request: its rate cells, place, key and units are its own.
     #[inline]
-    pub(crate) fn ticket(&self, p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Ticket {
+    pub(crate) fn ticket(p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Ticket {
         let Partial { charge, claim, charged, slot } = p;
-        self.ticket_of(charge, claim, charged, slot, cost, source, spend)
+        Self::ticket_of(charge, claim, charged, slot, cost, source, spend)
     }
 
     /// [`ticket`](Self::ticket) of a request's parts (the admitted path builds no
@@ -903,7 +902,6 @@ impl Gate {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn ticket_of(
-        &self,
         charge: RateCharge,
         claim: Option<Claim>,
         charged: bool,
@@ -928,7 +926,7 @@ impl Gate {
             slot,
             hold: None,
             spend: spend.map(SpendTab::new),
-            units: self.units.clone(),
+            units: None,
         }
     }
 

@@ -135,7 +135,7 @@ impl Gate {
                     Some((spec, units)) => return self.take_hold(*ready, route.cost, spec.clone(), *units).await,
                     None => {
                         let ReadyParts { partial, taken, spend } = ready.into_parts();
-                        return Ok(self.ticket(partial, route.cost, taken.into_source(), spend));
+                        return Ok(Self::ticket(partial, route.cost, taken.into_source(), spend));
                     }
                 },
                 Stage::Rate(w) => self.lease_cells(*w, route, &rt).await,
@@ -184,14 +184,14 @@ impl Gate {
         let state = ready.state().clone();
         let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
             let ReadyParts { partial, taken, spend } = ready.into_parts();
-            return Ok(self.ticket(partial, cost, taken.into_source(), spend));
+            return Ok(Self::ticket(partial, cost, taken.into_source(), spend));
         };
         // Whole while its hold is asked for: dropped meanwhile, it gives everything back.
         let mut hold = Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone());
         match hold.extend(units).await {
             Ok(()) => {
                 let ReadyParts { partial, taken, spend } = ready.into_parts();
-                let mut ticket = self.ticket(partial, cost, taken.into_source(), spend);
+                let mut ticket = Self::ticket(partial, cost, taken.into_source(), spend);
                 ticket.hold = Some(Arc::new(RouteHeld::new(spec, meter, units, hold)));
                 Ok(ticket)
             }

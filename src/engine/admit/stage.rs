@@ -8,7 +8,7 @@ use std::{fmt, sync::Arc};
 
 use crate::engine::{
     admit::{charge::RateCharge, idempotency::Claim, ticket::Ticket},
-    usage::{spend::RouteSpend, taken::Taken},
+    usage::{spend::RouteSpend, taken::Taken, units::Units},
 };
 use crate::{
     config::TenantId,
@@ -134,6 +134,20 @@ pub struct PendingAdmission {
 }
 
 impl Admission {
+    /// The admission as an entry point hands it out: an admitted request's ticket carries the
+    /// engine's units, for its contexts ([`Ticket::context`]). The tower layer's own requests
+    /// skip this, and so take no count of the units: the layer makes their contexts itself.
+    #[inline]
+    pub(crate) fn carrying(self, units: &Arc<Units>) -> Self {
+        match self {
+            Self::Admitted(mut ticket) => {
+                ticket.units = Some(units.clone());
+                Self::Admitted(ticket)
+            }
+            other => other,
+        }
+    }
+
     /// A request waiting on the store at `stage`.
     #[inline]
     pub(crate) fn pending(stage: Stage, route: RouteCost) -> Self {

@@ -67,9 +67,10 @@ pub struct Ticket {
     pub(crate) hold: Option<Arc<RouteHeld>>,
     /// Its spend, on a plan with a spend cap (shared with its contexts).
     pub(crate) spend: Option<Arc<SpendTab>>,
-    /// The usage part, handed to its contexts (their holds), and through which its units go
-    /// back.
-    pub(crate) units: Arc<Units>,
+    /// The usage part, handed to its contexts (their holds): carried by a ticket handed out by
+    /// the engine's public entry points (`None` until then), so that a request of the tower
+    /// layer, whose contexts the layer makes from the engine it holds, takes no count of it.
+    pub(crate) units: Option<Arc<Units>>,
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
@@ -179,7 +180,15 @@ impl Ticket {
     /// The handle to put in the request extensions.
     #[must_use]
     pub fn context(&self) -> TenantContext {
-        TenantContext::new(self.state.clone(), self.charged, self.hold.clone(), self.spend.clone(), self.units.clone())
+        // Every ticket the engine hands out carries its units ([`Admission::carrying`]); only
+        // the tower layer's own, which it never hands out, do not.
+        let units = self.units.clone().expect("a ticket handed out by the engine carries its units");
+        self.context_with(units)
+    }
+
+    /// The handle to put in the request extensions, with the engine's units.
+    pub(crate) fn context_with(&self, units: Arc<Units>) -> TenantContext {
+        TenantContext::new(self.state.clone(), self.charged, self.hold.clone(), self.spend.clone(), units)
     }
 
     /// Whether the request's route holds units (`[[routes]] hold`) until its response ends: a

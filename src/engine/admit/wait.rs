@@ -135,7 +135,7 @@ impl Gate {
         let (meter, cost) = (route.meter, route.cost);
         let state = p.charge.state().clone();
         let Some(cell) = state.quota(meter) else {
-            return self.admitted(p, &route, None, spend);
+            return Self::admitted(p, &route, None, spend);
         };
         let at = p.charge.at;
         let charged = p.charged;
@@ -178,7 +178,7 @@ impl Gate {
                     Source::Lease(tag)
                 });
                 self.shared.metrics().admitted.increment(1);
-                self.admitted(p, &route, source, spend)
+                Self::admitted(p, &route, source, spend)
             }
             Ok(Err(())) if charged && state.plan.shadow => {
                 // Shadow mode: the units are taken past the limit (owed to the store), and the
@@ -187,12 +187,12 @@ impl Gate {
                 let source = Source::forced(cell.force_take(u64::from(cost), at));
                 p.charge.headers.set_quota(0, (cell.period().1 - p.charge.at).max(0) as u64);
                 self.shared.metrics().admitted.increment(1);
-                self.admitted(p, &route, Some(source), spend)
+                Self::admitted(p, &route, Some(source), spend)
             }
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
                 self.shared.metrics().admitted.increment(1);
-                self.admitted(p, &route, None, spend)
+                Self::admitted(p, &route, None, spend)
             }
             Ok(Err(())) => Admission::Rejected(self.count(Self::quota_exceeded(p, meter))),
             Err(_) => {
@@ -202,7 +202,7 @@ impl Gate {
                         // period (past the limit if need be) once the store answers again.
                         let source = charged.then(|| Source::forced(cell.force_take(u64::from(cost), at)));
                         self.shared.metrics().admitted.increment(1);
-                        self.admitted(p, &route, source, spend)
+                        Self::admitted(p, &route, source, spend)
                     }
                     StoreErrorPolicy::FailClosed => {
                         // Refused for the store: the request spends no rate cells (its charge
