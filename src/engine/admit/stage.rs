@@ -135,8 +135,9 @@ pub struct PendingAdmission {
 
 impl Admission {
     /// The admission as an entry point hands it out: an admitted request's ticket carries the
-    /// engine's units, for its contexts ([`Ticket::context`]). The tower layer's own requests
-    /// skip this, and so take no count of the units: the layer makes their contexts itself.
+    /// engine's units, for its contexts ([`Ticket::context`]). The requests the tower layer
+    /// admits without waiting skip this, and so take no count of the units: the layer makes
+    /// their contexts itself.
     #[inline]
     pub(crate) fn carrying(self, units: &Arc<Units>) -> Self {
         match self {

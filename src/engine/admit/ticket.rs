@@ -180,8 +180,9 @@ impl Ticket {
     /// The handle to put in the request extensions.
     #[must_use]
     pub fn context(&self) -> TenantContext {
-        // Every ticket the engine hands out carries its units ([`Admission::carrying`]); only
-        // the tower layer's own, which it never hands out, do not.
+        // Every ticket the engine hands out carries its units ([`Admission::carrying`],
+        // `Tollgate::resolve`); only those the tower layer admits without waiting, which it
+        // never hands out, do not.
         let units = self.units.clone().expect("a ticket handed out by the engine carries its units");
         self.context_with(units)
     }

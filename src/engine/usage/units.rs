@@ -1,8 +1,9 @@
 //! The usage part of the engine ([`Units`]): the quota leases of the tenants, the usage
 //! pipeline, usage events, the holds open on the node, the expiry of prepaid credits and the
 //! prefetch queue, behind their verbs. One `Arc` of it is handed to every context and hold, and
-//! to the tickets the engine's entry points hand out (not to the tower layer's own, whose
-//! contexts the layer makes from the engine it holds; no back-pointer through the plans).
+//! to the tickets the engine's entry points hand out (not to those the tower layer admits
+//! without waiting, whose contexts the layer makes from the engine it holds; no back-pointer
+//! through the plans).
 
 use std::sync::Arc;
 
