@@ -682,6 +682,9 @@ pub(crate) struct Runtime {
     /// The `WWW-Authenticate` challenge of a 401.
     pub(crate) challenge: Arc<str>,
     idempotency_methods: Box<[http::Method]>,
+    /// `idempotency_methods` as [`method_bit`]s, so that a request's method is tested once,
+    /// not against each listed method.
+    honoured_methods: u16,
     /// The policy shapes of the routes, to compile a tenant's overridden plan.
     shapes: Box<[(usize, u64)]>,
     /// How client addresses are keyed, when anonymous callers are limited per address.
@@ -813,6 +816,7 @@ impl Runtime {
             static_tenants,
             challenge: challenge.into(),
             idempotency_methods: config.limits.idempotency_methods.clone().into(),
+            honoured_methods: config.limits.idempotency_methods.iter().fold(0, |bits, m| bits | method_bit(m)),
             shapes: shapes.into(),
             client_keys,
             metrics: metrics.clone(),
@@ -884,6 +888,16 @@ impl Runtime {
         self.idempotency_methods.iter().any(|m| m.as_str() == method)
     }
 
+    /// [`honours_idempotency`](Self::honours_idempotency) for an [`http::Method`]: one of the
+    /// nine methods the configuration accepts by one test of its bit, any other by looking it
+    /// up in the list (which, as the configuration refuses other methods, holds none of them
+    /// today: the look-up keeps the answer right if it ever does).
+    #[inline]
+    pub(crate) fn honours_idempotency_of(&self, method: &http::Method) -> bool {
+        let bit = method_bit(method);
+        self.honoured_methods & bit != 0 && (bit != OTHER_METHOD || self.idempotency_methods.contains(method))
+    }
+
     /// The meter and cost of a request: the first matching route, else the default meter at 1.
     /// `HEAD` matches the `GET` rules too (routers serve it with the `GET` handler); `path` is
     /// normalized ([`normalize_path`](super::normalize_path)).
@@ -901,9 +915,95 @@ impl Runtime {
     }
 }
 
+/// The bit of a method of none of the nine names `limits.idempotency_methods` accepts.
+const OTHER_METHOD: u16 = 1 << 15;
+
+/// A bit for each of the nine methods `limits.idempotency_methods` accepts (`GET`, `POST`,
+/// `PUT`, `DELETE`, `HEAD`, `OPTIONS`, `CONNECT`, `PATCH`, `TRACE`), [`OTHER_METHOD`] for any
+/// other: a set of those methods is a `u16`.
+#[inline]
+fn method_bit(method: &http::Method) -> u16 {
+    match *method {
+        http::Method::GET => 1,
+        http::Method::POST => 1 << 1,
+        http::Method::PUT => 1 << 2,
+        http::Method::DELETE => 1 << 3,
+        http::Method::HEAD => 1 << 4,
+        http::Method::OPTIONS => 1 << 5,
+        http::Method::CONNECT => 1 << 6,
+        http::Method::PATCH => 1 << 7,
+        http::Method::TRACE => 1 << 8,
+        _ => OTHER_METHOD,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`Runtime::honours_idempotency_of`]'s test of a bit gives what comparing the method with
+    /// each listed one gives: for the nine methods the configuration accepts and methods of
+    /// other names (one spelt as a standard one in lower case, `QUERY`, short and long ones),
+    /// against the default list, an empty one, one, all nine, and lists holding methods of
+    /// other names (which the configuration refuses, so put in by hand, to test the look-up).
+    #[test]
+    fn a_method_is_honoured_by_its_bit_as_by_the_list() {
+        use http::Method;
+        let standard = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::CONNECT,
+            Method::PATCH,
+            Method::TRACE,
+        ];
+        let others = ["get", "QUERY", "PURGE", "PROPFIND", "X-A-METHOD-LONGER-THAN-FIFTEEN-BYTES"]
+            .map(|m| Method::from_bytes(m.as_bytes()).unwrap());
+        let bits: Vec<u16> = standard.iter().map(method_bit).collect();
+        for (i, bit) in bits.iter().enumerate() {
+            assert_eq!(bit.count_ones(), 1, "{}", standard[i]);
+            assert_ne!(*bit, OTHER_METHOD, "{}", standard[i]);
+            assert!(!bits[..i].contains(bit), "{} shares a bit", standard[i]);
+        }
+        assert!(others.iter().all(|m| method_bit(m) == OTHER_METHOD));
+        let lists = [
+            None,
+            Some("[]"),
+            Some(r#"["get"]"#),
+            Some(r#"["POST", "PATCH"]"#),
+            Some(r#"["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "CONNECT", "PATCH", "TRACE"]"#),
+        ];
+        assert!(crate::config::Config::from_toml_str("[limits]\nidempotency_methods = [\"PURGE\"]").is_err());
+        let all_nine = lists[4];
+        let clock = crate::clock::Clock::fake_at_unix(1_700_000_000).0;
+        // Lists with methods of other names besides: `PURGE` and the long one.
+        let extended = [None, Some(r#"["post"]"#)].map(|l| (l, true));
+        for (list, extend) in lists.iter().map(|l| (*l, false)).chain(extended) {
+            let limits = list.map_or(String::new(), |l| format!("[limits]\nidempotency_methods = {l}\n"));
+            let mut config =
+                crate::config::Config::from_toml_str(&format!("{limits}[plans.p]\nrate = \"10/s\"")).unwrap();
+            if extend {
+                config.limits.idempotency_methods.extend([others[2].clone(), others[4].clone()]);
+            }
+            let rt = Runtime::compile(config, &Arc::new(Metrics::register()), &clock);
+            for m in standard.iter().chain(&others) {
+                let by_list = rt.idempotency_methods().contains(m);
+                assert_eq!(rt.honours_idempotency_of(m), by_list, "{m} against {list:?}, extended: {extend}");
+                assert_eq!(rt.honours_idempotency_of(m), rt.honours_idempotency(m.as_str()), "{m} against {list:?}");
+            }
+            if extend {
+                assert!(rt.honours_idempotency_of(&others[2]) && !rt.honours_idempotency_of(&others[3]));
+            }
+            if list == all_nine {
+                // Every method the configuration accepts has a bit of its own: none is looked up.
+                assert_eq!(rt.honoured_methods.count_ones(), 9);
+                assert_eq!(rt.honoured_methods & OTHER_METHOD, 0);
+            }
+        }
+    }
 
     fn table(meters: &[&str], features: &[&str]) -> MeterTable {
         MeterTable {

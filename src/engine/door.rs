@@ -57,7 +57,8 @@ pub trait RequestView {
 
     /// Whether the request's method is `method`, for requests that compare a parsed method
     /// faster than its name (an [`http::Request`]): by default [`method`](Self::method)
-    /// compared with `method.as_str()`. `limits.idempotency_methods` is checked through it.
+    /// compared with `method.as_str()`. `limits.idempotency_methods` is checked through it for
+    /// [`FrontDoor::admit_request`] (the tower layer tests an [`http::Method`] by its bit).
     fn method_is(&self, method: &http::Method) -> bool {
         self.method() == method.as_str()
     }
@@ -331,19 +332,23 @@ impl FrontDoor {
     /// here; the rest come back as [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_request(&mut self, request: &impl RequestView) -> Admission {
-        let admission = self.admit_view(request, |identify| {
-            credential_by(identify, |header| request.header_values_named(header), || request.identity())
-        });
+        let admission = self.admit_view(
+            request,
+            |identify| credential_by(identify, |header| request.header_values_named(header), || request.identity()),
+            |rt| rt.idempotency_methods().iter().any(|m| request.method_is(m)),
+        );
         admission.carrying(self.tollgate.units())
     }
 
     /// [`admit_request`](Self::admit_request) with the credential `credential` finds (the
-    /// tower layer's [`TenantResolver`](crate::TenantResolver)).
+    /// tower layer's [`TenantResolver`](crate::TenantResolver)), `honoured` telling whether the
+    /// request's method honours an `Idempotency-Key` under the configuration in force.
     #[inline]
     pub(crate) fn admit_view<'a, V: RequestView>(
         &mut self,
         request: &'a V,
         credential: impl FnOnce(&Identify) -> Credential<'a>,
+        honoured: impl FnOnce(&Runtime) -> bool,
     ) -> Admission {
         // A route may read its hold's estimate from a header: those fields go with the request.
         let mut fields: Vec<(&str, &[u8])> = Vec::new();
@@ -356,8 +361,7 @@ impl FrontDoor {
                 let fields: &Vec<_> = fields;
                 let info = RequestInfo::new(request.method(), request.path(), credential(&rt.config.identify))
                     .with_headers(fields);
-                let honoured = rt.idempotency_methods().iter().any(|m| request.method_is(m));
-                describe(info, request.query(), honoured, || request.header_values_named(&IDEMPOTENCY_KEY))
+                describe(info, request.query(), honoured(rt), || request.header_values_named(&IDEMPOTENCY_KEY))
             },
             |rt| rt.client_ip(request.client_addr(), |name| request.header_values(name)),
         )

@@ -100,7 +100,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = &self.resolver;
-        let admission = self.door.admit_view(&request, |identify| resolver.resolve(&request, identify));
+        let admission = self.door.admit_view(
+            &request,
+            |identify| resolver.resolve(&request, identify),
+            |rt| rt.honours_idempotency_of(request.method()),
+        );
         match admission {
             Admission::Admitted(ticket) => {
                 // One test for requests without an `Idempotency-Key`.
