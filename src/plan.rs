@@ -876,12 +876,6 @@ impl Runtime {
         crate::tenant::client(peer, &clients.trusted_proxies, header, header_values(header.name()))
     }
 
-    /// `limits.idempotency_methods`, compiled.
-    #[inline]
-    pub(crate) fn idempotency_methods(&self) -> &[http::Method] {
-        &self.idempotency_methods
-    }
-
     /// Whether an `Idempotency-Key` on a request with this method is honoured.
     #[inline]
     pub(crate) fn honours_idempotency(&self, method: &str) -> bool {
@@ -990,7 +984,7 @@ mod tests {
             }
             let rt = Runtime::compile(config, &Arc::new(Metrics::register()), &clock);
             for m in standard.iter().chain(&others) {
-                let by_list = rt.idempotency_methods().contains(m);
+                let by_list = rt.idempotency_methods.contains(m);
                 assert_eq!(rt.honours_idempotency_of(m), by_list, "{m} against {list:?}, extended: {extend}");
                 assert_eq!(rt.honours_idempotency_of(m), rt.honours_idempotency(m.as_str()), "{m} against {list:?}");
             }

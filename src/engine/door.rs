@@ -57,8 +57,8 @@ pub trait RequestView {
 
     /// Whether the request's method is `method`, for requests that compare a parsed method
     /// faster than its name (an [`http::Request`]): by default [`method`](Self::method)
-    /// compared with `method.as_str()`. `limits.idempotency_methods` is checked through it for
-    /// [`FrontDoor::admit_request`] (the tower layer tests an [`http::Method`] by its bit).
+    /// compared with `method.as_str()`. The usage route ([`Tollgate::tenant_usage`]) tells `GET`
+    /// and `HEAD` through it.
     fn method_is(&self, method: &http::Method) -> bool {
         self.method() == method.as_str()
     }
@@ -335,7 +335,7 @@ impl FrontDoor {
         let admission = self.admit_view(
             request,
             |identify| credential_by(identify, |header| request.header_values_named(header), || request.identity()),
-            |rt| rt.idempotency_methods().iter().any(|m| request.method_is(m)),
+            |rt| rt.honours_idempotency(request.method()),
         );
         admission.carrying(self.tollgate.units())
     }
