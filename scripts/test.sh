@@ -16,7 +16,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step prints its duration when the next begins, and the run ends with every step's
+# duration and the total (what "CI stays within 40 minutes cold" is read from).
+run_start=$SECONDS
+step_name=""
+step_start=$SECONDS
+step_times=()
+end_step() {
+  if [ -n "$step_name" ]; then
+    local took=$((SECONDS - step_start))
+    step_times+=("$(printf '%5ds  %s' "$took" "$step_name")")
+    printf -- '-- %s: %ds\n' "$step_name" "$took"
+  fi
+  step_name=""
+}
+step() {
+  end_step
+  step_name="$*"
+  step_start=$SECONDS
+  printf '\n== %s\n' "$*"
+}
 
 # A one-off build gains nothing from incremental state, and it costs gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
@@ -151,3 +170,8 @@ scripts/dashboard-browser.sh
 
 step "disk used by the build"
 du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null || true
+
+end_step
+printf '\n== durations (seconds)\n'
+printf '%s\n' "${step_times[@]}"
+printf '%5ds  total\n' $((SECONDS - run_start))
