@@ -23,13 +23,13 @@ pub mod door {
     pub use crate::tenant::Credential;
     /// The most bytes of a body [`Tollgate::tenant_alert_endpoint`](crate::Tollgate::tenant_alert_endpoint)
     /// reads (a longer one is answered 413).
-    pub const ALERT_ENDPOINT_MAX_BODY: usize = crate::engine::alerts::MAX_ENDPOINT_BODY;
+    pub const ALERT_ENDPOINT_MAX_BODY: usize = crate::settings::endpoint::MAX_BODY;
     /// The most bytes of a body [`Tollgate::tenant_spend_cap`](crate::Tollgate::tenant_spend_cap)
     /// reads (a longer one is answered 413).
-    pub const SPEND_CAP_MAX_BODY: usize = crate::engine::usage::caps::MAX_BODY;
+    pub const SPEND_CAP_MAX_BODY: usize = crate::settings::caps::MAX_BODY;
     /// The most bytes of a body [`Tollgate::tenant_recharge`](crate::Tollgate::tenant_recharge)
     /// reads (a longer one is answered 413).
-    pub const RECHARGE_MAX_BODY: usize = crate::engine::recharge::settings::MAX_BODY;
+    pub const RECHARGE_MAX_BODY: usize = crate::settings::recharge::MAX_BODY;
 }
 pub mod guide {
     //! The guides, from the repository's `docs/` folder: their Rust examples are compiled as
@@ -75,7 +75,8 @@ pub mod money {
     pub use crate::base::SpendCap;
     pub use crate::base::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, MAX_CAP_NANOS, NANOS, SPEND_METER};
     pub use crate::config::BillingSettings;
-    pub use crate::engine::{CapError, RechargeAsk, RechargeError, RechargeView, SpendCapView};
+    pub use crate::settings::caps::{CapError, SpendCapView};
+    pub use crate::settings::recharge::{RechargeAsk, RechargeError, RechargeView};
     pub use rust_decimal::Decimal;
 }
 pub mod alerts {
@@ -86,14 +87,15 @@ pub mod alerts {
     //! with receivers in Rust and Python.
     pub use crate::base::{is_public, signature_header, BadSecret, WebhookSecret};
     pub use crate::config::{AlertEndpoint, AlertSettings, EVENT_TYPES};
-    pub use crate::engine::{AlertReport, EndpointError};
+    pub use crate::engine::AlertReport;
+    pub use crate::settings::endpoint::EndpointError;
 }
 pub mod events {
     //! Usage from outside a request: events of jobs and queues, each with its own time and
     //! id, recorded at most once per id in the window of its own time and checked against
     //! the hard quotas of its own period ([`Tollgate::record_event`](crate::Tollgate::record_event)).
     //! The [events guide](crate::guide::events) explains them.
-    pub use crate::engine::usage::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
+    pub use crate::engine::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
 }
 mod engine;
 pub mod layer;
@@ -109,6 +111,7 @@ pub mod report {
     pub use crate::metrics::Stats;
 }
 pub mod response;
+mod settings;
 pub mod store;
 mod tenant;
 

@@ -825,34 +825,27 @@ impl Runtime {
         }
     }
 
-    /// The plan a tenant of the directory is served with: its plan, or that plan with the
-    /// tenant's overrides (JSON, as the store keeps them) compiled over it.
-    ///
-    /// # Errors
-    /// The plan is not declared, or the overrides are not valid for this configuration.
-    pub(crate) fn plan_for(&self, plan: &PlanId, overrides: Option<&str>) -> Result<Arc<CompiledPlan>, String> {
-        let Some(base) = self.plans.get(plan) else {
-            return Err(format!("the plan `{plan}` is not declared"));
-        };
-        let Some(json) = overrides.filter(|o| !o.trim().is_empty()) else {
-            return Ok(base.clone());
-        };
-        let o = crate::config::PlanOverride::from_json(json, &self.config).map_err(|e| e.to_string())?;
-        if o.is_empty() {
-            return Ok(base.clone());
+    /// `plan` as a tenant is served it (`spec`, with the `overrides` served: the engine finds
+    /// them by the one served-plan rule, `settings::plan::served`), compiled: the plan's own
+    /// compiled form when no overrides are served.
+    pub(crate) fn compile_served(
+        &self,
+        plan: &PlanId,
+        spec: &crate::config::PlanSpec,
+        overrides: Option<&str>,
+    ) -> Arc<CompiledPlan> {
+        match (overrides, self.plans.get(plan)) {
+            (None, Some(base)) => base.clone(),
+            (overrides, _) => Arc::new(CompiledPlan::compile(
+                spec,
+                &self.meters,
+                &self.shapes,
+                &self.config,
+                &self.metrics,
+                &self.clock,
+                overrides.map(Into::into),
+            )),
         }
-        self.config.check_override(plan, &o)?;
-        let spec = self.config.plans[plan].with_override(&o);
-        let compiled = CompiledPlan::compile(
-            &spec,
-            &self.meters,
-            &self.shapes,
-            &self.config,
-            &self.metrics,
-            &self.clock,
-            Some(json.into()),
-        );
-        Ok(Arc::new(compiled))
     }
 
     /// The client address of a request (else `None`, and nothing is read): the peer, or

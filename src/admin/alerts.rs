@@ -1,8 +1,7 @@
 //! The alerts outbox and tenants' own alert endpoints.
 
 use crate::{
-    engine::alerts::set_tenant_endpoint,
-    engine::EndpointError,
+    settings::endpoint::{set_tenant_endpoint, EndpointError},
     store::{AlertKey, AlertQuery, AlertState, OutboxEntry, OutboxStore},
 };
 

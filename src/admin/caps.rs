@@ -2,8 +2,7 @@
 
 use crate::{
     base::QuotaMode,
-    engine::usage::caps::{parse, spend_cap, CapAct},
-    money::SpendCapView,
+    settings::caps::{parse, spend_cap, CapAct, SpendCapView},
 };
 
 use super::{Admin, AdminError};

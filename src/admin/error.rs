@@ -40,13 +40,13 @@ pub enum AdminError {
     },
     /// A tenant's alert endpoint was refused: nothing was stored.
     #[error(transparent)]
-    AlertEndpoint(crate::engine::EndpointError),
+    AlertEndpoint(crate::settings::endpoint::EndpointError),
     /// A tenant's spend cap was refused (or could not be read): nothing was stored.
     #[error(transparent)]
-    SpendCap(crate::engine::CapError),
+    SpendCap(crate::settings::caps::CapError),
     /// A tenant's recharge was refused (or could not be read): nothing was stored.
     #[error(transparent)]
-    Recharge(crate::engine::RechargeError),
+    Recharge(crate::settings::recharge::RechargeError),
     /// A line of an import is not valid: nothing was imported.
     #[error("line {line}: {message}")]
     Import {

@@ -38,7 +38,7 @@ pub struct Admin {
     /// requeued alerts are due by.
     pub(super) clock: crate::clock::Clock,
     /// What reads recharge prices, when given ([`with_recharge_charger`](Self::with_recharge_charger)).
-    pub(super) charger: Option<Arc<crate::engine::recharge::Charger>>,
+    pub(super) charger: Option<Arc<crate::billing::Charger>>,
 }
 
 impl Admin {

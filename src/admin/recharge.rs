@@ -3,7 +3,10 @@
 
 use crate::{
     base::MeterId,
-    engine::recharge::settings::{recharge, Parts, RechargeAct, RechargeAsk, RechargeView},
+    settings::{
+        plan::{served_tenant, Unserved},
+        recharge::{one_recharged_meter, recharge, Parts, RechargeAct, RechargeAsk, RechargeView},
+    },
 };
 
 use super::{Admin, AdminError};
@@ -46,20 +49,21 @@ impl Admin {
     /// A bad tenant id, no configuration, an unknown tenant, a plan that recharges no meter or
     /// several ([`AdminError::Invalid`]: name one).
     pub async fn recharged_meter(&self, tenant: &str) -> Result<MeterId, AdminError> {
-        use crate::engine::usage::caps::{plan_of, PlanOf};
         let id = Self::tenant_id(tenant)?;
         let config =
             self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read plans from".into()))?;
-        let plan = match plan_of(self.directory.as_ref(), config, &id).await? {
-            PlanOf::Plan(plan) => plan,
-            PlanOf::UnknownTenant => return Err(AdminError::Invalid(format!("no tenant `{tenant}`"))),
-            PlanOf::UnknownPlan(plan) => return Err(AdminError::Invalid(format!("no plan `{plan}`"))),
+        let plan = match served_tenant(self.directory.as_ref(), config, &id).await? {
+            Ok((_, served)) => served.spec,
+            Err(Unserved::UnknownTenant) => return Err(AdminError::Invalid(format!("no tenant `{tenant}`"))),
+            Err(Unserved::UnknownPlan(plan)) => return Err(AdminError::Invalid(format!("no plan `{plan}`"))),
+            Err(Unserved::Unreadable(why)) => {
+                return Err(AdminError::Invalid(format!("the plan of `{tenant}` is not served: {why}")))
+            }
         };
-        let meters: Vec<&MeterId> = plan.recharges().map(|(m, _)| m).collect();
-        match meters.as_slice() {
-            [only] => Ok((*only).clone()),
-            [] => Err(AdminError::Invalid(format!("plan `{}` of `{tenant}` recharges no meter", plan.id()))),
-            _ => Err(AdminError::Invalid(format!("plan `{}` recharges several meters: name one", plan.id()))),
+        match one_recharged_meter(&plan) {
+            Ok(only) => Ok(only),
+            Err(0) => Err(AdminError::Invalid(format!("plan `{}` of `{tenant}` recharges no meter", plan.id()))),
+            Err(_) => Err(AdminError::Invalid(format!("plan `{}` recharges several meters: name one", plan.id()))),
         }
     }
 
@@ -81,7 +85,7 @@ impl Admin {
     }
 
     /// What reads the price's amount: the one given, else `[stripe]`'s.
-    fn charger(&self, config: &crate::config::Config) -> Option<std::sync::Arc<crate::engine::recharge::Charger>> {
+    fn charger(&self, config: &crate::config::Config) -> Option<std::sync::Arc<crate::billing::Charger>> {
         if let Some(c) = &self.charger {
             return Some(c.clone());
         }

@@ -38,6 +38,14 @@ pub use secret::Secret;
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};
+
+/// What charges a tenant's recharge: Stripe's, with the secret key.
+#[cfg(feature = "stripe")]
+pub(crate) type Charger = RechargeCharger;
+/// Without Stripe, nothing charges a recharge.
+#[cfg(not(feature = "stripe"))]
+#[derive(Debug)]
+pub(crate) enum Charger {}
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use {reader::StripeAccess, topup::check_stripe_access};

@@ -6,9 +6,14 @@ use std::time::{Duration, Instant};
 use crate::{
     admin::{Admin, AdminError, TenantSearch},
     base::{MeterId, Period, QuotaMode, RejectionKind, TenantId},
-    config::{Config, PlanOverride, PlanSpec},
-    engine::{RechargeView, SpendCapView, Tollgate},
+    config::{Config, PlanSpec},
+    engine::Tollgate,
     metrics::Stats,
+    settings::{
+        caps::{limit_in_force, SpendCapView},
+        plan::{file_record, served},
+        recharge::RechargeView,
+    },
     store::{AlertQuery, AlertState, ApiKeyRecord, CreditGrant, DeadLetter, LedgerEntry, OutboxEntry, QuotaCounter},
     store::{TenantRecord, UsageAggregate},
 };
@@ -123,16 +128,7 @@ pub(crate) struct NodeData {
 
 /// The tenant `id` as the configuration file declares it (`[tenants.ID]`), as a record.
 fn file_tenant(config: Option<&Config>, id: &str) -> Option<TenantRecord> {
-    let spec = config?.tenants().iter().find(|t| t.id().as_str() == id)?;
-    let mut record = TenantRecord::new(spec.id().clone(), spec.plan().clone());
-    if let Some(c) = spec.stripe_customer() {
-        record = record.with_customer(c);
-    }
-    if let Some(c) = spec.metronome_customer() {
-        record = record.with_metronome_customer(c);
-    }
-    record.overrides = spec.overrides().map(PlanOverride::to_json);
-    Some(record)
+    file_record(config?, &TenantId::from(id))
 }
 
 /// The tenants the configuration file declares that the directory does not hold, matching
@@ -149,13 +145,11 @@ async fn file_tenants(admin: &Admin, keep: impl Fn(&TenantRecord) -> bool) -> Re
     Ok(out)
 }
 
-/// The plan `record` is served, with its overrides, as the engine serves it (`None`: the
-/// configuration has no such plan).
+/// The plan `record` is served, with the overrides that fit it, as the engine serves it
+/// (`None`: the configuration has no such plan, or the overrides cannot be read: the engine
+/// refuses the tenant).
 fn plan_of(config: Option<&Config>, record: &TenantRecord) -> Option<PlanSpec> {
-    match crate::engine::usage::caps::served_plan(config?, &record.id, Some(record)) {
-        crate::engine::usage::caps::PlanOf::Plan(plan) => Some(plan),
-        _ => None,
-    }
+    served(config?, record).ok().map(|s| s.spec)
 }
 
 /// Units added without overflow.
@@ -163,9 +157,9 @@ fn add(a: u64, b: u64) -> u64 {
     a.saturating_add(b)
 }
 
-/// The gauges of `plan`'s quotas from `counters` at `now`; a balance's limit is its granted
-/// units, a spend quota's the cap in force (`cap`).
-pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&SpendCapView>, now: i64) -> Vec<Gauge> {
+/// The gauges of `plan`'s quotas from `counters` at `now`, each against its limit in force
+/// ([`limit_in_force`]: a balance's granted units, a spend quota's cap in force).
+pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], now: i64) -> Vec<Gauge> {
     let mut out = Vec::new();
     for (meter, spec) in plan.quotas() {
         let period = spec.period();
@@ -174,11 +168,8 @@ pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&Sp
             .iter()
             .find(|c| c.key.meter == *meter && (c.granted.is_some() || (c.key.start <= now && now < c.key.end)));
         let (used, kept) = counter.map_or((0, 0), |c| (c.used(), c.kept.total()));
-        let (limit, mode) = match (period, cap.filter(|_| meter.as_str() == crate::base::SPEND_METER)) {
-            (Period::Prepaid, _) => (counter.and_then(|c| c.granted).unwrap_or(0), spec.mode()),
-            (_, Some(cap)) => (cap.limit, if cap.hard { QuotaMode::Hard } else { QuotaMode::Soft }),
-            _ => (spec.limit().get(), spec.mode()),
-        };
+        let own = counters.iter().filter(|c| c.key.meter == *meter).find_map(|c| c.cap);
+        let (limit, mode) = limit_in_force(spec, counter.and_then(|c| c.granted), own);
         out.push(Gauge { meter: meter.clone(), period, mode, limit, used, kept, start, end });
     }
     out
@@ -239,7 +230,7 @@ pub(crate) async fn tenants(
         let state = match &plan {
             None => "unknown plan",
             Some(plan) => {
-                let gauges = gauges(plan, &counters, None, now);
+                let gauges = gauges(plan, &counters, now);
                 if gauges.iter().any(|g| g.period == Period::Prepaid && g.reached()) {
                     "balance empty"
                 } else if gauges.iter().any(|g| g.period != Period::Prepaid && g.mode == QuotaMode::Hard && g.reached())
@@ -329,7 +320,7 @@ pub(crate) async fn tenant(
         if plan.spend().is_some() {
             cap = Some(admin.spend_cap(id).await?);
         }
-        gauges_ = gauges(plan, &counters, cap.as_ref(), now);
+        gauges_ = gauges(plan, &counters, now);
         if plan.quotas().values().any(|q| q.period() == Period::Prepaid) {
             grants = admin.credits(id).await?.0;
         }
@@ -496,7 +487,7 @@ mod tests {
             QuotaCounter::new(day, 60, None).keeping(Kept { lease: 20, held: 10, jobs: 0 }),
             QuotaCounter::new(balance, 40, Some(50)).keeping(Kept { lease: 30, held: 0, jobs: 0 }),
         ];
-        let g = gauges(plan, &counters, None, now);
+        let g = gauges(plan, &counters, now);
         let credits = g.iter().find(|g| g.meter.as_str() == "credits").unwrap();
         assert_eq!((credits.limit, credits.used, credits.kept), (50, 10, 30));
         let requests = g.iter().find(|g| g.meter.as_str() == "requests").unwrap();

@@ -182,7 +182,7 @@ pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
         match since {
             Some(since) => p.fmt(format_args!(
                 "<p>among this node's last {} refusals of identified tenants, since {} UTC</p>",
-                Num(crate::engine::RECENT_REJECTIONS as u64),
+                Num(crate::engine::Tollgate::RECENT_REJECTIONS as u64),
                 When(Some(*since))
             )),
             None => p.raw("<p>this node refused no identified tenant since it started</p>"),

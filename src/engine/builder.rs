@@ -14,6 +14,7 @@ use crate::engine::{
     engine::{Engine, Tollgate},
     export::exporter::Exporter,
     node::NodeIds,
+    recharge::Recharges,
     shared::{Shared, SharedParts},
     store_calls::StoreCalls,
     usage::{
@@ -273,7 +274,7 @@ pub struct Builder {
     configured: bool,
     on_threshold: Option<ThresholdHook>,
     /// What charges recharges; `None`: built from `[stripe]` when a plan recharges.
-    recharge_charger: Option<Arc<crate::engine::recharge::Charger>>,
+    recharge_charger: Option<Arc<crate::billing::Charger>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -565,16 +566,18 @@ impl Builder {
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
         let ids = Arc::new(NodeIds::new());
         let queue = Arc::new(AlertQueue::default());
+        let recharges = Arc::new(Recharges::default());
+        if let Some(charger) = self.recharge_charger.clone().or_else(|| recharge_charger_of(&runtime.config)) {
+            recharges.charge_with(charger);
+        }
         let leases = Arc::new(Leases::new(
             stores.clone(),
             ids.clone(),
             Thresholds::new(self.on_threshold, queue.clone()),
+            recharges.clone(),
             clock.clone(),
             &runtime.config,
         ));
-        if let Some(charger) = self.recharge_charger.clone().or_else(|| recharge_charger_of(&runtime.config)) {
-            leases.recharges().charge_with(charger);
-        }
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =
             self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
@@ -609,7 +612,7 @@ impl Builder {
             },
         );
         let alerts = Alerts::new(shared.clone(), queue);
-        let tollgate = Tollgate::from_parts(Engine { shared, gate, units, exporter, alerts });
+        let tollgate = Tollgate::from_parts(Engine { shared, gate, units, exporter, alerts, recharges });
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
     }
@@ -696,7 +699,7 @@ impl Tollgate {
 
 /// The recharge charger `[stripe]` describes, when a plan recharges (none without a secret
 /// key: logged, as claimed recharges then wait).
-fn recharge_charger_of(config: &Config) -> Option<Arc<crate::engine::recharge::Charger>> {
+fn recharge_charger_of(config: &Config) -> Option<Arc<crate::billing::Charger>> {
     if config.plans().values().all(|p| p.recharges().next().is_none()) {
         return None;
     }

@@ -13,6 +13,7 @@ use crate::engine::{
     alerts::{AlertReport, Alerts},
     export::exporter::{ExportReport, Exporter},
     export::reconcile::{ReconcileError, ReconcileReport, ReconcileRequest},
+    recharge::Recharges,
     shared::Shared,
     usage::{credits::CreditExpiryReport, flush::FlushReport, units::Units},
 };
@@ -47,6 +48,9 @@ pub(crate) struct Engine {
     pub(crate) exporter: Exporter,
     /// The alerts outbox's writes and deliveries.
     pub(crate) alerts: Alerts,
+    /// Auto-recharge: the claims this node's refills made, waiting for the worker, and what
+    /// charges them (the usage part's leases are handed it, to queue their claims).
+    pub(crate) recharges: Arc<Recharges>,
 }
 
 impl fmt::Debug for Tollgate {
@@ -92,6 +96,12 @@ impl Tollgate {
     #[inline]
     pub(crate) fn alerts(&self) -> &Alerts {
         &self.engine.alerts
+    }
+
+    /// The recharge part.
+    #[inline]
+    pub(crate) fn recharges(&self) -> &Arc<Recharges> {
+        &self.engine.recharges
     }
 }
 
@@ -169,9 +179,8 @@ impl Tollgate {
     /// # Errors
     /// The rejection to answer the request with.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let mut ticket = self.gate().resolve(pending).await?;
-        ticket.units = Some(self.units().clone());
-        Ok(ticket)
+        let pass = self.gate().resolve(pending).await?;
+        Ok(Ticket::new(pass, self.units().clone()))
     }
 
     /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
@@ -361,6 +370,11 @@ impl Tollgate {
     ) -> (Vec<(crate::base::RejectionKind, u64)>, Option<i64>) {
         self.gate().recent().of(tenant)
     }
+
+    /// How many of the last refusals of identified tenants a node keeps
+    /// ([`recent_rejections`](Self::recent_rejections)).
+    #[cfg(feature = "dashboard")]
+    pub(crate) const RECENT_REJECTIONS: usize = crate::engine::admit::recent::RECENT_REJECTIONS;
 
     /// The clock the engine reads.
     #[must_use]

@@ -4,8 +4,6 @@
 //! all share (`shared.rs`); [`Tollgate`] is the facade that holds them.
 
 mod admit;
-#[cfg(feature = "dashboard")]
-pub(crate) use admit::recent::RECENT_REJECTIONS;
 pub(crate) mod alerts;
 mod builder;
 mod door;
@@ -19,18 +17,20 @@ pub(crate) mod recharge;
 mod recharges;
 mod record;
 mod report;
-mod routes;
 mod shared;
 mod store_calls;
 mod table;
+mod tenant_routes;
 mod tenants;
 pub(crate) mod usage;
 mod worker;
 
 pub use admit::capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIMIT};
+pub(crate) use admit::stage::Decision;
 pub use admit::stage::{Admission, PendingAdmission, RequestInfo};
+pub(crate) use admit::ticket::Pass;
 pub use admit::ticket::{InFlight, Ticket};
-pub use alerts::{AlertReport, EndpointError};
+pub use alerts::AlertReport;
 pub use builder::{BuildError, Builder};
 pub(crate) use builder::{OpenStores, Opened};
 pub(crate) use door::{credential_by, values_of};
@@ -39,13 +39,13 @@ pub use engine::Tollgate;
 pub use export::exporter::ExportReport;
 pub use export::reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, ReconcileRequest};
 pub use lifecycle::{ShutdownError, ShutdownReport};
-pub use recharge::settings::{RechargeAsk, RechargeError, RechargeView};
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
-pub use usage::caps::{CapError, SpendCapView};
 pub use usage::context::{Feature, QuotaStatus, TenantContext};
 pub use usage::credits::CreditExpiryReport;
+pub use usage::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
 pub use usage::flush::FlushReport;
 pub(crate) use usage::hold::RouteHeld;
 pub use usage::hold::{Hold, RecordError};
 pub use usage::thresholds::ThresholdCrossed;
+pub(crate) use usage::units::Units;
 pub use worker::Worker;

@@ -1,19 +1,22 @@
 //! The engine's recharge verbs (docs/credits.md, "Recharge"): a tenant's settings, and the
-//! delivery of the recharges this node claimed. Their rules are the recharge part's
-//! (`recharge/`).
+//! delivery of the recharges this node claimed. The settings' rules are a tenant's settings
+//! (`settings/recharge.rs`); the claims and their delivery the recharge part's (`recharge/`).
 
 use std::sync::Arc;
 
 use crate::{
     base::{MeterId, TenantId},
+    billing::Charger,
     engine::{
         alerts::{RechargeAlert, RechargeEvent},
-        recharge::{deliver, settings, Charger},
+        recharge::deliver,
+        Tollgate,
     },
     metrics::RechargeOutcome,
+    settings::recharge as settings,
 };
 
-impl crate::Tollgate {
+impl Tollgate {
     /// The parts a recharge setting uses.
     fn recharge_parts<'a>(
         &'a self,
@@ -24,7 +27,7 @@ impl crate::Tollgate {
             quota: stores.quota.as_ref(),
             directory: stores.directory.as_ref(),
             config,
-            charger: self.units().leases().recharges().charger(),
+            charger: self.recharges().charger(),
         }
     }
 
@@ -71,8 +74,7 @@ impl crate::Tollgate {
     /// Stripe, once per recharge, and its units granted by `invoice.paid`. Returns how many
     /// were delivered (paid or failed).
     pub async fn deliver_recharges(&self) -> usize {
-        let leases = self.units().leases().clone();
-        let recharges = leases.recharges();
+        let recharges = self.recharges().clone();
         let config = self.shared().runtime().load().config.clone();
         let stores = self.shared().stores().background();
         let mut delivered = 0;
@@ -157,7 +159,7 @@ impl crate::Tollgate {
 
     /// What charges this engine's recharges, if anything.
     pub(crate) fn recharge_charger(&self) -> Option<Arc<Charger>> {
-        self.units().leases().recharges().charger_arc()
+        self.recharges().charger_arc()
     }
 
     /// [`deliver_recharges`](Self::deliver_recharges) within `budget` (a front door whose
@@ -169,6 +171,6 @@ impl crate::Tollgate {
 
     /// Waits until this node claimed a recharge to deliver.
     pub(crate) async fn recharge_claimed(&self) {
-        self.units().leases().recharges().queued().await;
+        self.recharges().queued().await;
     }
 }

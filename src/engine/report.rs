@@ -4,7 +4,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::engine::{recharge::settings::RechargeView, usage::events::EventError, Tollgate};
+use crate::engine::{usage::events::EventError, Tollgate};
+use crate::settings::recharge::RechargeView;
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -146,13 +147,12 @@ impl Tollgate {
             .quotas()
             .map(|c| {
                 let (start, end) = c.spec.period().bounds(now);
-                let mode = |hard: bool| if hard { QuotaMode::Hard } else { QuotaMode::Soft };
-                let (limit, hard) = match c.spec.capped {
-                    // The cap in force (the tenant's within the plan's), not this node's view.
-                    true => c.spec.in_force(own_cap),
-                    false => (c.limit(), c.hard()),
-                };
-                (c.meter_id().clone(), c.spec.period(), start, end, limit, mode(hard))
+                // The limit in force as the dashboard reads it: a spend cap's, the tenant's own
+                // within the plan's as the store holds it (not this node's view); a balance's,
+                // this node's view of its grants until the balance is read below.
+                let granted = c.prepaid().then(|| c.limit());
+                let (limit, mode) = crate::settings::caps::limit_in_force(c.spec, granted, own_cap);
+                (c.meter_id().clone(), c.spec.period(), start, end, limit, mode)
             })
             .collect();
         let coarse: Vec<(MeterId, i64)> =
@@ -281,14 +281,7 @@ impl Tollgate {
             let Some(spec) = plan.and_then(|p| p.recharge(meter)) else { continue };
             let counters = self.shared().stores().request().quota.counters(tenant, meter).await?;
             let currency = rt.config.billing().currency.clone().unwrap_or_default();
-            recharges.push(crate::engine::recharge::settings::view_of(
-                tenant,
-                meter,
-                currency,
-                spec.clone(),
-                &counters,
-                now,
-            ));
+            recharges.push(crate::settings::recharge::view_of(tenant, meter, currency, spec.clone(), &counters, now));
         }
         Ok(UsageReport {
             tenant: state.id.clone(),
@@ -397,7 +390,7 @@ impl Tollgate {
             .collect();
         let spend = report.quotas.iter().find(|q| q.meter == spend_meter).and_then(|q| {
             let spec = cell_of(&q.meter)?.spec;
-            let cap = crate::engine::usage::caps::view(
+            let cap = crate::settings::caps::view(
                 spec,
                 report.currency.clone().unwrap_or_default(),
                 spec.cap_max,

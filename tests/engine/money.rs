@@ -773,3 +773,47 @@ async fn overrides_hold_on_a_plan_with_a_spend_cap() {
     let refused = admit(&h, "key-v").await.expect_err("the override's cap");
     assert_eq!(refused.kind(), tollgate::RejectionKind::SpendCapReached, "{refused:?}");
 }
+
+/// One served plan: the spend cap a tenant may set is the plan the engine serves it. A
+/// directory tenant's overrides that no longer fit the configuration (a fleet rate without
+/// `limits.fleet_size_hint`, with a spend cap of 5.00 up to 50.00) are not served: the engine
+/// holds it to the plan alone (1.00 up to 10.00), and so do its route, `Admin`, and the usage
+/// report. Before, the route took a cap of 20.00 against the overrides' 50.00 while the engine
+/// refused at 10.00 with 402.
+#[tokio::test]
+async fn the_cap_a_tenant_may_set_is_the_plan_the_engine_serves() {
+    use tollgate::store::{KeyHash, TenantRecord};
+    let toml = TOML.to_owned() + "[plans.pro]\nrate = \"100/s\"\nspend = { limit = \"1.00\", period = \"month\", mode = \"hard\", max_limit = \"10.00\" }\n";
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let mut d = TenantRecord::new("d".into(), "pro".into());
+    d.overrides = Some(
+        r#"{"rate_scope": "fleet", "spend": {"limit": "5.00", "period": "month", "mode": "hard", "max_limit": "50.00"}}"#
+            .into(),
+    );
+    tollgate::store::DirectoryStore::put_tenant(&*store, &d, &[KeyHash::of(b"key-d")]).await.unwrap();
+    let h = Harness::with_store(&toml, store, NOON);
+    let (ticket, ctx) = admit(&h, "key-d").await.unwrap();
+    ticket.give_back();
+    assert_eq!(h.tollgate.stats().overrides_not_served, 1, "the engine serves the plan alone");
+    let call = |method: &'static str, body: &'static str| {
+        let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
+        async move {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            engine.tenant_spend_cap(&ctx, &method, body.as_bytes()).await
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();
+    assert_eq!((v["limit"].as_str(), v["max_limit"].as_str()), (Some("1"), Some("10")), "{v}");
+    let r = call("PUT", r#"{"limit": "20.00"}"#).await;
+    assert_eq!(r.status(), 422, "above the served plan's most: {:?}", r.body());
+    let admin = Admin::for_engine(&h.tollgate);
+    let view = admin.spend_cap("d").await.unwrap();
+    assert_eq!((view.limit, view.own, view.max_limit), (NANOS, None, 10 * NANOS), "nothing changed");
+    let e = admin.set_spend_cap("d", Some("20.00"), QuotaMode::Hard).await.unwrap_err();
+    assert!(e.to_string().contains("above the most"), "{e}");
+    // Within it: taken, and the engine holds the tenant to it.
+    assert_eq!(call("PUT", r#"{"limit": "10.00"}"#).await.status(), 200);
+    let report = h.tollgate.usage_report(&"d".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let spend = report.quotas.iter().find(|q| q.meter.as_str() == "spend").expect("the spend quota is reported");
+    assert_eq!(spend.limit, 10 * NANOS);
+}

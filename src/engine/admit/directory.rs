@@ -446,37 +446,11 @@ impl Gate {
     }
 }
 
-/// The plan to serve a directory record with: its plan with its overrides; when the overrides
-/// do not fit the plan (a plan change made without looking at them), the plan alone, with why.
-/// `Err`: the plan cannot be served (not declared here), or the overrides cannot be read at all
-/// (a meter or feature this configuration does not have: the record must be mended, and
-/// serving the plan alone could drop a limit the overrides tightened).
+/// The plan to serve a directory record with, by the one served-plan rule
+/// ([`settings::plan::served`](crate::settings::plan::served)), compiled for the request path;
+/// with why some or all of its overrides are not served. `Err`: the plan cannot be served (not
+/// declared here), or the overrides cannot be read at all.
 fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
-    match rt.plan_for(&record.plan, record.overrides.as_deref()) {
-        Ok(plan) => Ok((plan, None)),
-        Err(why) => match record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
-            Some(json) if crate::config::PlanOverride::from_json(json, &rt.config).is_ok() => {
-                // Only the parts that do not fit go: a quota the overrides tightened stays
-                // tight when their burst no longer fits.
-                let Ok(serde_json::Value::Object(all)) = serde_json::from_str::<serde_json::Value>(json) else {
-                    return rt.plan_for(&record.plan, None).map(|plan| (plan, Some(why)));
-                };
-                let parts: [&[&str]; 5] =
-                    [&["burst"], &["rate", "burst"], &["features"], &["quotas"], &["rate", "burst", "features"]];
-                for drop in parts {
-                    if !drop.iter().any(|k| all.contains_key(*k)) {
-                        continue;
-                    }
-                    let mut kept = all.clone();
-                    kept.retain(|k, _| !drop.contains(&k.as_str()));
-                    let kept = serde_json::Value::Object(kept).to_string();
-                    if let Ok(plan) = rt.plan_for(&record.plan, Some(&kept)) {
-                        return Ok((plan, Some(format!("{why}; served without its `{}`", drop.join("`, `")))));
-                    }
-                }
-                rt.plan_for(&record.plan, None).map(|plan| (plan, Some(why)))
-            }
-            _ => Err(why),
-        },
-    }
+    let served = crate::settings::plan::served(&rt.config, record).map_err(|u| u.to_string())?;
+    Ok((rt.compile_served(&record.plan, &served.spec, served.overrides.as_deref()), served.dropped))
 }

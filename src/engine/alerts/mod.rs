@@ -9,15 +9,11 @@
 
 #[cfg(feature = "alerts")]
 mod deliver;
-pub(crate) mod endpoint;
 mod queue;
 mod recharge;
 
 #[cfg(feature = "alerts")]
 pub(crate) use deliver::Deliverer;
-pub(crate) use endpoint::set_tenant_endpoint;
-pub use endpoint::EndpointError;
-pub(crate) use endpoint::MAX_BODY as MAX_ENDPOINT_BODY;
 use std::time::Duration;
 
 #[cfg(feature = "alerts")]
@@ -32,6 +28,7 @@ use std::sync::Arc;
 
 use crate::{
     engine::shared::Shared,
+    settings::endpoint::TenantEndpoint,
     store::{AlertClaim, AlertOutcome, OutboxEntry},
 };
 
@@ -84,20 +81,6 @@ fn newest_open_grant(grants: &[crate::store::CreditGrant]) -> String {
         .max_by(|a, b| (a.granted_at, &a.id).cmp(&(b.granted_at, &b.id)))
         .map(|g| format!("grant:{}:{}", g.granted_at, g.id))
         .unwrap_or_default()
-}
-
-/// A tenant's own endpoint, as the directory keeps it (JSON).
-#[cfg_attr(not(feature = "alerts"), allow(dead_code))]
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
-pub(crate) struct TenantEndpoint {
-    pub(crate) url: String,
-    pub(crate) secrets: Vec<String>,
-}
-
-impl std::fmt::Debug for TenantEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantEndpoint").field("url", &self.url).field("secrets", &"<redacted>").finish()
-    }
 }
 
 /// The alerts part: crossings waiting to be written to the outbox, and the HTTP clients they

@@ -6,7 +6,7 @@
 
 use super::queue::Claimed;
 use crate::{
-    engine::usage::caps::{plan_of, PlanOf},
+    settings::plan::{served_tenant, Unserved},
     store::{RechargeFailure, RechargeMode, RechargeSeen, StoreError},
 };
 
@@ -31,7 +31,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) directory: &'a dyn crate::store::DirectoryStore,
     pub(crate) usage: &'a dyn crate::store::UsageExportStore,
     pub(crate) config: &'a crate::config::Config,
-    pub(crate) charger: Option<&'a super::queue::Charger>,
+    pub(crate) charger: Option<&'a crate::billing::Charger>,
     pub(crate) now: i64,
 }
 
@@ -51,9 +51,17 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
     if !state.is_some_and(|s| s.on()) {
         return Ok(Delivered::Closed);
     }
-    let price = match plan_of(parts.directory, parts.config, &claim.tenant).await? {
-        PlanOf::Plan(plan) => plan.recharge(&claim.meter).map(|r| r.price.clone()),
-        PlanOf::UnknownTenant | PlanOf::UnknownPlan(_) => None,
+    let (record, price) = match served_tenant(parts.directory, parts.config, &claim.tenant).await? {
+        Ok((record, served)) => {
+            let price = served.spec.recharge(&claim.meter).map(|r| r.price.clone());
+            (Some(record), price)
+        }
+        Err(Unserved::UnknownTenant | Unserved::UnknownPlan(_)) => (None, None),
+        // The engine refuses the tenant until its overrides are mended: nothing is charged
+        // meanwhile, and the claim is delivered again once it lapses.
+        Err(Unserved::Unreadable(why)) => {
+            return Ok(Delivered::Retry(format!("the tenant's plan is not served: {why}")))
+        }
     };
     let Some(price) = price else {
         // Moved to a plan that recharges nothing: never charged, and recharge turned off (not a
@@ -64,12 +72,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
         return Ok(Delivered::Closed);
     };
     // The customer as the configuration file declares it, else as the directory says.
-    let declared = parts.config.tenants().iter().find(|t| t.id() == &claim.tenant).and_then(|t| t.stripe_customer());
-    let customer = match declared {
-        Some(c) => Some(c.to_owned()),
-        None => parts.directory.tenant(&claim.tenant).await?.and_then(|t| t.customer),
-    };
-    let Some(customer) = customer else {
+    let Some(customer) = record.and_then(|t| t.customer) else {
         return failed(parts, claim, RechargeFailure::NoPaymentMethod, "the tenant has no Stripe customer").await;
     };
     let Some(charger) = parts.charger else {
@@ -85,7 +88,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
 async fn charge(
     parts: &Parts<'_>,
     claim: &Claimed,
-    charger: &super::queue::Charger,
+    charger: &crate::billing::Charger,
     namespace: &str,
     customer: &str,
     price: &str,
@@ -122,7 +125,7 @@ async fn charge(
 async fn charge(
     _: &Parts<'_>,
     _: &Claimed,
-    charger: &super::queue::Charger,
+    charger: &crate::billing::Charger,
     _: &str,
     _: &str,
     _: &str,

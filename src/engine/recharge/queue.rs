@@ -2,15 +2,10 @@
 
 use std::{collections::VecDeque, sync::Mutex};
 
-use crate::base::{MeterId, TenantId};
-
-/// What charges a recharge: Stripe's, with the secret key.
-#[cfg(feature = "stripe")]
-pub(crate) type Charger = crate::billing::RechargeCharger;
-/// Without Stripe, nothing charges a recharge.
-#[cfg(not(feature = "stripe"))]
-#[derive(Debug)]
-pub(crate) enum Charger {}
+use crate::{
+    base::{MeterId, TenantId},
+    billing::Charger,
+};
 
 /// The most claims waiting for the worker on a node: past it, a claim is dropped (logged), and
 /// taken again by the next refill once its delivery lapses

@@ -171,13 +171,13 @@ impl TenantContext {
     /// [`RecordError::Overrun`]: crate::RecordError::Overrun
     /// [`RecordError::SpendCap`]: crate::RecordError::SpendCap
     #[must_use]
-    pub fn refusal(&self, meter: &str, e: &crate::RecordError) -> Option<crate::response::Rejection> {
+    pub fn refusal(&self, meter: &str, e: &RecordError) -> Option<crate::response::Rejection> {
         let at = self.state.clock().unix_secs();
         let r = match e {
-            crate::RecordError::SpendCap(_) if self.state.plan.spend.is_some() => {
+            RecordError::SpendCap(_) if self.state.plan.spend.is_some() => {
                 crate::engine::usage::spend::cap_reached(&self.state, at)
             }
-            crate::RecordError::Overrun(_) => {
+            RecordError::Overrun(_) => {
                 let index = self.state.plan.meters.index(meter)?;
                 self.state.quota(index)?;
                 crate::engine::usage::hold::spent(&self.state, index, at, true)

@@ -108,7 +108,8 @@ pub(crate) struct Leases {
     /// `limits.reservation_expiry`, in seconds: how long what a call says this node keeps
     /// stays reserved without another call.
     expiry: std::sync::atomic::AtomicI64,
-    /// The recharges this node's refills claimed, for the worker to deliver.
+    /// The recharge part's queue, where this node's refills put the recharges they claimed
+    /// (handed by the builder; the engine holds the part).
     recharges: Arc<crate::engine::recharge::Recharges>,
     /// The earliest renewal of a resident cell's reservation: the stale-lease pass visits the
     /// tenants only once one may have lapsed.
@@ -182,6 +183,7 @@ impl Leases {
         stores: Arc<StoreCalls>,
         ids: Arc<NodeIds>,
         thresholds: Thresholds,
+        recharges: Arc<crate::engine::recharge::Recharges>,
         clock: Clock,
         config: &crate::config::Config,
     ) -> Self {
@@ -192,7 +194,7 @@ impl Leases {
             clock,
             stopped: std::sync::atomic::AtomicBool::new(false),
             expiry: std::sync::atomic::AtomicI64::new(0),
-            recharges: Arc::default(),
+            recharges,
             renewals: Renewals::default(),
         };
         leases.configure(config);
@@ -277,11 +279,6 @@ impl Leases {
             CallKind::Reserve { .. } => 0,
         };
         crate::store::Release::new(call.key.clone(), units, call.token).keeping(sent.kept, sent.expires_at)
-    }
-
-    /// The recharges this node's refills claimed.
-    pub(crate) fn recharges(&self) -> &Arc<crate::engine::recharge::Recharges> {
-        &self.recharges
     }
 
     /// What a call watching `cell`'s recharge saw: the open one is marked on the cell, a claim

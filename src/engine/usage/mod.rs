@@ -4,7 +4,6 @@
 //! is [`Units`](units::Units) (`units.rs`); handlers reach it through their
 //! [`TenantContext`](context::TenantContext).
 
-pub(crate) mod caps;
 pub(crate) mod context;
 pub(crate) mod credits;
 pub(crate) mod events;

@@ -3,11 +3,8 @@
 //! registration (a URL, https, every address it resolves to public) and again at every
 //! connection (the SSRF guard).
 
-use bytes::Bytes;
 use http::StatusCode;
 
-use super::TenantEndpoint;
-use crate::response::route::problem;
 use crate::{
     base::{TenantId, WebhookSecret},
     config::Config,
@@ -16,6 +13,20 @@ use crate::{
 
 /// The longest body the route reads.
 pub(crate) const MAX_BODY: usize = 4 * 1024;
+
+/// A tenant's own endpoint, as the directory keeps it (JSON).
+#[cfg_attr(not(feature = "alerts"), allow(dead_code))]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TenantEndpoint {
+    pub(crate) url: String,
+    pub(crate) secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for TenantEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantEndpoint").field("url", &self.url).field("secrets", &"<redacted>").finish()
+    }
+}
 
 /// Why a tenant's endpoint was refused: nothing was stored.
 #[derive(Debug, thiserror::Error)]
@@ -107,19 +118,4 @@ pub(crate) async fn set_tenant_endpoint(
         return Err(EndpointError::Store(StoreError::Conflict("the tenant, changed while its endpoint was set")));
     }
     Ok(Some(secret))
-}
-
-/// The problem+json of a refused registration.
-pub(crate) fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
-    let (kind, title) = match e {
-        EndpointError::UnknownTenant(_) => ("unknown-tenant", "Unknown tenant"),
-        EndpointError::NotOnPlan(_) => ("alerts-not-on-plan", "Alerts not on this plan"),
-        EndpointError::BadUrl(_) => ("bad-alert-endpoint", "Endpoint refused"),
-        EndpointError::Store(_) => ("store-unavailable", "Store unavailable"),
-    };
-    let detail = match e {
-        EndpointError::Store(_) => "the endpoint was not stored; try again".to_owned(),
-        e => e.to_string(),
-    };
-    problem(e.status(), kind, title, &detail)
 }

@@ -4,16 +4,11 @@
 //! Set through [`Admin::set_spend_cap`](crate::Admin::set_spend_cap), the CLI and the route an
 //! application mounts for its tenants ([`Tollgate::tenant_spend_cap`](crate::Tollgate::tenant_spend_cap)).
 
-use bytes::Bytes;
-use http::StatusCode;
-
-use crate::response::route::problem;
+use super::plan::{served_tenant, Unserved};
 use crate::{
     base::{QuotaMode, TenantId},
-    config::{amount_of, Config, PlanOverride, PlanSpec, SPEND_METER},
-    store::{
-        CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError, TenantRecord,
-    },
+    config::{amount_of, Config, SPEND_METER},
+    store::{CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError},
 };
 
 /// The sender of every cap's store call: one entry in the counter's senders, however many
@@ -47,6 +42,11 @@ pub enum CapError {
     /// operator's hard stop into a warning.
     #[error("the plan's spend cap is hard: a cap of the tenant's own is hard too")]
     SoftUnderHard,
+    /// The tenant's plan cannot be served under this configuration (its overrides name a
+    /// meter or feature it does not have): the engine refuses its requests until the
+    /// operator mends them, and nothing can be set meanwhile.
+    #[error("the tenant's plan is not served: {0}")]
+    NotServed(String),
     /// The store failed (nothing may have been stored; sending it again is safe).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -93,43 +93,6 @@ impl SpendCapView {
     }
 }
 
-/// A tenant's plan, as [`plan_of`] finds it.
-pub(crate) enum PlanOf {
-    /// Its plan with its overrides merged.
-    Plan(PlanSpec),
-    /// No such tenant (in the file nor the directory).
-    UnknownTenant,
-    /// Its plan is not in the configuration.
-    UnknownPlan(String),
-}
-
-/// The tenant's plan with its overrides merged, from the file or the directory.
-pub(crate) async fn plan_of(
-    directory: &dyn DirectoryStore,
-    config: &Config,
-    tenant: &TenantId,
-) -> Result<PlanOf, StoreError> {
-    if config.tenants().iter().any(|t| t.id() == tenant) {
-        return Ok(served_plan(config, tenant, None));
-    }
-    let record = directory.tenant(tenant).await?;
-    Ok(served_plan(config, tenant, record.as_ref()))
-}
-
-/// [`plan_of`] with the tenant's directory record read (`None`: the directory has none).
-pub(crate) fn served_plan(config: &Config, tenant: &TenantId, record: Option<&TenantRecord>) -> PlanOf {
-    if let Some(t) = config.tenants().iter().find(|t| t.id() == tenant) {
-        let Some(plan) = config.plans().get(t.plan()) else { return PlanOf::UnknownPlan(t.plan().to_string()) };
-        return PlanOf::Plan(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o)));
-    }
-    let Some(record) = record else { return PlanOf::UnknownTenant };
-    let Some(plan) = config.plans().get(&record.plan) else { return PlanOf::UnknownPlan(record.plan.to_string()) };
-    // Overrides that no longer parse under this configuration are left out (as the engine
-    // does: the plan alone).
-    let o = record.overrides.as_deref().and_then(|json| PlanOverride::from_json(json, config).ok());
-    PlanOf::Plan(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o)))
-}
-
 /// What a call does with a tenant's own cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CapAct {
@@ -152,10 +115,11 @@ pub(crate) async fn spend_cap(
     act: CapAct,
     now: i64,
 ) -> Result<SpendCapView, CapError> {
-    let plan = match plan_of(directory, config, tenant).await? {
-        PlanOf::Plan(plan) => plan,
-        PlanOf::UnknownTenant => return Err(CapError::UnknownTenant(tenant.to_string())),
-        PlanOf::UnknownPlan(plan) => return Err(CapError::NoSpendCap(plan)),
+    let plan = match served_tenant(directory, config, tenant).await? {
+        Ok((_, served)) => served.spec,
+        Err(Unserved::UnknownTenant) => return Err(CapError::UnknownTenant(tenant.to_string())),
+        Err(Unserved::UnknownPlan(plan)) => return Err(CapError::NoSpendCap(plan.to_string())),
+        Err(Unserved::Unreadable(why)) => return Err(CapError::NotServed(why)),
     };
     let Some(spec) = plan.spend() else { return Err(CapError::NoSpendCap(plan.id().to_string())) };
     let currency = config.billing().currency.clone().unwrap_or_default();
@@ -222,6 +186,26 @@ pub(crate) fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, 
     }
 }
 
+/// A quota's limit in force and its mode, as the quota store's counters say: a prepaid
+/// balance's is what its open grants granted (`granted`; 0 before any); a spend cap's, the
+/// tenant's own cap within the plan's ([`QuotaSpec::in_force`](crate::config::QuotaSpec));
+/// any other quota's, the plan's. The usage route and the dashboard both read it so.
+pub(crate) fn limit_in_force(
+    spec: &crate::config::QuotaSpec,
+    granted: Option<u64>,
+    own: Option<SpendCap>,
+) -> (u64, QuotaMode) {
+    let mode = |hard: bool| if hard { QuotaMode::Hard } else { QuotaMode::Soft };
+    if spec.period() == crate::base::Period::Prepaid {
+        (granted.unwrap_or(0), spec.mode())
+    } else if spec.capped {
+        let (limit, hard) = spec.in_force(own);
+        (limit, mode(hard))
+    } else {
+        (spec.limit().get(), spec.mode())
+    }
+}
+
 /// A cap written as a decimal amount and a mode.
 ///
 /// # Errors
@@ -229,24 +213,6 @@ pub(crate) fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, 
 pub(crate) fn parse(limit: &str, hard: bool) -> Result<SpendCap, CapError> {
     let nanos = crate::base::parse_cap(limit).map_err(CapError::NotAnAmount)?;
     Ok(SpendCap::new(nanos, hard))
-}
-
-pub(crate) fn cap_problem(e: &CapError) -> http::Response<Bytes> {
-    let detail = e.to_string();
-    match e {
-        CapError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
-        CapError::NoSpendCap(_) => problem(StatusCode::FORBIDDEN, "no-spend-cap", "No spend cap", &detail),
-        CapError::NotAnAmount(_) => problem(StatusCode::BAD_REQUEST, "bad-request", "Not an amount", &detail),
-        CapError::SoftUnderHard => {
-            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-mode", "A hard spend cap stays hard", &detail)
-        }
-        CapError::AboveMax { .. } => {
-            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-above-max", "Spend cap above the maximum", &detail)
-        }
-        CapError::Store(_) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
-        }
-    }
 }
 
 /// The most bytes of a body the spend cap route reads.

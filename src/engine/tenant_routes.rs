@@ -2,20 +2,24 @@
 //! cap ([`Tollgate::tenant_spend_cap`]), recharge ([`Tollgate::tenant_recharge`]) and alert
 //! endpoint ([`Tollgate::tenant_alert_endpoint`]); outside it, their own usage
 //! ([`Tollgate::tenant_usage`]), which identifies its caller without charging it. Their rules
-//! are the usage part's (`usage/caps.rs`, `usage/views.rs`) and the alerts part's
-//! (`alerts/endpoint.rs`); the answers are `response::route`'s.
+//! are a tenant's settings (`settings/caps.rs`, `settings/recharge.rs`,
+//! `settings/endpoint.rs`) and the usage part's views (`usage/views.rs`); their answers,
+//! problem+json refusals included, are this file's over `response::route`'s.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use crate::engine::{
-    alerts::endpoint,
     door::{credential_by, RequestView},
-    recharge::settings,
-    usage::{caps, views::NoView},
+    usage::views::NoView,
     TenantContext, Tollgate,
 };
 use crate::response::route::{json, no_content, not_get, not_get_put_delete, problem, too_large};
+use crate::settings::{
+    caps::{self, CapError},
+    endpoint::{self, EndpointError, TenantEndpoint},
+    recharge::{self as settings, RechargeError},
+};
 
 /// `If-None-Match` as RFC 9110 reads it: `*`, or a list of entity tags compared weakly.
 fn none_match(values: &[u8], etag: &str) -> bool {
@@ -78,7 +82,7 @@ impl Tollgate {
                 match caps::parse(&put.limit, hard.unwrap_or(true)) {
                     Ok(cap) if hard.is_some() => caps::CapAct::Set(cap),
                     Ok(cap) => caps::CapAct::SetInPlanMode(cap.limit),
-                    Err(e) => return caps::cap_problem(&e),
+                    Err(e) => return cap_problem(&e),
                 }
             }
             Method::DELETE => caps::CapAct::Remove,
@@ -97,7 +101,7 @@ impl Tollgate {
         match answer {
             Ok(_) if removing => no_content(),
             Ok(view) => json(StatusCode::OK, &view.to_json()),
-            Err(e) => caps::cap_problem(&e),
+            Err(e) => cap_problem(&e),
         }
     }
 
@@ -286,22 +290,17 @@ impl Tollgate {
         let config = self.shared().runtime().load().config.clone();
         let meter = match body.meter {
             Some(m) => crate::base::MeterId::from(m.as_str()),
-            None => {
-                let plan = config
-                    .plans()
-                    .get(tenant.plan())
-                    .map(|p| p.recharges().map(|(m, _)| m.clone()).collect::<Vec<_>>());
-                match plan.as_deref() {
-                    Some([only]) => only.clone(),
-                    Some([]) | None => {
-                        return settings::recharge_problem(&settings::RechargeError::NoRecharge {
-                            plan: tenant.plan().to_string(),
-                            meter: "any meter".into(),
-                        })
-                    }
-                    Some(_) => return invalid("this plan recharges several meters: name one (\"meter\": \"…\")"),
+            // Recharges are not overridden: the plan's own, as the tenant is served.
+            None => match config.plans().get(tenant.plan()).map(settings::one_recharged_meter) {
+                Some(Ok(only)) => only,
+                Some(Err(0)) | None => {
+                    return recharge_problem(&RechargeError::NoRecharge {
+                        plan: tenant.plan().to_string(),
+                        meter: "any meter".into(),
+                    })
                 }
-            }
+                Some(Err(_)) => return invalid("this plan recharges several meters: name one (\"meter\": \"…\")"),
+            },
         };
         let ask = settings::RechargeAsk::new(body.below, body.to, body.monthly_limit);
         let answer = match *method {
@@ -313,7 +312,7 @@ impl Tollgate {
         match answer {
             Ok(_) if *method == Method::DELETE => no_content(),
             Ok(view) => json(StatusCode::OK, &view.to_json()),
-            Err(e) => settings::recharge_problem(&e),
+            Err(e) => recharge_problem(&e),
         }
     }
 
@@ -338,10 +337,7 @@ impl Tollgate {
         match *method {
             Method::GET => match directory.tenant(id).await {
                 Ok(Some(record)) => {
-                    match record
-                        .alert_endpoint
-                        .and_then(|t| serde_json::from_str::<crate::engine::alerts::TenantEndpoint>(&t).ok())
-                    {
+                    match record.alert_endpoint.and_then(|t| serde_json::from_str::<TenantEndpoint>(&t).ok()) {
                         Some(e) => json(StatusCode::OK, &serde_json::json!({ "url": e.url })),
                         None => problem(
                             StatusCode::NOT_FOUND,
@@ -383,14 +379,72 @@ impl Tollgate {
                         StatusCode::OK,
                         &serde_json::json!({ "url": put.url, "secret": secret.map(|s| s.expose()) }),
                     ),
-                    Err(e) => endpoint::endpoint_problem(&e),
+                    Err(e) => endpoint_problem(&e),
                 }
             }
             Method::DELETE => match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
                 Ok(_) => no_content(),
-                Err(e) => endpoint::endpoint_problem(&e),
+                Err(e) => endpoint_problem(&e),
             },
             _ => not_get_put_delete(),
         }
     }
+}
+
+/// A refused spend cap as the tenant's route answers it (problem+json).
+fn cap_problem(e: &CapError) -> http::Response<Bytes> {
+    let detail = e.to_string();
+    match e {
+        CapError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
+        CapError::NoSpendCap(_) => problem(StatusCode::FORBIDDEN, "no-spend-cap", "No spend cap", &detail),
+        CapError::NotAnAmount(_) => problem(StatusCode::BAD_REQUEST, "bad-request", "Not an amount", &detail),
+        CapError::SoftUnderHard => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-mode", "A hard spend cap stays hard", &detail)
+        }
+        CapError::AboveMax { .. } => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-above-max", "Spend cap above the maximum", &detail)
+        }
+        CapError::NotServed(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "plan-not-served", "Plan not served", &detail)
+        }
+        CapError::Store(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
+        }
+    }
+}
+
+/// A refusal as the tenant's route answers it (problem+json).
+fn recharge_problem(e: &RechargeError) -> http::Response<bytes::Bytes> {
+    let detail = e.to_string();
+    match e {
+        RechargeError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
+        RechargeError::NoRecharge { .. } => problem(StatusCode::FORBIDDEN, "no-recharge", "No recharge", &detail),
+        RechargeError::Invalid(_) => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", &detail)
+        }
+        RechargeError::NotServed(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "plan-not-served", "Plan not served", &detail)
+        }
+        RechargeError::Price(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "recharge-price", "Recharge price unavailable", &detail)
+        }
+        RechargeError::Store(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
+        }
+    }
+}
+
+/// The problem+json of a refused registration.
+fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
+    let (kind, title) = match e {
+        EndpointError::UnknownTenant(_) => ("unknown-tenant", "Unknown tenant"),
+        EndpointError::NotOnPlan(_) => ("alerts-not-on-plan", "Alerts not on this plan"),
+        EndpointError::BadUrl(_) => ("bad-alert-endpoint", "Endpoint refused"),
+        EndpointError::Store(_) => ("store-unavailable", "Store unavailable"),
+    };
+    let detail = match e {
+        EndpointError::Store(_) => "the endpoint was not stored; try again".to_owned(),
+        e => e.to_string(),
+    };
+    problem(e.status(), kind, title, &detail)
 }

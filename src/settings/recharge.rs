@@ -4,10 +4,11 @@
 //! same. Set through [`Admin::set_recharge`](crate::Admin::set_recharge), the CLI and
 //! [`Tollgate::set_recharge`](crate::Tollgate::set_recharge).
 
+use super::plan::{served_tenant, Unserved};
 use crate::{
     base::{MeterId, TenantId},
-    config::{Config, RechargeSpec},
-    engine::usage::caps::{plan_of, PlanOf},
+    billing::Charger,
+    config::{Config, PlanSpec, RechargeSpec},
     store::{DirectoryStore, QuotaStore, RechargeMode, RechargePack, RechargeSetting, RechargeState, StoreError},
 };
 
@@ -50,6 +51,10 @@ pub enum RechargeError {
     /// A value outside the plan's bounds, or not a value at all: said which.
     #[error("{0}")]
     Invalid(String),
+    /// The tenant's plan cannot be served under this configuration (its overrides name a
+    /// meter or feature it does not have): nothing can be set until the operator mends them.
+    #[error("the tenant's plan is not served: {0}")]
+    NotServed(String),
     /// The credit price's amount could not be read from Stripe (no secret key, a price
     /// without `unit_amount`, another currency, Stripe unreachable): nothing was stored.
     #[error("the recharge's price could not be read from Stripe: {0}")]
@@ -138,6 +143,16 @@ impl RechargeView {
     }
 }
 
+/// The one meter `plan` recharges, for a caller that names none: `Err` with how many it
+/// recharges when that is not one (none, or several: the caller must name one).
+pub(crate) fn one_recharged_meter(plan: &PlanSpec) -> Result<MeterId, usize> {
+    let meters: Vec<&MeterId> = plan.recharges().map(|(m, _)| m).collect();
+    match meters.as_slice() {
+        [only] => Ok((*only).clone()),
+        more => Err(more.len()),
+    }
+}
+
 /// What a call does with a tenant's recharge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RechargeAct {
@@ -149,12 +164,12 @@ pub(crate) enum RechargeAct {
     Off,
 }
 
-/// The engine's parts a recharge setting uses.
+/// What a recharge setting reads and writes.
 pub(crate) struct Parts<'a> {
     pub(crate) quota: &'a dyn QuotaStore,
     pub(crate) directory: &'a dyn DirectoryStore,
     pub(crate) config: &'a Config,
-    pub(crate) charger: Option<&'a super::queue::Charger>,
+    pub(crate) charger: Option<&'a Charger>,
 }
 
 /// Reads, sets or turns off `tenant`'s recharge of `meter` (`act`), at `now` (Unix seconds).
@@ -165,10 +180,13 @@ pub(crate) async fn recharge(
     act: RechargeAct,
     now: i64,
 ) -> Result<RechargeView, RechargeError> {
-    let plan = match plan_of(parts.directory, parts.config, tenant).await? {
-        PlanOf::Plan(plan) => plan,
-        PlanOf::UnknownTenant => return Err(RechargeError::UnknownTenant(tenant.to_string())),
-        PlanOf::UnknownPlan(plan) => return Err(RechargeError::NoRecharge { plan, meter: meter.to_string() }),
+    let plan = match served_tenant(parts.directory, parts.config, tenant).await? {
+        Ok((_, served)) => served.spec,
+        Err(Unserved::UnknownTenant) => return Err(RechargeError::UnknownTenant(tenant.to_string())),
+        Err(Unserved::UnknownPlan(plan)) => {
+            return Err(RechargeError::NoRecharge { plan: plan.to_string(), meter: meter.to_string() })
+        }
+        Err(Unserved::Unreadable(why)) => return Err(RechargeError::NotServed(why)),
     };
     let no = || RechargeError::NoRecharge { plan: plan.id().to_string(), meter: meter.to_string() };
     let spec = plan.recharge(meter).cloned().ok_or_else(no)?;
@@ -241,11 +259,7 @@ fn within(spec: &RechargeSpec, ask: &RechargeAsk, currency: &str) -> Result<(u64
 
 /// The price's amount per unit, as Stripe says, in `currency`.
 #[cfg_attr(not(feature = "stripe"), allow(clippy::unused_async))]
-async fn unit_amount(
-    charger: Option<&super::queue::Charger>,
-    price: &str,
-    currency: &str,
-) -> Result<u64, RechargeError> {
+async fn unit_amount(charger: Option<&Charger>, price: &str, currency: &str) -> Result<u64, RechargeError> {
     #[cfg(feature = "stripe")]
     {
         let Some(charger) = charger else {
@@ -271,23 +285,3 @@ async fn unit_amount(
 
 /// The most bytes of a body the recharge route reads.
 pub(crate) const MAX_BODY: usize = 1024;
-
-/// A refusal as the tenant's route answers it (problem+json).
-pub(crate) fn recharge_problem(e: &RechargeError) -> http::Response<bytes::Bytes> {
-    use crate::response::route::problem;
-    use http::StatusCode;
-    let detail = e.to_string();
-    match e {
-        RechargeError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
-        RechargeError::NoRecharge { .. } => problem(StatusCode::FORBIDDEN, "no-recharge", "No recharge", &detail),
-        RechargeError::Invalid(_) => {
-            problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", &detail)
-        }
-        RechargeError::Price(_) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "recharge-price", "Recharge price unavailable", &detail)
-        }
-        RechargeError::Store(_) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
-        }
-    }
-}
