@@ -6,7 +6,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::engine::{
-    admit::stage::{Admission, RequestInfo},
+    admit::{
+        stage::{Admission, Decision, RequestInfo},
+        ticket::Pass,
+    },
     shared::Shared,
     Tollgate,
 };
@@ -297,19 +300,19 @@ impl FrontDoor {
         &'x mut self,
         describe: impl FnOnce(&'x Runtime) -> Result<RequestInfo<'x>, crate::response::Rejection>,
         client: impl FnOnce(&Runtime) -> Option<crate::tenant::Client>,
-    ) -> Admission {
+    ) -> Decision {
         let FrontDoor { tollgate, runtime } = self;
         let rt: &Arc<Runtime> = runtime.load();
         match describe(rt) {
             Ok(req) => {
                 let mut admission = tollgate.gate().admit_in(rt, &req, || client(rt));
-                if let Admission::Pending(pending) = &mut admission {
+                if let Decision::Pending(pending) = &mut admission {
                     // It keeps the configuration it was decided under while it waits.
                     pending.rt = Some(rt.clone());
                 }
                 admission
             }
-            Err(rejection) => Admission::Rejected(tollgate.gate().count(rejection)),
+            Err(rejection) => Decision::Rejected(tollgate.gate().count(rejection)),
         }
     }
 
@@ -349,7 +352,7 @@ impl FrontDoor {
         request: &'a V,
         credential: impl FnOnce(&Identify) -> Credential<'a>,
         honoured: impl FnOnce(&Runtime) -> bool,
-    ) -> Admission {
+    ) -> Decision {
         // A route may read its hold's estimate from a header: those fields go with the request.
         let mut fields: Vec<(&str, &[u8])> = Vec::new();
         let fields = &mut fields;
@@ -392,23 +395,32 @@ impl FrontDoor {
 /// Not a replay: an empty 500 (never sent by the doors, which ask first).
 #[must_use]
 pub fn replay_response(ticket: &crate::engine::Ticket) -> http::Response<bytes::Bytes> {
-    let Some(stored) = ticket.replayed_response() else {
-        let mut response = http::Response::new(bytes::Bytes::new());
-        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-        return response;
-    };
-    let mut response = http::Response::new(stored.body.clone());
-    *response.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
-    let headers = response.headers_mut();
-    for (name, value) in &stored.headers {
-        if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(name.as_str()), http::HeaderValue::from_bytes(value))
-        {
-            headers.append(name, value);
+    ticket.pass().replay_response()
+}
+
+impl Pass {
+    /// [`replay_response`] of an admitted request.
+    pub(crate) fn replay_response(&self) -> http::Response<bytes::Bytes> {
+        let ticket = self;
+        let Some(stored) = ticket.replayed_response() else {
+            let mut response = http::Response::new(bytes::Bytes::new());
+            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            return response;
+        };
+        let mut response = http::Response::new(stored.body.clone());
+        *response.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+        let headers = response.headers_mut();
+        for (name, value) in &stored.headers {
+            if let (Ok(name), Ok(value)) =
+                (http::HeaderName::try_from(name.as_str()), http::HeaderValue::from_bytes(value))
+            {
+                headers.append(name, value);
+            }
         }
+        headers.insert(IDEMPOTENT_REPLAYED.clone(), http::HeaderValue::from_static("true"));
+        ticket.emit(&mut |field, value| put_header(headers, field, value));
+        response
     }
-    headers.insert(IDEMPOTENT_REPLAYED.clone(), http::HeaderValue::from_static("true"));
-    ticket.emit(&mut |field, value| put_header(headers, field, value));
-    response
 }
 
 #[cfg(test)]

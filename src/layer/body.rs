@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::{InFlight, ResponseCapture, RouteHeld, Ticket};
+use crate::engine::{InFlight, Pass, ResponseCapture, RouteHeld};
 
 pin_project! {
     /// The response body of a [`TollgateService`](super::TollgateService): the inner service's
@@ -41,7 +41,7 @@ pin_project! {
         // trailers that come after the last byte (HTTP/2) still say its actual.
         Tracked {
             #[pin] body: B,
-            ticket: Option<Ticket>,
+            ticket: Option<Pass>,
             status: u16,
             grpc: bool,
             seen: u64,
@@ -78,7 +78,7 @@ impl<B> TollgateBody<B> {
     /// completed by that status when they come (by the HTTP `status` if the body ends
     /// without), given back if the body fails, and dropped (billed as a request cut off) if
     /// the body is.
-    pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
+    pub(crate) fn tracked(body: B, ticket: Pass, status: u16) -> Self {
         let held = ticket.route_hold();
         let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true, seen: 0, exact: None, held };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
@@ -89,7 +89,7 @@ impl<B> TollgateBody<B> {
     /// trailers, if they come), or when its `exact` length has been read (a server stops
     /// there), given back if the body fails, and dropped (billed as a request cut off) if the
     /// body is before.
-    pub(crate) fn held(body: B, ticket: Ticket, status: u16, exact: Option<u64>) -> Self {
+    pub(crate) fn held(body: B, ticket: Pass, status: u16, exact: Option<u64>) -> Self {
         let held = ticket.route_hold();
         let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false, seen: 0, exact, held };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }

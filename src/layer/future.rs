@@ -11,8 +11,7 @@ use tower_service::Service;
 
 use super::{request::BodyMode, TollgateBody};
 use crate::{
-    door::replay_response,
-    engine::{BodyPrint, InFlight, Ticket, DRAIN_LIMIT},
+    engine::{BodyPrint, InFlight, Pass, Ticket, DRAIN_LIMIT},
     response::{put_header, reject_for, Rejection, RejectionResponder},
 };
 
@@ -37,7 +36,7 @@ pin_project! {
         // and keeps the future small on the common path.
         Pending { resolving: Resolving, waiting: Option<Box<Waiting<S, B, P>>> },
         // Admitted: the inner service runs.
-        Inner { #[pin] future: F, ticket: Option<Ticket> },
+        Inner { #[pin] future: F, ticket: Option<Pass> },
         // Rejected without waiting.
         Ready { response: Option<Response<Bytes>> },
         // A replay: its body is read into its fingerprint, then it is answered with the stored
@@ -123,7 +122,7 @@ fn with_capture<B: http_body::Body<Data = Bytes>>(
 #[inline(never)]
 fn counted<R: http_body::Body<Data = Bytes>>(
     response: Response<R>,
-    ticket: Ticket,
+    ticket: Pass,
     grpc: Grpc,
     in_flight: Option<InFlight>,
 ) -> Response<TollgateBody<R>> {
@@ -150,7 +149,7 @@ fn counted<R: http_body::Body<Data = Bytes>>(
 #[inline(never)]
 fn held<R: http_body::Body<Data = Bytes>>(
     response: Response<R>,
-    mut ticket: Ticket,
+    mut ticket: Pass,
     grpc: Grpc,
 ) -> Response<TollgateBody<R>> {
     if response.extensions().get::<Rejection>().is_some() {
@@ -181,7 +180,7 @@ fn held<R: http_body::Body<Data = Bytes>>(
 /// A replay whose body is being read (for at most [`DRAIN_LIMIT`]).
 struct Replaying<P> {
     print: BodyPrint,
-    ticket: Ticket,
+    ticket: Pass,
     parts: http::request::Parts,
     responder: P,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -189,7 +188,7 @@ struct Replaying<P> {
 
 /// A replay of the first request with its `Idempotency-Key`: its body is fingerprinted, never
 /// handed to the inner service.
-fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Ticket, responder: P) -> Box<Replaying<P>> {
+fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Pass, responder: P) -> Box<Replaying<P>> {
     let (parts, body) = request.into_parts();
     let print = M::replay(body, ticket.replay_body_limit());
     Box::new(Replaying { print, ticket, parts, responder, deadline: None })
@@ -198,7 +197,7 @@ fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Ticket, responde
 /// Hands an admitted request to the inner service: its body fingerprinted if it is the first
 /// with an `Idempotency-Key`.
 #[inline(always)]
-pub(crate) fn hand_on<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticket) -> Request<M::Body> {
+pub(crate) fn hand_on<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Pass) -> Request<M::Body> {
     if !ticket.has_key() {
         return M::plain_request(request);
     }
@@ -207,7 +206,7 @@ pub(crate) fn hand_on<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticke
 
 #[cold]
 #[inline(never)]
-fn printed<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticket) -> Request<M::Body> {
+fn printed<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Pass) -> Request<M::Body> {
     match ticket.capture_mut() {
         None => M::plain_request(request),
         Some(capture) => request.map(|body| M::printed(body, capture)),
@@ -221,7 +220,7 @@ where
 {
     /// The service was called with the request (`future`): from now on the ticket bills a
     /// cut-off request.
-    pub(crate) fn inner(future: S::Future, mut ticket: Ticket) -> Self {
+    pub(crate) fn inner(future: S::Future, mut ticket: Pass) -> Self {
         ticket.service_called();
         Self { state: State::Inner { future, ticket: Some(ticket) } }
     }
@@ -245,7 +244,7 @@ where
     }
 
     /// A replay, answered from the store once its body was read.
-    pub(crate) fn replay(request: Request<B>, ticket: Ticket, responder: P) -> Self {
+    pub(crate) fn replay(request: Request<B>, ticket: Pass, responder: P) -> Self {
         Self { state: State::Replay { replay: Some(replaying::<B, P, M>(request, ticket, responder)) } }
     }
 }
@@ -306,7 +305,7 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
 #[inline(never)]
 fn keyed<R: http_body::Body<Data = Bytes>>(
     mut response: Response<R>,
-    mut ticket: Ticket,
+    mut ticket: Pass,
 ) -> Result<Response<TollgateBody<R>>, Box<Draining<Response<R>>>> {
     // Read before tollgate's own headers are added.
     let grpc = grpc_status(&response);
@@ -372,13 +371,13 @@ where
                 StateProj::Pending { resolving, waiting } => {
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let Waiting { mut inner, mut request, responder, context } = *waiting.take().expect(DONE);
-                    match outcome {
-                        Ok(ticket) if ticket.has_key() && ticket.is_replay() => {
+                    match outcome.map(Ticket::into_parts) {
+                        Ok((ticket, _)) if ticket.has_key() && ticket.is_replay() => {
                             State::Replay { replay: Some(replaying::<B, P, M>(request, ticket, responder)) }
                         }
-                        Ok(mut ticket) => {
+                        Ok((mut ticket, units)) => {
                             if context {
-                                request.extensions_mut().insert(ticket.context());
+                                request.extensions_mut().insert(ticket.context_with(units));
                             }
                             let future = inner.call(hand_on::<B, M>(request, &mut ticket));
                             ticket.service_called();
@@ -488,7 +487,7 @@ where
                     ready!(drain_within(&r.print, &mut r.deadline, cx));
                     let Replaying { print, ticket, parts, responder, .. } = *replay.take().expect(DONE);
                     let response = match ticket.check_replay_body(print.digest()) {
-                        Ok(()) => replay_response(&ticket),
+                        Ok(()) => ticket.replay_response(),
                         Err(rejection) => reject_for(&Request::from_parts(parts, ()), &responder, rejection),
                     };
                     return Poll::Ready(Ok(response.map(TollgateBody::full)));

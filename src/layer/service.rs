@@ -12,7 +12,7 @@ use super::{
     FromConfig, TenantResolver,
 };
 use crate::{
-    engine::{usage::units::Units, Admission, FrontDoor, Tollgate},
+    engine::{Decision, FrontDoor, Pass, Tollgate, Units},
     response::{reject_for, ProblemJson, RejectionResponder},
 };
 
@@ -60,7 +60,7 @@ impl<S, R, P, M> TollgateService<S, R, P, M> {
 fn keyed_call<S, B, P, M>(
     mut inner: S,
     mut request: Request<B>,
-    mut ticket: crate::engine::Ticket,
+    mut ticket: Pass,
     responder: &P,
     context: Option<&Arc<Units>>,
 ) -> ResponseFuture<S, B, P, M>
@@ -106,7 +106,7 @@ where
             |rt| rt.honours_idempotency_of(request.method()),
         );
         match admission {
-            Admission::Admitted(ticket) => {
+            Decision::Admitted(ticket) => {
                 // One test for requests without an `Idempotency-Key`.
                 if ticket.has_key() {
                     let context = self.context.then(|| self.door.engine().units());
@@ -118,11 +118,11 @@ where
                 }
                 ResponseFuture::inner(inner.call(M::plain_request(request)), ticket)
             }
-            Admission::Rejected(rejection) if rejection.is_shadowed() => {
+            Decision::Rejected(rejection) if rejection.is_shadowed() => {
                 ResponseFuture::passed(inner.call(M::plain_request(request)))
             }
-            Admission::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
-            Admission::Pending(pending) => {
+            Decision::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
+            Decision::Pending(pending) => {
                 let tollgate = self.door.engine().clone();
                 let resolve = Box::pin(async move { tollgate.resolve(pending).await });
                 ResponseFuture::pending(resolve, inner, request, self.responder.clone(), self.context)

@@ -1,7 +1,7 @@
 //! Admission without waiting: idempotency, rate, the quotas of the route's meter and of the
 //! meters its handler reports, the headers of the answer.
 
-use std::{borrow::Cow, num::NonZeroU32, sync::Arc, time::Duration};
+use std::{borrow::Cow, num::NonZeroU32, time::Duration};
 
 use governor::clock::Clock as _;
 
@@ -11,9 +11,9 @@ use crate::engine::{
         charge::RateCharge,
         fleet::FleetTake,
         gate::Gate,
-        idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
-        stage::{Admission, ClaimPlace, KeyClaim, Partial, Ready, ReplayRead, Stage},
-        ticket::{Held, Ticket},
+        idempotency::Claim,
+        stage::{Decision, Partial, Ready, Stage},
+        ticket::{Held, Pass},
     },
     usage::{
         spend::{RouteSpend, SpendTab},
@@ -23,9 +23,8 @@ use crate::engine::{
 use crate::{
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy},
-    plan::{RouteCost, Runtime},
+    plan::RouteCost,
     response::{HeaderState, Rejection, RejectionKind},
-    store::{IdempotencyClaim, IdempotencyState, StoredResponse},
     tenant::{QuotaRef, Slot, Take, Tenant},
 };
 
@@ -36,10 +35,16 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Gate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+    pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Decision {
         // The common request, decided in one step: a plan with nothing beyond its rate and its
         // quotas (`CompiledPlan::straight`), a route that needs no feature, reports no meter
         // and holds nothing (`RouteCost::plain`), no `Idempotency-Key`.
+        #[cfg(test)]
+        match self.path.load(std::sync::atomic::Ordering::Relaxed) {
+            super::paths::CHAIN => return self.decide_charged(RateCharge::new(state, &route), route, idem),
+            super::paths::STRAIGHT if route.plain && idem.is_none() => return self.decide_straight(state, route),
+            _ => {}
+        }
         if route.plain && state.plan.straight && idem.is_none() {
             return self.decide_straight(state, route);
         }
@@ -49,7 +54,7 @@ impl Gate {
     /// [`decide`](Self::decide) of the common request: its rate, then its route meter's units,
     /// as [`decide_charged`](Self::decide_charged) would decide it with nothing else to check.
     #[inline(always)]
-    fn decide_straight(&self, state: Tenant, route: RouteCost) -> Admission {
+    fn decide_straight(&self, state: Tenant, route: RouteCost) -> Decision {
         if let Some(refused) = self.usage_buffer_full(&state) {
             return refused;
         }
@@ -63,7 +68,7 @@ impl Gate {
     /// The refusal of a request whose usage could not be recorded (the usage buffer full, on
     /// a plan that fails closed).
     #[inline(always)]
-    fn usage_buffer_full(&self, state: &Tenant) -> Option<Admission> {
+    fn usage_buffer_full(&self, state: &Tenant) -> Option<Decision> {
         if self.units.pipeline().is_full() && state.usage_policy() == StoreErrorPolicy::FailClosed {
             return Some(self.buffer_full(state));
         }
@@ -72,7 +77,7 @@ impl Gate {
 
     #[cold]
     #[inline(never)]
-    fn buffer_full(&self, state: &Tenant) -> Admission {
+    fn buffer_full(&self, state: &Tenant) -> Decision {
         let r = Rejection::new(
             RejectionKind::StoreUnavailable,
             "usage cannot be recorded: the store has not taken it and the usage buffer is full",
@@ -89,7 +94,7 @@ impl Gate {
         mut charge: RateCharge,
         mut route: RouteCost,
         idem: Option<(&[u8], u128)>,
-    ) -> Admission {
+    ) -> Decision {
         let state = charge.state();
         if !state.plan.allows(route.feature) {
             let r = self.feature_refusal(state, route.feature);
@@ -109,188 +114,11 @@ impl Gate {
                 FleetTake::Waits => return Self::rate_wait(charge, route, idem),
             }
         }
-        let state = charge.state();
-        let (charged, claim) = match idem {
-            None => (true, None),
-            Some((key, request)) => match self.idempotency.check(&state.id, key, request) {
-                // A key this node has not seen: the store has the fleet's answer.
-                Verdict::First(claim) => return self.first_key(charge, route, claim, key, request),
-                // Answered with the stored response (one store read), after the rate check.
-                Verdict::Replay => return self.replay_key(charge, route, key, request),
-                // Refused before the rate check (cells taken from a fleet lease go back with
-                // the charge).
-                Verdict::InFlight => return self.reject(Self::key_in_use(state)),
-                Verdict::Mismatch => return self.reject(Self::key_mismatch(state)),
-            },
-        };
-        self.decide_keyed(charge, route, charged, claim)
-    }
-
-    /// A key this node has not seen, for a request that passed its feature check: the store is
-    /// asked (one conditional write) only for a request within its rate, so a caller over its
-    /// rate costs no store write.
-    #[cold]
-    #[inline(never)]
-    fn first_key(
-        &self,
-        mut charge: RateCharge,
-        route: RouteCost,
-        claim: Claim,
-        key: &[u8],
-        request: u128,
-    ) -> Admission {
-        if let Err(r) = self.check_rate(&mut charge, &route) {
-            drop(claim);
-            return self.reject(r);
+        // A request with an `Idempotency-Key`: the key's stage (`keyed.rs`) decides it.
+        if let Some((key, request)) = idem {
+            return self.decide_key(charge, route, key, request);
         }
-        match self.claim_stage(charge, claim, key.into(), request, route.meter) {
-            Ok((c, false)) => Admission::pending(Stage::Claim(c), route),
-            Ok((c, true)) => Admission::pending(Stage::PlaceThenClaim(c), route),
-            Err(r) => self.reject(r),
-        }
-    }
-
-    /// What a first keyed request does next once its rate check passed: its key claimed in the
-    /// store. A tenant at its limit of requests in flight is refused before its key is claimed:
-    /// a storm of refused retries costs no store write. On a node, its place is taken for good
-    /// after the claim; a fleet concurrency's place is taken before it (leased first when the
-    /// node holds none free), so that a refusal never writes the key. The claim to make, and
-    /// whether a place must be leased first.
-    fn claim_stage(
-        &self,
-        charge: RateCharge,
-        claim: Claim,
-        key: Box<[u8]>,
-        request: u128,
-        meter: usize,
-    ) -> Result<(Box<KeyClaim>, bool), Rejection> {
-        let state = charge.state();
-        let limit = state.plan.concurrency;
-        if limit != 0 && !state.plan.shadow && state.plan.concurrency_fleet {
-            let placed = match self.places.enter(state) {
-                Ok(Some(slot)) => ClaimPlace::Taken(Some(slot)),
-                Ok(None) => {
-                    drop(claim);
-                    return Err(Self::too_many_in_flight(charge, meter));
-                }
-                Err(()) => {
-                    let c = KeyClaim { charge, claim, key, request, placed: ClaimPlace::After };
-                    return Ok((Box::new(c), true));
-                }
-            };
-            return Ok((Box::new(KeyClaim { charge, claim, key, request, placed }), false));
-        }
-        if limit != 0 && !state.plan.shadow && Slot::full(&self.in_flight, &state.id, limit) {
-            drop(claim);
-            return Err(Self::too_many_in_flight(charge, meter));
-        }
-        Ok((Box::new(KeyClaim { charge, claim, key, request, placed: ClaimPlace::After }), false))
-    }
-
-    /// A replay of a key this node saw complete: its rate check, then its stored response is
-    /// read (never a quota: a replay takes no units).
-    #[cold]
-    #[inline(never)]
-    fn replay_key(&self, mut charge: RateCharge, route: RouteCost, key: &[u8], request: u128) -> Admission {
-        if let Err(r) = self.check_rate(&mut charge, &route) {
-            return self.reject(r);
-        }
-        Admission::pending(Stage::Replay(Box::new(ReplayRead { charge, key: key.into(), request })), route)
-    }
-
-    /// Reads the stored response of a replay, within `usage.store_timeout`, under the
-    /// configuration `rt` it was decided under. A key the store no longer holds (expired
-    /// there, or its response was not stored) is claimed anew: the request runs and is
-    /// charged. Refused, its rate cells go back (its charge's drop).
-    pub(crate) async fn read_replay(&self, r: ReplayRead, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
-        let ReplayRead { charge, key, request } = r;
-        let state = charge.state();
-        let config = &rt.config;
-        let timeout = config.usage.store_timeout;
-        let fleet_key = Idempotency::fleet_key(&state.id, &key);
-        // This node's own settlement of the key, if it is still under way.
-        self.idempotency.settled(&fleet_key, timeout).await;
-        let now = self.shared.clock().unix_secs();
-        let store = &self.shared.stores().request().idempotency;
-        let bound_to = format!("{request:032x}");
-        let read = store.read_idempotency(&fleet_key, &bound_to, now).await;
-        match read {
-            Ok(Some(IdempotencyState::Completed(Some(response)))) => {
-                self.replay(charge, route, response, config.limits.idempotency_max_request_body)
-            }
-            Ok(Some(IdempotencyState::Completed(None))) => self.reject(Self::response_not_kept(state)),
-            Ok(Some(IdempotencyState::Mismatch)) => {
-                // Bound elsewhere to another request (this node's entry was stale).
-                self.idempotency.forget(&state.id, &key);
-                self.reject(Self::key_mismatch(state))
-            }
-            Ok(Some(_)) => self.reject(Self::key_in_use(state)),
-            Ok(None) => {
-                // Not in the store any more: this node's entry is stale; the key is claimed
-                // as a new one (the rate check already passed).
-                self.idempotency.forget(&state.id, &key);
-                match self.idempotency.check(&state.id, &key, request) {
-                    // As a first request: its place first on a fleet concurrency.
-                    Verdict::First(claim) => match self.claim_stage(charge, claim, key, request, route.meter) {
-                        Ok((c, true)) => Box::pin(self.place_then_claim(*c, route, rt)).await,
-                        Ok((c, false)) => Box::pin(self.claim_in_store(*c, route, rt)).await,
-                        Err(r) => self.reject(r),
-                    },
-                    _ => self.reject(Self::key_in_use(state)),
-                }
-            }
-            Err(_) => {
-                // A replay cannot be answered without its response, nor run again (its work
-                // was done): 503 whatever the policy.
-                let r = Rejection::new(
-                    RejectionKind::StoreUnavailable,
-                    "the response of this Idempotency-Key could not be read from the store",
-                );
-                self.reject(r.with_retry_after(1).for_tenant(state))
-            }
-        }
-    }
-
-    /// A replay admitted with its stored response: nothing charged, no quota touched.
-    fn replay(
-        &self,
-        charge: RateCharge,
-        route: RouteCost,
-        response: Box<StoredResponse>,
-        max_request_body: u64,
-    ) -> Admission {
-        let at = charge.at;
-        let (state, mut headers) = charge.keep();
-        self.shared.metrics().replays.increment(1);
-        self.shared.metrics().admitted.increment(1);
-        Self::quota_headers(&state, &mut headers, route.meter, at);
-        Admission::Admitted(Ticket {
-            state,
-            headers,
-            source: None,
-            at,
-            claim: Some(Box::new(Held::Replay { response, max_request_body })),
-            cost: route.cost,
-            charged: false,
-            done: false,
-            called: false,
-            in_poll: false,
-            slot: None,
-            hold: None,
-            spend: None,
-            units: None,
-        })
-    }
-
-    /// A completed binding stored without its response (by a version before responses were
-    /// stored): it can be neither replayed nor run again.
-    #[cold]
-    fn response_not_kept(state: &Tenant) -> Rejection {
-        let r = Rejection::new(
-            RejectionKind::IdempotencyKeyInUse,
-            "the request with this Idempotency-Key completed, and its response was not kept: use a new key",
-        );
-        r.for_tenant(state)
+        self.decide_keyed(charge, route, true, None)
     }
 
     /// The 403 of a route whose feature the tenant's plan lacks.
@@ -313,126 +141,6 @@ impl Gate {
         r.for_tenant(state)
     }
 
-    fn key_in_use(state: &Tenant) -> Rejection {
-        let r = Rejection::new(
-            RejectionKind::IdempotencyKeyInUse,
-            "a request with this Idempotency-Key is still being processed",
-        );
-        r.with_retry_after(1).for_tenant(state)
-    }
-
-    fn key_mismatch(state: &Tenant) -> Rejection {
-        let r = Rejection::new(
-            RejectionKind::IdempotencyKeyMismatch,
-            "this Idempotency-Key was used for another request (method or path)",
-        );
-        r.for_tenant(state)
-    }
-
-    /// Asks the store about an `Idempotency-Key` this node has not seen (one conditional
-    /// write), within `usage.store_timeout`, under the configuration `rt` the request was
-    /// decided under; then decides as [`decide`](Self::decide) does. A store that does not
-    /// answer follows `on_store_error`: fail-open charges the request under this node's claim
-    /// alone, fail-closed answers 503. Refused, its rate cells go back (its charge's drop).
-    pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
-        let KeyClaim { charge, mut claim, key, request, placed } = c;
-        let state = charge.state();
-        let now = self.shared.clock().unix_secs();
-        let config = &rt.config;
-        let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
-        let owner = self.shared.ids().node() ^ self.shared.ids().next_seq().wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let fleet_key = Idempotency::fleet_key(&state.id, &key);
-        let ask = IdempotencyClaim::new(
-            fleet_key.clone(),
-            format!("{request:032x}"),
-            owner,
-            now,
-            now.saturating_add(IN_FLIGHT_SECS.min(window)),
-            now.saturating_add(window),
-        )
-        .at_most(config.limits.idempotency_keys_max);
-        let timeout = config.usage.store_timeout;
-        let settling = self.idempotency.settling();
-        // A claim of this key this node is still settling (a failed request retried at once).
-        settled(settling, &fleet_key, timeout).await;
-        // Held before the call: if the call times out after landing, or this future is dropped,
-        // the claim still settles (released, or completed under fail-open); a settle of a
-        // binding this owner does not hold changes nothing.
-        claim.fleet = Some(Box::new(FleetClaim {
-            store: self.shared.stores().background().idempotency.clone(),
-            key: fleet_key,
-            owner,
-            settling: settling.clone(),
-            claimed_at: now,
-            window,
-            max_stored: config.limits.idempotency_store_bytes,
-            responses: self.idempotency.responses().clone(),
-            limits: CaptureLimits {
-                max_body: config.limits.idempotency_max_body,
-                max_request_body: config.limits.idempotency_max_request_body,
-                buffer_bytes: config.limits.idempotency_buffer_bytes,
-            },
-            renewal: None,
-        }));
-        let answer = self.shared.stores().request().idempotency.claim_idempotency(&ask).await;
-        if let Ok(IdempotencyState::Full) = answer {
-            // The store holds the fleet's cap of live keys: served without its key, counted.
-            // Dropped here: this node's hold on the key goes too, and nothing is stored.
-            claim.fleet = None;
-            drop(claim);
-            self.idempotency.responses().not_stored(NotStored::KeysFull);
-            return self.decide_claimed(charge, route, None, placed);
-        }
-        if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
-            // Bound by another request: nothing of this node's to settle.
-            claim.fleet = None;
-        }
-        // Also when the call failed: it may have landed (a timeout), and a claim it did not
-        // make is answered NotHeld, which ends the renewals.
-        if let (Ok(IdempotencyState::Claimed) | Err(_), Some(fleet)) = (&answer, claim.fleet.as_mut()) {
-            // Held while the request runs, however long (up to `idempotency_max_in_flight`).
-            fleet.renew_while_running(self.shared.clock().clone(), config.limits.idempotency_max_in_flight);
-        }
-        // Refused for its key (or the store): the request spends no rate cells (its charge
-        // goes back as it drops).
-        match answer {
-            Ok(IdempotencyState::Claimed) => self.decide_claimed(charge, route, Some(claim), placed),
-            Ok(IdempotencyState::Completed(Some(response))) => {
-                // Completed on another node: a replay here too from now on.
-                claim.completed_elsewhere();
-                let max_request_body = config.limits.idempotency_max_request_body;
-                self.replay(charge, route, response, max_request_body)
-            }
-            Ok(IdempotencyState::Completed(None)) => self.reject(Self::response_not_kept(state)),
-            Ok(IdempotencyState::InFlight) => self.reject(Self::key_in_use(state)),
-            Ok(IdempotencyState::Mismatch) => self.reject(Self::key_mismatch(state)),
-            Ok(IdempotencyState::Full) => unreachable!("answered above"),
-            Err(_) => {
-                if state.usage_policy() == StoreErrorPolicy::FailClosed {
-                    let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                    self.reject(r.with_retry_after(1).for_tenant(state))
-                } else {
-                    self.decide_claimed(charge, route, Some(claim), placed)
-                }
-            }
-        }
-    }
-
-    /// A first request decided on once its key is claimed: with the place it took before the
-    /// claim (`placed`), or taking its place now.
-    fn decide_claimed(
-        &self,
-        charge: RateCharge,
-        route: RouteCost,
-        claim: Option<Claim>,
-        placed: ClaimPlace,
-    ) -> Admission {
-        match placed {
-            ClaimPlace::Taken(slot) => self.decide_placed(charge, route, true, claim, slot),
-            ClaimPlace::After => self.decide_rated(charge, route, true, claim),
-        }
-    }
-
     /// [`decide`](Self::decide) once the `Idempotency-Key` (if any) has answered: `charged`
     /// is false for a replay; `claim` holds the key of a first request.
     #[inline(always)]
@@ -442,7 +150,7 @@ impl Gate {
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
-    ) -> Admission {
+    ) -> Decision {
         match self.check_rate(&mut charge, &route) {
             Ok(()) => self.decide_rated(charge, route, charged, claim),
             Err(r) => {
@@ -456,7 +164,7 @@ impl Gate {
     /// and its time, the clock reading of the check), put back unless it is admitted; or its
     /// 429.
     #[inline(always)]
-    fn check_rate(&self, charge: &mut RateCharge, route: &RouteCost) -> Result<(), Rejection> {
+    pub(super) fn check_rate(&self, charge: &mut RateCharge, route: &RouteCost) -> Result<(), Rejection> {
         let (state, headers) = charge.split();
         let (at, took) = self.rate_of(state, route, headers)?;
         if took {
@@ -566,7 +274,7 @@ impl Gate {
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
-    ) -> Admission {
+    ) -> Decision {
         let meter = route.meter;
         if !charged {
             self.shared.metrics().replays.increment(1);
@@ -589,7 +297,7 @@ impl Gate {
                 }
                 Err(()) => {
                     let partial = Partial { charge, claim, charged, slot: None };
-                    return Admission::pending(Stage::Places(Box::new(partial)), route);
+                    return Decision::pending(Stage::Places(Box::new(partial)), route);
                 }
             },
             limit => match Slot::enter(&self.in_flight, &state.id, limit) {
@@ -618,7 +326,7 @@ impl Gate {
         charged: bool,
         claim: Option<Claim>,
         slot: Option<Box<Slot>>,
-    ) -> Admission {
+    ) -> Decision {
         let now = charge.at;
         let state = charge.state();
         let plan = &state.plan;
@@ -630,7 +338,7 @@ impl Gate {
                     return self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, m));
                 }
                 Err(_) => {
-                    return Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+                    return Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
                 }
             }
         }
@@ -643,7 +351,7 @@ impl Gate {
                     return self.reject(Self::spend_cap_reached(Partial { charge, claim, charged, slot }));
                 }
                 Err(_) => {
-                    return Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+                    return Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
                 }
             },
             _ => None,
@@ -663,7 +371,7 @@ impl Gate {
         claim: Option<Claim>,
         slot: Option<Box<Slot>>,
         spend: Option<RouteSpend>,
-    ) -> Admission {
+    ) -> Decision {
         let (meter, cost, now) = (route.meter, route.cost, charge.at);
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
@@ -672,12 +380,12 @@ impl Gate {
                 if route.hold != 0 && charged {
                     return Self::ready_for_hold(Partial { charge, claim, charged, slot }, &route, source, spend);
                 }
-                Admission::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend))
+                Decision::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend))
             }
             // Refused for its quota: the request spends no rate cells, nor money (its spend
             // goes back as it drops).
             Err(Take::Exhausted) => self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter)),
-            Err(_) => Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
+            Err(_) => Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
         }
     }
 
@@ -872,27 +580,27 @@ impl Gate {
         route: &RouteCost,
         source: Option<Source>,
         spend: Option<RouteSpend>,
-    ) -> Admission {
+    ) -> Decision {
         if route.hold != 0 && p.charged {
             return Self::ready_for_hold(p, route, source, spend);
         }
-        Admission::Admitted(Self::ticket(p, route.cost, source, spend))
+        Decision::Admitted(Self::ticket(p, route.cost, source, spend))
     }
 
     /// A request admitted on a route that holds, waiting for its hold.
     #[cold]
     #[inline(never)]
-    fn ready_for_hold(p: Partial, route: &RouteCost, source: Option<Source>, spend: Option<RouteSpend>) -> Admission {
+    fn ready_for_hold(p: Partial, route: &RouteCost, source: Option<Source>, spend: Option<RouteSpend>) -> Decision {
         let taken = match source {
             Some(source) => Taken::new(p.charge.state(), route.meter, u64::from(route.cost), source, p.charge.at),
             None => Taken::none(),
         };
-        Admission::pending(Stage::Hold(Box::new(Ready::new(p, taken, spend, route.cost))), *route)
+        Decision::pending(Stage::Hold(Box::new(Ready::new(p, taken, spend, route.cost))), *route)
     }
 
     /// The ticket of an admitted request: its rate cells, place, key and units are its own.
     #[inline]
-    pub(crate) fn ticket(p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Ticket {
+    pub(crate) fn ticket(p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Pass {
         let Partial { charge, claim, charged, slot } = p;
         Self::ticket_of(charge, claim, charged, slot, cost, source, spend)
     }
@@ -909,10 +617,10 @@ impl Gate {
         cost: u32,
         source: Option<Source>,
         spend: Option<RouteSpend>,
-    ) -> Ticket {
+    ) -> Pass {
         let at = charge.at;
         let (state, headers) = charge.keep();
-        Ticket {
+        Pass {
             headers,
             state,
             cost,
@@ -926,7 +634,6 @@ impl Gate {
             slot,
             hold: None,
             spend: spend.map(SpendTab::new),
-            units: None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::engine::admit::{
     gate::Gate,
     idempotency::{check_key, Idempotency},
-    stage::{scoped_key, Admission, OwnedCredential, PendingAdmission, PendingKey, RequestInfo, Stage},
+    stage::{scoped_key, Decision, OwnedCredential, PendingAdmission, PendingKey, RequestInfo, Stage},
 };
 use crate::{
     config::TenantId,
@@ -34,7 +34,7 @@ impl Gate {
         rt: &Runtime,
         req: &RequestInfo<'_>,
         client: impl FnOnce() -> Option<crate::tenant::Client>,
-    ) -> Admission {
+    ) -> Decision {
         if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
             return self.reject(
                 Rejection::new(RejectionKind::StoreUnavailable, "the server is stopping; send the request again")
@@ -84,7 +84,7 @@ impl Gate {
         route: RouteCost,
         path: &str,
         client: impl FnOnce() -> Option<crate::tenant::Client>,
-    ) -> Admission {
+    ) -> Decision {
         let spec = &rt.holds[usize::from(route.hold) - 1];
         match Self::hold_estimate(spec, req.headers) {
             Ok(units) => Self::holding(self.admit_routed(rt, req, lookup, route, path, client), spec.clone(), units),
@@ -102,7 +102,7 @@ impl Gate {
         mut route: RouteCost,
         path: &str,
         client: impl FnOnce() -> Option<crate::tenant::Client>,
-    ) -> Admission {
+    ) -> Decision {
         let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, path, req.query)));
         match self.table.get(lookup) {
             Some(state) => {
@@ -154,7 +154,7 @@ impl Gate {
                     let scoped = rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
                     Box::new(PendingKey { key: key.into(), request, scoped })
                 });
-                Admission::Pending(PendingAdmission {
+                Decision::Pending(PendingAdmission {
                     stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
                     route,
                     rt: None,
@@ -303,11 +303,11 @@ impl Gate {
     /// [`resolve`](Gate::resolve)); a replay holds nothing.
     #[cold]
     #[inline(never)]
-    fn holding(admission: Admission, spec: Arc<crate::config::RouteHold>, units: u64) -> Admission {
+    fn holding(admission: Decision, spec: Arc<crate::config::RouteHold>, units: u64) -> Decision {
         match admission {
-            Admission::Pending(mut p) => {
+            Decision::Pending(mut p) => {
                 p.hold = Some((spec, units));
-                Admission::Pending(p)
+                Decision::Pending(p)
             }
             done => done,
         }
@@ -317,7 +317,7 @@ impl Gate {
     /// visible ASCII, a comma).
     #[cold]
     #[inline(never)]
-    fn malformed_key(&self, key: &[u8]) -> Admission {
+    fn malformed_key(&self, key: &[u8]) -> Decision {
         self.reject(Self::malformed_key_rejection(key))
     }
 

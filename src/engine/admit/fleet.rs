@@ -7,7 +7,7 @@ use std::{borrow::Cow, sync::Arc};
 use crate::engine::admit::{
     charge::RateCharge,
     gate::Gate,
-    stage::{Admission, RateWait, Stage},
+    stage::{Decision, RateWait, Stage},
 };
 use crate::engine::store_calls::Counted;
 use crate::{
@@ -44,7 +44,7 @@ pub(crate) enum FleetTake {
     /// admits it without cells): on to its rate check.
     Served,
     /// Refused by the shared bucket's last reading.
-    Refused(Admission),
+    Refused(Decision),
     /// The lease is empty: it waits for one ([`Gate::rate_wait`]).
     Waits,
 }
@@ -86,9 +86,9 @@ impl Gate {
     /// ([`Stage::Rate`]).
     #[cold]
     #[inline(never)]
-    pub(crate) fn rate_wait(charge: RateCharge, route: RouteCost, key: Option<(&[u8], u128)>) -> Admission {
+    pub(crate) fn rate_wait(charge: RateCharge, route: RouteCost, key: Option<(&[u8], u128)>) -> Decision {
         let key = key.map(|(k, request)| (Box::from(k), request));
-        Admission::pending(Stage::Rate(Box::new(RateWait { charge, key })), route)
+        Decision::pending(Stage::Rate(Box::new(RateWait { charge, key })), route)
     }
 
     /// The rate check of a request whose cells came from its tenant's fleet lease: its time,
@@ -117,7 +117,7 @@ impl Gate {
     /// by a bucket other nodes keep writing), it is answered 429 with the time its cells come
     /// back; the store failing, the fleet rate's `on_store_error` decides (fail-open: the
     /// plan's own bucket, rate / N, serves for a second; fail-closed: 503).
-    pub(crate) async fn lease_cells(&self, w: RateWait, mut route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+    pub(crate) async fn lease_cells(&self, w: RateWait, mut route: RouteCost, rt: &Arc<Runtime>) -> Decision {
         let RateWait { mut charge, key } = w;
         let key = key.as_ref().map(|(k, r)| (&k[..], *r));
         let state = charge.state().clone();

@@ -1,10 +1,12 @@
 //! The admission part of the engine ([`Gate`]): the tenant table, the `Idempotency-Key`s this
 //! node saw, the credentials the directory did not know, the lookups of API keys per client
 //! address, the requests in flight and the places of fleet concurrencies, behind the verbs that
-//! decide on a request. Its verbs are spread by flow over this folder's files (`entry.rs`: a
-//! request described and routed; `admission.rs`: deciding without waiting; `wait.rs`, `fleet.rs`,
-//! `places.rs`: what waits on the store; `directory.rs`: tenants looked up); this file holds the
-//! part, the loop a pending request goes through, and how refusals are counted.
+//! decide on a request. Its verbs are spread by stage over this folder's files (`entry.rs`: a
+//! request described and routed; `admission.rs`: the decision chain, without waiting;
+//! `keyed.rs`: the `Idempotency-Key` stage, beside `idempotency.rs`, the node's memory of keys;
+//! `wait.rs`, `fleet.rs`, `places.rs`: what waits on the store; `directory.rs`: tenants looked
+//! up); this file holds the part, the loop a pending request goes through, and how refusals are
+//! counted.
 
 use crate::engine::table::TenantTable;
 use std::sync::Arc;
@@ -17,8 +19,8 @@ use crate::engine::{
         clients::KeyLookups,
         idempotency::Idempotency,
         place_node::PlacesNode,
-        stage::{Admission, PendingAdmission, Ready, ReadyParts, Stage},
-        ticket::Ticket,
+        stage::{Decision, PendingAdmission, Ready, ReadyParts, Stage},
+        ticket::Pass,
     },
     shared::Shared,
     usage::{hold::Hold, hold::RouteHeld, units::Units},
@@ -54,6 +56,9 @@ pub(crate) struct Gate {
     /// The last refusals of identified tenants, for the operator dashboard.
     #[cfg(feature = "dashboard")]
     pub(super) recent: RecentRejections,
+    /// The test of the two decision paths (`paths.rs`): how `decide` goes.
+    #[cfg(test)]
+    pub(super) path: std::sync::atomic::AtomicU8,
 }
 
 impl std::fmt::Debug for Gate {
@@ -88,6 +93,8 @@ impl Gate {
             customer_field,
             #[cfg(feature = "dashboard")]
             recent: RecentRejections::default(),
+            #[cfg(test)]
+            path: std::sync::atomic::AtomicU8::new(super::paths::AUTO),
         }
     }
 
@@ -125,7 +132,7 @@ impl Gate {
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`, under the
     /// configuration it was decided under.
-    pub(crate) async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
+    pub(crate) async fn resolve(&self, pending: PendingAdmission) -> Result<Pass, Rejection> {
         let PendingAdmission { mut stage, mut route, rt, idempotency, hold } = pending;
         let rt = rt.unwrap_or_else(|| self.shared.runtime().load_full());
         loop {
@@ -169,9 +176,9 @@ impl Gate {
                 Stage::Replay(r) => self.read_replay(*r, route, &rt).await,
             };
             match next {
-                Admission::Admitted(t) => return Ok(t),
-                Admission::Rejected(r) => return Err(r),
-                Admission::Pending(p) => (stage, route) = (p.stage, p.route),
+                Decision::Admitted(t) => return Ok(t),
+                Decision::Rejected(r) => return Err(r),
+                Decision::Pending(p) => (stage, route) = (p.stage, p.route),
             }
         }
     }
@@ -180,7 +187,7 @@ impl Gate {
     /// ticket. Refused, everything the request took goes back as it drops (its rate cells, its
     /// units, its place, its key), as for a request refused at admission (a client told to
     /// retry in a second spends nothing on the refusal), and the refusal is its answer.
-    async fn take_hold(&self, ready: Ready, cost: u32, spec: Arc<RouteHold>, units: u64) -> Result<Ticket, Rejection> {
+    async fn take_hold(&self, ready: Ready, cost: u32, spec: Arc<RouteHold>, units: u64) -> Result<Pass, Rejection> {
         let state = ready.state().clone();
         let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
             let ReadyParts { partial, taken, spend } = ready.into_parts();
@@ -206,8 +213,8 @@ impl Gate {
         }
     }
 
-    pub(crate) fn reject(&self, rejection: Rejection) -> Admission {
-        Admission::Rejected(self.count(rejection))
+    pub(crate) fn reject(&self, rejection: Rejection) -> Decision {
+        Decision::Rejected(self.count(rejection))
     }
 
     /// `rejection` with the problem type its kind is answered with (the draft's

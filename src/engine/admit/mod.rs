@@ -13,6 +13,9 @@ pub(crate) mod entry;
 pub(crate) mod fleet;
 pub(crate) mod gate;
 pub(crate) mod idempotency;
+pub(crate) mod keyed;
+#[cfg(test)]
+mod paths;
 pub(crate) mod place_node;
 pub(crate) mod places;
 #[cfg(feature = "dashboard")]

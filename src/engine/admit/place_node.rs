@@ -18,7 +18,7 @@ use crate::{
     config::StoreErrorPolicy,
     plan::Runtime,
     response::{Rejection, RejectionKind},
-    store::{PlaceCall, Places, ReserveToken},
+    store::{PlaceCall, PlaceStoreExt, Places, ReserveToken},
     tenant::{InFlightCounts, Slot, Tenant},
 };
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::engine::admit::{
     gate::Gate,
     place_node::Leased,
-    stage::{Admission, ClaimPlace, KeyClaim, Partial},
+    stage::{ClaimPlace, Decision, KeyClaim, Partial},
 };
 use crate::{
     plan::{RouteCost, Runtime},
@@ -33,7 +33,7 @@ impl Gate {
     /// request on with it. None free in the fleet: 429 `Too many concurrent requests`; the store
     /// failing: the plan's `on_store_error` (fail-open, the default: the node counts alone for a
     /// second, its share of the limit; fail-closed: 503).
-    pub(crate) async fn acquire_place(&self, p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+    pub(crate) async fn acquire_place(&self, p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Decision {
         let Partial { charge, claim, charged, .. } = p;
         match self.lease_place(charge.state(), rt).await {
             Placed::Slot(slot) => self.decide_placed(charge, route, charged, claim, slot),
@@ -49,7 +49,7 @@ impl Gate {
     /// free place: its place is leased first ([`acquire_place`](Self::acquire_place)'s
     /// answers), then its key is claimed with the place held, so that a request refused for
     /// its place never writes its key.
-    pub(crate) async fn place_then_claim(&self, mut c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+    pub(crate) async fn place_then_claim(&self, mut c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Decision {
         match self.lease_place(c.charge.state(), rt).await {
             Placed::Slot(slot) => {
                 c.placed = ClaimPlace::Taken(slot);

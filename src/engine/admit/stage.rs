@@ -7,7 +7,11 @@
 use std::{fmt, sync::Arc};
 
 use crate::engine::{
-    admit::{charge::RateCharge, idempotency::Claim, ticket::Ticket},
+    admit::{
+        charge::RateCharge,
+        idempotency::Claim,
+        ticket::{Pass, Ticket},
+    },
     usage::{spend::RouteSpend, taken::Taken, units::Units},
 };
 use crate::{
@@ -133,19 +137,30 @@ pub struct PendingAdmission {
     pub(crate) hold: Option<(Arc<crate::config::RouteHold>, u64)>,
 }
 
-impl Admission {
-    /// The admission as an entry point hands it out: an admitted request's ticket carries the
-    /// engine's units, for its contexts ([`Ticket::context`]). The requests the tower layer
-    /// admits without waiting skip this, and so take no count of the units: the layer makes
-    /// their contexts itself.
+/// The engine's decision on a request, as admission makes it: an admitted request is a
+/// [`Pass`], which the engine's entry points hand out as a [`Ticket`] carrying the engine's
+/// units ([`carrying`](Self::carrying)). The tower layer keeps the pass, and makes its
+/// requests' contexts from the engine it holds: so a request of the layer takes no count of
+/// the units, and no ticket without units can be asked for a context.
+#[must_use]
+pub(crate) enum Decision {
+    /// Go ahead; complete the pass with the response status.
+    Admitted(Pass),
+    /// Answer with this rejection.
+    Rejected(Rejection),
+    /// The engine must ask the store first.
+    Pending(PendingAdmission),
+}
+
+impl Decision {
+    /// The decision as an entry point hands it out: an admitted request's ticket carries the
+    /// engine's units, for its contexts ([`Ticket::context`]).
     #[inline]
-    pub(crate) fn carrying(self, units: &Arc<Units>) -> Self {
+    pub(crate) fn carrying(self, units: &Arc<Units>) -> Admission {
         match self {
-            Self::Admitted(mut ticket) => {
-                ticket.units = Some(units.clone());
-                Self::Admitted(ticket)
-            }
-            other => other,
+            Self::Admitted(pass) => Admission::Admitted(Ticket::new(pass, units.clone())),
+            Self::Rejected(r) => Admission::Rejected(r),
+            Self::Pending(p) => Admission::Pending(p),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::engine::{
     admit::{
         gate::Gate,
-        stage::{Admission, Partial},
+        stage::{Decision, Partial},
     },
     usage::{
         spend::RouteSpend,
@@ -27,12 +27,12 @@ impl Gate {
     /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
     /// refuses only when the store has fewer units left than the request costs. Refused (or
     /// dropped while it waits), its rate cells go back (its charge's drop).
-    pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+    pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Decision {
         let state = p.charge.state().clone();
         if route.reports != 0 {
             p = match self.check_reports_with_store(p, route, rt).await {
                 Ok(p) => p,
-                Err(r) => return Admission::Rejected(r),
+                Err(r) => return Decision::Rejected(r),
             };
         }
         // On a plan with a spend cap, the route's cost in money first; it goes back (as it
@@ -43,7 +43,7 @@ impl Gate {
                     p = back;
                     Some(spend)
                 }
-                Err(r) => return Admission::Rejected(r),
+                Err(r) => return Decision::Rejected(r),
             },
             _ => None,
         };
@@ -131,7 +131,7 @@ impl Gate {
         route: RouteCost,
         rt: &Arc<Runtime>,
         spend: Option<RouteSpend>,
-    ) -> Admission {
+    ) -> Decision {
         let (meter, cost) = (route.meter, route.cost);
         let state = p.charge.state().clone();
         let Some(cell) = state.quota(meter) else {
@@ -194,7 +194,7 @@ impl Gate {
                 self.shared.metrics().admitted.increment(1);
                 Self::admitted(p, &route, None, spend)
             }
-            Ok(Err(())) => Admission::Rejected(self.count(Self::quota_exceeded(p, meter))),
+            Ok(Err(())) => Decision::Rejected(self.count(Self::quota_exceeded(p, meter))),
             Err(_) => {
                 match state.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
@@ -210,7 +210,7 @@ impl Gate {
                         drop(p);
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                        Admission::Rejected(self.count(r.with_retry_after(1).for_tenant(&state)))
+                        Decision::Rejected(self.count(r.with_retry_after(1).for_tenant(&state)))
                     }
                 }
             }
