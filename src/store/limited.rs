@@ -575,16 +575,12 @@ impl<S: RateStore + ?Sized> RateStore for Limited<S> {
 #[deny(clippy::missing_trait_methods)]
 #[async_trait]
 impl<S: PlaceStore + ?Sized> PlaceStore for Limited<S> {
-    async fn acquire_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
-        self.call("acquire places", self.inner.acquire_places(call)).await
-    }
-
-    async fn renew_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
-        self.call("renew places", self.inner.renew_places(call)).await
-    }
-
-    async fn release_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
-        self.call("release places", self.inner.release_places(call)).await
+    async fn places(
+        &self,
+        call: &crate::store::PlaceCall,
+        mode: crate::store::PlaceMode,
+    ) -> Result<crate::store::Places, StoreError> {
+        self.call(mode.name(), self.inner.places(call, mode)).await
     }
 }
 

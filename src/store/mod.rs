@@ -27,6 +27,7 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
 pub mod contract;
+mod credits;
 mod directory;
 #[cfg(feature = "dynamodb")]
 mod dynamo;
@@ -76,7 +77,7 @@ pub use memory::MemoryStore;
 pub use outbox::{
     AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, DEAD_KEPT_SECS, MAX_ERROR,
 };
-pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
+pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, PlaceStoreExt, Places};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
@@ -102,7 +103,8 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 pub mod prelude {
     pub use super::{
         DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, OutboxStore,
-        PlaceStore, QuotaStore, QuotaStoreExt, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
+        PlaceStore, PlaceStoreExt, QuotaStore, QuotaStoreExt, RateStore, Store, UsageExportStore, UsageStore,
+        UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};

@@ -96,30 +96,65 @@ impl Places {
 /// per tenant, the places each node holds, each node's until it expires.
 ///
 /// Each call is one atomic read-modify-write of the tenant's row, with the rules of
-/// [`PlaceRow`]: nodes together never hold more than `limit` live places.
+/// [`PlaceRow`]: nodes together never hold more than `limit` live places. One verb, whose
+/// [`PlaceMode`] says what it does; [`PlaceStoreExt`] names each mode for callers.
 #[async_trait]
 pub trait PlaceStore: Send + Sync + fmt::Debug + 'static {
+    /// Applies `call` in `mode` to the tenant's row ([`PlaceRow::apply`]): what the node holds
+    /// after it, and the places taken in all.
+    async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError>;
+}
+
+/// What a call of [`PlaceStore::places`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PlaceMode {
     /// Takes places: the node holds `count` in all if they fit beside the other nodes' live
     /// places (else as many as fit), until `now + ttl`.
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
-
+    Acquire,
     /// Renews the node's places, `count` of them at most, until `now + ttl` (as an acquire:
     /// places that expired meanwhile and were taken by others are not held again).
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
-
+    Renew,
     /// Gives places back: the node holds `count` at most from now on (its expiry unchanged;
     /// none: its entry holds none, and goes a TTL later).
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
-}
-
-/// What a call does ([`PlaceRow::apply`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlaceMode {
-    /// [`PlaceStore::acquire_places`] or [`PlaceStore::renew_places`].
-    Hold,
-    /// [`PlaceStore::release_places`].
     Release,
 }
+
+impl PlaceMode {
+    /// The call's name, for logs and errors.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            PlaceMode::Acquire => "acquire places",
+            PlaceMode::Renew => "renew places",
+            PlaceMode::Release => "release places",
+        }
+    }
+}
+
+/// Each [`PlaceMode`] of [`PlaceStore::places`] as a verb of its own: implemented for every
+/// places store by a blanket impl.
+///
+/// You MUST NOT implement this trait: a store implements [`PlaceStore`], and gets these.
+#[async_trait]
+pub trait PlaceStoreExt: PlaceStore {
+    /// [`PlaceMode::Acquire`].
+    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Acquire).await
+    }
+
+    /// [`PlaceMode::Renew`].
+    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Renew).await
+    }
+
+    /// [`PlaceMode::Release`].
+    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Release).await
+    }
+}
+
+impl<T: PlaceStore + ?Sized> PlaceStoreExt for T {}
 
 /// One node's places, as a row keeps them: how many, until when (Unix nanoseconds), the
 /// sequence number of its last call, and how many of them are spares.
@@ -223,7 +258,7 @@ impl PlaceRow {
         };
         let spare = call.spare.min(call.count);
         let held = match mode {
-            PlaceMode::Hold => {
+            PlaceMode::Acquire | PlaceMode::Renew => {
                 let for_requests = call.count - spare;
                 let mut short = for_requests.saturating_sub(call.limit.saturating_sub(others(self)));
                 for (_, h) in self.holders.iter_mut().filter(|(k, _)| **k != node) {
@@ -269,14 +304,14 @@ mod tests {
     #[test]
     fn places_are_shared_expire_and_come_back() {
         let mut row = PlaceRow::default();
-        assert_eq!(row.apply(&call(1, 1, 3, 0), PlaceMode::Hold), Places::new(3, 3));
-        assert_eq!(row.apply(&call(2, 1, 4, 0), PlaceMode::Hold), Places::new(2, 5), "2 fit");
+        assert_eq!(row.apply(&call(1, 1, 3, 0), PlaceMode::Acquire), Places::new(3, 3));
+        assert_eq!(row.apply(&call(2, 1, 4, 0), PlaceMode::Acquire), Places::new(2, 5), "2 fit");
         assert_eq!(row.apply(&call(1, 2, 1, 1), PlaceMode::Release), Places::new(1, 3));
         // Re-sent: the same; older: only read.
         assert_eq!(row.apply(&call(1, 2, 1, 1), PlaceMode::Release), Places::new(1, 3));
-        assert_eq!(row.apply(&call(1, 1, 3, 1), PlaceMode::Hold), Places::new(1, 3));
+        assert_eq!(row.apply(&call(1, 1, 3, 1), PlaceMode::Acquire), Places::new(1, 3));
         // Node 1 stops renewing: its place frees after the TTL.
-        assert_eq!(row.apply(&call(2, 2, 4, TTL + 2), PlaceMode::Hold), Places::new(4, 4));
+        assert_eq!(row.apply(&call(2, 2, 4, TTL + 2), PlaceMode::Acquire), Places::new(4, 4));
         let stored = PlaceRow::from_json(&row.to_json()).unwrap();
         assert_eq!(stored, row);
     }
@@ -284,12 +319,16 @@ mod tests {
     #[test]
     fn spares_are_marked_taken_first_and_read_from_older_rows() {
         let mut row = PlaceRow::default();
-        assert_eq!(row.apply(&call(1, 1, 5, 0), PlaceMode::Hold), Places::new(5, 5));
+        assert_eq!(row.apply(&call(1, 1, 5, 0), PlaceMode::Acquire), Places::new(5, 5));
         assert_eq!(row.apply(&call(1, 2, 2, 0).with_spare(2), PlaceMode::Release), Places::new(2, 2).with_spare(2));
-        assert_eq!(row.apply(&call(2, 1, 4, 0), PlaceMode::Hold), Places::new(4, 5).with_spare(1), "3 free, 1 spare");
-        assert_eq!(row.apply(&call(3, 1, 1, 0), PlaceMode::Hold), Places::new(1, 5), "the last spare");
-        assert_eq!(row.apply(&call(4, 1, 1, 0), PlaceMode::Hold), Places::new(0, 5), "none left");
-        assert_eq!(row.apply(&call(1, 3, 2, 0).with_spare(2), PlaceMode::Hold), Places::new(0, 5));
+        assert_eq!(
+            row.apply(&call(2, 1, 4, 0), PlaceMode::Acquire),
+            Places::new(4, 5).with_spare(1),
+            "3 free, 1 spare"
+        );
+        assert_eq!(row.apply(&call(3, 1, 1, 0), PlaceMode::Acquire), Places::new(1, 5), "the last spare");
+        assert_eq!(row.apply(&call(4, 1, 1, 0), PlaceMode::Acquire), Places::new(0, 5), "none left");
+        assert_eq!(row.apply(&call(1, 3, 2, 0).with_spare(2), PlaceMode::Acquire), Places::new(0, 5));
         // A node's entry is three numbers, as before spares were marked; its spares beside it
         // under a key an older reader skips.
         assert!(!row.to_json().contains("\"s"), "{}", row.to_json());

@@ -3,7 +3,7 @@
 
 use super::*;
 
-use crate::store::{PlaceCall, PlaceStore, Places};
+use crate::store::{PlaceCall, PlaceStore, PlaceStoreExt, Places};
 
 /// How long places hold: 30 s.
 const TTL: i64 = 30_000_000_000;

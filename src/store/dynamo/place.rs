@@ -5,7 +5,8 @@ use super::race::{Race, Retries, ATTEMPTS};
 use super::*;
 use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 
-impl DynamoStore {
+#[async_trait]
+impl PlaceStore for DynamoStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let pk = &places_pk(&call.tenant);
         let what = "a tenant's places, written by other nodes all along";
@@ -48,20 +49,5 @@ impl DynamoStore {
             })
         })
         .await
-    }
-}
-
-#[async_trait]
-impl PlaceStore for DynamoStore {
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Release).await
     }
 }

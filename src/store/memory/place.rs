@@ -6,8 +6,9 @@ use crate::store::{PlaceCall, PlaceMode, PlaceStore, Places};
 /// Rows are pruned when there are at least this many, at most once a minute.
 const PRUNE_FROM: usize = 4_096;
 
-impl MemoryStore {
-    fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Places {
+#[async_trait]
+impl PlaceStore for MemoryStore {
+    async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let mut inner = self.lock();
         // Rows whose every entry expired (a tenant gone quiet) go, as another call comes.
         if inner.places.len() >= PRUNE_FROM && call.now >= inner.places_pruned.saturating_add(60_000_000_000) {
@@ -19,21 +20,6 @@ impl MemoryStore {
         if row.is_empty() {
             inner.places.remove(&call.tenant);
         }
-        out
-    }
-}
-
-#[async_trait]
-impl PlaceStore for MemoryStore {
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        Ok(self.places(call, PlaceMode::Hold))
-    }
-
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        Ok(self.places(call, PlaceMode::Hold))
-    }
-
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        Ok(self.places(call, PlaceMode::Release))
+        Ok(out)
     }
 }

@@ -5,7 +5,8 @@
 use super::*;
 use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 
-impl PostgresStore {
+#[async_trait]
+impl PlaceStore for PostgresStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let insert = self
             .sql("INSERT INTO {s}.place_leases (tenant, holders, expires) VALUES ($1, '', 0) ON CONFLICT DO NOTHING");
@@ -40,20 +41,5 @@ impl PostgresStore {
             Ok(out)
         })
         .await
-    }
-}
-
-#[async_trait]
-impl PlaceStore for PostgresStore {
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Release).await
     }
 }

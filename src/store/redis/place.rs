@@ -11,7 +11,8 @@ use crate::store::{
 
 const NANOS: i64 = 1_000_000_000;
 
-impl RedisStore {
+#[async_trait]
+impl PlaceStore for RedisStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let key = &self.keys().places(&call.tenant);
         let what = "a tenant's places, written by other nodes all along";
@@ -37,20 +38,5 @@ impl RedisStore {
             })
         })
         .await
-    }
-}
-
-#[async_trait]
-impl PlaceStore for RedisStore {
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Release).await
     }
 }

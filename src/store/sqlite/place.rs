@@ -4,7 +4,8 @@
 use super::*;
 use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 
-impl SqliteStore {
+#[async_trait]
+impl PlaceStore for SqliteStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let call = call.clone();
         self.write(move |tx, _| {
@@ -30,20 +31,5 @@ impl SqliteStore {
             Ok(Ok(out))
         })
         .await?
-    }
-}
-
-#[async_trait]
-impl PlaceStore for SqliteStore {
-    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Hold).await
-    }
-
-    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
-        self.places(call, PlaceMode::Release).await
     }
 }
