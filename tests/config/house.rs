@@ -1,6 +1,7 @@
 //! The house: the imports between the crate's source files, read from the code, checked for
 //! circles and for layers that import upward (`base/` imports nothing above it; `config/`
-//! imports only `base/`).
+//! imports only `base/`; every room on its floor, with an allow-list of arrows back up that
+//! only shrinks), and for rooms outside the engine reaching into its parts.
 //!
 //! An import is a `use` item or a `crate::` / `super::` / `self::` path in code (or a path
 //! through a module a `use` named), traced through re-exports to the file that defines the
@@ -636,6 +637,40 @@ fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 }
 
 impl Crate {
+    /// The engine part (a module of a folder under `src/engine/`) that `path`, written in
+    /// module `at`, walks through, if any (`crate::engine::usage::caps::cap` walks through
+    /// `crate::engine::usage`; `crate::engine::Ticket`, re-exported by the engine, through none).
+    fn part_on_way(&self, at: &str, path: &[String]) -> Option<String> {
+        let part = |t: &Target| match t {
+            Target::Module(m) if self.modules.get(m).is_some_and(|md| engine_part(&md.file)) => Some(m.clone()),
+            _ => None,
+        };
+        let first = path.first()?.as_str();
+        let module = self.modules.get(at)?;
+        let through = matches!(first, "crate" | "super" | "self" | "$crate")
+            || module.children.contains_key(first)
+            || matches!(self.lookup_in(at, first, &mut BTreeSet::new()), Target::Module(_));
+        if !through || path.last().is_some_and(|l| l == "*") && path.len() == 1 {
+            return None;
+        }
+        let (mut t, rest) = self.start(at, path, &mut BTreeSet::new())?;
+        if let Some(m) = part(&t) {
+            return Some(m);
+        }
+        for seg in rest.iter().filter(|s| *s != "*") {
+            let Target::Module(m) = &t else { break };
+            let next = self.lookup_in(m, seg, &mut BTreeSet::new());
+            if next == Target::Nothing {
+                break;
+            }
+            t = next;
+            if let Some(m) = part(&t) {
+                return Some(m);
+            }
+        }
+        None
+    }
+
     /// The names through which `from` imports `to`, for a message.
     fn why(&self, from: &str, to: &str) -> String {
         let mut names = BTreeSet::new();
@@ -726,6 +761,121 @@ fn faults(files: &BTreeMap<String, String>) -> Vec<String> {
     faults
 }
 
+/// The rooms of `src/` (a folder, or a file at the top), from the bottom floor up: a file
+/// imports only its own room and the rooms of the floors below it (docs/architecture.md,
+/// "Source layout"). A new room must be given a floor here.
+const FLOORS: &[&[&str]] = &[
+    &["src/base/", "src/clock.rs"],
+    &["src/config/", "src/metrics.rs"],
+    &["src/store/"],
+    &["src/tenant/"],
+    &["src/billing/"],
+    &["src/settings/"],
+    &["src/plan.rs"],
+    &["src/response/"],
+    &["src/engine/"],
+    &["src/lib.rs"],
+    &["src/admin/", "src/layer/"],
+    &["src/dashboard/"],
+];
+
+/// The arrows that run back up today, from a room to a room above it: this list only
+/// shrinks. A new upward import is a fault: move the shared item down instead. An arrow
+/// listed here that the code no longer draws is a fault too, so that the list is cut with it.
+const UPWARD: &[(&str, &str)] = &[
+    // The tenant's state holds its compiled plan (`Arc<CompiledPlan>`), which is compiled
+    // over the tenant's cells.
+    ("src/tenant/", "src/plan.rs"),
+];
+
+/// The engine's parts: its folders (`src/engine/admit/` …). Outside the engine, nothing
+/// imports them: the engine's own files at its top (the facade and what it re-exports) are
+/// its surface.
+fn engine_part(file: &str) -> bool {
+    file.strip_prefix("src/engine/").is_some_and(|rest| rest.contains('/'))
+}
+
+/// The room of a source file: its folder under `src/`, or itself at the top.
+fn room_of(file: &str) -> String {
+    match file.strip_prefix("src/").and_then(|rest| rest.split_once('/')) {
+        Some((dir, _)) => format!("src/{dir}/"),
+        None => file.to_owned(),
+    }
+}
+
+/// What is wrong with the floors of the house whose sources are `files`: a room on no floor,
+/// an import of a room on the same floor or above (but the `upward` ones), an `upward` arrow
+/// the code no longer draws, and a file outside the engine importing an engine part.
+fn floor_faults(files: &BTreeMap<String, String>, floors: &[&[&str]], upward: &[(&str, &str)]) -> Vec<String> {
+    let krate = Crate::read(files);
+    let graph = krate.imports();
+    let floor = |room: &str| floors.iter().position(|f| f.contains(&room));
+    let mut faults = Vec::new();
+    let mut drawn = BTreeSet::new();
+    let mut unplaced = BTreeSet::new();
+    for (file, imports) in &graph {
+        let from = room_of(file);
+        let Some(low) = floor(&from) else {
+            unplaced.insert(from);
+            continue;
+        };
+        for to in imports {
+            let room = room_of(to);
+            if room == from {
+                continue;
+            }
+            let Some(high) = floor(&room) else {
+                unplaced.insert(room);
+                continue;
+            };
+            if high < low {
+                continue;
+            }
+            if upward.contains(&(from.as_str(), room.as_str())) {
+                drawn.insert((from.clone(), room));
+                continue;
+            }
+            let (what, n) = if high == low { ("on its own floor", low + 1) } else { ("above it", high + 1) };
+            faults.push(format!(
+                "{file} imports {to} ({}): {room} is {what} (floor {n}; {from} is on floor {}): move the shared \
+                 item down",
+                krate.why(file, to),
+                low + 1
+            ));
+        }
+    }
+    // Outside the engine, paths into its parts (`crate::engine::usage::…`), whatever file
+    // they end in: the engine's surface is what `engine/mod.rs` and its top files name.
+    for (at, module) in &krate.modules {
+        if module.file.starts_with("src/engine/") {
+            continue;
+        }
+        let written = module.uses.iter().map(|(_, p)| p).chain(module.paths.iter());
+        let mut reached = BTreeSet::new();
+        for path in written {
+            if let Some(part) = krate.part_on_way(at, path) {
+                reached.insert((part, path.join("::")));
+            }
+        }
+        for (part, path) in reached {
+            faults.push(format!(
+                "{} reaches into the engine's part {part} ({path}): outside the engine, nothing does (use the \
+                 engine's own items, or move the rule below the engine)",
+                module.file
+            ));
+        }
+    }
+    for room in unplaced {
+        faults.push(format!("{room} is on no floor: give it one in FLOORS"));
+    }
+    for (from, to) in upward {
+        if !drawn.contains(&((*from).to_owned(), (*to).to_owned())) {
+            faults.push(format!("{from} no longer imports {to}: take the arrow out of UPWARD (the list only shrinks)"));
+        }
+    }
+    faults
+}
+
 fn sources() -> BTreeMap<String, String> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = BTreeMap::new();
@@ -758,8 +908,82 @@ fn the_house_has_no_circle_and_its_bottom_stays_at_the_bottom() {
         files.keys().filter(|f| !graph.contains_key(*f) && !krate.test_files.contains(*f)).collect();
     assert!(unread.is_empty(), "files the reader did not reach as modules: {unread:?}");
     assert!(graph.values().map(BTreeSet::len).sum::<usize>() > 300, "imports were found");
-    let faults = faults(&files);
+    let mut faults = faults(&files);
+    faults.extend(floor_faults(&files, FLOORS, UPWARD));
     assert!(faults.is_empty(), "the house is not whole:\n{}", faults.join("\n"));
+    assert!(UPWARD.len() <= 2, "the arrows that run back up only shrink (2 when the floors were drawn)");
+}
+
+/// The floors: a room importing one above it is found, as is one importing a room of its own
+/// floor, a room on no floor, an allowed upward arrow the code no longer draws, and a file
+/// outside the engine reaching into an engine part (an admin file importing a rule of the
+/// usage part), but not one importing the engine's facade.
+#[test]
+fn the_floors_find_an_upward_import_and_a_reach_into_an_engine_part() {
+    let tree = |files: &[(&str, &str)]| -> BTreeMap<String, String> {
+        files.iter().map(|(p, t)| ((*p).to_owned(), (*t).to_owned())).collect()
+    };
+    let floors: &[&[&str]] =
+        &[&["src/base/"], &["src/store/", "src/billing/"], &["src/engine/"], &["src/admin/"], &["src/lib.rs"]];
+    let house = tree(&[
+        ("src/lib.rs", "mod base;\nmod store;\nmod billing;\nmod engine;\nmod admin;"),
+        ("src/base/mod.rs", "pub struct Id;"),
+        ("src/store/mod.rs", "pub struct Row(crate::base::Id);"),
+        ("src/billing/mod.rs", "pub struct Sink;"),
+        ("src/engine/mod.rs", "mod engine;\nmod usage;\npub use engine::Tollgate;"),
+        ("src/engine/engine.rs", "pub struct Tollgate(crate::store::Row);"),
+        ("src/engine/usage/mod.rs", "pub(crate) mod caps;"),
+        ("src/engine/usage/caps.rs", "pub(crate) fn cap() {}"),
+        ("src/admin/mod.rs", "fn f(_: crate::engine::Tollgate) {}"),
+    ]);
+    assert_eq!(floor_faults(&house, floors, &[]), Vec::<String>::new(), "a whole house");
+    // The store reaching up into the engine (no circle: the engine's facade does not import it).
+    let mut up = house.clone();
+    up.insert(
+        "src/store/mod.rs".into(),
+        "pub struct Row(crate::base::Id);\nfn f() { crate::engine::usage::caps::cap(); }".into(),
+    );
+    assert_eq!(
+        floor_faults(&up, floors, &[]),
+        vec![
+            "src/store/mod.rs imports src/engine/usage/caps.rs (crate::engine::usage::caps::cap): src/engine/ is above \
+             it (floor 3; src/store/ is on floor 2): move the shared item down",
+            "src/store/mod.rs reaches into the engine's part crate::engine::usage (crate::engine::usage::caps::cap): \
+             outside the engine, nothing does (use the engine's own items, or move the rule below the engine)",
+        ]
+    );
+    // Allowed, it is no fault; once gone, its allowance is.
+    let allowed: &[(&str, &str)] = &[("src/store/", "src/engine/")];
+    assert_eq!(floor_faults(&up, floors, allowed).len(), 1, "the reach into a part is still found");
+    assert_eq!(
+        floor_faults(&house, floors, allowed),
+        vec!["src/store/ no longer imports src/engine/: take the arrow out of UPWARD (the list only shrinks)"]
+    );
+    // Two rooms of one floor.
+    let mut side = house.clone();
+    side.insert("src/billing/mod.rs".into(), "pub struct Sink(crate::store::Row);".into());
+    assert_eq!(
+        floor_faults(&side, floors, &[]),
+        vec![
+            "src/billing/mod.rs imports src/store/mod.rs (crate::store::Row): src/store/ is on its own floor (floor \
+             2; src/billing/ is on floor 2): move the shared item down"
+        ]
+    );
+    // An admin file importing an engine part's rule, down the floors but into a part.
+    let mut admin = house.clone();
+    admin.insert("src/admin/mod.rs".into(), "use crate::engine::usage::caps::cap;\nfn f() { cap() }".into());
+    assert_eq!(
+        floor_faults(&admin, floors, &[]),
+        vec![
+            "src/admin/mod.rs reaches into the engine's part crate::engine::usage (crate::engine::usage::caps::cap): \
+             outside the engine, nothing does (use the engine's own items, or move the rule below the engine)"
+        ]
+    );
+    // A room on no floor.
+    let mut new = house.clone();
+    new.insert("src/lib.rs".into(), "mod base;\nmod store;\nmod billing;\nmod engine;\nmod admin;\nmod extra;".into());
+    new.insert("src/extra.rs".into(), "pub struct E(crate::base::Id);".into());
+    assert_eq!(floor_faults(&new, floors, &[]), vec!["src/extra.rs is on no floor: give it one in FLOORS"]);
 }
 
 /// The reader finds what it must: a circle through a re-export, an import through a module a
