@@ -49,6 +49,30 @@ pub(crate) fn bare() -> Bare {
     tower::service_fn(hello as fn(_) -> _)
 }
 
+/// The iterations of [`planted`]'s loop (`TOLLGATE_BENCH_PLANT`), read once.
+static PLANT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// The inner service of the tollgate cases: [`bare`], or with `TOLLGATE_BENCH_PLANT=N` one that
+/// spins N iterations of a loop per request first: a slowdown planted in what the tollgate
+/// cases count and the baselines do not (`scripts/instruction-budget.sh --self-test` shows
+/// that the budget refuses one of 3%).
+fn inner() -> Bare {
+    fn planted(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+        let mut x = 0u64;
+        for _ in 0..*PLANT.get().unwrap_or(&0) {
+            x = black_box(x.wrapping_add(1));
+        }
+        black_box(x);
+        std::future::ready(Ok(Response::new(Body::empty())))
+    }
+    let n = *PLANT.get_or_init(|| std::env::var("TOLLGATE_BENCH_PLANT").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    if n == 0 {
+        bare()
+    } else {
+        tower::service_fn(planted as fn(_) -> _)
+    }
+}
+
 /// Drives a future that is ready at once (all the cases here are, on warm state).
 pub(crate) fn now<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
@@ -208,7 +232,7 @@ pub(crate) fn tollgate_service_on(
     let (engine, worker) = Tollgate::builder(config).store_arc(store).build();
     let layer = tollgate::TollgateLayer::new(engine);
     rt.spawn(worker.run());
-    let mut svc = layer.tenant_context(context).layer(bare());
+    let mut svc = layer.tenant_context(context).layer(inner());
     // Warm: every tenant known, every lease reserved.
     rt.block_on(async {
         for i in 0..tenants {
