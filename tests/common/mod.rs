@@ -907,27 +907,22 @@ impl Faulty {
 
 #[async_trait::async_trait]
 impl tollgate::store::PlaceStore for Faulty {
-    async fn acquire_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
+    async fn places(
+        &self,
+        call: &tollgate::store::PlaceCall,
+        mode: tollgate::store::PlaceMode,
+    ) -> Result<tollgate::store::Places, StoreError> {
+        use tollgate::store::PlaceMode;
         self.place_call()?;
-        let delay = self.place_delay_ms.load(Ordering::SeqCst);
+        let delay = match mode {
+            PlaceMode::Acquire => self.place_delay_ms.load(Ordering::SeqCst),
+            PlaceMode::Renew => self.renew_delay_ms.load(Ordering::SeqCst),
+            _ => 0,
+        };
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        self.inner.acquire_places(call).await
-    }
-
-    async fn renew_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
-        self.place_call()?;
-        let delay = self.renew_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
-        }
-        self.inner.renew_places(call).await
-    }
-
-    async fn release_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
-        self.place_call()?;
-        self.inner.release_places(call).await
+        self.inner.places(call, mode).await
     }
 }
 
@@ -1077,6 +1072,17 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
     b.tollgate.shutdown().await.unwrap();
     let stored = store.usage_range(&tenant.into(), NOON - 86_400, NOON + 86_400).await.unwrap();
     assert_eq!(stored.iter().map(|u| u.quantity).sum::<u64>(), 1, "billed once across the fleet: {stored:?}");
+}
+
+/// How many of a test's things (tenants, calls) to make: `suite` in the test suite, `stress`
+/// under `scripts/stress.sh` (`TOLLGATE_STRESS=1`), which runs the long scale runs CI leaves
+/// out of its 40 minutes.
+pub fn scale(suite: usize, stress: usize) -> usize {
+    if std::env::var_os("TOLLGATE_STRESS").is_some_and(|v| v == "1") {
+        stress
+    } else {
+        suite
+    }
 }
 
 /// A node of `tenants` tenants, each with a lease of two meters, shuts down (`usage` lines of
