@@ -18,6 +18,8 @@ pub(crate) mod keyed;
 mod paths;
 pub(crate) mod place_node;
 pub(crate) mod places;
+pub(crate) mod quota;
+pub(crate) mod rate;
 #[cfg(feature = "dashboard")]
 pub(crate) mod recent;
 pub(crate) mod stage;

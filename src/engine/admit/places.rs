@@ -4,16 +4,17 @@
 //!
 //! [`PlacesNode`]: crate::engine::admit::place_node::PlacesNode
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use crate::engine::admit::{
+    charge::RateCharge,
     gate::Gate,
     place_node::Leased,
     stage::{ClaimPlace, Decision, KeyClaim, Partial},
 };
 use crate::{
     plan::{RouteCost, Runtime},
-    response::Rejection,
+    response::{Rejection, RejectionKind},
     tenant::{Slot, Tenant},
 };
 
@@ -74,5 +75,38 @@ impl Gate {
             Leased::NoneFree => Placed::Full,
             Leased::Refused(r) => Placed::Refused(r),
         }
+    }
+}
+
+/// The concurrency stage's refusals, on a node's count or the fleet's places.
+impl Gate {
+    /// The tenant has its plan's `concurrency` requests in flight on this node: 429, to come
+    /// back in a second; `RateLimit-Policy` names the limit (`qu="concurrent-requests"`).
+    #[cold]
+    pub(crate) fn too_many_in_flight(charge: RateCharge, meter: usize) -> Rejection {
+        let at = charge.at;
+        let (state, mut headers) = charge.refuse();
+        let state = &state;
+        Self::quota_headers(state, &mut headers, meter, at);
+        headers.set_concurrency();
+        let limit = state.plan.concurrency;
+        let mut r = Rejection::new(
+            RejectionKind::ConcurrencyLimited,
+            Cow::Owned(format!(
+                "{limit} requests of this tenant are in flight already: plan `{}` allows {limit} at once",
+                state.plan.id
+            )),
+        );
+        r.inner.policy = Some("concurrency".to_owned());
+        r.inner.headers = headers;
+        r.with_retry_after(1).for_tenant(state)
+    }
+
+    #[cold]
+    pub(crate) fn shadow_concurrency(state: &Tenant) -> Rejection {
+        let mut r =
+            Rejection::new(RejectionKind::ConcurrencyLimited, "too many requests in flight (shadow mode: not refused)");
+        r.inner.policy = Some("concurrency".to_owned());
+        r.for_tenant(state)
     }
 }
