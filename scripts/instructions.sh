@@ -43,13 +43,22 @@ for c in $cases; do
     a=$(count "$c" 200000)
     echo "$c $tenants: $(( a / 200000 )) instructions/request"
   else
-    # The two runs side by side (one core each): the counts are the same either way.
+    # The two runs side by side, one core each (instruction counts do not depend on timing; with
+    # TOLLGATE_BENCH_NO_REFILL unset the worker's share is counted too, and can, as it always
+    # could). A run that fails, or counts nothing, fails the script.
     runs=$(mktemp)
     count "$c" 20000 >"$runs.a" &
+    pa=$!
     count "$c" 120000 >"$runs.b" &
-    wait
+    pb=$!
+    wait "$pa" || { echo "$c $tenants: the run of 20,000 requests failed" >&2; exit 1; }
+    wait "$pb" || { echo "$c $tenants: the run of 120,000 requests failed" >&2; exit 1; }
     a=$(cat "$runs.a"); b=$(cat "$runs.b")
     rm -f "$runs" "$runs.a" "$runs.b"
+    if ! [[ $a =~ ^[0-9]+$ && $b =~ ^[0-9]+$ ]] || (( b <= a )); then
+      echo "$c $tenants: callgrind counted nothing ('$a', '$b')" >&2
+      exit 1
+    fi
     echo "$c $tenants: $(( (b - a) / 100000 )) instructions/request"
   fi
 done

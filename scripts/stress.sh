@@ -32,19 +32,20 @@ repeat)
   fi
   # The servers once, around every run.
   if [ -z "${TOLLGATE_REQUIRE_SERVERS:-}" ]; then
-    exec scripts/test-env.sh "$0" repeat "$n" "$target" "$filter"
+    exec scripts/test-env.sh "$PWD/scripts/stress.sh" repeat "$n" "$target" "$filter"
   fi
   cargo test --locked --all-features --test "$target" --no-run
   stress --cpu 2 >/dev/null 2>&1 &
   load=$!
-  trap 'kill $load 2>/dev/null || true' EXIT
+  log=$(mktemp)
+  trap 'kill $load 2>/dev/null || true; rm -f "$log"' EXIT
   for i in $(seq "$n"); do
-    if ! cargo test --locked --all-features --test "$target" -- "$filter" >/tmp/stress-run.log 2>&1; then
-      cat /tmp/stress-run.log
+    if ! cargo test --locked --all-features --test "$target" -- "$filter" >"$log" 2>&1; then
+      cat "$log"
       echo "run $i of $n failed"
       exit 1
     fi
-    echo "run $i of $n: $(grep -E '^test result' /tmp/stress-run.log | tail -1)"
+    echo "run $i of $n: $(grep -E '^test result' "$log" | tail -1)"
   done
   ;;
 *)

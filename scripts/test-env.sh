@@ -17,11 +17,12 @@
 # With the servers up, a test that finds none fails instead of skipping
 # (TOLLGATE_REQUIRE_SERVERS=1).
 
-test_env_dirs=()
-test_env_moto_pid=""
+test_env_moto_pids=()
+test_env_moto_logs=()
 
 test_env_stop() {
-  if [ -n "$test_env_moto_pid" ]; then kill "$test_env_moto_pid" 2>/dev/null || true; fi
+  local p
+  for p in ${test_env_moto_pids[@]+"${test_env_moto_pids[@]}"}; do kill "$p" 2>/dev/null || true; done
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   if [ -n "${test_env_bouncer_dir:-}" ]; then "$root/scripts/pgbouncer.sh" stop "$test_env_bouncer_dir" || true; fi
@@ -38,8 +39,29 @@ test_env_stop() {
   for d in ${test_env_redis_dirs[@]+"${test_env_redis_dirs[@]}"}; do
     "$root/scripts/redis-server.sh" stop "$d" || true
   done
-  rm -f "${test_env_moto_log:-}"
+  for p in ${test_env_moto_logs[@]+"${test_env_moto_logs[@]}"}; do rm -f "$p"; done
   return 0
+}
+
+# Starts one more moto server (one request at a time) and sets test_env_moto_endpoint to it:
+# test binaries run side by side each get their own, so that neither queues behind the other's
+# requests. Needs the venv test_env_start made.
+test_env_moto() {
+  local root port log pid
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  log=$(mktemp)
+  "$TOLLGATE_MOTO_PYTHON" "$root/scripts/moto-server.py" 127.0.0.1 "$port" >"$log" 2>&1 &
+  pid=$!
+  test_env_moto_pids+=("$pid")
+  test_env_moto_logs+=("$log")
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/moto-api/" && break
+    kill -0 "$pid" 2>/dev/null || { cat "$log"; echo "the DynamoDB server did not start"; return 1; }
+    sleep 0.2
+  done
+  curl -s -o /dev/null "http://127.0.0.1:$port/moto-api/" || { cat "$log"; echo "the DynamoDB server did not answer"; return 1; }
+  test_env_moto_endpoint="http://127.0.0.1:$port"
 }
 
 test_env_start() {
@@ -52,23 +74,12 @@ test_env_start() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[dynamodb]==5.2.5' flask flask-cors \
       'standardwebhooks==1.1.0' 'jsonschema==4.25.1'
   fi
-  local moto_port
-  moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  test_env_moto_log=$(mktemp)
-  "$venv/bin/python" "$root/scripts/moto-server.py" 127.0.0.1 "$moto_port" >"$test_env_moto_log" 2>&1 &
-  test_env_moto_pid=$!
-  for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$moto_port/moto-api/" && break
-    kill -0 "$test_env_moto_pid" 2>/dev/null || { cat "$test_env_moto_log"; echo "the DynamoDB server did not start"; return 1; }
-    sleep 0.2
-  done
-  curl -s -o /dev/null "http://127.0.0.1:$moto_port/moto-api/" \
-    || { cat "$test_env_moto_log"; echo "the DynamoDB server did not answer"; return 1; }
-  export TOLLGATE_DYNAMODB_ENDPOINT="http://127.0.0.1:$moto_port"
-  # The servers are there: a test that finds none fails instead of skipping.
-  export TOLLGATE_REQUIRE_SERVERS=1
   # Tests that stop and resume a server start one of their own with this Python.
   export TOLLGATE_MOTO_PYTHON="$venv/bin/python"
+  test_env_moto || return 1
+  export TOLLGATE_DYNAMODB_ENDPOINT="$test_env_moto_endpoint"
+  # The servers are there: a test that finds none fails instead of skipping.
+  export TOLLGATE_REQUIRE_SERVERS=1
   # The standard AWS environment, for a local server.
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
   echo "moto on $TOLLGATE_DYNAMODB_ENDPOINT"

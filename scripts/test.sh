@@ -43,10 +43,16 @@ step() {
 # shellcheck source=scripts/test-env.sh
 source scripts/test-env.sh
 background_pid=""
+store_log=""
 finish() {
   local status=$?
   end_step
-  if [ -n "$background_pid" ]; then kill "$background_pid" 2>/dev/null || true; fi
+  if [ -n "$background_pid" ]; then
+    # A failure before the store tests were awaited: what they said so far.
+    kill "$background_pid" 2>/dev/null || true
+    echo "the store tests (tests/store, in the background) were stopped; their output so far:"
+    tail -n 50 "$store_log" 2>/dev/null || true
+  fi
   test_env_stop
   printf '\n== durations (seconds)\n'
   printf '%s\n' "${step_times[@]}"
@@ -88,6 +94,9 @@ step "the default build, and each feature of the root crate alone, warnings deni
 # and none (as cargo hack check --each-feature): a feature that only compiles, or only
 # compiles without warnings, beside another is caught here. The loop needs nothing installed.
 cargo check --workspace --locked
+# The benchmarks as `cargo bench` builds them, with the default features (the test build below
+# has all of them).
+cargo check --workspace --locked --benches
 features=$(cargo metadata --no-deps --format-version 1 --locked \
   | python3 -c 'import json,sys; print(" ".join(sorted(f for p in json.load(sys.stdin)["packages"] if p["name"]=="tollgate" for f in p["features"] if f != "default")))')
 for feature in "" $features; do
@@ -115,17 +124,20 @@ for line in open(sys.argv[1]):
         print(m["executable"])' "$builds")
 [ -n "$store_bin" ] || { echo "the store tests' binary was not built"; exit 1; }
 store_log=$(mktemp)
-"$store_bin" >"$store_log" 2>&1 &
+# A moto server of their own: moto answers one request at a time, and the other binaries'
+# DynamoDB tests would queue behind theirs (PostgreSQL and Redis serve both at once).
+test_env_moto
+TOLLGATE_DYNAMODB_ENDPOINT="$test_env_moto_endpoint" "$store_bin" >"$store_log" 2>&1 &
 background_pid=$!
-# Every other test target of the root crate, by name (a new one runs without a change here).
+store_started=$SECONDS
+# Every other test target of the workspace, by name (a new one runs without a change here), in
+# one invocation with the build's packages and features: nothing is built again.
 others=$(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
 import json, sys
-for p in json.load(sys.stdin)["packages"]:
-    if p["name"] == "tollgate":
-        print(" ".join("--test " + t["name"] for t in p["targets"] if "test" in t["kind"] and t["name"] != "store"))')
+print(" ".join(sorted({"--test " + t["name"] for p in json.load(sys.stdin)["packages"]
+                       for t in p["targets"] if "test" in t["kind"] and t["name"] != "store"})))')
 # shellcheck disable=SC2086
-cargo test --locked --all-features -p tollgate --lib --bins --examples $others
-cargo test --workspace --locked --all-features --lib --bins --tests --examples --exclude tollgate
+cargo test --workspace --locked --all-features --lib --bins --examples $others
 
 step "benchmarks run once (the test build's)"
 cargo test --workspace --locked --all-features --benches -- --test 2>&1 | tail -n 3
@@ -151,6 +163,7 @@ if ! wait "$background_pid"; then
 fi
 background_pid=""
 grep -E "^test result|^running" "$store_log"
+step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store ran this long in the background)")")
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh

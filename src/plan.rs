@@ -835,7 +835,10 @@ impl Runtime {
         overrides: Option<&str>,
     ) -> Arc<CompiledPlan> {
         match (overrides, self.plans.get(plan)) {
-            (None, Some(base)) => base.clone(),
+            (None, Some(base)) => {
+                debug_assert!(spec.id() == plan, "a plan served without overrides is the plan itself");
+                base.clone()
+            }
             (overrides, _) => Arc::new(CompiledPlan::compile(
                 spec,
                 &self.meters,

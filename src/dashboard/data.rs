@@ -149,7 +149,10 @@ async fn file_tenants(admin: &Admin, keep: impl Fn(&TenantRecord) -> bool) -> Re
 /// (`None`: the configuration has no such plan, or the overrides cannot be read: the engine
 /// refuses the tenant).
 fn plan_of(config: Option<&Config>, record: &TenantRecord) -> Option<PlanSpec> {
-    served(config?, record).ok().map(|s| s.spec)
+    let config = config?;
+    // The file's tenant first, as the engine and `Admin` read it.
+    let file = file_record(config, &record.id);
+    served(config, file.as_ref().unwrap_or(record)).ok().map(|s| s.spec)
 }
 
 /// Units added without overflow.
@@ -158,8 +161,9 @@ fn add(a: u64, b: u64) -> u64 {
 }
 
 /// The gauges of `plan`'s quotas from `counters` at `now`, each against its limit in force
-/// ([`limit_in_force`]: a balance's granted units, a spend quota's cap in force).
-pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], now: i64) -> Vec<Gauge> {
+/// ([`limit_in_force`]: a balance's granted units, a spend quota's cap in force: the tenant's
+/// own cap as `cap` read it, else as the counters keep it).
+pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&SpendCapView>, now: i64) -> Vec<Gauge> {
     let mut out = Vec::new();
     for (meter, spec) in plan.quotas() {
         let period = spec.period();
@@ -168,7 +172,11 @@ pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], now: i64) -> Ve
             .iter()
             .find(|c| c.key.meter == *meter && (c.granted.is_some() || (c.key.start <= now && now < c.key.end)));
         let (used, kept) = counter.map_or((0, 0), |c| (c.used(), c.kept.total()));
-        let own = counters.iter().filter(|c| c.key.meter == *meter).find_map(|c| c.cap);
+        // An idle tenant's counters are swept and its own cap kept: a cap read says it.
+        let own = match cap {
+            Some(view) if spec.capped => view.own,
+            _ => counters.iter().filter(|c| c.key.meter == *meter).find_map(|c| c.cap),
+        };
         let (limit, mode) = limit_in_force(spec, counter.and_then(|c| c.granted), own);
         out.push(Gauge { meter: meter.clone(), period, mode, limit, used, kept, start, end });
     }
@@ -230,7 +238,7 @@ pub(crate) async fn tenants(
         let state = match &plan {
             None => "unknown plan",
             Some(plan) => {
-                let gauges = gauges(plan, &counters, now);
+                let gauges = gauges(plan, &counters, None, now);
                 if gauges.iter().any(|g| g.period == Period::Prepaid && g.reached()) {
                     "balance empty"
                 } else if gauges.iter().any(|g| g.period != Period::Prepaid && g.mode == QuotaMode::Hard && g.reached())
@@ -320,7 +328,7 @@ pub(crate) async fn tenant(
         if plan.spend().is_some() {
             cap = Some(admin.spend_cap(id).await?);
         }
-        gauges_ = gauges(plan, &counters, now);
+        gauges_ = gauges(plan, &counters, cap.as_ref(), now);
         if plan.quotas().values().any(|q| q.period() == Period::Prepaid) {
             grants = admin.credits(id).await?.0;
         }
@@ -419,6 +427,29 @@ mod tests {
         a
     }
 
+    /// A tenant the file declares is shown its file's plan, as the engine serves it, even when
+    /// the directory holds a record of the same id on another plan; a directory tenant's
+    /// overrides that do not fit are shown as the engine serves them (dropped).
+    #[test]
+    fn a_tenant_is_shown_the_plan_the_engine_serves() {
+        let config = Config::from_toml_str(
+            "[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n[plans.pro]\nrate = \"100/s\"\n\
+             [plans.norate]\n[tenants.f]\nplan = \"free\"\nkeys = [\"key-f\"]\n",
+        )
+        .unwrap();
+        let other = TenantRecord::new("f".into(), "pro".into());
+        assert_eq!(plan_of(Some(&config), &other).unwrap().id().as_str(), "free", "the file's first");
+        let mut d = TenantRecord::new("d".into(), "norate".into());
+        d.overrides = Some(r#"{"burst": 50}"#.into());
+        let plan = plan_of(Some(&config), &d).unwrap();
+        let norate = config.plan(&"norate".into()).unwrap();
+        assert_eq!(
+            (plan.id().as_str(), plan.burst()),
+            ("norate", norate.burst()),
+            "the burst that does not fit is dropped"
+        );
+    }
+
     #[test]
     fn usage_is_summed_into_hours_and_days_ending_now() {
         let now = 10 * 86_400 + 5 * 3600 + 1800;
@@ -487,7 +518,7 @@ mod tests {
             QuotaCounter::new(day, 60, None).keeping(Kept { lease: 20, held: 10, jobs: 0 }),
             QuotaCounter::new(balance, 40, Some(50)).keeping(Kept { lease: 30, held: 0, jobs: 0 }),
         ];
-        let g = gauges(plan, &counters, now);
+        let g = gauges(plan, &counters, None, now);
         let credits = g.iter().find(|g| g.meter.as_str() == "credits").unwrap();
         assert_eq!((credits.limit, credits.used, credits.kept), (50, 10, 30));
         let requests = g.iter().find(|g| g.meter.as_str() == "requests").unwrap();

@@ -105,9 +105,9 @@ pub trait PlaceStore: Send + Sync + fmt::Debug + 'static {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError>;
 }
 
-/// What a call of [`PlaceStore::places`] does.
+/// What a call of [`PlaceStore::places`] does. Not `#[non_exhaustive]`: a store matches on
+/// every mode, and a new one is a change it must make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum PlaceMode {
     /// Takes places: the node holds `count` in all if they fit beside the other nodes' live
     /// places (else as many as fit), until `now + ttl`.
@@ -314,6 +314,19 @@ mod tests {
         assert_eq!(row.apply(&call(2, 2, 4, TTL + 2), PlaceMode::Acquire), Places::new(4, 4));
         let stored = PlaceRow::from_json(&row.to_json()).unwrap();
         assert_eq!(stored, row);
+    }
+
+    /// A renew holds as an acquire does: the same row, the same calls, the same answers.
+    #[test]
+    fn a_renew_holds_as_an_acquire() {
+        let (mut acquired, mut renewed) = (PlaceRow::default(), PlaceRow::default());
+        for (node, seq, count, now) in
+            [(1, 1, 3, 0), (2, 1, 4, 0), (1, 2, 2, 1), (2, 2, 5, TTL + 2), (3, 1, 9, TTL + 3)]
+        {
+            let c = call(node, seq, count, now);
+            assert_eq!(acquired.apply(&c, PlaceMode::Acquire), renewed.apply(&c, PlaceMode::Renew), "{c:?}");
+        }
+        assert_eq!(acquired, renewed);
     }
 
     #[test]

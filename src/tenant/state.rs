@@ -53,7 +53,7 @@ pub(crate) struct TenantState {
     first: MeterCell,
     // The cold line from here.
     /// One per quota of the plan, in the plan's order.
-    pub(super) quotas: Box<[QuotaCold]>,
+    quotas: Box<[QuotaCold]>,
     pub(crate) id: TenantId,
     /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
     /// (no flush drained it for two windows): (meter, window index, quantity). Made on first
@@ -356,14 +356,14 @@ impl TenantState {
 /// usage slots, the current window and the one before, each tagged with its window index so
 /// that the worker attributes usage to the window it was recorded in. 40 bytes.
 #[derive(Default)]
-pub(super) struct MeterCell {
+struct MeterCell {
     /// The units of the lease held, tagged with its period (`quota/mod.rs`'s `Lease`).
-    pub(super) lease: AtomicU64,
+    lease: AtomicU64,
     /// The period the lease belongs to, packed by [`PeriodBits`](super::PeriodBits); 0: no
     /// lease yet.
-    pub(super) period: AtomicU32,
+    period: AtomicU32,
     /// Below this many units left, the lease is refilled ahead of need.
-    pub(super) low: AtomicU32,
+    low: AtomicU32,
     windows: [AtomicU32; 2],
     quantity: [AtomicU64; 2],
 }
@@ -389,7 +389,7 @@ impl MeterCell {
     clippy::box_collection,
     reason = "one pointer in the state's and the quotas' cold parts, where a vector is three words"
 )]
-pub(super) struct Rare<T>(pub(super) Option<Box<Vec<T>>>);
+struct Rare<T>(Option<Box<Vec<T>>>);
 
 impl<T> Default for Rare<T> {
     fn default() -> Self {
@@ -398,17 +398,17 @@ impl<T> Default for Rare<T> {
 }
 
 impl<T> Rare<T> {
-    pub(super) fn list(&self) -> &[T] {
+    fn list(&self) -> &[T] {
         self.0.as_deref().map_or(&[], |v| &v[..])
     }
 
     /// The list, made if it was not.
-    pub(super) fn make(&mut self) -> &mut Vec<T> {
+    fn make(&mut self) -> &mut Vec<T> {
         self.0.get_or_insert_with(Box::default)
     }
 
     /// Takes the `i`th entry out; the list is let go once empty.
-    pub(super) fn remove(&mut self, i: usize) -> T {
+    fn remove(&mut self, i: usize) -> T {
         let list = self.0.as_mut().expect("an entry to remove");
         let entry = list.remove(i);
         if list.is_empty() {
@@ -417,7 +417,7 @@ impl<T> Rare<T> {
         entry
     }
 
-    pub(super) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.0 = None;
     }
 }
@@ -556,7 +556,7 @@ impl PeriodBits {
 
 /// The parts of a quota the request path reads only on its slow paths.
 #[derive(Default)]
-pub(super) struct QuotaCold {
+struct QuotaCold {
     /// Serializes the store calls of this cell (refills, returns, period rolls): a slow store
     /// call for one tenant never holds up another. One byte, beside the flags.
     lock: CallLock,
@@ -625,7 +625,7 @@ impl QuotaRare {
 impl QuotaCold {
     /// The cold part of a new cell of a quota of `spec`: a spend cap's or a balance's rare
     /// part is made at once (a spend cap's own cap is not known until the store answers).
-    pub(super) fn for_spec(spec: &QuotaSpec) -> Self {
+    fn for_spec(spec: &QuotaSpec) -> Self {
         let cold = QuotaCold::default();
         if spec.capped || spec.period() == crate::base::Period::Prepaid {
             let cap = if spec.capped { CAP_UNKNOWN } else { 0 };
@@ -831,9 +831,9 @@ pub(crate) const PREPAID_WINDOW: i64 = 512 * 3600;
 /// A quota cell with its spec and meter.
 #[derive(Clone, Copy)]
 pub(crate) struct QuotaRef<'a> {
-    pub(super) state: &'a TenantState,
-    pub(super) hot: &'a MeterCell,
-    pub(super) index: usize,
+    state: &'a TenantState,
+    hot: &'a MeterCell,
+    index: usize,
     pub(crate) meter: usize,
     pub(crate) spec: &'a QuotaSpec,
 }
@@ -913,11 +913,13 @@ impl<'a> QuotaRef<'a> {
     }
 
     /// The bounds of the period of the lease held ((0, 0) before the first lease).
+    #[inline]
     pub(crate) fn period(&self) -> (i64, i64) {
         PeriodBits::bounds(self.hot.period.load(Ordering::Acquire))
     }
 
     /// The units left in the lease held (negative: a debt).
+    #[inline]
     pub(crate) fn lease(&self) -> i64 {
         Lease::value(self.hot.lease.load(Ordering::Acquire))
     }

@@ -917,7 +917,7 @@ impl tollgate::store::PlaceStore for Faulty {
         let delay = match mode {
             PlaceMode::Acquire => self.place_delay_ms.load(Ordering::SeqCst),
             PlaceMode::Renew => self.renew_delay_ms.load(Ordering::SeqCst),
-            _ => 0,
+            PlaceMode::Release => 0,
         };
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -786,7 +786,12 @@ const UPWARD: &[(&str, &str)] = &[
     // The tenant's state holds its compiled plan (`Arc<CompiledPlan>`), which is compiled
     // over the tenant's cells.
     ("src/tenant/", "src/plan.rs"),
+    // The crate root passes the tower layer's types on at the top (`tollgate::TollgateLayer`).
+    ("src/lib.rs", "src/layer/"),
 ];
+
+/// The arrows back up when the floors were drawn (issue 83): `UPWARD` may only lose some.
+const UPWARD_WHEN_DRAWN: &[(&str, &str)] = &[("src/tenant/", "src/plan.rs"), ("src/lib.rs", "src/layer/")];
 
 /// The engine's parts: its folders (`src/engine/admit/` …). Outside the engine, nothing
 /// imports them: the engine's own files at its top (the facade and what it re-exports) are
@@ -808,7 +813,9 @@ fn room_of(file: &str) -> String {
 /// the code no longer draws, and a file outside the engine importing an engine part.
 fn floor_faults(files: &BTreeMap<String, String>, floors: &[&[&str]], upward: &[(&str, &str)]) -> Vec<String> {
     let krate = Crate::read(files);
-    let graph = krate.imports();
+    // What a room passes on is its own too: a `pub use` of a higher room's item in a module's
+    // own file (`mod.rs`, `lib.rs`) is an arrow from it.
+    let graph = krate.imports_counting(true);
     let floor = |room: &str| floors.iter().position(|f| f.contains(&room));
     let mut faults = Vec::new();
     let mut drawn = BTreeSet::new();
@@ -911,7 +918,8 @@ fn the_house_has_no_circle_and_its_bottom_stays_at_the_bottom() {
     let mut faults = faults(&files);
     faults.extend(floor_faults(&files, FLOORS, UPWARD));
     assert!(faults.is_empty(), "the house is not whole:\n{}", faults.join("\n"));
-    assert!(UPWARD.len() <= 2, "the arrows that run back up only shrink (2 when the floors were drawn)");
+    let grown: Vec<_> = UPWARD.iter().filter(|a| !UPWARD_WHEN_DRAWN.contains(a)).collect();
+    assert!(grown.is_empty(), "the arrows that run back up only shrink: {grown:?} is not one of those of issue 83");
 }
 
 /// The floors: a room importing one above it is found, as is one importing a room of its own
@@ -958,6 +966,17 @@ fn the_floors_find_an_upward_import_and_a_reach_into_an_engine_part() {
     assert_eq!(
         floor_faults(&house, floors, allowed),
         vec!["src/store/ no longer imports src/engine/: take the arrow out of UPWARD (the list only shrinks)"]
+    );
+    // A room passing a higher room's item on, from its own `mod.rs`: an arrow up all the same.
+    let mut passed = house.clone();
+    passed
+        .insert("src/store/mod.rs".into(), "pub struct Row(crate::base::Id);\npub use crate::engine::Tollgate;".into());
+    assert_eq!(
+        floor_faults(&passed, floors, &[]),
+        vec![
+            "src/store/mod.rs imports src/engine/engine.rs (crate::engine::Tollgate): src/engine/ is above it (floor \
+             3; src/store/ is on floor 2): move the shared item down"
+        ]
     );
     // Two rooms of one floor.
     let mut side = house.clone();

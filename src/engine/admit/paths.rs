@@ -3,11 +3,15 @@
 //! `Idempotency-Key`) and the whole chain (`decide_charged` → `decide_keyed` → `decide_rated`
 //! → `decide_placed` → `take_and_ticket`). Each plan shape the configuration allows is run
 //! twice from the same start, once as the engine decides and once with every request sent
-//! through the chain, by the same script of requests; what each request is answered, and what
-//! the tenant is charged, must be the same. A shape that is not straight is run a third time
-//! with every plain request forced through the straight path: it must differ, so that the
-//! script reaches each check the straight path skips (a new check that forgets to clear
-//! `CompiledPlan::straight` or `RouteCost::plain` fails here).
+//! through the chain, by the same script of requests (plain routes, a feature's, a reported
+//! meter's, a hold's, keyed requests); what each request is answered, and what the tenant is
+//! charged, must be the same. On a straight plan this compares the two paths on every plain
+//! request of the script: a check the chain makes on a route or plan property the script
+//! exercises, with neither flag cleared for it, makes them differ (dropping `reports == 0` from
+//! `RouteCost::plain` does). On a plan that is not straight both runs take the chain, and a
+//! third run forces every plain request through the straight path: it must differ, so that the
+//! script reaches what the flag keeps from the straight path. The usage buffer's refusal,
+//! which both paths make first, is not reached here.
 
 use std::{sync::atomic::Ordering, time::Duration};
 

@@ -26,9 +26,10 @@ pub(crate) use recharge::{RechargeAlert, RechargeEvent};
 
 use std::sync::Arc;
 
+#[cfg(feature = "alerts")]
+use crate::settings::endpoint::TenantEndpoint;
 use crate::{
     engine::shared::Shared,
-    settings::endpoint::TenantEndpoint,
     store::{AlertClaim, AlertOutcome, OutboxEntry},
 };
 

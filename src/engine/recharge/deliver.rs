@@ -71,8 +71,13 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
         parts.quota.apply_recharge(&claim.tenant, &claim.meter, RechargeMode::Set(None), parts.now).await?;
         return Ok(Delivered::Closed);
     };
-    // The customer as the configuration file declares it, else as the directory says.
-    let Some(customer) = record.and_then(|t| t.customer) else {
+    // The customer as the configuration file declares it, else as the directory says (a file
+    // tenant's customer may be set in the directory alone).
+    let customer = match record.and_then(|t| t.customer) {
+        Some(c) => Some(c),
+        None => parts.directory.tenant(&claim.tenant).await?.and_then(|t| t.customer),
+    };
+    let Some(customer) = customer else {
         return failed(parts, claim, RechargeFailure::NoPaymentMethod, "the tenant has no Stripe customer").await;
     };
     let Some(charger) = parts.charger else {
