@@ -163,7 +163,7 @@ if ! wait "$background_pid"; then
 fi
 background_pid=""
 grep -E "^test result|^running" "$store_log"
-step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store ran this long in the background)")")
+step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store, in the background: from its start to this wait; its own time is in its result line)")")
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
