@@ -37,22 +37,30 @@ misses() {
 }
 for c in $cases; do
   if [[ ${CACHE:-0} == 1 ]]; then
-    read -r d1a l2a <<<"$(misses "$c" 200000)"; read -r d1b l2b <<<"$(misses "$c" 1200000)"
+    first=$(misses "$c" 200000); second=$(misses "$c" 1200000)
+    read -r d1a l2a <<<"$first"; read -r d1b l2b <<<"$second"
+    for n in "${d1a:-}" "${l2a:-}" "${d1b:-}" "${l2b:-}"; do
+      [[ $n =~ ^[0-9]+$ ]] || { echo "$c $tenants: cachegrind counted nothing ('$first', '$second')" >&2; exit 1; }
+    done
     echo "$c $tenants: $(( (d1b - d1a) / 10000 ))/100 D1 misses, $(( (l2b - l2a) / 10000 ))/100 L2 misses per request"
   elif [[ ${ONE_RUN:-0} == 1 ]]; then
     a=$(count "$c" 200000)
+    if ! [[ $a =~ ^[0-9]+$ ]] || (( a == 0 )); then echo "$c $tenants: callgrind counted nothing ('$a')" >&2; exit 1; fi
     echo "$c $tenants: $(( a / 200000 )) instructions/request"
   else
-    # The two runs side by side, one core each (instruction counts do not depend on timing; with
-    # TOLLGATE_BENCH_NO_REFILL unset the worker's share is counted too, and can, as it always
-    # could). A run that fails, or counts nothing, fails the script.
+    # The two runs side by side, one core each: the request path's instruction counts do not
+    # depend on timing (with TOLLGATE_BENCH_NO_REFILL unset the worker's share is counted too,
+    # and that share can, as it always could). A run that fails, or counts nothing, fails the
+    # script, and the other run is stopped.
     runs=$(mktemp)
     count "$c" 20000 >"$runs.a" &
     pa=$!
     count "$c" 120000 >"$runs.b" &
     pb=$!
+    trap 'kill $pa $pb 2>/dev/null || true; rm -f "$runs" "$runs.a" "$runs.b"' EXIT
     wait "$pa" || { echo "$c $tenants: the run of 20,000 requests failed" >&2; exit 1; }
     wait "$pb" || { echo "$c $tenants: the run of 120,000 requests failed" >&2; exit 1; }
+    trap - EXIT
     a=$(cat "$runs.a"); b=$(cat "$runs.b")
     rm -f "$runs" "$runs.a" "$runs.b"
     if ! [[ $a =~ ^[0-9]+$ && $b =~ ^[0-9]+$ ]] || (( b <= a )); then

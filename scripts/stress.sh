@@ -35,14 +35,20 @@ repeat)
     exec scripts/test-env.sh "$PWD/scripts/stress.sh" repeat "$n" "$target" "$filter"
   fi
   cargo test --locked --all-features --test "$target" --no-run
-  stress --cpu 2 >/dev/null 2>&1 &
+  # In a process group of its own, so that its workers stop with it.
+  setsid stress --cpu 2 >/dev/null 2>&1 &
   load=$!
   log=$(mktemp)
-  trap 'kill $load 2>/dev/null || true; rm -f "$log"' EXIT
+  trap 'kill -- -$load 2>/dev/null || true; rm -f "$log"' EXIT
   for i in $(seq "$n"); do
     if ! cargo test --locked --all-features --test "$target" -- "$filter" >"$log" 2>&1; then
       cat "$log"
       echo "run $i of $n failed"
+      exit 1
+    fi
+    if ! grep -qE '^test result: ok\. [1-9]' "$log"; then
+      cat "$log"
+      echo "no test of $target matches \"$filter\""
       exit 1
     fi
     echo "run $i of $n: $(grep -E '^test result' "$log" | tail -1)"

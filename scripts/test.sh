@@ -44,10 +44,15 @@ step() {
 source scripts/test-env.sh
 background_pid=""
 store_log=""
+store_started=""
+store_time() { # the durations' line of the store tests in the background
+  step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store, in the background: $1)")")
+}
 finish() {
   local status=$?
   end_step
   if [ -n "$background_pid" ]; then
+    store_time "stopped when the run failed"
     # A failure before the store tests were awaited: what they said so far.
     kill "$background_pid" 2>/dev/null || true
     echo "the store tests (tests/store, in the background) were stopped; their output so far:"
@@ -89,22 +94,30 @@ step "docs as docs.rs builds them (--cfg docsrs, warnings denied), on the checks
 RUSTDOC="$PWD/scripts/rustdoc-docsrs.sh" RUSTDOCFLAGS="--cfg docsrs -D warnings" \
   cargo doc --workspace --locked --all-features --no-deps
 
+# Fails on a warning in what a `cargo check` printed (the workspace's own files: the root
+# crate's and the integrations').
+no_warnings() { # what: cargo check args…
+  local what=$1 out
+  shift
+  out=$(cargo check --locked --message-format short "$@" 2>&1) || { echo "$out"; echo "$what does not build"; exit 1; }
+  if grep -E "^(src|benches|examples|tests|integrations)/.*(warning|error)" <<<"$out"; then
+    echo "warnings in $what"; exit 1
+  fi
+}
+
 step "the default build, and each feature of the root crate alone, warnings denied"
 # The workspace with its default features; then every feature of the root crate on its own,
 # and none (as cargo hack check --each-feature): a feature that only compiles, or only
 # compiles without warnings, beside another is caught here. The loop needs nothing installed.
-cargo check --workspace --locked
+no_warnings "the workspace with its default features" --workspace
 # The benchmarks as `cargo bench` builds them, with the default features (the test build below
 # has all of them).
-cargo check --workspace --locked --benches
+no_warnings "the benchmarks with the default features" --workspace --benches
 features=$(cargo metadata --no-deps --format-version 1 --locked \
   | python3 -c 'import json,sys; print(" ".join(sorted(f for p in json.load(sys.stdin)["packages"] if p["name"]=="tollgate" for f in p["features"] if f != "default")))')
 for feature in "" $features; do
-  out=$(cargo check -p tollgate --locked --no-default-features ${feature:+--features "$feature"} --message-format short 2>&1) \
-    || { echo "$out"; echo "the root crate does not build with only: ${feature:-no features}"; exit 1; }
-  if grep -E "^(src|benches|examples)/.*(warning|error)" <<<"$out"; then
-    echo "warnings with only: ${feature:-no features}"; exit 1
-  fi
+  no_warnings "the root crate with only: ${feature:-no features}" -p tollgate --no-default-features \
+    ${feature:+--features "$feature"}
 done
 
 step "unit and behaviour tests (the store tests beside the rest, and beside the steps that only build)"
@@ -137,7 +150,7 @@ import json, sys
 print(" ".join(sorted({"--test " + t["name"] for p in json.load(sys.stdin)["packages"]
                        for t in p["targets"] if "test" in t["kind"] and t["name"] != "store"})))')
 # shellcheck disable=SC2086
-cargo test --workspace --locked --all-features --lib --bins --examples $others
+cargo test --workspace --locked --all-features --no-fail-fast --lib --bins --examples $others
 
 step "benchmarks run once (the test build's)"
 cargo test --workspace --locked --all-features --benches -- --test 2>&1 | tail -n 3
@@ -158,12 +171,13 @@ scripts/instruction-budget.sh --self-test
 step "the store tests' end (tests/store, run in the background since the test build)"
 if ! wait "$background_pid"; then
   background_pid=""
+  store_time "failed"
   cat "$store_log"
   echo "the store tests failed"; exit 1
 fi
 background_pid=""
+store_time "from its start to this wait; its own time is in its result line"
 grep -E "^test result|^running" "$store_log"
-step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store, in the background: from its start to this wait; its own time is in its result line)")")
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
