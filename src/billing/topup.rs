@@ -34,6 +34,24 @@ use crate::{
 /// The metadata key of a checkout session or invoice that says how many units it grants,
 /// instead of its prices.
 pub(crate) const UNITS_KEY: &str = "tollgate_units";
+
+/// The billing reasons of a subscription's period invoices: its first and its renewals.
+const PERIOD_REASONS: [&str; 2] = ["subscription_create", "subscription_cycle"];
+
+/// A checkout session's or invoice's own metadata `key`; else, on an invoice of a
+/// subscription's period (`billing_reason` `subscription_create` or `subscription_cycle`), its
+/// subscription's (`parent.subscription_details.metadata`: a renewal invoice's own is empty).
+/// Stripe copies the subscription's metadata onto every invoice of it, a mid-period change
+/// (`subscription_update`), a threshold or a one-off invoice too: those are read by their own
+/// metadata or lines only, so that a proration never grants a period's units.
+pub(crate) fn named<'o>(o: &'o Value, key: &str, session: bool) -> &'o Value {
+    match &o["metadata"][key] {
+        Value::Null if !session && o["billing_reason"].as_str().is_some_and(|r| PERIOD_REASONS.contains(&r)) => {
+            &o["parent"]["subscription_details"]["metadata"][key]
+        }
+        own => own,
+    }
+}
 /// The metadata key that names the balance's meter, instead of `[stripe.credits] meter`.
 pub(crate) const METER_KEY: &str = "tollgate_meter";
 /// How long after a payment its unknown customer is answered 500 (delivered again).
@@ -730,11 +748,7 @@ impl WebhookHandler {
             _ => return Ok(false),
         };
         let o = &object;
-        let named = |key: &str| match &o["metadata"][key] {
-            Value::Null if !session => o["parent"]["subscription_details"]["metadata"][key].clone(),
-            own => own.clone(),
-        };
-        if !named(UNITS_KEY).is_null() {
+        if !named(o, UNITS_KEY, session).is_null() {
             return Ok(true);
         }
         let Some(id) = id_of(&o["id"]) else { return Ok(false) };

@@ -672,6 +672,48 @@ async fn a_subscription_selling_credits_by_metadata_credits_every_period(s: Setu
     assert_eq!(s.signed(&event("evt_p3", "invoice.paid", inv)).await, (200, credited(10, "in_p3")));
 }
 
+// The subscription's metadata names a period's units, so it grants only on the invoices of a
+// period: `billing_reason` `subscription_create` and `subscription_cycle` (Stripe's API
+// reference, "The Invoice object": `billing_reason`). Stripe copies it onto every invoice of the
+// subscription: a mid-period change invoiced at once (`subscription_update`, a proration of
+// 1.33), a threshold invoice (`subscription_threshold`) or a one-off invoice of it (`manual`)
+// carries it too, and must grant by its own metadata or lines only (main granted the full 6,000
+// on each, so an upgrade and downgrade loop in the portal gave units for nothing).
+#[tokio::test]
+async fn subscription_metadata_grants_only_on_a_periods_invoice() {
+    let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
+    let parent = json!({ "type": "subscription_details", "quote_details": null,
+        "subscription_details": { "metadata": { "tollgate_units": "6000" }, "subscription": "sub_1" } });
+    for (n, reason) in ["subscription_update", "subscription_threshold", "manual"].into_iter().enumerate() {
+        let id = format!("in_mid{n}");
+        let mut inv = invoice(&id, "cus_acme", &[("price_plan_monthly", 1)]);
+        inv["billing_reason"] = json!(reason);
+        inv["metadata"] = json!({});
+        inv["parent"] = parent.clone();
+        inv["total"] = json!(133);
+        inv["amount_paid"] = json!(133);
+        let (status, outcome) = s.signed(&event(&format!("evt_mid{n}"), "invoice.paid", inv)).await;
+        assert_eq!(status, 200, "{reason}");
+        assert!(matches!(outcome, WebhookOutcome::NotCredited { .. }), "{reason}: {outcome:?}");
+    }
+    assert_eq!(s.balance().await.granted, 0, "no period's units for a proration");
+    // Its own lines still grant: a credit pack bought on the subscription's one-off invoice.
+    let mut inv = invoice("in_pack", "cus_acme", &[("price_pack", 2)]);
+    inv["billing_reason"] = json!("manual");
+    inv["metadata"] = json!({});
+    inv["parent"] = parent.clone();
+    paid_by(&s, "in_pack", "pi_pack");
+    let (_, outcome) = s.signed(&event("evt_pack", "invoice.paid", inv)).await;
+    assert!(matches!(outcome, WebhookOutcome::Credited { units: 200, .. }), "{outcome:?}");
+    // The renewal grants its period's units.
+    let mut inv = invoice("in_cycle", "cus_acme", &[("price_plan_monthly", 1)]);
+    inv["billing_reason"] = json!("subscription_cycle");
+    inv["metadata"] = json!({});
+    inv["parent"] = parent;
+    assert_eq!(s.signed(&event("evt_cycle", "invoice.paid", inv)).await, (200, credited(6000, "in_cycle")));
+    assert_eq!(s.balance().await.granted, 6200);
+}
+
 // What a pack cost is what the customer paid: an invoice line's `amount` is before its
 // discounts and tax (Stripe's API reference, "The Invoice Line Item object": `amount`, "the
 // amount, in cents, before discounts and taxes"; `discount_amounts`, `pretax_credit_amounts`,

@@ -38,14 +38,10 @@ struct Paid<'o> {
 }
 
 impl<'o> Paid<'o> {
-    /// The object's own metadata `key`, else a subscription invoice's copy of its
-    /// subscription's (`parent.subscription_details.metadata`): a renewal invoice's own is
-    /// empty.
+    /// The object's own metadata `key`, else, on a period's invoice, its subscription's
+    /// ([`named`](super::named)).
     fn metadata(&self, key: &str) -> &'o Value {
-        match &self.o["metadata"][key] {
-            Value::Null if !self.session => &self.o["parent"]["subscription_details"]["metadata"][key],
-            own => own,
-        }
+        super::named(self.o, key, self.session)
     }
 }
 
