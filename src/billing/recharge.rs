@@ -45,6 +45,8 @@ pub(crate) struct Order<'a> {
     pub(crate) n: u64,
     pub(crate) price: &'a str,
     pub(crate) packs: u64,
+    /// The billing currency (`[billing] currency`): the invoice's, whatever the customer's.
+    pub(crate) currency: &'a str,
     /// When it was first claimed (Unix seconds).
     pub(crate) claimed_at: i64,
     pub(crate) now: i64,
@@ -160,12 +162,18 @@ impl RechargeCharger {
                 ]
                 .into_iter()
                 .collect();
-                let create = CreateInvoice::new()
+                let mut create = CreateInvoice::new()
                     .customer(order.customer)
                     .collection_method(InvoiceCollectionMethod::ChargeAutomatically)
                     .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Exclude)
                     .auto_advance(false)
                     .metadata(metadata);
+                // The billing currency, as the limit counts it (Stripe would take the
+                // customer's otherwise).
+                if !order.currency.is_empty() {
+                    let Ok(currency) = order.currency.parse::<stripe_types::Currency>();
+                    create = create.currency(currency);
+                }
                 match create.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
                     Ok(invoice) => (invoice, "item"),
                     Err(e) => return Self::failed(e),

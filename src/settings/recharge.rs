@@ -89,10 +89,10 @@ pub struct RechargeView {
 impl RechargeView {
     /// Why recharge is off, if it is: `"not_turned_on"`, or the last payment failure's reason
     /// once failures turned it off (`"declined"`, `"action_required"`,
-    /// `"no_payment_method"`, `"refused"`).
+    /// `"no_payment_method"`, `"refused"`), or what turned it off at once (`"price_changed"`).
     #[must_use]
     pub fn off_reason(&self) -> Option<&'static str> {
-        match (self.state.setting, self.state.off) {
+        match (&self.state.setting, self.state.off) {
             (None, _) => Some("not_turned_on"),
             (Some(_), Some(why)) => Some(why.as_str()),
             (Some(_), None) => None,
@@ -110,12 +110,12 @@ impl RechargeView {
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
         let money = |minor: u64| crate::base::money_text(minor, &self.currency);
-        let own = self.state.setting.map(|s| {
+        let own = self.state.setting.as_ref().map(|s| {
             serde_json::json!({
                 "below": s.below,
                 "to": s.to,
                 "monthly_limit": money(s.monthly_limit),
-                "pack": { "units": s.pack.units, "amount": money(s.pack.amount) },
+                "pack": { "units": s.pack.units, "amount": money(s.pack.amount), "price": s.price },
             })
         });
         let open = self.state.open.map(|c| {
@@ -198,7 +198,8 @@ pub(crate) async fn recharge(
             let setting = within(&spec, &ask, &currency)?;
             let amount = unit_amount(parts.charger, &spec.price, &currency).await?;
             let pack = RechargePack::new(spec.pack_units, amount);
-            Some(RechargeMode::Set(Some(RechargeSetting::new(setting.0, setting.1, setting.2, pack))))
+            let setting = RechargeSetting::new(setting.0, setting.1, setting.2, pack).with_price(spec.price.clone());
+            Some(RechargeMode::Set(Some(setting)))
         }
     };
     if let Some(mode) = mode {
@@ -218,7 +219,7 @@ pub(crate) fn view_of(
     counters: &[crate::store::QuotaCounter],
     now: i64,
 ) -> RechargeView {
-    let state = counters.iter().find_map(|c| c.recharge).unwrap_or_default();
+    let state = counters.iter().find_map(|c| c.recharge.clone()).unwrap_or_default();
     let this_month = state.month == crate::store::month_of(now);
     let (month_spent, month_count) = if this_month { (state.spent, state.count) } else { (0, 0) };
     RechargeView { tenant: tenant.clone(), meter: meter.clone(), currency, plan: spec, state, month_spent, month_count }

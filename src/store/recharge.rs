@@ -26,9 +26,11 @@ pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
 /// A tenant's recharge of a prepaid meter: when the balance goes below `below` units, buy the
 /// packs that bring it to at least `to`, spending at most `monthly_limit` a calendar month
 /// (UTC, in the smallest unit of the billing currency). It keeps the pack as it was when set
-/// (what the plan's credit price grants, and Stripe's `unit_amount` of it), so that every node
-/// claims by the same numbers without asking Stripe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+/// (the plan's credit price, what it grants, and Stripe's `unit_amount` of it), so that every
+/// node claims by the same numbers without asking Stripe, and a delivery charges that price
+/// only while it still is the plan's at that amount (else recharge is turned off,
+/// [`RechargeFailure::PriceChanged`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct RechargeSetting {
@@ -40,13 +42,23 @@ pub struct RechargeSetting {
     pub monthly_limit: u64,
     /// What one pack buys and costs.
     pub pack: RechargePack,
+    /// The credit price the packs are of (its Stripe id), as it was when set. Empty in a
+    /// setting stored before tollgate kept it: its delivery checks the pack alone.
+    pub price: String,
 }
 
 impl RechargeSetting {
     /// Below `below`, recharge to `to` in packs of `pack`, at most `monthly_limit` a month.
     #[must_use]
     pub fn new(below: u64, to: u64, monthly_limit: u64, pack: RechargePack) -> Self {
-        Self { below, to, monthly_limit, pack }
+        Self { below, to, monthly_limit, pack, price: String::new() }
+    }
+
+    /// The same, its packs of the credit price `price` (a Stripe price id).
+    #[must_use]
+    pub fn with_price(mut self, price: impl Into<String>) -> Self {
+        self.price = price.into();
+        self
     }
 }
 
@@ -84,9 +96,18 @@ pub enum RechargeFailure {
     NoPaymentMethod,
     /// Stripe refused the charge otherwise.
     Refused,
+    /// The plan's recharge price, what its pack grants, or its amount on Stripe is no longer
+    /// what the setting counted (a plan change, a reload, a price changed on Stripe): nothing
+    /// was charged; turning recharge on again takes the new pack. Not a payment failure: it
+    /// turns recharge off at once ([`RechargeMode::Stop`]).
+    PriceChanged,
 }
 
 impl RechargeFailure {
+    /// The failures of a payment (counted, [`FAILURES_BEFORE_OFF`] in a row turn recharge
+    /// off); the others turn it off at once, with nothing charged.
+    pub const PAYMENT: [Self; 4] = [Self::Declined, Self::ActionRequired, Self::NoPaymentMethod, Self::Refused];
+
     /// Its name in reports, alerts and metrics.
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -95,6 +116,7 @@ impl RechargeFailure {
             Self::ActionRequired => "action_required",
             Self::NoPaymentMethod => "no_payment_method",
             Self::Refused => "refused",
+            Self::PriceChanged => "price_changed",
         }
     }
 }
@@ -117,7 +139,7 @@ pub struct RechargeClaim {
 }
 
 /// A tenant's recharge of a meter as a store keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RechargeState {
     /// The tenant's setting; `None`: recharge off (never turned on, or turned off by it).
@@ -169,7 +191,7 @@ pub struct RechargeState {
 /// recharge of the meter: a mode of [`QuotaStore::reserve`](super::QuotaStore::reserve), as
 /// the spend cap's [`CapMode`](super::CapMode) is. Every mode but `Ignored` writes, if
 /// anything, the record beside the balance only; the reserve itself goes on as it would.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 #[non_exhaustive]
 pub enum RechargeMode {
     /// Nothing read or written.
@@ -207,6 +229,16 @@ pub enum RechargeMode {
         why: RechargeFailure,
         /// The caller's time (Unix seconds).
         now: i64,
+    },
+    /// Turns recharge off at once for `why`, which is no failure of a payment (no failure is
+    /// counted, no hour waited): recharge `n`, if open, is closed unpaid (its amount back to
+    /// the month). Answered [`RechargeSeen::Failed`] with `off`, `first` when recharge was on
+    /// until this call (its alert goes out once). Turning recharge on again clears it.
+    Stop {
+        /// The recharge concerned.
+        n: u64,
+        /// Why.
+        why: RechargeFailure,
     },
 }
 
@@ -314,6 +346,16 @@ impl RechargeState {
                 self.paid = self.paid.max(n);
                 RechargeSeen::Paid { n, first: true }
             }
+            RechargeMode::Stop { n, why } => {
+                if let Some(claim) = self.open.filter(|c| c.n == n) {
+                    self.close_unpaid(claim);
+                }
+                let first = self.on();
+                if first {
+                    self.off = Some(why);
+                }
+                RechargeSeen::Failed { n, off: true, first, why: self.off.unwrap_or(why) }
+            }
             RechargeMode::Failed { n, why, now } => {
                 if self.unpaid_failed && self.unpaid.is_some_and(|c| c.n == n) {
                     let why = self.off.unwrap_or(why);
@@ -357,7 +399,7 @@ impl RechargeState {
     }
 
     fn watch(&mut self, now: i64, balance: u64) -> RechargeSeen {
-        let wanted = self.setting.filter(|s| self.off.is_none() && balance < s.below && s.pack.units > 0);
+        let wanted = self.setting.clone().filter(|s| self.off.is_none() && balance < s.below && s.pack.units > 0);
         if let Some(mut claim) = self.open {
             if claim.taken_until > now {
                 return RechargeSeen::Open { n: claim.n };
@@ -407,8 +449,8 @@ impl RechargeState {
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
     /// The record as stores keep it (JSON text).
     #[must_use]
-    pub(crate) fn to_json(self) -> String {
-        serde_json::to_string(&self).unwrap_or_default()
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
@@ -442,16 +484,16 @@ mod tests {
     fn a_crossing_claims_the_packs_that_reach_to_once() {
         let mut s = on();
         let watch = RechargeMode::Watch { now: NOW };
-        assert_eq!(s.apply(watch, Some(2000)), RechargeSeen::Nothing, "not below");
-        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 });
-        assert_eq!(s.apply(watch, Some(10)), RechargeSeen::Open { n: 1 }, "one open at a time");
+        assert_eq!(s.apply(watch.clone(), Some(2000)), RechargeSeen::Nothing, "not below");
+        assert_eq!(s.apply(watch.clone(), Some(1999)), RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 });
+        assert_eq!(s.apply(watch.clone(), Some(10)), RechargeSeen::Open { n: 1 }, "one open at a time");
         let later = RechargeMode::Watch { now: NOW + CLAIM_TAKEN_SECS };
         assert_eq!(s.apply(later, Some(10)), RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 }, "taken again");
         s.apply(RechargeMode::Paid { n: 1 }, None);
         assert_eq!(s.open, None);
         // 20.00 of the month's 25.00 are spent: the next one waits for the next month.
-        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: true });
-        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: false });
+        assert_eq!(s.apply(watch.clone(), Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: true });
+        assert_eq!(s.apply(watch.clone(), Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: false });
         let april = RechargeMode::Watch { now: NOW + 20 * 86_400 };
         assert_eq!(s.apply(april, Some(0)), RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 });
     }
@@ -468,15 +510,15 @@ mod tests {
             );
             let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
             let why = RechargeFailure::Declined;
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: true, why });
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: false, why }, "alike");
+            assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: k, off: k == 3, first: true, why });
+            assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: k, off: k == 3, first: false, why }, "alike");
             assert_eq!(s.failures, u32::try_from(k).unwrap(), "counted once");
             assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
             now += RETRY_AFTER_FAILURE_SECS;
         }
         assert_eq!((s.off, s.spent, s.count), (Some(RechargeFailure::Declined), 0, 0), "failed ones are not spent");
         assert_eq!(s.apply(RechargeMode::Watch { now }, Some(0)), RechargeSeen::Nothing, "off");
-        s.apply(RechargeMode::Set(s.setting), None);
+        s.apply(RechargeMode::Set(s.setting.clone()), None);
         assert!(s.on());
         assert_eq!(
             s.apply(RechargeMode::Watch { now }, Some(0)),
@@ -498,8 +540,8 @@ mod tests {
         // Its payment failed after all: counted once, answered alike.
         let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
         let why = RechargeFailure::Declined;
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: true, why });
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: false, why });
+        assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: 1, off: false, first: true, why });
+        assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: 1, off: false, first: false, why });
         assert_eq!(s.failures, 1);
         // Then paid after all (the customer paid the open invoice): closed paid once, told
         // again as paid (not first), and never counted twice.

@@ -240,7 +240,7 @@ impl TenantQuota {
         let key = prepaid(&r.key.tenant, &r.key.meter);
         let balance = m.counters.find(&key).and_then(|c| c.granted.map(|g| g.saturating_sub(c.reserved)));
         let state = m.recharge.get_or_insert_with(RechargeState::default);
-        grant.with_recharge(state.apply(r.recharge, balance))
+        grant.with_recharge(state.apply(r.recharge.clone(), balance))
     }
 
     /// One release of [`QuotaStore::release`](super::QuotaStore::release).
@@ -409,7 +409,7 @@ impl TenantQuota {
             })
             .collect();
         out.sort_by_key(|c| c.key.start);
-        super::quota::recharge_listed(&mut out, tenant, meter, m.recharge);
+        super::quota::recharge_listed(&mut out, tenant, meter, m.recharge.clone());
         out
     }
 
@@ -621,7 +621,7 @@ mod stored {
                         p,
                         d: q.counters.dropped_before,
                         c: q.cap.map(|c| (c.limit, c.hard)),
-                        r: q.recharge,
+                        r: q.recharge.clone(),
                         g,
                     };
                     (meter.as_str().to_owned(), form)

@@ -7,6 +7,7 @@ mod common;
 mod invoices;
 mod metronome;
 mod recharge;
+mod recharge_payments;
 mod stripe;
 mod topups;
 mod webhooks;

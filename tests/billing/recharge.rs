@@ -26,18 +26,18 @@ const SECRET: &str = "whsec_recharge";
 
 use common::recharge::CONFIG;
 
-struct Setup {
-    h: Harness,
-    store: Arc<dyn Store>,
-    handler: WebhookHandler,
-    stripe: StandIn,
+pub(crate) struct Setup {
+    pub(crate) h: Harness,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) handler: WebhookHandler,
+    pub(crate) stripe: StandIn,
     /// Every event delivered to the handler so far.
-    sent: std::sync::Mutex<Vec<serde_json::Value>>,
+    pub(crate) sent: std::sync::Mutex<Vec<serde_json::Value>>,
     /// The alerts' receiver (the operator's endpoint `/ops`, the tenant's `/tenant`), verifying
     /// each delivery with the official Standard Webhooks library; `None` only outside CI
     /// without its Python (skipped loudly).
     #[cfg(feature = "alerts")]
-    receiver: Option<(common::alerts::Receiver, tempfile::TempDir)>,
+    pub(crate) receiver: Option<(common::alerts::Receiver, tempfile::TempDir)>,
 }
 
 /// An engine on `store` under the configuration `toml`, charging through the stand-in, on a
@@ -57,7 +57,7 @@ fn engine(toml: &str, store: &Arc<dyn Store>, stripe: &StandIn) -> (Harness, Web
     (h, handler)
 }
 
-async fn setup(store: Arc<dyn Store>) -> Setup {
+pub(crate) async fn setup(store: Arc<dyn Store>) -> Setup {
     let acme = TenantRecord::new("acme".into(), "payg".into()).with_customer("cus_acme");
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let stripe = StandIn::start(&[]).await;
@@ -93,7 +93,7 @@ async fn setup(store: Arc<dyn Store>) -> Setup {
 }
 
 impl Setup {
-    async fn signed(&self, payload: &str) -> (u16, WebhookOutcome) {
+    pub(crate) async fn signed(&self, payload: &str) -> (u16, WebhookOutcome) {
         // Signed now, by the engine's clock (the handler's).
         let now = self.h.clock.unix_secs();
         let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(now));
@@ -102,7 +102,7 @@ impl Setup {
     }
 
     /// How many of `n` requests acme gets through now.
-    async fn admitted(&self, n: usize) -> usize {
+    pub(crate) async fn admitted(&self, n: usize) -> usize {
         let mut ok = 0;
         for _ in 0..n {
             match self.h.status("/", "key-acme").await {
@@ -115,7 +115,7 @@ impl Setup {
     }
 
     /// Delivers every event the stand-in emitted to the webhook handler: their outcomes.
-    async fn deliver_events(&self) -> Vec<(String, WebhookOutcome)> {
+    pub(crate) async fn deliver_events(&self) -> Vec<(String, WebhookOutcome)> {
         let mut out = Vec::new();
         for e in self.stripe.take_emitted() {
             let (code, outcome) = self.signed(&e.to_string()).await;
@@ -127,7 +127,7 @@ impl Setup {
     }
 
     /// Requests until one is refused (at most 200): the refusal (402).
-    async fn until_refused(&self) -> common::Reply {
+    pub(crate) async fn until_refused(&self) -> common::Reply {
         for _ in 0..200 {
             let reply = self.h.get("/", "key-acme").await;
             if reply.status == 402 {
@@ -141,7 +141,7 @@ impl Setup {
     /// what it saw: each verified by the Standard Webhooks library and valid by the schema, as
     /// (path, body's data). `None`: no receiver (skipped loudly).
     #[cfg(feature = "alerts")]
-    async fn alerts(&self, kind: &str) -> Option<Vec<(String, serde_json::Value)>> {
+    pub(crate) async fn alerts(&self, kind: &str) -> Option<Vec<(String, serde_json::Value)>> {
         let (receiver, _) = self.receiver.as_ref()?;
         self.h.tollgate.flush().await.unwrap();
         self.h.tollgate.deliver_alerts().await;
@@ -157,7 +157,7 @@ impl Setup {
         )
     }
 
-    async fn granted(&self) -> u64 {
+    pub(crate) async fn granted(&self) -> u64 {
         let (_, balances) = Admin::new(self.store.clone()).credits("acme").await.unwrap();
         balances.into_iter().map(|(_, b)| b.granted).sum()
     }
@@ -188,6 +188,8 @@ macro_rules! on_stores {
         }
     };
 }
+
+pub(crate) use on_stores;
 
 on_stores!(a_crossing_is_charged_once_and_granted_when_paid);
 async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
@@ -353,7 +355,7 @@ async fn four_engines_on_one_memory_store_charge_once() {
 impl Setup {
     /// Spends until a refill claims a recharge, then delivers it and the events it emitted
     /// (at most `max` requests): whether one was delivered.
-    async fn spend_until_recharged(&self, max: usize) -> bool {
+    pub(crate) async fn spend_until_recharged(&self, max: usize) -> bool {
         for _ in 0..max / 10 {
             assert_eq!(self.admitted(10).await, 10);
             if self.h.tollgate.deliver_recharges().await > 0 {

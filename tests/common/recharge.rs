@@ -19,7 +19,8 @@ use tollgate::{
 const SECRET: &str = "whsec_recharge_fleet";
 
 /// A plan whose balance on `requests` recharges in packs of 100 units (5.00 each) below 300,
-/// to 1,000, at most 50.00 a month.
+/// to 1,000, at most 50.00 a month; a plan `pro` whose recharges buy `price_big`, packs of
+/// 10,000 units (400.00 each on the stand-in, when a test adds it).
 pub const CONFIG: &str = r#"
 [usage]
 store_timeout = "10s"
@@ -34,10 +35,17 @@ price = "price_pack"
 below = 300
 to = 1000
 monthly_limit = "50.00"
+[plans.pro]
+quotas.requests = { period = "prepaid" }
+[plans.pro.recharge.requests]
+price = "price_big"
+below = 300
+to = 100000
+monthly_limit = "5000.00"
 [stripe]
 [stripe.credits]
 meter = "requests"
-prices = { price_pack = 100 }
+prices = { price_pack = 100, price_big = 10000 }
 "#;
 
 /// Four engines (nodes) on `store`, each charging through the stand-in, on one fake clock.

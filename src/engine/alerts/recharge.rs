@@ -67,7 +67,9 @@ impl RechargeAlert {
             RechargeEvent::Failed { n, reason } => {
                 data["recharge"] = (*n).into();
                 data["reason"] = (*reason).into();
-                data["failures"] = crate::store::FAILURES_BEFORE_OFF.into();
+                if crate::store::RechargeFailure::PAYMENT.iter().any(|f| f.as_str() == *reason) {
+                    data["failures"] = crate::store::FAILURES_BEFORE_OFF.into();
+                }
             }
             RechargeEvent::LimitReached { month } => {
                 data["month"] = time(*month).get(..7).unwrap_or_default().into();

@@ -7,7 +7,8 @@
 use super::queue::Claimed;
 use crate::{
     settings::plan::{served_tenant, Unserved},
-    store::{RechargeFailure, RechargeMode, RechargeSeen, StoreError},
+    config::RechargeSpec,
+    store::{RechargeClaim, RechargeFailure, RechargeMode, RechargeSeen, RechargeSetting, RechargeState, StoreError},
 };
 
 /// How a delivery ended.
@@ -46,16 +47,13 @@ pub(crate) async fn deliver(parts: &Parts<'_>, claim: &Claimed) -> Delivered {
 async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreError> {
     // Still open, as claimed: a claim paid, failed or dropped meanwhile is never charged.
     let state = parts.quota.counters(&claim.tenant, &claim.meter).await?.into_iter().find_map(|c| c.recharge);
-    let Some(open) = state.and_then(|s| s.open).filter(|o| o.n == claim.n) else { return Ok(Delivered::Closed) };
-    // Turned off since it was claimed: never charged (the next watch drops it once it lapses).
-    if !state.is_some_and(|s| s.on()) {
+    let Some(open) = state.as_ref().and_then(|s| s.open).filter(|o| o.n == claim.n) else {
         return Ok(Delivered::Closed);
-    }
-    let (record, price) = match served_tenant(parts.directory, parts.config, &claim.tenant).await? {
-        Ok((record, served)) => {
-            let price = served.spec.recharge(&claim.meter).map(|r| r.price.clone());
-            (Some(record), price)
-        }
+    };
+    // Turned off since it was claimed: never charged (the next watch drops it once it lapses).
+    let Some(setting) = state.filter(RechargeState::on).and_then(|s| s.setting) else { return Ok(Delivered::Closed) };
+    let (record, spec) = match served_tenant(parts.directory, parts.config, &claim.tenant).await? {
+        Ok((record, served)) => (Some(record), served.spec.recharge(&claim.meter).cloned()),
         Err(Unserved::UnknownTenant | Unserved::UnknownPlan(_)) => (None, None),
         // The engine refuses the tenant until its overrides are mended: nothing is charged
         // meanwhile, and the claim is delivered again once it lapses.
@@ -63,7 +61,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
             return Ok(Delivered::Retry(format!("the tenant's plan is not served: {why}")))
         }
     };
-    let Some(price) = price else {
+    let Some(spec) = spec else {
         // Moved to a plan that recharges nothing: never charged, and recharge turned off (not a
         // failure of the card's); the claim is dropped by the next watch, if the tenant ever
         // comes back to a plan that recharges.
@@ -71,6 +69,11 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
         parts.quota.apply_recharge(&claim.tenant, &claim.meter, RechargeMode::Set(None), parts.now).await?;
         return Ok(Delivered::Closed);
     };
+    // The claim counted packs of the setting's price, at the setting's amount: charged only
+    // while the plan still recharges that price, in packs of those units.
+    if let Some(why) = pack_changed(&setting, &spec, &open) {
+        return stop(parts, claim, RechargeFailure::PriceChanged, &why).await;
+    }
     // The customer as the configuration file declares it, else as the directory says (a file
     // tenant's customer may be set in the directory alone).
     let customer = match record.and_then(|t| t.customer) {
@@ -86,7 +89,40 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
         ));
     };
     let namespace = parts.usage.identifier_namespace().await?;
-    charge(parts, claim, charger, &namespace, &customer, &price, open.claimed_at).await
+    charge(parts, claim, charger, &namespace, &customer, (&setting, &spec), open.claimed_at).await
+}
+
+/// Why the pack a claim counted is no longer the one its plan recharges, if it is not: the
+/// plan's price is another (a plan change, a reload), its pack grants other units, or the
+/// claim was counted at another amount than the setting's (the setting changed while it was
+/// open).
+fn pack_changed(setting: &RechargeSetting, spec: &RechargeSpec, open: &RechargeClaim) -> Option<String> {
+    if !setting.price.is_empty() && setting.price != spec.price {
+        return Some(format!("the plan now recharges price `{}`, the setting was made for `{}`", spec.price, setting.price));
+    }
+    if spec.pack_units != setting.pack.units {
+        return Some(format!(
+            "a pack of `{}` now grants {} units, the setting counted {}",
+            spec.price, spec.pack_units, setting.pack.units
+        ));
+    }
+    if open.packs.checked_mul(setting.pack.amount) != Some(open.amount) {
+        return Some(format!("recharge {} was counted at {} for {} packs, not at the setting's pack", open.n, open.amount, open.packs));
+    }
+    None
+}
+
+/// Turns `claim`'s recharge off for `why` (no payment failed: nothing was charged), its
+/// amount back to the month; alerted once.
+async fn stop(parts: &Parts<'_>, claim: &Claimed, why: RechargeFailure, detail: &str) -> Result<Delivered, StoreError> {
+    tracing::error!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), detail,
+        "a recharge was not charged: recharge turned off until the tenant turns it on again");
+    use crate::store::QuotaStoreExt as _;
+    let mode = RechargeMode::Stop { n: claim.n, why };
+    match parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await? {
+        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first }),
+        _ => Ok(Delivered::Closed),
+    }
 }
 
 #[cfg(feature = "stripe")]
@@ -96,10 +132,22 @@ async fn charge(
     charger: &crate::billing::Charger,
     namespace: &str,
     customer: &str,
-    price: &str,
+    (setting, spec): (&RechargeSetting, &RechargeSpec),
     claimed_at: i64,
 ) -> Result<Delivered, StoreError> {
     use crate::billing::recharge::{Charged, Order};
+    // A setting stored before tollgate kept its price: the plan's (its pack checked above).
+    let price = if setting.price.is_empty() { spec.price.as_str() } else { setting.price.as_str() };
+    let currency = parts.config.billing().currency.clone().unwrap_or_default();
+    // Its amount on Stripe is the one the setting counted, in the billing currency.
+    match charger.unit_amount(price).await {
+        Ok((amount, of)) if amount == setting.pack.amount && of.eq_ignore_ascii_case(&currency) => {}
+        Ok((amount, of)) => {
+            let why = format!("price `{price}` is now {amount} {of} a pack; the setting counted {} {currency}", setting.pack.amount);
+            return stop(parts, claim, RechargeFailure::PriceChanged, &why).await;
+        }
+        Err(why) => return Ok(Delivered::Retry(format!("the recharge's price could not be read: {why}"))),
+    }
     let order = Order {
         namespace,
         customer,
@@ -108,6 +156,7 @@ async fn charge(
         n: claim.n,
         price,
         packs: claim.packs,
+        currency: &currency,
         claimed_at,
         now: parts.now,
     };
@@ -133,7 +182,7 @@ async fn charge(
     charger: &crate::billing::Charger,
     _: &str,
     _: &str,
-    _: &str,
+    _: (&RechargeSetting, &RechargeSpec),
     _: i64,
 ) -> Result<Delivered, StoreError> {
     match *charger {}

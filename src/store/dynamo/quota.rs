@@ -35,7 +35,7 @@ impl QuotaStore for DynamoStore {
             let mut plain = r.clone();
             plain.recharge = crate::store::RechargeMode::Ignored;
             let grant = Box::pin(self.reserve(&plain)).await?;
-            let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge).await)?;
+            let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge.clone()).await)?;
             return Ok(grant.with_recharge(seen));
         }
         if r.cap != CapMode::Ignored {

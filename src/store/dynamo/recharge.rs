@@ -27,6 +27,7 @@ impl DynamoStore {
         let balance_sk = quota_sk(&super::credits::prepaid_key(&key.tenant, &key.meter));
         let (pk, balance_sk) = (&pk, &balance_sk);
         self.until_won("a recharge, written by other nodes all along", Retries::QUICK_FIRST, (), |(), _| {
+            let mode = mode.clone();
             Box::pin(async move {
                 let read = self.get(pk.clone(), RECHARGE_SK).await?;
                 let before = read.as_ref().map(recharge_of).transpose()?.flatten().unwrap_or_default();
@@ -35,8 +36,8 @@ impl DynamoStore {
                     .as_ref()
                     .filter(|c| c.contains_key("granted"))
                     .map(|c| get_u(c, "granted").saturating_sub(get_u(c, "reserved")));
-                let mut after = before;
-                let seen = after.apply(mode, left);
+                let mut after = before.clone();
+                let seen = after.apply(mode.clone(), left);
                 if after == before {
                     return Ok(Race::Won(seen));
                 }
@@ -56,7 +57,7 @@ impl DynamoStore {
                 if matches!(seen, RechargeSeen::Claimed { .. }) {
                     // A claim (new, or taken again): only while the balance is still below
                     // `below` as written.
-                    let below = after.setting.map_or(0, |s| s.below);
+                    let below = after.setting.as_ref().map_or(0, |s| s.below);
                     let check = ConditionCheck::builder()
                         .table_name(&self.table)
                         .key("pk", s(pk.clone()))

@@ -399,11 +399,12 @@ impl PostgresStore {
         let left = |v: Option<i64>| v.map(|v| u64::try_from(v).unwrap_or(0));
         let of = |text: Option<&str>| text.map(RechargeState::read).transpose().map(Option::unwrap_or_default);
         self.retrying(|| async {
+            let mode = mode.clone();
             let mut client = self.client().await?;
             let row = client.query_typed_one(&read, args![t, m]).await?;
             let mut seen_state = of(row.get::<_, Option<&str>>(0))?;
-            let before = seen_state;
-            let seen = seen_state.apply(mode, left(row.get(1)));
+            let before = seen_state.clone();
+            let seen = seen_state.apply(mode.clone(), left(row.get(1)));
             if seen_state == before {
                 return Ok(seen);
             }
@@ -412,9 +413,9 @@ impl PostgresStore {
             // watch tries again).
             let tx = self.begin(&mut client).await?;
             let mut stored = of(tx.query_typed_opt(&state, args![t, m]).await?.as_ref().map(|r| r.get::<_, &str>(0)))?;
-            let before = stored;
+            let before = stored.clone();
             let balance = tx.query_typed_opt(&balance, args![t, m]).await?.and_then(|r| left(r.get(0)));
-            let seen = stored.apply(mode, balance);
+            let seen = stored.apply(mode.clone(), balance);
             if stored != before {
                 tx.query_typed(&upsert, args![t, m, stored.to_json()]).await?;
             }
@@ -534,7 +535,7 @@ impl QuotaStore for PostgresStore {
         if r.recharge == RechargeMode::Ignored {
             return Ok(grant);
         }
-        let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge).await)?;
+        let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge.clone()).await)?;
         Ok(grant.with_recharge(seen))
     }
 

@@ -53,8 +53,8 @@ impl QuotaStore for SqliteStore {
             // the one the reserve left.
             let (t, m) = (r.key.tenant.as_str(), r.key.meter.as_str());
             let mut state = stored_recharge(tx, &r.key.tenant, &r.key.meter)?.unwrap_or_default();
-            let before = state;
-            let seen = state.apply(r.recharge, prepaid_balance(tx, &r.key.tenant, &r.key.meter)?);
+            let before = state.clone();
+            let seen = state.apply(r.recharge.clone(), prepaid_balance(tx, &r.key.tenant, &r.key.meter)?);
             if state != before {
                 tx.prepare_cached(
                     "INSERT INTO quota_recharge (tenant, meter, state) VALUES (?1, ?2, ?3) \

@@ -639,12 +639,12 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     let watch = |units, seq, now| ask(&key, units, None, 1, seq).recharging(RechargeMode::Watch { now });
     let mode = |seq, mode| ask(&key, 0, None, 2, seq).recharging(mode);
     h.s().grant_credits(&credit("topped", "first", 10_000, None)).await.unwrap();
-    let setting = RechargeSetting::new(2000, 5000, 10_000, pack);
-    let g = h.s().reserve(&mode(1, RechargeMode::Set(Some(setting)))).await.unwrap();
+    let setting = RechargeSetting::new(2000, 5000, 10_000, pack).with_price("price_pack");
+    let g = h.s().reserve(&mode(1, RechargeMode::Set(Some(setting.clone())))).await.unwrap();
     assert_eq!((g.granted, g.recharge), (0, RechargeSeen::Nothing));
     let listed = |cs: Vec<crate::store::QuotaCounter>| cs.into_iter().find_map(|c| c.recharge).expect("listed");
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
-    assert_eq!((state.setting, state.n, state.open), (Some(setting), 0, None));
+    assert_eq!((state.setting, state.n, state.open), (Some(setting.clone()), 0, None));
     let g = h.s().reserve(&watch(7000, 1, DAY0)).await.unwrap();
     assert_eq!((g.granted, g.recharge), (7000, RechargeSeen::Nothing), "3,000 left: not below");
     h.restart().await;
@@ -674,7 +674,7 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     let g = h.s().reserve(&watch(3600, 6, later)).await.unwrap();
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 4, amount: 2000 }, "{g:?}");
     let failed = RechargeMode::Failed { n: 2, why: RechargeFailure::Declined, now: later };
-    let first = h.s().reserve(&mode(3, failed)).await.unwrap().recharge;
+    let first = h.s().reserve(&mode(3, failed.clone())).await.unwrap().recharge;
     let why = RechargeFailure::Declined;
     assert_eq!(first, RechargeSeen::Failed { n: 2, off: false, first: true, why });
     let again = h.s().reserve(&mode(4, failed)).await.unwrap().recharge;
@@ -695,7 +695,7 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     // charged; paid late after all, it counts spent again.
     let lapsed = prepaid_key("lapsed", "tokens");
     h.s().grant_credits(&credit("lapsed", "first", 1000, None)).await.unwrap();
-    let on = ask(&lapsed, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting)));
+    let on = ask(&lapsed, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting.clone())));
     h.s().reserve(&on).await.unwrap();
     let watch_lapsed = |seq, now| ask(&lapsed, 0, None, 1, seq).recharging(RechargeMode::Watch { now });
     let g = h.s().reserve(&watch_lapsed(1, DAY0)).await.unwrap();
@@ -713,20 +713,35 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 });
     let failed = RechargeMode::Failed { n: 2, why: RechargeFailure::NoPaymentMethod, now: later };
     h.s().reserve(&ask(&lapsed, 0, None, 2, 3).recharging(failed)).await.unwrap();
-    h.s().reserve(&ask(&lapsed, 0, None, 2, 4).recharging(RechargeMode::Set(Some(setting)))).await.unwrap();
+    h.s().reserve(&ask(&lapsed, 0, None, 2, 4).recharging(RechargeMode::Set(Some(setting.clone())))).await.unwrap();
     let state = listed(h.s().counters(&"lapsed".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.failures, state.spent), (1, 2000), "re-setting the same values clears nothing");
     // A tenant that turns recharge on before any grant: listed on a balance of nothing, and
     // its first watch claims the packs that reach `to`.
     let bare = prepaid_key("bare", "tokens");
-    let set = ask(&bare, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting)));
+    let set = ask(&bare, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting.clone())));
     h.s().reserve(&set).await.unwrap();
     let counters = h.s().counters(&"bare".into(), &"tokens".into()).await.unwrap();
     assert_eq!(counters.len(), 1);
     assert_eq!((counters[0].key.clone(), counters[0].granted, counters[0].reserved), (bare.clone(), Some(0), 0));
-    assert_eq!(counters[0].recharge.and_then(|r| r.setting), Some(setting));
+    assert_eq!(counters[0].recharge.clone().and_then(|r| r.setting), Some(setting.clone()));
     let g = h.s().reserve(&ask(&bare, 5, None, 1, 1).recharging(RechargeMode::Watch { now: DAY0 })).await.unwrap();
     assert_eq!((g.granted, g.recharge), (0, RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }));
+    // Stopped at once (its price changed: nothing charged): the claim closed unpaid, its
+    // amount back to the month, no failure counted, told first once; turned on again, cleared.
+    let why = RechargeFailure::PriceChanged;
+    let stop = |seq| ask(&bare, 0, None, 2, seq).recharging(RechargeMode::Stop { n: 1, why });
+    let stopped = h.s().reserve(&stop(2)).await.unwrap().recharge;
+    assert_eq!(stopped, RechargeSeen::Failed { n: 1, off: true, first: true, why });
+    let again = h.s().reserve(&stop(3)).await.unwrap().recharge;
+    assert_eq!(again, RechargeSeen::Failed { n: 1, off: true, first: false, why }, "told once");
+    let state = listed(h.s().counters(&"bare".into(), &"tokens".into()).await.unwrap());
+    assert_eq!((state.off, state.open, state.spent, state.failures), (Some(why), None, 0, 0));
+    let watch_bare = |seq, now| ask(&bare, 0, None, 1, seq).recharging(RechargeMode::Watch { now });
+    assert_eq!(h.s().reserve(&watch_bare(2, DAY0)).await.unwrap().recharge, RechargeSeen::Nothing, "off");
+    h.s().reserve(&ask(&bare, 0, None, 2, 4).recharging(RechargeMode::Set(Some(setting.clone())))).await.unwrap();
+    let g = h.s().reserve(&watch_bare(3, DAY0)).await.unwrap();
+    assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 }, "on again, no hour waited");
 }
 
 /// Many callers spend a balance across `below` at once: exactly one of them claims the

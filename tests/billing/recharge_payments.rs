@@ -1,0 +1,63 @@
+//! Recharges as payments really behave (issue 84), against the Stripe stand-in and the real
+//! async-stripe client: a plan or price changed under a tenant's setting, bank debits that
+//! stay `processing` for days, grants refused, reversals, debt.
+#![cfg(feature = "stripe")]
+
+use std::time::Duration;
+
+use super::recharge::{on_stores, setup, Setup};
+use tollgate::{
+    admin::Admin,
+    money::RechargeAsk,
+    store::{MemoryStore, SqliteStore},
+};
+
+// A plan change cannot break the monthly limit: the setting keeps the price its pack is of.
+// Turned on under `payg` (packs of 100 units for 5.00, at most 50.00 a month), the tenant moves
+// to `pro`, whose recharges buy `price_big` (10,000 units for 400.00). On main the next claim
+// counted 7 to 10 packs at 5.00 and the invoice charged them at 400.00 (2,800.00 and more
+// against a 50.00 limit). Now nothing is charged: recharge is turned off, reason
+// `price_changed`, with one alert, and the claim's amount goes back to the month; turned on
+// again, the new pack is counted. Likewise a price whose amount on Stripe is no longer the
+// one the setting counted.
+on_stores!(a_plan_or_price_change_never_charges_what_the_limit_did_not_count);
+async fn a_plan_or_price_change_never_charges_what_the_limit_did_not_count(s: Setup) {
+    s.stripe.add_price("price_big", None, true);
+    s.stripe.set_unit_amount("price_big", 40_000);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    admin.set_plan("acme", "pro").await.unwrap();
+    assert_eq!(s.admitted(250).await, 250);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert!(view.state.open.is_some(), "claimed under the setting's pack: {view:?}");
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "delivered: turned off");
+    assert!(s.stripe.invoices_created().is_empty(), "nothing charged: {:?}", s.stripe.invoices_created());
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.off_reason(), view.state.open, view.month_spent, view.state.failures), (Some("price_changed"), None, 0, 0));
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0);
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharge_failed").await {
+        assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
+        assert_eq!(got[0].1["reason"], "price_changed");
+    }
+    // Turned on again under `pro`: its pack is counted (2 packs of 400.00 reach 20,000).
+    let ask = RechargeAsk::new(Some(300), Some(20_000), Some("5000.00".into()));
+    let view = admin.set_recharge("acme", "requests", Some(ask)).await.unwrap();
+    let own = view.state.setting.clone().unwrap();
+    assert_eq!((own.pack.units, own.pack.amount, own.price.as_str()), (10_000, 40_000, "price_big"));
+    assert!(s.spend_until_recharged(300).await);
+    let invoices = s.stripe.invoices_created();
+    let [invoice] = invoices.as_slice() else { panic!("{invoices:?}") };
+    assert_eq!(invoice["amount_paid"], 80_000);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.month_spent, 80_000, "what was charged is what the limit counted");
+    // The price's amount changed on Stripe (a price is replaced by one of the same id in a
+    // stand-in only; on Stripe a price's amount is fixed, its currency options are not).
+    s.stripe.set_unit_amount("price_big", 50_000);
+    s.h.clock.advance(Duration::from_secs(60));
+    assert!(s.spend_until_recharged(20_000).await, "claimed and delivered");
+    assert_eq!(s.stripe.invoices_created().len(), 1, "not charged at 500.00 a pack");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.off_reason(), view.month_spent), (Some("price_changed"), 80_000));
+}
