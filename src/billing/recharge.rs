@@ -49,6 +49,8 @@ pub(crate) struct Order<'a> {
     pub(crate) currency: &'a str,
     /// When it was first claimed (Unix seconds).
     pub(crate) claimed_at: i64,
+    /// Its payment was processing when last delivered: its invoice is read, never paid again.
+    pub(crate) processing: bool,
     pub(crate) now: i64,
 }
 
@@ -74,6 +76,9 @@ impl Order<'_> {
 pub(crate) enum Charged {
     /// Stripe says the invoice is paid: `invoice.paid` grants it.
     Paid(String),
+    /// Stripe took the payment and it is processing (a bank debit: the invoice stays open
+    /// until `invoice.paid` or `invoice.payment_failed`, days later).
+    Processing(String),
     /// The payment failed, as Stripe said: counted against the tenant's recharge (its invoice,
     /// if one is open: voided once the failure is counted).
     Failed(RechargeFailure, String, Option<String>),
@@ -153,6 +158,10 @@ impl RechargeCharger {
         };
         let (invoice, item_key) = match found {
             Some(invoice) => (invoice, "item-late"),
+            // A processing payment's invoice not found by its metadata: never made again.
+            None if order.processing && order.now - order.claimed_at > KEYS_TRUSTED_SECS => {
+                return Charged::Retry(format!("the invoice of recharge {}, whose payment processes, was not found", order.n));
+            }
             None => {
                 let metadata: HashMap<String, String> = [
                     (RECHARGE_KEY.to_owned(), order.n.to_string()),
@@ -182,6 +191,9 @@ impl RechargeCharger {
         };
         let Some(invoice_id) = invoice.id.clone() else { return Charged::Retry("an invoice without an id".into()) };
         let mut status = invoice.status.clone();
+        if order.processing {
+            return Self::after_processing(invoice_id.as_str(), status);
+        }
         // A draft without its item (a node died between the two calls): the item, once.
         if status == Some(InvoiceStatus::Draft) && (item_key == "item" || invoice.lines.data.is_empty()) {
             let mut pricing = PricingParam::new();
@@ -229,7 +241,10 @@ impl RechargeCharger {
         };
         let pay = PayInvoice::new(invoice_id.clone()).off_session(true).customize().request_strategy(k);
         match pay.timeout(self.timeout).send(&self.client).await {
-            Ok(_) => Charged::Paid(invoice_id.to_string()),
+            Ok(paid) if paid.status == Some(InvoiceStatus::Paid) => Charged::Paid(invoice_id.to_string()),
+            // Taken, not paid yet: a delayed payment method (a bank debit) is processing.
+            Ok(paid) if paid.status == Some(InvoiceStatus::Open) => Charged::Processing(invoice_id.to_string()),
+            Ok(paid) => Charged::Retry(format!("invoice {invoice_id} is {:?} after its payment", paid.status)),
             // Paid meanwhile (another delivery, the customer)?
             Err(e @ StripeError::Stripe(_, 400)) => match self.status(invoice_id.as_str()).await {
                 Ok(Some(InvoiceStatus::Paid)) => Charged::Paid(invoice_id.to_string()),
@@ -237,6 +252,23 @@ impl RechargeCharger {
                 Err(why) => Charged::Retry(why),
             },
             Err(e) => Self::failed(e).on(invoice_id.as_str()),
+        }
+    }
+
+    /// A recharge whose payment was processing, taken again once [`PROCESSING_SECS`]
+    /// (crate::store::PROCESSING_SECS) passed without `invoice.paid` nor
+    /// `invoice.payment_failed`: paid, it is paid; still open, its debit never cleared (or its
+    /// failure was not told): a failure, its invoice voided (Stripe refuses to void one whose
+    /// payment still processes). Never paid again.
+    fn after_processing(invoice: &str, status: Option<InvoiceStatus>) -> Charged {
+        match status {
+            Some(InvoiceStatus::Paid) => Charged::Paid(invoice.to_owned()),
+            Some(InvoiceStatus::Open) => Charged::Failed(
+                RechargeFailure::Declined,
+                format!("invoice {invoice}'s payment did not clear in 21 days"),
+                Some(invoice.to_owned()),
+            ),
+            other => Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice} is {other:?}"), None),
         }
     }
 

@@ -94,6 +94,10 @@ impl Tollgate {
                     self.shared().totals().recharge(RechargeOutcome::Charged);
                     delivered += 1;
                 }
+                deliver::Delivered::Processing => {
+                    self.shared().totals().recharge(RechargeOutcome::Charged);
+                    delivered += 1;
+                }
                 deliver::Delivered::Failed { why, off, first } => {
                     tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), off,
                         "recharge failed");

@@ -19,6 +19,12 @@ pub const FAILURES_BEFORE_OFF: u32 = 3;
 /// under the 24 hours Stripe keeps an idempotency key.
 pub const CLAIM_TAKEN_SECS: i64 = 600;
 
+/// How long a recharge whose payment is processing (a bank debit: ACH, SEPA, Bacs) waits for
+/// `invoice.paid` or `invoice.payment_failed` before it is taken again (seconds): 21 days, past
+/// the 14 business days a SEPA debit may take to fail. Taken again then, its delivery only
+/// reads its invoice: it never pays one again.
+pub const PROCESSING_SECS: i64 = 21 * 86_400;
+
 /// After a failed payment, no recharge is claimed for this long (seconds), so that a declined
 /// card is not charged again at every request.
 pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
@@ -134,8 +140,13 @@ pub struct RechargeClaim {
     pub amount: u64,
     /// When it was claimed (Unix seconds).
     pub claimed_at: i64,
-    /// Until when the node that claimed it (or took it last) delivers it.
+    /// Until when the node that claimed it (or took it last) delivers it, or, once its
+    /// payment is processing, until when it waits for its outcome ([`PROCESSING_SECS`]).
     pub taken_until: i64,
+    /// Its payment is processing (a bank debit, [`RechargeMode::Processing`]): it waits for
+    /// `invoice.paid` or `invoice.payment_failed`, and is never paid again.
+    #[serde(default)]
+    pub processing: bool,
 }
 
 /// A tenant's recharge of a meter as a store keeps it.
@@ -227,6 +238,16 @@ pub enum RechargeMode {
         n: u64,
         /// Why.
         why: RechargeFailure,
+        /// The caller's time (Unix seconds).
+        now: i64,
+    },
+    /// Recharge `n`'s payment is processing (a bank debit: Stripe answered `pay` with the
+    /// invoice still open): it stays open and is not taken again for [`PROCESSING_SECS`], so
+    /// that nothing pays it again while `invoice.paid` or `invoice.payment_failed` is days
+    /// away. Answered [`RechargeSeen::Open`].
+    Processing {
+        /// The recharge.
+        n: u64,
         /// The caller's time (Unix seconds).
         now: i64,
     },
@@ -346,6 +367,14 @@ impl RechargeState {
                 self.paid = self.paid.max(n);
                 RechargeSeen::Paid { n, first: true }
             }
+            RechargeMode::Processing { n, now } => match &mut self.open {
+                Some(claim) if claim.n == n => {
+                    claim.processing = true;
+                    claim.taken_until = claim.taken_until.max(now.saturating_add(PROCESSING_SECS));
+                    RechargeSeen::Open { n }
+                }
+                _ => RechargeSeen::Nothing,
+            },
             RechargeMode::Stop { n, why } => {
                 if let Some(claim) = self.open.filter(|c| c.n == n) {
                     self.close_unpaid(claim);
@@ -442,6 +471,7 @@ impl RechargeState {
             amount,
             claimed_at: now,
             taken_until: now.saturating_add(CLAIM_TAKEN_SECS),
+            processing: false,
         });
         RechargeSeen::Claimed { n: self.n, packs, amount }
     }
@@ -556,6 +586,22 @@ mod tests {
             s.apply(RechargeMode::Watch { now: lapse }, Some(10)),
             RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }
         );
+    }
+
+    #[test]
+    fn a_processing_payment_waits_days_not_minutes() {
+        let mut s = on();
+        assert!(matches!(s.apply(RechargeMode::Watch { now: NOW }, Some(0)), RechargeSeen::Claimed { n: 1, .. }));
+        assert_eq!(s.apply(RechargeMode::Processing { n: 2, now: NOW }, None), RechargeSeen::Nothing, "not open");
+        assert_eq!(s.apply(RechargeMode::Processing { n: 1, now: NOW }, None), RechargeSeen::Open { n: 1 });
+        let open = s.open.unwrap();
+        assert_eq!((open.processing, open.taken_until), (true, NOW + PROCESSING_SECS));
+        let lapse = RechargeMode::Watch { now: NOW + CLAIM_TAKEN_SECS + 3600 };
+        assert_eq!(s.apply(lapse, Some(0)), RechargeSeen::Open { n: 1 }, "not taken again within days");
+        let bound = RechargeMode::Watch { now: NOW + PROCESSING_SECS };
+        assert!(matches!(s.apply(bound, Some(0)), RechargeSeen::Claimed { n: 1, .. }), "taken again at the bound");
+        assert!(s.open.unwrap().processing, "still marked: its delivery only reads the invoice");
+        assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: true });
     }
 
     #[test]

@@ -352,6 +352,13 @@ async fn four_engines_on_one_memory_store_charge_once() {
     common::recharge::four_engines_crossing_together_charge_once(Arc::new(MemoryStore::new())).await;
 }
 
+/// Four engines on one memory store wait for a bank debit that processes for days: one `pay`,
+/// one grant (the other stores: tests/store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_memory_store_wait_for_a_processing_debit() {
+    common::recharge::four_engines_wait_for_a_processing_debit(Arc::new(MemoryStore::new())).await;
+}
+
 impl Setup {
     /// Spends until a refill claims a recharge, then delivers it and the events it emitted
     /// (at most `max` requests): whether one was delivered.

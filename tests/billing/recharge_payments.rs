@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use super::recharge::{on_stores, setup, Setup};
+use crate::common;
+use tollgate::billing::WebhookOutcome;
 use tollgate::{
     admin::Admin,
     money::RechargeAsk,
@@ -60,4 +62,45 @@ async fn a_plan_or_price_change_never_charges_what_the_limit_did_not_count(s: Se
     assert_eq!(s.stripe.invoices_created().len(), 1, "not charged at 500.00 a pack");
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.off_reason(), view.month_spent), (Some("price_changed"), 80_000));
+}
+
+// A bank debit that fails days later (`invoice.payment_failed`) counts one failure, and the
+// next crossing waits its hour; a debit that neither clears nor fails within
+// `PROCESSING_SECS` (21 days: the webhook missed) is taken again and its invoice only read:
+// still open, one failure, never paid again.
+on_stores!(a_bank_debit_that_fails_or_never_clears_is_never_paid_again);
+async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
+    s.stripe.set_card("cus_acme", common::stripe::Card::BankDebit);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let first = s.stripe.invoices_created()[0]["id"].as_str().unwrap().to_owned();
+    s.h.clock.advance(Duration::from_secs(2 * 86_400));
+    s.stripe.settle_debit(&first, false);
+    let outcomes = s.deliver_events().await;
+    let failed = WebhookOutcome::RechargeFailed { tenant: "acme".into(), meter: "requests".into(), n: 1, off: false };
+    assert!(outcomes.iter().any(|(k, o)| k == "invoice.payment_failed" && *o == failed), "{outcomes:?}");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.open, view.month_spent), (1, None, 0));
+    // The next crossing, an hour on: debited, processing; nothing comes for 21 days.
+    s.h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(s.admitted(25).await, 25);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    assert_eq!(s.stripe.pays(), 2);
+    s.h.clock.advance(Duration::from_secs(tollgate::store::PROCESSING_SECS as u64 - 60));
+    assert_eq!(s.admitted(5).await, 5);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "still waiting");
+    s.h.clock.advance(Duration::from_secs(120));
+    let mut delivered = 0;
+    for _ in 0..20 {
+        s.admitted(1).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!(delivered, 1, "taken again once, past 21 days");
+    assert_eq!(s.stripe.pays(), 2, "its invoice read, never paid again");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.open, view.state.n), (2, None, 2));
+    assert_eq!(s.granted().await, 500, "nothing paid, nothing granted");
 }

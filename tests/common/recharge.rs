@@ -140,3 +140,85 @@ pub async fn four_engines_crossing_together_charge_once(store: Arc<dyn Store>) {
     let balance = granted - used;
     assert!(balance + 300 > 1000 && balance <= 1100, "the balance ends at {balance}");
 }
+
+/// Four engines on `store` cross `below` together while the tenant's default payment method is
+/// a bank debit: `pay` answers with the invoice still open, its payment processing for days.
+/// The one claim waits, marked in the store: with the clock moved past the old 10-minute lapse
+/// (and past the hour a failure waits, and two days more), every node spends and delivers, and
+/// nothing pays again, counts a failure or voids the invoice in flight. The debit clears:
+/// `invoice.paid` grants once. One `pay`, one grant (on main: a second `pay` refused, counted
+/// as a failure, the invoice voided, and an hour later a second debit).
+pub async fn four_engines_wait_for_a_processing_debit(store: Arc<dyn Store>) {
+    let stripe = StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 500);
+    stripe.set_card("cus_acme", Card::BankDebit);
+    let nodes = fleet(store.clone(), &stripe).await;
+    let admin = Admin::for_engine(&nodes[0].tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    let nodes: Vec<Arc<Harness>> = nodes.into_iter().map(Arc::new).collect();
+    let spend = |n: usize| {
+        let nodes = nodes.clone();
+        async move {
+            let tasks: Vec<_> = nodes
+                .iter()
+                .map(|node| {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..n {
+                            let status = node.status("/", "key-acme").await;
+                            assert!(status == 200 || status == 402, "status {status}");
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let mut delivered = 0;
+            for node in &nodes {
+                delivered += node.tollgate.deliver_recharges().await;
+            }
+            delivered
+        }
+    };
+    assert_eq!(spend(90).await, 1, "one claim across the fleet, delivered once");
+    assert_eq!(stripe.pays(), 1);
+    let invoices = stripe.invoices_created();
+    let [invoice] = invoices.as_slice() else { panic!("{invoices:?}") };
+    assert_eq!(invoice["status"], "open", "the debit is processing");
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    for step in [601, 3600, 2 * 86_400] {
+        nodes[0].clock.advance(Duration::from_secs(step));
+        assert_eq!(spend(5).await, 0, "{step} s on: it waits, nothing delivered again");
+    }
+    assert_eq!(stripe.pays(), 1, "never paid again");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    let open = view.state.open.expect("still open");
+    assert_eq!((open.n, open.processing, view.state.failures, view.state.n), (1, true, 0, 1));
+    assert_eq!(stripe.invoices_created()[0]["status"], "open", "not voided");
+    // Days later the debit clears: `invoice.paid` grants once, and closes it.
+    stripe.settle_debit(&id, true);
+    let handler = nodes[0].tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
+        Secret::new(API_KEY),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    let now = nodes[0].clock.unix_secs();
+    let mut credited = 0;
+    let events = stripe.take_emitted();
+    for e in events.iter().chain(events.iter()) {
+        let payload = e.to_string();
+        let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(now));
+        let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
+        assert_eq!(reply.status().as_u16(), 200, "{}: {:?}", e["type"], reply.outcome);
+        credited += u64::from(matches!(reply.outcome, WebhookOutcome::Credited { .. }));
+    }
+    assert_eq!(credited, 1, "granted once");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.open, view.state.n, view.state.failures, view.month_count), (None, 1, 0, 1));
+    assert_eq!((stripe.pays(), stripe.invoices_created().len()), (1, 1), "one debit for one crossing");
+    let stats: u64 = nodes.iter().map(|n| n.tollgate.stats().recharges_failed).sum();
+    assert_eq!(stats, 0, "no failure counted");
+}

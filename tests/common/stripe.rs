@@ -77,8 +77,12 @@
 //!   `invoice.payment_failed` emitted), needs 3-D Secure (402 `card_error`
 //!   `invoice_payment_intent_requires_action`, still open, `invoice.payment_action_required`
 //!   emitted), or there is none (400 "This customer has no attached
-//!   payment source or default payment method.", nothing emitted); paying a paid invoice is a
-//!   400. Every one of these writes honours `Idempotency-Key` as the meter events do (the first
+//!   payment source or default payment method.", nothing emitted), or it is a bank debit
+//!   ([`Card::BankDebit`]: "Payment method types", "Delayed notification"; ACH Direct Debit
+//!   "can take up to 4 business days to receive acknowledgement of success or failure"): 200
+//!   with the invoice still `open` and its payment processing, nothing emitted until the test
+//!   settles it ([`StandIn::settle_debit`]), a second pay or a void of it meanwhile refused
+//!   with 400; paying a paid invoice is a 400. Every one of these writes honours `Idempotency-Key` as the meter events do (the first
 //!   answer replayed, failures included; "results are only saved if an API endpoint started
 //!   executing", so a refusal of the parameters is not), and takes its own injected faults
 //!   ([`StandIn::fail_next_invoice_writes`]: a lost answer of an executed pay, a saved 500). `GET /v1/invoices?customer=…` lists the customer's
@@ -190,6 +194,9 @@ struct State {
     /// (customer, the line they become).
     pending_items: Vec<(String, serde_json::Value)>,
     emitted: Vec<serde_json::Value>,
+    /// Invoices whose bank debit is processing, and how many `pay` calls were made.
+    processing: HashSet<String>,
+    pays: u64,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
     /// A fault applied to every call for a customer (a 429 storm for one of them).
@@ -224,6 +231,14 @@ pub enum Card {
     RequiresAction,
     /// No default payment method, nor source.
     Missing,
+    /// A bank debit (ACH Direct Debit, SEPA Direct Debit, Bacs): a delayed notification
+    /// payment method ("Payment method types", "Delayed notification": ACH takes up to 4
+    /// business days to confirm success or failure). `pay` answers 200 with the invoice still
+    /// `open`, its payment `processing`, nothing emitted; until [`StandIn::settle_debit`]
+    /// settles it (`invoice.paid`, or `invoice.payment_failed` with the invoice open), a
+    /// second `pay` and a `void` of the invoice are refused with 400 (its payment is under
+    /// way).
+    BankDebit,
 }
 
 /// The stand-in; stops when dropped.
@@ -411,6 +426,30 @@ impl StandIn {
     /// `invoice.payment_failed`), as Stripe sends them, oldest first.
     pub fn take_emitted(&self) -> Vec<serde_json::Value> {
         std::mem::take(&mut self.lock().emitted)
+    }
+
+    /// How many `POST /v1/invoices/{id}/pay` calls were executed (not replayed).
+    pub fn pays(&self) -> u64 {
+        self.lock().pays
+    }
+
+    /// Settles the processing bank debit of `invoice`: it succeeds (the invoice paid,
+    /// `invoice.paid` and `invoice.payment_succeeded` emitted) or fails (the invoice stays
+    /// open, `invoice.payment_failed` emitted).
+    pub fn settle_debit(&self, invoice: &str, succeeds: bool) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        assert!(s.processing.remove(invoice), "no debit of {invoice} is processing");
+        let now = s.now();
+        let key = format!("/v1/invoices/{invoice}");
+        let mut inv = s.objects.get(&key).cloned().expect("an invoice");
+        if succeeds {
+            pay_now(s, &mut inv, invoice, now);
+        } else {
+            let event = emitted_event(s, "invoice.payment_failed", &inv, now);
+            s.emitted.push(event);
+        }
+        s.objects.insert(key, inv);
     }
 
     /// The invoices created through the API.
@@ -904,6 +943,10 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
             if inv["status"] == "paid" {
                 return invalid("invoice_already_paid", "Invoice is already paid");
             }
+            if s.processing.contains(id) {
+                return invalid("", "This invoice's payment is processing and cannot be paid again.");
+            }
+            s.pays += 1;
             if inv["status"] != "open" {
                 return invalid("invoice_not_open", "You can only pay an open invoice.");
             }
@@ -936,29 +979,17 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                     return (402, body.to_string(), "application/json");
                 }
                 Card::Pays => {
-                    s.created += 1;
-                    let intent = format!("pi_api{}", s.created);
-                    inv["status"] = serde_json::json!("paid");
-                    inv["amount_paid"] = inv["amount_due"].clone();
-                    inv["amount_remaining"] = serde_json::json!(0);
+                    pay_now(s, &mut inv, id, now);
+                    s.objects.insert(key, inv.clone());
+                    return (200, inv.to_string(), "application/json");
+                }
+                Card::BankDebit => {
+                    // The debit is initiated: the invoice stays open while its payment
+                    // processes, for days.
                     inv["attempted"] = serde_json::json!(true);
                     inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
-                    inv["status_transitions"]["paid_at"] = serde_json::json!(now);
-                    let mut payment = fixture("invoice_payment");
-                    payment["id"] = serde_json::json!(format!("inpay_api{}", s.created));
-                    payment["invoice"] = serde_json::json!(id);
-                    payment["status"] = serde_json::json!("paid");
-                    payment["payment"] = serde_json::json!({ "type": "payment_intent", "payment_intent": intent });
-                    s.invoice_payments.insert(id.to_owned(), vec![payment]);
-                    s.lists.insert(
-                        format!("/v1/invoices/{id}/lines"),
-                        inv["lines"]["data"].as_array().cloned().unwrap_or_default(),
-                    );
+                    s.processing.insert(id.to_owned());
                     s.objects.insert(key, inv.clone());
-                    let event = emitted_event(s, "invoice.paid", &inv, now);
-                    s.emitted.push(event);
-                    let event = emitted_event(s, "invoice.payment_succeeded", &inv, now);
-                    s.emitted.push(event);
                     return (200, inv.to_string(), "application/json");
                 }
             }
@@ -966,6 +997,9 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         // "Void an invoice": only an open one (a draft is deleted instead, a paid one cannot
         // be voided); it is then `void`, never paid, and `invoice.voided` is emitted.
         "void" => {
+            if s.processing.contains(id) {
+                return invalid("", "This invoice's payment is processing and it cannot be voided.");
+            }
             if inv["status"] != "open" {
                 return invalid("invoice_not_open", "You can only void an open invoice.");
             }
@@ -978,6 +1012,30 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
     }
     s.objects.insert(key, inv.clone());
     (200, inv.to_string(), "application/json")
+}
+
+/// `inv` (the invoice `id`) paid now by a payment intent of its own: its payment listed, its
+/// lines, `invoice.paid` and `invoice.payment_succeeded` emitted.
+fn pay_now(s: &mut State, inv: &mut serde_json::Value, id: &str, now: i64) {
+    s.created += 1;
+    let intent = format!("pi_api{}", s.created);
+    inv["status"] = serde_json::json!("paid");
+    inv["amount_paid"] = inv["amount_due"].clone();
+    inv["amount_remaining"] = serde_json::json!(0);
+    inv["attempted"] = serde_json::json!(true);
+    inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
+    inv["status_transitions"]["paid_at"] = serde_json::json!(now);
+    let mut payment = fixture("invoice_payment");
+    payment["id"] = serde_json::json!(format!("inpay_api{}", s.created));
+    payment["invoice"] = serde_json::json!(id);
+    payment["status"] = serde_json::json!("paid");
+    payment["payment"] = serde_json::json!({ "type": "payment_intent", "payment_intent": intent });
+    s.invoice_payments.insert(id.to_owned(), vec![payment]);
+    s.lists.insert(format!("/v1/invoices/{id}/lines"), inv["lines"]["data"].as_array().cloned().unwrap_or_default());
+    let event = emitted_event(s, "invoice.paid", inv, now);
+    s.emitted.push(event);
+    let event = emitted_event(s, "invoice.payment_succeeded", inv, now);
+    s.emitted.push(event);
 }
 
 /// `line` added to the draft `inv`, its amounts with it.

@@ -765,3 +765,12 @@ async fn four_engines_crossing_a_recharge_threshold_charge_once() {
     let Some((store, _)) = postgres::store().await else { return };
     common::recharge::four_engines_crossing_together_charge_once(Arc::new(store)).await;
 }
+
+/// Four engines on one PostgreSQL database wait for a bank debit processing for days: one
+/// `pay`, one grant (`common::recharge`).
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_wait_for_a_processing_debit() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::recharge::four_engines_wait_for_a_processing_debit(Arc::new(store)).await;
+}

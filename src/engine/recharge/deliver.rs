@@ -17,6 +17,10 @@ pub(crate) enum Delivered {
     /// Stripe says paid: `invoice.paid` grants it.
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     Paid,
+    /// Its payment is processing (a bank debit): the claim waits for `invoice.paid` or
+    /// `invoice.payment_failed`, marked in the store.
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
+    Processing,
     /// The payment failed: counted (`off`: recharge is off since; `first`: counted by this
     /// delivery, not before by the invoice's webhook).
     Failed { why: RechargeFailure, off: bool, first: bool },
@@ -89,7 +93,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
         ));
     };
     let namespace = parts.usage.identifier_namespace().await?;
-    charge(parts, claim, charger, &namespace, &customer, (&setting, &spec), open.claimed_at).await
+    charge(parts, claim, charger, &namespace, &customer, (&setting, &spec), &open).await
 }
 
 /// Why the pack a claim counted is no longer the one its plan recharges, if it is not: the
@@ -133,7 +137,7 @@ async fn charge(
     namespace: &str,
     customer: &str,
     (setting, spec): (&RechargeSetting, &RechargeSpec),
-    claimed_at: i64,
+    open: &RechargeClaim,
 ) -> Result<Delivered, StoreError> {
     use crate::billing::recharge::{Charged, Order};
     // A setting stored before tollgate kept its price: the plan's (its pack checked above).
@@ -157,11 +161,20 @@ async fn charge(
         price,
         packs: claim.packs,
         currency: &currency,
-        claimed_at,
+        claimed_at: open.claimed_at,
+        processing: open.processing,
         now: parts.now,
     };
     match charger.charge(&order).await {
         Charged::Paid(_) => Ok(Delivered::Paid),
+        Charged::Processing(invoice) => {
+            use crate::store::QuotaStoreExt as _;
+            let mode = RechargeMode::Processing { n: claim.n, now: parts.now };
+            parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await?;
+            tracing::info!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, %invoice,
+                "a recharge's payment is processing (a bank debit): it waits for invoice.paid or invoice.payment_failed");
+            Ok(Delivered::Processing)
+        }
         Charged::Failed(why, detail, invoice) => {
             let counted = failed(parts, claim, why, &detail).await;
             // Counted: its invoice is voided, so that it is never paid beside the next one.
@@ -183,7 +196,7 @@ async fn charge(
     _: &str,
     _: &str,
     _: (&RechargeSetting, &RechargeSpec),
-    _: i64,
+    _: &RechargeClaim,
 ) -> Result<Delivered, StoreError> {
     match *charger {}
 }
