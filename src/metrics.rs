@@ -198,11 +198,11 @@ pub(crate) struct Totals {
     pub(crate) shadow_would_refuse: AtomicU64,
     pub(crate) anonymous_without_address: Tally,
     /// Recharges by what happened to them ([`RECHARGE_OUTCOMES`]).
-    pub(crate) recharges: [Tally; 5],
+    pub(crate) recharges: [Tally; 6],
 }
 
 /// What happened to a recharge, as labelled in `tollgate_recharges_total{outcome}`.
-const RECHARGE_OUTCOMES: [&str; 5] = ["claimed", "charged", "paid", "failed", "limited"];
+const RECHARGE_OUTCOMES: [&str; 6] = ["claimed", "charged", "paid", "failed", "limited", "credited_unannounced"];
 
 /// What happened to a recharge, for [`Totals::recharge`].
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +217,9 @@ pub(crate) enum RechargeOutcome {
     Failed = 3,
     /// The month's limit stopped a recharge (once per tenant, meter and month).
     Limited = 4,
+    /// Found paid by a delivery long after its claim, `invoice.paid` never having come: credited
+    /// by the worker through the top-up path.
+    CreditedUnannounced = 5,
 }
 
 impl Totals {
@@ -425,6 +428,10 @@ pub struct Stats {
     pub recharges_failed: u64,
     /// Recharges the month's limit stopped (once per tenant, meter and month).
     pub recharges_limited: u64,
+    /// Recharges this node's worker found paid an hour or more after their claim with no
+    /// `invoice.paid` handled (the endpoint not subscribed to it, or down past Stripe's 3 days
+    /// of retries), and credited itself through the top-up path (logged at error level).
+    pub recharges_credited_unannounced: u64,
 }
 
 impl Totals {
@@ -480,6 +487,7 @@ impl Totals {
             recharges_paid: self.recharges[RechargeOutcome::Paid as usize].get(),
             recharges_failed: self.recharges[RechargeOutcome::Failed as usize].get(),
             recharges_limited: self.recharges[RechargeOutcome::Limited as usize].get(),
+            recharges_credited_unannounced: self.recharges[RechargeOutcome::CreditedUnannounced as usize].get(),
         }
     }
 }

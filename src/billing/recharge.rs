@@ -90,7 +90,7 @@ pub(crate) enum Charged {
 /// Charges recharges through Stripe with the secret key.
 pub struct RechargeCharger {
     client: stripe::Client,
-    reader: StripeReader,
+    reader: std::sync::Arc<StripeReader>,
     timeout: Duration,
 }
 
@@ -112,7 +112,8 @@ impl RechargeCharger {
             builder = builder.url(base);
         }
         let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
-        Ok(Self { client, reader: StripeReader::new(secret_key.clone(), api_base, timeout), timeout })
+        let reader = std::sync::Arc::new(StripeReader::new(secret_key.clone(), api_base, timeout));
+        Ok(Self { client, reader, timeout })
     }
 
     /// The charger the configuration's `[stripe]` section describes, with the secret key from
@@ -126,6 +127,11 @@ impl RechargeCharger {
             .ok_or(StripeSetupError::MissingSecret { env: "STRIPE_SECRET_KEY", file_key: "secret_key_file" })?;
         let key = super::read_secrets(settings.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")?;
         Self::new(&key[0], settings.api_base.as_deref(), settings.timeout)
+    }
+
+    /// Its reader of Stripe's API (the same key).
+    pub(crate) fn reader(&self) -> std::sync::Arc<StripeReader> {
+        self.reader.clone()
     }
 
     /// The price's `unit_amount` (smallest unit) and currency, as Stripe says.
@@ -160,7 +166,10 @@ impl RechargeCharger {
             Some(invoice) => (invoice, "item-late"),
             // A processing payment's invoice not found by its metadata: never made again.
             None if order.processing && order.now - order.claimed_at > KEYS_TRUSTED_SECS => {
-                return Charged::Retry(format!("the invoice of recharge {}, whose payment processes, was not found", order.n));
+                return Charged::Retry(format!(
+                    "the invoice of recharge {}, whose payment processes, was not found",
+                    order.n
+                ));
             }
             None => {
                 let metadata: HashMap<String, String> = [
@@ -431,6 +440,78 @@ impl super::WebhookHandler {
             self.node.recharge(news).await.map_err(super::WebhookOutcome::StoreFailed)?;
         }
         Ok(())
+    }
+
+    /// A recharge's invoice found paid by its delivery, `invoice.paid` never having come (the
+    /// endpoint not subscribed to it, or down past Stripe's 3 days): read from Stripe and
+    /// handled as its `invoice.paid` would be, through the top-up path (its grant's id is the
+    /// invoice's, so the event, if it comes after all, is a duplicate), closing the recharge.
+    /// `None`: the configuration sells no credits.
+    pub(crate) async fn credit_paid_recharge(&self, invoice: &str) -> Option<super::WebhookOutcome> {
+        let config = self.config_now();
+        let credits = config.stripe()?.credits.as_ref()?;
+        let reader = self.reader.as_ref()?;
+        let object = match reader.get(&format!("v1/invoices/{invoice}")).await {
+            Ok(object) => object,
+            Err(e) => return Some(super::WebhookOutcome::ApiFailed(e.why)),
+        };
+        let event = format!("tollgate_delivery_{invoice}");
+        let now = self.clock.unix_secs();
+        let payload = serde_json::json!({
+            "id": event, "object": "event", "type": "invoice.paid", "created": now, "data": { "object": object },
+        })
+        .to_string();
+        self.payment_event(&config, credits, &event, "invoice.paid", &payload).await
+    }
+
+    /// A paid recharge whose units could not be granted (`why`, logged): recharge `n` of
+    /// `tenant` on `meter` turned off at once ([`RechargeFailure::GrantRefused`]), its alert
+    /// written (once). Never closed as paid. `Err`: the answer (the store failed: 500).
+    pub(super) async fn recharge_refused(
+        &self,
+        tenant: &crate::base::TenantId,
+        meter: &crate::base::MeterId,
+        n: u64,
+        why: &str,
+    ) -> Result<(), super::WebhookOutcome> {
+        use crate::store::QuotaStoreExt as _;
+        let Some(quota) = &self.quota else { return Ok(()) };
+        tracing::error!(%tenant, %meter, n, why,
+            "a paid recharge could not be credited: recharge turned off (grant_refused); grant by hand, free room or refund");
+        let now = self.clock.unix_secs();
+        let mode = crate::store::RechargeMode::Stop { n, why: RechargeFailure::GrantRefused };
+        let seen = quota
+            .apply_recharge(tenant, meter, mode, now)
+            .await
+            .map_err(|e| super::WebhookOutcome::StoreFailed(e.to_string()))?;
+        if let crate::store::RechargeSeen::Failed { off, first, why: kept, .. } = seen {
+            let news = crate::base::RechargeNews::Failed {
+                tenant: tenant.clone(),
+                meter: meter.clone(),
+                n,
+                reason: kept.as_str(),
+                off,
+                first,
+            };
+            self.node.recharge(news).await.map_err(super::WebhookOutcome::StoreFailed)?;
+        }
+        Ok(())
+    }
+
+    /// A recharge's paid invoice that granted nothing under this configuration (`outcome`):
+    /// its recharge is turned off ([`recharge_refused`](Self::recharge_refused)), never closed
+    /// as paid. `Ok(false)`: not a recharge's invoice.
+    pub(super) async fn recharge_not_credited(
+        &self,
+        config: &Config,
+        body: &serde_json::Value,
+        outcome: &super::WebhookOutcome,
+    ) -> Result<bool, super::WebhookOutcome> {
+        let failed = |e: crate::store::StoreError| super::WebhookOutcome::StoreFailed(e.to_string());
+        let Some(named) = self.recharge_of(config, body).await.map_err(failed)? else { return Ok(false) };
+        let why = format!("its paid invoice granted nothing ({outcome:?})");
+        self.recharge_refused(&named.tenant, &named.meter, named.n, &why).await?;
+        Ok(true)
     }
 
     /// `invoice.payment_failed` or `invoice.payment_action_required` of a recharge's invoice:

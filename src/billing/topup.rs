@@ -385,8 +385,23 @@ impl WebhookHandler {
             )
         {
             let granted = matches!(outcome, Some(WebhookOutcome::Credited { .. } | WebhookOutcome::Duplicate));
-            if let Err(failed) = self.recharge_paid(config, &body, granted).await {
-                return Some(failed);
+            let not_credited = match &outcome {
+                Some(
+                    o @ (WebhookOutcome::Ignored
+                    | WebhookOutcome::NotCredited { .. }
+                    | WebhookOutcome::PaymentUnknown { .. }),
+                ) => match self.recharge_not_credited(config, &body, o).await {
+                    Ok(recharge) => recharge,
+                    Err(failed) => return Some(failed),
+                },
+                _ => false,
+            };
+            // Paid and credited (or nothing to credit: a zero invoice): closed as paid. Paid
+            // and not credited: turned off above, never closed as paid.
+            if !not_credited {
+                if let Err(failed) = self.recharge_paid(config, &body, granted).await {
+                    return Some(failed);
+                }
             }
         }
         if session

@@ -585,6 +585,20 @@ impl Validator<'_, '_> {
                     ));
                 };
                 r.pack_units = *units;
+                // A recharge brings the balance to `to` and past it by less than a pack: all
+                // of it must fit a balance, or the card is charged for units never granted.
+                if r.to.checked_add(*units).is_none_or(|most| most > crate::base::MAX_BALANCE) {
+                    return Err(self.invalid(
+                        &format!("{key}.to"),
+                        format!(
+                            "`to` ({}) and a pack of `{}` ({units} units) pass the most a balance holds (2^50 = {} \
+                             units): a recharge would charge for units that can never be granted",
+                            r.to,
+                            r.price,
+                            crate::base::MAX_BALANCE
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

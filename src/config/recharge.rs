@@ -69,6 +69,17 @@ impl Validator<'_, '_> {
                     self.invalid(&format!("{key}.price"), "a recharge names the credit price it buys (\"price_…\")")
                 );
             };
+            // An invoice item names a price by id: a lookup key would be refused by Stripe at
+            // every recharge.
+            if !price.starts_with("price_") {
+                return Err(self.invalid(
+                    &format!("{key}.price"),
+                    format!(
+                        "`{price}` is not a Stripe price id (\"price_…\"): a recharge's invoice item names its price by id, \
+                         never by lookup key"
+                    ),
+                ));
+            }
             let units = |name: &str, v: Option<i64>| {
                 let path = format!("{key}.{name}");
                 let v =

@@ -438,6 +438,20 @@ mod validation {
         // An unknown key.
         let e = err(&plan(&format!("{good}threshold = 5\n")));
         assert!(e.to_string().contains("threshold"), "{e}");
+        // A recharge that buys more than a balance holds (2^50): packs of 10^15 units to
+        // 2 × 10^15 would charge the card and grant nothing.
+        let huge = plan("price = \"price_pack\"\nbelow = 1000\nto = 2000000000000000\nmonthly_limit = \"200.00\"\n")
+            .replace("price_pack = 1000\n", "price_pack = 1000000000000000\n");
+        let e = err(&huge);
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.credits.to", Some(11)), "{e}");
+        assert!(e.to_string().contains("2^50"), "{e}");
+        let pack = plan(good).replace("price_pack = 1000\n", "price_pack = 1125899906842624\n");
+        assert_eq!(err(&pack).key(), "plans.p.recharge.credits.to", "a pack past a balance");
+        // A lookup key (an invoice item needs a price id), mapped in [stripe.credits.prices].
+        let e = err(&plan("price = \"credits_1000\"\nbelow = 1000\nto = 5000\nmonthly_limit = \"200.00\"\n")
+            .replace("price_pack = 1000\n", "credits_1000 = 1000\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.credits.price", Some(9)), "{e}");
+        assert!(e.to_string().contains("price id"), "{e}");
         // A zero-decimal currency: yen are whole.
         let yen = plan(good).replace("currency = \"usd\"", "currency = \"jpy\"");
         let c = parse(&yen).unwrap();

@@ -88,11 +88,16 @@ impl Tollgate {
                 now: self.shared().clock().unix_secs(),
             };
             match deliver::deliver(&parts, &claim).await {
-                deliver::Delivered::Paid => {
+                deliver::Delivered::Paid { invoice, claimed_at } => {
                     tracing::info!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, packs = claim.packs,
                         "recharge paid; its units are granted by invoice.paid");
                     self.shared().totals().recharge(RechargeOutcome::Charged);
                     delivered += 1;
+                    // Found paid long after its claim (taken again, still open): its
+                    // `invoice.paid` did not come. Credited here, as that event would.
+                    if parts.now.saturating_sub(claimed_at) >= crate::store::CREDIT_UNANNOUNCED_SECS {
+                        self.credit_unannounced(&claim, &invoice).await;
+                    }
                 }
                 deliver::Delivered::Processing => {
                     self.shared().totals().recharge(RechargeOutcome::Charged);
@@ -118,6 +123,35 @@ impl Tollgate {
         }
         delivered
     }
+
+    /// Recharge `claim`'s `invoice`, found paid [`CREDIT_UNANNOUNCED_SECS`](crate::store::CREDIT_UNANNOUNCED_SECS) or more after its
+    /// claim with the claim still open: `invoice.paid` never came (the endpoint is not
+    /// subscribed to it, or was down past Stripe's 3 days). Credited through the top-up path
+    /// (the grant's id is the invoice's: the event, if it comes after all, is a duplicate),
+    /// which closes the recharge; counted and logged at error level, for the endpoint to be
+    /// mended.
+    #[cfg(feature = "stripe")]
+    async fn credit_unannounced(&self, claim: &crate::engine::recharge::queue::Claimed, invoice: &str) {
+        use crate::billing::WebhookOutcome;
+        let Some(charger) = self.recharges().charger() else { return };
+        let handler = self.webhook_handler_with_secrets(Vec::new()).with_reader(charger.reader());
+        match handler.credit_paid_recharge(invoice).await {
+            Some(WebhookOutcome::Credited { units, .. }) => {
+                self.shared().totals().recharge(RechargeOutcome::CreditedUnannounced);
+                tracing::error!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, %invoice, units,
+                    "a recharge was paid and its invoice.paid never came: credited by the worker; subscribe the \
+                     webhook endpoint to invoice.paid (docs/credits.md, \"Recharge\")");
+            }
+            outcome => {
+                tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, %invoice, ?outcome,
+                    "a recharge found paid long after its claim could not be credited by the worker; taken again");
+            }
+        }
+    }
+
+    #[cfg(not(feature = "stripe"))]
+    #[allow(clippy::unused_async)]
+    async fn credit_unannounced(&self, _: &crate::engine::recharge::queue::Claimed, _: &str) {}
 
     /// A failure of recharge `n` counted in the store (by this node's delivery or a webhook):
     /// counted here when this node counted it first; alerted once recharge is off (the alert's

@@ -25,6 +25,12 @@ pub const CLAIM_TAKEN_SECS: i64 = 600;
 /// reads its invoice: it never pays one again.
 pub const PROCESSING_SECS: i64 = 21 * 86_400;
 
+/// How long after its claim a recharge found paid by its delivery, with its claim still open,
+/// is credited by the worker itself (seconds): an hour. `invoice.paid` comes within seconds of
+/// a payment, and Stripe retries a failed delivery within minutes at first; past it, the
+/// endpoint is taken to miss it (not subscribed, or down past Stripe's 3 days).
+pub const CREDIT_UNANNOUNCED_SECS: i64 = 3600;
+
 /// After a failed payment, no recharge is claimed for this long (seconds), so that a declined
 /// card is not charged again at every request.
 pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
@@ -107,6 +113,12 @@ pub enum RechargeFailure {
     /// was charged; turning recharge on again takes the new pack. Not a payment failure: it
     /// turns recharge off at once ([`RechargeMode::Stop`]).
     PriceChanged,
+    /// A paid recharge's units could not be granted (the balance's open grants at their
+    /// most, or its units past the most a balance holds, or its invoice not a credit
+    /// purchase under this configuration): turned off at once, so that the card is not
+    /// charged again for units that cannot land. Paid and not credited: a person grants,
+    /// frees room (Stripe delivers `invoice.paid` again for 3 days) or refunds.
+    GrantRefused,
 }
 
 impl RechargeFailure {
@@ -123,6 +135,7 @@ impl RechargeFailure {
             Self::NoPaymentMethod => "no_payment_method",
             Self::Refused => "refused",
             Self::PriceChanged => "price_changed",
+            Self::GrantRefused => "grant_refused",
         }
     }
 }
@@ -522,8 +535,14 @@ mod tests {
         s.apply(RechargeMode::Paid { n: 1 }, None);
         assert_eq!(s.open, None);
         // 20.00 of the month's 25.00 are spent: the next one waits for the next month.
-        assert_eq!(s.apply(watch.clone(), Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: true });
-        assert_eq!(s.apply(watch.clone(), Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: false });
+        assert_eq!(
+            s.apply(watch.clone(), Some(1999)),
+            RechargeSeen::LimitReached { month: month_of(NOW), first: true }
+        );
+        assert_eq!(
+            s.apply(watch.clone(), Some(1999)),
+            RechargeSeen::LimitReached { month: month_of(NOW), first: false }
+        );
         let april = RechargeMode::Watch { now: NOW + 20 * 86_400 };
         assert_eq!(s.apply(april, Some(0)), RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 });
     }
@@ -541,7 +560,11 @@ mod tests {
             let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
             let why = RechargeFailure::Declined;
             assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: k, off: k == 3, first: true, why });
-            assert_eq!(s.apply(failed.clone(), None), RechargeSeen::Failed { n: k, off: k == 3, first: false, why }, "alike");
+            assert_eq!(
+                s.apply(failed.clone(), None),
+                RechargeSeen::Failed { n: k, off: k == 3, first: false, why },
+                "alike"
+            );
             assert_eq!(s.failures, u32::try_from(k).unwrap(), "counted once");
             assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
             now += RETRY_AFTER_FAILURE_SECS;

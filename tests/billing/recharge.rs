@@ -71,6 +71,7 @@ pub(crate) async fn setup(store: Arc<dyn Store>) -> Setup {
     let receiver = common::alerts::Receiver::start().map(|r| {
         let (dir, secret) = common::alerts::secret_file();
         toml = toml.replace("[plans.payg]\n", "[plans.payg]\ntenant_alerts = true\n");
+        toml = toml.replace("[plans.pro]\n", "[plans.pro]\ntenant_alerts = true\n");
         toml.push_str(&common::alerts::section(&r.url("/ops"), &secret, "allow_private = [\"127.0.0.1/32\"]"));
         (r, dir)
     });

@@ -36,7 +36,10 @@ async fn a_plan_or_price_change_never_charges_what_the_limit_did_not_count(s: Se
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "delivered: turned off");
     assert!(s.stripe.invoices_created().is_empty(), "nothing charged: {:?}", s.stripe.invoices_created());
     let view = admin.recharge("acme", "requests").await.unwrap();
-    assert_eq!((view.off_reason(), view.state.open, view.month_spent, view.state.failures), (Some("price_changed"), None, 0, 0));
+    assert_eq!(
+        (view.off_reason(), view.state.open, view.month_spent, view.state.failures),
+        (Some("price_changed"), None, 0, 0)
+    );
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0);
     #[cfg(feature = "alerts")]
     if let Some(got) = s.alerts("balance.recharge_failed").await {
@@ -103,4 +106,83 @@ async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.failures, view.state.open, view.state.n), (2, None, 2));
     assert_eq!(s.granted().await, 500, "nothing paid, nothing granted");
+}
+
+// A paid recharge whose grant is refused (the balance holds 1,000 open grants, the most) is
+// never closed as paid: on main `invoice.paid` answered 500 for three days, the claim stayed
+// open and the tenant got 402 "recharge under way" for good while every delivery found the
+// invoice paid. Now recharge is turned off (`grant_refused`, one alert) at the first refusal,
+// the delivery is still answered 500 (Stripe delivers it again once room is made), and the
+// tenant's requests end with a plain 402.
+on_stores!(a_paid_recharge_whose_grant_is_refused_turns_recharge_off);
+async fn a_paid_recharge_whose_grant_is_refused_turns_recharge_off(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    for i in 0..999 {
+        admin.grant_credits("acme", "requests", 1, None, &format!("g{i}")).await.unwrap();
+    }
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(1250).await, 1250);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let events = s.stripe.take_emitted();
+    let paid = events.iter().find(|e| e["type"] == "invoice.paid").expect("paid").to_string();
+    for _ in 0..2 {
+        let (status, outcome) = s.signed(&paid).await;
+        assert_eq!(status, 500, "delivered again by Stripe: {outcome:?}");
+    }
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.off_reason(), view.state.open), (Some("grant_refused"), None));
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharge_failed").await {
+        assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
+        assert_eq!(got[0].1["reason"], "grant_refused");
+    }
+    // Off: spent to the end, a plain 402, and nothing charged again.
+    assert!(s.admitted(400).await < 400, "spent to the end");
+    let refused = s.h.get("/", "key-acme").await;
+    assert_eq!(refused.status, 402);
+    assert!(refused.headers.get("retry-after").is_none(), "no recharge under way");
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0);
+    assert_eq!(s.stripe.invoices_created().len(), 1);
+}
+
+// `invoice.paid` never comes (the endpoint is not subscribed to it, or was down past Stripe's
+// three days): on main the claim stayed open, each delivery found the invoice paid and logged
+// it at info, nothing was granted and the tenant got 402 "recharge under way" for good. A
+// delivery that finds its invoice paid an hour or more after the claim credits it through the
+// top-up path (grant id = invoice id), counted; the event coming after all is a duplicate.
+on_stores!(a_paid_recharge_whose_invoice_paid_never_comes_is_credited_by_the_worker);
+async fn a_paid_recharge_whose_invoice_paid_never_comes_is_credited_by_the_worker(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let lost = s.stripe.take_emitted();
+    let open = admin.recharge("acme", "requests").await.unwrap().state.open.expect("open");
+    // Taken again at the lapse, found paid: not yet credited (the event may be on its way).
+    s.h.clock.advance(Duration::from_secs(tollgate::store::CLAIM_TAKEN_SECS as u64));
+    let mut delivered = 0;
+    for _ in 0..30 {
+        s.admitted(1).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!((delivered, s.granted().await), (1, 500), "delivered again, not credited yet");
+    // An hour after its claim: credited by the worker, closed, counted.
+    s.h.clock.advance(Duration::from_secs(3600));
+    let mut delivered = 0;
+    for _ in 0..30 {
+        s.admitted(1).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!(delivered, 1);
+    assert_eq!(s.granted().await, 500 + open.packs * 100, "credited once");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.open, view.state.n, view.month_count), (None, 1, 1));
+    assert_eq!(s.h.tollgate.stats().recharges_credited_unannounced, 1);
+    assert_eq!(s.stripe.pays(), 1, "paid once");
+    // The event comes after all: a duplicate.
+    let paid = lost.iter().find(|e| e["type"] == "invoice.paid").unwrap().to_string();
+    assert_eq!(s.signed(&paid).await, (200, WebhookOutcome::Duplicate));
+    assert_eq!(s.granted().await, 500 + open.packs * 100);
 }

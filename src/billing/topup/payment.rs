@@ -459,6 +459,17 @@ impl WebhookHandler {
                 tracing::error!(%event, %tenant, %meter, units, outcome = ?other,
                     "a paid top-up could not be granted (too many open grants, or past the most a balance holds): \
                      answered 500 so Stripe delivers it again; close or revoke grants, or refund the payment");
+                // A recharge's: turned off, so that the card is not charged again meanwhile.
+                let o = &body["data"]["object"];
+                let n = o["metadata"][crate::billing::recharge::RECHARGE_KEY].as_str().and_then(|n| n.parse().ok());
+                let ours = o["metadata"][crate::billing::recharge::TENANT_KEY].as_str() == Some(tenant.as_str())
+                    && o["metadata"][crate::billing::recharge::METER_KEY].as_str() == Some(meter.as_str());
+                if let (Some(n), true) = (n, ours) {
+                    let why = format!("the grant was refused: {other:?}");
+                    if let Err(failed) = self.recharge_refused(&tenant, &meter, n, &why).await {
+                        return Some(failed);
+                    }
+                }
                 Some(WebhookOutcome::StoreFailed(format!("the grant was refused: {other:?}")))
             }
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),

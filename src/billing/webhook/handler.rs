@@ -156,6 +156,17 @@ impl WebhookHandler {
         self
     }
 
+    /// The configuration in force.
+    pub(in crate::billing) fn config_now(&self) -> Config {
+        (self.config)()
+    }
+
+    /// Reads Stripe's API with `reader` (a recharge charger's: the same key).
+    pub(crate) fn with_reader(mut self, reader: Arc<StripeReader>) -> Self {
+        self.reader = Some(reader);
+        self
+    }
+
     /// The reader of Stripe's API, when a secret key was given.
     pub(crate) fn reader(&self) -> Option<Arc<StripeReader>> {
         self.reader.clone()

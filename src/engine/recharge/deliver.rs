@@ -6,17 +6,17 @@
 
 use super::queue::Claimed;
 use crate::{
-    settings::plan::{served_tenant, Unserved},
     config::RechargeSpec,
+    settings::plan::{served_tenant, Unserved},
     store::{RechargeClaim, RechargeFailure, RechargeMode, RechargeSeen, RechargeSetting, RechargeState, StoreError},
 };
 
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Delivered {
-    /// Stripe says paid: `invoice.paid` grants it.
+    /// Stripe says paid: `invoice.paid` grants it (the invoice; when the claim was made).
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    Paid,
+    Paid { invoice: String, claimed_at: i64 },
     /// Its payment is processing (a bank debit): the claim waits for `invoice.paid` or
     /// `invoice.payment_failed`, marked in the store.
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
@@ -102,7 +102,10 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
 /// open).
 fn pack_changed(setting: &RechargeSetting, spec: &RechargeSpec, open: &RechargeClaim) -> Option<String> {
     if !setting.price.is_empty() && setting.price != spec.price {
-        return Some(format!("the plan now recharges price `{}`, the setting was made for `{}`", spec.price, setting.price));
+        return Some(format!(
+            "the plan now recharges price `{}`, the setting was made for `{}`",
+            spec.price, setting.price
+        ));
     }
     if spec.pack_units != setting.pack.units {
         return Some(format!(
@@ -111,7 +114,10 @@ fn pack_changed(setting: &RechargeSetting, spec: &RechargeSpec, open: &RechargeC
         ));
     }
     if open.packs.checked_mul(setting.pack.amount) != Some(open.amount) {
-        return Some(format!("recharge {} was counted at {} for {} packs, not at the setting's pack", open.n, open.amount, open.packs));
+        return Some(format!(
+            "recharge {} was counted at {} for {} packs, not at the setting's pack",
+            open.n, open.amount, open.packs
+        ));
     }
     None
 }
@@ -147,7 +153,10 @@ async fn charge(
     match charger.unit_amount(price).await {
         Ok((amount, of)) if amount == setting.pack.amount && of.eq_ignore_ascii_case(&currency) => {}
         Ok((amount, of)) => {
-            let why = format!("price `{price}` is now {amount} {of} a pack; the setting counted {} {currency}", setting.pack.amount);
+            let why = format!(
+                "price `{price}` is now {amount} {of} a pack; the setting counted {} {currency}",
+                setting.pack.amount
+            );
             return stop(parts, claim, RechargeFailure::PriceChanged, &why).await;
         }
         Err(why) => return Ok(Delivered::Retry(format!("the recharge's price could not be read: {why}"))),
@@ -166,7 +175,7 @@ async fn charge(
         now: parts.now,
     };
     match charger.charge(&order).await {
-        Charged::Paid(_) => Ok(Delivered::Paid),
+        Charged::Paid(invoice) => Ok(Delivered::Paid { invoice, claimed_at: open.claimed_at }),
         Charged::Processing(invoice) => {
             use crate::store::QuotaStoreExt as _;
             let mode = RechargeMode::Processing { n: claim.n, now: parts.now };
