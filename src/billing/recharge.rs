@@ -474,12 +474,26 @@ impl super::WebhookHandler {
         n: u64,
         why: &str,
     ) -> Result<(), super::WebhookOutcome> {
-        use crate::store::QuotaStoreExt as _;
-        let Some(quota) = &self.quota else { return Ok(()) };
         tracing::error!(%tenant, %meter, n, why,
             "a paid recharge could not be credited: recharge turned off (grant_refused); grant by hand, free room or refund");
+        self.recharge_refused_as(tenant, meter, n, RechargeFailure::GrantRefused, why).await
+    }
+
+    /// Recharge `n` of `tenant` on `meter` turned off at once for `reason` (`why`, logged),
+    /// its alert written once. `Err`: the answer (the store failed: 500).
+    async fn recharge_refused_as(
+        &self,
+        tenant: &crate::base::TenantId,
+        meter: &crate::base::MeterId,
+        n: u64,
+        reason: RechargeFailure,
+        why: &str,
+    ) -> Result<(), super::WebhookOutcome> {
+        use crate::store::QuotaStoreExt as _;
+        let Some(quota) = &self.quota else { return Ok(()) };
+        tracing::warn!(%tenant, %meter, n, reason = reason.as_str(), why, "recharge turned off");
         let now = self.clock.unix_secs();
-        let mode = crate::store::RechargeMode::Stop { n, why: RechargeFailure::GrantRefused };
+        let mode = crate::store::RechargeMode::Stop { n, why: reason };
         let seen = quota
             .apply_recharge(tenant, meter, mode, now)
             .await
@@ -496,6 +510,59 @@ impl super::WebhookHandler {
             self.node.recharge(news).await.map_err(super::WebhookOutcome::StoreFailed)?;
         }
         Ok(())
+    }
+
+    /// A refund or a dispute (`why`) took units of `grant`, on `tenant`'s `meter`: when the
+    /// grant is a recharge's (its id an invoice whose metadata names the recharge), recharge
+    /// is turned off at once, with one alert, so that the card is not charged again by the
+    /// next request. An invoice that cannot be read turns it off all the same, if it is on
+    /// (the card is not charged again until someone looks). Best effort: logged.
+    pub(super) async fn recharge_reversed(
+        &self,
+        tenant: &crate::base::TenantId,
+        meter: &crate::base::MeterId,
+        grant: &str,
+        why: RechargeFailure,
+    ) {
+        let Some(quota) = &self.quota else { return };
+        let n = match (&self.reader, grant.starts_with("in_")) {
+            (Some(reader), true) => match reader.get(&format!("v1/invoices/{grant}")).await {
+                Ok(invoice) => {
+                    let m = &invoice["metadata"];
+                    let ours = m[TENANT_KEY].as_str() == Some(tenant.as_str())
+                        && m[METER_KEY].as_str() == Some(meter.as_str());
+                    match m[RECHARGE_KEY].as_str().and_then(|n| n.parse::<u64>().ok()) {
+                        Some(n) if ours => Some(n),
+                        _ => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %meter, %grant, error = %e.why,
+                        "a reversed payment's invoice could not be read: the tenant's recharge is turned off if on");
+                    None
+                }
+            },
+            // Not an invoice's grant: not a recharge.
+            (_, false) => return,
+            (None, true) => None,
+        };
+        let n = match n {
+            Some(n) => n,
+            None => match quota.counters(tenant, meter).await {
+                Ok(counters) => match counters.into_iter().find_map(|c| c.recharge) {
+                    Some(state) if state.on() => state.n,
+                    _ => return,
+                },
+                Err(e) => {
+                    tracing::error!(%tenant, %meter, %grant, error = %e, "a reversed payment's recharge could not be read");
+                    return;
+                }
+            },
+        };
+        if let Err(e) = self.recharge_refused_as(tenant, meter, n, why, "its payment was reversed").await {
+            tracing::error!(%tenant, %meter, n, reason = why.as_str(), outcome = ?e,
+                "a reversed recharge could not turn recharge off");
+        }
     }
 
     /// A recharge's paid invoice that granted nothing under this configuration (`outcome`):

@@ -719,6 +719,7 @@ impl WebhookHandler {
                 self.node.tenant_changed(&tenant);
                 tracing::info!(%event, %tenant, %meter, %grant, units, refunded, amount,
                     "a refund took back prepaid credits");
+                self.recharge_reversed(&tenant, &meter, &grant, crate::store::RechargeFailure::Refunded).await;
                 Some(WebhookOutcome::Refunded { tenant, meter, units })
             }
             // That much was taken back already, or the grant has closed.
@@ -829,6 +830,7 @@ impl WebhookHandler {
                 self.node.tenant_changed(&tenant);
                 tracing::warn!(%event, %dispute, %tenant, %meter, %grant, units, payment = %intent,
                     "a dispute took back the prepaid credits its payment bought ({units} of what the balance held)");
+                self.recharge_reversed(&tenant, &meter, &grant, crate::store::RechargeFailure::Disputed).await;
                 Some(WebhookOutcome::Refunded { tenant, meter, units })
             }
             Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {

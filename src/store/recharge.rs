@@ -119,6 +119,12 @@ pub enum RechargeFailure {
     /// charged again for units that cannot land. Paid and not credited: a person grants,
     /// frees room (Stripe delivers `invoice.paid` again for 3 days) or refunds.
     GrantRefused,
+    /// A recharge's payment was refunded: turned off at once, so that the next request does
+    /// not charge the card again (the customer asked for their money back).
+    Refunded,
+    /// A recharge's payment is disputed: turned off at once, so that the card under dispute
+    /// is not charged again.
+    Disputed,
 }
 
 impl RechargeFailure {
@@ -136,6 +142,8 @@ impl RechargeFailure {
             Self::Refused => "refused",
             Self::PriceChanged => "price_changed",
             Self::GrantRefused => "grant_refused",
+            Self::Refunded => "refunded",
+            Self::Disputed => "disputed",
         }
     }
 }

@@ -186,3 +186,79 @@ async fn a_paid_recharge_whose_invoice_paid_never_comes_is_credited_by_the_worke
     assert_eq!(s.signed(&paid).await, (200, WebhookOutcome::Duplicate));
     assert_eq!(s.granted().await, 500 + open.packs * 100);
 }
+
+fn fixture(kind: &str) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["resources"][kind].clone()
+}
+
+fn event(id: &str, kind: &str, object: serde_json::Value) -> String {
+    let mut e = fixture("event");
+    e["id"] = serde_json::json!(id);
+    e["type"] = serde_json::json!(kind);
+    e["data"] = serde_json::json!({ "object": object });
+    e.to_string()
+}
+
+impl Setup {
+    /// Spends until a recharge is claimed, delivers it and its events: its invoice (paid and
+    /// credited).
+    async fn recharged(&self) -> serde_json::Value {
+        assert!(self.spend_until_recharged(1000).await, "recharged");
+        self.stripe.invoices_created().last().cloned().unwrap()
+    }
+}
+
+// A disputed recharge turns recharge off (`disputed`, one alert), so that the card under
+// dispute is not charged again by the next request; a refunded one likewise (`refunded`). On
+// main both took the units back and left recharge on: the balance fell under `below` and the
+// next request charged the same card again.
+on_stores!(a_refunded_or_disputed_recharge_turns_recharge_off);
+async fn a_refunded_or_disputed_recharge_turns_recharge_off(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    // Three packs (15.00) a recharge: two fit the month's 50.00.
+    let small = RechargeAsk::new(Some(300), Some(500), None);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(small.clone())).await.unwrap();
+    for (n, reason) in [(1u64, "disputed"), (2, "refunded")] {
+        let invoice = s.recharged().await;
+        let id = invoice["id"].as_str().unwrap();
+        let intent = s.stripe.payment_intent_of(id).expect("paid through the API");
+        let amount = invoice["amount_paid"].clone();
+        let reversal = if reason == "disputed" {
+            let mut d = fixture("dispute");
+            d["id"] = serde_json::json!("dp_1");
+            d["payment_intent"] = serde_json::json!(intent);
+            d["amount"] = amount;
+            d["status"] = serde_json::json!("needs_response");
+            event("evt_dp", "charge.dispute.funds_withdrawn", d)
+        } else {
+            let mut c = fixture("charge");
+            c["customer"] = serde_json::json!("cus_acme");
+            c["payment_intent"] = serde_json::json!(intent);
+            c["amount"] = amount.clone();
+            c["amount_captured"] = amount.clone();
+            c["amount_refunded"] = amount;
+            c["refunded"] = serde_json::json!(true);
+            event("evt_rf", "charge.refunded", c)
+        };
+        let (status, outcome) = s.signed(&reversal).await;
+        assert!(matches!((status, &outcome), (200, WebhookOutcome::Refunded { .. })), "{reason}: {outcome:?}");
+        let view = admin.recharge("acme", "requests").await.unwrap();
+        assert_eq!((view.off_reason(), view.state.n), (Some(reason), n), "{reason}");
+        // Spent below `below` again: nothing claimed, the card not charged again.
+        let invoices = s.stripe.invoices_created().len();
+        s.admitted(300).await;
+        assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "{reason}: not charged again");
+        assert_eq!(s.stripe.invoices_created().len(), invoices);
+        #[cfg(feature = "alerts")]
+        if let Some(got) = s.alerts("balance.recharge_failed").await {
+            let this: Vec<_> = got.iter().filter(|(_, d)| d["reason"] == reason).collect();
+            assert_eq!(this.len(), 2, "once, to the operator and the tenant: {got:?}");
+        }
+        // Turned on again by the tenant, on purpose.
+        admin.grant_credits("acme", "requests", 500, None, &format!("more{n}")).await.unwrap();
+        admin.set_recharge("acme", "requests", Some(small.clone())).await.unwrap();
+    }
+}

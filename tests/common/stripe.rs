@@ -428,6 +428,13 @@ impl StandIn {
         std::mem::take(&mut self.lock().emitted)
     }
 
+    /// The payment intent that paid `invoice` (through the API's pay).
+    pub fn payment_intent_of(&self, invoice: &str) -> Option<String> {
+        let s = self.lock();
+        let payments = s.invoice_payments.get(invoice)?;
+        payments.iter().find_map(|p| p["payment"]["payment_intent"].as_str().map(str::to_owned))
+    }
+
     /// How many `POST /v1/invoices/{id}/pay` calls were executed (not replayed).
     pub fn pays(&self) -> u64 {
         self.lock().pays
