@@ -129,8 +129,9 @@ impl Line {
 /// unused time, a free trial, a pack given away) or prorates buys nothing: proration lines carry the full quantity for part of the
 /// price.
 /// What an invoice line (or a credit note's line) comes to: its `amount` (gross) less its
-/// `discount_amounts` and `pretax_credit_amounts`, plus its exclusive `taxes`; `None` without
-/// an `amount`.
+/// `discount_amounts` and the billing credits among its `pretax_credit_amounts` (`type`
+/// `credit_balance_transaction`: a coupon is listed in both arrays, its `discount` entry
+/// there is not subtracted again), plus its exclusive `taxes`; `None` without an `amount`.
 fn net_amount(v: &Value) -> Option<i64> {
     let sum = |list: &Value, counted: &dyn Fn(&Value) -> bool| {
         list.as_array()
@@ -141,7 +142,7 @@ fn net_amount(v: &Value) -> Option<i64> {
     };
     v["amount"].as_i64().map(|a| {
         a.saturating_sub(sum(&v["discount_amounts"], &|_| true))
-            .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
+            .saturating_sub(sum(&v["pretax_credit_amounts"], &|c| c["type"] == "credit_balance_transaction"))
             .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive"))
     })
 }
@@ -201,7 +202,7 @@ fn proration_of(v: &Value) -> Option<Proration> {
         let credit = amount
             .saturating_abs()
             .saturating_sub(sum(&v["discount_amounts"], &|_| true))
-            .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
+            .saturating_sub(sum(&v["pretax_credit_amounts"], &|c| c["type"] == "credit_balance_transaction"))
             .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive"));
         -credit.max(0)
     };

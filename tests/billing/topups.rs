@@ -714,6 +714,36 @@ async fn subscription_metadata_grants_only_on_a_periods_invoice() {
     assert_eq!(s.balance().await.granted, 6200);
 }
 
+// A coupon is listed twice on a line: in `discount_amounts` and again in
+// `pretax_credit_amounts` with `type: "discount"` (Stripe's API reference, "The Invoice Line
+// Item object": `pretax_credit_amounts`, "the pretax credit amounts (ex: discount, credit
+// grants, etc)", each with `type` `credit_balance_transaction` or `discount`). What the pack
+// cost subtracts it once, and a billing credit's `credit_balance_transaction` entry once: a
+// line of 100.00 with 20.00 off and 10.00 of billing credits was paid 70.00 (main read 50.00,
+// so a refund took too many units back).
+on_stores!(a_discount_listed_in_both_arrays_is_subtracted_once);
+async fn a_discount_listed_in_both_arrays_is_subtracted_once(s: Setup) {
+    let mut inv = invoice("in_c", "cus_acme", &[("price_pack", 1)]);
+    let line = &mut inv["lines"]["data"][0];
+    line["amount"] = json!(10_000);
+    line["discount_amounts"] = json!([{ "amount": 2000, "discount": "di_1" }]);
+    line["pretax_credit_amounts"] = json!([
+        { "amount": 2000, "credit_balance_transaction": null, "discount": "di_1", "type": "discount" },
+        { "amount": 1000, "credit_balance_transaction": "cbtxn_1", "discount": null, "type": "credit_balance_transaction" },
+    ]);
+    line["taxes"] = json!([]);
+    inv["total"] = json!(7000);
+    inv["amount_paid"] = json!(7000);
+    paid_by(&s, "in_c", "pi_c");
+    assert_eq!(s.signed(&event("evt_c1", "invoice.paid", inv)).await, (200, credited(100, "in_c")));
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants[0].paid, Some(7000), "what the customer paid for the pack");
+    // Half of it refunded: half the units, under `credits_first` or pro rata alike.
+    let refund = event("evt_c2", "charge.refunded", charge("cus_acme", "pi_c", 7000, 3500));
+    let half = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 50 };
+    assert_eq!(s.signed(&refund).await, (200, half));
+}
+
 // What a pack cost is what the customer paid: an invoice line's `amount` is before its
 // discounts and tax (Stripe's API reference, "The Invoice Line Item object": `amount`, "the
 // amount, in cents, before discounts and taxes"; `discount_amounts`, `pretax_credit_amounts`,
