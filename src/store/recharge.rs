@@ -355,9 +355,10 @@ impl RechargeState {
     }
 
     /// Applies `mode` to the record, the balance after the call being `balance` (granted −
-    /// reserved; `None`: no balance yet, 0). Every store applies a recharge mode by this
-    /// rule, and writes the record back when it changed.
-    pub fn apply(&mut self, mode: RechargeMode, balance: Option<u64>) -> RechargeSeen {
+    /// reserved, signed: usage reported past the balance leaves it in debt; `None`: no balance
+    /// yet, 0). Every store applies a recharge mode by this rule, and writes the record back
+    /// when it changed.
+    pub fn apply(&mut self, mode: RechargeMode, balance: Option<i64>) -> RechargeSeen {
         match mode {
             RechargeMode::Ignored => RechargeSeen::Nothing,
             RechargeMode::Set(setting) => {
@@ -448,8 +449,9 @@ impl RechargeState {
         (self.unpaid, self.unpaid_failed) = (Some(claim), false);
     }
 
-    fn watch(&mut self, now: i64, balance: u64) -> RechargeSeen {
-        let wanted = self.setting.clone().filter(|s| self.off.is_none() && balance < s.below && s.pack.units > 0);
+    fn watch(&mut self, now: i64, balance: i64) -> RechargeSeen {
+        let below = |s: &RechargeSetting| i128::from(balance) < i128::from(s.below);
+        let wanted = self.setting.clone().filter(|s| self.off.is_none() && below(s) && s.pack.units > 0);
         if let Some(mut claim) = self.open {
             if claim.taken_until > now {
                 return RechargeSeen::Open { n: claim.n };
@@ -471,7 +473,9 @@ impl RechargeState {
         if self.failures > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
             return RechargeSeen::Nothing;
         }
-        let packs = setting.to.saturating_sub(balance).div_ceil(pack.units).max(1);
+        // From the balance as it is, debt included: the packs that reach `to`, once.
+        let room = (i128::from(setting.to) - i128::from(balance)).max(0);
+        let packs = u64::try_from(room).unwrap_or(u64::MAX).div_ceil(pack.units).max(1);
         let amount = packs.saturating_mul(pack.amount);
         let month = month_of(now);
         // A call of an earlier month (a node's clock behind) never takes the month back.
@@ -617,6 +621,17 @@ mod tests {
             s.apply(RechargeMode::Watch { now: lapse }, Some(10)),
             RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }
         );
+    }
+
+    #[test]
+    fn a_balance_in_debt_claims_the_packs_that_reach_to_from_the_debt() {
+        let mut s = on();
+        let watch = RechargeMode::Watch { now: NOW };
+        // Below 2,000, to 5,000 in packs of 1,000: from -3,000, 8 packs (from 0: 5).
+        assert_eq!(s.apply(watch, Some(-3000)), RechargeSeen::LimitReached { month: month_of(NOW), first: true });
+        s.setting = Some(RechargeSetting::new(2000, 5000, 100_000, PACK));
+        let watch = RechargeMode::Watch { now: NOW };
+        assert_eq!(s.apply(watch, Some(-3000)), RechargeSeen::Claimed { n: 1, packs: 8, amount: 4000 });
     }
 
     #[test]

@@ -238,7 +238,9 @@ impl TenantQuota {
         }
         // The tenant's recharge checks the balance the reserve left.
         let key = prepaid(&r.key.tenant, &r.key.meter);
-        let balance = m.counters.find(&key).and_then(|c| c.granted.map(|g| g.saturating_sub(c.reserved)));
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let balance =
+            m.counters.find(&key).and_then(|c| c.granted.map(|g| signed(g).saturating_sub(signed(c.reserved))));
         let state = m.recharge.get_or_insert_with(RechargeState::default);
         grant.with_recharge(state.apply(r.recharge.clone(), balance))
     }

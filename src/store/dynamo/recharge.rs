@@ -32,10 +32,10 @@ impl DynamoStore {
                 let read = self.get(pk.clone(), RECHARGE_SK).await?;
                 let before = read.as_ref().map(recharge_of).transpose()?.flatten().unwrap_or_default();
                 let counter = self.get(pk.clone(), balance_sk).await?;
-                let left = counter
-                    .as_ref()
-                    .filter(|c| c.contains_key("granted"))
-                    .map(|c| get_u(c, "granted").saturating_sub(get_u(c, "reserved")));
+                let left = counter.as_ref().filter(|c| c.contains_key("granted")).map(|c| {
+                    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    signed(get_u(c, "granted")).saturating_sub(signed(get_u(c, "reserved")))
+                });
                 let mut after = before.clone();
                 let seen = after.apply(mode.clone(), left);
                 if after == before {

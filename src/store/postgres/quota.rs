@@ -396,7 +396,7 @@ impl PostgresStore {
             "INSERT INTO {s}.quota_recharge (tenant, meter, state) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant, meter) DO UPDATE SET state = excluded.state",
         );
-        let left = |v: Option<i64>| v.map(|v| u64::try_from(v).unwrap_or(0));
+        let left = |v: Option<i64>| v;
         let of = |text: Option<&str>| text.map(RechargeState::read).transpose().map(Option::unwrap_or_default);
         self.retrying(|| async {
             let mode = mode.clone();

@@ -826,7 +826,7 @@ fn stored_recharge(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> 
 }
 
 /// The balance of `(tenant, meter)` (granted − reserved), if it has a counter.
-fn prepaid_balance(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<u64>> {
+fn prepaid_balance(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<i64>> {
     let (start, end) = crate::base::Period::Prepaid.bounds(0);
     let period = crate::base::Period::Prepaid.name();
     let row: Option<(i64, Option<i64>)> = tx
@@ -836,7 +836,7 @@ fn prepaid_balance(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> 
         )?
         .query_row(params![tenant.as_str(), meter.as_str(), period, start, end], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(row.and_then(|(reserved, granted)| granted.map(|g| uint(g).saturating_sub(uint(reserved)))))
+    Ok(row.and_then(|(reserved, granted)| granted.map(|g| g.saturating_sub(reserved))))
 }
 
 /// The cap stored for `(tenant, meter)`, if any.

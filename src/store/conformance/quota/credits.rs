@@ -742,6 +742,16 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     h.s().reserve(&ask(&bare, 0, None, 2, 4).recharging(RechargeMode::Set(Some(setting.clone())))).await.unwrap();
     let g = h.s().reserve(&watch_bare(3, DAY0)).await.unwrap();
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 }, "on again, no hour waited");
+    // A balance in debt (usage reported past it): the claim's packs reach `to` from the debt,
+    // once (seeing the debt as 0, a claim bought 5 packs to 5,000 and left the balance at
+    // -3,000 after its grant: a second recharge at once for one crossing).
+    let debt = prepaid_key("debt", "tokens");
+    h.s().grant_credits(&credit("debt", "first", 1000, None)).await.unwrap();
+    h.s().reserve(&ask(&debt, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting.clone())))).await.unwrap();
+    let owed = Reservation::new(debt.clone(), 0, 9000, None, ReserveToken::new(3, 1));
+    h.s().reserve(&owed).await.unwrap();
+    let g = h.s().reserve(&ask(&debt, 0, None, 1, 1).recharging(RechargeMode::Watch { now: DAY0 })).await.unwrap();
+    assert_eq!(g.recharge, RechargeSeen::Claimed { n: 1, packs: 13, amount: 6500 }, "-8,000 to 5,000: 13 packs");
 }
 
 /// Many callers spend a balance across `below` at once: exactly one of them claims the
