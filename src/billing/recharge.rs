@@ -609,6 +609,14 @@ impl super::WebhookHandler {
             Ok(crate::store::RechargeSeen::Failed { off, first, why: kept, .. }) => {
                 tracing::warn!(%event, tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), off,
                     "a recharge's payment failed");
+                // Counted here first (the paying node died, its pay call timed out, or a bank
+                // debit failed days later): its invoice voided, so that the customer never
+                // pays it later beside the next recharge of the same crossing.
+                if let (true, RechargeFailure::Declined, Some(charger), Some(invoice)) =
+                    (first, why, &self.charger, body["data"]["object"]["id"].as_str())
+                {
+                    charger.void(invoice).await;
+                }
                 let news = crate::base::RechargeNews::Failed {
                     tenant: named.tenant.clone(),
                     meter: named.meter.clone(),

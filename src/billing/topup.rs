@@ -296,8 +296,10 @@ fn note_share(note: &Value, pre: bool) -> (u64, u64) {
 
 /// What the secret key (`stripe.secret_key_file` or `STRIPE_SECRET_KEY`) may read of what
 /// `[stripe.credits]` needs: Stripe cannot list a key's permissions, so one list call each
-/// (`limit=1`) of checkout sessions, invoices, invoice payments and prices, and of refunds and
-/// credit notes unless `refunds = "ignore"`. A read refused (401, 403, 404) is named in
+/// (`limit=1`) of checkout sessions, invoices, invoice payments and credit notes, of refunds
+/// unless `refunds = "ignore"`, and of prices when `[stripe.credits.prices]` names lookup keys
+/// or a plan recharges (the writes a recharge makes, Invoices and Invoice items, cannot be
+/// asked without making one). A read refused (401, 403, 404) is named in
 /// [`StripeAccess::refused`]: payments that need it are answered 500 until the key can read
 /// it. `tollgate check` prints it; a node logs it when it builds its webhook handler.
 ///
@@ -313,22 +315,24 @@ pub async fn check_stripe_access(config: &Config) -> Result<StripeAccess, super:
         .next()
         .ok_or_else(missing)?;
     let reader = StripeReader::new(key, stripe.api_base.as_deref(), stripe.timeout);
-    Ok(reader.probe(&credit_reads_of(credits)).await)
+    Ok(reader.probe(&credit_reads_of(config, credits)).await)
 }
 
-/// The lists `credits` needs a key to read.
-fn credit_reads_of(credits: &CreditSettings) -> Vec<&'static str> {
+/// The lists `credits` needs a key to read: prices too when some plan recharges (a
+/// recharge's amount is read from its price).
+fn credit_reads_of(config: &Config, credits: &CreditSettings) -> Vec<&'static str> {
+    let recharges = config.plans().values().any(|p| p.recharges().next().is_some());
     super::reader::credit_reads(
         credits.refunds != RefundPolicy::Ignore,
-        credits.prices.keys().any(|k| super::prices::is_lookup_key(k)),
+        recharges || credits.prices.keys().any(|k| super::prices::is_lookup_key(k)),
     )
 }
 
 /// Asks, in the background, what `reader` may read of what `credits` needs, and logs what is
 /// refused (an error) or that Stripe could not be asked (a warning: a start without Stripe is
 /// no fault).
-pub(crate) fn probe_in_background(reader: Arc<StripeReader>, credits: &CreditSettings) {
-    let paths = credit_reads_of(credits);
+pub(crate) fn probe_in_background(reader: Arc<StripeReader>, config: &Config, credits: &CreditSettings) {
+    let paths = credit_reads_of(config, credits);
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!("no async runtime: what the Stripe secret key may read is not asked (tollgate check asks)");
         return;

@@ -643,6 +643,7 @@ impl Tollgate {
             secrets,
         )
         .with_quota(stores.given().quota.clone())
+        .with_charger(self.recharge_charger())
     }
 
     /// A Stripe webhook handler as the configuration sets it up: the signing secrets of
@@ -670,7 +671,7 @@ impl Tollgate {
             // Stripe cannot list a key's permissions: what [stripe.credits] needs is asked
             // once, in the background, and what is refused logged.
             if let (Some(credits), Some(reader)) = (&stripe.credits, handler.reader()) {
-                crate::billing::probe_in_background(reader, credits);
+                crate::billing::probe_in_background(reader, &config, credits);
             }
         } else if let Some(lookup) =
             stripe.credits.as_ref().and_then(|c| c.prices.keys().find(|k| crate::billing::prices::is_lookup_key(k)))

@@ -87,6 +87,9 @@ async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
     assert!(outcomes.iter().any(|(k, o)| k == "invoice.payment_failed" && *o == failed), "{outcomes:?}");
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.failures, view.state.open, view.month_spent), (1, None, 0));
+    // Counted by the webhook first: its invoice voided by it, so that the customer never pays
+    // it later beside the next recharge (main left it open).
+    assert_eq!(s.stripe.invoices_created()[0]["status"], "void");
     // The next crossing, an hour on: debited, processing; nothing comes for 21 days.
     s.h.clock.advance(Duration::from_secs(3600));
     assert_eq!(s.admitted(25).await, 25);
@@ -261,4 +264,45 @@ async fn a_refunded_or_disputed_recharge_turns_recharge_off(s: Setup) {
         admin.grant_credits("acme", "requests", 500, None, &format!("more{n}")).await.unwrap();
         admin.set_recharge("acme", "requests", Some(small.clone())).await.unwrap();
     }
+}
+
+// A recharge's decline never moves the tenant's plan through `[stripe.events]`: on main,
+// with `invoice.payment_failed` mapped to a plan (for subscriptions), a prepaid tenant moved to
+// it at its recharge's first decline, though recharge allows three (and a claim delivered
+// after the move then cleared its setting).
+#[tokio::test]
+async fn a_recharge_decline_never_moves_the_plan() {
+    let s = setup(std::sync::Arc::new(MemoryStore::new())).await;
+    let toml = common::recharge::CONFIG
+        .replace("[stripe]\n", "[stripe]\n[stripe.events]\n\"invoice.payment_failed\" = \"pro\"\n");
+    s.h.tollgate.reload(tollgate::config::Config::from_toml_str(&toml).unwrap()).await.unwrap();
+    s.stripe.set_card("cus_acme", common::stripe::Card::Declined);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let outcomes = s.deliver_events().await;
+    let failed = WebhookOutcome::RechargeFailed { tenant: "acme".into(), meter: "requests".into(), n: 1, off: false };
+    assert!(outcomes.iter().any(|(k, o)| k == "invoice.payment_failed" && *o == failed), "{outcomes:?}");
+    let tenant = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!(tenant.plan.as_str(), "payg", "the plan is the subscription's business, not a recharge's");
+}
+
+// With a plan that recharges, `tollgate check` (`check_stripe_access`) asks for Prices: read,
+// which every recharge needs to read its price's amount (main asked for it only for lookup
+// keys, so a key without it passed the check and every `PUT /recharge` answered 503).
+#[tokio::test]
+async fn the_check_asks_for_what_recharge_reads() {
+    let stripe = common::stripe::StandIn::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("stripe-key");
+    std::fs::write(&key, common::stripe::SECRET).unwrap();
+    let section =
+        format!("[stripe]\napi_base = \"{}\"\nsecret_key_file = {:?}\n", stripe.url, key.display().to_string());
+    let config = tollgate::Config::from_toml_str(&common::recharge::CONFIG.replace("[stripe]\n", &section)).unwrap();
+    assert!(tollgate::billing::check_stripe_access(&config).await.unwrap().is_ok());
+    stripe.refuse_reads(Some(("/v1/prices", 403)));
+    let access = tollgate::billing::check_stripe_access(&config).await.unwrap();
+    assert!(access.refused.iter().any(|r| r.starts_with("Prices: read")), "{access:?}");
 }
