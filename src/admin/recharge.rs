@@ -29,8 +29,8 @@ impl Admin {
         meter: &str,
         ask: Option<RechargeAsk>,
     ) -> Result<RechargeView, AdminError> {
-        let act = ask.map_or(RechargeAct::Off, RechargeAct::Set);
-        let charging = matches!(act, RechargeAct::Set(_));
+        let act = ask.map_or(RechargeAct::Off, |ask| RechargeAct::Set(ask, crate::settings::recharge::SetBy::Operator));
+        let charging = matches!(act, RechargeAct::Set(..));
         self.recharge_act(tenant, meter, act, charging).await
     }
 

@@ -3,6 +3,8 @@
 
 pub(crate) mod event;
 mod jsonl;
+#[cfg(feature = "stripe")]
+mod metadata;
 #[cfg(feature = "metronome")]
 mod metronome;
 #[cfg(feature = "stripe")]

@@ -64,6 +64,11 @@ impl StripeReader {
 
     /// `GET {api_base}{path}` (a path and query, without a leading `/`) at
     /// [`STRIPE_VERSION`]: the JSON body of a 2xx, or why not.
+    /// Its key, API base and timeout.
+    pub(crate) fn parts(&self) -> (&Secret, &str, std::time::Duration) {
+        (&self.api_key, &self.api_base, self.timeout)
+    }
+
     pub(crate) async fn get(&self, path: &str) -> Result<serde_json::Value, ReadError> {
         use http_body_util::BodyExt;
         let client = self.client.get_or_init(|| {

@@ -25,14 +25,7 @@ use crate::{config::Config, store::RechargeFailure};
 /// (kept 24 hours): its invoice is looked up by its metadata before one is created.
 pub(crate) const KEYS_TRUSTED_SECS: i64 = 23 * 3600;
 
-/// The metadata key naming a recharge's number on its invoice.
-pub(crate) const RECHARGE_KEY: &str = "tollgate_recharge";
-/// The metadata key naming a recharge's meter on its invoice.
-pub(crate) const METER_KEY: &str = "tollgate_meter";
-/// The metadata key naming a recharge's tenant on its invoice.
-pub(crate) const TENANT_KEY: &str = "tollgate_tenant";
-/// The metadata key of a recharge's identity (the stem of its idempotency keys).
-pub(crate) const ID_KEY: &str = "tollgate_recharge_id";
+pub(crate) use super::metadata::{ID_KEY, METER_KEY, RECHARGE_KEY, TENANT_KEY};
 
 /// What a recharge's delivery asks of Stripe.
 #[derive(Debug, Clone)]
@@ -114,6 +107,16 @@ impl RechargeCharger {
         let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
         let reader = std::sync::Arc::new(StripeReader::new(secret_key.clone(), api_base, timeout));
         Ok(Self { client, reader, timeout })
+    }
+
+    /// A charger with `reader`'s key, base and timeout (the webhook handler's: to void an
+    /// invoice whose failure it counted).
+    pub(crate) fn of_reader(reader: &std::sync::Arc<StripeReader>) -> Result<Self, StripeSetupError> {
+        let (key, base, timeout) = reader.parts();
+        let mut builder = stripe::ClientBuilder::new(key.expose()).timeout(timeout);
+        builder = builder.url(base);
+        let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
+        Ok(Self { client, reader: reader.clone(), timeout })
     }
 
     /// The charger the configuration's `[stripe]` section describes, with the secret key from
@@ -612,10 +615,15 @@ impl super::WebhookHandler {
                 // Counted here first (the paying node died, its pay call timed out, or a bank
                 // debit failed days later): its invoice voided, so that the customer never
                 // pays it later beside the next recharge of the same crossing.
-                if let (true, RechargeFailure::Declined, Some(charger), Some(invoice)) =
-                    (first, why, &self.charger, body["data"]["object"]["id"].as_str())
+                if let (true, RechargeFailure::Declined, Some(reader), Some(invoice)) =
+                    (first, why, &self.reader, body["data"]["object"]["id"].as_str())
                 {
-                    charger.void(invoice).await;
+                    match RechargeCharger::of_reader(reader) {
+                        Ok(charger) => charger.void(invoice).await,
+                        Err(e) => {
+                            tracing::warn!(%invoice, error = %e, "a failed recharge's invoice could not be voided")
+                        }
+                    }
                 }
                 let news = crate::base::RechargeNews::Failed {
                     tenant: named.tenant.clone(),

@@ -17,6 +17,7 @@ pub(crate) struct RawRecharge {
     pub(crate) below: Option<i64>,
     pub(crate) to: Option<i64>,
     pub(crate) monthly_limit: Option<String>,
+    pub(crate) tenant_may_set: Option<bool>,
 }
 
 /// A plan's recharge of one prepaid meter: the credit price a recharge buys (one of
@@ -38,6 +39,10 @@ pub struct RechargeSpec {
     /// The most spent on recharges in a calendar month (UTC), in the smallest unit of the
     /// billing currency (cents for `usd`), at most (and by default).
     pub monthly_limit: u64,
+    /// Whether the tenant may turn recharge on (or change it) through its own route
+    /// (`tenant_may_set`, default `false`: only the operator may, and the tenant's route
+    /// answers 403; it may always read it and turn it off).
+    pub tenant_may_set: bool,
 }
 
 impl Validator<'_, '_> {
@@ -109,7 +114,11 @@ impl Validator<'_, '_> {
             let monthly_limit = crate::base::minor_units_of(nanos, currency).ok_or_else(|| {
                 self.invalid(&path, format!("\"{limit}\" is not a whole amount of the smallest unit of {currency}"))
             })?;
-            out.insert(id, RechargeSpec { price: price.to_owned(), pack_units: 0, below, to, monthly_limit });
+            let tenant_may_set = r.tenant_may_set.unwrap_or(false);
+            out.insert(
+                id,
+                RechargeSpec { price: price.to_owned(), pack_units: 0, below, to, monthly_limit, tenant_may_set },
+            );
         }
         Ok(out)
     }

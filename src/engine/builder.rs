@@ -643,7 +643,6 @@ impl Tollgate {
             secrets,
         )
         .with_quota(stores.given().quota.clone())
-        .with_charger(self.recharge_charger())
     }
 
     /// A Stripe webhook handler as the configuration sets it up: the signing secrets of

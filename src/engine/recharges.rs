@@ -62,10 +62,22 @@ impl Tollgate {
         meter: &MeterId,
         ask: Option<settings::RechargeAsk>,
     ) -> Result<settings::RechargeView, settings::RechargeError> {
+        self.set_recharge_by(tenant, meter, ask, settings::SetBy::Operator).await
+    }
+
+    /// [`set_recharge`](Self::set_recharge) by `by` (the tenant's route turns it on only on a
+    /// plan that lets it).
+    pub(crate) async fn set_recharge_by(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        ask: Option<settings::RechargeAsk>,
+        by: settings::SetBy,
+    ) -> Result<settings::RechargeView, settings::RechargeError> {
         let config = self.shared().runtime().load().config.clone();
         let stores = self.shared().stores().background();
         let now = self.shared().clock().unix_secs();
-        let act = ask.map_or(settings::RechargeAct::Off, settings::RechargeAct::Set);
+        let act = ask.map_or(settings::RechargeAct::Off, |ask| settings::RechargeAct::Set(ask, by));
         settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, act, now).await
     }
 

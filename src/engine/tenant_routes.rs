@@ -305,7 +305,7 @@ impl Tollgate {
         let ask = settings::RechargeAsk::new(body.below, body.to, body.monthly_limit);
         let answer = match *method {
             Method::GET => self.recharge(tenant.tenant(), &meter).await,
-            Method::PUT => self.set_recharge(tenant.tenant(), &meter, Some(ask)).await,
+            Method::PUT => self.set_recharge_by(tenant.tenant(), &meter, Some(ask), settings::SetBy::Tenant).await,
             Method::DELETE => self.set_recharge(tenant.tenant(), &meter, None).await,
             _ => return not_get_put_delete(),
         };
@@ -419,6 +419,9 @@ fn recharge_problem(e: &RechargeError) -> http::Response<bytes::Bytes> {
     match e {
         RechargeError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
         RechargeError::NoRecharge { .. } => problem(StatusCode::FORBIDDEN, "no-recharge", "No recharge", &detail),
+        RechargeError::NotAllowed { .. } => {
+            problem(StatusCode::FORBIDDEN, "recharge-not-allowed", "Recharge set by the operator only", &detail)
+        }
         RechargeError::Invalid(_) => {
             problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", &detail)
         }

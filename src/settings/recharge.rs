@@ -59,6 +59,15 @@ pub enum RechargeError {
     /// without `unit_amount`, another currency, Stripe unreachable): nothing was stored.
     #[error("the recharge's price could not be read from Stripe: {0}")]
     Price(String),
+    /// The tenant may not turn recharge on through its own route on this plan
+    /// (`tenant_may_set` is not set): only the operator may. Nothing was stored.
+    #[error("plan `{plan}` lets only the operator turn on recharge of `{meter}` (its `tenant_may_set` is off)")]
+    NotAllowed {
+        /// The plan.
+        plan: String,
+        /// The meter.
+        meter: String,
+    },
     /// The store failed (nothing may have been stored; sending it again is safe).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -116,6 +125,8 @@ impl RechargeView {
                 "to": s.to,
                 "monthly_limit": money(s.monthly_limit),
                 "pack": { "units": s.pack.units, "amount": money(s.pack.amount), "price": s.price },
+                "set_by": s.set_by,
+                "set_at": s.set_at,
             })
         });
         let open = self.state.open.map(|c| {
@@ -132,6 +143,7 @@ impl RechargeView {
                 "below": self.plan.below,
                 "to": self.plan.to,
                 "monthly_limit": money(self.plan.monthly_limit),
+                "tenant_may_set": self.plan.tenant_may_set,
             },
             "failures": self.state.failures,
             "open": open,
@@ -158,10 +170,28 @@ pub(crate) fn one_recharged_meter(plan: &PlanSpec) -> Result<MeterId, usize> {
 pub(crate) enum RechargeAct {
     /// Reads it.
     Read,
-    /// Turns it on (or changes it) with these values.
-    Set(RechargeAsk),
+    /// Turns it on (or changes it) with these values, by the operator or the tenant.
+    Set(RechargeAsk, SetBy),
     /// Turns it off.
     Off,
+}
+
+/// Who turns a tenant's recharge on: what a setting records, and what the plan allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetBy {
+    /// `Admin`, the CLI, [`Tollgate::set_recharge`](crate::Tollgate::set_recharge): any plan.
+    Operator,
+    /// The tenant's own route: only on a plan with `tenant_may_set`.
+    Tenant,
+}
+
+impl SetBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Tenant => "tenant",
+        }
+    }
 }
 
 /// What a recharge setting reads and writes.
@@ -194,11 +224,16 @@ pub(crate) async fn recharge(
     let mode = match act {
         RechargeAct::Read => None,
         RechargeAct::Off => Some(RechargeMode::Set(None)),
-        RechargeAct::Set(ask) => {
+        RechargeAct::Set(ask, by) => {
+            if by == SetBy::Tenant && !spec.tenant_may_set {
+                return Err(RechargeError::NotAllowed { plan: plan.id().to_string(), meter: meter.to_string() });
+            }
             let setting = within(&spec, &ask, &currency)?;
             let amount = unit_amount(parts.charger, &spec.price, &currency).await?;
             let pack = RechargePack::new(spec.pack_units, amount);
-            let setting = RechargeSetting::new(setting.0, setting.1, setting.2, pack).with_price(spec.price.clone());
+            let setting = RechargeSetting::new(setting.0, setting.1, setting.2, pack)
+                .with_price(spec.price.clone())
+                .set_by(by.as_str(), now);
             Some(RechargeMode::Set(Some(setting)))
         }
     };

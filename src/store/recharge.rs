@@ -57,13 +57,18 @@ pub struct RechargeSetting {
     /// The credit price the packs are of (its Stripe id), as it was when set. Empty in a
     /// setting stored before tollgate kept it: its delivery checks the pack alone.
     pub price: String,
+    /// Who set it: `"operator"` (`Admin`, the CLI, [`Tollgate::set_recharge`](crate::Tollgate::set_recharge))
+    /// or `"tenant"` (the tenant's own route); empty in a setting stored before tollgate kept it.
+    pub set_by: String,
+    /// When it was set (Unix seconds; 0 before tollgate kept it).
+    pub set_at: i64,
 }
 
 impl RechargeSetting {
     /// Below `below`, recharge to `to` in packs of `pack`, at most `monthly_limit` a month.
     #[must_use]
     pub fn new(below: u64, to: u64, monthly_limit: u64, pack: RechargePack) -> Self {
-        Self { below, to, monthly_limit, pack, price: String::new() }
+        Self { below, to, monthly_limit, pack, price: String::new(), set_by: String::new(), set_at: 0 }
     }
 
     /// The same, its packs of the credit price `price` (a Stripe price id).
@@ -71,6 +76,22 @@ impl RechargeSetting {
     pub fn with_price(mut self, price: impl Into<String>) -> Self {
         self.price = price.into();
         self
+    }
+
+    /// The same, set by `who` (`"operator"`, `"tenant"`) at `at` (Unix seconds).
+    #[must_use]
+    pub fn set_by(mut self, who: impl Into<String>, at: i64) -> Self {
+        self.set_by = who.into();
+        self.set_at = at;
+        self
+    }
+
+    /// Whether it charges as `other` does: the same values, pack and price, whoever set it
+    /// and whenever.
+    #[must_use]
+    pub fn same_values(&self, other: &Self) -> bool {
+        (self.below, self.to, self.monthly_limit, self.pack, &self.price)
+            == (other.below, other.to, other.monthly_limit, other.pack, &other.price)
     }
 }
 
@@ -183,7 +204,9 @@ pub struct RechargeState {
     /// Payment failures in a row.
     #[serde(default)]
     pub failures: u32,
-    /// When the last failure was counted (Unix seconds).
+    /// When the last failure was counted (Unix seconds; 0 once a recharge is paid since): no
+    /// recharge is claimed for [`RETRY_AFTER_FAILURE_SECS`] after it, whatever the setting
+    /// became meanwhile.
     #[serde(default)]
     pub failed_at: i64,
     /// The number of the last recharge claimed (0: none yet).
@@ -231,8 +254,9 @@ pub enum RechargeMode {
     Ignored,
     /// Stores the tenant's setting (`None`: turns recharge off). Turning recharge on again
     /// (after it was off, or with other values) clears the failures in a row and the off state:
-    /// the same setting stored again while on leaves them. An open recharge stays open (its
-    /// payment may be under way).
+    /// the same values stored again while on leave them. The hour after a failure
+    /// ([`RETRY_AFTER_FAILURE_SECS`]) still waits: a change of values never has a declined
+    /// card charged again sooner. An open recharge stays open (its payment may be under way).
     Set(Option<RechargeSetting>),
     /// After the call, if the balance it leaves (granted − reserved) is below the tenant's
     /// `below`, recharge is on, none is open, no failure was counted in the last
@@ -362,7 +386,11 @@ impl RechargeState {
         match mode {
             RechargeMode::Ignored => RechargeSeen::Nothing,
             RechargeMode::Set(setting) => {
-                if self.off.is_some() || self.setting != setting {
+                let same = match (&self.setting, &setting) {
+                    (Some(a), Some(b)) => a.same_values(b),
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if self.off.is_some() || !same {
                     self.off = None;
                     self.failures = 0;
                 }
@@ -373,14 +401,14 @@ impl RechargeState {
             RechargeMode::Paid { n } => {
                 if self.open.is_some_and(|c| c.n == n) {
                     self.open = None;
-                    self.failures = 0;
+                    (self.failures, self.failed_at) = (0, 0);
                 } else if let Some(late) = self.unpaid.filter(|c| c.n == n) {
                     // Paid after all (a payment retried, or paid by hand): spent again.
                     if self.month == month_of(late.claimed_at) {
                         self.spent = self.spent.saturating_add(late.amount);
                         self.count = self.count.saturating_add(1);
                     }
-                    (self.unpaid, self.unpaid_failed, self.failures) = (None, false, 0);
+                    (self.unpaid, self.unpaid_failed, self.failures, self.failed_at) = (None, false, 0, 0);
                 } else if self.paid == n && n > 0 {
                     return RechargeSeen::Paid { n, first: false };
                 } else {
@@ -470,7 +498,7 @@ impl RechargeState {
         }
         let Some(setting) = wanted else { return RechargeSeen::Nothing };
         let pack = setting.pack;
-        if self.failures > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
+        if self.failed_at > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
             return RechargeSeen::Nothing;
         }
         // From the balance as it is, debt included: the packs that reach `to`, once.
@@ -621,6 +649,29 @@ mod tests {
             s.apply(RechargeMode::Watch { now: lapse }, Some(10)),
             RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }
         );
+    }
+
+    #[test]
+    fn the_hour_after_a_failure_survives_a_change_of_values() {
+        let mut s = on();
+        assert!(matches!(s.apply(RechargeMode::Watch { now: NOW }, Some(0)), RechargeSeen::Claimed { n: 1, .. }));
+        s.apply(RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: NOW }, None);
+        let other = RechargeSetting::new(1500, 5000, 2500, PACK).set_by("tenant", NOW + 1);
+        s.apply(RechargeMode::Set(Some(other)), None);
+        assert_eq!(s.failures, 0, "other values: the failures in a row start again");
+        let soon = RechargeMode::Watch { now: NOW + 2 };
+        assert_eq!(s.apply(soon, Some(0)), RechargeSeen::Nothing, "but the hour still waits");
+        let later = RechargeMode::Watch { now: NOW + RETRY_AFTER_FAILURE_SECS };
+        assert!(matches!(s.apply(later, Some(0)), RechargeSeen::Claimed { n: 2, .. }));
+        // Paid: no wait is left of the failure before.
+        s.apply(RechargeMode::Paid { n: 2 }, None);
+        assert_eq!(s.failed_at, 0);
+        // Who set it and when is not a change of values.
+        let mut t = on();
+        t.failures = 2;
+        let same = t.setting.clone().unwrap().set_by("operator", NOW + 9);
+        t.apply(RechargeMode::Set(Some(same)), None);
+        assert_eq!(t.failures, 2);
     }
 
     #[test]

@@ -434,7 +434,7 @@ async fn values_outside_the_plans_bounds_are_refused(s: Setup) {
 }
 
 /// A request of the tenant with `key`, admitted: its context (for the tenant's own routes).
-async fn context(h: &Harness, key: &'static str) -> tollgate::TenantContext {
+pub(crate) async fn context(h: &Harness, key: &'static str) -> tollgate::TenantContext {
     use tollgate::door::{Admission, Credential, RequestInfo};
     let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
     let ticket = match h.tollgate.admit(&info) {

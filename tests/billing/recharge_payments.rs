@@ -306,3 +306,55 @@ async fn the_check_asks_for_what_recharge_reads() {
     let access = tollgate::billing::check_stripe_access(&config).await.unwrap();
     assert!(access.refused.iter().any(|r| r.starts_with("Prices: read")), "{access:?}");
 }
+
+// Who may turn on charges to a card. The tenant's route may set recharge only on a plan that
+// allows it (`tenant_may_set`): on `pro`, which does not, a `PUT` is refused 403 problem+json
+// and nothing is stored (main let any key of any plan turn it on), while `DELETE` (turning it
+// off) and `GET` still answer. What set it is recorded (the tenant's route, or the operator).
+// And the hour a failure waits survives a change of values: on main any changed value cleared
+// the failures and the wait, so a script toggling `below` had a declining card charged every
+// few seconds.
+on_stores!(only_a_plan_that_allows_it_lets_the_tenant_turn_charges_on);
+async fn only_a_plan_that_allows_it_lets_the_tenant_turn_charges_on(s: Setup) {
+    let bob = tollgate::store::TenantRecord::new("bob".into(), "pro".into()).with_customer("cus_bob");
+    s.store.put_tenant(&bob, &[tollgate::store::KeyHash::of(b"key-bob")]).await.unwrap();
+    s.stripe.add_price("price_big", None, true);
+    s.stripe.set_unit_amount("price_big", 40_000);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("bob", "requests", 500, None, "b").await.unwrap();
+    admin.grant_credits("acme", "requests", 500, None, "a").await.unwrap();
+    let put = |key: &'static str, method: &'static str, body: &'static str| {
+        let h = &s.h;
+        async move {
+            let ctx = super::recharge::context(h, key).await;
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = h.tollgate.tenant_recharge(&ctx, &method, body.as_bytes()).await;
+            let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), ct, serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
+        }
+    };
+    let (status, ct, v) = put("key-bob", "PUT", "{}").await;
+    assert_eq!((status, ct.as_deref()), (403, Some("application/problem+json")), "{v}");
+    assert_eq!(admin.recharge("bob", "requests").await.unwrap().state.setting, None, "nothing stored");
+    assert_eq!(put("key-bob", "GET", "").await.0, 200);
+    assert_eq!(put("key-bob", "DELETE", "").await.0, 204);
+    // The operator may, for any plan: recorded as the operator's.
+    let view = admin.set_recharge("bob", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(view.to_json()["settings"]["set_by"], "operator");
+    // On `payg`, which allows it, the tenant's route turns it on: recorded as the tenant's.
+    let (status, _, v) = put("key-acme", "PUT", "{}").await;
+    assert_eq!((status, &v["settings"]["set_by"]), (200, &serde_json::json!("tenant")), "{v}");
+    // A decline, then a change of values: the hour still waits.
+    s.stripe.set_card("cus_acme", common::stripe::Card::Declined);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    s.deliver_events().await;
+    assert_eq!(put("key-acme", "PUT", r#"{"below": 250}"#).await.0, 200);
+    assert_eq!(put("key-acme", "PUT", r#"{"below": 299}"#).await.0, 200);
+    s.admitted(30).await;
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "the hour after a failure waits, whatever the values");
+    assert_eq!(s.stripe.invoices_created().len(), 1);
+    s.h.clock.advance(Duration::from_secs(3600));
+    s.admitted(30).await;
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "then the next one is tried");
+}

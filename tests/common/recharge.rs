@@ -35,6 +35,7 @@ price = "price_pack"
 below = 300
 to = 1000
 monthly_limit = "50.00"
+tenant_may_set = true
 [plans.pro]
 quotas.requests = { period = "prepaid" }
 [plans.pro.recharge.requests]

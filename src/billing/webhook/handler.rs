@@ -49,9 +49,6 @@ pub struct WebhookHandler {
     pub(in crate::billing) quota: Option<Arc<dyn QuotaStore>>,
     /// Reads what an event lacks (a payment's line items) with the secret key.
     pub(in crate::billing) reader: Option<Arc<StripeReader>>,
-    /// Voids the invoice of a recharge whose failure this handler counted first (the engine's
-    /// charger, when the handler is the engine's).
-    pub(in crate::billing) charger: Option<Arc<crate::billing::RechargeCharger>>,
     /// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said.
     pub(in crate::billing) lookup_keys: Arc<crate::billing::prices::LookupKeys>,
     /// The event destination of Stripe's thin meter error events, if configured.
@@ -134,7 +131,6 @@ impl WebhookHandler {
             secrets,
             quota: None,
             reader: None,
-            charger: None,
             lookup_keys: Arc::default(),
             destination: None,
             refusals: Arc::default(),
@@ -157,14 +153,6 @@ impl WebhookHandler {
     #[must_use]
     pub fn with_api_key(mut self, api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
         self.reader = Some(Arc::new(StripeReader::new(api_key, api_base, timeout)));
-        self
-    }
-
-    /// Voids the invoices of recharges whose failure it counts first with `charger` (the
-    /// engine's: [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler) gives it).
-    #[must_use]
-    pub fn with_charger(mut self, charger: Option<Arc<crate::billing::RechargeCharger>>) -> Self {
-        self.charger = charger;
         self
     }
 
@@ -374,5 +362,5 @@ mod refusal_log_tests {
 /// Whether the event's object is a recharge's invoice (its metadata names the recharge).
 fn recharge_invoice(payload: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(payload)
-        .is_ok_and(|v| v["data"]["object"]["metadata"][crate::billing::recharge::RECHARGE_KEY].is_string())
+        .is_ok_and(|v| crate::billing::metadata::is_recharge(&v["data"]["object"]))
 }
