@@ -338,6 +338,12 @@ fn reject(reason: &str) -> WebhookOutcome {
     WebhookOutcome::Rejected(reason.to_owned())
 }
 
+/// Whether the event's object is a recharge's invoice (its metadata names the recharge).
+fn recharge_invoice(payload: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(payload)
+        .is_ok_and(|v| crate::billing::metadata::is_recharge(&v["data"]["object"]))
+}
+
 #[cfg(test)]
 mod refusal_log_tests {
     use std::sync::atomic::Ordering;
@@ -357,10 +363,4 @@ mod refusal_log_tests {
         log.refused(101, "bad");
         assert_eq!((log.last.load(Ordering::Relaxed), log.unlogged.load(Ordering::Relaxed)), (101, 0));
     }
-}
-
-/// Whether the event's object is a recharge's invoice (its metadata names the recharge).
-fn recharge_invoice(payload: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(payload)
-        .is_ok_and(|v| crate::billing::metadata::is_recharge(&v["data"]["object"]))
 }
