@@ -374,7 +374,8 @@ impl Tollgate {
                             "expires_at": g.expires_at,
                             "refunded": g.taken,
                             "takes": g.takes.iter().map(|t| json!({
-                                "id": t.id, "units": t.units, "given_back": t.given_back,
+                                "id": t.id, "units": t.units, "took": t.removed, "unspent": t.unspent,
+                                "given_back": t.given_back,
                             })).collect::<Vec<_>>(),
                             "closed": g.closed.map(|c| json!({
                                 "at": c.at,

@@ -984,6 +984,37 @@ async fn a_dispute_takes_back_what_the_payment_bought_once(s: Setup) {
     assert_eq!(s.balance().await.granted, 50);
 }
 
+// The tenant sees what was taken. A pack of 1,000 units for 10.00: a refund of 5.00 takes 500,
+// then the dispute of the whole payment, lost, takes what is left (500), not the 1,000 its
+// money bought. The usage route shows each take's `took` (what it removed from the grant) and
+// `unspent` (of it, what the balance still held), so refunded 500 plus a dispute that took
+// 500 add up to the 1,000 bought (main showed the dispute's 1,000: 1,500 of 1,000 bought).
+on_stores!(the_usage_route_shows_what_each_refund_and_dispute_took);
+async fn the_usage_route_shows_what_each_refund_and_dispute_took(s: Setup) {
+    let mut paid = session("cs_t", "cus_acme", true, None, Some("pi_t"));
+    paid["metadata"] = json!({ "tollgate_units": "1000" });
+    assert_eq!(s.signed(&event("evt_t1", "checkout.session.completed", paid)).await, (200, credited(1000, "pi_t")));
+    let half = event("evt_t2", "charge.refunded", charge("cus_acme", "pi_t", 1000, 500));
+    assert!(matches!(s.signed(&half).await.1, WebhookOutcome::Refunded { units: 500, .. }));
+    let lost = event("evt_t3", "charge.dispute.closed", dispute("dp_t", Some("pi_t"), json!(1000), "lost"));
+    assert!(matches!(s.signed(&lost).await.1, WebhookOutcome::Refunded { .. }));
+    let request = http::Request::get("/v1/usage").header("x-api-key", "key-acme").body(()).unwrap();
+    let usage = s.h.tollgate.tenant_usage(&request).await;
+    assert_eq!(usage.status(), 200);
+    let body: Value = serde_json::from_slice(usage.body()).unwrap();
+    let balance = body["balances"].as_array().unwrap().iter().find(|b| b["meter"] == "requests").unwrap();
+    let grant = &balance["grants"][0];
+    assert_eq!((grant["bought"].as_u64(), grant["refunded"].as_u64()), (Some(1000), Some(500)), "{grant}");
+    let take = &grant["takes"][0];
+    assert_eq!((take["id"].as_str(), take["units"].as_u64()), (Some("dp_t"), Some(1000)), "{take}");
+    assert_eq!(
+        (take["took"].as_u64(), take["unspent"].as_u64()),
+        (Some(500), Some(500)),
+        "what it actually took: {take}"
+    );
+    crate::common::check_usage_schema(&[usage.body().clone()]);
+}
+
 // A dispute won after its funds were withdrawn gives back what the withdrawal took of what the
 // balance held (a node's lease unused at the withdrawal stays counted used: docs/credits.md),
 // once per dispute (`charge.dispute.funds_reinstated`, or the close as won); a

@@ -48,6 +48,12 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                 if g.taken > 0 {
                     state.push_str(&format!(", {} of {} bought taken back by refunds", g.taken, g.bought));
                 }
+                // What each dispute or proration credit actually took (its money may have
+                // bought more than the grant still held).
+                for t in &g.takes {
+                    let back = if t.given_back { ", given back" } else { "" };
+                    state.push_str(&format!(", {} took {} ({} unspent){back}", t.id, t.removed, t.unspent));
+                }
                 if g.duplicate {
                     // Made before one grant per payment was enforced: a person decides.
                     let payment = g.payment.as_deref().unwrap_or("?");
