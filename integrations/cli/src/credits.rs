@@ -120,7 +120,7 @@ fn print_recharge(view: &tollgate::money::RechargeView) {
         None => println!("recharge of `{}` for `{}`: on", view.meter, view.tenant),
         Some(why) => println!("recharge of `{}` for `{}`: off ({why})", view.meter, view.tenant),
     }
-    if let Some(s) = view.state.setting {
+    if let Some(s) = &view.state.setting {
         println!(
             "  below {} units, to {} units, at most {} a month; packs of {} units at {}",
             s.below,
@@ -129,6 +129,9 @@ fn print_recharge(view: &tollgate::money::RechargeView) {
             s.pack.units,
             money(s.pack.amount)
         );
+        if !s.set_by.is_empty() {
+            println!("  set by the {} at {}", s.set_by, crate::util::time_text(s.set_at));
+        }
     }
     let p = &view.plan;
     println!(
