@@ -65,6 +65,19 @@ async fn a_plan_or_price_change_never_charges_what_the_limit_did_not_count(s: Se
     assert_eq!(s.stripe.invoices_created().len(), 1, "not charged at 500.00 a pack");
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.off_reason(), view.month_spent), (Some("price_changed"), 80_000));
+    // Bad input: the price now in another currency (its amount the same): never charged in
+    // it, turned off alike.
+    s.stripe.set_unit_amount("price_big", 40_000);
+    admin
+        .set_recharge("acme", "requests", Some(RechargeAsk::new(Some(300), Some(20_000), Some("5000.00".into()))))
+        .await
+        .unwrap();
+    s.stripe.set_price_currency("price_big", "eur");
+    s.h.clock.advance(Duration::from_secs(3600));
+    assert!(s.spend_until_recharged(20_000).await, "claimed and delivered");
+    assert_eq!(s.stripe.invoices_created().len(), 1, "not charged in eur");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.off_reason(), Some("price_changed"));
 }
 
 // A bank debit that fails days later (`invoice.payment_failed`) counts one failure, and the

@@ -405,6 +405,13 @@ impl StandIn {
         }
     }
 
+    /// Sets the price `id`'s `currency` (the fixture's `usd` otherwise).
+    pub fn set_price_currency(&self, id: &str, currency: &str) {
+        for price in self.lock().prices.iter_mut().filter(|p| p["id"] == id) {
+            price["currency"] = serde_json::json!(currency);
+        }
+    }
+
     /// Faults for the next invoice writes, in order: `Status` answers without executing,
     /// `Saved` fails while executing (replayed under its key), `Drop` closes the connection
     /// unexecuted, `TakeAndHang` executes and loses the answer (the connection closes).
