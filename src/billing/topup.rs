@@ -281,6 +281,39 @@ async fn pre_payment_credits(
     Ok(credited)
 }
 
+/// Which money of a post-payment credit note: its refunded part (`refund_amount`), or its part
+/// credited to the customer's balance or out of band (`credit_amount`, `out_of_band_amount`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NotePart {
+    Refunded,
+    Credited,
+}
+
+/// The money of `note`'s lines on `credit_lines` (invoice line ids), of its post-payment part,
+/// of `part` of it (shared by the note's `refund_amount` against its `credit_amount` and
+/// `out_of_band_amount`; a note that says none of them is all refunded, as earlier versions
+/// read it).
+fn note_money(note: &Value, credit_lines: &[String], part: NotePart) -> u64 {
+    let (post, of) = note_share(note, false);
+    let refunded = note["refund_amount"].as_u64().unwrap_or(0);
+    let credited =
+        note["credit_amount"].as_u64().unwrap_or(0).saturating_add(note["out_of_band_amount"].as_u64().unwrap_or(0));
+    let (share, whole) = match part {
+        _ if refunded.saturating_add(credited) == 0 => (u64::from(part == NotePart::Refunded), 1),
+        NotePart::Refunded => (refunded, refunded.saturating_add(credited)),
+        NotePart::Credited => (credited, refunded.saturating_add(credited)),
+    };
+    let mut money = 0u64;
+    for line in note["lines"]["data"].as_array().into_iter().flatten() {
+        if id_of(&line["invoice_line_item"]).is_some_and(|il| credit_lines.iter().any(|c| c == il)) {
+            let amount = u128::try_from(net_amount(line).unwrap_or(0).max(0)).unwrap_or(0);
+            let posted = amount * u128::from(post) / u128::from(of.max(1));
+            money = money.saturating_add((posted * u128::from(share) / u128::from(whole.max(1))) as u64);
+        }
+    }
+    money
+}
+
 /// The part of a credit note issued before the invoice was paid (`pre`) or after it, as
 /// `(part, of)`: `type` `pre_payment` all of it, `post_payment` none, `mixed` its
 /// `pre_payment_amount` (or `post_payment_amount`) of its `amount`.
@@ -365,6 +398,7 @@ impl WebhookHandler {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => true,
             "invoice.paid" => false,
             "charge.refunded" => return self.refund(config, credits, event, payload).await,
+            "credit_note.created" => return self.credit_note(credits, event, payload).await,
             "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
                 return self.dispute(credits, event, kind, payload).await
             }
@@ -935,44 +969,94 @@ impl WebhookHandler {
                 .filter(|n| n["status"] != "void" && note_share(n, false).0 > 0)
                 .collect();
             if !notes.is_empty() {
-                let lines = match self.lines(&Value::Null, invoice, false).await {
-                    Ok(lines) => lines,
-                    Err(LinesError::Read(e)) => return Err(e),
-                    Err(e) => return Err(ReadError::permanent(format!("the invoice's lines: {e:?}"))),
-                };
-                // The lines on no key of the map: their prices' lookup keys, if it has any.
-                let unmatched: Vec<&str> = lines
-                    .iter()
-                    .filter(|l| !l.keys.iter().any(|k| credits.prices.contains_key(k)))
-                    .flat_map(|l| l.keys.iter().map(String::as_str))
-                    .collect();
-                let ids = self.lookup_ids(credits, &unmatched).await?;
-                let credit_lines: Vec<&str> = lines
-                    .iter()
-                    .filter(|l| {
-                        l.keys.iter().any(|k| {
-                            credits.prices.contains_key(k)
-                                || ids.get(k).is_some_and(|key| credits.prices.contains_key(key))
-                        })
-                    })
-                    .filter_map(|l| l.id.as_deref())
-                    .collect();
+                let credit_lines = self.credit_lines(credits, invoice).await?;
                 for note in notes {
-                    // The note's refunds are attributed by its lines, not shared (of a mixed
-                    // note, its post-payment part).
-                    let (post, of) = note_share(note, false);
-                    let part = |a: u64| (u128::from(a) * u128::from(post) / u128::from(of.max(1))) as u64;
+                    // The note's refunds are attributed by its lines, not shared: its refunded
+                    // part (the part credited to the customer's balance or out of band is taken
+                    // by its `credit_note.created`).
                     plain = plain.saturating_sub(note["refund_amount"].as_u64().unwrap_or(0));
-                    for line in note["lines"]["data"].as_array().into_iter().flatten() {
-                        if id_of(&line["invoice_line_item"]).is_some_and(|il| credit_lines.contains(&il)) {
-                            let amount = u64::try_from(net_amount(line).unwrap_or(0).max(0)).unwrap_or(0);
-                            of_credits = of_credits.saturating_add(part(amount));
-                        }
-                    }
+                    of_credits = of_credits.saturating_add(note_money(note, &credit_lines, NotePart::Refunded));
                 }
             }
         }
         Ok((plain, of_credits, units))
+    }
+
+    /// The ids of `invoice`'s lines on a credit price of `credits` (by id, or by a lookup key
+    /// of the map).
+    async fn credit_lines(&self, credits: &CreditSettings, invoice: &str) -> Result<Vec<String>, ReadError> {
+        let lines = match self.lines(&Value::Null, invoice, false).await {
+            Ok(lines) => lines,
+            Err(LinesError::Read(e)) => return Err(e),
+            Err(e) => return Err(ReadError::permanent(format!("the invoice's lines: {e:?}"))),
+        };
+        // The lines on no key of the map: their prices' lookup keys, if it has any.
+        let unmatched: Vec<&str> = lines
+            .iter()
+            .filter(|l| !l.keys.iter().any(|k| credits.prices.contains_key(k)))
+            .flat_map(|l| l.keys.iter().map(String::as_str))
+            .collect();
+        let ids = self.lookup_ids(credits, &unmatched).await?;
+        Ok(lines
+            .iter()
+            .filter(|l| {
+                l.keys.iter().any(|k| {
+                    credits.prices.contains_key(k) || ids.get(k).is_some_and(|key| credits.prices.contains_key(key))
+                })
+            })
+            .filter_map(|l| l.id.clone())
+            .collect())
+    }
+
+    /// `credit_note.created`: a post-payment credit note's part credited to the customer's
+    /// balance (`credit_amount`) or out of band (`out_of_band_amount`), which no refund
+    /// follows, takes back what that money bought of the invoice's credit lines, once per
+    /// credit note (its refunded part is `charge.refunded`'s). A note of an invoice that no
+    /// grant has: `ignored`, nothing kept.
+    async fn credit_note(&self, credits: &CreditSettings, event: &str, payload: &str) -> Option<WebhookOutcome> {
+        if credits.refunds == RefundPolicy::Ignore {
+            return None;
+        }
+        let body: Value = serde_json::from_str(payload).ok()?;
+        let o = &body["data"]["object"];
+        let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
+            return Some(WebhookOutcome::Ignored);
+        };
+        let credited =
+            o["credit_amount"].as_u64().unwrap_or(0).saturating_add(o["out_of_band_amount"].as_u64().unwrap_or(0));
+        if o["status"] == "void" || credited == 0 || note_share(o, false).0 == 0 {
+            return Some(WebhookOutcome::Ignored);
+        }
+        let quota = self.quota.as_ref()?;
+        let credit_lines = match self.credit_lines(credits, invoice).await {
+            Ok(lines) => lines,
+            Err(e) => return Some(self.unreadable(event, "the credit note's invoice lines", e)),
+        };
+        let money = note_money(o, &credit_lines, NotePart::Credited);
+        if money == 0 {
+            return Some(WebhookOutcome::Ignored);
+        }
+        let now = self.clock.unix_secs();
+        let take = CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice).of_credit_lines(money).taking_once(note);
+        match quota.refund_credits(&take).await {
+            Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %note, %tenant, %meter, %grant, units, money,
+                    "a credit note to the customer's balance took back the prepaid credits it credits");
+                self.recharge_reversed(&tenant, &meter, &grant, crate::store::RechargeFailure::Refunded).await;
+                Some(WebhookOutcome::Refunded { tenant, meter, units })
+            }
+            Ok(RefundOutcome::Unknown) => {
+                tracing::info!(%event, %note, %invoice, "a credit note of an invoice no grant has: nothing taken");
+                Some(WebhookOutcome::Ignored)
+            }
+            Ok(RefundOutcome::Full) => {
+                tracing::error!(%event, %note, "a credit note of a grant that holds too many takes already: answered 500");
+                Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into()))
+            }
+            Ok(_) => Some(WebhookOutcome::Duplicate),
+            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
     }
 
     /// Price id → lookup key, for the price ids of `unmatched` lines (lines on no key of the

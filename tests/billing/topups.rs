@@ -1015,6 +1015,45 @@ async fn the_usage_route_shows_what_each_refund_and_dispute_took(s: Setup) {
     crate::common::check_usage_schema(&[usage.body().clone()]);
 }
 
+// A post-payment credit note to the customer's balance (`credit_amount`) or out of band
+// (`out_of_band_amount`) refunds no charge, so no `charge.refunded` ever comes: on main its
+// units were kept, and the balance it made then paid the next invoice (a recharge's too),
+// which granted again: 2,000 units for 10.00. `credit_note.created` now takes back what the
+// credited money bought of the pack lines, once per credit note (Stripe's API reference, "The
+// Credit Note object": `type`, `credit_amount`, `out_of_band_amount`, `refund_amount`); its
+// refunded part is left to `charge.refunded`, which no longer counts the credited part again.
+// A credit note of an invoice that bought no credit takes and keeps nothing.
+on_stores!(a_credit_note_to_the_balance_takes_back_what_it_credits_once);
+async fn a_credit_note_to_the_balance_takes_back_what_it_credits_once(s: Setup) {
+    paid_by(&s, "in_cn", "pi_cn");
+    let first = invoice("in_cn", "cus_acme", &[("price_pack", 1), ("seat", 1)]);
+    s.stripe.add_invoice(first.clone());
+    s.stripe.add_lines("/v1/invoices/in_cn/lines", first["lines"]["data"].as_array().unwrap().clone());
+    assert_eq!(s.signed(&event("evt_cn1", "invoice.paid", first)).await, (200, credited(100, "in_cn")));
+    // 2.00 of the pack's 5.00 to the customer's balance, 1.00 out of band, 2.00 refunded.
+    let mut note = credit_note("cn_1", "in_cn", &[("il_in_cn_0", 500)], 200);
+    note["credit_amount"] = json!(200);
+    note["out_of_band_amount"] = json!(100);
+    s.stripe.add_credit_notes("in_cn", vec![note.clone()]);
+    let created = event("evt_cn2", "credit_note.created", note);
+    let taken = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 60 };
+    assert_eq!(s.signed(&created).await, (200, taken), "3.00 of 5.00 credited: 60 units");
+    assert_eq!(s.signed(&created).await, (200, WebhookOutcome::Duplicate), "once per credit note");
+    assert_eq!(s.balance().await.granted, 40);
+    // Its refunded 2.00 comes as `charge.refunded`: 40 units more, not the note's 5.00 again.
+    let refund = event("evt_cn3", "charge.refunded", charge("cus_acme", "pi_cn", 1000, 200));
+    let (code, outcome) = s.signed(&refund).await;
+    assert_eq!(code, 200);
+    assert!(matches!(outcome, WebhookOutcome::Refunded { units: 40, .. }), "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 0, "5.00 of the pack credited or refunded: all 100 units");
+    // Bad input: a credit note of an invoice that bought no credit (a seat): nothing taken.
+    let seats = invoice("in_other", "cus_acme", &[("seat", 1)]);
+    s.stripe.add_lines("/v1/invoices/in_other/lines", seats["lines"]["data"].as_array().unwrap().clone());
+    let mut other = credit_note("cn_2", "in_other", &[("il_in_other_0", 500)], 0);
+    other["credit_amount"] = json!(500);
+    assert_eq!(s.signed(&event("evt_cn4", "credit_note.created", other)).await, (200, WebhookOutcome::Ignored));
+}
+
 // A dispute won after its funds were withdrawn gives back what the withdrawal took of what the
 // balance held (a node's lease unused at the withdrawal stays counted used: docs/credits.md),
 // once per dispute (`charge.dispute.funds_reinstated`, or the close as won); a
