@@ -130,7 +130,7 @@ impl ReadError {
 pub(crate) fn permission_of(path: &str) -> &'static str {
     const BY_PATH: [(&str, &str); 9] = [
         ("v1/checkout/sessions", "Checkout Sessions: read"),
-        ("v1/payment_intents", "PaymentIntents: read (sessions with manual capture)"),
+        ("v1/payment_intents", "PaymentIntents: read (sessions with manual capture, recharges)"),
         ("v1/invoice_payments", "Invoices: read (invoice payments)"),
         ("v1/invoices", "Invoices: read"),
         ("v1/prices", "Prices: read"),

@@ -203,8 +203,9 @@ impl RechargeCharger {
         };
         let Some(invoice_id) = invoice.id.clone() else { return Charged::Retry("an invoice without an id".into()) };
         let mut status = invoice.status.clone();
+        let mut attempted = invoice.attempted;
         if order.processing {
-            return Self::after_processing(invoice_id.as_str(), status);
+            return self.after_processing(invoice_id.as_str(), status).await;
         }
         // A draft without its item (a node died between the two calls): the item, once.
         if status == Some(InvoiceStatus::Draft) && (item_key == "item" || invoice.lines.data.is_empty()) {
@@ -225,11 +226,11 @@ impl RechargeCharger {
                 return Charged::Retry("an idempotency key that Stripe refuses".into());
             };
             let finalize = FinalizeInvoiceInvoice::new(invoice_id.clone()).customize().request_strategy(k);
-            status = match finalize.timeout(self.timeout).send(&self.client).await {
-                Ok(finalized) => finalized.status,
+            (status, attempted) = match finalize.timeout(self.timeout).send(&self.client).await {
+                Ok(finalized) => (finalized.status, finalized.attempted),
                 // Finalized meanwhile (another delivery): as Stripe says it now.
                 Err(StripeError::Stripe(_, 400)) => match self.status(invoice_id.as_str()).await {
-                    Ok(status) => status,
+                    Ok(now) => now,
                     Err(why) => return Charged::Retry(why),
                 },
                 Err(e) => return Self::failed(e),
@@ -248,6 +249,15 @@ impl RechargeCharger {
             }
             other => return Charged::Retry(format!("invoice {invoice_id} is {other:?}")),
         }
+        // Attempted before (a delivery whose answer was lost, or whose mark in the store
+        // failed): a payment that is processing is never paid again.
+        if attempted {
+            match self.payment_processing(invoice_id.as_str()).await {
+                Ok(true) => return Charged::Processing(invoice_id.to_string()),
+                Ok(false) => {}
+                Err(why) => return Charged::Retry(why),
+            }
+        }
         let Ok(k) = key(&format!("pay-{window}")) else {
             return Charged::Retry("an idempotency key that Stripe refuses".into());
         };
@@ -259,8 +269,13 @@ impl RechargeCharger {
             Ok(paid) => Charged::Retry(format!("invoice {invoice_id} is {:?} after its payment", paid.status)),
             // Paid meanwhile (another delivery, the customer)?
             Err(e @ StripeError::Stripe(_, 400)) => match self.status(invoice_id.as_str()).await {
-                Ok(Some(InvoiceStatus::Paid)) => Charged::Paid(invoice_id.to_string()),
-                Ok(_) => Self::failed(e).on(invoice_id.as_str()),
+                Ok((Some(InvoiceStatus::Paid), _)) => Charged::Paid(invoice_id.to_string()),
+                // Refused while another delivery's payment processes: pending, not failed.
+                Ok(_) => match self.payment_processing(invoice_id.as_str()).await {
+                    Ok(true) => Charged::Processing(invoice_id.to_string()),
+                    Ok(false) => Self::failed(e).on(invoice_id.as_str()),
+                    Err(why) => Charged::Retry(why),
+                },
                 Err(why) => Charged::Retry(why),
             },
             Err(e) => Self::failed(e).on(invoice_id.as_str()),
@@ -272,22 +287,46 @@ impl RechargeCharger {
     /// `invoice.payment_failed`: paid, it is paid; still open, its debit never cleared (or its
     /// failure was not told): a failure, its invoice voided (Stripe refuses to void one whose
     /// payment still processes). Never paid again.
-    fn after_processing(invoice: &str, status: Option<InvoiceStatus>) -> Charged {
+    async fn after_processing(&self, invoice: &str, status: Option<InvoiceStatus>) -> Charged {
         match status {
             Some(InvoiceStatus::Paid) => Charged::Paid(invoice.to_owned()),
-            Some(InvoiceStatus::Open) => Charged::Failed(
-                RechargeFailure::Declined,
-                format!("invoice {invoice}'s payment did not clear in 21 days"),
-                Some(invoice.to_owned()),
-            ),
+            // Still processing (a slow debit): it waits again, never paid again.
+            Some(InvoiceStatus::Open) => match self.payment_processing(invoice).await {
+                Ok(true) => Charged::Processing(invoice.to_owned()),
+                Ok(false) => Charged::Failed(
+                    RechargeFailure::Declined,
+                    format!("invoice {invoice}'s payment did not clear in 21 days"),
+                    Some(invoice.to_owned()),
+                ),
+                Err(why) => Charged::Retry(why),
+            },
             other => Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice} is {other:?}"), None),
         }
     }
 
     /// The invoice's status as Stripe says it now.
-    async fn status(&self, invoice: &str) -> Result<Option<InvoiceStatus>, String> {
+    async fn status(&self, invoice: &str) -> Result<(Option<InvoiceStatus>, bool), String> {
         let v = self.reader.get(&format!("v1/invoices/{invoice}")).await.map_err(|e| e.why)?;
-        Ok(v["status"].as_str().and_then(|s| s.parse().ok()))
+        Ok((v["status"].as_str().and_then(|s| s.parse().ok()), v["attempted"] == true))
+    }
+
+    /// Whether a payment of `invoice` is processing (a bank debit under way): an `open`
+    /// invoice payment whose payment intent is `processing` (Stripe's API reference, "Invoice
+    /// Payment" and "The PaymentIntent object": `status` `processing`).
+    async fn payment_processing(&self, invoice: &str) -> Result<bool, String> {
+        let page =
+            self.reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await.map_err(|e| e.why)?;
+        for p in page["data"].as_array().into_iter().flatten().filter(|p| p["status"] == "open") {
+            let Some(intent) = p["payment"]["payment_intent"].as_str() else { continue };
+            if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let v = self.reader.get(&format!("v1/payment_intents/{intent}")).await.map_err(|e| e.why)?;
+            if v["status"] == "processing" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Voids the invoice of a recharge whose payment failed (counted), so that the customer

@@ -355,10 +355,15 @@ pub async fn check_stripe_access(config: &Config) -> Result<StripeAccess, super:
 /// recharge's amount is read from its price).
 fn credit_reads_of(config: &Config, credits: &CreditSettings) -> Vec<&'static str> {
     let recharges = config.plans().values().any(|p| p.recharges().next().is_some());
-    super::reader::credit_reads(
+    let mut reads = super::reader::credit_reads(
         credits.refunds != RefundPolicy::Ignore,
         recharges || credits.prices.keys().any(|k| super::prices::is_lookup_key(k)),
-    )
+    );
+    // A recharge's delivery reads whether its invoice's payment is processing (a bank debit).
+    if recharges {
+        reads.push("v1/payment_intents");
+    }
+    reads
 }
 
 /// Asks, in the background, what `reader` may read of what `credits` needs, and logs what is

@@ -111,6 +111,10 @@ async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
     s.h.clock.advance(Duration::from_secs(tollgate::store::PROCESSING_SECS as u64 - 60));
     assert_eq!(s.admitted(5).await, 5);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "still waiting");
+    // The debit failed, and its `invoice.payment_failed` never reached the endpoint.
+    let second = s.stripe.invoices_created()[1]["id"].as_str().unwrap().to_owned();
+    s.stripe.settle_debit(&second, false);
+    s.stripe.take_emitted();
     s.h.clock.advance(Duration::from_secs(120));
     let mut delivered = 0;
     for _ in 0..20 {
@@ -121,6 +125,7 @@ async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
     assert_eq!(s.stripe.pays(), 2, "its invoice read, never paid again");
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.failures, view.state.open, view.state.n), (2, None, 2));
+    assert_eq!(s.stripe.invoices_created()[1]["status"], "void", "its failure counted: voided");
     assert_eq!(s.granted().await, 500, "nothing paid, nothing granted");
 }
 
@@ -370,4 +375,39 @@ async fn only_a_plan_that_allows_it_lets_the_tenant_turn_charges_on(s: Setup) {
     s.h.clock.advance(Duration::from_secs(3600));
     s.admitted(30).await;
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "then the next one is tried");
+}
+
+// A bank debit whose `pay` answer is lost (the connection closes after Stripe took it) is
+// never paid again: the claim is taken again at its lapse, the invoice found attempted, and its
+// payment read (an invoice payment whose payment intent is `processing`): pending, marked,
+// no failure counted, no second `pay` (main paid again, was refused, counted a failure and
+// tried to void it; an hour later a second debit went out).
+on_stores!(a_bank_debit_whose_pay_answer_was_lost_is_not_paid_again);
+async fn a_bank_debit_whose_pay_answer_was_lost_is_not_paid_again(s: Setup) {
+    s.stripe.set_card("cus_acme", common::stripe::Card::BankDebit);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    // Create, item and finalize answer; the pay is taken and its answer lost.
+    s.stripe.fail_next_invoice_writes(&[
+        common::stripe::Fault::Pass,
+        common::stripe::Fault::Pass,
+        common::stripe::Fault::Pass,
+        common::stripe::Fault::TakeAndHang,
+    ]);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "not known: delivered again at the lapse");
+    assert_eq!(s.stripe.pays(), 1);
+    for step in [tollgate::store::CLAIM_TAKEN_SECS as u64, 3600, 7200] {
+        s.h.clock.advance(Duration::from_secs(step));
+        for _ in 0..20 {
+            s.admitted(1).await;
+            s.h.tollgate.deliver_recharges().await;
+        }
+    }
+    assert_eq!((s.stripe.pays(), s.stripe.voids()), (1, 0), "never paid again, never voided");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    let open = view.state.open.expect("still open");
+    assert_eq!((open.n, open.processing, view.state.failures), (1, true, 0));
+    assert_eq!(s.stripe.invoices_created().len(), 1);
 }

@@ -124,6 +124,9 @@ pub enum Fault {
     Drop,
     /// Execute the call (the event is taken), then never answer.
     TakeAndHang,
+    /// Answer as Stripe would: a place in the queue of faults, so that a later one hits a
+    /// later write.
+    Pass,
     /// Fail while executing, with this status: Stripe saves the answer under the
     /// idempotency key, so every retry with the key gets it again (for 24 hours).
     Saved(u16),
@@ -194,9 +197,11 @@ struct State {
     /// (customer, the line they become).
     pending_items: Vec<(String, serde_json::Value)>,
     emitted: Vec<serde_json::Value>,
-    /// Invoices whose bank debit is processing, and how many `pay` calls were made.
-    processing: HashSet<String>,
+    /// Invoices whose bank debit is processing (with its payment intent), and how many `pay`
+    /// and `void` calls were made (refused ones included).
+    processing: HashMap<String, String>,
     pays: u64,
+    voids: u64,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
     /// A fault applied to every call for a customer (a 429 storm for one of them).
@@ -442,9 +447,15 @@ impl StandIn {
         payments.iter().find_map(|p| p["payment"]["payment_intent"].as_str().map(str::to_owned))
     }
 
-    /// How many `POST /v1/invoices/{id}/pay` calls were executed (not replayed).
+    /// How many `POST /v1/invoices/{id}/pay` calls were executed (not replayed), refused ones
+    /// included.
     pub fn pays(&self) -> u64 {
         self.lock().pays
+    }
+
+    /// How many `POST /v1/invoices/{id}/void` calls were executed, refused ones included.
+    pub fn voids(&self) -> u64 {
+        self.lock().voids
     }
 
     /// Settles the processing bank debit of `invoice`: it succeeds (the invoice paid,
@@ -453,13 +464,23 @@ impl StandIn {
     pub fn settle_debit(&self, invoice: &str, succeeds: bool) {
         let mut guard = self.lock();
         let s = &mut *guard;
-        assert!(s.processing.remove(invoice), "no debit of {invoice} is processing");
+        let intent = s.processing.remove(invoice).unwrap_or_else(|| panic!("no debit of {invoice} is processing"));
         let now = s.now();
         let key = format!("/v1/invoices/{invoice}");
         let mut inv = s.objects.get(&key).cloned().expect("an invoice");
+        let status = if succeeds { "succeeded" } else { "requires_payment_method" };
+        let pi = serde_json::json!({ "id": intent, "object": "payment_intent", "status": status });
+        s.objects.insert(format!("/v1/payment_intents/{intent}"), pi);
         if succeeds {
             pay_now(s, &mut inv, invoice, now);
+            // Paid by the intent that processed.
+            if let Some(p) = s.invoice_payments.get_mut(invoice).and_then(|p| p.first_mut()) {
+                p["payment"]["payment_intent"] = serde_json::json!(intent);
+            }
         } else {
+            if let Some(p) = s.invoice_payments.get_mut(invoice).and_then(|p| p.first_mut()) {
+                p["status"] = serde_json::json!("canceled");
+            }
             let event = emitted_event(s, "invoice.payment_failed", &inv, now);
             s.emitted.push(event);
         }
@@ -771,7 +792,7 @@ fn idempotent(req: &Request, s: &mut State) -> Option<(u16, String, &'static str
         Some(Fault::NotJson(st)) => return Some((st, "<html>bad gateway</html>".into(), "text/html")),
         Some(Fault::Drop) => return None,
         Some(Fault::Saved(st)) => error(st, "api_error", "api_error", "injected failure while executing"),
-        Some(Fault::TakeAndHang) | None => write(&req.path, &form, s),
+        Some(Fault::TakeAndHang | Fault::Pass) | None => write(&req.path, &form, s),
     };
     // "Results are only saved if an API endpoint started executing": a request refused by its
     // parameters' validation is not, and may be sent again under its key.
@@ -957,10 +978,10 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
             if inv["status"] == "paid" {
                 return invalid("invoice_already_paid", "Invoice is already paid");
             }
-            if s.processing.contains(id) {
+            s.pays += 1;
+            if s.processing.contains_key(id) {
                 return invalid("", "This invoice's payment is processing and cannot be paid again.");
             }
-            s.pays += 1;
             if inv["status"] != "open" {
                 return invalid("invoice_not_open", "You can only pay an open invoice.");
             }
@@ -1002,7 +1023,20 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                     // processes, for days.
                     inv["attempted"] = serde_json::json!(true);
                     inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
-                    s.processing.insert(id.to_owned());
+                    // Its payment: an invoice payment `open` of a payment intent `processing`
+                    // ("The PaymentIntent object": `status` `processing`; "Invoice Payment":
+                    // `status` `open` until paid or canceled).
+                    s.created += 1;
+                    let intent = format!("pi_api{}", s.created);
+                    let mut payment = fixture("invoice_payment");
+                    payment["id"] = serde_json::json!(format!("inpay_api{}", s.created));
+                    payment["invoice"] = serde_json::json!(id);
+                    payment["status"] = serde_json::json!("open");
+                    payment["payment"] = serde_json::json!({ "type": "payment_intent", "payment_intent": intent });
+                    s.invoice_payments.insert(id.to_owned(), vec![payment]);
+                    let pi = serde_json::json!({ "id": intent, "object": "payment_intent", "status": "processing" });
+                    s.objects.insert(format!("/v1/payment_intents/{intent}"), pi);
+                    s.processing.insert(id.to_owned(), intent);
                     s.objects.insert(key, inv.clone());
                     return (200, inv.to_string(), "application/json");
                 }
@@ -1011,7 +1045,8 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         // "Void an invoice": only an open one (a draft is deleted instead, a paid one cannot
         // be voided); it is then `void`, never paid, and `invoice.voided` is emitted.
         "void" => {
-            if s.processing.contains(id) {
+            s.voids += 1;
+            if s.processing.contains_key(id) {
                 return invalid("", "This invoice's payment is processing and it cannot be voided.");
             }
             if inv["status"] != "open" {
@@ -1176,6 +1211,7 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         "/v1/refunds",
         "/v1/credit_notes",
         "/v1/prices",
+        "/v1/payment_intents",
     ]
     .contains(&path);
     if let Some((_, status)) =
@@ -1299,7 +1335,7 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         items.sort_by_key(|(id, o)| (std::cmp::Reverse(o["created"].as_i64()), id.clone()));
         return page(items, path);
     }
-    if ["/v1/checkout/sessions", "/v1/invoices"].contains(&path)
+    if ["/v1/checkout/sessions", "/v1/invoices", "/v1/payment_intents"].contains(&path)
         || (path == "/v1/invoice_payments" && !q.contains_key("invoice"))
         || (path == "/v1/refunds" && !q.contains_key("payment_intent"))
         || (path == "/v1/credit_notes" && !q.contains_key("invoice"))
