@@ -146,6 +146,20 @@ impl RechargeCharger {
         Ok((amount, v["currency"].as_str().unwrap_or_default().to_owned()))
     }
 
+    /// The price's amount and currency as a delivery reads it: `Ok(Err(why))` when it can no
+    /// longer be charged as counted whatever is tried again (the price is gone, has no
+    /// `unit_amount`, or the key may not read it), `Err(why)` when it could not be read now.
+    pub(crate) async fn price_now(&self, price: &str) -> Result<Result<(u64, String), String>, String> {
+        match self.reader.get(&format!("v1/prices/{price}")).await {
+            Ok(v) => Ok(match v["unit_amount"].as_u64().filter(|a| *a > 0) {
+                Some(amount) => Ok((amount, v["currency"].as_str().unwrap_or_default().to_owned())),
+                None => Err(format!("price `{price}` has no unit_amount")),
+            }),
+            Err(e) if e.refused.is_some() => Ok(Err(format!("price `{price}` cannot be read: {}", e.why))),
+            Err(e) => Err(e.why),
+        }
+    }
+
     /// Delivers `order`: its invoice (found by its metadata past [`KEYS_TRUSTED_SECS`], else
     /// created under the recharge's key: two deliveries of one recharge make one invoice), its
     /// item (added to a found draft that lacks it), finalized, paid. Finalizing and paying act
@@ -488,7 +502,9 @@ impl super::WebhookHandler {
     /// endpoint not subscribed to it, or down past Stripe's 3 days): read from Stripe and
     /// handled as its `invoice.paid` would be, through the top-up path (its grant's id is the
     /// invoice's, so the event, if it comes after all, is a duplicate), closing the recharge.
-    /// `None`: the configuration sells no credits.
+    /// `None`: the configuration sells no credits, or the invoice was paid within
+    /// [`CREDIT_UNANNOUNCED_SECS`](crate::store::CREDIT_UNANNOUNCED_SECS) (its event may be on
+    /// its way).
     pub(crate) async fn credit_paid_recharge(&self, invoice: &str) -> Option<super::WebhookOutcome> {
         let config = self.config_now();
         let credits = config.stripe()?.credits.as_ref()?;
@@ -497,8 +513,14 @@ impl super::WebhookHandler {
             Ok(object) => object,
             Err(e) => return Some(super::WebhookOutcome::ApiFailed(e.why)),
         };
-        let event = format!("tollgate_delivery_{invoice}");
         let now = self.clock.unix_secs();
+        // Paid within the hour (the claim waited on a Stripe outage): its event may be on its
+        // way; credited only once it is late.
+        let paid_at = object["status_transitions"]["paid_at"].as_i64().unwrap_or(0);
+        if now.saturating_sub(paid_at) < crate::store::CREDIT_UNANNOUNCED_SECS {
+            return None;
+        }
+        let event = format!("tollgate_delivery_{invoice}");
         let payload = serde_json::json!({
             "id": event, "object": "event", "type": "invoice.paid", "created": now, "data": { "object": object },
         })

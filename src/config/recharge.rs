@@ -76,12 +76,12 @@ impl Validator<'_, '_> {
             };
             // An invoice item names a price by id: a lookup key would be refused by Stripe at
             // every recharge.
-            if !price.starts_with("price_") {
+            if !(price.starts_with("price_") || price.starts_with("plan_")) {
                 return Err(self.invalid(
                     &format!("{key}.price"),
                     format!(
-                        "`{price}` is not a Stripe price id (\"price_…\"): a recharge's invoice item names its price by id, \
-                         never by lookup key"
+                        "`{price}` is not a Stripe price id (\"price_…\", or a legacy plan's \"plan_…\"): a recharge's \
+                         invoice item names its price by id, never by lookup key"
                     ),
                 ));
             }

@@ -154,6 +154,8 @@ impl Tollgate {
                     "a recharge was paid and its invoice.paid never came: credited by the worker; subscribe the \
                      webhook endpoint to invoice.paid (docs/credits.md, \"Recharge\")");
             }
+            // Paid within the hour: its `invoice.paid` may still come.
+            None => {}
             outcome => {
                 tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, %invoice, ?outcome,
                     "a recharge found paid long after its claim could not be credited by the worker; taken again");
@@ -177,7 +179,9 @@ impl Tollgate {
         off: bool,
         first: bool,
     ) -> Option<RechargeAlert> {
-        if first {
+        // A payment's failure; a stop (a price changed, a grant refused, a refund, a dispute)
+        // is no failure of a payment, and is only alerted.
+        if first && crate::store::RechargeFailure::PAYMENT.iter().any(|f| f.as_str() == reason) {
             self.shared().totals().recharge(RechargeOutcome::Failed);
         }
         off.then(|| {

@@ -253,9 +253,9 @@ pub enum RechargeMode {
     #[default]
     Ignored,
     /// Stores the tenant's setting (`None`: turns recharge off). Turning recharge on again
-    /// (after it was off, or with other values) clears the failures in a row and the off state:
-    /// the same values stored again while on leave them. The hour after a failure
-    /// ([`RETRY_AFTER_FAILURE_SECS`]) still waits: a change of values never has a declined
+    /// (after failures or a stop turned it off, or after it was turned off) clears the
+    /// failures in a row and the off state; other values stored while on leave them. The hour
+    /// after a failure ([`RETRY_AFTER_FAILURE_SECS`]) still waits: no change has a declined
     /// card charged again sooner. An open recharge stays open (its payment may be under way).
     Set(Option<RechargeSetting>),
     /// After the call, if the balance it leaves (granted − reserved) is below the tenant's
@@ -298,7 +298,8 @@ pub enum RechargeMode {
     },
     /// Turns recharge off at once for `why`, which is no failure of a payment (no failure is
     /// counted, no hour waited): recharge `n`, if open, is closed unpaid (its amount back to
-    /// the month). Answered [`RechargeSeen::Failed`] with `off`, `first` when recharge was on
+    /// the month), or, for [`RechargeFailure::GrantRefused`] (paid, not credited), closed
+    /// with its amount still counted. Answered [`RechargeSeen::Failed`] with `off`, `first` when recharge was on
     /// until this call (its alert goes out once). Turning recharge on again clears it.
     Stop {
         /// The recharge concerned.
@@ -386,11 +387,11 @@ impl RechargeState {
         match mode {
             RechargeMode::Ignored => RechargeSeen::Nothing,
             RechargeMode::Set(setting) => {
-                let same = match (&self.setting, &setting) {
-                    (Some(a), Some(b)) => a.same_values(b),
-                    (a, b) => a.is_none() && b.is_none(),
-                };
-                if self.off.is_some() || !same {
+                // Turned on again (after it was off, or turned off): the failures in a row
+                // start again. Other values while on keep them, so that three failures still
+                // turn a declining card off whatever a script changes meanwhile.
+                let again = self.off.is_some() || self.setting.is_none();
+                if again && setting.is_some() {
                     self.off = None;
                     self.failures = 0;
                 }
@@ -427,7 +428,14 @@ impl RechargeState {
             },
             RechargeMode::Stop { n, why } => {
                 if let Some(claim) = self.open.filter(|c| c.n == n) {
-                    self.close_unpaid(claim);
+                    if why == RechargeFailure::GrantRefused {
+                        // Paid, not credited: the money was taken, so it stays counted in the
+                        // month; its grant landing later is told as paid again, not counted.
+                        self.open = None;
+                        self.paid = self.paid.max(n);
+                    } else {
+                        self.close_unpaid(claim);
+                    }
                 }
                 let first = self.on();
                 if first {
@@ -658,7 +666,7 @@ mod tests {
         s.apply(RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: NOW }, None);
         let other = RechargeSetting::new(1500, 5000, 2500, PACK).set_by("tenant", NOW + 1);
         s.apply(RechargeMode::Set(Some(other)), None);
-        assert_eq!(s.failures, 0, "other values: the failures in a row start again");
+        assert_eq!(s.failures, 1, "other values while on: the failures in a row go on");
         let soon = RechargeMode::Watch { now: NOW + 2 };
         assert_eq!(s.apply(soon, Some(0)), RechargeSeen::Nothing, "but the hour still waits");
         let later = RechargeMode::Watch { now: NOW + RETRY_AFTER_FAILURE_SECS };
@@ -666,6 +674,20 @@ mod tests {
         // Paid: no wait is left of the failure before.
         s.apply(RechargeMode::Paid { n: 2 }, None);
         assert_eq!(s.failed_at, 0);
+        // A script changing `below` between declines: the third still turns it off.
+        let mut c = on();
+        c.setting = Some(RechargeSetting::new(2000, 5000, 100_000, PACK));
+        let mut now = NOW;
+        for k in 1..=3u64 {
+            assert!(matches!(c.apply(RechargeMode::Watch { now }, Some(0)), RechargeSeen::Claimed { .. }), "{k}");
+            c.apply(RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now }, None);
+            if k < 3 {
+                let below = 2000 - k;
+                c.apply(RechargeMode::Set(Some(RechargeSetting::new(below, 5000, 100_000, PACK))), None);
+            }
+            now += RETRY_AFTER_FAILURE_SECS;
+        }
+        assert_eq!((c.off, c.failures), (Some(RechargeFailure::Declined), 3));
         // Who set it and when is not a change of values.
         let mut t = on();
         t.failures = 2;

@@ -153,6 +153,8 @@ async fn a_paid_recharge_whose_grant_is_refused_turns_recharge_off(s: Setup) {
     }
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.off_reason(), view.state.open), (Some("grant_refused"), None));
+    let charged = s.stripe.invoices_created()[0]["amount_paid"].as_u64().unwrap();
+    assert_eq!(view.month_spent, charged, "the money taken stays counted against the month's limit");
     #[cfg(feature = "alerts")]
     if let Some(got) = s.alerts("balance.recharge_failed").await {
         assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
@@ -174,6 +176,8 @@ async fn a_paid_recharge_whose_grant_is_refused_turns_recharge_off(s: Setup) {
 // top-up path (grant id = invoice id), counted; the event coming after all is a duplicate.
 on_stores!(a_paid_recharge_whose_invoice_paid_never_comes_is_credited_by_the_worker);
 async fn a_paid_recharge_whose_invoice_paid_never_comes_is_credited_by_the_worker(s: Setup) {
+    // Stripe's clock is the engine's (its `paid_at` is read against it).
+    s.stripe.set_now(s.h.clock.unix_secs());
     let admin = Admin::for_engine(&s.h.tollgate);
     admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
     admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
@@ -410,4 +414,58 @@ async fn a_bank_debit_whose_pay_answer_was_lost_is_not_paid_again(s: Setup) {
     let open = view.state.open.expect("still open");
     assert_eq!((open.n, open.processing, view.state.failures), (1, true, 0));
     assert_eq!(s.stripe.invoices_created().len(), 1);
+}
+
+// A recharge paid more than an hour after its claim (its first deliveries met a Stripe
+// outage) is not taken for one whose `invoice.paid` never came: the worker credits only an
+// invoice paid an hour ago or more, by the invoice's `paid_at`, not the claim's age.
+on_stores!(a_recharge_paid_late_is_credited_by_its_event_not_the_worker);
+async fn a_recharge_paid_late_is_credited_by_its_event_not_the_worker(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    s.stripe.fail_next_invoice_writes(&[common::stripe::Fault::Status(500)]);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "Stripe failed: delivered again");
+    s.h.clock.advance(Duration::from_secs(3600 + tollgate::store::CLAIM_TAKEN_SECS as u64));
+    s.stripe.set_now(s.h.clock.unix_secs());
+    let mut delivered = 0;
+    for _ in 0..30 {
+        s.admitted(1).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!(delivered, 1);
+    assert_eq!(s.h.tollgate.stats().recharges_credited_unannounced, 0, "paid just now: its event is on its way");
+    let credited = s.deliver_events().await;
+    assert!(credited.iter().any(|(_, o)| matches!(o, WebhookOutcome::Credited { .. })), "{credited:?}");
+}
+
+// A downgrade to a plan of the same price with lower bounds (`lite`: to at most 500, 10.00 a
+// month) never charges the tenant's own values past them: turned off (`price_changed`) at
+// delivery, nothing charged. And a price the key can no longer read (403: Prices: read taken
+// away) turns recharge off with an alert rather than leaving the claim "under way" for good.
+on_stores!(a_downgrade_or_an_unreadable_price_never_charges_blind);
+async fn a_downgrade_or_an_unreadable_price_never_charges_blind(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    admin.set_plan("acme", "lite").await.unwrap();
+    assert_eq!(s.admitted(250).await, 250);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    assert!(s.stripe.invoices_created().is_empty(), "not charged past the plan's bounds");
+    assert_eq!(admin.recharge("acme", "requests").await.unwrap().off_reason(), Some("price_changed"));
+    // Back on `payg`, turned on again; the key then loses Prices: read.
+    admin.set_plan("acme", "payg").await.unwrap();
+    admin.grant_credits("acme", "requests", 500, None, "more").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    s.stripe.refuse_reads(Some(("/v1/prices", 403)));
+    let mut delivered = 0;
+    for _ in 0..60 {
+        s.admitted(10).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!(delivered, 1, "delivered once: turned off, not retried for good");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.off_reason(), view.state.open), (Some("price_changed"), None));
+    assert!(s.stripe.invoices_created().is_empty());
 }

@@ -36,6 +36,13 @@ below = 300
 to = 1000
 monthly_limit = "50.00"
 tenant_may_set = true
+[plans.lite]
+quotas.requests = { period = "prepaid" }
+[plans.lite.recharge.requests]
+price = "price_pack"
+below = 100
+to = 500
+monthly_limit = "10.00"
 [plans.pro]
 quotas.requests = { period = "prepaid" }
 [plans.pro.recharge.requests]

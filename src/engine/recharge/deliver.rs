@@ -113,6 +113,13 @@ fn pack_changed(setting: &RechargeSetting, spec: &RechargeSpec, open: &RechargeC
             spec.price, spec.pack_units, setting.pack.units
         ));
     }
+    // The plan's bounds now (a downgrade): the tenant's own `to` and limit must still fit.
+    if setting.to > spec.to || setting.monthly_limit > spec.monthly_limit {
+        return Some(format!(
+            "the plan now allows `to` {} and {} a month; the setting has {} and {}",
+            spec.to, spec.monthly_limit, setting.to, setting.monthly_limit
+        ));
+    }
     if open.packs.checked_mul(setting.pack.amount) != Some(open.amount) {
         return Some(format!(
             "recharge {} was counted at {} for {} packs, not at the setting's pack",
@@ -150,9 +157,12 @@ async fn charge(
     let price = if setting.price.is_empty() { spec.price.as_str() } else { setting.price.as_str() };
     let currency = parts.config.billing().currency.clone().unwrap_or_default();
     // Its amount on Stripe is the one the setting counted, in the billing currency.
-    match charger.unit_amount(price).await {
-        Ok((amount, of)) if amount == setting.pack.amount && of.eq_ignore_ascii_case(&currency) => {}
-        Ok((amount, of)) => {
+    match charger.price_now(price).await {
+        Ok(Ok((amount, of))) if amount == setting.pack.amount && of.eq_ignore_ascii_case(&currency) => {}
+        // Gone, or no longer readable with the key: never charged blind, turned off (alerted)
+        // rather than told "under way" for good.
+        Ok(Err(why)) => return stop(parts, claim, RechargeFailure::PriceChanged, &why).await,
+        Ok(Ok((amount, of))) => {
             let why = format!(
                 "price `{price}` is now {amount} {of} a pack; the setting counted {} {currency}",
                 setting.pack.amount
