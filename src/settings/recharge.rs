@@ -98,7 +98,8 @@ pub struct RechargeView {
 impl RechargeView {
     /// Why recharge is off, if it is: `"not_turned_on"`, or the last payment failure's reason
     /// once failures turned it off (`"declined"`, `"action_required"`,
-    /// `"no_payment_method"`, `"refused"`), or what turned it off at once (`"price_changed"`).
+    /// `"no_payment_method"`, `"refused"`), or what turned it off at once (`"price_changed"`,
+    /// `"grant_refused"`, `"refunded"`, `"disputed"`).
     #[must_use]
     pub fn off_reason(&self) -> Option<&'static str> {
         match (&self.state.setting, self.state.off) {

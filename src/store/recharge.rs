@@ -197,8 +197,10 @@ pub struct RechargeClaim {
 pub struct RechargeState {
     /// The tenant's setting; `None`: recharge off (never turned on, or turned off by it).
     pub setting: Option<RechargeSetting>,
-    /// Turned off by payment failures ([`FAILURES_BEFORE_OFF`] in a row): the last one's
-    /// reason. Turning recharge on again clears it.
+    /// Why recharge is off, when set: the last payment failure's reason once
+    /// [`FAILURES_BEFORE_OFF`] in a row turned it off, or what stopped it at once
+    /// ([`RechargeMode::Stop`]: a price changed, a grant refused, a refund, a dispute).
+    /// Turning recharge on again clears it.
     #[serde(default)]
     pub off: Option<RechargeFailure>,
     /// Payment failures in a row.
@@ -340,7 +342,8 @@ pub enum RechargeSeen {
         first: bool,
     },
     /// A failure of recharge `n` is counted (by this call, or by an earlier one of the same
-    /// failure: answered alike, but for `first`); `off` when recharge is off since.
+    /// failure: answered alike, but for `first`); `off` when recharge is off since. Also the
+    /// answer to [`RechargeMode::Stop`] (no failure counted: `off`, `first` when it was on).
     Failed {
         /// The recharge.
         n: u64,
