@@ -40,6 +40,8 @@ pub(crate) struct Order<'a> {
     pub(crate) packs: u64,
     /// The billing currency (`[billing] currency`): the invoice's, whatever the customer's.
     pub(crate) currency: &'a str,
+    /// Stripe Tax computes the invoice's tax (the plan's `automatic_tax`).
+    pub(crate) automatic_tax: bool,
     /// When it was first claimed (Unix seconds).
     pub(crate) claimed_at: i64,
     /// Its payment was processing when last delivered: its invoice is read, never paid again.
@@ -205,6 +207,9 @@ impl RechargeCharger {
                     .metadata(metadata);
                 // The billing currency, as the limit counts it (Stripe would take the
                 // customer's otherwise).
+                if order.automatic_tax {
+                    create = create.automatic_tax(stripe_billing::invoice::CreateInvoiceAutomaticTax::new(true));
+                }
                 if !order.currency.is_empty() {
                     let Ok(currency) = order.currency.parse::<stripe_types::Currency>();
                     create = create.currency(currency);

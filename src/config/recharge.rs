@@ -18,6 +18,7 @@ pub(crate) struct RawRecharge {
     pub(crate) to: Option<i64>,
     pub(crate) monthly_limit: Option<String>,
     pub(crate) tenant_may_set: Option<bool>,
+    pub(crate) automatic_tax: Option<bool>,
 }
 
 /// A plan's recharge of one prepaid meter: the credit price a recharge buys (one of
@@ -43,6 +44,10 @@ pub struct RechargeSpec {
     /// (`tenant_may_set`, default `false`: only the operator may, and the tenant's route
     /// answers 403; it may always read it and turn it off).
     pub tenant_may_set: bool,
+    /// Whether a recharge's invoice asks Stripe Tax to compute its tax (`automatic_tax`,
+    /// default `false`): the customer then pays the packs plus tax, while `monthly_limit`
+    /// counts the packs' amount before tax.
+    pub automatic_tax: bool,
 }
 
 impl Validator<'_, '_> {
@@ -115,10 +120,17 @@ impl Validator<'_, '_> {
                 self.invalid(&path, format!("\"{limit}\" is not a whole amount of the smallest unit of {currency}"))
             })?;
             let tenant_may_set = r.tenant_may_set.unwrap_or(false);
-            out.insert(
-                id,
-                RechargeSpec { price: price.to_owned(), pack_units: 0, below, to, monthly_limit, tenant_may_set },
-            );
+            let automatic_tax = r.automatic_tax.unwrap_or(false);
+            let spec = RechargeSpec {
+                price: price.to_owned(),
+                pack_units: 0,
+                below,
+                to,
+                monthly_limit,
+                tenant_may_set,
+                automatic_tax,
+            };
+            out.insert(id, spec);
         }
         Ok(out)
     }

@@ -469,3 +469,42 @@ async fn a_downgrade_or_an_unreadable_price_never_charges_blind(s: Setup) {
     assert_eq!((view.off_reason(), view.state.open), (Some("price_changed"), None));
     assert!(s.stripe.invoices_created().is_empty());
 }
+
+// The recharge invoice is in the billing currency, whatever the customer's: on main it was
+// created without `currency`, so a customer whose Stripe currency is `eur` (an earlier EUR
+// subscription) got an EUR invoice, the USD price's item was refused, and each recharge
+// counted a `refused` failure (three turned recharge off). And a plan may have Stripe Tax
+// compute the invoice's tax (`automatic_tax`), off by default.
+on_stores!(the_recharge_invoice_is_in_the_billing_currency);
+async fn the_recharge_invoice_is_in_the_billing_currency(s: Setup) {
+    s.stripe.set_customer_currency("cus_acme", "eur");
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::new(Some(300), Some(500), None))).await.unwrap();
+    assert!(s.recharged_once().await);
+    let invoice = s.stripe.invoices_created()[0].clone();
+    assert_eq!((&invoice["currency"], &invoice["status"]), (&serde_json::json!("usd"), &serde_json::json!("paid")));
+    assert_eq!(invoice["automatic_tax"]["enabled"], false);
+    assert_eq!(admin.recharge("acme", "requests").await.unwrap().state.failures, 0);
+    // Stripe Tax on: the next invoice asks for it.
+    let taxed =
+        common::recharge::CONFIG.replace("tenant_may_set = true\n", "tenant_may_set = true\nautomatic_tax = true\n");
+    s.h.tollgate.reload(tollgate::config::Config::from_toml_str(&taxed).unwrap()).await.unwrap();
+    assert!(s.recharged_once().await);
+    assert_eq!(s.stripe.invoices_created()[1]["automatic_tax"]["enabled"], true);
+}
+
+impl Setup {
+    /// Spends (ten at a time, a 402 allowed) until a recharge is claimed and delivered, its
+    /// events with it: whether one was.
+    async fn recharged_once(&self) -> bool {
+        for _ in 0..100 {
+            self.admitted(10).await;
+            if self.h.tollgate.deliver_recharges().await > 0 {
+                self.deliver_events().await;
+                return true;
+            }
+        }
+        false
+    }
+}

@@ -197,6 +197,9 @@ struct State {
     /// (customer, the line they become).
     pending_items: Vec<(String, serde_json::Value)>,
     emitted: Vec<serde_json::Value>,
+    /// Customers' own currencies (`usd` when unnamed): an invoice created without `currency`
+    /// is in its customer's.
+    customer_currency: HashMap<String, String>,
     /// Invoices whose bank debit is processing (with its payment intent), and how many `pay`
     /// and `void` calls were made (refused ones included).
     processing: HashMap<String, String>,
@@ -408,6 +411,12 @@ impl StandIn {
             price["unit_amount"] = serde_json::json!(amount);
             price["unit_amount_decimal"] = serde_json::json!(amount.to_string());
         }
+    }
+
+    /// Sets `customer`'s currency (Stripe's customer `currency`, set by its first invoice or
+    /// subscription): an invoice created without `currency` is in it.
+    pub fn set_customer_currency(&self, customer: &str, currency: &str) {
+        self.lock().customer_currency.insert(customer.to_owned(), currency.to_owned());
     }
 
     /// Sets the price `id`'s `currency` (the fixture's `usd` otherwise).
@@ -840,6 +849,12 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         inv["metadata"] = serde_json::Value::Object(metadata);
         s.created_invoices.push(id.clone());
         inv["collection_method"] = serde_json::json!(get("collection_method").unwrap_or("charge_automatically".into()));
+        // "currency: The currency to create this invoice in. Defaults to that of customer if
+        // not specified."
+        let currency =
+            get("currency").unwrap_or_else(|| s.customer_currency.get(&customer).cloned().unwrap_or("usd".into()));
+        inv["currency"] = serde_json::json!(currency);
+        inv["automatic_tax"]["enabled"] = serde_json::json!(get("automatic_tax[enabled]").as_deref() == Some("true"));
         // "Defaults to false" for an invoice created through the API.
         inv["auto_advance"] = serde_json::json!(get("auto_advance").as_deref() == Some("true"));
         inv["next_payment_attempt"] = serde_json::Value::Null;
@@ -892,6 +907,19 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                 }
                 Some(inv) if inv["status"] != "draft" => {
                     return invalid("invoice_not_editable", "You can only add invoice items to draft invoices.")
+                }
+                // A price in another currency than the invoice's is refused ("Create an
+                // invoice item": the item's currency is its price's; an invoice holds one).
+                Some(inv)
+                    if s.prices
+                        .iter()
+                        .find(|p| p["id"] == price.as_str())
+                        .is_some_and(|p| p["currency"] != inv["currency"]) =>
+                {
+                    return invalid(
+                        "parameter_invalid",
+                        "The price's currency must match the currency of the invoice it is added to.",
+                    )
                 }
                 _ => {}
             }

@@ -180,6 +180,7 @@ async fn charge(
         price,
         packs: claim.packs,
         currency: &currency,
+        automatic_tax: spec.automatic_tax,
         claimed_at: open.claimed_at,
         processing: open.processing,
         now: parts.now,
