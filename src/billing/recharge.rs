@@ -149,15 +149,16 @@ impl RechargeCharger {
     }
 
     /// The price's amount and currency as a delivery reads it: `Ok(Err(why))` when it can no
-    /// longer be charged as counted whatever is tried again (the price is gone, has no
-    /// `unit_amount`, or the key may not read it), `Err(why)` when it could not be read now.
+    /// longer be charged as counted whatever is tried again (it has no `unit_amount`),
+    /// `Err(why)` when it could not be read now (Stripe unreachable, the key refused).
     pub(crate) async fn price_now(&self, price: &str) -> Result<Result<(u64, String), String>, String> {
         match self.reader.get(&format!("v1/prices/{price}")).await {
             Ok(v) => Ok(match v["unit_amount"].as_u64().filter(|a| *a > 0) {
                 Some(amount) => Ok((amount, v["currency"].as_str().unwrap_or_default().to_owned())),
                 None => Err(format!("price `{price}` has no unit_amount")),
             }),
-            Err(e) if e.refused.is_some() => Ok(Err(format!("price `{price}` cannot be read: {}", e.why))),
+            // A key refused (rolled, restricted) passes once it is right: tried again, never a
+            // reason to turn every tenant's recharge off.
             Err(e) => Err(e.why),
         }
     }
@@ -333,14 +334,31 @@ impl RechargeCharger {
     /// invoice payment whose payment intent is `processing` (Stripe's API reference, "Invoice
     /// Payment" and "The PaymentIntent object": `status` `processing`).
     async fn payment_processing(&self, invoice: &str) -> Result<bool, String> {
-        let page =
-            self.reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await.map_err(|e| e.why)?;
+        // A key that may not read them (PaymentIntents: read, which `tollgate check` asks
+        // for): read as not processing, as before this check, and logged; Stripe still refuses
+        // to pay an invoice whose payment processes.
+        let refused = |e: super::reader::ReadError| -> Result<bool, String> {
+            if e.refused.is_some() {
+                tracing::error!(%invoice, error = %e.why,
+                    "whether a recharge's payment is processing could not be read: the key lacks a permission");
+                Ok(false)
+            } else {
+                Err(e.why)
+            }
+        };
+        let page = match self.reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await {
+            Ok(page) => page,
+            Err(e) => return refused(e),
+        };
         for p in page["data"].as_array().into_iter().flatten().filter(|p| p["status"] == "open") {
             let Some(intent) = p["payment"]["payment_intent"].as_str() else { continue };
             if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 continue;
             }
-            let v = self.reader.get(&format!("v1/payment_intents/{intent}")).await.map_err(|e| e.why)?;
+            let v = match self.reader.get(&format!("v1/payment_intents/{intent}")).await {
+                Ok(v) => v,
+                Err(e) => return refused(e),
+            };
             if v["status"] == "processing" {
                 return Ok(true);
             }

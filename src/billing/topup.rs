@@ -281,23 +281,41 @@ async fn pre_payment_credits(
     Ok(credited)
 }
 
-/// Which money of a post-payment credit note: its refunded part (`refund_amount`), or its part
-/// credited to the customer's balance or out of band (`credit_amount`, `out_of_band_amount`).
+/// Which money of a post-payment credit note: its refunded part (`refunds[].amount_refunded`),
+/// or its part credited to the customer's balance (`customer_balance_transaction`) or out of
+/// band (`out_of_band_amount`): the rest of its post-payment amount (Stripe's API reference,
+/// "The Credit Note object").
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum NotePart {
     Refunded,
     Credited,
 }
 
+/// The money `note` refunded: the sum of its `refunds[].amount_refunded`.
+fn note_refunded(note: &Value) -> u64 {
+    note["refunds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .fold(0u64, |t, r| t.saturating_add(r["amount_refunded"].as_u64().unwrap_or(0)))
+}
+
+/// The money of `note`'s post-payment part credited to the customer's balance or out of band:
+/// its post-payment amount less what it refunded.
+fn note_credited(note: &Value) -> u64 {
+    let (post, of) = note_share(note, false);
+    let amount = note["amount"].as_u64().unwrap_or(0);
+    let post_total = (u128::from(amount) * u128::from(post) / u128::from(of.max(1))) as u64;
+    post_total.saturating_sub(note_refunded(note))
+}
+
 /// The money of `note`'s lines on `credit_lines` (invoice line ids), of its post-payment part,
-/// of `part` of it (shared by the note's `refund_amount` against its `credit_amount` and
-/// `out_of_band_amount`; a note that says none of them is all refunded, as earlier versions
-/// read it).
+/// of `part` of it (shared by what the note refunded against what it credited to the
+/// customer's balance or out of band).
 fn note_money(note: &Value, credit_lines: &[String], part: NotePart) -> u64 {
     let (post, of) = note_share(note, false);
-    let refunded = note["refund_amount"].as_u64().unwrap_or(0);
-    let credited =
-        note["credit_amount"].as_u64().unwrap_or(0).saturating_add(note["out_of_band_amount"].as_u64().unwrap_or(0));
+    let refunded = note_refunded(note);
+    let credited = note_credited(note);
     let (share, whole) = match part {
         _ if refunded.saturating_add(credited) == 0 => (u64::from(part == NotePart::Refunded), 1),
         NotePart::Refunded => (refunded, refunded.saturating_add(credited)),
@@ -643,6 +661,23 @@ impl WebhookHandler {
         Ok(taken)
     }
 
+    /// Whether the grant of `invoice` may still come: it is not paid yet (open), or was paid a
+    /// day ago or less; `Err`: the answer to a failed read (500).
+    async fn grant_may_come(&self, event: &str, invoice: &str, now: i64) -> Result<bool, WebhookOutcome> {
+        let Some(reader) = self.reader.as_ref() else { return Ok(false) };
+        if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Ok(false);
+        }
+        match reader.get(&format!("v1/invoices/{invoice}")).await {
+            Ok(inv) => Ok(inv["status"] == "open"
+                || (inv["status"] == "paid"
+                    && inv["status_transitions"]["paid_at"]
+                        .as_i64()
+                        .is_some_and(|at| now - at <= UNKNOWN_CUSTOMER_GRACE_SECS))),
+            Err(e) => Err(self.unreadable(event, "the invoice a credit note credits", e)),
+        }
+    }
+
     /// Whether `invoice` was paid a day ago or less (read from the API: its
     /// `status_transitions.paid_at`; `false` without a key, or not paid); `Err`: the answer to
     /// a failed read (500).
@@ -979,7 +1014,7 @@ impl WebhookHandler {
                     // The note's refunds are attributed by its lines, not shared: its refunded
                     // part (the part credited to the customer's balance or out of band is taken
                     // by its `credit_note.created`).
-                    plain = plain.saturating_sub(note["refund_amount"].as_u64().unwrap_or(0));
+                    plain = plain.saturating_sub(note_refunded(note));
                     of_credits = of_credits.saturating_add(note_money(note, &credit_lines, NotePart::Refunded));
                 }
             }
@@ -1014,10 +1049,11 @@ impl WebhookHandler {
     }
 
     /// `credit_note.created`: a post-payment credit note's part credited to the customer's
-    /// balance (`credit_amount`) or out of band (`out_of_band_amount`), which no refund
+    /// balance or out of band (its post-payment amount less its `refunds`), which no refund
     /// follows, takes back what that money bought of the invoice's credit lines, once per
-    /// credit note (its refunded part is `charge.refunded`'s). A note of an invoice that no
-    /// grant has: `ignored`, nothing kept.
+    /// credit note (its refunded part is `charge.refunded`'s). A note of an invoice whose grant
+    /// may still come (unpaid, or paid a day ago or less): 500, delivered again; of one that
+    /// bought no credit: `ignored`, nothing kept.
     async fn credit_note(&self, credits: &CreditSettings, event: &str, payload: &str) -> Option<WebhookOutcome> {
         if credits.refunds == RefundPolicy::Ignore {
             return None;
@@ -1027,9 +1063,7 @@ impl WebhookHandler {
         let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
             return Some(WebhookOutcome::Ignored);
         };
-        let credited =
-            o["credit_amount"].as_u64().unwrap_or(0).saturating_add(o["out_of_band_amount"].as_u64().unwrap_or(0));
-        if o["status"] == "void" || credited == 0 || note_share(o, false).0 == 0 {
+        if o["status"] == "void" || note_credited(o) == 0 {
             return Some(WebhookOutcome::Ignored);
         }
         let quota = self.quota.as_ref()?;
@@ -1051,10 +1085,21 @@ impl WebhookHandler {
                 self.recharge_reversed(&tenant, &meter, &grant, crate::store::RechargeFailure::Refunded).await;
                 Some(WebhookOutcome::Refunded { tenant, meter, units })
             }
-            Ok(RefundOutcome::Unknown) => {
-                tracing::info!(%event, %note, %invoice, "a credit note of an invoice no grant has: nothing taken");
-                Some(WebhookOutcome::Ignored)
-            }
+            // Its grant may still come (a mixed note comes before its invoice is paid; the
+            // invoice's own event may be answered 500 meanwhile): delivered again while the
+            // invoice is unpaid or was paid a day ago or less.
+            Ok(RefundOutcome::Unknown) => match self.grant_may_come(event, invoice, now).await {
+                Ok(true) => {
+                    tracing::warn!(%event, %note, %invoice,
+                        "a credit note of an invoice no grant has yet: answered 500 so Stripe delivers it again");
+                    Some(WebhookOutcome::StoreFailed(format!("no grant of {invoice} yet")))
+                }
+                Ok(false) => {
+                    tracing::info!(%event, %note, %invoice, "a credit note of an invoice no grant has: nothing taken");
+                    Some(WebhookOutcome::Ignored)
+                }
+                Err(failed) => Some(failed),
+            },
             Ok(RefundOutcome::Full) => {
                 tracing::error!(%event, %note, "a credit note of a grant that holds too many takes already: answered 500");
                 Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into()))

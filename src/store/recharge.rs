@@ -129,9 +129,10 @@ pub enum RechargeFailure {
     NoPaymentMethod,
     /// Stripe refused the charge otherwise.
     Refused,
-    /// The plan's recharge price, what its pack grants, or its amount on Stripe is no longer
-    /// what the setting counted (a plan change, a reload, a price changed on Stripe): nothing
-    /// was charged; turning recharge on again takes the new pack. Not a payment failure: it
+    /// The plan's recharge price, what its pack grants, its bounds (a downgrade below the
+    /// tenant's `to` or limit), or its amount or currency on Stripe (or `unit_amount` gone) is
+    /// no longer what the setting counted (a plan change, a reload, a price changed on
+    /// Stripe): nothing was charged; turning recharge on again takes the new pack. Not a payment failure: it
     /// turns recharge off at once ([`RechargeMode::Stop`]).
     PriceChanged,
     /// A paid recharge's units could not be granted (the balance's open grants at their

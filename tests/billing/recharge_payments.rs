@@ -443,7 +443,8 @@ async fn a_recharge_paid_late_is_credited_by_its_event_not_the_worker(s: Setup) 
 // A downgrade to a plan of the same price with lower bounds (`lite`: to at most 500, 10.00 a
 // month) never charges the tenant's own values past them: turned off (`price_changed`) at
 // delivery, nothing charged. And a price the key can no longer read (403: Prices: read taken
-// away) turns recharge off with an alert rather than leaving the claim "under way" for good.
+// away) is never charged blind: the claim waits, and is charged once the key is mended (a
+// refused key must not turn every tenant's recharge off).
 on_stores!(a_downgrade_or_an_unreadable_price_never_charges_blind);
 async fn a_downgrade_or_an_unreadable_price_never_charges_blind(s: Setup) {
     let admin = Admin::for_engine(&s.h.tollgate);
@@ -464,10 +465,18 @@ async fn a_downgrade_or_an_unreadable_price_never_charges_blind(s: Setup) {
         s.admitted(10).await;
         delivered += s.h.tollgate.deliver_recharges().await;
     }
-    assert_eq!(delivered, 1, "delivered once: turned off, not retried for good");
-    let view = admin.recharge("acme", "requests").await.unwrap();
-    assert_eq!((view.off_reason(), view.state.open), (Some("price_changed"), None));
+    assert_eq!(delivered, 0, "never charged blind");
     assert!(s.stripe.invoices_created().is_empty());
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.off_reason(), None, "a key refused passes once it is right: never every tenant turned off");
+    // The key mended: the claim, taken again at its lapse, is charged at the counted amount.
+    s.stripe.refuse_reads(None);
+    s.h.clock.advance(Duration::from_secs(tollgate::store::CLAIM_TAKEN_SECS as u64));
+    for _ in 0..30 {
+        s.admitted(1).await;
+        delivered += s.h.tollgate.deliver_recharges().await;
+    }
+    assert_eq!((delivered, s.stripe.invoices_created().len()), (1, 1));
 }
 
 // The recharge invoice is in the billing currency, whatever the customer's: on main it was

@@ -143,7 +143,16 @@ fn credit_note(id: &str, invoice: &str, lines: &[(&str, u64)], refunded: u64) ->
     // Issued after the payment (Stripe's "The Credit Note object": `type` `post_payment`): a
     // refund's note.
     n["type"] = json!("post_payment");
-    n["refund_amount"] = json!(refunded);
+    // What it refunded: its `refunds` (a credit note object names no `refund_amount`; that is
+    // a parameter of creating one).
+    n["refunds"] = if refunded > 0 {
+        json!([{ "amount_refunded": refunded, "refund": format!("re_{id}"), "type": "refund",
+                 "payment_record_refund": null }])
+    } else {
+        json!([])
+    };
+    n["out_of_band_amount"] = json!(null);
+    n["customer_balance_transaction"] = json!(null);
     let template = n["lines"]["data"][0].clone();
     let data: Vec<Value> = lines
         .iter()
@@ -1015,14 +1024,16 @@ async fn the_usage_route_shows_what_each_refund_and_dispute_took(s: Setup) {
     crate::common::check_usage_schema(&[usage.body().clone()]);
 }
 
-// A post-payment credit note to the customer's balance (`credit_amount`) or out of band
-// (`out_of_band_amount`) refunds no charge, so no `charge.refunded` ever comes: on main its
-// units were kept, and the balance it made then paid the next invoice (a recharge's too),
-// which granted again: 2,000 units for 10.00. `credit_note.created` now takes back what the
-// credited money bought of the pack lines, once per credit note (Stripe's API reference, "The
-// Credit Note object": `type`, `credit_amount`, `out_of_band_amount`, `refund_amount`); its
-// refunded part is left to `charge.refunded`, which no longer counts the credited part again.
-// A credit note of an invoice that bought no credit takes and keeps nothing.
+// A post-payment credit note's part to the customer's balance (`customer_balance_transaction`)
+// or out of band (`out_of_band_amount`) refunds no charge, so no `charge.refunded` ever comes
+// for it: on main its units were kept, and the balance it made then paid the next invoice (a
+// recharge's too), which granted again: 2,000 units for 10.00. `credit_note.created` now takes
+// back what that money (the note's post-payment amount less its `refunds[].amount_refunded`)
+// bought of the pack lines, once per credit note (Stripe's API reference, "The Credit Note
+// object": `type`, `post_payment_amount`, `refunds`, `out_of_band_amount`,
+// `customer_balance_transaction`); its refunded part is left to `charge.refunded`, which does
+// not count the credited part again. A note of an invoice whose grant may still come is
+// answered 500; of one that bought no credit, ignored.
 on_stores!(a_credit_note_to_the_balance_takes_back_what_it_credits_once);
 async fn a_credit_note_to_the_balance_takes_back_what_it_credits_once(s: Setup) {
     paid_by(&s, "in_cn", "pi_cn");
@@ -1032,7 +1043,7 @@ async fn a_credit_note_to_the_balance_takes_back_what_it_credits_once(s: Setup) 
     assert_eq!(s.signed(&event("evt_cn1", "invoice.paid", first)).await, (200, credited(100, "in_cn")));
     // 2.00 of the pack's 5.00 to the customer's balance, 1.00 out of band, 2.00 refunded.
     let mut note = credit_note("cn_1", "in_cn", &[("il_in_cn_0", 500)], 200);
-    note["credit_amount"] = json!(200);
+    note["customer_balance_transaction"] = json!("cbtxn_1");
     note["out_of_band_amount"] = json!(100);
     s.stripe.add_credit_notes("in_cn", vec![note.clone()]);
     let created = event("evt_cn2", "credit_note.created", note);
@@ -1050,8 +1061,18 @@ async fn a_credit_note_to_the_balance_takes_back_what_it_credits_once(s: Setup) 
     let seats = invoice("in_other", "cus_acme", &[("seat", 1)]);
     s.stripe.add_lines("/v1/invoices/in_other/lines", seats["lines"]["data"].as_array().unwrap().clone());
     let mut other = credit_note("cn_2", "in_other", &[("il_in_other_0", 500)], 0);
-    other["credit_amount"] = json!(500);
+    other["customer_balance_transaction"] = json!("cbtxn_2");
     assert_eq!(s.signed(&event("evt_cn4", "credit_note.created", other)).await, (200, WebhookOutcome::Ignored));
+    // A note of an invoice not paid yet (a mixed note comes before its payment): its grant
+    // may still come, so it is delivered again (500), never dropped.
+    let mut unpaid = invoice("in_late", "cus_acme", &[("price_pack", 1)]);
+    unpaid["status"] = json!("open");
+    s.stripe.add_invoice(unpaid.clone());
+    s.stripe.add_lines("/v1/invoices/in_late/lines", unpaid["lines"]["data"].as_array().unwrap().clone());
+    let mut early = credit_note("cn_3", "in_late", &[("il_in_late_0", 500)], 0);
+    early["customer_balance_transaction"] = json!("cbtxn_3");
+    let (code, outcome) = s.signed(&event("evt_cn5", "credit_note.created", early)).await;
+    assert_eq!(code, 500, "{outcome:?}");
 }
 
 // A dispute won after its funds were withdrawn gives back what the withdrawal took of what the

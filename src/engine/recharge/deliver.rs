@@ -75,7 +75,9 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
     };
     // The claim counted packs of the setting's price, at the setting's amount: charged only
     // while the plan still recharges that price, in packs of those units.
-    if let Some(why) = pack_changed(&setting, &spec, &open) {
+    // A payment already processing is only read: never stopped as "not charged" while its
+    // debit is in flight.
+    if let Some(why) = pack_changed(&setting, &spec, &open).filter(|_| !open.processing) {
         return stop(parts, claim, RechargeFailure::PriceChanged, &why).await;
     }
     // The customer as the configuration file declares it, else as the directory says (a file
