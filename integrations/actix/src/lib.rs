@@ -736,8 +736,9 @@ pub fn spend_cap(engine: tollgate::Tollgate) -> actix_web::Route {
 /// middleware: the calling tenant turns its own recharge on or off (any key of the tenant may:
 /// mount it only where every key of a tenant may decide its spending). `GET` answers it, `PUT`
 /// with `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the
-/// plan's bounds, `DELETE` turns it off; refusals are problem+json 4xx (422 outside the
-/// bounds) and store nothing.
+/// plan's bounds on a plan whose recharge sets `tenant_may_set = true` (else 403
+/// `recharge-not-allowed`: only the operator may), `DELETE` turns it off; refusals are
+/// problem+json 4xx (422 outside the bounds) and store nothing.
 ///
 /// ```no_run
 /// # fn app(engine: tollgate::Tollgate) {

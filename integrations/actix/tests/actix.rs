@@ -502,7 +502,7 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     let config = tollgate::Config::from_toml_str(
         "[billing]\ncurrency = \"usd\"\n\
          [plans.payg]\nquotas.requests = { period = \"prepaid\" }\n\
-         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\n\
+         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\ntenant_may_set = true\n\
          [stripe]\n[stripe.credits]\nmeter = \"requests\"\nprices = { price_pack = 100 }\n",
     )
     .unwrap();

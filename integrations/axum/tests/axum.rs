@@ -563,7 +563,7 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     let config = tollgate::Config::from_toml_str(
         "[billing]\ncurrency = \"usd\"\n[meters.account]\n\
          [plans.payg]\nquotas.requests = { period = \"prepaid\" }\n\
-         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\n\
+         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\ntenant_may_set = true\n\
          [plans.free]\nrate = \"100/s\"\n\
          [stripe]\n[stripe.credits]\nmeter = \"requests\"\nprices = { price_pack = 100 }\n\
          [[routes]]\npath = \"/v1/credits/recharge\"\nmeter = \"account\"\n",
