@@ -1046,10 +1046,25 @@ async fn a_credit_note_to_the_balance_takes_back_what_it_credits_once(s: Setup) 
     note["customer_balance_transaction"] = json!("cbtxn_1");
     note["out_of_band_amount"] = json!(100);
     s.stripe.add_credit_notes("in_cn", vec![note.clone()]);
-    let created = event("evt_cn2", "credit_note.created", note);
+    let created = event("evt_cn2", "credit_note.created", note.clone());
     let taken = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 60 };
     assert_eq!(s.signed(&created).await, (200, taken), "3.00 of 5.00 credited: 60 units");
     assert_eq!(s.signed(&created).await, (200, WebhookOutcome::Duplicate), "once per credit note");
+    assert_eq!(s.balance().await.granted, 40);
+    // Voided, its balance credit reversed by Stripe: what it took is given back, once.
+    let mut voided_note = note.clone();
+    voided_note["status"] = json!("void");
+    let voided = event("evt_cn2v", "credit_note.voided", voided_note.clone());
+    let back = WebhookOutcome::Reinstated { tenant: "acme".into(), meter: "requests".into(), units: 60 };
+    assert_eq!(s.signed(&voided).await, (200, back), "given back");
+    assert_eq!(s.signed(&voided).await, (200, WebhookOutcome::Duplicate), "once");
+    assert_eq!(s.balance().await.granted, 100);
+    // Issued again as a new note (Stripe voids and reissues): taken again, under its own id.
+    let mut again = voided_note;
+    again["id"] = json!("cn_1b");
+    again["status"] = json!("issued");
+    let taken = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 60 };
+    assert_eq!(s.signed(&event("evt_cn2b", "credit_note.created", again)).await, (200, taken));
     assert_eq!(s.balance().await.granted, 40);
     // Its refunded 2.00 comes as `charge.refunded`: 40 units more, not the note's 5.00 again.
     let refund = event("evt_cn3", "charge.refunded", charge("cus_acme", "pi_cn", 1000, 200));
