@@ -421,8 +421,9 @@ impl WebhookHandler {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => true,
             "invoice.paid" => false,
             "charge.refunded" => return self.refund(config, credits, event, payload).await,
-            "credit_note.created" => return self.credit_note(credits, event, payload).await,
-            "credit_note.voided" => return self.credit_note_voided(credits, event, payload).await,
+            "credit_note.created" | "credit_note.voided" => {
+                return self.credit_note(credits, event, kind, payload).await
+            }
             "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
                 return self.dispute(credits, event, kind, payload).await
             }
@@ -660,6 +661,24 @@ impl WebhookHandler {
             }
         }
         Ok(taken)
+    }
+
+    /// A voided credit note's take given back ([`credit_note`](Self::credit_note)).
+    async fn credit_note_voided(&self, event: &str, note: &str, invoice: &str) -> Option<WebhookOutcome> {
+        let quota = self.quota.as_ref()?;
+        let now = self.clock.unix_secs();
+        let back = CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice).giving_back(note);
+        match quota.refund_credits(&back).await {
+            Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %note, %tenant, %meter, %grant, units, "a credit note voided: what it took given back");
+                Some(WebhookOutcome::Reinstated { tenant, meter, units })
+            }
+            Ok(RefundOutcome::Unknown) => Some(WebhookOutcome::Ignored),
+            Ok(RefundOutcome::Full) => Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into())),
+            Ok(_) => Some(WebhookOutcome::Duplicate),
+            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
     }
 
     /// Whether the grant of `invoice` may still come: it is not paid yet (open), or was paid a
@@ -1055,11 +1074,18 @@ impl WebhookHandler {
     /// credit note (its refunded part is `charge.refunded`'s). A note of an invoice whose grant
     /// may still come (unpaid, or paid a day ago or less): 500, delivered again; of one that
     /// bought no credit: `ignored`, nothing kept.
+    ///
     /// `credit_note.voided`: the note's balance credit is reversed by Stripe, so what its
     /// `credit_note.created` took of what the balance still held is given back, once (the
     /// take's reversal, as a dispute won gives back; a void before its take leaves the take
     /// nothing to take).
-    async fn credit_note_voided(&self, credits: &CreditSettings, event: &str, payload: &str) -> Option<WebhookOutcome> {
+    async fn credit_note(
+        &self,
+        credits: &CreditSettings,
+        event: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Option<WebhookOutcome> {
         if credits.refunds == RefundPolicy::Ignore {
             return None;
         }
@@ -1068,31 +1094,9 @@ impl WebhookHandler {
         let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
             return Some(WebhookOutcome::Ignored);
         };
-        let quota = self.quota.as_ref()?;
-        let now = self.clock.unix_secs();
-        let back = CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice).giving_back(note);
-        match quota.refund_credits(&back).await {
-            Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
-                self.node.tenant_changed(&tenant);
-                tracing::info!(%event, %note, %tenant, %meter, %grant, units, "a credit note voided: what it took given back");
-                Some(WebhookOutcome::Reinstated { tenant, meter, units })
-            }
-            Ok(RefundOutcome::Unknown) => Some(WebhookOutcome::Ignored),
-            Ok(RefundOutcome::Full) => Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into())),
-            Ok(_) => Some(WebhookOutcome::Duplicate),
-            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        if kind == "credit_note.voided" {
+            return self.credit_note_voided(event, note, invoice).await;
         }
-    }
-
-    async fn credit_note(&self, credits: &CreditSettings, event: &str, payload: &str) -> Option<WebhookOutcome> {
-        if credits.refunds == RefundPolicy::Ignore {
-            return None;
-        }
-        let body: Value = serde_json::from_str(payload).ok()?;
-        let o = &body["data"]["object"];
-        let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
-            return Some(WebhookOutcome::Ignored);
-        };
         if o["status"] == "void" || note_credited(o) == 0 {
             return Some(WebhookOutcome::Ignored);
         }
