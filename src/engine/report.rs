@@ -377,9 +377,9 @@ impl Tollgate {
                                 "id": t.id, "units": t.units, "took": t.removed, "unspent": t.unspent,
                                 "given_back": t.given_back,
                             })).collect::<Vec<_>>(),
-                            "closed": g.closed.map(|c| json!({
+                            "closed": g.closed.zip(g.closed_as()).map(|(c, how)| json!({
                                 "at": c.at,
-                                "reason": if c.revoked { "revoked" } else { "expired" },
+                                "reason": how.as_str(),
                                 "lost": c.lost,
                             })),
                         })

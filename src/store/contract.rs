@@ -92,6 +92,13 @@ pub const OPEN_GRANTS_MAX: usize = 1000;
 /// on its balance drops it (DynamoDB's TTL, too).
 pub const CLOSED_GRANTS_KEPT_SECS: i64 = RETENTION_SECS;
 
+/// How long a credit grant that closed used up ([`Closed::UsedUp`](super::Closed::UsedUp)) is
+/// kept at least: a refund or a dispute of its payment within this time still takes what it
+/// would have, had the grant stayed open (card networks take disputes up to 120 days after a
+/// charge). Then a later close on its balance drops it, as other closed grants after
+/// [`CLOSED_GRANTS_KEPT_SECS`].
+pub const USED_UP_GRANTS_KEPT_SECS: i64 = 180 * 86_400;
+
 /// The most units a prepaid balance's open grants hold together (2^50): a grant past it is
 /// refused ([`GrantOutcome::TooLarge`](super::GrantOutcome::TooLarge)), so no store's
 /// arithmetic overflows.

@@ -169,6 +169,44 @@ impl CreditGrant {
         self
     }
 
+    /// How it closed, if it has: revoked; used up (it held nothing when it closed, before any
+    /// expiry: see [`close_used_up`]); or expired.
+    #[must_use]
+    pub fn closed_as(&self) -> Option<Closed> {
+        let c = self.closed?;
+        Some(if c.revoked {
+            Closed::Revoked
+        } else if c.lost == 0 && self.expires_at.is_none_or(|at| c.at < at) {
+            Closed::UsedUp
+        } else {
+            Closed::Expired
+        })
+    }
+
+    /// Until when a store keeps it once closed (Unix seconds; `None` while open):
+    /// [`USED_UP_GRANTS_KEPT_SECS`](super::contract::USED_UP_GRANTS_KEPT_SECS) after it closed
+    /// used up, [`CLOSED_GRANTS_KEPT_SECS`](super::contract::CLOSED_GRANTS_KEPT_SECS) after
+    /// another close.
+    #[must_use]
+    pub fn kept_until(&self) -> Option<i64> {
+        let c = self.closed?;
+        let keep = if self.closed_as() == Some(Closed::UsedUp) {
+            super::contract::USED_UP_GRANTS_KEPT_SECS
+        } else {
+            super::contract::CLOSED_GRANTS_KEPT_SECS
+        };
+        Some(c.at.saturating_add(keep))
+    }
+
+    /// Whether a refund or a take of its payment still reaches it: open, or closed holding
+    /// nothing unspent (used up, or expired with nothing lost), never revoked. What such a
+    /// take takes of a closed grant comes from what the balance still holds, as it would had
+    /// the grant stayed open ([`refund_against`]).
+    #[must_use]
+    pub fn refundable(&self) -> bool {
+        self.closed.is_none_or(|c| !c.revoked && c.lost == 0)
+    }
+
     /// The order grants are spent in: soonest to expire first (never-expiring last), then
     /// oldest, then by id.
     #[must_use]
@@ -183,13 +221,39 @@ impl CreditGrant {
 pub struct CreditClosure {
     /// When (Unix seconds).
     pub at: i64,
-    /// Whether it was revoked (else it expired).
+    /// Whether it was revoked (else it expired, or closed used up: see
+    /// [`CreditGrant::closed_as`]).
     pub revoked: bool,
     /// Units the balance lost with it, beside those counted used that left with it (units
     /// leased to nodes count as used): an expiry, what the grant still held (its units less
     /// those spent from it, soonest-to-expire first); a revoke, what the balance still held,
     /// up to the grant's units (the rest leave as used units).
     pub lost: u64,
+}
+
+/// How a credit grant closed ([`CreditGrant::closed_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Closed {
+    /// Revoked by a person (`tollgate credits revoke`, [`Admin::revoke_credits`](crate::Admin::revoke_credits)).
+    Revoked,
+    /// Used up: every unit it held was counted used, so it closed by itself, losing nothing,
+    /// to make room for the tenant's next grant.
+    UsedUp,
+    /// Expired.
+    Expired,
+}
+
+impl Closed {
+    /// Its name in listings: `revoked`, `used_up` or `expired`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::UsedUp => "used_up",
+            Self::Expired => "expired",
+        }
+    }
 }
 
 /// A prepaid balance: the units of the open grants, and those used (leased to nodes, or owed).
@@ -279,6 +343,42 @@ pub(crate) fn close_against(
     };
     let after = CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent));
     Some((lost, after, used))
+}
+
+/// The open grants of `grants` (of one tenant and meter) that are used up, in spending order,
+/// and `balance` after they close: the longest run of them, in the order units are spent
+/// (soonest to expire first), whose units together are covered by the units counted used that
+/// no sender keeps (`kept`: the leases, holds and jobs' reservations its senders keep,
+/// [`Kept::total`](super::Kept::total)). Each closes losing nothing
+/// ([`CreditClosure::lost`] 0): its units leave the granted total and the used total alike, so
+/// what the balance holds does not change. A lease, a hold or a job's reservation a sender
+/// keeps lies in what stays in the used total, so its release later lowers that total as it
+/// would have (never past zero: the closed units were all below it). A grant with no units
+/// left (refunded in full) is used up at once. Every store closes used-up grants by this rule,
+/// in the write of a grant that finds the tenant at
+/// [`OPEN_GRANTS_MAX`](super::contract::OPEN_GRANTS_MAX) open grants.
+#[must_use]
+pub(crate) fn close_used_up(grants: &[CreditGrant], balance: CreditBalance, kept: u64) -> (Vec<String>, CreditBalance) {
+    let used = balance.reserved.saturating_sub(kept);
+    let mut open: Vec<&CreditGrant> = grants.iter().filter(|g| g.closed.is_none()).collect();
+    open.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
+    let mut covered = 0u64;
+    let mut ids = Vec::new();
+    for g in open {
+        match covered.checked_add(g.units) {
+            Some(next) if next <= used => {
+                covered = next;
+                ids.push(g.id.clone());
+            }
+            _ => break,
+        }
+    }
+    let after = CreditBalance {
+        granted: balance.granted.saturating_sub(covered),
+        reserved: balance.reserved - covered,
+        ..balance
+    };
+    (ids, after)
 }
 
 /// `units` of a grant taken out of `balance` by a refund or a revoke: first from what the
@@ -631,23 +731,43 @@ pub(crate) struct RefundApplied {
     pub(crate) given_back: bool,
 }
 
-/// Applies `refund` to its grant among `grants` (open ones, of one tenant and meter) against
+/// Applies `refund` to its grant among `grants` (of one tenant and meter: the open ones, and
+/// a closed one it still reaches, [`CreditGrant::refundable`], the open one first) against
 /// `balance`; `None` when it changes nothing (a redelivery, less refunded than before, a take
 /// applied or given back before). A refund takes `units_for − taken`, at most what the grant
 /// has: first from what the balance still holds, then from the units counted used, the last
 /// used first, which leave it as a close's do ([`taking_unspent_first`]). A take apart
 /// ([`Apart::Take`]) takes `units_for` by the same rule once per id and records it; its
 /// reversal ([`Apart::GiveBack`]) adds back the unspent units it took (never past
-/// [`MAX_BALANCE`](super::contract::MAX_BALANCE)), to the grant and the balance. Every store
+/// [`MAX_BALANCE`](super::contract::MAX_BALANCE)), to the grant and the balance. A grant that
+/// closed used up held nothing unspent when it closed: had it stayed open, a take of it would
+/// take the balance's unspent units (which its used units then displace onto the other
+/// grants), so a take of it takes as many of those, counted used from then on, and its
+/// reversal stops counting them used; the balance holds what it would have. Every store
 /// refunds by this rule.
 pub(crate) fn refund_against(
     grants: &[CreditGrant],
     refund: &CreditRefund,
     balance: CreditBalance,
 ) -> Result<RefundApplied, RefundOutcome> {
-    let grant = grants.iter().find(|g| g.closed.is_none() && refund.is_of(g)).ok_or(RefundOutcome::Nothing)?;
+    let grant = grants
+        .iter()
+        .find(|g| g.closed.is_none() && refund.is_of(g))
+        .or_else(|| grants.iter().find(|g| g.refundable() && refund.is_of(g)))
+        .ok_or(RefundOutcome::Nothing)?;
     let mut now = grant.clone();
+    let open = grant.closed.is_none();
     let take = |units: u64| {
+        if !open {
+            // Closed holding nothing unspent: its units left the balance as used ones. Open, a
+            // take would take the balance's unspent units first and then used ones, which
+            // leave with it; closed, the unspent units it takes become used ones (so the
+            // balance holds what it would have), and the rest have left already.
+            let unspent = units.min(balance.granted.saturating_sub(balance.reserved));
+            let after = CreditBalance { reserved: balance.reserved + unspent, ..balance };
+            let none = UsedTaken { lo: balance.reserved, hi: balance.reserved };
+            return (unspent, units, after, none);
+        }
         let (from_held, from_spent, used) = taking_unspent_first(units, balance);
         let after =
             CreditBalance::new(balance.granted.saturating_sub(from_held + from_spent), balance.reserved - from_spent);
@@ -698,11 +818,20 @@ pub(crate) fn refund_against(
                     .saturating_add(now.units)
                     .saturating_add(t.removed.saturating_sub(t.unspent)),
             );
+            let used = UsedTaken { lo: balance.reserved, hi: balance.reserved };
+            if !open {
+                // Its take's unspent units became used ones: they stop being used (at most
+                // what the balance counts used).
+                let back = t.unspent.min(room).min(balance.reserved);
+                t.given_back = true;
+                now.units += back;
+                let after = CreditBalance { reserved: balance.reserved - back, ..balance };
+                return Ok(RefundApplied { units: back, grant: now, after, used, given_back: true });
+            }
             let back = t.unspent.min(room).min(super::contract::MAX_BALANCE.saturating_sub(balance.granted));
             t.given_back = true;
             now.units += back;
             let after = CreditBalance { granted: balance.granted + back, ..balance };
-            let used = UsedTaken { lo: balance.reserved, hi: balance.reserved };
             Ok(RefundApplied { units: back, grant: now, after, used, given_back: true })
         }
     }
@@ -802,5 +931,54 @@ pub(crate) fn newer_refund(a: CreditRefund, b: CreditRefund) -> CreditRefund {
         b
     } else {
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(id: &str, units: u64, expires_at: Option<i64>) -> CreditGrant {
+        CreditGrant::new("t".into(), "tokens".into(), id, units, 100).expiring(expires_at)
+    }
+
+    /// Used-up grants are the run, in spending order, that the units counted used and kept by
+    /// no sender cover whole: the first grant they do not cover ends it, and closing them keeps
+    /// what the balance holds.
+    #[test]
+    fn used_up_grants_are_those_the_unkept_used_units_cover() {
+        let grants = [grant("late", 10, None), grant("soon", 10, Some(200)), grant("mid", 10, Some(300))];
+        let balance = CreditBalance::new(30, 25);
+        // 25 counted used, 6 of them kept by senders: 19 used, which cover `soon` only.
+        let (ids, after) = close_used_up(&grants, balance, 6);
+        assert_eq!(ids, ["soon"]);
+        assert_eq!(after, CreditBalance::new(20, 15));
+        assert_eq!(after.left(), balance.left(), "what the balance holds does not change");
+        // Kept past what is used: nothing; used past everything (a debt): all.
+        assert!(close_used_up(&grants, balance, 25).0.is_empty());
+        let (all, after) = close_used_up(&grants, CreditBalance::new(30, 40), 0);
+        assert_eq!((all.len(), after), (3, CreditBalance::new(0, 10)));
+        // Closed grants are not counted again; a grant with no units left is used up at once.
+        let mut refunded = grant("refunded", 0, None);
+        refunded.granted_at = 50;
+        let (ids, _) = close_used_up(&[refunded, grant("late", 10, None)], CreditBalance::new(10, 0), 0);
+        assert_eq!(ids, ["refunded"]);
+    }
+
+    /// A grant closed used up is told apart from an expiry and a revoke, and a refund still
+    /// reaches it; a revoked one, never.
+    #[test]
+    fn how_a_grant_closed() {
+        let mut g = grant("g", 10, Some(500));
+        assert_eq!((g.closed_as(), g.refundable(), g.kept_until()), (None, true, None));
+        g.closed = Some(CreditClosure { at: 400, revoked: false, lost: 0 });
+        assert_eq!(g.closed_as(), Some(Closed::UsedUp));
+        assert_eq!(g.kept_until(), Some(400 + super::super::contract::USED_UP_GRANTS_KEPT_SECS));
+        g.closed = Some(CreditClosure { at: 500, revoked: false, lost: 0 });
+        assert_eq!((g.closed_as(), g.refundable()), (Some(Closed::Expired), true));
+        g.closed = Some(CreditClosure { at: 500, revoked: false, lost: 3 });
+        assert_eq!((g.closed_as(), g.refundable()), (Some(Closed::Expired), false));
+        g.closed = Some(CreditClosure { at: 400, revoked: true, lost: 0 });
+        assert_eq!((g.closed_as(), g.refundable()), (Some(Closed::Revoked), false));
     }
 }

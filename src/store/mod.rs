@@ -82,14 +82,15 @@ pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, PlaceStoreExt, Place
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    capped_limit, Apart, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, CreditTake, Grant,
+    capped_limit, Apart, CapMode, Closed, CreditBalance, CreditClosure, CreditGrant, CreditRefund, CreditTake, Grant,
     GrantOutcome, Kept, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Release, Reservation, ReserveToken,
     SpendCap, SHRINK, TAKES_MAX,
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 pub use recharge::{
-    month_of, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen, RechargeSetting, RechargeState,
-    CLAIM_TAKEN_SECS, CREDIT_UNANNOUNCED_SECS, FAILURES_BEFORE_OFF, PROCESSING_SECS, RETRY_AFTER_FAILURE_SECS,
+    month_of, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen,
+    RechargeSetting, RechargeState, CLAIM_TAKEN_SECS, CREDIT_UNANNOUNCED_SECS, FAILURES_BEFORE_OFF, PROCESSING_SECS,
+    RETRY_AFTER_FAILURE_SECS,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

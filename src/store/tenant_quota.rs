@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, SENDERS_KEPT, SENDER_QUIET_SECS},
+    contract::{OPEN_GRANTS_MAX, SENDERS_KEPT, SENDER_QUIET_SECS},
     quota::{
-        close_against, expire, expire_against, fits, forgive, forgotten, kept_of, mark, mark_after, release_against,
-        standing, used_of, CreditRefund, ForgivenBy, Keeping, SenderCall,
+        close_against, close_used_up, expire, expire_against, fits, forgive, forgotten, kept_of, mark, mark_after,
+        release_against, standing, used_of, CreditRefund, ForgivenBy, Keeping, SenderCall,
     },
     CapMode, CreditBalance, CreditClosure, CreditGrant, Grant, GrantOutcome, Kept, QuotaCounter, QuotaKey,
     RechargeMode, RechargeState, RefundOutcome, Release, Reservation, ReserveToken,
@@ -296,10 +296,14 @@ impl TenantQuota {
             return GrantOutcome::Duplicate(seen.clone());
         }
         let m = self.meter(&grant.meter);
-        if m.credits.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
-            return GrantOutcome::TooMany;
-        }
         let key = prepaid(&grant.tenant, &grant.meter);
+        if m.credits.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
+            // Used-up grants close first, losing nothing, to make room.
+            m.close_used_up(&key, grant.granted_at);
+            if m.credits.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
+                return GrantOutcome::TooMany;
+            }
+        }
         let c = m.counters.get(&key).expect("the prepaid period never ends");
         if !fits(c.granted.unwrap_or(0), grant.units) {
             return GrantOutcome::TooLarge;
@@ -367,18 +371,21 @@ impl TenantQuota {
             g.closed = Some(closure);
         }
         // Closed grants are kept a while (their ids, for duplicates), then dropped.
-        m.credits.retain(|g| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now));
+        m.credits.retain(|g| g.kept_until().is_none_or(|until| until > now));
         Some(closure)
     }
 
     /// Applies `refund` to the tenant's open grant of its payment: what it came to, or `None`
     /// when the tenant has no open grant of it.
     pub(crate) fn refund(&mut self, refund: &CreditRefund) -> Option<RefundOutcome> {
-        let of = |g: &CreditGrant| g.closed.is_none() && refund.is_of(g);
-        let (meter, tenant) = self
-            .meters
-            .iter()
-            .find_map(|(meter, m)| m.credits.iter().find(|g| of(g)).map(|g| (meter.clone(), g.tenant.clone())))?;
+        // Its open grant, else a closed one it still reaches.
+        let found = |of: &dyn Fn(&CreditGrant) -> bool| {
+            self.meters
+                .iter()
+                .find_map(|(meter, m)| m.credits.iter().find(|g| of(g)).map(|g| (meter.clone(), g.tenant.clone())))
+        };
+        let (meter, tenant) = found(&|g| g.closed.is_none() && refund.is_of(g))
+            .or_else(|| found(&|g| g.refundable() && refund.is_of(g)))?;
         let key = prepaid(&tenant, &meter);
         let m = self.meters.get_mut(&meter).expect("found above");
         Some(m.refund(&key, refund).unwrap_or_else(|outcome| outcome))
@@ -486,17 +493,25 @@ impl MeterQuota {
 
     /// Applies `refund` to its open grant of the balance `key` (`Err`: the answer when it
     /// changes nothing).
+    /// Closes the used-up grants of the balance `key` at `now` (`store::quota::close_used_up`).
+    fn close_used_up(&mut self, key: &QuotaKey, now: i64) {
+        let Some(c) = self.counters.get(key) else { return };
+        let kept = kept_of(c.applied.values().map(|s| &s.keeping)).total();
+        let (ids, after) = close_used_up(&self.credits, c.balance(), kept);
+        (c.granted, c.reserved) = (Some(after.granted), after.reserved);
+        let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+        for g in self.credits.iter_mut().filter(|g| g.closed.is_none() && ids.contains(&g.id)) {
+            g.closed = Some(CreditClosure { at: now, revoked: false, lost: 0 });
+        }
+    }
+
     fn refund(&mut self, key: &QuotaKey, refund: &CreditRefund) -> Result<RefundOutcome, RefundOutcome> {
-        let grants: Vec<CreditGrant> = self.credits.iter().filter(|g| g.closed.is_none()).cloned().collect();
+        let grants: Vec<CreditGrant> = self.credits.iter().filter(|g| g.refundable()).cloned().collect();
         let c = self.counters.get(key).ok_or(RefundOutcome::Nothing)?;
         let balance = c.balance();
         let applied = super::quota::refund_against(&grants, refund, balance)?;
         c.set_balance(balance, applied.after, applied.used, refund.at);
-        let g = self
-            .credits
-            .iter_mut()
-            .find(|g| g.closed.is_none() && g.id == applied.grant.id)
-            .expect("found by refund_against");
+        let g = self.credits.iter_mut().find(|g| g.id == applied.grant.id).expect("found by refund_against");
         *g = applied.grant.clone();
         Ok(applied.outcome())
     }

@@ -8,7 +8,7 @@ use crate::{
 };
 
 pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()> {
-    use tollgate::store::GrantOutcome;
+    use tollgate::store::{Closed, GrantOutcome};
     match command {
         CreditCommand::Grant { tenant, meter, units, expires_at, id } => {
             let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
@@ -39,10 +39,11 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
             let (grants, balances) = admin.credits(&tenant).await?;
             println!("{:<12} {:<24} {:>12} {:<20} {:<20} state", "meter", "grant", "units", "granted", "expires");
             for g in &grants {
-                let state = match g.closed {
-                    Some(c) if c.revoked => format!("revoked {} ({} lost)", time_text(c.at), c.lost),
-                    Some(c) => format!("expired {} ({} lost)", time_text(c.at), c.lost),
-                    None => "open".to_owned(),
+                let state = match (g.closed, g.closed_as()) {
+                    (Some(c), Some(Closed::Revoked)) => format!("revoked {} ({} lost)", time_text(c.at), c.lost),
+                    (Some(c), Some(Closed::UsedUp)) => format!("used up, closed {}", time_text(c.at)),
+                    (Some(c), _) => format!("expired {} ({} lost)", time_text(c.at), c.lost),
+                    (None, _) => "open".to_owned(),
                 };
                 let mut state = state;
                 if g.taken > 0 {

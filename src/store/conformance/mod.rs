@@ -69,6 +69,7 @@ macro_rules! store_conformance {
             refunds_are_attributed_to_the_credit_lines,
             a_refund_before_its_grant_is_applied_when_the_grant_lands,
             a_take_apart_is_applied_once_and_given_back_once,
+            used_up_grants_close_to_make_room_losing_nothing,
             one_payment_grants_once_on_any_meter,
             a_closed_grants_leased_units_do_not_come_back_through_a_release,
             only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave,

@@ -12,9 +12,9 @@ use crate::{
     store::{
         contract,
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, release_against, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping,
-            SenderCall,
+            close_against, close_used_up, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, release_against, takes_json, takes_of, CreditRefund,
+            ForgivenBy, Keeping, SenderCall,
         },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release,
     },
@@ -42,9 +42,22 @@ impl DynamoStore {
                     self.apply_kept_refunds(&seen, payment).await?;
                     return Ok(Race::Won(GrantOutcome::Duplicate(seen)));
                 }
-                if self.open_grants(&grant.tenant, &grant.meter).await?.len() >= contract::OPEN_GRANTS_MAX {
+                // The balance's open grants, as its counter counts them (counted from the grants
+                // where an earlier build kept no count).
+                let counter = self.get(quota_pk(key), &quota_sk(key)).await?.unwrap_or_default();
+                let was = open_count(&counter);
+                let open = match was {
+                    Some(n) => n,
+                    None => self.open_grants(&grant.tenant, &grant.meter).await?.len() as u64,
+                };
+                if open >= contract::OPEN_GRANTS_MAX as u64 {
+                    // Used-up grants close first, losing nothing, to make room.
+                    if self.close_used_up(key, grant.granted_at).await? {
+                        return Ok(Race::Again(()));
+                    }
                     return Ok(Race::Won(GrantOutcome::TooMany));
                 }
+                let count = Open::Set { was, now: open + 1 };
                 // Refunds kept for this payment: the transaction holds only if they are as read.
                 let kept_keys = kept_keys(payment, &grant.id);
                 let mut kept = Vec::new();
@@ -66,7 +79,7 @@ impl DynamoStore {
                 landed.closed = None;
                 let mut balance_write = None;
                 if let Some(refund) = &refund {
-                    let Some((before, mut open, forgiving)) = self.read_balance(key).await? else {
+                    let Some((before, mut open, forgiving, _)) = self.read_balance(key).await? else {
                         return Err(StoreError::Conflict("the prepaid counter"));
                     };
                     if !fits(before.granted, grant.units) {
@@ -80,7 +93,7 @@ impl DynamoStore {
                             forgive(before, applied.after, forgiving.0, applied.used, &forgiving.1, refund.at);
                         landed.units = applied.grant.units;
                         landed.taken = applied.grant.taken;
-                        balance_write = Some(self.set_balance(key, before, after, &by)?);
+                        balance_write = Some(self.set_balance(key, before, after, &by, count)?);
                     }
                 }
                 let mut put = Put::builder()
@@ -111,11 +124,19 @@ impl DynamoStore {
                     .table_name(&self.table)
                     .key("pk", s(quota_pk(key)))
                     .key("sk", s(quota_sk(key)))
-                    .update_expression("ADD granted :u, room :u")
-                    // Never past the most a balance holds.
-                    .condition_expression("attribute_exists(pk) AND granted <= :most")
+                    .update_expression("SET open_grants = :o ADD granted :u, room :u")
+                    // Never past the most a balance holds; counted over the count as read.
+                    .condition_expression(format!(
+                        "attribute_exists(pk) AND granted <= :most AND {}",
+                        count.condition()
+                    ))
                     .expression_attribute_values(":u", n(grant.units))
+                    .expression_attribute_values(":o", n(open + 1))
                     .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
+                let add = match was {
+                    Some(was) => add.expression_attribute_values(":o0", n(was)),
+                    None => add,
+                };
                 let balance_write = match balance_write {
                     Some(set) => set,
                     None => TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
@@ -153,8 +174,10 @@ impl DynamoStore {
                         }
                         v
                     };
-                    if now != kept || refund.is_some() {
-                        // (With a refund, the balance is set as read: a reserve meanwhile.)
+                    let counted = open_count(&self.get(quota_pk(key), &quota_sk(key)).await?.unwrap_or_default());
+                    if now != kept || refund.is_some() || counted != was {
+                        // (With a refund, the balance is set as read: a reserve meanwhile. A
+                        // grant or a close meanwhile changed the count.)
                         return Ok(Race::Lost(()));
                     }
                     return Ok(Race::Won(GrantOutcome::TooLarge));
@@ -204,7 +227,9 @@ impl DynamoStore {
             Box::pin(async move {
                 // The balance first, then its grants: a grant or a close after the read changes the
                 // balance, so the condition below refuses a computation over grants read before.
-                let Some((balance, all, forgiving)) = self.read_balance(key).await? else { return Ok(Race::Won(None)) };
+                let Some((balance, all, forgiving, was)) = self.read_balance(key).await? else {
+                    return Ok(Race::Won(None));
+                };
                 let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
                 let due = open
                     .iter()
@@ -229,9 +254,10 @@ impl DynamoStore {
                     .expression_attribute_values(":at", n(now))
                     .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
                     .expression_attribute_values(":lost", n(lost));
+                let count = was.map_or(Open::Keep, |was| Open::Set { was: Some(was), now: was.saturating_sub(1) });
                 let actions = vec![
                     TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
-                    self.set_balance(key, balance, after, &by)?,
+                    self.set_balance(key, balance, after, &by, count)?,
                 ];
                 match self.transact(actions, "a credit grant's closing").await? {
                     None => {
@@ -260,10 +286,7 @@ impl DynamoStore {
                             }
                         }
                         // Closed grants are kept a while (their ids, for duplicates), then dropped.
-                        for old in all
-                            .iter()
-                            .filter(|g| g.closed.is_some_and(|c| c.at <= now - contract::CLOSED_GRANTS_KEPT_SECS))
-                        {
+                        for old in all.iter().filter(|g| g.kept_until().is_some_and(|until| until <= now)) {
                             let _ = self
                                 .client
                                 .delete_item()
@@ -274,6 +297,104 @@ impl DynamoStore {
                                 .await;
                         }
                         Ok(Race::Won(Some(CreditClosure { at: now, revoked: revoke, lost })))
+                    }
+                    Some(_) => Ok(Race::Lost(())),
+                }
+            })
+        })
+        .await
+    }
+
+    /// Closes the used-up grants of the balance `key` at `now` (`store::quota::close_used_up`),
+    /// at most 99 in each transaction with the balance (as read), or corrects the count of its
+    /// open grants: whether anything changed.
+    async fn close_used_up(&self, key: &QuotaKey, now: i64) -> Result<bool, StoreError> {
+        let mut changed = false;
+        while self.close_some_used_up(key, now).await? {
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// One step of [`close_used_up`](Self::close_used_up): whether it changed anything.
+    async fn close_some_used_up(&self, key: &QuotaKey, now: i64) -> Result<bool, StoreError> {
+        let (tenant, meter) = (&key.tenant, &key.meter);
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
+            Box::pin(async move {
+                let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else {
+                    return Ok(Race::Won(false));
+                };
+                let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))
+                    .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
+                let by = forgiven_by_of(get_s(&counter, "forgiven_by").unwrap_or("{}"));
+                let grants = self.grants(tenant, Some(meter)).await?;
+                let (mut ids, _) = close_used_up(&grants, balance, kept_all(&counter));
+                // The first of them in spending order, as one transaction holds.
+                ids.truncate(99);
+                // The count of open grants as the grants say it (a count an earlier build began
+                // may be over by a close it did not count).
+                let was = open_count(&counter);
+                let open = grants.iter().filter(|g| g.closed.is_none()).count() as u64;
+                if ids.is_empty() {
+                    if was == Some(open) || open >= contract::OPEN_GRANTS_MAX as u64 {
+                        return Ok(Race::Won(false));
+                    }
+                    let actions = vec![self.set_balance(key, balance, balance, &by, Open::Set { was, now: open })?];
+                    return Ok(match self.transact(actions, "a count of open credit grants").await? {
+                        None => Race::Won(true),
+                        Some(_) => Race::Lost(()),
+                    });
+                }
+                let closing: Vec<&CreditGrant> =
+                    grants.iter().filter(|g| g.closed.is_none() && ids.contains(&g.id)).collect();
+                let units = closing.iter().fold(0u64, |a, g| a.saturating_add(g.units));
+                let after = CreditBalance {
+                    granted: balance.granted.saturating_sub(units),
+                    reserved: balance.reserved.saturating_sub(units),
+                    ..balance
+                };
+                let ttl = now.saturating_add(contract::USED_UP_GRANTS_KEPT_SECS);
+                let count = Open::Set { was, now: open.saturating_sub(closing.len() as u64) };
+                let mut actions = vec![self.set_balance(key, balance, after, &by, count)?];
+                for g in &closing {
+                    let close = Update::builder()
+                        .table_name(&self.table)
+                        .key("pk", s(credit_pk(tenant)))
+                        .key("sk", s(credit_sk(meter.as_str(), &g.id)))
+                        .update_expression(
+                            "SET closed_at = :at, revoked = :rv, lost = :lost, #ttl = :ttl REMOVE gpk, gsk",
+                        )
+                        .expression_attribute_names("#ttl", "ttl")
+                        .condition_expression("attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u")
+                        .expression_attribute_values(":at", n(now))
+                        .expression_attribute_values(":rv", AttributeValue::Bool(false))
+                        .expression_attribute_values(":lost", n(0u64))
+                        .expression_attribute_values(":ttl", n(ttl))
+                        .expression_attribute_values(":u", n(g.units));
+                    actions.push(TransactWriteItem::builder().update(close.build().map_err(backend)?).build());
+                }
+                match self.transact(actions, "used-up credit grants' closing").await? {
+                    None => {
+                        // Their markers go with them, once they are dropped (best effort).
+                        for g in &closing {
+                            let markers =
+                                std::iter::once(grant_id_pk(tenant, &g.id)).chain(g.payment.as_deref().map(payment_pk));
+                            for marker in markers {
+                                let _ = self
+                                    .client
+                                    .update_item()
+                                    .table_name(&self.table)
+                                    .key("pk", s(marker))
+                                    .key("sk", s(ONE_SK))
+                                    .update_expression("SET #ttl = :ttl")
+                                    .condition_expression("attribute_exists(pk)")
+                                    .expression_attribute_names("#ttl", "ttl")
+                                    .expression_attribute_values(":ttl", n(ttl))
+                                    .send()
+                                    .await;
+                            }
+                        }
+                        Ok(Race::Won(true))
                     }
                     Some(_) => Ok(Race::Lost(())),
                 }
@@ -307,7 +428,7 @@ impl DynamoStore {
                     }
                 }
                 if let Some(grant) = grant {
-                    if grant.closed.is_some() {
+                    if !grant.refundable() {
                         return Ok(Race::Won(RefundOutcome::Nothing));
                     }
                     return Ok(Race::Won(
@@ -451,7 +572,7 @@ impl DynamoStore {
     async fn read_balance(
         &self,
         key: &QuotaKey,
-    ) -> Result<Option<(CreditBalance, Vec<CreditGrant>, (ForgivenBy, Vec<SenderCall>))>, StoreError> {
+    ) -> Result<Option<(CreditBalance, Vec<CreditGrant>, (ForgivenBy, Vec<SenderCall>), Option<u64>)>, StoreError> {
         let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else { return Ok(None) };
         let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))
             .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
@@ -470,7 +591,7 @@ impl DynamoStore {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?, (by, senders))))
+        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?, (by, senders), open_count(&counter))))
     }
 
     /// Sets a balance to `after` (forgiven per sender as `by`), only if it is still `before`
@@ -481,18 +602,23 @@ impl DynamoStore {
         before: CreditBalance,
         after: CreditBalance,
         by: &ForgivenBy,
+        open: Open,
     ) -> Result<TransactWriteItem, StoreError> {
         let room = i128::from(after.granted) - i128::from(after.reserved);
+        let (count, condition) = match open {
+            Open::Keep => ("", "attribute_exists(pk)".to_owned()),
+            Open::Set { .. } => (", open_grants = :o", open.condition()),
+        };
         let set = Update::builder()
             .table_name(&self.table)
             .key("pk", s(quota_pk(key)))
             .key("sk", s(quota_sk(key)))
-            .update_expression(
-                "SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu, forgiven_by = :fb",
-            )
-            .condition_expression(
-                "granted = :g0 AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
-            )
+            .update_expression(format!(
+                "SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu, forgiven_by = :fb{count}"
+            ))
+            .condition_expression(format!(
+                "granted = :g0 AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0) AND {condition}"
+            ))
             .expression_attribute_values(":f", n(after.forgiven))
             .expression_attribute_values(":fu", n(after.forgiven_until))
             .expression_attribute_values(":fb", s(forgiven_by_json(by)))
@@ -502,8 +628,52 @@ impl DynamoStore {
             .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
             .expression_attribute_values(":g0", n(before.granted))
             .expression_attribute_values(":r0", n(before.reserved));
+        let set = match open {
+            Open::Keep => set,
+            Open::Set { was: None, now } => set.expression_attribute_values(":o", n(now)),
+            Open::Set { was: Some(was), now } => {
+                set.expression_attribute_values(":o", n(now)).expression_attribute_values(":o0", n(was))
+            }
+        };
         Ok(TransactWriteItem::builder().update(set.build().map_err(backend)?).build())
     }
+}
+
+/// What a write of a prepaid balance does to its count of open grants (`open_grants` on its
+/// counter item, beside the units: a grant reads it instead of every grant of the balance).
+#[derive(Debug, Clone, Copy)]
+enum Open {
+    /// Leaves it (a refund; a close of a balance whose count an earlier build never began: the
+    /// next grant counts its grants).
+    Keep,
+    /// Sets it to `now`, over the count as read (`None`: none kept yet).
+    Set { was: Option<u64>, now: u64 },
+}
+
+impl Open {
+    /// The condition that the count is as read.
+    fn condition(self) -> String {
+        match self {
+            Open::Set { was: Some(_), .. } => "open_grants = :o0".to_owned(),
+            _ => "attribute_not_exists(open_grants)".to_owned(),
+        }
+    }
+}
+
+/// The count of open grants a balance's counter item keeps, if it keeps one.
+fn open_count(counter: &Item) -> Option<u64> {
+    counter.contains_key("open_grants").then(|| get_u(counter, "open_grants"))
+}
+
+/// What every sender of a counter item keeps (leases, holds, jobs' reservations), expired or
+/// not: all of it may still lower the counter when it is given back.
+fn kept_all(item: &Item) -> u64 {
+    let senders = item.get("senders").and_then(|v| v.as_m().ok());
+    senders
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.as_m().ok().map(keeping_of))
+        .fold(0u64, |a, k| a.saturating_add(k.kept.total()))
 }
 
 fn credit_of(item: &Item) -> Option<CreditGrant> {
@@ -700,7 +870,35 @@ impl DynamoStore {
         // Grants written before the markers were (by an earlier version) have none: the
         // tenant's grants are read for the payment (grants are few, and rare).
         let Some(payment) = &grant.payment else { return Ok(None) };
-        Ok(self.grants(&grant.tenant, None).await?.into_iter().find(|g| g.payment.as_ref() == Some(payment)))
+        self.grant_paid_by(&grant.tenant, payment).await
+    }
+
+    /// The tenant's grant of `payment`, looked for among all its grants (those made before
+    /// the markers were have none): the query reads them all, and returns only that one.
+    async fn grant_paid_by(&self, tenant: &TenantId, payment: &str) -> Result<Option<CreditGrant>, StoreError> {
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("pk = :pk")
+                .filter_expression("payment = :p")
+                .expression_attribute_values(":pk", s(credit_pk(tenant)))
+                .expression_attribute_values(":p", s(payment))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk)?;
+            if let Some(g) = page.items.unwrap_or_default().iter().find_map(credit_of) {
+                return Ok(Some(g));
+            }
+            match page.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => return Ok(None),
+            }
+        }
     }
 
     /// Applies the refunds kept for `grant`'s payment (`payment`, or its id) to it, then
@@ -747,11 +945,13 @@ impl DynamoStore {
         let key = &prepaid_key(tenant, meter);
         self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
-                let Some((balance, all, forgiving)) = self.read_balance(key).await? else {
+                let Some((balance, all, forgiving, _)) = self.read_balance(key).await? else {
                     return Ok(Race::Won(Err(RefundOutcome::Nothing)));
                 };
-                let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
-                let Some(grant) = open.iter().find(|g| refund.is_of(g)) else {
+                // The open grants, and the closed ones a refund still reaches (closed used up).
+                let open: Vec<CreditGrant> = all.into_iter().filter(CreditGrant::refundable).collect();
+                let of = |open: bool| move |g: &&CreditGrant| g.closed.is_none() == open && refund.is_of(g);
+                let Some(grant) = open.iter().find(of(true)).or_else(|| open.iter().find(of(false))) else {
                     return Ok(Race::Won(Err(RefundOutcome::Nothing)));
                 };
                 let applied = match refund_against(&open, refund, balance) {
@@ -774,8 +974,13 @@ impl DynamoStore {
                     // Written by an earlier build without its units bought: they are its units now.
                     .update_expression("SET units = :u, taken = :t, takes = :k, bought = if_not_exists(bought, :u0)")
                     .condition_expression(format!(
-                        "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
+                        "attribute_exists(pk) AND {} AND units = :u0 \
                          AND (attribute_not_exists(taken) OR taken = :t0) AND {}",
+                        if grant.closed.is_some() {
+                            "attribute_exists(closed_at)"
+                        } else {
+                            "attribute_not_exists(closed_at)"
+                        },
                         if takes.is_some() { "takes = :k0" } else { "attribute_not_exists(takes)" }
                     ))
                     .expression_attribute_values(":u", n(now.units))
@@ -789,7 +994,7 @@ impl DynamoStore {
                 };
                 let actions = vec![
                     TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
-                    self.set_balance(key, balance, after, &by)?,
+                    self.set_balance(key, balance, after, &by, Open::Keep)?,
                 ];
                 Ok(match self.transact(actions, "a credit grant's refund").await? {
                     None => Race::Won(Ok(applied.outcome())),

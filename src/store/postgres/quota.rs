@@ -5,9 +5,9 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
-            kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, takes_json, takes_of,
-            CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
+            close_against, close_used_up, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of,
+            forgotten, kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, takes_json,
+            takes_of, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RechargeMode, RechargeSeen,
         RechargeState, RefundOutcome, Release, SpendCap,
@@ -584,7 +584,7 @@ impl QuotaStore for PostgresStore {
                 return Ok(GrantOutcome::Duplicate(credit_row(&row)));
             }
             let n: i64 = tx.query_typed_one(&open, args![t, m]).await?.get(0);
-            if uint(n) >= contract::OPEN_GRANTS_MAX as u64 {
+            if uint(n) >= contract::OPEN_GRANTS_MAX as u64 && !self.close_used_up(&tx, t, m, grant.granted_at).await? {
                 tx.commit().await?;
                 return Ok(GrantOutcome::TooMany);
             }
@@ -669,7 +669,11 @@ impl QuotaStore for PostgresStore {
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
         );
-        let prune = self.sql("DELETE FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at <= $3");
+        // (Those closed used up, longer: `CreditGrant::kept_until`.)
+        let prune = self.sql(
+            "DELETE FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at <= $3 AND (closed_at <= $4 \
+             OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
+        );
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
@@ -687,7 +691,8 @@ impl QuotaStore for PostgresStore {
             };
             self.set_locked(&tx, t, m, locked, after, used, now).await?;
             tx.query_typed(&close, args![t, m, id, now, revoke, int(lost)]).await?;
-            tx.query_typed(&prune, args![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS]).await?;
+            let kept = (now - contract::CLOSED_GRANTS_KEPT_SECS, now - contract::USED_UP_GRANTS_KEPT_SECS);
+            tx.query_typed(&prune, args![t, m, kept.0, kept.1]).await?;
             tx.commit().await?;
             Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
         })
@@ -696,9 +701,11 @@ impl QuotaStore for PostgresStore {
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
         let invoice = refund.invoice.as_deref().unwrap_or(refund.payment.as_str());
+        // Its open grant first, else a closed one it still reaches (closed used up).
         let find = self.sql(
-            "SELECT tenant, meter, closed_at IS NULL FROM {s}.credit \
-             WHERE payment = $1 OR id = $1 OR id = $2 ORDER BY closed_at IS NULL DESC LIMIT 1",
+            "SELECT tenant, meter, closed_at IS NULL OR NOT coalesce(revoked, false) AND coalesce(lost, 0) = 0 \
+             FROM {s}.credit WHERE payment = $1 OR id = $1 OR id = $2 \
+             ORDER BY closed_at IS NULL DESC, NOT coalesce(revoked, false) AND coalesce(lost, 0) = 0 DESC LIMIT 1",
         );
         let prune = self.sql("DELETE FROM {s}.credit_refund_kept WHERE at < $1");
         let before = self.sql("SELECT refund FROM {s}.credit_refund_kept WHERE payment = $1");
@@ -834,8 +841,17 @@ impl PostgresStore {
             "UPDATE {s}.credit SET bought = coalesce(bought, $6), units = $4, taken = $5, takes = $7 \
              WHERE tenant = $1 AND meter = $2 AND id = $3",
         );
+        let reach = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 \
+             AND closed_at IS NOT NULL AND NOT coalesce(revoked, false) AND coalesce(lost, 0) = 0"
+        ));
         let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(Err(RefundOutcome::Nothing)) };
-        let applied = match refund_against(&locked.open, refund, locked.balance) {
+        // The open grants, and the closed ones a refund still reaches (closed used up).
+        let mut grants = locked.open.clone();
+        if !grants.iter().any(|g| refund.is_of(g)) {
+            grants.extend(tx.query_typed(&reach, args![t, m]).await?.iter().map(credit_row));
+        }
+        let applied = match refund_against(&grants, refund, locked.balance) {
             Ok(applied) => applied,
             Err(outcome) => return Ok(Err(outcome)),
         };
@@ -845,6 +861,24 @@ impl PostgresStore {
         tx.query_typed(&write, args![t, m, g.id.as_str(), int(g.units), int(g.taken), int(g.bought), takes.as_str()])
             .await?;
         Ok(Ok(applied.outcome()))
+    }
+
+    /// Closes the used-up grants of `(t, m)`'s balance at `now`, in `tx`
+    /// (`store::quota::close_used_up`): whether any closed.
+    async fn close_used_up(&self, tx: &deadpool_postgres::Transaction<'_>, t: &str, m: &str, now: i64) -> Pg<bool> {
+        let close = self.sql(
+            "UPDATE {s}.credit SET closed_at = $4, revoked = false, lost = 0 \
+             WHERE tenant = $1 AND meter = $2 AND id = ANY($3) AND closed_at IS NULL",
+        );
+        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
+        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(false) };
+        let (ids, after) = close_used_up(&locked.open, locked.balance, locked.kept);
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
+        tx.query_typed(&close, args![t, m, ids, now]).await?;
+        Ok(true)
     }
 
     /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes
@@ -861,9 +895,11 @@ impl PostgresStore {
         let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)))
             .forgiving(uint(row.get(2)), row.get(3));
         let by = forgiven_by_of(&row.get::<_, String>(4));
-        let senders = sender_calls(&row.get::<_, String>(5));
+        let json = row.get::<_, String>(5);
+        let senders = sender_calls(&json);
+        let kept = kept_by_senders(&json);
         let open = tx.query_typed(&open, args![t, m]).await?.iter().map(credit_row).collect();
-        Ok(Some(Locked { balance, open, by, senders }))
+        Ok(Some(Locked { balance, open, by, senders, kept }))
     }
 
     /// Sets a locked balance to `after`, forgiving the units of `used` that the senders' last
@@ -908,6 +944,17 @@ struct Locked {
     open: Vec<CreditGrant>,
     by: ForgivenBy,
     senders: Vec<SenderCall>,
+    /// What the senders keep together: leases, holds and jobs' reservations.
+    kept: u64,
+}
+
+/// What a counter's senders (`{node: [seq, granted, reserved, time, lease, held, jobs, …]}`)
+/// keep together.
+fn kept_by_senders(json: &str) -> u64 {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(json) else { return 0 };
+    map.values()
+        .flat_map(|entry| (4..7).map(move |i| entry.get(i).and_then(serde_json::Value::as_u64).unwrap_or(0)))
+        .fold(0u64, u64::saturating_add)
 }
 
 /// A counter's senders (`{node: [seq, granted, reserved, time]}`) as `forgive` reads them.

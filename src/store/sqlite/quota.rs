@@ -5,9 +5,9 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
-            kept_refund_json, kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against,
-            standing, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
+            close_against, close_used_up, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of,
+            forgotten, kept_refund_json, kept_refund_of, mark, mark_after, newer_refund, refund_against,
+            release_against, standing, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RechargeMode, RechargeState,
         RefundOutcome, Release, SpendCap,
@@ -97,7 +97,22 @@ impl QuotaStore for SqliteStore {
                 .prepare_cached("SELECT count(*) FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at IS NULL")?
                 .query_row(params![t, m], |r| r.get(0))?;
             if uint(open) >= contract::OPEN_GRANTS_MAX as u64 {
-                return Ok(GrantOutcome::TooMany);
+                // Used-up grants close first, losing nothing, to make room.
+                let b = Balance::read(tx, &grant.tenant, &grant.meter)?;
+                let kept =
+                    crate::store::quota::kept_of(keepings(tx, &b.key, &b.period)?.iter().map(|(_, k)| k)).total();
+                let (ids, after) = close_used_up(&b.open, b.now, kept);
+                if ids.is_empty() {
+                    return Ok(GrantOutcome::TooMany);
+                }
+                set_balance(tx, &b.key, &b.period, after.granted, after.reserved)?;
+                let mut close = tx.prepare_cached(
+                    "UPDATE credit SET closed_at = ?4, revoked = 0, lost = 0 \
+                     WHERE tenant = ?1 AND meter = ?2 AND id = ?3 AND closed_at IS NULL",
+                )?;
+                for id in &ids {
+                    close.execute(params![t, m, id, grant.granted_at])?;
+                }
             }
             let key = prepaid_key(&grant.tenant, &grant.meter);
             let period = key.period_tag();
@@ -217,8 +232,17 @@ impl QuotaStore for SqliteStore {
             )?
             .execute(params![t, m, id, now, revoke, int(lost)])?;
             // Closed grants are kept a while (their ids, for duplicates), then dropped.
-            tx.prepare_cached("DELETE FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at <= ?3")?
-                .execute(params![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS])?;
+            // (Those closed used up, longer: `CreditGrant::kept_until`.)
+            tx.prepare_cached(
+                "DELETE FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at <= ?3 AND (closed_at <= ?4 \
+                 OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
+            )?
+            .execute(params![
+                t,
+                m,
+                now - contract::CLOSED_GRANTS_KEPT_SECS,
+                now - contract::USED_UP_GRANTS_KEPT_SECS
+            ])?;
             Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
         })
         .await
@@ -228,10 +252,12 @@ impl QuotaStore for SqliteStore {
         let refund = refund.clone();
         self.write(move |tx, _| {
             let invoice = refund.invoice.as_deref().unwrap_or(&refund.payment);
+            // Its open grant first, else a closed one it still reaches (closed used up).
             let found: Option<(String, String, bool)> = tx
                 .prepare_cached(
-                    "SELECT tenant, meter, closed_at IS NULL FROM credit \
-                     WHERE payment = ?1 OR id = ?1 OR id = ?2 ORDER BY closed_at IS NULL DESC LIMIT 1",
+                    "SELECT tenant, meter, closed_at IS NULL OR coalesce(NOT revoked AND lost = 0, 0) FROM credit \
+                     WHERE payment = ?1 OR id = ?1 OR id = ?2 \
+                     ORDER BY closed_at IS NULL DESC, coalesce(NOT revoked AND lost = 0, 0) DESC LIMIT 1",
                 )?
                 .query_row(params![refund.payment, invoice], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
@@ -307,7 +333,10 @@ fn apply_refund(
     refund: &CreditRefund,
 ) -> Sql<Result<RefundOutcome, RefundOutcome>> {
     let b = Balance::read(tx, tenant, meter)?;
-    let applied = match refund_against(&b.open, refund, b.now) {
+    // The open grants, and the closed ones a refund still reaches.
+    let reach: Vec<CreditGrant> =
+        grants_of(tx, tenant.as_str(), meter.as_str())?.into_iter().filter(CreditGrant::refundable).collect();
+    let applied = match refund_against(&reach, refund, b.now) {
         Ok(applied) => applied,
         Err(outcome) => return Ok(Err(outcome)),
     };

@@ -820,6 +820,73 @@ pub async fn callers_crossing_together_claim_one_recharge<S: ?Sized + QuotaInspe
     }
     assert_eq!(firsts, 1, "paid first once");
 }
+/// A tenant at [`OPEN_GRANTS_MAX`](crate::store::contract::OPEN_GRANTS_MAX) open grants gets
+/// its next grant: the grants used up close first, losing nothing, in its write. A grant is
+/// used up when the units counted used that no sender keeps cover it and every grant spent
+/// before it: units a node keeps leased are not (the node gives them back afterwards, and they
+/// come back whole). With none used up, the grant is refused. A refund or a dispute of a
+/// payment whose grant closed used up still takes what it would have had the grant stayed
+/// open (the balance's unspent units), once; the dispute's reversal gives them back once.
+pub async fn used_up_grants_close_to_make_room_losing_nothing<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{contract::OPEN_GRANTS_MAX, Closed, CreditBalance, CreditRefund, GrantOutcome, RefundOutcome};
+    let key = prepaid_key("full", "tokens");
+    let at = DAY0 + 60;
+    // (Those refunded below name their payments; the others are as an operator grants.)
+    let pack = |id: &str| credit("full", id, 10, None).costing(100);
+    for i in 0..OPEN_GRANTS_MAX {
+        let id = format!("pi_{i:04}");
+        let g = if i < 2 || i == OPEN_GRANTS_MAX - 1 { pack(&id).paid_by(&id) } else { pack(&id) };
+        assert!(matches!(h.s().grant_credits(&g).await.unwrap(), GrantOutcome::Granted(_)), "{id}");
+    }
+    let total = 10 * OPEN_GRANTS_MAX as u64;
+    // Nothing used: nothing closes, the grant is refused.
+    assert_eq!(h.s().grant_credits(&pack("pi_new")).await.unwrap(), GrantOutcome::TooMany);
+    // Node 1 uses 5,005 units (500 packs and half the next); node 2 keeps a lease of 100.
+    let used = keeping(&key, 5005, 1, 1, at, Kept::default(), at + HOUR);
+    assert_eq!(h.s().reserve(&used).await.unwrap().granted, 5005);
+    h.s().release(&[report(&key, 1, 2, at, Kept::default(), at + HOUR)]).await.pop().unwrap().unwrap();
+    let leased = keeping(&key, 100, 2, 1, at, Kept::default(), at + HOUR);
+    assert_eq!(h.s().reserve(&leased).await.unwrap().granted, 100);
+    assert_eq!(balance(h.s(), "full").await, CreditBalance::new(total, 5105));
+    h.restart().await;
+    // 500 packs used up close (not the one half used, nor what node 2 keeps leased): what the
+    // balance holds is as before, plus the new pack.
+    let granted = h.s().grant_credits(&pack("pi_new")).await.unwrap();
+    assert_eq!(granted, GrantOutcome::Granted(CreditBalance::new(total - 5000 + 10, 105)));
+    let (grants, _) = h.s().credit_grants(&"full".into(), Some(&"tokens".into())).await.unwrap();
+    let closed: Vec<&crate::store::CreditGrant> = grants.iter().filter(|g| g.closed.is_some()).collect();
+    assert_eq!(closed.len(), 500, "the used-up packs closed");
+    assert!(closed.iter().all(|g| g.closed_as() == Some(Closed::UsedUp) && g.closed.unwrap().lost == 0));
+    assert!(closed.iter().all(|g| g.id.as_str() < "pi_0500"), "the first spent");
+    assert_eq!(grants.len() - closed.len(), OPEN_GRANTS_MAX - 500 + 1);
+    // Node 2 gives its lease back: all of it comes back.
+    h.s().release_units(&key, 100, ReserveToken::new(2, 2).at(at + 60)).await.unwrap();
+    assert_eq!(balance(h.s(), "full").await.left(), i128::from(total + 10 - 5005));
+    // A refund of a closed pack takes what it would have taken open: 10 of what is unspent.
+    let refund = CreditRefund::new("pi_0000", 100, 100, at + 120);
+    let taken = h.s().refund_credits(&refund).await.unwrap();
+    assert!(matches!(taken, RefundOutcome::Taken { units: 10, .. }), "{taken:?}");
+    assert_eq!(h.s().refund_credits(&refund).await.unwrap(), RefundOutcome::Nothing, "once");
+    h.restart().await;
+    assert_eq!(balance(h.s(), "full").await.left(), i128::from(total + 10 - 5005 - 10));
+    // A dispute of another closed pack takes 10, its reversal gives them back, each once.
+    let dispute = CreditRefund::new("pi_0001", 100, 100, at + 180).taking_once("dp_1");
+    let took = h.s().refund_credits(&dispute).await.unwrap();
+    assert!(matches!(took, RefundOutcome::Taken { units: 10, .. }), "{took:?}");
+    assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Nothing, "once");
+    assert_eq!(balance(h.s(), "full").await.left(), i128::from(total + 10 - 5005 - 20));
+    let won = CreditRefund::new("pi_0001", 0, 100, at + 240).giving_back("dp_1");
+    let back = h.s().refund_credits(&won).await.unwrap();
+    assert!(matches!(back, RefundOutcome::GivenBack { units: 10, .. }), "{back:?}");
+    assert_eq!(h.s().refund_credits(&won).await.unwrap(), RefundOutcome::Nothing, "once");
+    assert_eq!(balance(h.s(), "full").await.left(), i128::from(total + 10 - 5005 - 10));
+    // A revoked grant is never reached.
+    let (t, m) = (&"full".into(), &"tokens".into());
+    assert!(h.s().close_credits(t, m, "pi_0999", true, at + 300).await.unwrap().is_some());
+    let refund = CreditRefund::new("pi_0999", 100, 100, at + 300);
+    assert_eq!(h.s().refund_credits(&refund).await.unwrap(), RefundOutcome::Nothing);
+}
+
 fn prepaid_key(tenant: &str, meter: &str) -> QuotaKey {
     let (start, end) = Period::Prepaid.bounds(0);
     QuotaKey::new(tenant.into(), meter.into(), Period::Prepaid, start, end)
