@@ -83,6 +83,20 @@ pub enum RechargeNews {
         /// Counted by this delivery (a repeat of a failure already counted: `false`).
         first: bool,
     },
+    /// Recharge `n`'s payment waits for the customer (3-D Secure,
+    /// `invoice.payment_action_required`): its invoice stays open for them to pay at `url`.
+    ActionRequired {
+        /// The tenant.
+        tenant: TenantId,
+        /// The prepaid meter.
+        meter: MeterId,
+        /// The recharge's number.
+        n: u64,
+        /// The recharge's Stripe invoice.
+        invoice: String,
+        /// Its `hosted_invoice_url`.
+        url: String,
+    },
 }
 
 /// How a webhook delivery is counted ([`DirectoryEvents::webhook_handled`]).

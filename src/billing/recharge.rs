@@ -77,6 +77,9 @@ pub(crate) enum Charged {
     /// The payment failed, as Stripe said: counted against the tenant's recharge (its invoice,
     /// if one is open: voided once the failure is counted).
     Failed(RechargeFailure, String, Option<String>),
+    /// The bank asks for 3-D Secure (`invoice`; why): counted as a failure, and the invoice
+    /// left open for the customer to pay at its hosted page (`url`, when it could be read).
+    ActionRequired { invoice: String, url: Option<String>, detail: String },
     /// Not known (Stripe unreachable, a server error, a refusal of the key): delivered again
     /// once the claim lapses, under the same keys.
     Retry(String),
@@ -293,12 +296,32 @@ impl RechargeCharger {
                 // Refused while another delivery's payment processes: pending, not failed.
                 Ok(_) => match self.payment_processing(invoice_id.as_str()).await {
                     Ok(true) => Charged::Processing(invoice_id.to_string()),
-                    Ok(false) => Self::failed(e).on(invoice_id.as_str()),
+                    Ok(false) => self.refused(e, invoice_id.as_str()).await,
                     Err(why) => Charged::Retry(why),
                 },
                 Err(why) => Charged::Retry(why),
             },
-            Err(e) => Self::failed(e).on(invoice_id.as_str()),
+            Err(e) => self.refused(e, invoice_id.as_str()).await,
+        }
+    }
+
+    /// `invoice`'s payment refused as Stripe answered it: 3-D Secure asked for leaves the
+    /// invoice open for the customer, with its hosted page (read from the invoice: the
+    /// `pay` error does not carry it; unread, the failure is counted all the same, and no page
+    /// shown); any other refusal names the invoice, to void once counted.
+    async fn refused(&self, e: StripeError, invoice: &str) -> Charged {
+        match Self::failed(e) {
+            Charged::Failed(RechargeFailure::ActionRequired, detail, _) => {
+                let url = match self.reader.get(&format!("v1/invoices/{invoice}")).await {
+                    Ok(v) => v["hosted_invoice_url"].as_str().map(str::to_owned),
+                    Err(e) => {
+                        tracing::warn!(%invoice, error = %e.why, "a recharge's invoice page could not be read");
+                        None
+                    }
+                };
+                Charged::ActionRequired { invoice: invoice.to_owned(), url, detail }
+            }
+            other => other.on(invoice),
         }
     }
 
@@ -691,7 +714,13 @@ impl super::WebhookHandler {
             RechargeFailure::Declined
         };
         let now = self.clock.unix_secs();
-        let mode = crate::store::RechargeMode::Failed { n: named.n, why, now };
+        let object = &body["data"]["object"];
+        let url = object["hosted_invoice_url"].as_str().filter(|_| why == RechargeFailure::ActionRequired);
+        let mode = match url {
+            // Left open for the customer to pay on its page.
+            Some(url) => crate::store::RechargeMode::ActionRequired { n: named.n, url: url.to_owned(), now },
+            None => crate::store::RechargeMode::Failed { n: named.n, why, now },
+        };
         match quota.apply_recharge(&named.tenant, &named.meter, mode, now).await {
             Ok(crate::store::RechargeSeen::Failed { off, first, why: kept, .. }) => {
                 tracing::warn!(%event, tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), off,
@@ -719,6 +748,18 @@ impl super::WebhookHandler {
                 };
                 if let Err(e) = self.node.recharge(news).await {
                     return Some(super::WebhookOutcome::StoreFailed(e));
+                }
+                if let (Some(url), Some(invoice)) = (url, object["id"].as_str()) {
+                    let news = crate::base::RechargeNews::ActionRequired {
+                        tenant: named.tenant.clone(),
+                        meter: named.meter.clone(),
+                        n: named.n,
+                        invoice: invoice.to_owned(),
+                        url: url.to_owned(),
+                    };
+                    if let Err(e) = self.node.recharge(news).await {
+                        return Some(super::WebhookOutcome::StoreFailed(e));
+                    }
                 }
                 Some(super::WebhookOutcome::RechargeFailed {
                     tenant: named.tenant,

@@ -33,7 +33,7 @@ pub(crate) struct RawEndpoint {
 
 /// The event types of alerts (the `type` of their JSON body), each with a documented,
 /// versioned schema (the [alerts guide](crate::guide::alerts)).
-pub const EVENT_TYPES: [&str; 9] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "quota.threshold_crossed",
     "quota.exhausted",
     "balance.low",
@@ -41,6 +41,7 @@ pub const EVENT_TYPES: [&str; 9] = [
     "balance.recharged",
     "balance.recharge_failed",
     "balance.recharge_limit_reached",
+    "balance.recharge_action_required",
     "spend.threshold_crossed",
     "spend.cap_reached",
 ];

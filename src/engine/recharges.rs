@@ -115,10 +115,13 @@ impl Tollgate {
                     self.shared().totals().recharge(RechargeOutcome::Charged);
                     delivered += 1;
                 }
-                deliver::Delivered::Failed { why, off, first } => {
+                deliver::Delivered::Failed { why, off, first, action } => {
                     tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), off,
                         "recharge failed");
                     self.recharge_failed(claim.tenant.clone(), claim.meter.clone(), claim.n, why.as_str(), off, first);
+                    if let (Some((invoice, url)), true) = (action, first) {
+                        self.recharge_action(claim.tenant.clone(), claim.meter.clone(), claim.n, invoice, url);
+                    }
                     delivered += 1;
                 }
                 deliver::Delivered::Closed => {}
@@ -190,6 +193,22 @@ impl Tollgate {
             self.alerts().recharge(alert.clone());
             alert
         })
+    }
+
+    /// Recharge `n`'s payment waits for the customer (3-D Secure): its invoice left open at
+    /// `url`, told once (the alert's id names the recharge). The alert queued.
+    pub(crate) fn recharge_action(
+        &self,
+        tenant: TenantId,
+        meter: MeterId,
+        n: u64,
+        invoice: String,
+        url: String,
+    ) -> RechargeAlert {
+        let at = self.shared().clock().unix_secs();
+        let alert = RechargeAlert { tenant, meter, event: RechargeEvent::ActionRequired { n, invoice, url }, at };
+        self.alerts().recharge(alert.clone());
+        alert
     }
 
     /// Recharge `n`'s `invoice.paid` closed it (a webhook on this node; `first`: closed by

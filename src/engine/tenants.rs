@@ -71,6 +71,9 @@ impl DirectoryEvents for Tollgate {
                 RechargeNews::Failed { tenant, meter, n, reason, off, first } => {
                     self.recharge_failed(tenant, meter, n, reason, off, first)
                 }
+                RechargeNews::ActionRequired { tenant, meter, n, invoice, url } => {
+                    Some(self.recharge_action(tenant, meter, n, invoice, url))
+                }
             };
             // Written before the webhook is answered: a node frozen or killed after its answer
             // would lose it, and nothing would tell it again (a 500 makes Stripe deliver it

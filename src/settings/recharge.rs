@@ -148,6 +148,10 @@ impl RechargeView {
             },
             "failures": self.state.failures,
             "open": open,
+            // A recharge whose payment waits for the tenant (3-D Secure): the page to pay it.
+            "action": self.state.action.as_ref().map(|a| serde_json::json!({
+                "recharge": a.n, "url": a.url, "at": a.at,
+            })),
             "month": {
                 "spent": money(self.month_spent),
                 "recharges": self.month_count,

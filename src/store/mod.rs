@@ -88,7 +88,7 @@ pub use quota::{
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 pub use recharge::{
-    month_of, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen,
+    month_of, RechargeAction, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen,
     RechargeSetting, RechargeState, CLAIM_TAKEN_SECS, CREDIT_UNANNOUNCED_SECS, FAILURES_BEFORE_OFF, PROCESSING_SECS,
     RETRY_AFTER_FAILURE_SECS,
 };

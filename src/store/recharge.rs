@@ -243,6 +243,39 @@ pub struct RechargeState {
     /// answered [`RechargeSeen::Paid`] again, not `first`.
     #[serde(default)]
     pub paid: u64,
+    /// The last recharge whose payment waits for the customer (3-D Secure): its invoice stays
+    /// open for them to pay on Stripe's page ([`RechargeMode::ActionRequired`]), until it is
+    /// paid or another takes its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<RechargeAction>,
+}
+
+/// A recharge whose payment waits for the customer: the bank asked for 3-D Secure, which an
+/// automatic charge cannot give, so its invoice stays open for them to pay on Stripe's hosted
+/// page (counted as a failure all the same: see [`RechargeMode::ActionRequired`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RechargeAction {
+    /// The recharge.
+    pub n: u64,
+    /// Its invoice's `hosted_invoice_url`, where the customer completes the payment.
+    pub url: String,
+    /// When it was told (Unix seconds).
+    pub at: i64,
+}
+
+impl RechargeAction {
+    /// The longest page address kept.
+    pub const MAX_URL: usize = 2048;
+
+    /// Recharge `n`'s payment waits at `url` since `at`; `None` for an address that is not
+    /// `https://` or is longer than [`MAX_URL`](Self::MAX_URL) (never shown to a tenant).
+    #[must_use]
+    pub fn new(n: u64, url: &str, at: i64) -> Option<Self> {
+        let fine =
+            url.starts_with("https://") && url.len() <= Self::MAX_URL && url.chars().all(|c| c.is_ascii_graphic());
+        fine.then(|| Self { n, url: url.to_owned(), at })
+    }
 }
 
 /// What a [`Reservation`](super::Reservation) of a prepaid key does with the tenant's
@@ -286,6 +319,20 @@ pub enum RechargeMode {
         n: u64,
         /// Why.
         why: RechargeFailure,
+        /// The caller's time (Unix seconds).
+        now: i64,
+    },
+    /// Recharge `n`'s payment needs the customer (3-D Secure, which an automatic charge cannot
+    /// give): counted as [`Failed`](Self::Failed) with
+    /// [`RechargeFailure::ActionRequired`], and its invoice, left open, recorded
+    /// ([`RechargeState::action`]) for the customer to pay at `url` (its
+    /// `hosted_invoice_url`; not recorded unless [`RechargeAction::new`] takes it). Paid there,
+    /// its `invoice.paid` counts it spent again and grants it.
+    ActionRequired {
+        /// The recharge.
+        n: u64,
+        /// Its invoice's hosted page.
+        url: String,
         /// The caller's time (Unix seconds).
         now: i64,
     },
@@ -404,6 +451,9 @@ impl RechargeState {
             }
             RechargeMode::Watch { now } => self.watch(now, balance.unwrap_or(0)),
             RechargeMode::Paid { n } => {
+                if self.action.as_ref().is_some_and(|a| a.n == n) {
+                    self.action = None;
+                }
                 if self.open.is_some_and(|c| c.n == n) {
                     self.open = None;
                     (self.failures, self.failed_at) = (0, 0);
@@ -446,6 +496,17 @@ impl RechargeState {
                     self.off = Some(why);
                 }
                 RechargeSeen::Failed { n, off: true, first, why: self.off.unwrap_or(why) }
+            }
+            RechargeMode::ActionRequired { n, url, now } => {
+                let seen = self.apply(RechargeMode::Failed { n, why: RechargeFailure::ActionRequired, now }, balance);
+                if matches!(seen, RechargeSeen::Failed { .. }) {
+                    if let Some(action) = RechargeAction::new(n, &url, now) {
+                        if self.action.as_ref().is_none_or(|a| a.n <= n) {
+                            self.action = Some(action);
+                        }
+                    }
+                }
+                seen
             }
             RechargeMode::Failed { n, why, now } => {
                 if self.unpaid_failed && self.unpaid.is_some_and(|c| c.n == n) {

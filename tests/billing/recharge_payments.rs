@@ -517,3 +517,53 @@ impl Setup {
         false
     }
 }
+
+// 3-D Secure leaves the recharge's invoice open for the tenant to pay: an automatic charge
+// cannot authenticate, so the failure is counted (three in a row turn recharge off, as any
+// payment failure), but the invoice is never voided (on main it was, and the tenant had no way
+// to pay it); its hosted page is on the recharge route (`action.url`) and in one
+// `balance.recharge_action_required` alert. Paid there, `invoice.paid` grants its units, counts
+// its money spent again and ends the failures in a row.
+on_stores!(three_d_secure_leaves_the_invoice_open_for_the_tenant_to_pay);
+async fn three_d_secure_leaves_the_invoice_open_for_the_tenant_to_pay(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    s.stripe.set_card("cus_acme", common::stripe::Card::RequiresAction);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let invoices = s.stripe.invoices_created();
+    let [invoice] = invoices.as_slice() else { panic!("{invoices:?}") };
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let url = invoice["hosted_invoice_url"].as_str().unwrap().to_owned();
+    assert_eq!((invoice["status"].as_str(), s.stripe.voids()), (Some("open"), 0), "not voided");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    let unpaid = view.state.unpaid.expect("closed unpaid");
+    assert_eq!((view.state.failures, view.month_spent, view.state.on()), (1, 0, true));
+    let route = view.to_json();
+    assert_eq!((route["action"]["recharge"].as_u64(), route["action"]["url"].as_str()), (Some(1), Some(url.as_str())));
+    // Its webhook event comes too: counted once, still not voided.
+    s.deliver_events().await;
+    assert_eq!((s.stripe.voids(), admin.recharge("acme", "requests").await.unwrap().state.failures), (0, 1));
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharge_action_required").await {
+        assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
+        assert_eq!(
+            (got[0].1["action_url"].as_str(), got[0].1["invoice"].as_str()),
+            (Some(url.as_str()), Some(id.as_str()))
+        );
+        assert_eq!(got[0].1["recharge"], 1);
+    }
+    // The tenant pays on the page.
+    let granted = s.granted().await;
+    s.stripe.pay_on_page(&id);
+    s.deliver_events().await;
+    let pack = view.state.setting.as_ref().unwrap().pack;
+    assert_eq!(s.granted().await, granted + unpaid.packs * pack.units, "credited");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.month_spent), (0, unpaid.amount), "spent, the failures ended");
+    assert!(view.state.action.is_none() && view.to_json()["action"].is_null(), "nothing left to pay");
+    // Bad input: an action event whose page is not https is counted, and no page is shown.
+    assert_eq!(tollgate::store::RechargeAction::new(2, "http://evil.example/pay", 0), None);
+    assert_eq!(tollgate::store::RechargeAction::new(2, "https://x/\u{7f}", 0), None);
+}

@@ -496,6 +496,19 @@ impl StandIn {
         s.objects.insert(key, inv);
     }
 
+    /// The customer pays the open `invoice` on its hosted page (after 3-D Secure): paid,
+    /// `invoice.paid` and `invoice.payment_succeeded` emitted.
+    pub fn pay_on_page(&self, invoice: &str) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let now = s.now();
+        let key = format!("/v1/invoices/{invoice}");
+        let mut inv = s.objects.get(&key).cloned().expect("an invoice");
+        assert_eq!(inv["status"], "open", "only an open invoice is paid on its page");
+        pay_now(s, &mut inv, invoice, now);
+        s.objects.insert(key, inv);
+    }
+
     /// The invoices created through the API.
     pub fn invoices_created(&self) -> Vec<serde_json::Value> {
         let s = self.lock();
@@ -974,6 +987,11 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
             }
             inv["status"] = serde_json::json!("open");
             inv["status_transitions"]["finalized_at"] = serde_json::json!(now);
+            // "hosted_invoice_url: The URL for the hosted invoice page, which allows customers
+            // to view and pay an invoice. If the invoice has not been finalized yet, this will
+            // be null." (API reference, "The Invoice object").
+            inv["hosted_invoice_url"] =
+                serde_json::json!(format!("https://invoice.stripe.com/i/acct_standin/test_{id}"));
             // The customer's credit balance is applied at finalization ("Customer credit
             // balance"); an invoice it covers, or whose amount due is under the minimum charge
             // (0.50), is paid at once without a payment (the rest debited to the balance).

@@ -15,6 +15,9 @@ pub(crate) enum RechargeEvent {
     Failed { n: u64, reason: &'static str },
     /// The month (its first second, UTC) whose limit stopped a recharge.
     LimitReached { month: i64 },
+    /// Recharge `n`'s payment waits for the customer (3-D Secure): its invoice, left open,
+    /// and the page where they pay it.
+    ActionRequired { n: u64, invoice: String, url: String },
 }
 
 /// A recharge's alert, waiting to be written.
@@ -38,13 +41,16 @@ impl RechargeAlert {
             RechargeEvent::Recharged { .. } => "balance.recharged",
             RechargeEvent::Failed { .. } => "balance.recharge_failed",
             RechargeEvent::LimitReached { .. } => "balance.recharge_limit_reached",
+            RechargeEvent::ActionRequired { .. } => "balance.recharge_action_required",
         }
     }
 
     /// What it is about: the recharge's number, or the month.
     pub(super) fn about(&self) -> String {
         match self.event {
-            RechargeEvent::Recharged { n, .. } | RechargeEvent::Failed { n, .. } => format!("recharge:{n}"),
+            RechargeEvent::Recharged { n, .. }
+            | RechargeEvent::Failed { n, .. }
+            | RechargeEvent::ActionRequired { n, .. } => format!("recharge:{n}"),
             RechargeEvent::LimitReached { month } => format!("month:{month}"),
         }
     }
@@ -73,6 +79,11 @@ impl RechargeAlert {
             }
             RechargeEvent::LimitReached { month } => {
                 data["month"] = time(*month).get(..7).unwrap_or_default().into();
+            }
+            RechargeEvent::ActionRequired { n, invoice, url } => {
+                data["recharge"] = (*n).into();
+                data["invoice"] = invoice.as_str().into();
+                data["action_url"] = url.as_str().into();
             }
         }
         serde_json::json!({ "type": self.event(), "timestamp": time(self.at), "data": data }).to_string()

@@ -22,8 +22,9 @@ pub(crate) enum Delivered {
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     Processing,
     /// The payment failed: counted (`off`: recharge is off since; `first`: counted by this
-    /// delivery, not before by the invoice's webhook).
-    Failed { why: RechargeFailure, off: bool, first: bool },
+    /// delivery, not before by the invoice's webhook). With `action`, the bank asked for 3-D
+    /// Secure: the invoice (`invoice`, `url` its hosted page) is left open for the customer.
+    Failed { why: RechargeFailure, off: bool, first: bool, action: Option<(String, String)> },
     /// No longer open in the store (paid, failed or dropped meanwhile): nothing charged.
     Closed,
     /// Not known: delivered again once the claim lapses.
@@ -139,7 +140,7 @@ async fn stop(parts: &Parts<'_>, claim: &Claimed, why: RechargeFailure, detail: 
     use crate::store::QuotaStoreExt as _;
     let mode = RechargeMode::Stop { n: claim.n, why };
     match parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await? {
-        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first }),
+        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first, action: None }),
         _ => Ok(Delivered::Closed),
     }
 }
@@ -205,6 +206,19 @@ async fn charge(
             }
             counted
         }
+        Charged::ActionRequired { invoice, url, detail } => {
+            // Never voided: the customer pays it on its page.
+            let url = url.unwrap_or_default();
+            let mode = RechargeMode::ActionRequired { n: claim.n, url: url.clone(), now: parts.now };
+            let counted = count(parts, claim, RechargeFailure::ActionRequired, &detail, mode).await?;
+            Ok(match counted {
+                Delivered::Failed { why, off, first, .. } => {
+                    let action = crate::store::RechargeAction::new(claim.n, &url, parts.now).map(|_| (invoice, url));
+                    Delivered::Failed { why, off, first, action }
+                }
+                other => other,
+            })
+        }
         Charged::Retry(why) => Ok(Delivered::Retry(why)),
     }
 }
@@ -231,12 +245,23 @@ async fn failed(
     why: RechargeFailure,
     detail: &str,
 ) -> Result<Delivered, StoreError> {
+    count(parts, claim, why, detail, RechargeMode::Failed { n: claim.n, why, now: parts.now }).await
+}
+
+/// Counts a failure of `claim` by `mode` (a [`RechargeMode::Failed`] or
+/// [`RechargeMode::ActionRequired`]), as [`failed`] does.
+async fn count(
+    parts: &Parts<'_>,
+    claim: &Claimed,
+    why: RechargeFailure,
+    detail: &str,
+    mode: RechargeMode,
+) -> Result<Delivered, StoreError> {
     tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), detail,
         "a recharge's payment failed");
     use crate::store::QuotaStoreExt as _;
-    let mode = RechargeMode::Failed { n: claim.n, why, now: parts.now };
     match parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await? {
-        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first }),
+        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first, action: None }),
         // Not open any more (paid meanwhile): nothing counted.
         _ => Ok(Delivered::Closed),
     }
