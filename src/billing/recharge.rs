@@ -675,6 +675,61 @@ impl super::WebhookHandler {
         }
     }
 
+    /// Under `refunds = "ignore"` (no units are taken back): a refund or a dispute (`why`) of
+    /// a recharge's payment still turns recharge off at once, with one alert, so that the card
+    /// the customer asked their money back from is not charged again. The payment's invoice
+    /// (`invoice`, else the one the payment intent paid, read from its invoice payments) names
+    /// the recharge by its metadata, and its customer the tenant. Needs the secret key; best
+    /// effort: logged.
+    pub(super) async fn recharge_reversed_ignoring(
+        &self,
+        config: &Config,
+        intent: Option<&str>,
+        invoice: Option<&str>,
+        why: RechargeFailure,
+    ) {
+        let Some(reader) = &self.reader else { return };
+        let invoice = match (invoice, intent) {
+            (Some(invoice), _) => Some(invoice.to_owned()),
+            (None, Some(intent)) => match super::topup::invoice_of_payment(reader, intent).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(payment = %intent, error = %e.why,
+                        "a reversed payment's invoice could not be read: its recharge, if any, stays on");
+                    return;
+                }
+            },
+            (None, None) => None,
+        };
+        let Some(invoice) =
+            invoice.filter(|i| i.starts_with("in_") && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        else {
+            return;
+        };
+        let object = match reader.get(&format!("v1/invoices/{invoice}")).await {
+            Ok(object) => object,
+            Err(e) => {
+                tracing::warn!(%invoice, error = %e.why, "a reversed payment's invoice could not be read: its recharge, if any, stays on");
+                return;
+            }
+        };
+        let body = serde_json::json!({ "data": { "object": object } });
+        let named = match self.recharge_of(config, &body).await {
+            Ok(Some(named)) => named,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(%invoice, error = %e, "a reversed recharge's tenant could not be read");
+                return;
+            }
+        };
+        if let Err(e) =
+            self.recharge_refused_as(&named.tenant, &named.meter, named.n, why, "its payment was reversed").await
+        {
+            tracing::error!(tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), outcome = ?e,
+                "a reversed recharge could not turn recharge off");
+        }
+    }
+
     /// A recharge's paid invoice that granted nothing under this configuration (`outcome`):
     /// its recharge is turned off ([`recharge_refused`](Self::recharge_refused)), never closed
     /// as paid. `Ok(false)`: not a recharge's invoice.

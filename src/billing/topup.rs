@@ -228,7 +228,7 @@ fn proration_of(v: &Value) -> Option<Proration> {
 
 /// The invoice `intent` paid, from the invoices' payments (API versions from 2025-03-31 name
 /// it nowhere else); `None` for a payment of no invoice (a checkout in payment mode).
-async fn invoice_of_payment(reader: &StripeReader, intent: &str) -> Result<Option<String>, ReadError> {
+pub(super) async fn invoice_of_payment(reader: &StripeReader, intent: &str) -> Result<Option<String>, ReadError> {
     if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Ok(None);
     }
@@ -425,7 +425,7 @@ impl WebhookHandler {
                 return self.credit_note(credits, event, kind, payload).await
             }
             "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
-                return self.dispute(credits, event, kind, payload).await
+                return self.dispute(config, credits, event, kind, payload).await
             }
             "invoice.payment_failed" | "invoice.payment_action_required" => {
                 return self.recharge_failed(config, event, kind, payload).await
@@ -729,12 +729,15 @@ impl WebhookHandler {
         event: &str,
         payload: &str,
     ) -> Option<WebhookOutcome> {
-        if credits.refunds == RefundPolicy::Ignore {
-            return None;
-        }
         let body: Value = serde_json::from_str(payload).ok()?;
         let o = &body["data"]["object"];
         let intent = id_of(&o["payment_intent"]);
+        if credits.refunds == RefundPolicy::Ignore {
+            // No units taken back; a recharge's refund still turns recharge off.
+            let invoice = id_of(&o["invoice"]);
+            self.recharge_reversed_ignoring(config, intent, invoice, crate::store::RechargeFailure::Refunded).await;
+            return None;
+        }
         let (Some(amount), Some(refunded)) = (o["amount"].as_u64(), o["amount_refunded"].as_u64()) else {
             return Some(WebhookOutcome::Rejected("a refunded charge without its amounts".into()));
         };
@@ -889,14 +892,12 @@ impl WebhookHandler {
     /// payment no grant has is `ignored`, nothing kept.
     async fn dispute(
         &self,
+        config: &Config,
         credits: &CreditSettings,
         event: &str,
         kind: &str,
         payload: &str,
     ) -> Option<WebhookOutcome> {
-        if credits.refunds == RefundPolicy::Ignore {
-            return None;
-        }
         let body: Value = serde_json::from_str(payload).ok()?;
         let o = &body["data"]["object"];
         let dispute = id_of(&o["id"])?.to_owned();
@@ -909,6 +910,14 @@ impl WebhookHandler {
             // An inquiry closed, or a dispute closed in review: nothing was withdrawn.
             _ => return Some(WebhookOutcome::Ignored),
         };
+        if credits.refunds == RefundPolicy::Ignore {
+            // No units taken back; a recharge's disputed payment still turns recharge off.
+            if lost {
+                let why = crate::store::RechargeFailure::Disputed;
+                self.recharge_reversed_ignoring(config, intent.as_deref(), None, why).await;
+            }
+            return None;
+        }
         let Some(amount) = o["amount"].as_u64().filter(|a| *a > 0) else {
             return Some(WebhookOutcome::Rejected("a dispute without a positive amount".into()));
         };

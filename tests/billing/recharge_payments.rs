@@ -567,3 +567,50 @@ async fn three_d_secure_leaves_the_invoice_open_for_the_tenant_to_pay(s: Setup) 
     assert_eq!(tollgate::store::RechargeAction::new(2, "http://evil.example/pay", 0), None);
     assert_eq!(tollgate::store::RechargeAction::new(2, "https://x/\u{7f}", 0), None);
 }
+
+// With `refunds = "ignore"` (no units are taken back), a disputed or refunded recharge still
+// turns recharge off: on main the events were not read at all under `ignore`, so the next
+// request charged the card the customer had asked their money back from.
+#[tokio::test]
+async fn under_refunds_ignore_a_reversed_recharge_still_turns_recharge_off() {
+    let s = setup(std::sync::Arc::new(MemoryStore::new())).await;
+    let toml = common::recharge::CONFIG.replace("[stripe.credits]\n", "[stripe.credits]\nrefunds = \"ignore\"\n");
+    s.h.tollgate.reload(tollgate::config::Config::from_toml_str(&toml).unwrap()).await.unwrap();
+    let admin = Admin::for_engine(&s.h.tollgate);
+    let small = RechargeAsk::new(Some(300), Some(500), None);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(small.clone())).await.unwrap();
+    for (n, reason) in [(1u64, "disputed"), (2, "refunded")] {
+        let invoice = s.recharged().await;
+        let id = invoice["id"].as_str().unwrap();
+        let intent = s.stripe.payment_intent_of(id).expect("paid through the API");
+        let amount = invoice["amount_paid"].clone();
+        let granted = s.granted().await;
+        let reversal = if reason == "disputed" {
+            let mut d = fixture("dispute");
+            d["id"] = serde_json::json!("dp_1");
+            d["payment_intent"] = serde_json::json!(intent);
+            d["amount"] = amount;
+            event("evt_dp", "charge.dispute.funds_withdrawn", d)
+        } else {
+            let mut c = fixture("charge");
+            c["customer"] = serde_json::json!("cus_acme");
+            c["payment_intent"] = serde_json::json!(intent);
+            c["amount"] = amount.clone();
+            c["amount_captured"] = amount.clone();
+            c["amount_refunded"] = amount;
+            c["refunded"] = serde_json::json!(true);
+            event("evt_rf", "charge.refunded", c)
+        };
+        let (status, _) = s.signed(&reversal).await;
+        assert_eq!(status, 200, "{reason}");
+        assert_eq!(s.granted().await, granted, "{reason}: nothing taken back under ignore");
+        let view = admin.recharge("acme", "requests").await.unwrap();
+        assert_eq!((view.off_reason(), view.state.n), (Some(reason), n), "{reason}");
+        let invoices = s.stripe.invoices_created().len();
+        s.admitted(300).await;
+        assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "{reason}: not charged again");
+        assert_eq!(s.stripe.invoices_created().len(), invoices);
+        admin.set_recharge("acme", "requests", Some(small.clone())).await.unwrap();
+    }
+}
