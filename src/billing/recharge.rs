@@ -306,23 +306,45 @@ impl RechargeCharger {
     }
 
     /// `invoice`'s payment refused as Stripe answered it: 3-D Secure asked for leaves the
-    /// invoice open for the customer, with its hosted page (read from the invoice: the
-    /// `pay` error does not carry it; unread, the failure is counted all the same, and no page
-    /// shown); any other refusal names the invoice, to void once counted.
+    /// invoice open for the customer, with its hosted page (read from the invoice: the `pay`
+    /// error does not carry it); any other refusal, or a page that could not be read, names
+    /// the invoice, to void once counted (an invoice nobody is shown is never left open).
     async fn refused(&self, e: StripeError, invoice: &str) -> Charged {
         match Self::failed(e) {
             Charged::Failed(RechargeFailure::ActionRequired, detail, _) => {
                 let url = match self.reader.get(&format!("v1/invoices/{invoice}")).await {
                     Ok(v) => v["hosted_invoice_url"].as_str().map(str::to_owned),
                     Err(e) => {
-                        tracing::warn!(%invoice, error = %e.why, "a recharge's invoice page could not be read");
+                        tracing::warn!(%invoice, error = %e.why, "a recharge's invoice page could not be read: voided");
                         None
                     }
                 };
-                Charged::ActionRequired { invoice: invoice.to_owned(), url, detail }
+                match url.filter(|u| crate::store::RechargeAction::new(0, u, 0).is_some()) {
+                    Some(url) => Charged::ActionRequired { invoice: invoice.to_owned(), url: Some(url), detail },
+                    None => Charged::Failed(RechargeFailure::ActionRequired, detail, Some(invoice.to_owned())),
+                }
             }
             other => other.on(invoice),
         }
+    }
+
+    /// Whether `invoice`'s payment waits for the customer's authentication (3-D Secure): an
+    /// open invoice payment whose payment intent is `requires_action` (API reference, "The
+    /// PaymentIntent object": `status`). `Err`: it could not be read.
+    pub(crate) async fn payment_requires_action(&self, invoice: &str) -> Result<bool, String> {
+        let page =
+            self.reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await.map_err(|e| e.why)?;
+        for p in page["data"].as_array().into_iter().flatten().filter(|p| p["status"] == "open") {
+            let Some(intent) = p["payment"]["payment_intent"].as_str() else { continue };
+            if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let v = self.reader.get(&format!("v1/payment_intents/{intent}")).await.map_err(|e| e.why)?;
+            if v["status"] == "requires_action" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// A recharge whose payment was processing, taken again once [`PROCESSING_SECS`]
@@ -679,55 +701,35 @@ impl super::WebhookHandler {
     /// a recharge's payment still turns recharge off at once, with one alert, so that the card
     /// the customer asked their money back from is not charged again. The payment's invoice
     /// (`invoice`, else the one the payment intent paid, read from its invoice payments) names
-    /// the recharge by its metadata, and its customer the tenant. Needs the secret key; best
-    /// effort: logged.
+    /// the recharge by its metadata, and its customer the tenant. Needs the secret key; what
+    /// cannot be read now is answered `Err` (500: Stripe delivers it again).
     pub(super) async fn recharge_reversed_ignoring(
         &self,
         config: &Config,
         intent: Option<&str>,
         invoice: Option<&str>,
         why: RechargeFailure,
-    ) {
-        let Some(reader) = &self.reader else { return };
+    ) -> Result<(), super::WebhookOutcome> {
+        let Some(reader) = &self.reader else { return Ok(()) };
+        // Unread now: answered 500, so that Stripe delivers it again.
+        let unread = |what: &str, e: super::reader::ReadError| {
+            tracing::warn!(error = %e.why, "a reversed payment's {what} could not be read: delivered again");
+            super::WebhookOutcome::ApiFailed(e.why)
+        };
         let invoice = match (invoice, intent) {
             (Some(invoice), _) => Some(invoice.to_owned()),
-            (None, Some(intent)) => match super::topup::invoice_of_payment(reader, intent).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(payment = %intent, error = %e.why,
-                        "a reversed payment's invoice could not be read: its recharge, if any, stays on");
-                    return;
-                }
-            },
+            (None, Some(intent)) => {
+                super::topup::invoice_of_payment(reader, intent).await.map_err(|e| unread("invoice", e))?
+            }
             (None, None) => None,
         };
-        let Some(invoice) =
-            invoice.filter(|i| i.starts_with("in_") && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        else {
-            return;
-        };
-        let object = match reader.get(&format!("v1/invoices/{invoice}")).await {
-            Ok(object) => object,
-            Err(e) => {
-                tracing::warn!(%invoice, error = %e.why, "a reversed payment's invoice could not be read: its recharge, if any, stays on");
-                return;
-            }
-        };
+        let ours = |i: &String| i.starts_with("in_") && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let Some(invoice) = invoice.filter(ours) else { return Ok(()) };
+        let object = reader.get(&format!("v1/invoices/{invoice}")).await.map_err(|e| unread("invoice", e))?;
         let body = serde_json::json!({ "data": { "object": object } });
-        let named = match self.recharge_of(config, &body).await {
-            Ok(Some(named)) => named,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(%invoice, error = %e, "a reversed recharge's tenant could not be read");
-                return;
-            }
-        };
-        if let Err(e) =
-            self.recharge_refused_as(&named.tenant, &named.meter, named.n, why, "its payment was reversed").await
-        {
-            tracing::error!(tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), outcome = ?e,
-                "a reversed recharge could not turn recharge off");
-        }
+        let failed = |e: crate::store::StoreError| super::WebhookOutcome::StoreFailed(e.to_string());
+        let Some(named) = self.recharge_of(config, &body).await.map_err(failed)? else { return Ok(()) };
+        self.recharge_refused_as(&named.tenant, &named.meter, named.n, why, "its payment was reversed").await
     }
 
     /// A recharge's paid invoice that granted nothing under this configuration (`outcome`):
@@ -763,14 +765,34 @@ impl super::WebhookHandler {
             Err(e) => return Some(super::WebhookOutcome::StoreFailed(e.to_string())),
         };
         let quota = self.quota.as_ref()?;
-        let why = if kind == "invoice.payment_action_required" {
+        let object = &body["data"]["object"];
+        let mut why = if kind == "invoice.payment_action_required" {
             RechargeFailure::ActionRequired
         } else {
             RechargeFailure::Declined
         };
+        // A failure that waits for the customer's authentication (its payment intent
+        // `requires_action`), whichever event tells it: never voided.
+        if why == RechargeFailure::Declined {
+            if let (Some(reader), Some(invoice)) = (&self.reader, object["id"].as_str()) {
+                let asks = match RechargeCharger::of_reader(reader) {
+                    Ok(charger) => charger.payment_requires_action(invoice).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                match asks {
+                    Ok(true) => why = RechargeFailure::ActionRequired,
+                    Ok(false) => {}
+                    // Unread (a key without the permission, Stripe unreachable): a decline, as
+                    // before this read.
+                    Err(e) => tracing::warn!(%event, error = %e,
+                        "whether a failed recharge payment waits for authentication could not be read"),
+                }
+            }
+        }
         let now = self.clock.unix_secs();
-        let object = &body["data"]["object"];
-        let url = object["hosted_invoice_url"].as_str().filter(|_| why == RechargeFailure::ActionRequired);
+        let url = object["hosted_invoice_url"]
+            .as_str()
+            .filter(|u| why == RechargeFailure::ActionRequired && crate::store::RechargeAction::new(0, u, 0).is_some());
         let mode = match url {
             // Left open for the customer to pay on its page.
             Some(url) => crate::store::RechargeMode::ActionRequired { n: named.n, url: url.to_owned(), now },
@@ -783,8 +805,10 @@ impl super::WebhookHandler {
                 // Counted here first (the paying node died, its pay call timed out, or a bank
                 // debit failed days later): its invoice voided, so that the customer never
                 // pays it later beside the next recharge of the same crossing.
-                if let (true, RechargeFailure::Declined, Some(reader), Some(invoice)) =
-                    (first, why, &self.reader, body["data"]["object"]["id"].as_str())
+                // (A 3-D Secure failure without a page to show is voided too.)
+                let void = why == RechargeFailure::Declined || url.is_none();
+                if let (true, true, Some(reader), Some(invoice)) =
+                    (first, void, &self.reader, body["data"]["object"]["id"].as_str())
                 {
                     match RechargeCharger::of_reader(reader) {
                         Ok(charger) => charger.void(invoice).await,
@@ -804,7 +828,7 @@ impl super::WebhookHandler {
                 if let Err(e) = self.node.recharge(news).await {
                     return Some(super::WebhookOutcome::StoreFailed(e));
                 }
-                if let (Some(url), Some(invoice)) = (url, object["id"].as_str()) {
+                if let (true, Some(url), Some(invoice)) = (first, url, object["id"].as_str()) {
                     let news = crate::base::RechargeNews::ActionRequired {
                         tenant: named.tenant.clone(),
                         meter: named.meter.clone(),

@@ -735,8 +735,8 @@ impl WebhookHandler {
         if credits.refunds == RefundPolicy::Ignore {
             // No units taken back; a recharge's refund still turns recharge off.
             let invoice = id_of(&o["invoice"]);
-            self.recharge_reversed_ignoring(config, intent, invoice, crate::store::RechargeFailure::Refunded).await;
-            return None;
+            let why = crate::store::RechargeFailure::Refunded;
+            return self.recharge_reversed_ignoring(config, intent, invoice, why).await.err();
         }
         let (Some(amount), Some(refunded)) = (o["amount"].as_u64(), o["amount_refunded"].as_u64()) else {
             return Some(WebhookOutcome::Rejected("a refunded charge without its amounts".into()));
@@ -914,7 +914,7 @@ impl WebhookHandler {
             // No units taken back; a recharge's disputed payment still turns recharge off.
             if lost {
                 let why = crate::store::RechargeFailure::Disputed;
-                self.recharge_reversed_ignoring(config, intent.as_deref(), None, why).await;
+                return self.recharge_reversed_ignoring(config, intent.as_deref(), None, why).await.err();
             }
             return None;
         }

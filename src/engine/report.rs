@@ -37,7 +37,8 @@ pub struct UsageReport {
     pub recharges: Vec<RechargeView>,
     /// The tenant's own spend cap as the store holds it.
     pub(crate) own_cap: Option<crate::store::SpendCap>,
-    /// Its credit grants, open and closed (the closed kept 35 days), on every meter.
+    /// Its credit grants, open and closed (the closed kept 35 days, those closed used up 180), on
+    /// every meter.
     pub(crate) grants: Vec<crate::store::CreditGrant>,
 }
 

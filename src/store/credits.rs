@@ -170,7 +170,7 @@ impl CreditGrant {
     }
 
     /// How it closed, if it has: revoked; used up (it held nothing when it closed, before any
-    /// expiry: see [`close_used_up`]); or expired.
+    /// expiry: closed by a later grant's write to make room); or expired.
     #[must_use]
     pub fn closed_as(&self) -> Option<Closed> {
         let c = self.closed?;
@@ -201,7 +201,7 @@ impl CreditGrant {
     /// Whether a refund or a take of its payment still reaches it: open, or closed holding
     /// nothing unspent (used up, or expired with nothing lost), never revoked. What such a
     /// take takes of a closed grant comes from what the balance still holds, as it would had
-    /// the grant stayed open ([`refund_against`]).
+    /// the grant stayed open.
     #[must_use]
     pub fn refundable(&self) -> bool {
         self.closed.is_none_or(|c| !c.revoked && c.lost == 0)
@@ -235,7 +235,8 @@ pub struct CreditClosure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Closed {
-    /// Revoked by a person (`tollgate credits revoke`, [`Admin::revoke_credits`](crate::Admin::revoke_credits)).
+    /// Revoked by a person (`tollgate credits revoke`,
+    /// [`Admin::revoke_credits`](crate::admin::Admin::revoke_credits)).
     Revoked,
     /// Used up: every unit it held was counted used, so it closed by itself, losing nothing,
     /// to make room for the tenant's next grant.
@@ -363,19 +364,25 @@ pub(crate) fn close_used_up(grants: &[CreditGrant], balance: CreditBalance, kept
     let mut open: Vec<&CreditGrant> = grants.iter().filter(|g| g.closed.is_none()).collect();
     open.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
     let mut covered = 0u64;
+    let mut closed = 0u64;
     let mut ids = Vec::new();
     for g in open {
         match covered.checked_add(g.units) {
             Some(next) if next <= used => {
                 covered = next;
-                ids.push(g.id.clone());
+                // A grant with a take not reversed (a dispute open) stays open: a reversal
+                // gives its units back to it.
+                if g.takes.iter().all(|t| t.given_back) {
+                    closed += g.units;
+                    ids.push(g.id.clone());
+                }
             }
             _ => break,
         }
     }
     let after = CreditBalance {
-        granted: balance.granted.saturating_sub(covered),
-        reserved: balance.reserved - covered,
+        granted: balance.granted.saturating_sub(closed),
+        reserved: balance.reserved - closed,
         ..balance
     };
     (ids, after)
@@ -963,6 +970,12 @@ mod tests {
         refunded.granted_at = 50;
         let (ids, _) = close_used_up(&[refunded, grant("late", 10, None)], CreditBalance::new(10, 0), 0);
         assert_eq!(ids, ["refunded"]);
+        // A grant whose dispute is open stays open (its reversal gives back to it); the run
+        // goes on past it.
+        let mut disputed = grant("soon", 10, Some(200));
+        disputed.takes.push(CreditTake::new("dp_1", 10, 0, 0));
+        let (ids, after) = close_used_up(&[disputed, grant("mid", 10, Some(300))], CreditBalance::new(20, 20), 0);
+        assert_eq!((ids.as_slice(), after), (&["mid".to_owned()][..], CreditBalance::new(10, 10)));
     }
 
     /// A grant closed used up is told apart from an expiry and a revoke, and a refund still

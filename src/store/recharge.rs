@@ -262,6 +262,12 @@ pub struct RechargeAction {
     pub url: String,
     /// When it was told (Unix seconds).
     pub at: i64,
+    /// What it charges (counted in its month once paid).
+    #[serde(default)]
+    pub amount: u64,
+    /// When it was claimed (its month is the one it counts in).
+    #[serde(default)]
+    pub claimed_at: i64,
 }
 
 impl RechargeAction {
@@ -274,7 +280,15 @@ impl RechargeAction {
     pub fn new(n: u64, url: &str, at: i64) -> Option<Self> {
         let fine =
             url.starts_with("https://") && url.len() <= Self::MAX_URL && url.chars().all(|c| c.is_ascii_graphic());
-        fine.then(|| Self { n, url: url.to_owned(), at })
+        fine.then(|| Self { n, url: url.to_owned(), at, amount: 0, claimed_at: 0 })
+    }
+
+    /// Whether `setting` was stored before it was told: no recharge is claimed until the
+    /// customer pays it or the setting is stored again (so that the next crossing does not
+    /// open another invoice the bank will ask to authenticate too).
+    #[must_use]
+    pub fn pauses(&self, setting: &RechargeSetting) -> bool {
+        setting.set_at <= self.at
     }
 }
 
@@ -451,9 +465,7 @@ impl RechargeState {
             }
             RechargeMode::Watch { now } => self.watch(now, balance.unwrap_or(0)),
             RechargeMode::Paid { n } => {
-                if self.action.as_ref().is_some_and(|a| a.n == n) {
-                    self.action = None;
-                }
+                let acted = self.action.take_if(|a| a.n == n);
                 if self.open.is_some_and(|c| c.n == n) {
                     self.open = None;
                     (self.failures, self.failed_at) = (0, 0);
@@ -466,6 +478,13 @@ impl RechargeState {
                     (self.unpaid, self.unpaid_failed, self.failures, self.failed_at) = (None, false, 0, 0);
                 } else if self.paid == n && n > 0 {
                     return RechargeSeen::Paid { n, first: false };
+                } else if let Some(acted) = acted {
+                    // Paid on its page after a later recharge closed unpaid: spent again.
+                    if self.month == month_of(acted.claimed_at) {
+                        self.spent = self.spent.saturating_add(acted.amount);
+                        self.count = self.count.saturating_add(1);
+                    }
+                    (self.failures, self.failed_at) = (0, 0);
                 } else {
                     return RechargeSeen::Nothing;
                 }
@@ -499,11 +518,12 @@ impl RechargeState {
             }
             RechargeMode::ActionRequired { n, url, now } => {
                 let seen = self.apply(RechargeMode::Failed { n, why: RechargeFailure::ActionRequired, now }, balance);
-                if matches!(seen, RechargeSeen::Failed { .. }) {
-                    if let Some(action) = RechargeAction::new(n, &url, now) {
-                        if self.action.as_ref().is_none_or(|a| a.n <= n) {
-                            self.action = Some(action);
-                        }
+                // Counted by this call only: a failure counted before (a decline whose invoice
+                // was voided) shows no page.
+                if matches!(seen, RechargeSeen::Failed { first: true, .. }) {
+                    if let (Some(mut action), Some(claim)) = (RechargeAction::new(n, &url, now), self.unpaid) {
+                        (action.amount, action.claimed_at) = (claim.amount, claim.claimed_at);
+                        self.action = Some(action);
                     }
                 }
                 seen
@@ -570,6 +590,10 @@ impl RechargeState {
             return RechargeSeen::Claimed { n: claim.n, packs: claim.packs, amount: claim.amount };
         }
         let Some(setting) = wanted else { return RechargeSeen::Nothing };
+        // A recharge whose payment waits for the customer (3-D Secure) pauses the next ones.
+        if self.action.as_ref().is_some_and(|a| a.pauses(&setting)) {
+            return RechargeSeen::Nothing;
+        }
         let pack = setting.pack;
         if self.failed_at > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
             return RechargeSeen::Nothing;
@@ -786,6 +810,42 @@ mod tests {
         assert!(matches!(s.apply(bound, Some(0)), RechargeSeen::Claimed { n: 1, .. }), "taken again at the bound");
         assert!(s.open.unwrap().processing, "still marked: its delivery only reads the invoice");
         assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: true });
+    }
+
+    /// A recharge whose payment waits for 3-D Secure keeps its page once (the failure counted
+    /// once), pauses the next recharges until it is paid or the setting is stored again, and,
+    /// paid on its page after a later recharge closed unpaid, counts in its month.
+    #[test]
+    fn a_recharge_waiting_for_3d_secure_pauses_the_next_and_counts_once_paid() {
+        let url = "https://invoice.stripe.com/i/acct_1/test_x";
+        let mut s = on();
+        assert!(matches!(s.apply(RechargeMode::Watch { now: NOW }, Some(0)), RechargeSeen::Claimed { n: 1, .. }));
+        let spent = s.spent;
+        let action = RechargeMode::ActionRequired { n: 1, url: url.into(), now: NOW };
+        assert!(matches!(s.apply(action.clone(), None), RechargeSeen::Failed { first: true, .. }));
+        let kept = s.action.clone().unwrap();
+        assert_eq!((kept.n, kept.url.as_str(), kept.amount, s.spent, s.failures), (1, url, spent, 0, 1));
+        assert!(matches!(s.apply(action, None), RechargeSeen::Failed { first: false, .. }), "once");
+        let later = RechargeMode::Watch { now: NOW + 2 * RETRY_AFTER_FAILURE_SECS };
+        assert_eq!(s.apply(later.clone(), Some(0)), RechargeSeen::Nothing, "paused while it waits");
+        // A repeat of a failure counted before (a decline whose invoice was voided) shows no page.
+        let mut declined = on();
+        declined.apply(RechargeMode::Watch { now: NOW }, Some(0));
+        declined.apply(RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: NOW }, None);
+        declined.apply(RechargeMode::ActionRequired { n: 1, url: url.into(), now: NOW }, None);
+        assert_eq!(declined.action, None);
+        // Stored again, the next is claimed, and declined; then the first is paid on its page.
+        let mut setting = s.setting.clone().unwrap();
+        setting.set_at = NOW + 60;
+        s.apply(RechargeMode::Set(Some(setting)), None);
+        assert!(matches!(s.apply(later, Some(0)), RechargeSeen::Claimed { n: 2, .. }));
+        let at = NOW + 2 * RETRY_AFTER_FAILURE_SECS;
+        s.apply(RechargeMode::Failed { n: 2, why: RechargeFailure::Declined, now: at }, None);
+        assert_eq!(s.spent, 0);
+        assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: true });
+        assert_eq!((s.spent, s.failures, s.action.is_none()), (spent, 0, true), "counted once paid");
+        assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: false });
+        assert_eq!(s.spent, spent, "once");
     }
 
     #[test]

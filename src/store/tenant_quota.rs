@@ -498,11 +498,19 @@ impl MeterQuota {
         let Some(c) = self.counters.get(key) else { return };
         let kept = kept_of(c.applied.values().map(|s| &s.keeping)).total();
         let (ids, after) = close_used_up(&self.credits, c.balance(), kept);
+        // The units left the bottom of the used total: each sender's last call is that much
+        // lower in it now (so a later close or refund finds its lease where it is).
+        let closed = c.reserved - after.reserved;
+        for sender in c.applied.values_mut() {
+            sender.grant.reserved = sender.grant.reserved.saturating_sub(closed);
+        }
         (c.granted, c.reserved) = (Some(after.granted), after.reserved);
         let ids: std::collections::HashSet<String> = ids.into_iter().collect();
         for g in self.credits.iter_mut().filter(|g| g.closed.is_none() && ids.contains(&g.id)) {
             g.closed = Some(CreditClosure { at: now, revoked: false, lost: 0 });
         }
+        // Closed grants kept long enough are dropped.
+        self.credits.retain(|g| g.kept_until().is_none_or(|until| until > now));
     }
 
     fn refund(&mut self, key: &QuotaKey, refund: &CreditRefund) -> Result<RefundOutcome, RefundOutcome> {

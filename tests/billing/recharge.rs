@@ -516,6 +516,11 @@ async fn failures_are_counted_with_their_reasons_and_server_errors_never_are(s: 
     assert!(outcomes.iter().any(|(k, o)| k == "invoice.payment_action_required" && *o == failed), "{outcomes:?}");
     s.stripe.set_card("cus_acme", Card::Missing);
     s.h.clock.advance(Duration::from_secs(3600));
+    // Its invoice waits for the tenant: nothing more is claimed until the setting is stored
+    // again.
+    assert_eq!(s.admitted(30).await, 30);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "paused while the 3-D Secure invoice waits");
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
     assert_eq!(s.admitted(30).await, 30);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
     let view = admin.recharge("acme", "requests").await.unwrap();

@@ -129,21 +129,27 @@ async fn a_bank_debit_that_fails_or_never_clears_is_never_paid_again(s: Setup) {
     assert_eq!(s.granted().await, 500, "nothing paid, nothing granted");
 }
 
-// A paid recharge whose grant is refused (the balance holds 1,000 open grants, the most) is
-// never closed as paid: on main `invoice.paid` answered 500 for three days, the claim stayed
+// A paid recharge whose grant is refused (the balance holds 1,000 open grants, none used up:
+// the one spent first is spent only in part) is never closed as paid: on main `invoice.paid` answered 500 for three days, the claim stayed
 // open and the tenant got 402 "recharge under way" for good while every delivery found the
 // invoice paid. Now recharge is turned off (`grant_refused`, one alert) at the first refusal,
 // the delivery is still answered 500 (Stripe delivers it again once room is made), and the
 // tenant's requests end with a plain 402.
 on_stores!(a_paid_recharge_whose_grant_is_refused_turns_recharge_off);
 async fn a_paid_recharge_whose_grant_is_refused_turns_recharge_off(s: Setup) {
+    s.stripe.add_price("price_big", None, true);
+    s.stripe.set_unit_amount("price_big", 40_000);
     let admin = Admin::for_engine(&s.h.tollgate);
-    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    let year = s.h.clock.unix_secs() + 365 * 86_400;
+    admin.grant_credits("acme", "requests", 1300, Some(year), "first").await.unwrap();
     for i in 0..999 {
         admin.grant_credits("acme", "requests", 1, None, &format!("g{i}")).await.unwrap();
     }
-    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
-    assert_eq!(s.admitted(1250).await, 1250);
+    // On `pro` (packs of 10,000), below 5,000: the balance of 2,299 claims at once.
+    admin.set_plan("acme", "pro").await.unwrap();
+    let ask = RechargeAsk::new(Some(5000), Some(20_000), Some("5000.00".into()));
+    admin.set_recharge("acme", "requests", Some(ask)).await.unwrap();
+    assert_eq!(s.admitted(300).await, 300);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
     let events = s.stripe.take_emitted();
     let paid = events.iter().find(|e| e["type"] == "invoice.paid").expect("paid").to_string();
@@ -161,7 +167,7 @@ async fn a_paid_recharge_whose_grant_is_refused_turns_recharge_off(s: Setup) {
         assert_eq!(got[0].1["reason"], "grant_refused");
     }
     // Off: spent to the end, a plain 402, and nothing charged again.
-    assert!(s.admitted(400).await < 400, "spent to the end");
+    assert!(s.admitted(2100).await < 2100, "spent to the end");
     let refused = s.h.get("/", "key-acme").await;
     assert_eq!(refused.status, 402);
     assert!(refused.headers.get("retry-after").is_none(), "no recharge under way");

@@ -458,7 +458,7 @@ impl WebhookHandler {
                 // Paid for and not granted: a person must act. Stripe retries meanwhile.
                 tracing::error!(%event, %tenant, %meter, units, outcome = ?other,
                     "a paid top-up could not be granted (too many open grants, or past the most a balance holds): \
-                     answered 500 so Stripe delivers it again; close or revoke grants, or refund the payment");
+                     answered 500 so Stripe delivers it again; grant by hand (credits grant), let grants expire, or refund the payment");
                 // A recharge's: turned off, so that the card is not charged again meanwhile.
                 let o = &body["data"]["object"];
                 let n = o["metadata"][crate::billing::recharge::RECHARGE_KEY].as_str().and_then(|n| n.parse().ok());

@@ -174,10 +174,12 @@ impl DynamoStore {
                         }
                         v
                     };
-                    let counted = open_count(&self.get(quota_pk(key), &quota_sk(key)).await?.unwrap_or_default());
-                    if now != kept || refund.is_some() || counted != was {
+                    let counter = self.get(quota_pk(key), &quota_sk(key)).await?.unwrap_or_default();
+                    let fits_now = fits(get_u(&counter, "granted"), grant.units);
+                    if now != kept || refund.is_some() || open_count(&counter) != was || fits_now {
                         // (With a refund, the balance is set as read: a reserve meanwhile. A
-                        // grant or a close meanwhile changed the count.)
+                        // grant or a close meanwhile changed the count. Fitting now, the
+                        // condition failed on something else that changed.)
                         return Ok(Race::Lost(()));
                     }
                     return Ok(Race::Won(GrantOutcome::TooLarge));
@@ -254,7 +256,9 @@ impl DynamoStore {
                     .expression_attribute_values(":at", n(now))
                     .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
                     .expression_attribute_values(":lost", n(lost));
-                let count = was.map_or(Open::Keep, |was| Open::Set { was: Some(was), now: was.saturating_sub(1) });
+                // The count as the grants say it (one an earlier build's grants did not count
+                // is corrected here).
+                let count = Open::Set { was, now: (open.len() as u64).saturating_sub(1) };
                 let actions = vec![
                     TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
                     self.set_balance(key, balance, after, &by, count)?,
@@ -348,14 +352,32 @@ impl DynamoStore {
                 let closing: Vec<&CreditGrant> =
                     grants.iter().filter(|g| g.closed.is_none() && ids.contains(&g.id)).collect();
                 let units = closing.iter().fold(0u64, |a, g| a.saturating_add(g.units));
-                let after = CreditBalance {
-                    granted: balance.granted.saturating_sub(units),
-                    reserved: balance.reserved.saturating_sub(units),
-                    ..balance
-                };
                 let ttl = now.saturating_add(contract::USED_UP_GRANTS_KEPT_SECS);
                 let count = Open::Set { was, now: open.saturating_sub(closing.len() as u64) };
-                let mut actions = vec![self.set_balance(key, balance, after, &by, count)?];
+                // The units leave both totals by an addition, on the condition that the grants
+                // (and what is forgiven) are as read, not the reserved units: a reserve, a
+                // release or an expiry meanwhile never lowers the units used that no sender
+                // keeps (each moves a lease's units and what its sender keeps alike), so what
+                // was used up when read still is, and a busy balance's close is not refused
+                // by every call that lands meanwhile.
+                let less = Update::builder()
+                    .table_name(&self.table)
+                    .key("pk", s(quota_pk(key)))
+                    .key("sk", s(quota_sk(key)))
+                    .update_expression("SET open_grants = :o ADD granted :minus, reserved :minus")
+                    .condition_expression(format!(
+                        "granted = :g0 AND (attribute_not_exists(forgiven) OR forgiven = :f0) AND {}",
+                        count.condition()
+                    ))
+                    .expression_attribute_values(":o", n(open.saturating_sub(closing.len() as u64)))
+                    .expression_attribute_values(":minus", AttributeValue::N(format!("-{units}")))
+                    .expression_attribute_values(":g0", n(balance.granted))
+                    .expression_attribute_values(":f0", n(balance.forgiven));
+                let less = match was {
+                    Some(was) => less.expression_attribute_values(":o0", n(was)),
+                    None => less,
+                };
+                let mut actions = vec![TransactWriteItem::builder().update(less.build().map_err(backend)?).build()];
                 for g in &closing {
                     let close = Update::builder()
                         .table_name(&self.table)

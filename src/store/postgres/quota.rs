@@ -576,7 +576,7 @@ impl QuotaStore for PostgresStore {
             // The balance's row is locked first: grants and closes of one balance run one at a
             // time.
             let row = tx.query_typed_one(&lock, args![t, m]).await?;
-            let granted_before = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
+            let mut granted_before = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
             if let Some(row) =
                 tx.query_typed_opt(&seen, args![t, grant.id.as_str(), grant.payment.as_deref(), m]).await?
             {
@@ -584,9 +584,14 @@ impl QuotaStore for PostgresStore {
                 return Ok(GrantOutcome::Duplicate(credit_row(&row)));
             }
             let n: i64 = tx.query_typed_one(&open, args![t, m]).await?.get(0);
-            if uint(n) >= contract::OPEN_GRANTS_MAX as u64 && !self.close_used_up(&tx, t, m, grant.granted_at).await? {
-                tx.commit().await?;
-                return Ok(GrantOutcome::TooMany);
+            if uint(n) >= contract::OPEN_GRANTS_MAX as u64 {
+                match self.close_used_up(&tx, t, m, grant.granted_at).await? {
+                    Some(granted) => granted_before = granted,
+                    None => {
+                        tx.commit().await?;
+                        return Ok(GrantOutcome::TooMany);
+                    }
+                }
             }
             if !fits(granted_before, grant.units) {
                 tx.commit().await?;
@@ -669,11 +674,6 @@ impl QuotaStore for PostgresStore {
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
         );
-        // (Those closed used up, longer: `CreditGrant::kept_until`.)
-        let prune = self.sql(
-            "DELETE FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at <= $3 AND (closed_at <= $4 \
-             OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
-        );
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
@@ -691,8 +691,7 @@ impl QuotaStore for PostgresStore {
             };
             self.set_locked(&tx, t, m, locked, after, used, now).await?;
             tx.query_typed(&close, args![t, m, id, now, revoke, int(lost)]).await?;
-            let kept = (now - contract::CLOSED_GRANTS_KEPT_SECS, now - contract::USED_UP_GRANTS_KEPT_SECS);
-            tx.query_typed(&prune, args![t, m, kept.0, kept.1]).await?;
+            self.prune_closed(&tx, t, m, now).await?;
             tx.commit().await?;
             Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
         })
@@ -864,21 +863,49 @@ impl PostgresStore {
     }
 
     /// Closes the used-up grants of `(t, m)`'s balance at `now`, in `tx`
-    /// (`store::quota::close_used_up`): whether any closed.
-    async fn close_used_up(&self, tx: &deadpool_postgres::Transaction<'_>, t: &str, m: &str, now: i64) -> Pg<bool> {
+    /// (`store::quota::close_used_up`), and drops closed grants kept long enough: the granted
+    /// units after, if any closed.
+    async fn close_used_up(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        t: &str,
+        m: &str,
+        now: i64,
+    ) -> Pg<Option<u64>> {
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = false, lost = 0 \
              WHERE tenant = $1 AND meter = $2 AND id = ANY($3) AND closed_at IS NULL",
         );
-        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
-        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(false) };
+        // The units leave the bottom of the used total: each sender's last call (its entry's
+        // third element) is that much lower in it now, so a later close or refund finds its
+        // lease where it is.
+        let set = self.sql(&format!(
+            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, senders = coalesce((SELECT jsonb_object_agg(e.key, \
+             CASE WHEN jsonb_typeof(e.value) = 'array' AND jsonb_array_length(e.value) > 2 \
+             THEN jsonb_set(e.value, '{{2}}', to_jsonb(greatest((e.value ->> 2)::bigint - $5, 0))) ELSE e.value END) \
+             FROM jsonb_each(senders) e), '{{}}'::jsonb) WHERE {PREPAID}"
+        ));
+        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
         let (ids, after) = close_used_up(&locked.open, locked.balance, locked.kept);
         if ids.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
-        tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
+        let closed = int(locked.balance.reserved - after.reserved);
+        tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved), closed]).await?;
         tx.query_typed(&close, args![t, m, ids, now]).await?;
-        Ok(true)
+        self.prune_closed(tx, t, m, now).await?;
+        Ok(Some(after.granted))
+    }
+
+    /// Drops the closed grants of `(t, m)` kept long enough (`CreditGrant::kept_until`).
+    async fn prune_closed(&self, tx: &deadpool_postgres::Transaction<'_>, t: &str, m: &str, now: i64) -> Pg<()> {
+        let prune = self.sql(
+            "DELETE FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at <= $3 AND (closed_at <= $4 \
+             OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
+        );
+        let kept = (now - contract::CLOSED_GRANTS_KEPT_SECS, now - contract::USED_UP_GRANTS_KEPT_SECS);
+        tx.query_typed(&prune, args![t, m, kept.0, kept.1]).await?;
+        Ok(())
     }
 
     /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes

@@ -106,6 +106,21 @@ impl QuotaStore for SqliteStore {
                     return Ok(GrantOutcome::TooMany);
                 }
                 set_balance(tx, &b.key, &b.period, after.granted, after.reserved)?;
+                // The units left the bottom of the used total: each sender's last call is that
+                // much lower in it now (so a later close or refund finds its lease where it is).
+                let k = &b.key;
+                tx.prepare_cached(
+                    "UPDATE quota_sender SET reserved = max(reserved - ?6, 0) \
+                     WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+                )?
+                .execute(params![
+                    t,
+                    m,
+                    b.period,
+                    k.start,
+                    k.end,
+                    int(b.now.reserved - after.reserved)
+                ])?;
                 let mut close = tx.prepare_cached(
                     "UPDATE credit SET closed_at = ?4, revoked = 0, lost = 0 \
                      WHERE tenant = ?1 AND meter = ?2 AND id = ?3 AND closed_at IS NULL",
@@ -113,6 +128,7 @@ impl QuotaStore for SqliteStore {
                 for id in &ids {
                     close.execute(params![t, m, id, grant.granted_at])?;
                 }
+                prune_closed(tx, t, m, grant.granted_at)?;
             }
             let key = prepaid_key(&grant.tenant, &grant.meter);
             let period = key.period_tag();
@@ -232,17 +248,7 @@ impl QuotaStore for SqliteStore {
             )?
             .execute(params![t, m, id, now, revoke, int(lost)])?;
             // Closed grants are kept a while (their ids, for duplicates), then dropped.
-            // (Those closed used up, longer: `CreditGrant::kept_until`.)
-            tx.prepare_cached(
-                "DELETE FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at <= ?3 AND (closed_at <= ?4 \
-                 OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
-            )?
-            .execute(params![
-                t,
-                m,
-                now - contract::CLOSED_GRANTS_KEPT_SECS,
-                now - contract::USED_UP_GRANTS_KEPT_SECS
-            ])?;
+            prune_closed(tx, t, m, now)?;
             Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
         })
         .await
@@ -316,6 +322,17 @@ impl QuotaStore for SqliteStore {
         })
         .await
     }
+}
+
+/// Drops the closed grants of `(t, m)` kept long enough at `now` (`CreditGrant::kept_until`:
+/// those closed used up longer).
+fn prune_closed(tx: &Transaction<'_>, t: &str, m: &str, now: i64) -> Sql<()> {
+    tx.prepare_cached(
+        "DELETE FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at <= ?3 AND (closed_at <= ?4 \
+         OR revoked OR lost > 0 OR (expires_at IS NOT NULL AND closed_at >= expires_at))",
+    )?
+    .execute(params![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS, now - contract::USED_UP_GRANTS_KEPT_SECS])?;
+    Ok(())
 }
 
 /// The key of `(tenant, meter)`'s prepaid balance.
