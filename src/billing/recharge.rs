@@ -711,21 +711,31 @@ impl super::WebhookHandler {
         why: RechargeFailure,
     ) -> Result<(), super::WebhookOutcome> {
         let Some(reader) = &self.reader else { return Ok(()) };
-        // Unread now: answered 500, so that Stripe delivers it again.
-        let unread = |what: &str, e: super::reader::ReadError| {
-            tracing::warn!(error = %e.why, "a reversed payment's {what} could not be read: delivered again");
-            super::WebhookOutcome::ApiFailed(e.why)
+        // Unread now: answered 500, so that Stripe delivers it again; refused to the key (it
+        // lacks a permission: every refund would be delivered again for days), logged.
+        let unread = |e: super::reader::ReadError| -> Result<(), super::WebhookOutcome> {
+            if e.refused.is_some() {
+                tracing::error!(error = %e.why,
+                    "a reversed payment's invoice could not be read (the key lacks a permission): its recharge, if any, stays on");
+                return Ok(());
+            }
+            tracing::warn!(error = %e.why, "a reversed payment's invoice could not be read: delivered again");
+            Err(super::WebhookOutcome::ApiFailed(e.why))
         };
         let invoice = match (invoice, intent) {
             (Some(invoice), _) => Some(invoice.to_owned()),
-            (None, Some(intent)) => {
-                super::topup::invoice_of_payment(reader, intent).await.map_err(|e| unread("invoice", e))?
-            }
+            (None, Some(intent)) => match super::topup::invoice_of_payment(reader, intent).await {
+                Ok(found) => found,
+                Err(e) => return unread(e),
+            },
             (None, None) => None,
         };
         let ours = |i: &String| i.starts_with("in_") && i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         let Some(invoice) = invoice.filter(ours) else { return Ok(()) };
-        let object = reader.get(&format!("v1/invoices/{invoice}")).await.map_err(|e| unread("invoice", e))?;
+        let object = match reader.get(&format!("v1/invoices/{invoice}")).await {
+            Ok(object) => object,
+            Err(e) => return unread(e),
+        };
         let body = serde_json::json!({ "data": { "object": object } });
         let failed = |e: crate::store::StoreError| super::WebhookOutcome::StoreFailed(e.to_string());
         let Some(named) = self.recharge_of(config, &body).await.map_err(failed)? else { return Ok(()) };
@@ -775,8 +785,14 @@ impl super::WebhookHandler {
         // `requires_action`), whichever event tells it: never voided.
         if why == RechargeFailure::Declined {
             if let (Some(reader), Some(invoice)) = (&self.reader, object["id"].as_str()) {
+                // At most 3 s of the 10 Stripe waits for the answer.
                 let asks = match RechargeCharger::of_reader(reader) {
-                    Ok(charger) => charger.payment_requires_action(invoice).await,
+                    Ok(charger) => {
+                        let read = charger.payment_requires_action(invoice);
+                        tokio::time::timeout(Duration::from_secs(3), read)
+                            .await
+                            .unwrap_or_else(|_| Err("no answer within 3 s".into()))
+                    }
                     Err(e) => Err(e.to_string()),
                 };
                 match asks {

@@ -370,12 +370,8 @@ pub(crate) fn close_used_up(grants: &[CreditGrant], balance: CreditBalance, kept
         match covered.checked_add(g.units) {
             Some(next) if next <= used => {
                 covered = next;
-                // A grant with a take not reversed (a dispute open) stays open: a reversal
-                // gives its units back to it.
-                if g.takes.iter().all(|t| t.given_back) {
-                    closed += g.units;
-                    ids.push(g.id.clone());
-                }
+                closed += g.units;
+                ids.push(g.id.clone());
             }
             _ => break,
         }
@@ -970,12 +966,6 @@ mod tests {
         refunded.granted_at = 50;
         let (ids, _) = close_used_up(&[refunded, grant("late", 10, None)], CreditBalance::new(10, 0), 0);
         assert_eq!(ids, ["refunded"]);
-        // A grant whose dispute is open stays open (its reversal gives back to it); the run
-        // goes on past it.
-        let mut disputed = grant("soon", 10, Some(200));
-        disputed.takes.push(CreditTake::new("dp_1", 10, 0, 0));
-        let (ids, after) = close_used_up(&[disputed, grant("mid", 10, Some(300))], CreditBalance::new(20, 20), 0);
-        assert_eq!((ids.as_slice(), after), (&["mid".to_owned()][..], CreditBalance::new(10, 10)));
     }
 
     /// A grant closed used up is told apart from an expiry and a revoke, and a refund still

@@ -268,6 +268,10 @@ pub struct RechargeAction {
     /// When it was claimed (its month is the one it counts in).
     #[serde(default)]
     pub claimed_at: i64,
+    /// The `set_at` of the setting in force when it was told: storing the setting again ends
+    /// the pause ([`pauses`](Self::pauses)).
+    #[serde(default)]
+    pub setting_at: i64,
 }
 
 impl RechargeAction {
@@ -280,15 +284,20 @@ impl RechargeAction {
     pub fn new(n: u64, url: &str, at: i64) -> Option<Self> {
         let fine =
             url.starts_with("https://") && url.len() <= Self::MAX_URL && url.chars().all(|c| c.is_ascii_graphic());
-        fine.then(|| Self { n, url: url.to_owned(), at, amount: 0, claimed_at: 0 })
+        fine.then(|| Self { n, url: url.to_owned(), at, amount: 0, claimed_at: 0, setting_at: 0 })
     }
 
-    /// Whether `setting` was stored before it was told: no recharge is claimed until the
-    /// customer pays it or the setting is stored again (so that the next crossing does not
-    /// open another invoice the bank will ask to authenticate too).
+    /// How long at most it pauses the next recharges ([`pauses`](Self::pauses)): three days
+    /// (an invoice voided or left unpaid meanwhile ends the pause then).
+    pub const PAUSE_SECS: i64 = 3 * 86_400;
+
+    /// Whether it pauses the next recharges at `now` under `setting`: while the setting is the
+    /// one in force when it was told (storing it again, turned on or changed, ends the pause),
+    /// for at most [`PAUSE_SECS`](Self::PAUSE_SECS), so that the next crossing does not open
+    /// another invoice the bank will ask to authenticate too.
     #[must_use]
-    pub fn pauses(&self, setting: &RechargeSetting) -> bool {
-        setting.set_at <= self.at
+    pub fn pauses(&self, setting: &RechargeSetting, now: i64) -> bool {
+        setting.set_at == self.setting_at && now < self.at.saturating_add(Self::PAUSE_SECS)
     }
 }
 
@@ -523,6 +532,7 @@ impl RechargeState {
                 if matches!(seen, RechargeSeen::Failed { first: true, .. }) {
                     if let (Some(mut action), Some(claim)) = (RechargeAction::new(n, &url, now), self.unpaid) {
                         (action.amount, action.claimed_at) = (claim.amount, claim.claimed_at);
+                        action.setting_at = self.setting.as_ref().map_or(0, |s| s.set_at);
                         self.action = Some(action);
                     }
                 }
@@ -591,7 +601,7 @@ impl RechargeState {
         }
         let Some(setting) = wanted else { return RechargeSeen::Nothing };
         // A recharge whose payment waits for the customer (3-D Secure) pauses the next ones.
-        if self.action.as_ref().is_some_and(|a| a.pauses(&setting)) {
+        if self.action.as_ref().is_some_and(|a| a.pauses(&setting, now)) {
             return RechargeSeen::Nothing;
         }
         let pack = setting.pack;
@@ -836,7 +846,7 @@ mod tests {
         assert_eq!(declined.action, None);
         // Stored again, the next is claimed, and declined; then the first is paid on its page.
         let mut setting = s.setting.clone().unwrap();
-        setting.set_at = NOW + 60;
+        setting.set_at = NOW - 60; // stored again (on a node whose clock is behind)
         s.apply(RechargeMode::Set(Some(setting)), None);
         assert!(matches!(s.apply(later, Some(0)), RechargeSeen::Claimed { n: 2, .. }));
         let at = NOW + 2 * RETRY_AFTER_FAILURE_SECS;

@@ -502,7 +502,10 @@ impl MeterQuota {
         // lower in it now (so a later close or refund finds its lease where it is).
         let closed = c.reserved - after.reserved;
         for sender in c.applied.values_mut() {
-            sender.grant.reserved = sender.grant.reserved.saturating_sub(closed);
+            let g = &mut sender.grant;
+            g.reserved = g.reserved.saturating_sub(closed);
+            g.limit = g.limit.map(|l| l.saturating_sub(closed));
+            g.used = g.used.saturating_sub(closed);
         }
         (c.granted, c.reserved) = (Some(after.granted), after.reserved);
         let ids: std::collections::HashSet<String> = ids.into_iter().collect();

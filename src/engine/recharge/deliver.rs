@@ -200,8 +200,10 @@ async fn charge(
         }
         Charged::Failed(why, detail, invoice) => {
             let counted = failed(parts, claim, why, &detail).await;
-            // Counted: its invoice is voided, so that it is never paid beside the next one.
-            if let (Ok(Delivered::Failed { .. }), Some(invoice)) = (&counted, invoice) {
+            // Counted by this delivery: its invoice is voided, so that it is never paid beside
+            // the next one (counted first by its webhook, the webhook decided: a 3-D Secure
+            // invoice it told the tenant of stays open).
+            if let (Ok(Delivered::Failed { first: true, .. }), Some(invoice)) = (&counted, invoice) {
                 charger.void(&invoice).await;
             }
             counted

@@ -332,7 +332,8 @@ impl DynamoStore {
                     .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
                 let by = forgiven_by_of(get_s(&counter, "forgiven_by").unwrap_or("{}"));
                 let grants = self.grants(tenant, Some(meter)).await?;
-                let (mut ids, _) = close_used_up(&grants, balance, kept_all(&counter));
+                let kept = kept_all(&counter);
+                let (mut ids, _) = close_used_up(&grants, balance, kept);
                 // The first of them in spending order, as one transaction holds.
                 ids.truncate(99);
                 // The count of open grants as the grants say it (a count an earlier build began
@@ -360,19 +361,41 @@ impl DynamoStore {
                 // keeps (each moves a lease's units and what its sender keeps alike), so what
                 // was used up when read still is, and a busy balance's close is not refused
                 // by every call that lands meanwhile.
-                let less = Update::builder()
+                // The units left the bottom of the used total: each sender's last call ("r") is
+                // that much lower in it now, so a later close or refund finds its lease where it
+                // is (a sender forgotten meanwhile fails the write, which is tried again).
+                let senders: Vec<String> = counter
+                    .get("senders")
+                    .and_then(|v| v.as_m().ok())
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(_, rec)| rec.as_m().ok().is_some_and(|r| r.contains_key("r")))
+                            .map(|(node, _)| node.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let minus = if units == 0 { "0".to_owned() } else { format!("-{units}") };
+                let lowered: String = (0..senders.len()).map(|i| format!(", senders.#n{i}.r :minus")).collect();
+                let mut less = Update::builder()
                     .table_name(&self.table)
                     .key("pk", s(quota_pk(key)))
                     .key("sk", s(quota_sk(key)))
-                    .update_expression("SET open_grants = :o ADD granted :minus, reserved :minus")
+                    .update_expression(format!("SET open_grants = :o ADD granted :minus, reserved :minus{lowered}"))
+                    // What nodes keep stays in the used total (a reversal of a closed grant's
+                    // take may have lowered it since it was read).
                     .condition_expression(format!(
-                        "granted = :g0 AND (attribute_not_exists(forgiven) OR forgiven = :f0) AND {}",
+                        "granted = :g0 AND reserved >= :need AND (attribute_not_exists(forgiven) OR forgiven = :f0) \
+                         AND {}",
                         count.condition()
                     ))
                     .expression_attribute_values(":o", n(open.saturating_sub(closing.len() as u64)))
-                    .expression_attribute_values(":minus", AttributeValue::N(format!("-{units}")))
+                    .expression_attribute_values(":minus", AttributeValue::N(minus))
+                    .expression_attribute_values(":need", n(units.saturating_add(kept)))
                     .expression_attribute_values(":g0", n(balance.granted))
                     .expression_attribute_values(":f0", n(balance.forgiven));
+                for (i, node) in senders.iter().enumerate() {
+                    less = less.expression_attribute_names(format!("#n{i}"), node);
+                }
                 let less = match was {
                     Some(was) => less.expression_attribute_values(":o0", n(was)),
                     None => less,
