@@ -268,27 +268,7 @@ impl DynamoStore {
                         // Its markers go with it, once it is dropped (best effort: a marker left
                         // names a closed grant, which refunds and grants read as such).
                         let ttl = now.saturating_add(contract::CLOSED_GRANTS_KEPT_SECS);
-                        let markers =
-                            std::iter::once(grant_id_pk(tenant, id)).chain(payment.as_deref().map(payment_pk));
-                        for marker in markers {
-                            if let Err(e) = self
-                                .client
-                                .update_item()
-                                .table_name(&self.table)
-                                .key("pk", s(marker))
-                                .key("sk", s(ONE_SK))
-                                .update_expression("SET #ttl = :ttl")
-                                .condition_expression("attribute_exists(pk)")
-                                .expression_attribute_names("#ttl", "ttl")
-                                .expression_attribute_values(":ttl", n(ttl))
-                                .send()
-                                .await
-                            {
-                                if !is_ccf(&e) {
-                                    tracing::debug!(error = %sdk(e), "a closed grant's marker keeps no expiry");
-                                }
-                            }
-                        }
+                        self.expire_markers(tenant, id, payment.as_deref(), ttl).await;
                         // Closed grants are kept a while (their ids, for duplicates), then dropped.
                         for old in all.iter().filter(|g| g.kept_until().is_some_and(|until| until <= now)) {
                             let _ = self
@@ -422,22 +402,7 @@ impl DynamoStore {
                     None => {
                         // Their markers go with them, once they are dropped (best effort).
                         for g in &closing {
-                            let markers =
-                                std::iter::once(grant_id_pk(tenant, &g.id)).chain(g.payment.as_deref().map(payment_pk));
-                            for marker in markers {
-                                let _ = self
-                                    .client
-                                    .update_item()
-                                    .table_name(&self.table)
-                                    .key("pk", s(marker))
-                                    .key("sk", s(ONE_SK))
-                                    .update_expression("SET #ttl = :ttl")
-                                    .condition_expression("attribute_exists(pk)")
-                                    .expression_attribute_names("#ttl", "ttl")
-                                    .expression_attribute_values(":ttl", n(ttl))
-                                    .send()
-                                    .await;
-                            }
+                            self.expire_markers(tenant, &g.id, g.payment.as_deref(), ttl).await;
                         }
                         Ok(Race::Won(true))
                     }
@@ -446,6 +411,31 @@ impl DynamoStore {
             })
         })
         .await
+    }
+
+    /// A closed grant's markers (its id's, its payment's) expire with it at `ttl`, once it is
+    /// dropped. Best effort: a marker left names a closed grant, which refunds and grants read
+    /// as such.
+    async fn expire_markers(&self, tenant: &TenantId, id: &str, payment: Option<&str>, ttl: i64) {
+        for marker in std::iter::once(grant_id_pk(tenant, id)).chain(payment.map(payment_pk)) {
+            if let Err(e) = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(marker))
+                .key("sk", s(ONE_SK))
+                .update_expression("SET #ttl = :ttl")
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#ttl", "ttl")
+                .expression_attribute_values(":ttl", n(ttl))
+                .send()
+                .await
+            {
+                if !is_ccf(&e) {
+                    tracing::debug!(error = %sdk(e), "a closed grant's marker keeps no expiry");
+                }
+            }
+        }
     }
 
     pub(super) async fn refund_grant(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
