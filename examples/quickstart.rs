@@ -371,11 +371,13 @@ async fn bounded(body: axum::body::Body, max: usize) -> bytes::Bytes {
 async fn spend_cap(
     Extension(ctx): Extension<TenantContext>,
     Extension(tollgate): Extension<Tollgate>,
-    method: axum::http::Method,
-    body: axum::body::Body,
+    request: axum::extract::Request,
 ) -> axum::response::Response {
-    let body = bounded(body, tollgate::door::SPEND_CAP_MAX_BODY).await;
-    tollgate.tenant_spend_cap(&ctx, &method, &body).await.map(axum::body::Body::from)
+    // Who calls: the key's scopes say what it may do here.
+    let caller = tollgate.caller(&request);
+    let method = request.method().clone();
+    let body = bounded(request.into_body(), tollgate::door::SPEND_CAP_MAX_BODY).await;
+    tollgate.tenant_spend_cap(&ctx, &caller, &method, &body).await.map(axum::body::Body::from)
 }
 
 /// `GET`, `PUT {"url": "https://…"}` or `DELETE` the calling tenant's own alert endpoint (403
@@ -383,11 +385,13 @@ async fn spend_cap(
 async fn alert_endpoint(
     Extension(ctx): Extension<TenantContext>,
     Extension(tollgate): Extension<Tollgate>,
-    method: axum::http::Method,
-    body: axum::body::Body,
+    request: axum::extract::Request,
 ) -> axum::response::Response {
-    let body = bounded(body, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
-    tollgate.tenant_alert_endpoint(&ctx, &method, &body).await.map(axum::body::Body::from)
+    // Who calls: the key's scopes say what it may do here.
+    let caller = tollgate.caller(&request);
+    let method = request.method().clone();
+    let body = bounded(request.into_body(), tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
+    tollgate.tenant_alert_endpoint(&ctx, &caller, &method, &body).await.map(axum::body::Body::from)
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {

@@ -127,4 +127,4 @@ pub use engine::{BuildError, Builder, Hold, ShutdownError, Tollgate};
 pub use engine::{Feature, QuotaStatus, RecordError, TenantContext};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
-pub use tenant::Identity;
+pub use tenant::{Caller, Identity};

@@ -1,7 +1,7 @@
 //! API keys: issued, rotated, listed and revoked.
 
-use crate::store::KeyHash;
 use crate::store::{unix_now, ApiKeyRecord};
+use crate::store::{KeyHash, KeyScopes};
 
 use super::{Admin, AdminError};
 
@@ -16,6 +16,9 @@ pub struct KeyOptions {
     pub expires_at: Option<i64>,
     /// `tg_test_` keys instead of `tg_live_` ones (the same otherwise: a name for people).
     pub test: bool,
+    /// What it may do at its tenant's own routes: [`KeyScopes::DEFAULT`] unless given others
+    /// (`recharge:write`, which charges a card, only by name).
+    pub scopes: Option<KeyScopes>,
 }
 
 impl KeyOptions {
@@ -30,6 +33,13 @@ impl KeyOptions {
     #[must_use]
     pub fn expiring(mut self, at: i64) -> Self {
         self.expires_at = Some(at);
+        self
+    }
+
+    /// With these scopes.
+    #[must_use]
+    pub fn scopes(mut self, scopes: KeyScopes) -> Self {
+        self.scopes = Some(scopes);
         self
     }
 }
@@ -73,7 +83,7 @@ fn new_key(test: bool) -> Result<String, AdminError> {
 
 impl Admin {
     /// Issues a new key for a tenant: returned once, stored as its hash with its id, its first
-    /// characters and its expiry.
+    /// characters, its expiry and its scopes.
     ///
     /// # Errors
     /// No such tenant, or the store failed.
@@ -82,19 +92,31 @@ impl Admin {
         let key = new_key(options.test)?;
         let stored = ApiKeyRecord::new(KeyHash::of(key.as_bytes()), record.id, unix_now())
             .with_prefix(&key[..PREFIX_CHARS])
-            .with_expiry(options.expires_at);
+            .with_expiry(options.expires_at)
+            .with_scopes(options.scopes.unwrap_or_default());
         self.directory.put_key(&stored).await?;
         Ok(IssuedKey { key, record: stored })
     }
 
-    /// Rotates a key: issues a new one, and keeps the old one working until `grace_until`
-    /// (Unix seconds) so clients can move over.
+    /// Sets what a key may do at its tenant's own routes: its scopes, replaced whole. The
+    /// routes read them at each call (the usage route within a second).
+    ///
+    /// # Errors
+    /// No such tenant or key, or the store failed.
+    pub async fn set_key_scopes(&self, tenant: &str, id: &str, scopes: KeyScopes) -> Result<ApiKeyRecord, AdminError> {
+        let key = self.key(tenant, id).await?.with_scopes(scopes);
+        self.directory.put_key(&key).await?;
+        Ok(key)
+    }
+
+    /// Rotates a key: issues a new one with the same scopes, and keeps the old one working
+    /// until `grace_until` (Unix seconds) so clients can move over.
     ///
     /// # Errors
     /// No such tenant or key, or the store failed.
     pub async fn rotate_key(&self, tenant: &str, id: &str, grace_until: i64) -> Result<IssuedKey, AdminError> {
         let old = self.key(tenant, id).await?;
-        let issued = self.issue_key(tenant, KeyOptions::default()).await?;
+        let issued = self.issue_key(tenant, KeyOptions::default().scopes(old.scopes)).await?;
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
         let tenant = old.tenant.clone();
         self.directory.put_key(&old.with_expiry(Some(until))).await?;

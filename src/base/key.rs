@@ -55,6 +55,163 @@ impl fmt::Debug for KeyHash {
     }
 }
 
+/// What a key may do at the routes its tenant calls about itself, beyond being served: one
+/// scope of [`KeyScopes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyScope {
+    /// `usage:read`: read the tenant's usage, balances and settings (the usage route, and
+    /// `GET` of the settings routes).
+    UsageRead,
+    /// `caps:write`: set or remove the tenant's own spend cap.
+    CapsWrite,
+    /// `alerts:write`: register or remove the tenant's own alert endpoint.
+    AlertsWrite,
+    /// `recharge:write`: turn the tenant's auto-recharge on, change it or turn it off; it
+    /// charges the customer's card, so no key has it unless given it by name.
+    RechargeWrite,
+}
+
+impl KeyScope {
+    /// Every scope, in the order they are written.
+    pub const ALL: [Self; 4] = [Self::UsageRead, Self::CapsWrite, Self::AlertsWrite, Self::RechargeWrite];
+
+    /// Its name: `usage:read`, `caps:write`, `alerts:write`, `recharge:write`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::UsageRead => "usage:read",
+            Self::CapsWrite => "caps:write",
+            Self::AlertsWrite => "alerts:write",
+            Self::RechargeWrite => "recharge:write",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        match self {
+            Self::UsageRead => 1,
+            Self::CapsWrite => 2,
+            Self::AlertsWrite => 4,
+            Self::RechargeWrite => 8,
+        }
+    }
+}
+
+impl fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The scopes of an API key: what it may do at its tenant's own routes (usage, spend cap,
+/// alert endpoint, recharge). Every key is served by the layer whatever its scopes; the
+/// scopes only open those routes.
+///
+/// A key given no scopes by name has [`KeyScopes::DEFAULT`] (`usage:read`, `caps:write`,
+/// `alerts:write`): what every key could do before keys had scopes. `recharge:write`, which
+/// charges a card, is never a default.
+///
+/// ```
+/// use tollgate::store::{KeyScope, KeyScopes};
+/// let scopes: KeyScopes = "usage:read, recharge:write".parse().unwrap();
+/// assert!(scopes.allows(KeyScope::RechargeWrite));
+/// assert!(!scopes.allows(KeyScope::CapsWrite));
+/// assert_eq!(scopes.to_string(), "usage:read,recharge:write");
+/// assert!(!KeyScopes::DEFAULT.allows(KeyScope::RechargeWrite));
+/// assert!("billing:write".parse::<KeyScopes>().is_err());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyScopes(u8);
+
+impl KeyScopes {
+    /// No scope: the key is served, and opens none of its tenant's own routes.
+    pub const NONE: Self = Self(0);
+    /// What a key has unless given scopes by name: `usage:read`, `caps:write`, `alerts:write`.
+    pub const DEFAULT: Self = Self(1 | 2 | 4);
+    /// Every scope, `recharge:write` included.
+    pub const ALL: Self = Self(1 | 2 | 4 | 8);
+
+    /// Whether it allows `scope`.
+    #[must_use]
+    pub const fn allows(self, scope: KeyScope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// The same, with `scope` too.
+    #[must_use]
+    pub const fn with(self, scope: KeyScope) -> Self {
+        Self(self.0 | scope.bit())
+    }
+
+    /// The scopes as the stores keep them: one bit each (`usage:read` 1, `caps:write` 2,
+    /// `alerts:write` 4, `recharge:write` 8).
+    #[must_use]
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The scopes of stored bits; bits of no scope this version knows are dropped (a later
+    /// version's scope is not granted by an earlier one).
+    #[must_use]
+    pub const fn from_bits(bits: i64) -> Self {
+        Self((bits & Self::ALL.0 as i64) as u8)
+    }
+
+    /// Each scope it allows, in the order they are written.
+    pub fn iter(self) -> impl Iterator<Item = KeyScope> {
+        KeyScope::ALL.into_iter().filter(move |s| self.allows(*s))
+    }
+}
+
+impl Default for KeyScopes {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for KeyScopes {
+    /// The names joined by commas (`usage:read,caps:write`); `none` for no scope.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            return f.write_str("none");
+        }
+        for (i, scope) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(scope.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyScopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyScopes({self})")
+    }
+}
+
+impl std::str::FromStr for KeyScopes {
+    type Err = String;
+
+    /// Names separated by commas or spaces (`usage:read,recharge:write`), or `none`; an
+    /// unknown name is refused, naming the scopes there are.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut scopes = Self::NONE;
+        let names = text.split(|c: char| c == ',' || c.is_whitespace()).filter(|n| !n.is_empty());
+        for name in names {
+            if name == "none" {
+                continue;
+            }
+            let scope = KeyScope::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
+                format!("`{name}` is not a key scope: expected usage:read, caps:write, alerts:write, recharge:write or none")
+            })?;
+            scopes = scopes.with(scope);
+        }
+        Ok(scopes)
+    }
+}
+
 /// The longest API key accepted, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 256;
 

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{plans::RawOverride, validator::Validator, EventSettings, MeterSpec, PlanOverride, PlanSpec, RouteSpec};
 use super::{ConfigError, ConfigErrorKind as Kind};
-use crate::base::{KeyHash, MeterId, PlanId, TenantId};
+use crate::base::{KeyHash, KeyScopes, MeterId, PlanId, TenantId};
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -17,6 +17,7 @@ pub(crate) struct RawTenant {
     pub(crate) keys: Vec<String>,
     #[serde(default)]
     pub(crate) key_sha256: Vec<String>,
+    pub(crate) key_scopes: Option<Vec<String>>,
     pub(crate) stripe_customer: Option<String>,
     pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<RawOverride>,
@@ -31,6 +32,7 @@ pub struct TenantSpec {
     pub(crate) id: TenantId,
     pub(crate) plan: PlanId,
     pub(crate) key_hashes: Vec<crate::base::KeyHash>,
+    pub(crate) key_scopes: KeyScopes,
     pub(crate) stripe_customer: Option<String>,
     pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<PlanOverride>,
@@ -63,6 +65,13 @@ impl TenantSpec {
     #[must_use]
     pub fn key_hashes(&self) -> &[crate::base::KeyHash] {
         &self.key_hashes
+    }
+
+    /// The scopes of the tenant's keys declared here (`key_scopes`; without it
+    /// [`KeyScopes::DEFAULT`]).
+    #[must_use]
+    pub fn key_scopes(&self) -> KeyScopes {
+        self.key_scopes
     }
 
     /// The tenant's Stripe customer id, if declared.
@@ -151,6 +160,22 @@ impl Validator<'_, '_> {
                 })?;
                 key_hashes.push(hash);
             }
+            let mut key_scopes = KeyScopes::DEFAULT;
+            if let Some(names) = &t.key_scopes {
+                key_scopes = KeyScopes::NONE;
+                for (i, name) in names.iter().enumerate() {
+                    let scope = crate::base::KeyScope::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
+                        self.invalid(
+                            &format!("{base}.key_scopes[{i}]"),
+                            format!(
+                                "`{name}` is not a key scope: expected usage:read, caps:write, alerts:write or \
+                                 recharge:write ([] for none)"
+                            ),
+                        )
+                    })?;
+                    key_scopes = key_scopes.with(scope);
+                }
+            }
             for (i, hash) in key_hashes.iter().enumerate() {
                 if !keys_seen.insert(*hash) {
                     return Err(self.loc.error(
@@ -192,6 +217,7 @@ impl Validator<'_, '_> {
                 }
             };
             tenants.push(TenantSpec {
+                key_scopes,
                 id,
                 plan,
                 key_hashes,

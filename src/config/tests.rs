@@ -21,6 +21,22 @@ mod validation {
     }
 
     #[test]
+    fn key_scopes_are_names_of_scopes_placed_where_they_stand() {
+        use crate::base::{KeyScope, KeyScopes};
+        let e = err("[plans.p]\n[tenants.a]\nplan = \"p\"\nkeys = [\"tg_a\"]\nkey_scopes = [\"usage:read\", \"billing:write\"]\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "tenants.a.key_scopes[1]", Some(5)));
+        assert!(e.to_string().contains("`billing:write` is not a key scope"), "{e}");
+        // One scope per entry: a list written as one string is refused.
+        let e = err("[plans.p]\n[tenants.a]\nplan = \"p\"\nkey_scopes = [\"usage:read,caps:write\"]\n");
+        assert_eq!(e.key(), "tenants.a.key_scopes[0]");
+        let scopes = |text: &str| parse(text).unwrap().tenants()[0].key_scopes();
+        assert_eq!(scopes("[plans.p]\n[tenants.a]\nplan = \"p\"\n"), KeyScopes::DEFAULT);
+        assert_eq!(scopes("[plans.p]\n[tenants.a]\nplan = \"p\"\nkey_scopes = []\n"), KeyScopes::NONE);
+        let payer = scopes("[plans.p]\n[tenants.a]\nplan = \"p\"\nkey_scopes = [\"recharge:write\"]\n");
+        assert_eq!(payer, KeyScopes::NONE.with(KeyScope::RechargeWrite));
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_line() {
         let e = err("[plans.free]\nrate = \"1/s\"\nrat = 3\n");
         assert_eq!(e.kind(), Kind::UnknownKey);

@@ -11,7 +11,7 @@ use http::{Method, StatusCode};
 
 use crate::engine::{
     door::{credential_by, RequestView},
-    usage::views::NoView,
+    usage::views::{NoView, UsageView},
     TenantContext, Tollgate,
 };
 use crate::response::route::{json, no_content, not_get, not_get_put_delete, problem, too_large};
@@ -19,7 +19,9 @@ use crate::settings::{
     caps::{self, CapError},
     endpoint::{self, EndpointError, TenantEndpoint},
     recharge::{self as settings, RechargeError},
+    scopes::{self, Need, ScopeError},
 };
+use crate::{base::KeyScope, tenant::Caller};
 
 /// `If-None-Match` as RFC 9110 reads it: `*`, or a list of entity tags compared weakly.
 fn none_match(values: &[u8], etag: &str) -> bool {
@@ -29,8 +31,46 @@ fn none_match(values: &[u8], etag: &str) -> bool {
 }
 
 impl Tollgate {
+    /// Who calls one of the tenant routes (behind the layer: [`tenant_spend_cap`](Self::tenant_spend_cap),
+    /// [`tenant_recharge`](Self::tenant_recharge), [`tenant_alert_endpoint`](Self::tenant_alert_endpoint)),
+    /// read from the request as the layer identifies it (`[identify]`): the API key it carries,
+    /// or the [`Identity`](crate::Identity) an authentication layer put in it. What it may do
+    /// there is its key's scopes ([`KeyScopes`](crate::store::KeyScopes)). The door crates'
+    /// routes call it; an application calling the verbs itself does too.
+    ///
+    /// ```
+    /// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"5/s\"").unwrap();
+    /// let (tollgate, _worker) = tollgate::Tollgate::builder(config).build();
+    /// let request = http::Request::get("/v1/spend/cap").header("x-api-key", "tg_acme").body(()).unwrap();
+    /// assert_eq!(tollgate.caller(&request), tollgate::Caller::api_key(b"tg_acme"));
+    /// ```
+    #[must_use]
+    pub fn caller(&self, request: &impl RequestView) -> Caller {
+        let rt = self.shared().runtime().load();
+        match credential_by(&rt.config.identify, |h| request.header_values_named(h), || request.identity()) {
+            crate::tenant::Credential::ApiKey(key) => Caller::api_key(key),
+            crate::tenant::Credential::Tenant(_) => request.identity().map_or_else(Caller::nobody, Caller::identity),
+            _ => Caller::nobody(),
+        }
+    }
+
+    /// Whether `caller` may do `need` at `tenant`'s own route: who it is as a setting records
+    /// it, or the refusal to answer.
+    async fn allowed(
+        &self,
+        tenant: &crate::base::TenantId,
+        caller: &Caller,
+        need: Need,
+    ) -> Result<String, http::Response<Bytes>> {
+        let config = self.shared().runtime().load().config.clone();
+        let directory = &self.shared().stores().background().directory;
+        let now = self.shared().clock().unix_secs();
+        scopes::check(directory.as_ref(), &config, tenant, caller, need, now).await.map_err(|e| scope_problem(&e))
+    }
+
     /// The route an application mounts for its tenants' own spend cap, behind tollgate's
-    /// layer (the calling tenant's cap; any key of the tenant may set it): `GET` answers the
+    /// layer (the calling tenant's cap; `caller`, [`Tollgate::caller`] of the request, needs the
+    /// scope `caps:write` to set it, `usage:read` or `caps:write` to read it): `GET` answers the
     /// cap in force (`{"currency", "limit", "mode", "max_limit", "plan_limit", "set_by"}`,
     /// amounts as decimal strings of the currency), `PUT` with `{"limit": "25.00", "mode":
     /// "hard"}` (`mode` optional: the plan's) sets the tenant's own, at most the plan's
@@ -39,11 +79,13 @@ impl Tollgate {
     /// call to the store (a raised cap is seen within a second; a lowered one lets through at
     /// most the spend leases nodes hold already). A refusal is a problem+json 4xx (403 when
     /// the plan has no spend cap, 422 above the maximum, 400 for a body that is not that JSON
-    /// or a limit that is not an amount) and stores nothing. The door crates mount it
-    /// (`tollgate_axum::spend_cap`, `tollgate_actix::spend_cap`).
+    /// or a limit that is not an amount; 403 `scope-missing` for a key without the scope) and
+    /// stores nothing. The door crates mount it (`tollgate_axum::spend_cap`,
+    /// `tollgate_actix::spend_cap`).
     pub async fn tenant_spend_cap(
         &self,
         tenant: &TenantContext,
+        caller: &Caller,
         method: &Method,
         body: &[u8],
     ) -> http::Response<Bytes> {
@@ -51,6 +93,14 @@ impl Tollgate {
         let stores = self.shared().stores().background();
         let now = self.shared().clock().unix_secs();
         let id = tenant.tenant();
+        // Who may, before what is asked is read.
+        if [Method::GET, Method::PUT, Method::DELETE].contains(method) {
+            let write = *method != Method::GET;
+            let what = if write { "changing the spend cap" } else { "reading the spend cap" };
+            if let Err(refused) = self.allowed(id, caller, Need { scope: KeyScope::CapsWrite, write, what }).await {
+                return refused;
+            }
+        }
         let act = match *method {
             Method::GET => caps::CapAct::Read,
             Method::PUT => {
@@ -88,6 +138,7 @@ impl Tollgate {
             Method::DELETE => caps::CapAct::Remove,
             _ => return not_get_put_delete(),
         };
+
         let removing = act == caps::CapAct::Remove;
         let answer = caps::spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
         if let (Ok(view), false) = (&answer, act == caps::CapAct::Read) {
@@ -156,6 +207,8 @@ impl Tollgate {
             crate::config::Identify::ApiKey { header } => Some(header.clone()),
             crate::config::Identify::Extension => None,
         };
+        let caller = self.caller(request);
+        let keyed = vary.is_some();
         let who = get.then(|| {
             let credential =
                 credential_by(&rt.config.identify, |h| request.header_values_named(h), || request.identity());
@@ -190,9 +243,18 @@ impl Tollgate {
                         .view(
                             &state.id,
                             || clock.unix_nanos(),
-                            || {
+                            || async {
                                 engine.shared().totals().usage_refreshes.add(1);
-                                engine.usage_body(&state)
+                                let (body, numbers) = engine.usage_body(&state).await?;
+                                // Who may read it: the scopes of the tenant's keys, read with it.
+                                let keys = if keyed {
+                                    let config = engine.shared().runtime().load().config.clone();
+                                    let directory = &engine.shared().stores().background().directory;
+                                    scopes::keys_of(directory.as_ref(), &config, &state.id, clock.unix_secs()).await?
+                                } else {
+                                    Box::default()
+                                };
+                                Ok::<_, crate::store::StoreError>(UsageView::new(body, &numbers, keys))
                             },
                         )
                         .await;
@@ -214,6 +276,15 @@ impl Tollgate {
                     }
                 }
             };
+            let need = Need { scope: KeyScope::UsageRead, write: false, what: "reading the usage" };
+            if let Err(e) = scopes::check_among(&view.keys, &caller, need) {
+                let mut refused = scope_problem(&e);
+                if matches!(e, ScopeError::NotLive) {
+                    // A key issued within the last second is in the next view.
+                    refused.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                }
+                return refused;
+            }
             let mut response = if matches(&view.etag) {
                 let mut r = http::Response::new(Bytes::new());
                 *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -237,8 +308,10 @@ impl Tollgate {
     }
 
     /// The route an application mounts for its tenants' own auto-recharge, behind tollgate's
-    /// layer (the calling tenant's; any key of the tenant may set it): `GET` answers its
-    /// recharge (`{"meter", "currency", "on", "off_reason", "settings", "plan", "failures",
+    /// layer (the calling tenant's; `caller`, [`Tollgate::caller`] of the request, needs the
+    /// scope `recharge:write` to change it, which no key has unless given it by name, and
+    /// `usage:read` or `recharge:write` to read it; the setting records which key set it):
+    /// `GET` answers its recharge (`{"meter", "currency", "on", "off_reason", "settings", "plan", "failures",
     /// "open", "month"}`, money as decimal strings of the currency), `PUT` with `{"below":
     /// 10000, "to": 50000, "monthly_limit": "200.00"}` (each optional: the plan's; `{}` for all
     /// of the plan's; an empty body is refused) turns it on
@@ -247,15 +320,30 @@ impl Tollgate {
     /// (`"meter": "tokens"`); without one, the plan's one recharged meter. A refusal is a
     /// problem+json 4xx and stores nothing: 422 for values outside the bounds or not numbers
     /// (or a body that is not that JSON), 403 when the plan recharges nothing there, 503 when
-    /// Stripe could not say the price's amount or the store failed. The door crates mount it
-    /// (`tollgate_axum::recharge`, `tollgate_actix::recharge`).
-    pub async fn tenant_recharge(&self, tenant: &TenantContext, method: &Method, body: &[u8]) -> http::Response<Bytes> {
+    /// Stripe could not say the price's amount or the store failed, 403 `scope-missing` for a
+    /// key without the scope. The door crates mount it (`tollgate_axum::recharge`,
+    /// `tollgate_actix::recharge`).
+    pub async fn tenant_recharge(
+        &self,
+        tenant: &TenantContext,
+        caller: &Caller,
+        method: &Method,
+        body: &[u8],
+    ) -> http::Response<Bytes> {
         if ![Method::GET, Method::PUT, Method::DELETE].contains(method) {
             return not_get_put_delete();
         }
         if body.len() > settings::MAX_BODY {
             return too_large("1 KiB");
         }
+        // Who may, before what is asked is read.
+        let write = *method != Method::GET;
+        let what = if write { "changing the recharge" } else { "reading the recharge" };
+        let who =
+            match self.allowed(tenant.tenant(), caller, Need { scope: KeyScope::RechargeWrite, write, what }).await {
+                Ok(who) => who,
+                Err(refused) => return refused,
+            };
         #[derive(serde::Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct Body {
@@ -305,7 +393,7 @@ impl Tollgate {
         let ask = settings::RechargeAsk::new(body.below, body.to, body.monthly_limit);
         let answer = match *method {
             Method::GET => self.recharge(tenant.tenant(), &meter).await,
-            Method::PUT => self.set_recharge_by(tenant.tenant(), &meter, Some(ask), settings::SetBy::Tenant).await,
+            Method::PUT => self.set_recharge_by(tenant.tenant(), &meter, Some(ask), settings::SetBy::Tenant(who)).await,
             Method::DELETE => self.set_recharge(tenant.tenant(), &meter, None).await,
             _ => return not_get_put_delete(),
         };
@@ -317,23 +405,33 @@ impl Tollgate {
     }
 
     /// The route an application mounts for its tenants' own alert endpoint, behind tollgate's
-    /// layer (the calling tenant is the one it sets; any key of the tenant may): `GET` answers
+    /// layer (the calling tenant is the one it sets; `caller`, [`Tollgate::caller`] of the
+    /// request, needs the scope `alerts:write` to set it, `usage:read` or `alerts:write` to
+    /// read it): `GET` answers
     /// `{"url": …}` (404 without one), `PUT` with `{"url": "https://…"}` registers it and
     /// answers `{"url": …, "secret": "whsec_…"}` (the secret deliveries are signed with, shown
     /// once; a new one each time), `DELETE` removes it (204). A refusal is a problem+json 4xx
     /// (403 when the plan does not send alerts to tenants, 422 for a URL that is not https or
-    /// resolves to a private address, 400 for a body that is not that JSON) and stores
-    /// nothing. The door crates mount it (`tollgate_axum::alert_endpoint`,
-    /// `tollgate_actix::alert_endpoint`).
+    /// resolves to a private address, 400 for a body that is not that JSON, 403
+    /// `scope-missing` for a key without the scope) and stores nothing. The door crates mount
+    /// it (`tollgate_axum::alert_endpoint`, `tollgate_actix::alert_endpoint`).
     pub async fn tenant_alert_endpoint(
         &self,
         tenant: &TenantContext,
+        caller: &Caller,
         method: &Method,
         body: &[u8],
     ) -> http::Response<Bytes> {
         let config = self.shared().runtime().load().config.clone();
         let directory = &self.shared().stores().background().directory;
         let id = tenant.tenant();
+        if [Method::GET, Method::PUT, Method::DELETE].contains(method) {
+            let write = *method != Method::GET;
+            let what = if write { "changing the alert endpoint" } else { "reading the alert endpoint" };
+            if let Err(refused) = self.allowed(id, caller, Need { scope: KeyScope::AlertsWrite, write, what }).await {
+                return refused;
+            }
+        }
         match *method {
             Method::GET => match directory.tenant(id).await {
                 Ok(Some(record)) => {
@@ -387,6 +485,18 @@ impl Tollgate {
                 Err(e) => endpoint_problem(&e),
             },
             _ => not_get_put_delete(),
+        }
+    }
+}
+
+/// A caller refused by its scopes (problem+json): 403, or 503 when the directory did not
+/// answer.
+fn scope_problem(e: &ScopeError) -> http::Response<Bytes> {
+    match e {
+        ScopeError::Missing { .. } => problem(StatusCode::FORBIDDEN, "scope-missing", "Scope missing", &e.to_string()),
+        ScopeError::NotLive => problem(StatusCode::FORBIDDEN, "key-not-live", "Key not live", &e.to_string()),
+        ScopeError::Store(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
         }
     }
 }

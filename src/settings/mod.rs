@@ -8,7 +8,8 @@
 //! - `caps.rs`: a tenant's own spend cap within its plan's `spend.max_limit`, and a quota's
 //!   limit in force;
 //! - `recharge.rs`: a tenant's own auto-recharge within its plan's bounds;
-//! - `endpoint.rs`: a tenant's own alert endpoint, checked at registration.
+//! - `endpoint.rs`: a tenant's own alert endpoint, checked at registration;
+//! - `scopes.rs`: what a caller may do at its tenant's own routes (its key's scopes).
 //!
 //! It sits below the engine and above `billing/` (the recharge price is read through its
 //! charger), and imports nothing above itself; refusals become problem+json in the engine's
@@ -18,3 +19,4 @@ pub(crate) mod caps;
 pub(crate) mod endpoint;
 pub(crate) mod plan;
 pub(crate) mod recharge;
+pub(crate) mod scopes;

@@ -182,19 +182,20 @@ pub(crate) enum RechargeAct {
 }
 
 /// Who turns a tenant's recharge on: what a setting records, and what the plan allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SetBy {
     /// `Admin`, the CLI, [`Tollgate::set_recharge`](crate::Tollgate::set_recharge): any plan.
     Operator,
-    /// The tenant's own route: only on a plan with `tenant_may_set`.
-    Tenant,
+    /// The tenant's own route, by a key with `recharge:write` (`"key:k_…"`) or an identity
+    /// allowed it (`"tenant"`): only on a plan with `tenant_may_set`.
+    Tenant(String),
 }
 
 impl SetBy {
-    fn as_str(self) -> &'static str {
+    fn as_str(&self) -> &str {
         match self {
             Self::Operator => "operator",
-            Self::Tenant => "tenant",
+            Self::Tenant(who) => who,
         }
     }
 }
@@ -230,7 +231,7 @@ pub(crate) async fn recharge(
         RechargeAct::Read => None,
         RechargeAct::Off => Some(RechargeMode::Set(None)),
         RechargeAct::Set(ask, by) => {
-            if by == SetBy::Tenant && !spec.tenant_may_set {
+            if matches!(by, SetBy::Tenant(_)) && !spec.tenant_may_set {
                 return Err(RechargeError::NotAllowed { plan: plan.id().to_string(), meter: meter.to_string() });
             }
             let setting = within(&spec, &ask, &currency)?;

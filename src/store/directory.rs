@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
-use crate::base::{KeyHash, PlanId, TenantId};
+use crate::base::{KeyHash, KeyScopes, PlanId, TenantId};
 
 /// A tenant in the directory. `Debug` never shows its alert endpoint's secrets.
 #[derive(Clone, PartialEq, Eq)]
@@ -94,7 +94,8 @@ impl TenantRecord {
 }
 
 /// An API key in the directory: its SHA-256 hash (never the key), its tenant, a short id to
-/// name it by, the first characters of the key to recognise it by, and an optional expiry.
+/// name it by, the first characters of the key to recognise it by, an optional expiry, and its
+/// scopes (what it may do at its tenant's own routes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ApiKeyRecord {
@@ -112,14 +113,32 @@ pub struct ApiKeyRecord {
     /// From when it no longer works (Unix seconds, wall clock), if ever: expired keys stay
     /// listed but no longer identify anyone.
     pub expires_at: Option<i64>,
+    /// What it may do at its tenant's own routes: [`KeyScopes::DEFAULT`] unless given others
+    /// (a key stored before keys had scopes has the default).
+    pub scopes: KeyScopes,
 }
 
 impl ApiKeyRecord {
     /// The key with this hash, identifying `tenant`, added at `created_at`, without a prefix
-    /// or an expiry.
+    /// or an expiry, with the default scopes.
     #[must_use]
     pub fn new(hash: KeyHash, tenant: TenantId, created_at: i64) -> Self {
-        Self { id: hash.id(), hash, tenant, prefix: String::new(), created_at, expires_at: None }
+        Self {
+            id: hash.id(),
+            hash,
+            tenant,
+            prefix: String::new(),
+            created_at,
+            expires_at: None,
+            scopes: KeyScopes::DEFAULT,
+        }
+    }
+
+    /// With these scopes.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: KeyScopes) -> Self {
+        self.scopes = scopes;
+        self
     }
 
     /// With the first characters of the key.
@@ -287,10 +306,11 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
     /// Creates or replaces a tenant and gives it these keys (keys held by nobody else); a key
-    /// new to the store gets no prefix and no expiry, one it holds keeps them.
+    /// new to the store gets no prefix, no expiry and the default scopes, one it holds keeps
+    /// them.
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
 
-    /// Adds an API key, or updates its prefix and expiry. Refused with
+    /// Adds an API key, or updates its prefix, expiry and scopes. Refused with
     /// [`StoreError::Conflict`] when the hash belongs to another tenant.
     async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
 

@@ -56,7 +56,9 @@ mod usage;
 
 use std::sync::Arc;
 
-pub use crate::base::{DirectoryEvents, KeyHash, RechargeNews, RefundAttribution, Told, WebhookCount};
+pub use crate::base::{
+    DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Told, WebhookCount,
+};
 pub use directory::{
     ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord, TenantUpdate,
     UpdateWhen,

@@ -57,8 +57,9 @@ pub struct RechargeSetting {
     /// The credit price the packs are of (its Stripe id), as it was when set. Empty in a
     /// setting stored before tollgate kept it: its delivery checks the pack alone.
     pub price: String,
-    /// Who set it: `"operator"` (`Admin`, the CLI, [`Tollgate::set_recharge`](crate::Tollgate::set_recharge))
-    /// or `"tenant"` (the tenant's own route); empty in a setting stored before tollgate kept it.
+    /// Who set it: `"operator"` (`Admin`, the CLI, [`Tollgate::set_recharge`](crate::Tollgate::set_recharge)),
+    /// or through the tenant's own route `"key:k_…"` (the key's id) or `"tenant"` (an
+    /// [`Identity`](crate::Identity)); empty in a setting stored before tollgate kept it.
     pub set_by: String,
     /// When it was set (Unix seconds; 0 before tollgate kept it).
     pub set_at: i64,

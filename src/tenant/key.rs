@@ -5,7 +5,7 @@ use std::{
 
 use siphasher::sip128::SipHasher13;
 
-use crate::base::{draw_u64, TenantId};
+use crate::base::{draw_u64, KeyHash, KeyScopes, TenantId};
 
 /// What a request says about its tenant, as a [`TenantResolver`](crate::TenantResolver) finds it.
 ///
@@ -41,21 +41,96 @@ impl fmt::Debug for Credential<'_> {
 /// let mut req = http::Request::new(());
 /// req.extensions_mut().insert(tollgate::Identity::new("acme"));
 /// ```
+///
+/// The layer that verified it says what the caller may do at the tenant's own routes, as a
+/// key's scopes do: [`KeyScopes::DEFAULT`] unless given others.
+///
+/// ```
+/// use tollgate::store::{KeyScope, KeyScopes};
+/// let admin = tollgate::Identity::new("acme").with_scopes(KeyScopes::ALL);
+/// assert!(admin.scopes().allows(KeyScope::RechargeWrite));
+/// assert!(!tollgate::Identity::new("acme").scopes().allows(KeyScope::RechargeWrite));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     tenant: TenantId,
+    scopes: KeyScopes,
 }
 
 impl Identity {
-    /// The identity of `tenant`.
+    /// The identity of `tenant`, with the default scopes.
     pub fn new(tenant: impl Into<TenantId>) -> Self {
-        Self { tenant: tenant.into() }
+        Self { tenant: tenant.into(), scopes: KeyScopes::DEFAULT }
+    }
+
+    /// The same, allowed `scopes` at the tenant's own routes.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: KeyScopes) -> Self {
+        self.scopes = scopes;
+        self
     }
 
     /// The tenant.
     #[must_use]
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
+    }
+
+    /// What it may do at the tenant's own routes.
+    #[must_use]
+    pub fn scopes(&self) -> KeyScopes {
+        self.scopes
+    }
+}
+
+/// Who calls one of a tenant's own routes (its spend cap, recharge, alert endpoint, usage):
+/// the API key the request carries, known by its hash, or the [`Identity`] an authentication
+/// layer put in it, with its scopes. What it may do there is its key's scopes
+/// ([`KeyScopes`]). Made from the request by
+/// [`Tollgate::caller`](crate::Tollgate::caller), as the layer identifies it; its `Debug`
+/// shows a key's id only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Caller(pub(crate) Who);
+
+/// [`Caller`]'s parts.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Who {
+    /// An API key, by its hash.
+    Key(KeyHash),
+    /// An identity, with its scopes.
+    Identity(KeyScopes),
+    /// Nothing identifies it (a request served as the anonymous tenant): no scope.
+    Nobody,
+}
+
+impl Caller {
+    /// A caller with this API key.
+    #[must_use]
+    pub fn api_key(key: &[u8]) -> Self {
+        Self(Who::Key(KeyHash::of(key)))
+    }
+
+    /// A caller with this verified identity (its tenant is the route's own: the identity's
+    /// scopes are what it may do).
+    #[must_use]
+    pub fn identity(identity: &Identity) -> Self {
+        Self(Who::Identity(identity.scopes))
+    }
+
+    /// A caller nothing identifies: it may do nothing at a tenant's own routes.
+    #[must_use]
+    pub fn nobody() -> Self {
+        Self(Who::Nobody)
+    }
+}
+
+impl fmt::Debug for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Who::Key(hash) => write!(f, "Caller::Key({})", hash.id()),
+            Who::Identity(scopes) => write!(f, "Caller::Identity({scopes})"),
+            Who::Nobody => f.write_str("Caller::Nobody"),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use tollgate::{
     billing::{RechargeCharger, Secret, WebhookHandler, WebhookOutcome},
     config::Config,
     money::RechargeAsk,
-    store::{KeyHash, MemoryStore, SqliteStore, Store, TenantRecord},
+    store::{KeyHash, KeyScope, KeyScopes, MemoryStore, SqliteStore, Store, TenantRecord},
     Tollgate,
 };
 
@@ -462,12 +462,22 @@ async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setu
     let call = |ctx: &tollgate::TenantContext, method: &str, body: &'static str| {
         let (engine, ctx) = (s.h.tollgate.clone(), ctx.clone());
         let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let key = if ctx.tenant().as_str() == "acme" { "key-acme" } else { "key-bob" };
         async move {
-            let r = engine.tenant_recharge(&ctx, &method, body.as_bytes()).await;
+            let r = engine
+                .tenant_recharge(&ctx, &tollgate::Caller::api_key(key.as_bytes()), &method, body.as_bytes())
+                .await;
             let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
             (r.status().as_u16(), ct, serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
         }
     };
+    // A key charges the card only with the scope `recharge:write`, never a default one.
+    let (status, _, v) = call(&acme, "PUT", r#"{"to": 800}"#).await;
+    assert_eq!((status, v["type"].as_str()), (403, Some("https://tollgate.rs/problems/scope-missing")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("recharge:write"), "{v}");
+    assert_eq!(admin.recharge("acme", "requests").await.unwrap().state.setting, None, "nothing stored");
+    let acme_key = KeyHash::of(b"key-acme").id();
+    admin.set_key_scopes("acme", &acme_key, KeyScopes::DEFAULT.with(KeyScope::RechargeWrite)).await.unwrap();
     for body in [
         r#"{"to": 1001}"#,
         r#"{"below": 600, "to": 500}"#,
@@ -489,6 +499,7 @@ async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setu
     assert_eq!(status, 200, "{v}");
     assert_eq!((v["on"].as_bool(), v["settings"]["to"].as_u64()), (Some(true), Some(800)));
     assert_eq!(v["settings"]["pack"]["amount"], "5.00", "the price's amount, read from Stripe");
+    assert_eq!(v["settings"]["set_by"], format!("key:{acme_key}"), "who set it is recorded");
     // Bob sees his own, off; acme's is acme's alone.
     let (_, _, v) = call(&bob, "GET", "").await;
     assert_eq!((v["on"].as_bool(), v["settings"].is_null()), (Some(false), true));
@@ -498,6 +509,72 @@ async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setu
     assert_eq!(view.state.setting, None, "off");
     let (status, _, _) = call(&acme, "POST", "").await;
     assert_eq!(status, 405);
+}
+
+// Each of a tenant's own routes asks its caller's key for a scope (issue 84: "a key needs a
+// scope that allows it"): a key issued with none is served but opens none of them, reading
+// needs `usage:read` (or the scope that writes), writing the scope itself; another tenant's
+// key opens nothing of this one; scopes taken away close the route at its next call.
+on_stores!(a_key_opens_only_the_routes_its_scopes_allow);
+async fn a_key_opens_only_the_routes_its_scopes_allow(s: Setup) {
+    use tollgate::admin::KeyOptions;
+    let bob = TenantRecord::new("bob".into(), "payg".into()).with_customer("cus_bob");
+    s.store.put_tenant(&bob, &[KeyHash::of(b"key-bob")]).await.unwrap();
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "a").await.unwrap();
+    let blind = admin.issue_key("acme", KeyOptions::default().scopes(KeyScopes::NONE)).await.unwrap();
+    let payer = KeyScopes::NONE.with(KeyScope::RechargeWrite);
+    let payer = admin.issue_key("acme", KeyOptions::default().scopes(payer)).await.unwrap();
+    let ctx = context(&s.h, "key-acme").await;
+    let recharge = |key: String, method: &'static str, body: &'static str| {
+        let (engine, ctx) = (s.h.tollgate.clone(), ctx.clone());
+        async move {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = engine
+                .tenant_recharge(&ctx, &tollgate::Caller::api_key(key.as_bytes()), &method, body.as_bytes())
+                .await;
+            (r.status().as_u16(), serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
+        }
+    };
+    let usage = |key: String| {
+        let engine = s.h.tollgate.clone();
+        async move {
+            let request = http::Request::get("/v1/usage").header("x-api-key", key).body(()).unwrap();
+            let r = engine.tenant_usage(&request).await;
+            (r.status().as_u16(), serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
+        }
+    };
+    let problem = |v: &serde_json::Value| v["type"].as_str().unwrap_or_default().rsplit('/').next().unwrap().to_owned();
+    // Every key is served by the layer, whatever its scopes.
+    assert_eq!(s.h.status("/", &blind.key).await, 200);
+    // No scope: nothing read, nothing set.
+    let (status, v) = recharge(blind.key.clone(), "GET", "").await;
+    assert_eq!((status, problem(&v)), (403, "scope-missing".to_owned()), "{v}");
+    let (status, v) = usage(blind.key.clone()).await;
+    assert_eq!((status, problem(&v)), (403, "scope-missing".to_owned()), "{v}");
+    // The default reads the usage and the recharge, and does not turn it on.
+    assert_eq!(usage("key-acme".into()).await.0, 200);
+    assert_eq!(recharge("key-acme".into(), "GET", "").await.0, 200);
+    assert_eq!(recharge("key-acme".into(), "PUT", "{}").await.0, 403);
+    // recharge:write alone: sets and reads the recharge, not the usage.
+    let (status, v) = recharge(payer.key.clone(), "PUT", "{}").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["settings"]["set_by"], format!("key:{}", payer.record.id));
+    assert_eq!(usage(payer.key.clone()).await.0, 403);
+    // Another tenant's key opens nothing of this one (and its own usage only).
+    let (status, v) = recharge("key-bob".into(), "DELETE", "").await;
+    assert_eq!((status, problem(&v)), (403, "key-not-live".to_owned()), "{v}");
+    assert!(admin.recharge("acme", "requests").await.unwrap().state.setting.is_some(), "still on");
+    // The scope taken away: refused at the next call, nothing changed.
+    admin.set_key_scopes("acme", &payer.record.id, KeyScopes::DEFAULT).await.unwrap();
+    assert_eq!(recharge(payer.key.clone(), "DELETE", "").await.0, 403);
+    assert!(admin.recharge("acme", "requests").await.unwrap().state.setting.is_some(), "still on");
+    // Within a second, the usage view reads the scopes again.
+    s.h.clock.advance(Duration::from_secs(2));
+    assert_eq!(usage(payer.key.clone()).await.0, 200);
+    // A revoked key opens nothing, though its tenant is still held on the node.
+    admin.revoke_key("acme", &payer.record.id).await.unwrap();
+    assert_eq!(recharge(payer.key.clone(), "GET", "").await.0, 403);
 }
 
 // 3-D Secure needed and a customer without a payment method fail with their reasons, each

@@ -351,12 +351,17 @@ async fn only_a_plan_that_allows_it_lets_the_tenant_turn_charges_on(s: Setup) {
     let admin = Admin::for_engine(&s.h.tollgate);
     admin.grant_credits("bob", "requests", 500, None, "b").await.unwrap();
     admin.grant_credits("acme", "requests", 500, None, "a").await.unwrap();
+    // Both keys may turn charges on, as far as their scopes go: the plan decides.
+    let payer = tollgate::store::KeyScopes::ALL;
+    admin.set_key_scopes("bob", &tollgate::store::KeyHash::of(b"key-bob").id(), payer).await.unwrap();
+    admin.set_key_scopes("acme", &tollgate::store::KeyHash::of(b"key-acme").id(), payer).await.unwrap();
     let put = |key: &'static str, method: &'static str, body: &'static str| {
         let h = &s.h;
         async move {
             let ctx = super::recharge::context(h, key).await;
             let method = http::Method::from_bytes(method.as_bytes()).unwrap();
-            let r = h.tollgate.tenant_recharge(&ctx, &method, body.as_bytes()).await;
+            let caller = tollgate::Caller::api_key(key.as_bytes());
+            let r = h.tollgate.tenant_recharge(&ctx, &caller, &method, body.as_bytes()).await;
             let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
             (r.status().as_u16(), ct, serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
         }
@@ -369,9 +374,10 @@ async fn only_a_plan_that_allows_it_lets_the_tenant_turn_charges_on(s: Setup) {
     // The operator may, for any plan: recorded as the operator's.
     let view = admin.set_recharge("bob", "requests", Some(RechargeAsk::default())).await.unwrap();
     assert_eq!(view.to_json()["settings"]["set_by"], "operator");
-    // On `payg`, which allows it, the tenant's route turns it on: recorded as the tenant's.
+    // On `payg`, which allows it, the tenant's route turns it on: recorded as the key's.
     let (status, _, v) = put("key-acme", "PUT", "{}").await;
-    assert_eq!((status, &v["settings"]["set_by"]), (200, &serde_json::json!("tenant")), "{v}");
+    let by = format!("key:{}", tollgate::store::KeyHash::of(b"key-acme").id());
+    assert_eq!((status, &v["settings"]["set_by"]), (200, &serde_json::json!(by)), "{v}");
     // A decline, then a change of values: the hour still waits.
     s.stripe.set_card("cus_acme", common::stripe::Card::Declined);
     assert_eq!(s.admitted(350).await, 350);

@@ -327,7 +327,7 @@ async fn the_tenants_route_sets_its_own_cap_within_the_maximum() {
     let call = |method: &str, body: &'static str| {
         let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
         let method = http::Method::from_bytes(method.as_bytes()).unwrap();
-        async move { engine.tenant_spend_cap(&ctx, &method, body.as_bytes()).await }
+        async move { engine.tenant_spend_cap(&ctx, &tollgate::Caller::api_key(b"key-t"), &method, body.as_bytes()).await }
     };
     let r = call("GET", "").await;
     assert_eq!(r.status(), 200);
@@ -358,6 +358,35 @@ async fn the_tenants_route_sets_its_own_cap_within_the_maximum() {
     let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();
     assert_eq!(v["set_by"], "plan");
     assert_eq!(call("POST", "").await.status(), 405);
+}
+
+/// A declared tenant's keys have the file's `key_scopes`: read-only keys read the cap and set
+/// nothing (403 problem+json naming the scope), and another tenant's key opens nothing of it.
+#[tokio::test]
+async fn a_declared_tenants_keys_have_the_files_scopes_at_its_cap_route() {
+    let toml = TOML.replace("keys = [\"key-u\"]", "keys = [\"key-u\"]\nkey_scopes = [\"usage:read\"]");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-u").await.unwrap();
+    ticket.give_back();
+    let call = |key: &'static str, method: &str, body: &'static str| {
+        let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        async move {
+            let r = engine
+                .tenant_spend_cap(&ctx, &tollgate::Caller::api_key(key.as_bytes()), &method, body.as_bytes())
+                .await;
+            (r.status().as_u16(), serde_json::from_slice::<serde_json::Value>(r.body()).unwrap())
+        }
+    };
+    assert_eq!(call("key-u", "GET", "").await.0, 200);
+    let (status, v) = call("key-u", "PUT", r#"{"limit": "5.00"}"#).await;
+    assert_eq!((status, v["type"].as_str()), (403, Some("https://tollgate.rs/problems/scope-missing")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("caps:write"), "{v}");
+    assert_eq!(call("key-u", "DELETE", "").await.0, 403);
+    let (status, v) = call("key-t", "PUT", r#"{"limit": "5.00"}"#).await;
+    assert_eq!((status, v["type"].as_str()), (403, Some("https://tollgate.rs/problems/key-not-live")), "{v}");
+    let (_, v) = call("key-u", "GET", "").await;
+    assert_eq!((v["limit"].as_str(), v["set_by"].as_str()), (Some("1"), Some("plan")), "nothing was set");
 }
 
 /// Plans for a tenant in the directory moved between them: `p` (hard 1.00, up to 10.00),
@@ -799,7 +828,7 @@ async fn the_cap_a_tenant_may_set_is_the_plan_the_engine_serves() {
         let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
         async move {
             let method = http::Method::from_bytes(method.as_bytes()).unwrap();
-            engine.tenant_spend_cap(&ctx, &method, body.as_bytes()).await
+            engine.tenant_spend_cap(&ctx, &tollgate::Caller::api_key(b"key-d"), &method, body.as_bytes()).await
         }
     };
     let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();

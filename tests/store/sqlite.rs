@@ -319,11 +319,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 19);
-    conn.execute_batch("PRAGMA user_version = 20").unwrap();
+    assert_eq!(version, 20);
+    conn.execute_batch("PRAGMA user_version = 21").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 20"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 21"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -465,6 +465,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
          CREATE INDEX usage_pending ON usage (tenant, meter, window_start) \
          WHERE dead IS NULL AND (quantity > exported OR in_flight IS NOT NULL); DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
+         ALTER TABLE api_key DROP COLUMN scopes; \
          ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
          ALTER TABLE tenant DROP COLUMN overrides; PRAGMA user_version = 1;",
     )
@@ -474,13 +475,14 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     assert_eq!(store.find_key(&tollgate::store::KeyHash::of(b"key-t")).await.unwrap().map(|t| t.id), Some("t".into()));
     let keys = store.list_keys(&"t".into()).await.unwrap();
     assert_eq!((keys.len(), keys[0].prefix.as_str(), keys[0].expires_at), (1, "", None));
+    assert_eq!(keys[0].scopes, tollgate::store::KeyScopes::DEFAULT, "a key of an earlier version has the default");
     let claim = tollgate::store::IdempotencyClaim::new("k", "r", 1, 0, 300, 86_400);
     assert_eq!(store.claim_idempotency(&claim).await.unwrap(), tollgate::store::IdempotencyState::Claimed);
     assert_eq!(store.identifier_namespace().await.unwrap(), "", "identifiers as before the upgrade");
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 19);
+    assert_eq!(version, 20);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -544,6 +546,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
          ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; ALTER TABLE credit DROP COLUMN takes; \
+         ALTER TABLE api_key DROP COLUMN scopes; \
          INSERT INTO credit (tenant, meter, id, units, granted_at, payment) VALUES \
              ('t', 'tokens', 'cs_1', 100, 10, 'pi_1'), ('t', 'images', 'in_1', 100, 20, 'pi_1'); \
          PRAGMA user_version = 11;",

@@ -676,10 +676,15 @@ async fn tenant_route_call(
     (method, body)
 }
 
+/// Who calls a tenant route: [`Tollgate::caller`](tollgate::Tollgate::caller) of the request.
+fn caller_of(engine: &tollgate::Tollgate, request: &HttpRequest) -> tollgate::Caller {
+    engine.caller(&View { request, extensions: request.extensions() })
+}
+
 /// The route an application mounts for its tenants' own alert endpoint
 /// ([`Tollgate::tenant_alert_endpoint`](tollgate::Tollgate::tenant_alert_endpoint)), inside
-/// the middleware: the calling tenant sets its own (any key of the tenant may). `GET` answers
-/// `{"url": …}`, `PUT` with `{"url": "https://…"}` registers it and answers the new signing
+/// the middleware: the calling tenant sets its own (a key with the scope `alerts:write`).
+/// `GET` answers `{"url": …}`, `PUT` with `{"url": "https://…"}` registers it and answers the new signing
 /// secret once, `DELETE` removes it; refusals are problem+json 4xx and store nothing.
 ///
 /// ```no_run
@@ -697,16 +702,17 @@ pub fn alert_endpoint(engine: tollgate::Tollgate) -> actix_web::Route {
     actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
         let engine = engine.clone();
         async move {
+            let caller = caller_of(&engine, &request);
             let (method, body) = tenant_route_call(&request, payload, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
-            to_actix(engine.tenant_alert_endpoint(&tenant, &method, &body).await)
+            to_actix(engine.tenant_alert_endpoint(&tenant, &caller, &method, &body).await)
         }
     })
 }
 
 /// The route an application mounts for its tenants' own spend cap
 /// ([`Tollgate::tenant_spend_cap`](tollgate::Tollgate::tenant_spend_cap)), inside the
-/// middleware: the calling tenant sets its own (any key of the tenant may: mount it only where
-/// every key of a tenant may decide its spending). `GET` answers the cap in force, `PUT` with
+/// middleware: the calling tenant sets its own (a key with the scope `caps:write`, which keys
+/// have by default). `GET` answers the cap in force, `PUT` with
 /// `{"limit": "25.00", "mode": "hard"}` sets the tenant's own (at most the plan's
 /// `spend.max_limit`), `DELETE` removes it; refusals are problem+json 4xx and store nothing.
 ///
@@ -725,16 +731,17 @@ pub fn spend_cap(engine: tollgate::Tollgate) -> actix_web::Route {
     actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
         let engine = engine.clone();
         async move {
+            let caller = caller_of(&engine, &request);
             let (method, body) = tenant_route_call(&request, payload, tollgate::door::SPEND_CAP_MAX_BODY).await;
-            to_actix(engine.tenant_spend_cap(&tenant, &method, &body).await)
+            to_actix(engine.tenant_spend_cap(&tenant, &caller, &method, &body).await)
         }
     })
 }
 
 /// The route an application mounts for its tenants' own auto-recharge
 /// ([`Tollgate::tenant_recharge`](tollgate::Tollgate::tenant_recharge)), inside the
-/// middleware: the calling tenant turns its own recharge on or off (any key of the tenant may:
-/// mount it only where every key of a tenant may decide its spending). `GET` answers it, `PUT`
+/// middleware: the calling tenant turns its own recharge on or off (a key given the scope
+/// `recharge:write` by name; else 403 `scope-missing`). `GET` answers it, `PUT`
 /// with `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the
 /// plan's bounds on a plan whose recharge sets `tenant_may_set = true` (else 403
 /// `recharge-not-allowed`: only the operator may), `DELETE` turns it off; refusals are
@@ -755,8 +762,9 @@ pub fn recharge(engine: tollgate::Tollgate) -> actix_web::Route {
     actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
         let engine = engine.clone();
         async move {
+            let caller = caller_of(&engine, &request);
             let (method, body) = tenant_route_call(&request, payload, tollgate::door::RECHARGE_MAX_BODY).await;
-            to_actix(engine.tenant_recharge(&tenant, &method, &body).await)
+            to_actix(engine.tenant_recharge(&tenant, &caller, &method, &body).await)
         }
     })
 }

@@ -494,8 +494,9 @@ async fn tenants_set_their_own_spend_cap_through_the_route() {
     assert_eq!(admin.spend_cap("acme").await.unwrap().limit, 4_000_000_000);
 }
 
-/// The tenants' recharge route inside the middleware: outside the plan's bounds 422
-/// problem+json and nothing stored; GET answers the caller's own; DELETE 204.
+/// The tenants' recharge route inside the middleware: a key without `recharge:write` 403;
+/// outside the plan's bounds 422 problem+json and nothing stored; GET answers the caller's
+/// own; DELETE 204.
 #[actix_web::test]
 async fn tenants_reach_their_own_recharge_through_the_route() {
     use tollgate::store::MemoryStore;
@@ -511,7 +512,9 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     let admin = tollgate::admin::Admin::for_engine(&engine);
     admin.add_tenant("acme", "payg", None).await.unwrap();
     admin.grant_credits("acme", "requests", 100, None, "g").await.unwrap();
-    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let scopes = tollgate::store::KeyScopes::ALL;
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default().scopes(scopes)).await.unwrap().key;
+    let plain = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
     let app = test::init_service(
         App::new().service(
             web::scope("/v1")
@@ -520,14 +523,21 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
         ),
     )
     .await;
-    let call = |method: Method, body: &str| {
+    let call_as = |key: &str, method: Method, body: &str| {
         TestRequest::default()
             .method(method)
             .uri("/v1/credits/recharge")
-            .insert_header(("x-api-key", acme.clone()))
+            .insert_header(("x-api-key", key.to_owned()))
             .set_payload(body.to_owned())
             .to_request()
     };
+    let call = |method: Method, body: &str| call_as(&acme, method, body);
+    // A key without `recharge:write` (the default) reads it and turns nothing on.
+    let r = test::call_service(&app, call_as(&plain, Method::PUT, "{}")).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!(body["type"], "https://tollgate.rs/problems/scope-missing", "{body}");
+    assert_eq!(test::call_service(&app, call_as(&plain, Method::GET, "")).await.status().as_u16(), 200);
     for bad in [r#"{"to": 5000}"#, r#"{"monthly_limit": "nine"}"#, "{"] {
         let r = test::call_service(&app, call(Method::PUT, bad)).await;
         assert_eq!(r.status().as_u16(), 422, "{bad}");

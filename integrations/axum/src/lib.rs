@@ -207,8 +207,8 @@ async fn bounded_body(body: axum::body::Body, max: usize) -> bytes::Bytes {
 
 /// The route an application mounts for its tenants' own alert endpoint
 /// ([`Tollgate::tenant_alert_endpoint`](tollgate::Tollgate::tenant_alert_endpoint)), behind
-/// tollgate's layer: the calling tenant sets its own (any key of the tenant may). `GET`
-/// answers `{"url": …}`, `PUT` with `{"url": "https://…"}` registers it and answers the new
+/// tollgate's layer: the calling tenant sets its own (a key with the scope `alerts:write`).
+/// `GET` answers `{"url": …}`, `PUT` with `{"url": "https://…"}` registers it and answers the new
 /// signing secret once, `DELETE` removes it; refusals (a plan without `tenant_alerts`, a URL
 /// that is not https or resolves to a private address) are problem+json 4xx and store nothing.
 ///
@@ -224,11 +224,13 @@ pub fn alert_endpoint<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRou
 where
     S: Clone + Send + Sync + 'static,
 {
-    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+    let handler = move |tenant: Tenant, request: axum::extract::Request| {
         let engine = engine.clone();
         async move {
-            let body = bounded_body(body, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
-            engine.tenant_alert_endpoint(&tenant, &method, &body).await.map(axum::body::Body::from)
+            let caller = engine.caller(&request);
+            let method = request.method().clone();
+            let body = bounded_body(request.into_body(), tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
+            engine.tenant_alert_endpoint(&tenant, &caller, &method, &body).await.map(axum::body::Body::from)
         }
     };
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
@@ -236,8 +238,8 @@ where
 
 /// The route an application mounts for its tenants' own spend cap
 /// ([`Tollgate::tenant_spend_cap`](tollgate::Tollgate::tenant_spend_cap)), behind tollgate's
-/// layer: the calling tenant sets its own (any key of the tenant may: mount it only where
-/// every key of a tenant may decide its spending). `GET` answers the cap in force, `PUT` with
+/// layer: the calling tenant sets its own (a key with the scope `caps:write`, which keys have
+/// by default). `GET` answers the cap in force, `PUT` with
 /// `{"limit": "25.00", "mode": "hard"}` sets the tenant's own (at most the plan's
 /// `spend.max_limit`), `DELETE` removes it; refusals (a plan without a spend cap, a limit
 /// above the maximum or not an amount) are problem+json 4xx and store nothing.
@@ -254,11 +256,13 @@ pub fn spend_cap<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S
 where
     S: Clone + Send + Sync + 'static,
 {
-    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+    let handler = move |tenant: Tenant, request: axum::extract::Request| {
         let engine = engine.clone();
         async move {
-            let body = bounded_body(body, tollgate::door::SPEND_CAP_MAX_BODY).await;
-            engine.tenant_spend_cap(&tenant, &method, &body).await.map(axum::body::Body::from)
+            let caller = engine.caller(&request);
+            let method = request.method().clone();
+            let body = bounded_body(request.into_body(), tollgate::door::SPEND_CAP_MAX_BODY).await;
+            engine.tenant_spend_cap(&tenant, &caller, &method, &body).await.map(axum::body::Body::from)
         }
     };
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
@@ -266,8 +270,8 @@ where
 
 /// The route an application mounts for its tenants' own auto-recharge
 /// ([`Tollgate::tenant_recharge`](tollgate::Tollgate::tenant_recharge)), behind tollgate's
-/// layer: the calling tenant turns its own recharge on or off (any key of the tenant may:
-/// mount it only where every key of a tenant may decide its spending). `GET` answers it, `PUT`
+/// layer: the calling tenant turns its own recharge on or off (a key given the scope
+/// `recharge:write` by name; else 403 `scope-missing`). `GET` answers it, `PUT`
 /// with `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the
 /// plan's bounds on a plan whose recharge sets `tenant_may_set = true` (else 403
 /// `recharge-not-allowed`: only the operator may), `DELETE` turns it off; refusals are
@@ -285,11 +289,13 @@ pub fn recharge<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+    let handler = move |tenant: Tenant, request: axum::extract::Request| {
         let engine = engine.clone();
         async move {
-            let body = bounded_body(body, tollgate::door::RECHARGE_MAX_BODY).await;
-            engine.tenant_recharge(&tenant, &method, &body).await.map(axum::body::Body::from)
+            let caller = engine.caller(&request);
+            let method = request.method().clone();
+            let body = bounded_body(request.into_body(), tollgate::door::RECHARGE_MAX_BODY).await;
+            engine.tenant_recharge(&tenant, &caller, &method, &body).await.map(axum::body::Body::from)
         }
     };
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)

@@ -554,7 +554,7 @@ async fn tenants_set_their_own_spend_cap_through_the_route() {
 }
 
 /// The tenant's own recharge route, mounted behind the layer: GET answers the caller's
-/// (off until it turns it on), PUT outside the plan's bounds or not numbers is 422
+/// (off until it turns it on), PUT by a key without `recharge:write` 403, PUT outside the plan's bounds or not numbers is 422
 /// problem+json and stores nothing, DELETE 204, a plan that recharges nothing 403. (Turning it
 /// on reads the price from Stripe: the root crate's tests, against the stand-in.)
 #[tokio::test]
@@ -574,7 +574,9 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     let admin = tollgate::admin::Admin::for_engine(&engine);
     admin.add_tenant("acme", "payg", None).await.unwrap();
     admin.add_tenant("bob", "free", None).await.unwrap();
-    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let scopes = tollgate::store::KeyScopes::ALL;
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default().scopes(scopes)).await.unwrap().key;
+    let plain = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
     let bob = admin.issue_key("bob", tollgate::admin::KeyOptions::default()).await.unwrap().key;
     let app = Router::new()
         .route("/v1/credits/recharge", tollgate_axum::recharge(engine.clone()))
@@ -600,6 +602,13 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
         (status, body["on"].as_bool(), body["off_reason"].as_str()),
         (StatusCode::OK, Some(false), Some("not_turned_on"))
     );
+    // A key without `recharge:write` (the default) reads it and turns nothing on.
+    let (status, _, body) = call("PUT", &plain, "{}").await;
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (StatusCode::FORBIDDEN, Some("https://tollgate.rs/problems/scope-missing"))
+    );
+    assert_eq!(call("GET", &plain, "").await.0, StatusCode::OK);
     for bad in [r#"{"to": 1001}"#, r#"{"below": "lots"}"#, r#"{"monthly_limit": "99.00"}"#] {
         let (status, ct, _) = call("PUT", &acme, bad).await;
         assert_eq!(

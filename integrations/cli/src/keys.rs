@@ -12,8 +12,11 @@ use crate::{
 
 pub(crate) async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
     match command {
-        KeyCommand::Issue { tenant, expires_in, expires_at, test } => {
+        KeyCommand::Issue { tenant, expires_in, expires_at, test, scopes } => {
             let mut options = KeyOptions::default().test(test);
+            if let Some(scopes) = scopes {
+                options = options.scopes(scopes);
+            }
             if let Some(d) = expires_in {
                 options = options.expiring(now().saturating_add(secs(*d)));
             }
@@ -23,14 +26,19 @@ pub(crate) async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
             let issued = admin.issue_key(&tenant, options).await?;
             println!("{}", issued.key);
             eprintln!(
-                "key {} issued for `{tenant}`{}; it is shown only now, the store keeps its hash",
+                "key {} issued for `{tenant}` with scopes {}{}; it is shown only now, the store keeps its hash",
                 issued.record.id,
+                issued.record.scopes,
                 issued.record.expires_at.map_or(String::new(), |at| format!(", expires {}", time_text(at)))
             );
         }
+        KeyCommand::Scopes { tenant, id, scopes } => {
+            let k = admin.set_key_scopes(&tenant, &id, scopes).await?;
+            println!("key {} of `{tenant}` has scopes {}", k.id, k.scopes);
+        }
         KeyCommand::List { tenant } => {
             let now = now();
-            println!("{:<16} {:<16} {:<22} expires", "id", "prefix", "created (UTC)");
+            println!("{:<16} {:<16} {:<22} {:<22} scopes", "id", "prefix", "created (UTC)", "expires");
             for k in admin.keys(&tenant).await? {
                 print_key(&k, now);
             }
@@ -69,5 +77,5 @@ fn print_key(k: &ApiKeyRecord, now: i64) {
         Some(at) if at <= now => format!("{} (expired)", time_text(at)),
         Some(at) => time_text(at),
     };
-    println!("{:<16} {:<16} {:<22} {expires}", k.id, prefix, time_text(k.created_at));
+    println!("{:<16} {:<16} {:<22} {expires:<22} {}", k.id, prefix, time_text(k.created_at), k.scopes);
 }

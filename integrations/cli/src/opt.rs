@@ -391,8 +391,23 @@ pub(crate) enum KeyCommand {
         /// A `tg_test_` key rather than `tg_live_`.
         #[arg(long)]
         test: bool,
+        /// What it may do at the tenant's own routes: scopes separated by commas
+        /// (`usage:read`, `caps:write`, `alerts:write`, `recharge:write`, or `none`); by
+        /// default usage:read,caps:write,alerts:write.
+        #[arg(long, value_parser = parse_scopes)]
+        scopes: Option<tollgate::store::KeyScopes>,
     },
-    /// Lists a tenant's keys: id, prefix, created, expiry.
+    /// Sets a key's scopes, replaced whole (`usage:read,recharge:write`, or `none`).
+    Scopes {
+        /// The tenant.
+        tenant: String,
+        /// The key's id (`k_…`, from `keys list`).
+        id: String,
+        /// The scopes, separated by commas.
+        #[arg(value_parser = parse_scopes)]
+        scopes: tollgate::store::KeyScopes,
+    },
+    /// Lists a tenant's keys: id, prefix, created, expiry, scopes.
     List {
         /// The tenant.
         tenant: String,
@@ -420,4 +435,9 @@ pub(crate) enum KeyCommand {
         /// The CSV file (`-` for standard input).
         file: PathBuf,
     },
+}
+
+/// A key's scopes as the command line writes them.
+fn parse_scopes(text: &str) -> Result<tollgate::store::KeyScopes, String> {
+    text.parse()
 }

@@ -144,7 +144,19 @@ async fn tenants_and_keys_on_sqlite_reach_an_engine() {
     let id_of = |k: &str| tollgate::store::KeyHash::of(k.as_bytes()).id();
     ok(d, &["keys", "revoke", "acme", &id_of(&revoked)]);
     assert!(fails(d, &["keys", "revoke", "acme", "k_000000000000"]).contains("no key"));
+    // Scopes: the default unless named; changed whole; a rotation keeps them; a bad name is
+    // refused and changes nothing.
+    let payer = ok(d, &["keys", "issue", "acme", "--scopes", "usage:read,recharge:write"]).trim().to_owned();
+    let keys = ok(d, &["keys", "list", "acme"]);
+    let line_of = |keys: &str, k: &str| keys.lines().find(|l| l.contains(&id_of(k))).unwrap().to_owned();
+    assert!(line_of(&keys, &payer).ends_with("usage:read,recharge:write"), "{keys}");
+    assert!(line_of(&keys, &key).ends_with("usage:read,caps:write,alerts:write"), "{keys}");
+    assert!(fails(d, &["keys", "scopes", "acme", &id_of(&payer), "billing:write"]).contains("not a key scope"));
+    assert!(ok(d, &["keys", "scopes", "acme", &id_of(&rotated), "caps:write"]).contains("has scopes caps:write"));
     let replacement = ok(d, &["keys", "rotate", "acme", &id_of(&rotated), "--grace", "1h"]).trim().to_owned();
+    let keys = ok(d, &["keys", "list", "acme"]);
+    assert!(line_of(&keys, &replacement).ends_with(" caps:write"), "the new key keeps the old one's scopes: {keys}");
+    assert!(line_of(&keys, &payer).ends_with("usage:read,recharge:write"), "a refused change changes nothing: {keys}");
     let hash = tollgate::store::KeyHash::of(b"hashed-legacy-key").to_hex();
     let csv = format!("tenant,plan,customer,key,key_sha256\nglobex,free,cus_2,legacy-key-1,\nglobex,,,,{hash}\n");
     std::fs::write(d.join("keys.csv"), csv).unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::base::{KeyHash, KeyScopes};
 use crate::config::TenantId;
 
 /// The most tenants whose views one node keeps.
@@ -15,7 +16,8 @@ pub(crate) const MAX_VIEWS: u64 = 10_000;
 /// How long a view is served before it is made again (nanoseconds).
 pub(crate) const FRESH_NANOS: i64 = 1_000_000_000;
 
-/// A tenant's view as last made: its JSON body and its entity tag.
+/// A tenant's view as last made: its JSON body and its entity tag, and the scopes of the
+/// tenant's keys read with it (who may read it).
 #[derive(Debug, Clone)]
 pub(crate) struct UsageView {
     /// The JSON body.
@@ -23,15 +25,19 @@ pub(crate) struct UsageView {
     /// Its weak entity tag, quoted: a hash of the body without the time it was made, so that
     /// a view made again with the same numbers keeps its tag (a client revalidating gets 304).
     pub(crate) etag: String,
+    /// The tenant's live keys and their scopes when the view was made (a key issued since is
+    /// not among them until the next view, at most a second later).
+    pub(crate) keys: Box<[(KeyHash, KeyScopes)]>,
 }
 
 impl UsageView {
-    /// The view of `body`, whose numbers without the time they were read are `numbers`.
-    pub(crate) fn new(body: Bytes, numbers: &[u8]) -> Self {
+    /// The view of `body`, whose numbers without the time they were read are `numbers`, of a
+    /// tenant whose live keys have `keys`' scopes.
+    pub(crate) fn new(body: Bytes, numbers: &[u8], keys: Box<[(KeyHash, KeyScopes)]>) -> Self {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(numbers);
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Self { body, etag: format!("W/\"{hex}\"") }
+        Self { body, etag: format!("W/\"{hex}\""), keys }
     }
 }
 
@@ -90,7 +96,7 @@ pub(crate) enum NoView<E> {
 impl UsageViews {
     /// `tenant`'s view at `now` (Unix nanoseconds): the last one made if it was read less than
     /// a second before, else one `make` makes (one call at a time per tenant: the others wait
-    /// for it and take its view). `make` gives the body and its numbers without the time.
+    /// for it and take its view), `make` gives it.
     /// A refresh that fails is remembered for a second: the polls meanwhile are refused
     /// without asking the store again.
     ///
@@ -103,7 +109,7 @@ impl UsageViews {
         make: impl FnOnce() -> F,
     ) -> Result<Arc<UsageView>, NoView<E>>
     where
-        F: std::future::Future<Output = Result<(Bytes, Vec<u8>), E>>,
+        F: std::future::Future<Output = Result<UsageView, E>>,
     {
         let slot = self.slots.get_with_by_ref(tenant, Slot::default);
         let seen = slot.refreshes.load(std::sync::atomic::Ordering::Acquire);
@@ -120,8 +126,8 @@ impl UsageViews {
         let started = now();
         let made = make().await;
         let answer = match made {
-            Ok((body, numbers)) => {
-                let view = Arc::new(UsageView::new(body, &numbers));
+            Ok(view) => {
+                let view = Arc::new(view);
                 *kept = Some(Kept::View(view.clone(), started));
                 Ok(view)
             }

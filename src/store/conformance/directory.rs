@@ -321,6 +321,46 @@ pub async fn api_keys_carry_an_id_a_prefix_and_an_expiry<S: ?Sized + DirectorySt
     assert_eq!(s.list_keys(&"a".into()).await.unwrap().len(), 2);
 }
 
+/// Keys carry their scopes: the default unless given others, kept through a restart, changed
+/// by `put_key` alone (`put_tenant` keeps those of a key it holds, and gives a new key the
+/// default), never another tenant's.
+pub async fn api_keys_carry_their_scopes<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    use crate::base::{KeyScope, KeyScopes};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let (a, b) = (TenantRecord::new("a".into(), "free".into()), TenantRecord::new("b".into(), "free".into()));
+    h.s().put_tenant(&a, &[KeyHash::of(b"plain-a")]).await.unwrap();
+    h.s().put_tenant(&b, &[]).await.unwrap();
+    let payer = KeyScopes::NONE.with(KeyScope::UsageRead).with(KeyScope::RechargeWrite);
+    let paying = ApiKeyRecord::new(KeyHash::of(b"payer-a"), "a".into(), now).with_scopes(payer);
+    let blind = ApiKeyRecord::new(KeyHash::of(b"blind-a"), "a".into(), now).with_scopes(KeyScopes::NONE);
+    h.s().put_key(&paying).await.unwrap();
+    h.s().put_key(&blind).await.unwrap();
+    h.restart().await;
+    let s = h.s();
+    let scopes_of = |keys: &[ApiKeyRecord], key: &[u8]| {
+        keys.iter().find(|k| k.hash == KeyHash::of(key)).map(|k| k.scopes).expect("listed")
+    };
+    let listed = s.list_keys(&"a".into()).await.unwrap();
+    assert_eq!(scopes_of(&listed, b"plain-a"), KeyScopes::DEFAULT, "a key put with its tenant has the default");
+    assert_eq!(scopes_of(&listed, b"payer-a"), payer);
+    assert_eq!(scopes_of(&listed, b"blind-a"), KeyScopes::NONE, "no scope is not the default");
+    // Every scope is kept.
+    s.put_key(&blind.clone().with_scopes(KeyScopes::ALL)).await.unwrap();
+    assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"blind-a"), KeyScopes::ALL);
+    // put_tenant keeps a held key's scopes.
+    s.put_tenant(&a, &[paying.hash, KeyHash::of(b"plain-a")]).await.unwrap();
+    assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"payer-a"), payer);
+    // Another tenant cannot change them.
+    let stolen = ApiKeyRecord::new(paying.hash, "b".into(), now).with_scopes(KeyScopes::ALL);
+    assert!(matches!(s.put_key(&stolen).await, Err(crate::store::StoreError::Conflict(_))));
+    assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"payer-a"), payer);
+    // The owner can take one away.
+    s.put_key(&paying.clone().with_scopes(KeyScopes::NONE.with(KeyScope::UsageRead))).await.unwrap();
+    let listed = s.list_keys(&"a".into()).await.unwrap();
+    assert!(!scopes_of(&listed, b"payer-a").allows(KeyScope::RechargeWrite));
+    assert_eq!(s.find_key(&paying.hash).await.unwrap().map(|t| t.id), Some("a".into()), "scopes never stop a key");
+}
+
 /// A plan is set only over what was read: a plan change (or another operator) that came in
 /// between makes the write fail, and nothing else of the tenant is written.
 pub async fn a_plan_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {

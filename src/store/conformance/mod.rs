@@ -127,6 +127,7 @@ macro_rules! store_conformance {
             tenant_overrides_are_kept_and_set_alone,
             a_tenant_update_writes_one_setting_always_or_over_what_was_read,
             api_keys_carry_an_id_a_prefix_and_an_expiry,
+            api_keys_carry_their_scopes,
         );
     };
     (@role idempotency, $make:expr) => {

@@ -198,6 +198,8 @@ impl DirectoryStore for DynamoStore {
         if let Some(at) = key.expires_at {
             put = put.item("expires_at", n(at));
         }
+        // Absent (a key of an earlier build, or one `put_tenant` added): the default scopes.
+        put = put.item("scopes", n(i64::from(key.scopes.bits())));
         match put.send().await {
             Ok(_) => Ok(()),
             Err(e) if is_ccf(&e) => Err(StoreError::Conflict("the API key, held by another tenant")),
@@ -215,7 +217,8 @@ impl DirectoryStore for DynamoStore {
                 Some(
                     ApiKeyRecord::new(hash, tenant.clone(), created)
                         .with_prefix(get_s(item, "prefix").unwrap_or(""))
-                        .with_expiry(get_i(item, "expires_at")),
+                        .with_expiry(get_i(item, "expires_at"))
+                        .with_scopes(get_i(item, "scopes").map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)),
                 )
             })
             .collect();

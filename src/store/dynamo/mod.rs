@@ -27,7 +27,7 @@ use super::{
     StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
     UsageStore, LEDGER_KEPT_SECS,
 };
-use crate::base::{KeyHash, TenantId};
+use crate::base::{KeyHash, KeyScopes, TenantId};
 
 mod counters;
 mod credits;

@@ -109,9 +109,10 @@ impl DirectoryStore for PostgresStore {
 
     async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
         let sql = self.sql(
-            "INSERT INTO {s}.api_key AS a (hash, tenant, prefix, created_at, expires_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at \
-             WHERE a.tenant = excluded.tenant RETURNING 1",
+            "INSERT INTO {s}.api_key AS a (hash, tenant, prefix, created_at, expires_at, scopes) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at, \
+             scopes = excluded.scopes WHERE a.tenant = excluded.tenant RETURNING 1",
         );
         let hash = &key.hash.as_bytes()[..];
         let changed = self
@@ -120,7 +121,14 @@ impl DirectoryStore for PostgresStore {
                 let rows = client
                     .query_typed(
                         &sql,
-                        args![hash, key.tenant.as_str(), key.prefix.as_str(), key.created_at, key.expires_at],
+                        args![
+                            hash,
+                            key.tenant.as_str(),
+                            key.prefix.as_str(),
+                            key.created_at,
+                            key.expires_at,
+                            i64::from(key.scopes.bits())
+                        ],
                     )
                     .await?;
                 Ok(rows.len())
@@ -133,7 +141,7 @@ impl DirectoryStore for PostgresStore {
     }
 
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let sql = self.sql("SELECT hash, prefix, created_at, expires_at FROM {s}.api_key WHERE tenant = $1");
+        let sql = self.sql("SELECT hash, prefix, created_at, expires_at, scopes FROM {s}.api_key WHERE tenant = $1");
         let mut keys = self
             .retrying(|| async {
                 let client = self.client().await?;
@@ -147,7 +155,8 @@ impl DirectoryStore for PostgresStore {
                     .ok_or_else(|| StoreError::Unusable("an API key hash of the wrong length".to_owned()))?;
                 Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2))
                     .with_prefix(r.get::<_, String>(1))
-                    .with_expiry(r.get(3)))
+                    .with_expiry(r.get(3))
+                    .with_scopes(r.get::<_, Option<i64>>(4).map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         keys.sort_by(|a, b| a.id.cmp(&b.id));

@@ -28,7 +28,7 @@ use super::{
     StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
     UsageStore,
 };
-use crate::base::{KeyHash, TenantId};
+use crate::base::{KeyHash, KeyScopes, TenantId};
 
 mod directory;
 mod export;

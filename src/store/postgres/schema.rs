@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 11;
+pub const SCHEMA_VERSION: u32 = 12;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -263,6 +263,11 @@ CREATE TABLE {s}.quota_recharge (
     state  text NOT NULL,
     PRIMARY KEY (tenant, meter)
 );
+"#,
+    // 11 -> 12: an API key's scopes (`KeyScopes::bits`); NULL, a key of an earlier build, has
+    // the default scopes.
+    r#"
+ALTER TABLE {s}.api_key ADD COLUMN scopes bigint;
 "#,
 ];
 

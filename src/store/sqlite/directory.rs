@@ -102,16 +102,18 @@ impl DirectoryStore for SqliteStore {
         self.write(move |tx, _| {
             let changed = tx
                 .prepare_cached(
-                    "INSERT INTO api_key (hash, tenant, prefix, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at \
-                     WHERE api_key.tenant = excluded.tenant",
+                    "INSERT INTO api_key (hash, tenant, prefix, created_at, expires_at, scopes) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at, \
+                     scopes = excluded.scopes WHERE api_key.tenant = excluded.tenant",
                 )?
                 .execute(params![
                     &key.hash.as_bytes()[..],
                     key.tenant.as_str(),
                     key.prefix,
                     key.created_at,
-                    key.expires_at
+                    key.expires_at,
+                    key.scopes.bits()
                 ])?;
             Ok(changed)
         })
@@ -126,7 +128,7 @@ impl DirectoryStore for SqliteStore {
         let tenant = tenant.clone();
         self.read(move |tx| {
             let mut keys = tx
-                .prepare_cached("SELECT hash, prefix, created_at, expires_at FROM api_key WHERE tenant = ?1")?
+                .prepare_cached("SELECT hash, prefix, created_at, expires_at, scopes FROM api_key WHERE tenant = ?1")?
                 .query_map([tenant.as_str()], |r| {
                     let hash: Vec<u8> = r.get(0)?;
                     let hash = KeyHash::from_bytes(&hash).ok_or(rusqlite::Error::InvalidColumnType(
@@ -136,7 +138,8 @@ impl DirectoryStore for SqliteStore {
                     ))?;
                     Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2)?)
                         .with_prefix(r.get::<_, String>(1)?)
-                        .with_expiry(r.get(3)?))
+                        .with_expiry(r.get(3)?)
+                        .with_scopes(r.get::<_, Option<i64>>(4)?.map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
                 })?
                 .collect::<Sql<Vec<_>>>()?;
             keys.sort_by(|a, b| a.id.cmp(&b.id));

@@ -21,7 +21,7 @@ use super::{
     UsageStore,
 };
 use crate::{
-    base::{KeyHash, TenantId},
+    base::{KeyHash, KeyScopes, TenantId},
     config::Synchronous,
 };
 

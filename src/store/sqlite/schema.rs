@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 19;
+pub(super) const SCHEMA_VERSION: i32 = 20;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -299,6 +299,11 @@ CREATE TABLE quota_recharge (
     state  TEXT NOT NULL,
     PRIMARY KEY (tenant, meter)
 ) WITHOUT ROWID;
+",
+    // 19 -> 20: an API key's scopes (`KeyScopes::bits`); NULL, a key of the previous version,
+    // has the default scopes.
+    r"
+ALTER TABLE api_key ADD COLUMN scopes INTEGER;
 ",
 ];
 
