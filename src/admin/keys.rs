@@ -99,14 +99,21 @@ impl Admin {
     }
 
     /// Sets what a key may do at its tenant's own routes: its scopes, replaced whole. The
-    /// routes read them at each call (the usage route within a second).
+    /// routes read them at each call (the usage route within a second). A key the file
+    /// declares too keeps no more than the file's `key_scopes` allow.
     ///
     /// # Errors
-    /// No such tenant or key, or the store failed.
+    /// No such tenant or key, the store failed, or it did not keep the scopes (a directory
+    /// store of an earlier version, or one of your own that does not store them).
     pub async fn set_key_scopes(&self, tenant: &str, id: &str, scopes: KeyScopes) -> Result<ApiKeyRecord, AdminError> {
         let key = self.key(tenant, id).await?.with_scopes(scopes);
         self.directory.put_key(&key).await?;
-        Ok(key)
+        match self.directory.key(&key.hash).await? {
+            Some(stored) if stored.scopes == scopes => Ok(stored),
+            _ => Err(AdminError::Invalid(format!(
+                "the directory store did not keep the scopes of key {id}: it must store `ApiKeyRecord::scopes`"
+            ))),
+        }
     }
 
     /// Rotates a key: issues a new one with the same scopes, and keeps the old one working
@@ -133,11 +140,16 @@ impl Admin {
         Ok(self.directory.list_keys(&record.id).await?)
     }
 
+    /// The key `id` of `tenant` as stored now: found by its id in the listing, then read by
+    /// its hash (consistently: a listing may read an index that lags, and a key revoked just
+    /// before must not be written back by a change of its expiry or scopes).
     async fn key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
-        let keys = self.keys(tenant).await?;
-        keys.into_iter()
-            .find(|k| k.id == id)
-            .ok_or_else(|| AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() })
+        let unknown = || AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() };
+        let listed = self.keys(tenant).await?.into_iter().find(|k| k.id == id).ok_or_else(unknown)?;
+        match self.directory.key(&listed.hash).await? {
+            Some(k) if k.tenant == listed.tenant => Ok(k),
+            _ => Err(unknown()),
+        }
     }
 
     /// Revokes a key at once. Running nodes stop taking it within `limits.directory_ttl`

@@ -296,7 +296,7 @@ impl Admin {
 
     /// Copies the directory to another directory store: every tenant with its plan, billing
     /// customer, overrides, subscriptions and last webhook time, and every API key (its hash,
-    /// id, prefix, creation and expiry). For a team moving from one store to another (a SQLite
+    /// id, prefix, creation, expiry and scopes). For a team moving from one store to another (a SQLite
     /// file to PostgreSQL): tenants the other store holds are replaced by the copied record,
     /// other tenants and keys there are left, and running it again writes the same records
     /// again. Quota counters, usage and its export state are not copied: they stay in the

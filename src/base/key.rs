@@ -119,6 +119,9 @@ impl fmt::Display for KeyScope {
 /// assert_eq!(scopes.to_string(), "usage:read,recharge:write");
 /// assert!(!KeyScopes::DEFAULT.allows(KeyScope::RechargeWrite));
 /// assert!("billing:write".parse::<KeyScopes>().is_err());
+/// assert!("".parse::<KeyScopes>().is_err() && "none,caps:write".parse::<KeyScopes>().is_err());
+/// assert_eq!("none".parse::<KeyScopes>(), Ok(KeyScopes::NONE));
+/// assert_eq!(KeyScopes::from_bits(-1), KeyScopes::NONE);
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyScopes(u8);
@@ -151,10 +154,20 @@ impl KeyScopes {
     }
 
     /// The scopes of stored bits; bits of no scope this version knows are dropped (a later
-    /// version's scope is not granted by an earlier one).
+    /// version's scope is not granted by an earlier one), and a negative number, which no
+    /// version writes, has none.
     #[must_use]
     pub const fn from_bits(bits: i64) -> Self {
+        if bits < 0 {
+            return Self::NONE;
+        }
         Self((bits & Self::ALL.0 as i64) as u8)
+    }
+
+    /// The scopes both allow.
+    #[must_use]
+    pub const fn intersection(self, other: Self) -> Self {
+        Self(self.0 & other.0)
     }
 
     /// Each scope it allows, in the order they are written.
@@ -194,15 +207,22 @@ impl fmt::Debug for KeyScopes {
 impl std::str::FromStr for KeyScopes {
     type Err = String;
 
-    /// Names separated by commas or spaces (`usage:read,recharge:write`), or `none`; an
-    /// unknown name is refused, naming the scopes there are.
+    /// Names separated by commas or spaces (`usage:read,recharge:write`), or `none` alone; an
+    /// unknown name, nothing at all (an unset variable, say) and `none` beside a scope are
+    /// refused, naming the scopes there are.
     fn from_str(text: &str) -> Result<Self, String> {
         let mut scopes = Self::NONE;
-        let names = text.split(|c: char| c == ',' || c.is_whitespace()).filter(|n| !n.is_empty());
+        let names: Vec<&str> = text.split(|c: char| c == ',' || c.is_whitespace()).filter(|n| !n.is_empty()).collect();
+        match names.as_slice() {
+            [] => return Err(
+                "no key scope given: name them (usage:read, caps:write, alerts:write, recharge:write) or write none"
+                    .to_owned(),
+            ),
+            ["none"] => return Ok(Self::NONE),
+            names if names.contains(&"none") => return Err("`none` cannot stand beside a scope".to_owned()),
+            _ => {}
+        }
         for name in names {
-            if name == "none" {
-                continue;
-            }
             let scope = KeyScope::ALL.into_iter().find(|s| s.name() == name).ok_or_else(|| {
                 format!("`{name}` is not a key scope: expected usage:read, caps:write, alerts:write, recharge:write or none")
             })?;

@@ -36,7 +36,10 @@ impl Tollgate {
     /// read from the request as the layer identifies it (`[identify]`): the API key it carries,
     /// or the [`Identity`](crate::Identity) an authentication layer put in it. What it may do
     /// there is its key's scopes ([`KeyScopes`](crate::store::KeyScopes)). The door crates'
-    /// routes call it; an application calling the verbs itself does too.
+    /// routes call it; an application calling the verbs itself does too. It reads the request
+    /// as `[identify]` says, as the layer's default resolver does: behind a layer given a
+    /// resolver of your own ([`TollgateLayer::resolver`](crate::TollgateLayer::resolver)), make
+    /// the caller from what your resolver read ([`Caller::api_key`], [`Caller::identity`]).
     ///
     /// ```
     /// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"5/s\"").unwrap();
@@ -79,8 +82,9 @@ impl Tollgate {
     /// call to the store (a raised cap is seen within a second; a lowered one lets through at
     /// most the spend leases nodes hold already). A refusal is a problem+json 4xx (403 when
     /// the plan has no spend cap, 422 above the maximum, 400 for a body that is not that JSON
-    /// or a limit that is not an amount; 403 `scope-missing` for a key without the scope) and
-    /// stores nothing. The door crates mount it (`tollgate_axum::spend_cap`,
+    /// or a limit that is not an amount; 403 `scope-missing` for a key without the scope,
+    /// `key-not-live` for one that is not the tenant's live key; 503 when the directory does
+    /// not answer) and stores nothing. The door crates mount it (`tollgate_axum::spend_cap`,
     /// `tollgate_actix::spend_cap`).
     pub async fn tenant_spend_cap(
         &self,
@@ -169,7 +173,10 @@ impl Tollgate {
     /// tenant's. Refusals are the layer's problem+json: 401 without a credential (even where
     /// anonymous callers are served) or with an unknown one, 400 for a malformed one, 405
     /// for a method other than `GET` and `HEAD` (`Allow: GET, HEAD`), 503 when the store does
-    /// not answer.
+    /// not answer; 403 `scope-missing` for a key without the scope `usage:read` (every key's
+    /// by default, [`KeyScopes`](crate::store::KeyScopes)), 403 `key-not-live` (`Retry-After:
+    /// 1`) for one that is not among the tenant's live keys as the view read them (revoked
+    /// since the node confirmed it, or issued within the last second).
     ///
     /// A quota's `remaining` is what the `RateLimit` header of this node says of it: its
     /// next request that takes `c` units of the quota says `remaining − c` (the route's view
@@ -231,6 +238,12 @@ impl Tollgate {
                 Ok(state) => state,
                 Err(r) => return refused(r),
             };
+            // A caller without a key needs no view to be told what it may do.
+            if !caller.is_key() {
+                if let Err(e) = scopes::check_among(&[], &state.id, &caller, USAGE) {
+                    return usage_refused(&e);
+                }
+            }
             let views = engine.units().views();
             let clock = engine.shared().clock();
             let matches = |etag: &str| if_none_match.as_deref().is_some_and(|v| none_match(v, etag));
@@ -249,8 +262,17 @@ impl Tollgate {
                                 // Who may read it: the scopes of the tenant's keys, read with it.
                                 let keys = if keyed {
                                     let config = engine.shared().runtime().load().config.clone();
-                                    let directory = &engine.shared().stores().background().directory;
-                                    scopes::keys_of(directory.as_ref(), &config, &state.id, clock.unix_secs()).await?
+                                    // As the view's other reads: the request path's, never
+                                    // feeding its breaker.
+                                    let directory = &engine.shared().stores().request().directory;
+                                    let now = clock.unix_secs();
+                                    crate::store::limited::reading(scopes::keys_of(
+                                        directory.as_ref(),
+                                        &config,
+                                        &state.id,
+                                        now,
+                                    ))
+                                    .await?
                                 } else {
                                     Box::default()
                                 };
@@ -276,14 +298,8 @@ impl Tollgate {
                     }
                 }
             };
-            let need = Need { scope: KeyScope::UsageRead, write: false, what: "reading the usage" };
-            if let Err(e) = scopes::check_among(&view.keys, &caller, need) {
-                let mut refused = scope_problem(&e);
-                if matches!(e, ScopeError::NotLive) {
-                    // A key issued within the last second is in the next view.
-                    refused.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                }
-                return refused;
+            if let Err(e) = scopes::check_among(&view.keys, &state.id, &caller, USAGE) {
+                return usage_refused(&e);
             }
             let mut response = if matches(&view.etag) {
                 let mut r = http::Response::new(Bytes::new());
@@ -413,7 +429,8 @@ impl Tollgate {
     /// once; a new one each time), `DELETE` removes it (204). A refusal is a problem+json 4xx
     /// (403 when the plan does not send alerts to tenants, 422 for a URL that is not https or
     /// resolves to a private address, 400 for a body that is not that JSON, 403
-    /// `scope-missing` for a key without the scope) and stores nothing. The door crates mount
+    /// `scope-missing` for a key without the scope, `key-not-live` for one that is not the
+    /// tenant's live key; 503 when the directory does not answer) and stores nothing. The door crates mount
     /// it (`tollgate_axum::alert_endpoint`, `tollgate_actix::alert_endpoint`).
     pub async fn tenant_alert_endpoint(
         &self,
@@ -489,12 +506,34 @@ impl Tollgate {
     }
 }
 
+/// What the usage route asks of its caller.
+const USAGE: Need = Need { scope: KeyScope::UsageRead, write: false, what: "reading the usage" };
+
+/// The usage route's refusal of a caller by its scopes: a key not among those its view read
+/// may have been issued since (the next view, within a second, has it).
+fn usage_refused(e: &ScopeError) -> http::Response<Bytes> {
+    match e {
+        ScopeError::NotLive("API key") => {
+            let mut r = problem(
+                StatusCode::FORBIDDEN,
+                "key-not-live",
+                "Key not live",
+                "this API key is not one of the tenant's live keys as last read (revoked, expired, or issued within \
+                 the last second: try again)",
+            );
+            r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r
+        }
+        e => scope_problem(e),
+    }
+}
+
 /// A caller refused by its scopes (problem+json): 403, or 503 when the directory did not
 /// answer.
 fn scope_problem(e: &ScopeError) -> http::Response<Bytes> {
     match e {
         ScopeError::Missing { .. } => problem(StatusCode::FORBIDDEN, "scope-missing", "Scope missing", &e.to_string()),
-        ScopeError::NotLive => problem(StatusCode::FORBIDDEN, "key-not-live", "Key not live", &e.to_string()),
+        ScopeError::NotLive(_) => problem(StatusCode::FORBIDDEN, "key-not-live", "Key not live", &e.to_string()),
         ScopeError::Store(_) => {
             problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
         }

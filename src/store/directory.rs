@@ -305,9 +305,15 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// The API keys of `tenant`, expired ones included, in id order.
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
+    /// The API key with this hash, expired or not, as stored now (read consistently: a key
+    /// removed or changed before the call is seen so, where `list_keys` may read an index
+    /// that lags). What the tenant routes check a caller's scopes against.
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
+
     /// Creates or replaces a tenant and gives it these keys (keys held by nobody else); a key
     /// new to the store gets no prefix, no expiry and the default scopes, one it holds keeps
-    /// them.
+    /// them (a key it takes from another tenant keeps its prefix and expiry, and has the
+    /// default scopes).
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
 
     /// Adds an API key, or updates its prefix, expiry and scopes. Refused with

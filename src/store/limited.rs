@@ -506,6 +506,10 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
         self.call("list keys", self.inner.list_keys(tenant)).await
     }
 
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.call("read key", self.inner.key(key)).await
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         self.call("put tenant", self.inner.put_tenant(record, keys)).await
     }

@@ -97,8 +97,8 @@ pub struct Caller(pub(crate) Who);
 pub(crate) enum Who {
     /// An API key, by its hash.
     Key(KeyHash),
-    /// An identity, with its scopes.
-    Identity(KeyScopes),
+    /// An identity of this tenant, with its scopes.
+    Identity(TenantId, KeyScopes),
     /// Nothing identifies it (a request served as the anonymous tenant): no scope.
     Nobody,
 }
@@ -110,11 +110,11 @@ impl Caller {
         Self(Who::Key(KeyHash::of(key)))
     }
 
-    /// A caller with this verified identity (its tenant is the route's own: the identity's
-    /// scopes are what it may do).
+    /// A caller with this verified identity: its scopes are what it may do at its own
+    /// tenant's routes (another tenant's open nothing to it).
     #[must_use]
     pub fn identity(identity: &Identity) -> Self {
-        Self(Who::Identity(identity.scopes))
+        Self(Who::Identity(identity.tenant.clone(), identity.scopes))
     }
 
     /// A caller nothing identifies: it may do nothing at a tenant's own routes.
@@ -122,13 +122,18 @@ impl Caller {
     pub fn nobody() -> Self {
         Self(Who::Nobody)
     }
+
+    /// Whether it calls with an API key.
+    pub(crate) fn is_key(&self) -> bool {
+        matches!(self.0, Who::Key(_))
+    }
 }
 
 impl fmt::Debug for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Who::Key(hash) => write!(f, "Caller::Key({})", hash.id()),
-            Who::Identity(scopes) => write!(f, "Caller::Identity({scopes})"),
+            Who::Identity(tenant, scopes) => write!(f, "Caller::Identity({tenant}, {scopes})"),
             Who::Nobody => f.write_str("Caller::Nobody"),
         }
     }

@@ -547,9 +547,11 @@ async fn a_key_opens_only_the_routes_its_scopes_allow(s: Setup) {
     let problem = |v: &serde_json::Value| v["type"].as_str().unwrap_or_default().rsplit('/').next().unwrap().to_owned();
     // Every key is served by the layer, whatever its scopes.
     assert_eq!(s.h.status("/", &blind.key).await, 200);
-    // No scope: nothing read, nothing set.
+    // No scope: nothing read, nothing set; refused before its body is read.
     let (status, v) = recharge(blind.key.clone(), "GET", "").await;
     assert_eq!((status, problem(&v)), (403, "scope-missing".to_owned()), "{v}");
+    assert_eq!(recharge(blind.key.clone(), "PUT", "not json").await.0, 403);
+    assert_eq!(recharge("key-acme".into(), "PUT", r#"{"to": "lots"}"#).await.0, 403);
     let (status, v) = usage(blind.key.clone()).await;
     assert_eq!((status, problem(&v)), (403, "scope-missing".to_owned()), "{v}");
     // The default reads the usage and the recharge, and does not turn it on.
@@ -572,9 +574,13 @@ async fn a_key_opens_only_the_routes_its_scopes_allow(s: Setup) {
     // Within a second, the usage view reads the scopes again.
     s.h.clock.advance(Duration::from_secs(2));
     assert_eq!(usage(payer.key.clone()).await.0, 200);
-    // A revoked key opens nothing, though its tenant is still held on the node.
+    // A revoked key opens nothing, though its tenant is still held on the node, and a change
+    // of its scopes does not bring it back.
     admin.revoke_key("acme", &payer.record.id).await.unwrap();
     assert_eq!(recharge(payer.key.clone(), "GET", "").await.0, 403);
+    assert!(admin.set_key_scopes("acme", &payer.record.id, KeyScopes::ALL).await.is_err());
+    assert_eq!(s.store.key(&KeyHash::of(payer.key.as_bytes())).await.unwrap(), None, "not written back");
+    assert_eq!(recharge(payer.key.clone(), "PUT", "{}").await.0, 403);
 }
 
 // 3-D Secure needed and a customer without a payment method fail with their reasons, each

@@ -779,6 +779,11 @@ impl DirectoryStore for Faulty {
         self.inner.update_tenant(update, when).await
     }
 
+    async fn key(&self, key: &tollgate::store::KeyHash) -> Result<Option<tollgate::store::ApiKeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.key(key).await
+    }
+
     async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.lookups.fetch_add(1, Ordering::SeqCst);

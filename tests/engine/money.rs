@@ -389,6 +389,60 @@ async fn a_declared_tenants_keys_have_the_files_scopes_at_its_cap_route() {
     assert_eq!((v["limit"].as_str(), v["set_by"].as_str()), (Some("1"), Some("plan")), "nothing was set");
 }
 
+/// Behind an authentication layer (`source = "extension"`), the `Identity` it put in the
+/// request brings its scopes: `Tollgate::caller` reads them; an identity allowed to read only
+/// sets nothing, another tenant's identity opens nothing of this one, and the usage route asks
+/// the same of it.
+#[tokio::test]
+async fn an_identity_brings_its_scopes_to_the_tenant_routes() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    use tollgate::store::{KeyScope, KeyScopes};
+    let toml = TOML.replace("keys = [\"key-t\"]", "").replace("keys = [\"key-u\"]", "")
+        + "[identify]\nsource = \"extension\"\n";
+    let h = Harness::new(&toml);
+    let info = RequestInfo::new("GET", "/", Credential::Tenant("t"));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        Admission::Rejected(r) => panic!("{r}"),
+    };
+    let ctx = ticket.context();
+    ticket.give_back();
+    let request = |identity: tollgate::Identity, path: &str| {
+        let mut r = http::Request::get(path).body(()).unwrap();
+        r.extensions_mut().insert(identity);
+        r
+    };
+    let cap = |identity: tollgate::Identity, method: &'static str| {
+        let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
+        let caller = h.tollgate.caller(&request(identity, "/v1/spend/cap"));
+        async move {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = engine.tenant_spend_cap(&ctx, &caller, &method, br#"{"limit": "5.00"}"#).await;
+            (r.status().as_u16(), serde_json::from_slice::<serde_json::Value>(r.body()).unwrap())
+        }
+    };
+    let reader = tollgate::Identity::new("t").with_scopes(KeyScopes::NONE.with(KeyScope::UsageRead));
+    assert_eq!(cap(reader.clone(), "GET").await.0, 200);
+    let (status, v) = cap(reader.clone(), "PUT").await;
+    assert_eq!((status, v["type"].as_str()), (403, Some("https://tollgate.rs/problems/scope-missing")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("Identity::with_scopes"), "{v}");
+    let theirs = tollgate::Identity::new("u").with_scopes(KeyScopes::ALL);
+    let (status, v) = cap(theirs, "PUT").await;
+    assert_eq!((status, v["type"].as_str()), (403, Some("https://tollgate.rs/problems/key-not-live")), "{v}");
+    let (status, v) = cap(tollgate::Identity::new("t"), "PUT").await;
+    assert_eq!((status, v["set_by"].as_str()), (200, Some("tenant")), "the default sets the cap: {v}");
+    // The usage route.
+    let usage = |identity: tollgate::Identity| {
+        let engine = h.tollgate.clone();
+        let r = request(identity, "/v1/usage");
+        async move { engine.tenant_usage(&r).await.status().as_u16() }
+    };
+    assert_eq!(usage(reader).await, 200);
+    assert_eq!(usage(tollgate::Identity::new("t").with_scopes(KeyScopes::NONE)).await, 403);
+    assert_eq!(usage(tollgate::Identity::new("t")).await, 200);
+}
+
 /// Plans for a tenant in the directory moved between them: `p` (hard 1.00, up to 10.00),
 /// `small` (hard 0.50, no more), `softly` (soft 1.00, up to 10.00). A request costs 0.25.
 fn moving_plans() -> String {

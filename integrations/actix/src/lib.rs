@@ -773,7 +773,8 @@ pub fn recharge(engine: tollgate::Tollgate) -> actix_web::Route {
 /// ([`Tollgate::tenant_usage`](tollgate::Tollgate::tenant_usage)): `GET` answers the calling
 /// tenant's plan, quotas, balances, spend and usage as JSON (docs/usage.schema.json), with
 /// `ETag` and `Cache-Control: private, max-age=1`; other methods are 405 (`Allow: GET,
-/// HEAD`), a request without a known credential the middleware's 401.
+/// HEAD`), a request without a known credential the middleware's 401, a key without the
+/// scope `usage:read` 403 `scope-missing`.
 ///
 /// Mount it **outside** the middleware, registered before the scope the middleware wraps:
 /// it identifies its caller itself and charges nothing (inside, every poll would spend a rate

@@ -305,7 +305,8 @@ where
 /// ([`Tollgate::tenant_usage`](tollgate::Tollgate::tenant_usage)): `GET` answers the calling
 /// tenant's plan, quotas, balances, spend and usage as JSON (docs/usage.schema.json), with
 /// `ETag` and `Cache-Control: private, max-age=1`; other methods are 405 (`Allow: GET,
-/// HEAD`), a request without a known credential the layer's 401.
+/// HEAD`), a request without a known credential the layer's 401, a key without the scope
+/// `usage:read` 403 `scope-missing`.
 ///
 /// Mount it **outside** tollgate's layer, as below: it identifies its caller itself and
 /// charges nothing (inside the layer every poll would spend a rate cell and a unit of the

@@ -359,6 +359,18 @@ pub async fn api_keys_carry_their_scopes<S: ?Sized + DirectoryStore>(h: &mut Sto
     let listed = s.list_keys(&"a".into()).await.unwrap();
     assert!(!scopes_of(&listed, b"payer-a").allows(KeyScope::RechargeWrite));
     assert_eq!(s.find_key(&paying.hash).await.unwrap().map(|t| t.id), Some("a".into()), "scopes never stop a key");
+    // Read by its hash: as stored now, its tenant's, gone once removed.
+    let read = s.key(&paying.hash).await.unwrap().expect("stored");
+    assert_eq!((read.tenant.as_str(), read.scopes), ("a", KeyScopes::NONE.with(KeyScope::UsageRead)));
+    assert_eq!(read.id, paying.id);
+    assert_eq!(s.key(&blind.hash).await.unwrap().map(|k| k.scopes), Some(KeyScopes::ALL));
+    s.remove_key(&blind.hash).await.unwrap();
+    assert_eq!(s.key(&blind.hash).await.unwrap(), None, "removed: read so at once");
+    // A key put_tenant moves to another tenant leaves its grants behind.
+    s.put_key(&paying.clone().with_scopes(KeyScopes::ALL)).await.unwrap();
+    s.put_tenant(&b, &[paying.hash]).await.unwrap();
+    let moved = s.key(&paying.hash).await.unwrap().expect("stored");
+    assert_eq!((moved.tenant.as_str(), moved.scopes), ("b", KeyScopes::DEFAULT));
 }
 
 /// A plan is set only over what was read: a plan change (or another operator) that came in

@@ -209,21 +209,14 @@ impl DirectoryStore for DynamoStore {
 
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let items = self.index_items("gsi1", ("gpk", &keys_gpk(tenant)), ("gsk", None), usize::MAX, |q| q).await?;
-        let mut keys: Vec<ApiKeyRecord> = items
-            .iter()
-            .filter_map(|item| {
-                let hash = KeyHash::from_hex(get_s(item, "pk")?.strip_prefix("K\u{1}")?)?;
-                let created = get_i(item, "created_at").unwrap_or(0);
-                Some(
-                    ApiKeyRecord::new(hash, tenant.clone(), created)
-                        .with_prefix(get_s(item, "prefix").unwrap_or(""))
-                        .with_expiry(get_i(item, "expires_at"))
-                        .with_scopes(get_i(item, "scopes").map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)),
-                )
-            })
-            .collect();
+        let mut keys: Vec<ApiKeyRecord> = items.iter().filter_map(key_record).filter(|k| &k.tenant == tenant).collect();
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(keys)
+    }
+
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        // The table's own item, read consistently (the keys' index may lag).
+        Ok(self.get(key_pk(key), "K").await?.as_ref().and_then(key_record))
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
@@ -290,24 +283,37 @@ impl DirectoryStore for DynamoStore {
         self.move_customer(&record.id, old.as_deref(), record.customer.as_deref()).await?;
         for key in keys {
             // A key new to the table gets its id and creation time; one held keeps its
-            // prefix and expiry.
-            self.client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(key_pk(key)))
-                .key("sk", s("K"))
-                .update_expression(
+            // prefix, expiry and scopes; one moved from another tenant has the default scopes
+            // (another tenant's grants are not this one's).
+            let update = |moved: bool| {
+                let set =
                     "SET tenant = :t, gpk = :g, gsk = :id, kid = :id, created_at = if_not_exists(created_at, :now), \
-                     prefix = if_not_exists(prefix, :empty)",
-                )
-                .expression_attribute_values(":t", s(record.id.as_str()))
-                .expression_attribute_values(":g", s(keys_gpk(&record.id)))
-                .expression_attribute_values(":id", s(key.id()))
-                .expression_attribute_values(":now", n(unix_now()))
-                .expression_attribute_values(":empty", s(""))
-                .send()
-                .await
-                .map_err(sdk)?;
+                           prefix = if_not_exists(prefix, :empty)";
+                let u = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key("pk", s(key_pk(key)))
+                    .key("sk", s("K"))
+                    .update_expression(if moved { format!("{set} REMOVE scopes") } else { set.to_owned() })
+                    .expression_attribute_values(":t", s(record.id.as_str()))
+                    .expression_attribute_values(":g", s(keys_gpk(&record.id)))
+                    .expression_attribute_values(":id", s(key.id()))
+                    .expression_attribute_values(":now", n(unix_now()))
+                    .expression_attribute_values(":empty", s(""));
+                if moved {
+                    u
+                } else {
+                    u.condition_expression("attribute_not_exists(pk) OR tenant = :t")
+                }
+            };
+            match update(false).send().await {
+                Ok(_) => {}
+                Err(e) if is_ccf(&e) => {
+                    update(true).send().await.map_err(sdk)?;
+                }
+                Err(e) => return Err(sdk(e)),
+            }
         }
         Ok(())
     }
@@ -453,4 +459,16 @@ impl DynamoStore {
         }
         Ok(())
     }
+}
+
+/// An API key's item.
+fn key_record(item: &Item) -> Option<ApiKeyRecord> {
+    let hash = KeyHash::from_hex(get_s(item, "pk")?.strip_prefix("K\u{1}")?)?;
+    let created = get_i(item, "created_at").unwrap_or(0);
+    Some(
+        ApiKeyRecord::new(hash, get_s(item, "tenant")?.into(), created)
+            .with_prefix(get_s(item, "prefix").unwrap_or(""))
+            .with_expiry(get_i(item, "expires_at"))
+            .with_scopes(get_i(item, "scopes").map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)),
+    )
 }

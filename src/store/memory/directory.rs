@@ -128,7 +128,13 @@ impl DirectoryStore for MemoryStore {
             inner
                 .keys
                 .entry(*key)
-                .and_modify(|k| k.tenant = record.id.clone())
+                .and_modify(|k| {
+                    // Another tenant's grants are not this one's.
+                    if k.tenant != record.id {
+                        k.scopes = crate::base::KeyScopes::DEFAULT;
+                    }
+                    k.tenant = record.id.clone();
+                })
                 .or_insert_with(|| ApiKeyRecord::new(*key, record.id.clone(), now));
         }
         Ok(())
@@ -147,6 +153,10 @@ impl DirectoryStore for MemoryStore {
         let mut keys: Vec<_> = self.lock().keys.values().filter(|k| &k.tenant == tenant).cloned().collect();
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(keys)
+    }
+
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(self.lock().keys.get(key).cloned())
     }
 
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {

@@ -6,6 +6,19 @@ use super::*;
 const TENANT_COLUMNS: &str =
     "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";
 
+const KEY_COLUMNS: &str = "hash, tenant, prefix, created_at, expires_at, scopes";
+
+/// A key's row of [`KEY_COLUMNS`].
+fn key_row(r: &Row) -> Result<ApiKeyRecord, StoreError> {
+    let hash: Vec<u8> = r.get(0);
+    let hash = KeyHash::from_bytes(&hash)
+        .ok_or_else(|| StoreError::Unusable("an API key hash of the wrong length".to_owned()))?;
+    Ok(ApiKeyRecord::new(hash, r.get::<_, String>(1).into(), r.get(3))
+        .with_prefix(r.get::<_, String>(2))
+        .with_expiry(r.get(4))
+        .with_scopes(r.get::<_, Option<i64>>(5).map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
+}
+
 fn tenant_row(r: &Row) -> TenantRecord {
     let mut t = TenantRecord::new(r.get::<_, String>(0).into(), r.get::<_, String>(1).into());
     t.customer = r.get(2);
@@ -141,7 +154,7 @@ impl DirectoryStore for PostgresStore {
     }
 
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let sql = self.sql("SELECT hash, prefix, created_at, expires_at, scopes FROM {s}.api_key WHERE tenant = $1");
+        let sql = self.sql(&format!("SELECT {KEY_COLUMNS} FROM {{s}}.api_key WHERE tenant = $1"));
         let mut keys = self
             .retrying(|| async {
                 let client = self.client().await?;
@@ -149,18 +162,22 @@ impl DirectoryStore for PostgresStore {
             })
             .await?
             .iter()
-            .map(|r| {
-                let hash: Vec<u8> = r.get(0);
-                let hash = KeyHash::from_bytes(&hash)
-                    .ok_or_else(|| StoreError::Unusable("an API key hash of the wrong length".to_owned()))?;
-                Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2))
-                    .with_prefix(r.get::<_, String>(1))
-                    .with_expiry(r.get(3))
-                    .with_scopes(r.get::<_, Option<i64>>(4).map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
-            })
+            .map(key_row)
             .collect::<Result<Vec<_>, StoreError>>()?;
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(keys)
+    }
+
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let sql = self.sql(&format!("SELECT {KEY_COLUMNS} FROM {{s}}.api_key WHERE hash = $1"));
+        let hash = &key.as_bytes()[..];
+        let row = self
+            .retrying(|| async {
+                let client = self.client().await?;
+                Ok(client.query_typed_opt(&sql, args![hash]).await?)
+            })
+            .await?;
+        row.as_ref().map(key_row).transpose()
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
@@ -230,8 +247,9 @@ impl DirectoryStore for PostgresStore {
              alert_endpoint = excluded.alert_endpoint",
         );
         let key = self.sql(
-            "INSERT INTO {s}.api_key (hash, tenant, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant",
+            "INSERT INTO {s}.api_key AS a (hash, tenant, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant, \
+             scopes = CASE WHEN a.tenant = excluded.tenant THEN a.scopes END",
         );
         self.retrying(|| async {
             let mut client = self.client().await?;

@@ -128,22 +128,25 @@ impl DirectoryStore for SqliteStore {
         let tenant = tenant.clone();
         self.read(move |tx| {
             let mut keys = tx
-                .prepare_cached("SELECT hash, prefix, created_at, expires_at, scopes FROM api_key WHERE tenant = ?1")?
-                .query_map([tenant.as_str()], |r| {
-                    let hash: Vec<u8> = r.get(0)?;
-                    let hash = KeyHash::from_bytes(&hash).ok_or(rusqlite::Error::InvalidColumnType(
-                        0,
-                        "hash".into(),
-                        rusqlite::types::Type::Blob,
-                    ))?;
-                    Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2)?)
-                        .with_prefix(r.get::<_, String>(1)?)
-                        .with_expiry(r.get(3)?)
-                        .with_scopes(r.get::<_, Option<i64>>(4)?.map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
-                })?
+                .prepare_cached(
+                    "SELECT hash, tenant, prefix, created_at, expires_at, scopes FROM api_key WHERE tenant = ?1",
+                )?
+                .query_map([tenant.as_str()], key_row)?
                 .collect::<Sql<Vec<_>>>()?;
             keys.sort_by(|a, b| a.id.cmp(&b.id));
             Ok(keys)
+        })
+        .await
+    }
+
+    async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let key = *key;
+        self.read(move |tx| {
+            tx.prepare_cached(
+                "SELECT hash, tenant, prefix, created_at, expires_at, scopes FROM api_key WHERE hash = ?1",
+            )?
+            .query_row([&key.as_bytes()[..]], key_row)
+            .optional()
         })
         .await
     }
@@ -242,7 +245,8 @@ impl DirectoryStore for SqliteStore {
             for key in &keys {
                 tx.prepare_cached(
                     "INSERT INTO api_key (hash, tenant, created_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant",
+                     ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant, \
+                     scopes = CASE WHEN api_key.tenant = excluded.tenant THEN api_key.scopes END",
                 )?
                 .execute(params![&key.as_bytes()[..], id, unix_now()])?;
             }
@@ -276,3 +280,17 @@ fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
 
 const TENANT_COLUMNS: &str =
     "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";
+
+/// A key's row: hash, tenant, prefix, created_at, expires_at, scopes.
+fn key_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
+    let hash: Vec<u8> = r.get(0)?;
+    let hash = KeyHash::from_bytes(&hash).ok_or(rusqlite::Error::InvalidColumnType(
+        0,
+        "hash".into(),
+        rusqlite::types::Type::Blob,
+    ))?;
+    Ok(ApiKeyRecord::new(hash, r.get::<_, String>(1)?.into(), r.get(3)?)
+        .with_prefix(r.get::<_, String>(2)?)
+        .with_expiry(r.get(4)?)
+        .with_scopes(r.get::<_, Option<i64>>(5)?.map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
+}
