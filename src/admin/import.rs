@@ -1,6 +1,7 @@
 //! Tenants and keys imported from CSV.
 
 use crate::store::KeyHash;
+use crate::store::KeyWrite;
 use crate::{
     config::{PlanId, TenantId},
     store::{unix_now, ApiKeyRecord, StoreError, TenantRecord},
@@ -251,7 +252,9 @@ impl Admin {
         if let Some((hash, prefix)) = row.key {
             // A key the tenant holds keeps what the line does not say (its expiry, say,
             // during a rotation's grace): importing the same file again changes nothing.
-            let held = self.directory.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
+            // Read by its hash (a listing may read an index that lags: a key narrowed or
+            // revoked just before would be written back as it was).
+            let held = self.directory.key(&hash).await?.filter(|k| k.tenant == record.id);
             let key = match held {
                 Some(k) => {
                     let expiry = row.expires_at.or(k.expires_at);
@@ -262,7 +265,7 @@ impl Admin {
                     .with_prefix(prefix)
                     .with_expiry(row.expires_at),
             };
-            self.directory.put_key(&key).await.map_err(|e| match e {
+            self.directory.put_key(&key, KeyWrite::Upsert).await.map_err(|e| match e {
                 StoreError::Conflict(_) => {
                     AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }
                 }

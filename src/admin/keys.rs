@@ -1,6 +1,6 @@
 //! API keys: issued, rotated, listed and revoked.
 
-use crate::store::{unix_now, ApiKeyRecord};
+use crate::store::{unix_now, ApiKeyRecord, KeyWrite, StoreError};
 use crate::store::{KeyHash, KeyScopes};
 
 use super::{Admin, AdminError};
@@ -94,25 +94,39 @@ impl Admin {
             .with_prefix(&key[..PREFIX_CHARS])
             .with_expiry(options.expires_at)
             .with_scopes(options.scopes.unwrap_or_default());
-        self.directory.put_key(&stored).await?;
+        self.directory.put_key(&stored, KeyWrite::Upsert).await?;
         Ok(IssuedKey { key, record: stored })
     }
 
     /// Sets what a key may do at its tenant's own routes: its scopes, replaced whole. The
-    /// routes read them at each call (the usage route within a second). A key the file
-    /// declares too keeps no more than the file's `key_scopes` allow.
+    /// cap, recharge and alert routes read them at each call; the usage route within a second
+    /// (on DynamoDB, its key index's lag too). A key the file declares too keeps no more than
+    /// the file's `key_scopes` allow. A key revoked meanwhile stays revoked.
     ///
     /// # Errors
-    /// No such tenant or key, the store failed, or it did not keep the scopes (a directory
-    /// store of an earlier version, or one of your own that does not store them).
+    /// No such tenant or key (or revoked meanwhile), the store failed, or it did not keep the
+    /// scopes (a directory store of your own that does not store them).
     pub async fn set_key_scopes(&self, tenant: &str, id: &str, scopes: KeyScopes) -> Result<ApiKeyRecord, AdminError> {
         let key = self.key(tenant, id).await?.with_scopes(scopes);
-        self.directory.put_key(&key).await?;
+        self.update_key(tenant, id, &key).await?;
         match self.directory.key(&key.hash).await? {
             Some(stored) if stored.scopes == scopes => Ok(stored),
-            _ => Err(AdminError::Invalid(format!(
-                "the directory store did not keep the scopes of key {id}: it must store `ApiKeyRecord::scopes`"
+            Some(_) => Err(AdminError::Invalid(format!(
+                "the directory store did not keep the scopes of key {id} (or they were changed meanwhile): \
+                 a store must keep `ApiKeyRecord::scopes`"
             ))),
+            None => Err(AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() }),
+        }
+    }
+
+    /// Writes a change of a key its tenant still holds: a key revoked meanwhile is not written
+    /// back (no such key).
+    async fn update_key(&self, tenant: &str, id: &str, key: &ApiKeyRecord) -> Result<(), AdminError> {
+        match self.directory.put_key(key, KeyWrite::Existing).await {
+            Err(StoreError::Conflict(_)) => {
+                Err(AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() })
+            }
+            other => Ok(other?),
         }
     }
 
@@ -126,7 +140,7 @@ impl Admin {
         let issued = self.issue_key(tenant, KeyOptions::default().scopes(old.scopes)).await?;
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
         let tenant = old.tenant.clone();
-        self.directory.put_key(&old.with_expiry(Some(until))).await?;
+        self.update_key(tenant.as_str(), id, &old.with_expiry(Some(until))).await?;
         self.changed(&tenant);
         Ok(issued)
     }

@@ -1,5 +1,6 @@
 //! Tenants: added, their plans, billing customers and overrides set, listed, and the directory copied.
 
+use crate::store::KeyWrite;
 use crate::{
     config::TenantId,
     store::{limited::Path, DirectoryStore, DirectoryStoreExt, StoreError, TenantRecord, TenantUpdate, UpdateWhen},
@@ -315,7 +316,7 @@ impl Admin {
                 self.calls.call(Path::Background, "put tenant", to.put_tenant(tenant, &[])).await?;
                 report.tenants += 1;
                 for key in self.directory.list_keys(&tenant.id).await? {
-                    self.calls.call(Path::Background, "put key", to.put_key(&key)).await?;
+                    self.calls.call(Path::Background, "put key", to.put_key(&key, KeyWrite::Upsert)).await?;
                     report.keys += 1;
                 }
             }

@@ -268,6 +268,20 @@ impl TenantUpdate {
     }
 }
 
+/// When [`DirectoryStore::put_key`] writes: object_store's `PutMode` for an API key.
+///
+/// Not `#[non_exhaustive]`, on purpose: a new mode breaks a store's build rather than being
+/// taken for another at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyWrite {
+    /// Adds the key, or updates it if its tenant holds it.
+    Upsert,
+    /// Updates the key only if its tenant still holds it: a key removed meanwhile is not
+    /// written back ([`StoreError::Conflict`]), so a change of its expiry or scopes made as it
+    /// is revoked never revives it.
+    Existing,
+}
+
 /// When [`DirectoryStore::update_tenant`] writes: object_store's `PutMode` for a tenant's
 /// settings.
 ///
@@ -316,9 +330,11 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// default scopes).
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
 
-    /// Adds an API key, or updates its prefix, expiry and scopes. Refused with
-    /// [`StoreError::Conflict`] when the hash belongs to another tenant.
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// Adds an API key, or updates its prefix, expiry and scopes ([`KeyWrite::Upsert`]), or
+    /// only updates a key its tenant still holds ([`KeyWrite::Existing`]). Refused with
+    /// [`StoreError::Conflict`] when the hash belongs to another tenant, or, to update only, is
+    /// held by no one.
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError>;
 
     /// Removes an API key from the directory.
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;

@@ -14,6 +14,7 @@
 //! | events: a batch of usage events | `events.store_timeout` | no |
 //! | background: flush, export, reconciliation, webhooks, `Admin`, settlements, the worker | `limits.background_timeout` | no |
 
+use crate::store::KeyWrite;
 use std::{
     future::Future,
     sync::{
@@ -514,8 +515,8 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
         self.call("put tenant", self.inner.put_tenant(record, keys)).await
     }
 
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
-        self.call("put key", self.inner.put_key(key)).await
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
+        self.call("put key", self.inner.put_key(key, when)).await
     }
 
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {

@@ -60,8 +60,8 @@ pub use crate::base::{
     DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Told, WebhookCount,
 };
 pub use directory::{
-    ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord, TenantUpdate,
-    UpdateWhen,
+    ApiKeyRecord, DirectoryStore, KeyWrite, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord,
+    TenantUpdate, UpdateWhen,
 };
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]

@@ -404,6 +404,9 @@ pub struct Faulty {
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
+    /// `list_keys` of this tenant answers these keys, whatever was written since: a key
+    /// index that lags (DynamoDB's).
+    pub lagging_keys: std::sync::Mutex<Option<(String, Vec<tollgate::store::ApiKeyRecord>)>>,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -446,6 +449,7 @@ impl Default for Faulty {
             alerts_down: Default::default(),
             alert_puts: Default::default(),
             plan_change_after_read: Default::default(),
+            lagging_keys: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -824,14 +828,23 @@ impl DirectoryStore for Faulty {
         self.inner.remove_key(key).await
     }
 
-    async fn put_key(&self, key: &tollgate::store::ApiKeyRecord) -> Result<(), StoreError> {
-        self.inner.put_key(key).await
+    async fn put_key(
+        &self,
+        key: &tollgate::store::ApiKeyRecord,
+        when: tollgate::store::KeyWrite,
+    ) -> Result<(), StoreError> {
+        self.inner.put_key(key, when).await
     }
 
     async fn list_keys(
         &self,
         tenant: &tollgate::config::TenantId,
     ) -> Result<Vec<tollgate::store::ApiKeyRecord>, StoreError> {
+        if let Some((of, keys)) = self.lagging_keys.lock().unwrap().as_ref() {
+            if of == tenant.as_str() {
+                return Ok(keys.clone());
+            }
+        }
         self.inner.list_keys(tenant).await
     }
 }

@@ -69,7 +69,13 @@ async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
     store.put_tenant(&hostile, &[]).await.unwrap();
     store.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
     let hash = tollgate::store::KeyHash::of(b"tg_live_0123456789abcdefghijklmnopqrstuv");
-    store.put_key(&ApiKeyRecord::new(hash, MARK.into(), now).with_prefix(format!("tg_live_{MARK}"))).await.unwrap();
+    store
+        .put_key(
+            &ApiKeyRecord::new(hash, MARK.into(), now).with_prefix(format!("tg_live_{MARK}")),
+            tollgate::store::KeyWrite::Upsert,
+        )
+        .await
+        .unwrap();
     store.grant_credits(&CreditGrant::new(MARK.into(), "credits".into(), format!("g{MARK}"), 50, now)).await.unwrap();
     let batch = UsageBatch::new(
         FlushId::new("b1"),
@@ -226,7 +232,13 @@ async fn a_key_prefix_is_found_by_a_bounded_scan_and_a_whole_key_is_never_echoed
         store.put_tenant(&TenantRecord::new(format!("t{i:04}").into(), "free".into()), &[]).await.unwrap();
     }
     let hash = tollgate::store::KeyHash::of(b"k");
-    store.put_key(&ApiKeyRecord::new(hash, "t0003".into(), 0).with_prefix("tg_live_AbCd")).await.unwrap();
+    store
+        .put_key(
+            &ApiKeyRecord::new(hash, "t0003".into(), 0).with_prefix("tg_live_AbCd"),
+            tollgate::store::KeyWrite::Upsert,
+        )
+        .await
+        .unwrap();
     let found = admin.search_tenants("tg_live_AbC", 25).await.unwrap();
     assert_eq!(found.found.iter().map(|(t, _)| t.id.as_str()).collect::<Vec<_>>(), ["t0003"]);
     let missing = admin.search_tenants("tg_live_Zz", 25).await.unwrap();

@@ -443,6 +443,49 @@ async fn an_identity_brings_its_scopes_to_the_tenant_routes() {
     assert_eq!(usage(tollgate::Identity::new("t")).await, 200);
 }
 
+/// Scopes are read from the key as stored now, not from a listing that lags (DynamoDB's key
+/// index): a key narrowed or revoked is refused at its next call, and the operator's changes
+/// of a key revoked meanwhile (its scopes, a rotation) do not bring it back.
+#[tokio::test]
+async fn a_key_narrowed_or_revoked_is_refused_though_the_listing_lags() {
+    use tollgate::admin::{Admin, KeyOptions};
+    use tollgate::store::{KeyScope, KeyScopes};
+    let store = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.add_tenant("d", "p", None).await.unwrap();
+    let payer = admin.issue_key("d", KeyOptions::default().scopes(KeyScopes::ALL)).await.unwrap();
+    let other = admin.issue_key("d", KeyOptions::default()).await.unwrap();
+    let (ticket, ctx) = admit(&h, Box::leak(payer.key.clone().into_boxed_str())).await.unwrap();
+    ticket.give_back();
+    let cap = |key: &str, body: &'static str| {
+        let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
+        let caller = tollgate::Caller::api_key(key.as_bytes());
+        async move { engine.tenant_spend_cap(&ctx, &caller, &http::Method::PUT, body.as_bytes()).await.status().as_u16() }
+    };
+    assert_eq!(cap(&payer.key, r#"{"limit": "5.00"}"#).await, 200);
+    // From here the listing answers what it did now.
+    let listed = store.inner.list_keys(&"d".into()).await.unwrap();
+    *store.lagging_keys.lock().unwrap() = Some(("d".into(), listed));
+    let reader = KeyScopes::NONE.with(KeyScope::UsageRead);
+    admin.set_key_scopes("d", &payer.record.id, reader).await.unwrap();
+    assert_eq!(cap(&payer.key, r#"{"limit": "6.00"}"#).await, 403, "narrowed: refused at once");
+    admin.revoke_key("d", &payer.record.id).await.unwrap();
+    assert_eq!(cap(&payer.key, r#"{"limit": "6.00"}"#).await, 403, "revoked: refused at once");
+    assert!(admin.set_key_scopes("d", &payer.record.id, KeyScopes::ALL).await.is_err(), "still listed, not revived");
+    assert!(admin.rotate_key("d", &payer.record.id, NOON + 3600).await.is_err());
+    assert_eq!(store.inner.key(&payer.record.hash).await.unwrap(), None, "not written back");
+    assert_eq!(h.status("/anything", &payer.key).await, 401, "and not served");
+    // A store-level update of a key removed meanwhile writes nothing.
+    let gone = tollgate::store::ApiKeyRecord::new(payer.record.hash, "d".into(), NOON).with_scopes(KeyScopes::ALL);
+    assert!(tollgate::store::DirectoryStore::put_key(&*store, &gone, tollgate::store::KeyWrite::Existing)
+        .await
+        .is_err());
+    assert_eq!(store.inner.key(&payer.record.hash).await.unwrap(), None);
+    // The other key is as it was.
+    assert_eq!(cap(&other.key, r#"{"limit": "7.00"}"#).await, 200);
+}
+
 /// Plans for a tenant in the directory moved between them: `p` (hard 1.00, up to 10.00),
 /// `small` (hard 0.50, no more), `softly` (soft 1.00, up to 10.00). A request costs 0.25.
 fn moving_plans() -> String {

@@ -294,7 +294,7 @@ pub async fn api_keys_carry_an_id_a_prefix_and_an_expiry<S: ?Sized + DirectorySt
     let rotating = ApiKeyRecord::new(KeyHash::of(b"old-a"), "a".into(), now).with_expiry(Some(now + 3600));
     let expired = ApiKeyRecord::new(KeyHash::of(b"gone-a"), "a".into(), now - 10).with_expiry(Some(now - 1));
     for k in [&live, &rotating, &expired] {
-        h.s().put_key(k).await.unwrap();
+        h.s().put_key(k, crate::store::KeyWrite::Upsert).await.unwrap();
     }
     h.restart().await;
     let s = h.s();
@@ -309,9 +309,12 @@ pub async fn api_keys_carry_an_id_a_prefix_and_an_expiry<S: ?Sized + DirectorySt
     assert!(live.id.starts_with("k_") && live.id.len() == 14);
     // Another tenant cannot take the key; its owner can change its expiry.
     let stolen = ApiKeyRecord::new(live.hash, "b".into(), now);
-    assert!(matches!(s.put_key(&stolen).await, Err(crate::store::StoreError::Conflict(_))));
+    assert!(matches!(
+        s.put_key(&stolen, crate::store::KeyWrite::Upsert).await,
+        Err(crate::store::StoreError::Conflict(_))
+    ));
     assert_eq!(s.find_key(&live.hash).await.unwrap().map(|t| t.id), Some("a".into()));
-    s.put_key(&live.clone().with_expiry(Some(now - 1))).await.unwrap();
+    s.put_key(&live.clone().with_expiry(Some(now - 1)), crate::store::KeyWrite::Upsert).await.unwrap();
     assert_eq!(s.find_key(&live.hash).await.unwrap(), None);
     // put_tenant keeps what a key carries.
     s.put_tenant(&a, &[rotating.hash]).await.unwrap();
@@ -333,8 +336,8 @@ pub async fn api_keys_carry_their_scopes<S: ?Sized + DirectoryStore>(h: &mut Sto
     let payer = KeyScopes::NONE.with(KeyScope::UsageRead).with(KeyScope::RechargeWrite);
     let paying = ApiKeyRecord::new(KeyHash::of(b"payer-a"), "a".into(), now).with_scopes(payer);
     let blind = ApiKeyRecord::new(KeyHash::of(b"blind-a"), "a".into(), now).with_scopes(KeyScopes::NONE);
-    h.s().put_key(&paying).await.unwrap();
-    h.s().put_key(&blind).await.unwrap();
+    h.s().put_key(&paying, crate::store::KeyWrite::Upsert).await.unwrap();
+    h.s().put_key(&blind, crate::store::KeyWrite::Upsert).await.unwrap();
     h.restart().await;
     let s = h.s();
     let scopes_of = |keys: &[ApiKeyRecord], key: &[u8]| {
@@ -345,17 +348,22 @@ pub async fn api_keys_carry_their_scopes<S: ?Sized + DirectoryStore>(h: &mut Sto
     assert_eq!(scopes_of(&listed, b"payer-a"), payer);
     assert_eq!(scopes_of(&listed, b"blind-a"), KeyScopes::NONE, "no scope is not the default");
     // Every scope is kept.
-    s.put_key(&blind.clone().with_scopes(KeyScopes::ALL)).await.unwrap();
+    s.put_key(&blind.clone().with_scopes(KeyScopes::ALL), crate::store::KeyWrite::Upsert).await.unwrap();
     assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"blind-a"), KeyScopes::ALL);
     // put_tenant keeps a held key's scopes.
     s.put_tenant(&a, &[paying.hash, KeyHash::of(b"plain-a")]).await.unwrap();
     assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"payer-a"), payer);
     // Another tenant cannot change them.
     let stolen = ApiKeyRecord::new(paying.hash, "b".into(), now).with_scopes(KeyScopes::ALL);
-    assert!(matches!(s.put_key(&stolen).await, Err(crate::store::StoreError::Conflict(_))));
+    assert!(matches!(
+        s.put_key(&stolen, crate::store::KeyWrite::Upsert).await,
+        Err(crate::store::StoreError::Conflict(_))
+    ));
     assert_eq!(scopes_of(&s.list_keys(&"a".into()).await.unwrap(), b"payer-a"), payer);
     // The owner can take one away.
-    s.put_key(&paying.clone().with_scopes(KeyScopes::NONE.with(KeyScope::UsageRead))).await.unwrap();
+    s.put_key(&paying.clone().with_scopes(KeyScopes::NONE.with(KeyScope::UsageRead)), crate::store::KeyWrite::Upsert)
+        .await
+        .unwrap();
     let listed = s.list_keys(&"a".into()).await.unwrap();
     assert!(!scopes_of(&listed, b"payer-a").allows(KeyScope::RechargeWrite));
     assert_eq!(s.find_key(&paying.hash).await.unwrap().map(|t| t.id), Some("a".into()), "scopes never stop a key");
@@ -366,8 +374,21 @@ pub async fn api_keys_carry_their_scopes<S: ?Sized + DirectoryStore>(h: &mut Sto
     assert_eq!(s.key(&blind.hash).await.unwrap().map(|k| k.scopes), Some(KeyScopes::ALL));
     s.remove_key(&blind.hash).await.unwrap();
     assert_eq!(s.key(&blind.hash).await.unwrap(), None, "removed: read so at once");
+    // An update of a key removed meanwhile writes nothing back; of a held key, it writes.
+    let revived = s.put_key(&blind.clone().with_scopes(KeyScopes::ALL), crate::store::KeyWrite::Existing).await;
+    assert!(matches!(revived, Err(crate::store::StoreError::Conflict(_))), "{revived:?}");
+    assert_eq!(s.key(&blind.hash).await.unwrap(), None, "not written back");
+    let theirs = ApiKeyRecord::new(paying.hash, "b".into(), now).with_scopes(KeyScopes::ALL);
+    assert!(s.put_key(&theirs, crate::store::KeyWrite::Existing).await.is_err(), "another tenant's: refused");
+    let narrowed = read.clone().with_scopes(KeyScopes::NONE).with_expiry(Some(now + 60));
+    s.put_key(&narrowed, crate::store::KeyWrite::Existing).await.unwrap();
+    let stored = s.key(&paying.hash).await.unwrap().expect("stored");
+    assert_eq!(
+        (stored.scopes, stored.expires_at, stored.created_at),
+        (KeyScopes::NONE, Some(now + 60), read.created_at)
+    );
     // A key put_tenant moves to another tenant leaves its grants behind.
-    s.put_key(&paying.clone().with_scopes(KeyScopes::ALL)).await.unwrap();
+    s.put_key(&paying.clone().with_scopes(KeyScopes::ALL), crate::store::KeyWrite::Upsert).await.unwrap();
     s.put_tenant(&b, &[paying.hash]).await.unwrap();
     let moved = s.key(&paying.hash).await.unwrap().expect("stored");
     assert_eq!((moved.tenant.as_str(), moved.scopes), ("b", KeyScopes::DEFAULT));

@@ -2,6 +2,7 @@
 
 use super::race::{Race, Retries};
 use super::*;
+use crate::store::KeyWrite;
 
 #[async_trait]
 impl DirectoryStore for DynamoStore {
@@ -180,7 +181,7 @@ impl DirectoryStore for DynamoStore {
         }
     }
 
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
         let mut put = self
             .client
             .put_item()
@@ -193,7 +194,10 @@ impl DirectoryStore for DynamoStore {
             .item("created_at", n(key.created_at))
             .item("gpk", s(keys_gpk(&key.tenant)))
             .item("gsk", s(key.id.as_str()))
-            .condition_expression("attribute_not_exists(pk) OR tenant = :t")
+            .condition_expression(match when {
+                KeyWrite::Upsert => "attribute_not_exists(pk) OR tenant = :t",
+                KeyWrite::Existing => "attribute_exists(pk) AND tenant = :t",
+            })
             .expression_attribute_values(":t", s(key.tenant.as_str()));
         if let Some(at) = key.expires_at {
             put = put.item("expires_at", n(at));
@@ -202,6 +206,9 @@ impl DirectoryStore for DynamoStore {
         put = put.item("scopes", n(i64::from(key.scopes.bits())));
         match put.send().await {
             Ok(_) => Ok(()),
+            Err(e) if is_ccf(&e) && when == KeyWrite::Existing => {
+                Err(StoreError::Conflict("the API key, removed meanwhile or held by another tenant"))
+            }
             Err(e) if is_ccf(&e) => Err(StoreError::Conflict("the API key, held by another tenant")),
             Err(e) => Err(sdk(e)),
         }

@@ -1,6 +1,7 @@
 //! The directory role of the MemoryStore.
 
 use super::*;
+use crate::store::KeyWrite;
 
 #[async_trait]
 impl DirectoryStore for MemoryStore {
@@ -140,10 +141,14 @@ impl DirectoryStore for MemoryStore {
         Ok(())
     }
 
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner.keys.get(&key.hash).is_some_and(|k| k.tenant != key.tenant) {
-            return Err(StoreError::Conflict("the API key, held by another tenant"));
+        match inner.keys.get(&key.hash) {
+            Some(k) if k.tenant != key.tenant => {
+                return Err(StoreError::Conflict("the API key, held by another tenant"))
+            }
+            None if when == KeyWrite::Existing => return Err(StoreError::Conflict("the API key, removed meanwhile")),
+            _ => {}
         }
         inner.keys.insert(key.hash, key.clone());
         Ok(())

@@ -2,6 +2,7 @@
 //! transaction.
 
 use super::*;
+use crate::store::KeyWrite;
 
 const TENANT_COLUMNS: &str =
     "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";
@@ -120,13 +121,20 @@ impl DirectoryStore for PostgresStore {
         .await
     }
 
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
-        let sql = self.sql(
-            "INSERT INTO {s}.api_key AS a (hash, tenant, prefix, created_at, expires_at, scopes) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at, \
-             scopes = excluded.scopes WHERE a.tenant = excluded.tenant RETURNING 1",
-        );
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
+        let sql = self.sql(match when {
+            KeyWrite::Upsert => {
+                "INSERT INTO {s}.api_key AS a (hash, tenant, prefix, created_at, expires_at, scopes) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at, \
+                 scopes = excluded.scopes WHERE a.tenant = excluded.tenant RETURNING 1"
+            }
+            // $4 (its creation) is kept as stored.
+            KeyWrite::Existing => {
+                "UPDATE {s}.api_key SET prefix = $3, expires_at = $5, scopes = $6 \
+                 WHERE hash = $1 AND tenant = $2 AND $4::bigint IS NOT NULL RETURNING 1"
+            }
+        });
         let hash = &key.hash.as_bytes()[..];
         let changed = self
             .retrying(|| async {
@@ -147,8 +155,9 @@ impl DirectoryStore for PostgresStore {
                 Ok(rows.len())
             })
             .await?;
-        match changed {
-            0 => Err(StoreError::Conflict("the API key, held by another tenant")),
+        match (changed, when) {
+            (0, KeyWrite::Upsert) => Err(StoreError::Conflict("the API key, held by another tenant")),
+            (0, KeyWrite::Existing) => Err(StoreError::Conflict("the API key, removed meanwhile")),
             _ => Ok(()),
         }
     }

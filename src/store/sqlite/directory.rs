@@ -1,6 +1,7 @@
 //! The directory role of the SqliteStore.
 
 use super::*;
+use crate::store::KeyWrite;
 
 #[async_trait]
 impl DirectoryStore for SqliteStore {
@@ -97,29 +98,35 @@ impl DirectoryStore for SqliteStore {
         .await
     }
 
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+    async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
         let key = key.clone();
         self.write(move |tx, _| {
-            let changed = tx
-                .prepare_cached(
+            let sql = match when {
+                KeyWrite::Upsert => {
                     "INSERT INTO api_key (hash, tenant, prefix, created_at, expires_at, scopes) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                      ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at, \
-                     scopes = excluded.scopes WHERE api_key.tenant = excluded.tenant",
-                )?
-                .execute(params![
-                    &key.hash.as_bytes()[..],
-                    key.tenant.as_str(),
-                    key.prefix,
-                    key.created_at,
-                    key.expires_at,
-                    key.scopes.bits()
-                ])?;
+                     scopes = excluded.scopes WHERE api_key.tenant = excluded.tenant"
+                }
+                // ?4 (its creation) is kept as stored.
+                KeyWrite::Existing => {
+                    "UPDATE api_key SET prefix = ?3, expires_at = ?5, scopes = ?6 WHERE hash = ?1 AND tenant = ?2"
+                }
+            };
+            let changed = tx.prepare_cached(sql)?.execute(params![
+                &key.hash.as_bytes()[..],
+                key.tenant.as_str(),
+                key.prefix,
+                key.created_at,
+                key.expires_at,
+                key.scopes.bits()
+            ])?;
             Ok(changed)
         })
         .await
-        .and_then(|changed| match changed {
-            0 => Err(StoreError::Conflict("the API key, held by another tenant")),
+        .and_then(|changed| match (changed, when) {
+            (0, KeyWrite::Upsert) => Err(StoreError::Conflict("the API key, held by another tenant")),
+            (0, KeyWrite::Existing) => Err(StoreError::Conflict("the API key, removed meanwhile")),
             _ => Ok(()),
         })
     }
