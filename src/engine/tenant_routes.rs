@@ -57,14 +57,21 @@ impl Tollgate {
         }
     }
 
-    /// Whether `caller` may do `need` at `tenant`'s own route: who it is as a setting records
-    /// it, or the refusal to answer.
+    /// Whether `caller` may read (`GET`) or change (`PUT`, `DELETE`) `thing` at `tenant`'s
+    /// own route, which `scope` writes: who it is as a setting records it, or the refusal to
+    /// answer. Any other method is the route's to refuse (405).
     async fn allowed(
         &self,
         tenant: &crate::base::TenantId,
         caller: &Caller,
-        need: Need,
+        method: &Method,
+        scope: KeyScope,
+        thing: &'static str,
     ) -> Result<String, http::Response<Bytes>> {
+        if ![Method::GET, Method::PUT, Method::DELETE].contains(method) {
+            return Ok(String::new());
+        }
+        let need = Need { scope, write: *method != Method::GET, thing };
         let config = self.shared().runtime().load().config.clone();
         let directory = &self.shared().stores().background().directory;
         let now = self.shared().clock().unix_secs();
@@ -98,12 +105,8 @@ impl Tollgate {
         let now = self.shared().clock().unix_secs();
         let id = tenant.tenant();
         // Who may, before what is asked is read.
-        if [Method::GET, Method::PUT, Method::DELETE].contains(method) {
-            let write = *method != Method::GET;
-            let what = if write { "changing the spend cap" } else { "reading the spend cap" };
-            if let Err(refused) = self.allowed(id, caller, Need { scope: KeyScope::CapsWrite, write, what }).await {
-                return refused;
-            }
+        if let Err(refused) = self.allowed(id, caller, method, KeyScope::CapsWrite, "the spend cap").await {
+            return refused;
         }
         let act = match *method {
             Method::GET => caps::CapAct::Read,
@@ -353,13 +356,10 @@ impl Tollgate {
             return too_large("1 KiB");
         }
         // Who may, before what is asked is read.
-        let write = *method != Method::GET;
-        let what = if write { "changing the recharge" } else { "reading the recharge" };
-        let who =
-            match self.allowed(tenant.tenant(), caller, Need { scope: KeyScope::RechargeWrite, write, what }).await {
-                Ok(who) => who,
-                Err(refused) => return refused,
-            };
+        let who = match self.allowed(tenant.tenant(), caller, method, KeyScope::RechargeWrite, "the recharge").await {
+            Ok(who) => who,
+            Err(refused) => return refused,
+        };
         #[derive(serde::Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct Body {
@@ -442,12 +442,8 @@ impl Tollgate {
         let config = self.shared().runtime().load().config.clone();
         let directory = &self.shared().stores().background().directory;
         let id = tenant.tenant();
-        if [Method::GET, Method::PUT, Method::DELETE].contains(method) {
-            let write = *method != Method::GET;
-            let what = if write { "changing the alert endpoint" } else { "reading the alert endpoint" };
-            if let Err(refused) = self.allowed(id, caller, Need { scope: KeyScope::AlertsWrite, write, what }).await {
-                return refused;
-            }
+        if let Err(refused) = self.allowed(id, caller, method, KeyScope::AlertsWrite, "the alert endpoint").await {
+            return refused;
         }
         match *method {
             Method::GET => match directory.tenant(id).await {
@@ -507,7 +503,7 @@ impl Tollgate {
 }
 
 /// What the usage route asks of its caller.
-const USAGE: Need = Need { scope: KeyScope::UsageRead, write: false, what: "reading the usage" };
+const USAGE: Need = Need { scope: KeyScope::UsageRead, write: false, thing: "the usage" };
 
 /// The usage route's refusal of a caller by its scopes: a key not among those its view read
 /// may have been issued since (the next view, within a second, has it).

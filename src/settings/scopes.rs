@@ -20,7 +20,7 @@ pub(crate) enum ScopeError {
         /// The scope it lacks.
         scope: KeyScope,
         /// What it was asked (`"reading the recharge"`, `"changing the spend cap"`).
-        what: &'static str,
+        what: String,
         /// `"API key k_…"`, `"identity"`, or a caller with neither.
         who: String,
         /// The scopes it has.
@@ -38,15 +38,19 @@ pub(crate) enum ScopeError {
 }
 
 /// What a route asks of a caller: to read (`usage:read`, or the scope that writes it) or to
-/// write (the scope itself), described for the refusal.
+/// write (the scope itself) `thing` (`"the recharge"`), named in the refusal.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Need {
     pub(crate) scope: KeyScope,
     pub(crate) write: bool,
-    pub(crate) what: &'static str,
+    pub(crate) thing: &'static str,
 }
 
 impl Need {
+    fn what(self) -> String {
+        format!("{} {}", if self.write { "changing" } else { "reading" }, self.thing)
+    }
+
     fn met_by(self, scopes: KeyScopes) -> bool {
         scopes.allows(self.scope) || (!self.write && scopes.allows(KeyScope::UsageRead))
     }
@@ -110,7 +114,7 @@ pub(crate) fn check_among(
     if need.met_by(scopes) {
         Ok(by)
     } else {
-        Err(ScopeError::Missing { scope: need.scope, what: need.what, who, has: scopes, hint })
+        Err(ScopeError::Missing { scope: need.scope, what: need.what(), who, has: scopes, hint })
     }
 }
 
@@ -146,8 +150,8 @@ mod tests {
         "acme".into()
     }
 
-    const RECHARGE: Need = Need { scope: KeyScope::RechargeWrite, write: true, what: "changing the recharge" };
-    const READ_RECHARGE: Need = Need { scope: KeyScope::RechargeWrite, write: false, what: "reading the recharge" };
+    const RECHARGE: Need = Need { scope: KeyScope::RechargeWrite, write: true, thing: "the recharge" };
+    const READ_RECHARGE: Need = Need { scope: KeyScope::RechargeWrite, write: false, thing: "the recharge" };
 
     #[test]
     fn a_key_meets_what_its_scopes_allow_and_nothing_else() {
