@@ -60,6 +60,11 @@ pub enum RejectionKind {
     /// cap, the largest balance a store keeps. No period and no top-up can ever cover it, so
     /// it is not a 429 to retry: 400, without `Retry-After`. Nothing is charged.
     HoldExceedsLimit,
+    /// The tenant's other requests on this node kept the quota's store calls busy past
+    /// `usage.queue_timeout` (a queue of its own requests, each waiting for the call ahead of
+    /// it; the store answered): 429 with `Retry-After: 1`. Not a store failure: it feeds no
+    /// breaker and does not follow `on_store_error`. Nothing is charged.
+    TenantBusy,
 }
 
 macro_rules! docs {
@@ -76,7 +81,8 @@ impl RejectionKind {
             RejectionKind::RateLimited
             | RejectionKind::QuotaExceeded
             | RejectionKind::ConcurrencyLimited
-            | RejectionKind::UnitsHeld => StatusCode::TOO_MANY_REQUESTS,
+            | RejectionKind::UnitsHeld
+            | RejectionKind::TenantBusy => StatusCode::TOO_MANY_REQUESTS,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
@@ -104,7 +110,8 @@ impl RejectionKind {
             | RejectionKind::CreditsExhausted
             | RejectionKind::SpendCapReached
             | RejectionKind::ConcurrencyLimited
-            | RejectionKind::UnitsHeld => 8,
+            | RejectionKind::UnitsHeld
+            | RejectionKind::TenantBusy => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
@@ -146,6 +153,7 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => "Malformed hold estimate",
             RejectionKind::SpendCapReached => "Spend cap reached",
             RejectionKind::HoldExceedsLimit => "Hold larger than the limit",
+            RejectionKind::TenantBusy => "Tenant busy",
         }
     }
 
@@ -170,6 +178,7 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => docs!("MalformedHoldEstimate"),
             RejectionKind::SpendCapReached => docs!("SpendCapReached"),
             RejectionKind::HoldExceedsLimit => docs!("HoldExceedsLimit"),
+            RejectionKind::TenantBusy => docs!("TenantBusy"),
         }
     }
 
@@ -194,10 +203,11 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => "malformed_hold_estimate",
             RejectionKind::SpendCapReached => "spend_cap_reached",
             RejectionKind::HoldExceedsLimit => "hold_exceeds_limit",
+            RejectionKind::TenantBusy => "tenant_busy",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 17] = [
+    pub(crate) const ALL: [RejectionKind; 18] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
@@ -215,5 +225,6 @@ impl RejectionKind {
         RejectionKind::MalformedHoldEstimate,
         RejectionKind::SpendCapReached,
         RejectionKind::HoldExceedsLimit,
+        RejectionKind::TenantBusy,
     ];
 }

@@ -287,6 +287,15 @@ mod validation {
         assert_eq!((e.key(), e.line()), ("plans.p.concurrency_scope", Some(3)), "{e}");
         assert_eq!(at("[plans.p]\nconcurrency_scope = \"fleet\"\n"), ("plans.p.concurrency_scope".to_owned(), Some(2)));
         assert_eq!(at("[limits]\nplace_ttl = \"5s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
+        // A queue shorter than one call's time, or past a minute (issue 85); unset, it is 2 s
+        // or the store's timeout if longer.
+        let e = err("[usage]\nstore_timeout = \"1s\"\nqueue_timeout = \"500ms\"\n");
+        assert_eq!((e.key(), e.line()), ("usage.queue_timeout", Some(3)), "{e}");
+        assert_eq!(at("[usage]\nqueue_timeout = \"61s\"\n"), ("usage.queue_timeout".to_owned(), Some(2)));
+        let queue = |toml: &str| parse(&format!("[plans.p]\n{toml}")).unwrap().usage.queue_timeout;
+        assert_eq!(queue(""), std::time::Duration::from_secs(2));
+        assert_eq!(queue("[usage]\nstore_timeout = \"5s\"\n"), std::time::Duration::from_secs(5));
+        assert_eq!(queue("[usage]\nqueue_timeout = \"250ms\"\n"), std::time::Duration::from_millis(250));
         // A TTL a renewal cannot land within, given the store calls' time limit: refused where
         // a plan counts its concurrency for the fleet, accepted where none does.
         let slow = "[usage]\nstore_timeout = \"5s\"\n[limits]\nplace_ttl = \"30s\"\nfleet_size_hint = 2\n";

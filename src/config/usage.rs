@@ -19,6 +19,7 @@ pub(crate) struct RawUsage {
     pub(crate) billable_grpc: Option<Vec<String>>,
     pub(crate) on_store_error: Option<String>,
     pub(crate) store_timeout: Option<String>,
+    pub(crate) queue_timeout: Option<String>,
     pub(crate) default_meter: Option<String>,
     pub(crate) shutdown_timeout: Option<String>,
     pub(crate) max_buffered_records: Option<u64>,
@@ -165,6 +166,11 @@ pub struct UsageSettings {
     pub(crate) on_store_error_set: bool,
     /// How long a request may wait on the store before `on_store_error` applies.
     pub store_timeout: Duration,
+    /// How long a request waits its turn behind its tenant's other requests' store calls on
+    /// this node (a quota cell's lock) before it is refused
+    /// [`TenantBusy`](crate::RejectionKind::TenantBusy): time queued in the node, which is not
+    /// the store's (`store_timeout` bounds each call once its turn has come).
+    pub queue_timeout: Duration,
     /// How long `shutdown()` keeps retrying the final flush and export while the store is down.
     pub shutdown_timeout: Duration,
     /// The most usage records (tenant × meter × window) held in memory while the store does
@@ -227,7 +233,7 @@ impl Validator<'_, '_> {
                 bits
             }
         };
-        let usage = UsageSettings {
+        let mut usage = UsageSettings {
             flush_interval: self.duration(
                 "usage.flush_interval",
                 u.flush_interval.as_deref(),
@@ -248,6 +254,7 @@ impl Validator<'_, '_> {
                 u.store_timeout.as_deref(),
                 Duration::from_millis(250),
             )?,
+            queue_timeout: self.duration("usage.queue_timeout", u.queue_timeout.as_deref(), Duration::from_secs(2))?,
             shutdown_timeout: self.duration(
                 "usage.shutdown_timeout",
                 u.shutdown_timeout.as_deref(),
@@ -297,6 +304,18 @@ impl Validator<'_, '_> {
                 out
             },
         };
+        if u.queue_timeout.is_none() {
+            // Unset: 2 s, or one call's whole time if a store's timeout is longer.
+            usage.queue_timeout = usage.queue_timeout.max(usage.store_timeout);
+        } else if usage.queue_timeout < usage.store_timeout || usage.queue_timeout > Duration::from_secs(60) {
+            return Err(self.invalid(
+                "usage.queue_timeout",
+                format!(
+                    "must be at least usage.store_timeout ({:?}, a turn waits for at least one call) and at most 60s",
+                    usage.store_timeout
+                ),
+            ));
+        }
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
             return Err(self.invalid(
                 "usage.window",

@@ -45,6 +45,22 @@ pub(crate) enum Counted {
     Places = 1,
 }
 
+/// What [`StoreCalls::under_lock`] answers a request that waited past `usage.queue_timeout`
+/// for its turn on a quota cell's lock (its tenant's other calls ahead of it): busy, not a store
+/// failure ([`queued`]).
+pub(crate) const QUEUED: &str = "the turn of a quota cell's calls (usage.queue_timeout)";
+
+/// Whether `e` is [`QUEUED`]: the request waited past `usage.queue_timeout` behind its
+/// tenant's other calls, and the store did not fail.
+pub(crate) fn queued(e: &StoreError) -> bool {
+    matches!(e, StoreError::Conflict(what) if *what == QUEUED)
+}
+
+/// `usage.queue_timeout` in nanoseconds.
+fn queue_nanos(config: &Config) -> u64 {
+    u64::try_from(config.usage.queue_timeout.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The stores an engine calls: the handles of each path, and the stores as given (for the
 /// engine's accessors, never called here).
 #[derive(Debug)]
@@ -53,6 +69,9 @@ pub(crate) struct StoreCalls {
     /// Each [`Counted`] role's calls that timed out in a row on this node (0 after any answer
     /// of its store, to any tenant).
     timeouts: [std::sync::atomic::AtomicU32; 2],
+    /// `usage.queue_timeout`, in nanoseconds: how long a request waits its turn on a quota
+    /// cell's lock (set again at each reload).
+    queue: std::sync::atomic::AtomicU64,
     given: Roles,
     request: Roles,
     background: Roles,
@@ -65,6 +84,7 @@ impl StoreCalls {
         policy.configure(config);
         Self {
             timeouts: Default::default(),
+            queue: std::sync::atomic::AtomicU64::new(queue_nanos(config)),
             request: wrapped(&given, &policy, Path::Request),
             background: wrapped(&given, &policy, Path::Background),
             events: Arc::new(Limited::new(given.usage.clone(), policy.clone(), Path::Events)),
@@ -141,32 +161,47 @@ impl StoreCalls {
     /// Takes the time limits of a reloaded configuration.
     pub(crate) fn configure(&self, config: &Config) {
         self.policy.configure(config);
+        self.queue.store(queue_nanos(config), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `fut` (a quota cell's calls, made on the [request](Self::request) handles) under the
-    /// cell's `lock`, within `usage.store_timeout` in all: the wait for the lock, for other
-    /// requests' calls, is part of the request's time but never counts toward failing fast
-    /// (a lock that does not come in time is `Err(Timeout)`, counted as a store error); while
+    /// cell's `lock`. The wait for the lock is time queued in the node behind the tenant's
+    /// other requests (whose calls ask for its units too: see the refill's `wanted`), not the
+    /// store's: it is bounded by `usage.queue_timeout`, and one that passes it is
+    /// `Err(`[`QUEUED`]`)`, which is not a store error (no breaker counts it, no "unavailable"
+    /// is logged; the request is answered [`TenantBusy`](crate::RejectionKind::TenantBusy)).
+    /// Once the turn has come, `fut` has `usage.store_timeout` for its calls, failing fast
+    /// while the breaker is open: only a store that does not answer is a store timeout. While
     /// the store fails fast, the lock is not waited for.
     pub(crate) async fn under_lock<T>(
         &self,
         lock: &impl Turn,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match self.under_lock_or_busy(lock, fut).await {
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => {
-                let e = StoreError::Timeout(self.policy.limit(Path::Request));
+        let queue = std::time::Duration::from_nanos(self.queue.load(std::sync::atomic::Ordering::Relaxed));
+        let _guard = match lock.try_turn() {
+            Some(guard) => guard,
+            None if self.policy.failing_fast() => {
+                let e = self.policy.fast_failure();
                 self.policy.failed("wait for a quota cell's lock", &e);
-                Err(e)
+                return Err(e);
             }
-            Err(e) => Err(e),
-        }
+            None => match tokio::time::timeout(queue, lock.turn()).await {
+                Ok(guard) => guard,
+                Err(_) => {
+                    tracing::debug!(?queue, "a request waited past usage.queue_timeout for its tenant's other calls");
+                    return Err(StoreError::Conflict(QUEUED));
+                }
+            },
+        };
+        within_deadline(Instant::now() + self.policy.limit(Path::Request), fut).await
     }
 
-    /// [`under_lock`](Self::under_lock), a lock that does not come in time answered `Ok(None)`
-    /// and not counted as a store error: the caller tells a busy tenant (other requests' calls
-    /// held the lock) from a store that failed.
+    /// `fut` under `lock`, within `usage.store_timeout` in all, the wait for the lock
+    /// included, a lock that does not come in time answered `Ok(None)` and not counted as a
+    /// store error: the caller tells a busy tenant (other requests' calls held the lock) from
+    /// a store that failed (a fleet rate's lease, which answers a busy tenant 429 at once
+    /// rather than queue it); while the store fails fast, the lock is not waited for.
     pub(crate) async fn under_lock_or_busy<T>(
         &self,
         lock: &impl Turn,

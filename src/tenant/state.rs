@@ -614,6 +614,10 @@ struct QuotaRare {
     /// a lease word: not spendable here, they go back to the store with the cell's next call
     /// (or the worker's, asked at once).
     spare: AtomicU64,
+    /// The units wanted by the requests, holds and jobs waiting for this cell's call lock
+    /// ([`QuotaRef::want`]): the call that holds it asks for them too, so that one store call
+    /// serves every waiter.
+    wanted: AtomicU64,
 }
 
 impl QuotaRare {

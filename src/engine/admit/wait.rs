@@ -82,6 +82,8 @@ impl Gate {
             drop(p);
             return Err(self.count(r));
         }
+        // Wanted while it waits its turn: the call ahead of it asks for these units too.
+        let wanted = cell.want(need);
         let outcome = self
             .shared
             .stores()
@@ -101,6 +103,7 @@ impl Gate {
                 })
             })
             .await;
+        drop(wanted);
         let spent = |taken| RouteSpend { exact, taken, at };
         match outcome {
             Ok(Ok(Some(tag))) => Ok((spent(Taken::lease(&state, spend, need, tag, at)), p)),
@@ -110,6 +113,10 @@ impl Gate {
                 Ok((spent(Taken::force(&state, spend, need, at)), p))
             }
             Ok(Err(())) => Err(self.count(Self::spend_cap_reached(p))),
+            Err(e) if crate::engine::store_calls::queued(&e) => {
+                drop(p);
+                Err(self.count(crate::engine::usage::hold::busy(&state)))
+            }
             Err(_) => match state.quota_policy(spend) {
                 // Admitted without a lease: its spend is owed, and charged (past the cap if
                 // need be) once the store answers again.
@@ -142,6 +149,8 @@ impl Gate {
         // At most `store_timeout` in all; only the store calls' own time counts toward
         // failing fast, never the wait for other requests' calls on the cell's lock.
         let leases = self.units.leases();
+        // Wanted while it waits its turn: the call ahead of it asks for these units too.
+        let wanted = charged.then(|| cell.want(u64::from(cost)));
         let outcome = self
             .shared
             .stores()
@@ -164,6 +173,7 @@ impl Gate {
                 })
             })
             .await;
+        drop(wanted);
         match outcome {
             Ok(Ok((tag, left, start))) => {
                 if let Some(start) = start {
@@ -195,6 +205,11 @@ impl Gate {
                 Self::admitted(p, &route, None, spend)
             }
             Ok(Err(())) => Decision::Rejected(self.count(Self::quota_exceeded(p, meter))),
+            Err(e) if crate::engine::store_calls::queued(&e) => {
+                // Refused for its turn: its rate cells go back, its key is released.
+                drop(p);
+                Decision::Rejected(self.count(crate::engine::usage::hold::busy(&state)))
+            }
             Err(_) => {
                 match state.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
@@ -251,6 +266,10 @@ impl Gate {
                 Ok(Err(Take::Exhausted)) if state.plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Ok(Err(Take::Exhausted)) => return Err(self.count(Self::quota_exceeded(p, m))),
                 Ok(_) => {}
+                Err(e) if crate::engine::store_calls::queued(&e) => {
+                    drop(p);
+                    return Err(self.count(crate::engine::usage::hold::busy(&state)));
+                }
                 Err(_) => {
                     if state.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         // Refused: its rate cells go back and its key is released (the drop).

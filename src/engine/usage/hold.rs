@@ -596,6 +596,8 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
     }
     let rt = hold.shared().runtime().load_full();
     let leases = hold.leases();
+    // Wanted while it waits its turn: the call ahead of it asks for these units too.
+    let wanted = cell.want(units);
     let outcome = hold
         .shared()
         .stores()
@@ -608,9 +610,15 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
             })
         })
         .await;
+    drop(wanted);
     match outcome {
         Ok(Ok(taken)) => Ok(Some(taken)),
         Ok(Err(())) => refused(state, meter, units, own, at, true),
+        Err(e) if crate::engine::store_calls::queued(&e) => {
+            let r = busy(state);
+            state.plan.metrics.rejected(r.kind()).increment(1);
+            Err(r)
+        }
         Err(_) => failed(state, meter),
     }
 }
@@ -765,6 +773,17 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
     // The held meter's own policy (each meter alone is the shape of its index).
     r.inner.headers = HeaderState::new(meter, meter as u8);
     r.for_tenant(state)
+}
+
+/// A request that waited past `usage.queue_timeout` for its turn behind its tenant's other
+/// calls on this node: 429 [`TenantBusy`](RejectionKind::TenantBusy), with `Retry-After: 1`
+/// (not counted here). The store answered: `on_store_error` does not apply.
+pub(crate) fn busy(state: &Tenant) -> Rejection {
+    let r = Rejection::new(
+        RejectionKind::TenantBusy,
+        "the tenant's other requests on this node kept its quota's store calls busy past usage.queue_timeout",
+    );
+    r.with_retry_after(1).for_tenant(state)
 }
 
 fn unavailable(state: &Tenant) -> Rejection {

@@ -566,11 +566,22 @@ impl Leases {
             let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
             return Ok(Refill::Taken { tag, start });
         }
-        let units = size.max(lacking);
+        // Work waiting for this cell's lock wants units too (requests, holds, jobs queued
+        // behind this call): asked in the same call, and held to no shrinking share (they are
+        // wanted now, not a lease ahead of need), so that one store call serves them all, each
+        // taking its units from the lease once its turn comes, rather than one call each (a
+        // busy tenant's queue near a limit, where leases shrink, made dozens). The store grants
+        // what is left if less, which still covers this call's own need whenever what is left
+        // does: a waiter never costs the caller its units. A waiter gone before its turn (its
+        // client away) leaves its units in the lease, spent by the next request or given back
+        // as spares. The lease's size, which paces the next ones, is what it would have been.
+        let others = cell.wanted().saturating_sub(need);
+        let wanted_now = lacking.saturating_add(others);
+        let units = size.max(wanted_now);
         // What the waiting request takes of the grant is used at once (a request's units, a
         // job's, which stay spent by rule); a hold's stay kept (held, given back at an expiry).
         let taking = if used_at_once { lacking } else { 0 };
-        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1), taking };
+        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: wanted_now.max(1), taking };
         let call = self.call(cell, cell.key(start, end), kind);
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.

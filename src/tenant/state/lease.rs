@@ -1,7 +1,7 @@
 //! A quota cell's lease: drained and released, its next size, rolled to a new period,
 //! credited with the store's grants, taken whole.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{holds::age_holds, Lease, PeriodBits, QuotaRef};
 use crate::store::QuotaKey;
@@ -178,5 +178,38 @@ impl QuotaRef<'_> {
                 Err(w) => word = w,
             }
         }
+    }
+}
+
+/// Units a request, hold or job wants of a cell while it waits for the cell's call lock
+/// ([`QuotaRef::want`]); no longer wanted once dropped.
+#[must_use = "the units are wanted only while this is held"]
+pub(crate) struct Wanted<'a> {
+    wanted: &'a AtomicU64,
+    units: u64,
+}
+
+impl Drop for Wanted<'_> {
+    fn drop(&mut self) {
+        self.wanted.fetch_sub(self.units, Ordering::AcqRel);
+    }
+}
+
+impl<'a> QuotaRef<'a> {
+    /// Says that `units` of this cell are wanted by work about to wait for its call lock,
+    /// until the guard drops: the call made meanwhile asks the store for them too
+    /// ([`wanted`](Self::wanted)), and the waiter, its turn come, takes them from the lease
+    /// instead of calling the store itself. Off the request path's straight line: only work
+    /// that must wait for a refill says so.
+    pub(crate) fn want(&self, units: u64) -> Wanted<'a> {
+        let wanted = &self.cold().rare_made().wanted;
+        wanted.fetch_add(units, Ordering::AcqRel);
+        Wanted { wanted, units }
+    }
+
+    /// The units work waiting for this cell's call lock wants now ([`want`](Self::want)), at
+    /// most what a lease holds.
+    pub(crate) fn wanted(&self) -> u64 {
+        self.cold().rare_load(|r| &r.wanted).min(Lease::MAX as u64 / 4)
     }
 }
