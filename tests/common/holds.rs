@@ -479,13 +479,15 @@ pub async fn busy_tenant(
             }
         });
     }
-    // The clock moves while they wait (a tenth of a second each 5 ms: leases age, the workers
-    // pass), never far enough to expire a reservation.
+    // The clock moves while they wait (twice as fast as the wall's: leases age, the workers
+    // pass), never far enough to expire a reservation. Not faster: a refusal holds for the
+    // second of the store's answer that said "spent", and a clock racing ahead would make each
+    // refused waiter ask the store again (a queue of calls no deployed clock makes).
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => { done.unwrap().unwrap(); }
             () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
-                handle.advance(std::time::Duration::from_millis(100));
+                handle.advance(std::time::Duration::from_millis(10));
             }
         }
     }

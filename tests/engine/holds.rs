@@ -750,6 +750,49 @@ async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
     assert_eq!((granted, reserved), (1_000_000, 3_200), "spendable = granted − committed, exactly");
 }
 
+/// Holds still open when their node gives its lease back (a reload here; an eviction alike)
+/// stay holds, which expire with the node's reservation (issue 85 item 4, the review's N7): the
+/// node killed before they settle, another node's call past the expiry gives their units back.
+/// On main they were told to the store as jobs' reservations, which never expire: a prepaid
+/// balance lost those units for good.
+#[tokio::test]
+async fn holds_open_when_a_lease_goes_back_come_back_at_the_expiry() {
+    const TOML: &str = "[meters.tokens]\n[plans.p]\nrate = \"100000/s\"\n\
+        quotas.tokens = { period = \"prepaid\", lease = 5000 }\n\
+        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+        [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let dead = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    tollgate::admin::Admin::for_engine(&dead.tollgate)
+        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
+        .await
+        .unwrap();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (ticket, ctx) = admitted(&dead, "key-t").await;
+        open.push((ticket, ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap()));
+    }
+    // Its lease goes back with the reload; the holds stay open.
+    dead.tollgate.reload(tollgate::config::Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    dead.tollgate.flush().await.unwrap();
+    let reserved = || async { store.counters(&"t".into(), &"tokens".into()).await.unwrap().remove(0).reserved };
+    assert_eq!(reserved().await, 3_000, "the lease went back, the holds are reserved while they are open");
+    // Killed: nothing of it runs again.
+    let _open = std::mem::ManuallyDrop::new(open);
+    let _dead = std::mem::ManuallyDrop::new(dead);
+    // Past the expiry (30 minutes by default), another node's call gives them back.
+    let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    handle.advance(std::time::Duration::from_secs(31 * 60));
+    let (ticket, ctx) = admitted(&other, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    other.tollgate.shutdown().await.unwrap();
+    assert_eq!(reserved().await, 100, "spendable = granted − committed: the dead node's holds came back");
+}
+
 /// Issue 85: a busy tenant's requests at once on one node and on four, 32 and 64 each, on a
 /// balance and on a hard limit, the store answering each quota call in 20 ms and
 /// `store_timeout` as deployed (250 ms). Each request waiting for the cell's lock says what it

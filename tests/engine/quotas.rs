@@ -672,3 +672,55 @@ async fn each_lease_is_stopped_when_its_reservation_lapses_though_passes_skipped
     assert_eq!(h.status("/", "key-a").await, 200);
     h.tollgate.shutdown().await.unwrap();
 }
+
+/// A refill sent again after its node's reservation expired credits no lease the node may
+/// spend (issue 85 item 4, the review's N6). Node A's refill lands but its answer is lost; A is
+/// cut off past `limits.reservation_expiry` (30 minutes), and node B's call gives A's lease
+/// back and spends the whole limit. Once A reaches the store again, its call sent again is
+/// answered as first applied ("granted, not expired"), but those units were given back: they
+/// wait until a new call renews the reservation, which finds it expired. On main A spent them
+/// at once: 101 requests admitted on a hard limit of 100.
+#[tokio::test]
+async fn a_refill_sent_again_after_its_reservation_expired_is_not_spent() {
+    let toml = "[usage]\nstore_timeout = \"100ms\"\n\
+                [plans.p]\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }\n\
+                [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let inner: Arc<dyn tollgate::store::StoreInspect> = Arc::new(MemoryStore::new());
+    let (a_store, b_store) =
+        (Arc::new(common::Faulty::over(inner.clone())), Arc::new(common::Faulty::over(inner.clone())));
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let a = Harness::build(toml, a_store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(toml, b_store.clone(), clock, handle.clone());
+    // A's refill is applied, and its answer never comes back: refused (fail-closed), the
+    // call kept in flight.
+    a_store.lose_answers.store(true, Ordering::SeqCst);
+    assert_eq!(a.status("/", "key-t").await, 503);
+    a_store.lose_answers.store(false, Ordering::SeqCst);
+    assert!(inner.reserved(&common::day_key("t", common::NOON)).await.unwrap() > 0, "the refill landed");
+    // A is cut off for 31 minutes; B's calls then give A's lease back, and B spends the limit.
+    a_store.down.store(true, Ordering::SeqCst);
+    handle.advance(Duration::from_secs(31 * 60));
+    let mut served_b = 0;
+    while b.status("/", "key-t").await == 200 {
+        served_b += 1;
+        assert!(served_b <= 100, "B passed the limit");
+    }
+    // All but the unit A's refused request took with the call (used at once, as a request's
+    // units are: its call's answer never came, so it was refused all the same).
+    assert_eq!(served_b, 99, "A's lease was given back: B spends the rest of the limit");
+    // A reaches the store again: its call sent again is answered "granted", and must not be
+    // spent.
+    a_store.down.store(false, Ordering::SeqCst);
+    let mut served_a = 0;
+    for _ in 0..5 {
+        match a.status("/", "key-t").await {
+            200 => served_a += 1,
+            429 => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(served_a, 0, "the fleet admitted {} on a hard limit of 100", 99 + served_a);
+    a.tollgate.shutdown().await.unwrap();
+    b.tollgate.shutdown().await.unwrap();
+    assert_eq!(inner.reserved(&common::day_key("t", common::NOON)).await.unwrap(), 100, "B's 99 and the unit taken");
+}

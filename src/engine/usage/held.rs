@@ -24,6 +24,12 @@ pub(crate) trait OpenHold: Send + Sync {
     fn held(&self) -> u64;
     /// Settles it as recorded so far, for `why`: whether it held units.
     fn close(&self, why: Closed) -> bool;
+    /// Whether it is the spend side of another hold (a priced meter's cost, held on the
+    /// plan's spend cap beside the meter's units): settled with the others, never counted
+    /// toward `limits.max_holds` or `max_holds_per_tenant` (its request's hold counts once).
+    fn side(&self) -> bool {
+        false
+    }
 }
 
 /// Why the node settled a hold its owner had not.
@@ -63,6 +69,8 @@ pub(crate) struct OpenHolds {
 struct Open {
     holds: HashMap<u64, Arc<dyn OpenHold>>,
     tenants: HashMap<crate::config::TenantId, usize>,
+    /// Of `holds`, the spend sides ([`OpenHold::side`]): not counted.
+    sides: usize,
 }
 
 impl Open {
@@ -74,7 +82,7 @@ impl Open {
         max: usize,
         per_tenant: usize,
     ) -> Result<(), Refused> {
-        if self.holds.len().saturating_add(jobs) >= max {
+        if (self.holds.len() - self.sides).saturating_add(jobs) >= max {
             return Err(Refused::Full);
         }
         let n = self.tenants.get(tenant).copied().unwrap_or(0);
@@ -132,7 +140,11 @@ impl OpenHolds {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(Refused::Stopping);
         }
-        map.admit(self.jobs(), hold.tenant(), max, per_tenant)?;
+        if hold.side() {
+            map.sides += 1;
+        } else {
+            map.admit(self.jobs(), hold.tenant(), max, per_tenant)?;
+        }
         map.holds.insert(hold.id(), hold);
         Ok(())
     }
@@ -174,13 +186,18 @@ impl OpenHolds {
     pub(crate) fn leave(&self, id: u64) {
         let mut map = self.map();
         if let Some(hold) = map.holds.remove(&id) {
-            map.left(hold.tenant());
+            if hold.side() {
+                map.sides -= 1;
+            } else {
+                map.left(hold.tenant());
+            }
         }
     }
 
     /// How many holds are open: requests' and jobs'.
     pub(crate) fn len(&self) -> usize {
-        self.map().holds.len().saturating_add(self.jobs())
+        let map = self.map();
+        (map.holds.len() - map.sides).saturating_add(self.jobs())
     }
 
     /// The units the open holds hold.

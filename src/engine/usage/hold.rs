@@ -111,6 +111,8 @@ pub(crate) struct HoldInner {
     deadline: AtomicI64,
     /// The leases its units go back through when the node settles it.
     leases: Arc<Leases>,
+    /// The spend side of a priced hold ([`OpenHold::side`]).
+    side: bool,
     /// Asks the worker to give units back past the lease's cap.
     prefetcher: crate::engine::usage::taken::Prefetcher,
     open: Mutex<Open>,
@@ -262,6 +264,10 @@ impl HoldInner {
 }
 
 impl OpenHold for HoldInner {
+    fn side(&self) -> bool {
+        self.side
+    }
+
     fn id(&self) -> u64 {
         self.id
     }
@@ -323,7 +329,11 @@ impl Hold {
             _ => None,
         };
         let spend = priced.map(|(s, price)| {
-            let hold = Hold::new(state.clone(), Ok(s), charged, overrun, Some(timeout), units.clone());
+            let mut hold = Hold::new(state.clone(), Ok(s), charged, overrun, Some(timeout), units.clone());
+            // Its request's hold counts toward the caps on open holds, once.
+            if let Some(inner) = Arc::get_mut(&mut hold.inner) {
+                inner.side = true;
+            }
             Box::new(SpendSide { hold, price, extended: 0, recorded: 0 })
         });
         let leases = units.leases().clone();
@@ -336,6 +346,7 @@ impl Hold {
             timeout: timeout_secs,
             deadline,
             leases,
+            side: false,
             prefetcher: units.prefetcher().clone(),
             open: Mutex::new(open),
         };

@@ -416,6 +416,14 @@ impl Leases {
         if let CallKind::Reserve { refill: true, repay, limit, .. } = call.kind {
             cell.credit(grant.granted + repay);
             answered(cell, &grant, limit);
+            // Sent again after the node's reservation lapsed (it was cut off past the expiry):
+            // the store may answer it as first applied ("not expired") though it gave those
+            // units back since. They wait, as a stopped lease does, for a new call to renew
+            // the reservation (or find it given back), never spent first.
+            let (expiry, skew) = self.expiry();
+            if cell.stale(self.clock.unix_secs(), expiry, skew) {
+                cell.stash();
+            }
         }
         Ok(())
     }

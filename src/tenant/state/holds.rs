@@ -42,12 +42,14 @@ impl QuotaRef<'_> {
     /// holds hold, and its jobs' reservations. With `debt`, a lease in debt (units used past
     /// it, not owed to the store yet) takes its debt from the holds' units: those units are
     /// used, and a store that gives the holds back at an expiry must keep them. A lease given
-    /// back (eviction, reload, shutdown) keeps its open holds as jobs' reservations are kept:
-    /// they never expire (no call renews a returned cell), and come back as they settle.
+    /// back (eviction, reload, shutdown) keeps its open holds as holds: they come back as they
+    /// settle, or, the node killed first, at the reservation's expiry (no call renews a
+    /// returned cell; a hold still open past it records its units as owed, as any sender's
+    /// whose reservation expired).
     pub(crate) fn kept(&self, locked: &Locked, debt: bool, returned: bool) -> crate::store::Kept {
         let Holds { held, jobs, .. } = locked.holds();
         if returned {
-            return crate::store::Kept::new(0, 0, held);
+            return crate::store::Kept::new(0, held.saturating_sub(jobs), jobs);
         }
         let left = self.lease();
         let lease = u64::try_from(left.max(0)).unwrap_or(0).saturating_add(self.spare());
