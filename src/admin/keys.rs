@@ -60,24 +60,29 @@ impl std::fmt::Debug for IssuedKey {
     }
 }
 
-/// A new key: `tg_live_` (or `tg_test_`) and 32 random base-62 characters (190 bits).
+/// A new key: `tg_live_` (or `tg_test_`), 26 random base-62 characters (154 bits) and 6 of
+/// their check (`base::key::key_check`: a key shaped so is told from random bytes before the
+/// directory is asked, and goes first when lookups queue).
 fn new_key(test: bool) -> Result<String, AdminError> {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    const ALPHABET: &[u8] = crate::base::KEY_ALPHABET;
+    const RANDOM: usize = crate::base::ISSUED_KEY_LEN - 8 - 6;
     let mut key = String::from(if test { "tg_test_" } else { "tg_live_" });
     let mut n = 0;
-    while n < 32 {
+    while n < RANDOM {
         let mut bytes = [0u8; 64];
         getrandom::fill(&mut bytes)
             .map_err(|e| AdminError::Invalid(format!("the system's random source failed: {e}")))?;
         // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
         for b in bytes.into_iter().filter(|b| *b < 248) {
-            if n == 32 {
+            if n == RANDOM {
                 break;
             }
             key.push(char::from(ALPHABET[usize::from(b % 62)]));
             n += 1;
         }
     }
+    let check = crate::base::key_check(key.as_bytes());
+    key.extend(check.iter().map(|b| char::from(*b)));
     Ok(key)
 }
 
@@ -191,5 +196,6 @@ mod tests {
         assert!(b.starts_with("tg_test_") && b.len() == 40, "{b}");
         assert_ne!(a[8..], b[8..]);
         assert!(a[8..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert!(crate::base::issued_shape(a.as_bytes()) && crate::base::issued_shape(b.as_bytes()));
     }
 }

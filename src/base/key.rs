@@ -260,3 +260,75 @@ pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+/// The base-62 alphabet of the keys tollgate issues.
+pub(crate) const KEY_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// The length of a key tollgate issues: `tg_live_` (or `tg_test_`), 26 random base-62
+/// characters and 6 of their check.
+pub(crate) const ISSUED_KEY_LEN: usize = 40;
+
+/// The check of an issued key's first 34 characters (its prefix and random part): their
+/// CRC-32 (IEEE), in 6 base-62 characters. It is no secret and proves nothing of a key: it
+/// tells a key shaped as tollgate issues them from random bytes before the directory is asked
+/// (such keys go first when lookups queue, `engine::admit::clients`), as the checksums of
+/// GitHub's and Stripe's tokens let scanners do.
+pub(crate) fn key_check(body: &[u8]) -> [u8; 6] {
+    let mut crc = !0u32;
+    for &b in body {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    let mut n = !crc;
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = KEY_ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Whether `key` is shaped as tollgate issues keys, its check included ([`key_check`]): keys
+/// issued before the check (32 random characters, none) are not, nor are keys an operator
+/// chose.
+pub(crate) fn issued_shape(key: &[u8]) -> bool {
+    key.len() == ISSUED_KEY_LEN
+        && (key.starts_with(b"tg_live_") || key.starts_with(b"tg_test_"))
+        && key[8..].iter().all(u8::is_ascii_alphanumeric)
+        && key_check(&key[..ISSUED_KEY_LEN - 6]) == key[ISSUED_KEY_LEN - 6..]
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    /// The check is CRC-32 (IEEE): its standard test vector, in base 62.
+    #[test]
+    fn the_check_is_crc32_in_base_62() {
+        // CRC-32 of "123456789" is 0xCBF43926 = 3,421,780,262.
+        let mut n = 3_421_780_262u32;
+        let mut want = [0u8; 6];
+        for slot in want.iter_mut().rev() {
+            *slot = KEY_ALPHABET[(n % 62) as usize];
+            n /= 62;
+        }
+        assert_eq!(key_check(b"123456789"), want);
+    }
+
+    /// A key with its check is issued-shaped; one character changed, or an older key of 32
+    /// random characters, is not.
+    #[test]
+    fn a_key_is_issued_shaped_only_with_its_check() {
+        let body = b"tg_live_ABCDEFGHIJKLMNOPQRSTUVWXYz";
+        assert_eq!(body.len(), 34);
+        let mut key = body.to_vec();
+        key.extend_from_slice(&key_check(body));
+        assert!(issued_shape(&key));
+        key[12] = b'Q';
+        assert!(!issued_shape(&key), "a character changed");
+        assert!(!issued_shape(b"tg_live_0123456789abcdefghijABCDEFGHIJKL"), "no check");
+        assert!(!issued_shape(b"key-acme"));
+    }
+}

@@ -17,13 +17,19 @@ use crate::tenant::lru;
 ///   (429) only once none is in flight.
 /// - **Shared by the node** for every other request (behind a load balancer that is not a
 ///   trusted proxy, every client has its address): at most [`SHARED_IN_FLIGHT`] lookups at
-///   once, in arrival order. A node cannot tell a valid key from a random one before it looks
-///   it up (after a restart it knows none), so no lookup waits on the budget of unknown keys:
-///   the budget ([`SHARED_UNKNOWN_RATE`] a second, a burst of as many) is charged by each
-///   lookup that found nothing, and while it is spent the lookups run [`SPENT_IN_FLIGHT`] at
-///   a time (a flood's store reads held to a few at once, a valid key's lookup still taking
-///   its turn at the store's pace). A lookup waits for its turn at most [`SHARED_WAIT`], in a
-///   queue of at most [`SHARED_WAITING`] (past either, 503: memory and waits are bounded
+///   once. A node cannot tell a valid key from a random one before it looks it up (after a
+///   restart it knows none), so no lookup waits on the budget of unknown keys: the budget
+///   ([`SHARED_UNKNOWN_RATE`] a second, a burst of as many) is charged by each lookup that
+///   found nothing, and while it is spent the lookups run [`SPENT_IN_FLIGHT`] at a time (a
+///   flood's store reads held to a few at once, a valid key's lookup still taking its turn at
+///   the store's pace). **Newest first, issued keys first** ([`Turns`]): a freed turn goes to
+///   the newest waiting lookup of a key shaped as tollgate issues them, its check right
+///   (`base::key::issued_shape`), else to the newest other one. A flood faster than the store
+///   answers would otherwise fill the queue, and every lookup behind it (a valid key the node
+///   does not know yet) would wait its whole second and get 503: the newest waiter is the one
+///   whose client still waits, and random bytes rarely carry a key's check. A lookup waits
+///   for its turn at most [`SHARED_WAIT`], in a queue of at most [`SHARED_WAITING`] (past it
+///   the oldest waiter of the lowest lane is turned away: memory and waits are bounded
 ///   whatever a flood sends).
 /// - **Keys found valid before on this node** (most of the recent ones, [`KnownKeys`]) take
 ///   neither: a tenant evicted while idle, or after a reload, is looked up at once whatever
@@ -32,11 +38,8 @@ pub(crate) struct KeyLookups {
     cells: moka::sync::Cache<u64, Arc<AddressLookups>>,
     /// Digests of API keys the directory knew, as the tenant table keys them.
     known: KnownKeys,
-    shared: tokio::sync::Semaphore,
-    /// The turns of lookups while the shared budget's unknown keys are spent.
-    spent: tokio::sync::Semaphore,
-    /// Lookups waiting for the shared budget.
-    waiting: std::sync::atomic::AtomicUsize,
+    /// The shared budget's turns.
+    turns: Turns,
     /// The theoretical arrival time of the shared budget's unknown keys (the runtime's
     /// clock: a budget of the store's load, not of billing time).
     shared_tat: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -101,10 +104,58 @@ impl KnownKeys {
     }
 }
 
-/// A lookup's turn in the node's shared budget ([`KeyLookups::shared_turn`]), until dropped.
+/// A lookup's turn in the node's shared budget ([`KeyLookups::shared_turn`]), until dropped:
+/// then the newest waiter of the highest lane takes it.
 pub(crate) struct SharedTurn<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-    _spent: Option<tokio::sync::SemaphorePermit<'a>>,
+    lookups: &'a KeyLookups,
+}
+
+impl Drop for SharedTurn<'_> {
+    fn drop(&mut self) {
+        let mut t = self.lookups.turns.lock();
+        t.in_flight -= 1;
+        t.fill(self.lookups.width());
+    }
+}
+
+/// The lanes of lookups waiting for a turn: keys shaped as tollgate issues them, then the
+/// others.
+const LANES: usize = 2;
+
+/// The shared budget's turns: lookups in flight, and those waiting in their lanes, oldest
+/// first (each a sender its lookup's turn is handed through).
+#[derive(Default)]
+struct Turns(std::sync::Mutex<TurnsState>);
+
+#[derive(Default)]
+struct TurnsState {
+    in_flight: usize,
+    waiting: [std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>; LANES],
+}
+
+impl Turns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TurnsState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl TurnsState {
+    /// Hands turns to waiters while fewer than `width` are in flight: the newest of the
+    /// highest lane first. A waiter that gave up (its wait over) is passed over.
+    fn fill(&mut self, width: usize) {
+        for lane in 0..LANES {
+            while self.in_flight < width {
+                let Some(next) = self.waiting[lane].pop_back() else { break };
+                if next.send(()).is_ok() {
+                    self.in_flight += 1;
+                }
+            }
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.waiting.iter().map(std::collections::VecDeque::len).sum()
+    }
 }
 
 /// One client address's lookups: its bucket's theoretical arrival time (Unix nanoseconds),
@@ -139,9 +190,7 @@ impl KeyLookups {
         Self {
             cells: lru(capacity).build(),
             known: KnownKeys::new(),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
-            shared: tokio::sync::Semaphore::new(SHARED_IN_FLIGHT),
-            spent: tokio::sync::Semaphore::new(SPENT_IN_FLIGHT),
+            turns: Turns::default(),
             shared_tat: std::sync::Mutex::new(None),
         }
     }
@@ -206,36 +255,56 @@ impl KeyLookups {
         }
     }
 
-    /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups in arrival
-    /// order (one of [`SPENT_IN_FLIGHT`] while the unknown keys read lately passed
-    /// [`SHARED_UNKNOWN_RATE`]); `None` when [`SHARED_WAITING`] lookups wait already, or when
-    /// the turn did not come within [`SHARED_WAIT`].
-    pub(crate) async fn shared_turn(&self) -> Option<SharedTurn<'_>> {
-        use std::sync::atomic::Ordering;
-        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
+    /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups (one of
+    /// [`SPENT_IN_FLIGHT`] while the unknown keys read lately passed [`SHARED_UNKNOWN_RATE`]),
+    /// newest first, `issued` keys (shaped as tollgate issues them) before others; `None`
+    /// when the turn did not come within [`SHARED_WAIT`], or when [`SHARED_WAITING`] lookups
+    /// wait already and this one is the oldest of the lowest lane.
+    pub(crate) async fn shared_turn(&self, issued: bool) -> Option<SharedTurn<'_>> {
+        let lane = usize::from(!issued);
+        let mut turn = {
+            let mut t = self.turns.lock();
+            let width = self.width();
+            t.fill(width);
+            if t.in_flight < width {
+                t.in_flight += 1;
+                return Some(SharedTurn { lookups: self });
+            }
+            if t.queued() >= SHARED_WAITING {
+                // The oldest of the lowest lane that has one goes (its lookup answered 503),
+                // or this one, if it would be that.
+                let lowest = (0..LANES).rev().find(|l| !t.waiting[*l].is_empty()).unwrap_or(lane);
+                if lowest < lane {
+                    return None;
+                }
+                t.waiting[lowest].pop_front();
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            t.waiting[lane].push_back(tx);
+            rx
+        };
+        match tokio::time::timeout(SHARED_WAIT, &mut turn).await {
+            Ok(Ok(())) => Some(SharedTurn { lookups: self }),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                // Handed a turn as the wait ran out: it is this lookup's (else it would be lost).
+                turn.close();
+                turn.try_recv().is_ok().then(|| SharedTurn { lookups: self })
             }
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= SHARED_WAITING {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return None;
+    }
+
+    /// How many lookups the shared budget runs at once now: fewer while its unknown keys are
+    /// spent.
+    fn width(&self) -> usize {
+        let (_, tolerance) = Self::shared_shape();
+        let now = tokio::time::Instant::now();
+        let tat = *self.shared_tat.lock().unwrap_or_else(|e| e.into_inner());
+        if tat.is_some_and(|tat| tat > now + tolerance) {
+            SPENT_IN_FLIGHT
+        } else {
+            SHARED_IN_FLIGHT
         }
-        let _waiting = Waiting(&self.waiting);
-        let turn = async {
-            let permit = self.shared.acquire().await.expect("the shared budget is never closed");
-            let (_, tolerance) = Self::shared_shape();
-            let now = tokio::time::Instant::now();
-            let tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(now);
-            let spent = if tat > now + tolerance {
-                Some(self.spent.acquire().await.expect("the spent lane is never closed"))
-            } else {
-                None
-            };
-            SharedTurn { _permit: permit, _spent: spent }
-        };
-        tokio::time::timeout(SHARED_WAIT, turn).await.ok()
     }
 
     /// Counts a store read of an unknown key in the node's shared budget: never more than one

@@ -159,7 +159,7 @@ impl Gate {
                             let turn =
                                 match (&own, known) {
                                     (Some(_), _) | (None, true) => None,
-                                    (None, false) => match lookups.shared_turn().await {
+                                    (None, false) => match lookups.shared_turn(crate::base::issued_shape(key)).await {
                                         Some(turn) => Some(turn),
                                         None => return Err(Rejection::new(
                                             RejectionKind::StoreUnavailable,
