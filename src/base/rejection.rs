@@ -62,8 +62,9 @@ pub enum RejectionKind {
     HoldExceedsLimit,
     /// The tenant's other requests on this node kept the quota's store calls busy past
     /// `usage.queue_timeout` (a queue of its own requests, each waiting for the call ahead of
-    /// it; the store answered): 429 with `Retry-After: 1`. Not a store failure: it feeds no
-    /// breaker and does not follow `on_store_error`. Nothing is charged.
+    /// it; the store answered), on a quota that fails closed: 429 with `Retry-After: 1`. Not a
+    /// store failure: it feeds no breaker (a quota that fails open admits the request as on a
+    /// store failure, its units owed). Nothing is charged.
     TenantBusy,
 }
 

@@ -307,11 +307,13 @@ impl Validator<'_, '_> {
         if u.queue_timeout.is_none() {
             // Unset: 2 s, or one call's whole time if a store's timeout is longer.
             usage.queue_timeout = usage.queue_timeout.max(usage.store_timeout);
-        } else if usage.queue_timeout < usage.store_timeout || usage.queue_timeout > Duration::from_secs(60) {
+        } else if usage.queue_timeout < usage.store_timeout
+            || usage.queue_timeout > usage.store_timeout.max(Duration::from_secs(60))
+        {
             return Err(self.invalid(
                 "usage.queue_timeout",
                 format!(
-                    "must be at least usage.store_timeout ({:?}, a turn waits for at least one call) and at most 60s",
+                    "must be at least usage.store_timeout ({:?}, a turn waits for at least one call) and at most 60s (or store_timeout, if longer)",
                     usage.store_timeout
                 ),
             ));

@@ -614,10 +614,15 @@ struct QuotaRare {
     /// a lease word: not spendable here, they go back to the store with the cell's next call
     /// (or the worker's, asked at once).
     spare: AtomicU64,
-    /// The units wanted by the requests, holds and jobs waiting for this cell's call lock
+    /// The units wanted by the requests and holds waiting for this cell's call lock
     /// ([`QuotaRef::want`]): the call that holds it asks for them too, so that one store call
     /// serves every waiter.
     wanted: AtomicU64,
+    /// The refills that asked for waiters' units, numbered ([`QuotaRef::asking`]).
+    asked: AtomicU64,
+    /// The last of them answered, shifted left by one, its low bit set when its answer said
+    /// the hard limit was reached ([`QuotaRef::answered_asking`]).
+    last_answer: AtomicU64,
 }
 
 impl QuotaRare {
@@ -1075,5 +1080,32 @@ mod tests {
         assert_eq!((b.limit(), b.recharge_pending()), (0, None), "nothing granted, no recharge open");
         b.recharge_open(3);
         assert_eq!(b.recharge_pending(), Some(3));
+    }
+}
+
+/// Units a request, hold or job wants of a cell while it waits for the cell's call lock
+/// ([`QuotaRef::want`]); no longer wanted once dropped.
+#[must_use = "the units are wanted only while this is held"]
+pub(crate) struct Wanted<'a> {
+    pub(super) wanted: &'a AtomicU64,
+    pub(super) units: u64,
+    /// The refills that had asked for waiters when it began to wait.
+    pub(super) since: u64,
+}
+
+impl Wanted<'_> {
+    /// Whether a refill that asked for these units too (one begun after they were wanted)
+    /// was the last answered, and its answer said the hard limit was reached: then the
+    /// store has nothing for them, and the waiter is refused without asking again. Call with
+    /// the cell's lock held.
+    pub(crate) fn refused(&self, cell: QuotaRef<'_>) -> bool {
+        let last = cell.cold().rare_load(|r| &r.last_answer);
+        last & 1 == 1 && last >> 1 > self.since
+    }
+}
+
+impl Drop for Wanted<'_> {
+    fn drop(&mut self) {
+        self.wanted.fetch_sub(self.units, Ordering::AcqRel);
     }
 }

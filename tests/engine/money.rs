@@ -944,36 +944,60 @@ async fn the_cap_a_tenant_may_set_is_the_plan_the_engine_serves() {
     assert_eq!(spend.limit, 10 * NANOS);
 }
 
-/// A priced held request on a spend-capped plan holds its meter's units and its cost, and
-/// counts as one hold toward `limits.max_holds_per_tenant` and `max_holds` (issue 85 item 4,
-/// the review's N8): two streams of a tenant whose share is two are both served. On main the
-/// cost's side counted as a hold of its own, and the second stream was refused `Units held`.
+/// A priced held request on a spend-capped plan holds its cost (and, where the meter has a
+/// hard quota of its own, its units), and counts as one hold toward
+/// `limits.max_holds_per_tenant` and `max_holds` (issue 85 item 4, the review's N8): two
+/// streams of a tenant whose share is two are both served, a third refused by the tenant's
+/// share, and another tenant's one more by the node's cap. On main the cost's side counted as
+/// a hold of its own beside the meter's, and the second stream was refused `Units held`.
 #[tokio::test]
 async fn a_priced_hold_counts_once_toward_the_caps_on_open_holds() {
+    // The meter with a hard quota of its own (two holds each), and without (the cost's alone).
+    let quota = TOML.replace(
+        "[plans.p]\n",
+        "[plans.p]\nquotas.tokens = { limit = 1000000, period = \"month\", mode = \"hard\" }\n",
+    );
+    for toml in [quota, TOML.to_owned()] {
+        let h = Harness::new(&(toml + "[limits]\nmax_holds = 3\nmax_holds_per_tenant = 2\n"));
+        let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+        let first = ctx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the first stream");
+        let second = ctx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the second: two holds, not four");
+        assert_eq!(h.tollgate.stats().holds_open, 2, "each priced hold counted once");
+        let r = ctx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap_err();
+        assert_eq!(r.kind(), RejectionKind::UnitsHeld);
+        assert!(r.to_string().contains("(limits.max_holds_per_tenant)"), "{r}");
+        // The node's cap counts them once too: another tenant's one more fills it.
+        let (other, octx) = admit(&h, "key-u").await.unwrap();
+        let third = octx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the node's third hold");
+        let r = octx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap_err();
+        assert!(r.to_string().contains("(limits.max_holds)"), "{r}");
+        for mut hold in [first, second, third] {
+            hold.record(10).unwrap();
+            hold.settle();
+        }
+        assert_eq!(h.tollgate.stats().holds_open, 0);
+        assert!(ticket.complete(200));
+        assert!(other.complete(200));
+        // Three holds of 10 tokens (⌈73,133.3⌉ nano-dollars each) and two requests (1,000 each).
+        assert_eq!(spend_recorded(&h, "t").await + spend_recorded(&h, "u").await, 3 * 73_134 + 2 * 1_000);
+    }
+}
+
+/// Priced holds open at shutdown are settled with the others, and the count of open holds
+/// stays whole (issue 85 review: the spend sides' count was not cleared with the holds, and
+/// `Stats::holds_open` wrapped below zero).
+#[tokio::test]
+async fn priced_holds_open_at_shutdown_leave_the_count_whole() {
     let toml = TOML.replace(
         "[plans.p]\n",
         "[plans.p]\nquotas.tokens = { limit = 1000000, period = \"month\", mode = \"hard\" }\n",
-    ) + "[limits]\nmax_holds = 3\nmax_holds_per_tenant = 2\n";
+    );
     let h = Harness::new(&toml);
     let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
-    let first = ctx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the first stream");
-    let second = ctx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the second stream: two holds, not four");
-    assert_eq!(h.tollgate.stats().holds_open, 2, "each priced hold counted once");
-    let r = ctx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap_err();
-    assert_eq!(r.kind(), RejectionKind::UnitsHeld);
-    assert!(r.to_string().contains("limits.max_holds_per_tenant"), "{r}");
-    // The node's cap counts them once too: another tenant's one more fills it.
-    let (other, octx) = admit(&h, "key-u").await.unwrap();
-    let third = octx.hold_with("tokens", 10, Overrun::Refuse).await.expect("the node's third hold");
-    let r = octx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap_err();
-    assert!(r.to_string().contains("limits.max_holds"), "{r}");
-    for mut hold in [first, second, third] {
-        hold.record(10).unwrap();
-        hold.settle();
-    }
+    let open = ctx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap();
+    assert_eq!(h.tollgate.stats().holds_open, 1);
+    h.tollgate.shutdown().await.unwrap();
     assert_eq!(h.tollgate.stats().holds_open, 0);
-    assert!(ticket.complete(200));
-    assert!(other.complete(200));
-    // Three holds of 10 tokens (⌈73,133.3⌉ nano-dollars each) and two requests (1,000 each).
-    assert_eq!(spend_recorded(&h, "t").await + spend_recorded(&h, "u").await, 3 * 73_134 + 2 * 1_000);
+    drop(open);
+    ticket.give_back();
 }

@@ -776,14 +776,16 @@ async fn four_engines_wait_for_a_processing_debit() {
 }
 
 /// Issue 85's busy tenant on PostgreSQL: 32 and 64 requests at once on 1 and 4 engines (one
-/// schema each round), `store_timeout` as deployed: none is answered 503, the limit holds, and
-/// what is taken is what is recorded (`common::holds`).
+/// schema each round): none is answered 503, the limit holds, and what is taken is what is
+/// recorded (`common::holds`). `store_timeout` is 1 s, not the default 250 ms: on real time a
+/// loaded test machine may take a call past it, which is not what this checks (the queue's
+/// 503s are pinned on a paused clock in the engine's tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_busy_tenant_is_never_answered_503() {
     if postgres::fresh().is_none() {
         return;
     }
-    common::holds::busy_tenant_is_served("postgres", "250ms", |nodes| async move {
+    common::holds::busy_tenant_is_served("postgres", "1s", |nodes| async move {
         let (store, _) = postgres::store().await.expect("the test server");
         let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(store);
         common::holds::BusyStores::counted(vec![store; nodes])

@@ -24,7 +24,9 @@ use crate::{
 impl Gate {
     /// Takes the units with the quota cell's lock held: from the lease if a refill came in
     /// meanwhile, else straight from a new reservation, so that no other request can take
-    /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
+    /// them first. Its turn on the lock is bounded by `queue_timeout` (past it, 429 `Tenant
+    /// busy` where the quota fails closed), the calls once it has come by `store_timeout`,
+    /// then `on_store_error` applies. A hard quota
     /// refuses only when the store has fewer units left than the request costs. Refused (or
     /// dropped while it waits), its rate cells go back (its charge's drop).
     pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Decision {
@@ -97,7 +99,7 @@ impl Gate {
                     }
                     return Ok(cell.check_units(1, at).map(|()| None).map_err(drop));
                 }
-                Ok(match self.units.leases().take_locked(rt, cell, at, need, 0, true).await? {
+                Ok(match self.units.leases().take_locked(rt, cell, at, need, 0, true, Some(&wanted)).await? {
                     Some(t) => Ok(Some(t.tag)),
                     None => Err(()),
                 })
@@ -113,7 +115,12 @@ impl Gate {
                 Ok((spent(Taken::force(&state, spend, need, at)), p))
             }
             Ok(Err(())) => Err(self.count(Self::spend_cap_reached(p))),
-            Err(e) if crate::engine::store_calls::queued(&e) => {
+            // Waited past `queue_timeout` behind the tenant's own calls: refused busy where the
+            // quota fails closed (the store answered: not 503); failing open, admitted as below.
+            Err(e)
+                if crate::engine::store_calls::queued(&e)
+                    && state.quota_policy(spend) == StoreErrorPolicy::FailClosed =>
+            {
                 drop(p);
                 Err(self.count(crate::engine::usage::hold::busy(&state)))
             }
@@ -146,8 +153,8 @@ impl Gate {
         };
         let at = p.charge.at;
         let charged = p.charged;
-        // At most `store_timeout` in all; only the store calls' own time counts toward
-        // failing fast, never the wait for other requests' calls on the cell's lock.
+        // Its turn within `queue_timeout`, its calls within `store_timeout`; only the store
+        // calls' own time counts toward failing fast, never the wait for other requests'.
         let leases = self.units.leases();
         // Wanted while it waits its turn: the call ahead of it asks for these units too.
         let wanted = charged.then(|| cell.want(u64::from(cost)));
@@ -167,7 +174,7 @@ impl Gate {
                         Err(_) => Err(()),
                     });
                 }
-                Ok(match leases.take_locked(rt, cell, at, u64::from(cost), 0, true).await? {
+                Ok(match leases.take_locked(rt, cell, at, u64::from(cost), 0, true, wanted.as_ref()).await? {
                     Some(t) => Ok((Some(t.tag), t.left, t.start)),
                     None => Err(()),
                 })
@@ -205,7 +212,10 @@ impl Gate {
                 Self::admitted(p, &route, None, spend)
             }
             Ok(Err(())) => Decision::Rejected(self.count(Self::quota_exceeded(p, meter))),
-            Err(e) if crate::engine::store_calls::queued(&e) => {
+            Err(e)
+                if crate::engine::store_calls::queued(&e)
+                    && state.quota_policy(meter) == StoreErrorPolicy::FailClosed =>
+            {
                 // Refused for its turn: its rate cells go back, its key is released.
                 drop(p);
                 Decision::Rejected(self.count(crate::engine::usage::hold::busy(&state)))
@@ -266,7 +276,10 @@ impl Gate {
                 Ok(Err(Take::Exhausted)) if state.plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Ok(Err(Take::Exhausted)) => return Err(self.count(Self::quota_exceeded(p, m))),
                 Ok(_) => {}
-                Err(e) if crate::engine::store_calls::queued(&e) => {
+                Err(e)
+                    if crate::engine::store_calls::queued(&e)
+                        && state.quota_policy(m) == StoreErrorPolicy::FailClosed =>
+                {
                     drop(p);
                     return Err(self.count(crate::engine::usage::hold::busy(&state)));
                 }

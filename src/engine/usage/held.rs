@@ -243,6 +243,7 @@ impl OpenHolds {
         let all: Vec<_> = {
             let mut map = self.map();
             map.tenants.clear();
+            map.sides = 0;
             map.holds.drain().map(|(_, h)| h).collect()
         };
         all.iter().filter(|h| h.close(Closed::Shutdown)).count()

@@ -328,11 +328,15 @@ impl Hold {
             (Ok(m), Some(s)) if charged && *m != s => state.plan.price(*m).map(|price| (s, price)),
             _ => None,
         };
+        // Its request's hold counts toward the caps on open holds once: the meter's own hold
+        // when it holds units of a hard quota or balance (and registers), else the cost's.
+        let counted_by_meter = matches!(&meter, Ok(m) if state.quota(*m).is_some_and(|c| c.hard()));
         let spend = priced.map(|(s, price)| {
             let mut hold = Hold::new(state.clone(), Ok(s), charged, overrun, Some(timeout), units.clone());
-            // Its request's hold counts toward the caps on open holds, once.
-            if let Some(inner) = Arc::get_mut(&mut hold.inner) {
-                inner.side = true;
+            if counted_by_meter {
+                if let Some(inner) = Arc::get_mut(&mut hold.inner) {
+                    inner.side = true;
+                }
             }
             Box::new(SpendSide { hold, price, extended: 0, recorded: 0 })
         });
@@ -615,17 +619,24 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
         .under_lock(cell.lock(), async {
             // A call left in flight by a timeout may have landed: its units come first.
             leases.settle_inflight(cell).await?;
-            Ok(match leases.take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD), false).await? {
-                Some(t) => Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start)))),
-                None => Err(()),
-            })
+            Ok(
+                match leases
+                    .take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD), false, Some(&wanted))
+                    .await?
+                {
+                    Some(t) => Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start)))),
+                    None => Err(()),
+                },
+            )
         })
         .await;
     drop(wanted);
     match outcome {
         Ok(Ok(taken)) => Ok(Some(taken)),
         Ok(Err(())) => refused(state, meter, units, own, at, true),
-        Err(e) if crate::engine::store_calls::queued(&e) => {
+        Err(e)
+            if crate::engine::store_calls::queued(&e) && state.quota_policy(meter) == StoreErrorPolicy::FailClosed =>
+        {
             let r = busy(state);
             state.plan.metrics.rejected(r.kind()).increment(1);
             Err(r)
@@ -787,8 +798,9 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
 }
 
 /// A request that waited past `usage.queue_timeout` for its turn behind its tenant's other
-/// calls on this node: 429 [`TenantBusy`](RejectionKind::TenantBusy), with `Retry-After: 1`
-/// (not counted here). The store answered: `on_store_error` does not apply.
+/// calls on this node, on a quota that fails closed: 429
+/// [`TenantBusy`](RejectionKind::TenantBusy), with `Retry-After: 1` (not counted here). The
+/// store answered: not 503.
 pub(crate) fn busy(state: &Tenant) -> Rejection {
     let r = Rejection::new(
         RejectionKind::TenantBusy,

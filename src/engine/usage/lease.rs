@@ -108,6 +108,10 @@ pub(crate) struct Leases {
     /// `limits.reservation_expiry`, in seconds: how long what a call says this node keeps
     /// stays reserved without another call.
     expiry: std::sync::atomic::AtomicI64,
+    /// The longest a hold may stay open under any configuration this node ran (the largest
+    /// `limits.hold_timeout` or route `hold_timeout`), in seconds: what a returned cell's open
+    /// holds are reserved for (no later call renews it).
+    hold_horizon: std::sync::atomic::AtomicI64,
     /// The recharge part's queue, where this node's refills put the recharges they claimed
     /// (handed by the builder; the engine holds the part).
     recharges: Arc<crate::engine::recharge::Recharges>,
@@ -194,6 +198,7 @@ impl Leases {
             clock,
             stopped: std::sync::atomic::AtomicBool::new(false),
             expiry: std::sync::atomic::AtomicI64::new(0),
+            hold_horizon: std::sync::atomic::AtomicI64::new(0),
             recharges,
             renewals: Renewals::default(),
         };
@@ -205,6 +210,14 @@ impl Leases {
     pub(crate) fn configure(&self, config: &crate::config::Config) {
         let secs = i64::try_from(config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
         self.expiry.store(secs, std::sync::atomic::Ordering::Relaxed);
+        let longest = config
+            .routes
+            .iter()
+            .filter_map(|r| r.hold.as_ref().and_then(|h| h.timeout))
+            .fold(config.limits.hold_timeout, std::cmp::Ord::max);
+        let longest = i64::try_from(longest.as_secs()).unwrap_or(i64::MAX);
+        // Never shorter: holds opened under an earlier configuration keep their deadlines.
+        self.hold_horizon.fetch_max(longest, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The earliest renewal of a resident cell's reservation, for the stale-lease pass.
@@ -263,7 +276,16 @@ impl Leases {
             let now = self.clock.unix_secs();
             if current {
                 let locked = cell.locked();
-                (cell.kept(&locked, !refill, locked.returned), now.saturating_add(self.expiry().0), now)
+                let (expiry, skew) = self.expiry();
+                // A returned cell's open holds are reserved until the last of them must have
+                // settled (no later call renews it): a live node's long stream keeps its units,
+                // a killed node's come back then.
+                let expiry = if locked.returned {
+                    expiry.max(self.hold_horizon.load(std::sync::atomic::Ordering::Relaxed).saturating_add(skew))
+                } else {
+                    expiry
+                };
+                (cell.kept(&locked, !refill, locked.returned), now.saturating_add(expiry), now)
             } else {
                 (crate::store::Kept::default(), 0, now)
             }
@@ -412,18 +434,25 @@ impl Leases {
         let Some(call) = cell.locked().inflight().cloned() else {
             return Ok(());
         };
+        // Sent again after the node's reservation lapsed (it was cut off past the expiry): the
+        // store may answer it as first applied ("not expired") though it gave those units
+        // back since. Told before the send, which records the call's own (first) time.
+        // The reservation was last renewed by the last call answered, or by this one (sent
+        // before, perhaps applied).
+        let (expiry, skew) = self.expiry();
+        let at = cell.reported_at().max(call.keeping.map_or(0, |(_, _, at)| at));
+        let lapsed = at > 0 && self.clock.unix_secs() >= at.saturating_add(expiry - skew);
         let grant = self.send(cell, call.clone()).await?;
         if let CallKind::Reserve { refill: true, repay, limit, .. } = call.kind {
-            cell.credit(grant.granted + repay);
-            answered(cell, &grant, limit);
-            // Sent again after the node's reservation lapsed (it was cut off past the expiry):
-            // the store may answer it as first applied ("not expired") though it gave those
-            // units back since. They wait, as a stopped lease does, for a new call to renew
-            // the reservation (or find it given back), never spent first.
-            let (expiry, skew) = self.expiry();
-            if cell.stale(self.clock.unix_secs(), expiry, skew) {
-                cell.stash();
+            if lapsed {
+                // They wait, as a stopped lease does, for a new call to renew the reservation
+                // (or find it given back): never in the lease, where requests take without the
+                // lock.
+                cell.credit_stopped(grant.granted + repay);
+            } else {
+                cell.credit(grant.granted + repay);
             }
+            answered(cell, &grant, limit);
         }
         Ok(())
     }
@@ -574,8 +603,8 @@ impl Leases {
             let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
             return Ok(Refill::Taken { tag, start });
         }
-        // Work waiting for this cell's lock wants units too (requests, holds, jobs queued
-        // behind this call): asked in the same call, and held to no shrinking share (they are
+        // Work waiting for this cell's lock wants units too (requests and holds queued behind
+        // this call; jobs' reservations do not say): asked in the same call, and held to no shrinking share (they are
         // wanted now, not a lease ahead of need), so that one store call serves them all, each
         // taking its units from the lease once its turn comes, rather than one call each (a
         // busy tenant's queue near a limit, where leases shrink, made dozens). The store grants
@@ -583,6 +612,7 @@ impl Leases {
         // does: a waiter never costs the caller its units. A waiter gone before its turn (its
         // client away) leaves its units in the lease, spent by the next request or given back
         // as spares. The lease's size, which paces the next ones, is what it would have been.
+        let asking = cell.asking();
         let others = cell.wanted().saturating_sub(need);
         let wanted_now = lacking.saturating_add(others);
         let units = size.max(wanted_now);
@@ -607,6 +637,9 @@ impl Leases {
         }
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         answered(cell, &grant, limit);
+        // Less than the waiters want (the store grants them all whenever that much is left):
+        // nothing is left, and the waiters it asked for are refused without asking again.
+        cell.answered_asking(asking, grant.granted < wanted_now);
         // A balance's thresholds belong to the balance, not to its lease's window.
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
         self.thresholds.check(rt, now, cell, grant.reserved, grant.used, from, to);
@@ -637,7 +670,10 @@ impl Leases {
     /// the caller: from the lease if a refill came in meanwhile, else straight from a new
     /// reservation (asking at least `units`, in a lease of at least `min_lease`), so that no
     /// other request can take them first.
-    /// `None`: the limit cannot cover them.
+    /// `None`: the limit cannot cover them. A waiter (`wanted`, said before it waited for the
+    /// lock) that a refill asked for, whose answer found nothing left, is refused without
+    /// asking again: a busy tenant's queue past its limit costs one call, not one each.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn take_locked(
         &self,
         rt: &Runtime,
@@ -646,11 +682,15 @@ impl Leases {
         units: u64,
         min_lease: u64,
         used_at_once: bool,
+        wanted: Option<&crate::tenant::Wanted<'_>>,
     ) -> Result<Option<Took>, StoreError> {
         match cell.try_take(units, at) {
             crate::tenant::Take::Taken { tag, left } => return Ok(Some(Took { tag, left, start: None })),
             crate::tenant::Take::Exhausted => return Ok(None),
             crate::tenant::Take::NeedLease => {}
+        }
+        if wanted.is_some_and(|w| w.refused(cell)) {
+            return Ok(None);
         }
         Ok(match self.refill_locked(rt, cell, at, units, min_lease, used_at_once).await? {
             Refill::Taken { tag, start } => Some(Took { tag, left: cell.lease(), start: Some(start) }),

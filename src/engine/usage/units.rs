@@ -129,10 +129,13 @@ impl Units {
         }
         let rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
+        // Within `store_timeout`, the wait for the lock included: a busy tenant's queue (whose
+        // own calls refill it) is passed over rather than waited for, so that one tenant never
+        // holds the worker's other work.
         let result = self
             .shared
             .stores()
-            .under_lock(cell.lock(), async {
+            .under_lock_or_busy(cell.lock(), async {
                 self.leases.settle_inflight(cell).await?;
                 if cell.spare() > 0 {
                     let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(
@@ -149,8 +152,10 @@ impl Units {
             })
             .await;
         done();
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "a lease could not be prefetched, or its spare units given back");
+        match result {
+            Ok(Some(())) => {}
+            Ok(None) => tracing::debug!("a lease was not prefetched: its tenant's requests held its calls"),
+            Err(e) => tracing::debug!(error = %e, "a lease could not be prefetched, or its spare units given back"),
         }
     }
 

@@ -1,9 +1,9 @@
 //! A quota cell's lease: drained and released, its next size, rolled to a new period,
 //! credited with the store's grants, taken whole.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use super::{holds::age_holds, Lease, PeriodBits, QuotaRef};
+use super::{holds::age_holds, Lease, PeriodBits, QuotaRef, Wanted};
 use crate::store::QuotaKey;
 
 impl QuotaRef<'_> {
@@ -40,6 +40,7 @@ impl QuotaRef<'_> {
         // The store has them left now: not spent.
         if units > 0 {
             cold.exhausted.store(false, Ordering::Release);
+            self.not_spent_for_waiters();
         }
     }
 
@@ -110,6 +111,7 @@ impl QuotaRef<'_> {
         cold.prev_tag.store(if old_bits == 0 { u32::MAX } else { u32::from(old_tag) }, Ordering::Release);
         let old = self.hot.lease.swap(Lease::word(PeriodBits::tag(bits), 0), Ordering::AcqRel);
         cold.exhausted.store(false, Ordering::Release);
+        self.not_spent_for_waiters();
         cold.reserved.store(0, Ordering::Release);
         // The period changes under the bookkeeping mutex, with the holds aged in the same
         // step: a hold counted or given back meanwhile reads the period under it too, so it
@@ -181,20 +183,6 @@ impl QuotaRef<'_> {
     }
 }
 
-/// Units a request, hold or job wants of a cell while it waits for the cell's call lock
-/// ([`QuotaRef::want`]); no longer wanted once dropped.
-#[must_use = "the units are wanted only while this is held"]
-pub(crate) struct Wanted<'a> {
-    wanted: &'a AtomicU64,
-    units: u64,
-}
-
-impl Drop for Wanted<'_> {
-    fn drop(&mut self) {
-        self.wanted.fetch_sub(self.units, Ordering::AcqRel);
-    }
-}
-
 impl<'a> QuotaRef<'a> {
     /// Says that `units` of this cell are wanted by work about to wait for its call lock,
     /// until the guard drops: the call made meanwhile asks the store for them too
@@ -202,9 +190,32 @@ impl<'a> QuotaRef<'a> {
     /// instead of calling the store itself. Off the request path's straight line: only work
     /// that must wait for a refill says so.
     pub(crate) fn want(&self, units: u64) -> Wanted<'a> {
-        let wanted = &self.cold().rare_made().wanted;
-        wanted.fetch_add(units, Ordering::AcqRel);
-        Wanted { wanted, units }
+        let rare = self.cold().rare_made();
+        let since = rare.asked.load(Ordering::Acquire);
+        rare.wanted.fetch_add(units, Ordering::AcqRel);
+        Wanted { wanted: &rare.wanted, units, since }
+    }
+
+    /// Numbers a refill about to ask for the waiters' units ([`wanted`](Self::wanted), read
+    /// after this): waiters that began to wait before it are asked for. Call with the lock
+    /// held.
+    pub(crate) fn asking(&self) -> u64 {
+        self.cold().rare_made().asked.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Forgets that the last refill found nothing left for its waiters ([`Wanted::refused`]):
+    /// units came back to the store, or a new period began.
+    fn not_spent_for_waiters(&self) {
+        if let Some(rare) = self.cold().rare() {
+            rare.last_answer.fetch_and(!1, Ordering::AcqRel);
+        }
+    }
+
+    /// The answer to refill `asking` ([`asking`](Self::asking)): whether it said the hard
+    /// limit was reached. Call with the lock held.
+    pub(crate) fn answered_asking(&self, asking: u64, spent: bool) {
+        let spent = spent && self.hard();
+        self.cold().rare_made().last_answer.store(asking << 1 | u64::from(spent), Ordering::Release);
     }
 
     /// The units work waiting for this cell's call lock wants now ([`want`](Self::want)), at

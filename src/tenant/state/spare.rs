@@ -13,10 +13,12 @@ impl QuotaRef<'_> {
     pub(crate) fn keep_cap(&self) -> u64 {
         let cap = self.lease_cap();
         let limit = self.limit();
+        // Never what the work waiting for the cell's lock wants: a call asked those units
+        // for it (a hold's give-back trimming them would send them back before their turn).
         if !self.hard() || limit == 0 {
-            return cap;
+            return cap.max(self.wanted());
         }
-        cap.min(limit.saturating_sub(self.known_reserved()).div_ceil(crate::store::SHRINK)).max(1)
+        cap.min(limit.saturating_sub(self.known_reserved()).div_ceil(crate::store::SHRINK)).max(1).max(self.wanted())
     }
 
     /// Moves what the lease of the period tagged `tag` holds past [`keep_cap`](Self::keep_cap)
@@ -107,6 +109,15 @@ impl QuotaRef<'_> {
         self.cold().stopped.store(true, Ordering::Release);
         let tag = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
         self.trim_to(tag, 0)
+    }
+
+    /// Stops the lease ([`stash`](Self::stash)) and adds `units` of the current period to
+    /// what waits with it, never to the lease: units a call sent again was answered with
+    /// after the node's reservation lapsed. Call with the lock held.
+    pub(crate) fn credit_stopped(&self, units: u64) {
+        self.stash();
+        let tag = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
+        self.add_spare(tag, units);
     }
 
     /// Whether the lease is stopped ([`stash`](Self::stash)) until a call renews it.
