@@ -4,7 +4,7 @@
 #
 #   scripts/stress.sh scale
 #       the scale runs at full size (TOLLGATE_STRESS=1): 10,000 tenants × 2 meters giving their
-#       leases back at shutdown on SQLite and PostgreSQL (the suite runs 2,000), each alone.
+#       leases back at shutdown on SQLite, PostgreSQL and Redis (the suite runs 2,000), each alone.
 #   scripts/stress.sh repeat N TEST_TARGET FILTER
 #       a test N times under `stress --cpu 2` (Debian's `stress`, installed where missing), as
 #       the house asks of every new concurrency test: `scripts/stress.sh repeat 20 engine

@@ -1113,6 +1113,19 @@ pub async fn tenants_give_their_leases_back_at_shutdown(
     usage: &str,
     calls: &(dyn Fn() -> u64 + Sync),
 ) -> (std::time::Duration, u64) {
+    let reader: Arc<dyn tollgate::store::QuotaInspect> = store.clone();
+    tenants_give_their_leases_back_on(&NodeStore::Whole(store), reader, tenants, usage, calls).await
+}
+
+/// [`tenants_give_their_leases_back_at_shutdown`] on `stores` (the quota role's on Redis, say),
+/// the counters read from `reader`.
+pub async fn tenants_give_their_leases_back_on(
+    stores: &NodeStore,
+    store: Arc<dyn tollgate::store::QuotaInspect>,
+    tenants: usize,
+    usage: &str,
+    calls: &(dyn Fn() -> u64 + Sync),
+) -> (std::time::Duration, u64) {
     use std::fmt::Write as _;
     let step = (tenants / 10).max(1);
     // A generous store timeout for the many first calls made at once on a small pool, or on
@@ -1130,7 +1143,16 @@ pub async fn tenants_give_their_leases_back_at_shutdown(
     }
     let config = Config::from_toml_str(&toml).unwrap();
     let (clock, handle) = Clock::fake_at_unix(NOON);
-    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    let builder = match stores {
+        NodeStore::Whole(whole) => Tollgate::builder(config).store_arc(whole.clone()),
+        NodeStore::Beside { rest, fleet } => Tollgate::builder(config)
+            .store_arc(rest.clone())
+            .quota_store(fleet.clone())
+            .rate_store(fleet.clone())
+            .places_store(fleet.clone())
+            .idempotency_store(fleet.clone()),
+    };
+    let (engine, _worker) = builder.clock(clock).build();
     let h = Arc::new(Harness::from_layer(tollgate::TollgateLayer::new(engine), handle));
     // 64 tenants at a time: each first request of a meter is a store call.
     for chunk in (0..tenants).collect::<Vec<_>>().chunks(64) {

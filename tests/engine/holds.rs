@@ -813,6 +813,9 @@ async fn a_live_nodes_long_hold_keeps_its_units_after_its_lease_goes_back() {
         .unwrap();
     let (ticket, ctx) = admitted(&streaming, "key-t").await;
     let mut stream = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+    // A flush tells the store what the node keeps first (its holds, for the expiry alone):
+    // the return must still reserve them for the longest hold.
+    streaming.tollgate.flush().await.unwrap();
     streaming.tollgate.reload(tollgate::config::Config::from_toml_str(TOML).unwrap()).await.unwrap();
     // 40 minutes on, past the reservation's expiry, the stream still running.
     let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());

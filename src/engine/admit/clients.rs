@@ -118,6 +118,26 @@ impl Drop for SharedTurn<'_> {
     }
 }
 
+/// A lookup waiting for its turn ([`KeyLookups::shared_turn`]). Dropped without it (its wait
+/// over, or its request's future dropped: the client gone, an outer timeout), a turn handed to
+/// it meanwhile is given on to the next waiter, never lost.
+struct Waiter<'a> {
+    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    lookups: &'a KeyLookups,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            // Closed first: no turn is handed to it after this.
+            rx.close();
+            if rx.try_recv().is_ok() {
+                drop(SharedTurn { lookups: self.lookups });
+            }
+        }
+    }
+}
+
 /// The lanes of lookups waiting for a turn: keys shaped as tollgate issues them, then the
 /// others.
 const LANES: usize = 2;
@@ -281,16 +301,16 @@ impl KeyLookups {
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             t.waiting[lane].push_back(tx);
-            rx
+            Waiter { rx: Some(rx), lookups: self }
         };
-        match tokio::time::timeout(SHARED_WAIT, &mut turn).await {
-            Ok(Ok(())) => Some(SharedTurn { lookups: self }),
-            Ok(Err(_)) => None,
-            Err(_) => {
-                // Handed a turn as the wait ran out: it is this lookup's (else it would be lost).
-                turn.close();
-                turn.try_recv().is_ok().then(|| SharedTurn { lookups: self })
+        match tokio::time::timeout(SHARED_WAIT, turn.rx.as_mut().expect("waiting")).await {
+            Ok(Ok(())) => {
+                turn.rx = None;
+                Some(SharedTurn { lookups: self })
             }
+            Ok(Err(_)) => None,
+            // The wait ran out; a turn handed meanwhile is given on by the waiter's drop.
+            Err(_) => None,
         }
     }
 

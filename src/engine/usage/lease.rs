@@ -447,8 +447,9 @@ impl Leases {
             if lapsed {
                 // They wait, as a stopped lease does, for a new call to renew the reservation
                 // (or find it given back): never in the lease, where requests take without the
-                // lock.
-                cell.credit_stopped(grant.granted + repay);
+                // lock. What the call repaid pays the lease's debt, which stays the lease's.
+                cell.credit(repay);
+                cell.credit_stopped(grant.granted);
             } else {
                 cell.credit(grant.granted + repay);
             }
@@ -689,7 +690,8 @@ impl Leases {
             crate::tenant::Take::Exhausted => return Ok(None),
             crate::tenant::Take::NeedLease => {}
         }
-        if wanted.is_some_and(|w| w.refused(cell)) {
+        // Only within the period the answer was about: a waiter already in the next one asks.
+        if at < cell.period().1 && wanted.is_some_and(|w| w.refused(cell)) {
             return Ok(None);
         }
         Ok(match self.refill_locked(rt, cell, at, units, min_lease, used_at_once).await? {
@@ -739,8 +741,9 @@ impl Leases {
                 at_least: 0,
                 taking: 0,
             },
-            // Nothing to give back or owe: what it keeps is told if the store's
-            // record of it differs (its holds, now kept as jobs' are).
+            // Nothing to give back or owe: what it keeps is told if the store's record of it
+            // differs, or if holds are open (the call reserves them until the longest hold
+            // may settle, where the last report reserved them for the expiry alone).
             std::cmp::Ordering::Equal if Self::told(cell) => return Ok(None),
             std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
         };
@@ -752,7 +755,8 @@ impl Leases {
     /// given back.
     fn told(cell: QuotaRef<'_>) -> bool {
         let locked = cell.locked();
-        locked.reported() == cell.kept(&locked, true, true)
+        let kept = cell.kept(&locked, true, true);
+        kept.held == 0 && locked.reported() == kept
     }
 
     /// Logs a lease that could not be given back.

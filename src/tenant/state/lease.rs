@@ -203,6 +203,11 @@ impl<'a> QuotaRef<'a> {
         self.cold().rare_made().asked.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Whether the last refill that asked for waiters found nothing left for them.
+    pub(crate) fn spent_for_waiters(&self) -> bool {
+        self.cold().rare_load(|r| &r.last_answer) & 1 == 1
+    }
+
     /// Forgets that the last refill found nothing left for its waiters ([`Wanted::refused`]):
     /// units came back to the store, or a new period began.
     fn not_spent_for_waiters(&self) {

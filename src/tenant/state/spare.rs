@@ -13,12 +13,15 @@ impl QuotaRef<'_> {
     pub(crate) fn keep_cap(&self) -> u64 {
         let cap = self.lease_cap();
         let limit = self.limit();
-        // Never what the work waiting for the cell's lock wants: a call asked those units
-        // for it (a hold's give-back trimming them would send them back before their turn).
+        // Never what the work waiting for the cell's lock wants, while the last refill that
+        // asked for it found units left: that call asked them for it (a hold's give-back
+        // trimming them would send them back before their turn). Once one found nothing left
+        // its waiters are refused, and what the node holds goes back as before.
+        let waiting = if self.spent_for_waiters() { 0 } else { self.wanted() };
         if !self.hard() || limit == 0 {
-            return cap.max(self.wanted());
+            return cap.max(waiting);
         }
-        cap.min(limit.saturating_sub(self.known_reserved()).div_ceil(crate::store::SHRINK)).max(1).max(self.wanted())
+        cap.min(limit.saturating_sub(self.known_reserved()).div_ceil(crate::store::SHRINK)).max(1).max(waiting)
     }
 
     /// Moves what the lease of the period tagged `tag` holds past [`keep_cap`](Self::keep_cap)
