@@ -67,6 +67,15 @@ pub(crate) struct TenantPlaces {
 }
 
 impl Local {
+    /// Whether the fleet had room to spare at the last reading, within `fresh` nanoseconds of
+    /// `now`: at least an eighth of the limit (and two places) not taken by requests, this
+    /// node's free place counted as taken. Then other nodes acquire places of their own, and
+    /// this node's one free place needs no mark.
+    fn room(&self, now: i64, fresh: i64) -> bool {
+        let margin = (self.limit / 8).max(2);
+        now < self.read_at.saturating_add(fresh) && self.limit.saturating_sub(self.taken) >= margin
+    }
+
     /// Marks since when the node holds a spare place (none: unmarked).
     fn note_spare(&mut self, now: i64) {
         if self.held <= self.in_flight {
@@ -140,15 +149,23 @@ impl TenantPlaces {
     }
 
     /// A request left its place at `now`: the places to keep (its requests' and one spare,
-    /// marked as such in the store: the rest given back at once), when a free place is not
-    /// yet marked. `outage` requests admitted while the store was down still run here.
-    fn leave(&self, now: i64, outage: u32) -> Option<u32> {
+    /// marked as such in the store: the rest given back at once), when a free place is to be
+    /// marked or given back. `outage` requests admitted while the store was down still run
+    /// here. **One free place stays unmarked, with no call,** while the fleet had room to
+    /// spare at the last reading within `fresh` nanoseconds ([`Local::room`]): the node's next
+    /// request takes it again without a call, where marking it and acquiring it again wrote
+    /// the tenant's row twice a request. Other nodes acquire places of their own meanwhile;
+    /// near the limit (or on a stale reading) the spare is marked at once, so that another
+    /// node short of one takes it (a sequential client over two nodes).
+    fn leave(&self, now: i64, outage: u32, fresh: i64) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
         // The one spare left goes after a second.
         l.note_spare(now);
         let busy = l.in_flight.saturating_add(outage);
-        (l.held > busy.saturating_add(l.marked)).then_some(busy + 1)
+        let unmarked = l.held.saturating_sub(busy.saturating_add(l.marked));
+        let keep_unmarked = unmarked == 1 && l.room(now, fresh);
+        (unmarked > 0 && !keep_unmarked).then_some(busy + 1)
     }
 
     /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
@@ -313,7 +330,9 @@ impl PlacesNode {
         let node = self.clone();
         Slot::on_drop(Box::new(move || {
             let now = node.shared.clock().unix_nanos();
-            if let Some(keep) = places.leave(now, node.outage_running(&places.tenant)) {
+            // A reading is fresh until the next renewal's (a third of the TTL).
+            let (ttl, _) = Self::times(&node.shared.runtime().load());
+            if let Some(keep) = places.leave(now, node.outage_running(&places.tenant), ttl / 3) {
                 node.release_later(places, keep);
             }
         }))
@@ -398,6 +417,7 @@ impl PlacesNode {
             Ok(p) => {
                 let mut l = places.local();
                 l.taken = p.busy();
+                l.read_at = now;
                 match set {
                     // Renewed: what the store says is held (fewer, if some expired and were
                     // taken meanwhile), valid from now.
