@@ -25,6 +25,14 @@ use crate::{
 /// How long a spare place (held, no request on it) is kept before it is given back.
 const SPARE_NANOS: i64 = 1_000_000_000;
 
+/// How long a node keeps its one free place unmarked between its requests, reused or not,
+/// and how fresh the reading that allows it must be: past it, the next request's end marks
+/// the place (another node may take it) and the node's next request acquires again, which
+/// reads the row afresh. So an unmarked place keeps at most one place per node from the
+/// others, for at most this long, for two writes a second where marking it at each request's
+/// end wrote two a request.
+const UNMARKED_NANOS: i64 = 1_000_000_000;
+
 /// The most tenants whose places the worker's pass renews or gives back at once.
 const TENDED_AT_ONCE: usize = 64;
 
@@ -68,9 +76,10 @@ pub(crate) struct TenantPlaces {
 
 impl Local {
     /// Whether the fleet had room to spare at the last reading, within `fresh` nanoseconds of
-    /// `now`: at least an eighth of the limit (and two places) not taken by requests, this
-    /// node's free place counted as taken. Then other nodes acquire places of their own, and
-    /// this node's one free place needs no mark.
+    /// `now`: at least an eighth of the limit, and two places, not taken by requests (this
+    /// node's free place counted as taken; other nodes' unmarked ones too). Then other nodes
+    /// acquire places of their own, and this node's one free place needs no mark for a while
+    /// ([`UNMARKED_NANOS`]).
     fn room(&self, now: i64, fresh: i64) -> bool {
         let margin = (self.limit / 8).max(2);
         now < self.read_at.saturating_add(fresh) && self.limit.saturating_sub(self.taken) >= margin
@@ -103,6 +112,9 @@ struct Local {
     renewed_at: i64,
     /// Since when the node holds a spare place (0: none).
     spare_since: i64,
+    /// Since when its one free place has been kept unmarked (0: it is not), reused or not:
+    /// past [`UNMARKED_NANOS`] the next request's end marks it.
+    unmarked_since: i64,
     /// The places every node held for requests (spares not counted: an acquire takes them),
     /// as the last call read them, and when.
     taken: u32,
@@ -152,20 +164,28 @@ impl TenantPlaces {
     /// marked as such in the store: the rest given back at once), when a free place is to be
     /// marked or given back. `outage` requests admitted while the store was down still run
     /// here. **One free place stays unmarked, with no call,** while the fleet had room to
-    /// spare at the last reading within `fresh` nanoseconds ([`Local::room`]): the node's next
-    /// request takes it again without a call, where marking it and acquiring it again wrote
-    /// the tenant's row twice a request. Other nodes acquire places of their own meanwhile;
-    /// near the limit (or on a stale reading) the spare is marked at once, so that another
-    /// node short of one takes it (a sequential client over two nodes).
-    fn leave(&self, now: i64, outage: u32, fresh: i64) -> Option<u32> {
+    /// spare at a reading of the last second ([`Local::room`]), for at most a second
+    /// ([`UNMARKED_NANOS`]): the node's next request takes it again without a call, where
+    /// marking it and acquiring it again wrote the tenant's row twice a request. Other nodes
+    /// acquire places of their own meanwhile; near the limit (or on an older reading, or
+    /// after the second) the spare is marked at once, so that another node short of one takes
+    /// it (a sequential client over two nodes).
+    fn leave(&self, now: i64, outage: u32) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
         // The one spare left goes after a second.
         l.note_spare(now);
         let busy = l.in_flight.saturating_add(outage);
         let unmarked = l.held.saturating_sub(busy.saturating_add(l.marked));
-        let keep_unmarked = unmarked == 1 && l.room(now, fresh);
-        (unmarked > 0 && !keep_unmarked).then_some(busy + 1)
+        let kept_since = if l.unmarked_since == 0 { now } else { l.unmarked_since };
+        let keep_unmarked =
+            unmarked == 1 && l.room(now, UNMARKED_NANOS) && now < kept_since.saturating_add(UNMARKED_NANOS);
+        if keep_unmarked {
+            l.unmarked_since = kept_since;
+            return None;
+        }
+        l.unmarked_since = 0;
+        (unmarked > 0).then_some(busy + 1)
     }
 
     /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
@@ -174,6 +194,7 @@ impl TenantPlaces {
         l.held = p.held;
         // The acquire marked none of them spare.
         l.marked = 0;
+        l.unmarked_since = 0;
         l.taken = p.busy();
         l.read_at = now;
         l.renewed_at = now;
@@ -330,9 +351,7 @@ impl PlacesNode {
         let node = self.clone();
         Slot::on_drop(Box::new(move || {
             let now = node.shared.clock().unix_nanos();
-            // A reading is fresh until the next renewal's (a third of the TTL).
-            let (ttl, _) = Self::times(&node.shared.runtime().load());
-            if let Some(keep) = places.leave(now, node.outage_running(&places.tenant), ttl / 3) {
+            if let Some(keep) = places.leave(now, node.outage_running(&places.tenant)) {
                 node.release_later(places, keep);
             }
         }))
@@ -401,6 +420,7 @@ impl PlacesNode {
                 // acquire from now on (another node may take it once the call lands).
                 l.held = count;
                 l.marked = spare;
+                l.unmarked_since = 0;
                 l.note_spare(now);
             }
             (count, spare, l.limit)
