@@ -189,20 +189,7 @@ pub async fn four_nodes_holding(
     let recorded = recorded.load(std::sync::atomic::Ordering::SeqCst);
     assert!(recorded <= L, "recorded {recorded} of {L}");
     assert!(recorded > L / 2, "the tasks spent most of it: {recorded}");
-    for h in &nodes {
-        h.tollgate.shutdown().await.unwrap();
-    }
-    let taken = if balance {
-        let (_, balances) = admin.credits("t").await.unwrap();
-        balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap()
-    } else {
-        let month = tollgate::config::Period::Month { anchor_day: 1 };
-        let (start, end) = month.bounds(NOON);
-        quota_store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
-    };
-    assert_eq!(taken, recorded, "taken = recorded, nothing stranded or lost");
-    let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
-    assert_eq!(billed, recorded);
+    shut_down_holding_what_was_recorded(&nodes, &admin, &*quota_store, &*store, balance, recorded).await;
 }
 
 /// A hold example of issue 52: `nodes` engines on one store behind round robin, one request at
@@ -554,20 +541,7 @@ pub async fn busy_tenant(
         seen.served,
         limit / ESTIMATE
     );
-    for h in &nodes {
-        h.tollgate.shutdown().await.unwrap();
-    }
-    let taken = if balance {
-        let (_, balances) = admin.credits("t").await.unwrap();
-        balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap()
-    } else {
-        let month = tollgate::config::Period::Month { anchor_day: 1 };
-        let (start, end) = month.bounds(NOON);
-        quota_store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
-    };
-    assert_eq!(taken, recorded, "taken = recorded, nothing stranded or lost");
-    let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
-    assert_eq!(billed, recorded);
+    shut_down_holding_what_was_recorded(&nodes, &admin, &*quota_store, &*store, balance, recorded).await;
     seen
 }
 
@@ -637,4 +611,31 @@ where
         }
     }
     assert!(answered_503.is_empty(), "{label}: answered 503 on a healthy store: {answered_503:?}");
+}
+
+/// Shuts `nodes` down (their leases given back) and checks that tenant `t`'s tokens counter
+/// (its balance, or the month's hard limit) holds exactly what was `recorded`, and that the
+/// usage billed is that too: nothing stranded or lost.
+async fn shut_down_holding_what_was_recorded(
+    nodes: &[Arc<Harness>],
+    admin: &tollgate::admin::Admin,
+    quota_store: &dyn tollgate::store::QuotaInspect,
+    store: &dyn tollgate::store::StoreInspect,
+    balance: bool,
+    recorded: u64,
+) {
+    for h in nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let taken = if balance {
+        let (_, balances) = admin.credits("t").await.unwrap();
+        balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap()
+    } else {
+        let month = tollgate::config::Period::Month { anchor_day: 1 };
+        let (start, end) = month.bounds(NOON);
+        quota_store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
+    };
+    assert_eq!(taken, recorded, "taken = recorded, nothing stranded or lost");
+    let billed = committed(store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
+    assert_eq!(billed, recorded);
 }

@@ -288,10 +288,9 @@ impl From<Arc<dyn StoreInspect>> for NodeStore {
     }
 }
 
-/// A node on `stores`, its worker running, on the fake clock.
-pub fn node_on(toml: &str, stores: &NodeStore, clock: Clock, handle: FakeClock) -> Harness {
-    let config = Config::from_toml_str(toml).expect("valid test configuration");
-    let builder = match stores {
+/// An engine's builder of `config` on `stores`.
+pub fn builder_on(config: Config, stores: &NodeStore) -> tollgate::Builder {
+    match stores {
         NodeStore::Whole(store) => Tollgate::builder(config).store_arc(store.clone()),
         NodeStore::Beside { rest, fleet } => Tollgate::builder(config)
             .store_arc(rest.clone())
@@ -299,8 +298,13 @@ pub fn node_on(toml: &str, stores: &NodeStore, clock: Clock, handle: FakeClock) 
             .rate_store(fleet.clone())
             .places_store(fleet.clone())
             .idempotency_store(fleet.clone()),
-    };
-    let (engine, worker) = builder.clock(clock).build();
+    }
+}
+
+/// A node on `stores`, its worker running, on the fake clock.
+pub fn node_on(toml: &str, stores: &NodeStore, clock: Clock, handle: FakeClock) -> Harness {
+    let config = Config::from_toml_str(toml).expect("valid test configuration");
+    let (engine, worker) = builder_on(config, stores).clock(clock).build();
     let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     tokio::spawn(worker.run());
     let tollgate = layer.handle().clone();
@@ -1143,16 +1147,7 @@ pub async fn tenants_give_their_leases_back_on(
     }
     let config = Config::from_toml_str(&toml).unwrap();
     let (clock, handle) = Clock::fake_at_unix(NOON);
-    let builder = match stores {
-        NodeStore::Whole(whole) => Tollgate::builder(config).store_arc(whole.clone()),
-        NodeStore::Beside { rest, fleet } => Tollgate::builder(config)
-            .store_arc(rest.clone())
-            .quota_store(fleet.clone())
-            .rate_store(fleet.clone())
-            .places_store(fleet.clone())
-            .idempotency_store(fleet.clone()),
-    };
-    let (engine, _worker) = builder.clock(clock).build();
+    let (engine, _worker) = builder_on(config, stores).clock(clock).build();
     let h = Arc::new(Harness::from_layer(tollgate::TollgateLayer::new(engine), handle));
     // 64 tenants at a time: each first request of a meter is a store call.
     for chunk in (0..tenants).collect::<Vec<_>>().chunks(64) {
