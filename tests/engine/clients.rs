@@ -541,34 +541,16 @@ async fn keys_of_callers_waiting_across_a_reload_to_anonymous_stay_scoped_to_the
 async fn a_flood_of_unknown_keys_never_starves_a_valid_ones_first_lookup() {
     use std::sync::{atomic::Ordering, Arc};
     use tollgate::store::{KeyHash, TenantRecord};
-    use tower::ServiceExt;
     let store = Arc::new(common::Faulty::default());
     let record = TenantRecord::new("acme".into(), "paid".into());
     store.inner.put_tenant(&record, &[KeyHash::of(b"key-acme")]).await.unwrap();
     store.lookup_delay_ms.store(5, Ordering::SeqCst);
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let h = Harness::build("[plans.paid]\nrate = \"1000/s\"\n", store.clone(), clock, handle);
-    let from_lb = |key: String| {
-        let mut r = req("GET", "/", Some(&key), None);
-        r.extensions_mut().insert(ClientAddr("127.0.0.1".parse::<IpAddr>().unwrap()));
-        r
-    };
-    let svc = h.svc.clone();
-    let flood = tokio::spawn(async move {
-        let mut sent = tokio::task::JoinSet::new();
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(2));
-        for i in 0..5_000 {
-            tick.tick().await;
-            let svc = svc.clone();
-            let mut r = req("GET", "/", Some(&format!("random-{i}")), None);
-            r.extensions_mut().insert(ClientAddr("127.0.0.1".parse::<IpAddr>().unwrap()));
-            sent.spawn(async move { svc.oneshot(r).await.unwrap().status().as_u16() });
-        }
-        sent.join_all().await
-    });
+    let flood = flood_from_the_balancer(&h, std::time::Duration::from_millis(2), 5_000);
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let started = tokio::time::Instant::now();
-    let status = h.send(from_lb("key-acme".into())).await.status;
+    let status = h.send(from_the_balancer("key-acme")).await.status;
     let waited = started.elapsed();
     assert_eq!(status, 200, "the valid tenant is served");
     assert!(waited <= std::time::Duration::from_secs(1), "answered after {waited:?}");
@@ -642,29 +624,12 @@ async fn an_issued_key_is_served_within_100_ms_whatever_unknown_keys_flood_in() 
         let issued =
             tollgate::admin::Admin::for_engine(&h.tollgate).issue_key("acme", Default::default()).await.unwrap().key;
         store.lookup_delay_ms.store(5, Ordering::SeqCst);
-        let from_lb = |key: &str| {
-            let mut r = req("GET", "/", Some(key), None);
-            r.extensions_mut().insert(ClientAddr("127.0.0.1".parse::<IpAddr>().unwrap()));
-            r
-        };
-        let svc = h.svc.clone();
-        let flood = tokio::spawn(async move {
-            let mut sent = tokio::task::JoinSet::new();
-            let gap = std::time::Duration::from_micros(1_000_000 / per_second);
-            let mut tick = tokio::time::interval(gap);
-            for i in 0..per_second * 4 {
-                tick.tick().await;
-                let svc = svc.clone();
-                let mut r = req("GET", "/", Some(&format!("random-{i}")), None);
-                r.extensions_mut().insert(ClientAddr("127.0.0.1".parse::<IpAddr>().unwrap()));
-                sent.spawn(async move { svc.oneshot(r).await.unwrap().status().as_u16() });
-            }
-            sent.join_all().await
-        });
+        let gap = std::time::Duration::from_micros(1_000_000 / per_second);
+        let flood = flood_from_the_balancer(&h, gap, per_second * 4);
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         let timed = |key: String| {
             let svc = h.svc.clone();
-            let r = from_lb(&key);
+            let r = from_the_balancer(&key);
             async move {
                 let started = tokio::time::Instant::now();
                 let status = svc.oneshot(r).await.unwrap().status().as_u16();
@@ -682,4 +647,29 @@ async fn an_issued_key_is_served_within_100_ms_whatever_unknown_keys_flood_in() 
         let statuses = flood.await.unwrap();
         assert!(statuses.iter().all(|s| *s == 401 || *s == 503), "the flood: unknown keys, or turned away");
     }
+}
+
+/// A request with `key` from the balancer's address (`trusted_proxies = []`: the node's shared
+/// budget of lookups).
+fn from_the_balancer(key: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut r = req("GET", "/", Some(key), None);
+    r.extensions_mut().insert(ClientAddr("127.0.0.1".parse::<IpAddr>().unwrap()));
+    r
+}
+
+/// `n` requests of random keys from the balancer's address, one each `gap`: their statuses.
+fn flood_from_the_balancer(h: &Harness, gap: std::time::Duration, n: u64) -> tokio::task::JoinHandle<Vec<u16>> {
+    use tower::ServiceExt;
+    let svc = h.svc.clone();
+    tokio::spawn(async move {
+        let mut sent = tokio::task::JoinSet::new();
+        let mut tick = tokio::time::interval(gap);
+        for i in 0..n {
+            tick.tick().await;
+            let svc = svc.clone();
+            let r = from_the_balancer(&format!("random-{i}"));
+            sent.spawn(async move { svc.oneshot(r).await.unwrap().status().as_u16() });
+        }
+        sent.join_all().await
+    })
 }

@@ -680,6 +680,35 @@ async fn sixteen_at_once_on_four_nodes_on_one_sqlite_file_never_overdraw_a_balan
     common::holds::sixteen_at_once_on_four_nodes_never_overdraw(Arc::new(store)).await;
 }
 
+/// A request of `t` on `h` holding 1,000 tokens and using 100 of them.
+async fn holds_1000_using_100(h: &Harness) {
+    let (ticket, ctx) = admitted(h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+}
+
+/// A balance of 1,000,000 tokens leased 5,000 at a time, on a route that reports tokens.
+const BALANCE_TOML: &str = "[meters.tokens]\n[plans.p]\nrate = \"100000/s\"\n\
+    quotas.tokens = { period = \"prepaid\", lease = 5000 }\n\
+    [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+    [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+
+/// A memory store, the fake clock, and a node of [`BALANCE_TOML`] on them whose tenant `t` was
+/// granted its 1,000,000 tokens.
+async fn node_of_a_balance(
+) -> (Arc<dyn tollgate::store::StoreInspect>, tollgate::clock::Clock, tollgate::clock::FakeClock, Harness) {
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let node = Harness::build(BALANCE_TOML, store.clone(), clock.clone(), handle.clone());
+    tollgate::admin::Admin::for_engine(&node.tollgate)
+        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
+        .await
+        .unwrap();
+    (store, clock, handle, node)
+}
+
 /// A node that dies without shutting down (no flush after its last, no lease given back)
 /// keeps its lease and its open holds of a prepaid balance only until its reservation expires
 /// (issue 52): past `limits.reservation_expiry`, another node's next call finds them given
@@ -687,17 +716,7 @@ async fn sixteen_at_once_on_four_nodes_on_one_sqlite_file_never_overdraw_a_balan
 /// period end to give them back otherwise).
 #[tokio::test]
 async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
-    const TOML: &str = "[meters.tokens]\n[plans.p]\nrate = \"100000/s\"\n\
-        quotas.tokens = { period = \"prepaid\", lease = 5000 }\n\
-        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
-        [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
-    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
-    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let dead = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
-    tollgate::admin::Admin::for_engine(&dead.tollgate)
-        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
-        .await
-        .unwrap();
+    let (store, clock, handle, dead) = node_of_a_balance().await;
     for _ in 0..10 {
         let (ticket, ctx) = admitted(&dead, "key-t").await;
         let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
@@ -726,24 +745,16 @@ async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
     let _dead = std::mem::ManuallyDrop::new(dead);
 
     // Not before the expiry: another node's call leaves them reserved.
-    let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let other = Harness::build(BALANCE_TOML, store.clone(), clock.clone(), handle.clone());
     handle.advance(std::time::Duration::from_secs(29 * 60));
-    let (ticket, ctx) = admitted(&other, "key-t").await;
-    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
-    hold.record(100).unwrap();
-    hold.settle();
-    assert!(ticket.complete(200));
+    holds_1000_using_100(&other).await;
     other.tollgate.flush().await.unwrap();
     let (_, reserved) = balance().await;
     assert!(reserved >= 3_100 + 3 * 1_000, "not expired yet: {reserved}");
 
     // Past it (30 minutes by default), the next call gives them back.
     handle.advance(std::time::Duration::from_secs(2 * 60));
-    let (ticket, ctx) = admitted(&other, "key-t").await;
-    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
-    hold.record(100).unwrap();
-    hold.settle();
-    assert!(ticket.complete(200));
+    holds_1000_using_100(&other).await;
     other.tollgate.shutdown().await.unwrap();
     let (granted, reserved) = balance().await;
     assert_eq!(committed().await, 3_200);
@@ -757,24 +768,14 @@ async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
 /// balance lost those units for good.
 #[tokio::test]
 async fn holds_open_when_a_lease_goes_back_come_back_at_the_expiry() {
-    const TOML: &str = "[meters.tokens]\n[plans.p]\nrate = \"100000/s\"\n\
-        quotas.tokens = { period = \"prepaid\", lease = 5000 }\n\
-        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
-        [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
-    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
-    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let dead = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
-    tollgate::admin::Admin::for_engine(&dead.tollgate)
-        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
-        .await
-        .unwrap();
+    let (store, clock, handle, dead) = node_of_a_balance().await;
     let mut open = Vec::new();
     for _ in 0..3 {
         let (ticket, ctx) = admitted(&dead, "key-t").await;
         open.push((ticket, ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap()));
     }
     // Its lease goes back with the reload; the holds stay open.
-    dead.tollgate.reload(tollgate::config::Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    dead.tollgate.reload(tollgate::config::Config::from_toml_str(BALANCE_TOML).unwrap()).await.unwrap();
     dead.tollgate.flush().await.unwrap();
     let reserved = || async { store.counters(&"t".into(), &"tokens".into()).await.unwrap().remove(0).reserved };
     assert_eq!(reserved().await, 3_000, "the lease went back, the holds are reserved while they are open");
@@ -782,13 +783,9 @@ async fn holds_open_when_a_lease_goes_back_come_back_at_the_expiry() {
     let _open = std::mem::ManuallyDrop::new(open);
     let _dead = std::mem::ManuallyDrop::new(dead);
     // Past the expiry (30 minutes by default), another node's call gives them back.
-    let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let other = Harness::build(BALANCE_TOML, store.clone(), clock.clone(), handle.clone());
     handle.advance(std::time::Duration::from_secs(31 * 60));
-    let (ticket, ctx) = admitted(&other, "key-t").await;
-    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
-    hold.record(100).unwrap();
-    hold.settle();
-    assert!(ticket.complete(200));
+    holds_1000_using_100(&other).await;
     other.tollgate.shutdown().await.unwrap();
     assert_eq!(reserved().await, 100, "spendable = granted − committed: the dead node's holds came back");
 }
