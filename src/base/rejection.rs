@@ -60,9 +60,11 @@ pub enum RejectionKind {
     /// cap, the largest balance a store keeps. No period and no top-up can ever cover it, so
     /// it is not a 429 to retry: 400, without `Retry-After`. Nothing is charged.
     HoldExceedsLimit,
-    /// The tenant's other requests on this node kept the quota's store calls busy past
+    /// The tenant's other requests kept the quota's store calls busy: on this node past
     /// `usage.queue_timeout` (a queue of its own requests, each waiting for the call ahead of
-    /// it; the store answered), on a quota that fails closed: 429 with `Retry-After: 1`. Not a
+    /// it), or across the fleet until the call's deadline (other nodes writing the tenant's
+    /// row first every time, on a store that writes under a condition); the store answered. On
+    /// a quota that fails closed: 429 with `Retry-After: 1`. Not a
     /// store failure: it feeds no breaker (a quota that fails open admits the request as on a
     /// store failure, its units owed). Nothing is charged.
     TenantBusy,

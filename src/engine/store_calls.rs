@@ -50,10 +50,12 @@ pub(crate) enum Counted {
 /// failure ([`queued`]).
 pub(crate) const QUEUED: &str = "the turn of a quota cell's calls (usage.queue_timeout)";
 
-/// Whether `e` is [`QUEUED`]: the request waited past `usage.queue_timeout` behind its
-/// tenant's other calls, and the store did not fail.
-pub(crate) fn queued(e: &StoreError) -> bool {
-    matches!(e, StoreError::Conflict(what) if *what == QUEUED)
+/// Whether `e` says the tenant is busy, not the store down: the request waited past
+/// `usage.queue_timeout` behind its tenant's other calls ([`QUEUED`]), or its call lost the
+/// races for the tenant's rows to other nodes until its deadline (a store that writes under a
+/// condition stops trying before the deadline, `store::race`). Either way the store answered.
+pub(crate) fn busy(e: &StoreError) -> bool {
+    matches!(e, StoreError::Conflict(_))
 }
 
 /// `usage.queue_timeout` in nanoseconds.

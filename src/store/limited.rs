@@ -77,6 +77,26 @@ pub(crate) async fn within_deadline<T>(deadline: Instant, fut: impl Future<Outpu
 }
 
 tokio::task_local! {
+    /// The end of the one store call running (set by [`Policy::call`]): the call's own limit,
+    /// or what is left of the request's, whichever ends first. A store that writes under a
+    /// condition tries again after a lost race only while another attempt fits before it
+    /// ([`call_deadline`]).
+    static CALL_DEADLINE: Instant;
+}
+
+/// The end of the store call running on this task, if a [`Limited`] store made it: past it
+/// the call is cut and answered a timeout.
+pub(crate) fn call_deadline() -> Option<Instant> {
+    CALL_DEADLINE.try_with(|d| *d).ok()
+}
+
+/// `fut` as a [`Limited`] store's call ending at `deadline` runs it (tests).
+#[cfg(test)]
+pub(crate) async fn as_call_ending<T>(deadline: Instant, fut: impl Future<Output = T>) -> T {
+    CALL_DEADLINE.scope(deadline, fut).await
+}
+
+tokio::task_local! {
     /// Set by [`within_deadline_unguarded`]: the request path's calls made under it never fail
     /// fast, nor feed the breaker.
     static UNGUARDED: ();
@@ -276,7 +296,7 @@ impl Policy {
             Ok(deadline) if deadline < own => (deadline, deadline.saturating_duration_since(now) >= limit / 2),
             _ => (own, true),
         };
-        let result = match tokio::time::timeout_at(until, fut).await {
+        let result = match tokio::time::timeout_at(until, CALL_DEADLINE.scope(until, fut)).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(limit)),
         };

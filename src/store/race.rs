@@ -6,7 +6,9 @@
 
 use std::{future::Future, pin::Pin, time::Duration};
 
-use crate::store::StoreError;
+use tokio::time::Instant;
+
+use crate::store::{limited::call_deadline, StoreError};
 
 /// How many times a call that lost a race (a transaction conflict, a counter created under
 /// it) is tried, at most.
@@ -46,6 +48,13 @@ impl Retries {
     /// settled by the next read).
     #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
     pub(crate) const QUICK_FIRST: Self = Self { attempts: ATTEMPTS, backoff_after: Some(4) };
+    /// Four times [`ATTEMPTS`], never backing off: a write whose lost race answers the row as
+    /// the winner left it (Redis), so the next attempt starts from the latest state without
+    /// reading it again, and each race lost is another node's call done (a queue, not a
+    /// lottery: a row that 32 nodes write at once serves them all in 32 attempts, one round
+    /// trip each).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) const FROM_ANSWER: Self = Self { attempts: 4 * ATTEMPTS, backoff_after: None };
     /// [`ATTEMPTS`], never backing off: a release, whose next attempt asks for no more than
     /// the last one saw (it only shrinks).
     #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
@@ -63,34 +72,60 @@ impl Retries {
     }
 }
 
-/// Sleeps before attempt `attempt` of a call that lost a race: exponential, with jitter.
-async fn backoff(attempt: u32) {
+/// How long a call that lost a race sleeps before attempt `attempt`: exponential, with jitter.
+fn backoff(attempt: u32) -> Duration {
     let base = 10u64 << attempt.min(7);
     // From the OS, not RandomState: copies of one SnapStart snapshot back off apart.
     let jitter = crate::base::draw_u64() % base;
-    tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+    Duration::from_millis(base / 2 + jitter)
 }
+
+/// The most attempts of a call made under a deadline ([`call_deadline`]): the deadline bounds
+/// it, this only a runaway.
+const ATTEMPTS_UNDER_DEADLINE: u32 = 16 * ATTEMPTS;
 
 /// Runs `attempt` until one wins its race, starting from `from`: each gets what the last
 /// lost race left and the attempt's number. A lost race is tried again as `retries` say;
 /// past its attempts, `Conflict(what)`.
+///
+/// A call made under a deadline (a [`Limited`](super::limited) store's: the request's
+/// `usage.store_timeout`, a background call's limit) is bounded by it instead: it tries again
+/// while another attempt (as long as the last took, twice over, after its backoff) ends before
+/// the deadline, and answers `Conflict(what)` then, before the deadline cuts it. A row other
+/// nodes win every time is a busy tenant, answered by the store; a timeout would say the store
+/// is down (and feed the breaker that fails every tenant fast).
 pub(crate) async fn until_won<'a, S, T>(
     what: &'static str,
     retries: Retries,
     from: S,
     mut attempt: impl FnMut(S, u32) -> Attempt<'a, T, S>,
 ) -> Result<T, StoreError> {
+    let deadline = call_deadline();
+    let most = match deadline {
+        Some(_) => retries.attempts.max(ATTEMPTS_UNDER_DEADLINE),
+        None => retries.attempts,
+    };
     let mut state = from;
-    for n in 0..retries.attempts {
-        match attempt(state, n).await? {
+    for n in 0..most {
+        let started = Instant::now();
+        let lost = match attempt(state, n).await? {
             Race::Won(answer) => return Ok(answer),
             Race::Lost(next) => {
                 state = next;
-                if retries.backs_off_after(n) && n + 1 < retries.attempts {
-                    backoff(n).await;
-                }
+                true
             }
-            Race::Again(next) => state = next,
+            Race::Again(next) => {
+                state = next;
+                false
+            }
+        };
+        let pause = if lost && retries.backs_off_after(n) { backoff(n) } else { Duration::ZERO };
+        let next_fits = deadline.is_none_or(|d| Instant::now() + pause + started.elapsed() * 2 < d);
+        if n + 1 >= most || !next_fits {
+            break;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
     }
     Err(StoreError::Conflict(what))
@@ -107,5 +142,41 @@ mod tests {
         assert_eq!(after(Retries::QUICK_FIRST), [3, 4]);
         assert_eq!(after(Retries::AT_ONCE), [] as [u32; 0]);
         assert_eq!(Retries::BACKING_OFF.attempts(24).attempts, 24);
+    }
+
+    /// Attempts of 10 ms that all lose, counted.
+    async fn losing(retries: Retries, tried: &std::sync::atomic::AtomicU32) -> Result<(), StoreError> {
+        until_won("a row others win", retries, (), |(), _| {
+            Box::pin(async move {
+                tried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(Race::<(), ()>::Lost(()))
+            })
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_under_a_deadline_tries_while_an_attempt_fits_and_answers_before_it() {
+        let tried = std::sync::atomic::AtomicU32::new(0);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(250);
+        // Never backing off: 24 attempts of 10 ms fit in 250 ms, far more than the verb's 12.
+        let e = crate::store::limited::as_call_ending(deadline, losing(Retries::AT_ONCE, &tried)).await;
+        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
+        let n = tried.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((20..=24).contains(&n), "{n} attempts");
+        assert!(Instant::now() < deadline, "answered before the deadline: {:?}", Instant::now() - start);
+        // Without a deadline: the verb's count.
+        let tried = std::sync::atomic::AtomicU32::new(0);
+        assert!(losing(Retries::AT_ONCE, &tried).await.is_err());
+        assert_eq!(tried.load(std::sync::atomic::Ordering::Relaxed), ATTEMPTS);
+        // Backing off: no pause runs past the deadline either.
+        let tried = std::sync::atomic::AtomicU32::new(0);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(250);
+        let e = crate::store::limited::as_call_ending(deadline, losing(Retries::BACKING_OFF, &tried)).await;
+        assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
+        assert!(Instant::now() < deadline, "answered before the deadline: {:?}", Instant::now() - start);
     }
 }

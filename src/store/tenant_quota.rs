@@ -38,6 +38,11 @@ struct MeterQuota {
     recharge: Option<RechargeState>,
     /// Its credit grants, open and recently closed.
     credits: Vec<CreditGrant>,
+    /// The calendar periods a store keeps in rows of their own (the RedisStore), each counter
+    /// beside the tenant's quota rather than in it: their keys, so that a new period drops
+    /// those that ended before it as `Counters::get` does. Empty for a store that keeps the
+    /// counters here.
+    listed: Vec<QuotaKey>,
 }
 
 /// The counters of one (tenant, meter): a few periods at most (the current one, the one
@@ -457,6 +462,11 @@ impl TenantQuota {
                 }
                 end = end.max(c.key.end);
             }
+            for k in &m.listed {
+                end = end.max(k.end);
+            }
+            // Periods dropped stay dropped while the row lives.
+            end = end.max(m.counters.dropped_before);
         }
         Some(end)
     }
@@ -528,6 +538,9 @@ impl MeterQuota {
     }
 }
 
+#[cfg(feature = "redis")]
+pub(crate) use stored::Roll;
+
 /// A tenant's quota as a store writes it down: JSON, short field names (it is read and written
 /// whole at each call).
 #[cfg(feature = "redis")]
@@ -549,6 +562,9 @@ mod stored {
         c: Option<(u64, bool)>,
         r: Option<RechargeState>,
         g: Vec<GrantForm>,
+        /// The calendar periods kept in rows of their own: tag, start, end.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        l: Vec<(String, i64, i64)>,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -594,43 +610,7 @@ mod stored {
                 .meters
                 .iter()
                 .map(|(meter, q)| {
-                    let p = q
-                        .counters
-                        .periods
-                        .iter()
-                        .map(|c| CounterForm {
-                            k: (c.key.period_tag(), c.key.start, c.key.end),
-                            r: c.reserved,
-                            g: c.granted,
-                            a: {
-                                // By node: the same state is always written the same.
-                                let mut senders: Vec<_> = c.applied.iter().collect();
-                                senders.sort_by_key(|(n, _)| **n);
-                                senders
-                                    .into_iter()
-                                    .map(|(n, s)| SenderForm {
-                                        n: (*n, s.seq, s.at, s.mark),
-                                        g: (
-                                            s.grant.granted,
-                                            s.grant.reserved,
-                                            s.grant.limit,
-                                            s.grant.used,
-                                            s.grant.expired,
-                                        ),
-                                        k: (
-                                            s.keeping.kept.lease,
-                                            s.keeping.kept.held,
-                                            s.keeping.kept.jobs,
-                                            s.keeping.expires_at,
-                                            s.keeping.gone,
-                                        ),
-                                    })
-                                    .collect()
-                            },
-                            f: (c.forgiven, c.forgiven_until, c.forgotten_at),
-                            fb: c.forgiven_by.clone(),
-                        })
-                        .collect();
+                    let p = q.counters.periods.iter().map(counter_form).collect();
                     let g = q
                         .credits
                         .iter()
@@ -645,12 +625,16 @@ mod stored {
                             c: g.closed.map(|c| (c.at, c.revoked, c.lost)),
                         })
                         .collect();
+                    let mut l: Vec<(String, i64, i64)> =
+                        q.listed.iter().map(|k| (k.period_tag(), k.start, k.end)).collect();
+                    l.sort();
                     let form = MeterForm {
                         p,
                         d: q.counters.dropped_before,
                         c: q.cap.map(|c| (c.limit, c.hard)),
                         r: q.recharge.clone(),
                         g,
+                        l,
                     };
                     (meter.as_str().to_owned(), form)
                 })
@@ -669,33 +653,7 @@ mod stored {
                 let meter = MeterId::from(meter.as_str());
                 let mut periods = Vec::with_capacity(q.p.len());
                 for c in q.p {
-                    let (tag, start, end) = c.k;
-                    let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)
-                        .ok_or_else(|| format!("a period of kind `{tag}`"))?;
-                    let applied = c
-                        .a
-                        .into_iter()
-                        .map(|s| {
-                            let (node, seq, at, mark) = s.n;
-                            let (granted, reserved, limit, used, expired) = s.g;
-                            let grant =
-                                Grant::new(granted, reserved).with_limit(limit).with_used(used).with_expired(expired);
-                            let (lease, held, jobs, expires_at, gone) = s.k;
-                            let keeping = Keeping { kept: Kept::new(lease, held, jobs), expires_at, gone };
-                            (node, Sender { seq, grant, at, keeping, mark })
-                        })
-                        .collect();
-                    let (forgiven, forgiven_until, forgotten_at) = c.f;
-                    periods.push(Counter {
-                        key,
-                        reserved: c.r,
-                        granted: c.g,
-                        applied,
-                        forgiven,
-                        forgiven_until,
-                        forgiven_by: c.fb,
-                        forgotten_at,
-                    });
+                    periods.push(counter_of(tenant, &meter, c)?);
                 }
                 let credits =
                     q.g.into_iter()
@@ -711,15 +669,199 @@ mod stored {
                             grant
                         })
                         .collect();
+                let mut listed = Vec::with_capacity(q.l.len());
+                for (tag, start, end) in q.l {
+                    listed.push(
+                        QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)
+                            .ok_or_else(|| format!("a period of kind `{tag}`"))?,
+                    );
+                }
                 let quota = MeterQuota {
                     counters: Counters { periods, dropped_before: q.d },
                     cap: q.c.map(|(limit, hard)| SpendCap::new(limit, hard)),
                     recharge: q.r,
                     credits,
+                    listed,
                 };
                 meters.insert(meter, quota);
             }
             Ok(Self { meters })
+        }
+    }
+
+    /// One counter as written down.
+    fn counter_form(c: &Counter) -> CounterForm {
+        // By node: the same state is always written the same.
+        let mut senders: Vec<_> = c.applied.iter().collect();
+        senders.sort_by_key(|(n, _)| **n);
+        CounterForm {
+            k: (c.key.period_tag(), c.key.start, c.key.end),
+            r: c.reserved,
+            g: c.granted,
+            a: senders
+                .into_iter()
+                .map(|(n, s)| SenderForm {
+                    n: (*n, s.seq, s.at, s.mark),
+                    g: (s.grant.granted, s.grant.reserved, s.grant.limit, s.grant.used, s.grant.expired),
+                    k: (
+                        s.keeping.kept.lease,
+                        s.keeping.kept.held,
+                        s.keeping.kept.jobs,
+                        s.keeping.expires_at,
+                        s.keeping.gone,
+                    ),
+                })
+                .collect(),
+            f: (c.forgiven, c.forgiven_until, c.forgotten_at),
+            fb: c.forgiven_by.clone(),
+        }
+    }
+
+    /// [`counter_form`] read back, for `tenant`'s `meter`.
+    fn counter_of(tenant: &TenantId, meter: &MeterId, c: CounterForm) -> Result<Counter, String> {
+        let (tag, start, end) = c.k;
+        let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)
+            .ok_or_else(|| format!("a period of kind `{tag}`"))?;
+        let applied =
+            c.a.into_iter()
+                .map(|s| {
+                    let (node, seq, at, mark) = s.n;
+                    let (granted, reserved, limit, used, expired) = s.g;
+                    let grant = Grant::new(granted, reserved).with_limit(limit).with_used(used).with_expired(expired);
+                    let (lease, held, jobs, expires_at, gone) = s.k;
+                    let keeping = Keeping { kept: Kept::new(lease, held, jobs), expires_at, gone };
+                    (node, Sender { seq, grant, at, keeping, mark })
+                })
+                .collect();
+        let (forgiven, forgiven_until, forgotten_at) = c.f;
+        Ok(Counter {
+            key,
+            reserved: c.r,
+            granted: c.g,
+            applied,
+            forgiven,
+            forgiven_until,
+            forgiven_by: c.fb,
+            forgotten_at,
+        })
+    }
+
+    /// What [`TenantQuota::roll`] found of a calendar period.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(crate) enum Roll {
+        /// Dropped before: calls for it change nothing.
+        Dropped,
+        /// Listed already: its row is its counter.
+        Listed,
+        /// Listed now; the periods it ended (their rows are dropped).
+        Made(Vec<QuotaKey>),
+    }
+
+    impl TenantQuota {
+        /// The tenant's quota with one counter only, `key`'s (its row `json`, or a new one),
+        /// the meter's cap as read from the tenant's quota: what a call on a calendar period
+        /// kept in a row of its own reads and changes. `dropped`: the period was dropped
+        /// (calls change nothing).
+        pub(crate) fn one_counter(
+            key: &QuotaKey,
+            json: Option<&str>,
+            cap: Option<SpendCap>,
+            dropped: bool,
+        ) -> Result<Self, String> {
+            let mut m = MeterQuota { cap, ..MeterQuota::default() };
+            if dropped {
+                m.counters.dropped_before = key.end;
+            } else if let Some(json) = json {
+                let form: CounterForm = serde_json::from_str(json).map_err(|e| e.to_string())?;
+                m.counters.periods.push(counter_of(&key.tenant, &key.meter, form)?);
+            }
+            let mut meters = BTreeMap::new();
+            meters.insert(key.meter.clone(), m);
+            Ok(Self { meters })
+        }
+
+        /// The counter of `key` written down, if the quota holds it.
+        pub(crate) fn counter_json(&self, key: &QuotaKey) -> Option<String> {
+            let c = self.meters.get(&key.meter)?.counters.find(key)?;
+            Some(serde_json::to_string(&counter_form(c)).expect("plain data"))
+        }
+
+        /// The cap the tenant set on `meter`.
+        pub(crate) fn cap(&self, meter: &MeterId) -> Option<SpendCap> {
+            self.meters.get(meter).and_then(|m| m.cap)
+        }
+
+        /// Sets the tenant's cap on `meter` (`CapMode::Set`).
+        pub(crate) fn set_cap(&mut self, meter: &MeterId, cap: Option<SpendCap>) {
+            self.meter(meter).cap = cap;
+        }
+
+        /// `key`, a calendar period kept in a row of its own, as `Counters::get` would make it:
+        /// dropped already, listed, or listed now (dropping the listed periods of its meter that
+        /// ended before it started, as a new period does).
+        pub(crate) fn roll(&mut self, key: &QuotaKey) -> Roll {
+            let m = self.meter(&key.meter);
+            if key.end <= m.counters.dropped_before {
+                return Roll::Dropped;
+            }
+            if m.listed.contains(key) {
+                return Roll::Listed;
+            }
+            let mut ended = Vec::new();
+            let mut dropped = m.counters.dropped_before;
+            m.listed.retain(|k| {
+                let keep = k.end >= key.start;
+                if !keep {
+                    dropped = dropped.max(k.end);
+                    ended.push(k.clone());
+                }
+                keep
+            });
+            m.counters.dropped_before = dropped;
+            m.listed.push(key.clone());
+            Roll::Made(ended)
+        }
+
+        /// The calendar counters held in the quota itself (as an earlier layout wrote them),
+        /// each with its row as written down.
+        pub(crate) fn inline_calendar(&self) -> Vec<(QuotaKey, String)> {
+            self.meters
+                .values()
+                .flat_map(|m| &m.counters.periods)
+                .filter(|c| c.key.period != Period::Prepaid)
+                .map(|c| (c.key.clone(), serde_json::to_string(&counter_form(c)).expect("plain data")))
+                .collect()
+        }
+
+        /// The calendar counters held in the quota itself (as an earlier layout wrote them),
+        /// taken out and listed: each with its row as written down. Prepaid balances stay.
+        pub(crate) fn take_calendar(&mut self) -> Vec<(QuotaKey, String)> {
+            let mut out = Vec::new();
+            for m in self.meters.values_mut() {
+                let (calendar, prepaid): (Vec<Counter>, Vec<Counter>) =
+                    std::mem::take(&mut m.counters.periods).into_iter().partition(|c| c.key.period != Period::Prepaid);
+                m.counters.periods = prepaid;
+                for c in calendar {
+                    if !m.listed.contains(&c.key) {
+                        m.listed.push(c.key.clone());
+                    }
+                    out.push((c.key.clone(), serde_json::to_string(&counter_form(&c)).expect("plain data")));
+                }
+            }
+            out
+        }
+
+        /// The calendar periods of `meter` kept in rows of their own.
+        pub(crate) fn listed(&self, meter: &MeterId) -> &[QuotaKey] {
+            self.meters.get(meter).map_or(&[], |m| &m.listed)
+        }
+
+        /// Adds a counter read from its own row (`json`), for [`counters`](Self::counters).
+        pub(crate) fn add_counter(&mut self, key: &QuotaKey, json: &str) -> Result<(), String> {
+            let form: CounterForm = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            let c = counter_of(&key.tenant, &key.meter, form)?;
+            self.meter(&key.meter).counters.periods.push(c);
+            Ok(())
         }
     }
 }

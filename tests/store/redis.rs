@@ -287,13 +287,13 @@ async fn a_newer_layout_is_refused_and_flushed_scripts_reload() {
     assert_eq!(store.take_cells(&take(2)).await.unwrap().granted, 3);
     assert_eq!(store.take_cells(&take(3)).await.unwrap().granted, 3);
     assert_eq!(store.take_cells(&take(4)).await.unwrap().granted, 1, "10 in all, each once");
-    cli(&url, &["set", &format!("{prefix}:layout"), "2"]);
+    cli(&url, &["set", &format!("{prefix}:layout"), "3"]);
     let e = RedisStore::open(&url, &prefix, Duration::from_secs(2)).await.unwrap_err().to_string();
-    assert!(e.contains("layout 2"), "{e}");
+    assert!(e.contains("layout 3"), "{e}");
 }
 
-/// A tenant's quota row lives 35 days past its latest period's end, and at least 35 days past
-/// its last write (a call on a period long over, by the caller's clock, never makes it expire
+/// A tenant's quota row (and each calendar counter's row) lives 35 days past its latest
+/// period's end, and at least 35 days past its last write (a call on a period long over, by the caller's clock, never makes it expire
 /// under the calls in flight); a row holding a prepaid balance, or a grant, never expires.
 #[tokio::test]
 async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_money() {
@@ -304,14 +304,19 @@ async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_mon
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let old = QuotaKey::new("old".into(), "requests".into(), day, 86_400, 2 * 86_400);
     store.reserve(&Reservation::new(old, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
-    let ttl = |tenant: &str| cli(&url, &["pttl", &format!("{prefix}:1:{{{tenant}}}:quota")]).parse::<i64>().unwrap();
+    let pttl = |key: String| cli(&url, &["pttl", &key]).parse::<i64>().unwrap();
+    let ttl = |tenant: &str| pttl(format!("{prefix}:1:{{{tenant}}}:quota"));
+    let counter = |tenant: &str, start: i64| pttl(format!("{prefix}:1:{{{tenant}}}:counter:requests:day:{start}"));
     let month_ms = 35 * 86_400 * 1000;
     assert!(ttl("old") > month_ms - 60_000, "35 days from the write: {}", ttl("old"));
+    assert!(counter("old", 86_400) > month_ms - 60_000, "the counter's row too: {}", counter("old", 86_400));
     let (start, end) = day.bounds(now);
     let current = QuotaKey::new("cur".into(), "requests".into(), day, start, end);
     store.reserve(&Reservation::new(current, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
     let expected = (end + 35 * 86_400 - now) * 1000;
     assert!((expected - 60_000..=expected).contains(&ttl("cur")), "35 days past the period's end: {}", ttl("cur"));
+    let kept = counter("cur", start);
+    assert!((expected - 60_000..=expected).contains(&kept), "its counter's row as long: {kept}");
     store.grant_credits(&CreditGrant::new("cur".into(), "tokens".into(), "in_1", 5, now)).await.unwrap();
     assert_eq!(ttl("cur"), -1, "a balance is kept");
 }
@@ -420,11 +425,19 @@ async fn a_call_answered_again_writes_nothing() {
             .await
             .unwrap();
     }
-    let version = || cli(&url, &["hget", &format!("{prefix}:1:{{t}}:quota"), "v"]);
+    // A day's counter is a row of its own.
+    let row = format!("{prefix}:1:{{t}}:counter:requests:day:{start}");
+    let version = || cli(&url, &["hget", &row, "v"]);
+    assert!(!version().is_empty(), "the counter's row: {row}");
     let before = version();
     let again = Reservation::new(key.clone(), 3, 0, Some(100), ReserveToken::new(3, 1).at(now));
     assert_eq!(store.reserve(&again).await.unwrap().granted, 3, "answered again");
     assert_eq!(version(), before, "nothing written");
+}
+
+/// A free port of this machine, as the system hands one out.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A Redis server of the test's own, on `dir`'s files, `appendfsync` as given: killed with
@@ -457,6 +470,13 @@ impl OwnServer {
         panic!("the test's own redis-server did not answer");
     }
 
+    /// A server on a free port, `appendfsync everysec`, its files in a directory of its own.
+    async fn everysec() -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Self::start(dir.path(), "everysec", free_port()).await;
+        (server, dir)
+    }
+
     /// Killed with SIGKILL: no shutdown, nothing written on the way out.
     fn kill(mut self) {
         self.child.kill().unwrap();
@@ -481,7 +501,7 @@ async fn a_server_killed_with_appendfsync_always_keeps_what_it_acknowledged() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let server = OwnServer::start(dir.path(), "always", port).await;
     let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
     let now = 1_773_446_400_000_000_000;
@@ -532,7 +552,7 @@ async fn a_server_killed_with_appendfsync_everysec_keeps_what_it_wrote_to_its_fi
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let server = OwnServer::start(dir.path(), "everysec", port).await;
     let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
     let now = 1_773_446_400_i64;
@@ -599,9 +619,7 @@ async fn store_calls_per_thousand_requests_on_redis() {
     if common::redis::url().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let (server, _dir) = OwnServer::everysec().await;
     let fleet = Arc::new(RedisStore::open(&server.url, "calls", Duration::from_secs(5)).await.unwrap());
     let stores = NodeStore::Beside { rest: Arc::new(tollgate::store::MemoryStore::new()), fleet };
     for (per_second, burst) in [(2u64, 2u64), (100, 20), (5_000, 100)] {
@@ -678,9 +696,7 @@ async fn a_paused_server_follows_the_policy_and_the_limit_is_exact_after() {
     if common::redis::url().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let (server, _dir) = OwnServer::everysec().await;
     let redis = Arc::new(RedisStore::open(&server.url, "paused", Duration::from_secs(5)).await.unwrap());
     let toml = r#"
         [usage]
@@ -770,4 +786,202 @@ async fn many_tenants_give_their_leases_back_at_shutdown() {
     let stores = NodeStore::Beside { rest, fleet: fleet.clone() };
     let tenants = common::scale(2_000, 10_000);
     common::tenants_give_their_leases_back_on(&stores, fleet, tenants, "shutdown_timeout = \"60s\"", &|| 0).await;
+}
+
+/// Issue 85 item 2, a hot tenant's row at midnight: on a server of the test's own, 1, 8 and 32
+/// engines (each its own connection) roll one tenant's hard daily quota together, 16 requests
+/// at once each, three midnights in a row: every request is served (none 503: a lost race is
+/// not a store down, and a row's races are a queue, not a lottery), and another tenant is
+/// served after each (no breaker opened by the busy one's calls). `store_timeout` 2 s: the 32
+/// engines share this machine's two cores, which a fleet's nodes do not. The commands the
+/// server answered, and each store's count of its quota calls, are printed for
+/// docs/performance.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn engines_rolling_a_daily_quota_at_midnight_are_never_answered_503() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let (server, _dir) = OwnServer::everysec().await;
+    let toml = "[plans.p]\nquotas.requests = { limit = 100000000, period = \"day\", mode = \"hard\" }\n\
+                [tenants.hot]\nplan = \"p\"\nkeys = [\"key-hot\"]\n\
+                [tenants.calm]\nplan = \"p\"\nkeys = [\"key-calm\"]\n\
+                [usage]\nstore_timeout = \"2s\"\n";
+    let midnight = common::NOON + 12 * 3_600;
+    for engines in [1usize, 8, 32] {
+        let prefix = format!("midnight{engines}");
+        let rest: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+        let mut nodes = Vec::new();
+        let mut stores = Vec::new();
+        for _ in 0..engines {
+            let fleet = Arc::new(RedisStore::open(&server.url, &prefix, Duration::from_secs(5)).await.unwrap());
+            stores.push(fleet.clone());
+            let (clock, handle) = tollgate::clock::Clock::fake_at_unix(midnight - 2);
+            nodes.push(common::node_on(toml, &NodeStore::Beside { rest: rest.clone(), fleet }, clock, handle));
+        }
+        let send = |h: &common::Harness, key: &'static str| {
+            let tollgate = h.tollgate.clone();
+            async move {
+                let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+                let ticket = match tollgate.admit(&info) {
+                    Admission::Admitted(t) => t,
+                    Admission::Pending(p) => match tollgate.resolve(p).await {
+                        Ok(t) => t,
+                        Err(r) => return Err(r.kind()),
+                    },
+                    Admission::Rejected(r) => return Err(r.kind()),
+                };
+                assert!(ticket.complete(200));
+                Ok(())
+            }
+        };
+        // Each engine knows both tenants before the first midnight.
+        for h in &nodes {
+            send(h, "key-hot").await.unwrap();
+            send(h, "key-calm").await.unwrap();
+        }
+        let before = commands(&server.url);
+        let (mut served, mut refused) = (0u64, Vec::new());
+        for day in 0..3i64 {
+            for h in &nodes {
+                h.clock.advance(Duration::from_secs(if day == 0 { 3 } else { 86_400 }));
+            }
+            let mut burst = tokio::task::JoinSet::new();
+            for h in &nodes {
+                for _ in 0..16 {
+                    burst.spawn(send(h, "key-hot"));
+                }
+            }
+            for outcome in burst.join_all().await {
+                match outcome {
+                    Ok(()) => served += 1,
+                    Err(kind) => refused.push(kind),
+                }
+            }
+            for h in &nodes {
+                send(h, "key-calm").await.expect("another tenant is served after the busy one's midnight");
+            }
+        }
+        let after = commands(&server.url);
+        let delta = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+        let calls = stores
+            .iter()
+            .map(|s| s.quota_calls())
+            .fold((0, 0, 0), |(c, r, t), q| (c + q.calls, r + q.retries(), t + q.round_trips));
+        eprintln!(
+            "redis midnight, {engines} engines: {served} served, refused {refused:?}; \
+             {} HGETALL, {} EVALSHA for {} requests; {} quota calls, {:.2} retries and {:.2} round trips a call",
+            delta("hgetall"),
+            delta("evalsha"),
+            engines * 16 * 3,
+            calls.0,
+            calls.1 as f64 / calls.0.max(1) as f64,
+            calls.2 as f64 / calls.0.max(1) as f64,
+        );
+        assert!(
+            !refused.contains(&tollgate::RejectionKind::StoreUnavailable),
+            "{engines} engines: no 503 on a healthy store: {refused:?}"
+        );
+        assert_eq!(served, (engines * 16 * 3) as u64, "{engines} engines: every request is served: {refused:?}");
+        for h in nodes {
+            h.tollgate.shutdown().await.unwrap();
+        }
+        drop(stores);
+    }
+}
+
+/// Issue 85 item 2: a tenant's meters and periods are rows of their own, and never race each
+/// other. Eight nodes (each its own connection) call one tenant at once, each on another of its
+/// counters (two meters, days and months): once each period is made, no write is ever sent
+/// again (no race lost), and each call is one read and one write. A node's own calls on one
+/// row take turns, and lose no race to each other either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_meters_and_periods_never_race_each_other() {
+    use tollgate::store::{QuotaKey, QuotaStore, Reservation};
+    let Some((first, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = common::NOON;
+    let mut keys = Vec::new();
+    for meter in ["requests", "tokens"] {
+        for period in [
+            tollgate::config::Period::Day,
+            tollgate::config::Period::Month { anchor_day: 1 },
+            tollgate::config::Period::Month { anchor_day: 15 },
+            tollgate::config::Period::Month { anchor_day: 28 },
+        ] {
+            let (start, end) = period.bounds(now);
+            keys.push(QuotaKey::new("hot".into(), meter.into(), period, start, end));
+        }
+    }
+    // Each period made first, one at a time (making one writes the tenant's row).
+    for (i, key) in keys.iter().enumerate() {
+        let r = Reservation::new(key.clone(), 1, 0, Some(1_000_000), ReserveToken::new(100 + i as u64, 1).at(now));
+        first.reserve(&r).await.unwrap();
+    }
+    let mut nodes = Vec::new();
+    for _ in &keys {
+        nodes.push(Arc::new(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap()));
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (node, (store, key)) in nodes.iter().cloned().zip(keys.clone()).enumerate() {
+        calls.spawn(async move {
+            for seq in 1..=50 {
+                let token = ReserveToken::new(node as u64, seq).at(now);
+                let grant = store.reserve(&Reservation::new(key.clone(), 2, 0, Some(1_000_000), token)).await.unwrap();
+                assert_eq!(grant.granted, 2);
+            }
+        });
+    }
+    calls.join_all().await;
+    for (store, key) in nodes.iter().zip(&keys) {
+        let calls = store.quota_calls();
+        assert_eq!((calls.calls, calls.retries(), calls.round_trips), (50, 0, 100), "{key:?}");
+    }
+    let reserved = first.counters(&"hot".into(), &"tokens".into()).await.unwrap();
+    assert_eq!(reserved.iter().map(|c| c.reserved).collect::<Vec<_>>(), [101, 101, 101, 101]);
+    // One node's calls on one row take turns: sixteen at once lose no race to each other.
+    let node = Arc::new(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap());
+    let mut calls = tokio::task::JoinSet::new();
+    for sender in 0..16u64 {
+        let (node, key) = (node.clone(), keys[0].clone());
+        calls.spawn(async move {
+            let token = ReserveToken::new(1_000 + sender, 1).at(now);
+            node.reserve(&Reservation::new(key, 1, 0, Some(1_000_000), token)).await.unwrap().granted
+        });
+    }
+    assert_eq!(calls.join_all().await.iter().sum::<u64>(), 16);
+    assert_eq!(node.quota_calls().retries(), 0, "{:?}", node.quota_calls());
+}
+
+/// A prefix of layout 1 (a tenant's calendar counters kept in its row): a store of layout 2
+/// opens it (marking it layout 2, which the earlier tollgate refuses), reads the counters where
+/// they are, and moves each to a row of its own at its next call, losing nothing: a sender's
+/// call is answered again as before, and the units it reserved stay reserved.
+#[tokio::test]
+async fn a_tenants_row_of_layout_1_is_read_and_its_counters_move_out() {
+    use tollgate::store::{QuotaKey, QuotaStore, Reservation};
+    let Some((_, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = common::NOON;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let key = QuotaKey::new("old".into(), "requests".into(), day, start, end);
+    // As layout 1 wrote it: node 1's first call reserved 7 units of the day.
+    cli(&url, &["set", &format!("{prefix}:layout"), "1"]);
+    let state = format!(
+        r#"{{"m":{{"requests":{{"p":[{{"k":["day",{start},{end}],"r":7,"g":null,"a":[{{"n":[1,1,{now},0],"g":[7,7,10,7,false],"k":[0,0,0,0,0]}}],"f":[0,0,0],"fb":{{}}}}],"d":0,"c":null,"r":null,"g":[]}}}}}}"#
+    );
+    let tenant_row = format!("{prefix}:1:{{old}}:quota");
+    cli(&url, &["hset", &tenant_row, "v", "layout1", "state", &state]);
+    let store = RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(cli(&url, &["get", &format!("{prefix}:layout")]), "2", "marked the new layout");
+    assert_eq!(store.counters(&"old".into(), &"requests".into()).await.unwrap()[0].reserved, 7, "read in place");
+    let again = Reservation::new(key.clone(), 7, 0, Some(10), ReserveToken::new(1, 1).at(now));
+    assert_eq!(store.reserve(&again).await.unwrap().granted, 7, "answered again, not applied");
+    let counter_row = format!("{prefix}:1:{{old}}:counter:requests:day:{start}");
+    assert!(!cli(&url, &["hget", &counter_row, "state"]).is_empty(), "moved to its own row");
+    assert!(!cli(&url, &["hget", &tenant_row, "state"]).contains(r#""p":[{"#), "and out of the tenant's");
+    let next = Reservation::new(key.clone(), 5, 0, Some(10), ReserveToken::new(2, 1).at(now));
+    assert_eq!(store.reserve(&next).await.unwrap().granted, 3, "the 7 units are still reserved");
+    assert_eq!(store.counters(&"old".into(), &"requests".into()).await.unwrap()[0].reserved, 10);
 }

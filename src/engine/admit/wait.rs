@@ -118,7 +118,7 @@ impl Gate {
             // Waited past `queue_timeout` behind the tenant's own calls: refused busy where the
             // quota fails closed (the store answered: not 503); failing open, admitted as below.
             Err(e)
-                if crate::engine::store_calls::queued(&e)
+                if crate::engine::store_calls::busy(&e)
                     && state.quota_policy(spend) == StoreErrorPolicy::FailClosed =>
             {
                 drop(p);
@@ -213,7 +213,7 @@ impl Gate {
             }
             Ok(Err(())) => Decision::Rejected(self.count(Self::quota_exceeded(p, meter))),
             Err(e)
-                if crate::engine::store_calls::queued(&e)
+                if crate::engine::store_calls::busy(&e)
                     && state.quota_policy(meter) == StoreErrorPolicy::FailClosed =>
             {
                 // Refused for its turn: its rate cells go back, its key is released.
@@ -277,7 +277,7 @@ impl Gate {
                 Ok(Err(Take::Exhausted)) => return Err(self.count(Self::quota_exceeded(p, m))),
                 Ok(_) => {}
                 Err(e)
-                    if crate::engine::store_calls::queued(&e)
+                    if crate::engine::store_calls::busy(&e)
                         && state.quota_policy(m) == StoreErrorPolicy::FailClosed =>
                 {
                     drop(p);

@@ -634,9 +634,7 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
     match outcome {
         Ok(Ok(taken)) => Ok(Some(taken)),
         Ok(Err(())) => refused(state, meter, units, own, at, true),
-        Err(e)
-            if crate::engine::store_calls::queued(&e) && state.quota_policy(meter) == StoreErrorPolicy::FailClosed =>
-        {
+        Err(e) if crate::engine::store_calls::busy(&e) && state.quota_policy(meter) == StoreErrorPolicy::FailClosed => {
             let r = busy(state);
             state.plan.metrics.rejected(r.kind()).increment(1);
             Err(r)
@@ -804,7 +802,8 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
 pub(crate) fn busy(state: &Tenant) -> Rejection {
     let r = Rejection::new(
         RejectionKind::TenantBusy,
-        "the tenant's other requests on this node kept its quota's store calls busy past usage.queue_timeout",
+        "the tenant's other requests kept its quota busy (queued past usage.queue_timeout, or its rows \
+         written by other nodes until the call's deadline)",
     );
     r.with_retry_after(1).for_tenant(state)
 }

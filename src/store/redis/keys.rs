@@ -1,4 +1,6 @@
-//! The RedisStore's keys (docs/redis.md, "Keys"), layout version 1:
+//! The RedisStore's keys (docs/redis.md, "Keys"), layout version 2 (the names are layout 1's,
+//! `:1:` in each; layout 2 adds a calendar period's own row, and reads layout 1's tenants'
+//! rows as they were written, moving their calendar counters out as they are next called):
 //!
 //! - `PREFIX:layout`: the layout version of the keys under the prefix;
 //! - `PREFIX:1:{TENANT}:rate`: a tenant's shared GCRA bucket (`tat`, `senders`);
@@ -7,8 +9,12 @@
 //!   `until`, `expires`, `response`), KEY the digest the engine gives;
 //! - `PREFIX:1:{idem-bytes}:BUCKET:SHARD`: the bytes of stored responses counted per window
 //!   bucket, in shards;
-//! - `PREFIX:1:{TENANT}:quota`: a tenant's whole quota (`state`: every meter's counters with
-//!   their senders' last calls, its caps, recharges and credit grants);
+//! - `PREFIX:1:{TENANT}:quota`: a tenant's quota (`state`: every meter's prepaid balance with
+//!   its senders' last calls, its caps, recharges and credit grants, and the calendar periods
+//!   it keeps in rows of their own; in layout 1, their counters too);
+//! - `PREFIX:1:{TENANT}:counter:METER:PERIOD:START`: one calendar period's counter of a
+//!   tenant's meter (`state`, its senders' last calls), or a period dropped (`dropped`), METER
+//!   with `:` and `%` written `%3A` and `%25`;
 //! - `PREFIX:1:{PAYMENT}:payment`: a payment's (or an invoice's) refund kept until its grant
 //!   lands (`refund`), then the grant it bought (`grant`);
 //! - `PREFIX:1:{credits-due}`: a sorted set of the credit grants that expire, by expiry;
@@ -22,7 +28,11 @@
 use crate::base::TenantId;
 
 /// The version of the key layout this tollgate writes and reads.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// The layout whose names the keys keep (`PREFIX:1:…`), and the oldest one this tollgate
+/// reads (an earlier tollgate's keys are upgraded in place: see the module's doc).
+pub(crate) const NAMES_VERSION: u32 = 1;
 
 /// The keys under one prefix.
 #[derive(Debug, Clone)]
@@ -64,35 +74,47 @@ impl Keys {
     }
 
     pub(crate) fn rate(&self, tenant: &TenantId) -> String {
-        format!("{}:{LAYOUT_VERSION}:{}:rate", self.prefix, tag(tenant.as_str()))
+        format!("{}:{NAMES_VERSION}:{}:rate", self.prefix, tag(tenant.as_str()))
     }
 
     pub(crate) fn places(&self, tenant: &TenantId) -> String {
-        format!("{}:{LAYOUT_VERSION}:{}:places", self.prefix, tag(tenant.as_str()))
+        format!("{}:{NAMES_VERSION}:{}:places", self.prefix, tag(tenant.as_str()))
     }
 
     pub(crate) fn quota(&self, tenant: &TenantId) -> String {
-        format!("{}:{LAYOUT_VERSION}:{}:quota", self.prefix, tag(tenant.as_str()))
+        format!("{}:{NAMES_VERSION}:{}:quota", self.prefix, tag(tenant.as_str()))
+    }
+
+    /// The row of `key`'s counter, a calendar period's.
+    pub(crate) fn counter(&self, key: &crate::store::QuotaKey) -> String {
+        let meter = key.meter.as_str().replace('%', "%25").replace(':', "%3A");
+        format!(
+            "{}:{NAMES_VERSION}:{}:counter:{meter}:{}:{}",
+            self.prefix,
+            tag(key.tenant.as_str()),
+            key.period_tag(),
+            key.start
+        )
     }
 
     pub(crate) fn payment(&self, payment: &str) -> String {
-        format!("{}:{LAYOUT_VERSION}:{}:payment", self.prefix, tag(payment))
+        format!("{}:{NAMES_VERSION}:{}:payment", self.prefix, tag(payment))
     }
 
     pub(crate) fn credits_due(&self) -> String {
-        format!("{}:{LAYOUT_VERSION}:{{credits-due}}", self.prefix)
+        format!("{}:{NAMES_VERSION}:{{credits-due}}", self.prefix)
     }
 
     pub(crate) fn refunds_kept(&self, day: i64) -> String {
-        format!("{}:{LAYOUT_VERSION}:{{refunds-kept}}:{day}", self.prefix)
+        format!("{}:{NAMES_VERSION}:{{refunds-kept}}:{day}", self.prefix)
     }
 
     pub(crate) fn idempotency(&self, key: &str) -> String {
-        format!("{}:{LAYOUT_VERSION}:{}:idem", self.prefix, tag(key))
+        format!("{}:{NAMES_VERSION}:{}:idem", self.prefix, tag(key))
     }
 
     pub(crate) fn idempotency_bytes(&self, bucket: i64, shard: u64) -> String {
-        format!("{}:{LAYOUT_VERSION}:{{idem-bytes}}:{bucket}:{shard}", self.prefix)
+        format!("{}:{NAMES_VERSION}:{{idem-bytes}}:{bucket}:{shard}", self.prefix)
     }
 }
 
@@ -108,5 +130,13 @@ mod tests {
         // Escaped, the tag is the whole id: two ids never share it unless equal.
         assert_ne!(tag("a}"), tag("a"));
         assert_eq!(keys.idempotency_bytes(3, 7), "tg:1:{idem-bytes}:3:7");
+        let key = crate::store::QuotaKey::new(
+            "a{".into(),
+            "x:y%".into(),
+            crate::base::Period::Month { anchor_day: 15 },
+            100,
+            200,
+        );
+        assert_eq!(keys.counter(&key), "tg:1:{a%7B}:counter:x%3Ay%25:month@15:100");
     }
 }

@@ -2,7 +2,7 @@
 //! beside a durable store for the rest (docs/redis.md).
 //!
 //! The rules stay in Rust, written once beside each role's trait (the quota rules applied to a
-//! tenant's whole quota, [`TenantQuota`](super::tenant_quota), [`RateRow`](super::RateRow),
+//! tenant's quota and its calendar counters, [`TenantQuota`](super::tenant_quota), [`RateRow`](super::RateRow),
 //! [`PlaceRow`](super::PlaceRow), the idempotency rules): a call reads its row (one hash, with
 //! a version field `v`), applies them, and writes the row back with one small Lua script that
 //! compares the version and writes (a compare-and-set; EVALSHA, its text by EVAL on NOSCRIPT),
@@ -29,7 +29,8 @@ pub use keys::LAYOUT_VERSION;
 /// name and value pairs; none: the row is deleted) and no other, its version `ARGV[3]` (a
 /// token drawn by the caller: a row deleted and made again never takes a version a stale read
 /// could match), and expires `ARGV[2]` milliseconds later (0: never; -1: when it would have).
-/// 1 when written, 0 when another write came first.
+/// 1 when written; when another write came first, the row as it is now (its fields, as
+/// `HGETALL` answers): the caller tries again from it without reading it again.
 ///
 /// A row written is changed in place, never deleted and made again: while its slot moves
 /// between a cluster's masters, the first master refuses a script that writes a key it no
@@ -38,13 +39,13 @@ pub use keys::LAYOUT_VERSION;
 /// script's later writes would pass `maxmemory`).
 const CAS: &str = r"#!lua
 local v = redis.call('HGET', KEYS[1], 'v')
-if (v or '') ~= ARGV[1] then return 0 end
+if (v or '') ~= ARGV[1] then return redis.call('HGETALL', KEYS[1]) end
 if #ARGV <= 3 then
   redis.call('DEL', KEYS[1])
   return 1
 end
 local ttl = ARGV[2]
-if ttl == '-1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ttl == '-1' and redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local keep = {v = true}
 for i = 4, #ARGV, 2 do keep[ARGV[i]] = true end
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -81,6 +82,47 @@ pub struct RedisStore {
     conn: Conn,
     keys: keys::Keys,
     cas: redis::Script,
+    /// One call per row at a time on this node: a row's calls take turns on one of these,
+    /// by the row's key (a few rows share one: they take turns too), so that a node's calls
+    /// never lose races to each other, only to other nodes'.
+    turns: std::sync::Arc<[tokio::sync::Mutex<()>]>,
+    counts: std::sync::Arc<Counts>,
+}
+
+/// How many row turns a store keeps: rows hash onto them.
+const TURNS: usize = 256;
+
+/// What a store's quota calls cost since it opened ([`RedisStore::quota_calls`]).
+#[derive(Debug, Default)]
+struct Counts {
+    calls: std::sync::atomic::AtomicU64,
+    attempts: std::sync::atomic::AtomicU64,
+    round_trips: std::sync::atomic::AtomicU64,
+}
+
+/// What a [`RedisStore`]'s quota calls cost since it opened: each call reads the rows it
+/// changes and writes them under a compare-and-set of their versions; a write that another
+/// node's came before is tried again from the row as that write's answer shows it (no read
+/// again). Its figures, summed over the calls: how a hot tenant's rows are shared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisCalls {
+    /// Quota calls made (a reserve, a batch of releases of one row, a grant, a read...).
+    pub calls: u64,
+    /// Compare-and-set writes sent: one per call that changed a row, and one more per race
+    /// lost to another node.
+    pub attempts: u64,
+    /// Commands sent to the server in all (reads, writes).
+    pub round_trips: u64,
+}
+
+impl RedisCalls {
+    /// Races lost (writes sent again): `attempts` less the writes that held, at most one per
+    /// call.
+    #[must_use]
+    pub fn retries(&self) -> u64 {
+        self.attempts.saturating_sub(self.calls)
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -161,7 +203,13 @@ impl RedisStore {
     }
 
     async fn opened(conn: Conn, prefix: &str) -> Result<Self, StoreError> {
-        let store = Self { conn, keys: keys::Keys::new(prefix), cas: redis::Script::new(CAS) };
+        let store = Self {
+            conn,
+            keys: keys::Keys::new(prefix),
+            cas: redis::Script::new(CAS),
+            turns: (0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            counts: std::sync::Arc::default(),
+        };
         store.check().await?;
         Ok(store)
     }
@@ -221,6 +269,18 @@ impl RedisStore {
         let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
         match found.as_deref().map(str::parse::<u32>) {
             Some(Ok(LAYOUT_VERSION)) => {}
+            // An earlier tollgate's keys: read as they are (keys.rs), marked this layout so
+            // that the earlier tollgate refuses them from now on (it would not see the
+            // calendar counters this one moves into rows of their own).
+            Some(Ok(older)) if (keys::NAMES_VERSION..LAYOUT_VERSION).contains(&older) => {
+                let _: () = conn.set(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
+                tracing::warn!(
+                    prefix = self.keys.prefix(),
+                    from = older,
+                    to = LAYOUT_VERSION,
+                    "redis: the keys' layout is upgraded; tollgate versions before it refuse them now"
+                );
+            }
             Some(Ok(newer)) if newer > LAYOUT_VERSION => {
                 return Err(StoreError::Backend(
                     format!(
@@ -244,6 +304,37 @@ impl RedisStore {
         Ok(())
     }
 
+    /// What this store's quota calls cost since it opened (all its clones together): calls,
+    /// writes sent, commands sent. A hot tenant's calls from many nodes lose some races; each
+    /// lost race costs one write more, and no read.
+    #[must_use]
+    pub fn quota_calls(&self) -> RedisCalls {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (calls, attempts, round_trips) = (
+            self.counts.calls.load(Relaxed),
+            self.counts.attempts.load(Relaxed),
+            self.counts.round_trips.load(Relaxed),
+        );
+        RedisCalls { calls, attempts, round_trips }
+    }
+
+    /// Counts a quota call, `attempts` writes and `trips` commands.
+    pub(super) fn counted(&self, calls: u64, attempts: u64, trips: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counts.calls.fetch_add(calls, Relaxed);
+        self.counts.attempts.fetch_add(attempts, Relaxed);
+        self.counts.round_trips.fetch_add(trips, Relaxed);
+    }
+
+    /// The turn of the row at `key` on this node: held while a call reads and writes it.
+    pub(super) async fn turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let i = usize::try_from(h.finish() % TURNS as u64).unwrap_or(0);
+        self.turns[i].lock().await
+    }
+
     /// The row at `key`.
     pub(super) async fn row(&self, key: &str) -> Result<Row, StoreError> {
         let mut conn = self.conn.clone();
@@ -261,6 +352,18 @@ impl RedisStore {
         kept: Ttl,
         fields: &[(&str, &[u8])],
     ) -> Result<bool, StoreError> {
+        Ok(self.put_or_read(key, read, kept, fields).await?.is_none())
+    }
+
+    /// [`put`](Self::put): `None` when written, else the row as the write found it (another
+    /// write came first), to try again from.
+    pub(super) async fn put_or_read(
+        &self,
+        key: &str,
+        read: &str,
+        kept: Ttl,
+        fields: &[(&str, &[u8])],
+    ) -> Result<Option<Row>, StoreError> {
         let ms = match kept {
             Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
             Ttl::AsItWas => -1,
@@ -268,7 +371,7 @@ impl RedisStore {
         };
         // A fresh version each write: 64 random bits (a stale read never matches it again).
         let version = format!("{:016x}", crate::base::draw_u64());
-        let written: i64 = self
+        let answer: redis::Value = self
             .cas(key, |call| {
                 call.arg(read).arg(ms).arg(&version);
                 for (name, value) in fields {
@@ -277,7 +380,12 @@ impl RedisStore {
             })
             .await
             .map_err(|e| backend(&e))?;
-        Ok(written == 1)
+        match answer {
+            redis::Value::Int(1) => Ok(None),
+            found => redis::from_redis_value::<HashMap<String, Vec<u8>>>(found)
+                .map(|fields| Some(Row(fields)))
+                .map_err(|e| StoreError::Backend(format!("redis: a compare-and-set answered {e}").into())),
+        }
     }
 
     /// The compare-and-set on `key`, its arguments added by `args`: by its digest (`EVALSHA`),

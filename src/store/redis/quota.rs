@@ -1,7 +1,16 @@
-//! The quota role of the RedisStore: a tenant's whole quota (every meter's counters with their
-//! senders' last calls, its caps, recharges and credit grants) as one row, read, changed by the
-//! rules every store applies ([`TenantQuota`]) and written back under a compare-and-set of its
-//! version; so each call is one slot and one write, whatever it touches of the tenant.
+//! The quota role of the RedisStore: a tenant's quota in rows, each read, changed by the rules
+//! every store applies ([`TenantQuota`]) and written back under a compare-and-set of its
+//! version. A calendar period's counter (a day's, a month's) is a row of its own, so that the
+//! meters and periods of one tenant never race each other; the tenant's row keeps the rest
+//! (every prepaid balance, caps, recharges, credit grants) and the calendar periods each meter
+//! keeps, from which a new period drops those that ended before it (their rows marked
+//! dropped). A node takes one call per row at a time ([`RedisStore::turn`]); a write that
+//! another node's came before is tried again from the row its answer carries, until the call's
+//! deadline ([`until_won`]).
+//!
+//! The calendar counters an earlier layout kept in the tenant's row move to rows of their own
+//! as the next call on one of them finds it missing: written first (unless there already),
+//! then taken out of the tenant's row.
 //!
 //! A refund names a payment, and may come before its grant; a dispute names nothing else. A
 //! grant first writes a hint in its payment's rows (the payment's, and its own id's): the tenant
@@ -19,14 +28,14 @@ use redis::AsyncCommands as _;
 
 use super::{backend, kept_for, RedisStore, Row, Ttl};
 use crate::{
-    base::{MeterId, TenantId},
+    base::{MeterId, Period, TenantId},
     store::{
         contract::{REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS, RETENTION_SECS},
         quota::{kept_refund_json, kept_refund_of, newer_refund, CreditRefund},
         race::{until_won, Race, Retries, ATTEMPTS},
-        tenant_quota::TenantQuota,
-        CreditBalance, CreditClosure, CreditGrant, Grant, GrantOutcome, QuotaCounter, QuotaStore, RefundOutcome,
-        Release, Reservation, StoreError,
+        tenant_quota::{Roll, TenantQuota},
+        CapMode, CreditBalance, CreditClosure, CreditGrant, Grant, GrantOutcome, QuotaCounter, QuotaKey, QuotaStore,
+        QuotaStoreExt as _, RechargeMode, RefundOutcome, Release, Reservation, StoreError,
     },
 };
 
@@ -89,9 +98,14 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let key = &self.keys().quota(tenant);
         let apply = &apply;
-        until_won("a tenant's quota, written by other calls all along", retries, (), |(), _| {
+        self.counted(1, 0, 0);
+        let _turn = self.turn(key).await;
+        until_won("a tenant's quota, written by other calls all along", retries, None::<Row>, |found, _| {
             Box::pin(async move {
-                let found = self.row(key).await?;
+                let found = match found {
+                    Some(row) => row,
+                    None => self.read(key).await?,
+                };
                 let read = (found.text("state").unwrap_or(""), found.text("refunds").unwrap_or("[]"));
                 let mut quota = match found.exists() {
                     true => TenantQuota::from_json(tenant, read.0).map_err(unreadable)?,
@@ -112,23 +126,178 @@ impl RedisStore {
                 // (a call on a period long over must not see the row vanish under the next);
                 // a balance, a cap, a recharge or a grant: kept.
                 let ttl = match quota.periods_end() {
-                    Some(end) => Ttl::For(
-                        kept_for(now, end.saturating_add(RETENTION_SECS))
-                            .max(Duration::from_secs(RETENTION_SECS as u64)),
-                    ),
+                    Some(end) => counter_ttl(now, end),
                     None => Ttl::Never,
                 };
                 let mut fields: Vec<(&str, &[u8])> = vec![("state", state.as_bytes())];
                 if !refunds.is_empty() {
                     fields.push(("refunds", kept.as_bytes()));
                 }
-                match self.put(key, &found.version(), ttl, &fields).await? {
-                    true => Ok(Race::Won(out)),
-                    false => Ok(Race::Lost(())),
-                }
+                Ok(match self.write(key, &found.version(), ttl, &fields).await? {
+                    None => Race::Won(out),
+                    Some(now) => Race::Lost(Some(now)),
+                })
             })
         })
         .await
+    }
+
+    /// The row at `key`, counted as a quota call's read.
+    async fn read(&self, key: &str) -> Result<Row, StoreError> {
+        self.counted(0, 0, 1);
+        self.row(key).await
+    }
+
+    /// [`put_or_read`](RedisStore::put_or_read), counted as a quota call's write.
+    async fn write(
+        &self,
+        key: &str,
+        read: &str,
+        ttl: Ttl,
+        fields: &[(&str, &[u8])],
+    ) -> Result<Option<Row>, StoreError> {
+        self.counted(0, 1, 1);
+        self.put_or_read(key, read, ttl, fields).await
+    }
+
+    /// Runs `apply` on the counter of `key`, a calendar period's, in its own row (with the
+    /// tenant's cap on the meter, as its row holds it, when `with_cap`), and writes it back as
+    /// [`with_row`](Self::with_row) does. A counter not there yet is made: its period listed in
+    /// the tenant's row first ([`roll`](Self::roll)); a period dropped changes nothing.
+    async fn with_counter<T: Send>(
+        &self,
+        key: &QuotaKey,
+        now: i64,
+        retries: Retries,
+        with_cap: bool,
+        apply: impl Fn(&mut TenantQuota) -> T + Sync,
+    ) -> Result<T, StoreError> {
+        self.counted(1, 0, 0);
+        let row_key = &self.keys().counter(key);
+        let apply = &apply;
+        let cap = match with_cap {
+            true => self.read_quota(&key.tenant).await?.cap(&key.meter),
+            false => None,
+        };
+        let mut rolled = false;
+        loop {
+            // Once its period is listed, its row is taken as absent (a write that finds it made
+            // meanwhile answers it).
+            let first = rolled.then(Row::default);
+            let answer = {
+                let _turn = self.turn(row_key).await;
+                until_won("a counter, written by other nodes all along", retries, first, |found, _| {
+                    Box::pin(async move {
+                        let found = match found {
+                            Some(row) => row,
+                            None => self.read(row_key).await?,
+                        };
+                        if !found.exists() && !rolled {
+                            return Ok(Race::Won(None));
+                        }
+                        let dropped = found.text("dropped").is_some();
+                        let mut view =
+                            TenantQuota::one_counter(key, found.text("state"), cap, dropped).map_err(unreadable)?;
+                        let out = apply(&mut view);
+                        let state = match view.counter_json(key) {
+                            Some(state) if !dropped && found.text("state") != Some(state.as_str()) => state,
+                            // Dropped, or nothing changed (a call answered again): no write.
+                            _ => return Ok(Race::Won(Some(out))),
+                        };
+                        let ttl = counter_ttl(now, key.end);
+                        Ok(match self.write(row_key, &found.version(), ttl, &[("state", state.as_bytes())]).await? {
+                            None => Race::Won(Some(out)),
+                            Some(now) => Race::Lost(Some(now)),
+                        })
+                    })
+                })
+                .await?
+            };
+            if let Some(out) = answer {
+                return Ok(out);
+            }
+            if self.roll(key, now).await? == Roll::Dropped {
+                let mut view = TenantQuota::one_counter(key, None, cap, true).map_err(unreadable)?;
+                return Ok(apply(&mut view));
+            }
+            rolled = true;
+        }
+    }
+
+    /// Lists `key`'s period in the tenant's row (dropping the periods of its meter that ended
+    /// before it started, their rows marked dropped), unless listed or dropped already; the
+    /// calendar counters an earlier layout kept in the tenant's row move to rows of their own
+    /// first.
+    async fn roll(&self, key: &QuotaKey, now: i64) -> Result<Roll, StoreError> {
+        let tenant = &key.tenant;
+        // Every node of a tenant makes its new period at once: one lists it, the others find
+        // it listed in the row its lost race answers.
+        let retries = Retries::FROM_ANSWER;
+        let mut moved: Vec<QuotaKey> = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let rolled = self
+                .with_quota(tenant, now, retries, |q| {
+                    let inline = q.inline_calendar();
+                    if inline.iter().any(|(k, _)| !moved.contains(k)) {
+                        // Counters kept here by an earlier layout: each written to its own row
+                        // first (below), then taken out of this one.
+                        return Err(inline);
+                    }
+                    q.take_calendar();
+                    Ok(q.roll(key))
+                })
+                .await?;
+            match rolled {
+                Ok(rolled) => {
+                    if let Roll::Made(ended) = &rolled {
+                        for k in ended {
+                            self.mark_dropped(k).await?;
+                        }
+                    }
+                    return Ok(rolled);
+                }
+                Err(inline) => {
+                    for (k, state) in inline {
+                        // Unless there already: a counter's row, once written, is the counter
+                        // (the copy in the tenant's row is stale).
+                        let ttl = counter_ttl(now, k.end);
+                        let _ = self.write(&self.keys().counter(&k), "", ttl, &[("state", state.as_bytes())]).await?;
+                        moved.push(k);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict("a tenant's quota, its calendar counters moving out all along"))
+    }
+
+    /// Marks the row of `key`'s counter dropped (kept 35 days: later calls for it change
+    /// nothing).
+    async fn mark_dropped(&self, key: &QuotaKey) -> Result<(), StoreError> {
+        let row_key = &self.keys().counter(key);
+        self.counted(1, 0, 0);
+        until_won("a dropped counter's row", Retries::AT_ONCE, None::<Row>, |found, _| {
+            Box::pin(async move {
+                let found = match found {
+                    Some(row) => row,
+                    None => self.read(row_key).await?,
+                };
+                if found.text("dropped").is_some() {
+                    return Ok(Race::Won(()));
+                }
+                let ttl = Ttl::For(Duration::from_secs(RETENTION_SECS as u64));
+                Ok(match self.write(row_key, &found.version(), ttl, &[("dropped", b"1")]).await? {
+                    None => Race::Won(()),
+                    Some(now) => Race::Lost(Some(now)),
+                })
+            })
+        })
+        .await
+    }
+
+    /// `tenant`'s quota as stored, counted as a quota call's read.
+    async fn read_quota(&self, tenant: &TenantId) -> Result<TenantQuota, StoreError> {
+        self.counted(0, 0, 1);
+        self.quota_of(tenant).await
     }
 
     /// `tenant`'s quota as stored.
@@ -266,6 +435,13 @@ fn unreadable(e: String) -> StoreError {
     StoreError::Unusable(format!("redis: a tenant's quota does not read ({e})"))
 }
 
+/// How long a row of calendar periods ending at `end` is kept, written at `now`: 35 days past
+/// the end, and never sooner than 35 days after the write (a call on a period long over must
+/// not see the row vanish under the next).
+fn counter_ttl(now: i64, end: i64) -> Ttl {
+    Ttl::For(kept_for(now, end.saturating_add(RETENTION_SECS)).max(Duration::from_secs(RETENTION_SECS as u64)))
+}
+
 /// The refunds kept in a tenant's row, as written there.
 fn refunds_json(refunds: &[CreditRefund]) -> String {
     serde_json::Value::Array(refunds.iter().map(|r| serde_json::Value::String(kept_refund_json(r))).collect())
@@ -287,28 +463,57 @@ fn kept_for_grant(refund: &CreditRefund, grant: &CreditGrant) -> bool {
 #[async_trait]
 impl QuotaStore for RedisStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        // Twice a counter's tries: every node of a busy tenant writes this one row.
-        let retries = Retries::QUICK_FIRST.attempts(2 * ATTEMPTS);
-        self.with_quota(&r.key.tenant, r.token.at, retries, |q| q.reserve(r)).await
+        // Every node of a busy tenant writes its counter: each race lost is another's call done.
+        let retries = Retries::FROM_ANSWER;
+        if r.key.period == Period::Prepaid {
+            return self.with_quota(&r.key.tenant, r.token.at, retries, |q| q.reserve(r)).await;
+        }
+        if let CapMode::Set(cap) = r.cap {
+            // Stored first in the tenant's row (the same write when sent again), then read by
+            // the reserve of the counter.
+            let meter = &r.key.meter;
+            self.with_quota(&r.key.tenant, r.token.at, Retries::BACKING_OFF, |q| q.set_cap(meter, cap)).await?;
+        }
+        let mut counted = r.clone();
+        counted.recharge = RechargeMode::Ignored;
+        let grant =
+            self.with_counter(&r.key, r.token.at, retries, r.cap != CapMode::Ignored, |q| q.reserve(&counted)).await?;
+        if r.recharge == RechargeMode::Ignored {
+            return Ok(grant);
+        }
+        // A recharge watches the meter's prepaid balance, in the tenant's row.
+        let seen = self.apply_recharge(&r.key.tenant, &r.key.meter, r.recharge.clone(), r.token.at).await?;
+        Ok(grant.with_recharge(seen))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
-        // One write per tenant for all of its releases in the batch.
-        let mut tenants: Vec<&TenantId> = releases.iter().map(|r| &r.key.tenant).collect();
-        tenants.sort();
-        tenants.dedup();
+        // One write per row for all of its releases in the batch: the tenant's (prepaid
+        // balances) or a calendar counter's.
+        let row = |r: &Release| match r.key.period {
+            Period::Prepaid => (r.key.tenant.clone(), None),
+            _ => (r.key.tenant.clone(), Some(r.key.clone())),
+        };
+        let mut rows: Vec<(TenantId, Option<QuotaKey>)> = releases.iter().map(row).collect();
+        rows.sort_by(|a, b| {
+            (&a.0, a.1.as_ref().map(|k| (k.meter.as_str(), k.period_tag(), k.start)))
+                .cmp(&(&b.0, b.1.as_ref().map(|k| (k.meter.as_str(), k.period_tag(), k.start))))
+        });
+        rows.dedup();
         let mut out: Vec<Result<(), StoreError>> = releases.iter().map(|_| Ok(())).collect();
-        for tenant in tenants {
-            let mine: Vec<usize> = (0..releases.len()).filter(|i| releases[*i].key.tenant == *tenant).collect();
+        for (tenant, counter) in rows {
+            let mine: Vec<usize> =
+                (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
             let retries = Retries::AT_ONCE.attempts(2 * ATTEMPTS);
             let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
-            let written = self
-                .with_quota(tenant, now, retries, |q| {
-                    for i in &mine {
-                        q.release(&releases[*i]);
-                    }
-                })
-                .await;
+            let released = |q: &mut TenantQuota| {
+                for i in &mine {
+                    q.release(&releases[*i]);
+                }
+            };
+            let written = match &counter {
+                None => self.with_quota(&tenant, now, retries, released).await,
+                Some(key) => self.with_counter(key, now, retries, false, released).await,
+            };
             if let Err(e) = written {
                 for i in &mine {
                     out[*i] = Err(e.duplicate());
@@ -501,7 +706,13 @@ impl QuotaStore for RedisStore {
     }
 
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
-        Ok(self.quota_of(tenant).await?.counters(tenant, meter))
+        let mut q = self.quota_of(tenant).await?;
+        for key in q.listed(meter).to_vec() {
+            if let Some(state) = self.row(&self.keys().counter(&key)).await?.text("state") {
+                q.add_counter(&key, state).map_err(unreadable)?;
+            }
+        }
+        Ok(q.counters(tenant, meter))
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
@@ -600,6 +811,16 @@ impl QuotaStore for RedisStore {
 #[async_trait]
 impl crate::store::QuotaInspect for RedisStore {
     async fn reserved(&self, key: &crate::store::QuotaKey) -> Result<u64, StoreError> {
+        if key.period != Period::Prepaid {
+            let row = self.row(&self.keys().counter(key)).await?;
+            if row.text("dropped").is_some() {
+                return Ok(0);
+            }
+            if let Some(state) = row.text("state") {
+                return Ok(TenantQuota::one_counter(key, Some(state), None, false).map_err(unreadable)?.reserved(key));
+            }
+        }
+        // A prepaid balance, or a counter an earlier layout kept in the tenant's row.
         Ok(self.quota_of(&key.tenant).await?.reserved(key))
     }
 }
