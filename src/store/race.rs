@@ -37,28 +37,30 @@ pub(crate) struct Retries {
     attempts: u32,
     /// Lost races before the first backoff (`None`: never).
     backoff_after: Option<u32>,
+    /// Under a deadline, tried until it (not `attempts`): a race lost costs little.
+    to_deadline: bool,
 }
 
 impl Retries {
     /// [`ATTEMPTS`], backing off after every lost race: a transaction, a plan change, a
     /// grant, a refund, an alert, what every node writes at once.
-    pub(crate) const BACKING_OFF: Self = Self { attempts: ATTEMPTS, backoff_after: Some(1) };
+    pub(crate) const BACKING_OFF: Self = Self { attempts: ATTEMPTS, backoff_after: Some(1), to_deadline: false };
     /// [`ATTEMPTS`], the first three again at once, then backing off: a reservation, which
     /// a request may wait on (a counter created under it, a few nodes refilling together, are
     /// settled by the next read).
     #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
-    pub(crate) const QUICK_FIRST: Self = Self { attempts: ATTEMPTS, backoff_after: Some(4) };
-    /// Four times [`ATTEMPTS`], never backing off: a write whose lost race answers the row as
-    /// the winner left it (Redis), so the next attempt starts from the latest state without
-    /// reading it again, and each race lost is another node's call done (a queue, not a
-    /// lottery: a row that 32 nodes write at once serves them all in 32 attempts, one round
-    /// trip each).
+    pub(crate) const QUICK_FIRST: Self = Self { attempts: ATTEMPTS, backoff_after: Some(4), to_deadline: false };
+    /// Four times [`ATTEMPTS`] (under a deadline, until it), never backing off: a write whose
+    /// lost race answers the row as the winner left it (Redis), so the next attempt starts
+    /// from the latest state without reading it again, and each race lost is another node's
+    /// call done (a queue, not a lottery: of 32 nodes writing a row at once, each is served
+    /// within 32 attempts of one round trip, about 16 on average).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) const FROM_ANSWER: Self = Self { attempts: 4 * ATTEMPTS, backoff_after: None };
+    pub(crate) const FROM_ANSWER: Self = Self { attempts: 4 * ATTEMPTS, backoff_after: None, to_deadline: true };
     /// [`ATTEMPTS`], never backing off: a release, whose next attempt asks for no more than
     /// the last one saw (it only shrinks).
     #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
-    pub(crate) const AT_ONCE: Self = Self { attempts: ATTEMPTS, backoff_after: None };
+    pub(crate) const AT_ONCE: Self = Self { attempts: ATTEMPTS, backoff_after: None, to_deadline: false };
 
     /// The same, with `attempts` attempts (an item every node of a busy tenant writes gets
     /// more).
@@ -89,9 +91,10 @@ const ATTEMPTS_UNDER_DEADLINE: u32 = 16 * ATTEMPTS;
 /// past its attempts, `Conflict(what)`.
 ///
 /// A call made under a deadline (a [`Limited`](super::limited) store's: the request's
-/// `usage.store_timeout`, a background call's limit) is bounded by it instead: it tries again
-/// while another attempt (as long as the last took, twice over, after its backoff) ends before
-/// the deadline, and answers `Conflict(what)` then, before the deadline cuts it. A row other
+/// `usage.store_timeout`, a background call's limit) tries again only while another attempt
+/// (as long as the last took, twice over, after its backoff) ends before the deadline, and
+/// answers `Conflict(what)` then, before the deadline cuts it; a verb whose races cost little
+/// ([`Retries::FROM_ANSWER`]) is bounded by the deadline alone, not its count. A row other
 /// nodes win every time is a busy tenant, answered by the store; a timeout would say the store
 /// is down (and feed the breaker that fails every tenant fast).
 pub(crate) async fn until_won<'a, S, T>(
@@ -102,8 +105,8 @@ pub(crate) async fn until_won<'a, S, T>(
 ) -> Result<T, StoreError> {
     let deadline = call_deadline();
     let most = match deadline {
-        Some(_) => retries.attempts.max(ATTEMPTS_UNDER_DEADLINE),
-        None => retries.attempts,
+        Some(_) if retries.to_deadline => retries.attempts.max(ATTEMPTS_UNDER_DEADLINE),
+        _ => retries.attempts,
     };
     let mut state = from;
     for n in 0..most {
@@ -161,15 +164,20 @@ mod tests {
         let tried = std::sync::atomic::AtomicU32::new(0);
         let start = Instant::now();
         let deadline = start + Duration::from_millis(250);
-        // Never backing off: 24 attempts of 10 ms fit in 250 ms, far more than the verb's 12.
-        let e = crate::store::limited::as_call_ending(deadline, losing(Retries::AT_ONCE, &tried)).await;
+        // Bounded by the deadline alone: 24 attempts of 10 ms fit in 250 ms, past a count of 12.
+        let e =
+            crate::store::limited::as_call_ending(deadline, losing(Retries::FROM_ANSWER.attempts(12), &tried)).await;
         assert!(matches!(e, Err(StoreError::Conflict(_))), "{e:?}");
         let n = tried.load(std::sync::atomic::Ordering::Relaxed);
         assert!((20..=24).contains(&n), "{n} attempts");
         assert!(Instant::now() < deadline, "answered before the deadline: {:?}", Instant::now() - start);
-        // Without a deadline: the verb's count.
+        // Without a deadline: the verb's count; another verb keeps its count under one too.
         let tried = std::sync::atomic::AtomicU32::new(0);
-        assert!(losing(Retries::AT_ONCE, &tried).await.is_err());
+        assert!(losing(Retries::FROM_ANSWER.attempts(12), &tried).await.is_err());
+        assert_eq!(tried.load(std::sync::atomic::Ordering::Relaxed), 12);
+        let tried = std::sync::atomic::AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(crate::store::limited::as_call_ending(deadline, losing(Retries::AT_ONCE, &tried)).await.is_err());
         assert_eq!(tried.load(std::sync::atomic::Ordering::Relaxed), ATTEMPTS);
         // Backing off: no pause runs past the deadline either.
         let tried = std::sync::atomic::AtomicU32::new(0);

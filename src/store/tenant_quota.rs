@@ -822,6 +822,16 @@ mod stored {
             Roll::Made(ended)
         }
 
+        /// The listed periods of `key`'s meter that [`roll`](Self::roll) would drop as it lists
+        /// `key` (none when `key` is dropped or listed already).
+        pub(crate) fn ending(&self, key: &QuotaKey) -> Vec<QuotaKey> {
+            let Some(m) = self.meters.get(&key.meter) else { return Vec::new() };
+            if key.end <= m.counters.dropped_before || m.listed.contains(key) {
+                return Vec::new();
+            }
+            m.listed.iter().filter(|k| k.end < key.start).cloned().collect()
+        }
+
         /// The calendar counters held in the quota itself (as an earlier layout wrote them),
         /// each with its row as written down.
         pub(crate) fn inline_calendar(&self) -> Vec<(QuotaKey, String)> {

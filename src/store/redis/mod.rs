@@ -82,21 +82,58 @@ pub struct RedisStore {
     conn: Conn,
     keys: keys::Keys,
     cas: redis::Script,
-    /// One call per row at a time on this node: a row's calls take turns on one of these,
-    /// by the row's key (a few rows share one: they take turns too), so that a node's calls
-    /// never lose races to each other, only to other nodes'.
-    turns: std::sync::Arc<[tokio::sync::Mutex<()>]>,
+    /// One quota call per row at a time on this node ([`RedisStore::turn`]).
+    turns: std::sync::Arc<Turns>,
     counts: std::sync::Arc<Counts>,
 }
 
-/// How many row turns a store keeps: rows hash onto them.
-const TURNS: usize = 256;
+/// The rows this node's quota calls are on, each with its turn: a call on a row waits for the
+/// one ahead of it, and starts from the row as that one left it (read or written; no read of
+/// its own unless the row was never seen here). An entry lives while a call holds or waits for
+/// its row: at most one per call in flight.
+#[derive(Debug, Default)]
+pub(super) struct Turns(std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<Option<Row>>>>>);
+
+/// A row's turn, held: the row as the last call left it, to start from (`None`: read it).
+pub(super) struct Turn {
+    turns: std::sync::Arc<Turns>,
+    key: String,
+    /// Dropped first, then the entry, if no other call holds or waits for it.
+    guard: Option<tokio::sync::OwnedMutexGuard<Option<Row>>>,
+    entry: std::sync::Arc<tokio::sync::Mutex<Option<Row>>>,
+}
+
+impl Turn {
+    /// The row as the call before left it, taken (`None`: to be read).
+    pub(super) fn take(&mut self) -> Option<Row> {
+        self.guard.as_mut().and_then(|g| g.take())
+    }
+
+    /// Leaves `row` (as this call wrote it, or as a lost race answered it) to the next call.
+    pub(super) fn leave(&mut self, row: Row) {
+        if let Some(g) = self.guard.as_mut() {
+            **g = Some(row);
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut rows = self.turns.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map's and this one's: no other call holds or waits for the row.
+        if std::sync::Arc::strong_count(&self.entry) == 2 {
+            rows.remove(&self.key);
+        }
+    }
+}
 
 /// What a store's quota calls cost since it opened ([`RedisStore::quota_calls`]).
 #[derive(Debug, Default)]
 struct Counts {
     calls: std::sync::atomic::AtomicU64,
     attempts: std::sync::atomic::AtomicU64,
+    lost: std::sync::atomic::AtomicU64,
     round_trips: std::sync::atomic::AtomicU64,
 }
 
@@ -112,16 +149,18 @@ pub struct RedisCalls {
     /// Compare-and-set writes sent: one per call that changed a row, and one more per race
     /// lost to another node.
     pub attempts: u64,
+    /// Races lost: writes another node's came before (each tried again from the row it
+    /// answered).
+    pub lost: u64,
     /// Commands sent to the server in all (reads, writes).
     pub round_trips: u64,
 }
 
 impl RedisCalls {
-    /// Races lost (writes sent again): `attempts` less the writes that held, at most one per
-    /// call.
+    /// Races lost (writes sent again), as [`lost`](Self::lost).
     #[must_use]
     pub fn retries(&self) -> u64 {
-        self.attempts.saturating_sub(self.calls)
+        self.lost
     }
 }
 
@@ -138,7 +177,7 @@ fn backend(e: &redis::RedisError) -> StoreError {
 }
 
 /// One row read: its fields (`v`, the version, among them).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Row(HashMap<String, Vec<u8>>);
 
 impl Row {
@@ -207,7 +246,7 @@ impl RedisStore {
             conn,
             keys: keys::Keys::new(prefix),
             cas: redis::Script::new(CAS),
-            turns: (0..TURNS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
         };
         store.check().await?;
@@ -310,12 +349,18 @@ impl RedisStore {
     #[must_use]
     pub fn quota_calls(&self) -> RedisCalls {
         use std::sync::atomic::Ordering::Relaxed;
-        let (calls, attempts, round_trips) = (
+        let (calls, attempts, lost, round_trips) = (
             self.counts.calls.load(Relaxed),
             self.counts.attempts.load(Relaxed),
+            self.counts.lost.load(Relaxed),
             self.counts.round_trips.load(Relaxed),
         );
-        RedisCalls { calls, attempts, round_trips }
+        RedisCalls { calls, attempts, lost, round_trips }
+    }
+
+    /// Counts a race a quota call lost.
+    pub(super) fn lost_race(&self) {
+        self.counts.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts a quota call, `attempts` writes and `trips` commands.
@@ -326,13 +371,28 @@ impl RedisStore {
         self.counts.round_trips.fetch_add(trips, Relaxed);
     }
 
-    /// The turn of the row at `key` on this node: held while a call reads and writes it.
-    pub(super) async fn turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let i = usize::try_from(h.finish() % TURNS as u64).unwrap_or(0);
-        self.turns[i].lock().await
+    /// The turn of the row at `key` on this node, held while an attempt of a quota call reads
+    /// and writes it (never across a backoff): a node's calls on one row never race each
+    /// other. The wait is bounded by the call's deadline, less a millisecond: past it, a
+    /// conflict (the tenant busy on this node), never a timeout that would feed the breaker.
+    pub(super) async fn turn(&self, key: &str) -> Result<Turn, StoreError> {
+        let entry = {
+            let mut rows = self.turns.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            rows.entry(key.to_owned()).or_default().clone()
+        };
+        let mut turn = Turn { turns: self.turns.clone(), key: key.to_owned(), guard: None, entry };
+        let locked = turn.entry.clone().lock_owned();
+        let guard = match super::limited::call_deadline() {
+            Some(deadline) => {
+                let until = deadline.checked_sub(Duration::from_millis(1)).unwrap_or(deadline);
+                tokio::time::timeout_at(until, locked)
+                    .await
+                    .map_err(|_| StoreError::Conflict("a row's turn on this node, past the call's deadline"))?
+            }
+            None => locked.await,
+        };
+        turn.guard = Some(guard);
+        Ok(turn)
     }
 
     /// The row at `key`.
@@ -364,6 +424,18 @@ impl RedisStore {
         kept: Ttl,
         fields: &[(&str, &[u8])],
     ) -> Result<Option<Row>, StoreError> {
+        Ok(self.put_or_answer(key, read, kept, fields).await?.err())
+    }
+
+    /// [`put_or_read`](Self::put_or_read): `Ok(row)` when written (the row as written, its new
+    /// version), `Err(row)` the row as the write found it.
+    pub(super) async fn put_or_answer(
+        &self,
+        key: &str,
+        read: &str,
+        kept: Ttl,
+        fields: &[(&str, &[u8])],
+    ) -> Result<Result<Row, Row>, StoreError> {
         let ms = match kept {
             Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
             Ttl::AsItWas => -1,
@@ -381,9 +453,16 @@ impl RedisStore {
             .await
             .map_err(|e| backend(&e))?;
         match answer {
-            redis::Value::Int(1) => Ok(None),
+            redis::Value::Int(1) => {
+                let mut written: HashMap<String, Vec<u8>> =
+                    fields.iter().map(|(name, value)| ((*name).to_owned(), value.to_vec())).collect();
+                if !written.is_empty() {
+                    written.insert("v".to_owned(), version.into_bytes());
+                }
+                Ok(Ok(Row(written)))
+            }
             found => redis::from_redis_value::<HashMap<String, Vec<u8>>>(found)
-                .map(|fields| Some(Row(fields)))
+                .map(|fields| Err(Row(fields)))
                 .map_err(|e| StoreError::Backend(format!("redis: a compare-and-set answered {e}").into())),
         }
     }

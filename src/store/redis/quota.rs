@@ -97,46 +97,94 @@ impl RedisStore {
         apply: impl Fn(&mut TenantQuota, &mut Vec<CreditRefund>) -> T + Sync,
     ) -> Result<T, StoreError> {
         let key = &self.keys().quota(tenant);
-        let apply = &apply;
         self.counted(1, 0, 0);
-        let _turn = self.turn(key).await;
-        until_won("a tenant's quota, written by other calls all along", retries, None::<Row>, |found, _| {
+        self.on_row(key, "a tenant's quota, written by other calls all along", retries, None, |found| {
+            let read = (tenant_state(found), found.text("refunds").unwrap_or("[]"));
+            let mut quota = match read.0 {
+                Some(state) => TenantQuota::from_json(tenant, state).map_err(unreadable)?,
+                // A row without its state: not one this store wrote (an earlier tollgate's, as
+                // it rewrites a row it cannot read, or another program's).
+                None if found.exists() => return Err(unreadable("no state".to_owned())),
+                None => TenantQuota::default(),
+            };
+            let mut refunds = refunds_of(read.1).map_err(unreadable)?;
+            // Kept 35 days at most: gone before anything reads them.
+            refunds.retain(|r| r.at > now.saturating_sub(REFUNDS_KEPT_SECS));
+            let out = apply(&mut quota, &mut refunds);
+            refunds.sort_by_key(|r| std::cmp::Reverse(r.at));
+            let (state, kept) = (quota.to_json(), refunds_json(&refunds));
+            let same = found.text(TENANT_STATE) == Some(state.as_str()) && kept == read.1;
+            if same || (!found.exists() && quota.is_empty() && refunds.is_empty()) {
+                // Nothing changed (a call answered again, a refund of another tenant's): no write.
+                return Ok(Step::Answer(out));
+            }
+            // Calendar periods alone: gone when their counters would be dropped, 35 days
+            // past the latest one's end, and never sooner than 35 days after this write
+            // (a call on a period long over must not see the row vanish under the next);
+            // a balance, a cap, a recharge or a grant: kept.
+            let ttl = match quota.periods_end() {
+                Some(end) => counter_ttl(now, end),
+                None => Ttl::Never,
+            };
+            let mut fields = vec![(TENANT_STATE, state.into_bytes())];
+            if !refunds.is_empty() {
+                fields.push(("refunds", kept.into_bytes()));
+            }
+            Ok(Step::Write(out, fields, ttl))
+        })
+        .await
+    }
+
+    /// One call's attempts on the row at `key`, each in the row's turn on this node: `step`
+    /// reads the row (as this node's last call on it left it, written or answered by a lost
+    /// race, else read now) and answers, or says what to write under the row's version (a
+    /// write from a row older than the server's loses, and is answered the newest). An answer
+    /// without a write is trusted only from a row read now: else the row is read again.
+    async fn on_row<T: Send>(
+        &self,
+        key: &str,
+        what: &'static str,
+        retries: Retries,
+        first: Option<Row>,
+        step: impl Fn(&Row) -> Result<Step<T>, StoreError> + Sync,
+    ) -> Result<T, StoreError> {
+        let step = &step;
+        // `None`: read the row, whatever this node knows of it.
+        until_won(what, retries, Some(first), |found: Option<Option<Row>>, _| {
             Box::pin(async move {
-                let found = match found {
-                    Some(row) => row,
-                    None => self.read(key).await?,
+                let mut turn = self.turn(key).await?;
+                // The row as the last call of this node on it left it is the newest this node
+                // knows (a race this call lost left it there too, and later calls replaced it).
+                let known = match found {
+                    Some(found) => turn.take().or(found),
+                    None => None,
                 };
-                let read = (found.text("state").unwrap_or(""), found.text("refunds").unwrap_or("[]"));
-                let mut quota = match found.exists() {
-                    true => TenantQuota::from_json(tenant, read.0).map_err(unreadable)?,
-                    false => TenantQuota::default(),
+                let (row, fresh) = match known {
+                    Some(row) => (row, false),
+                    None => (self.read(key).await?, true),
                 };
-                let mut refunds = refunds_of(read.1).map_err(unreadable)?;
-                // Kept 35 days at most: gone before anything reads them.
-                refunds.retain(|r| r.at > now.saturating_sub(REFUNDS_KEPT_SECS));
-                let out = apply(&mut quota, &mut refunds);
-                refunds.sort_by_key(|r| std::cmp::Reverse(r.at));
-                let (state, kept) = (quota.to_json(), refunds_json(&refunds));
-                if (state == read.0 && kept == read.1) || (!found.exists() && quota.is_empty() && refunds.is_empty()) {
-                    // Nothing changed (a call answered again, a refund of another tenant's): no write.
-                    return Ok(Race::Won(out));
+                match step(&row)? {
+                    Step::Answer(out) if fresh => {
+                        turn.leave(row);
+                        Ok(Race::Won(out))
+                    }
+                    Step::Answer(_) => Ok(Race::Again(None)),
+                    Step::Write(out, fields, ttl) => {
+                        let fields: Vec<(&str, &[u8])> = fields.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+                        self.counted(0, 1, 1);
+                        match self.put_or_answer(key, &row.version(), ttl, &fields).await? {
+                            Ok(written) => {
+                                turn.leave(written);
+                                Ok(Race::Won(out))
+                            }
+                            Err(now) => {
+                                self.lost_race();
+                                turn.leave(now.clone());
+                                Ok(Race::Lost(Some(Some(now))))
+                            }
+                        }
+                    }
                 }
-                // Calendar periods alone: gone when their counters would be dropped, 35 days
-                // past the latest one's end, and never sooner than 35 days after this write
-                // (a call on a period long over must not see the row vanish under the next);
-                // a balance, a cap, a recharge or a grant: kept.
-                let ttl = match quota.periods_end() {
-                    Some(end) => counter_ttl(now, end),
-                    None => Ttl::Never,
-                };
-                let mut fields: Vec<(&str, &[u8])> = vec![("state", state.as_bytes())];
-                if !refunds.is_empty() {
-                    fields.push(("refunds", kept.as_bytes()));
-                }
-                Ok(match self.write(key, &found.version(), ttl, &fields).await? {
-                    None => Race::Won(out),
-                    Some(now) => Race::Lost(Some(now)),
-                })
             })
         })
         .await
@@ -148,22 +196,11 @@ impl RedisStore {
         self.row(key).await
     }
 
-    /// [`put_or_read`](RedisStore::put_or_read), counted as a quota call's write.
-    async fn write(
-        &self,
-        key: &str,
-        read: &str,
-        ttl: Ttl,
-        fields: &[(&str, &[u8])],
-    ) -> Result<Option<Row>, StoreError> {
-        self.counted(0, 1, 1);
-        self.put_or_read(key, read, ttl, fields).await
-    }
-
     /// Runs `apply` on the counter of `key`, a calendar period's, in its own row (with the
-    /// tenant's cap on the meter, as its row holds it, when `with_cap`), and writes it back as
-    /// [`with_row`](Self::with_row) does. A counter not there yet is made: its period listed in
-    /// the tenant's row first ([`roll`](Self::roll)); a period dropped changes nothing.
+    /// tenant's cap on the meter, as its row holds it when the call starts, when `with_cap`),
+    /// and writes it back as [`with_row`](Self::with_row) does. A counter not there yet is
+    /// made: its period listed in the tenant's row first ([`roll`](Self::roll)); a period
+    /// dropped changes nothing.
     async fn with_counter<T: Send>(
         &self,
         key: &QuotaKey,
@@ -184,35 +221,24 @@ impl RedisStore {
             // Once its period is listed, its row is taken as absent (a write that finds it made
             // meanwhile answers it).
             let first = rolled.then(Row::default);
-            let answer = {
-                let _turn = self.turn(row_key).await;
-                until_won("a counter, written by other nodes all along", retries, first, |found, _| {
-                    Box::pin(async move {
-                        let found = match found {
-                            Some(row) => row,
-                            None => self.read(row_key).await?,
-                        };
-                        if !found.exists() && !rolled {
-                            return Ok(Race::Won(None));
+            let answer = self
+                .on_row(row_key, "a counter, written by other nodes all along", retries, first, |found| {
+                    if !found.exists() && !rolled {
+                        return Ok(Step::Answer(None));
+                    }
+                    let dropped = found.text("dropped").is_some();
+                    let mut view =
+                        TenantQuota::one_counter(key, found.text("state"), cap, dropped).map_err(unreadable)?;
+                    let out = apply(&mut view);
+                    Ok(match view.counter_json(key) {
+                        Some(state) if !dropped && found.text("state") != Some(state.as_str()) => {
+                            Step::Write(Some(out), vec![("state", state.into_bytes())], counter_ttl(now, key.end))
                         }
-                        let dropped = found.text("dropped").is_some();
-                        let mut view =
-                            TenantQuota::one_counter(key, found.text("state"), cap, dropped).map_err(unreadable)?;
-                        let out = apply(&mut view);
-                        let state = match view.counter_json(key) {
-                            Some(state) if !dropped && found.text("state") != Some(state.as_str()) => state,
-                            // Dropped, or nothing changed (a call answered again): no write.
-                            _ => return Ok(Race::Won(Some(out))),
-                        };
-                        let ttl = counter_ttl(now, key.end);
-                        Ok(match self.write(row_key, &found.version(), ttl, &[("state", state.as_bytes())]).await? {
-                            None => Race::Won(Some(out)),
-                            Some(now) => Race::Lost(Some(now)),
-                        })
+                        // Dropped, or nothing changed (a call answered again): no write.
+                        _ => Step::Answer(Some(out)),
                     })
                 })
-                .await?
-            };
+                .await?;
             if let Some(out) = answer {
                 return Ok(out);
             }
@@ -225,15 +251,17 @@ impl RedisStore {
     }
 
     /// Lists `key`'s period in the tenant's row (dropping the periods of its meter that ended
-    /// before it started, their rows marked dropped), unless listed or dropped already; the
-    /// calendar counters an earlier layout kept in the tenant's row move to rows of their own
-    /// first.
+    /// before it started), unless listed or dropped already. The periods it ends are marked
+    /// dropped in their rows first: a roll of `key` ends them whenever it lands, and a call on
+    /// one of them after this finds it dropped, whatever becomes of this call. The calendar
+    /// counters an earlier layout kept in the tenant's row move to rows of their own first.
     async fn roll(&self, key: &QuotaKey, now: i64) -> Result<Roll, StoreError> {
         let tenant = &key.tenant;
         // Every node of a tenant makes its new period at once: one lists it, the others find
         // it listed in the row its lost race answers.
         let retries = Retries::FROM_ANSWER;
         let mut moved: Vec<QuotaKey> = Vec::new();
+        let mut marked: Vec<QuotaKey> = Vec::new();
         for _ in 0..ATTEMPTS {
             let rolled = self
                 .with_quota(tenant, now, retries, |q| {
@@ -241,28 +269,34 @@ impl RedisStore {
                     if inline.iter().any(|(k, _)| !moved.contains(k)) {
                         // Counters kept here by an earlier layout: each written to its own row
                         // first (below), then taken out of this one.
-                        return Err(inline);
+                        return Err(Before::Move(inline));
                     }
+                    // Moved (their rows written): taken out, and listed, in this write.
                     q.take_calendar();
+                    let ending = q.ending(key);
+                    if ending.iter().any(|k| !marked.contains(k)) {
+                        return Err(Before::Drop(ending));
+                    }
                     Ok(q.roll(key))
                 })
                 .await?;
             match rolled {
-                Ok(rolled) => {
-                    if let Roll::Made(ended) = &rolled {
-                        for k in ended {
-                            self.mark_dropped(k).await?;
-                        }
-                    }
-                    return Ok(rolled);
-                }
-                Err(inline) => {
+                Ok(rolled) => return Ok(rolled),
+                Err(Before::Move(inline)) => {
                     for (k, state) in inline {
                         // Unless there already: a counter's row, once written, is the counter
                         // (the copy in the tenant's row is stale).
                         let ttl = counter_ttl(now, k.end);
-                        let _ = self.write(&self.keys().counter(&k), "", ttl, &[("state", state.as_bytes())]).await?;
+                        self.counted(0, 1, 1);
+                        let _ =
+                            self.put_or_read(&self.keys().counter(&k), "", ttl, &[("state", state.as_bytes())]).await?;
                         moved.push(k);
+                    }
+                }
+                Err(Before::Drop(ending)) => {
+                    for k in ending {
+                        self.mark_dropped(&k).await?;
+                        marked.push(k);
                     }
                 }
             }
@@ -275,20 +309,11 @@ impl RedisStore {
     async fn mark_dropped(&self, key: &QuotaKey) -> Result<(), StoreError> {
         let row_key = &self.keys().counter(key);
         self.counted(1, 0, 0);
-        until_won("a dropped counter's row", Retries::AT_ONCE, None::<Row>, |found, _| {
-            Box::pin(async move {
-                let found = match found {
-                    Some(row) => row,
-                    None => self.read(row_key).await?,
-                };
-                if found.text("dropped").is_some() {
-                    return Ok(Race::Won(()));
-                }
-                let ttl = Ttl::For(Duration::from_secs(RETENTION_SECS as u64));
-                Ok(match self.write(row_key, &found.version(), ttl, &[("dropped", b"1")]).await? {
-                    None => Race::Won(()),
-                    Some(now) => Race::Lost(Some(now)),
-                })
+        let ttl = Ttl::For(Duration::from_secs(RETENTION_SECS as u64));
+        self.on_row(row_key, "a dropped counter's row", Retries::FROM_ANSWER, None, |found| {
+            Ok(match found.text("dropped") {
+                Some(_) => Step::Answer(()),
+                None => Step::Write((), vec![("dropped", b"1".to_vec())], ttl),
             })
         })
         .await
@@ -306,7 +331,7 @@ impl RedisStore {
         if !found.exists() {
             return Ok(TenantQuota::default());
         }
-        TenantQuota::from_json(tenant, found.text("state").unwrap_or("")).map_err(unreadable)
+        TenantQuota::from_json(tenant, tenant_state(&found).unwrap_or("")).map_err(unreadable)
     }
 
     /// The refund kept in a payment's row, if any.
@@ -435,6 +460,32 @@ fn unreadable(e: String) -> StoreError {
     StoreError::Unusable(format!("redis: a tenant's quota does not read ({e})"))
 }
 
+/// What one attempt on a row comes to ([`RedisStore::on_row`]).
+enum Step<T> {
+    /// The call's answer, nothing written.
+    Answer(T),
+    /// The call's answer once these fields are written (the row's whole), kept so long.
+    Write(T, Vec<(&'static str, Vec<u8>)>, Ttl),
+}
+
+/// What a roll does before it lists its period ([`RedisStore::roll`]).
+enum Before {
+    /// Moves these counters, kept in the tenant's row by an earlier layout, to their rows.
+    Move(Vec<(QuotaKey, String)>),
+    /// Marks these periods dropped.
+    Drop(Vec<QuotaKey>),
+}
+
+/// The field of the tenant's row that holds its quota: `quota` (layout 1 wrote `state`, which
+/// is read as well; a tollgate of layout 1 cannot read a row this one wrote, and refuses it
+/// rather than write over it).
+const TENANT_STATE: &str = "quota";
+
+/// The tenant's quota as its row holds it (`None`: the row holds none).
+fn tenant_state(row: &Row) -> Option<&str> {
+    row.text(TENANT_STATE).or_else(|| row.text("state"))
+}
+
 /// How long a row of calendar periods ending at `end` is kept, written at `now`: 35 days past
 /// the end, and never sooner than 35 days after the write (a call on a period long over must
 /// not see the row vanish under the next).
@@ -481,9 +532,10 @@ impl QuotaStore for RedisStore {
         if r.recharge == RechargeMode::Ignored {
             return Ok(grant);
         }
-        // A recharge watches the meter's prepaid balance, in the tenant's row.
-        let seen = self.apply_recharge(&r.key.tenant, &r.key.meter, r.recharge.clone(), r.token.at).await?;
-        Ok(grant.with_recharge(seen))
+        // A recharge watches the meter's prepaid balance, in the tenant's row (a watch that
+        // fails is said, and the reserve answered, as on every store).
+        let seen = self.apply_recharge(&r.key.tenant, &r.key.meter, r.recharge.clone(), r.token.at).await;
+        Ok(grant.with_recharge(crate::store::quota::recharge_after(r, seen)?))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
@@ -503,7 +555,7 @@ impl QuotaStore for RedisStore {
         for (tenant, counter) in rows {
             let mine: Vec<usize> =
                 (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
-            let retries = Retries::AT_ONCE.attempts(2 * ATTEMPTS);
+            let retries = Retries::FROM_ANSWER;
             let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
             let released = |q: &mut TenantQuota| {
                 for i in &mine {
