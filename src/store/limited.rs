@@ -86,6 +86,7 @@ tokio::task_local! {
 
 /// The end of the store call running on this task, if a [`Limited`] store made it: past it
 /// the call is cut and answered a timeout.
+#[cfg(any(feature = "dynamodb", feature = "redis"))]
 pub(crate) fn call_deadline() -> Option<Instant> {
     CALL_DEADLINE.try_with(|d| *d).ok()
 }

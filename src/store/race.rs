@@ -74,12 +74,40 @@ impl Retries {
     }
 }
 
+tokio::task_local! {
+    /// How long the attempt running waited for something of the node's own (a row's turn),
+    /// which is not the attempt's cost.
+    static WAITED: std::cell::Cell<Duration>;
+}
+
+/// Adds `wait` to what the attempt running waited for on the node ([`until_won`] takes it
+/// from the attempt's time).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn waited_for(wait: Duration) {
+    let _ = WAITED.try_with(|w| w.set(w.get() + wait));
+}
+
+fn waited() -> Option<Duration> {
+    WAITED.try_with(std::cell::Cell::get).ok()
+}
+
 /// How long a call that lost a race sleeps before attempt `attempt`: exponential, with jitter.
 fn backoff(attempt: u32) -> Duration {
     let base = 10u64 << attempt.min(7);
     // From the OS, not RandomState: copies of one SnapStart snapshot back off apart.
     let jitter = crate::base::draw_u64() % base;
     Duration::from_millis(base / 2 + jitter)
+}
+
+/// The least time an attempt is given before a call's deadline: a round trip or two to a
+/// store on the same network, with room to spare. An attempt that would start later answers
+/// busy instead, before the deadline cuts it.
+pub(crate) const ATTEMPT_LEAST: Duration = Duration::from_millis(5);
+
+/// Whether an attempt of `took` (at least [`ATTEMPT_LEAST`]) after a pause of `pause` still
+/// fits before the call's deadline, if it has one.
+pub(crate) fn fits(pause: Duration, took: Duration) -> bool {
+    call_deadline().is_none_or(|d| Instant::now() + pause + took.max(ATTEMPT_LEAST) < d)
 }
 
 /// The most attempts of a call made under a deadline ([`call_deadline`]): the deadline bounds
@@ -111,7 +139,7 @@ pub(crate) async fn until_won<'a, S, T>(
     let mut state = from;
     for n in 0..most {
         let started = Instant::now();
-        let lost = match attempt(state, n).await? {
+        let lost = match WAITED.scope(std::cell::Cell::new(Duration::ZERO), attempt(state, n)).await? {
             Race::Won(answer) => return Ok(answer),
             Race::Lost(next) => {
                 state = next;
@@ -123,7 +151,9 @@ pub(crate) async fn until_won<'a, S, T>(
             }
         };
         let pause = if lost && retries.backs_off_after(n) { backoff(n) } else { Duration::ZERO };
-        let next_fits = deadline.is_none_or(|d| Instant::now() + pause + started.elapsed() * 2 < d);
+        // The attempt's own time: a wait of its own (a row's turn on the node) is not its cost.
+        let took = started.elapsed().saturating_sub(waited().unwrap_or_default());
+        let next_fits = fits(pause, took * 2);
         if n + 1 >= most || !next_fits {
             break;
         }

@@ -306,7 +306,9 @@ async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_mon
     store.reserve(&Reservation::new(old, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
     let pttl = |key: String| cli(&url, &["pttl", &key]).parse::<i64>().unwrap();
     let ttl = |tenant: &str| pttl(format!("{prefix}:1:{{{tenant}}}:quota"));
-    let counter = |tenant: &str, start: i64| pttl(format!("{prefix}:1:{{{tenant}}}:counter:requests:day:{start}"));
+    let counter = |tenant: &str, start: i64| {
+        pttl(format!("{prefix}:1:{{{tenant}}}:counter:requests:day:{start}:{}", start + 86_400))
+    };
     let month_ms = 35 * 86_400 * 1000;
     assert!(ttl("old") > month_ms - 60_000, "35 days from the write: {}", ttl("old"));
     assert!(counter("old", 86_400) > month_ms - 60_000, "the counter's row too: {}", counter("old", 86_400));
@@ -426,7 +428,7 @@ async fn a_call_answered_again_writes_nothing() {
             .unwrap();
     }
     // A day's counter is a row of its own.
-    let row = format!("{prefix}:1:{{t}}:counter:requests:day:{start}");
+    let row = format!("{prefix}:1:{{t}}:counter:requests:day:{start}:{end}");
     let version = || cli(&url, &["hget", &row, "v"]);
     assert!(!version().is_empty(), "the counter's row: {row}");
     let before = version();
@@ -983,7 +985,7 @@ async fn a_tenants_row_of_layout_1_is_read_and_its_counters_move_out() {
     assert_eq!(store.counters(&"old".into(), &"requests".into()).await.unwrap()[0].reserved, 7, "read in place");
     let again = Reservation::new(key.clone(), 7, 0, Some(10), ReserveToken::new(1, 1).at(now));
     assert_eq!(store.reserve(&again).await.unwrap().granted, 7, "answered again, not applied");
-    let counter_row = format!("{prefix}:1:{{old}}:counter:requests:day:{start}");
+    let counter_row = format!("{prefix}:1:{{old}}:counter:requests:day:{start}:{end}");
     assert!(!cli(&url, &["hget", &counter_row, "state"]).is_empty(), "moved to its own row");
     let quota = cli(&url, &["hget", &tenant_row, "quota"]);
     assert!(quota.contains(r#""l":[["day","#) && !quota.contains(r#""p":[{"#), "and out of the tenant's: {quota}");

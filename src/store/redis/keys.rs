@@ -12,7 +12,7 @@
 //! - `PREFIX:1:{TENANT}:quota`: a tenant's quota (`state`: every meter's prepaid balance with
 //!   its senders' last calls, its caps, recharges and credit grants, and the calendar periods
 //!   it keeps in rows of their own; in layout 1, their counters too);
-//! - `PREFIX:1:{TENANT}:counter:METER:PERIOD:START`: one calendar period's counter of a
+//! - `PREFIX:1:{TENANT}:counter:METER:PERIOD:START:END`: one calendar period's counter of a
 //!   tenant's meter (`state`, its senders' last calls), or a period dropped (`dropped`), METER
 //!   with `:` and `%` written `%3A` and `%25`;
 //! - `PREFIX:1:{PAYMENT}:payment`: a payment's (or an invoice's) refund kept until its grant
@@ -89,11 +89,12 @@ impl Keys {
     pub(crate) fn counter(&self, key: &crate::store::QuotaKey) -> String {
         let meter = key.meter.as_str().replace('%', "%25").replace(':', "%3A");
         format!(
-            "{}:{NAMES_VERSION}:{}:counter:{meter}:{}:{}",
+            "{}:{NAMES_VERSION}:{}:counter:{meter}:{}:{}:{}",
             self.prefix,
             tag(key.tenant.as_str()),
             key.period_tag(),
-            key.start
+            key.start,
+            key.end
         )
     }
 
@@ -137,6 +138,6 @@ mod tests {
             100,
             200,
         );
-        assert_eq!(keys.counter(&key), "tg:1:{a%7B}:counter:x%3Ay%25:month@15:100");
+        assert_eq!(keys.counter(&key), "tg:1:{a%7B}:counter:x%3Ay%25:month@15:100:200");
     }
 }

@@ -373,8 +373,10 @@ impl RedisStore {
 
     /// The turn of the row at `key` on this node, held while an attempt of a quota call reads
     /// and writes it (never across a backoff): a node's calls on one row never race each
-    /// other. The wait is bounded by the call's deadline, less a millisecond: past it, a
-    /// conflict (the tenant busy on this node), never a timeout that would feed the breaker.
+    /// other. The wait is bounded by the call's deadline, less the time an attempt needs
+    /// ([`ATTEMPT_LEAST`](super::race::ATTEMPT_LEAST)): a turn that comes too late to make the
+    /// attempt is a conflict (the tenant busy on this node), never a timeout that would feed
+    /// the breaker. The wait is not counted as the attempt's time.
     pub(super) async fn turn(&self, key: &str) -> Result<Turn, StoreError> {
         let entry = {
             let mut rows = self.turns.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -382,14 +384,21 @@ impl RedisStore {
         };
         let mut turn = Turn { turns: self.turns.clone(), key: key.to_owned(), guard: None, entry };
         let locked = turn.entry.clone().lock_owned();
+        let busy = StoreError::Conflict("a row's turn on this node, too late for the call's deadline");
+        let started = tokio::time::Instant::now();
         let guard = match super::limited::call_deadline() {
             Some(deadline) => {
-                let until = deadline.checked_sub(Duration::from_millis(1)).unwrap_or(deadline);
-                tokio::time::timeout_at(until, locked)
-                    .await
-                    .map_err(|_| StoreError::Conflict("a row's turn on this node, past the call's deadline"))?
+                let least = super::race::ATTEMPT_LEAST;
+                let until = deadline.checked_sub(least).unwrap_or(deadline);
+                let guard = tokio::time::timeout_at(until, locked).await.map_err(|_| busy)?;
+                super::race::waited_for(started.elapsed());
+                guard
             }
-            None => locked.await,
+            None => {
+                let guard = locked.await;
+                super::race::waited_for(started.elapsed());
+                guard
+            }
         };
         turn.guard = Some(guard);
         Ok(turn)

@@ -260,13 +260,18 @@ impl RedisStore {
         // Every node of a tenant makes its new period at once: one lists it, the others find
         // it listed in the row its lost race answers.
         let retries = Retries::FROM_ANSWER;
-        let mut moved: Vec<QuotaKey> = Vec::new();
+        let mut moved: Vec<(QuotaKey, String)> = Vec::new();
         let mut marked: Vec<QuotaKey> = Vec::new();
         for _ in 0..ATTEMPTS {
             let rolled = self
                 .with_quota(tenant, now, retries, |q| {
                     let inline = q.inline_calendar();
-                    if inline.iter().any(|(k, _)| !moved.contains(k)) {
+                    if inline.iter().any(|(k, state)| moved.iter().any(|(m, was)| m == k && was != state)) {
+                        // Changed in the tenant's row since it was moved: a tollgate of layout 1
+                        // still counts there. Refused, not taken out (its units would be lost).
+                        return Err(Before::Mixed);
+                    }
+                    if inline.iter().any(|(k, _)| !moved.iter().any(|(m, _)| m == k)) {
                         // Counters kept here by an earlier layout: each written to its own row
                         // first (below), then taken out of this one.
                         return Err(Before::Move(inline));
@@ -290,8 +295,13 @@ impl RedisStore {
                         self.counted(0, 1, 1);
                         let _ =
                             self.put_or_read(&self.keys().counter(&k), "", ttl, &[("state", state.as_bytes())]).await?;
-                        moved.push(k);
+                        moved.push((k, state));
                     }
+                }
+                Err(Before::Mixed) => {
+                    return Err(StoreError::Conflict(
+                        "a tenant's calendar counters, still written in its row by a tollgate of layout 1",
+                    ))
                 }
                 Err(Before::Drop(ending)) => {
                     for k in ending {
@@ -460,6 +470,9 @@ fn unreadable(e: String) -> StoreError {
     StoreError::Unusable(format!("redis: a tenant's quota does not read ({e})"))
 }
 
+/// The rows a batch of releases writes at once.
+const RELEASE_ROWS_AT_ONCE: usize = 8;
+
 /// What one attempt on a row comes to ([`RedisStore::on_row`]).
 enum Step<T> {
     /// The call's answer, nothing written.
@@ -474,6 +487,8 @@ enum Before {
     Move(Vec<(QuotaKey, String)>),
     /// Marks these periods dropped.
     Drop(Vec<QuotaKey>),
+    /// Refuses: a counter moved changed in the tenant's row since (an earlier tollgate).
+    Mixed,
 }
 
 /// The field of the tenant's row that holds its quota: `quota` (layout 1 wrote `state`, which
@@ -539,33 +554,44 @@ impl QuotaStore for RedisStore {
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        use futures_util::StreamExt as _;
         // One write per row for all of its releases in the batch: the tenant's (prepaid
-        // balances) or a calendar counter's.
+        // balances) or a calendar counter's; a few rows at once (they do not depend on each
+        // other, and a node's calls on one row take turns).
         let row = |r: &Release| match r.key.period {
             Period::Prepaid => (r.key.tenant.clone(), None),
             _ => (r.key.tenant.clone(), Some(r.key.clone())),
         };
-        let mut rows: Vec<(TenantId, Option<QuotaKey>)> = releases.iter().map(row).collect();
-        rows.sort_by(|a, b| {
-            (&a.0, a.1.as_ref().map(|k| (k.meter.as_str(), k.period_tag(), k.start)))
-                .cmp(&(&b.0, b.1.as_ref().map(|k| (k.meter.as_str(), k.period_tag(), k.start))))
-        });
-        rows.dedup();
+        let mut rows: Vec<(TenantId, Option<QuotaKey>)> = Vec::new();
+        for r in releases {
+            let r = row(r);
+            if !rows.contains(&r) {
+                rows.push(r);
+            }
+        }
+        let row = &row;
+        let written: Vec<(Vec<usize>, Result<(), StoreError>)> =
+            futures_util::stream::iter(rows.into_iter().map(|(tenant, counter)| async move {
+                let mine: Vec<usize> =
+                    (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
+                let retries = Retries::FROM_ANSWER;
+                let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
+                let released = |q: &mut TenantQuota| {
+                    for i in &mine {
+                        q.release(&releases[*i]);
+                    }
+                };
+                let written = match &counter {
+                    None => self.with_quota(&tenant, now, retries, released).await,
+                    Some(key) => self.with_counter(key, now, retries, false, released).await,
+                };
+                (mine, written)
+            }))
+            .buffer_unordered(RELEASE_ROWS_AT_ONCE)
+            .collect()
+            .await;
         let mut out: Vec<Result<(), StoreError>> = releases.iter().map(|_| Ok(())).collect();
-        for (tenant, counter) in rows {
-            let mine: Vec<usize> =
-                (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
-            let retries = Retries::FROM_ANSWER;
-            let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
-            let released = |q: &mut TenantQuota| {
-                for i in &mine {
-                    q.release(&releases[*i]);
-                }
-            };
-            let written = match &counter {
-                None => self.with_quota(&tenant, now, retries, released).await,
-                Some(key) => self.with_counter(key, now, retries, false, released).await,
-            };
+        for (mine, written) in written {
             if let Err(e) = written {
                 for i in &mine {
                     out[*i] = Err(e.duplicate());
