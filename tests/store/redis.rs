@@ -272,6 +272,29 @@ async fn an_unreachable_server_or_a_wrong_password_is_a_clear_error() {
     RedisStore::open(&right, "p", Duration::from_secs(2)).await.expect("the right password opens it");
 }
 
+/// Each mistake at open names its cause (issue 86 item 4): a server that wants a password
+/// reached without one says so (not that it runs no scripts); `rediss://` to a server that
+/// speaks no TLS says TLS (not only that nothing answered); a single server opened as a cluster
+/// names the setting to change.
+#[tokio::test]
+async fn each_mistake_at_open_names_its_cause() {
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let locked = OwnServer::start_with(dir.path(), "everysec", free_port(), &["--requirepass", "letmein"]).await;
+    let e = RedisStore::open(&locked.url, "p", Duration::from_secs(2)).await.unwrap_err().to_string();
+    assert!(e.contains("password") && !e.contains("Lua"), "{e}");
+    let with = locked.url.replacen("redis://", "redis://:letmein@", 1);
+    RedisStore::open(&with, "p", Duration::from_secs(2)).await.expect("with its password it opens");
+    let plain = common::redis::url().unwrap();
+    let tls = plain.replacen("redis://", "rediss://", 1);
+    let e = RedisStore::open(&tls, "p", Duration::from_secs(2)).await.unwrap_err().to_string();
+    assert!(e.contains("TLS"), "{e}");
+    let e = RedisStore::open_cluster(&plain, "p", Duration::from_secs(2)).await.unwrap_err().to_string();
+    assert!(e.contains("not a Redis Cluster") && e.contains("cluster = true"), "{e}");
+}
+
 /// Keys of a newer layout under the prefix are refused with the version found; scripts
 /// flushed from the server (`SCRIPT FLUSH`) are loaded again and nothing doubles.
 #[tokio::test]
@@ -451,18 +474,27 @@ struct OwnServer {
 
 impl OwnServer {
     async fn start(dir: &std::path::Path, fsync: &str, port: u16) -> Self {
+        Self::start_with(dir, fsync, port, &[]).await
+    }
+
+    /// [`start`](Self::start), with more settings (`--name value` pairs).
+    async fn start_with(dir: &std::path::Path, fsync: &str, port: u16, more: &[&str]) -> Self {
         let mut child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
             .arg(dir)
             .args(["--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--maxmemory-policy", "noeviction"])
+            .args(more)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server starts (scripts/redis-server.sh installs it)");
         let url = format!("redis://127.0.0.1:{port}");
-        // Up (its files loaded) once it answers: at most 10 s.
+        // Up (its files loaded) once it answers (a password asked for is an answer): at most 10 s.
         for _ in 0..200 {
             let up = std::process::Command::new("redis-cli").args(["-u", &url, "ping"]).output();
-            if up.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG") {
+            if up.is_ok_and(|o| {
+                let said = String::from_utf8_lossy(&o.stdout);
+                said.trim() == "PONG" || said.contains("NOAUTH")
+            }) {
                 return Self { child, url };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

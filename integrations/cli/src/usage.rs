@@ -21,8 +21,8 @@ pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
             "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
             c.key.meter.as_str(),
             c.key.period_tag(),
-            time_text(c.key.start),
-            time_text(c.key.end),
+            bound_text(&c.key, c.key.start),
+            bound_text(&c.key, c.key.end),
             c.reserved,
             c.kept.lease,
             c.kept.held,
@@ -35,6 +35,15 @@ pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
         println!("`{tenant}` has no quota counters in the store");
     }
     Ok(())
+}
+
+/// A counter's bound as `quota show` prints it: a time, or `-` for a prepaid balance, which
+/// has none (its key's bounds are placeholders, in the 25th century).
+fn bound_text(key: &tollgate::store::QuotaKey, at: i64) -> String {
+    match key.period {
+        tollgate::config::Period::Prepaid => "-".to_owned(),
+        _ => time_text(at),
+    }
 }
 
 /// `usage`: the tenant's usage per meter and window, billed as the exporter bills it.

@@ -698,6 +698,10 @@ fn credits_are_granted_once_listed_and_revoked() {
     assert!(drawn.starts_with("g_"), "{out}");
     let list = ok(d, &["credits", "list", "acme"]);
     assert!(list.contains("inv_1") && list.contains(&drawn) && list.contains("2999-01-01"), "{list}");
+    // A prepaid balance has no period's bounds: `quota show` prints none, not a date in 2448.
+    let shown = ok(d, &["quota", "show", "acme"]);
+    let line = shown.lines().find(|l| l.starts_with("tokens")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(line.contains("prepaid") && !line.contains("2448") && !line.contains("2447"), "{shown}");
     assert!(list.contains("balance of `tokens`: 1250 left"), "{list}");
     let out = ok(d, &["credits", "revoke", "acme", "inv_1"]);
     assert!(out.contains("1000 units"), "{out}");

@@ -299,9 +299,16 @@ impl RedisStore {
             })
             .await
             .map_err(|e| {
-                StoreError::Backend(
-                    format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into(),
-                )
+                // A server that wants a password answers the first command so (the connection
+                // itself is made without one).
+                let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS");
+                StoreError::Backend(match auth {
+                    true => "redis: the server asks for a password (NOAUTH), and the URL gives none: \
+                             redis://USER:PASSWORD@HOST:PORT (docs/redis.md)"
+                        .into(),
+                    false => format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into(),
+                })
             })?;
         let layout = self.keys.layout();
         let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
@@ -686,15 +693,32 @@ fn unreadable(e: &redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into())
 }
 
-/// `connecting` within `timeout`.
+/// `connecting` to `url` within `timeout`. With `rediss://`, a server that does not answer the
+/// TLS handshake in time, or answers it with something else, is most often one that speaks
+/// no TLS: said so.
 async fn within<T>(
+    url: &str,
     timeout: Duration,
     connecting: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| StoreError::Backend(format!("redis: no connection within {timeout:?}").into()))?
-        .map_err(|e| backend(&e))
+    let tls = url.starts_with("rediss://");
+    let no_tls = |what: String| {
+        StoreError::Backend(
+            format!(
+                "redis: {what} over TLS (a rediss:// URL): the server may speak no TLS (redis:// for one that does \
+                 not, or its TLS port)"
+            )
+            .into(),
+        )
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Err(_) if tls => Err(no_tls(format!("no connection within {timeout:?}"))),
+        Err(_) => Err(StoreError::Backend(format!("redis: no connection within {timeout:?}").into())),
+        Ok(Err(e)) if tls && (e.is_io_error() || e.kind() == redis::ErrorKind::Io) => {
+            Err(no_tls(format!("the connection failed ({:?})", e.kind())))
+        }
+        Ok(answer) => answer.map_err(|e| backend(&e)),
+    }
 }
 
 /// A connection to the server at `url`, within `timeout`, each command bounded by it too.
@@ -704,7 +728,7 @@ async fn connect(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
-    within(timeout, ConnectionManager::new_with_config(client, config)).await.map(Conn::One)
+    within(url, timeout, ConnectionManager::new_with_config(client, config)).await.map(Conn::One)
 }
 
 /// A connection to the cluster whose node is at `url`, within `timeout`; each command sent
@@ -718,7 +742,15 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
         .build()
         .map_err(|e| unreadable(&e))?;
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| unreadable(&e))?;
-    let client = within(timeout, client.get_async_connection()).await?;
+    let client = within(url, timeout, client.get_async_connection()).await.map_err(|e| match e {
+        // A server not in cluster mode refuses `CLUSTER SLOTS`.
+        StoreError::Backend(b) if b.to_string().contains("cluster support disabled") => StoreError::Backend(
+            "redis: the server is not a Redis Cluster (it has cluster support disabled): remove `cluster = true` \
+             (RedisStore::open)"
+                .into(),
+        ),
+        e => e,
+    })?;
     Ok(Conn::Cluster(Box::new(Cluster { client, info, timeout, asked: Default::default() })))
 }
 
