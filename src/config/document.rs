@@ -365,6 +365,9 @@ impl Config {
             }
             (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.url != b.url => "url",
             (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.cluster != b.cluster => "cluster",
+            (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.accept_eviction != b.accept_eviction => {
+                "accept_eviction"
+            }
             (StoreSettings::Redis(_), StoreSettings::Redis(_)) => "prefix",
             _ => "kind",
         };
@@ -524,6 +527,7 @@ impl Validator<'_, '_> {
                     "ca_file",
                     "prefix",
                     "cluster",
+                    "accept_eviction",
                 ] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);

@@ -26,6 +26,8 @@ pub(crate) struct RawStore {
     pub(crate) prefix: Option<String>,
     /// `kind = "redis"`: whether `url` names a node of a Redis Cluster.
     pub(crate) cluster: Option<bool>,
+    /// `kind = "redis"`: the `maxmemory-policy` other than `noeviction` the store opens under.
+    pub(crate) accept_eviction: Option<String>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
     /// `[store.rate]`, `[store.places]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
@@ -85,6 +87,11 @@ pub struct RedisSettings {
     /// Whether the server is a Redis Cluster, `url` one of its nodes (`cluster`, default
     /// false): the store follows its slots (`RedisStore::open_cluster`).
     pub cluster: bool,
+    /// The `maxmemory-policy` other than `noeviction` the store opens under (`accept_eviction`,
+    /// a policy's name; by default none: a server that evicts is refused at start, the
+    /// refusal saying what it would evict). See [`RedisOptions::accept_eviction`](crate::store::RedisOptions::accept_eviction)
+    /// for what each policy evicts.
+    pub accept_eviction: Option<String>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -93,13 +100,14 @@ impl std::fmt::Debug for RedisSettings {
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("prefix", &self.prefix)
             .field("cluster", &self.cluster)
+            .field("accept_eviction", &self.accept_eviction)
             .finish()
     }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, prefix: "tollgate".to_owned(), cluster: false }
+        Self { url: None, prefix: "tollgate".to_owned(), cluster: false, accept_eviction: None }
     }
 }
 
@@ -505,7 +513,8 @@ impl Validator<'_, '_> {
         };
         let redis_only = || {
             only("prefix", raw.prefix.is_some(), "\"redis\"")?;
-            only("cluster", raw.cluster.is_some(), "\"redis\"")
+            only("cluster", raw.cluster.is_some(), "\"redis\"")?;
+            only("accept_eviction", raw.accept_eviction.is_some(), "\"redis\"")
         };
         let postgres_only = || {
             only("url", raw.url.is_some(), "\"postgres\" or \"redis\"")?;
@@ -631,6 +640,12 @@ impl Validator<'_, '_> {
                     }
                     r.prefix = prefix;
                 }
+                if let Some(policy) = text("accept_eviction", &raw.accept_eviction)? {
+                    if let Some(why) = redis_policy_refused(&policy) {
+                        return Err(self.invalid(&format!("{at}.accept_eviction"), why));
+                    }
+                    r.accept_eviction = Some(policy);
+                }
                 Ok(StoreSettings::Redis(r))
             }
             other => Err(self.invalid(
@@ -640,5 +655,30 @@ impl Validator<'_, '_> {
                 ),
             )),
         }
+    }
+}
+
+/// The `maxmemory-policy` values a Redis server takes (https://redis.io/docs/latest/develop/reference/eviction/).
+pub(crate) const EVICTION_POLICIES: [&str; 8] = [
+    "noeviction",
+    "allkeys-lru",
+    "allkeys-lfu",
+    "allkeys-random",
+    "volatile-lru",
+    "volatile-lfu",
+    "volatile-random",
+    "volatile-ttl",
+];
+
+/// Why `policy` cannot be accepted as `accept_eviction` (`None`: it can): an evicting
+/// `maxmemory-policy`'s name.
+pub(crate) fn redis_policy_refused(policy: &str) -> Option<String> {
+    match policy {
+        "noeviction" => Some("noeviction evicts nothing: there is nothing to accept".to_owned()),
+        p if EVICTION_POLICIES.contains(&p) => None,
+        p => Some(format!(
+            "`{p}` is not a maxmemory-policy: expected one of {}",
+            EVICTION_POLICIES[1..].iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", ")
+        )),
     }
 }

@@ -81,11 +81,9 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Opened, Build
                 ))
             })?,
         };
-        let store = match r.cluster {
-            true => crate::store::RedisStore::open_cluster(&url, &r.prefix, REDIS_TIMEOUT).await,
-            false => crate::store::RedisStore::open(&url, &r.prefix, REDIS_TIMEOUT).await,
-        }
-        .map_err(BuildError::Store)?;
+        let mut options = crate::store::RedisOptions::new(REDIS_TIMEOUT).cluster(r.cluster);
+        options.accept_eviction.clone_from(&r.accept_eviction);
+        let store = crate::store::RedisStore::open_with(&url, &r.prefix, &options).await.map_err(BuildError::Store)?;
         return Ok(Opened::Redis(Arc::new(store)));
     }
     open_whole(settings).await.map(Opened::Whole)

@@ -96,7 +96,7 @@ pub use recharge::{
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{RedisCalls, RedisStore, LAYOUT_VERSION as REDIS_LAYOUT_VERSION};
+pub use redis::{RedisCalls, RedisOptions, RedisStore, LAYOUT_VERSION as REDIS_LAYOUT_VERSION};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;

@@ -446,30 +446,6 @@ impl TenantQuota {
     pub(crate) fn counters_of(&self, meter: &MeterId) -> &Counters {
         &self.meters[meter].counters
     }
-
-    /// Whether it holds nothing that outlives its calendar periods (no prepaid balance, cap,
-    /// recharge or grant): the latest end of its periods then, else `None`.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn periods_end(&self) -> Option<i64> {
-        let mut end = 0;
-        for m in self.meters.values() {
-            if m.cap.is_some() || m.recharge.is_some() || !m.credits.is_empty() {
-                return None;
-            }
-            for c in &m.counters.periods {
-                if c.key.period == Period::Prepaid {
-                    return None;
-                }
-                end = end.max(c.key.end);
-            }
-            for k in &m.listed {
-                end = end.max(k.end);
-            }
-            // Periods dropped stay dropped while the row lives.
-            end = end.max(m.counters.dropped_before);
-        }
-        Some(end)
-    }
 }
 
 impl MeterQuota {

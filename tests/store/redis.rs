@@ -250,6 +250,23 @@ fn roles_redis_does_not_serve_are_refused_at_load() {
     assert!(key.contains("store.rate.table"), "{key}");
     let cluster = refused("[store]\nkind = \"postgres\"\ncluster = true\n[plans.p]\nrate = \"1/s\"\n");
     assert!(cluster.contains("store.cluster") && cluster.contains("redis"), "{cluster}");
+    let policy = refused("[store.rate]\nkind = \"redis\"\naccept_eviction = \"lru\"\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(policy.contains("store.rate.accept_eviction") && policy.contains(":3:19:"), "{policy}");
+    assert!(policy.contains("\"volatile-lru\""), "the policies it takes: {policy}");
+    let nothing =
+        refused("[store.rate]\nkind = \"redis\"\naccept_eviction = \"noeviction\"\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(nothing.contains("evicts nothing"), "{nothing}");
+    let elsewhere =
+        refused("[store]\nkind = \"postgres\"\naccept_eviction = \"volatile-lru\"\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(elsewhere.contains("store.accept_eviction"), "{elsewhere}");
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"postgres\"\n[store.rate]\nkind = \"redis\"\naccept_eviction = \"volatile-lru\"\n[plans.p]\nrate = \"1/s\"\n",
+    )
+    .unwrap();
+    match config.store_of(tollgate::config::StoreRole::Rate) {
+        tollgate::config::StoreSettings::Redis(r) => assert_eq!(r.accept_eviction.as_deref(), Some("volatile-lru")),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// An unreachable server is a clear error within the connect timeout, never a hang, and never
@@ -310,16 +327,18 @@ async fn a_newer_layout_is_refused_and_flushed_scripts_reload() {
     assert_eq!(store.take_cells(&take(2)).await.unwrap().granted, 3);
     assert_eq!(store.take_cells(&take(3)).await.unwrap().granted, 3);
     assert_eq!(store.take_cells(&take(4)).await.unwrap().granted, 1, "10 in all, each once");
-    cli(&url, &["set", &format!("{prefix}:layout"), "3"]);
+    cli(&url, &["set", &format!("{prefix}:layout"), "4"]);
     let e = RedisStore::open(&url, &prefix, Duration::from_secs(2)).await.unwrap_err().to_string();
-    assert!(e.contains("layout 3"), "{e}");
+    assert!(e.contains("layout 4"), "{e}");
 }
 
-/// A tenant's quota row (and each calendar counter's row) lives 35 days past its latest
-/// period's end, and at least 35 days past its last write (a call on a period long over, by the caller's clock, never makes it expire
-/// under the calls in flight); a row holding a prepaid balance, or a grant, never expires.
+/// The rows a tenant's limits live in carry no time to live, so that a `volatile-*` eviction
+/// policy (ElastiCache's and Memorystore's default) never evicts them: the tenant's quota row,
+/// and the counter of each period that has not ended. A period's counter that has ended lives
+/// 35 days past its end, and at least 35 days past its last write (a call on a period long over,
+/// by the caller's clock, never makes it expire under the calls in flight).
 #[tokio::test]
-async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_money() {
+async fn a_tenants_quota_rows_carry_no_time_to_live_while_their_periods_run() {
     use tollgate::store::{CreditGrant, QuotaKey, QuotaStore, Reservation};
     let Some((store, prefix)) = common::redis::store().await else { return };
     let url = common::redis::url().unwrap();
@@ -333,15 +352,13 @@ async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_mon
         pttl(format!("{prefix}:1:{{{tenant}}}:counter:requests:day:{start}:{}", start + 86_400))
     };
     let month_ms = 35 * 86_400 * 1000;
-    assert!(ttl("old") > month_ms - 60_000, "35 days from the write: {}", ttl("old"));
-    assert!(counter("old", 86_400) > month_ms - 60_000, "the counter's row too: {}", counter("old", 86_400));
+    assert_eq!(ttl("old"), -1, "a tenant's row is kept");
+    assert!(counter("old", 86_400) > month_ms - 60_000, "an ended period's row: {}", counter("old", 86_400));
     let (start, end) = day.bounds(now);
     let current = QuotaKey::new("cur".into(), "requests".into(), day, start, end);
     store.reserve(&Reservation::new(current, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
-    let expected = (end + 35 * 86_400 - now) * 1000;
-    assert!((expected - 60_000..=expected).contains(&ttl("cur")), "35 days past the period's end: {}", ttl("cur"));
-    let kept = counter("cur", start);
-    assert!((expected - 60_000..=expected).contains(&kept), "its counter's row as long: {kept}");
+    assert_eq!(ttl("cur"), -1);
+    assert_eq!(counter("cur", start), -1, "a running period's counter is kept");
     store.grant_credits(&CreditGrant::new("cur".into(), "tokens".into(), "in_1", 5, now)).await.unwrap();
     assert_eq!(ttl("cur"), -1, "a balance is kept");
 }
@@ -1013,7 +1030,7 @@ async fn a_tenants_row_of_layout_1_is_read_and_its_counters_move_out() {
     let tenant_row = format!("{prefix}:1:{{old}}:quota");
     cli(&url, &["hset", &tenant_row, "v", "layout1", "state", &state]);
     let store = RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(cli(&url, &["get", &format!("{prefix}:layout")]), "2", "marked the new layout");
+    assert_eq!(cli(&url, &["get", &format!("{prefix}:layout")]), "3", "marked the new layout");
     assert_eq!(store.counters(&"old".into(), &"requests".into()).await.unwrap()[0].reserved, 7, "read in place");
     let again = Reservation::new(key.clone(), 7, 0, Some(10), ReserveToken::new(1, 1).at(now));
     assert_eq!(store.reserve(&again).await.unwrap().granted, 7, "answered again, not applied");
@@ -1027,4 +1044,122 @@ async fn a_tenants_row_of_layout_1_is_read_and_its_counters_move_out() {
     let next = Reservation::new(key.clone(), 5, 0, Some(10), ReserveToken::new(2, 1).at(now));
     assert_eq!(store.reserve(&next).await.unwrap().granted, 3, "the 7 units are still reserved");
     assert_eq!(store.counters(&"old".into(), &"requests".into()).await.unwrap()[0].reserved, 10);
+}
+
+/// A server of the test's own as managed services run one: `maxmemory` set, the eviction
+/// policy `policy`, `CONFIG` renamed away (ElastiCache and Memorystore refuse it).
+async fn managed(policy: &str) -> (OwnServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let more = ["--maxmemory", "3mb", "--maxmemory-policy", policy, "--rename-command", "CONFIG", ""];
+    let server = OwnServer::start_with(dir.path(), "everysec", free_port(), &more).await;
+    (server, dir)
+}
+
+/// A server that evicts (`volatile-lru`, the default of ElastiCache and Memorystore) is refused
+/// at open, though it refuses `CONFIG`: the policy is read with `INFO`, and the refusal says
+/// what it would evict and how to accept it by name. Nothing is written before the refusal. A
+/// policy accepted by name opens; another policy than the one accepted is refused.
+#[tokio::test]
+async fn a_server_that_evicts_is_refused_unless_its_policy_is_accepted_by_name() {
+    use tollgate::store::RedisOptions;
+    if common::redis::url().is_none() {
+        return;
+    }
+    let (server, _dir) = managed("volatile-lru").await;
+    let e = RedisStore::open(&server.url, "p", Duration::from_secs(2)).await.unwrap_err().to_string();
+    assert!(e.contains("maxmemory-policy is volatile-lru"), "{e}");
+    assert!(e.contains("accept_eviction = \"volatile-lru\""), "{e}");
+    assert!(e.contains("Idempotency-Key") && e.contains("never evicted"), "what it evicts, and what not: {e}");
+    assert_eq!(cli(&server.url, &["dbsize"]), "0", "nothing written");
+    let warnings = RedisStore::durability_warnings(&server.url, Duration::from_secs(2)).await.unwrap();
+    assert!(warnings.iter().any(|w| w.contains("volatile-lru")), "told without CONFIG: {warnings:?}");
+    let other = RedisOptions::new(Duration::from_secs(2)).accept_eviction("allkeys-lru");
+    let e = RedisStore::open_with(&server.url, "p", &other).await.unwrap_err().to_string();
+    assert!(e.contains("maxmemory-policy is volatile-lru"), "another policy accepted: {e}");
+    let typo = RedisOptions::new(Duration::from_secs(2)).accept_eviction("volatile");
+    let e = RedisStore::open_with(&server.url, "p", &typo).await.unwrap_err().to_string();
+    assert!(e.contains("not a maxmemory-policy"), "{e}");
+    let accepted = RedisOptions::new(Duration::from_secs(2)).accept_eviction("volatile-lru");
+    RedisStore::open_with(&server.url, "p", &accepted).await.expect("accepted by name, it opens");
+    let (all_keys, _dir) = managed("allkeys-lru").await;
+    let e = RedisStore::open(&all_keys.url, "p", Duration::from_secs(2)).await.unwrap_err().to_string();
+    assert!(e.contains("starts again from zero"), "any key evicted, quotas among them: {e}");
+}
+
+/// Under `volatile-lru` accepted by name, a server filled past its `maxmemory` evicts what
+/// carries a time to live, never a tenant's quota: a month's hard quota spent stays spent, a
+/// prepaid balance stays as it was. (With the rows' time to live of earlier versions, the
+/// counter is evicted and the month's quota admitted again.)
+#[tokio::test]
+async fn a_full_server_under_volatile_lru_never_evicts_a_tenants_quota() {
+    use tollgate::store::{CreditGrant, QuotaKey, QuotaStore, RedisOptions, Reservation};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let (server, _dir) = managed("volatile-lru").await;
+    let accepted = RedisOptions::new(Duration::from_secs(5)).accept_eviction("volatile-lru");
+    let store = RedisStore::open_with(&server.url, "p", &accepted).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let month = tollgate::config::Period::Month { anchor_day: 1 };
+    let (start, end) = month.bounds(now);
+    let key = QuotaKey::new("spent".into(), "tokens".into(), month, start, end);
+    let reserve = |seq: u64, units: u64| {
+        Reservation::new(key.clone(), units, 0, Some(1_000_000), ReserveToken::new(1, seq).at(now))
+    };
+    assert_eq!(store.reserve(&reserve(1, 1_000_000)).await.unwrap().granted, 1_000_000, "the month spent");
+    assert_eq!(store.reserve(&reserve(2, 1)).await.unwrap().granted, 0);
+    store.grant_credits(&CreditGrant::new("spent".into(), "credits".into(), "in_1", 500, now)).await.unwrap();
+    // Other tenants' rates and other programs' keys with a time to live, 20 MB of them, past
+    // the server's 3 MB.
+    let fill = "for i = 1, 400 do redis.call('SET', 'filler:' .. ARGV[1] .. ':' .. i, string.rep('x', 1000), 'EX', 3600) end return 1";
+    for round in 0..50 {
+        cli(&server.url, &["eval", fill, "0", &round.to_string()]);
+    }
+    let stats = cli(&server.url, &["info", "stats"]);
+    let evicted: u64 = stats.lines().find_map(|l| l.trim().strip_prefix("evicted_keys:")).unwrap().parse().unwrap();
+    assert!(evicted > 10_000, "the server evicted: {evicted} keys");
+    assert_eq!(store.reserve(&reserve(3, 1)).await.unwrap().granted, 0, "the month stays spent");
+    let (_, balances) = store.credit_grants(&"spent".into(), None).await.unwrap();
+    assert_eq!(balances[0].1.granted, 500, "the balance stays");
+}
+
+/// A prefix of layout 2 (whose rows carried a time to live) is upgraded at open: its tenants'
+/// quota rows and the counters of running periods lose their time to live before the layout
+/// is marked 3; an ended period's counter and the other roles' rows keep theirs.
+#[tokio::test]
+async fn upgrading_from_layout_2_takes_the_time_to_live_off_a_tenants_rows() {
+    use tollgate::store::{QuotaKey, QuotaStore, Reservation};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let running = QuotaKey::new("t".into(), "requests".into(), day, start, end);
+    let ended = QuotaKey::new("t".into(), "requests".into(), day, start - 86_400, start);
+    for (seq, key) in [(1, &ended), (2, &running)] {
+        store.reserve(&Reservation::new(key.clone(), 1, 0, Some(10), ReserveToken::new(1, seq).at(now))).await.unwrap();
+    }
+    let take = CellCall::new("t".into(), 1, 1, 100_000_000, 10, now * 1_000_000_000, ReserveToken::new(1, 3));
+    store.take_cells(&take).await.unwrap();
+    let rows = [
+        format!("{prefix}:1:{{t}}:quota"),
+        format!("{prefix}:1:{{t}}:counter:requests:day:{start}:{end}"),
+        format!("{prefix}:1:{{t}}:counter:requests:day:{}:{start}", start - 86_400),
+    ];
+    // As layout 2 left them: every row with a time to live.
+    for row in &rows {
+        assert_eq!(cli(&url, &["pexpire", row, "3000000000"]), "1", "{row}");
+    }
+    let rate = format!("{prefix}:1:{{t}}:rate");
+    let rate_ttl = cli(&url, &["pttl", &rate]).parse::<i64>().unwrap();
+    assert!(rate_ttl > 0, "a rate's row: {rate_ttl}");
+    cli(&url, &["set", &format!("{prefix}:layout"), "2"]);
+    RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(cli(&url, &["get", &format!("{prefix}:layout")]), "3");
+    let pttl = |row: &str| cli(&url, &["pttl", row]).parse::<i64>().unwrap();
+    assert_eq!(pttl(&rows[0]), -1, "the tenant's row");
+    assert_eq!(pttl(&rows[1]), -1, "the running period's counter");
+    assert!(pttl(&rows[2]) > 0, "the ended period's keeps its time to live");
+    assert!(pttl(&rate) > 0, "a rate's row keeps its time to live");
+    assert_eq!(store.counters(&"t".into(), &"requests".into()).await.unwrap().len(), 2, "nothing else changed");
 }

@@ -298,8 +298,10 @@ async fn four_nodes_holding_never_spend_past_a_prepaid_balance_on_a_cluster() {
     common::holds::four_nodes_holding(nodes, reader, memory, true).await;
 }
 
-/// `cluster_durability_warnings` reads every master: one that may evict is named, and the
-/// others say nothing.
+/// `cluster_durability_warnings` reads every master (with `INFO`): one that keeps no
+/// append-only file is named, and the others say nothing. (An evicting policy on a master of
+/// the shared cluster would refuse the other tests' stores: `memory`'s unit tests and the
+/// single server's eviction tests cover the policy.)
 #[tokio::test]
 async fn every_masters_durability_is_told() {
     let Some(url) = common::redis::cluster_url() else { return };
@@ -310,20 +312,66 @@ async fn every_masters_durability_is_told() {
     struct Restore(Master);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let _ = self.0.try_cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+            let _ = self.0.try_cli(&["config", "set", "appendonly", "yes"]);
         }
     }
-    odd.cli(&["config", "set", "maxmemory-policy", "volatile-lru"]);
+    odd.cli(&["config", "set", "appendonly", "no"]);
     let _restore = Restore(odd.clone());
     let warnings = RedisStore::cluster_durability_warnings(&url, Duration::from_secs(5)).await.unwrap();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
-        warnings[0].contains("volatile-lru") && warnings[0].contains(&format!("node {}", odd.addr())),
+        warnings[0].contains("appendonly is no") && warnings[0].contains(&format!("node {}", odd.addr())),
         "{warnings:?}"
     );
     drop(_restore);
     let warnings = RedisStore::cluster_durability_warnings(&url, Duration::from_secs(5)).await.unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+/// Upgrading a prefix of layout 2 on a cluster takes the time to live off every tenant's quota
+/// row on every master (the pass scans each master), and leaves the other roles' rows as they
+/// were.
+#[tokio::test]
+async fn upgrading_from_layout_2_on_a_cluster_reaches_every_master() {
+    use tollgate::store::{QuotaKey, QuotaStore, Reservation};
+    let Some((store, prefix)) = common::redis::cluster_store().await else { return };
+    let url = common::redis::cluster_url().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let tenants: Vec<String> = (0..24).map(|i| format!("tenant-{i}")).collect();
+    for (i, tenant) in tenants.iter().enumerate() {
+        let key = QuotaKey::new(tenant.as_str().into(), "requests".into(), day, start, end);
+        let token = ReserveToken::new(1, i as u64 + 1).at(now);
+        store.reserve(&Reservation::new(key, 1, 0, Some(10), token)).await.unwrap();
+    }
+    let masters = masters(&url);
+    let holder = |key: &str| {
+        let tag = key.split_once('{').and_then(|(_, rest)| rest.split_once('}')).map(|(t, _)| t).unwrap();
+        let slot = slot_of(&masters[0], tag);
+        masters.iter().find(|m| m.serves(slot)).expect("a master serves every slot")
+    };
+    let mut rows = Vec::new();
+    for tenant in &tenants {
+        for row in [
+            format!("{prefix}:1:{{{tenant}}}:quota"),
+            format!("{prefix}:1:{{{tenant}}}:counter:requests:day:{start}:{end}"),
+        ] {
+            assert_eq!(holder(&row).cli(&["pexpire", &row, "3000000000"]), "1", "{row}");
+            rows.push(row);
+        }
+    }
+    let mut on = std::collections::HashSet::new();
+    for row in &rows {
+        on.insert(holder(row).addr());
+    }
+    assert_eq!(on.len(), masters.len(), "the rows are on every master");
+    let layout = format!("{prefix}:layout");
+    holder(&format!("{{{layout}}}")).cli(&["-c", "set", &layout, "2"]);
+    RedisStore::open_cluster(&url, &prefix, Duration::from_secs(5)).await.unwrap();
+    for row in &rows {
+        assert_eq!(holder(row).cli(&["pttl", row]), "-1", "{row}");
+    }
 }
 
 /// The slot of a hash tag, as the cluster computes it: CRC16 (XMODEM) mod 16384

@@ -54,8 +54,8 @@ pub(crate) async fn check(config: &Config) -> Result<()> {
     stripe_access(config).await
 }
 
-/// For each Redis server the roles name, what it may lose or evict (read with `CONFIG GET`;
-/// nothing said when the server will not tell); an unreachable server is a warning.
+/// For each Redis server the roles name, what it may lose or evict (read with `INFO`, which
+/// managed services answer); an unreachable server is a warning.
 #[cfg(feature = "redis")]
 async fn redis_durability(config: &Config) {
     let mut seen = Vec::new();
@@ -69,11 +69,9 @@ async fn redis_durability(config: &Config) {
             continue;
         }
         seen.push(url.clone());
-        let timeout = std::time::Duration::from_secs(5);
-        let read = match r.cluster {
-            true => tollgate::store::RedisStore::cluster_durability_warnings(&url, timeout).await,
-            false => tollgate::store::RedisStore::durability_warnings(&url, timeout).await,
-        };
+        let mut options = tollgate::store::RedisOptions::new(std::time::Duration::from_secs(5)).cluster(r.cluster);
+        options.accept_eviction.clone_from(&r.accept_eviction);
+        let read = tollgate::store::RedisStore::durability(&url, &options).await;
         match read {
             Ok(warnings) if warnings.is_empty() => {
                 println!("redis: appendonly on, maxmemory-policy noeviction (or not told)")

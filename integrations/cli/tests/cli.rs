@@ -937,9 +937,9 @@ impl Drop for OwnRedis {
 }
 
 /// `tollgate check` says what a Redis server the roles name may lose or evict (`appendonly no`,
-/// a `maxmemory-policy` other than `noeviction`), says nothing of a setting the server will
-/// not tell (`CONFIG` refused, as managed services do), and says the settings are safe when
-/// they are.
+/// a `maxmemory-policy` other than `noeviction`, which the store refuses unless accepted), read
+/// with `INFO` where `CONFIG` is refused (as managed services do), and says the settings are
+/// safe when they are.
 #[cfg(feature = "redis")]
 #[test]
 fn check_warns_of_a_redis_server_that_may_lose_or_evict_counters() {
@@ -968,7 +968,8 @@ fn check_warns_of_a_redis_server_that_may_lose_or_evict_counters() {
         &["--appendonly", "no", "--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""],
     );
     let out = check(&managed.1);
-    assert!(!out.contains("warning: redis"), "{out}");
+    assert!(out.contains("warning: redis: appendonly is no"), "{out}");
+    assert!(out.contains("maxmemory-policy is allkeys-lru, not noeviction: the store refuses to open"), "{out}");
     let safe = OwnRedis::start(dir.path(), &["--appendonly", "yes", "--maxmemory-policy", "noeviction"]);
     let out = check(&safe.1);
     assert!(out.contains("redis: appendonly on, maxmemory-policy noeviction") && !out.contains("warning"), "{out}");

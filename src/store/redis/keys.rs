@@ -1,6 +1,8 @@
-//! The RedisStore's keys (docs/redis.md, "Keys"), layout version 2 (the names are layout 1's,
+//! The RedisStore's keys (docs/redis.md, "Keys"), layout version 3 (the names are layout 1's,
 //! `:1:` in each; layout 2 adds a calendar period's own row, and reads layout 1's tenants'
-//! rows as they were written, moving their calendar counters out as they are next called):
+//! rows as they were written, moving their calendar counters out as they are next called;
+//! layout 3 writes a tenant's quota row and its running periods' counters without a time to
+//! live, and takes off the one earlier layouts wrote as it upgrades them):
 //!
 //! - `PREFIX:layout`: the layout version of the keys under the prefix;
 //! - `PREFIX:1:{TENANT}:rate`: a tenant's shared GCRA bucket (`tat`, `senders`);
@@ -28,7 +30,7 @@
 use crate::base::TenantId;
 
 /// The version of the key layout this tollgate writes and reads.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The layout whose names the keys keep (`PREFIX:1:…`), and the oldest one this tollgate
 /// reads (an earlier tollgate's keys are upgraded in place: see the module's doc).

@@ -12,6 +12,8 @@
 
 mod idempotency;
 mod keys;
+mod memory;
+mod options;
 mod place;
 mod quota;
 mod rate;
@@ -23,6 +25,7 @@ use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, AsyncComma
 use super::StoreError;
 
 pub use keys::LAYOUT_VERSION;
+pub use options::RedisOptions;
 
 /// The compare-and-set every write runs: the row's version (`v`) must be the one read
 /// (`ARGV[1]`, empty when the row was absent); the row then holds the fields given (`ARGV[4..]`,
@@ -218,16 +221,13 @@ impl Row {
 
 impl RedisStore {
     /// Connects to the server at `url` (`redis://` or `rediss://`, with a user and password if
-    /// any), its keys under `prefix`, each call bounded by `timeout` (connecting too); checks
-    /// that the server runs Lua scripts and that the keys' layout is this version's (writing
-    /// the version when the prefix is empty), and warns when the server may lose or evict
-    /// counters (`appendonly no`, a `maxmemory-policy` other than `noeviction`).
+    /// any), its keys under `prefix`, each call bounded by `timeout` (connecting too), as
+    /// [`open_with`](Self::open_with) with no eviction accepted.
     ///
     /// # Errors
-    /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
-    /// error never holds the URL), a server that refuses scripts, keys of a newer layout.
+    /// As [`open_with`](Self::open_with).
     pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        Self::opened(connect(url, timeout).await?, prefix).await
+        Self::open_with(url, prefix, &RedisOptions::new(timeout)).await
     }
 
     /// As [`open`](Self::open), on the Redis Cluster whose node `url` names (any node: the
@@ -236,12 +236,33 @@ impl RedisStore {
     /// touches one key, and a tenant's keys share one slot (a hash tag, docs/redis.md "Keys").
     ///
     /// # Errors
-    /// As [`open`](Self::open); a server that is not in cluster mode.
+    /// As [`open_with`](Self::open_with); a server that is not in cluster mode.
     pub async fn open_cluster(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        Self::opened(connect_cluster(url, timeout).await?, prefix).await
+        Self::open_with(url, prefix, &RedisOptions::new(timeout).cluster(true)).await
     }
 
-    async fn opened(conn: Conn, prefix: &str) -> Result<Self, StoreError> {
+    /// Connects to the server at `url` (`redis://` or `rediss://`, with a user and password if
+    /// any; with [`RedisOptions::cluster`], any node of a Redis Cluster), its keys under
+    /// `prefix`, and checks, before it writes anything: that the server runs Lua scripts, and
+    /// that it evicts nothing the store keeps (its `maxmemory-policy`, read with `INFO` on
+    /// every master, is `noeviction` or the one [`RedisOptions::accept_eviction`] names).
+    /// It then checks that the keys' layout is this version's (writing the version when the
+    /// prefix is empty, and upgrading an earlier one), and warns when the server may lose what
+    /// it keeps (no append-only file).
+    ///
+    /// # Errors
+    /// An unreadable URL, an unreachable server (within the timeout), a refused password (the
+    /// error never holds the URL), a server that refuses scripts, an eviction policy not
+    /// accepted (the error says what it would evict), keys of a newer layout, an accepted
+    /// policy that is not an evicting one.
+    pub async fn open_with(url: &str, prefix: &str, options: &RedisOptions) -> Result<Self, StoreError> {
+        if let Some(why) = options.accept_eviction.as_deref().and_then(crate::config::redis_policy_refused) {
+            return Err(StoreError::Backend(format!("redis: accept_eviction: {why}").into()));
+        }
+        let conn = match options.cluster {
+            true => connect_cluster(url, options.timeout).await?,
+            false => connect(url, options.timeout).await?,
+        };
         let store = Self {
             conn,
             keys: keys::Keys::new(prefix),
@@ -249,20 +270,20 @@ impl RedisStore {
             turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
         };
-        store.check().await?;
+        store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
     }
 
     /// What the server at `url` may lose or evict of what the store keeps, as `open` warns
-    /// and `tollgate check` says: `appendonly no`, a `maxmemory-policy` other than
-    /// `noeviction`; nothing for a setting the server will not tell (managed services refuse
-    /// `CONFIG`). Reads only.
+    /// and `tollgate check` says: no append-only file, a `maxmemory-policy` other than
+    /// `noeviction` (said as a refusal unless accepted), read with `INFO` (which managed
+    /// services answer; they refuse `CONFIG`). Reads only.
     ///
     /// # Errors
     /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
     /// error never holds the URL).
     pub async fn durability_warnings(url: &str, timeout: Duration) -> Result<Vec<String>, StoreError> {
-        Ok(warnings(&connect(url, timeout).await?).await)
+        Self::durability(url, &RedisOptions::new(timeout)).await
     }
 
     /// As [`durability_warnings`](Self::durability_warnings), of every master of the Redis
@@ -272,12 +293,13 @@ impl RedisStore {
     /// As [`durability_warnings`](Self::durability_warnings); a server that is not in cluster
     /// mode.
     pub async fn cluster_durability_warnings(url: &str, timeout: Duration) -> Result<Vec<String>, StoreError> {
-        Ok(warnings(&connect_cluster(url, timeout).await?).await)
+        Self::durability(url, &RedisOptions::new(timeout).cluster(true)).await
     }
 
-    /// The checks at open: scripts run, the layout is this version's, the server keeps what
-    /// it is told (warned).
-    async fn check(&self) -> Result<(), StoreError> {
+    /// The checks at open: scripts run, the server evicts nothing but what `accepted` names
+    /// (before anything is written), the layout is this version's, the server keeps what it is
+    /// told (warned).
+    async fn check(&self, accepted: Option<&str>) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         // A cluster's node opened as one server would answer MOVED for most tenants' keys, and
         // only later: refused now (nothing said when the server will not tell).
@@ -310,6 +332,7 @@ impl RedisStore {
                     false => format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into(),
                 })
             })?;
+        let warnings = self.server_keeps(accepted).await?;
         let layout = self.keys.layout();
         let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
         let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
@@ -319,11 +342,16 @@ impl RedisStore {
             // that the earlier tollgate refuses them from now on (it would not see the
             // calendar counters this one moves into rows of their own).
             Some(Ok(older)) if (keys::NAMES_VERSION..LAYOUT_VERSION).contains(&older) => {
+                // Before layout 3, a tenant's rows carried a time to live, which a volatile-*
+                // policy evicts by: taken off first (a node that stops halfway leaves the
+                // layout as it was, and the next open runs the pass again).
+                let persisted = self.persist_live_rows(now_secs()).await?;
                 let _: () = conn.set(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
                 tracing::warn!(
                     prefix = self.keys.prefix(),
                     from = older,
                     to = LAYOUT_VERSION,
+                    persisted,
                     "redis: the keys' layout is upgraded; tollgate versions before it refuse them now"
                 );
             }
@@ -344,7 +372,7 @@ impl RedisStore {
             }
         }
         // Said, never refused.
-        for warning in warnings(&self.conn).await {
+        for warning in warnings {
             tracing::warn!("{warning}");
         }
         Ok(())
@@ -754,75 +782,11 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
     Ok(Conn::Cluster(Box::new(Cluster { client, info, timeout, asked: Default::default() })))
 }
 
-/// A setting a cluster's master did not answer for.
-const UNREAD: &str = "\u{0}unread";
-
-/// What the server says of its settings that may lose or evict what the store keeps (nothing
-/// of a setting it will not tell: managed services refuse `CONFIG`).
-async fn warnings(conn: &Conn) -> Vec<String> {
-    // Each node's answer to `CONFIG GET name`, named by the node on a cluster (every master).
-    let config = |name: &'static str| {
-        let conn = conn.clone();
-        async move {
-            let mut get = redis::cmd("CONFIG");
-            get.arg("GET").arg(name);
-            let answers: Vec<(Option<String>, redis::Value)> = match conn {
-                Conn::One(mut c) => get.query_async(&mut c).await.map(|v| vec![(None, v)]).unwrap_or_default(),
-                Conn::Cluster(cluster) => {
-                    let mut c = cluster.client;
-                    use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
-                    let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                    match c.route_command(get, all).await {
-                        Ok(redis::Value::Map(by_node)) => by_node
-                            .into_iter()
-                            .map(|(node, v)| (redis::from_redis_value::<String>(node).ok(), v))
-                            .collect(),
-                        // A master that did not answer: said, never taken for a good setting.
-                        Ok(_) | Err(_) => vec![(None, redis::Value::Nil)],
-                    }
-                }
-            };
-            answers
-                .into_iter()
-                .filter_map(|(node, v)| match v {
-                    // Not every master of the cluster answered.
-                    redis::Value::Nil => Some((None, UNREAD.to_owned())),
-                    // A node that refuses `CONFIG` (a managed service) tells nothing.
-                    v => {
-                        let pair: Vec<String> = redis::from_redis_value(v).ok()?;
-                        Some((node, pair.get(1)?.clone()))
-                    }
-                })
-                .collect::<Vec<_>>()
-        }
-    };
-    let of = |node: &Option<String>| node.as_ref().map(|n| format!(" (node {n})")).unwrap_or_default();
-    let mut out = Vec::new();
-    let (appendonly, policy) = (config("appendonly").await, config("maxmemory-policy").await);
-    if appendonly.iter().chain(&policy).any(|(_, v)| v == UNREAD) {
-        out.push(
-            "redis: not every master of the cluster answered CONFIG GET: its durability is not known (docs/redis.md)"
-                .to_owned(),
-        );
-    }
-    let appendonly = appendonly.into_iter().filter(|(_, v)| v != UNREAD);
-    let policy = policy.into_iter().filter(|(_, v)| v != UNREAD);
-    for (node, _) in appendonly.filter(|(_, v)| v == "no") {
-        out.push(format!(
-            "redis: appendonly is no{}: a server restart loses what was written since its last snapshot (quotas, \
-             shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)",
-            of(&node)
-        ));
-    }
-    for (node, policy) in policy.filter(|(_, p)| p != "noeviction") {
-        out.push(format!(
-            "redis: maxmemory-policy is {policy}{}, not noeviction: a full server may evict counters; set \
-             noeviction (docs/redis.md)",
-            of(&node)
-        ));
-    }
-    out.sort();
-    out
+/// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
+/// drawn from it.
+pub(super) fn now_secs() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// A duration of `secs` seconds from a caller's `now` to an instant `until` (both its clock):

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::{backend, kept_for, RedisStore, Row, Ttl};
+use super::{backend, kept_for, now_secs, RedisStore, Row, Ttl};
 use crate::{
     base::{MeterId, Period, TenantId},
     store::{
@@ -50,13 +50,6 @@ const HINT_KEPT_SECS: u64 = 730 * 86_400;
 
 /// Refunds kept in one tenant's row at most (each until its grant lands, at most 35 days).
 const TENANT_REFUNDS_MAX: usize = 100;
-
-/// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
-/// drawn from it.
-fn now_secs() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
-}
 
 /// A due grant's member in the sorted set of grants due to expire.
 fn due_member(tenant: &TenantId, meter: &MeterId, id: &str) -> String {
@@ -118,14 +111,10 @@ impl RedisStore {
                 // Nothing changed (a call answered again, a refund of another tenant's): no write.
                 return Ok(Step::Answer(out));
             }
-            // Calendar periods alone: gone when their counters would be dropped, 35 days
-            // past the latest one's end, and never sooner than 35 days after this write
-            // (a call on a period long over must not see the row vanish under the next);
-            // a balance, a cap, a recharge or a grant: kept.
-            let ttl = match quota.periods_end() {
-                Some(end) => counter_ttl(now, end),
-                None => Ttl::Never,
-            };
+            // Kept, without a time to live: a volatile-* eviction policy evicts only keys with
+            // one, and a tenant's row lists the periods it dropped (docs/redis.md, "Memory and
+            // eviction"). One row per tenant.
+            let ttl = Ttl::Never;
             let mut fields = vec![(TENANT_STATE, state.into_bytes())];
             if !refunds.is_empty() {
                 fields.push(("refunds", kept.into_bytes()));
@@ -501,11 +490,20 @@ fn tenant_state(row: &Row) -> Option<&str> {
     row.text(TENANT_STATE).or_else(|| row.text("state"))
 }
 
-/// How long a row of calendar periods ending at `end` is kept, written at `now`: 35 days past
-/// the end, and never sooner than 35 days after the write (a call on a period long over must
-/// not see the row vanish under the next).
+/// How long the row of a calendar period's counter ending at `end` is kept, written at `now`:
+/// without a time to live while the period runs (a volatile-* eviction policy evicts only keys
+/// with one: a counter evicted would start again from zero); once it ended, 35 days past the
+/// end and never sooner than 35 days after the write (a call on a period long over must not see
+/// the row vanish under the next). A period's row outlives it until its meter's next period is
+/// made, which marks it dropped with a time to live: a tenant keeps at most two rows without
+/// one per meter and kind of period.
 fn counter_ttl(now: i64, end: i64) -> Ttl {
-    Ttl::For(kept_for(now, end.saturating_add(RETENTION_SECS)).max(Duration::from_secs(RETENTION_SECS as u64)))
+    match end > now {
+        true => Ttl::Never,
+        false => {
+            Ttl::For(kept_for(now, end.saturating_add(RETENTION_SECS)).max(Duration::from_secs(RETENTION_SECS as u64)))
+        }
+    }
 }
 
 /// The refunds kept in a tenant's row, as written there.

@@ -1,0 +1,57 @@
+//! How a [`RedisStore`](super::RedisStore) is opened.
+
+use std::time::Duration;
+
+/// How a [`RedisStore`](super::RedisStore) is opened ([`RedisStore::open_with`](super::RedisStore::open_with)): how long connecting and each
+/// command may take, whether the URL names a node of a Redis Cluster, and the eviction policy
+/// the operator accepts, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// How long connecting, and each command, may take (the engine bounds the calls of each
+    /// path tighter).
+    pub timeout: Duration,
+    /// Whether the URL names a node of a Redis Cluster ([`RedisStore::open_cluster`](super::RedisStore::open_cluster)).
+    pub cluster: bool,
+    /// The `maxmemory-policy` other than `noeviction` the store opens under (`None`: it opens
+    /// under `noeviction` only): [`accept_eviction`](Self::accept_eviction).
+    pub accept_eviction: Option<String>,
+}
+
+impl RedisOptions {
+    /// One server, no eviction accepted, each command bounded by `timeout`.
+    #[must_use]
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout, cluster: false, accept_eviction: None }
+    }
+
+    /// The URL names a node of a Redis Cluster (its slots are followed).
+    #[must_use]
+    pub fn cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Opens under `policy` (a `maxmemory-policy`, `volatile-lru` say), which a server that
+    /// does not use it still refuses. What each policy evicts when the server is full:
+    ///
+    /// - `volatile-*`: keys with a time to live. Shared rates and places in flight (a rate or
+    ///   a concurrency admitted past its limit for a moment), `Idempotency-Key` bindings (a
+    ///   request sent again served, and counted, again), payments' hints (a refund of a
+    ///   payment waits for its grant), counters of ended periods. A tenant's quota row and the
+    ///   counters of its current periods carry none: never evicted.
+    /// - `allkeys-*`: any key. A tenant's quota among them: a counter evicted starts again from
+    ///   zero (its units admitted again), a prepaid balance evicted is lost.
+    #[must_use]
+    pub fn accept_eviction(mut self, policy: impl Into<String>) -> Self {
+        self.accept_eviction = Some(policy.into());
+        self
+    }
+}
+
+impl Default for RedisOptions {
+    /// 5 s a command, one server, no eviction accepted.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(5))
+    }
+}
