@@ -63,6 +63,7 @@ pub use recharge::RechargeSpec;
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;
 pub use routes::{HoldEstimate, HoldSettle, Overrun, RouteHold, RouteSpec};
+#[cfg(feature = "redis")]
 pub(crate) use store::redis_policy_refused;
 pub use store::{Migrate, PostgresSettings, RedisSettings, StoreRole, StoreSettings, Synchronous};
 pub use stripe::{CreditSettings, RefundPolicy, StatusOutcome, StripeSettings};

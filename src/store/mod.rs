@@ -65,7 +65,7 @@ pub use directory::{
 };
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
-pub use dynamo::DynamoStore;
+pub use dynamo::{DynamoReads, DynamoStore};
 pub use error::StoreError;
 pub(crate) use export::draw_namespace;
 pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};

@@ -42,6 +42,7 @@ struct MeterQuota {
     /// beside the tenant's quota rather than in it: their keys, so that a new period drops
     /// those that ended before it as `Counters::get` does. Empty for a store that keeps the
     /// counters here.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     listed: Vec<QuotaKey>,
 }
 

@@ -528,3 +528,55 @@ async fn a_busy_tenant_is_never_answered_503() {
     })
     .await;
 }
+
+/// A tenant's usage over a range is read by each meter's range of sort keys, never the whole
+/// partition: 2 days of hourly windows on three meters (one name the start of another's),
+/// and a day read back exactly, DynamoDB reading the day's windows and one item per meter
+/// more (each meter's successor), where a filtered query of the partition read all 144.
+#[tokio::test]
+async fn a_usage_range_reads_its_windows_not_the_tenants_partition() {
+    use tollgate::store::{FlushId, UsageBatch, UsageRecord, UsageStore};
+    let Some(store) = dynamo::table().await else { return };
+    const HOUR: i64 = 3600;
+    let start = NOON - NOON.rem_euclid(86_400) - 86_400;
+    let meters = ["tokens", "tokens_in", "requests"];
+    let mut records = Vec::new();
+    for (m, meter) in meters.iter().enumerate() {
+        for h in 0..2 * 24 {
+            let quantity = (m as u64 + 1) * 1000 + h as u64;
+            records.push(UsageRecord::new("t".into(), (*meter).into(), start + h * HOUR, quantity));
+        }
+    }
+    // Another tenant's usage beside it, never read.
+    records.push(UsageRecord::new("t2".into(), "tokens".into(), start, 5));
+    for (i, chunk) in records.chunks(store.max_batch_records()).enumerate() {
+        store.commit_usage(&UsageBatch::new(FlushId::new(format!("f{i}")), chunk.to_vec())).await.unwrap();
+    }
+    let day = start + 86_400;
+    let before = store.usage_reads();
+    let read = store.usage_range(&"t".into(), day, day + 86_400).await.unwrap();
+    let cost = store.usage_reads();
+    let mut expected: Vec<(String, i64, u64)> = Vec::new();
+    for (m, meter) in meters.iter().enumerate() {
+        for h in 24..2 * 24 {
+            expected.push(((*meter).to_owned(), start + h * HOUR, (m as u64 + 1) * 1000 + h as u64));
+        }
+    }
+    expected.sort();
+    let got: Vec<(String, i64, u64)> =
+        read.iter().map(|a| (a.key.meter.as_str().to_owned(), a.key.window_start, a.quantity)).collect();
+    assert_eq!(got, expected, "the day's windows of every meter, each once");
+    let items = cost.items_read - before.items_read;
+    assert!(items <= 72 + 3, "the day's 72 windows and a successor per meter: {items} items read");
+    assert_eq!(cost.queries - before.queries, 7, "a query per meter and one for each successor");
+    // The range's ends: `from` is in, `to` is out; an empty range reads nothing.
+    let one = store.usage_range(&"t".into(), day, day + HOUR).await.unwrap();
+    assert_eq!(one.len(), 3, "{one:?}");
+    assert!(store.usage_range(&"t".into(), day, day).await.unwrap().is_empty());
+    let all = store.usage_range(&"t".into(), i64::MIN, i64::MAX).await.unwrap();
+    assert_eq!(all.len(), 3 * 2 * 24, "every window, from the first to the last");
+    assert!(store.usage_range(&"nobody".into(), 0, i64::MAX).await.unwrap().is_empty());
+    // moto copies every table it holds on each transaction: the tests after this one are not
+    // made to wait for its windows.
+    store.client().delete_table().table_name(store.table()).send().await.unwrap();
+}

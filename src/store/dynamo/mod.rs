@@ -44,6 +44,7 @@ mod rate;
 mod recharge;
 mod schema;
 mod usage;
+pub use usage::DynamoReads;
 
 use keys::{
     credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
@@ -69,6 +70,8 @@ const TRANSACT_ITEMS_MAX: usize = 100;
 pub struct DynamoStore {
     client: Client,
     table: String,
+    /// What its usage reads cost ([`DynamoStore::usage_reads`]).
+    reads: std::sync::Arc<usage::ReadCounts>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -144,7 +147,7 @@ fn hex_node(v: u64) -> String {
 impl DynamoStore {
     /// A store on `table` through `client`.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
-        Self { client, table: table.into() }
+        Self { client, table: table.into(), reads: std::sync::Arc::default() }
     }
 
     /// A store on `table` with the standard AWS configuration (region, credentials chain,

@@ -111,30 +111,43 @@ impl UsageStore for DynamoStore {
         Ok(out)
     }
 
+    /// Each meter's windows in `[from, to)` by a range of its sort keys (`meter SEP window`),
+    /// never the tenant's whole partition: the partition's first item names its first meter,
+    /// and the first item past a meter's last possible window names the next. One query per
+    /// meter that has usage, and one for each meter's successor (a single item).
     async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
         let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
-                .filter_expression("#w >= :from AND #w < :to")
-                .expression_attribute_names("#w", "window")
-                .expression_attribute_values(":pk", s(usage_pk(tenant)))
-                .expression_attribute_values(":from", n(from))
-                .expression_attribute_values(":to", n(to))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(sdk)?;
-            out.extend(page.items.unwrap_or_default().iter().filter_map(aggregate));
-            match page.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
+        if from >= to {
+            return Ok(out);
+        }
+        let pk = usage_pk(tenant);
+        let mut meter = self.next_meter(&pk, None).await?;
+        while let Some(m) = meter {
+            let (lo, hi) = (usage_sk(&m, from), usage_sk(&m, to - 1));
+            let mut start: Option<Item> = None;
+            loop {
+                let page = self
+                    .client
+                    .query()
+                    .table_name(&self.table)
+                    .key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                    .expression_attribute_values(":pk", s(pk.as_str()))
+                    .expression_attribute_values(":lo", s(lo.as_str()))
+                    .expression_attribute_values(":hi", s(hi.as_str()))
+                    .consistent_read(true)
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                let items = page.items.unwrap_or_default();
+                self.reads.counted(page.scanned_count, &items);
+                out.extend(items.iter().filter_map(aggregate));
+                match page.last_evaluated_key {
+                    Some(k) => start = Some(k),
+                    None => break,
+                }
             }
+            meter = self.next_meter(&pk, Some(&m)).await?;
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -143,4 +156,87 @@ impl UsageStore for DynamoStore {
     fn max_batch_records(&self) -> usize {
         MAX_BATCH_RECORDS
     }
+}
+
+impl DynamoStore {
+    /// The meter of the first usage item in partition `pk` after every window of `after` (the
+    /// partition's first, without it): one item read.
+    async fn next_meter(&self, pk: &str, after: Option<&str>) -> Result<Option<String>, StoreError> {
+        let query = self.client.query().table_name(&self.table).limit(1).consistent_read(true);
+        let query = match after {
+            // Every window's text is 16 hexadecimal digits: `g` sorts after each.
+            Some(meter) => query
+                .key_condition_expression("pk = :pk AND sk > :after")
+                .expression_attribute_values(":after", s(format!("{meter}{SEP}g"))),
+            None => query.key_condition_expression("pk = :pk"),
+        };
+        let page = query.expression_attribute_values(":pk", s(pk)).send().await.map_err(sdk)?;
+        let items = page.items.unwrap_or_default();
+        self.reads.counted(page.scanned_count, &items);
+        Ok(items.first().and_then(|i| get_s(i, "sk")).and_then(|sk| sk.split_once(SEP)).map(|(m, _)| m.to_owned()))
+    }
+
+    /// What this store's usage reads ([`usage_range`](UsageStore::usage_range): the tenant's
+    /// usage route, the dashboard, exports by tenant) cost since it was made, all its clones
+    /// together: queries sent, items DynamoDB read, and the read units a strongly consistent
+    /// query is billed for them (each query's items' size, rounded up to 4 KB, at least one).
+    #[must_use]
+    pub fn usage_reads(&self) -> DynamoReads {
+        use std::sync::atomic::Ordering::Relaxed;
+        DynamoReads {
+            queries: self.reads.queries.load(Relaxed),
+            items_read: self.reads.items.load(Relaxed),
+            read_units: self.reads.units.load(Relaxed),
+        }
+    }
+}
+
+/// What a [`DynamoStore`]'s usage reads cost ([`DynamoStore::usage_reads`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DynamoReads {
+    /// Queries sent.
+    pub queries: u64,
+    /// Items DynamoDB read (`ScannedCount`).
+    pub items_read: u64,
+    /// Read units billed, as DynamoDB bills a strongly consistent query: the size of the items
+    /// it read, rounded up to 4 KB, at least one a query.
+    pub read_units: u64,
+}
+
+/// [`DynamoReads`] as counted.
+#[derive(Debug, Default)]
+pub(super) struct ReadCounts {
+    queries: std::sync::atomic::AtomicU64,
+    items: std::sync::atomic::AtomicU64,
+    units: std::sync::atomic::AtomicU64,
+}
+
+impl ReadCounts {
+    /// Counts a query that read `scanned` items and answered `items` (every item it read: a
+    /// query by key range filters nothing).
+    fn counted(&self, scanned: i32, items: &[Item]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes: usize = items.iter().map(item_size).sum();
+        self.queries.fetch_add(1, Relaxed);
+        self.items.fetch_add(u64::try_from(scanned).unwrap_or(0), Relaxed);
+        self.units.fetch_add(bytes.div_ceil(4096).max(1) as u64, Relaxed);
+    }
+}
+
+/// An item's size as DynamoDB counts it: each attribute's name and value (a string's bytes, a
+/// number's about one byte per two digits and one more).
+fn item_size(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(t) => t.len(),
+                    AttributeValue::N(t) => t.len().div_ceil(2) + 1,
+                    AttributeValue::B(b) => b.as_ref().len(),
+                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+                    _ => 16,
+                }
+        })
+        .sum()
 }
