@@ -132,16 +132,22 @@ impl Tollgate {
         let rt = self.shared().runtime().load_full();
         let tenant = &state.id;
         let now = self.shared().clock().unix_secs();
+        // Each calendar quota's counters as the store holds them (what the fleet took of its
+        // period: the `remaining` of the same read as `used`), one call per meter.
+        let mut counters: BTreeMap<MeterId, Vec<crate::store::QuotaCounter>> = BTreeMap::new();
+        for cell in state.quotas().filter(|c| !c.prepaid()) {
+            if !counters.contains_key(cell.meter_id()) {
+                let read = self.shared().stores().request().quota.counters(tenant, cell.meter_id()).await?;
+                counters.insert(cell.meter_id().clone(), read);
+            }
+        }
         // A spend cap: the tenant's own, as the store holds it (this node may not have asked
         // since it was set; without counters, as this node last read it).
         let own_cap = match state.plan.spend.and_then(|s| state.quota(s)) {
-            Some(cell) => {
-                let counters = self.shared().stores().request().quota.counters(tenant, cell.meter_id()).await?;
-                match counters.is_empty() {
-                    true => cell.tenant_cap(),
-                    false => counters.into_iter().find_map(|c| c.cap),
-                }
-            }
+            Some(cell) => match counters.get(cell.meter_id()).filter(|c| !c.is_empty()) {
+                None => cell.tenant_cap(),
+                Some(read) => read.iter().find_map(|c| c.cap),
+            },
             None => None,
         };
         let periods: Vec<(MeterId, Period, i64, i64, u64, QuotaMode)> = state
@@ -256,7 +262,21 @@ impl Tollgate {
                     m.iter().filter(|((id, w), _)| *id == meter && *w >= start && *w < end).map(|(_, q)| *q).sum()
                 };
                 let used = sum(&in_periods).saturating_add(sum(&local));
-                let remaining = limit.saturating_sub(used).saturating_sub(held);
+                // What the usage leaves, and what the store says the fleet took (units leased by
+                // other nodes and not used yet among them), whichever is less: from one read.
+                let mut remaining = limit.saturating_sub(used).saturating_sub(held);
+                let taken = counters.get(&meter).and_then(|read| {
+                    read.iter().find(|c| c.key.start == start && c.key.end == end).map(|c| c.reserved)
+                });
+                if let Some(taken) = taken {
+                    // This node's leases and spares of the period, unused, in every state of
+                    // the tenant: taken from the store, and still this tenant's to use.
+                    let unused: u64 = states
+                        .iter()
+                        .filter_map(|s| s.quotas().find(|c| c.meter_id() == &meter).map(|c| c.unused_of((start, end))))
+                        .sum();
+                    remaining = remaining.min(limit.saturating_sub(taken.saturating_sub(unused)));
+                }
                 QuotaUsage { meter, period, start, end, limit, mode, used, held, remaining }
             })
             .collect();
@@ -306,8 +326,8 @@ pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
 impl Tollgate {
     /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
     /// JSON docs/usage.schema.json describes: its report from the start of its previous
-    /// billing period, with each quota's `remaining` as the `RateLimit` header says it on this
-    /// node (the store's count when this node holds no lease of the quota's period).
+    /// billing period, each quota's `used`, `held`, `remaining` and `limit` from one read of
+    /// the store (so that they add up to at most the limit, whatever this node last heard).
     ///
     /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
     pub(crate) async fn usage_body(&self, state: &Tenant) -> Result<(bytes::Bytes, Vec<u8>), StoreError> {
@@ -324,10 +344,6 @@ impl Tollgate {
         let report = self.report_of(state, previous, end).await?;
         let spend_meter = MeterId::from(crate::base::SPEND_METER);
         let cell_of = |meter: &MeterId| state.quotas().find(|c| c.meter_id() == meter);
-        // As the header says it, when this node leases the quota's current period.
-        let live = |q: &QuotaUsage| {
-            cell_of(&q.meter).and_then(|c| c.status_at(now).map(|s| (c.limit(), s.0))).unwrap_or((q.limit, q.remaining))
-        };
         let mode = |m: QuotaMode| if m == QuotaMode::Hard { "hard" } else { "soft" };
         let quotas: Vec<serde_json::Value> = report
             .quotas
@@ -335,7 +351,7 @@ impl Tollgate {
             .filter(|q| q.meter != spend_meter)
             .map(|q| {
                 let prepaid = q.period == Period::Prepaid;
-                let (limit, remaining) = live(q);
+                let (limit, remaining) = (q.limit, q.remaining);
                 json!({
                     "meter": q.meter.as_str(),
                     "period": q.period.name(),
@@ -398,7 +414,7 @@ impl Tollgate {
                 spec.cap_max,
                 report.own_cap,
             );
-            let (_, remaining) = live(q);
+            let remaining = q.remaining;
             let money = |nanos: u64| crate::base::amount_of(nanos).to_string();
             let mut cap = cap.to_json();
             cap["spent"] = money(q.used).into();

@@ -41,10 +41,11 @@ mod place;
 mod quota;
 mod race;
 mod rate;
+mod reads;
 mod recharge;
 mod schema;
 mod usage;
-pub use usage::DynamoReads;
+pub use reads::DynamoReads;
 
 use keys::{
     credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
@@ -71,7 +72,7 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     /// What its usage reads cost ([`DynamoStore::usage_reads`]).
-    reads: std::sync::Arc<usage::ReadCounts>,
+    reads: std::sync::Arc<reads::ReadCounts>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {

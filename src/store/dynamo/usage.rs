@@ -181,62 +181,12 @@ impl DynamoStore {
     /// together: queries sent, items DynamoDB read, and the read units a strongly consistent
     /// query is billed for them (each query's items' size, rounded up to 4 KB, at least one).
     #[must_use]
-    pub fn usage_reads(&self) -> DynamoReads {
+    pub fn usage_reads(&self) -> super::DynamoReads {
         use std::sync::atomic::Ordering::Relaxed;
-        DynamoReads {
+        super::DynamoReads {
             queries: self.reads.queries.load(Relaxed),
             items_read: self.reads.items.load(Relaxed),
             read_units: self.reads.units.load(Relaxed),
         }
     }
-}
-
-/// What a [`DynamoStore`]'s usage reads cost ([`DynamoStore::usage_reads`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DynamoReads {
-    /// Queries sent.
-    pub queries: u64,
-    /// Items DynamoDB read (`ScannedCount`).
-    pub items_read: u64,
-    /// Read units billed, as DynamoDB bills a strongly consistent query: the size of the items
-    /// it read, rounded up to 4 KB, at least one a query.
-    pub read_units: u64,
-}
-
-/// [`DynamoReads`] as counted.
-#[derive(Debug, Default)]
-pub(super) struct ReadCounts {
-    queries: std::sync::atomic::AtomicU64,
-    items: std::sync::atomic::AtomicU64,
-    units: std::sync::atomic::AtomicU64,
-}
-
-impl ReadCounts {
-    /// Counts a query that read `scanned` items and answered `items` (every item it read: a
-    /// query by key range filters nothing).
-    fn counted(&self, scanned: i32, items: &[Item]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let bytes: usize = items.iter().map(item_size).sum();
-        self.queries.fetch_add(1, Relaxed);
-        self.items.fetch_add(u64::try_from(scanned).unwrap_or(0), Relaxed);
-        self.units.fetch_add(bytes.div_ceil(4096).max(1) as u64, Relaxed);
-    }
-}
-
-/// An item's size as DynamoDB counts it: each attribute's name and value (a string's bytes, a
-/// number's about one byte per two digits and one more).
-fn item_size(item: &Item) -> usize {
-    item.iter()
-        .map(|(name, value)| {
-            name.len()
-                + match value {
-                    AttributeValue::S(t) => t.len(),
-                    AttributeValue::N(t) => t.len().div_ceil(2) + 1,
-                    AttributeValue::B(b) => b.as_ref().len(),
-                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
-                    _ => 16,
-                }
-        })
-        .sum()
 }

@@ -95,6 +95,15 @@ impl QuotaRef<'_> {
         (limit.saturating_sub(used), used > limit)
     }
 
+    /// The units of the period `(start, end)` this node has taken from the store and not used:
+    /// its lease and spare of that period (none of another period).
+    pub(crate) fn unused_of(&self, (start, end): (i64, i64)) -> u64 {
+        match self.period() == (start, end) {
+            true => (self.lease().max(0) as u64).saturating_add(self.spare()),
+            false => 0,
+        }
+    }
+
     /// What the `RateLimit` header says of this quota at `now` for a request that takes
     /// nothing of it (a request that takes `c` units says `c` fewer): the units remaining
     /// across nodes as this node knows them and the end of the period; `None` when this node
