@@ -368,6 +368,8 @@ impl Config {
             (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.accept_eviction != b.accept_eviction => {
                 "accept_eviction"
             }
+            (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.wait_replicas != b.wait_replicas => "wait_replicas",
+            (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.wait_timeout != b.wait_timeout => "wait_timeout",
             (StoreSettings::Redis(_), StoreSettings::Redis(_)) => "prefix",
             _ => "kind",
         };
@@ -528,6 +530,8 @@ impl Validator<'_, '_> {
                     "prefix",
                     "cluster",
                     "accept_eviction",
+                    "wait_replicas",
+                    "wait_timeout",
                 ] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);

@@ -28,6 +28,10 @@ pub(crate) struct RawStore {
     pub(crate) cluster: Option<bool>,
     /// `kind = "redis"`: the `maxmemory-policy` other than `noeviction` the store opens under.
     pub(crate) accept_eviction: Option<String>,
+    /// `kind = "redis"`: the replicas money writes wait for.
+    pub(crate) wait_replicas: Option<i64>,
+    /// `kind = "redis"`: how long money writes wait for them.
+    pub(crate) wait_timeout: Option<String>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
     /// `[store.rate]`, `[store.places]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
@@ -92,6 +96,13 @@ pub struct RedisSettings {
     /// refusal saying what it would evict). See [`RedisOptions::accept_eviction`](crate::store::RedisOptions::accept_eviction)
     /// for what each policy evicts.
     pub accept_eviction: Option<String>,
+    /// The replicas each money write (a credit grant, a refund, a grant closed) waits for
+    /// before it is answered (`wait_replicas`, default 0: the primary's acknowledgement alone);
+    /// short of them within [`wait_timeout`](Self::wait_timeout), it fails (its webhook answers
+    /// 500 and is delivered again). See [`RedisOptions::wait_for_replicas`](crate::store::RedisOptions::wait_for_replicas).
+    pub wait_replicas: u32,
+    /// How long a money write waits for its replicas (`wait_timeout`, default 1 s, below 5 s).
+    pub wait_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -101,13 +112,22 @@ impl std::fmt::Debug for RedisSettings {
             .field("prefix", &self.prefix)
             .field("cluster", &self.cluster)
             .field("accept_eviction", &self.accept_eviction)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, prefix: "tollgate".to_owned(), cluster: false, accept_eviction: None }
+        Self {
+            url: None,
+            prefix: "tollgate".to_owned(),
+            cluster: false,
+            accept_eviction: None,
+            wait_replicas: 0,
+            wait_timeout: std::time::Duration::from_secs(1),
+        }
     }
 }
 
@@ -514,7 +534,9 @@ impl Validator<'_, '_> {
         let redis_only = || {
             only("prefix", raw.prefix.is_some(), "\"redis\"")?;
             only("cluster", raw.cluster.is_some(), "\"redis\"")?;
-            only("accept_eviction", raw.accept_eviction.is_some(), "\"redis\"")
+            only("accept_eviction", raw.accept_eviction.is_some(), "\"redis\"")?;
+            only("wait_replicas", raw.wait_replicas.is_some(), "\"redis\"")?;
+            only("wait_timeout", raw.wait_timeout.is_some(), "\"redis\"")
         };
         let postgres_only = || {
             only("url", raw.url.is_some(), "\"postgres\" or \"redis\"")?;
@@ -645,6 +667,17 @@ impl Validator<'_, '_> {
                         return Err(self.invalid(&format!("{at}.accept_eviction"), why));
                     }
                     r.accept_eviction = Some(policy);
+                }
+                if let Some(n) = raw.wait_replicas {
+                    r.wait_replicas = u32::try_from(n)
+                        .ok()
+                        .filter(|n| *n <= 16)
+                        .ok_or_else(|| self.invalid(&format!("{at}.wait_replicas"), "expected 0 to 16 replicas"))?;
+                }
+                r.wait_timeout = self.duration(&format!("{at}.wait_timeout"), raw.wait_timeout.as_deref(), r.wait_timeout)?;
+                // Below the connection's 5 s a command, which the wait runs within.
+                if r.wait_timeout >= std::time::Duration::from_secs(5) {
+                    return Err(self.invalid(&format!("{at}.wait_timeout"), "must be below 5s (a command's timeout)"));
                 }
                 Ok(StoreSettings::Redis(r))
             }

@@ -83,6 +83,7 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Opened, Build
         };
         let mut options = crate::store::RedisOptions::new(REDIS_TIMEOUT).cluster(r.cluster);
         options.accept_eviction.clone_from(&r.accept_eviction);
+        let options = options.wait_for_replicas(r.wait_replicas, r.wait_timeout);
         let store = crate::store::RedisStore::open_with(&url, &r.prefix, &options).await.map_err(BuildError::Store)?;
         return Ok(Opened::Redis(Arc::new(store)));
     }

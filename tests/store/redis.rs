@@ -264,9 +264,18 @@ fn roles_redis_does_not_serve_are_refused_at_load() {
     )
     .unwrap();
     match config.store_of(tollgate::config::StoreRole::Rate) {
-        tollgate::config::StoreSettings::Redis(r) => assert_eq!(r.accept_eviction.as_deref(), Some("volatile-lru")),
+        tollgate::config::StoreSettings::Redis(r) => {
+            assert_eq!(r.accept_eviction.as_deref(), Some("volatile-lru"));
+            assert_eq!((r.wait_replicas, r.wait_timeout), (0, Duration::from_secs(1)), "the defaults");
+        }
         other => panic!("{other:?}"),
     }
+    let long = refused(
+        "[store.rate]\nkind = \"redis\"\nwait_replicas = 1\nwait_timeout = \"5s\"\n[plans.p]\nrate = \"1/s\"\n",
+    );
+    assert!(long.contains("store.rate.wait_timeout") && long.contains("below 5s"), "{long}");
+    let many = refused("[store.rate]\nkind = \"redis\"\nwait_replicas = -1\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(many.contains("store.rate.wait_replicas"), "{many}");
 }
 
 /// An unreachable server is a clear error within the connect timeout, never a hang, and never
@@ -1162,4 +1171,67 @@ async fn upgrading_from_layout_2_takes_the_time_to_live_off_a_tenants_rows() {
     assert!(pttl(&rows[2]) > 0, "the ended period's keeps its time to live");
     assert!(pttl(&rate) > 0, "a rate's row keeps its time to live");
     assert_eq!(store.counters(&"t".into(), &"requests".into()).await.unwrap().len(), 2, "nothing else changed");
+}
+
+/// Whether `server`'s `INFO replication` says `line` (`master_link_status:up`, say).
+fn replication_says(url: &str, line: &str) -> bool {
+    cli(url, &["info", "replication"]).lines().any(|l| l.trim() == line)
+}
+
+/// Money survives a failover when money writes wait for a replica: a grant is answered once
+/// the replica has it; with the replica cut off (a partition: it follows a primary that is not
+/// there), a grant is an error (its webhook would answer 500 and be delivered again), not an
+/// acknowledgement; the primary killed and the replica
+/// promoted, the first grant is there, and the second, sent again, is applied once. A store
+/// that does not wait (as every store did) acknowledges a grant the failover then loses.
+#[tokio::test]
+async fn money_writes_wait_for_a_replica_and_survive_a_failover() {
+    use tollgate::store::{CreditGrant, GrantOutcome, QuotaStore, RedisOptions};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let (primary, _primary_dir) = OwnServer::everysec().await;
+    let primary_port = primary.url.rsplit(':').next().unwrap().to_owned();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let replica = OwnServer::start_with(
+        replica_dir.path(),
+        "everysec",
+        free_port(),
+        &["--replicaof", "127.0.0.1", &primary_port],
+    )
+    .await;
+    for _ in 0..200 {
+        if replication_says(&replica.url, "master_link_status:up")
+            && replication_says(&primary.url, "connected_slaves:1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replication_says(&replica.url, "master_link_status:up"), "the replica follows the primary");
+    let waiting = RedisOptions::new(Duration::from_secs(5)).wait_for_replicas(1, Duration::from_millis(500));
+    let store = RedisStore::open_with(&primary.url, "money", &waiting).await.unwrap();
+    let plain = RedisStore::open(&primary.url, "money", Duration::from_secs(5)).await.unwrap();
+    let now = 1_773_446_400_i64;
+    let grant = |id: &str, units: u64| CreditGrant::new("t".into(), "tokens".into(), id, units, now);
+    assert!(matches!(store.grant_credits(&grant("in_1", 100)).await.unwrap(), GrantOutcome::Granted(_)));
+    assert_eq!(store.quota_calls().waits, 1, "answered once the replica had it");
+    // The replica cut off from the primary.
+    assert_eq!(cli(&replica.url, &["replicaof", "127.0.0.1", "1"]), "OK");
+    let e = store.grant_credits(&grant("in_2", 50)).await.unwrap_err().to_string();
+    assert!(e.contains("reached 0 of the 1 replicas"), "{e}");
+    // As before: acknowledged by the primary alone.
+    assert!(matches!(plain.grant_credits(&grant("in_3", 7)).await.unwrap(), GrantOutcome::Granted(_)));
+    // The primary dies; the replica is promoted.
+    primary.kill();
+    assert_eq!(cli(&replica.url, &["replicaof", "no", "one"]), "OK");
+    let promoted = RedisStore::open(&replica.url, "money", Duration::from_secs(5)).await.unwrap();
+    let ids = |grants: Vec<CreditGrant>| grants.into_iter().map(|g| g.id).collect::<Vec<_>>();
+    let (grants, _) = promoted.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!(ids(grants), ["in_1"], "the grant answered is there; the one acknowledged by the primary alone is lost");
+    // The grant refused, sent again (a webhook delivered again): applied once.
+    assert!(matches!(promoted.grant_credits(&grant("in_2", 50)).await.unwrap(), GrantOutcome::Granted(_)));
+    assert!(matches!(promoted.grant_credits(&grant("in_2", 50)).await.unwrap(), GrantOutcome::Duplicate(_)));
+    let (_, balances) = promoted.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!(balances[0].1.granted, 150);
 }

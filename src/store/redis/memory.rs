@@ -167,6 +167,33 @@ impl RedisStore {
         }
     }
 
+    /// What the servers' replicas mean for money writes, warned at open: replicas that money
+    /// writes do not wait for (a failover may lose what a webhook was answered 200 for), or
+    /// fewer replicas than they wait for (each would fail).
+    pub(super) async fn replicas_kept(&self) -> Vec<String> {
+        let wanted = self.money.as_ref().map_or(0, |m| m.replicas);
+        let mut out = Vec::new();
+        for (node, text) in info(&self.conn, "replication").await {
+            let Some(replicas) = text.as_deref().and_then(|t| field(t, "connected_slaves")?.parse::<u32>().ok()) else {
+                continue;
+            };
+            if wanted == 0 && replicas > 0 {
+                out.push(format!(
+                    "redis: the server{} has {replicas} replica(s), which money writes do not wait for: a failover \
+                     may lose a grant or a refund whose webhook was answered 200; set wait_replicas (docs/redis.md)",
+                    of(&node)
+                ));
+            } else if replicas < wanted {
+                out.push(format!(
+                    "redis: the server{} has {replicas} replica(s) connected, and money writes wait for {wanted}: \
+                     each fails (its webhook answers 500) until they connect (docs/redis.md)",
+                    of(&node)
+                ));
+            }
+        }
+        out
+    }
+
     /// Takes the time to live off the rows a tenant's limits live in, as tollgate versions
     /// before layout 3 wrote them: every tenant's quota row, and the counters of periods not
     /// ended by `now` (Unix seconds). One pass of `SCAN` over the prefix's keys on each server

@@ -88,6 +88,16 @@ pub struct RedisStore {
     /// One quota call per row at a time on this node ([`RedisStore::turn`]).
     turns: std::sync::Arc<Turns>,
     counts: std::sync::Arc<Counts>,
+    /// Money writes' own connection and the replicas they wait for
+    /// ([`RedisOptions::wait_for_replicas`]); `None`: they go as every call.
+    money: Option<std::sync::Arc<Money>>,
+}
+
+/// Where money writes go, and what they wait for.
+struct Money {
+    conn: Conn,
+    replicas: u32,
+    timeout: Duration,
 }
 
 /// The rows this node's quota calls are on, each with its turn: a call on a row waits for the
@@ -138,6 +148,8 @@ struct Counts {
     attempts: std::sync::atomic::AtomicU64,
     lost: std::sync::atomic::AtomicU64,
     round_trips: std::sync::atomic::AtomicU64,
+    waits: std::sync::atomic::AtomicU64,
+    waited_us: std::sync::atomic::AtomicU64,
 }
 
 /// What a [`RedisStore`]'s quota calls cost since it opened: each call reads the rows it
@@ -157,6 +169,10 @@ pub struct RedisCalls {
     pub lost: u64,
     /// Commands sent to the server in all (reads, writes).
     pub round_trips: u64,
+    /// Money writes that waited for replicas ([`RedisOptions::wait_for_replicas`]).
+    pub waits: u64,
+    /// How long they waited, in all.
+    pub waited: Duration,
 }
 
 impl RedisCalls {
@@ -263,12 +279,32 @@ impl RedisStore {
             true => connect_cluster(url, options.timeout).await?,
             false => connect(url, options.timeout).await?,
         };
+        let money = match options.wait_replicas {
+            0 => None,
+            replicas => {
+                if options.wait_timeout >= options.timeout {
+                    return Err(StoreError::Backend(
+                        format!(
+                            "redis: wait_timeout ({:?}) must be shorter than a command's timeout ({:?})",
+                            options.wait_timeout, options.timeout
+                        )
+                        .into(),
+                    ));
+                }
+                let conn = match options.cluster {
+                    true => connect_cluster(url, options.timeout).await?,
+                    false => connect(url, options.timeout).await?,
+                };
+                Some(std::sync::Arc::new(Money { conn, replicas, timeout: options.wait_timeout }))
+            }
+        };
         let store = Self {
             conn,
             keys: keys::Keys::new(prefix),
             cas: redis::Script::new(CAS),
             turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
+            money,
         };
         store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
@@ -332,7 +368,8 @@ impl RedisStore {
                     false => format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into(),
                 })
             })?;
-        let warnings = self.server_keeps(accepted).await?;
+        let mut warnings = self.server_keeps(accepted).await?;
+        warnings.extend(self.replicas_kept().await);
         let layout = self.keys.layout();
         let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
         let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
@@ -390,7 +427,9 @@ impl RedisStore {
             self.counts.lost.load(Relaxed),
             self.counts.round_trips.load(Relaxed),
         );
-        RedisCalls { calls, attempts, lost, round_trips }
+        let waits = self.counts.waits.load(Relaxed);
+        let waited = Duration::from_micros(self.counts.waited_us.load(Relaxed));
+        RedisCalls { calls, attempts, lost, round_trips, waits, waited }
     }
 
     /// Counts a race a quota call lost.
@@ -529,6 +568,42 @@ impl RedisStore {
             }
             answer => answer,
         }
+    }
+
+    /// This store as its money writes go: on their own connection, which a wait for replicas
+    /// holds alone (`None`: they go as every call).
+    pub(super) fn for_money(&self) -> Option<Self> {
+        let money = self.money.as_ref()?;
+        Some(Self { conn: money.conn.clone(), money: None, ..self.clone() })
+    }
+
+    /// Waits until the replicas money writes ask for have what this store's money connection
+    /// wrote (`WAIT`; on a cluster, every master's replicas): an error short of them, the
+    /// write kept by the primary (its caller sends it again).
+    pub(super) async fn replicated(&self) -> Result<(), StoreError> {
+        let Some(money) = &self.money else { return Ok(()) };
+        let mut conn = money.conn.clone();
+        let ms = u64::try_from(money.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let started = std::time::Instant::now();
+        let acked: i64 =
+            redis::cmd("WAIT").arg(money.replicas).arg(ms).query_async(&mut conn).await.map_err(|e| backend(&e))?;
+        self.counts.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counts.waited_us.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if acked < i64::from(money.replicas) {
+            return Err(StoreError::Backend(
+                format!(
+                    "redis: a money write reached {acked} of the {} replicas wait_replicas asks for within {:?}: the \
+                     primary keeps it, and a failover may lose it; send it again (a webhook answers 500 and is \
+                     delivered again; it is applied once)",
+                    money.replicas, money.timeout
+                )
+                .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The key layout and prefix this store writes.

@@ -16,13 +16,19 @@ pub struct RedisOptions {
     /// The `maxmemory-policy` other than `noeviction` the store opens under (`None`: it opens
     /// under `noeviction` only): [`accept_eviction`](Self::accept_eviction).
     pub accept_eviction: Option<String>,
+    /// The replicas a money write (a credit grant, a refund, a grant closed) waits for before
+    /// it is answered (0: none, the primary's acknowledgement alone):
+    /// [`wait_for_replicas`](Self::wait_for_replicas).
+    pub wait_replicas: u32,
+    /// How long a money write waits for them.
+    pub wait_timeout: Duration,
 }
 
 impl RedisOptions {
     /// One server, no eviction accepted, each command bounded by `timeout`.
     #[must_use]
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, cluster: false, accept_eviction: None }
+        Self { timeout, cluster: false, accept_eviction: None, wait_replicas: 0, wait_timeout: Duration::from_secs(1) }
     }
 
     /// The URL names a node of a Redis Cluster (its slots are followed).
@@ -45,6 +51,24 @@ impl RedisOptions {
     #[must_use]
     pub fn accept_eviction(mut self, policy: impl Into<String>) -> Self {
         self.accept_eviction = Some(policy.into());
+        self
+    }
+}
+
+impl RedisOptions {
+    /// Each money write (a credit grant, a refund or a dispute, a grant closed or revoked)
+    /// waits, once written, until `replicas` replicas have it (Redis's `WAIT`, on every master
+    /// of a cluster), at most `timeout`; short of them, it answers an error, though the primary
+    /// keeps the write: its caller sends it again (a Stripe webhook answers 500 and is
+    /// delivered again; every money write is applied once however often it is sent). Without
+    /// it, a money write is acknowledged by the primary alone, and a failover to a replica
+    /// that had not received it loses it, after its webhook was answered 200.
+    ///
+    /// Money writes go on a connection of their own, so that a wait holds up no request.
+    #[must_use]
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = replicas;
+        self.wait_timeout = timeout;
         self
     }
 }

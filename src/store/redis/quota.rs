@@ -600,6 +600,12 @@ impl QuotaStore for RedisStore {
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
+        // On money writes' own connection, then waited for by the replicas asked for.
+        if let Some(money) = self.for_money() {
+            let outcome = money.grant_credits(grant).await?;
+            self.replicated().await?;
+            return Ok(outcome);
+        }
         // Its tenant hinted in its payment's rows first, the refunds waiting there read.
         let outside = self.hint_payment(grant).await?;
         let due = self.keys().credits_due();
@@ -682,6 +688,11 @@ impl QuotaStore for RedisStore {
         revoke: bool,
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
+        if let Some(money) = self.for_money() {
+            let closed = money.close_credits(tenant, meter, id, revoke, now).await?;
+            self.replicated().await?;
+            return Ok(closed);
+        }
         let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
         let closed = self.with_quota(tenant, now, retries, |q| q.close(tenant, meter, id, revoke, now)).await?;
         if closed.is_some() {
@@ -693,6 +704,11 @@ impl QuotaStore for RedisStore {
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
+        if let Some(money) = self.for_money() {
+            let outcome = money.refund_credits(refund).await?;
+            self.replicated().await?;
+            return Ok(outcome);
+        }
         let keys = payment_keys(&refund.payment, refund.invoice.as_deref());
         let keys = &keys;
         let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
