@@ -181,9 +181,10 @@ impl Tollgate {
     /// 1`) for one that is not among the tenant's live keys as the view read them (revoked
     /// since the node confirmed it, or issued within the last second).
     ///
-    /// A quota's `remaining` is what the `RateLimit` header of this node says of it: its
-    /// next request that takes `c` units of the quota says `remaining − c` (the route's view
-    /// is up to a second old). The view is made at most once per tenant per second on a node
+    /// A quota's `used`, `held`, `remaining` and `limit` come from one read of the store, so
+    /// that `used + held + remaining` is at most `limit` on whichever node answers; the
+    /// `RateLimit` header says what this node last heard, and may differ by what other nodes
+    /// took since (docs/usage.md, "The same numbers as enforcement"). The view is made at most once per tenant per second on a node
     /// ([`Stats::usage_refreshes`](crate::report::Stats::usage_refreshes)), however often it is
     /// polled, with a bounded number of store calls (docs/usage.md); answers carry
     /// `Cache-Control: private, max-age=1` and an `ETag`, and an `If-None-Match` that matches
