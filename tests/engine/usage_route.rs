@@ -443,8 +443,8 @@ rate = "100/s"
 /// Two nodes of one tenant: node A served one request of the day and leased tokens; node B
 /// then served 60 requests and spent the rest of the balance, which B's webhook topped up by
 /// 1,000. A's view answers every quota from one read of the store: `used + held + remaining`
-/// is at most the limit, and the balance shows the top-up (it showed A's last view: 991 of
-/// 100 requests remaining beside 61 used, and the balance as before the top-up).
+/// is at most the limit, and the balance shows the top-up (it showed A's last view: 99 of 100
+/// requests remaining beside 67 used, and the balance as before the top-up).
 #[tokio::test]
 async fn two_nodes_views_add_up_to_the_limit_from_one_read() {
     let store = Arc::new(MemoryStore::new());

@@ -1220,6 +1220,15 @@ async fn money_writes_wait_for_a_replica_and_survive_a_failover() {
     assert_eq!(cli(&replica.url, &["replicaof", "127.0.0.1", "1"]), "OK");
     let e = store.grant_credits(&grant("in_2", 50)).await.unwrap_err().to_string();
     assert!(e.contains("reached 0 of the 1 replicas"), "{e}");
+    // A recharge its webhook stops (a dispute, a price changed) is a money write too.
+    let prepaid = tollgate::config::Period::Prepaid;
+    let (start, end) = prepaid.bounds(0);
+    let key = tollgate::store::QuotaKey::new("t".into(), "tokens".into(), prepaid, start, end);
+    let why = tollgate::store::RechargeFailure::PriceChanged;
+    let stop = tollgate::store::Reservation::new(key, 0, 0, None, ReserveToken::new(1, 1).at(now))
+        .recharging(tollgate::store::RechargeMode::Stop { n: 1, why });
+    let e = store.reserve(&stop).await.unwrap_err().to_string();
+    assert!(e.contains("reached 0 of the 1 replicas"), "{e}");
     // As before: acknowledged by the primary alone.
     assert!(matches!(plain.grant_credits(&grant("in_3", 7)).await.unwrap(), GrantOutcome::Granted(_)));
     // The primary dies; the replica is promoted.

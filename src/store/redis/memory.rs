@@ -80,8 +80,9 @@ fn evicts(policy: &str) -> &'static str {
     if policy.starts_with("volatile-") {
         "when full, the server evicts keys with a time to live: shared rates and places in flight (a rate or a \
          concurrency admitted past its limit for a moment), Idempotency-Key bindings (a request sent again served, \
-         and counted, again), payments' hints (a refund waits for its grant) and counters of ended periods; a \
-         tenant's quota row and its current periods' counters carry none, and are never evicted"
+         and counted, again), payments' hints (a dispute or refund naming only its payment, its hint evicted, \
+         finds no tenant and takes nothing back) and counters of ended periods; a tenant's quota row and its \
+         current periods' counters carry none, and are never evicted"
     } else {
         "when full, the server evicts any key, tenants' quotas among them: a counter evicted starts again from zero \
          (its units admitted again) and a prepaid balance evicted is lost, besides shared rates, places in flight \
@@ -200,8 +201,9 @@ impl RedisStore {
     /// (every master of a cluster), 1,000 keys a command. Nothing else is written.
     ///
     /// # Errors
-    /// A server that did not answer, or a key that moved while the pass ran (opened again, the
-    /// pass runs again).
+    /// A server that did not answer, or that refused `SCAN` (some proxies do). A key whose slot
+    /// moves between two masters while the pass runs may be missed on a cluster (neither
+    /// master holds it when it is scanned).
     pub(super) async fn persist_live_rows(&self, now: i64) -> Result<u64, StoreError> {
         let failed = |e: redis::RedisError| {
             StoreError::Backend(

@@ -295,6 +295,16 @@ impl RedisStore {
                     true => connect_cluster(url, options.timeout).await?,
                     false => connect(url, options.timeout).await?,
                 };
+                // A server (or proxy, or ACL user) that refuses WAIT would apply every money
+                // write and then fail it: refused now.
+                let probe: redis::RedisResult<i64> =
+                    redis::cmd("WAIT").arg(0).arg(0).query_async(&mut conn.clone()).await;
+                if let Err(e) = probe {
+                    return Err(StoreError::Backend(
+                        format!("redis: wait_replicas needs WAIT, which the server refused ({e}) (docs/redis.md)")
+                            .into(),
+                    ));
+                }
                 Some(std::sync::Arc::new(Money { conn, replicas, timeout: options.wait_timeout }))
             }
         };

@@ -43,8 +43,9 @@ impl RedisOptions {
     ///
     /// - `volatile-*`: keys with a time to live. Shared rates and places in flight (a rate or
     ///   a concurrency admitted past its limit for a moment), `Idempotency-Key` bindings (a
-    ///   request sent again served, and counted, again), payments' hints (a refund of a
-    ///   payment waits for its grant), counters of ended periods. A tenant's quota row and the
+    ///   request sent again served, and counted, again), payments' hints (a dispute naming
+    ///   only its payment, its hint evicted, finds no tenant and takes nothing back), counters
+    ///   of ended periods. A tenant's quota row and the
     ///   counters of its current periods carry none: never evicted.
     /// - `allkeys-*`: any key. A tenant's quota among them: a counter evicted starts again from
     ///   zero (its units admitted again), a prepaid balance evicted is lost.

@@ -492,11 +492,12 @@ fn tenant_state(row: &Row) -> Option<&str> {
 
 /// How long the row of a calendar period's counter ending at `end` is kept, written at `now`:
 /// without a time to live while the period runs (a volatile-* eviction policy evicts only keys
-/// with one: a counter evicted would start again from zero); once it ended, 35 days past the
-/// end and never sooner than 35 days after the write (a call on a period long over must not see
-/// the row vanish under the next). A period's row outlives it until its meter's next period is
-/// made, which marks it dropped with a time to live: a tenant keeps at most two rows without
-/// one per meter and kind of period.
+/// with one: a counter evicted would start again from zero); once it ended, by `now` (the
+/// caller's clock), 35 days past the end and never sooner than 35 days after the write (a call
+/// on a period long over must not see the row vanish under the next). A period's row not
+/// written after its end keeps no time to live until its meter's period after next is made,
+/// which marks it dropped with one: a tenant keeps at most two counters without one per meter
+/// and kind of period, and its quota row.
 fn counter_ttl(now: i64, end: i64) -> Ttl {
     match end > now {
         true => Ttl::Never,
@@ -527,6 +528,16 @@ fn kept_for_grant(refund: &CreditRefund, grant: &CreditGrant) -> bool {
 #[async_trait]
 impl QuotaStore for RedisStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        // A recharge's outcome as its webhook tells it (paid, failed, stopped) or a setting
+        // stored: a money write, waited for by the replicas asked for. (A watch, which may
+        // claim a recharge, is the request path's: not waited for.)
+        if !matches!(r.recharge, RechargeMode::Ignored | RechargeMode::Watch { .. }) {
+            if let Some(money) = self.for_money() {
+                let grant = money.reserve(r).await?;
+                self.replicated().await?;
+                return Ok(grant);
+            }
+        }
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
         if r.key.period == Period::Prepaid {
