@@ -2,7 +2,7 @@
 //! used and remaining in the current period; and usage over a date range. Read from the
 //! store, with this node's usage not flushed yet included.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use crate::engine::{usage::events::EventError, Tollgate};
 use crate::settings::recharge::RechargeView;
@@ -103,8 +103,9 @@ impl Tollgate {
     /// its current period — used and remaining — and its usage per meter and window over
     /// `[from, to)` (Unix seconds). Read from the store, with the usage this node has not
     /// flushed yet included (not that of other nodes, which reaches the store within
-    /// `usage.flush_interval`). Usage of a flush whose store answer was lost, waiting for its
-    /// retry, is left out until the retry lands (it may already be in the store).
+    /// `usage.flush_interval`). Usage of a batch on its way to the store, or whose store answer
+    /// was lost and waits for its retry, is left out until it lands (it may already be in the
+    /// store): never counted twice. A report never waits for a flush, nor holds one up.
     ///
     /// # Errors
     /// The tenant is unknown, or the store did not answer.
@@ -189,48 +190,43 @@ impl Tollgate {
             };
             Ok::<_, StoreError>((in_range, in_periods))
         };
-        // The store read without holding the pipeline (a flush is never held up by a read),
-        // then this node's usage not committed read under it: if no batch of this node was
-        // committed in between, nothing is counted twice or missed; else the store is read
-        // again under it.
-        let commits = self.units().pipeline().commits();
-        let unlocked = reads().await?;
-        // A flush holds the pipeline while it commits: waited for no longer than a request
-        // waits on the store (at least a second).
-        let wait =
-            self.shared().stores().policy().limit(crate::store::limited::Path::Request).max(Duration::from_secs(1));
-        let pipeline = match tokio::time::timeout(wait, self.units().pipeline().lock()).await {
-            Ok(pipeline) => pipeline,
-            Err(_) => return Err(StoreError::Timeout(wait)),
-        };
-        let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
-        for ((t, meter, window), q) in pipeline.staged_of(tenant) {
-            debug_assert_eq!(t, tenant);
-            *local.entry((meter.clone(), *window)).or_default() += q;
-        }
-        let mut peek = |s: &Tenant| {
-            s.peek_usage(|m, window, q| {
-                let meter = s.plan.meters.ids[m].clone();
-                let window = align(&meter, window);
-                *local.entry((meter, window)).or_default() += q;
-            });
-        };
-        // The tenant's state and any retired ones (a plan change), each once: a state retired
-        // between the two reads is met in both.
-        let mut states: Vec<Tenant> = self.gate().table().state(tenant).into_iter().collect();
-        for s in self.gate().table().retired().iter() {
-            if s.id == *tenant && !states.iter().any(|t| Tenant::ptr_eq(t, s)) {
-                states.push(s.clone());
+        // The store read, then this node's usage not in it (the queue of the pipeline and the
+        // tenant's counters, read at one instant, after it: none of it can be in the read).
+        // If a batch of this node was committed between the two, the store is read again (the
+        // read may have missed it); a flush is never waited for, nor held up.
+        let pipeline = self.units().pipeline();
+        // The tenant's state and any retired ones (a plan change), each once.
+        let states_now = || {
+            let mut states: Vec<Tenant> = self.gate().table().state(tenant).into_iter().collect();
+            for s in self.gate().table().retired().iter() {
+                if s.id == *tenant && !states.iter().any(|t| Tenant::ptr_eq(t, s)) {
+                    states.push(s.clone());
+                }
             }
-        }
-        for s in &states {
-            peek(s);
-        }
-        let (in_range, in_periods) = match self.units().pipeline().commits() == commits {
-            true => unlocked,
-            false => reads().await?,
+            let mut peeked: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
+            for s in &states {
+                s.peek_usage(|m, window, q| {
+                    let meter = s.plan.meters.ids[m].clone();
+                    let window = align(&meter, window);
+                    *peeked.entry((meter, window)).or_default() += q;
+                });
+            }
+            (states, peeked)
         };
-        drop(pipeline);
+        let mut commits = pipeline.commits();
+        let mut attempt = 0;
+        let ((in_range, in_periods), local, states) = loop {
+            attempt += 1;
+            let read = reads().await?;
+            let (queued, (states, mut local), now_commits) = pipeline.unstored_of(tenant, states_now);
+            if now_commits == commits || attempt == 2 {
+                for ((meter, window), q) in queued {
+                    *local.entry((meter, window)).or_default() += q;
+                }
+                break (read, local, states);
+            }
+            commits = now_commits;
+        };
         // This node's holds, in every state of the tenant.
         let held = |meter: &MeterId| -> u64 {
             states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held())).sum()

@@ -378,6 +378,9 @@ pub struct Faulty {
     /// The next usage read (`usage_range`) reads the store, then notifies the first and waits
     /// for the second before it answers (a read overtaken by a flush).
     pub hold_usage_read: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
+    /// The next usage commit notifies the first and waits for the second before it reaches the
+    /// store (a flush under way, its batch on its way).
+    pub hold_commit: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
     /// The next key lookup (`find_key`) reads the store, then notifies the first and waits for
     /// the second before it answers (a lookup overtaken by a change of the directory).
     pub hold_key_lookup: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
@@ -439,6 +442,7 @@ impl Default for Faulty {
             usage_reads: Default::default(),
             counter_reads: Default::default(),
             hold_usage_read: Default::default(),
+            hold_commit: Default::default(),
             hold_key_lookup: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
@@ -610,6 +614,11 @@ impl QuotaStore for Faulty {
 impl UsageStore for Faulty {
     async fn commit_usage(&self, b: &UsageBatch) -> Result<CommitOutcome, StoreError> {
         self.check_usage()?;
+        let gate = self.hold_commit.lock().unwrap().take();
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
         let outcome = self.inner.commit_usage(b).await?;
         let lose = self.lose_commit_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if lose.is_ok() {

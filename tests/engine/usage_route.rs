@@ -224,6 +224,43 @@ async fn polls_make_one_view_a_second_with_the_store_calls_the_guide_lists() {
     assert_eq!(h.tollgate.stats().usage_refreshes, 5);
 }
 
+/// A refresh never waits for a flush (issue 86, item 7): with a flush's batch on its way to
+/// the store and held there, the route answers at once, counting the usage recorded since
+/// (still in the tenant's counters) and what the store holds; once the batch lands, the next
+/// view counts it, once. On main the refresh waited for the flush and answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_never_waits_for_a_flush_under_way() {
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    let used = |r: &http::Response<Bytes>| find(&json(r.body())["quotas"], "requests")["used"].as_u64().unwrap();
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    // Two more, then a flush whose commit is held before it reaches the store.
+    for _ in 0..2 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_commit.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let flushing = tokio::spawn({
+        let engine = h.tollgate.clone();
+        async move { engine.flush().await.map(|r| r.batches) }
+    });
+    entered.notified().await;
+    // One more, recorded while the batch is on its way.
+    assert_eq!(h.status("/", "key-t").await, 200);
+    let during = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    assert_eq!(during.status(), 200, "answered while the flush holds its batch");
+    // The 3 stored and the 1 in the counters; the 2 on their way are counted once they land.
+    assert_eq!(used(&during), 4);
+    release.notify_one();
+    assert_eq!(flushing.await.unwrap().unwrap(), 1, "the batch held, then committed");
+    h.clock.advance(Duration::from_secs(1));
+    let after = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    assert_eq!(used(&after), 6, "each counted once");
+}
+
 /// Polls of two tenants in the same second, interleaved, concurrently: each gets its own
 /// tenant's view, never the other's, and one view each is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,12 +22,15 @@ use crate::{
 };
 
 /// The usage pipeline: usage drained from the tenants' counters, held until the store takes
-/// it, committed in batches exactly once each. One flush at a time (`batches` is its lock).
+/// it, committed in batches exactly once each. One flush at a time (`batches` is its lock);
+/// what it holds is in `queue`, behind a lock no store call is made under, so that a reader
+/// of the usage not stored yet ([`unstored_of`](Self::unstored_of)) never waits for a flush.
 pub(crate) struct Pipeline {
     batches: tokio::sync::Mutex<Batches>,
-    /// Batches committed by this node (bumped under the lock, after the store took one): a
-    /// read of the store made without the lock is known to miss none of them if it is the
-    /// same once the lock is taken.
+    queue: std::sync::Mutex<Queue>,
+    /// Batches committed by this node (bumped after the store took one, as it leaves the
+    /// queue): a read of the store is known to miss none of them if it is the same before the
+    /// read and when the queue is read after it.
     commits: std::sync::atomic::AtomicU64,
     /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
     buffer_full: AtomicBool,
@@ -45,27 +48,33 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-/// Usage drained but not yet committed: formed batches (retried first, in order, with their
-/// own ids) and usage not yet in a batch.
+/// The flush's own: the ids its batches are formed with.
 pub(crate) struct Batches {
-    pending: VecDeque<UsageBatch>,
-    /// When each pending batch was formed (engine clock, Unix seconds), in the same order.
-    formed: VecDeque<i64>,
-    /// (units, billable) per (tenant, meter, window).
-    staged: HashMap<(TenantId, MeterId, i64), (u64, bool)>,
     seq: u64,
     node: String,
 }
 
+/// Usage drained but not yet committed: formed batches (retried first, in order, with their
+/// own ids) and usage not yet in a batch.
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<Pending>,
+    /// (units, billable) per (tenant, meter, window).
+    staged: HashMap<(TenantId, MeterId, i64), (u64, bool)>,
+}
+
+/// A batch formed and not committed yet.
+struct Pending {
+    batch: Arc<UsageBatch>,
+    /// When it was formed (engine clock, Unix seconds).
+    formed: i64,
+    /// Whether it was sent to the store (it may be there, though no answer said so).
+    sent: bool,
+}
+
 impl Batches {
     fn new() -> Self {
-        Self {
-            pending: VecDeque::new(),
-            formed: VecDeque::new(),
-            staged: HashMap::new(),
-            seq: 0,
-            node: Self::draw_node(),
-        }
+        Self { seq: 0, node: Self::draw_node() }
     }
 
     fn draw_node() -> String {
@@ -79,25 +88,37 @@ impl Batches {
         self.seq = 0;
     }
 
+}
+
+impl Queue {
     /// Records drained and not committed.
     fn records(&self) -> usize {
-        self.pending.iter().map(|b| b.records.len()).sum::<usize>() + self.staged.len()
+        self.pending.iter().map(|p| p.batch.records.len()).sum::<usize>() + self.staged.len()
     }
 
     /// (records, units) drained and not committed.
-    /// The staged records of `tenant` (drained from the tenant states, not yet sealed in a
-    /// batch).
-    pub(crate) fn staged_of<'a>(
-        &'a self,
-        tenant: &'a TenantId,
-    ) -> impl Iterator<Item = (&'a (TenantId, MeterId, i64), u64)> + 'a {
-        self.staged.iter().filter(move |((t, _, _), _)| t == tenant).map(|(k, (q, _))| (k, *q))
-    }
-
-    pub(crate) fn held(&self) -> (usize, u64) {
-        let batches = self.pending.iter().flat_map(|b| b.records.iter().map(|r| r.quantity));
+    fn held(&self) -> (usize, u64) {
+        let batches = self.pending.iter().flat_map(|p| p.batch.records.iter().map(|r| r.quantity));
         let (n, units) = batches.fold((0, 0u64), |(n, u), q| (n + 1, u + q));
         (n + self.staged.len(), units + self.staged.values().map(|(q, _)| q).sum::<u64>())
+    }
+}
+
+/// The pipeline held ([`Pipeline::lock`]): no flush runs meanwhile.
+pub(crate) struct Held<'a> {
+    batches: tokio::sync::MutexGuard<'a, Batches>,
+    pipeline: &'a Pipeline,
+}
+
+impl Held<'_> {
+    /// (records, units) drained and not committed.
+    pub(crate) fn held(&self) -> (usize, u64) {
+        self.pipeline.queue().held()
+    }
+
+    /// Draws a new node id for the batches formed from now on (after a SnapStart restore).
+    pub(crate) fn renew_node(&mut self) {
+        self.batches.renew_node();
     }
 }
 
@@ -135,6 +156,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             batches: tokio::sync::Mutex::new(Batches::new()),
+            queue: std::sync::Mutex::default(),
             commits: std::sync::atomic::AtomicU64::new(0),
             buffer_full: AtomicBool::new(false),
             stores,
@@ -159,10 +181,44 @@ impl Pipeline {
         self.commits.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Holds the pipeline: no flush runs meanwhile (what is drained and not committed can be
-    /// read without being counted twice or missed).
-    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Batches> {
-        self.batches.lock().await
+    /// Holds the pipeline: no flush runs meanwhile.
+    pub(crate) async fn lock(&self) -> Held<'_> {
+        Held { batches: self.batches.lock().await, pipeline: self }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This node's usage of `tenant` that no store call has carried yet, per (meter, window):
+    /// drained and not in a batch, or in a batch not sent; with what `also` reads at the same
+    /// instant (no drain runs meanwhile: the usage still in the tenant's counters), and the
+    /// batches committed by then ([`commits`](Self::commits)). Read after the store was, none
+    /// of it is in that read. A batch sent and not answered is not among it (it may be stored
+    /// already): a reader that read the store before it lands misses it until it does.
+    ///
+    /// Never waits for a flush: the lock it takes is held for no store call.
+    pub(crate) fn unstored_of<R>(
+        &self,
+        tenant: &TenantId,
+        also: impl FnOnce() -> R,
+    ) -> (HashMap<(MeterId, i64), u64>, R, u64) {
+        let q = self.queue();
+        let mut out: HashMap<(MeterId, i64), u64> = HashMap::new();
+        for ((t, meter, window), (units, _)) in &q.staged {
+            if t == tenant {
+                *out.entry((meter.clone(), *window)).or_default() += units;
+            }
+        }
+        for r in q.pending.iter().filter(|p| !p.sent).flat_map(|p| p.batch.records.iter()) {
+            if r.tenant == *tenant {
+                *out.entry((r.meter.clone(), r.window_start)).or_default() += r.quantity;
+            }
+        }
+        let also = also();
+        let commits = self.commits();
+        drop(q);
+        (out, also, commits)
     }
 
     /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
@@ -185,7 +241,7 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
-        let (dropped, tend) = self.drain(rt, table, &mut p);
+        let (dropped, tend) = self.drain(rt, table, &mut self.queue());
         leases.return_leases(dropped).await;
         // Units given back past a lease's cap that no call took yet go back now, leases in
         // debt owe it, and what changed in what the cells keep is told, before any usage
@@ -193,9 +249,23 @@ impl Pipeline {
         // whose usage is committed (told after, it would). A quota store in trouble never
         // holds up the usage for long: a pass stops after a few timeouts.
         leases.tend(rt, tend).await;
-        self.commit_pending(&mut p, &mut report).await?;
-        if !p.staged.is_empty() {
-            let records: Vec<UsageRecord> = p
+        self.commit_pending(&mut report).await?;
+        // Formed in the queue's lock, held for no store call.
+        self.form_batches(&mut p);
+        self.commit_pending(&mut report).await?;
+        // Everything held was taken: the buffer has room again.
+        self.buffer_full.store(false, Relaxed);
+        if report.batches > 0 {
+            tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
+        }
+        Ok(report)
+    }
+
+    /// Seals the staged records in batches, each under its own id.
+    fn form_batches(&self, p: &mut Batches) {
+        let mut q = self.queue();
+        if !q.staged.is_empty() {
+            let records: Vec<UsageRecord> = q
                 .staged
                 .drain()
                 .map(|((tenant, meter, window_start), (quantity, billable))| {
@@ -206,42 +276,42 @@ impl Pipeline {
             // Drained, the map keeps its capacity: after a flush of many tenants (a million
             // let go by the idle sweep: about 120 bytes each) it is given back, down to room
             // for 4,096 records.
-            p.staged.shrink_to(4096);
+            q.staged.shrink_to(4096);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
-                p.pending.push_back(UsageBatch::new(id, chunk.to_vec()));
-                p.formed.push_back(self.clock.unix_secs());
+                let batch = Arc::new(UsageBatch::new(id, chunk.to_vec()));
+                q.pending.push_back(Pending { batch, formed: self.clock.unix_secs(), sent: false });
             }
         }
-        self.commit_pending(&mut p, &mut report).await?;
-        // Everything held was taken: the buffer has room again.
-        self.buffer_full.store(false, Relaxed);
-        if report.batches > 0 {
-            tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
-        }
-        Ok(report)
     }
 
-    async fn commit_pending(&self, p: &mut Batches, report: &mut FlushReport) -> Result<(), StoreError> {
-        while let Some(batch) = p.pending.front() {
-            // A batch is retried only while the store surely remembers its id (a retry after
-            // the id expired would count it twice); one that waited that long (the store down
-            // for weeks) holds windows no billing system takes any more: dropped, counted.
-            let formed = p.formed.front().copied().unwrap_or(i64::MAX);
-            if self.clock.unix_secs().saturating_sub(formed) > MAX_BATCH_WAIT_SECS {
-                let units: u64 = batch.records.iter().map(|r| r.quantity).sum();
-                tracing::error!(batch = %batch.id, units,
-                    "a usage batch waited longer than the store keeps flush ids: dropped, not retried (it could be counted twice)");
-                self.totals.dropped_units.add(units);
-                p.pending.pop_front();
-                p.formed.pop_front();
-                continue;
-            }
+    /// Commits the pending batches in order (the caller holds the pipeline: no other flush
+    /// changes the queue's front meanwhile).
+    async fn commit_pending(&self, report: &mut FlushReport) -> Result<(), StoreError> {
+        loop {
+            let batch = {
+                let mut q = self.queue();
+                let Some(front) = q.pending.front_mut() else { break };
+                // A batch is retried only while the store surely remembers its id (a retry
+                // after the id expired would count it twice); one that waited that long (the
+                // store down for weeks) holds windows no billing system takes any more:
+                // dropped, counted.
+                if self.clock.unix_secs().saturating_sub(front.formed) > MAX_BATCH_WAIT_SECS {
+                    let units: u64 = front.batch.records.iter().map(|r| r.quantity).sum();
+                    tracing::error!(batch = %front.batch.id, units,
+                        "a usage batch waited longer than the store keeps flush ids: dropped, not retried (it could be counted twice)");
+                    self.totals.dropped_units.add(units);
+                    q.pending.pop_front();
+                    continue;
+                }
+                front.sent = true;
+                front.batch.clone()
+            };
             let mut attempt = 0;
             let outcome = loop {
                 attempt += 1;
-                match self.stores.background().usage.commit_usage(batch).await {
+                match self.stores.background().usage.commit_usage(&batch).await {
                     Ok(outcome) => break Ok(outcome),
                     Err(e) if attempt < COMMIT_ATTEMPTS => {
                         tracing::debug!(error = %e, attempt, "usage commit failed, retrying");
@@ -261,13 +331,13 @@ impl Pipeline {
                     let t = &self.totals;
                     t.flushes.add(1);
                     t.flushed_units.add(units);
+                    let mut q = self.queue();
+                    q.pending.pop_front();
                     self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    p.pending.pop_front();
-                    p.formed.pop_front();
                 }
                 Err(e) => {
                     self.totals.flush_errors.add(1);
-                    let (records, units) = p.held();
+                    let (records, units) = self.queue().held();
                     tracing::warn!(error = %e, records, units, "usage flush failed; the usage is kept and retried");
                     return Err(e);
                 }
@@ -282,7 +352,7 @@ impl Pipeline {
     /// Drains every tenant's usage into `p`: the retired states no request holds any more
     /// (their leases to go back), and the states with cells to tend (spare units to go back,
     /// a lease in debt).
-    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Batches) -> (Vec<Tenant>, Vec<Tenant>) {
+    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Queue) -> (Vec<Tenant>, Vec<Tenant>) {
         let max = rt.config.usage.max_buffered_records;
         let mut room = max.saturating_sub(p.records());
         let was_full = self.buffer_full.load(Relaxed);
