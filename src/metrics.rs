@@ -190,6 +190,7 @@ pub(crate) struct Totals {
     pub(crate) store_fast_failures: Tally,
     pub(crate) negative_hits: Tally,
     pub(crate) usage_refreshes: Tally,
+    pub(crate) usage_refreshes_refused: Tally,
     pub(crate) buffer_full: Tally,
     pub(crate) dropped_units: Tally,
     pub(crate) events_applied: AtomicU64,
@@ -249,6 +250,7 @@ impl Totals {
             store_fast_failures: Tally::new(counter!("tollgate_store_fast_failures_total")),
             negative_hits: Tally::new(counter!("tollgate_unknown_credential_cache_hits_total")),
             usage_refreshes: Tally::new(counter!("tollgate_usage_view_refreshes_total")),
+            usage_refreshes_refused: Tally::new(counter!("tollgate_usage_view_refreshes_refused_total")),
             buffer_full: Tally::new(counter!("tollgate_usage_buffer_full_total")),
             dropped_units: Tally::new(counter!("tollgate_usage_dropped_units_total")),
             anonymous_without_address: Tally::new(counter!("tollgate_anonymous_without_address_total")),
@@ -366,6 +368,10 @@ pub struct Stats {
     /// [`Tollgate::tenant_usage`](crate::Tollgate::tenant_usage)): at most one per tenant per
     /// second on a node, however often it is polled.
     pub usage_refreshes: u64,
+    /// Refreshes of usage views not made because the node's budget (`usage.view_refresh_rate`)
+    /// was spent: the poll was answered the tenant's view of the last minute if one was kept,
+    /// else 503 (counted either way).
+    pub usage_refreshes_refused: u64,
     /// Flushes that found the usage buffer (`usage.max_buffered_records`) full.
     pub buffer_full: u64,
     /// Units of fail-open usage dropped because the buffer was full (never under fail-closed,
@@ -463,6 +469,7 @@ impl Totals {
             store_fast_failures: self.store_fast_failures.get(),
             negative_hits: self.negative_hits.get(),
             usage_refreshes: self.usage_refreshes.get(),
+            usage_refreshes_refused: self.usage_refreshes_refused.get(),
             buffer_full: self.buffer_full.get(),
             dropped_units: self.dropped_units.get(),
             events_applied: l(&self.events_applied),

@@ -296,6 +296,12 @@ mod validation {
         assert_eq!(queue(""), std::time::Duration::from_secs(2));
         assert_eq!(queue("[usage]\nstore_timeout = \"5s\"\n"), std::time::Duration::from_secs(5));
         assert_eq!(queue("[usage]\nqueue_timeout = \"250ms\"\n"), std::time::Duration::from_millis(250));
+        // The node's budget of usage views (issue 86, item 7): a rate, 50/s unless set.
+        assert_eq!(at("[usage]\nview_refresh_rate = \"fast\"\n"), ("usage.view_refresh_rate".to_owned(), Some(2)));
+        assert_eq!(at("[usage]\nview_refresh_rate = \"0/s\"\n"), ("usage.view_refresh_rate".to_owned(), Some(2)));
+        let budget = |toml: &str| parse(&format!("[plans.p]\n{toml}")).unwrap().usage.view_refresh_rate.to_string();
+        assert_eq!(budget(""), "50/s");
+        assert_eq!(budget("[usage]\nview_refresh_rate = \"600/min\"\n"), "600/min");
         // A TTL a renewal cannot land within, given the store calls' time limit: refused where
         // a plan counts its concurrency for the fleet, accepted where none does.
         let slow = "[usage]\nstore_timeout = \"5s\"\n[limits]\nplace_ttl = \"30s\"\nfleet_size_hint = 2\n";

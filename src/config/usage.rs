@@ -20,6 +20,7 @@ pub(crate) struct RawUsage {
     pub(crate) on_store_error: Option<String>,
     pub(crate) store_timeout: Option<String>,
     pub(crate) queue_timeout: Option<String>,
+    pub(crate) view_refresh_rate: Option<String>,
     pub(crate) default_meter: Option<String>,
     pub(crate) shutdown_timeout: Option<String>,
     pub(crate) max_buffered_records: Option<u64>,
@@ -171,6 +172,11 @@ pub struct UsageSettings {
     /// [`TenantBusy`](crate::RejectionKind::TenantBusy): time queued in the node, which is not
     /// the store's (`store_timeout` bounds each call once its turn has come).
     pub queue_timeout: Duration,
+    /// How many tenants' usage views ([`Tollgate::tenant_usage`](crate::Tollgate::tenant_usage))
+    /// this node makes anew, at most (up to the count at once, then at that rate), whoever
+    /// polls: past it a poll is answered the view kept if it is at most a minute old, else
+    /// 503 with `Retry-After: 1`.
+    pub view_refresh_rate: super::Rate,
     /// How long `shutdown()` keeps retrying the final flush and export while the store is down.
     pub shutdown_timeout: Duration,
     /// The most usage records (tenant × meter × window) held in memory while the store does
@@ -255,6 +261,12 @@ impl Validator<'_, '_> {
                 Duration::from_millis(250),
             )?,
             queue_timeout: self.duration("usage.queue_timeout", u.queue_timeout.as_deref(), Duration::from_secs(2))?,
+            view_refresh_rate: match &u.view_refresh_rate {
+                None => "50/s".parse().expect("a valid rate"),
+                Some(r) => {
+                    r.parse().map_err(|e| self.invalid("usage.view_refresh_rate", format!("{e}, not \"{r}\"")))?
+                }
+            },
             shutdown_timeout: self.duration(
                 "usage.shutdown_timeout",
                 u.shutdown_timeout.as_deref(),

@@ -260,6 +260,8 @@ impl Tollgate {
                         .view(
                             &state.id,
                             || clock.unix_nanos(),
+                            engine.shared().runtime().load().config.usage.view_refresh_rate,
+                            &engine.shared().totals().usage_refreshes_refused,
                             || async {
                                 engine.shared().totals().usage_refreshes.add(1);
                                 let (body, numbers) = engine.usage_body(&state).await?;
@@ -286,6 +288,15 @@ impl Tollgate {
                         .await;
                     match made {
                         Ok(view) => view,
+                        Err(NoView::OverBudget) => {
+                            return refused(
+                                crate::response::Rejection::new(
+                                    crate::response::RejectionKind::StoreUnavailable,
+                                    "this node makes no more usage views this second (usage.view_refresh_rate); try again",
+                                )
+                                .with_retry_after(1),
+                            );
+                        }
                         Err(e) => {
                             if let NoView::Failed(e) = e {
                                 tracing::debug!(tenant = %state.id, "usage view not made: {e}");

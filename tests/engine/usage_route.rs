@@ -261,6 +261,53 @@ async fn a_refresh_never_waits_for_a_flush_under_way() {
     assert_eq!(used(&after), 6, "each counted once");
 }
 
+/// A node's refreshes are bounded, whoever polls (issue 86, item 7): with
+/// `usage.view_refresh_rate = "2/s"`, polls of six tenants in one second make two views; a
+/// tenant whose view is at most a minute old is answered it, the others 503 with
+/// `Retry-After: 1`, and nothing more is read; a second later two more views are made.
+#[tokio::test]
+async fn a_nodes_refreshes_are_bounded_whoever_polls() {
+    let tenants: String = (0..6).map(|i| format!("[tenants.n{i}]\nplan = \"p\"\nkeys = [\"key-n{i}\"]\n")).collect();
+    let toml = format!("[usage]\nview_refresh_rate = \"2/s\"\n{TOML}{tenants}");
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let poll = |i: usize| h.tollgate.tenant_usage(&usage("GET", Some(&format!("key-n{i}"))));
+    // n0 polls, and again 30 s later: its view is kept.
+    assert_eq!(poll(0).await.status(), 200);
+    h.clock.advance(Duration::from_secs(30));
+    let reads = || store.usage_reads.load(Ordering::SeqCst);
+    let before = reads();
+    let mut answers = Vec::new();
+    for i in 1..6 {
+        let r = poll(i).await;
+        answers.push((r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned())));
+    }
+    let ok = (200, None);
+    let busy = (503, Some("1".to_owned()));
+    assert_eq!(answers, [ok.clone(), ok.clone(), busy.clone(), busy.clone(), busy.clone()]);
+    assert_eq!(reads() - before, 2, "two views made");
+    // n0's view, 30 s old: answered as it was, nothing read.
+    let kept = poll(0).await;
+    assert_eq!(kept.status(), 200);
+    assert_eq!(json(kept.body())["as_of"], NOON);
+    assert_eq!(reads() - before, 2);
+    assert_eq!(h.tollgate.stats().usage_refreshes_refused, 4);
+    // A second later: two more.
+    h.clock.advance(Duration::from_secs(1));
+    let mut again = Vec::new();
+    for i in 3..6 {
+        again.push(poll(i).await.status().as_u16());
+    }
+    assert_eq!(again.iter().filter(|s| **s == 200).count(), 2, "{again:?}");
+    assert_eq!(h.tollgate.stats().usage_refreshes, 5);
+    // Past a minute, a kept view is not answered: n0 waits for the budget as the others.
+    h.clock.advance(Duration::from_secs(60));
+    for i in 1..3 {
+        assert_eq!(poll(i).await.status(), 200);
+    }
+    assert_eq!(poll(0).await.status(), 503, "its view is more than a minute old");
+}
+
 /// Polls of two tenants in the same second, interleaved, concurrently: each gets its own
 /// tenant's view, never the other's, and one view each is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,9 @@
 //! The tenants' own usage views (the usage route, `Tollgate::tenant_usage`), kept per tenant
-//! on this node: one refresh per tenant per second at most, however often it is polled. The
-//! views are keyed by tenants the directory knows (never by what a client sends unchecked),
-//! at most [`MAX_VIEWS`] of them, the least recently used dropped first.
+//! on this node: one refresh per tenant per second at most, however often it is polled, and
+//! at most `usage.view_refresh_rate` refreshes for the whole node (past it, a view up to
+//! [`STALE_NANOS`] old is answered, else none). The views are keyed by tenants the directory
+//! knows (never by what a client sends unchecked), at most [`MAX_VIEWS`] of them, the least
+//! recently used dropped first.
 
 use std::sync::Arc;
 
@@ -15,6 +17,10 @@ pub(crate) const MAX_VIEWS: u64 = 10_000;
 
 /// How long a view is served before it is made again (nanoseconds).
 pub(crate) const FRESH_NANOS: i64 = 1_000_000_000;
+
+/// How old a view may be when the node's budget of refreshes is spent and it is answered
+/// instead of a new one (nanoseconds): a minute.
+pub(crate) const STALE_NANOS: i64 = 60 * 1_000_000_000;
 
 /// A tenant's view as last made: its JSON body and its entity tag, and the scopes of the
 /// tenant's keys read with it (who may read it).
@@ -54,6 +60,14 @@ impl Kept {
         let (Kept::View(_, at) | Kept::Failed(at)) = self;
         (0..FRESH_NANOS).contains(&now.saturating_sub(*at))
     }
+
+    /// The view, if made less than [`STALE_NANOS`] before `now`.
+    fn recent(&self, now: i64) -> Option<&Arc<UsageView>> {
+        match self {
+            Kept::View(view, at) if (0..STALE_NANOS).contains(&now.saturating_sub(*at)) => Some(view),
+            _ => None,
+        }
+    }
 }
 
 /// One tenant's slot: what it keeps, behind a lock its refresh holds (the polls meanwhile wait
@@ -70,6 +84,9 @@ type Slot = Arc<SlotInner>;
 /// The views of this node's tenants.
 pub(crate) struct UsageViews {
     slots: moka::sync::Cache<TenantId, Slot>,
+    /// The node's budget of refreshes: the theoretical arrival time of a GCRA bucket
+    /// (`usage.view_refresh_rate`), Unix nanoseconds.
+    budget: std::sync::Mutex<i64>,
 }
 
 impl std::fmt::Debug for UsageViews {
@@ -80,7 +97,7 @@ impl std::fmt::Debug for UsageViews {
 
 impl Default for UsageViews {
     fn default() -> Self {
-        Self { slots: crate::tenant::lru(MAX_VIEWS).build() }
+        Self { slots: crate::tenant::lru(MAX_VIEWS).build(), budget: std::sync::Mutex::new(0) }
     }
 }
 
@@ -91,6 +108,8 @@ pub(crate) enum NoView<E> {
     Failed(E),
     /// A refresh failed less than a second before: not tried again yet.
     FailedRecently,
+    /// The node's budget of refreshes is spent, and no view of the last minute is kept.
+    OverBudget,
 }
 
 impl UsageViews {
@@ -98,14 +117,18 @@ impl UsageViews {
     /// a second before, else one `make` makes (one call at a time per tenant: the others wait
     /// for it and take its view), `make` gives it.
     /// A refresh that fails is remembered for a second: the polls meanwhile are refused
-    /// without asking the store again.
+    /// without asking the store again. A refresh takes one of the node's `budget`; none left,
+    /// the view kept is answered if it was made within the last minute (either way the
+    /// refresh is counted in `refused`).
     ///
     /// # Errors
-    /// What `make` returns, or [`NoView::FailedRecently`].
+    /// What `make` returns, [`NoView::FailedRecently`] or [`NoView::OverBudget`].
     pub(crate) async fn view<E, F>(
         &self,
         tenant: &TenantId,
         now: impl Fn() -> i64,
+        budget: crate::config::Rate,
+        refused: &crate::metrics::Tally,
         make: impl FnOnce() -> F,
     ) -> Result<Arc<UsageView>, NoView<E>>
     where
@@ -124,6 +147,13 @@ impl UsageViews {
         }
         // Its numbers are those of when the refresh started.
         let started = now();
+        if !self.spend(started, budget) {
+            refused.add(1);
+            return match kept.as_ref().and_then(|k| k.recent(started)) {
+                Some(view) => Ok(view.clone()),
+                None => Err(NoView::OverBudget),
+            };
+        }
         let made = make().await;
         let answer = match made {
             Ok(view) => {
@@ -138,6 +168,20 @@ impl UsageViews {
         };
         slot.refreshes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         answer
+    }
+
+    /// Takes one refresh of the node's budget at `now`, if one is left: at most `rate.count()`
+    /// at once, then one each `rate.interval()`.
+    fn spend(&self, now: i64, rate: crate::config::Rate) -> bool {
+        let interval = i64::try_from(rate.interval().as_nanos()).unwrap_or(i64::MAX).max(1);
+        let tau = interval.saturating_mul(i64::from(rate.count().get()));
+        let mut tat = self.budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = (*tat).max(now).saturating_add(interval);
+        if next.saturating_sub(now) > tau {
+            return false;
+        }
+        *tat = next;
+        true
     }
 
     /// `tenant`'s view if one read less than a second before is kept, without waiting for a
