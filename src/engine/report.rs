@@ -2,9 +2,9 @@
 //! used and remaining in the current period; and usage over a date range. Read from the
 //! store, with this node's usage not flushed yet included.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
-use crate::engine::{usage::events::EventError, Tollgate};
+use crate::engine::{usage::events::EventError, usage::views::History, Tollgate};
 use crate::settings::recharge::RechargeView;
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
@@ -115,7 +115,7 @@ impl Tollgate {
             EventError::Store(e) => ReportError::Store(e),
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
         })?;
-        Ok(self.report_of(&state, from, to).await?)
+        Ok(self.report_of(&state, from, to, None).await?)
     }
 
     /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
@@ -123,13 +123,26 @@ impl Tollgate {
     /// covers its quotas' periods; as many again when this node committed usage meanwhile),
     /// one of its credit grants (with a prepaid balance), and per recharged meter one of its
     /// counters, made as [`reading`](crate::store::limited::reading) says.
-    pub(crate) async fn report_of(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
-        crate::store::limited::reading(self.report_in(state, from, to)).await
+    /// With `history`, the tenant's windows it holds are taken from it, not read again.
+    pub(crate) async fn report_of(
+        &self,
+        state: &Tenant,
+        from: i64,
+        to: i64,
+        history: Option<&History>,
+    ) -> Result<UsageReport, StoreError> {
+        crate::store::limited::reading(self.report_in(state, from, to, history)).await
     }
 
     /// [`report_of`](Self::report_of), its calls made as [`reading`](crate::store::limited::reading)
     /// says.
-    async fn report_in(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
+    async fn report_in(
+        &self,
+        state: &Tenant,
+        from: i64,
+        to: i64,
+        history: Option<&History>,
+    ) -> Result<UsageReport, StoreError> {
         let rt = self.shared().runtime().load_full();
         let tenant = &state.id;
         let now = self.shared().clock().unix_secs();
@@ -171,6 +184,15 @@ impl Tollgate {
         };
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
+            // The closed windows `history` holds are taken from it; the rest is read.
+            let mut lo = lo;
+            if let Some(h) = history.filter(|h| h.lo <= lo && lo < h.split) {
+                let closed = hi.min(h.split);
+                out.extend(
+                    h.windows.iter().filter(|((_, w), _)| (lo..closed).contains(w)).map(|(k, q)| (k.clone(), *q)),
+                );
+                lo = h.split;
+            }
             if lo < hi {
                 for a in self.shared().stores().request().usage.usage_range(tenant, lo, hi).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
@@ -326,7 +348,15 @@ impl Tollgate {
     /// the store (so that they add up to at most the limit, whatever this node last heard).
     ///
     /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
-    pub(crate) async fn usage_body(&self, state: &Tenant) -> Result<(bytes::Bytes, Vec<u8>), StoreError> {
+    ///
+    /// `history` is the tenant's closed usage as the last refresh read it: taken if it is the
+    /// same period's and less than a minute old, else read again (once: a `usage_range` of
+    /// the closed days); the one used is given back, to keep.
+    pub(crate) async fn usage_body(
+        &self,
+        state: &Tenant,
+        history: Option<Arc<History>>,
+    ) -> Result<(bytes::Bytes, Vec<u8>, Option<Arc<History>>), StoreError> {
         use serde_json::json;
         let now = self.shared().clock().unix_secs();
         // The billing period: that of the plan's first monthly quota, else the calendar month.
@@ -337,7 +367,23 @@ impl Tollgate {
             .unwrap_or(Period::Month { anchor_day: 1 });
         let (start, end) = period.bounds(now);
         let (previous, _) = period.bounds(start - 1);
-        let report = self.report_of(state, previous, end).await?;
+        let split = History::split_at(now).max(previous);
+        let history = match history.filter(|h| h.serves(previous, now)) {
+            Some(h) => Some(h),
+            None if split > previous => {
+                let read = crate::store::limited::reading(async {
+                    self.shared().stores().request().usage.usage_range(&state.id, previous, split).await
+                })
+                .await?;
+                let mut windows = BTreeMap::new();
+                for a in read {
+                    *windows.entry((a.key.meter, a.key.window_start)).or_default() += a.quantity;
+                }
+                Some(Arc::new(History { lo: previous, split, read_at: now, windows }))
+            }
+            None => None,
+        };
+        let report = self.report_of(state, previous, end, history.as_deref()).await?;
         let spend_meter = MeterId::from(crate::base::SPEND_METER);
         let cell_of = |meter: &MeterId| state.quotas().find(|c| c.meter_id() == meter);
         let mode = |m: QuotaMode| if m == QuotaMode::Hard { "hard" } else { "soft" };
@@ -449,11 +495,12 @@ impl Tollgate {
             "plan": report.plan.as_str(),
             "periods": {
                 "current": { "start": start, "end": end },
-                // Usage is kept 35 days: an older start is not all there.
+                // Usage is kept 63 days: the previous period's, whole (an older start would not
+                // be all there).
                 "previous": {
                     "start": previous,
                     "end": start,
-                    "complete": previous >= now - crate::store::contract::RETENTION_SECS,
+                    "complete": previous >= now - crate::store::contract::USAGE_KEPT_SECS,
                 },
             },
             "quotas": quotas,
@@ -463,6 +510,6 @@ impl Tollgate {
         });
         let numbers = body.to_string().into_bytes();
         body["as_of"] = now.into();
-        Ok((bytes::Bytes::from(body.to_string()), numbers))
+        Ok((bytes::Bytes::from(body.to_string()), numbers, history))
     }
 }

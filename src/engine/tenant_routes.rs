@@ -264,7 +264,10 @@ impl Tollgate {
                             &engine.shared().totals().usage_refreshes_refused,
                             || async {
                                 engine.shared().totals().usage_refreshes.add(1);
-                                let (body, numbers) = engine.usage_body(&state).await?;
+                                let views = engine.units().views();
+                                let (body, numbers, history) =
+                                    engine.usage_body(&state, views.history(&state.id)).await?;
+                                views.keep_history(&state.id, history);
                                 // Who may read it: the scopes of the tenant's keys, read with it.
                                 let keys = if keyed {
                                     let config = engine.shared().runtime().load().config.clone();

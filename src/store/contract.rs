@@ -24,6 +24,12 @@ pub const MEMORY_FLUSH_IDS: usize = 1 << 16;
 /// (Stripe's meter events), so nothing older can be exported or reconciled.
 pub const RETENTION_SECS: i64 = 35 * 86_400;
 
+/// How long usage aggregates (a window's units, exported or not) are kept after their window
+/// started: 63 days, two calendar months, so that a tenant's previous billing period is all
+/// there until the current one ends (the usage route's `previous`, `complete`). Billing takes
+/// none past [`RETENTION_SECS`]: older ones are kept to be read, never exported.
+pub const USAGE_KEPT_SECS: i64 = 63 * 86_400;
+
 /// How long usage event ids and webhook event ids are remembered after the event's time: as
 /// long as the usage itself (Stripe retries a webhook for 3 days, well within it).
 pub const EVENT_IDS_KEPT_SECS: i64 = RETENTION_SECS;

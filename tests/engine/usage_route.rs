@@ -101,10 +101,10 @@ async fn the_route_answers_every_part_with_the_numbers_of_the_headers_valid_agai
     let body = json(response.body());
     assert_eq!((&body["version"], &body["tenant"], &body["plan"]), (&1.into(), &"t".into(), &"p".into()));
     assert_eq!(body["as_of"], NOON + 120);
-    // March 2026: the current period; February the previous one, older than 35 days in part.
+    // March 2026: the current period; February the previous one, whole (usage is kept 63 days).
     assert_eq!(body["periods"]["current"]["start"], 1_772_323_200);
     assert_eq!(body["periods"]["previous"]["start"], 1_769_904_000);
-    assert_eq!(body["periods"]["previous"]["complete"], false);
+    assert_eq!(body["periods"]["previous"]["complete"], true);
 
     let requests = find(&body["quotas"], "requests");
     assert_eq!((&requests["period"], &requests["limit"], &requests["used"]), (&"day".into(), &100.into(), &4.into()));
@@ -169,8 +169,8 @@ async fn polls_make_one_view_a_second_with_the_store_calls_the_guide_lists() {
     let first = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
     assert_eq!(first.status(), 200);
     // The counters of each calendar quota (the spend cap's, the day's requests', the month's
-    // images'), the usage of both periods, the credit grants.
-    assert_eq!((calls() - before.0, h.tollgate.stats().usage_refreshes - before.1), (5, 1));
+    // images'), the usage of both periods (the closed days, the open ones), the credit grants.
+    assert_eq!((calls() - before.0, h.tollgate.stats().usage_refreshes - before.1), (6, 1));
     let etag = first.headers()["etag"].clone();
     let before = calls();
     for _ in 0..1000 {
@@ -190,8 +190,12 @@ async fn polls_make_one_view_a_second_with_the_store_calls_the_guide_lists() {
     // The next second: one view made again; the same numbers, the same tag (its `as_of` is
     // not in the tag): still 304.
     h.clock.advance(Duration::from_secs(1));
+    let before = calls();
     let again = h.tollgate.tenant_usage(&revalidate).await;
     assert_eq!((again.status(), h.tollgate.stats().usage_refreshes), (http::StatusCode::NOT_MODIFIED, 2));
+    // The closed days as the first refresh read them (less than a minute ago): the open
+    // days' usage alone is read.
+    assert_eq!(calls() - before, 5);
     assert_eq!(again.headers()["etag"], etag);
     // New numbers, a new tag.
     assert_eq!(h.status("/", "key-t").await, 200);
@@ -285,12 +289,12 @@ async fn a_nodes_refreshes_are_bounded_whoever_polls() {
     let ok = (200, None);
     let busy = (503, Some("1".to_owned()));
     assert_eq!(answers, [ok.clone(), ok.clone(), busy.clone(), busy.clone(), busy.clone()]);
-    assert_eq!(reads() - before, 2, "two views made");
+    assert_eq!(reads() - before, 4, "two views made (each reading the closed days and the open ones)");
     // n0's view, 30 s old: answered as it was, nothing read.
     let kept = poll(0).await;
     assert_eq!(kept.status(), 200);
     assert_eq!(json(kept.body())["as_of"], NOON);
-    assert_eq!(reads() - before, 2);
+    assert_eq!(reads() - before, 4);
     assert_eq!(h.tollgate.stats().usage_refreshes_refused, 4);
     // A second later: two more.
     h.clock.advance(Duration::from_secs(1));
@@ -306,6 +310,65 @@ async fn a_nodes_refreshes_are_bounded_whoever_polls() {
         assert_eq!(poll(i).await.status(), 200);
     }
     assert_eq!(poll(0).await.status(), 503, "its view is more than a minute old");
+}
+
+/// Closed days are read at most once a minute (issue 86, item 7): a refresh reads the open
+/// days (from the UTC day an hour ago) and takes the closed ones as the tenant's last
+/// refresh read them; an event late in a closed day shows within the minute, one of an open
+/// day at the next refresh.
+#[tokio::test]
+async fn closed_days_are_read_once_a_minute_and_late_usage_shows_within_it() {
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(secs as u64);
+    let event = |id: &str, n: u64, secs: i64| Event::new(id, "t".into(), "images".into(), n, at(secs));
+    let reads = || store.usage_reads.load(Ordering::SeqCst);
+    let images = |h: &Harness| {
+        let engine = h.tollgate.clone();
+        async move {
+            let r = engine.tenant_usage(&usage("GET", Some("key-t"))).await;
+            assert_eq!(r.status(), 200);
+            find(&json(r.body())["quotas"], "images")["used"].as_u64().unwrap()
+        }
+    };
+    h.tollgate.record_event(event("e1", 4, NOON - 2 * DAY)).await.unwrap();
+    let before = reads();
+    assert_eq!(images(&h).await, 4);
+    assert_eq!(reads() - before, 2, "the closed days, the open ones");
+    // Three days ago, recorded late: the closed days as read less than a minute ago.
+    h.clock.advance(Duration::from_secs(1));
+    h.tollgate.record_event(event("e2", 3, NOON - 3 * DAY)).await.unwrap();
+    assert_eq!(images(&h).await, 4);
+    assert_eq!(reads() - before, 3, "the open days alone");
+    // A minute on, read again.
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(images(&h).await, 7);
+    assert_eq!(reads() - before, 5);
+    // An hour ago, today: an open day, at the next refresh.
+    h.clock.advance(Duration::from_secs(1));
+    h.tollgate.record_event(event("e3", 1, NOON - 3600)).await.unwrap();
+    assert_eq!(images(&h).await, 8);
+    assert_eq!(reads() - before, 6);
+}
+
+/// The previous billing period is whole (issue 86, item 8): requests of the 1st of February,
+/// read on the 14th of March (41 days later), are the previous period's, which is complete.
+/// On main usage was kept 35 days: February's first days were gone, `complete` false (true
+/// only in a month's first 4 to 7 days).
+#[tokio::test]
+async fn the_previous_period_is_whole_until_the_current_one_ends() {
+    let h = Harness::with_store(TOML, Arc::new(MemoryStore::new()), NOON - 41 * DAY);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    h.clock.advance(Duration::from_secs(41 * DAY as u64));
+    assert_eq!(h.status("/", "key-t").await, 200);
+    h.tollgate.flush().await.unwrap();
+    let body = json(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.body());
+    let requests = find(&body["usage"], "requests");
+    assert_eq!((requests["previous"].as_u64(), requests["current"].as_u64()), (Some(3), Some(1)), "{body}");
+    assert_eq!(body["periods"]["previous"]["complete"], true);
 }
 
 /// Polls of two tenants in the same second, interleaved, concurrently: each gets its own

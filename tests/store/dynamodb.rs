@@ -247,7 +247,7 @@ async fn expiring_items_carry_their_ttl_attribute() {
     assert!(flush.len() == 1 && (now + 35 * day - 60..=now + 35 * day + 60).contains(&flush[0]), "{flush:?}");
     assert_eq!(ttl_of("E\u{1}"), [NOON + 10 + 35 * day], "usage event id");
     assert_eq!(ttl_of("W\u{1}"), [NOON + 35 * day], "webhook event id");
-    assert_eq!(ttl_of("U\u{1}"), [NOON + 49 * day], "usage aggregate, not exported: 14 days past Stripe's 35");
+    assert_eq!(ttl_of("U\u{1}"), [NOON + 63 * day], "usage aggregate, not exported: two billing periods");
     assert_eq!(ttl_of("Q\u{1}"), [NOON + 43_200 + 35 * day], "quota counter");
     assert_eq!(ttl_of("T\u{1}"), [-1], "the tenant does not expire");
     assert_eq!(ttl_of("I\u{1}"), [NOON + day], "an Idempotency-Key binding");
@@ -363,7 +363,7 @@ async fn the_ttl_never_deletes_a_dead_letter_or_a_window_waiting_for_export() {
     assert_eq!(store.repair_dead_letter_ttl().await.unwrap(), 0, "nothing left to mend");
     // Confirmed by hand: exported, with the exported aggregates' TTL.
     assert!(store.finish_export(&begun, 1_000).await.unwrap());
-    assert_eq!(ttl().await, w + 35 * DAY);
+    assert_eq!(ttl().await, w + 63 * DAY, "kept two billing periods");
 }
 
 /// A grant written before the one-grant-per-payment markers (by an earlier version, during an

@@ -418,13 +418,14 @@ async fn rows_past_their_use_are_pruned() {
         }
     }
     let newest = NOON + (80 * 24 - 1) * 3600;
-    // Aggregates: 35 days kept (and at most the hour of pruning slack), older ones gone.
+    // Aggregates: 63 days kept, two billing periods (and at most the hour of pruning slack),
+    // older ones gone.
     let aggregates = count("usage");
-    assert!((35 * 24 * 3..=36 * 24 * 3).contains(&aggregates), "{aggregates} aggregates kept");
+    assert!((63 * 24 * 3..=64 * 24 * 3).contains(&aggregates), "{aggregates} aggregates kept");
     let old = ExportKey::new("t1".into(), "requests".into(), NOON);
     assert_eq!(store.usage(&old).await.unwrap(), None, "80 days old: pruned");
-    let recent = ExportKey::new("t1".into(), "requests".into(), newest - 34 * DAY);
-    assert!(store.usage(&recent).await.unwrap().is_some(), "34 days old: kept");
+    let recent = ExportKey::new("t1".into(), "requests".into(), newest - 62 * DAY);
+    assert!(store.usage(&recent).await.unwrap().is_some(), "62 days old: kept");
     // Quota counters: the current period and the one before it.
     assert_eq!(count("quota"), 2);
     assert!(count("quota_sender") <= 2);

@@ -87,7 +87,6 @@ impl Batches {
         self.node = Self::draw_node();
         self.seq = 0;
     }
-
 }
 
 impl Queue {

@@ -22,6 +22,43 @@ pub(crate) const FRESH_NANOS: i64 = 1_000_000_000;
 /// instead of a new one (nanoseconds): a minute.
 pub(crate) const STALE_NANOS: i64 = 60 * 1_000_000_000;
 
+/// How long a tenant's closed usage ([`History`]) is answered before it is read again
+/// (seconds): a minute.
+pub(crate) const HISTORY_FRESH_SECS: i64 = 60;
+
+/// How long after a UTC day ends its usage counts as closed (seconds): an hour, past the
+/// flushes of every node (`usage.flush_interval`, 10 s by default, and their retries).
+pub(crate) const SETTLE_SECS: i64 = 3_600;
+
+/// A tenant's closed usage: its windows from `lo` (the start of its previous billing period)
+/// up to `split` (the start of the UTC day an hour ago), as the store held them at `read_at`
+/// (Unix seconds). It changes only by late usage: events of up to 35 days old, batches
+/// retried after an outage; so it is read at most once a minute ([`HISTORY_FRESH_SECS`]),
+/// while the open days are read at every refresh.
+#[derive(Debug)]
+pub(crate) struct History {
+    pub(crate) lo: i64,
+    pub(crate) split: i64,
+    pub(crate) read_at: i64,
+    /// Units per (meter, window start).
+    pub(crate) windows: std::collections::BTreeMap<(crate::base::MeterId, i64), u64>,
+}
+
+impl History {
+    /// Where closed usage ends at `now`: the start of the UTC day an hour ago.
+    pub(crate) fn split_at(now: i64) -> i64 {
+        let settled = now.saturating_sub(SETTLE_SECS);
+        settled - settled.rem_euclid(86_400)
+    }
+
+    /// Whether it is the closed usage from `lo` at `now`, read within the last minute.
+    pub(crate) fn serves(&self, lo: i64, now: i64) -> bool {
+        self.lo == lo
+            && self.split == Self::split_at(now).max(lo)
+            && (0..HISTORY_FRESH_SECS).contains(&now.saturating_sub(self.read_at))
+    }
+}
+
 /// A tenant's view as last made: its JSON body and its entity tag, and the scopes of the
 /// tenant's keys read with it (who may read it).
 #[derive(Debug, Clone)]
@@ -77,6 +114,8 @@ impl Kept {
 struct SlotInner {
     refreshes: std::sync::atomic::AtomicU64,
     kept: tokio::sync::Mutex<Option<Kept>>,
+    /// The tenant's closed usage, as its last refresh read or reused it.
+    history: std::sync::Mutex<Option<Arc<History>>>,
 }
 
 type Slot = Arc<SlotInner>;
@@ -182,6 +221,20 @@ impl UsageViews {
         }
         *tat = next;
         true
+    }
+
+    /// `tenant`'s closed usage as its views last read it.
+    pub(crate) fn history(&self, tenant: &TenantId) -> Option<Arc<History>> {
+        let slot = self.slots.get(tenant)?;
+        let history = slot.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        history.clone()
+    }
+
+    /// Keeps `history` as `tenant`'s closed usage (with its views: dropped with them).
+    pub(crate) fn keep_history(&self, tenant: &TenantId, history: Option<Arc<History>>) {
+        if let Some(slot) = self.slots.get(tenant) {
+            *slot.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = history;
+        }
     }
 
     /// `tenant`'s view if one read less than a second before is kept, without waiting for a

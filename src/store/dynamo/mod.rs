@@ -19,7 +19,9 @@ use aws_sdk_dynamodb::{
     Client,
 };
 
-use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, SENDERS_KEPT, SENDER_QUIET_SECS};
+use super::contract::{
+    EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, SENDERS_KEPT, SENDER_QUIET_SECS, USAGE_KEPT_SECS,
+};
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
@@ -291,19 +293,20 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
     update.build().map_err(backend)
 }
 
-/// How long an aggregate not yet exported outlives Stripe's 35 days: an exporter that was down
-/// this long still finds it, and parks it as a dead letter (kept) rather than lose it.
+/// How long an aggregate not yet exported outlives Stripe's 35 days at least: an exporter that
+/// was down this long still finds it, and parks it as a dead letter (kept) rather than lose it.
 const WAITING_GRACE_SECS: i64 = 14 * 86_400;
 
-/// The TTL of an aggregate waiting for export (or never to be exported): 49 days after its
-/// window.
+/// The TTL of an aggregate waiting for export (or never to be exported): 63 days after its
+/// window (`USAGE_KEPT_SECS`, past Stripe's 35 days and the grace).
 fn waiting_ttl(window_start: i64) -> i64 {
-    window_start.saturating_add(RETENTION_SECS + WAITING_GRACE_SECS)
+    window_start.saturating_add(USAGE_KEPT_SECS.max(RETENTION_SECS + WAITING_GRACE_SECS))
 }
 
-/// The TTL of an exported aggregate: 35 days after its window.
+/// The TTL of an exported aggregate: 63 days after its window (`USAGE_KEPT_SECS`: read for
+/// the previous billing period).
 fn exported_ttl(window_start: i64) -> i64 {
-    window_start.saturating_add(RETENTION_SECS)
+    window_start.saturating_add(USAGE_KEPT_SECS)
 }
 
 /// The TTL of a dead letter: past any horizon (DynamoDB ignores a TTL so far ahead), so that it

@@ -5,7 +5,7 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::contract::{EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS};
+use super::contract::{EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, USAGE_KEPT_SECS};
 use super::{
     ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
     EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome, IdempotencyClaim,
@@ -164,13 +164,13 @@ impl Inner {
         }
     }
 
-    /// Drops aggregates past [`RETENTION_SECS`], at most once an hour of window time.
+    /// Drops aggregates past [`USAGE_KEPT_SECS`], at most once an hour of window time.
     fn prune(&mut self) {
         if self.newest_window - self.pruned_at < 3600 {
             return;
         }
         self.pruned_at = self.newest_window;
-        let horizon = self.newest_window - RETENTION_SECS;
+        let horizon = self.newest_window - USAGE_KEPT_SECS;
         let mut unexported = 0u64;
         // Dead letters are kept until requeued or confirmed: never dropped unseen.
         self.usage.retain(|k, a| {
@@ -183,7 +183,7 @@ impl Inner {
         let usage = &self.usage;
         self.pending.retain(|k| usage.contains_key(k));
         if unexported > 0 {
-            tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
+            tracing::warn!(units = unexported, "usage older than 63 days was never exported and is dropped");
         }
     }
 }
@@ -368,11 +368,11 @@ mod tests {
         };
         let key = |w| ExportKey { tenant: "t".into(), meter: "requests".into(), window_start: w };
         s.commit_usage(&batch("a", 0)).await.unwrap();
-        s.commit_usage(&batch("b", RETENTION_SECS - 3600)).await.unwrap();
-        assert!(s.usage(&key(0)).await.unwrap().is_some(), "within 35 days");
-        s.commit_usage(&batch("c", RETENTION_SECS + 3600)).await.unwrap();
-        assert!(s.usage(&key(0)).await.unwrap().is_none(), "past 35 days");
-        assert!(s.usage(&key(RETENTION_SECS - 3600)).await.unwrap().is_some());
+        s.commit_usage(&batch("b", USAGE_KEPT_SECS - 3600)).await.unwrap();
+        assert!(s.usage(&key(0)).await.unwrap().is_some(), "within 63 days");
+        s.commit_usage(&batch("c", USAGE_KEPT_SECS + 3600)).await.unwrap();
+        assert!(s.usage(&key(0)).await.unwrap().is_none(), "past 63 days");
+        assert!(s.usage(&key(USAGE_KEPT_SECS - 3600)).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -455,7 +455,7 @@ mod tests {
         // Past the retention, dropped from the indexes with the aggregates; the dead letter is
         // kept until requeued or confirmed.
         s.dead_letter(&listed[0], "refused").await.unwrap();
-        s.commit_usage(&commit("2", vec![rec("d", RETENTION_SECS + 3600)])).await.unwrap();
+        s.commit_usage(&commit("2", vec![rec("d", USAGE_KEPT_SECS + 3600)])).await.unwrap();
         assert_eq!(check(&s), (1, 1));
         assert_eq!(s.usage_range(&"d".into(), 0, i64::MAX).await.unwrap().len(), 1);
         assert!(s.usage_range(&"a".into(), 0, i64::MAX).await.unwrap().is_empty());

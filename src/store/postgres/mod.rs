@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{error::SqlState, types::ToSql, types::Type, Row};
 
-use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS};
+use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, USAGE_KEPT_SECS};
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
@@ -711,12 +711,12 @@ impl PostgresStore {
         let newest = self.inner.newest_window.load(Ordering::Relaxed);
         let wall = unix_now();
         let horizon = newest.min(wall).saturating_sub(RETENTION_SECS);
-        let statements = [
-            "DELETE FROM {s}.usage WHERE window_start < $1 AND dead IS NULL",
-            "DELETE FROM {s}.quota WHERE end_at < $1",
-            "DELETE FROM {s}.quota_floor WHERE dropped_before < $1",
-        ]
-        .map(|s| self.sql(s));
+        // Usage is kept longer: the previous billing period's, whole (`USAGE_KEPT_SECS`).
+        let usage_horizon = newest.min(wall).saturating_sub(USAGE_KEPT_SECS);
+        let usage = self.sql("DELETE FROM {s}.usage WHERE window_start < $1 AND dead IS NULL");
+        let statements =
+            ["DELETE FROM {s}.quota WHERE end_at < $1", "DELETE FROM {s}.quota_floor WHERE dropped_before < $1"]
+                .map(|s| self.sql(s));
         let lock = "SELECT pg_try_advisory_xact_lock(hashtext('tollgate-prune:' || $1))";
         let unexported = self.sql(
             "SELECT coalesce(sum(quantity::numeric - exported) FILTER (WHERE billable), 0)::float8 \
@@ -761,10 +761,11 @@ impl PostgresStore {
             if !tx.query_typed_one(lock, args![self.inner.schema.as_str()]).await?.get::<_, bool>(0) {
                 return Ok(());
             }
-            let lost: f64 = tx.query_typed_one(&unexported, args![horizon]).await?.get(0);
+            let lost: f64 = tx.query_typed_one(&unexported, args![usage_horizon]).await?.get(0);
             if lost > 0.0 {
-                tracing::warn!(units = lost, "usage older than 35 days was never exported and is dropped");
+                tracing::warn!(units = lost, "usage older than 63 days was never exported and is dropped");
             }
+            tx.query_typed(&usage, args![usage_horizon]).await?;
             for s in &statements {
                 tx.query_typed(s, args![horizon]).await?;
             }

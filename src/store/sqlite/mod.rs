@@ -12,7 +12,7 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS};
+use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, USAGE_KEPT_SECS};
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
@@ -467,17 +467,19 @@ impl Conn {
 fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     let wall = unix_now();
     let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
+    // Usage is kept longer: the previous billing period's, whole.
+    let usage_horizon = newest_window.min(wall).saturating_sub(USAGE_KEPT_SECS);
     // total(), not sum(): a sum of saturated aggregates must not fail (sum() raises on overflow).
     // Dead letters are kept until requeued or confirmed: never dropped unseen.
     let unexported: f64 = tx.query_row(
         "SELECT total(CASE WHEN billable = 1 THEN quantity - exported END) FROM usage \
          WHERE window_start < ?1 AND dead IS NULL",
-        [horizon],
+        [usage_horizon],
         |r| r.get(0),
     )?;
-    let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1 AND dead IS NULL", [horizon])?;
+    let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1 AND dead IS NULL", [usage_horizon])?;
     if unexported > 0.0 {
-        tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
+        tracing::warn!(units = unexported, "usage older than 63 days was never exported and is dropped");
     }
     // Counters of periods that ended before the horizon: never a current one, since the
     // horizon is at least 35 days before the wall clock.
