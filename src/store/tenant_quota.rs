@@ -442,6 +442,16 @@ impl TenantQuota {
         self.meters.get(&key.meter).and_then(|m| m.counters.find(key)).map_or(0, |c| c.reserved)
     }
 
+    /// Whether anything of `key`'s counter (or balance) is held: units reserved, a sender's
+    /// call, a grant. A caller that keeps units of it and finds none of this finds it lost.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn holds(&self, key: &QuotaKey) -> bool {
+        let Some(m) = self.meters.get(&key.meter) else { return false };
+        let counter =
+            m.counters.find(key).is_some_and(|c| c.reserved > 0 || !c.applied.is_empty() || c.granted.is_some());
+        counter || (key.period == Period::Prepaid && !m.credits.is_empty())
+    }
+
     /// The counters of `meter` (tests).
     #[cfg(test)]
     pub(crate) fn counters_of(&self, meter: &MeterId) -> &Counters {

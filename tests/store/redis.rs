@@ -372,6 +372,62 @@ async fn a_tenants_quota_rows_carry_no_time_to_live_while_their_periods_run() {
     assert_eq!(ttl("cur"), -1, "a balance is kept");
 }
 
+/// A row the server lost is named as lost, not as expired (issue 86, item 4): after
+/// `FLUSHALL`, a node that keeps units of a tenant's day counter calls again. The store finds
+/// the layout key it wrote at open gone and says the server lost tollgate's keys (once: the
+/// key is written again), and says the counter this node keeps units of is gone, counting
+/// both; the node's lease is dropped (the grant says expired, as for any reservation the
+/// store no longer holds). On main a node said only that its reservation had expired.
+#[tokio::test]
+async fn rows_the_server_lost_are_named_as_lost() {
+    use tollgate::store::{Kept, QuotaKey, QuotaStore, Reservation};
+    if common::redis::url().is_none() {
+        return;
+    }
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let text = || String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    let (server, _dir) = OwnServer::everysec().await;
+    let store = RedisStore::open(&server.url, "lost", Duration::from_secs(5)).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let key = |tenant: &str| QuotaKey::new(tenant.into(), "requests".into(), day, start, end);
+    let call =
+        |tenant: &str, seq: u64| Reservation::new(key(tenant), 10, 0, Some(100), ReserveToken::new(1, seq).at(now));
+    assert_eq!(store.reserve(&call("t", 1)).await.unwrap().granted, 10);
+    assert_eq!((store.quota_calls().losses, store.quota_calls().lost_rows), (0, 0), "a new tenant is no loss");
+    assert_eq!(cli(&server.url, &["flushall"]), "OK");
+    // Its next call, keeping 6 units of its lease.
+    let grant = store.reserve(&call("t", 2).keeping(Kept::new(6, 0, 0), now + 3_600)).await.unwrap();
+    assert!(grant.expired, "the lease is dropped");
+    assert_eq!((store.quota_calls().losses, store.quota_calls().lost_rows), (1, 1));
+    let said = text();
+    assert!(said.contains("the server lost tollgate's keys") && said.contains("FLUSHALL"), "{said}");
+    assert!(said.contains("a counter this node keeps units of is gone") && said.contains("not expired"), "{said}");
+    // Said once: a new tenant after it finds the layout key written again.
+    assert_eq!(store.reserve(&call("u", 3)).await.unwrap().granted, 10);
+    assert_eq!(store.quota_calls().losses, 1);
+    assert_eq!(text().matches("lost tollgate's keys").count(), 1);
+}
+
 /// A grant delivered again with a later expiry (Stripe's redelivery computes it anew) still
 /// expires at the time it was written with; the due list never holds it back.
 #[tokio::test]

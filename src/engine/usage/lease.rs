@@ -382,7 +382,9 @@ impl Leases {
                     // units are owed again as they record.
                     let dropped = cell.drop_kept(!refill);
                     tracing::warn!(key = ?call.key, dropped,
-                        "this node's reservation had expired in the store (limits.reservation_expiry): its lease is dropped");
+                        "the store no longer holds this node's reservation: expired (limits.reservation_expiry; \
+                         the node was cut off or paused past it), or lost with its row (the store says so): \
+                         its lease is dropped");
                 }
                 if current {
                     // As the store now counts it: a refill's grant joins the lease, but for

@@ -144,6 +144,10 @@ impl Drop for Turn {
 /// What a store's quota calls cost since it opened ([`RedisStore::quota_calls`]).
 #[derive(Debug, Default)]
 struct Counts {
+    /// Times the layout key was found gone.
+    losses: std::sync::atomic::AtomicU64,
+    /// Quota calls that found the row they keep units of gone.
+    lost_rows: std::sync::atomic::AtomicU64,
     calls: std::sync::atomic::AtomicU64,
     attempts: std::sync::atomic::AtomicU64,
     lost: std::sync::atomic::AtomicU64,
@@ -173,6 +177,13 @@ pub struct RedisCalls {
     pub waits: u64,
     /// How long they waited, in all.
     pub waited: Duration,
+    /// Times this node found that the server had lost every key of the prefix (the layout key
+    /// gone: `FLUSHALL`, a restart without persistence), each also logged as an error.
+    pub losses: u64,
+    /// Quota calls that found the counter (or balance) they keep units of gone: a row lost
+    /// alone (an eviction accepted with `accept_eviction`) or with all the others, each also
+    /// logged as an error.
+    pub lost_rows: u64,
 }
 
 impl RedisCalls {
@@ -439,7 +450,23 @@ impl RedisStore {
         );
         let waits = self.counts.waits.load(Relaxed);
         let waited = Duration::from_micros(self.counts.waited_us.load(Relaxed));
-        RedisCalls { calls, attempts, lost, round_trips, waits, waited }
+        let (losses, lost_rows) = (self.counts.losses.load(Relaxed), self.counts.lost_rows.load(Relaxed));
+        RedisCalls { calls, attempts, lost, round_trips, waits, waited, losses, lost_rows }
+    }
+
+    /// Says that a call of `key`, whose sender keeps units of it, found its row gone.
+    pub(super) fn lost_row(&self, key: &crate::store::QuotaKey) {
+        self.counts.lost_rows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(
+            tenant = %key.tenant,
+            meter = %key.meter,
+            period = %key.period.name(),
+            start = key.start,
+            "redis: a counter this node keeps units of is gone from the server (lost: an eviction \
+             accepted with accept_eviction, FLUSHALL, a restart without persistence), not expired: \
+             it counts from zero again, and this node's lease of it is dropped (docs/redis.md, \
+             \"What a lost row costs\")"
+        );
     }
 
     /// Counts a race a quota call lost.
@@ -493,6 +520,29 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let fields: HashMap<String, Vec<u8>> = conn.hgetall(key).await.map_err(|e| backend(&e))?;
         Ok(Row(fields))
+    }
+
+    /// Checks that the layout key written at open is still there (a quota call that reads a
+    /// row not there asks: a new tenant's or a new period's first call, rarely). Gone, the
+    /// server lost every key of the prefix (`FLUSHALL`, a restart without persistence, a
+    /// failover to a replica that had none of them), and every tenant's limits count from
+    /// zero again: said as such (an error, once per loss: the key is written again), and
+    /// counted ([`RedisCalls::losses`]). A check that fails says nothing.
+    pub(super) async fn check_layout(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let layout = self.keys.layout();
+        let mut conn = self.conn.clone();
+        let Ok(written) = conn.set_nx::<_, _, bool>(&layout, LAYOUT_VERSION).await else { return };
+        if written {
+            self.counts.losses.fetch_add(1, Relaxed);
+            tracing::error!(
+                prefix = self.keys.prefix(),
+                "redis: the server lost tollgate's keys (the layout key `{layout}` written at open is gone: \
+                 FLUSHALL, a restart without persistence, a failover to a replica without them): every \
+                 tenant's quotas, balances, rates, places and Idempotency-Key bindings count from zero \
+                 again (docs/redis.md, \"What a lost row costs\")"
+            );
+        }
     }
 
     /// Replaces the row at `key` by `fields` (none: deletes it) if its version is still

@@ -179,10 +179,15 @@ impl RedisStore {
         .await
     }
 
-    /// The row at `key`, counted as a quota call's read.
+    /// The row at `key`, counted as a quota call's read. A row not there makes this node
+    /// check that the server did not lose every key ([`check_layout`](Self::check_layout)).
     async fn read(&self, key: &str) -> Result<Row, StoreError> {
         self.counted(0, 0, 1);
-        self.row(key).await
+        let row = self.row(key).await?;
+        if !row.exists() {
+            self.check_layout().await;
+        }
+        Ok(row)
     }
 
     /// Runs `apply` on the counter of `key`, a calendar period's, in its own row (with the
@@ -540,8 +545,24 @@ impl QuotaStore for RedisStore {
         }
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
+        // A sender that keeps units of the row and finds nothing of it: the row was lost.
+        let claims = r.kept.lease.saturating_add(r.kept.held) > 0;
+        let lost = std::sync::atomic::AtomicBool::new(false);
+        let seen = |q: &TenantQuota| lost.store(claims && !q.holds(&r.key), std::sync::atomic::Ordering::Relaxed);
+        let said = |grant: Grant| {
+            if lost.load(std::sync::atomic::Ordering::Relaxed) {
+                self.lost_row(&r.key);
+            }
+            grant
+        };
         if r.key.period == Period::Prepaid {
-            return self.with_quota(&r.key.tenant, r.token.at, retries, |q| q.reserve(r)).await;
+            let grant = self
+                .with_quota(&r.key.tenant, r.token.at, retries, |q| {
+                    seen(q);
+                    q.reserve(r)
+                })
+                .await?;
+            return Ok(said(grant));
         }
         if let CapMode::Set(cap) = r.cap {
             // Stored first in the tenant's row (the same write when sent again), then read by
@@ -551,8 +572,13 @@ impl QuotaStore for RedisStore {
         }
         let mut counted = r.clone();
         counted.recharge = RechargeMode::Ignored;
-        let grant =
-            self.with_counter(&r.key, r.token.at, retries, r.cap != CapMode::Ignored, |q| q.reserve(&counted)).await?;
+        let grant = self
+            .with_counter(&r.key, r.token.at, retries, r.cap != CapMode::Ignored, |q| {
+                seen(q);
+                q.reserve(&counted)
+            })
+            .await?;
+        let grant = said(grant);
         if r.recharge == RechargeMode::Ignored {
             return Ok(grant);
         }
