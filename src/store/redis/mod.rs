@@ -63,6 +63,14 @@ end
 return 1
 ";
 
+/// A row read with the server's time, in one script (so that the time is the row's: no write
+/// of the row comes between them): `{seconds, microseconds, fields}`, `TIME`'s and
+/// `HGETALL`'s answers. It writes nothing (`no-writes`: a full server still runs it).
+const READ_TIMED: &str = r"#!lua flags=no-writes
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('HGETALL', KEYS[1])}
+";
+
 /// How long a row written is kept.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Ttl {
@@ -85,6 +93,8 @@ pub struct RedisStore {
     conn: Conn,
     keys: keys::Keys,
     cas: redis::Script,
+    /// [`READ_TIMED`].
+    timed: redis::Script,
     /// One quota call per row at a time on this node ([`RedisStore::turn`]).
     turns: std::sync::Arc<Turns>,
     counts: std::sync::Arc<Counts>,
@@ -323,6 +333,7 @@ impl RedisStore {
             conn,
             keys: keys::Keys::new(prefix),
             cas: redis::Script::new(CAS),
+            timed: redis::Script::new(READ_TIMED),
             turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
             money,
@@ -522,6 +533,15 @@ impl RedisStore {
         Ok(Row(fields))
     }
 
+    /// The row at `key` and the server's time as it was read (Unix nanoseconds): the clock
+    /// every node's call on it is applied at, however skewed the nodes' own.
+    pub(super) async fn row_timed(&self, key: &str) -> Result<(Row, i64), StoreError> {
+        let answer: (i64, i64, HashMap<String, Vec<u8>>) =
+            self.script(&self.timed, READ_TIMED, key, |_| {}).await.map_err(|e| backend(&e))?;
+        let (secs, micros, fields) = answer;
+        Ok((Row(fields), secs.saturating_mul(1_000_000_000).saturating_add(micros.saturating_mul(1_000))))
+    }
+
     /// Checks that the layout key written at open is still there (a quota call that reads a
     /// row not there asks: a new tenant's or a new period's first call, rarely). Gone, the
     /// server lost every key of the prefix (`FLUSHALL`, a restart without persistence, a
@@ -615,14 +635,26 @@ impl RedisStore {
     /// restart, a failover, a `SCRIPT FLUSH`). Never `SCRIPT LOAD`, which a cluster client
     /// sends to every node and fails while one of them is down.
     async fn cas<T: redis::FromRedisValue>(&self, key: &str, args: impl Fn(&mut redis::Cmd)) -> redis::RedisResult<T> {
+        self.script(&self.cas, CAS, key, args).await
+    }
+
+    /// Runs `script` (whose text is `text`) on `key` with `args`: by its digest, by its text
+    /// when the server does not have it.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        text: &str,
+        key: &str,
+        args: impl Fn(&mut redis::Cmd),
+    ) -> redis::RedisResult<T> {
         let mut conn = self.conn.clone();
         let mut by_digest = redis::cmd("EVALSHA");
-        by_digest.arg(self.cas.get_hash()).arg(1).arg(key);
+        by_digest.arg(script.get_hash()).arg(1).arg(key);
         args(&mut by_digest);
         match by_digest.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 let mut by_text = redis::cmd("EVAL");
-                by_text.arg(CAS).arg(1).arg(key);
+                by_text.arg(text).arg(1).arg(key);
                 args(&mut by_text);
                 by_text.query_async(&mut conn).await
             }

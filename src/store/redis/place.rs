@@ -1,5 +1,7 @@
 //! The places role of the RedisStore: a tenant's places as one hash, read and written back
-//! under a compare-and-set of its version (read again when another node wrote it).
+//! under a compare-and-set of its version (read again when another node wrote it), on the
+//! server's clock: every node's places expire by one clock, however skewed the nodes' own (as
+//! PostgreSQL's do).
 
 use async_trait::async_trait;
 
@@ -18,7 +20,10 @@ impl PlaceStore for RedisStore {
         let what = "a tenant's places, written by other nodes all along";
         until_won(what, Retries::BACKING_OFF.attempts(2 * ATTEMPTS), (), |(), _| {
             Box::pin(async move {
-                let found = self.row(key).await?;
+                // The server's time as the row was read: a write from it lands only if no other
+                // came between, so no call applied before this one carries a later time.
+                let (found, now) = self.row_timed(key).await?;
+                let call = &call.clone().at(now);
                 let mut row = match found.exists() {
                     true => PlaceRow::from_json(found.text("holders").unwrap_or(""))?,
                     false => PlaceRow::default(),
