@@ -529,6 +529,47 @@ async fn a_busy_tenant_is_never_answered_503() {
     .await;
 }
 
+/// A usage refresh reads the open days at every refresh and the closed ones once a minute
+/// (issue 86, items 7 and 8): a tenant with hourly usage over the 62 days before now (both
+/// billing periods whole), polled twice a second apart. The read units of each refresh are
+/// printed (docs/performance.md); the second reads today's windows alone.
+#[tokio::test]
+async fn a_usage_refresh_reads_the_closed_days_once_a_minute() {
+    use tollgate::store::{FlushId, UsageBatch, UsageRecord, UsageStore};
+    let Some(store) = dynamo::table().await else { return };
+    let store = Arc::new(store);
+    const HOUR: i64 = 3600;
+    let records: Vec<UsageRecord> =
+        (1..=62 * 24).map(|h| UsageRecord::new("t".into(), "requests".into(), NOON - h * HOUR, 1)).collect();
+    for (i, chunk) in records.chunks(store.max_batch_records()).enumerate() {
+        store.commit_usage(&UsageBatch::new(FlushId::new(format!("f{i}")), chunk.to_vec())).await.unwrap();
+    }
+    // moto reads 1,488 items in more than a request's 250 ms.
+    let toml = "[usage]\nstore_timeout = \"30s\"\n[plans.p]\nquotas.requests = { limit = 100000, period = \"month\" }\n\
+                [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let h = Harness::with_store(toml, store.clone(), NOON);
+    let poll = || async {
+        let before = store.usage_reads();
+        let r = h.tollgate.tenant_usage(&http::Request::get("/v1/usage").header("x-api-key", "key-t").body(()).unwrap()).await;
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        let after = store.usage_reads();
+        (body, after.items_read - before.items_read, after.read_units - before.read_units)
+    };
+    let (first, items, units) = poll().await;
+    eprintln!("dynamodb: a usage refresh of a tenant with 62 days of hourly windows: {items} items, {units} read units");
+    // March 14th: the current period from March 1st (13.5 days), February whole.
+    let usage = &first["usage"][0];
+    assert_eq!((usage["current"].as_u64(), usage["previous"].as_u64()), (Some(13 * 24 + 12), Some(28 * 24)), "{first}");
+    assert_eq!(first["periods"]["previous"]["complete"], true);
+    h.clock.advance(std::time::Duration::from_secs(1));
+    let (again, items, units) = poll().await;
+    eprintln!("dynamodb: the next refresh, the closed days as read within the minute: {items} items, {units} read units");
+    assert!(items <= 12 + 1, "today's windows and the meter's successor: {items} items read");
+    assert_eq!(again["usage"], first["usage"], "the same numbers");
+    store.client().delete_table().table_name(store.table()).send().await.unwrap();
+}
+
 /// A tenant's usage over a range is read by each meter's range of sort keys, never the whole
 /// partition: 2 days of hourly windows on three meters (one name the start of another's),
 /// and a day read back exactly, DynamoDB reading the day's windows and one item per meter
