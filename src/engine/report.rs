@@ -187,10 +187,9 @@ impl Tollgate {
             // The closed windows `history` holds are taken from it; the rest is read.
             let mut lo = lo;
             if let Some(h) = history.filter(|h| h.lo <= lo && lo < h.split) {
+                // Per UTC day: every `lo` is a midnight (a period's start), as is the split.
                 let closed = hi.min(h.split);
-                out.extend(
-                    h.windows.iter().filter(|((_, w), _)| (lo..closed).contains(w)).map(|(k, q)| (k.clone(), *q)),
-                );
+                out.extend(h.days.iter().filter(|((_, d), _)| (lo..closed).contains(d)).map(|(k, q)| (k.clone(), *q)));
                 lo = h.split;
             }
             if lo < hi {
@@ -217,7 +216,9 @@ impl Tollgate {
         // If a batch of this node was committed between the two, the store is read again (the
         // read may have missed it); a flush is never waited for, nor held up.
         let pipeline = self.units().pipeline();
-        // The tenant's state and any retired ones (a plan change), each once.
+        // The tenant's state and any retired ones (a plan change), each once: found before
+        // the queue is read (a drain takes its lock inside the table's), their usage peeked
+        // with it.
         let states_now = || {
             let mut states: Vec<Tenant> = self.gate().table().state(tenant).into_iter().collect();
             for s in self.gate().table().retired().iter() {
@@ -225,22 +226,26 @@ impl Tollgate {
                     states.push(s.clone());
                 }
             }
+            states
+        };
+        let peek = |states: &[Tenant]| {
             let mut peeked: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
-            for s in &states {
+            for s in states {
                 s.peek_usage(|m, window, q| {
                     let meter = s.plan.meters.ids[m].clone();
                     let window = align(&meter, window);
                     *peeked.entry((meter, window)).or_default() += q;
                 });
             }
-            (states, peeked)
+            peeked
         };
         let mut commits = pipeline.commits();
         let mut attempt = 0;
         let ((in_range, in_periods), local, states) = loop {
             attempt += 1;
             let read = reads().await?;
-            let (queued, (states, mut local), now_commits) = pipeline.unstored_of(tenant, states_now);
+            let states = states_now();
+            let (queued, mut local, now_commits) = pipeline.unstored_of(tenant, || peek(&states));
             if now_commits == commits || attempt == 2 {
                 for ((meter, window), q) in queued {
                     *local.entry((meter, window)).or_default() += q;
@@ -344,8 +349,9 @@ pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
 impl Tollgate {
     /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
     /// JSON docs/usage.schema.json describes: its report from the start of its previous
-    /// billing period, each quota's `used`, `held`, `remaining` and `limit` from one read of
-    /// the store (so that they add up to at most the limit, whatever this node last heard).
+    /// billing period, each quota's `held`, `remaining` and `limit` from one read of the store
+    /// and `used` from the open days' usage read with it and the closed days' as read within
+    /// the last minute (they add up to at most the limit, whatever this node last heard).
     ///
     /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
     ///
@@ -375,11 +381,12 @@ impl Tollgate {
                     self.shared().stores().request().usage.usage_range(&state.id, previous, split).await
                 })
                 .await?;
-                let mut windows = BTreeMap::new();
+                let mut days = BTreeMap::new();
                 for a in read {
-                    *windows.entry((a.key.meter, a.key.window_start)).or_default() += a.quantity;
+                    let day = a.key.window_start - a.key.window_start.rem_euclid(86_400);
+                    *days.entry((a.key.meter, day)).or_default() += a.quantity;
                 }
-                Some(Arc::new(History { lo: previous, split, read_at: now, windows }))
+                Some(Arc::new(History { lo: previous, split, read_at: now, days }))
             }
             None => None,
         };

@@ -291,15 +291,7 @@ impl Tollgate {
                         .await;
                     match made {
                         Ok(view) => view,
-                        Err(NoView::OverBudget) => {
-                            return refused(
-                                crate::response::Rejection::new(
-                                    crate::response::RejectionKind::StoreUnavailable,
-                                    "this node makes no more usage views this second (usage.view_refresh_rate); try again",
-                                )
-                                .with_retry_after(1),
-                            );
-                        }
+                        Err(NoView::OverBudget) => return refused(over_budget()),
                         Err(e) => {
                             if let NoView::Failed(e) = e {
                                 tracing::debug!(tenant = %state.id, "usage view not made: {e}");
@@ -317,6 +309,12 @@ impl Tollgate {
                 }
             };
             if let Err(e) = scopes::check_among(&view.keys, &state.id, &caller, USAGE) {
+                // A view kept past its second (the node's budget spent) knows the keys of when
+                // it was made: a key issued since is told to come back, not refused.
+                let stale = clock.unix_nanos().saturating_sub(view.made_at) >= crate::engine::usage::views::FRESH_NANOS;
+                if stale && matches!(e, scopes::ScopeError::NotLive(_)) {
+                    return refused(over_budget());
+                }
                 return usage_refused(&e);
             }
             let mut response = if matches(&view.etag) {
@@ -522,6 +520,16 @@ const USAGE: Need = Need { scope: KeyScope::UsageRead, write: false, thing: "the
 
 /// The usage route's refusal of a caller by its scopes: a key not among those its view read
 /// may have been issued since (the next view, within a second, has it).
+/// The refusal of a poll whose view the node's budget of refreshes could not make (503,
+/// `Retry-After: 1`).
+fn over_budget() -> crate::response::Rejection {
+    crate::response::Rejection::new(
+        crate::response::RejectionKind::StoreUnavailable,
+        "this node makes no more usage views this second (usage.view_refresh_rate); try again",
+    )
+    .with_retry_after(1)
+}
+
 fn usage_refused(e: &ScopeError) -> http::Response<Bytes> {
     match e {
         ScopeError::NotLive("API key") => {

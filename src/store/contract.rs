@@ -4,7 +4,7 @@
 //! every backend (the conformance suite checks what it can of them).
 //!
 //! Where the backends differed before, the durable stores' values won: aggregates (exported or
-//! not) are kept 35 days after their window started on SQLite, DynamoDB and the memory store
+//! not) are kept 63 days after their window started on SQLite, DynamoDB and the memory store
 //! alike, and flush ids a week on the durable stores. The memory store keeps instead the last
 //! [`MEMORY_FLUSH_IDS`] flush ids by count, since only its own process can retry a flush, within
 //! seconds, and the process's memory is what is bounded.

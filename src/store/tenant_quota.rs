@@ -443,13 +443,15 @@ impl TenantQuota {
     }
 
     /// Whether anything of `key`'s counter (or balance) is held: units reserved, a sender's
-    /// call, a grant. A caller that keeps units of it and finds none of this finds it lost.
+    /// call, a grant; or its period was dropped (a later one made: calls on it change
+    /// nothing). A caller that keeps units of it and finds none of this finds it lost.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn holds(&self, key: &QuotaKey) -> bool {
         let Some(m) = self.meters.get(&key.meter) else { return false };
         let counter =
             m.counters.find(key).is_some_and(|c| c.reserved > 0 || !c.applied.is_empty() || c.granted.is_some());
-        counter || (key.period == Period::Prepaid && !m.credits.is_empty())
+        let dropped = key.period != Period::Prepaid && key.end <= m.counters.dropped_before;
+        counter || dropped || (key.period == Period::Prepaid && !m.credits.is_empty())
     }
 
     /// The counters of `meter` (tests).

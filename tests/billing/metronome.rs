@@ -520,25 +520,7 @@ async fn a_possibly_taken_attempt_past_the_horizon_is_parked_unconfirmed() {
 /// (not as a warning every `reconcile_interval`), and a Stripe sink is not said to be.
 #[test]
 fn metronome_is_said_at_build_not_to_be_reconciled() {
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (lines, _guard) = crate::common::Lines::capture();
     let config = Config::from_toml_str(&config("http://127.0.0.1:9/")).unwrap();
     let (_engine, _worker) = Tollgate::builder(config.clone()).billing_sink(sink(&config)).build();
     let logged = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();

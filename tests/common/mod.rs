@@ -47,6 +47,39 @@ use tower::{Layer, ServiceExt};
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 type Handler = fn(Request<tollgate::layer::RequestBody<Full<Bytes>>>) -> HandlerFuture;
 
+/// A log line writer into a shared buffer: what a test's thread logs, captured.
+#[derive(Clone, Default)]
+pub struct Lines(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    /// Captures this thread's warnings and errors until the guard drops.
+    pub fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// What was captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+}
+
 /// 2026-03-14T12:00:00Z
 pub const NOON: i64 = 1_773_489_600;
 

@@ -87,33 +87,7 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     assert_eq!(recorder.get("tollgate_tenants_tracked"), 1f64.to_bits());
 }
 
-/// A log line writer into a shared buffer, for the test below.
-#[derive(Clone, Default)]
-struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    /// Captures this thread's warnings and errors until the guard drops.
-    fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        (lines, tracing::subscriber::set_default(subscriber))
-    }
-}
+use common::Lines;
 
 /// `Builder::build()` keeps in memory every role not given a store in code, and says so for
 /// each role the file gives a durable store, its own section's included.

@@ -312,6 +312,50 @@ async fn a_nodes_refreshes_are_bounded_whoever_polls() {
     assert_eq!(poll(0).await.status(), 503, "its view is more than a minute old");
 }
 
+/// Past the node's budget (issue 86, item 7): tenants whose views are young (under 10 s) take
+/// no more than half the burst, leaving the rest to tenants whose views are older or who have
+/// none; and a key issued since its tenant's view was made, answered that view, is told to
+/// come back (503, `Retry-After: 1`), not refused as not live (403).
+#[tokio::test]
+async fn young_views_leave_half_the_budget_and_a_new_key_is_told_to_come_back() {
+    let tenants: String = (2..6).map(|i| format!("[tenants.n{i}]\nplan = \"p\"\nkeys = [\"key-n{i}\"]\n")).collect();
+    let toml = format!("[usage]\nview_refresh_rate = \"4/s\"\n{TOML}{tenants}");
+    let h = Harness::new(&toml);
+    // n1 is in the directory, with a key issued through `Admin`.
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.add_tenant("n1", "p", None).await.unwrap();
+    let issued = admin.issue_key("n1", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let key = |i: usize| if i == 1 { issued.clone() } else { format!("key-n{i}") };
+    let poll = |key: String| h.tollgate.tenant_usage(&usage("GET", Some(&key)));
+    let stats = || (h.tollgate.stats().usage_refreshes, h.tollgate.stats().usage_refreshes_refused);
+    for i in 1..5 {
+        assert_eq!(poll(key(i)).await.status(), 200);
+    }
+    assert_eq!(stats(), (4, 0), "the burst");
+    // 1.5 s on, the bucket full again: n1 and n2, whose views are young, take half of it; n3
+    // is answered its view of 1.5 s ago; n5, with none, takes a refresh still.
+    h.clock.advance(Duration::from_millis(1_500));
+    for i in 1..4 {
+        assert_eq!(poll(key(i)).await.status(), 200);
+    }
+    assert_eq!(stats(), (6, 1), "two young views made, one answered as it was");
+    assert_eq!(poll(key(5)).await.status(), 200);
+    assert_eq!(stats(), (7, 1), "the other half for a tenant without a view");
+    // A key of n1 issued now: n1's view (made before it) is answered while the budget is spent.
+    let fresh = admin.issue_key("n1", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    h.clock.advance(Duration::from_millis(1_000));
+    for i in [2, 3, 5] {
+        assert_eq!(poll(key(i)).await.status(), 200);
+    }
+    let r = poll(fresh).await;
+    assert_eq!(
+        (r.status(), r.headers().get("retry-after").map(|v| v.to_str().unwrap())),
+        (http::StatusCode::SERVICE_UNAVAILABLE, Some("1")),
+        "{:?}",
+        r.body()
+    );
+}
+
 /// Closed days are read at most once a minute (issue 86, item 7): a refresh reads the open
 /// days (from the UTC day an hour ago) and takes the closed ones as the tenant's last
 /// refresh read them; an event late in a closed day shows within the minute, one of an open
@@ -513,11 +557,16 @@ async fn at_most_a_hundred_grants_are_listed_the_rest_counted() {
 async fn usage_committed_while_the_route_reads_is_counted_once() {
     let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
     let h = Harness::with_store(TOML, store.clone(), NOON);
+    // A first view reads the closed days: the next, a second later, reads the open ones
+    // alone, the read held below.
+    assert_eq!(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.status(), 200);
+    h.clock.advance(Duration::from_secs(1));
     for _ in 0..3 {
         assert_eq!(h.status("/", "key-t").await, 200);
     }
     let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
     *store.hold_usage_read.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let reads = store.usage_reads.load(Ordering::SeqCst);
     let engine = h.tollgate.clone();
     let poll = tokio::spawn(async move { json(engine.tenant_usage(&usage("GET", Some("key-t"))).await.body()) });
     entered.notified().await;
@@ -528,6 +577,7 @@ async fn usage_committed_while_the_route_reads_is_counted_once() {
     let body = poll.await.unwrap();
     assert_eq!(find(&body["quotas"], "requests")["used"], 3, "{body}");
     assert_eq!(find(&body["usage"], "requests")["current"], 3, "{body}");
+    assert_eq!(store.usage_reads.load(Ordering::SeqCst) - reads, 2, "the open days read again");
 }
 
 /// Polls that waited for a refresh that took longer than a second (the clock moved while it

@@ -545,26 +545,34 @@ async fn a_usage_refresh_reads_the_closed_days_once_a_minute() {
         store.commit_usage(&UsageBatch::new(FlushId::new(format!("f{i}")), chunk.to_vec())).await.unwrap();
     }
     // moto reads 1,488 items in more than a request's 250 ms.
-    let toml = "[usage]\nstore_timeout = \"30s\"\n[plans.p]\nquotas.requests = { limit = 100000, period = \"month\" }\n\
+    let toml =
+        "[usage]\nstore_timeout = \"30s\"\n[plans.p]\nquotas.requests = { limit = 100000, period = \"month\" }\n\
                 [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
     let h = Harness::with_store(toml, store.clone(), NOON);
     let poll = || async {
         let before = store.usage_reads();
-        let r = h.tollgate.tenant_usage(&http::Request::get("/v1/usage").header("x-api-key", "key-t").body(()).unwrap()).await;
+        let r = h
+            .tollgate
+            .tenant_usage(&http::Request::get("/v1/usage").header("x-api-key", "key-t").body(()).unwrap())
+            .await;
         assert_eq!(r.status(), 200);
         let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         let after = store.usage_reads();
         (body, after.items_read - before.items_read, after.read_units - before.read_units)
     };
     let (first, items, units) = poll().await;
-    eprintln!("dynamodb: a usage refresh of a tenant with 62 days of hourly windows: {items} items, {units} read units");
+    eprintln!(
+        "dynamodb: a usage refresh of a tenant with 62 days of hourly windows: {items} items, {units} read units"
+    );
     // March 14th: the current period from March 1st (13.5 days), February whole.
     let usage = &first["usage"][0];
     assert_eq!((usage["current"].as_u64(), usage["previous"].as_u64()), (Some(13 * 24 + 12), Some(28 * 24)), "{first}");
     assert_eq!(first["periods"]["previous"]["complete"], true);
     h.clock.advance(std::time::Duration::from_secs(1));
     let (again, items, units) = poll().await;
-    eprintln!("dynamodb: the next refresh, the closed days as read within the minute: {items} items, {units} read units");
+    eprintln!(
+        "dynamodb: the next refresh, the closed days as read within the minute: {items} items, {units} read units"
+    );
     assert!(items <= 12 + 1, "today's windows and the meter's successor: {items} items read");
     assert_eq!(again["usage"], first["usage"], "the same numbers");
     store.client().delete_table().table_name(store.table()).send().await.unwrap();

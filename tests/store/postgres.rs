@@ -636,29 +636,8 @@ async fn many_tenants_give_their_leases_back_at_shutdown() {
 /// hold them an hour longer.
 #[tokio::test]
 async fn places_expire_on_the_servers_clock() {
-    use tollgate::store::{PlaceCall, PlaceStoreExt, ReserveToken};
     let Some((store, _)) = common::postgres::store().await else { return };
-    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
-    let hour = 3_600_000_000_000i64;
-    let ttl = 30_000_000_000i64;
-    let call = |tenant: &str, count, now: i64, node, seq| {
-        PlaceCall::new(tenant.into(), count, 5, ttl, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
-    };
-    // An hour late: on its own clock its places would have expired 59 minutes ago.
-    assert_eq!(store.acquire_places(&call("late", 5, real - hour, 1, 1)).await.unwrap().held, 5);
-    assert_eq!(store.acquire_places(&call("late", 5, real, 2, 1)).await.unwrap().held, 0, "held for their TTL");
-    // An hour ahead: its places expire 30 s from now, not an hour later. Its last call sets
-    // a TTL of 1 ms; past it the others get them.
-    assert_eq!(store.acquire_places(&call("ahead", 5, real + hour, 1, 1)).await.unwrap().held, 5);
-    let last =
-        PlaceCall::new("ahead".into(), 5, 5, 1_000_000, real + hour, ReserveToken::new(1, 2).at(real / 1_000_000_000));
-    assert_eq!(store.renew_places(&last).await.unwrap().held, 5);
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(
-        store.acquire_places(&call("ahead", 5, real, 2, 1)).await.unwrap().held,
-        5,
-        "expired by the server's clock"
-    );
+    common::places::expire_on_the_servers_clock(&store).await;
 }
 
 /// A raw connection to the test server holding the rows of `tenants` in `table` locked (as

@@ -384,26 +384,8 @@ async fn rows_the_server_lost_are_named_as_lost() {
     if common::redis::url().is_none() {
         return;
     }
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let text = || String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    let (lines, _guard) = common::Lines::capture();
+    let text = || lines.text();
     let (server, _dir) = OwnServer::everysec().await;
     let store = RedisStore::open(&server.url, "lost", Duration::from_secs(5)).await.unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
@@ -413,17 +395,23 @@ async fn rows_the_server_lost_are_named_as_lost() {
     let call =
         |tenant: &str, seq: u64| Reservation::new(key(tenant), 10, 0, Some(100), ReserveToken::new(1, seq).at(now));
     assert_eq!(store.reserve(&call("t", 1)).await.unwrap().granted, 10);
+    assert_eq!(store.reserve(&call("v", 2)).await.unwrap().granted, 10);
     assert_eq!((store.quota_calls().losses, store.quota_calls().lost_rows), (0, 0), "a new tenant is no loss");
     assert_eq!(cli(&server.url, &["flushall"]), "OK");
-    // Its next call, keeping 6 units of its lease.
-    let grant = store.reserve(&call("t", 2).keeping(Kept::new(6, 0, 0), now + 3_600)).await.unwrap();
-    assert!(grant.expired, "the lease is dropped");
+    // A renewal of v's lease (a release of nothing, keeping 8), then t's next call, keeping 6
+    // units of its lease.
+    let renewal = tollgate::store::Release::new(key("v"), 0, ReserveToken::new(1, 3).at(now))
+        .keeping(Kept::new(8, 0, 0), now + 3_600);
+    assert!(store.release(&[renewal]).await.into_iter().all(|r| r.is_ok()));
     assert_eq!((store.quota_calls().losses, store.quota_calls().lost_rows), (1, 1));
+    let grant = store.reserve(&call("t", 4).keeping(Kept::new(6, 0, 0), now + 3_600)).await.unwrap();
+    assert!(grant.expired, "the lease is dropped");
+    assert_eq!((store.quota_calls().losses, store.quota_calls().lost_rows), (1, 2));
     let said = text();
     assert!(said.contains("the server lost tollgate's keys") && said.contains("FLUSHALL"), "{said}");
     assert!(said.contains("a counter this node keeps units of is gone") && said.contains("not expired"), "{said}");
     // Said once: a new tenant after it finds the layout key written again.
-    assert_eq!(store.reserve(&call("u", 3)).await.unwrap().granted, 10);
+    assert_eq!(store.reserve(&call("u", 5)).await.unwrap().granted, 10);
     assert_eq!(store.quota_calls().losses, 1);
     assert_eq!(text().matches("lost tollgate's keys").count(), 1);
 }
@@ -433,29 +421,8 @@ async fn rows_the_server_lost_are_named_as_lost() {
 /// hour ahead does not hold them an hour longer. On main they expired by each node's clock.
 #[tokio::test]
 async fn places_expire_on_the_servers_clock() {
-    use tollgate::store::{PlaceCall, PlaceStoreExt};
     let Some((store, _)) = common::redis::store().await else { return };
-    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
-    let hour = 3_600_000_000_000i64;
-    let ttl = 30_000_000_000i64;
-    let call = |tenant: &str, count, now: i64, node, seq| {
-        PlaceCall::new(tenant.into(), count, 5, ttl, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
-    };
-    // An hour late: on its own clock its places would have expired 59 minutes ago.
-    assert_eq!(store.acquire_places(&call("late", 5, real - hour, 1, 1)).await.unwrap().held, 5);
-    assert_eq!(store.acquire_places(&call("late", 5, real, 2, 1)).await.unwrap().held, 0, "held for their TTL");
-    // An hour ahead: its places expire 30 s from now, not an hour later. Its last call sets
-    // a TTL of 1 ms; past it the others get them.
-    assert_eq!(store.acquire_places(&call("ahead", 5, real + hour, 1, 1)).await.unwrap().held, 5);
-    let last =
-        PlaceCall::new("ahead".into(), 5, 5, 1_000_000, real + hour, ReserveToken::new(1, 2).at(real / 1_000_000_000));
-    assert_eq!(store.renew_places(&last).await.unwrap().held, 5);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(
-        store.acquire_places(&call("ahead", 5, real, 2, 1)).await.unwrap().held,
-        5,
-        "expired by the server's clock"
-    );
+    common::places::expire_on_the_servers_clock(&store).await;
 }
 
 /// A grant delivered again with a later expiry (Stripe's redelivery computes it anew) still

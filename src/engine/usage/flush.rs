@@ -191,12 +191,15 @@ impl Pipeline {
 
     /// This node's usage of `tenant` that no store call has carried yet, per (meter, window):
     /// drained and not in a batch, or in a batch not sent; with what `also` reads at the same
-    /// instant (no drain runs meanwhile: the usage still in the tenant's counters), and the
-    /// batches committed by then ([`commits`](Self::commits)). Read after the store was, none
-    /// of it is in that read. A batch sent and not answered is not among it (it may be stored
-    /// already): a reader that read the store before it lands misses it until it does.
+    /// instant (no drain of a tenant runs meanwhile: the usage still in the tenant's
+    /// counters), and the batches committed by then ([`commits`](Self::commits)). Read after
+    /// the store was, none of it is in that read. A batch sent and not answered is not among
+    /// it (it may be stored already): a reader that read the store before it lands misses it
+    /// until it does.
     ///
-    /// Never waits for a flush: the lock it takes is held for no store call.
+    /// Never waits for a flush: the lock it takes is held for no store call, and by a drain
+    /// for one tenant at a time. `also` must take no lock of the tenant table (a drain takes
+    /// this one inside them).
     pub(crate) fn unstored_of<R>(
         &self,
         tenant: &TenantId,
@@ -240,7 +243,7 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
-        let (dropped, tend) = self.drain(rt, table, &mut self.queue());
+        let (dropped, tend) = self.drain(rt, table);
         leases.return_leases(dropped).await;
         // Units given back past a lease's cap that no call took yet go back now, leases in
         // debt owe it, and what changed in what the cells keep is told, before any usage
@@ -351,17 +354,24 @@ impl Pipeline {
     /// Drains every tenant's usage into `p`: the retired states no request holds any more
     /// (their leases to go back), and the states with cells to tend (spare units to go back,
     /// a lease in debt).
-    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Queue) -> (Vec<Tenant>, Vec<Tenant>) {
+    ///
+    /// Each tenant's usage moves under the queue's lock, taken for that tenant alone (a reader
+    /// of one tenant's usage waits for one tenant's drain at most; the lock is taken inside
+    /// the table's and the retired list's, never around them).
+    fn drain(&self, rt: &Runtime, table: &TenantTable) -> (Vec<Tenant>, Vec<Tenant>) {
         let max = rt.config.usage.max_buffered_records;
-        let mut room = max.saturating_sub(p.records());
+        let mut room = max.saturating_sub(self.queue().records());
         let was_full = self.buffer_full.load(Relaxed);
         let (mut full, mut dropped_units) = (false, 0u64);
-        let staged = &mut p.staged;
         // A pre-aggregated meter's usage is aggregated per window of the billing meter (an
         // hour or a day, which `usage.window` divides): its export sends that window's total.
         let coarse: Vec<(&MeterId, i64)> =
             rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs().map(|w| (&m.id, w))).collect();
-        let mut add = |s: &Tenant, m: usize, window_start: i64, quantity: u64| {
+        let mut add = |staged: &mut HashMap<(TenantId, MeterId, i64), (u64, bool)>,
+                       s: &Tenant,
+                       m: usize,
+                       window_start: i64,
+                       quantity: u64| {
             let meter = &s.plan.meters.ids[m];
             let window_start = match coarse.iter().find(|(id, _)| *id == meter) {
                 Some((_, w)) => window_start - window_start.rem_euclid(*w),
@@ -388,7 +398,9 @@ impl Pipeline {
         let expiry = i64::try_from(rt.config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
         let skew = i64::try_from(rt.config.limits.clock_skew().as_secs()).unwrap_or(i64::MAX);
         table.for_each(|s| {
-            s.drain_usage(|m, w, q| add(s, m, w, q));
+            let mut queue = self.queue();
+            s.drain_usage(|m, w, q| add(&mut queue.staged, s, m, w, q));
+            drop(queue);
             if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
                 spare.push(s.clone());
             }
@@ -398,7 +410,9 @@ impl Pipeline {
         retired.retain(|s| {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
-            s.drain_usage(|m, w, q| add(s, m, w, q));
+            let mut queue = self.queue();
+            s.drain_usage(|m, w, q| add(&mut queue.staged, s, m, w, q));
+            drop(queue);
             if sole {
                 dropped.push(s.clone());
             } else if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {

@@ -30,18 +30,20 @@ pub(crate) const HISTORY_FRESH_SECS: i64 = 60;
 /// flushes of every node (`usage.flush_interval`, 10 s by default, and their retries).
 pub(crate) const SETTLE_SECS: i64 = 3_600;
 
-/// A tenant's closed usage: its windows from `lo` (the start of its previous billing period)
-/// up to `split` (the start of the UTC day an hour ago), as the store held them at `read_at`
-/// (Unix seconds). It changes only by late usage: events of up to 35 days old, batches
-/// retried after an outage; so it is read at most once a minute ([`HISTORY_FRESH_SECS`]),
-/// while the open days are read at every refresh.
+/// A tenant's closed usage: its units per meter and UTC day from `lo` (the start of its
+/// previous billing period) up to `split` (the start of the UTC day an hour ago), as the store
+/// held them at `read_at` (Unix seconds). It changes only by late usage: events of up to 35
+/// days old, batches retried after an outage; so it is read at most once a minute
+/// ([`HISTORY_FRESH_SECS`]), while the open days are read at every refresh. Per day, not per
+/// window: every bound it is read by (a period's start, the split) is a UTC midnight, and at
+/// most 62 days a meter are kept, whatever `usage.window`.
 #[derive(Debug)]
 pub(crate) struct History {
     pub(crate) lo: i64,
     pub(crate) split: i64,
     pub(crate) read_at: i64,
-    /// Units per (meter, window start).
-    pub(crate) windows: std::collections::BTreeMap<(crate::base::MeterId, i64), u64>,
+    /// Units per (meter, UTC day's start).
+    pub(crate) days: std::collections::BTreeMap<(crate::base::MeterId, i64), u64>,
 }
 
 impl History {
@@ -69,8 +71,11 @@ pub(crate) struct UsageView {
     /// a view made again with the same numbers keeps its tag (a client revalidating gets 304).
     pub(crate) etag: String,
     /// The tenant's live keys and their scopes when the view was made (a key issued since is
-    /// not among them until the next view, at most a second later).
+    /// not among them until the next view, a second later, or a minute while the node's
+    /// budget of refreshes is spent).
     pub(crate) keys: Box<[(KeyHash, KeyScopes)]>,
+    /// When it was made (Unix nanoseconds; 0 until kept).
+    pub(crate) made_at: i64,
 }
 
 impl UsageView {
@@ -80,9 +85,15 @@ impl UsageView {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(numbers);
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Self { body, etag: format!("W/\"{hex}\""), keys }
+        Self { body, etag: format!("W/\"{hex}\""), keys, made_at: 0 }
     }
 }
+
+/// A view younger than this (nanoseconds) is made again only while the node's budget holds
+/// more than half its burst: the other half goes to tenants whose views are older, or who
+/// have none, so that tenants polling in a tight loop cannot keep others' views from being
+/// made.
+pub(crate) const YOUNG_NANOS: i64 = 10 * 1_000_000_000;
 
 /// What a tenant's slot keeps: its last view, or the time its last refresh failed (the polls
 /// of the next second are refused without asking the store again).
@@ -114,8 +125,6 @@ impl Kept {
 struct SlotInner {
     refreshes: std::sync::atomic::AtomicU64,
     kept: tokio::sync::Mutex<Option<Kept>>,
-    /// The tenant's closed usage, as its last refresh read or reused it.
-    history: std::sync::Mutex<Option<Arc<History>>>,
 }
 
 type Slot = Arc<SlotInner>;
@@ -126,6 +135,9 @@ pub(crate) struct UsageViews {
     /// The node's budget of refreshes: the theoretical arrival time of a GCRA bucket
     /// (`usage.view_refresh_rate`), Unix nanoseconds.
     budget: std::sync::Mutex<i64>,
+    /// The tenants' closed usage as their last refreshes read it, each dropped a minute after
+    /// it was kept (it is not used later): at most as many as the budget makes in a minute.
+    histories: moka::sync::Cache<TenantId, Arc<History>>,
 }
 
 impl std::fmt::Debug for UsageViews {
@@ -136,7 +148,13 @@ impl std::fmt::Debug for UsageViews {
 
 impl Default for UsageViews {
     fn default() -> Self {
-        Self { slots: crate::tenant::lru(MAX_VIEWS).build(), budget: std::sync::Mutex::new(0) }
+        Self {
+            slots: crate::tenant::lru(MAX_VIEWS).build(),
+            budget: std::sync::Mutex::new(0),
+            histories: crate::tenant::lru(MAX_VIEWS)
+                .time_to_live(std::time::Duration::from_secs(HISTORY_FRESH_SECS as u64))
+                .build(),
+        }
     }
 }
 
@@ -186,7 +204,10 @@ impl UsageViews {
         }
         // Its numbers are those of when the refresh started.
         let started = now();
-        if !self.spend(started, budget) {
+        // A young view leaves the last half of the budget to older ones.
+        let young =
+            matches!(kept.as_ref(), Some(Kept::View(_, at)) if (0..YOUNG_NANOS).contains(&started.saturating_sub(*at)));
+        if !self.spend(started, budget, young) {
             refused.add(1);
             return match kept.as_ref().and_then(|k| k.recent(started)) {
                 Some(view) => Ok(view.clone()),
@@ -196,7 +217,7 @@ impl UsageViews {
         let made = make().await;
         let answer = match made {
             Ok(view) => {
-                let view = Arc::new(view);
+                let view = Arc::new(UsageView { made_at: started, ..view });
                 *kept = Some(Kept::View(view.clone(), started));
                 Ok(view)
             }
@@ -210,30 +231,33 @@ impl UsageViews {
     }
 
     /// Takes one refresh of the node's budget at `now`, if one is left: at most `rate.count()`
-    /// at once, then one each `rate.interval()`.
-    fn spend(&self, now: i64, rate: crate::config::Rate) -> bool {
+    /// at once, then one each `rate.interval()`; for a `young` view, only while more than
+    /// half the burst is left.
+    fn spend(&self, now: i64, rate: crate::config::Rate, young: bool) -> bool {
         let interval = i64::try_from(rate.interval().as_nanos()).unwrap_or(i64::MAX).max(1);
         let tau = interval.saturating_mul(i64::from(rate.count().get()));
+        let room = if young { tau / 2 } else { tau };
         let mut tat = self.budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = (*tat).max(now).saturating_add(interval);
-        if next.saturating_sub(now) > tau {
+        // Never further ahead than this rate's burst: a reload that lowers the rate waits one
+        // burst of it at most, not the old rate's.
+        let next = (*tat).max(now).min(now.saturating_add(tau)).saturating_add(interval);
+        if next.saturating_sub(now) > room.max(interval) {
             return false;
         }
         *tat = next;
         true
     }
 
-    /// `tenant`'s closed usage as its views last read it.
+    /// `tenant`'s closed usage as its views last read it, within the last minute.
     pub(crate) fn history(&self, tenant: &TenantId) -> Option<Arc<History>> {
-        let slot = self.slots.get(tenant)?;
-        let history = slot.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        history.clone()
+        self.histories.get(tenant)
     }
 
-    /// Keeps `history` as `tenant`'s closed usage (with its views: dropped with them).
+    /// Keeps `history` as `tenant`'s closed usage, for a minute at most.
     pub(crate) fn keep_history(&self, tenant: &TenantId, history: Option<Arc<History>>) {
-        if let Some(slot) = self.slots.get(tenant) {
-            *slot.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = history;
+        match history {
+            Some(h) => self.histories.insert(tenant.clone(), h),
+            None => self.histories.invalidate(tenant),
         }
     }
 

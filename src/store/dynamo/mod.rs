@@ -263,11 +263,12 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
     let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
     // An aggregate is an export candidate (in the export index) once billable usage was added.
     let expression = if r.billable {
-        // Waiting for export: kept 49 days (a dead letter keeps its own, `dead_ttl`).
+        // Waiting for export: kept 63 days (a dead letter keeps its own, `dead_ttl`).
         "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, \
          #ttl = if_not_exists(dead_ttl, :ttl)"
     } else {
-        // Not billable: the first commit's TTL (35 days) or whatever it has since.
+        // Not billable: the first commit's TTL (63 days; 35 before 63 were kept) or whatever it
+        // has since.
         "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, #ttl = if_not_exists(#ttl, :ttl)"
     };
     let update = Update::builder()

@@ -31,11 +31,11 @@ mod usage;
 /// long as the process; a fleet of nodes needs a shared store instead.
 ///
 /// Memory stays bounded: old quota periods are dropped when a new one is reserved, aggregates
-/// (exported or not) 35 days after their window (unexported ones with a warning; dead letters
+/// (exported or not) 63 days after their window (unexported ones with a warning; dead letters
 /// are kept until requeued or confirmed), and only the
 /// last 65,536 flush ids are kept. Export listings walk an index of the windows not yet
 /// exported (and one of the dead letters), and a tenant's usage its own windows only, so the
-/// 35 days of exported windows kept cost memory, not time under the store's lock.
+/// 63 days of exported windows kept cost memory, not time under the store's lock.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -60,7 +60,7 @@ struct Inner {
     kept_refunds: BTreeMap<String, crate::store::CreditRefund>,
     usage: BTreeMap<ExportKey, Aggregate>,
     /// The keys of the aggregates the export has yet to send (or has in flight), and of those
-    /// parked as dead letters: a listing walks these, not 35 days of exported windows.
+    /// parked as dead letters: a listing walks these, not 63 days of exported windows.
     pending: BTreeSet<ExportKey>,
     parked: BTreeSet<ExportKey>,
     flushes: HashSet<FlushId>,

@@ -169,7 +169,7 @@ impl PostgresOptions {
 ///   ([`Migrate::Auto`]), or only checked ([`Migrate::Verify`]); a schema of a newer tollgate,
 ///   or a schema holding tables that are not tollgate's, is refused with
 ///   [`StoreError::Unusable`].
-/// - Old rows are pruned as in the SQLite store (aggregates 35 days after their window, quota
+/// - Old rows are pruned as in the SQLite store (aggregates 63 days after their window, quota
 ///   periods 35 days after they ended, flush ids, usage and webhook event ids, idempotency
 ///   bindings), by one node of the fleet at a time, at most hourly.
 ///

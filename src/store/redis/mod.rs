@@ -403,7 +403,16 @@ impl RedisStore {
         let mut warnings = self.server_keeps(accepted).await?;
         warnings.extend(self.replicas_kept().await);
         let layout = self.keys.layout();
-        let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
+        let written: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
+        if written {
+            // A first start under this prefix, or a server that lost its keys while no node
+            // ran (a running node says so as it happens).
+            tracing::warn!(
+                prefix = self.keys.prefix(),
+                "redis: no layout key under this prefix: a new prefix, or one whose keys the server lost \
+                 (FLUSHALL, a restart without persistence) while no node of it ran; written now"
+            );
+        }
         let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
         match found.as_deref().map(str::parse::<u32>) {
             Some(Ok(LAYOUT_VERSION)) => {}
@@ -552,15 +561,17 @@ impl RedisStore {
         use std::sync::atomic::Ordering::Relaxed;
         let layout = self.keys.layout();
         let mut conn = self.conn.clone();
+        self.counts.round_trips.fetch_add(1, Relaxed);
         let Ok(written) = conn.set_nx::<_, _, bool>(&layout, LAYOUT_VERSION).await else { return };
         if written {
             self.counts.losses.fetch_add(1, Relaxed);
             tracing::error!(
                 prefix = self.keys.prefix(),
                 "redis: the server lost tollgate's keys (the layout key `{layout}` written at open is gone: \
-                 FLUSHALL, a restart without persistence, a failover to a replica without them): every \
-                 tenant's quotas, balances, rates, places and Idempotency-Key bindings count from zero \
-                 again (docs/redis.md, \"What a lost row costs\")"
+                 FLUSHALL, a restart without persistence, a failover to a replica without them, or this key \
+                 alone evicted under an accepted allkeys-* policy): every tenant's quotas, balances, rates, \
+                 places and Idempotency-Key bindings may count from zero again (docs/redis.md, \"What a lost \
+                 row costs\")"
             );
         }
     }

@@ -611,7 +611,19 @@ impl QuotaStore for RedisStore {
                     (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
                 let retries = Retries::FROM_ANSWER;
                 let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
+                // A release of units taken from a row that holds nothing: the row was lost
+                // (said once per key and call, as the last attempt found it).
+                let lost = std::sync::Mutex::new(Vec::<QuotaKey>::new());
                 let released = |q: &mut TenantQuota| {
+                    let mut gone = lost.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    gone.clear();
+                    for i in &mine {
+                        let r = &releases[*i];
+                        let claims = r.units.saturating_add(r.kept.lease).saturating_add(r.kept.held) > 0;
+                        if claims && !q.holds(&r.key) && !gone.contains(&r.key) {
+                            gone.push(r.key.clone());
+                        }
+                    }
                     for i in &mine {
                         q.release(&releases[*i]);
                     }
@@ -620,6 +632,11 @@ impl QuotaStore for RedisStore {
                     None => self.with_quota(&tenant, now, retries, released).await,
                     Some(key) => self.with_counter(key, now, retries, false, released).await,
                 };
+                if written.is_ok() {
+                    for key in lost.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                        self.lost_row(&key);
+                    }
+                }
                 (mine, written)
             }))
             .buffer_unordered(RELEASE_ROWS_AT_ONCE)

@@ -69,7 +69,7 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 /// - The schema is versioned (`user_version`) and migrated on open; a file of a newer
 ///   tollgate, a file that is not a tollgate database (an empty or foreign file included) and
 ///   a file that fails `PRAGMA quick_check` are refused with [`StoreError::Unusable`].
-/// - Old rows are pruned as the calls go: aggregates 35 days after their window, quota
+/// - Old rows are pruned as the calls go: aggregates 63 days after their window, quota
 ///   periods 35 days after they ended, flush ids a week after their commit, usage and webhook
 ///   event ids 35 days after their time (and past 2^20 of each).
 ///
