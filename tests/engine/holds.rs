@@ -83,6 +83,40 @@ async fn calls_at_once_share_the_limit_through_their_holds() {
     assert_eq!(tokens_billed(&h, "u").await, 480);
 }
 
+/// A hold the limit cannot cover asks the store for what it lacks and gives it back: while it
+/// does, the lease it drained never reads as a spent quota. With 480 of 500 held, 20 are left,
+/// and every request of the route, which needs one, is admitted however the refused holds
+/// interleave with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_refused_near_the_limit_never_refuse_a_request_that_fits() {
+    let h = Arc::new(Harness::new(TOML));
+    let mut kept = Vec::new();
+    for _ in 0..4 {
+        let (ticket, ctx) = admitted(&h, "key-u").await;
+        let hold = ctx.hold_with("tokens", 120, Overrun::Refuse).await.unwrap();
+        kept.push((ticket, hold));
+    }
+    let (ticket, ctx) = admitted(&h, "key-u").await;
+    let holder = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            // Refused as held by the others, or as spent.
+            ctx.hold_with("tokens", 120, Overrun::Refuse).await.expect_err("20 left");
+        }
+        ticket.give_back();
+    });
+    let mut refused = 0;
+    for _ in 0..2_000 {
+        match common::holds::admit(&h, "key-u").await {
+            Ok((ticket, _)) => ticket.give_back(),
+            Err(_) => refused += 1,
+        }
+        tokio::task::yield_now().await;
+    }
+    holder.await.unwrap();
+    assert_eq!(refused, 0, "20 of 500 are left: a request that needs one is served");
+    drop(kept);
+}
+
 /// What a hold does not record goes back when it drops (a handler that fails, panics or is
 /// cut off): the next holds can take it.
 #[tokio::test]

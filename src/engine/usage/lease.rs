@@ -639,6 +639,12 @@ impl Leases {
             cell.resume();
         }
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
+        // The grant reaches the lease before the answer can say "spent": a request reading
+        // the cell between the two finds the units this node holds, never an empty lease of
+        // a spent quota (what it drained for the caller comes back with the grant when the
+        // grant falls short).
+        let covered = need > 0 && grant.granted >= lacking;
+        cell.credit(if covered { grant.granted - lacking + repay } else { grant.granted + repay + have });
         answered(cell, &grant, limit);
         // Less than the waiters want (the store grants them all whenever that much is left):
         // nothing is left, and the waiters it asked for are refused without asking again.
@@ -647,11 +653,9 @@ impl Leases {
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
         self.thresholds.check(rt, now, cell, grant.reserved, grant.used, from, to);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
-        if need > 0 && grant.granted >= lacking {
-            cell.credit(grant.granted - lacking + repay);
+        if covered {
             Ok(Refill::Taken { tag, start })
         } else {
-            cell.credit(grant.granted + repay + have);
             if need == 0 {
                 return Ok(Refill::Done);
             }

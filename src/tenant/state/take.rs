@@ -27,7 +27,11 @@ impl QuotaRef<'_> {
                 return Take::NeedLease;
             }
             if left < cost {
-                return self.short(now);
+                match self.short(now, word) {
+                    Ok(take) => return take,
+                    Err(again) => word = again,
+                }
+                continue;
             }
             // `left >= cost >= 0`: the subtraction cannot borrow from the tag.
             match h.lease.compare_exchange_weak(word, word - cost as u64, Ordering::AcqRel, Ordering::Acquire) {
@@ -40,13 +44,33 @@ impl QuotaRef<'_> {
     /// What a request finding the lease short gets: refused if the store said this hard
     /// quota is spent this second, else sent to the store. Out of line: most requests find
     /// their units, and the request path stays small enough to inline.
+    /// `word`: the lease as the request read it; `Err`: the lease as read again, changed
+    /// since (see [`spent_given`](Self::spent_given)).
     #[cold]
     #[inline(never)]
-    fn short(&self, now: i64) -> Take {
-        if self.hard() && self.spent(now) {
-            Take::Exhausted
-        } else {
-            Take::NeedLease
+    fn short(&self, now: i64, word: u64) -> Result<Take, u64> {
+        if !self.hard() {
+            return Ok(Take::NeedLease);
+        }
+        match self.spent_given(now, word) {
+            Ok(true) => Ok(Take::Exhausted),
+            Ok(false) => Ok(Take::NeedLease),
+            Err(again) => Err(again),
+        }
+    }
+
+    /// Whether the quota is spent at `now` for a request that found the lease `word` short:
+    /// `Err` with the lease as read again when it changed. A refill credits its grant to the
+    /// lease before its answer says "spent", so the lease is read again after the flag: a
+    /// request reading the lease during the call (emptied by the caller's drain) and the flag
+    /// after the answer would otherwise take the units the node holds for a spent quota.
+    fn spent_given(&self, now: i64, word: u64) -> Result<bool, u64> {
+        if !self.spent(now) {
+            return Ok(false);
+        }
+        match self.hot.lease.load(Ordering::Acquire) {
+            again if again != word => Err(again),
+            _ => Ok(true),
         }
     }
 
@@ -61,16 +85,19 @@ impl QuotaRef<'_> {
         }
         let bits = self.hot.period.load(Ordering::Acquire);
         let (start, end) = PeriodBits::bounds(bits);
-        let word = self.hot.lease.load(Ordering::Acquire);
-        if now < start || now >= end || Lease::tag(word) != PeriodBits::tag(bits) {
-            return Err(Take::NeedLease);
-        }
-        if Lease::value(word) >= i64::try_from(cost).unwrap_or(i64::MAX) {
-            Ok(())
-        } else if self.spent(now) {
-            Err(Take::Exhausted)
-        } else {
-            Err(Take::NeedLease)
+        let mut word = self.hot.lease.load(Ordering::Acquire);
+        loop {
+            if now < start || now >= end || Lease::tag(word) != PeriodBits::tag(bits) {
+                return Err(Take::NeedLease);
+            }
+            if Lease::value(word) >= i64::try_from(cost).unwrap_or(i64::MAX) {
+                return Ok(());
+            }
+            match self.spent_given(now, word) {
+                Ok(true) => return Err(Take::Exhausted),
+                Ok(false) => return Err(Take::NeedLease),
+                Err(again) => word = again,
+            }
         }
     }
 
