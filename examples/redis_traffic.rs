@@ -8,7 +8,7 @@
 //! `HGET`, `HKEYS`, `HDEL`, `HSET`, `DEL`, `EXISTS`, `PEXPIRE` and `PERSIST` are counted apart
 //! and are not round trips). The run's keys (under a prefix of its own) are deleted at the end.
 //!
-//! `TOLLGATE_REDIS_URL=redis://… cargo run --release --features redis,sqlite --example
+//! `TOLLGATE_REDIS_URL=redis://… cargo run --release --features redis,sqlite,test-util --example
 //!  redis_traffic -- <tenants> <requests> <flush interval, s> <run time, s> [fleet]` (defaults
 //! 1000 1000000 10 600). Use a server of its own (`scripts/redis-server.sh` starts one): every
 //! command the server runs meanwhile is counted.
@@ -20,7 +20,7 @@ use std::{
 };
 
 use tollgate::store::prelude::*;
-use tollgate::store::{KeyHash, RedisStore, SqliteStore, TenantRecord};
+use tollgate::store::{KeyHash, RedisOptions, RedisStore, SqliteStore, TenantRecord};
 use tollgate::{clock::Clock, Config, Tollgate, TollgateLayer};
 use tower::Layer;
 use traffic::Run;
@@ -64,7 +64,10 @@ async fn main() {
     }
     // A prefix of the run's own: the counters of another run are not read.
     let prefix = format!("traffic{}", std::process::id());
-    let redis = Arc::new(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap());
+    // The run's time is a fake clock: the store applies each call at its time, not the
+    // server's (a fleet keeps the server's, docs/redis.md "Clocks").
+    let options = RedisOptions::new(Duration::from_secs(5)).callers_clock();
+    let redis = Arc::new(RedisStore::open_with(&url, &prefix, &options).await.unwrap());
     // A fleet rate that fails open serves each node's share while the store is down: the
     // nodes sharing it are told.
     let (rate, hint) = if fleet {

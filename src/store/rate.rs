@@ -34,8 +34,10 @@ pub struct CellCall {
     pub interval: u64,
     /// The most cells free at once.
     pub burst: u32,
-    /// The caller's clock, in Unix nanoseconds (a store has no clock of its own here: the
-    /// nodes must be NTP-synced).
+    /// The caller's clock, in Unix nanoseconds. A store that keeps time by its own clock
+    /// (the RedisStore: the server's `TIME`) applies the call that much later or earlier, and
+    /// answers the TAT on the caller's clock; the others apply it at this time (keep the nodes
+    /// NTP-synced).
     pub now: i64,
     /// Who sent it: a re-sent call (the same token) is applied once.
     pub token: ReserveToken,

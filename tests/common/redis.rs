@@ -68,6 +68,31 @@ fn tollgate_draw() -> u64 {
     h.finish() % 1_000_000
 }
 
+/// How a test whose clock it drives opens a store: the rules that read time (a fleet rate's
+/// TAT, a reservation's expiry, a key in flight, places) follow each call's own time, not the
+/// server's (`RedisOptions::callers_clock`), so that moving the test's clock moves them.
+pub fn driven(timeout: Duration) -> tollgate::store::RedisOptions {
+    tollgate::store::RedisOptions::new(timeout).callers_clock()
+}
+
+/// [`store`] on the callers' clock ([`driven`]).
+pub async fn store_driven() -> Option<(RedisStore, String)> {
+    let url = url()?;
+    let prefix = fresh_prefix();
+    let store =
+        RedisStore::open_with(&url, &prefix, &driven(Duration::from_secs(5))).await.expect("the Redis store opens");
+    Some((store, prefix))
+}
+
+/// [`cluster_store`] on the callers' clock ([`driven`]).
+pub async fn cluster_store_driven() -> Option<(RedisStore, String)> {
+    let url = cluster_url()?;
+    let prefix = fresh_prefix();
+    let options = driven(Duration::from_secs(5)).cluster(true);
+    let store = RedisStore::open_with(&url, &prefix, &options).await.expect("the cluster store opens");
+    Some((store, prefix))
+}
+
 /// A store under a prefix of its own, or `None` (skipped) without a server: the prefix too,
 /// to open it again.
 pub async fn store() -> Option<(RedisStore, String)> {

@@ -285,7 +285,7 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
 /// (tests/common/fleet.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_share_one_fleet_rate_on_a_cluster() {
-    let Some((nodes, _, _)) = four_nodes_with_stores(On::Cluster).await else { return };
+    let Some((nodes, _, _)) = four_nodes_with_stores(On::ClusterDriven).await else { return };
     common::fleet::four_nodes_share_one_rate_on(nodes, Duration::from_millis(1)).await;
 }
 
@@ -396,7 +396,8 @@ fn slot_by_crc(tag: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
     const CALLS: usize = 64;
-    let Some((store, _prefix)) = common::redis::cluster_store().await else { return };
+    let Some((store, _prefix)) = common::redis::cluster_store_driven().await else { return };
+    // Each cell counted at one time of the calls' clock (1 ms a cell).
     let _topology = TOPOLOGY.lock().await;
     let store = Arc::new(store);
     let url = common::redis::cluster_url().unwrap();
@@ -510,7 +511,8 @@ async fn eventually(mut done: impl FnMut() -> bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_added_empty_takes_a_slot_while_calls_go_on() {
     const CALLS: u64 = 16;
-    let Some((store, _prefix)) = common::redis::cluster_store().await else { return };
+    let Some((store, _prefix)) = common::redis::cluster_store_driven().await else { return };
+    // Each cell counted at one time of the calls' clock (1 ms a cell).
     let _topology = TOPOLOGY.lock().await;
     let url = common::redis::cluster_url().unwrap();
     let all = masters(&url);

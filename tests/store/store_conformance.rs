@@ -110,20 +110,19 @@ async fn redis_cluster_store() -> Option<StoreUnderTest<tollgate::store::RedisSt
 #[cfg(feature = "redis")]
 async fn redis_store_on(cluster: bool) -> Option<StoreUnderTest<tollgate::store::RedisStore>> {
     use tollgate::store::RedisStore;
+    // The suite checks the roles' rules by moving the calls' time: on the callers' clock.
+    // What the server's clock changes is checked by tests/store/redis.rs ("Clocks").
     let (store, prefix, url) = match cluster {
-        false => common::redis::store().await.zip(common::redis::url()),
-        true => common::redis::cluster_store().await.zip(common::redis::cluster_url()),
+        false => common::redis::store_driven().await.zip(common::redis::url()),
+        true => common::redis::cluster_store_driven().await.zip(common::redis::cluster_url()),
     }
     .map(|((store, prefix), url)| (store, prefix, url))?;
     Some(StoreUnderTest::new(Arc::new(store), move |old| {
         drop(old);
         let (url, prefix) = (url.clone(), prefix.clone());
         async move {
-            let timeout = std::time::Duration::from_secs(5);
-            let opened = match cluster {
-                false => RedisStore::open(&url, &prefix, timeout).await,
-                true => RedisStore::open_cluster(&url, &prefix, timeout).await,
-            };
+            let options = common::redis::driven(std::time::Duration::from_secs(5)).cluster(cluster);
+            let opened = RedisStore::open_with(&url, &prefix, &options).await;
             Arc::new(opened.expect("the Redis store opens again"))
         }
     }))

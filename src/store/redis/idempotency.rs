@@ -1,10 +1,13 @@
 //! The idempotency role of the RedisStore: a binding as one hash, claimed, renewed and settled
 //! under a compare-and-set of its version; the bytes of stored responses counted per window
 //! bucket in shards (as the DynamoStore does), so that no one row takes the fleet's writes.
+//! A binding's times (in flight until, expires) are kept on the server's clock: a claim is
+//! judged at the server's time as the row was read, so that a node whose clock runs ahead
+//! never takes over a key another node's request still runs under.
 
 use async_trait::async_trait;
 
-use super::{kept_for, RedisStore, Row, Ttl};
+use super::{kept_for, secs_of, RedisStore, Row, Ttl};
 use crate::store::{
     race::{until_won, Race, Retries},
     IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, StoreError,
@@ -14,6 +17,8 @@ use crate::store::{
 /// The counters of stored responses' bytes per bucket: a response is counted in one of these
 /// (drawn by its owner), each holding its share of the bucket's bytes.
 const BYTE_SHARDS: u64 = 16;
+
+const NANOS: i64 = 1_000_000_000;
 
 /// A binding as read: live at `now` (not expired, nor left in flight past its time), or `None`.
 fn live(row: &Row, now: i64) -> Result<Option<Binding>, StoreError> {
@@ -136,13 +141,19 @@ impl IdempotencyStore for RedisStore {
         let what = "an Idempotency-Key claimed by another node all along";
         until_won(what, Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
-                let row = self.row(at).await?;
-                if let Some(binding) = live(&row, c.now)? {
+                let (row, ahead) = self.row_at(at, c.now.saturating_mul(NANOS)).await?;
+                let ahead = secs_of(ahead);
+                let now = c.now.saturating_add(ahead);
+                if let Some(binding) = live(&row, now)? {
                     return state_of(&row, &binding, &c.request).map(Race::Won);
                 }
-                // Free: never claimed, expired, or left in flight past its time.
-                let (owner, until, expires) =
-                    (c.owner.to_string(), c.in_flight_until.to_string(), c.expires_at.to_string());
+                // Free: never claimed, expired, or left in flight past its time. Its times
+                // are kept on the server's clock.
+                let (owner, until, expires) = (
+                    c.owner.to_string(),
+                    c.in_flight_until.saturating_add(ahead).to_string(),
+                    c.expires_at.saturating_add(ahead).to_string(),
+                );
                 let fields: [(&str, &[u8]); 5] = [
                     ("request", c.request.as_bytes()),
                     ("owner", owner.as_bytes()),
@@ -165,8 +176,8 @@ impl IdempotencyStore for RedisStore {
         request: &str,
         now: i64,
     ) -> Result<Option<IdempotencyState>, StoreError> {
-        let row = self.row(&self.keys().idempotency(key)).await?;
-        match live(&row, now)? {
+        let (row, ahead) = self.row_at(&self.keys().idempotency(key), now.saturating_mul(NANOS)).await?;
+        match live(&row, now.saturating_add(secs_of(ahead)))? {
             Some(binding) => state_of(&row, &binding, request).map(Some),
             None => Ok(None),
         }
@@ -181,6 +192,8 @@ impl IdempotencyStore for RedisStore {
         let done = match how {
             IdempotencySettle::Completed(done) => done,
             IdempotencySettle::Renewed { until } => {
+                // On the server's clock, as the claim set it.
+                let until = &until.saturating_add(self.offset_now().await?);
                 return self
                     .settle_held(key, owner, |row| {
                         // Never past the binding's expiry.

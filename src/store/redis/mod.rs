@@ -101,7 +101,18 @@ pub struct RedisStore {
     /// Money writes' own connection and the replicas they wait for
     /// ([`RedisOptions::wait_for_replicas`]); `None`: they go as every call.
     money: Option<std::sync::Arc<Money>>,
+    /// How far the server's clock is ahead of this node's, as last measured; `None`: the
+    /// calls' own times are applied ([`RedisOptions::callers_clock`]).
+    offset: Option<std::sync::Arc<Offset>>,
 }
+
+/// The server's clock less this node's, in seconds, as last measured ([`RedisStore::offset_secs`]).
+#[derive(Debug, Default)]
+struct Offset(std::sync::Mutex<Option<(i64, std::time::Instant)>>);
+
+/// How long a measured offset serves the quota calls that read no row (a clock drifts by
+/// milliseconds a day; a node whose clock is stepped is followed within it).
+const OFFSET_KEPT: Duration = Duration::from_secs(60);
 
 /// Where money writes go, and what they wait for.
 struct Money {
@@ -337,6 +348,7 @@ impl RedisStore {
             turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
             money,
+            offset: (!options.callers_clock).then(std::sync::Arc::default),
         };
         store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
@@ -549,6 +561,41 @@ impl RedisStore {
             self.script(&self.timed, READ_TIMED, key, |_| {}).await.map_err(|e| backend(&e))?;
         let (secs, micros, fields) = answer;
         Ok((Row(fields), secs.saturating_mul(1_000_000_000).saturating_add(micros.saturating_mul(1_000))))
+    }
+
+    /// The row at `key` and how far the server's clock is ahead of the caller's, whose call
+    /// is at `caller_now` (Unix nanoseconds): the call is applied at `caller_now` plus it, on
+    /// the server's clock, so that every node's call on the row is applied by one clock
+    /// however skewed the nodes' own (0 under [`RedisOptions::callers_clock`]). The measure
+    /// also serves the calls that read no row ([`offset_secs`](Self::offset_secs)).
+    pub(super) async fn row_at(&self, key: &str, caller_now: i64) -> Result<(Row, i64), StoreError> {
+        let Some(offset) = &self.offset else { return Ok((self.row(key).await?, 0)) };
+        let (row, server) = self.row_timed(key).await?;
+        let ahead = server.saturating_sub(caller_now);
+        offset.keep(secs_of(ahead));
+        Ok((row, ahead))
+    }
+
+    /// How far the server's clock is ahead of the caller's, in seconds, for a call made at
+    /// `caller_secs` (Unix seconds, its clock): as measured within [`OFFSET_KEPT`] by any call
+    /// of this node, else with one `TIME` now. 0 under [`RedisOptions::callers_clock`].
+    pub(super) async fn offset_secs(&self, caller_secs: i64) -> Result<i64, StoreError> {
+        let Some(offset) = &self.offset else { return Ok(0) };
+        if let Some(secs) = offset.fresh() {
+            return Ok(secs);
+        }
+        let mut conn = self.conn.clone();
+        self.counts.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (secs, _micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(|e| backend(&e))?;
+        let ahead = secs.saturating_sub(caller_secs);
+        offset.keep(ahead);
+        Ok(ahead)
+    }
+
+    /// As [`offset_secs`](Self::offset_secs), for a call that carries no time of its own (an
+    /// `Idempotency-Key`'s renewal): measured against this process's clock when not fresh.
+    pub(super) async fn offset_now(&self) -> Result<i64, StoreError> {
+        self.offset_secs(now_secs()).await
     }
 
     /// Checks that the layout key written at open is still there (a quota call that reads a
@@ -962,6 +1009,22 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
 
 /// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
 /// drawn from it.
+impl Offset {
+    fn keep(&self, secs: i64) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((secs, std::time::Instant::now()));
+    }
+
+    fn fresh(&self) -> Option<i64> {
+        let kept = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.filter(|(_, at)| at.elapsed() < OFFSET_KEPT).map(|(secs, _)| secs)
+    }
+}
+
+/// `nanos` in whole seconds, rounded to the nearest.
+pub(super) fn secs_of(nanos: i64) -> i64 {
+    nanos.saturating_add(500_000_000).div_euclid(1_000_000_000)
+}
+
 pub(super) fn now_secs() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_secs()).unwrap_or(i64::MAX)

@@ -22,13 +22,36 @@ pub struct RedisOptions {
     pub wait_replicas: u32,
     /// How long a money write waits for them.
     pub wait_timeout: Duration,
+    /// The rules that read time (a fleet rate's TAT, a reservation's expiry, an
+    /// `Idempotency-Key`'s time in flight, places' expiry) read each call's own time, not the
+    /// server's: [`callers_clock`](Self::callers_clock) (tests that drive a clock).
+    pub(crate) callers_clock: bool,
 }
 
 impl RedisOptions {
     /// One server, no eviction accepted, each command bounded by `timeout`.
     #[must_use]
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, cluster: false, accept_eviction: None, wait_replicas: 0, wait_timeout: Duration::from_secs(1) }
+        Self {
+            timeout,
+            cluster: false,
+            accept_eviction: None,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+            callers_clock: false,
+        }
+    }
+
+    /// The rules that read time apply at each call's own time (the caller's clock, as the
+    /// other stores do), not at the server's (`TIME`, the default): for tests whose clock is
+    /// driven, and which check those rules by moving it. Never for a fleet: nodes whose clocks
+    /// disagree then admit a shared rate, expire reservations and judge keys in flight as far
+    /// apart as their clocks (docs/redis.md, "Clocks").
+    #[cfg(feature = "test-util")]
+    #[must_use]
+    pub fn callers_clock(mut self) -> Self {
+        self.callers_clock = true;
+        self
     }
 
     /// The URL names a node of a Redis Cluster (its slots are followed).

@@ -22,8 +22,8 @@ impl PlaceStore for RedisStore {
             Box::pin(async move {
                 // The server's time as the row was read: a write from it lands only if no other
                 // came between, so no call applied before this one carries a later time.
-                let (found, now) = self.row_timed(key).await?;
-                let call = &call.clone().at(now);
+                let (found, ahead) = self.row_at(key, call.now).await?;
+                let call = &call.clone().at(call.now.saturating_add(ahead));
                 let mut row = match found.exists() {
                     true => PlaceRow::from_json(found.text("holders").unwrap_or(""))?,
                     false => PlaceRow::default(),

@@ -518,6 +518,21 @@ fn refunds_json(refunds: &[CreditRefund]) -> String {
         .to_string()
 }
 
+/// A quota call's times moved `ahead` seconds, onto the server's clock: the time its sender
+/// is known by, and its reservation's expiry (0, never, stays). Its period is the caller's.
+fn on_server<C>(
+    mut call: C,
+    ahead: i64,
+    times: impl FnOnce(&mut C) -> (&mut crate::store::ReserveToken, &mut i64),
+) -> C {
+    let (token, expires_at) = times(&mut call);
+    *token = token.at(token.at.saturating_add(ahead));
+    if *expires_at != 0 {
+        *expires_at = expires_at.saturating_add(ahead);
+    }
+    call
+}
+
 /// [`refunds_json`] read back.
 fn refunds_of(json: &str) -> Result<Vec<CreditRefund>, String> {
     let list: Vec<String> = serde_json::from_str(json).map_err(|e| e.to_string())?;
@@ -543,6 +558,9 @@ impl QuotaStore for RedisStore {
                 return Ok(grant);
             }
         }
+        // On the server's clock: a reservation's expiry, and the time its sender is known by.
+        let ahead = self.offset_secs(r.token.at).await?;
+        let r = &on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at));
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
         // A sender that keeps units of the row and finds nothing of it: the row was lost.
@@ -590,6 +608,15 @@ impl QuotaStore for RedisStore {
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         use futures_util::StreamExt as _;
+        // On the server's clock, as a reserve is.
+        let latest = releases.iter().map(|r| r.token.at).max().unwrap_or_else(now_secs);
+        let ahead = match self.offset_secs(latest).await {
+            Ok(ahead) => ahead,
+            Err(e) => return releases.iter().map(|_| Err(e.duplicate())).collect(),
+        };
+        let moved: Vec<Release> =
+            releases.iter().map(|r| on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))).collect();
+        let releases = &moved[..];
         // One write per row for all of its releases in the batch: the tenant's (prepaid
         // balances) or a calendar counter's; a few rows at once (they do not depend on each
         // other, and a node's calls on one row take turns).
