@@ -18,7 +18,9 @@ pub struct IdempotencyClaim {
     pub request: String,
     /// Who claims it: drawn per request, so only this claim can settle it.
     pub owner: u64,
-    /// Now, in Unix seconds.
+    /// Now, in Unix seconds, by the claimer's clock. A store that keeps time by its own clock
+    /// (the RedisStore: the server's `TIME`) judges the claim at its time instead, and moves
+    /// the claim's times by how far it is ahead of this.
     pub now: i64,
     /// Until when an unsettled claim holds (a node that dies with the request in flight
     /// leaves the key usable again after this).

@@ -132,8 +132,8 @@ pub struct Reservation {
     pub kept: Kept,
     /// When the caller's reservation of the counter (its lease and holds, with this grant)
     /// expires unless a later call renews it (Unix seconds, by the caller's clock; 0: never).
-    /// A store that keeps time by its own clock (the RedisStore) moves it, and the token's
-    /// time, onto that clock by how far it is ahead of the caller's.
+    /// A store that keeps time by its own clock (the RedisStore) applies the call at its
+    /// time as the call arrives: the token's time becomes that, and this moves with it.
     pub expires_at: i64,
     /// Of the units granted, how many the caller uses at once (the request waiting on the
     /// call): they are used, not kept in its lease.
@@ -221,7 +221,8 @@ impl Release {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Keeping {
     pub(crate) kept: Kept,
-    /// When it expires (Unix seconds, the sender's clock; 0: never).
+    /// When it expires (Unix seconds, by the clock the store applies calls at: the sender's,
+    /// or the store's own; 0: never).
     pub(crate) expires_at: i64,
     /// Units its expiry gave back (its lease and holds), the sender not having called since.
     pub(crate) gone: u64,

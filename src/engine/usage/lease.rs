@@ -600,6 +600,12 @@ impl Leases {
         // What the lease holds serves the waiting request first: the store is asked for what
         // it lacks, never for the whole of it again (a hold's estimate asked anew each time
         // would leave most of the limit reserved and unused).
+        // The lease is drained for the caller while the store answers: a request reading it
+        // meanwhile, its clock in the second of an earlier answer that said "spent", must
+        // ask (after this call), not take the drained lease for a spent quota.
+        if need > 0 {
+            cell.forget_spent();
+        }
         let have = cell.drain(need);
         let lacking = need - have;
         if need > 0 && lacking == 0 && owed == 0 {

@@ -125,11 +125,12 @@ impl RedisStore {
 
 /// A binding's fields as `row` holds them, with `changes` over them.
 fn with(row: &Row, changes: &[(&'static str, Vec<u8>)]) -> Vec<(&'static str, Vec<u8>)> {
-    let mut fields: Vec<(&'static str, Vec<u8>)> = ["request", "owner", "completed", "until", "expires", "response"]
-        .into_iter()
-        .filter_map(|name| row.bytes(name).map(|b| (name, b.to_vec())))
-        .filter(|(name, _)| !changes.iter().any(|(c, _)| c == name))
-        .collect();
+    let mut fields: Vec<(&'static str, Vec<u8>)> =
+        ["request", "owner", "completed", "until", "expires", "ahead", "response"]
+            .into_iter()
+            .filter_map(|name| row.bytes(name).map(|b| (name, b.to_vec())))
+            .filter(|(name, _)| !changes.iter().any(|(c, _)| c == name))
+            .collect();
     fields.extend(changes.iter().cloned());
     fields
 }
@@ -148,18 +149,21 @@ impl IdempotencyStore for RedisStore {
                     return state_of(&row, &binding, &c.request).map(Race::Won);
                 }
                 // Free: never claimed, expired, or left in flight past its time. Its times
-                // are kept on the server's clock.
-                let (owner, until, expires) = (
+                // are kept on the server's clock, with how far it was ahead of the claimer's:
+                // its owner's renewals, which say a time of its clock alone, move by as much.
+                let (owner, until, expires, ahead) = (
                     c.owner.to_string(),
                     c.in_flight_until.saturating_add(ahead).to_string(),
                     c.expires_at.saturating_add(ahead).to_string(),
+                    ahead.to_string(),
                 );
-                let fields: [(&str, &[u8]); 5] = [
+                let fields: [(&str, &[u8]); 6] = [
                     ("request", c.request.as_bytes()),
                     ("owner", owner.as_bytes()),
                     ("completed", b"0"),
                     ("until", until.as_bytes()),
                     ("expires", expires.as_bytes()),
+                    ("ahead", ahead.as_bytes()),
                 ];
                 match self.put(at, &row.version(), Ttl::For(kept_for(c.now, c.expires_at)), &fields).await? {
                     true => Ok(Race::Won(IdempotencyState::Claimed)),
@@ -192,13 +196,14 @@ impl IdempotencyStore for RedisStore {
         let done = match how {
             IdempotencySettle::Completed(done) => done,
             IdempotencySettle::Renewed { until } => {
-                // On the server's clock, as the claim set it.
-                let until = &until.saturating_add(self.offset_now().await?);
                 return self
                     .settle_held(key, owner, |row| {
-                        // Never past the binding's expiry.
-                        let expires = row.int("expires").ok().flatten().unwrap_or(*until);
-                        Some(with(row, &[("until", (*until).min(expires).to_string().into_bytes())]))
+                        // On the server's clock, by as much as its owner's claim moved (the
+                        // owner renews, on the clock it claimed by); never past the binding's
+                        // expiry.
+                        let until = until.saturating_add(row.int("ahead").ok().flatten().unwrap_or(0));
+                        let expires = row.int("expires").ok().flatten().unwrap_or(until);
+                        Some(with(row, &[("until", until.min(expires).to_string().into_bytes())]))
                     })
                     .await;
             }

@@ -101,18 +101,21 @@ pub struct RedisStore {
     /// Money writes' own connection and the replicas they wait for
     /// ([`RedisOptions::wait_for_replicas`]); `None`: they go as every call.
     money: Option<std::sync::Arc<Money>>,
-    /// How far the server's clock is ahead of this node's, as last measured; `None`: the
-    /// calls' own times are applied ([`RedisOptions::callers_clock`]).
-    offset: Option<std::sync::Arc<Offset>>,
+    /// The server's clock as last read, to tell its time now by this process's monotonic clock
+    /// ([`RedisStore::server_now`]); `None`: the calls' own times are applied
+    /// ([`RedisOptions::callers_clock`]).
+    server_clock: Option<std::sync::Arc<ServerClock>>,
 }
 
-/// The server's clock less this node's, in seconds, as last measured ([`RedisStore::offset_secs`]).
+/// The server's clock as last read (Unix nanoseconds), and when by this process's monotonic
+/// clock: its time now is that plus the time passed since, whatever the node's own clock says
+/// or is stepped to.
 #[derive(Debug, Default)]
-struct Offset(std::sync::Mutex<Option<(i64, std::time::Instant)>>);
+struct ServerClock(std::sync::Mutex<Option<(i64, std::time::Instant)>>);
 
-/// How long a measured offset serves the quota calls that read no row (a clock drifts by
-/// milliseconds a day; a node whose clock is stepped is followed within it).
-const OFFSET_KEPT: Duration = Duration::from_secs(60);
+/// How long a reading of the server's clock serves the quota calls that read no row (a
+/// monotonic clock and the server's drift apart by milliseconds a day).
+const SERVER_CLOCK_KEPT: Duration = Duration::from_secs(60);
 
 /// Where money writes go, and what they wait for.
 struct Money {
@@ -348,7 +351,7 @@ impl RedisStore {
             turns: std::sync::Arc::default(),
             counts: std::sync::Arc::default(),
             money,
-            offset: (!options.callers_clock).then(std::sync::Arc::default),
+            server_clock: (!options.callers_clock).then(std::sync::Arc::default),
         };
         store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
@@ -564,38 +567,43 @@ impl RedisStore {
     }
 
     /// The row at `key` and how far the server's clock is ahead of the caller's, whose call
-    /// is at `caller_now` (Unix nanoseconds): the call is applied at `caller_now` plus it, on
-    /// the server's clock, so that every node's call on the row is applied by one clock
-    /// however skewed the nodes' own (0 under [`RedisOptions::callers_clock`]). The measure
-    /// also serves the calls that read no row ([`offset_secs`](Self::offset_secs)).
+    /// is at `caller_now` (Unix nanoseconds): the call is applied at `caller_now` plus it, the
+    /// server's time as the row was read, so that every node's call on the row is applied by
+    /// one clock however skewed the nodes' own (0 under [`RedisOptions::callers_clock`]). The
+    /// reading also serves the calls that read no row ([`server_now`](Self::server_now)).
     pub(super) async fn row_at(&self, key: &str, caller_now: i64) -> Result<(Row, i64), StoreError> {
-        let Some(offset) = &self.offset else { return Ok((self.row(key).await?, 0)) };
+        let Some(clock) = &self.server_clock else { return Ok((self.row(key).await?, 0)) };
         let (row, server) = self.row_timed(key).await?;
-        let ahead = server.saturating_sub(caller_now);
-        offset.keep(secs_of(ahead));
-        Ok((row, ahead))
+        clock.read(server);
+        Ok((row, server.saturating_sub(caller_now)))
     }
 
-    /// How far the server's clock is ahead of the caller's, in seconds, for a call made at
-    /// `caller_secs` (Unix seconds, its clock): as measured within [`OFFSET_KEPT`] by any call
-    /// of this node, else with one `TIME` now. 0 under [`RedisOptions::callers_clock`].
-    pub(super) async fn offset_secs(&self, caller_secs: i64) -> Result<i64, StoreError> {
-        let Some(offset) = &self.offset else { return Ok(0) };
-        if let Some(secs) = offset.fresh() {
-            return Ok(secs);
+    /// The server's time now (Unix nanoseconds): its clock as read within
+    /// [`SERVER_CLOCK_KEPT`] by any call of this node, plus the time passed since by this
+    /// process's monotonic clock; else read with one `TIME` now. `None` under
+    /// [`RedisOptions::callers_clock`].
+    pub(super) async fn server_now(&self) -> Result<Option<i64>, StoreError> {
+        let Some(clock) = &self.server_clock else { return Ok(None) };
+        if let Some(now) = clock.now() {
+            return Ok(Some(now));
         }
         let mut conn = self.conn.clone();
         self.counts.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (secs, _micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(|e| backend(&e))?;
-        let ahead = secs.saturating_sub(caller_secs);
-        offset.keep(ahead);
-        Ok(ahead)
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(|e| backend(&e))?;
+        let server = secs.saturating_mul(1_000_000_000).saturating_add(micros.saturating_mul(1_000));
+        clock.read(server);
+        Ok(Some(server))
     }
 
-    /// As [`offset_secs`](Self::offset_secs), for a call that carries no time of its own (an
-    /// `Idempotency-Key`'s renewal): measured against this process's clock when not fresh.
-    pub(super) async fn offset_now(&self) -> Result<i64, StoreError> {
-        self.offset_secs(now_secs()).await
+    /// How far the server's time now is ahead of `caller_secs` (Unix seconds, a call's time by
+    /// its caller's clock): what the call's times move by, so that it is applied at the
+    /// server's time as it arrives (an old call sent again too). 0 under
+    /// [`RedisOptions::callers_clock`].
+    pub(super) async fn ahead_of(&self, caller_secs: i64) -> Result<i64, StoreError> {
+        Ok(match self.server_now().await? {
+            Some(now) => secs_of(now).saturating_sub(caller_secs),
+            None => 0,
+        })
     }
 
     /// Checks that the layout key written at open is still there (a quota call that reads a
@@ -1009,25 +1017,28 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
 
 /// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
 /// drawn from it.
-impl Offset {
-    fn keep(&self, secs: i64) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((secs, std::time::Instant::now()));
+pub(super) fn now_secs() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl ServerClock {
+    /// The server's clock read as `server` (Unix nanoseconds), now.
+    fn read(&self, server: i64) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((server, std::time::Instant::now()));
     }
 
-    fn fresh(&self) -> Option<i64> {
-        let kept = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        kept.filter(|(_, at)| at.elapsed() < OFFSET_KEPT).map(|(secs, _)| secs)
+    /// The server's time now, if a reading is fresh.
+    fn now(&self) -> Option<i64> {
+        let read = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        read.filter(|(_, at)| at.elapsed() < SERVER_CLOCK_KEPT)
+            .map(|(server, at)| server.saturating_add(i64::try_from(at.elapsed().as_nanos()).unwrap_or(i64::MAX)))
     }
 }
 
 /// `nanos` in whole seconds, rounded to the nearest.
 pub(super) fn secs_of(nanos: i64) -> i64 {
     nanos.saturating_add(500_000_000).div_euclid(1_000_000_000)
-}
-
-pub(super) fn now_secs() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// A duration of `secs` seconds from a caller's `now` to an instant `until` (both its clock):

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::{backend, kept_for, now_secs, RedisStore, Row, Ttl};
+use super::{backend, kept_for, now_secs, secs_of, RedisStore, Row, Ttl};
 use crate::{
     base::{MeterId, Period, TenantId},
     store::{
@@ -558,8 +558,11 @@ impl QuotaStore for RedisStore {
                 return Ok(grant);
             }
         }
-        // On the server's clock: a reservation's expiry, and the time its sender is known by.
-        let ahead = self.offset_secs(r.token.at).await?;
+        // Applied at the server's time as it arrives: a reservation's expiry, and the time its
+        // sender is known by. The rows' times to live and the period's roll read the caller's
+        // time (`at`), as the period's bounds are its.
+        let at = r.token.at;
+        let ahead = self.ahead_of(at).await?;
         let r = &on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at));
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
@@ -575,7 +578,7 @@ impl QuotaStore for RedisStore {
         };
         if r.key.period == Period::Prepaid {
             let grant = self
-                .with_quota(&r.key.tenant, r.token.at, retries, |q| {
+                .with_quota(&r.key.tenant, at, retries, |q| {
                     seen(q);
                     q.reserve(r)
                 })
@@ -586,12 +589,12 @@ impl QuotaStore for RedisStore {
             // Stored first in the tenant's row (the same write when sent again), then read by
             // the reserve of the counter.
             let meter = &r.key.meter;
-            self.with_quota(&r.key.tenant, r.token.at, Retries::BACKING_OFF, |q| q.set_cap(meter, cap)).await?;
+            self.with_quota(&r.key.tenant, at, Retries::BACKING_OFF, |q| q.set_cap(meter, cap)).await?;
         }
         let mut counted = r.clone();
         counted.recharge = RechargeMode::Ignored;
         let grant = self
-            .with_counter(&r.key, r.token.at, retries, r.cap != CapMode::Ignored, |q| {
+            .with_counter(&r.key, at, retries, r.cap != CapMode::Ignored, |q| {
                 seen(q);
                 q.reserve(&counted)
             })
@@ -602,20 +605,25 @@ impl QuotaStore for RedisStore {
         }
         // A recharge watches the meter's prepaid balance, in the tenant's row (a watch that
         // fails is said, and the reserve answered, as on every store).
-        let seen = self.apply_recharge(&r.key.tenant, &r.key.meter, r.recharge.clone(), r.token.at).await;
+        let seen = self.apply_recharge(&r.key.tenant, &r.key.meter, r.recharge.clone(), at).await;
         Ok(grant.with_recharge(crate::store::quota::recharge_after(r, seen)?))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         use futures_util::StreamExt as _;
-        // On the server's clock, as a reserve is.
-        let latest = releases.iter().map(|r| r.token.at).max().unwrap_or_else(now_secs);
-        let ahead = match self.offset_secs(latest).await {
-            Ok(ahead) => ahead,
+        // Each applied at the server's time as it arrives, as a reserve is; the rows' times to
+        // live read the callers' times.
+        let callers = releases;
+        let moved: Vec<Release> = match self.server_now().await {
+            Ok(server) => releases
+                .iter()
+                .map(|r| {
+                    let ahead = server.map_or(0, |now| secs_of(now).saturating_sub(r.token.at));
+                    on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))
+                })
+                .collect(),
             Err(e) => return releases.iter().map(|_| Err(e.duplicate())).collect(),
         };
-        let moved: Vec<Release> =
-            releases.iter().map(|r| on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))).collect();
         let releases = &moved[..];
         // One write per row for all of its releases in the batch: the tenant's (prepaid
         // balances) or a calendar counter's; a few rows at once (they do not depend on each
@@ -637,7 +645,7 @@ impl QuotaStore for RedisStore {
                 let mine: Vec<usize> =
                     (0..releases.len()).filter(|i| row(&releases[*i]) == (tenant.clone(), counter.clone())).collect();
                 let retries = Retries::FROM_ANSWER;
-                let now = mine.iter().map(|i| releases[*i].token.at).max().unwrap_or_else(now_secs);
+                let now = mine.iter().map(|i| callers[*i].token.at).max().unwrap_or_else(now_secs);
                 // A release of units taken from a row that holds nothing: the row was lost
                 // (said once per key and call, as the last attempt found it).
                 let lost = std::sync::Mutex::new(Vec::<QuotaKey>::new());

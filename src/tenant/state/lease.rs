@@ -44,6 +44,12 @@ impl QuotaRef<'_> {
         }
     }
 
+    /// Forgets that the store said the hard limit was reached: requests finding the lease
+    /// short ask the store again. Call with the lock held.
+    pub(crate) fn forget_spent(&self) {
+        self.cold().exhausted.store(false, Ordering::Release);
+    }
+
     /// The size of the next lease, adapted to how fast the tenant uses its units, so that a
     /// busy tenant asks the store about once a second whatever its request rate (store traffic
     /// follows tenants, not requests): doubled when the last lease lasted under a second,
