@@ -132,8 +132,8 @@ pub struct Reservation {
     pub kept: Kept,
     /// When the caller's reservation of the counter (its lease and holds, with this grant)
     /// expires unless a later call renews it (Unix seconds, by the caller's clock; 0: never).
-    /// A store that keeps time by its own clock (the RedisStore) applies the call at its
-    /// time as the call arrives: the token's time becomes that, and this moves with it.
+    /// A store that keeps time by its own clock (the RedisStore) moves it, and the token's
+    /// time, by how far its clock is ahead of the caller's.
     pub expires_at: i64,
     /// Of the units granted, how many the caller uses at once (the request waiting on the
     /// call): they are used, not kept in its lease.

@@ -430,14 +430,16 @@ async fn places_expire_on_the_servers_clock() {
     common::places::expire_on_the_servers_clock(&store).await;
 }
 
-/// `N` nodes of one fleet on one Redis, each with its own connection (and its own reading of
-/// the server's clock).
-async fn nodes<const N: usize>() -> Option<[RedisStore; N]> {
-    let (first, prefix) = common::redis::store().await?;
+/// Nodes of one fleet on one Redis, each with its own connection (and its own reading of the
+/// server's clock), their clocks `skews` seconds ahead of this process's (negative: behind),
+/// as their calls' times say.
+async fn nodes<const N: usize>(skews: [i64; N]) -> Option<[RedisStore; N]> {
+    let (_, prefix) = common::redis::store().await?;
     let url = common::redis::url()?;
-    let mut nodes = vec![first];
-    while nodes.len() < N {
-        nodes.push(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap());
+    let mut nodes = Vec::new();
+    for skew in skews {
+        let options = tollgate::store::RedisOptions::new(Duration::from_secs(5)).node_clock_skew(skew);
+        nodes.push(RedisStore::open_with(&url, &prefix, &options).await.unwrap());
     }
     Some(nodes.try_into().unwrap_or_else(|_| unreachable!()))
 }
@@ -456,7 +458,7 @@ const HOUR: i64 = 3_600;
 #[tokio::test]
 async fn a_fleet_rate_is_shared_on_the_servers_clock() {
     use tollgate::store::{CellCall, RateStore};
-    let Some([ahead, on_time, behind]) = nodes().await else { return };
+    let Some([ahead, on_time, behind]) = nodes([HOUR, 0, -HOUR]).await else { return };
     // 1,000 cells a second, a burst of 10; each call's token on its node's clock.
     let call = |want: u32, now: i64, node: u64| {
         CellCall::new("t".into(), want, 1, 1_000_000, 10, now, ReserveToken::new(node, 1).at(now / 1_000_000_000))
@@ -499,7 +501,7 @@ async fn a_fleet_rate_is_shared_on_the_servers_clock() {
 #[tokio::test]
 async fn reservations_expire_on_the_servers_clock() {
     use tollgate::store::{Kept, QuotaKey, QuotaStore, Reservation};
-    let Some([live, ahead, behind, late]) = nodes().await else { return };
+    let Some([live, ahead, behind, late]) = nodes([0, HOUR, -HOUR, 0]).await else { return };
     let real = real_nanos() / 1_000_000_000;
     // A period holding every time of the test on either clock.
     let period = (1..=28)
@@ -530,7 +532,7 @@ async fn reservations_expire_on_the_servers_clock() {
     let g = live.reserve(&reserve_other(100, real, 1, 2)).await.unwrap();
     assert_eq!(g.granted, 60, "the node behind keeps its 40 for its expiry");
     // A call sent again 50 minutes after it was made (its answer lost, the store unreachable
-    // meanwhile) is applied now: the node's next call is not dated 50 minutes ahead, and the
+    // meanwhile) keeps its time: the node's next call is not dated 50 minutes ahead, and the
     // live node's reservation still holds.
     let third = QuotaKey::new("v".into(), "requests".into(), period, start, end);
     let reserve_third = |units: u64, at: i64, node: u64, seq: u64| {
@@ -551,7 +553,7 @@ async fn keys_in_flight_are_judged_on_the_servers_clock() {
     use tollgate::store::{
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     };
-    let Some([live, ahead, behind]) = nodes().await else { return };
+    let Some([live, ahead, behind]) = nodes([0, HOUR, -HOUR]).await else { return };
     // In flight for 30 s by the claimer's clock, bound for a day.
     let claim = |key: &str, owner: u64, now: i64| IdempotencyClaim::new(key, "r", owner, now, now + 30, now + 86_400);
     let real = real_nanos() / 1_000_000_000;

@@ -105,6 +105,8 @@ pub struct RedisStore {
     /// ([`RedisStore::server_now`]); `None`: the calls' own times are applied
     /// ([`RedisOptions::callers_clock`]).
     server_clock: Option<std::sync::Arc<ServerClock>>,
+    /// [`RedisOptions::node_clock_skew`], in nanoseconds.
+    node_skew: i64,
 }
 
 /// The server's clock as last read (Unix nanoseconds), and when by this process's monotonic
@@ -352,6 +354,7 @@ impl RedisStore {
             counts: std::sync::Arc::default(),
             money,
             server_clock: (!options.callers_clock).then(std::sync::Arc::default),
+            node_skew: options.node_skew,
         };
         store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
@@ -595,15 +598,15 @@ impl RedisStore {
         Ok(Some(server))
     }
 
-    /// How far the server's time now is ahead of `caller_secs` (Unix seconds, a call's time by
-    /// its caller's clock): what the call's times move by, so that it is applied at the
-    /// server's time as it arrives (an old call sent again too). 0 under
-    /// [`RedisOptions::callers_clock`].
-    pub(super) async fn ahead_of(&self, caller_secs: i64) -> Result<i64, StoreError> {
-        Ok(match self.server_now().await? {
-            Some(now) => secs_of(now).saturating_sub(caller_secs),
-            None => 0,
-        })
+    /// How far the server's clock is ahead of this node's now, in whole seconds: what a
+    /// quota call's times move by, onto the server's clock. A call sent again long after it
+    /// was made keeps its first time (on the server's clock), as a store's rules of senders
+    /// forgotten need. 0 under [`RedisOptions::callers_clock`].
+    pub(super) async fn ahead_now(&self) -> Result<i64, StoreError> {
+        let Some(server) = self.server_now().await? else { return Ok(0) };
+        let node = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let node = i64::try_from(node.as_nanos()).unwrap_or(i64::MAX).saturating_add(self.node_skew);
+        Ok(secs_of(server.saturating_sub(node)))
     }
 
     /// Checks that the layout key written at open is still there (a quota call that reads a

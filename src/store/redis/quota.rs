@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::{backend, kept_for, now_secs, secs_of, RedisStore, Row, Ttl};
+use super::{backend, kept_for, now_secs, RedisStore, Row, Ttl};
 use crate::{
     base::{MeterId, Period, TenantId},
     store::{
@@ -558,11 +558,11 @@ impl QuotaStore for RedisStore {
                 return Ok(grant);
             }
         }
-        // Applied at the server's time as it arrives: a reservation's expiry, and the time its
-        // sender is known by. The rows' times to live and the period's roll read the caller's
-        // time (`at`), as the period's bounds are its.
+        // On the server's clock: a reservation's expiry, and the time its sender is known by
+        // (a call sent again keeps its first time). The rows' times to live and the period's
+        // roll read the caller's time (`at`), as the period's bounds are its.
         let at = r.token.at;
-        let ahead = self.ahead_of(at).await?;
+        let ahead = self.ahead_now().await?;
         let r = &on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at));
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
@@ -611,19 +611,17 @@ impl QuotaStore for RedisStore {
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         use futures_util::StreamExt as _;
-        // Each applied at the server's time as it arrives, as a reserve is; the rows' times to
-        // live read the callers' times.
+        // On the server's clock, as a reserve is; the rows' times to live read the callers'.
+        if releases.is_empty() {
+            return Vec::new();
+        }
         let callers = releases;
-        let moved: Vec<Release> = match self.server_now().await {
-            Ok(server) => releases
-                .iter()
-                .map(|r| {
-                    let ahead = server.map_or(0, |now| secs_of(now).saturating_sub(r.token.at));
-                    on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))
-                })
-                .collect(),
+        let ahead = match self.ahead_now().await {
+            Ok(ahead) => ahead,
             Err(e) => return releases.iter().map(|_| Err(e.duplicate())).collect(),
         };
+        let moved: Vec<Release> =
+            releases.iter().map(|r| on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))).collect();
         let releases = &moved[..];
         // One write per row for all of its releases in the batch: the tenant's (prepaid
         // balances) or a calendar counter's; a few rows at once (they do not depend on each
