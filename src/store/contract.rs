@@ -68,8 +68,10 @@ pub const SENDER_JOBS_KEPT_SECS: i64 = 2 * 86_400;
 /// [`SENDERS_KEPT`]). A call may be re-sent later than that (an engine re-sends an unanswered
 /// call at its cell's next call, which for an idle tenant is its eviction): a counter keeps the
 /// latest last-call time of the senders it forgot, and a call from a sender it does not
-/// remember that is no later is answered as an older call (nothing granted), never applied
-/// again. A new node's first call is taken for one only if its clock is this far behind.
+/// remember that is no later (within 5 s: a store on its own clock moves a call sent again a
+/// second or two off its first time) is answered as an older call (nothing granted), never
+/// applied again. A new node's first call is taken for one only if its clock is this far
+/// behind.
 pub const SENDER_QUIET_SECS: i64 = 600;
 
 /// How long units forgiven by a close or a refund are kept

@@ -141,6 +141,11 @@ pub struct Reservation {
     /// What the call does with the tenant's recharge of the meter ([`RechargeMode`], on a
     /// [`Period::Prepaid`] key only): the answer's [`Grant::recharge`] says what it saw.
     pub recharge: RechargeMode,
+    /// When the caller sends it (Unix seconds, its clock; the token's time unless
+    /// [`sent_at`](Self::sent_at) says otherwise): a call sent again keeps its token, made
+    /// earlier. A store that keeps time by its own clock (the RedisStore) moves the call's
+    /// times by how far its clock is ahead of this.
+    pub sent: i64,
 }
 
 /// What a sender keeps of a counter besides what it used, as it says with each call: the
@@ -196,6 +201,8 @@ pub struct Release {
     /// When the caller's reservation of the counter expires unless a later call renews it
     /// (Unix seconds, by the caller's clock; 0: never).
     pub expires_at: i64,
+    /// When the caller sends it ([`Reservation::sent`]).
+    pub sent: i64,
 }
 
 impl Release {
@@ -203,7 +210,14 @@ impl Release {
     /// reservation never expiring.
     #[must_use]
     pub fn new(key: QuotaKey, units: u64, token: ReserveToken) -> Self {
-        Self { key, units, token, kept: Kept::default(), expires_at: 0 }
+        Self { key, units, token, kept: Kept::default(), expires_at: 0, sent: token.at }
+    }
+
+    /// Sent at `secs` ([`Reservation::sent_at`]).
+    #[must_use]
+    pub fn sent_at(mut self, secs: i64) -> Self {
+        self.sent = secs;
+        self
     }
 
     /// The caller keeps `kept` after it, its reservation expiring at `expires_at`.
@@ -518,7 +532,16 @@ impl Reservation {
             expires_at: 0,
             taking: 0,
             recharge: RechargeMode::Ignored,
+            sent: token.at,
         }
+    }
+
+    /// Sent at `secs` (Unix seconds, the caller's clock): a call sent again, its token made
+    /// earlier.
+    #[must_use]
+    pub fn sent_at(mut self, secs: i64) -> Self {
+        self.sent = secs;
+        self
     }
 
     /// The caller keeps `kept` besides this grant, its reservation expiring at `expires_at`.
@@ -683,8 +706,14 @@ impl Grant {
 /// was forgotten is not applied twice. Every store answers by this rule.
 #[must_use]
 pub(crate) fn forgotten(at: i64, forgotten_at: i64) -> bool {
-    forgotten_at > 0 && at <= forgotten_at
+    forgotten_at > 0 && at <= forgotten_at.saturating_add(FORGOTTEN_SLACK_SECS)
 }
+
+/// How much later than the last sender forgotten a call may be dated and still be taken for
+/// one of its time: a store that moves calls onto its own clock may move a call sent again a
+/// second or two off its first time. Harmless for new senders: a sender is forgotten only
+/// after [`SENDER_QUIET_SECS`](super::contract::SENDER_QUIET_SECS) of quiet.
+const FORGOTTEN_SLACK_SECS: i64 = 5;
 
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
 /// nodes never exceed a hard limit, applied at most once per [`ReserveToken`].

@@ -430,18 +430,29 @@ async fn places_expire_on_the_servers_clock() {
     common::places::expire_on_the_servers_clock(&store).await;
 }
 
-/// Nodes of one fleet on one Redis, each with its own connection (and its own reading of the
-/// server's clock), their clocks `skews` seconds ahead of this process's (negative: behind),
-/// as their calls' times say.
-async fn nodes<const N: usize>(skews: [i64; N]) -> Option<[RedisStore; N]> {
-    let (_, prefix) = common::redis::store().await?;
+/// `N` nodes of one fleet on one Redis, each with its own connection (and its own reading of
+/// the server's clock). A node's clock is what its calls' times say.
+async fn nodes<const N: usize>() -> Option<[RedisStore; N]> {
+    let (first, prefix) = common::redis::store().await?;
     let url = common::redis::url()?;
-    let mut nodes = Vec::new();
-    for skew in skews {
-        let options = tollgate::store::RedisOptions::new(Duration::from_secs(5)).node_clock_skew(skew);
-        nodes.push(RedisStore::open_with(&url, &prefix, &options).await.unwrap());
+    let mut nodes = vec![first];
+    while nodes.len() < N {
+        nodes.push(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap());
     }
     Some(nodes.try_into().unwrap_or_else(|_| unreachable!()))
+}
+
+/// A calendar period holding every time within two hours of `real` (Unix seconds).
+fn running_period(real: i64) -> (tollgate::config::Period, i64, i64) {
+    let period = (1..=28)
+        .map(|anchor_day| tollgate::config::Period::Month { anchor_day })
+        .find(|p| {
+            let (start, end) = p.bounds(real);
+            start < real - 2 * HOUR && end > real + 2 * HOUR
+        })
+        .unwrap();
+    let (start, end) = period.bounds(real);
+    (period, start, end)
 }
 
 /// The real time, in Unix nanoseconds.
@@ -458,7 +469,7 @@ const HOUR: i64 = 3_600;
 #[tokio::test]
 async fn a_fleet_rate_is_shared_on_the_servers_clock() {
     use tollgate::store::{CellCall, RateStore};
-    let Some([ahead, on_time, behind]) = nodes([HOUR, 0, -HOUR]).await else { return };
+    let Some([ahead, on_time, behind]) = nodes().await else { return };
     // 1,000 cells a second, a burst of 10; each call's token on its node's clock.
     let call = |want: u32, now: i64, node: u64| {
         CellCall::new("t".into(), want, 1, 1_000_000, 10, now, ReserveToken::new(node, 1).at(now / 1_000_000_000))
@@ -501,17 +512,10 @@ async fn a_fleet_rate_is_shared_on_the_servers_clock() {
 #[tokio::test]
 async fn reservations_expire_on_the_servers_clock() {
     use tollgate::store::{Kept, QuotaKey, QuotaStore, Reservation};
-    let Some([live, ahead, behind, late]) = nodes([0, HOUR, -HOUR, 0]).await else { return };
+    let Some([live, ahead, behind, late]) = nodes().await else { return };
     let real = real_nanos() / 1_000_000_000;
     // A period holding every time of the test on either clock.
-    let period = (1..=28)
-        .map(|anchor_day| tollgate::config::Period::Month { anchor_day })
-        .find(|p| {
-            let (start, end) = p.bounds(real);
-            start < real - 2 * HOUR && end > real + 2 * HOUR
-        })
-        .unwrap();
-    let (start, end) = period.bounds(real);
+    let (period, start, end) = running_period(real);
     let key = QuotaKey::new("t".into(), "requests".into(), period, start, end);
     let reserve = |units: u64, at: i64, node: u64, seq: u64| {
         // The units granted go to the node's lease, kept for 10 minutes by its clock.
@@ -540,8 +544,39 @@ async fn reservations_expire_on_the_servers_clock() {
             .keeping(Kept::default(), at + 600)
     };
     assert_eq!(live.reserve(&reserve_third(60, real, 1, 3)).await.unwrap().granted, 60);
-    assert_eq!(late.reserve(&reserve_third(0, real - 3_000, 4, 1)).await.unwrap().granted, 0);
+    let resent = reserve_third(0, real - 3_000, 4, 1).sent_at(real);
+    assert_eq!(late.reserve(&resent).await.unwrap().granted, 0);
     assert_eq!(late.reserve(&reserve_third(100, real, 4, 2)).await.unwrap().granted, 40, "the live node's 60 kept");
+}
+
+/// A quota call sent again after the store forgot its sender is answered as an older call,
+/// never applied twice, on the server's clock too: it keeps the time it was made, moved by how
+/// far the server's clock is ahead of its node's as it is sent (here an hour behind it). On
+/// the nodes' clocks, the node's own calls looked an hour ahead of the others': never quiet,
+/// never forgotten (and the store's senders past their bound).
+#[tokio::test]
+async fn a_call_sent_again_after_its_sender_was_forgotten_is_answered_as_old() {
+    use tollgate::store::{
+        contract::{SENDERS_KEPT, SENDER_QUIET_SECS},
+        QuotaKey, QuotaStore, Reservation,
+    };
+    let Some([node, others]) = nodes().await else { return };
+    let real = real_nanos() / 1_000_000_000;
+    let (period, start, end) = running_period(real);
+    let key = QuotaKey::new("gone".into(), "requests".into(), period, start, end);
+    // The node's clock runs an hour ahead. Its call was made 11 minutes before it is sent
+    // (past the quiet window once it lands), and is applied.
+    let made = real + HOUR - SENDER_QUIET_SECS - 60;
+    let mine = Reservation::new(key.clone(), 10, 0, Some(1000), ReserveToken::new(7, 1).at(made)).sent_at(real + HOUR);
+    assert_eq!(node.reserve(&mine).await.unwrap().reserved, 10);
+    // The other senders, on time: the store forgets the quietest, the node.
+    for n in 0..SENDERS_KEPT as u64 {
+        let theirs = Reservation::new(key.clone(), 1, 0, Some(1000), ReserveToken::new(1000 + n, 1).at(real));
+        others.reserve(&theirs).await.unwrap();
+    }
+    // Its answer lost, the node sends it again a little later.
+    let again = node.reserve(&mine.clone().sent_at(real + HOUR + 2)).await.unwrap();
+    assert_eq!((again.granted, again.reserved), (0, 74), "answered as an older call, not applied again: {again:?}");
 }
 
 /// An `Idempotency-Key` in flight is judged on the server's clock: a node whose clock runs an
@@ -553,7 +588,7 @@ async fn keys_in_flight_are_judged_on_the_servers_clock() {
     use tollgate::store::{
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     };
-    let Some([live, ahead, behind]) = nodes([0, HOUR, -HOUR]).await else { return };
+    let Some([live, ahead, behind]) = nodes().await else { return };
     // In flight for 30 s by the claimer's clock, bound for a day.
     let claim = |key: &str, owner: u64, now: i64| IdempotencyClaim::new(key, "r", owner, now, now + 30, now + 86_400);
     let real = real_nanos() / 1_000_000_000;

@@ -129,23 +129,3 @@ async fn redis_store_on(cluster: bool) -> Option<StoreUnderTest<tollgate::store:
 }
 #[cfg(feature = "redis")]
 tollgate::store_conformance!(redis_cluster, redis_cluster_store(), quota, idempotency, rate, place);
-
-/// The quota role on the local server on the server's clock, as a fleet runs it: a quota call's
-/// times move by how far the server's clock is ahead of the node's (this process's), so the
-/// calls' own times, which the suite moves, are kept (the server's clock and this process's
-/// are one machine's).
-#[cfg(feature = "redis")]
-async fn redis_store_on_the_servers_clock() -> Option<StoreUnderTest<tollgate::store::RedisStore>> {
-    use tollgate::store::RedisStore;
-    let ((store, prefix), url) = common::redis::store().await.zip(common::redis::url())?;
-    Some(StoreUnderTest::new(Arc::new(store), move |old| {
-        drop(old);
-        let (url, prefix) = (url.clone(), prefix.clone());
-        async move {
-            let opened = RedisStore::open(&url, &prefix, std::time::Duration::from_secs(5)).await;
-            Arc::new(opened.expect("the Redis store opens again"))
-        }
-    }))
-}
-#[cfg(feature = "redis")]
-tollgate::store_conformance!(redis_servers_clock, redis_store_on_the_servers_clock(), quota);

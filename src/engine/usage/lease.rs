@@ -36,6 +36,9 @@ struct Sent {
     expires_at: i64,
     /// When it was first sent (this node's clock).
     at: i64,
+    /// When it is sent this time (this node's clock): a store on its own clock moves the
+    /// call's times by how far its clock is ahead of this.
+    now: i64,
     /// Whether it is of the cell's current period's counter.
     current: bool,
     /// Whether it is a refill (which owes the lease's debt).
@@ -291,7 +294,7 @@ impl Leases {
             }
         });
         cell.locked().set_inflight(Some(call.clone()));
-        Sent { kept, expires_at, at, current, refill }
+        Sent { kept, expires_at, at, now: self.clock.unix_secs(), current, refill }
     }
 
     /// The release `call` (readied by [`begin`](Self::begin)) sends.
@@ -300,7 +303,9 @@ impl Leases {
             CallKind::Release { units } => units,
             CallKind::Reserve { .. } => 0,
         };
-        crate::store::Release::new(call.key.clone(), units, call.token).keeping(sent.kept, sent.expires_at)
+        crate::store::Release::new(call.key.clone(), units, call.token)
+            .keeping(sent.kept, sent.expires_at)
+            .sent_at(sent.now)
     }
 
     /// What a call watching `cell`'s recharge saw: the open one is marked on the cell, a claim
@@ -349,7 +354,8 @@ impl Leases {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token)
                     .shrinking(at_least)
                     .keeping(sent.kept, sent.expires_at)
-                    .taking(taking);
+                    .taking(taking)
+                    .sent_at(sent.now);
                 // A spend cap's counters are held to the tenant's own cap when it set one.
                 let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
                 // A balance the plan recharges: each call watches the tenant's recharge (the

@@ -105,8 +105,6 @@ pub struct RedisStore {
     /// ([`RedisStore::server_now`]); `None`: the calls' own times are applied
     /// ([`RedisOptions::callers_clock`]).
     server_clock: Option<std::sync::Arc<ServerClock>>,
-    /// [`RedisOptions::node_clock_skew`], in nanoseconds.
-    node_skew: i64,
 }
 
 /// The server's clock as last read (Unix nanoseconds), and when by this process's monotonic
@@ -354,7 +352,6 @@ impl RedisStore {
             counts: std::sync::Arc::default(),
             money,
             server_clock: (!options.callers_clock).then(std::sync::Arc::default),
-            node_skew: options.node_skew,
         };
         store.check(options.accept_eviction.as_deref()).await?;
         Ok(store)
@@ -598,15 +595,13 @@ impl RedisStore {
         Ok(Some(server))
     }
 
-    /// How far the server's clock is ahead of this node's now, in whole seconds: what a
-    /// quota call's times move by, onto the server's clock. A call sent again long after it
-    /// was made keeps its first time (on the server's clock), as a store's rules of senders
-    /// forgotten need. 0 under [`RedisOptions::callers_clock`].
-    pub(super) async fn ahead_now(&self) -> Result<i64, StoreError> {
+    /// How far the server's clock is ahead of a caller's that sends a call at `sent` (Unix
+    /// seconds, its clock), in whole seconds: what the call's times move by, onto the server's
+    /// clock. A call sent again long after it was made keeps its first time there, as the rule
+    /// of senders forgotten needs. 0 under [`RedisOptions::callers_clock`].
+    pub(super) async fn ahead_of(&self, sent: i64) -> Result<i64, StoreError> {
         let Some(server) = self.server_now().await? else { return Ok(0) };
-        let node = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let node = i64::try_from(node.as_nanos()).unwrap_or(i64::MAX).saturating_add(self.node_skew);
-        Ok(secs_of(server.saturating_sub(node)))
+        Ok(secs_of(server.saturating_sub(sent.saturating_mul(1_000_000_000))))
     }
 
     /// Checks that the layout key written at open is still there (a quota call that reads a

@@ -26,10 +26,6 @@ pub struct RedisOptions {
     /// `Idempotency-Key`'s time in flight, places' expiry) read each call's own time, not the
     /// server's: [`callers_clock`](Self::callers_clock) (tests that drive a clock).
     pub(crate) callers_clock: bool,
-    /// How far this node's clock reads ahead of this process's, in nanoseconds (negative:
-    /// behind): [`node_clock_skew`](Self::node_clock_skew) (tests of skewed nodes in one
-    /// process).
-    pub(crate) node_skew: i64,
 }
 
 impl RedisOptions {
@@ -43,7 +39,6 @@ impl RedisOptions {
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
             callers_clock: false,
-            node_skew: 0,
         }
     }
 
@@ -56,17 +51,6 @@ impl RedisOptions {
     #[must_use]
     pub fn callers_clock(mut self) -> Self {
         self.callers_clock = true;
-        self
-    }
-
-    /// The node this store serves reads its clock `secs` seconds ahead of this process's
-    /// (negative: behind), as its calls' times say: for tests of nodes whose clocks disagree,
-    /// run in one process. A quota call's times move onto the server's clock by how far the
-    /// server's is ahead of the node's now.
-    #[cfg(feature = "test-util")]
-    #[must_use]
-    pub fn node_clock_skew(mut self, secs: i64) -> Self {
-        self.node_skew = secs.saturating_mul(1_000_000_000);
         self
     }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
 
-use super::{backend, kept_for, now_secs, RedisStore, Row, Ttl};
+use super::{backend, kept_for, now_secs, secs_of, RedisStore, Row, Ttl};
 use crate::{
     base::{MeterId, Period, TenantId},
     store::{
@@ -562,7 +562,7 @@ impl QuotaStore for RedisStore {
         // (a call sent again keeps its first time). The rows' times to live and the period's
         // roll read the caller's time (`at`), as the period's bounds are its.
         let at = r.token.at;
-        let ahead = self.ahead_now().await?;
+        let ahead = self.ahead_of(r.sent).await?;
         let r = &on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at));
         // Every node of a busy tenant writes its counter: each race lost is another's call done.
         let retries = Retries::FROM_ANSWER;
@@ -616,12 +616,17 @@ impl QuotaStore for RedisStore {
             return Vec::new();
         }
         let callers = releases;
-        let ahead = match self.ahead_now().await {
-            Ok(ahead) => ahead,
+        let server = match self.server_now().await {
+            Ok(server) => server,
             Err(e) => return releases.iter().map(|_| Err(e.duplicate())).collect(),
         };
-        let moved: Vec<Release> =
-            releases.iter().map(|r| on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))).collect();
+        let moved: Vec<Release> = releases
+            .iter()
+            .map(|r| {
+                let ahead = server.map_or(0, |now| secs_of(now.saturating_sub(r.sent.saturating_mul(1_000_000_000))));
+                on_server(r.clone(), ahead, |r| (&mut r.token, &mut r.expires_at))
+            })
+            .collect();
         let releases = &moved[..];
         // One write per row for all of its releases in the batch: the tenant's (prepaid
         // balances) or a calendar counter's; a few rows at once (they do not depend on each
