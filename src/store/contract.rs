@@ -68,11 +68,18 @@ pub const SENDER_JOBS_KEPT_SECS: i64 = 2 * 86_400;
 /// [`SENDERS_KEPT`]). A call may be re-sent later than that (an engine re-sends an unanswered
 /// call at its cell's next call, which for an idle tenant is its eviction): a counter keeps the
 /// latest last-call time of the senders it forgot, and a call from a sender it does not
-/// remember that is no later (within 5 s: a store on its own clock moves a call sent again a
-/// second or two off its first time) is answered as an older call (nothing granted), never
-/// applied again. A new node's first call is taken for one only if its clock is this far
-/// behind.
+/// remember that is no later (within [`FORGOTTEN_SLACK_SECS`]) is answered as an older call
+/// (nothing granted), never applied again. A new node's first call is taken for one only if
+/// its clock is this far behind (less the slack).
 pub const SENDER_QUIET_SECS: i64 = 600;
+
+/// How much later than the last sender forgotten a call may be dated and still be answered as
+/// an older call ([`SENDER_QUIET_SECS`]): a store that moves calls onto its own clock (the
+/// RedisStore) may move a call sent again a second or two off its first time, as its two
+/// sends measure the clocks apart. Harmless for a new sender: one is forgotten only after
+/// [`SENDER_QUIET_SECS`] of quiet, so a new node's first call is taken for an older one only
+/// if its clock is that far behind, less this.
+pub const FORGOTTEN_SLACK_SECS: i64 = 5;
 
 /// How long units forgiven by a close or a refund are kept
 /// ([`CreditBalance::forgiven`](super::CreditBalance::forgiven)): long enough for every lease

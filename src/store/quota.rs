@@ -699,21 +699,16 @@ impl Grant {
 
 /// Whether a call made at `at` by a sender a counter does not remember may have been applied
 /// before the sender was forgotten: no later than `forgotten_at`, the latest last-call time of
-/// a sender it forgot (0: none). Senders are forgotten only past
+/// a sender it forgot (0: none), with [`FORGOTTEN_SLACK_SECS`](super::contract::FORGOTTEN_SLACK_SECS)
+/// of slack. Senders are forgotten only past
 /// [`SENDER_QUIET_SECS`](super::contract::SENDER_QUIET_SECS) of quiet, so a new sender's first
 /// call is never taken for one, unless its clock is that far behind. Such a call is answered
 /// as an older call (nothing granted), never applied: a retry that comes after its sender
 /// was forgotten is not applied twice. Every store answers by this rule.
 #[must_use]
 pub(crate) fn forgotten(at: i64, forgotten_at: i64) -> bool {
-    forgotten_at > 0 && at <= forgotten_at.saturating_add(FORGOTTEN_SLACK_SECS)
+    forgotten_at > 0 && at <= forgotten_at.saturating_add(super::contract::FORGOTTEN_SLACK_SECS)
 }
-
-/// How much later than the last sender forgotten a call may be dated and still be taken for
-/// one of its time: a store that moves calls onto its own clock may move a call sent again a
-/// second or two off its first time. Harmless for new senders: a sender is forgotten only
-/// after [`SENDER_QUIET_SECS`](super::contract::SENDER_QUIET_SECS) of quiet.
-const FORGOTTEN_SLACK_SECS: i64 = 5;
 
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
 /// nodes never exceed a hard limit, applied at most once per [`ReserveToken`].

@@ -847,7 +847,7 @@ impl DynamoStore {
                                 .iter()
                                 .map(|(k, v)| ((*k).to_owned(), n(*v)))
                                 .chain([
-                                    (":at".to_owned(), n(token.at)),
+                                    (":newer".to_owned(), n(super::quota::newer(token.at))),
                                     (":nd".to_owned(), n(-int(drop))),
                                     (":d".to_owned(), n(drop)),
                                     (":f".to_owned(), n(left)),

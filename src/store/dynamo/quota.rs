@@ -701,11 +701,17 @@ impl DynamoStore {
     }
 }
 
-/// The condition that `#n`'s call with `:seq` made at `:at` is new: its sender's last call is
-/// older, or its sender is not remembered and it is later than every sender forgotten
-/// (`store::quota::forgotten`).
+/// [`NEW_CALL`]'s `:newer`: a call dated `at` is new to a counter whose last sender forgotten
+/// is dated before this (the rule's slack, `contract::FORGOTTEN_SLACK_SECS`).
+pub(super) fn newer(at: i64) -> i64 {
+    at.saturating_sub(crate::store::contract::FORGOTTEN_SLACK_SECS)
+}
+
+/// The condition that `#n`'s call with `:seq` is new: its sender's last call is older, or its
+/// sender is not remembered and it is dated later than every sender forgotten, by more than
+/// the slack (`:newer`, [`newer`]; `store::quota::forgotten`).
 pub(super) const NEW_CALL: &str =
-    "((attribute_not_exists(senders.#n) AND (attribute_not_exists(forgotten_at) OR forgotten_at < :at)) \
+    "((attribute_not_exists(senders.#n) AND (attribute_not_exists(forgotten_at) OR forgotten_at < :newer)) \
      OR senders.#n.s < :seq)";
 
 /// One conditional add of a quota call ([`DynamoStore::add`]).
@@ -764,7 +770,7 @@ impl AddExpr {
         let mut values = HashMap::from([
             (":d".to_owned(), n(call.delta)),
             (":seq".to_owned(), n(token.seq)),
-            (":at".to_owned(), n(token.at)),
+            (":newer".to_owned(), n(newer(token.at))),
             (":rec".to_owned(), record(token, call.granted, &call.keeping, mark)),
         ]);
         match call.revived {

@@ -124,7 +124,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
              WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet} OR e.live OR e.jobs) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
-             NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \
+             NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at + {slack})) \
          AND (q.next_expiry IS NULL OR q.next_expiry > $12::bigint) \
          AND coalesce((q.senders -> $6::text ->> 8)::bigint, 0) <= 0 \
          RETURNING q.answer, q.reserved, q.granted, \
@@ -134,6 +134,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
         live_f = "(q.forgiven_until > $12)",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
+        slack = contract::FORGOTTEN_SLACK_SECS,
     )
 }
 
