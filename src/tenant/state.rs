@@ -810,6 +810,9 @@ pub(crate) struct Call {
     /// at the first send: a store that applied an attempt whose answer was lost answers the
     /// next with that attempt's record).
     pub(crate) keeping: Option<(crate::store::Kept, i64, i64)>,
+    /// Units drained from the lease for the hold waiting on this refill: held by it from now
+    /// on, so the call says they are kept (in neither the lease nor the open holds yet).
+    pub(crate) holding: u64,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -795,6 +795,45 @@ async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
     assert_eq!((granted, reserved), (1_000_000, 3_200), "spendable = granted − committed, exactly");
 }
 
+/// A hold whose refill drained units of the lease it found (issue 87: the audit found it,
+/// shrunk to four operations): those units are held from that call on, and the call says so.
+/// A node killed before its next report has them given back at its expiry with the rest of
+/// what it kept. On main the call counted them neither in the lease nor in the holds: the store
+/// kept them as used for good, and a balance of 400 served 350.
+#[tokio::test]
+async fn a_holds_units_drained_from_the_lease_come_back_at_the_expiry_of_a_node_killed_at_once() {
+    const TOML: &str = "[meters.tokens]\n[plans.p]\nquotas.tokens = { period = \"prepaid\", lease = 100 }\n\
+        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+        [tenants.b]\nplan = \"p\"\nkeys = [\"key-b\"]\n";
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let dead = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    tollgate::admin::Admin::for_engine(&dead.tollgate).grant_credits("b", "tokens", 400, None, "pi_1").await.unwrap();
+    let balance = || async { store.credit_grants(&"b".into(), None).await.unwrap().1[0].1 };
+    // The request's admission leases a share of the balance; its hold of more than that lease
+    // drains it and asks the store for the rest.
+    let (ticket, ctx) = admitted(&dead, "key-b").await;
+    let mut hold = ctx.hold_with("tokens", 58, Overrun::Refuse).await.unwrap();
+    hold.record(20).unwrap();
+    let reserved = balance().await.reserved;
+    assert!(reserved >= 58, "the hold is reserved while its node lives: {reserved}");
+    // Killed before its next report: nothing of it runs again.
+    let _open = std::mem::ManuallyDrop::new((ticket, hold));
+    let _dead = std::mem::ManuallyDrop::new(dead);
+    // Past the expiry, another node's call gives back everything it kept (its 20 recorded
+    // units never reached the usage store: lost with it, and not counted).
+    let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    handle.advance(std::time::Duration::from_secs(31 * 60));
+    let (ticket, ctx) = admitted(&other, "key-b").await;
+    let mut hold = ctx.hold_with("tokens", 1, Overrun::Refuse).await.unwrap();
+    hold.record(1).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    other.tollgate.shutdown().await.unwrap();
+    let b = balance().await;
+    assert_eq!((b.granted, b.reserved), (400, 1), "spendable = granted − committed, exactly: {b:?}");
+}
+
 /// Holds still open when their node gives its lease back (a reload here; an eviction alike)
 /// stay holds, which expire with the node's reservation (issue 85 item 4, the review's N7): the
 /// node killed before they settle, another node's call past the expiry gives their units back.

@@ -251,7 +251,7 @@ impl Leases {
 
     /// A new call of `cell` to the counter `key`, with the cell's next token.
     fn call(&self, cell: QuotaRef<'_>, key: crate::store::QuotaKey, kind: CallKind) -> Call {
-        Call { key, token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None }
+        Call { key, token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None, holding: 0 }
     }
 
     /// Readies `call` of `cell` to be sent: counts the attempt, fixes what it says the node
@@ -275,6 +275,7 @@ impl Leases {
         let (start, end) = cell.period();
         let current = end != 0 && call.key == cell.key(start, end);
         let refill = matches!(call.kind, CallKind::Reserve { refill: true, .. });
+        let holding = call.holding;
         let (kept, expires_at, at) = *call.keeping.get_or_insert_with(|| {
             let now = self.clock.unix_secs();
             if current {
@@ -288,7 +289,9 @@ impl Leases {
                 } else {
                     expiry
                 };
-                (cell.kept(&locked, !refill, locked.returned), now.saturating_add(expiry), now)
+                let mut kept = cell.kept(&locked, !refill, locked.returned);
+                kept.held = kept.held.saturating_add(holding);
+                (kept, now.saturating_add(expiry), now)
             } else {
                 (crate::store::Kept::default(), 0, now)
             }
@@ -635,7 +638,13 @@ impl Leases {
         // job's, which stay spent by rule); a hold's stay kept (held, given back at an expiry).
         let taking = if used_at_once { lacking } else { 0 };
         let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: wanted_now.max(1), taking };
-        let call = self.call(cell, cell.key(start, end), kind);
+        let mut call = self.call(cell, cell.key(start, end), kind);
+        // What a hold drained from the lease is held from now on: the call says it is kept,
+        // so that a node killed before its next report has those units given back at its
+        // expiry (they were kept by its last call, as lease; left out, they stayed used).
+        if !used_at_once {
+            call.holding = have;
+        }
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
         let grant = match self.send(cell, call).await {
@@ -657,6 +666,11 @@ impl Leases {
         // grant falls short).
         let covered = need > 0 && grant.granted >= lacking;
         cell.credit(if covered { grant.granted - lacking + repay } else { grant.granted + repay + have });
+        if grant.expired && !used_at_once && have > 0 {
+            // The store gave back the lease those units came from, and took this call's word
+            // that they are kept (it owes nothing for them): the hold's units are owed again.
+            cell.force_take(have, now);
+        }
         answered(cell, &grant, limit);
         // Less than the waiters want (the store grants them all whenever that much is left):
         // nothing is left, and the waiters it asked for are refused without asking again.
