@@ -34,6 +34,8 @@ mod dynamo;
 mod error;
 mod export;
 mod ext;
+#[cfg(any(test, feature = "test-util"))]
+mod faults;
 mod idempotency;
 mod ledger;
 pub(crate) mod limited;
@@ -70,6 +72,9 @@ pub use error::StoreError;
 pub(crate) use export::draw_namespace;
 pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
 pub use ext::{DirectoryStoreExt, ExportStoreExt, QuotaStoreExt, UsageStoreExt};
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use faults::{Defect, Fault, FaultCounts, FaultPlan, Faults};
 pub use idempotency::{
     CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     StoredResponse,

@@ -1,0 +1,283 @@
+//! A run of the audit: a sequence of operations sent to a fleet (requests four at a time, the
+//! clock moving), then every node stopped or expired, and the ledger checked.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tollgate::{
+    door::{Admission, Credential, RequestInfo},
+    store::{Defect, FaultCounts},
+    Overrun, RejectionKind,
+};
+
+use crate::{
+    common::{req, req_with, Harness},
+    fleet::{Fleet, Stuck, Tally, PAYMENT_AMOUNT},
+    ops::{Ending, Op, Who},
+    stores::{self, Kind},
+};
+
+/// Requests in flight at once.
+const IN_FLIGHT: usize = 4;
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// Each invariant broken, named.
+    pub(crate) violations: Vec<String>,
+    pub(crate) faults: FaultCounts,
+    /// Requests answered, by status.
+    pub(crate) statuses: BTreeMap<u16, u64>,
+    /// The store was not there (outside CI).
+    pub(crate) skipped: bool,
+}
+
+impl Outcome {
+    pub(crate) fn failed(&self, invariant: &str) -> bool {
+        self.violations.iter().any(|v| v.starts_with(invariant))
+    }
+}
+
+/// What one request op answers: its status (a refusal's), for the statuses' table.
+type Answer = Result<u16, String>;
+
+/// Runs `ops` on a new store of `kind` (its faults drawn from `seed`), `defect` planted.
+pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect>) -> Outcome {
+    let Some(stores) = stores::open(kind, seed).await else {
+        return Outcome { skipped: true, ..Outcome::default() };
+    };
+    // Errors and lost answers each in 4% of calls, pauses in 5%, while on.
+    stores.plan.set_rates(40, 40, 50);
+    stores.plan.set_pause_max(Duration::from_millis(15));
+    stores.plan.set_on(false);
+    stores.plan.plant(defect);
+    let mut fleet = Fleet::start(stores).await;
+    let mut outcome = Outcome::default();
+    let mut tasks: tokio::task::JoinSet<Answer> = tokio::task::JoinSet::new();
+    let mut clock_tick = tokio::time::interval(Duration::from_millis(5));
+    for (n, op) in ops.iter().enumerate() {
+        // Requests go four at a time; everything else waits its turn among them.
+        while tasks.len() >= IN_FLIGHT {
+            tokio::select! {
+                done = tasks.join_next() => settle(&mut outcome, done),
+                _ = clock_tick.tick() => fleet.advance(1),
+            }
+        }
+        match op.clone() {
+            Op::Plain { node, who } => {
+                let (h, generation) = fleet.at(node);
+                let tally = fleet.tally.clone();
+                tasks.spawn(async move { plain(&h, generation, &tally, who).await });
+            }
+            Op::Keyed { node, who, key } => {
+                let (h, generation) = fleet.at(node);
+                let tally = fleet.tally.clone();
+                tasks.spawn(async move { keyed(&h, generation, &tally, who, key).await });
+            }
+            Op::Held { node, who, estimate, actual, ending } => {
+                let (h, generation) = fleet.at(node);
+                let (tally, stuck) = (fleet.tally.clone(), fleet.stuck.clone());
+                tasks.spawn(async move { held(&h, generation, &tally, &stuck, who, estimate, actual, ending).await });
+            }
+            Op::Pay { payment, units, copies } => fleet.pay(payment, units, copies),
+            Op::Refund { payment, percent } => fleet.refund(payment, percent),
+            Op::Deliver { pick } => {
+                let slot = u8::try_from(n % 3).unwrap();
+                if let Err(e) = fleet.deliver(pick, slot).await {
+                    outcome.violations.push(format!("webhooks: {e}"));
+                }
+            }
+            Op::Kill { node } => {
+                // Its requests end first (a request cut by a crash is Ending::Abandon's).
+                while let Some(done) = tasks.join_next().await {
+                    settle(&mut outcome, Some(done));
+                }
+                fleet.kill(node);
+            }
+            Op::Reload { node } => {
+                let (h, _) = fleet.at(node);
+                let config = tollgate::config::Config::from_toml_str(&fleet.toml).unwrap();
+                if let Err(e) = h.tollgate.reload(config).await {
+                    outcome.violations.push(format!("reload: {e}"));
+                }
+            }
+            Op::Advance { secs } => fleet.advance(u64::from(secs)),
+            Op::StoreFaults { on } => fleet.stores.plan.set_on(on),
+            Op::StripeFaults { which, count } => {
+                use crate::common::stripe::Fault;
+                let fault = match which {
+                    0 => Fault::Status(500),
+                    1 => Fault::Drop,
+                    _ => Fault::TakeAndHang,
+                };
+                fleet.stripe.fail_next(&vec![fault; usize::from(count)]);
+            }
+        }
+    }
+    while !tasks.is_empty() {
+        tokio::select! {
+            done = tasks.join_next() => settle(&mut outcome, done),
+            _ = clock_tick.tick() => fleet.advance(1),
+        }
+    }
+    outcome.faults = fleet.stores.plan.counts();
+    fleet.stores.plan.set_on(false);
+    crate::ledger::check(&mut fleet, &mut outcome).await;
+    outcome
+}
+
+fn settle(outcome: &mut Outcome, done: Option<Result<Answer, tokio::task::JoinError>>) {
+    match done {
+        Some(Ok(Ok(status))) => *outcome.statuses.entry(status).or_default() += 1,
+        Some(Ok(Err(e))) => outcome.violations.push(e),
+        Some(Err(e)) => outcome.violations.push(format!("answers: a request panicked: {e}")),
+        None => {}
+    }
+}
+
+/// A status a request may be answered with whatever happens: served, refused by a limit, the
+/// store failing closed, a key in flight elsewhere.
+fn expected(status: u16) -> Result<u16, String> {
+    match status {
+        200 | 201 | 402 | 409 | 429 | 503 => Ok(status),
+        s => Err(format!("answers: a request answered {s}")),
+    }
+}
+
+async fn plain(h: &Harness, generation: usize, tally: &Tally, who: Who) -> Answer {
+    let reply = h.send(req("GET", "/items", Some(who.key()), None)).await;
+    let status = reply.status.as_u16();
+    if status == 200 {
+        tally.add(generation, who, "requests", 1);
+    }
+    expected(status)
+}
+
+async fn keyed(h: &Harness, generation: usize, tally: &Tally, who: Who, key: u16) -> Answer {
+    // Keys are the tenant's own: the same key sent again is the same request (the same body).
+    let key = format!("audit-{}-{key}", who.id());
+    let body: &'static [u8] = match who {
+        Who::Q => b"q",
+        Who::B => b"b",
+    };
+    let reply = h.send(req_with("POST", "/echo", who.key(), &key, body)).await;
+    let status = reply.status.as_u16();
+    if status == 201 {
+        // A first answer runs the handler (a call number never seen); a replay answers that
+        // number again, and is not charged.
+        let call: u64 = reply.header("x-call").and_then(|c| c.parse().ok()).unwrap_or(0);
+        if crate::first_call(call) {
+            tally.add(generation, who, "requests", 1);
+        }
+    }
+    expected(status)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn held(
+    h: &Harness,
+    generation: usize,
+    tally: &Tally,
+    stuck: &Stuck,
+    who: Who,
+    estimate: u64,
+    actual: u64,
+    ending: Ending,
+) -> Answer {
+    let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(who.key().as_bytes()));
+    let mut ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => match h.tollgate.resolve(p).await {
+            Ok(t) => t,
+            Err(r) => return refusal(&r),
+        },
+        Admission::Rejected(r) => return refusal(&r),
+    };
+    // Handed to its handler, as the layer does: cut off from now on, it is billed.
+    ticket.service_called();
+    let ctx = ticket.context();
+    let mut hold = match ctx.hold_with("tokens", estimate, Overrun::Refuse).await {
+        Ok(hold) => hold,
+        Err(r) => {
+            ticket.give_back();
+            return refusal(&r);
+        }
+    };
+    // Admitted: the request is charged unless given back.
+    let record = |hold: &mut tollgate::Hold, units: u64| -> u64 {
+        if hold.record(units).is_ok() {
+            tally.add(generation, who, "tokens", units);
+            units
+        } else {
+            0
+        }
+    };
+    match ending {
+        Ending::Fail => {
+            drop(hold);
+            ticket.give_back();
+            return Ok(200);
+        }
+        Ending::Settle => {
+            if record(&mut hold, actual) == 0 && actual > 0 {
+                // Past what it holds and the lease: extended if the limit allows, else what
+                // it held is all it records.
+                if hold.extend(actual.saturating_sub(estimate)).await.is_ok() {
+                    record(&mut hold, actual);
+                } else {
+                    record(&mut hold, estimate);
+                }
+            }
+        }
+        Ending::Stream { chunks } => {
+            let chunk = (actual / u64::from(chunks)).max(1);
+            for _ in 0..chunks {
+                if record(&mut hold, chunk) == 0 {
+                    if hold.extend(chunk).await.is_err() {
+                        break;
+                    }
+                    record(&mut hold, chunk);
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ending::Cut => {
+            record(&mut hold, actual.min(estimate) / 2);
+            tally.add(generation, who, "requests", 1);
+            drop(hold);
+            drop(ticket);
+            return Ok(200);
+        }
+        Ending::Abandon => {
+            record(&mut hold, actual.min(estimate) / 2);
+            tally.add(generation, who, "requests", 1);
+            stuck.push(generation, Box::new((ticket, hold)));
+            return Ok(200);
+        }
+    }
+    tally.add(generation, who, "requests", 1);
+    hold.settle();
+    ticket.complete(200);
+    Ok(200)
+}
+
+fn refusal(r: &tollgate::Rejection) -> Answer {
+    match r.kind() {
+        RejectionKind::QuotaExceeded
+        | RejectionKind::CreditsExhausted
+        | RejectionKind::UnitsHeld
+        | RejectionKind::TenantBusy
+        | RejectionKind::HoldExceedsLimit
+        | RejectionKind::StoreUnavailable => Ok(r.status_code()),
+        other => Err(format!("answers: a request refused {other:?}: {r}")),
+    }
+}
+
+/// The payment id a grant of payment `n` carries.
+pub(crate) fn payment_of(grant_payment: Option<&str>) -> Option<u16> {
+    grant_payment?.strip_prefix("pi_audit_")?.parse().ok()
+}
+
+/// Units a refund of `refunded` cents of a payment of `units` takes back at most (proportional).
+pub(crate) fn refund_share(units: u64, refunded: u64) -> u64 {
+    (units * refunded).div_ceil(PAYMENT_AMOUNT)
+}

@@ -1,0 +1,371 @@
+//! The audit's fleet: engines with their workers on one store behind faults, the Stripe
+//! stand-in as their billing system and the source of their payments' webhooks, one clock.
+
+use std::{
+    collections::BTreeMap,
+    mem::ManuallyDrop,
+    sync::{
+        atomic::{AtomicU64, Ordering::SeqCst},
+        Arc, Mutex, OnceLock,
+    },
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use tollgate::{
+    billing::{Secret, StripeSink},
+    clock::{Clock, FakeClock},
+    config::Config,
+    store::{FaultPlan, QuotaInspect, StoreInspect},
+    Tollgate, TollgateLayer,
+};
+
+use crate::{
+    common::{self, builder_on, stripe::StandIn, Harness, NodeStore, NOON},
+    ops::{Who, NODES},
+};
+
+/// The hard limits of `q`'s month.
+pub(crate) const TOKENS_LIMIT: u64 = 3_000;
+pub(crate) const REQUESTS_LIMIT: u64 = 90;
+/// What a payment costs (cents): its units are bought with it.
+pub(crate) const PAYMENT_AMOUNT: u64 = 1_000;
+pub(crate) const WEBHOOK_SECRET: &str = "whsec_audit";
+
+/// The fleet's configuration, exporting to the stand-in at `url`.
+pub(crate) fn config(url: &str) -> String {
+    format!(
+        r#"
+[usage]
+store_timeout = "5s"
+flush_interval = "10s"
+shutdown_timeout = "8s"
+[limits]
+hold_timeout = "1h"
+[export]
+calls_per_second = 1000
+[meters.requests]
+event_name = "requests"
+[meters.tokens]
+event_name = "tokens"
+[plans.quota]
+quotas.requests = {{ limit = {REQUESTS_LIMIT}, period = "month", mode = "hard", lease = 8 }}
+quotas.tokens = {{ limit = {TOKENS_LIMIT}, period = "month", mode = "hard", lease = 100 }}
+[plans.prepaid]
+quotas.tokens = {{ period = "prepaid", lease = 100 }}
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.q]
+plan = "quota"
+keys = ["key-q"]
+stripe_customer = "cus_q"
+[tenants.b]
+plan = "prepaid"
+keys = ["key-b"]
+stripe_customer = "cus_b"
+[stripe]
+api_base = "{url}"
+timeout = "1s"
+[stripe.credits]
+meter = "tokens"
+refunds = "proportional"
+"#
+    )
+}
+
+/// One engine of the fleet, its worker running until the node stops or is killed.
+pub(crate) struct Node {
+    pub(crate) h: Arc<Harness>,
+    worker: tokio::task::AbortHandle,
+}
+
+/// What the driver counts of what it was served: per node, tenant and meter, the units
+/// admitted and recorded (so a node killed has its share apart).
+#[derive(Default)]
+pub(crate) struct Tally {
+    /// (node slot generation, tenant, meter) → units.
+    units: Mutex<BTreeMap<(usize, Who, &'static str), u64>>,
+    /// Generations of nodes killed.
+    killed: Mutex<Vec<usize>>,
+}
+
+impl Tally {
+    pub(crate) fn add(&self, generation: usize, who: Who, meter: &'static str, units: u64) {
+        if units > 0 {
+            *self.units.lock().unwrap().entry((generation, who, meter)).or_default() += units;
+        }
+    }
+
+    /// Units served to `who` on `meter`: (in all, on nodes killed since).
+    pub(crate) fn served(&self, who: Who, meter: &str) -> (u64, u64) {
+        let killed = self.killed.lock().unwrap().clone();
+        let units = self.units.lock().unwrap();
+        let mut all = 0;
+        let mut dead = 0;
+        for ((generation, w, m), n) in units.iter() {
+            if *w == who && *m == meter {
+                all += n;
+                if killed.contains(generation) {
+                    dead += n;
+                }
+            }
+        }
+        (all, dead)
+    }
+
+    pub(crate) fn killed(&self, generation: usize) {
+        self.killed.lock().unwrap().push(generation);
+    }
+
+    pub(crate) fn any_killed(&self) -> bool {
+        !self.killed.lock().unwrap().is_empty()
+    }
+}
+
+/// Requests stuck in their handlers (`Ending::Abandon`), by the generation of their node:
+/// cancelled when it stops gracefully (as a server's grace period ends, before the engine's
+/// shutdown), never ended when it is killed.
+#[derive(Default)]
+pub(crate) struct Stuck(Mutex<Vec<(usize, Box<dyn Send>)>>);
+
+impl Stuck {
+    pub(crate) fn push(&self, generation: usize, request: Box<dyn Send>) {
+        self.0.lock().unwrap().push((generation, request));
+    }
+
+    /// The requests stuck on `generation`'s node, taken out.
+    fn take(&self, generation: usize) -> Vec<Box<dyn Send>> {
+        let mut all = self.0.lock().unwrap();
+        let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(g, _)| *g == generation);
+        *all = rest;
+        mine.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+/// A webhook waiting to be delivered: its payload.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    pub(crate) payload: String,
+}
+
+/// What the driver knows of a payment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Payment {
+    pub(crate) units: u64,
+    /// The most refunded in all (cents) of the refunds sent.
+    pub(crate) refunded: u64,
+}
+
+/// The stores an audit runs on: what the nodes use (behind faults), and what the auditor reads.
+pub(crate) struct Stores {
+    pub(crate) nodes: NodeStore,
+    /// The quota role, read without faults.
+    pub(crate) quota: Arc<dyn QuotaInspect>,
+    /// The usage role (and the rest), read without faults.
+    pub(crate) usage: Arc<dyn StoreInspect>,
+    pub(crate) plan: Arc<FaultPlan>,
+    /// Kept alive with the run (a directory of a SQLite file).
+    pub(crate) _keep: Option<tempfile::TempDir>,
+}
+
+pub(crate) struct Fleet {
+    pub(crate) toml: String,
+    pub(crate) stores: Stores,
+    pub(crate) clock: Clock,
+    pub(crate) handle: FakeClock,
+    pub(crate) stripe: StandIn,
+    /// The live nodes by slot, and each slot's generation (a node killed is replaced).
+    pub(crate) nodes: Vec<Option<Node>>,
+    pub(crate) generations: Vec<usize>,
+    next_generation: usize,
+    /// Nodes killed: never dropped (nothing of theirs runs again, their state stays).
+    dead: Vec<ManuallyDrop<Arc<Harness>>>,
+    /// The requests stuck on nodes killed: never ended.
+    dead_requests: Vec<ManuallyDrop<Box<dyn Send>>>,
+    pub(crate) tally: Arc<Tally>,
+    pub(crate) stuck: Arc<Stuck>,
+    pub(crate) queue: Vec<Delivery>,
+    pub(crate) payments: BTreeMap<u16, Payment>,
+    pub(crate) events: AtomicU64,
+}
+
+impl Fleet {
+    pub(crate) async fn start(stores: Stores) -> Self {
+        let stripe = StandIn::start(&[("requests", None), ("tokens", None)]).await;
+        let toml = config(&stripe.url);
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        stripe.set_now(NOON);
+        let mut fleet = Self {
+            toml,
+            stores,
+            clock,
+            handle,
+            stripe,
+            nodes: Vec::new(),
+            generations: Vec::new(),
+            next_generation: 0,
+            dead: Vec::new(),
+            dead_requests: Vec::new(),
+            tally: Arc::default(),
+            stuck: Arc::default(),
+            queue: Vec::new(),
+            payments: BTreeMap::new(),
+            events: AtomicU64::new(0),
+        };
+        for _ in 0..NODES {
+            let node = fleet.node();
+            fleet.generations.push(fleet.next_generation);
+            fleet.next_generation += 1;
+            fleet.nodes.push(Some(node));
+        }
+        fleet
+    }
+
+    /// A new engine on the fleet's stores, its worker running.
+    pub(crate) fn node(&self) -> Node {
+        let config = Config::from_toml_str(&self.toml).expect("the audit's configuration");
+        let sink =
+            StripeSink::new(&Secret::new(common::stripe::SECRET), Some(&self.stripe.url), Duration::from_secs(1))
+                .expect("a Stripe sink");
+        let (engine, worker): (Tollgate, _) =
+            builder_on(config, &self.stores.nodes).clock(self.clock.clone()).billing_sink(sink).build();
+        let worker = tokio::spawn(worker.run()).abort_handle();
+        let h = Arc::new(Harness::from_layer(TollgateLayer::new(engine), self.handle.clone()));
+        Node { h, worker }
+    }
+
+    pub(crate) fn at(&self, slot: u8) -> (Arc<Harness>, usize) {
+        let slot = usize::from(slot) % self.nodes.len();
+        let node = self.nodes[slot].as_ref().expect("a live node in every slot");
+        (node.h.clone(), self.generations[slot])
+    }
+
+    /// Kills the node in `slot` (no shutdown: its worker stops, its state stays as it was) and
+    /// starts another in its place.
+    pub(crate) fn kill(&mut self, slot: u8) {
+        let slot = usize::from(slot) % self.nodes.len();
+        let node = self.nodes[slot].take().expect("a live node");
+        node.worker.abort();
+        self.dead.push(ManuallyDrop::new(node.h));
+        // Its requests stuck in their handlers never end.
+        self.dead_requests.extend(self.stuck.take(self.generations[slot]).into_iter().map(ManuallyDrop::new));
+        self.tally.killed(self.generations[slot]);
+        self.nodes[slot] = Some(self.node());
+        self.generations[slot] = self.next_generation;
+        self.next_generation += 1;
+    }
+
+    /// Shuts every live node down (flushed, leases given back), workers stopped.
+    pub(crate) async fn shut_down(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (slot, node) in self.nodes.iter_mut().enumerate() {
+            let Some(node) = node.take() else { continue };
+            drop(self.stuck.take(self.generations[slot]));
+            if let Err(e) = node.h.tollgate.shutdown().await {
+                problems.push(format!("a node's shutdown lost usage: {e}"));
+            }
+            node.worker.abort();
+        }
+        problems
+    }
+
+    pub(crate) fn now(&self) -> i64 {
+        self.clock.unix_secs()
+    }
+
+    pub(crate) fn advance(&self, secs: u64) {
+        self.handle.advance(Duration::from_secs(secs));
+        self.stripe.set_now(self.now());
+    }
+
+    // Payments: Stripe's example objects, as its webhooks carry them.
+
+    fn event(&self, id: &str, kind: &str, object: Value) -> String {
+        let mut e = fixtures()["event"].clone();
+        e["id"] = json!(id);
+        e["type"] = json!(kind);
+        e["created"] = json!(self.now());
+        e["data"] = json!({ "object": object });
+        e.to_string()
+    }
+
+    fn next_event(&self) -> String {
+        format!("evt_audit_{}", self.events.fetch_add(1, SeqCst))
+    }
+
+    /// A checkout paid for `units`: its completion queued `copies` times (one event
+    /// redelivered), and its async payment's success once (another shape of the payment).
+    pub(crate) fn pay(&mut self, payment: u16, units: u64, copies: u8) {
+        let intent = intent(payment);
+        let mut session = fixtures()["checkout.session"].clone();
+        session["id"] = json!(format!("cs_audit_{payment}"));
+        session["customer"] = json!(Who::B.customer());
+        session["status"] = json!("complete");
+        session["payment_status"] = json!("paid");
+        session["amount_total"] = json!(PAYMENT_AMOUNT);
+        session["invoice"] = json!(null);
+        session["payment_intent"] = json!(intent);
+        session["metadata"] = json!({ "tollgate_units": units.to_string() });
+        let completed = self.event(&self.next_event(), "checkout.session.completed", session.clone());
+        for _ in 0..copies {
+            self.queue.push(Delivery { payload: completed.clone() });
+        }
+        let succeeded = self.event(&self.next_event(), "checkout.session.async_payment_succeeded", session);
+        self.queue.push(Delivery { payload: succeeded });
+        self.payments.insert(payment, Payment { units, refunded: 0 });
+    }
+
+    /// `payment` refunded up to `percent` of its amount in all.
+    pub(crate) fn refund(&mut self, payment: u16, percent: u8) {
+        let refunded = PAYMENT_AMOUNT * u64::from(percent) / 100;
+        let Some(known) = self.payments.get_mut(&payment) else { return };
+        known.refunded = known.refunded.max(refunded);
+        let mut c = fixtures()["charge"].clone();
+        c["customer"] = json!(Who::B.customer());
+        c["payment_intent"] = json!(intent(payment));
+        c["amount"] = json!(PAYMENT_AMOUNT);
+        c["amount_captured"] = json!(PAYMENT_AMOUNT);
+        c["amount_refunded"] = json!(refunded);
+        c["refunded"] = json!(refunded == PAYMENT_AMOUNT);
+        let payload = self.event(&self.next_event(), "charge.refunded", c);
+        self.queue.push(Delivery { payload });
+    }
+
+    /// Delivers the `pick`-th queued webhook (modulo the queue) to a live node's handler,
+    /// signed now. Answered 500 it stays queued (Stripe delivers it again); any other answer
+    /// but 200 is a violation.
+    pub(crate) async fn deliver(&mut self, pick: u16, slot: u8) -> Result<(), String> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let i = usize::from(pick) % self.queue.len();
+        let delivery = self.queue.remove(i);
+        let (h, _) = self.at(slot);
+        let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(WEBHOOK_SECRET)]);
+        let signature =
+            stripe_webhook::Webhook::generate_test_header(&delivery.payload, WEBHOOK_SECRET, Some(self.now()));
+        let reply = handler.handle(Some(&signature), delivery.payload.as_bytes()).await;
+        match reply.status().as_u16() {
+            200 => Ok(()),
+            500 | 503 => {
+                self.queue.push(delivery);
+                Ok(())
+            }
+            s => Err(format!("a signed webhook answered {s}: {:?}", reply.outcome)),
+        }
+    }
+}
+
+pub(crate) fn intent(payment: u16) -> String {
+    format!("pi_audit_{payment}")
+}
+
+fn fixtures() -> &'static Value {
+    static FIXTURES: OnceLock<Value> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json"))
+            .expect("Stripe's example objects");
+        serde_json::from_str::<Value>(&text).expect("JSON")["resources"].clone()
+    })
+}

@@ -1,0 +1,316 @@
+//! The ledger's invariants, checked once the run's operations ended: every webhook delivered,
+//! the killed nodes' reservations expired, every live node stopped.
+//!
+//! - **never over**: what `q` was served is within its hard limits; what `b` was served within
+//!   what its payments bought;
+//! - **nothing stranded**: past every expiry, each counter holds what the usage store holds
+//!   (reserved = used), and a node alone is served exactly what the store has left: `q`'s
+//!   limits less what they count, `b`'s balance;
+//! - **conserved**: what the usage store holds is what the nodes were served, to the unit
+//!   (less what a killed node had not flushed, at most what it was served); `b`'s balance
+//!   grants what its payments bought less what refunds took back;
+//! - **money**: one grant per payment, of the units it bought; none without a payment; refunds
+//!   take back at most what their money bought;
+//! - **billed once**: Stripe's totals are what the usage store holds.
+
+use std::time::Duration;
+
+use tollgate::{
+    door::{Admission, Credential, RequestInfo},
+    store::CreditGrant,
+    Overrun,
+};
+
+use crate::{
+    common::{committed, req, Harness, NOON},
+    driver::{payment_of, refund_share, Outcome},
+    fleet::{Fleet, REQUESTS_LIMIT, TOKENS_LIMIT},
+    ops::Who,
+};
+
+/// The range of windows a run's usage falls in.
+const FROM: i64 = NOON - 86_400;
+
+pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
+    let v = &mut outcome.violations;
+    // Every webhook delivered: Stripe sends each until it is answered 200.
+    let mut round = 0u8;
+    while !fleet.queue.is_empty() {
+        round = round.wrapping_add(1);
+        if round > 200 {
+            v.push(format!("webhooks: {} deliveries never answered 200 without faults", fleet.queue.len()));
+            break;
+        }
+        if let Err(e) = fleet.deliver(0, round % 3).await {
+            v.push(format!("webhooks: {e}"));
+        }
+    }
+    // Every live node stopped (what they kept goes back), then past the reservations' expiry:
+    // `limits.reservation_expiry`, or for the holds of a lease given back before its node was
+    // killed, `limits.hold_timeout` (an hour here), each with the clock skew's bound.
+    for problem in fleet.shut_down().await {
+        v.push(format!("conserved: {problem}"));
+    }
+    fleet.advance(2 * 3_600);
+    // A node's calls after the expiry give back what the killed nodes kept; it stops too.
+    let prime = fleet.node();
+    for who in [Who::Q, Who::B] {
+        match hold(&prime.h, who, 1).await {
+            Ok((ticket, hold)) => {
+                let units = close(ticket, hold);
+                tally_node(fleet, who, 1, units);
+            }
+            Err((charged, _)) => tally_node(fleet, who, u64::from(charged), 0),
+        }
+    }
+    stop(&prime.h, v).await;
+
+    // What the store holds now.
+    let quota = fleet.stores.quota.clone();
+    let counter = |meter: &'static str| {
+        let quota = quota.clone();
+        async move {
+            let counters = quota.counters(&"q".into(), &meter.into()).await.expect("counters read");
+            counters.iter().map(|c| c.reserved).sum::<u64>()
+        }
+    };
+    let (q_requests, q_tokens) = (counter("requests").await, counter("tokens").await);
+    let verbose = std::env::var_os("AUDIT_VERBOSE").is_some();
+    if verbose {
+        eprintln!("after the expiry and the stops: q's counters: requests {q_requests}, tokens {q_tokens}");
+    }
+
+    // Money: one grant per payment, of what it bought; refunds at most what they bought back.
+    let (grants, balances) = quota.credit_grants(&"b".into(), Some(&"tokens".into())).await.expect("grants read");
+    money(fleet, &grants, v);
+    let bought: u64 = grants.iter().map(|g| g.bought).sum();
+    let taken: u64 = grants.iter().map(|g| g.taken).sum();
+    let balance = balances.into_iter().map(|(_, b)| b).next().unwrap_or_default();
+    let (b_served, _) = fleet.tally.served(Who::B, "tokens");
+    if b_served > bought {
+        v.push(format!("never over: b was served {b_served} tokens; its payments bought {bought}"));
+    }
+
+    // Nothing stranded: a node alone is served exactly what is left.
+    let alone = fleet.node();
+    let q_left = TOKENS_LIMIT.saturating_sub(q_tokens);
+    // (Each hold is a request: with fewer than two requests left, q's tokens cannot be asked.)
+    let charged = if q_requests + 2 <= REQUESTS_LIMIT {
+        stranded(fleet, &alone.h, Who::Q, q_left, "q's tokens", v).await
+    } else {
+        0
+    };
+    let b_left = u64::try_from(balance.left()).unwrap_or(0);
+    stranded(fleet, &alone.h, Who::B, b_left, "b's balance", v).await;
+    // q's requests: less those its holds above were charged.
+    let requests_left = REQUESTS_LIMIT.saturating_sub(q_requests + charged);
+    let mut served = 0;
+    for _ in 0..=requests_left {
+        if alone.h.send(req("GET", "/items", Some(Who::Q.key()), None)).await.status.as_u16() == 200 {
+            served += 1;
+        }
+    }
+    tally_node(fleet, Who::Q, served, 0);
+    if verbose {
+        eprintln!("alone: q's holds charged {charged} requests, then {served} of {requests_left} left served");
+    }
+    if served != requests_left {
+        v.push(format!(
+            "nothing stranded: q's requests: a node alone was served {served}; the store had {requests_left} left"
+        ));
+    }
+    stop(&alone.h, v).await;
+
+    // Never over: what q was served in all (the auditor's nodes too) is within its limits,
+    // but for what a node killed used since its last report (given back at its expiry, and
+    // lost with it: docs/architecture.md, "Stranded units"), at most what it was served.
+    for (meter, limit) in [("requests", REQUESTS_LIMIT), ("tokens", TOKENS_LIMIT)] {
+        let (served, dead) = fleet.tally.served(Who::Q, meter);
+        if served > limit + dead {
+            v.push(format!("never over: q was served {served} {meter} of {limit} ({dead} on nodes killed)"));
+        }
+    }
+
+    // Conserved: the counters and the usage store hold what was served.
+    let killed = fleet.tally.any_killed();
+    let usage = fleet.stores.usage.clone();
+    let to = fleet.now() + 86_400;
+    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens")] {
+        let stored = committed(&*usage, who.id(), meter, FROM, to, 3_600).await;
+        let (served, dead) = fleet.tally.served(who, meter);
+        if stored > served || served - stored > dead {
+            v.push(format!(
+                "conserved: {}'s {meter}: the usage store holds {stored}; the nodes were served {served} \
+                 ({dead} on nodes killed)",
+                who.id()
+            ));
+        }
+        let reserved = match (who, meter) {
+            (Who::Q, "requests") => counter("requests").await,
+            (Who::Q, _) => counter("tokens").await,
+            _ => {
+                let (_, balances) = quota.credit_grants(&"b".into(), Some(&"tokens".into())).await.unwrap();
+                balances.into_iter().map(|(_, b)| b.reserved).next().unwrap_or(0)
+            }
+        };
+        if verbose {
+            eprintln!("{}'s {meter}: served {served} ({dead} killed), stored {stored}, counter {reserved}", who.id());
+        }
+        // A refund may take back units already used (the balance held fewer): the counter
+        // then holds less than was used, by at most what refunds took.
+        let slack = if who == Who::B { taken } else { 0 } + if killed { dead } else { 0 };
+        if reserved > stored + if killed { dead } else { 0 } || stored > reserved + slack {
+            v.push(format!(
+                "nothing stranded: {}'s {meter} counter holds {reserved} past every expiry; the usage store \
+                 {stored} (slack {slack})",
+                who.id()
+            ));
+        }
+    }
+    if balance.granted != bought.saturating_sub(taken) {
+        v.push(format!("conserved: b's balance grants {}; bought {bought} less taken {taken}", balance.granted));
+    }
+
+    // Billed once: every closed window exported, Stripe's totals are the usage store's.
+    fleet.advance(2 * 3_600);
+    let exporter = fleet.node();
+    let mut quiet = 0;
+    for _ in 0..30 {
+        match exporter.h.tollgate.export().await {
+            Ok(report) if report.events == 0 && report.retries == 0 && report.waiting == 0 => {
+                quiet += 1;
+                if quiet == 2 {
+                    break;
+                }
+            }
+            _ => quiet = 0,
+        }
+        fleet.advance(60);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let totals = fleet.stripe.totals();
+    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens")] {
+        let stored = committed(&*usage, who.id(), meter, FROM, fleet.now() + 86_400, 3_600).await;
+        let billed = totals.get(&(who.customer().to_owned(), meter.to_owned())).copied().unwrap_or(0);
+        let (served, dead) = fleet.tally.served(who, meter);
+        let billed_units = u64::try_from(billed).unwrap_or(0);
+        if i64::try_from(stored).unwrap() != billed || billed_units > served || served - billed_units > dead {
+            v.push(format!(
+                "billed once: {}'s {meter}: Stripe holds {billed}; the usage store {stored}; the nodes were \
+                 served {served} ({dead} on nodes killed)",
+                who.id()
+            ));
+        }
+    }
+    stop(&exporter.h, v).await;
+}
+
+/// Every grant of `b` is one payment's, of the units it bought, made once; refunds took back
+/// at most what their money bought.
+fn money(fleet: &Fleet, grants: &[CreditGrant], v: &mut Vec<String>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for g in grants {
+        let Some(n) = payment_of(g.payment.as_deref()) else {
+            v.push(format!("money: grant `{}` of {} units has no payment of the run", g.id, g.bought));
+            continue;
+        };
+        let Some(paid) = fleet.payments.get(&n) else {
+            v.push(format!("money: grant `{}` names payment {n}, never paid", g.id));
+            continue;
+        };
+        if !seen.insert(n) {
+            v.push(format!("money: payment {n} granted twice"));
+        }
+        if g.bought != paid.units {
+            v.push(format!("money: payment {n} bought {} units; its grant holds {}", paid.units, g.bought));
+        }
+        let most = refund_share(paid.units, paid.refunded);
+        if g.taken > most {
+            v.push(format!(
+                "money: payment {n}'s refunds ({} cents) took back {} units; they bought {most}",
+                paid.refunded, g.taken
+            ));
+        }
+    }
+    for n in fleet.payments.keys() {
+        if !seen.contains(n) {
+            v.push(format!("money: payment {n} was paid and never credited"));
+        }
+    }
+}
+
+/// A hold of `units` tokens by `who` on `h`: admitted, or the refusal and whether its request
+/// was charged (refused after its admission, it is).
+async fn hold(
+    h: &Harness,
+    who: Who,
+    units: u64,
+) -> Result<(tollgate::door::Ticket, tollgate::Hold), (bool, tollgate::Rejection)> {
+    let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(who.key().as_bytes()));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await.map_err(|r| (false, r))?,
+        Admission::Rejected(r) => return Err((false, r)),
+    };
+    match ticket.context().hold_with("tokens", units, Overrun::Refuse).await {
+        Ok(hold) => Ok((ticket, hold)),
+        Err(r) => {
+            drop(ticket);
+            Err((true, r))
+        }
+    }
+}
+
+/// Records what the hold holds, and completes.
+fn close(ticket: tollgate::door::Ticket, mut hold: tollgate::Hold) -> u64 {
+    let units = hold.held();
+    hold.record(units).expect("what is held records");
+    hold.settle();
+    ticket.complete(200);
+    units
+}
+
+/// The auditor's own requests, as served units (counted apart from the nodes killed).
+fn tally_node(fleet: &Fleet, who: Who, requests: u64, tokens: u64) {
+    fleet.tally.add(usize::MAX, who, "requests", requests);
+    fleet.tally.add(usize::MAX, who, "tokens", tokens);
+}
+
+/// A node alone is served a hold of exactly `left` (when some is left), and then refused one
+/// more unit. Returns the requests it was charged.
+async fn stranded(fleet: &Fleet, h: &Harness, who: Who, left: u64, what: &str, v: &mut Vec<String>) -> u64 {
+    let mut requests = 0;
+    if left > 0 {
+        match hold(h, who, left).await {
+            Ok((ticket, hold)) => {
+                let units = close(ticket, hold);
+                tally_node(fleet, who, 1, units);
+                requests += 1;
+            }
+            Err((charged, r)) => {
+                tally_node(fleet, who, u64::from(charged), 0);
+                requests += u64::from(charged);
+                v.push(format!("nothing stranded: {what}: {left} left, a hold of them refused: {r}"));
+            }
+        }
+    }
+    match hold(h, who, 1).await {
+        Ok((ticket, hold)) => {
+            let units = close(ticket, hold);
+            tally_node(fleet, who, 1, units);
+            requests += 1;
+            v.push(format!("never over: {what}: past the {left} left, one more unit was served"));
+        }
+        Err((charged, _)) => {
+            tally_node(fleet, who, u64::from(charged), 0);
+            requests += u64::from(charged);
+        }
+    }
+    requests
+}
+
+async fn stop(h: &Harness, v: &mut Vec<String>) {
+    if let Err(e) = h.tollgate.shutdown().await {
+        v.push(format!("conserved: a node's shutdown lost usage: {e}"));
+    }
+}

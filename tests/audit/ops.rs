@@ -1,0 +1,192 @@
+//! The operations an audit sends, drawn from a seed: what users and the world do, and the
+//! faults, as one sequence that can be shrunk and printed.
+
+use std::fmt;
+
+/// A tenant of the audit's fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Who {
+    /// `q`: hard monthly quotas of requests and tokens.
+    Q,
+    /// `b`: a prepaid balance of tokens, bought with Stripe payments.
+    B,
+}
+
+impl Who {
+    pub(crate) fn id(self) -> &'static str {
+        match self {
+            Who::Q => "q",
+            Who::B => "b",
+        }
+    }
+
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Who::Q => "key-q",
+            Who::B => "key-b",
+        }
+    }
+
+    pub(crate) fn customer(self) -> &'static str {
+        match self {
+            Who::Q => "cus_q",
+            Who::B => "cus_b",
+        }
+    }
+}
+
+/// How a held request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Records its actual (at most, or past, its estimate) and settles.
+    Settle,
+    /// Streams: records chunks, extending the hold while the limit allows.
+    Stream { chunks: u8 },
+    /// Cut off after it recorded part: the ticket and the hold dropped.
+    Cut,
+    /// Fails before it records: the hold dropped, the request given back.
+    Fail,
+    /// Abandoned open: its ticket and hold never end (a handler stuck; a node killed under
+    /// it): settled by `hold_timeout`, the node's shutdown, or the reservation's expiry.
+    Abandon,
+}
+
+/// One operation.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// `GET /items`: one request.
+    Plain { node: u8, who: Who },
+    /// `POST /echo` with `Idempotency-Key: k{key}` (a key used again is a request sent again).
+    Keyed { node: u8, who: Who, key: u16 },
+    /// A request on `/generate` that holds `estimate` tokens and records `actual`.
+    Held { node: u8, who: Who, estimate: u64, actual: u64, ending: Ending },
+    /// A checkout paid by `b` for `units` tokens: its completion webhook queued `copies` times
+    /// (Stripe's redeliveries), and once as the async payment's success.
+    Pay { payment: u16, units: u64, copies: u8 },
+    /// `b`'s payment refunded up to `percent` of its amount in all (`charge.refunded`).
+    Refund { payment: u16, percent: u8 },
+    /// One queued webhook delivered (the `pick`-th, modulo the queue): delayed, reordered.
+    Deliver { pick: u16 },
+    /// A node dropped without shutdown: its leases, holds and unflushed usage left; a new
+    /// node takes its place.
+    Kill { node: u8 },
+    /// A node's configuration reloaded (its leases go back).
+    Reload { node: u8 },
+    /// The clock moved on.
+    Advance { secs: u32 },
+    /// The store's faults switched on or off.
+    StoreFaults { on: bool },
+    /// Stripe's next meter event calls fail (500; executed and its answer lost; refused).
+    StripeFaults { which: u8, count: u8 },
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Plain { node, who } => write!(f, "Op::Plain {{ node: {node}, who: Who::{who:?} }}"),
+            Op::Keyed { node, who, key } => write!(f, "Op::Keyed {{ node: {node}, who: Who::{who:?}, key: {key} }}"),
+            Op::Held { node, who, estimate, actual, ending } => write!(
+                f,
+                "Op::Held {{ node: {node}, who: Who::{who:?}, estimate: {estimate}, actual: {actual}, ending: Ending::{ending:?} }}"
+            ),
+            Op::Pay { payment, units, copies } => {
+                write!(f, "Op::Pay {{ payment: {payment}, units: {units}, copies: {copies} }}")
+            }
+            Op::Refund { payment, percent } => write!(f, "Op::Refund {{ payment: {payment}, percent: {percent} }}"),
+            Op::Deliver { pick } => write!(f, "Op::Deliver {{ pick: {pick} }}"),
+            Op::Kill { node } => write!(f, "Op::Kill {{ node: {node} }}"),
+            Op::Reload { node } => write!(f, "Op::Reload {{ node: {node} }}"),
+            Op::Advance { secs } => write!(f, "Op::Advance {{ secs: {secs} }}"),
+            Op::StoreFaults { on } => write!(f, "Op::StoreFaults {{ on: {on} }}"),
+            Op::StripeFaults { which, count } => write!(f, "Op::StripeFaults {{ which: {which}, count: {count} }}"),
+        }
+    }
+}
+
+/// xorshift64: the audit's one source of randomness, from a seed.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        // Spread the seed (splitmix64), and never 0.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)) | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// True `per_mille` times in a thousand.
+    pub(crate) fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1_000) < per_mille
+    }
+}
+
+/// The nodes of an audit's fleet.
+pub(crate) const NODES: u8 = 3;
+
+/// `n` operations drawn from `seed`.
+pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
+    let mut rng = Rng::new(seed);
+    let mut ops = Vec::with_capacity(n);
+    let mut payments = 0u16;
+    let node = |rng: &mut Rng| u8::try_from(rng.below(u64::from(NODES))).unwrap();
+    // The store's faults start on in most seeds.
+    ops.push(Op::StoreFaults { on: rng.chance(800) });
+    for _ in 0..n {
+        let roll = rng.below(1_000);
+        let who = if rng.chance(500) { Who::Q } else { Who::B };
+        let op = match roll {
+            0..=199 => Op::Plain { node: node(&mut rng), who },
+            200..=299 => Op::Keyed { node: node(&mut rng), who, key: u16::try_from(rng.below(12)).unwrap() },
+            300..=649 => {
+                let estimate = 1 + rng.below(200);
+                let ending = match rng.below(20) {
+                    0..=8 => Ending::Settle,
+                    9..=12 => Ending::Stream { chunks: 1 + u8::try_from(rng.below(5)).unwrap() },
+                    13..=15 => Ending::Cut,
+                    16..=18 => Ending::Fail,
+                    _ => Ending::Abandon,
+                };
+                // Mostly at most the estimate; sometimes past it (refused by `Overrun::Refuse`
+                // past what the hold can extend to).
+                let actual = if rng.chance(150) { estimate + rng.below(100) } else { rng.below(estimate + 1) };
+                Op::Held { node: node(&mut rng), who, estimate, actual, ending }
+            }
+            650..=729 => {
+                payments += 1;
+                Op::Pay {
+                    payment: payments,
+                    units: 100 * (1 + rng.below(8)),
+                    copies: 1 + u8::try_from(rng.below(3)).unwrap(),
+                }
+            }
+            730..=769 if payments > 0 => Op::Refund {
+                payment: 1 + u16::try_from(rng.below(u64::from(payments))).unwrap(),
+                percent: [25, 50, 100][usize::try_from(rng.below(3)).unwrap()],
+            },
+            730..=869 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
+            870..=889 => Op::Kill { node: node(&mut rng) },
+            890..=909 => Op::Reload { node: node(&mut rng) },
+            910..=959 => Op::Advance { secs: [5, 30, 120, 600][usize::try_from(rng.below(4)).unwrap()] },
+            960..=979 => Op::StoreFaults { on: rng.chance(600) },
+            _ => Op::StripeFaults {
+                which: u8::try_from(rng.below(3)).unwrap(),
+                count: 1 + u8::try_from(rng.below(3)).unwrap(),
+            },
+        };
+        ops.push(op);
+    }
+    ops
+}
