@@ -231,9 +231,8 @@ pub struct RechargeState {
     /// The last month whose limit stopped a recharge (its alert goes out once).
     #[serde(default)]
     pub limit_month: i64,
-    /// The last recharge closed unpaid (its payment failed, or it was dropped once its
-    /// delivery lapsed with recharge off or the balance no longer below): a late payment of it
-    /// (`Paid`) counts it spent again.
+    /// The last recharge closed unpaid (its payment failed, or recharge was stopped with it
+    /// open): a late payment of it (`Paid`) counts it spent again.
     #[serde(default)]
     pub unpaid: Option<RechargeClaim>,
     /// Whether `unpaid` closed by a failure counted (a repeated failure of it is answered as
@@ -324,7 +323,8 @@ pub enum RechargeMode {
     /// of the setting's packs that bring the balance to at least `to`, in a write that checks
     /// that the balance is still below. An open one whose delivery lapsed
     /// ([`CLAIM_TAKEN_SECS`]) is taken again, by the same checks (recharge on, the balance
-    /// below `below`; else it is dropped, unpaid). `now` by the caller's clock.
+    /// below `below`; else it stays open and counted in its month, its node may have paid it,
+    /// until it is wanted again or its payment is told). `now` by the caller's clock.
     Watch {
         /// The caller's time (Unix seconds).
         now: i64,
@@ -590,9 +590,12 @@ impl RechargeState {
             }
             if wanted.is_none() {
                 // Its node died or lost it, and recharge is off or the balance no longer
-                // below: dropped, never charged by another node (a payment its node made
-                // still grants, and counts it spent again).
-                self.close_unpaid(claim);
+                // below: not taken again, so never charged by another node while nobody needs
+                // it. Not dropped either: its node may have paid it, its `invoice.paid` late
+                // (Stripe retries for days), so it stays open and counted in its month. Wanted
+                // again, it is taken again under its keys (its delivery finds it paid, or pays
+                // it); its payment told closes it. (Dropped, its amount went back to the month:
+                // a second recharge was charged beside the paid one, past the month's limit.)
                 return RechargeSeen::Nothing;
             }
             // Its node died or lost it: taken again, with the same number (and keys).
@@ -732,12 +735,13 @@ mod tests {
     #[test]
     fn a_lapsed_claim_is_taken_again_only_while_still_wanted() {
         let lapse = NOW + CLAIM_TAKEN_SECS;
-        // Turned off meanwhile: dropped, its amount back to the month.
+        // Turned off meanwhile: not taken again, and still open and counted in its month (its
+        // node may have paid it).
         let mut s = on();
         assert!(matches!(s.apply(RechargeMode::Watch { now: NOW }, Some(0)), RechargeSeen::Claimed { n: 1, .. }));
         s.apply(RechargeMode::Set(None), None);
         assert_eq!(s.apply(RechargeMode::Watch { now: lapse }, Some(0)), RechargeSeen::Nothing);
-        assert_eq!((s.open, s.unpaid.map(|c| c.n), s.spent), (None, Some(1), 0));
+        assert_eq!((s.open.map(|c| c.n), s.unpaid, s.spent), (Some(1), None, 2500));
         // Its payment failed after all: counted once, answered alike.
         let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
         let why = RechargeFailure::Declined;

@@ -272,6 +272,54 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "above 300 again");
 }
 
+// The audit found it (issue 87), shrunk to five operations: a recharge charged and paid whose
+// `invoice.paid` is late (Stripe retries a failed delivery for days), the balance topped up
+// meanwhile. Past the claim's 10 minutes, a refill that no longer needed it dropped it unpaid
+// and gave its amount back to the month: the next crossing claimed and charged a second
+// recharge, and once `invoice.paid` came the month had charged 90.00 of its 50.00. A lapsed
+// claim no longer wanted now stays open and counted; wanted again, it is taken again under its
+// keys, and its delivery finds it paid: one invoice, charged once.
+on_stores!(a_paid_recharge_whose_invoice_paid_is_late_keeps_its_place_in_the_month);
+async fn a_paid_recharge_whose_invoice_paid_is_late_keeps_its_place_in_the_month(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "claimed below 300, charged");
+    let invoices = s.stripe.invoices_created();
+    let [first] = invoices.as_slice() else { panic!("{invoices:?}") };
+    assert_eq!(first["status"], "paid");
+    let amount = first["amount_paid"].as_u64().unwrap();
+    // Its `invoice.paid` is late; a top-up by hand lifts the balance above 300 meanwhile.
+    let late = s.stripe.take_emitted();
+    admin.grant_credits("acme", "requests", 500, None, "by-hand").await.unwrap();
+    // Past the claim's 10 minutes: the refills that watch the balance no longer need it.
+    s.h.clock.advance(Duration::from_secs(601));
+    assert_eq!(s.admitted(50).await, 50);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.month_spent, amount, "still counted in its month: it was paid");
+    // Spent below 300 again: the same recharge is taken again, and found paid.
+    assert_eq!(s.admitted(400).await, 400);
+    s.h.tollgate.deliver_recharges().await;
+    assert_eq!(s.stripe.invoices_created().len(), 1, "one invoice: never a second recharge for it");
+    assert_eq!(s.stripe.pays(), 1, "paid once");
+    // `invoice.paid` comes at last: granted once, the month counts it once.
+    for e in late {
+        let (code, outcome) = s.signed(&e.to_string()).await;
+        assert_eq!(code, 200, "{}: {outcome:?}", e["type"]);
+    }
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.open, view.month_count, view.month_spent), (None, 1, amount));
+    let charged: u64 = s
+        .stripe
+        .invoices_created()
+        .iter()
+        .filter(|i| i["status"] == "paid")
+        .map(|i| i["amount_paid"].as_u64().unwrap())
+        .sum();
+    assert!(charged <= 5000, "the month's limit holds: {charged} cents");
+}
+
 // A declined card three times in a row: no grant, recharge off (why: declined), each failure
 // counted once whether the worker's pay call or `invoice.payment_failed` says it first; the
 // balance then runs out with a plain 402 (no recharge under way). Turning it on again is an

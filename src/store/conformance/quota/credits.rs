@@ -691,8 +691,9 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     assert_eq!(h.s().reserve(&watch(0, 9, retry)).await.unwrap().recharge, RechargeSeen::Nothing);
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.setting, state.failures, state.n, state.open), (None, 0, 3, None));
-    // A claim whose delivery lapsed after the balance was topped up by hand is dropped, not
-    // charged; paid late after all, it counts spent again.
+    // A claim whose delivery lapsed after the balance was topped up by hand is not taken again
+    // (never charged by another node), and stays open and counted in its month: its node may
+    // have paid it. Its `invoice.paid`, late, closes it, counted once.
     let lapsed = prepaid_key("lapsed", "tokens");
     h.s().grant_credits(&credit("lapsed", "first", 1000, None)).await.unwrap();
     let on = ask(&lapsed, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting.clone())));
@@ -701,12 +702,13 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     let g = h.s().reserve(&watch_lapsed(1, DAY0)).await.unwrap();
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 });
     h.s().grant_credits(&credit("lapsed", "by-hand", 5000, None)).await.unwrap();
-    assert_eq!(h.s().reserve(&watch_lapsed(2, later)).await.unwrap().recharge, RechargeSeen::Nothing, "dropped");
+    let lapsed_watch = h.s().reserve(&watch_lapsed(2, later)).await.unwrap().recharge;
+    assert_eq!(lapsed_watch, RechargeSeen::Nothing, "not taken again");
     let state = listed(h.s().counters(&"lapsed".into(), &"tokens".into()).await.unwrap());
-    assert_eq!((state.open, state.unpaid.map(|c| c.n), state.spent, state.count), (None, Some(1), 0, 0));
+    assert_eq!((state.open.map(|c| c.n), state.unpaid, state.spent, state.count), (Some(1), None, 2000, 1));
     h.s().reserve(&ask(&lapsed, 0, None, 2, 2).recharging(RechargeMode::Paid { n: 1 })).await.unwrap();
     let state = listed(h.s().counters(&"lapsed".into(), &"tokens".into()).await.unwrap());
-    assert_eq!((state.open, state.unpaid, state.spent, state.count), (None, None, 2000, 1), "paid late: spent");
+    assert_eq!((state.open, state.unpaid, state.spent, state.count), (None, None, 2000, 1), "paid late: once");
     // The same setting stored again while on keeps the failures in a row.
     let g =
         h.s().reserve(&ask(&lapsed, 5500, None, 1, 3).recharging(RechargeMode::Watch { now: later })).await.unwrap();
