@@ -67,6 +67,8 @@ pub mod guide {
     pub mod usage {}
     #[doc = include_str!("../docs/dashboard.md")]
     pub mod dashboard {}
+    #[doc = include_str!("../docs/audit.md")]
+    pub mod audit {}
 }
 pub mod money {
     //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),

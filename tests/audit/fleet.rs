@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::{json, Value};
 use tollgate::{
-    billing::{Secret, StripeSink},
+    billing::{RechargeCharger, Secret, StripeSink},
     clock::{Clock, FakeClock},
     config::Config,
     store::{FaultPlan, QuotaInspect, StoreInspect},
@@ -21,7 +21,11 @@ use tollgate::{
 };
 
 use crate::{
-    common::{self, builder_on, stripe::StandIn, Harness, NodeStore, NOON},
+    common::{
+        self, builder_on,
+        stripe::{Card, StandIn},
+        Harness, NodeStore, NOON,
+    },
     ops::{Who, NODES},
 };
 
@@ -31,6 +35,13 @@ pub(crate) const REQUESTS_LIMIT: u64 = 90;
 /// What a payment costs (cents): its units are bought with it.
 pub(crate) const PAYMENT_AMOUNT: u64 = 1_000;
 pub(crate) const WEBHOOK_SECRET: &str = "whsec_audit";
+/// `b`'s auto-recharge: packs of 100 tokens at 5.00, below 300 up to 1,000, at most 50.00 a
+/// month.
+pub(crate) const PACK_UNITS: u64 = 100;
+pub(crate) const PACK_CENTS: u64 = 500;
+pub(crate) const RECHARGE_BELOW: u64 = 300;
+pub(crate) const RECHARGE_MONTHLY_LIMIT: &str = "50.00";
+pub(crate) const RECHARGE_MONTHLY_CENTS: u64 = 5_000;
 
 /// The fleet's configuration, exporting to the stand-in at `url`.
 pub(crate) fn config(url: &str) -> String {
@@ -51,8 +62,15 @@ event_name = "tokens"
 [plans.quota]
 quotas.requests = {{ limit = {REQUESTS_LIMIT}, period = "month", mode = "hard", lease = 8 }}
 quotas.tokens = {{ limit = {TOKENS_LIMIT}, period = "month", mode = "hard", lease = 100 }}
+[billing]
+currency = "usd"
 [plans.prepaid]
 quotas.tokens = {{ period = "prepaid", lease = 100 }}
+[plans.prepaid.recharge.tokens]
+price = "price_pack"
+below = {RECHARGE_BELOW}
+to = 1000
+monthly_limit = "{RECHARGE_MONTHLY_LIMIT}"
 [[routes]]
 path = "/generate"
 reports = ["tokens"]
@@ -70,6 +88,7 @@ timeout = "1s"
 [stripe.credits]
 meter = "tokens"
 refunds = "proportional"
+prices = {{ price_pack = {PACK_UNITS} }}
 "#
     )
 }
@@ -196,6 +215,9 @@ impl Fleet {
         let toml = config(&stripe.url);
         let (clock, handle) = Clock::fake_at_unix(NOON);
         stripe.set_now(NOON);
+        stripe.add_price("price_pack", None, true);
+        stripe.set_unit_amount("price_pack", i64::try_from(PACK_CENTS).unwrap());
+        stripe.set_card(Who::B.customer(), Card::Pays);
         let mut fleet = Self {
             toml,
             stores,
@@ -219,6 +241,12 @@ impl Fleet {
             fleet.next_generation += 1;
             fleet.nodes.push(Some(node));
         }
+        // `b` recharges: through the stand-in's quota role, as a tenant's own setting is kept.
+        let (h, _) = fleet.at(0);
+        tollgate::admin::Admin::for_engine(&h.tollgate)
+            .set_recharge("b", "tokens", Some(tollgate::money::RechargeAsk::default()))
+            .await
+            .expect("b's recharge on");
         fleet
     }
 
@@ -228,11 +256,22 @@ impl Fleet {
         let sink =
             StripeSink::new(&Secret::new(common::stripe::SECRET), Some(&self.stripe.url), Duration::from_secs(1))
                 .expect("a Stripe sink");
-        let (engine, worker): (Tollgate, _) =
-            builder_on(config, &self.stores.nodes).clock(self.clock.clone()).billing_sink(sink).build();
+        let charger =
+            RechargeCharger::new(&Secret::new(common::stripe::SECRET), Some(&self.stripe.url), Duration::from_secs(2))
+                .expect("a recharge charger");
+        let (engine, worker): (Tollgate, _) = builder_on(config, &self.stores.nodes)
+            .clock(self.clock.clone())
+            .billing_sink(sink)
+            .recharge_charger(charger)
+            .build();
         let worker = tokio::spawn(worker.run()).abort_handle();
         let h = Arc::new(Harness::from_layer(TollgateLayer::new(engine), self.handle.clone()));
         Node { h, worker }
+    }
+
+    /// The live nodes.
+    pub(crate) fn live(&self) -> Vec<Arc<Harness>> {
+        self.nodes.iter().flatten().map(|n| n.h.clone()).collect()
     }
 
     pub(crate) fn at(&self, slot: u8) -> (Arc<Harness>, usize) {
@@ -336,13 +375,18 @@ impl Fleet {
     /// signed now. Answered 500 it stays queued (Stripe delivers it again); any other answer
     /// but 200 is a violation.
     pub(crate) async fn deliver(&mut self, pick: u16, slot: u8) -> Result<(), String> {
+        self.take_emitted();
         if self.queue.is_empty() {
             return Ok(());
         }
         let i = usize::from(pick) % self.queue.len();
         let delivery = self.queue.remove(i);
         let (h, _) = self.at(slot);
-        let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(WEBHOOK_SECRET)]);
+        let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(WEBHOOK_SECRET)]).with_api_key(
+            Secret::new(common::stripe::SECRET),
+            Some(&self.stripe.url),
+            Duration::from_secs(2),
+        );
         let signature =
             stripe_webhook::Webhook::generate_test_header(&delivery.payload, WEBHOOK_SECRET, Some(self.now()));
         let reply = handler.handle(Some(&signature), delivery.payload.as_bytes()).await;
@@ -353,6 +397,49 @@ impl Fleet {
                 Ok(())
             }
             s => Err(format!("a signed webhook answered {s}: {:?}", reply.outcome)),
+        }
+    }
+}
+
+impl Fleet {
+    /// The events Stripe emitted since (recharges' invoices paid or failing), queued to be
+    /// delivered.
+    pub(crate) fn take_emitted(&mut self) {
+        for event in self.stripe.take_emitted() {
+            self.queue.push(Delivery { payload: event.to_string() });
+        }
+    }
+
+    /// `b`'s default payment method from now on.
+    pub(crate) fn card(&self, card: u8) {
+        let card = match card % 4 {
+            0 => Card::Pays,
+            1 => Card::Declined,
+            2 => Card::RequiresAction,
+            _ => Card::BankDebit,
+        };
+        self.stripe.set_card(Who::B.customer(), card);
+    }
+
+    /// A bank debit processing settles (the `pick`-th), or, with none, an invoice waiting for
+    /// its customer's action is paid on its page.
+    pub(crate) fn settle(&self, pick: u16, succeeds: bool) {
+        let debits = self.stripe.processing_debits();
+        if !debits.is_empty() {
+            self.stripe.settle_debit(&debits[usize::from(pick) % debits.len()], succeeds);
+            return;
+        }
+        if succeeds {
+            let open: Vec<String> = self
+                .stripe
+                .invoices_created()
+                .iter()
+                .filter(|i| i["status"] == "open")
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect();
+            if !open.is_empty() {
+                self.stripe.pay_on_page(&open[usize::from(pick) % open.len()]);
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ use tollgate::{
 use crate::{
     common::{committed, req, Harness, NOON},
     driver::{payment_of, refund_share, Outcome},
-    fleet::{Fleet, REQUESTS_LIMIT, TOKENS_LIMIT},
+    fleet::{Fleet, PACK_CENTS, PACK_UNITS, RECHARGE_MONTHLY_CENTS, REQUESTS_LIMIT, TOKENS_LIMIT},
     ops::Who,
 };
 
@@ -33,7 +33,16 @@ const FROM: i64 = NOON - 86_400;
 
 pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     let v = &mut outcome.violations;
-    // Every webhook delivered: Stripe sends each until it is answered 200.
+    // Every bank debit settles, every invoice waiting for its customer is paid or left, and
+    // every webhook is delivered: Stripe sends each until it is answered 200.
+    // The recharges each live node claimed are delivered (charged), what they emitted queued.
+    for node in fleet.live() {
+        node.tollgate.deliver_recharges().await;
+    }
+    for (pick, _) in fleet.stripe.processing_debits().iter().enumerate() {
+        fleet.settle(u16::try_from(pick).unwrap_or(0), true);
+    }
+    fleet.take_emitted();
     let mut round = 0u8;
     while !fleet.queue.is_empty() {
         round = round.wrapping_add(1);
@@ -205,11 +214,51 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     stop(&exporter.h, v).await;
 }
 
-/// Every grant of `b` is one payment's, of the units it bought, made once; refunds took back
-/// at most what their money bought.
+/// Every grant of `b` is one payment's, of the units it bought, made once: a checkout of the
+/// run's, or a recharge's invoice that Stripe holds paid; refunds took back at most what their
+/// money bought. Every invoice paid is granted, once; a month's recharges charge at most the
+/// plan's monthly limit, and each recharge is charged once.
 fn money(fleet: &Fleet, grants: &[CreditGrant], v: &mut Vec<String>) {
+    let invoices = fleet.stripe.invoices_created();
+    let mut charged_recharges = std::collections::BTreeSet::new();
+    let mut charged = 0u64;
+    for invoice in &invoices {
+        let id = invoice["id"].as_str().unwrap_or_default();
+        let paid = invoice["status"] == "paid";
+        let amount = invoice["amount_paid"].as_u64().unwrap_or(0);
+        let grant: Vec<&CreditGrant> = grants.iter().filter(|g| g.id == id).collect();
+        if paid {
+            charged += amount;
+            let recharge = invoice["metadata"]["tollgate_recharge_id"].as_str().unwrap_or(id).to_owned();
+            if !charged_recharges.insert(recharge.clone()) {
+                v.push(format!("money: recharge {recharge} was charged twice (invoice {id})"));
+            }
+            let units = amount / PACK_CENTS * PACK_UNITS;
+            match grant.as_slice() {
+                [g] if g.bought == units => {}
+                [g] => {
+                    v.push(format!("money: invoice {id} paid {amount} cents for {units} units; granted {}", g.bought))
+                }
+                [] => v.push(format!("money: invoice {id} was paid ({amount} cents) and never credited")),
+                _ => v.push(format!("money: invoice {id} granted {} times", grant.len())),
+            }
+        } else if !grant.is_empty() {
+            v.push(format!("money: invoice {id} is {} and was granted", invoice["status"]));
+        }
+    }
+    if charged > RECHARGE_MONTHLY_CENTS {
+        let paid: Vec<String> = invoices
+            .iter()
+            .filter(|i| i["status"] == "paid")
+            .map(|i| format!("{} {} cents {}", i["id"], i["amount_paid"], i["metadata"]))
+            .collect();
+        v.push(format!(
+            "money: recharges charged {charged} cents in a month; its limit is {RECHARGE_MONTHLY_CENTS}: {paid:?}"
+        ));
+    }
+    let invoiced = |g: &CreditGrant| invoices.iter().any(|i| i["id"].as_str() == Some(g.id.as_str()));
     let mut seen = std::collections::BTreeSet::new();
-    for g in grants {
+    for g in grants.iter().filter(|g| !invoiced(g)) {
         let Some(n) = payment_of(g.payment.as_deref()) else {
             v.push(format!("money: grant `{}` of {} units has no payment of the run", g.id, g.bought));
             continue;

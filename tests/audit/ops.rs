@@ -74,6 +74,11 @@ pub(crate) enum Op {
     Reload { node: u8 },
     /// The clock moved on.
     Advance { secs: u32 },
+    /// `b`'s default payment method changes: pays, declined, needs 3-D Secure, a bank debit.
+    Card { card: u8 },
+    /// A bank debit settles (or fails); with none processing, an invoice waiting for its
+    /// customer's action is paid on its page.
+    Settle { pick: u16, succeeds: bool },
     /// The store's faults switched on or off.
     StoreFaults { on: bool },
     /// Stripe's next meter event calls fail (500; executed and its answer lost; refused).
@@ -97,6 +102,8 @@ impl fmt::Debug for Op {
             Op::Kill { node } => write!(f, "Op::Kill {{ node: {node} }}"),
             Op::Reload { node } => write!(f, "Op::Reload {{ node: {node} }}"),
             Op::Advance { secs } => write!(f, "Op::Advance {{ secs: {secs} }}"),
+            Op::Card { card } => write!(f, "Op::Card {{ card: {card} }}"),
+            Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
             Op::StoreFaults { on } => write!(f, "Op::StoreFaults {{ on: {on} }}"),
             Op::StripeFaults { which, count } => write!(f, "Op::StripeFaults {{ which: {which}, count: {count} }}"),
         }
@@ -180,7 +187,9 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
             870..=889 => Op::Kill { node: node(&mut rng) },
             890..=909 => Op::Reload { node: node(&mut rng) },
             910..=959 => Op::Advance { secs: [5, 30, 120, 600][usize::try_from(rng.below(4)).unwrap()] },
-            960..=979 => Op::StoreFaults { on: rng.chance(600) },
+            960..=969 => Op::StoreFaults { on: rng.chance(600) },
+            970..=979 if rng.chance(500) => Op::Card { card: u8::try_from(rng.below(4)).unwrap() },
+            970..=979 => Op::Settle { pick: u16::try_from(rng.below(8)).unwrap(), succeeds: rng.chance(750) },
             _ => Op::StripeFaults {
                 which: u8::try_from(rng.below(3)).unwrap(),
                 count: 1 + u8::try_from(rng.below(3)).unwrap(),

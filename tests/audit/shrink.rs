@@ -8,16 +8,18 @@ use tollgate::store::Defect;
 
 use crate::{driver::run, ops::Op, stores::Kind};
 
-/// The invariant a violation names (the text before its first colon).
-pub(crate) fn invariant(violation: &str) -> &str {
-    violation.split(':').next().unwrap_or(violation)
+/// What a violation says, without its numbers and ids: a shrunk sequence must break the same
+/// rule the same way (a paid invoice never credited is not a month charged past its limit).
+fn rule(violation: &str) -> String {
+    let words: Vec<&str> = violation.split_whitespace().filter(|w| !w.chars().any(|c| c.is_ascii_digit())).collect();
+    words.join(" ")
 }
 
 /// Whether `ops` still fails `wanted`: tried twice, as interleavings vary from run to run.
 async fn fails(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect>, wanted: &str) -> Option<Vec<String>> {
     for _ in 0..2 {
         let outcome = run(kind, seed, ops, defect).await;
-        if outcome.violations.iter().any(|v| invariant(v) == wanted) {
+        if outcome.violations.iter().any(|v| rule(v) == wanted) {
             return Some(outcome.violations);
         }
     }
@@ -34,7 +36,7 @@ pub(crate) async fn shrink(
     violations: Vec<String>,
     budget: Duration,
 ) -> (Vec<Op>, Vec<String>) {
-    let wanted = invariant(&violations[0]).to_owned();
+    let wanted = rule(&violations[0]);
     let started = Instant::now();
     let (mut current, mut found) = (ops, violations);
     let mut parts = 2usize;

@@ -509,6 +509,13 @@ impl StandIn {
         s.objects.insert(key, inv);
     }
 
+    /// The invoices whose bank debit is processing (a delayed payment method), oldest id first.
+    pub fn processing_debits(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().processing.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     /// The invoices created through the API.
     pub fn invoices_created(&self) -> Vec<serde_json::Value> {
         let s = self.lock();
