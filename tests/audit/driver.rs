@@ -82,6 +82,7 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
             }
             Op::Pay { payment, units, copies } => fleet.pay(payment, units, copies),
             Op::Refund { payment, percent } => fleet.refund(payment, percent),
+            Op::Dispute { payment, won } => fleet.dispute(payment, won).await,
             Op::Deliver { pick } => {
                 let slot = u8::try_from(n % 3).unwrap();
                 if let Err(e) = fleet.deliver(pick, slot).await {

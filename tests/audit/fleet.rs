@@ -174,6 +174,8 @@ pub(crate) struct Payment {
     pub(crate) units: u64,
     /// The most refunded in all (cents) of the refunds sent.
     pub(crate) refunded: u64,
+    /// Its dispute, once opened: won or lost.
+    pub(crate) dispute: Option<bool>,
 }
 
 /// The stores an audit runs on: what the nodes use (behind faults), and what the auditor reads.
@@ -352,13 +354,15 @@ impl Fleet {
         }
         let succeeded = self.event(&self.next_event(), "checkout.session.async_payment_succeeded", session);
         self.queue.push(Delivery { payload: succeeded });
-        self.payments.insert(payment, Payment { units, refunded: 0 });
+        self.payments.insert(payment, Payment { units, refunded: 0, dispute: None });
     }
 
     /// `payment` refunded up to `percent` of its amount in all.
     pub(crate) fn refund(&mut self, payment: u16, percent: u8) {
         let refunded = PAYMENT_AMOUNT * u64::from(percent) / 100;
-        let Some(known) = self.payments.get_mut(&payment) else { return };
+        // Stripe refuses to refund a disputed charge (API error code `charge_disputed`: "The
+        // charge you're attempting to refund has been charged back").
+        let Some(known) = self.payments.get_mut(&payment).filter(|p| p.dispute.is_none()) else { return };
         known.refunded = known.refunded.max(refunded);
         let mut c = fixtures()["charge"].clone();
         c["customer"] = json!(Who::B.customer());
@@ -369,6 +373,44 @@ impl Fleet {
         c["refunded"] = json!(refunded == PAYMENT_AMOUNT);
         let payload = self.event(&self.next_event(), "charge.refunded", c);
         self.queue.push(Delivery { payload });
+    }
+
+    /// `payment` disputed, once its grant landed (a dispute comes days after its payment): its
+    /// funds withdrawn, then won (reinstated, closed won) or lost (closed lost), queued.
+    pub(crate) async fn dispute(&mut self, payment: u16, won: bool) {
+        let intent = intent(payment);
+        let granted = self
+            .stores
+            .quota
+            .credit_grants(&"b".into(), Some(&"tokens".into()))
+            .await
+            .is_ok_and(|(grants, _)| grants.iter().any(|g| g.payment.as_deref() == Some(intent.as_str())));
+        let Some(known) = self.payments.get_mut(&payment).filter(|p| p.dispute.is_none() && granted) else { return };
+        // A dispute is of what the charge still holds: its amount less what was refunded
+        // (Stripe's "The Dispute object": `amount`, "disputed amount ... less than or equal to
+        // the amount of the charge").
+        let amount = PAYMENT_AMOUNT - known.refunded;
+        if amount == 0 {
+            return;
+        }
+        known.dispute = Some(won);
+        let object = |status: &str| {
+            let mut d = fixtures()["dispute"].clone();
+            d["id"] = json!(format!("dp_audit_{payment}"));
+            d["payment_intent"] = json!(intent);
+            d["amount"] = json!(amount);
+            d["status"] = json!(status);
+            d
+        };
+        let mut events =
+            vec![self.event(&self.next_event(), "charge.dispute.funds_withdrawn", object("needs_response"))];
+        if won {
+            events.push(self.event(&self.next_event(), "charge.dispute.funds_reinstated", object("won")));
+            events.push(self.event(&self.next_event(), "charge.dispute.closed", object("won")));
+        } else {
+            events.push(self.event(&self.next_event(), "charge.dispute.closed", object("lost")));
+        }
+        self.queue.extend(events.into_iter().map(|payload| Delivery { payload }));
     }
 
     /// Delivers the `pick`-th queued webhook (modulo the queue) to a live node's handler,

@@ -93,7 +93,19 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     let (grants, balances) = quota.credit_grants(&"b".into(), Some(&"tokens".into())).await.expect("grants read");
     money(fleet, &grants, v);
     let bought: u64 = grants.iter().map(|g| g.bought).sum();
-    let taken: u64 = grants.iter().map(|g| g.taken).sum();
+    // Taken back: by refunds, and by disputes not reversed (a reversal gives back what the
+    // balance held of it).
+    let taken: u64 = grants
+        .iter()
+        .map(|g| {
+            let disputes: u64 = g
+                .takes
+                .iter()
+                .map(|t| if t.given_back { t.removed.saturating_sub(t.unspent) } else { t.removed })
+                .sum();
+            g.taken + disputes
+        })
+        .sum();
     let balance = balances.into_iter().map(|(_, b)| b).next().unwrap_or_default();
     let (b_served, _) = fleet.tally.served(Who::B, "tokens");
     if b_served > bought {
@@ -278,6 +290,27 @@ fn money(fleet: &Fleet, grants: &[CreditGrant], v: &mut Vec<String>) {
             v.push(format!(
                 "money: payment {n}'s refunds ({} cents) took back {} units; they bought {most}",
                 paid.refunded, g.taken
+            ));
+        }
+        // Its dispute: lost, it takes back what the balance held of it; won, nothing stays taken.
+        let dispute = format!("dp_audit_{n}");
+        let takes: Vec<_> = g.takes.iter().filter(|t| t.id == dispute).collect();
+        match paid.dispute {
+            Some(true) if takes.iter().any(|t| !t.given_back && t.removed > 0) => {
+                v.push(format!("money: payment {n}'s dispute was won and its units stay taken: {takes:?}"));
+            }
+            Some(false) if takes.iter().all(|t| t.given_back) && g.units > 0 => {
+                v.push(format!("money: payment {n}'s dispute was lost and took nothing back: {takes:?} ({g:?})"));
+            }
+            None if !takes.is_empty() => v.push(format!("money: payment {n} was never disputed: {takes:?}")),
+            _ => {}
+        }
+        let removed: u64 = g.takes.iter().filter(|t| !t.given_back).map(|t| t.removed).sum();
+        if g.taken + removed > g.bought {
+            v.push(format!(
+                "money: payment {n}'s refunds and disputes took {} of the {} it bought: {g:?}",
+                g.taken + removed,
+                g.bought
             ));
         }
     }

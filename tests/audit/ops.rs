@@ -65,6 +65,9 @@ pub(crate) enum Op {
     Pay { payment: u16, units: u64, copies: u8 },
     /// `b`'s payment refunded up to `percent` of its amount in all (`charge.refunded`).
     Refund { payment: u16, percent: u8 },
+    /// `b`'s payment disputed (once its grant landed): its funds withdrawn, then the dispute
+    /// won (reinstated, closed won) or lost (closed lost), the events delivered in any order.
+    Dispute { payment: u16, won: bool },
     /// One queued webhook delivered (the `pick`-th, modulo the queue): delayed, reordered.
     Deliver { pick: u16 },
     /// A node dropped without shutdown: its leases, holds and unflushed usage left; a new
@@ -98,6 +101,7 @@ impl fmt::Debug for Op {
                 write!(f, "Op::Pay {{ payment: {payment}, units: {units}, copies: {copies} }}")
             }
             Op::Refund { payment, percent } => write!(f, "Op::Refund {{ payment: {payment}, percent: {percent} }}"),
+            Op::Dispute { payment, won } => write!(f, "Op::Dispute {{ payment: {payment}, won: {won} }}"),
             Op::Deliver { pick } => write!(f, "Op::Deliver {{ pick: {pick} }}"),
             Op::Kill { node } => write!(f, "Op::Kill {{ node: {node} }}"),
             Op::Reload { node } => write!(f, "Op::Reload {{ node: {node} }}"),
@@ -179,7 +183,11 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
                     copies: 1 + u8::try_from(rng.below(3)).unwrap(),
                 }
             }
-            730..=769 if payments > 0 => Op::Refund {
+            730..=749 if payments > 0 => Op::Dispute {
+                payment: 1 + u16::try_from(rng.below(u64::from(payments))).unwrap(),
+                won: rng.chance(400),
+            },
+            750..=769 if payments > 0 => Op::Refund {
                 payment: 1 + u16::try_from(rng.below(u64::from(payments))).unwrap(),
                 percent: [25, 50, 100][usize::try_from(rng.below(3)).unwrap()],
             },
