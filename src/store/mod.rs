@@ -97,7 +97,7 @@ pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 pub use recharge::{
     month_of, RechargeAction, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen,
     RechargeSetting, RechargeState, CLAIM_TAKEN_SECS, CREDIT_UNANNOUNCED_SECS, FAILURES_BEFORE_OFF, PROCESSING_SECS,
-    RETRY_AFTER_FAILURE_SECS,
+    RETRY_AFTER_FAILURE_SECS, UNWANTED_CLAIM_SECS,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

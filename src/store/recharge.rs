@@ -31,6 +31,13 @@ pub const PROCESSING_SECS: i64 = 21 * 86_400;
 /// endpoint is taken to miss it (not subscribed, or down past Stripe's 3 days).
 pub const CREDIT_UNANNOUNCED_SECS: i64 = 3600;
 
+/// How long a claim whose delivery lapsed, and that nobody needs any longer (recharge off, or
+/// the balance no longer below), stays open and counted in its month (seconds): 4 days, past
+/// the 3 days Stripe retries a webhook, so that a payment its node made is told by its
+/// `invoice.paid` first. Past it, it is closed unpaid (a late payment of it still grants, and
+/// counts it spent again).
+pub const UNWANTED_CLAIM_SECS: i64 = 4 * 86_400;
+
 /// After a failed payment, no recharge is claimed for this long (seconds), so that a declined
 /// card is not charged again at every request.
 pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
@@ -591,11 +598,15 @@ impl RechargeState {
             if wanted.is_none() {
                 // Its node died or lost it, and recharge is off or the balance no longer
                 // below: not taken again, so never charged by another node while nobody needs
-                // it. Not dropped either: its node may have paid it, its `invoice.paid` late
-                // (Stripe retries for days), so it stays open and counted in its month. Wanted
-                // again, it is taken again under its keys (its delivery finds it paid, or pays
-                // it); its payment told closes it. (Dropped, its amount went back to the month:
-                // a second recharge was charged beside the paid one, past the month's limit.)
+                // it. Not dropped at once either: its node may have paid it, its
+                // `invoice.paid` late (Stripe retries for 3 days), so it stays open and counted
+                // in its month for `UNWANTED_CLAIM_SECS`. Wanted again meanwhile, it is taken
+                // again under its keys (its delivery finds it paid, or pays it); its payment
+                // told closes it. (Dropped at once, its amount went back to the month: a
+                // second recharge was charged beside the paid one, past the month's limit.)
+                if now >= claim.claimed_at.saturating_add(UNWANTED_CLAIM_SECS) {
+                    self.close_unpaid(claim);
+                }
                 return RechargeSeen::Nothing;
             }
             // Its node died or lost it: taken again, with the same number (and keys).
@@ -742,6 +753,11 @@ mod tests {
         s.apply(RechargeMode::Set(None), None);
         assert_eq!(s.apply(RechargeMode::Watch { now: lapse }, Some(0)), RechargeSeen::Nothing);
         assert_eq!((s.open.map(|c| c.n), s.unpaid, s.spent), (Some(1), None, 2500));
+        // Past Stripe's retries with nothing told, it closes unpaid: its amount back to the month.
+        let mut dropped = s.clone();
+        let horizon = RechargeMode::Watch { now: NOW + UNWANTED_CLAIM_SECS };
+        assert_eq!(dropped.apply(horizon, Some(0)), RechargeSeen::Nothing);
+        assert_eq!((dropped.open, dropped.unpaid.map(|c| c.n), dropped.spent), (None, Some(1), 0));
         // Its payment failed after all: counted once, answered alike.
         let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
         let why = RechargeFailure::Declined;

@@ -26,7 +26,7 @@ use crate::{
         stripe::{Card, StandIn},
         Harness, NodeStore, NOON,
     },
-    ops::{Who, NODES},
+    ops::Who,
 };
 
 /// The hard limits of `q`'s month.
@@ -93,6 +93,12 @@ prices = {{ price_pack = {PACK_UNITS} }}
     )
 }
 
+/// Units served by one node, by tenant and meter.
+pub(crate) type Served = BTreeMap<(Who, &'static str), u64>;
+
+/// A request stuck in its handler: its node's generation, its tenant, its ticket and hold.
+type StuckRequest = (usize, Who, Box<dyn Send>);
+
 /// One engine of the fleet, its worker running until the node stops or is killed.
 pub(crate) struct Node {
     pub(crate) h: Arc<Harness>,
@@ -107,6 +113,11 @@ pub(crate) struct Tally {
     units: Mutex<BTreeMap<(usize, Who, &'static str), u64>>,
     /// Generations of nodes killed.
     killed: Mutex<Vec<usize>>,
+    /// Per node generation, its units as they were when its last two flushes that succeeded
+    /// began (the older first): what the older had is in the store, committed and reported (a
+    /// flush whose report pass was cut short by store errors still commits its usage: what the
+    /// node used in one flush interval may go back at its expiry, docs/architecture.md).
+    flushed: Mutex<BTreeMap<usize, [Served; 2]>>,
 }
 
 impl Tally {
@@ -116,21 +127,37 @@ impl Tally {
         }
     }
 
-    /// Units served to `who` on `meter`: (in all, on nodes killed since).
+    /// Units served to `who` on `meter`: (in all, on nodes killed after their last flush that
+    /// succeeded: what a crash may lose, and have given back at its expiry).
     pub(crate) fn served(&self, who: Who, meter: &str) -> (u64, u64) {
         let killed = self.killed.lock().unwrap().clone();
         let units = self.units.lock().unwrap();
+        let flushed = self.flushed.lock().unwrap();
         let mut all = 0;
         let mut dead = 0;
         for ((generation, w, m), n) in units.iter() {
             if *w == who && *m == meter {
                 all += n;
                 if killed.contains(generation) {
-                    dead += n;
+                    let before = flushed.get(generation).and_then(|[f, _]| f.get(&(who, *m))).copied().unwrap_or(0);
+                    dead += n.saturating_sub(before);
                 }
             }
         }
         (all, dead)
+    }
+
+    /// What `generation`'s node was served so far, as a flush begins.
+    pub(crate) fn snapshot(&self, generation: usize) -> Served {
+        let units = self.units.lock().unwrap();
+        units.iter().filter(|((g, _, _), _)| *g == generation).map(|((_, w, m), n)| ((*w, *m), *n)).collect()
+    }
+
+    /// `generation`'s flush that began at `snapshot` succeeded.
+    pub(crate) fn flushed(&self, generation: usize, snapshot: Served) {
+        let mut flushed = self.flushed.lock().unwrap();
+        let pair = flushed.entry(generation).or_default();
+        pair[0] = std::mem::replace(&mut pair[1], snapshot);
     }
 
     pub(crate) fn killed(&self, generation: usize) {
@@ -146,19 +173,25 @@ impl Tally {
 /// cancelled when it stops gracefully (as a server's grace period ends, before the engine's
 /// shutdown), never ended when it is killed.
 #[derive(Default)]
-pub(crate) struct Stuck(Mutex<Vec<(usize, Box<dyn Send>)>>);
+pub(crate) struct Stuck(Mutex<Vec<StuckRequest>>);
 
 impl Stuck {
-    pub(crate) fn push(&self, generation: usize, request: Box<dyn Send>) {
-        self.0.lock().unwrap().push((generation, request));
+    pub(crate) fn push(&self, generation: usize, who: Who, request: Box<dyn Send>) {
+        self.0.lock().unwrap().push((generation, who, request));
     }
 
-    /// The requests stuck on `generation`'s node, taken out.
-    fn take(&self, generation: usize) -> Vec<Box<dyn Send>> {
+    /// The requests stuck on `generation`'s node, taken out, each counted as a request served
+    /// (billed as its ticket ends; lost with its node when it is killed).
+    fn take(&self, generation: usize, tally: &Tally) -> Vec<Box<dyn Send>> {
         let mut all = self.0.lock().unwrap();
-        let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(g, _)| *g == generation);
+        let (mine, rest): (Vec<_>, Vec<_>) = all.drain(..).partition(|(g, _, _)| *g == generation);
         *all = rest;
-        mine.into_iter().map(|(_, r)| r).collect()
+        mine.into_iter()
+            .map(|(g, who, r)| {
+                tally.add(g, who, "requests", 1);
+                r
+            })
+            .collect()
     }
 }
 
@@ -206,13 +239,20 @@ pub(crate) struct Fleet {
     dead_requests: Vec<ManuallyDrop<Box<dyn Send>>>,
     pub(crate) tally: Arc<Tally>,
     pub(crate) stuck: Arc<Stuck>,
+    /// The worker passes the driver runs, by node generation: a node killed runs none again.
+    pub(crate) passes: Mutex<Vec<(usize, tokio::task::AbortHandle)>>,
     pub(crate) queue: Vec<Delivery>,
     pub(crate) payments: BTreeMap<u16, Payment>,
+    /// Webhooks answered 200 may be delivered again (while the operations run).
+    pub(crate) redeliver: bool,
+    /// No allowance for the open finding (AUDIT_STRICT, and the planted defects).
+    pub(crate) strict: bool,
     pub(crate) events: AtomicU64,
 }
 
 impl Fleet {
-    pub(crate) async fn start(stores: Stores) -> Self {
+    /// `nodes` engines on `stores`.
+    pub(crate) async fn start(stores: Stores, nodes: u8) -> Self {
         let stripe = StandIn::start(&[("requests", None), ("tokens", None)]).await;
         let toml = config(&stripe.url);
         let (clock, handle) = Clock::fake_at_unix(NOON);
@@ -233,11 +273,14 @@ impl Fleet {
             dead_requests: Vec::new(),
             tally: Arc::default(),
             stuck: Arc::default(),
+            passes: Mutex::default(),
             queue: Vec::new(),
             payments: BTreeMap::new(),
+            redeliver: true,
+            strict: std::env::var_os("AUDIT_STRICT").is_some(),
             events: AtomicU64::new(0),
         };
-        for _ in 0..NODES {
+        for _ in 0..nodes {
             let node = fleet.node();
             fleet.generations.push(fleet.next_generation);
             fleet.next_generation += 1;
@@ -271,9 +314,9 @@ impl Fleet {
         Node { h, worker }
     }
 
-    /// The live nodes.
-    pub(crate) fn live(&self) -> Vec<Arc<Harness>> {
-        self.nodes.iter().flatten().map(|n| n.h.clone()).collect()
+    /// The live nodes, with their generations.
+    pub(crate) fn live(&self) -> Vec<(Arc<Harness>, usize)> {
+        self.nodes.iter().zip(&self.generations).filter_map(|(n, g)| n.as_ref().map(|n| (n.h.clone(), *g))).collect()
     }
 
     pub(crate) fn at(&self, slot: u8) -> (Arc<Harness>, usize) {
@@ -288,9 +331,17 @@ impl Fleet {
         let slot = usize::from(slot) % self.nodes.len();
         let node = self.nodes[slot].take().expect("a live node");
         node.worker.abort();
+        // Nothing of it runs again: its passes in flight are cut where they are.
+        let generation = self.generations[slot];
+        self.passes.lock().unwrap().retain(|(g, pass)| {
+            if *g == generation {
+                pass.abort();
+            }
+            *g != generation
+        });
         self.dead.push(ManuallyDrop::new(node.h));
         // Its requests stuck in their handlers never end.
-        self.dead_requests.extend(self.stuck.take(self.generations[slot]).into_iter().map(ManuallyDrop::new));
+        self.dead_requests.extend(self.stuck.take(generation, &self.tally).into_iter().map(ManuallyDrop::new));
         self.tally.killed(self.generations[slot]);
         self.nodes[slot] = Some(self.node());
         self.generations[slot] = self.next_generation;
@@ -302,7 +353,7 @@ impl Fleet {
         let mut problems = Vec::new();
         for (slot, node) in self.nodes.iter_mut().enumerate() {
             let Some(node) = node.take() else { continue };
-            drop(self.stuck.take(self.generations[slot]));
+            drop(self.stuck.take(self.generations[slot], &self.tally));
             if let Err(e) = node.h.tollgate.shutdown().await {
                 problems.push(format!("a node's shutdown lost usage: {e}"));
             }
@@ -433,6 +484,11 @@ impl Fleet {
             stripe_webhook::Webhook::generate_test_header(&delivery.payload, WEBHOOK_SECRET, Some(self.now()));
         let reply = handler.handle(Some(&signature), delivery.payload.as_bytes()).await;
         match reply.status().as_u16() {
+            // Stripe delivers at least once: some are delivered again, later, after a 200.
+            200 if self.redeliver && pick.is_multiple_of(5) => {
+                self.queue.push(delivery);
+                Ok(())
+            }
             200 => Ok(()),
             500 | 503 => {
                 self.queue.push(delivery);

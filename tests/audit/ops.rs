@@ -144,15 +144,29 @@ impl Rng {
     }
 }
 
-/// The nodes of an audit's fleet.
-pub(crate) const NODES: u8 = 3;
+/// The nodes of a seed's fleet: 2 to 4.
+pub(crate) fn nodes_of(seed: u64) -> u8 {
+    2 + u8::try_from(Rng::new(seed ^ 0x5eed).below(3)).unwrap()
+}
+
+impl Op {
+    /// The node it runs on, if any.
+    pub(crate) fn node(&self) -> Option<u8> {
+        match self {
+            Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } => Some(*node),
+            Op::Kill { node } | Op::Reload { node } => Some(*node),
+            _ => None,
+        }
+    }
+}
 
 /// `n` operations drawn from `seed`.
 pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
     let mut rng = Rng::new(seed);
     let mut ops = Vec::with_capacity(n);
     let mut payments = 0u16;
-    let node = |rng: &mut Rng| u8::try_from(rng.below(u64::from(NODES))).unwrap();
+    let nodes = u64::from(nodes_of(seed));
+    let node = |rng: &mut Rng| u8::try_from(rng.below(nodes)).unwrap();
     // The store's faults start on in most seeds.
     ops.push(Op::StoreFaults { on: rng.chance(800) });
     for _ in 0..n {
@@ -194,7 +208,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
             730..=869 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
             870..=889 => Op::Kill { node: node(&mut rng) },
             890..=909 => Op::Reload { node: node(&mut rng) },
-            910..=959 => Op::Advance { secs: [5, 30, 120, 600][usize::try_from(rng.below(4)).unwrap()] },
+            910..=959 => Op::Advance { secs: [5, 30, 120, 300][usize::try_from(rng.below(4)).unwrap()] },
             960..=969 => Op::StoreFaults { on: rng.chance(600) },
             970..=979 if rng.chance(500) => Op::Card { card: u8::try_from(rng.below(4)).unwrap() },
             970..=979 => Op::Settle { pick: u16::try_from(rng.below(8)).unwrap(), succeeds: rng.chance(750) },

@@ -55,7 +55,8 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
     let Some(open) = state.as_ref().and_then(|s| s.open).filter(|o| o.n == claim.n) else {
         return Ok(Delivered::Closed);
     };
-    // Turned off since it was claimed: never charged (the next watch drops it once it lapses).
+    // Turned off since it was claimed: never charged (it stays open and counted until it is
+    // wanted again, its payment is told, or `UNWANTED_CLAIM_SECS` pass).
     let Some(setting) = state.filter(RechargeState::on).and_then(|s| s.setting) else { return Ok(Delivered::Closed) };
     let (record, spec) = match served_tenant(parts.directory, parts.config, &claim.tenant).await? {
         Ok((record, served)) => (Some(record), served.spec.recharge(&claim.meter).cloned()),
@@ -68,7 +69,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
     };
     let Some(spec) = spec else {
         // Moved to a plan that recharges nothing: never charged, and recharge turned off (not a
-        // failure of the card's); the claim is dropped by the next watch, if the tenant ever
+        // failure of the card's); the claim closes unpaid past `UNWANTED_CLAIM_SECS`, if the tenant ever
         // comes back to a plan that recharges.
         use crate::store::QuotaStoreExt as _;
         parts.quota.apply_recharge(&claim.tenant, &claim.meter, RechargeMode::Set(None), parts.now).await?;
