@@ -255,8 +255,8 @@ impl Tollgate {
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes
-    /// what they used beyond them.
-    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
+    /// what they used beyond them: the states with a lease the store did not take.
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> Vec<Tenant> {
         self.units().leases().return_leases(states).await
     }
 

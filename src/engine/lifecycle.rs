@@ -217,9 +217,12 @@ impl Tollgate {
         // 5. Give every lease back (and every place of a fleet concurrency): what is left of
         // the budget, at least a sixth of it.
         let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
+        // The tenants' states, and the retired ones still held (a request of theirs still
+        // running) or whose lease the store did not take back at a flush.
         let mut live = Vec::new();
         self.gate().table().for_each(|s| live.push(s.clone()));
-        report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(0));
+        live.extend(self.gate().table().retired().iter().cloned());
+        report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(left) if left.is_empty());
         let _ = tokio::time::timeout_at(leases_until, self.gate().places().release_all()).await;
         if !report.leases_returned {
             tracing::error!(

@@ -530,6 +530,29 @@ impl TenantTable {
         out
     }
 
+    /// Keeps as retired again these states, whose lease the store did not take back at a
+    /// flush (the next flush sends it again), as long as the retired states number at most
+    /// `cap` (`limits.max_tenants`): past it, the rest are let go, logged, and the store gives
+    /// their reservations back at their expiry.
+    pub(crate) fn keep_retired(&self, states: Vec<Tenant>, cap: usize) {
+        if states.is_empty() {
+            return;
+        }
+        let mut retired = self.retired();
+        let room = cap.saturating_sub(retired.len());
+        let lost = states.len().saturating_sub(room);
+        retired.extend(states.into_iter().take(room));
+        drop(retired);
+        if lost > 0 {
+            tracing::error!(
+                tenants = lost,
+                "leases the store did not take back were let go (more retired tenant states than \
+                 limits.max_tenants): at their reservation's expiry the store gives back what their last \
+                 answered call said they keep"
+            );
+        }
+    }
+
     /// Whether the identity `name` reaches the tenant `id`: its own id, or the anonymous
     /// identity the anonymous tenant.
     fn identity_of(name: &str, id: &TenantId) -> bool {

@@ -386,6 +386,42 @@ async fn a_retired_state_call_sent_late_is_still_applied() {
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 2, "leased = used + returned");
 }
 
+/// A retired state whose lease the store did not take back (it failed at the reload, and again
+/// at the flush that found the state alone) sends its give-back again at the next flushes, as a
+/// live cell does. Forgotten, its give-back never landed: the store kept its record of the
+/// lease as the state's last call told it, and gave all of it back at the expiry, the units its
+/// requests had used since included, so the tenant was served them a second time (found by
+/// the audit: `q` served 3,093 tokens of 3,000).
+#[tokio::test]
+async fn a_retired_state_whose_lease_could_not_go_back_sends_it_again_at_the_next_flush() {
+    let toml = common::one_tenant("quotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+    // Leases 10 (the store records 9 kept), then uses 5 more of them, which no call tells.
+    for _ in 0..6 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    // The store fails at the reload's give-back of the 4 left, and at the next flush's.
+    store.down.store(true, Ordering::SeqCst);
+    h.tollgate.reload(Config::from_toml_str(&toml).unwrap()).await.unwrap();
+    assert!(h.tollgate.flush().await.is_err(), "the store is down");
+    store.down.store(false, Ordering::SeqCst);
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 6, "the 4 unused units went back at last");
+    // Past the reservation's expiry, another node is served exactly what is left.
+    handle.advance(Duration::from_secs(3_600));
+    let other = Harness::build(&toml, store.clone(), clock, handle);
+    let mut served = 0;
+    for _ in 0..100 {
+        if other.status("/", "key-t").await == 200 {
+            served += 1;
+        }
+    }
+    other.tollgate.shutdown().await.unwrap();
+    assert_eq!(6 + served, 100, "never over the limit");
+}
+
 /// Requests admitted fail-open before the tenant ever held a lease are owed outside any lease;
 /// those not billed (a 5xx) are given back, so the period is charged only what was billed.
 #[tokio::test]

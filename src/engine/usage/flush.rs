@@ -244,7 +244,11 @@ impl Pipeline {
         self.clock.resync();
         let mut report = FlushReport::default();
         let (dropped, tend) = self.drain(rt, table);
-        leases.return_leases(dropped).await;
+        // A state whose lease the store did not take back is kept, and sent again by the next
+        // flush: forgotten, its give-back would never land, and at the expiry the store would
+        // give back what its last call said it keeps, units its requests used since included.
+        let unreturned = leases.return_leases(dropped).await;
+        table.keep_retired(unreturned, rt.config.limits.max_tenants);
         // Units given back past a lease's cap that no call took yet go back now, leases in
         // debt owe it, and what changed in what the cells keep is told, before any usage
         // commits: a store that gives back a dead node's reservation must not give back units

@@ -791,13 +791,15 @@ impl Leases {
         kept.held == 0 && locked.reported() == kept
     }
 
-    /// Logs a lease that could not be given back.
+    /// Logs a lease that could not be given back (its state keeps it, and the flush sends it
+    /// again: [`return_leases`](Self::return_leases)).
     fn unreturned(cell: QuotaRef<'_>, e: &StoreError) {
         tracing::debug!(error = %e, "a lease could not be given back");
         if let Some(call) = cell.locked().inflight().cloned() {
-            // Reported: the store may hold units this node never used nor gave back.
-            tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
-                "a quota call is still unanswered as the lease is given back: the store may count its units");
+            // Reported: until it lands the store counts its units, and at the expiry gives back
+            // what its last call said the cell keeps.
+            tracing::warn!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
+                "a quota call is still unanswered as the lease is given back: sent again by the next flush");
         }
     }
 
@@ -1054,7 +1056,8 @@ impl Leases {
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes
-    /// what they used beyond them: the number of leases the store did not take.
+    /// what they used beyond them: the states with a lease the store did not take (a call of
+    /// theirs still unanswered, sent again by their next call).
     ///
     /// The returns go in batches of [`RETURN_BATCH`] releases, one store call each
     /// ([`QuotaStore::release`](crate::store::QuotaStore::release)), [`RETURN_AT_ONCE`] batches
@@ -1062,23 +1065,25 @@ impl Leases {
     /// than it gives back goes alone (a reservation). One release of a batch that fails (its
     /// condition, a busy row) leaves the others returned: it is sent again alone, with its
     /// token. A batch the store does not answer in time is sent again one release at a time.
-    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
-        let mut failed = 0;
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> Vec<Tenant> {
+        let mut failed = vec![false; states.len()];
         let mut ready = Vec::new();
-        for state in &states {
+        for (n, state) in states.iter().enumerate() {
             for cell in state.quotas() {
                 let guard = cell.lock().lock().await;
                 match self.stores.within(self.prepare_return(cell)).await {
                     Ok(None) => {}
-                    Ok(Some(call)) if matches!(call.kind, CallKind::Release { .. }) => ready.push((cell, guard, call)),
+                    Ok(Some(call)) if matches!(call.kind, CallKind::Release { .. }) => {
+                        ready.push((n, cell, guard, call));
+                    }
                     Ok(Some(call)) => {
                         if let Err(e) = self.stores.within(self.send(cell, call)).await {
-                            failed += 1;
+                            failed[n] = true;
                             Self::unreturned(cell, &e);
                         }
                     }
                     Err(e) => {
-                        failed += 1;
+                        failed[n] = true;
                         Self::unreturned(cell, &e);
                     }
                 }
@@ -1086,9 +1091,9 @@ impl Leases {
         }
         // A batch is background work: held to `limits.background_timeout`, not to a request's.
         let store = self.stores.background().quota.clone();
-        let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
+        let sent: Vec<Sent> = ready.iter_mut().map(|(_, cell, _, call)| self.begin(*cell, call)).collect();
         // (A store may lock the counters of a batch in its order: see the PostgreSQL store.)
-        let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
+        let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, _, call), s)| Self::release_of(call, s)).collect();
         let answers: Vec<Vec<Result<(), StoreError>>> = {
             use futures_util::StreamExt as _;
             let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
@@ -1098,7 +1103,7 @@ impl Leases {
         let answers =
             answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(got, batch)| one_each(got, batch.len()));
         let mut timeouts = 0;
-        for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
+        for (((n, cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             match answer {
                 Some(Ok(())) => self.finish(cell, &call, s, &Ok(Grant::new(0, 0))),
                 other => {
@@ -1114,7 +1119,7 @@ impl Leases {
                     };
                     if let Err(e) = result {
                         timeouts += u32::from(matches!(e, StoreError::Timeout(_)));
-                        failed += 1;
+                        failed[n] = true;
                         Self::unreturned(cell, &e);
                     }
                 }
@@ -1125,7 +1130,7 @@ impl Leases {
         for state in &states {
             self.return_cells(state).await;
         }
-        failed
+        states.into_iter().zip(failed).filter_map(|(state, failed)| failed.then_some(state)).collect()
     }
 
     /// Gives the unspent cells of a tenant's fleet rate lease back to the shared bucket (the
