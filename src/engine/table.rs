@@ -530,25 +530,27 @@ impl TenantTable {
         out
     }
 
-    /// Keeps as retired again these states, whose lease the store did not take back at a
-    /// flush (the next flush sends it again), as long as the retired states number at most
-    /// `cap` (`limits.max_tenants`): past it, the rest are let go, logged, and the store gives
-    /// their reservations back at their expiry.
-    pub(crate) fn keep_retired(&self, states: Vec<Tenant>, cap: usize) {
-        if states.is_empty() {
+    /// Lets go of the retired states `alone` (no request holds them) once their leases are
+    /// back: those in `unreturned` (the store did not take a lease back) stay retired, and the
+    /// next flush sends their calls again, at most `cap` of them (`limits.max_tenants`). Past
+    /// it, the rest are let go, logged: the store counts their units until it gives back, at
+    /// their expiry, what their last call that landed said they keep.
+    pub(crate) fn let_go(&self, alone: &[Tenant], unreturned: &[Tenant], cap: usize) {
+        if alone.is_empty() {
             return;
         }
-        let mut retired = self.retired();
-        let room = cap.saturating_sub(retired.len());
-        let lost = states.len().saturating_sub(room);
-        retired.extend(states.into_iter().take(room));
-        drop(retired);
-        if lost > 0 {
+        // Only the states kept for their give-back count against the cap (not those retired
+        // meanwhile, whose own return may still be under way).
+        let over = unreturned.len().saturating_sub(cap);
+        let kept: std::collections::HashSet<usize> = unreturned.iter().skip(over).map(Tenant::addr).collect();
+        let gone: std::collections::HashSet<usize> =
+            alone.iter().map(Tenant::addr).filter(|a| !kept.contains(a)).collect();
+        self.retired().retain(|s| !gone.contains(&Tenant::addr(s)));
+        if over > 0 {
             tracing::error!(
-                tenants = lost,
-                "leases the store did not take back were let go (more retired tenant states than \
-                 limits.max_tenants): at their reservation's expiry the store gives back what their last \
-                 answered call said they keep"
+                tenants = over,
+                "retired tenant states whose leases the store did not take back were let go (more than \
+                 limits.max_tenants of them): the store counts their units until their reservation's expiry"
             );
         }
     }

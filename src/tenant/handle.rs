@@ -103,6 +103,11 @@ impl<T: Counted> Handle<T> {
     pub(crate) fn ptr_eq(a: &Self, b: &Self) -> bool {
         a.ptr == b.ptr
     }
+
+    /// The address of the state it reaches: one per state, for sets of them.
+    pub(crate) fn addr(this: &Self) -> usize {
+        this.ptr.as_ptr() as usize
+    }
 }
 
 impl<T: Counted> Deref for Handle<T> {

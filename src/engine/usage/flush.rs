@@ -243,12 +243,14 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
-        let (dropped, tend) = self.drain(rt, table);
-        // A state whose lease the store did not take back is kept, and sent again by the next
-        // flush: forgotten, its give-back would never land, and at the expiry the store would
-        // give back what its last call said it keeps, units its requests used since included.
-        let unreturned = leases.return_leases(dropped).await;
-        table.keep_retired(unreturned, rt.config.limits.max_tenants);
+        // The retired states nobody holds any more are let go once their leases are back; one
+        // whose lease the store did not take back stays, and the next flush sends it again:
+        // forgotten, its give-back would never land, and at the expiry the store would give
+        // back what its last call said it keeps, units its requests used since included. (They
+        // stay retired meanwhile, so that a flush cut short loses none: shutdown returns them.)
+        let (alone, tend) = self.drain(rt, table);
+        let unreturned = leases.return_leases(alone.clone()).await;
+        table.let_go(&alone, &unreturned, rt.config.limits.max_tenants);
         // Units given back past a lease's cap that no call took yet go back now, leases in
         // debt owe it, and what changed in what the cells keep is told, before any usage
         // commits: a store that gives back a dead node's reservation must not give back units
@@ -353,11 +355,9 @@ impl Pipeline {
     }
 
     /// Moves the usage of every tenant (retired ones included) into the staged records, one
-    /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
-    /// leases go back).
-    /// Drains every tenant's usage into `p`: the retired states no request holds any more
-    /// (their leases to go back), and the states with cells to tend (spare units to go back,
-    /// a lease in debt).
+    /// per (tenant, meter, window). Returns the retired states no request holds any more
+    /// (their leases to go back, then let go, still retired until then), and the states with
+    /// cells to tend (spare units to go back, a lease in debt).
     ///
     /// Each tenant's usage moves under the queue's lock, taken for that tenant alone (a reader
     /// of one tenant's usage waits for one tenant's drain at most; the lock is taken inside
@@ -409,22 +409,21 @@ impl Pipeline {
                 spare.push(s.clone());
             }
         });
-        let mut dropped = Vec::new();
-        let mut retired = table.retired();
-        retired.retain(|s| {
+        let mut alone = Vec::new();
+        let retired = table.retired();
+        for s in retired.iter() {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
             let mut queue = self.queue();
             s.drain_usage(|m, w, q| add(&mut queue.staged, s, m, w, q));
             drop(queue);
             if sole {
-                dropped.push(s.clone());
+                alone.push(s.clone());
             } else if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
                 // Its requests' holds still settle: what it keeps is told as they do.
                 spare.push(s.clone());
             }
-            !sole
-        });
+        }
         drop(retired);
         let full = full || room == 0;
         self.buffer_full.store(full, Relaxed);
@@ -442,6 +441,6 @@ impl Pipeline {
         } else if was_full {
             tracing::warn!("the usage buffer has room again");
         }
-        (dropped, spare)
+        (alone, spare)
     }
 }

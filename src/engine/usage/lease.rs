@@ -791,15 +791,16 @@ impl Leases {
         kept.held == 0 && locked.reported() == kept
     }
 
-    /// Logs a lease that could not be given back (its state keeps it, and the flush sends it
-    /// again: [`return_leases`](Self::return_leases)).
+    /// Logs a lease that could not be given back (a retired state keeps it, and a later flush
+    /// sends it again: [`return_leases`](Self::return_leases)).
     fn unreturned(cell: QuotaRef<'_>, e: &StoreError) {
         tracing::debug!(error = %e, "a lease could not be given back");
         if let Some(call) = cell.locked().inflight().cloned() {
             // Reported: until it lands the store counts its units, and at the expiry gives back
-            // what its last call said the cell keeps.
+            // what the cell's last call that landed said it keeps.
             tracing::warn!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
-                "a quota call is still unanswered as the lease is given back: sent again by the next flush");
+                "a quota call is still unanswered as the lease is given back: the store counts its units \
+                 (a retired tenant state's call is sent again by the next flush)");
         }
     }
 
@@ -1065,35 +1066,50 @@ impl Leases {
     /// than it gives back goes alone (a reservation). One release of a batch that fails (its
     /// condition, a busy row) leaves the others returned: it is sent again alone, with its
     /// token. A batch the store does not answer in time is sent again one release at a time.
-    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> Vec<Tenant> {
+    ///
+    /// The states go in one order (by address), each once: two returns at once (a sweep and a
+    /// shutdown) take their cells' locks in the same order. A release readied is recorded in
+    /// flight at once, so that a return dropped before its batch is sent (a flush cut short)
+    /// leaves it for the cell's next call. Once the store timed out [`TEND_TIMEOUTS`] times in
+    /// a row, the cells left are not tried: their states are answered as not returned, so that
+    /// a store that hangs costs a few time limits, not one per cell.
+    pub(crate) async fn return_leases(&self, mut states: Vec<Tenant>) -> Vec<Tenant> {
+        states.sort_unstable_by_key(Tenant::addr);
+        states.dedup_by(|a, b| Tenant::ptr_eq(a, b));
         let mut failed = vec![false; states.len()];
         let mut ready = Vec::new();
+        let mut timeouts = 0;
         for (n, state) in states.iter().enumerate() {
             for cell in state.quotas() {
+                if timeouts >= TEND_TIMEOUTS {
+                    failed[n] = true;
+                    continue;
+                }
                 let guard = cell.lock().lock().await;
-                match self.stores.within(self.prepare_return(cell)).await {
-                    Ok(None) => {}
-                    Ok(Some(call)) if matches!(call.kind, CallKind::Release { .. }) => {
-                        ready.push((n, cell, guard, call));
+                let error = match self.stores.within(self.prepare_return(cell)).await {
+                    Ok(None) => None,
+                    Ok(Some(mut call)) if matches!(call.kind, CallKind::Release { .. }) => {
+                        let sent = self.begin(cell, &mut call);
+                        ready.push((n, cell, guard, call, sent));
+                        None
                     }
-                    Ok(Some(call)) => {
-                        if let Err(e) = self.stores.within(self.send(cell, call)).await {
-                            failed[n] = true;
-                            Self::unreturned(cell, &e);
-                        }
-                    }
-                    Err(e) => {
+                    Ok(Some(call)) => self.stores.within(self.send(cell, call)).await.err(),
+                    Err(e) => Some(e),
+                };
+                match error {
+                    Some(e) => {
+                        timeouts = if matches!(e, StoreError::Timeout(_)) { timeouts + 1 } else { 0 };
                         failed[n] = true;
                         Self::unreturned(cell, &e);
                     }
+                    None => timeouts = 0,
                 }
             }
         }
         // A batch is background work: held to `limits.background_timeout`, not to a request's.
         let store = self.stores.background().quota.clone();
-        let sent: Vec<Sent> = ready.iter_mut().map(|(_, cell, _, call)| self.begin(*cell, call)).collect();
         // (A store may lock the counters of a batch in its order: see the PostgreSQL store.)
-        let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, _, call), s)| Self::release_of(call, s)).collect();
+        let releases: Vec<_> = ready.iter().map(|(_, _, _, call, s)| Self::release_of(call, s)).collect();
         let answers: Vec<Vec<Result<(), StoreError>>> = {
             use futures_util::StreamExt as _;
             let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
@@ -1102,13 +1118,12 @@ impl Leases {
         // Each batch's answers, one per release (a store answering fewer: the rest unanswered).
         let answers =
             answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(got, batch)| one_each(got, batch.len()));
-        let mut timeouts = 0;
-        for (((n, cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
+        for ((n, cell, guard, call, s), answer) in ready.into_iter().zip(answers) {
             match answer {
-                Some(Ok(())) => self.finish(cell, &call, s, &Ok(Grant::new(0, 0))),
+                Some(Ok(())) => self.finish(cell, &call, &s, &Ok(Grant::new(0, 0))),
                 other => {
                     if let Some(Err(e)) = other {
-                        self.finish(cell, &call, s, &Err(e));
+                        self.finish(cell, &call, &s, &Err(e));
                     }
                     // That one alone, again with its token (the others are returned); not
                     // once the store stopped answering.
@@ -1117,10 +1132,13 @@ impl Leases {
                     } else {
                         Err(StoreError::Timeout(std::time::Duration::ZERO))
                     };
-                    if let Err(e) = result {
-                        timeouts += u32::from(matches!(e, StoreError::Timeout(_)));
-                        failed[n] = true;
-                        Self::unreturned(cell, &e);
+                    match result {
+                        Err(e) => {
+                            timeouts = if matches!(e, StoreError::Timeout(_)) { timeouts + 1 } else { 0 };
+                            failed[n] = true;
+                            Self::unreturned(cell, &e);
+                        }
+                        Ok(()) => timeouts = 0,
                     }
                 }
             }
