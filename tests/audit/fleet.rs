@@ -114,9 +114,10 @@ pub(crate) struct Tally {
     /// Generations of nodes killed.
     killed: Mutex<Vec<usize>>,
     /// Per node generation, its units as they were when its last two flushes that succeeded
-    /// began (the older first): what the older had is in the store, committed and reported (a
-    /// flush whose report pass was cut short by store errors still commits its usage: what the
-    /// node used in one flush interval may go back at its expiry, docs/architecture.md).
+    /// with no store call failing began (the older first): what the older had is in the store,
+    /// committed and reported. (A flush whose reports did not all land still commits its
+    /// usage: what the node used since its cells' last calls the store took may go back at its
+    /// expiry, docs/architecture.md, "Stranded units".)
     flushed: Mutex<BTreeMap<usize, [Served; 2]>>,
 }
 
@@ -239,14 +240,14 @@ pub(crate) struct Fleet {
     dead_requests: Vec<ManuallyDrop<Box<dyn Send>>>,
     pub(crate) tally: Arc<Tally>,
     pub(crate) stuck: Arc<Stuck>,
+    /// No allowance for the open finding (`AUDIT_EXACT`, and the planted defects).
+    pub(crate) exact: bool,
     /// The worker passes the driver runs, by node generation: a node killed runs none again.
     pub(crate) passes: Mutex<Vec<(usize, tokio::task::AbortHandle)>>,
     pub(crate) queue: Vec<Delivery>,
     pub(crate) payments: BTreeMap<u16, Payment>,
     /// Webhooks answered 200 may be delivered again (while the operations run).
     pub(crate) redeliver: bool,
-    /// No allowance for the open finding (AUDIT_STRICT, and the planted defects).
-    pub(crate) strict: bool,
     pub(crate) events: AtomicU64,
 }
 
@@ -273,11 +274,11 @@ impl Fleet {
             dead_requests: Vec::new(),
             tally: Arc::default(),
             stuck: Arc::default(),
+            exact: std::env::var_os("AUDIT_EXACT").is_some(),
             passes: Mutex::default(),
             queue: Vec::new(),
             payments: BTreeMap::new(),
             redeliver: true,
-            strict: std::env::var_os("AUDIT_STRICT").is_some(),
             events: AtomicU64::new(0),
         };
         for _ in 0..nodes {

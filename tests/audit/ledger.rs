@@ -2,7 +2,8 @@
 //! the killed nodes' reservations expired, every live node stopped.
 //!
 //! - **never over**: what `q` was served is within its hard limits; what `b` was served within
-//!   what its payments bought;
+//!   what its payments bought (and once the nodes stopped, before the expiries,
+//!   `driver::checkpoint`: what `q` was served is reserved in its counters);
 //! - **nothing stranded**: past every expiry, each counter holds what the usage store holds
 //!   (reserved = used), and a node alone is served exactly what the store has left: `q`'s
 //!   limits less what they count, `b`'s balance;
@@ -61,6 +62,7 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     for problem in fleet.shut_down().await {
         v.push(format!("conserved: {problem}"));
     }
+    crate::driver::checkpoint(fleet, "once the nodes stopped", v).await;
     fleet.advance(2 * 3_600);
     // A node's calls after the expiry give back what the killed nodes kept; it stops too.
     let prime = fleet.node();
@@ -183,10 +185,11 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         // A refund may take back units already used (the balance held fewer): the counter
         // then holds less than was used, by at most what refunds took.
         let slack = if who == Who::B { taken } else { 0 } + if killed { dead } else { 0 };
-        // The open finding (docs/audit.md, "Open"): under load, a live node now and then leaves
-        // a few units counted used that nothing billed, at most a lease. Allowed up to a lease
-        // per node unless AUDIT_STRICT is set (the planted defects run strict).
-        let open = if fleet.strict { 0 } else { fleet.nodes.len() as u64 * if meter == "requests" { 8 } else { 100 } };
+        // The open finding (docs/audit.md, "Open"): on a loaded machine, now and then, a few
+        // units stay counted used that nothing used (under-admission), on the SQL stores more
+        // than in memory. Allowed up to a lease per node, and printed; over-admission is never
+        // allowed. The planted defects allow nothing.
+        let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * if meter == "requests" { 8 } else { 100 } };
         if reserved > stored + dead + open || stored > reserved + slack {
             v.push(format!(
                 "nothing stranded: {}'s {meter} counter holds {reserved} past every expiry; the usage store \
