@@ -144,11 +144,13 @@ TOLLGATE_DYNAMODB_ENDPOINT="$test_env_moto_endpoint" "$store_bin" >"$store_log" 
 background_pid=$!
 store_started=$SECONDS
 # Every other test target of the workspace, by name (a new one runs without a change here), in
-# one invocation with the build's packages and features: nothing is built again.
+# one invocation with the build's packages and features: nothing is built again. The audit
+# (tests/audit) runs after the store tests: its seeds keep both cores busy for a minute, and
+# the store tests that count a fleet's rate on a clock driven by real steps would feel it.
 others=$(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
 import json, sys
 print(" ".join(sorted({"--test " + t["name"] for p in json.load(sys.stdin)["packages"]
-                       for t in p["targets"] if "test" in t["kind"] and t["name"] != "store"})))')
+                       for t in p["targets"] if "test" in t["kind"] and t["name"] not in ("store", "audit")})))')
 # shellcheck disable=SC2086
 cargo test --workspace --locked --all-features --no-fail-fast --lib --bins --examples $others
 
@@ -178,6 +180,9 @@ fi
 background_pid=""
 store_time "from its start to this wait; its own time is in its result line"
 grep -E "^test result|^running" "$store_log"
+
+step "the audit: seeds on every store, and each invariant against a planted defect (tests/audit)"
+cargo test --workspace --locked --all-features --test audit
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
