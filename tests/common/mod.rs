@@ -404,6 +404,12 @@ pub struct Faulty {
     pub lookup_delay_ms: AtomicU64,
     /// Quota calls that reached the store.
     pub quota_calls: AtomicU64,
+    /// The most units any reservation's answer counted used ([`Grant::used`]: reserved less
+    /// what every sender said it keeps), and, while `watch_used`, any counter after a release.
+    pub most_used_seen: AtomicU64,
+    /// Each release is followed by a read of its counters, their units used counted in
+    /// `most_used_seen`.
+    pub watch_used: AtomicBool,
     /// Reads of usage (`usage_range`).
     pub usage_reads: AtomicU64,
     /// Reads of quota counters (`counters`).
@@ -472,6 +478,8 @@ impl Default for Faulty {
             tenant_reads: Default::default(),
             lookup_delay_ms: Default::default(),
             quota_calls: Default::default(),
+            most_used_seen: Default::default(),
+            watch_used: Default::default(),
             usage_reads: Default::default(),
             counter_reads: Default::default(),
             hold_usage_read: Default::default(),
@@ -564,6 +572,9 @@ impl QuotaStore for Faulty {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         self.before_quota(r.key.tenant.as_str()).await?;
         let g = self.inner.reserve(r).await;
+        if let Ok(grant) = &g {
+            self.most_used_seen.fetch_max(grant.used, Ordering::SeqCst);
+        }
         self.after_quota().await;
         g
     }
@@ -577,6 +588,13 @@ impl QuotaStore for Faulty {
             }
         }
         let r = self.inner.release(releases).await;
+        if self.watch_used.load(Ordering::SeqCst) {
+            for release in releases {
+                for c in self.inner.counters(&release.key.tenant, &release.key.meter).await.unwrap_or_default() {
+                    self.most_used_seen.fetch_max(c.used(), Ordering::SeqCst);
+                }
+            }
+        }
         self.after_quota().await;
         r
     }

@@ -795,6 +795,63 @@ async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
     assert_eq!((granted, reserved), (1_000_000, 3_200), "spendable = granted − committed, exactly");
 }
 
+/// Units a hold takes from the lease are counted held in the same step, and units it gives
+/// back leave the holds in the step that returns them to the lease: a store call made
+/// meanwhile by another request's refill, on another thread, tells the store every unit the
+/// node keeps. Here every hold gives its units back, so nothing is ever used and every answer
+/// must count 0 used. On main a call between a hold's take and its count (or between its
+/// un-count and its give-back) said the node kept that hold's units less, and a node killed
+/// before its next report left them counted used (found by the audit: `q`'s tokens counter
+/// 98 above what was used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn a_refill_beside_holds_taken_and_given_back_tells_every_unit_the_node_keeps() {
+    // More threads than this machine's cores: the OS preempts them anywhere, as a loaded host
+    // does.
+    const TOML: &str =
+        "[usage]\nstore_timeout = \"10s\"\n[meters.tokens]\n[plans.p]\nrate = \"1000000/s\"\nburst = 1000000\n\
+        quotas.tokens = { limit = 100000000, period = \"month\", mode = \"hard\", lease = 50 }\n\
+        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+        [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    store.watch_used.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Arc::new(Harness::build(TOML, store.clone(), clock, handle));
+    // Flushes all along: each tells the store what the node keeps, as its lease and holds
+    // move (a report when they changed).
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flushing = {
+        let (h, done) = (h.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                h.tollgate.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..16u64 {
+        let h = h.clone();
+        tasks.spawn(async move {
+            for i in 0..1_000u64 {
+                let (ticket, ctx) = admitted(&h, "key-t").await;
+                // From the lease (a few units) or past it (a refill for the rest).
+                let estimate = 1 + (task * 31 + i * 17) % 60;
+                let hold = ctx.hold_with("tokens", estimate, Overrun::Refuse).await.unwrap();
+                tokio::task::yield_now().await;
+                drop(hold);
+                ticket.give_back();
+            }
+        });
+    }
+    while let Some(ended) = tasks.join_next().await {
+        ended.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    flushing.await.unwrap();
+    let used = store.most_used_seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(used, 0, "a call told the store the node kept {used} units less than it held");
+}
+
 /// A hold whose refill drained units of the lease it found (issue 87: the audit found it,
 /// shrunk to four operations): those units are held from that call on, and the call says so.
 /// A node killed before its next report has them given back at its expiry with the rest of

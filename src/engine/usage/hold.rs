@@ -250,16 +250,17 @@ impl HoldInner {
         open.recorded += units;
     }
 
-    /// Gives back what it holds and has not recorded (settled): counted no longer held.
+    /// Gives back what it holds and has not recorded (settled): counted no longer held as it
+    /// reaches the lease ([`Taken::give_back_held`]).
     fn give_back(&self, taken: Taken) {
-        let Some(cell) = self.meter.as_ref().ok().and_then(|m| self.state.quota(*m)) else { return };
-        let units = taken.units();
-        cell.count_held(units, false, taken.tag());
-        if units == 0 {
+        if self.meter.as_ref().ok().and_then(|m| self.state.quota(*m)).is_none() {
             return;
         }
-        self.state.plan.metrics.hold_returned_units.increment(units);
-        taken.give_back(&self.leases, &self.prefetcher);
+        let units = taken.units();
+        if units > 0 {
+            self.state.plan.metrics.hold_returned_units.increment(units);
+        }
+        taken.give_back_held(&self.leases, &self.prefetcher);
     }
 }
 
@@ -514,12 +515,10 @@ impl Hold {
                 return other.map(drop);
             }
         };
-        if let Some(cell) = state.quota(meter) {
-            cell.count_held(units, true, taken.tag());
-        }
+        // `take` counted them held.
         if let Some(why) = open.closed {
-            // Settled by the node while this waited on the store: the units go back (counted
-            // held first: a give-back counts them no longer held).
+            // Settled by the node while this waited on the store: the units go back (`take`
+            // counted them held; a give-back counts them no longer held).
             self.inner.give_back(taken);
             return Err(closed(state, why));
         }
@@ -599,7 +598,8 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
     if units > most {
         return refused(state, meter, units, own, at, false);
     }
-    match cell.try_take(units, at) {
+    // Counted held as they leave the lease (the caller counts none).
+    match cell.try_take_held(units, at) {
         Take::Taken { tag, left } => {
             if cell.wants_prefetch(left) {
                 hold.prefetcher().request(state, meter, cell);
@@ -624,7 +624,12 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
                     .take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD), false, Some(&wanted))
                     .await?
                 {
-                    Some(t) => Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start)))),
+                    Some(t) => {
+                        // Counted held before the cell's lock goes: no call of the cell can
+                        // find them in neither the lease nor the holds.
+                        cell.count_held(units, true, Some(t.tag));
+                        Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start))))
+                    }
                     None => Err(()),
                 },
             )
@@ -673,7 +678,7 @@ fn refused(
         tracing::debug!(tenant = %state.id, "shadow mode: would refuse a hold ({r})");
         let cell = state.quota(meter).expect("a hold takes from a quota");
         // Taken past the limit from this period's lease; owed outside a lease, nothing is held.
-        let tag = if fits { cell.force_take(units, at) } else { None };
+        let tag = if fits { cell.force_take_held(units, at) } else { None };
         return Ok(tag.map(|tag| Taken::lease(state, meter, units, tag, at)));
     }
     state.plan.metrics.rejected(r.kind()).increment(1);

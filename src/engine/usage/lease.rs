@@ -465,6 +465,31 @@ impl Leases {
                 cell.credit(grant.granted + repay);
             }
             answered(cell, &grant, limit);
+            if !lapsed {
+                self.report_if_changed(cell).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the store what `cell` keeps if it differs from what its record says, at once (a
+    /// release of no units). After a refill answered only when sent again: the store applied
+    /// it as first sent, counting the units its request was to take as used and those it
+    /// drained from the lease as gone, while that request failed and the units are in the
+    /// lease (answered expired, the record keeps the grant less those units). Told by the next
+    /// flush, a node killed meanwhile would leave them counted used for the rest of the period
+    /// (its expiry gives back only what the record says). A report that fails is in flight,
+    /// as any call: the work waiting on the cell follows `on_store_error`.
+    /// Call with the cell's lock held.
+    async fn report_if_changed(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
+        let (start, end) = cell.period();
+        let changed = {
+            let locked = cell.locked();
+            end != 0 && !locked.returned && cell.kept(&locked, true, false) != locked.reported()
+        };
+        if changed {
+            let call = self.call(cell, cell.key(start, end), CallKind::Release { units: 0 });
+            self.send(cell, call).await?;
         }
         Ok(())
     }
@@ -812,16 +837,30 @@ impl Leases {
         start: i64,
         end: i64,
         units: u64,
+        held: Option<u16>,
     ) -> Result<(), StoreError> {
         let _guard = cell.lock().lock().await;
-        self.stores
+        // A hold's units (taken from the lease of the period tagged `held`) stay counted held
+        // until the release that gives them back says the node no longer keeps them: no call
+        // between finds them in neither. Counted no longer held however it ends.
+        let uncounted = std::sync::atomic::AtomicBool::new(held.is_none());
+        let uncount = || {
+            if !uncounted.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                cell.uncount_held(&mut cell.locked(), units, held);
+            }
+        };
+        let result = self
+            .stores
             .within(async {
                 self.settle_inflight(cell).await?;
+                uncount();
                 let kind = CallKind::Release { units };
                 let call = self.call(cell, cell.key(start, end), kind);
                 self.send(cell, call).await.map(drop)
             })
-            .await
+            .await;
+        uncount();
+        result
     }
 
     /// Trims the lease of the period tagged `tag` to its cap and gives the spare units back
@@ -1051,9 +1090,16 @@ impl Leases {
         })
     }
 
-    /// Whether `cell` has anything for [`tend`](Self::tend) to do at `now`.
+    /// Whether `cell` has anything for [`tend`](Self::tend) to do at `now`: among them, a call
+    /// left in flight (its answer lost), sent again by the flush rather than left for the
+    /// cell's next request, which may come much later (the store may have applied it: what it
+    /// counts used that the node still keeps is told once it is answered).
     pub(crate) fn needs_tending(cell: QuotaRef<'_>, now: i64, expiry: i64, skew: i64) -> bool {
-        cell.spare() > 0 || cell.lease() < 0 || cell.prefetch_pending() || cell.report_due(now, expiry, skew).is_some()
+        cell.spare() > 0
+            || cell.lease() < 0
+            || cell.prefetch_pending()
+            || cell.report_due(now, expiry, skew).is_some()
+            || cell.locked().inflight().is_some()
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes

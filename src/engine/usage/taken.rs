@@ -178,10 +178,31 @@ impl Taken {
     /// their lease was given back meanwhile (a hold or a reservation may outlive its lease by
     /// long). Under the lock a lease's return marks it with, so they reach the lease before
     /// it is emptied, or the store after.
-    pub(crate) fn give_back(mut self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+    pub(crate) fn give_back(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+        self.give_back_counted(leases, prefetcher, false);
+    }
+
+    /// [`give_back`](Self::give_back) of units a hold held: counted no longer held in the
+    /// same step as they reach the lease (under the cell's mutex, which every call reads what
+    /// the node keeps under), so that a call made meanwhile never finds them in neither.
+    pub(crate) fn give_back_held(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+        self.give_back_counted(leases, prefetcher, true);
+    }
+
+    fn give_back_counted(mut self, leases: &Arc<Leases>, prefetcher: &Prefetcher, held: bool) {
+        if held && !matches!(self.source, Source::Lease(_)) {
+            if let Some((_, cell)) = self.cell() {
+                cell.count_held(self.units, false, self.tag());
+            }
+        }
         let (late, tag) = match (self.source, self.cell()) {
             (Source::Lease(tag), Some((state, cell))) => {
-                let locked = cell.locked();
+                let mut locked = cell.locked();
+                // Given back to a lease that went back, they stay held until the release that
+                // gives them to the store says so (`release_late`).
+                if held && !locked.returned {
+                    cell.uncount_held(&mut locked, self.units, Some(tag));
+                }
                 if !locked.returned {
                     cell.refund(self.units, tag);
                     // Past the lease's cap, they go back to the store for the other nodes,
@@ -199,7 +220,7 @@ impl Taken {
         };
         let Some((state, meter)) = self.cell.take() else { return };
         if late {
-            release_late(state, meter, self.units, tag, self.at, leases.clone());
+            release_late(state, meter, self.units, (tag, held), self.at, leases.clone());
         }
     }
 }
@@ -230,13 +251,17 @@ impl std::fmt::Debug for Taken {
 }
 
 /// Sends `units` taken at `at` from a lease that was given back to the store, in the background.
-fn release_late(state: Tenant, meter: usize, units: u64, tag: u16, at: i64, leases: Arc<Leases>) {
+fn release_late(state: Tenant, meter: usize, units: u64, (tag, held): (u16, bool), at: i64, leases: Arc<Leases>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to send them with: they go to the lease, as a request's do (a lease
         // taken again carries them; else they stay reserved in the store until the period
         // ends).
         tracing::debug!(tenant = %state.id, units, "units given back after their lease was, with no runtime: left in the lease");
         if let Some(cell) = state.quota(meter) {
+            let mut locked = cell.locked();
+            if held {
+                cell.uncount_held(&mut locked, units, Some(tag));
+            }
             cell.refund(units, tag);
         }
         return;
@@ -244,7 +269,7 @@ fn release_late(state: Tenant, meter: usize, units: u64, tag: u16, at: i64, leas
     runtime.spawn(async move {
         let Some(cell) = state.quota(meter) else { return };
         let (start, end) = cell.window(at);
-        if let Err(e) = leases.release_late(cell, start, end, units).await {
+        if let Err(e) = leases.release_late(cell, start, end, units, held.then_some(tag)).await {
             tracing::warn!(tenant = %state.id, units, error = %e, "units could not be given back to the store: they stay reserved until the period ends");
         }
     });

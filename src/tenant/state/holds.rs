@@ -29,6 +29,42 @@ impl QuotaRef<'_> {
         locked.change_holds(units, more, current, false);
     }
 
+    /// Takes `units` from the lease for a hold and counts them held in one step, under the
+    /// cell's mutex (under which every call reads what the node keeps, [`kept`](Self::kept)):
+    /// a call made meanwhile on another thread never finds them in neither the lease nor the
+    /// holds (it would tell the store the node keeps them less, and a node killed before its
+    /// next report would leave them counted used). As [`try_take`](Self::try_take) otherwise.
+    pub(crate) fn try_take_held(&self, units: u64, now: i64) -> super::Take {
+        let mut locked = self.locked();
+        let take = self.try_take(units, now);
+        if let super::Take::Taken { tag, .. } = take {
+            let current = self.of_current(Some(tag));
+            locked.change_holds(units, true, current, false);
+        }
+        take
+    }
+
+    /// Takes `units` past the limit from the current period's lease for a hold (shadow mode,
+    /// [`force_take`](Self::force_take)) and counts them held in one step, as
+    /// [`try_take_held`](Self::try_take_held) does.
+    pub(crate) fn force_take_held(&self, units: u64, now: i64) -> Option<u16> {
+        let mut locked = self.locked();
+        let tag = self.force_take(units, now);
+        if let Some(tag) = tag {
+            let current = self.of_current(Some(tag));
+            locked.change_holds(units, true, current, false);
+        }
+        tag
+    }
+
+    /// `units` a hold held, taken from the lease of the period tagged `tag`, no longer held:
+    /// counted with `locked` held, the guard its give-back returns them to the lease under
+    /// (as [`try_take_held`](Self::try_take_held) counts them).
+    pub(crate) fn uncount_held(&self, locked: &mut Locked, units: u64, tag: Option<u16>) {
+        let current = self.of_current(tag);
+        locked.change_holds(units, false, current, false);
+    }
+
     /// `units` more held (`true`) or no longer held (`false`) by a job's reservation: counted
     /// held, and apart as jobs'.
     pub(crate) fn count_jobs(&self, units: u64, more: bool, tag: Option<u16>) {
