@@ -102,7 +102,9 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
                 fleet.kill(node);
             }
             Op::Reload { node } => {
-                let (h, _) = fleet.at(node);
+                let (h, generation) = fleet.at(node);
+                // Each reload retires the node's states: one more cell that may hold a call.
+                fleet.tally.add(generation, Who::Q, RELOADS, 1);
                 let config = tollgate::config::Config::from_toml_str(&fleet.toml).unwrap();
                 if let Err(e) = h.tollgate.reload(config).await {
                     outcome.violations.push(format!("reload: {e}"));
@@ -237,6 +239,16 @@ fn settle(outcome: &mut Outcome, done: Option<Result<Answer, tokio::task::JoinEr
     }
 }
 
+/// The tally's pseudo-meter of requests answered 503: among them those whose refill the
+/// store applied and whose answer was lost. That refill counts the request's units used, and
+/// a node killed before it sends the call again (its next flush does) leaves them so
+/// (docs/architecture.md, "Stranded units"); [`Tally::unanswered_dead`] bounds them.
+pub(crate) const UNANSWERED: &str = "unanswered";
+
+/// The tally's pseudo-meter of reloads of a node: each retires its states, whose cells may
+/// hold a call in flight of their own.
+pub(crate) const RELOADS: &str = "reloads";
+
 /// A status a request may be answered with whatever happens: served, refused by a limit, the
 /// store failing closed, a key in flight elsewhere.
 fn expected(status: u16) -> Result<u16, String> {
@@ -249,8 +261,10 @@ fn expected(status: u16) -> Result<u16, String> {
 async fn plain(h: &Harness, generation: usize, tally: &Tally, who: Who) -> Answer {
     let reply = h.send(req("GET", "/items", Some(who.key()), None)).await;
     let status = reply.status.as_u16();
-    if status == 200 {
-        tally.add(generation, who, "requests", 1);
+    match status {
+        200 => tally.add(generation, who, "requests", 1),
+        503 => tally.add(generation, who, UNANSWERED, 1),
+        _ => {}
     }
     expected(status)
 }
@@ -272,6 +286,9 @@ async fn keyed(h: &Harness, generation: usize, tally: &Tally, who: Who, key: u16
             tally.add(generation, who, "requests", 1);
         }
     }
+    if status == 503 {
+        tally.add(generation, who, UNANSWERED, 1);
+    }
     expected(status)
 }
 
@@ -287,13 +304,19 @@ async fn held(
     ending: Ending,
 ) -> Answer {
     let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(who.key().as_bytes()));
+    let refused = |r: &tollgate::Rejection| {
+        if r.kind() == RejectionKind::StoreUnavailable {
+            tally.add(generation, who, UNANSWERED, 1);
+        }
+        refusal(r)
+    };
     let mut ticket = match h.tollgate.admit(&info) {
         Admission::Admitted(t) => t,
         Admission::Pending(p) => match h.tollgate.resolve(p).await {
             Ok(t) => t,
-            Err(r) => return refusal(&r),
+            Err(r) => return refused(&r),
         },
-        Admission::Rejected(r) => return refusal(&r),
+        Admission::Rejected(r) => return refused(&r),
     };
     // Handed to its handler, as the layer does: cut off from now on, it is billed.
     ticket.service_called();

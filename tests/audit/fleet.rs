@@ -148,6 +148,25 @@ impl Tally {
         (all, dead)
     }
 
+    /// Units of `who`'s requests a killed node may leave counted used that nothing used: per
+    /// node killed, its requests answered 503 since its last reported flush, at most one per
+    /// cell it had (a cell has one call in flight: its first state's, and one per reload).
+    pub(crate) fn unanswered_dead(&self, who: Who) -> u64 {
+        let killed = self.killed.lock().unwrap().clone();
+        let units = self.units.lock().unwrap();
+        let flushed = self.flushed.lock().unwrap();
+        let of = |g: usize, w: Who, m: &str| units.get(&(g, w, m)).copied().unwrap_or(0);
+        killed
+            .iter()
+            .map(|&g| {
+                let meter = crate::driver::UNANSWERED;
+                let before = flushed.get(&g).and_then(|[f, _]| f.get(&(who, meter))).copied().unwrap_or(0);
+                let since = of(g, who, meter).saturating_sub(before);
+                since.min(1 + of(g, Who::Q, crate::driver::RELOADS))
+            })
+            .sum()
+    }
+
     /// What `generation`'s node was served so far, as a flush begins.
     pub(crate) fn snapshot(&self, generation: usize) -> Served {
         let units = self.units.lock().unwrap();

@@ -185,15 +185,20 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         // A refund may take back units already used (the balance held fewer): the counter
         // then holds less than was used, by at most what refunds took.
         let slack = if who == Who::B { taken } else { 0 } + if killed { dead } else { 0 };
+        // A killed node's refill applied whose answer was lost (its request answered 503)
+        // counted that request's units used, and the node never sent it again: they stay so
+        // (docs/architecture.md, "Stranded units"). Requests only: a hold's units are kept.
+        let unanswered = if meter == "requests" { fleet.tally.unanswered_dead(who) } else { 0 };
+        let dead = dead + unanswered;
         // The open finding (docs/audit.md, "Open"): on a loaded machine, now and then, a few
-        // units stay counted used that nothing used (under-admission), on the SQL stores more
-        // than in memory. Allowed up to a lease per node, and printed; over-admission is never
-        // allowed. The planted defects allow nothing.
+        // units stay counted used that nothing used (under-admission). Allowed up to a lease
+        // per node, and printed; over-admission is never allowed. The planted defects (and
+        // `AUDIT_EXACT`) allow nothing.
         let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * if meter == "requests" { 8 } else { 100 } };
         if reserved > stored + dead + open || stored > reserved + slack {
             v.push(format!(
                 "nothing stranded: {}'s {meter} counter holds {reserved} past every expiry; the usage store \
-                 {stored} (slack {slack})",
+                 {stored} (slack {slack}; killed nodes lost {dead}, {unanswered} of them refused requests)",
                 who.id()
             ));
         } else if reserved > stored + dead {
