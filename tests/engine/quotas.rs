@@ -450,6 +450,33 @@ async fn a_call_left_in_flight_is_sent_again_by_the_next_flush() {
     assert_eq!(served, 100);
 }
 
+/// A request whose future is dropped while its refill is on its way (its client gone) leaves
+/// the units it drained from the lease in the lease, as a refill that failed does. On main they
+/// were lost: the call, sent again and answered, left the node holding them less, and they
+/// stayed counted used (10 reserved at shutdown for 8 served).
+#[tokio::test]
+async fn a_request_dropped_while_its_refill_is_on_its_way_loses_no_unit_of_the_lease() {
+    let toml = common::one_tenant("quotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }");
+    let toml =
+        format!("[usage]\nstore_timeout = \"10s\"\n{toml}[[routes]]\nmethod = \"POST\"\npath = \"/big\"\ncost = 5\n");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    for _ in 0..8 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    // A request of 5 drains the 2 left and waits on a store that does not answer; its client
+    // goes away.
+    *store.stall_tenant.lock().unwrap() = Some("t".into());
+    let gone =
+        tokio::time::timeout(Duration::from_millis(50), h.send(common::req("POST", "/big", Some("key-t"), None)));
+    assert!(gone.await.is_err(), "the store never answered it");
+    *store.stall_tenant.lock().unwrap() = None;
+    // Shutdown sends the call again and gives back all the node keeps.
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 8, "reserved = served");
+}
+
 /// A retired state's call that never landed, sent again after its replacement's calls were
 /// applied, is applied too: each state sends under its own sequence.
 #[tokio::test]

@@ -90,6 +90,30 @@ fn answered(cell: QuotaRef<'_>, grant: &Grant, limit: Option<u64>) {
     cell.granted(grant.reserved, grant.limit, spent(limit, grant));
 }
 
+/// Units drained from a cell's lease for the request a refill is made for: back to the lease
+/// unless the refill's answer is applied ([`applied`](Self::applied)), however the call ends
+/// (an error, a timeout, or the caller's future dropped, its client gone). Dropped with the
+/// call in flight, they were lost: its next sending, answered, left the node holding them less.
+struct Drained<'a> {
+    cell: QuotaRef<'a>,
+    units: u64,
+}
+
+impl Drained<'_> {
+    /// The answer came: it says what becomes of them.
+    fn applied(mut self) {
+        self.units = 0;
+    }
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        if self.units > 0 {
+            self.cell.credit(self.units);
+        }
+    }
+}
+
 /// A batch's answers, one per release of `n` (a store answering fewer: the rest unanswered).
 fn one_each(mut got: Vec<Result<(), StoreError>>, n: usize) -> Vec<Option<Result<(), StoreError>>> {
     got.truncate(n);
@@ -672,14 +696,11 @@ impl Leases {
         }
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
-        let grant = match self.send(cell, call).await {
-            Ok(grant) => grant,
-            Err(e) => {
-                // Not answered: the units taken from the lease go back to it.
-                cell.credit(have);
-                return Err(e);
-            }
-        };
+        // Not answered (an error, a timeout, or this future dropped: a client gone), the
+        // units taken from the lease go back to it.
+        let drained = Drained { cell, units: have };
+        let grant = self.send(cell, call).await?;
+        drained.applied();
         if stale && !grant.expired {
             // Renewed: what waited serves again.
             cell.resume();
