@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tollgate::{
     door::{Admission, Credential, RequestInfo},
+    money::SPEND_METER,
     store::{Defect, FaultCounts, FaultPlan},
     Overrun, RejectionKind,
 };
@@ -118,6 +119,7 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
             }
             Op::Card { card } => fleet.card(card),
             Op::Settle { pick, succeeds } => fleet.settle(pick, succeeds),
+            Op::Cap { node, cents } => fleet.cap(node, cents).await,
             Op::StoreFaults { on } => fleet.stores.plan.set_on(on),
             Op::StripeFaults { which, count } => {
                 use crate::common::stripe::Fault;
@@ -145,24 +147,26 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
 
 /// Never over, at a checkpoint once the nodes stopped, before the expiries: every unit `q` was
 /// served is reserved in its counters (a node serves what a lease the store counts holds, and
-/// owes what it recorded past one), but for what a killed node served since its reports last
-/// landed. (Not during the run: units recorded past a lease while the store did not answer
-/// are owed by the cell's next call that lands.) Read from the store beneath the faults.
+/// owes what it recorded past one), and every nano-dollar `s` spent in its spend counter, but
+/// for what a killed node served since its reports last landed. (Not during the run: units
+/// recorded past a lease while the store did not answer are owed by the cell's next call that
+/// lands.) Read from the store beneath the faults.
 pub(crate) async fn checkpoint(fleet: &Fleet, at: &str, violations: &mut Vec<String>) {
-    for meter in ["requests", "tokens"] {
-        let counters = match fleet.stores.quota.counters(&Who::Q.id().into(), &meter.into()).await {
+    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::S, SPEND_METER)] {
+        let counters = match fleet.stores.quota.counters(&who.id().into(), &meter.into()).await {
             Ok(counters) => counters,
             Err(e) => {
-                violations.push(format!("checkpoint: q's {meter} counters could not be read: {e}"));
+                violations.push(format!("checkpoint: {}'s {meter} counters could not be read: {e}", who.id()));
                 continue;
             }
         };
         let reserved: u64 = counters.iter().map(|c| c.reserved).sum();
-        let (served, dead) = fleet.tally.served(Who::Q, meter);
+        let (served, dead) = if who == Who::S { fleet.tally.spent() } else { fleet.tally.served(who, meter) };
         if served > reserved + dead {
             violations.push(format!(
-                "never over: {at}, q was served {served} {meter}; its counters reserve {reserved} \
-                 ({dead} on nodes killed)"
+                "never over: {at}, {} was served {served} {meter}; its counters reserve {reserved} \
+                 ({dead} on nodes killed)",
+                who.id()
             ));
         }
     }
@@ -275,6 +279,7 @@ async fn keyed(h: &Harness, generation: usize, tally: &Tally, who: Who, key: u16
     let body: &'static [u8] = match who {
         Who::Q => b"q",
         Who::B => b"b",
+        Who::S => b"s",
     };
     let reply = h.send(req_with("POST", "/echo", who.key(), &key, body)).await;
     let status = reply.status.as_u16();
@@ -394,6 +399,7 @@ fn refusal(r: &tollgate::Rejection) -> Answer {
         | RejectionKind::UnitsHeld
         | RejectionKind::TenantBusy
         | RejectionKind::HoldExceedsLimit
+        | RejectionKind::SpendCapReached
         | RejectionKind::StoreUnavailable => Ok(r.status_code()),
         other => Err(format!("answers: a request refused {other:?}: {r}")),
     }

@@ -42,6 +42,13 @@ pub(crate) const PACK_CENTS: u64 = 500;
 pub(crate) const RECHARGE_BELOW: u64 = 300;
 pub(crate) const RECHARGE_MONTHLY_LIMIT: &str = "50.00";
 pub(crate) const RECHARGE_MONTHLY_CENTS: u64 = 5_000;
+/// `s`'s prices (nano-dollars): a request 0.01, a token 0.001; its plan's hard spend cap of
+/// 1.00 a month, which it may set up to 3.00.
+pub(crate) const REQUEST_NANOS: u64 = 10_000_000;
+pub(crate) const TOKEN_NANOS: u64 = 1_000_000;
+pub(crate) const PLAN_CAP_CENTS: u64 = 100;
+/// Nano-dollars in a cent.
+pub(crate) const CENT_NANOS: u64 = 10_000_000;
 
 /// The fleet's configuration, exporting to the stand-in at `url`.
 pub(crate) fn config(url: &str) -> String {
@@ -71,6 +78,10 @@ price = "price_pack"
 below = {RECHARGE_BELOW}
 to = 1000
 monthly_limit = "{RECHARGE_MONTHLY_LIMIT}"
+[plans.capped]
+prices.requests = "0.01"
+prices.tokens = "0.001"
+spend = {{ limit = "1.00", period = "month", mode = "hard", max_limit = "3.00" }}
 [[routes]]
 path = "/generate"
 reports = ["tokens"]
@@ -82,6 +93,10 @@ stripe_customer = "cus_q"
 plan = "prepaid"
 keys = ["key-b"]
 stripe_customer = "cus_b"
+[tenants.s]
+plan = "capped"
+keys = ["key-s"]
+stripe_customer = "cus_s"
 [stripe]
 api_base = "{url}"
 timeout = "1s"
@@ -146,6 +161,14 @@ impl Tally {
             }
         }
         (all, dead)
+    }
+
+    /// What `s` spent, in nano-dollars, as [`served`](Self::served) counts units: its
+    /// requests and tokens at their prices (whole nano-dollars, so a hold's rounding is exact).
+    pub(crate) fn spent(&self) -> (u64, u64) {
+        let (requests, dead_requests) = self.served(Who::S, "requests");
+        let (tokens, dead_tokens) = self.served(Who::S, "tokens");
+        (requests * REQUEST_NANOS + tokens * TOKEN_NANOS, dead_requests * REQUEST_NANOS + dead_tokens * TOKEN_NANOS)
     }
 
     /// Units of `who`'s requests a killed node may leave counted used that nothing used: per
@@ -267,6 +290,9 @@ pub(crate) struct Fleet {
     pub(crate) payments: BTreeMap<u16, Payment>,
     /// Webhooks answered 200 may be delivered again (while the operations run).
     pub(crate) redeliver: bool,
+    /// The highest spend cap `s` asked for (cents; the plan's to begin with): the most that
+    /// was ever in force (a cap set whose answer was lost may be in force).
+    pub(crate) highest_cap: u64,
     pub(crate) events: AtomicU64,
 }
 
@@ -298,6 +324,7 @@ impl Fleet {
             queue: Vec::new(),
             payments: BTreeMap::new(),
             redeliver: true,
+            highest_cap: PLAN_CAP_CENTS,
             events: AtomicU64::new(0),
         };
         for _ in 0..nodes {
@@ -528,6 +555,18 @@ impl Fleet {
         }
     }
 
+    /// `s` sets its own spend cap to `cents` (0: lifts it) through the node in `slot`. Whatever
+    /// the answer, the cap may be in force (an answer lost).
+    pub(crate) async fn cap(&mut self, slot: u8, cents: u16) {
+        let (h, _) = self.at(slot);
+        let cents = u64::from(cents);
+        self.highest_cap = self.highest_cap.max(cents);
+        let limit = (cents > 0).then(|| format!("{}.{:02}", cents / 100, cents % 100));
+        let _ = tollgate::admin::Admin::for_engine(&h.tollgate)
+            .set_spend_cap(Who::S.id(), limit.as_deref(), tollgate::config::QuotaMode::Hard)
+            .await;
+    }
+
     /// `b`'s default payment method from now on.
     pub(crate) fn card(&self, card: u8) {
         let card = match card % 4 {
@@ -556,7 +595,8 @@ impl Fleet {
                 .filter_map(|i| i["id"].as_str().map(str::to_owned))
                 .collect();
             if !open.is_empty() {
-                self.stripe.pay_on_page(&open[usize::from(pick) % open.len()]);
+                // Listed open, it may be paid by a node's pass before this (no assertion).
+                self.stripe.pay_on_page_if_open(&open[usize::from(pick) % open.len()]);
             }
         }
     }

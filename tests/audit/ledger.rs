@@ -2,7 +2,7 @@
 //! the killed nodes' reservations expired, every live node stopped.
 //!
 //! - **never over**: what `q` was served is within its hard limits; what `b` was served within
-//!   what its payments bought (and once the nodes stopped, before the expiries,
+//!   what its payments bought; what `s` spent within the highest spend cap it had (and once the nodes stopped, before the expiries,
 //!   `driver::checkpoint`: what `q` was served is reserved in its counters);
 //! - **nothing stranded**: past every expiry, each counter holds what the usage store holds
 //!   (reserved = used), and a node alone is served exactly what the store has left: `q`'s
@@ -18,14 +18,18 @@ use std::time::Duration;
 
 use tollgate::{
     door::{Admission, Credential, RequestInfo},
-    store::CreditGrant,
+    money::SPEND_METER,
+    store::{CreditGrant, QuotaInspect},
     Overrun,
 };
 
 use crate::{
     common::{committed, req, Harness, NOON},
     driver::{payment_of, refund_share, Outcome},
-    fleet::{Fleet, PACK_CENTS, PACK_UNITS, RECHARGE_MONTHLY_CENTS, REQUESTS_LIMIT, TOKENS_LIMIT},
+    fleet::{
+        Fleet, CENT_NANOS, PACK_CENTS, PACK_UNITS, RECHARGE_MONTHLY_CENTS, REQUESTS_LIMIT, REQUEST_NANOS, TOKENS_LIMIT,
+        TOKEN_NANOS,
+    },
     ops::Who,
 };
 
@@ -66,10 +70,10 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     fleet.advance(2 * 3_600);
     // A node's calls after the expiry give back what the killed nodes kept; it stops too.
     let prime = fleet.node();
-    for who in [Who::Q, Who::B] {
+    for who in [Who::Q, Who::B, Who::S] {
         match hold(&prime.h, who, 1).await {
             Ok((ticket, hold)) => {
-                let units = close(ticket, hold);
+                let units = close(ticket, hold, 1);
                 tally_node(fleet, who, 1, units);
             }
             Err((charged, _)) => tally_node(fleet, who, u64::from(charged), 0),
@@ -137,6 +141,19 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         }
     }
     tally_node(fleet, Who::Q, served, 0);
+    // s: what its cap in force leaves, a request and a hold of the tokens it pays for.
+    let s_spent = counter_of(&quota, Who::S, SPEND_METER).await;
+    match tollgate::admin::Admin::for_engine(&alone.h.tollgate).spend_cap(Who::S.id()).await {
+        Ok(cap) => {
+            let left = cap.limit.saturating_sub(s_spent);
+            let tokens = left.saturating_sub(REQUEST_NANOS) / TOKEN_NANOS;
+            if verbose {
+                eprintln!("alone: s's cap {} nanos, its counter {s_spent}: {tokens} tokens left", cap.limit);
+            }
+            stranded(fleet, &alone.h, Who::S, tokens, "s's spend cap", v).await;
+        }
+        Err(e) => v.push(format!("nothing stranded: s's spend cap could not be read: {e}")),
+    }
     if verbose {
         eprintln!("alone: q's holds charged {charged} requests, then {served} of {requests_left} left served");
     }
@@ -146,6 +163,17 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         ));
     }
     stop(&alone.h, v).await;
+
+    // Never over: what s spent in all is within the highest cap it had in force (a cap
+    // lowered lets through the spend leases nodes held already, within the cap they were
+    // taken under).
+    let (spent, spent_dead) = fleet.tally.spent();
+    let highest = fleet.highest_cap * CENT_NANOS;
+    if spent > highest + spent_dead {
+        v.push(format!(
+            "never over: s spent {spent} nano-dollars; its highest cap was {highest} ({spent_dead} on nodes killed)"
+        ));
+    }
 
     // Never over: what q was served in all (the auditor's nodes too) is within its limits,
     // but for what a node killed used since its last report (given back at its expiry, and
@@ -210,6 +238,47 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
             );
         }
     }
+    // s: its usage store holds what it was served, and its spend what that cost; past every
+    // expiry its spend counter holds what its spend usage does.
+    for meter in ["requests", "tokens"] {
+        let stored = committed(&*usage, Who::S.id(), meter, FROM, to, 3_600).await;
+        let (served, dead) = fleet.tally.served(Who::S, meter);
+        if stored > served || served - stored > dead {
+            v.push(format!(
+                "conserved: s's {meter}: the usage store holds {stored}; the nodes were served {served} \
+                 ({dead} on nodes killed)"
+            ));
+        }
+    }
+    let stored = committed(&*usage, Who::S.id(), SPEND_METER, FROM, to, 3_600).await;
+    let reserved = counter_of(&quota, Who::S, SPEND_METER).await;
+    if verbose {
+        eprintln!("s's spend: spent {spent} ({spent_dead} killed), stored {stored}, counter {reserved}");
+    }
+    if stored > spent || spent - stored > spent_dead {
+        v.push(format!(
+            "conserved: s's spend: the usage store holds {stored}; what s was served cost {spent} \
+             ({spent_dead} on nodes killed)"
+        ));
+    }
+    // As q's requests: a killed node's refill applied and unanswered leaves its request's cost.
+    let dead = spent_dead + fleet.tally.unanswered_dead(Who::S) * REQUEST_NANOS;
+    let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * 100 * TOKEN_NANOS };
+    // As q's: a killed node's spend since its last call that landed is given back at its
+    // expiry though it was used (and committed by a flush), so the counter may hold that less.
+    let slack = if killed { spent_dead } else { 0 };
+    if reserved > stored + dead + open || stored > reserved + slack {
+        v.push(format!(
+            "nothing stranded: s's spend counter holds {reserved} past every expiry; the usage store {stored} \
+             (killed nodes lost {dead})"
+        ));
+    } else if reserved > stored + dead {
+        eprintln!(
+            "open finding: s's spend counter holds {reserved}, {} more than the usage store",
+            reserved - stored - dead
+        );
+    }
+
     // A grant loses units only to its refunds and disputes (each take at most what it held
     // then, so what they recorded bounds it), and never holds more than it bought.
     if balance.granted > bought || balance.granted + taken < bought {
@@ -234,7 +303,9 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let totals = fleet.stripe.totals();
-    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens")] {
+    for (who, meter) in
+        [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens"), (Who::S, "requests"), (Who::S, "tokens")]
+    {
         let stored = committed(&*usage, who.id(), meter, FROM, fleet.now() + 86_400, 3_600).await;
         let billed = totals.get(&(who.customer().to_owned(), meter.to_owned())).copied().unwrap_or(0);
         let (served, dead) = fleet.tally.served(who, meter);
@@ -248,6 +319,12 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         }
     }
     stop(&exporter.h, v).await;
+}
+
+/// What `who`'s counters of `meter` reserve, in all.
+async fn counter_of(quota: &std::sync::Arc<dyn QuotaInspect>, who: Who, meter: &str) -> u64 {
+    let counters = quota.counters(&who.id().into(), &meter.into()).await.expect("counters read");
+    counters.iter().map(|c| c.reserved).sum()
 }
 
 /// Every grant of `b` is one payment's, of the units it bought, made once: a checkout of the
@@ -367,9 +444,9 @@ async fn hold(
     }
 }
 
-/// Records what the hold holds, and completes.
-fn close(ticket: tollgate::door::Ticket, mut hold: tollgate::Hold) -> u64 {
-    let units = hold.held();
+/// Records the `units` the hold was asked for (what it holds: on a plan whose only limit is a
+/// spend cap, it holds their cost, and `held()` counts no units), and completes.
+fn close(ticket: tollgate::door::Ticket, mut hold: tollgate::Hold, units: u64) -> u64 {
     hold.record(units).expect("what is held records");
     hold.settle();
     ticket.complete(200);
@@ -389,7 +466,7 @@ async fn stranded(fleet: &Fleet, h: &Harness, who: Who, left: u64, what: &str, v
     if left > 0 {
         match hold(h, who, left).await {
             Ok((ticket, hold)) => {
-                let units = close(ticket, hold);
+                let units = close(ticket, hold, left);
                 tally_node(fleet, who, 1, units);
                 requests += 1;
             }
@@ -402,7 +479,7 @@ async fn stranded(fleet: &Fleet, h: &Harness, who: Who, left: u64, what: &str, v
     }
     match hold(h, who, 1).await {
         Ok((ticket, hold)) => {
-            let units = close(ticket, hold);
+            let units = close(ticket, hold, 1);
             tally_node(fleet, who, 1, units);
             requests += 1;
             v.push(format!("never over: {what}: past the {left} left, one more unit was served"));

@@ -10,6 +10,8 @@ pub(crate) enum Who {
     Q,
     /// `b`: a prepaid balance of tokens, bought with Stripe payments.
     B,
+    /// `s`: priced requests and tokens under a hard spend cap, which it sets and lifts.
+    S,
 }
 
 impl Who {
@@ -17,6 +19,7 @@ impl Who {
         match self {
             Who::Q => "q",
             Who::B => "b",
+            Who::S => "s",
         }
     }
 
@@ -24,6 +27,7 @@ impl Who {
         match self {
             Who::Q => "key-q",
             Who::B => "key-b",
+            Who::S => "key-s",
         }
     }
 
@@ -31,6 +35,7 @@ impl Who {
         match self {
             Who::Q => "cus_q",
             Who::B => "cus_b",
+            Who::S => "cus_s",
         }
     }
 }
@@ -82,6 +87,9 @@ pub(crate) enum Op {
     /// A bank debit settles (or fails); with none processing, an invoice waiting for its
     /// customer's action is paid on its page.
     Settle { pick: u16, succeeds: bool },
+    /// `s` sets its own spend cap to `cents` (0: lifts it, the plan's holds again), through a
+    /// node's admin.
+    Cap { node: u8, cents: u16 },
     /// The store's faults switched on or off.
     StoreFaults { on: bool },
     /// Stripe's next meter event calls fail (500; executed and its answer lost; refused).
@@ -108,6 +116,7 @@ impl fmt::Debug for Op {
             Op::Advance { secs } => write!(f, "Op::Advance {{ secs: {secs} }}"),
             Op::Card { card } => write!(f, "Op::Card {{ card: {card} }}"),
             Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
+            Op::Cap { node, cents } => write!(f, "Op::Cap {{ node: {node}, cents: {cents} }}"),
             Op::StoreFaults { on } => write!(f, "Op::StoreFaults {{ on: {on} }}"),
             Op::StripeFaults { which, count } => write!(f, "Op::StripeFaults {{ which: {which}, count: {count} }}"),
         }
@@ -154,7 +163,7 @@ impl Op {
     pub(crate) fn node(&self) -> Option<u8> {
         match self {
             Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } => Some(*node),
-            Op::Kill { node } | Op::Reload { node } => Some(*node),
+            Op::Kill { node } | Op::Reload { node } | Op::Cap { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -171,7 +180,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
     ops.push(Op::StoreFaults { on: rng.chance(800) });
     for _ in 0..n {
         let roll = rng.below(1_000);
-        let who = if rng.chance(500) { Who::Q } else { Who::B };
+        let who = [Who::Q, Who::B, Who::S][usize::try_from(rng.below(3)).unwrap()];
         let op = match roll {
             0..=199 => Op::Plain { node: node(&mut rng), who },
             200..=299 => Op::Keyed { node: node(&mut rng), who, key: u16::try_from(rng.below(12)).unwrap() },
@@ -205,7 +214,10 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
                 payment: 1 + u16::try_from(rng.below(u64::from(payments))).unwrap(),
                 percent: [25, 50, 100][usize::try_from(rng.below(3)).unwrap()],
             },
-            730..=869 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
+            850..=869 => {
+                Op::Cap { node: node(&mut rng), cents: [0, 50, 200, 300][usize::try_from(rng.below(4)).unwrap()] }
+            }
+            730..=849 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
             870..=889 => Op::Kill { node: node(&mut rng) },
             890..=909 => Op::Reload { node: node(&mut rng) },
             910..=959 => Op::Advance { secs: [5, 30, 120, 300][usize::try_from(rng.below(4)).unwrap()] },
