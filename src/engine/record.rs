@@ -269,7 +269,9 @@ impl Tollgate {
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
             match self.prepare_event(&rt, e, index, now).await {
-                Ok(p) => ready.push(p),
+                Ok(Some(p)) => ready.push(p),
+                // Seen stored by this node: a redelivery, answered without a write.
+                Ok(None) => out[index] = Some(Ok(EventOutcome::Duplicate)),
                 Err(err) => out[index] = Some(Err(err)),
             }
         }
@@ -277,8 +279,16 @@ impl Tollgate {
         (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
     }
 
-    /// Checks an event, finds its tenant and takes its units from the quota of its period.
-    async fn prepare_event(&self, rt: &Runtime, e: &Event, index: usize, now: i64) -> Result<Prepared, EventError> {
+    /// Checks an event, finds its tenant and takes its units from the quota of its period;
+    /// `None` for a redelivery of an event this node saw stored, with no reservation or units
+    /// of its own (nothing to take or write).
+    async fn prepare_event(
+        &self,
+        rt: &Runtime,
+        e: &Event,
+        index: usize,
+        now: i64,
+    ) -> Result<Option<Prepared>, EventError> {
         let (state, meter, at) = self.check_event(rt, e, now).await?;
         let step = Self::event_window(rt, e);
         let window_start = at - at.rem_euclid(step);
@@ -322,6 +332,10 @@ impl Tollgate {
                         (state, meter, units)
                     }
                 }
+                // A redelivery of an event this node saw stored: its units would be taken
+                // and held for nothing, kept if its write's answer were lost (a retry
+                // answers `Duplicate` either way).
+                None if events.known_stored(&id) => return Ok(None),
                 other => {
                     // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
@@ -334,7 +348,7 @@ impl Tollgate {
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
             .with_billable(self.units().pipeline().billable(rt, &state) && rt.config.exports_meter(&e.meter));
-        Ok(Prepared {
+        Ok(Some(Prepared {
             index,
             state,
             meter,
@@ -343,7 +357,7 @@ impl Tollgate {
             charged,
             taken_at: now,
             event: UsageEvent::new(id, record, at),
-        })
+        }))
     }
 
     /// Checks an event (its id, quantity, time, meter) and finds its tenant: its state, the

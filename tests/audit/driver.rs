@@ -86,6 +86,15 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
                 let (tally, stuck) = (fleet.tally.clone(), fleet.stuck.clone());
                 tasks.spawn(async move { held(&h, generation, &tally, &stuck, who, estimate, actual, ending).await });
             }
+            Op::Job { node, who, job, units, actual, copies, late } => {
+                let (h, generation) = fleet.at(node);
+                let tally = fleet.tally.clone();
+                let at = fleet.now() - i64::from(late);
+                tasks.spawn(async move {
+                    let work = Work { job, units, actual, copies, at };
+                    self::job(&h, generation, &tally, who, work).await
+                });
+            }
             Op::Pay { payment, units, copies } => fleet.pay(payment, units, copies),
             Op::Refund { payment, percent } => fleet.refund(payment, percent),
             Op::Dispute { payment, won } => fleet.dispute(payment, won).await,
@@ -389,6 +398,67 @@ async fn held(
     tally.add(generation, who, "requests", 1);
     hold.settle();
     ticket.complete(200);
+    Ok(200)
+}
+
+/// A job's work, as [`Op::Job`] draws it; `at` its time.
+struct Work {
+    job: u16,
+    units: u64,
+    actual: u64,
+    copies: u8,
+    at: i64,
+}
+
+/// A job: its units reserved, then its event recorded (retried while the store fails, as a
+/// queue redelivers a message not acknowledged, and delivered again `copies` times), or its
+/// work abandoned and released. Answers as a request would: 200 recorded, 402 refused, 503
+/// the reservation's store call failed.
+async fn job(h: &Harness, generation: usize, tally: &Tally, who: Who, work: Work) -> Answer {
+    use tollgate::events::{Event, EventError};
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(work.at).unwrap());
+    let mut event = Event::new(format!("job-{}", work.job), who.id().into(), "tokens".into(), work.units, at);
+    match h.tollgate.reserve_event(&event, Duration::from_secs(86_400)).await {
+        Ok(()) => {}
+        Err(EventError::QuotaExceeded { .. }) => return Ok(402),
+        Err(e) if e.is_retryable() => {
+            if matches!(e, EventError::Store(_)) {
+                tally.add(generation, who, UNANSWERED, 1);
+            }
+            return Ok(503);
+        }
+        Err(e) => return Err(format!("answers: a job's reservation refused: {e}")),
+    }
+    if work.actual == 0 {
+        if !h.tollgate.release_event(&event).await {
+            return Err("answers: a job's reservation was not there to release".to_owned());
+        }
+        return Ok(200);
+    }
+    event.quantity = work.actual;
+    let mut recorded = false;
+    for _ in 0..1 + u32::from(work.copies) {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match h.tollgate.record_event(event.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && tries < 50 => tokio::task::yield_now().await,
+                Err(e) => {
+                    return Err(format!("answers: job-{}'s event was refused after {tries} tries: {e}", work.job))
+                }
+            }
+        }
+        // Stored once (applied, or a duplicate of a write whose answer was lost): its units
+        // are served once, however often it is delivered.
+        if !recorded {
+            tally.add(generation, who, "tokens", work.actual);
+            recorded = true;
+        }
+    }
+    if std::env::var_os("AUDIT_VERBOSE").is_some() {
+        eprintln!("job-{}: {} of {} recorded, {} copies", work.job, work.actual, work.units, work.copies);
+    }
     Ok(200)
 }
 

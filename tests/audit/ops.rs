@@ -65,6 +65,12 @@ pub(crate) enum Op {
     Keyed { node: u8, who: Who, key: u16 },
     /// A request on `/generate` that holds `estimate` tokens and records `actual`.
     Held { node: u8, who: Who, estimate: u64, actual: u64, ending: Ending },
+    /// A job's usage event (`job-{job}`, tokens) on `node`: `units` reserved first
+    /// (`reserve_event`, refused past the limit), then the work done: recorded with `actual`
+    /// of them (fewer give the rest back), retried while the store fails and delivered again
+    /// `copies` more times (a queue's redeliveries), its time `late` seconds before now; or,
+    /// with `actual` 0, abandoned and released.
+    Job { node: u8, who: Who, job: u16, units: u64, actual: u64, copies: u8, late: u16 },
     /// A checkout paid by `b` for `units` tokens: its completion webhook queued `copies` times
     /// (Stripe's redeliveries), and once as the async payment's success.
     Pay { payment: u16, units: u64, copies: u8 },
@@ -104,6 +110,10 @@ impl fmt::Debug for Op {
             Op::Held { node, who, estimate, actual, ending } => write!(
                 f,
                 "Op::Held {{ node: {node}, who: Who::{who:?}, estimate: {estimate}, actual: {actual}, ending: Ending::{ending:?} }}"
+            ),
+            Op::Job { node, who, job, units, actual, copies, late } => write!(
+                f,
+                "Op::Job {{ node: {node}, who: Who::{who:?}, job: {job}, units: {units}, actual: {actual}, copies: {copies}, late: {late} }}"
             ),
             Op::Pay { payment, units, copies } => {
                 write!(f, "Op::Pay {{ payment: {payment}, units: {units}, copies: {copies} }}")
@@ -162,7 +172,9 @@ impl Op {
     /// The node it runs on, if any.
     pub(crate) fn node(&self) -> Option<u8> {
         match self {
-            Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } => Some(*node),
+            Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } | Op::Job { node, .. } => {
+                Some(*node)
+            }
             Op::Kill { node } | Op::Reload { node } | Op::Cap { node, .. } => Some(*node),
             _ => None,
         }
@@ -174,6 +186,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
     let mut rng = Rng::new(seed);
     let mut ops = Vec::with_capacity(n);
     let mut payments = 0u16;
+    let mut jobs = 0u16;
     let nodes = u64::from(nodes_of(seed));
     let node = |rng: &mut Rng| u8::try_from(rng.below(nodes)).unwrap();
     // The store's faults start on in most seeds.
@@ -184,7 +197,22 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
         let op = match roll {
             0..=199 => Op::Plain { node: node(&mut rng), who },
             200..=299 => Op::Keyed { node: node(&mut rng), who, key: u16::try_from(rng.below(12)).unwrap() },
-            300..=649 => {
+            600..=649 => {
+                jobs += 1;
+                let units = 1 + rng.below(150);
+                Op::Job {
+                    node: node(&mut rng),
+                    // `s`'s jobs would be charged past its cap (a reservation checks the cap
+                    // and holds no cost): q's and b's only.
+                    who: if who == Who::S { Who::Q } else { who },
+                    job: jobs,
+                    units,
+                    actual: if rng.chance(150) { 0 } else { 1 + rng.below(units) },
+                    copies: u8::try_from(rng.below(3)).unwrap(),
+                    late: [0, 0, 600, 3_600][usize::try_from(rng.below(4)).unwrap()],
+                }
+            }
+            300..=599 => {
                 let estimate = 1 + rng.below(200);
                 let ending = match rng.below(20) {
                     0..=8 => Ending::Settle,

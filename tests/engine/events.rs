@@ -591,3 +591,37 @@ async fn a_reservation_asked_once_shutdown_began_is_refused() {
     let e = engine.reserve_event(&ev("a", 1, NOON), Duration::from_secs(60)).await.unwrap_err();
     assert!(matches!(e, EventError::ShuttingDown) && e.is_retryable(), "{e}");
 }
+
+/// Found by the audit (issue 87), shrunk to a job whose event was delivered again: an event
+/// recorded, then delivered again, the redelivery's write answered nothing (a timeout), and
+/// sent again (a duplicate). The redelivery's units were held for its retry as a write that
+/// may have landed, and kept when the retry answered `Duplicate`: counted used though the
+/// event was stored once, so the quota refused units nothing used. A node that saw the event
+/// stored now answers its redeliveries `Duplicate` without taking units or writing.
+#[tokio::test]
+async fn a_redelivery_whose_write_went_unanswered_keeps_no_units() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let faulty = Arc::new(Faulty::default());
+    let (engine, _) = engine_on(faulty.clone(), NOON);
+    engine.reserve_event(&ev("a", 8, NOON), Duration::from_secs(600)).await.unwrap();
+    assert_eq!(engine.record_event(ev("a", 3, NOON)).await.unwrap(), EventOutcome::Applied);
+    faulty.lose_event_answers.store(1, SeqCst);
+    let again = engine.record_event(ev("a", 3, NOON)).await;
+    assert!(matches!(again, Ok(EventOutcome::Duplicate) | Err(EventError::Store(_))), "{again:?}");
+    assert_eq!(engine.record_event(ev("a", 3, NOON)).await.unwrap(), EventOutcome::Duplicate);
+    // (Answered without a write now: the lost answer was not used.)
+    faulty.lose_event_answers.store(0, SeqCst);
+    // 3 of the day's 10 used: the other 7 are there, and no more.
+    engine.reserve_event(&ev("b", 7, NOON), Duration::from_secs(600)).await.expect("7 left");
+    assert!(matches!(
+        engine.reserve_event(&ev("c", 1, NOON), Duration::from_secs(600)).await,
+        Err(EventError::QuotaExceeded { .. })
+    ));
+    assert_eq!(engine.record_event(ev("b", 7, NOON)).await.unwrap(), EventOutcome::Applied);
+    engine.shutdown().await.unwrap();
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(NOON);
+    let key = tollgate::store::QuotaKey::new("t".into(), "tokens".into(), day, start, end);
+    assert_eq!(faulty.reserved(&key).await.unwrap(), 10, "the counter holds what was used");
+    assert_eq!(stored(&*faulty, NOON - DAY, NOON + DAY).await, 10);
+}

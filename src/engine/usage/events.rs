@@ -32,6 +32,9 @@ use crate::{
 /// left for the export to send the event's window before that.
 pub const MAX_AGE: Duration = Duration::from_secs(35 * 86_400 - 2 * 3600);
 
+/// The most event ids a node remembers as stored (their redeliveries answered at once).
+const STORED_IDS_MAX: u64 = 10_000;
+
 /// The largest quantity of one event (2⁴⁶ − 1: what a quota lease can hold).
 pub(crate) const MAX_QUANTITY: u64 = (1 << 46) - 1;
 
@@ -284,6 +287,11 @@ pub(crate) struct EventRecorder {
     /// Quota units reserved for work not done yet ([`Tollgate::reserve_event`]), keyed as
     /// `held`; given back if the event is not recorded within its hold (bounded, expiring).
     reserved: moka::sync::Cache<String, Arc<Reserved>>,
+    /// Events this node saw stored (applied or duplicate), keyed as `held`: their
+    /// redeliveries answer `Duplicate` without taking units or writing (bounded, kept an
+    /// hour: the store keeps an id 35 days past its event's time, and refuses events older
+    /// than that less two hours, so an id known here is still in the store).
+    stored: moka::sync::Cache<String, ()>,
     stores: Arc<StoreCalls>,
     metrics: Arc<Metrics>,
     totals: Arc<Totals>,
@@ -328,7 +336,14 @@ impl EventRecorder {
                 }
             })
             .build();
-        Self { held, reserved, stores, metrics, totals, holds, prefetcher }
+        let stored =
+            moka::sync::Cache::builder().max_capacity(STORED_IDS_MAX).time_to_live(Duration::from_secs(3600)).build();
+        Self { held, reserved, stored, stores, metrics, totals, holds, prefetcher }
+    }
+
+    /// Whether this node saw the event `id` (of its tenant) stored within the hour.
+    pub(crate) fn known_stored(&self, id: &str) -> bool {
+        self.stored.contains_key(id)
     }
 
     /// Opens a job's hold of `tenant`, if fewer than `max` holds are open on the node and
@@ -434,6 +449,7 @@ impl EventRecorder {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     unsure.events.clear();
                     for ((p, units), outcome) in ready.into_iter().zip(units).zip(outcomes) {
+                        self.stored.insert(p.event.id.clone(), ());
                         if outcome == EventOutcome::Applied {
                             // A priced meter feeds the spend, as work done (rounded per event,
                             // past a hard cap if need be: counted), unless an earlier attempt
