@@ -61,6 +61,9 @@ pub enum Defect {
     GrantTwice,
     /// Each refund is applied as twice what it refunded.
     RefundTwice,
+    /// Each write of alerts names them anew (the last 8 hex digits of their id drawn per
+    /// write), so a crossing written by two nodes is two alerts.
+    AlertIdPerWrite,
 }
 
 /// How many faults a [`FaultPlan`] injected, by kind.
@@ -560,6 +563,20 @@ impl<S: PlaceStore + ?Sized> PlaceStore for Faults<S> {
 #[async_trait]
 impl<S: OutboxStore + ?Sized> OutboxStore for Faults<S> {
     async fn put_alerts(&self, entries: &[crate::store::OutboxEntry]) -> Result<usize, StoreError> {
+        if self.plan.planted(Defect::AlertIdPerWrite) {
+            // Planted: this write's alerts under ids of their own.
+            let write = self.plan.next();
+            let renamed: Vec<crate::store::OutboxEntry> = entries
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    let kept = e.key.id.len().saturating_sub(8);
+                    e.key.id = format!("{}{:08x}", &e.key.id[..kept], write as u32);
+                    e
+                })
+                .collect();
+            return self.call("put alerts", self.inner.put_alerts(&renamed)).await;
+        }
         self.call("put alerts", self.inner.put_alerts(entries)).await
     }
 

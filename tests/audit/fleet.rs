@@ -50,14 +50,17 @@ pub(crate) const PLAN_CAP_CENTS: u64 = 100;
 /// Nano-dollars in a cent.
 pub(crate) const CENT_NANOS: u64 = 10_000_000;
 
-/// The fleet's configuration, exporting to the stand-in at `url`.
-pub(crate) fn config(url: &str) -> String {
+/// The fleet's configuration, exporting to the stand-in at `url`; its alerts (at 50% and 90%
+/// of a limit, and at the limit) sent as `alerts` says, when a receiver runs.
+pub(crate) fn config(url: &str, alerts: &str) -> String {
     format!(
         r#"
+{alerts}
 [usage]
 store_timeout = "5s"
 flush_interval = "10s"
 shutdown_timeout = "8s"
+notify_at = [50, 90]
 [limits]
 hold_timeout = "1h"
 [export]
@@ -294,13 +297,21 @@ pub(crate) struct Fleet {
     /// was ever in force (a cap set whose answer was lost may be in force).
     pub(crate) highest_cap: u64,
     pub(crate) events: AtomicU64,
+    /// The receiver of the fleet's alerts (none where no Python with the Standard Webhooks
+    /// library runs: outside CI), and the directory of its secret's file.
+    pub(crate) alerts: Option<(common::alerts::Receiver, tempfile::TempDir)>,
 }
 
 impl Fleet {
     /// `nodes` engines on `stores`.
     pub(crate) async fn start(stores: Stores, nodes: u8) -> Self {
         let stripe = StandIn::start(&[("requests", None), ("tokens", None)]).await;
-        let toml = config(&stripe.url);
+        let alerts = common::alerts::Receiver::start().map(|receiver| (receiver, common::alerts::secret_file()));
+        let section = alerts.as_ref().map_or(String::new(), |(receiver, (_, secret))| {
+            common::alerts::section(&receiver.url("/ops"), secret, "")
+        });
+        let alerts = alerts.map(|(receiver, (dir, _))| (receiver, dir));
+        let toml = config(&stripe.url, &section);
         let (clock, handle) = Clock::fake_at_unix(NOON);
         stripe.set_now(NOON);
         stripe.add_price("price_pack", None, true);
@@ -326,6 +337,7 @@ impl Fleet {
             redeliver: true,
             highest_cap: PLAN_CAP_CENTS,
             events: AtomicU64::new(0),
+            alerts,
         };
         for _ in 0..nodes {
             let node = fleet.node();

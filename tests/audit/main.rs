@@ -118,8 +118,13 @@ async fn each_invariant_fails_against_a_planted_defect() {
         (Defect::CommitTwice, "billed once"),
         (Defect::GrantTwice, "money"),
         (Defect::RefundTwice, "money"),
+        (Defect::AlertIdPerWrite, "alerts once"),
     ];
     for (defect, invariant) in planted {
+        if defect == Defect::AlertIdPerWrite && std::env::var_os("TOLLGATE_MOTO_PYTHON").is_none() {
+            // No receiver of alerts here (Receiver::start says so; in CI there is one).
+            continue;
+        }
         let mut caught = None;
         for seed in 100..110 {
             // No node killed: what a killed node used since its last report is given back at
