@@ -152,6 +152,17 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
             if verbose {
                 eprintln!("alone: s's cap {} nanos, its counter {s_spent}: {tokens} tokens left", cap.limit);
             }
+            if tokens == 0 && left >= REQUEST_NANOS {
+                // Room for a request, not for a token besides: a plain request is served.
+                let status = alone.h.send(req("GET", "/items", Some(Who::S.key()), None)).await.status.as_u16();
+                if status == 200 {
+                    tally_node(fleet, Who::S, 1, 0);
+                } else {
+                    v.push(format!(
+                        "nothing stranded: s's spend cap: {left} nano-dollars left, a request refused {status}"
+                    ));
+                }
+            }
             stranded(fleet, &alone.h, Who::S, tokens, "s's spend cap", v).await;
         }
         Err(e) => v.push(format!("nothing stranded: s's spend cap could not be read: {e}")),
@@ -223,7 +234,11 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         // counted that request's units used, and the node never sent it again: they stay so
         // (docs/architecture.md, "Stranded units"). Requests only: a hold's units are kept.
         let unanswered = if meter == "requests" { fleet.tally.unanswered_dead(who) } else { 0 };
-        let dead = dead + unanswered;
+        // A job's event delivered again through another node, whose write failed or went
+        // unanswered and whose retry answered `Duplicate`: its units stay spent there
+        // (docs/events.md, "A store failure").
+        let kept = if meter == "tokens" { fleet.tally.served(who, crate::driver::KEPT_BY_REDELIVERY).0 } else { 0 };
+        let dead = dead + unanswered + kept;
         // The open finding (docs/audit.md, "Open"): on a loaded machine, now and then, a few
         // units stay counted used that nothing used (under-admission). Allowed up to a lease
         // per node, and printed; over-admission is never allowed. The planted defects (and
@@ -232,7 +247,8 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         if reserved > stored + dead + open || stored > reserved + slack {
             v.push(format!(
                 "nothing stranded: {}'s {meter} counter holds {reserved} past every expiry; the usage store \
-                 {stored} (slack {slack}; killed nodes lost {dead}, {unanswered} of them refused requests)",
+                 {stored} (slack {slack}; killed nodes lost {dead}, {unanswered} of them refused requests, \
+                 {kept} kept by redeliveries)",
                 who.id()
             ));
         } else if reserved > stored + dead {
@@ -269,7 +285,7 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     }
     // As q's requests: a killed node's refill applied and unanswered leaves its request's cost.
     let dead = spent_dead + fleet.tally.unanswered_dead(Who::S) * REQUEST_NANOS;
-    let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * 100 * TOKEN_NANOS };
+    let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * (8 * REQUEST_NANOS + 100 * TOKEN_NANOS) };
     // As q's: a killed node's spend since its last call that landed is given back at its
     // expiry though it was used (and committed by a flush), so the counter may hold that less.
     let slack = if killed { spent_dead } else { 0 };

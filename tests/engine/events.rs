@@ -625,3 +625,25 @@ async fn a_redelivery_whose_write_went_unanswered_keeps_no_units() {
     assert_eq!(faulty.reserved(&key).await.unwrap(), 10, "the counter holds what was used");
     assert_eq!(stored(&*faulty, NOON - DAY, NOON + DAY).await, 10);
 }
+
+/// The ids a node remembers as stored are its newest 10,000: past the bound the oldest go,
+/// and a redelivery of the newest is still answered without a write.
+#[tokio::test]
+async fn the_ids_a_node_remembers_stored_are_its_newest() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let faulty = Arc::new(Faulty::default());
+    let (engine, _) = engine_on(faulty.clone(), NOON);
+    let events: Vec<Event> = (0..10_100).map(|i| ev(&format!("e{i}"), 1, NOON)).collect();
+    for batch in events.chunks(100) {
+        for outcome in engine.record_events(batch).await {
+            assert_eq!(outcome.unwrap(), EventOutcome::Applied);
+        }
+    }
+    // The next write's answer is lost: a redelivery that writes meets it.
+    faulty.lose_event_answers.store(1, SeqCst);
+    assert_eq!(engine.record_event(ev("e10099", 1, NOON)).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(faulty.lose_event_answers.load(SeqCst), 1, "answered without a write");
+    // The oldest were let go: its redelivery writes (and meets the lost answer).
+    assert!(engine.record_event(ev("e0", 1, NOON)).await.is_err());
+    assert_eq!(engine.record_event(ev("e0", 1, NOON)).await.unwrap(), EventOutcome::Duplicate);
+}

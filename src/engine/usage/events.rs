@@ -317,7 +317,13 @@ impl EventRecorder {
     ) -> Self {
         // Only events whose write failed ambiguously are held: a few, while the store is in
         // trouble.
-        let held = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build();
+        // Least recently used first: past the bound, the oldest go (moka's default admission
+        // would refuse every newcomer of a cache that is never read, keeping the oldest).
+        let held = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .time_to_live(Duration::from_secs(3600))
+            .build();
         // Expired, or evicted past the bound (the least recently reserved first), unrecorded:
         // the units stay spent. The event may have been recorded by another process (a queue's
         // consumer), which charged it there: giving them back could pass the limit. A job that
@@ -336,8 +342,11 @@ impl EventRecorder {
                 }
             })
             .build();
-        let stored =
-            moka::sync::Cache::builder().max_capacity(STORED_IDS_MAX).time_to_live(Duration::from_secs(3600)).build();
+        let stored = moka::sync::Cache::builder()
+            .max_capacity(STORED_IDS_MAX)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .time_to_live(Duration::from_secs(3600))
+            .build();
         Self { held, reserved, stored, stores, metrics, totals, holds, prefetcher }
     }
 
@@ -365,6 +374,8 @@ impl EventRecorder {
     pub(crate) fn forget_reserved(&self) {
         self.reserved.invalidate_all();
         self.reserved.run_pending_tasks();
+        // Their expiry runs on the process's clock, which a restore from a snapshot skips.
+        self.stored.invalidate_all();
     }
 
     /// A job's hold of `tenant` opened for the same work reserved again.
