@@ -111,6 +111,14 @@ prices = {{ price_pack = {PACK_UNITS} }}
     )
 }
 
+/// The fleet's configuration `toml` with quotas that lease less at a time (4 requests, 40
+/// tokens), as a node's reload may bring during a rolling deploy.
+pub(crate) fn small_leases(toml: &str) -> String {
+    let small = toml.replace("lease = 8 }", "lease = 4 }").replace("lease = 100 }", "lease = 40 }");
+    assert_ne!(small, toml, "the leases are named as config() writes them");
+    small
+}
+
 /// Units served by one node, by tenant and meter.
 pub(crate) type Served = BTreeMap<(Who, &'static str), u64>;
 

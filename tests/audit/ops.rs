@@ -84,8 +84,10 @@ pub(crate) enum Op {
     /// A node dropped without shutdown: its leases, holds and unflushed usage left; a new
     /// node takes its place.
     Kill { node: u8 },
-    /// A node's configuration reloaded (its leases go back).
-    Reload { node: u8 },
+    /// A node's configuration reloaded (its leases go back): with `small`, one whose quotas
+    /// lease less at a time (a rolling deploy: the fleet's nodes then differ), else the
+    /// fleet's own.
+    Reload { node: u8, small: bool },
     /// The clock moved on.
     Advance { secs: u32 },
     /// `b`'s default payment method changes: pays, declined, needs 3-D Secure, a bank debit.
@@ -122,7 +124,7 @@ impl fmt::Debug for Op {
             Op::Dispute { payment, won } => write!(f, "Op::Dispute {{ payment: {payment}, won: {won} }}"),
             Op::Deliver { pick } => write!(f, "Op::Deliver {{ pick: {pick} }}"),
             Op::Kill { node } => write!(f, "Op::Kill {{ node: {node} }}"),
-            Op::Reload { node } => write!(f, "Op::Reload {{ node: {node} }}"),
+            Op::Reload { node, small } => write!(f, "Op::Reload {{ node: {node}, small: {small} }}"),
             Op::Advance { secs } => write!(f, "Op::Advance {{ secs: {secs} }}"),
             Op::Card { card } => write!(f, "Op::Card {{ card: {card} }}"),
             Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
@@ -175,7 +177,7 @@ impl Op {
             Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } | Op::Job { node, .. } => {
                 Some(*node)
             }
-            Op::Kill { node } | Op::Reload { node } | Op::Cap { node, .. } => Some(*node),
+            Op::Kill { node } | Op::Reload { node, .. } | Op::Cap { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -247,7 +249,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
             }
             730..=849 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
             870..=889 => Op::Kill { node: node(&mut rng) },
-            890..=909 => Op::Reload { node: node(&mut rng) },
+            890..=909 => Op::Reload { node: node(&mut rng), small: rng.chance(400) },
             910..=959 => Op::Advance { secs: [5, 30, 120, 300][usize::try_from(rng.below(4)).unwrap()] },
             960..=969 => Op::StoreFaults { on: rng.chance(600) },
             970..=979 if rng.chance(500) => Op::Card { card: u8::try_from(rng.below(4)).unwrap() },
