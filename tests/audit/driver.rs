@@ -107,9 +107,13 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
                 }
             }
             Op::Kill { node } => {
-                // Its requests end first (a request cut by a crash is Ending::Abandon's).
-                while let Some(done) = tasks.join_next().await {
-                    settle(&mut outcome, Some(done));
+                // Its requests end first (a request cut by a crash is Ending::Abandon's), the
+                // clock moving meanwhile (a job retrying waits for it).
+                while !tasks.is_empty() {
+                    tokio::select! {
+                        done = tasks.join_next() => settle(&mut outcome, done),
+                        _ = clock_tick.tick() => tick(&fleet, &mut ticks, &mut passes),
+                    }
                 }
                 fleet.kill(node);
             }
@@ -385,9 +389,11 @@ async fn held(
         }
         Ending::Cut => {
             record(&mut hold, actual.min(estimate) / 2);
-            tally.add(generation, who, "requests", 1);
             drop(hold);
             drop(ticket);
+            // Counted once its ticket has ended, its request billed: a flush that begins before
+            // then does not hold it, and must not count it flushed.
+            tally.add(generation, who, "requests", 1);
             return Ok(200);
         }
         Ending::Abandon => {
@@ -398,9 +404,10 @@ async fn held(
             return Ok(200);
         }
     }
-    tally.add(generation, who, "requests", 1);
     hold.settle();
     ticket.complete(200);
+    // Counted once its ticket has ended (as above).
+    tally.add(generation, who, "requests", 1);
     Ok(200)
 }
 
@@ -444,7 +451,7 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
     let mut recorded = false;
     for copy in 0..1 + u32::from(work.copies) {
         let h = if copy == 1 { nodes[1] } else { nodes[0] };
-        let mut tries = 0;
+        let (mut tries, started) = (0, std::time::Instant::now());
         loop {
             tries += 1;
             match h.tollgate.record_event(event.clone()).await {
@@ -454,7 +461,13 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
                     }
                     break;
                 }
-                Err(e) if e.is_retryable() && tries < 50 => tokio::task::yield_now().await,
+                // A queue redelivers a message not acknowledged after a while: here after the
+                // clock's next tick (a second of it), so that a node failing fast after a run of
+                // store errors (for a moment of the engine's clock) is asked again after it.
+                // Not a race: it ends only when the event is recorded, or a minute went by.
+                Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 Err(e) => {
                     return Err(format!("answers: job-{}'s event was refused after {tries} tries: {e}", work.job))
                 }
