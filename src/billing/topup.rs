@@ -422,7 +422,7 @@ impl WebhookHandler {
             "invoice.paid" => false,
             "charge.refunded" => return self.refund(config, credits, event, payload).await,
             "credit_note.created" | "credit_note.voided" => {
-                return self.credit_note(credits, event, kind, payload).await
+                return self.credit_note(config, credits, event, kind, payload).await
             }
             "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
                 return self.dispute(config, credits, event, kind, payload).await
@@ -664,17 +664,33 @@ impl WebhookHandler {
     }
 
     /// A voided credit note's take given back ([`credit_note`](Self::credit_note)).
-    async fn credit_note_voided(&self, event: &str, note: &str, invoice: &str) -> Option<WebhookOutcome> {
+    ///
+    /// A void of an invoice whose grant may still come (unpaid, or paid a day ago or less) is
+    /// answered 500 until the grant lands, as its note is: dropped, it would leave the note,
+    /// delivered after the grant, taking what Stripe gave back.
+    async fn credit_note_voided(
+        &self,
+        event: &str,
+        note: &str,
+        invoice: &str,
+        back: CreditRefund,
+    ) -> Option<WebhookOutcome> {
         let quota = self.quota.as_ref()?;
-        let now = self.clock.unix_secs();
-        let back = CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice).giving_back(note);
         match quota.refund_credits(&back).await {
             Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
                 self.node.tenant_changed(&tenant);
                 tracing::info!(%event, %note, %tenant, %meter, %grant, units, "a credit note voided: what it took given back");
                 Some(WebhookOutcome::Reinstated { tenant, meter, units })
             }
-            Ok(RefundOutcome::Unknown) => Some(WebhookOutcome::Ignored),
+            Ok(RefundOutcome::Unknown) => match self.grant_may_come(event, invoice, self.clock.unix_secs()).await {
+                Ok(true) => {
+                    tracing::warn!(%event, %note, %invoice,
+                        "a credit note voided of an invoice no grant has yet: answered 500 so Stripe delivers it again");
+                    Some(WebhookOutcome::StoreFailed(format!("no grant of {invoice} yet")))
+                }
+                Ok(false) => Some(WebhookOutcome::Ignored),
+                Err(failed) => Some(failed),
+            },
             Ok(RefundOutcome::Full) => Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into())),
             Ok(_) => Some(WebhookOutcome::Duplicate),
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
@@ -1088,8 +1104,13 @@ impl WebhookHandler {
     /// `credit_note.created` took of what the balance still held is given back, once (the
     /// take's reversal, as a dispute won gives back; a void before its take leaves the take
     /// nothing to take).
+    ///
+    /// The note's customer names the tenant whose grant it takes from: a store that finds a
+    /// grant by its payment intent's marker (DynamoDB) finds an invoice's grant by its id only
+    /// among the grants of a tenant.
     async fn credit_note(
         &self,
+        config: &Config,
         credits: &CreditSettings,
         event: &str,
         kind: &str,
@@ -1103,8 +1124,20 @@ impl WebhookHandler {
         let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
             return Some(WebhookOutcome::Ignored);
         };
+        let tenant = match id_of(&o["customer"]) {
+            Some(customer) => match self.tenant_of(config, customer).await {
+                Ok(t) => t,
+                Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+            },
+            None => None,
+        };
+        let of_note = |r: CreditRefund| match &tenant {
+            Some(t) => r.for_tenant(t.clone()),
+            None => r,
+        };
         if kind == "credit_note.voided" {
-            return self.credit_note_voided(event, note, invoice).await;
+            let back = of_note(CreditRefund::new(invoice, 0, 0, self.clock.unix_secs()).of_invoice(invoice));
+            return self.credit_note_voided(event, note, invoice, back.giving_back(note)).await;
         }
         if o["status"] == "void" || note_credited(o) == 0 {
             return Some(WebhookOutcome::Ignored);
@@ -1119,7 +1152,8 @@ impl WebhookHandler {
             return Some(WebhookOutcome::Ignored);
         }
         let now = self.clock.unix_secs();
-        let take = CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice).of_credit_lines(money).taking_once(note);
+        let take =
+            of_note(CreditRefund::new(invoice, 0, 0, now).of_invoice(invoice)).of_credit_lines(money).taking_once(note);
         match quota.refund_credits(&take).await {
             Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
                 self.node.tenant_changed(&tenant);
