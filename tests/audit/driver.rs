@@ -98,6 +98,11 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
                 });
             }
             Op::Pay { payment, units, copies } => fleet.pay(payment, units, copies),
+            Op::Invoice { payment, bought, units, copies } => {
+                fleet.pay_invoice(payment, crate::invoices::Bought::of(bought), units, copies);
+            }
+            Op::Note { payment, percent, void } => fleet.note(payment, percent, void),
+            Op::Plan { node, to } => fleet.change_plan(node, to).await,
             Op::Refund { payment, percent } => fleet.refund(payment, percent),
             Op::Dispute { payment, won } => fleet.dispute(payment, won).await,
             Op::Deliver { pick } => {
@@ -168,7 +173,9 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
 /// recorded past a lease while the store did not answer are owed by the cell's next call that
 /// lands.) Read from the store beneath the faults.
 pub(crate) async fn checkpoint(fleet: &Fleet, at: &str, violations: &mut Vec<String>) {
-    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::S, SPEND_METER)] {
+    for (who, meter) in
+        [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::D, "requests"), (Who::D, "tokens"), (Who::S, SPEND_METER)]
+    {
         let counters = match fleet.stores.quota.counters(&who.id().into(), &meter.into()).await {
             Ok(counters) => counters,
             Err(e) => {
@@ -296,6 +303,7 @@ async fn keyed(h: &Harness, generation: usize, tally: &Tally, who: Who, key: u16
         Who::Q => b"q",
         Who::B => b"b",
         Who::S => b"s",
+        Who::D => b"d",
     };
     let reply = h.send(req_with("POST", "/echo", who.key(), &key, body)).await;
     let status = reply.status.as_u16();

@@ -27,6 +27,7 @@ use crate::{
         Harness, NodeStore, NOON,
     },
     ops::Who,
+    plans::{LARGE_REQUESTS_LIMIT, LARGE_TOKENS_LIMIT},
 };
 
 /// The hard limits of `q`'s month.
@@ -81,6 +82,9 @@ price = "price_pack"
 below = {RECHARGE_BELOW}
 to = 1000
 monthly_limit = "{RECHARGE_MONTHLY_LIMIT}"
+[plans.quota_large]
+quotas.requests = {{ limit = {LARGE_REQUESTS_LIMIT}, period = "month", mode = "hard", lease = 8 }}
+quotas.tokens = {{ limit = {LARGE_TOKENS_LIMIT}, period = "month", mode = "hard", lease = 100 }}
 [plans.capped]
 prices.requests = "0.01"
 prices.tokens = "0.001"
@@ -263,6 +267,25 @@ pub(crate) struct Payment {
     pub(crate) refunded: u64,
     /// Its dispute, once opened: won or lost.
     pub(crate) dispute: Option<bool>,
+    /// Paid by an invoice whose line buys packs (credit notes apply to it), not a checkout.
+    pub(crate) invoice: bool,
+    /// Its post-payment credit notes to the customer's balance, in the order issued.
+    pub(crate) notes: Vec<Note>,
+}
+
+/// A credit note of a payment's invoice, to the customer's balance.
+#[derive(Debug, Clone)]
+pub(crate) struct Note {
+    pub(crate) id: String,
+    pub(crate) cents: u64,
+    pub(crate) voided: bool,
+}
+
+impl Payment {
+    /// Cents its notes in force credit.
+    pub(crate) fn noted(&self) -> u64 {
+        self.notes.iter().filter(|n| !n.voided).map(|n| n.cents).sum()
+    }
 }
 
 /// The stores an audit runs on: what the nodes use (behind faults), and what the auditor reads.
@@ -305,6 +328,10 @@ pub(crate) struct Fleet {
     /// was ever in force (a cap set whose answer was lost may be in force).
     pub(crate) highest_cap: u64,
     pub(crate) events: AtomicU64,
+    /// The plans (0: `quota`, 1: `quota_large`) and overrides (set or not) `d` may have been on:
+    /// each change asked for may be in force (an answer lost).
+    pub(crate) d_plans: std::collections::BTreeSet<u8>,
+    pub(crate) d_overridden: std::collections::BTreeSet<bool>,
     /// The receiver of the fleet's alerts (none where no Python with the Standard Webhooks
     /// library runs: outside CI), and the directory of its secret's file.
     pub(crate) alerts: Option<(common::alerts::Receiver, tempfile::TempDir)>,
@@ -344,9 +371,19 @@ impl Fleet {
             payments: BTreeMap::new(),
             redeliver: true,
             highest_cap: PLAN_CAP_CENTS,
+            d_plans: [0].into(),
+            d_overridden: [false].into(),
             events: AtomicU64::new(0),
             alerts,
         };
+        // `d`: a tenant of the store's directory, on `quota` to begin with.
+        let d = tollgate::store::TenantRecord::new(Who::D.id().into(), "quota".into()).with_customer(Who::D.customer());
+        fleet
+            .stores
+            .usage
+            .put_tenant(&d, &[tollgate::store::KeyHash::of(Who::D.key().as_bytes())])
+            .await
+            .expect("d in the directory");
         for _ in 0..nodes {
             let node = fleet.node();
             fleet.generations.push(fleet.next_generation);
@@ -440,7 +477,7 @@ impl Fleet {
 
     // Payments: Stripe's example objects, as its webhooks carry them.
 
-    fn event(&self, id: &str, kind: &str, object: Value) -> String {
+    pub(crate) fn event(&self, id: &str, kind: &str, object: Value) -> String {
         let mut e = fixtures()["event"].clone();
         e["id"] = json!(id);
         e["type"] = json!(kind);
@@ -449,7 +486,7 @@ impl Fleet {
         e.to_string()
     }
 
-    fn next_event(&self) -> String {
+    pub(crate) fn next_event(&self) -> String {
         format!("evt_audit_{}", self.events.fetch_add(1, SeqCst))
     }
 
@@ -472,7 +509,7 @@ impl Fleet {
         }
         let succeeded = self.event(&self.next_event(), "checkout.session.async_payment_succeeded", session);
         self.queue.push(Delivery { payload: succeeded });
-        self.payments.insert(payment, Payment { units, refunded: 0, dispute: None });
+        self.payments.insert(payment, Payment { units, ..Payment::default() });
     }
 
     /// `payment` refunded up to `percent` of its amount in all.
@@ -481,6 +518,11 @@ impl Fleet {
         // Stripe refuses to refund a disputed charge (API error code `charge_disputed`: "The
         // charge you're attempting to refund has been charged back").
         let Some(known) = self.payments.get_mut(&payment).filter(|p| p.dispute.is_none()) else { return };
+        // What the refunds and the notes in force return stays within what was paid (Stripe:
+        // "the sum of the credit note's amounts ... cannot exceed the invoice's amount paid").
+        if refunded + known.noted() > PAYMENT_AMOUNT {
+            return;
+        }
         known.refunded = known.refunded.max(refunded);
         let mut c = fixtures()["charge"].clone();
         c["customer"] = json!(Who::B.customer());
@@ -626,7 +668,7 @@ pub(crate) fn intent(payment: u16) -> String {
     format!("pi_audit_{payment}")
 }
 
-fn fixtures() -> &'static Value {
+pub(crate) fn fixtures() -> &'static Value {
     static FIXTURES: OnceLock<Value> = OnceLock::new();
     FIXTURES.get_or_init(|| {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json"))

@@ -29,8 +29,8 @@ use crate::{
     common::{committed, req, Harness, NOON},
     driver::{payment_of, refund_share, Outcome},
     fleet::{
-        Fleet, CENT_NANOS, PACK_CENTS, PACK_UNITS, RECHARGE_MONTHLY_CENTS, REQUESTS_LIMIT, REQUEST_NANOS, TOKENS_LIMIT,
-        TOKEN_NANOS,
+        Fleet, CENT_NANOS, PACK_CENTS, PACK_UNITS, PAYMENT_AMOUNT, RECHARGE_MONTHLY_CENTS, REQUESTS_LIMIT,
+        REQUEST_NANOS, TOKENS_LIMIT, TOKEN_NANOS,
     },
     ops::Who,
 };
@@ -72,13 +72,18 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     fleet.advance(2 * 3_600);
     // A node's calls after the expiry give back what the killed nodes kept; it stops too.
     let prime = fleet.node();
-    for who in [Who::Q, Who::B, Who::S] {
+    for who in [Who::Q, Who::B, Who::S, Who::D] {
         match hold(&prime.h, who, 1).await {
             Ok((ticket, hold)) => {
                 let units = close(ticket, hold, 1);
                 tally_node(fleet, who, 1, units);
             }
             Err((charged, _)) => tally_node(fleet, who, u64::from(charged), 0),
+        }
+        // A plain request too: a hold refused for its tokens may never reach the cell of the
+        // requests (a lease expired is given back by the cell's next call).
+        if prime.h.send(req("GET", "/items", Some(who.key()), None)).await.status.as_u16() == 200 {
+            tally_node(fleet, who, 1, 0);
         }
     }
     stop(&prime.h, v).await;
@@ -102,19 +107,12 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     let (grants, balances) = quota.credit_grants(&"b".into(), Some(&"tokens".into())).await.expect("grants read");
     money(fleet, &grants, v);
     let bought: u64 = grants.iter().map(|g| g.bought).sum();
-    // Taken back: by refunds, and by disputes not reversed (a reversal gives back what the
-    // balance held of it).
-    let taken: u64 = grants
-        .iter()
-        .map(|g| {
-            let disputes: u64 = g
-                .takes
-                .iter()
-                .map(|t| if t.given_back { t.removed.saturating_sub(t.unspent) } else { t.removed })
-                .sum();
-            g.taken + disputes
-        })
-        .sum();
+    if verbose {
+        for g in &grants {
+            eprintln!("grant {} units {} bought {} taken {} takes {:?}", g.id, g.units, g.bought, g.taken, g.takes);
+        }
+    }
+    let taken: u64 = grants.iter().map(taken_back).sum();
     let balance = balances.into_iter().map(|(_, b)| b).next().unwrap_or_default();
     let (b_served, b_dead) = fleet.tally.served(Who::B, "tokens");
     if b_served > bought + b_dead {
@@ -175,6 +173,14 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
             "nothing stranded: q's requests: a node alone was served {served}; the store had {requests_left} left"
         ));
     }
+    // d: what the limits of the plan and overrides it ended on leave.
+    if let Some(limits) = crate::plans::d_limits(fleet, v).await {
+        let used = (counter_of(&quota, Who::D, "requests").await, counter_of(&quota, Who::D, "tokens").await);
+        if verbose {
+            eprintln!("alone: d's limits {limits:?}, its counters {used:?}");
+        }
+        crate::plans::d_alone(fleet, &alone.h, limits, used, v).await;
+    }
     stop(&alone.h, v).await;
 
     // Whether q's quotas were filled to their limits (by the lone node): every crossing of
@@ -201,12 +207,26 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
             v.push(format!("never over: q was served {served} {meter} of {limit} ({dead} on nodes killed)"));
         }
     }
+    // And d's within the highest limits it may have had: a move between plans, or an
+    // override, keeps the period's counters.
+    let (highest_requests, highest_tokens) = fleet.d_highest();
+    for (meter, limit) in [("requests", highest_requests), ("tokens", highest_tokens)] {
+        let (served, dead) = fleet.tally.served(Who::D, meter);
+        if served > limit + dead {
+            v.push(format!(
+                "never over: d was served {served} {meter}; the highest limit it had was {limit} ({dead} on nodes \
+                 killed)"
+            ));
+        }
+    }
 
     // Conserved: the counters and the usage store hold what was served.
     let killed = fleet.tally.any_killed();
     let usage = fleet.stores.usage.clone();
     let to = fleet.now() + 86_400;
-    for (who, meter) in [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens")] {
+    for (who, meter) in
+        [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::D, "requests"), (Who::D, "tokens"), (Who::B, "tokens")]
+    {
         let stored = committed(&*usage, who.id(), meter, FROM, to, 3_600).await;
         let (served, dead) = fleet.tally.served(who, meter);
         if stored > served || served - stored > dead {
@@ -219,6 +239,7 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         let reserved = match (who, meter) {
             (Who::Q, "requests") => counter("requests").await,
             (Who::Q, _) => counter("tokens").await,
+            (Who::D, meter) => counter_of(&quota, Who::D, meter).await,
             _ => {
                 let (_, balances) = quota.credit_grants(&"b".into(), Some(&"tokens".into())).await.unwrap();
                 balances.into_iter().map(|(_, b)| b.reserved).next().unwrap_or(0)
@@ -326,7 +347,9 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     }
     let totals = fleet.stripe.totals();
     for (who, meter) in
-        [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::B, "tokens"), (Who::S, "requests"), (Who::S, "tokens")]
+        [(Who::Q, "requests"), (Who::Q, "tokens"), (Who::D, "requests"), (Who::D, "tokens"), (Who::B, "tokens")]
+            .into_iter()
+            .chain([(Who::S, "requests"), (Who::S, "tokens")])
     {
         let stored = committed(&*usage, who.id(), meter, FROM, fleet.now() + 86_400, 3_600).await;
         let billed = totals.get(&(who.customer().to_owned(), meter.to_owned())).copied().unwrap_or(0);
@@ -515,18 +538,75 @@ fn money(fleet: &Fleet, grants: &[CreditGrant], v: &mut Vec<String>) {
             None if !takes.is_empty() => v.push(format!("money: payment {n} was never disputed: {takes:?}")),
             _ => {}
         }
-        let removed: u64 = g.takes.iter().filter(|t| !t.given_back).map(|t| t.removed).sum();
-        if g.taken + removed > g.bought {
+        notes(n, paid, g, v);
+        // What it lost is what its refunds, disputes and notes took, at most (a refund after a
+        // dispute that took everything counts what it meant, and removes nothing).
+        if g.units > g.bought || g.bought - g.units > taken_back(g) {
             v.push(format!(
-                "money: payment {n}'s refunds and disputes took {} of the {} it bought: {g:?}",
-                g.taken + removed,
-                g.bought
+                "money: payment {n}'s grant holds {} of the {} it bought; its refunds, disputes and notes took {}: \
+                 {g:?}",
+                g.units,
+                g.bought,
+                taken_back(g)
             ));
         }
     }
     for n in fleet.payments.keys() {
         if !seen.contains(n) {
             v.push(format!("money: payment {n} was paid and never credited"));
+        }
+    }
+}
+
+/// What `g`'s refunds, disputes and credit notes took back, at most: refunds what they meant
+/// (`taken`, whether the grant still held it or not); a take reversed what it removed of the
+/// units counted used (the rest came back); a take in force what it removed, or, where
+/// another take was reversed, all it meant, whether the grant held it then or not: the
+/// reversal gave back that much less (the store's rule, `refund_against`: a note credited
+/// while a dispute held the grant's units keeps them when the dispute is won).
+fn taken_back(g: &CreditGrant) -> u64 {
+    let reversed = g.takes.iter().any(|t| t.given_back);
+    let takes: u64 = g
+        .takes
+        .iter()
+        .map(|t| match (t.given_back, reversed) {
+            (true, _) => t.removed.saturating_sub(t.unspent),
+            (false, true) => t.units,
+            (false, false) => t.removed,
+        })
+        .sum();
+    g.taken + takes
+}
+
+/// Payment `n`'s credit notes: each in force took what its money bought, once; each voided
+/// has its take given back; nothing else took as a note.
+fn notes(n: u16, paid: &crate::fleet::Payment, g: &CreditGrant, v: &mut Vec<String>) {
+    if std::env::var_os("AUDIT_VERBOSE").is_some() && !paid.notes.is_empty() {
+        eprintln!("notes of {n}: {:?}; takes {:?}; grant bought {} taken {}", paid.notes, g.takes, g.bought, g.taken);
+    }
+    for t in g.takes.iter().filter(|t| t.id.starts_with("cn_")) {
+        match paid.notes.iter().find(|note| note.id == t.id) {
+            None => v.push(format!("money: payment {n}'s grant holds a take of a note never issued: {t:?}")),
+            Some(note) if t.units > refund_share(paid.units, note.cents) => v.push(format!(
+                "money: note {} of {} cents took {} units; its money bought {}",
+                note.id,
+                note.cents,
+                t.units,
+                refund_share(paid.units, note.cents)
+            )),
+            Some(note) if note.voided && !t.given_back && t.removed > 0 => {
+                v.push(format!("money: note {} was voided and its take stays: {t:?}", note.id));
+            }
+            Some(_) => {}
+        }
+    }
+    for note in paid.notes.iter().filter(|note| !note.voided) {
+        let share = paid.units * note.cents / PAYMENT_AMOUNT;
+        if share > 0 && !g.takes.iter().any(|t| t.id == note.id && t.units == share) {
+            v.push(format!(
+                "money: note {} of payment {n} ({} cents) did not take the {share} units it credits: {:?}",
+                note.id, note.cents, g.takes
+            ));
         }
     }
 }
@@ -570,7 +650,7 @@ fn tally_node(fleet: &Fleet, who: Who, requests: u64, tokens: u64) {
 
 /// A node alone is served a hold of exactly `left` (when some is left), and then refused one
 /// more unit. Returns the requests it was charged.
-async fn stranded(fleet: &Fleet, h: &Harness, who: Who, left: u64, what: &str, v: &mut Vec<String>) -> u64 {
+pub(crate) async fn stranded(fleet: &Fleet, h: &Harness, who: Who, left: u64, what: &str, v: &mut Vec<String>) -> u64 {
     let mut requests = 0;
     if left > 0 {
         match hold(h, who, left).await {

@@ -16,8 +16,10 @@ mod common;
 
 mod driver;
 mod fleet;
+mod invoices;
 mod ledger;
 mod ops;
+mod plans;
 mod shrink;
 mod stores;
 

@@ -12,6 +12,9 @@ pub(crate) enum Who {
     B,
     /// `s`: priced requests and tokens under a hard spend cap, which it sets and lifts.
     S,
+    /// `d`: a tenant of the store's directory, moved between plans and given overrides of its
+    /// quotas mid-period by the operator.
+    D,
 }
 
 impl Who {
@@ -20,6 +23,7 @@ impl Who {
             Who::Q => "q",
             Who::B => "b",
             Who::S => "s",
+            Who::D => "d",
         }
     }
 
@@ -28,6 +32,7 @@ impl Who {
             Who::Q => "key-q",
             Who::B => "key-b",
             Who::S => "key-s",
+            Who::D => "key-d",
         }
     }
 
@@ -36,6 +41,7 @@ impl Who {
             Who::Q => "cus_q",
             Who::B => "cus_b",
             Who::S => "cus_s",
+            Who::D => "cus_d",
         }
     }
 }
@@ -74,6 +80,13 @@ pub(crate) enum Op {
     /// A checkout paid by `b` for `units` tokens: its completion webhook queued `copies` times
     /// (Stripe's redeliveries), and once as the async payment's success.
     Pay { payment: u16, units: u64, copies: u8 },
+    /// An invoice of `b`'s paid (`invoice.paid` queued `copies` times): a subscription's
+    /// renewal naming `units` in its metadata (`bought` 0), or two packs on its line (1: a
+    /// renewal, 2: a one-off invoice).
+    Invoice { payment: u16, bought: u8, units: u64, copies: u8 },
+    /// A credit note of `percent` of `b`'s invoice to its balance (`credit_note.created`), or
+    /// with `void` its oldest note in force voided (`credit_note.voided`).
+    Note { payment: u16, percent: u8, void: bool },
     /// `b`'s payment refunded up to `percent` of its amount in all (`charge.refunded`).
     Refund { payment: u16, percent: u8 },
     /// `b`'s payment disputed (once its grant landed): its funds withdrawn, then the dispute
@@ -95,6 +108,9 @@ pub(crate) enum Op {
     /// A bank debit settles (or fails); with none processing, an invoice waiting for its
     /// customer's action is paid on its page.
     Settle { pick: u16, succeeds: bool },
+    /// The operator moves `d` through a node's admin: to plan `quota` (`to` 0) or
+    /// `quota_large` (1), or sets (2) or clears (3) its override of the tokens quota.
+    Plan { node: u8, to: u8 },
     /// `s` sets its own spend cap to `cents` (0: lifts it, the plan's holds again), through a
     /// node's admin.
     Cap { node: u8, cents: u16 },
@@ -120,6 +136,13 @@ impl fmt::Debug for Op {
             Op::Pay { payment, units, copies } => {
                 write!(f, "Op::Pay {{ payment: {payment}, units: {units}, copies: {copies} }}")
             }
+            Op::Invoice { payment, bought, units, copies } => write!(
+                f,
+                "Op::Invoice {{ payment: {payment}, bought: {bought}, units: {units}, copies: {copies} }}"
+            ),
+            Op::Note { payment, percent, void } => {
+                write!(f, "Op::Note {{ payment: {payment}, percent: {percent}, void: {void} }}")
+            }
             Op::Refund { payment, percent } => write!(f, "Op::Refund {{ payment: {payment}, percent: {percent} }}"),
             Op::Dispute { payment, won } => write!(f, "Op::Dispute {{ payment: {payment}, won: {won} }}"),
             Op::Deliver { pick } => write!(f, "Op::Deliver {{ pick: {pick} }}"),
@@ -129,6 +152,7 @@ impl fmt::Debug for Op {
             Op::Card { card } => write!(f, "Op::Card {{ card: {card} }}"),
             Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
             Op::Cap { node, cents } => write!(f, "Op::Cap {{ node: {node}, cents: {cents} }}"),
+            Op::Plan { node, to } => write!(f, "Op::Plan {{ node: {node}, to: {to} }}"),
             Op::StoreFaults { on } => write!(f, "Op::StoreFaults {{ on: {on} }}"),
             Op::StripeFaults { which, count } => write!(f, "Op::StripeFaults {{ which: {which}, count: {count} }}"),
         }
@@ -177,7 +201,7 @@ impl Op {
             Op::Plain { node, .. } | Op::Keyed { node, .. } | Op::Held { node, .. } | Op::Job { node, .. } => {
                 Some(*node)
             }
-            Op::Kill { node } | Op::Reload { node, .. } | Op::Cap { node, .. } => Some(*node),
+            Op::Kill { node } | Op::Reload { node, .. } | Op::Cap { node, .. } | Op::Plan { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -188,6 +212,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
     let mut rng = Rng::new(seed);
     let mut ops = Vec::with_capacity(n);
     let mut payments = 0u16;
+    let mut invoices = Vec::new();
     let mut jobs = 0u16;
     let nodes = u64::from(nodes_of(seed));
     let node = |rng: &mut Rng| u8::try_from(rng.below(nodes)).unwrap();
@@ -195,7 +220,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
     ops.push(Op::StoreFaults { on: rng.chance(800) });
     for _ in 0..n {
         let roll = rng.below(1_000);
-        let who = [Who::Q, Who::B, Who::S][usize::try_from(rng.below(3)).unwrap()];
+        let who = [Who::Q, Who::B, Who::S, Who::D][usize::try_from(rng.below(4)).unwrap()];
         let op = match roll {
             0..=199 => Op::Plain { node: node(&mut rng), who },
             200..=299 => Op::Keyed { node: node(&mut rng), who, key: u16::try_from(rng.below(12)).unwrap() },
@@ -228,7 +253,17 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
                 let actual = if rng.chance(150) { estimate + rng.below(100) } else { rng.below(estimate + 1) };
                 Op::Held { node: node(&mut rng), who, estimate, actual, ending }
             }
-            650..=729 => {
+            700..=729 => {
+                payments += 1;
+                invoices.push(payments);
+                Op::Invoice {
+                    payment: payments,
+                    bought: u8::try_from(rng.below(3)).unwrap(),
+                    units: 100 * (1 + rng.below(8)),
+                    copies: 1 + u8::try_from(rng.below(2)).unwrap(),
+                }
+            }
+            650..=699 => {
                 payments += 1;
                 Op::Pay {
                     payment: payments,
@@ -244,6 +279,12 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
                 payment: 1 + u16::try_from(rng.below(u64::from(payments))).unwrap(),
                 percent: [25, 50, 100][usize::try_from(rng.below(3)).unwrap()],
             },
+            770..=789 if !invoices.is_empty() => Op::Note {
+                payment: invoices[usize::try_from(rng.below(invoices.len() as u64)).unwrap()],
+                percent: [10, 25, 50][usize::try_from(rng.below(3)).unwrap()],
+                void: rng.chance(300),
+            },
+            790..=804 => Op::Plan { node: node(&mut rng), to: u8::try_from(rng.below(4)).unwrap() },
             850..=869 => {
                 Op::Cap { node: node(&mut rng), cents: [0, 50, 200, 300][usize::try_from(rng.below(4)).unwrap()] }
             }
