@@ -37,8 +37,13 @@ pub struct Clock {
 }
 
 enum Inner {
-    System { quanta: quanta::Clock, start: quanta::Instant, offset: AtomicI64 },
-    Fake(FakeClock),
+    System {
+        quanta: quanta::Clock,
+        start: quanta::Instant,
+        offset: AtomicI64,
+    },
+    /// A fake time, read `off` nanoseconds away from it (a host whose clock is off).
+    Fake(FakeClock, i64),
 }
 
 impl Clock {
@@ -75,7 +80,7 @@ impl Clock {
     #[must_use]
     pub fn fake_at_unix(unix_secs: i64) -> (Self, FakeClock) {
         let handle = FakeClock { nanos: Arc::new(AtomicI64::new(unix_secs.saturating_mul(1_000_000_000))) };
-        (Self { inner: Arc::new(Inner::Fake(handle.clone())) }, handle)
+        (Self { inner: Arc::new(Inner::Fake(handle.clone(), 0)) }, handle)
     }
 
     /// Wall-clock time in nanoseconds since the Unix epoch.
@@ -87,7 +92,7 @@ impl Clock {
                 let mono = quanta.now().duration_since(*start).as_nanos() as i64;
                 mono + offset.load(Ordering::Relaxed)
             }
-            Inner::Fake(f) => f.nanos.load(Ordering::Acquire),
+            Inner::Fake(f, off) => f.nanos.load(Ordering::Acquire).saturating_add(*off),
         }
     }
 
@@ -101,7 +106,7 @@ impl Clock {
     /// Whether this is a fake clock.
     #[must_use]
     pub fn is_fake(&self) -> bool {
-        matches!(*self.inner, Inner::Fake(_))
+        matches!(*self.inner, Inner::Fake(..))
     }
 }
 
@@ -115,7 +120,9 @@ impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &*self.inner {
             Inner::System { .. } => f.write_str("Clock::System"),
-            Inner::Fake(c) => f.debug_tuple("Clock::Fake").field(&c.nanos.load(Ordering::Relaxed)).finish(),
+            Inner::Fake(c, off) => {
+                f.debug_tuple("Clock::Fake").field(&c.nanos.load(Ordering::Relaxed).saturating_add(*off)).finish()
+            }
         }
     }
 }
@@ -148,8 +155,8 @@ impl governor::clock::Clock for Clock {
                 (mono, mono + offset.load(Ordering::Relaxed))
             }
             // The fake monotonic reading follows the fake wall time (which only moves forward).
-            Inner::Fake(f) => {
-                let wall = f.nanos.load(Ordering::Acquire);
+            Inner::Fake(f, off) => {
+                let wall = f.nanos.load(Ordering::Acquire).saturating_add(*off);
                 (wall, wall)
             }
         };
@@ -171,7 +178,22 @@ impl FakeClock {
     /// time.
     #[must_use]
     pub fn clock(&self) -> Clock {
-        Clock { inner: Arc::new(Inner::Fake(self.clone())) }
+        Clock { inner: Arc::new(Inner::Fake(self.clone(), 0)) }
+    }
+
+    /// A clock reading this handle's time `off_secs` seconds away from it (ahead when
+    /// positive): an engine of a test's fleet on a host whose clock is off, within the skew
+    /// the fleet tolerates ([`Limits::clock_skew`](crate::config::Limits::clock_skew)).
+    ///
+    /// ```
+    /// use tollgate::clock::Clock;
+    /// let (clock, handle) = Clock::fake_at_unix(1_000);
+    /// let behind = handle.clock_off_by(-90);
+    /// assert_eq!((clock.unix_secs(), behind.unix_secs()), (1_000, 910));
+    /// ```
+    #[must_use]
+    pub fn clock_off_by(&self, off_secs: i64) -> Clock {
+        Clock { inner: Arc::new(Inner::Fake(self.clone(), off_secs.saturating_mul(1_000_000_000))) }
     }
 
     /// Moves the clock forward by `by`.

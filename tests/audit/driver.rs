@@ -53,7 +53,7 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
     stores.plan.plant(defect);
     // As many nodes as the operations name (2 to 4, drawn from the seed).
     let nodes = ops.iter().filter_map(Op::node).max().map_or(2, |n| (n + 1).max(2));
-    let mut fleet = Fleet::start(stores, nodes).await;
+    let mut fleet = Fleet::start(stores, nodes, crate::ops::skews_of(seed, nodes)).await;
     fleet.exact |= defect.is_some();
     let mut outcome = Outcome::default();
     let mut tasks: tokio::task::JoinSet<Answer> = tokio::task::JoinSet::new();

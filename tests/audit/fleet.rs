@@ -328,6 +328,9 @@ pub(crate) struct Fleet {
     /// was ever in force (a cap set whose answer was lost may be in force).
     pub(crate) highest_cap: u64,
     pub(crate) events: AtomicU64,
+    /// How far (seconds) each slot's host clock is off the fleet's time: within half the
+    /// skew the fleet tolerates either way, so two nodes differ by at most that skew.
+    pub(crate) skews: Vec<i64>,
     /// The plans (0: `quota`, 1: `quota_large`) and overrides (set or not) `d` may have been on:
     /// each change asked for may be in force (an answer lost).
     pub(crate) d_plans: std::collections::BTreeSet<u8>,
@@ -339,7 +342,8 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     /// `nodes` engines on `stores`.
-    pub(crate) async fn start(stores: Stores, nodes: u8) -> Self {
+    /// `skews[slot]`: how far (seconds) the clock of the host in that slot is off.
+    pub(crate) async fn start(stores: Stores, nodes: u8, skews: Vec<i64>) -> Self {
         let stripe = StandIn::start(&[("requests", None), ("tokens", None)]).await;
         let alerts = common::alerts::Receiver::start().map(|receiver| (receiver, common::alerts::secret_file()));
         let section = alerts.as_ref().map_or(String::new(), |(receiver, (_, secret))| {
@@ -371,6 +375,7 @@ impl Fleet {
             payments: BTreeMap::new(),
             redeliver: true,
             highest_cap: PLAN_CAP_CENTS,
+            skews,
             d_plans: [0].into(),
             d_overridden: [false].into(),
             events: AtomicU64::new(0),
@@ -384,8 +389,8 @@ impl Fleet {
             .put_tenant(&d, &[tollgate::store::KeyHash::of(Who::D.key().as_bytes())])
             .await
             .expect("d in the directory");
-        for _ in 0..nodes {
-            let node = fleet.node();
+        for slot in 0..usize::from(nodes) {
+            let node = fleet.node_off(fleet.skews[slot]);
             fleet.generations.push(fleet.next_generation);
             fleet.next_generation += 1;
             fleet.nodes.push(Some(node));
@@ -399,8 +404,15 @@ impl Fleet {
         fleet
     }
 
-    /// A new engine on the fleet's stores, its worker running.
+    /// A new engine on the fleet's stores, its worker running, on a clock that is right (the
+    /// auditor's own nodes).
     pub(crate) fn node(&self) -> Node {
+        self.node_off(0)
+    }
+
+    /// A new engine on the fleet's stores, its worker running, on a host whose clock is
+    /// `off` seconds away from the fleet's time.
+    pub(crate) fn node_off(&self, off: i64) -> Node {
         let config = Config::from_toml_str(&self.toml).expect("the audit's configuration");
         let sink =
             StripeSink::new(&Secret::new(common::stripe::SECRET), Some(&self.stripe.url), Duration::from_secs(1))
@@ -409,7 +421,7 @@ impl Fleet {
             RechargeCharger::new(&Secret::new(common::stripe::SECRET), Some(&self.stripe.url), Duration::from_secs(2))
                 .expect("a recharge charger");
         let (engine, worker): (Tollgate, _) = builder_on(config, &self.stores.nodes)
-            .clock(self.clock.clone())
+            .clock(self.handle.clock_off_by(off))
             .billing_sink(sink)
             .recharge_charger(charger)
             .build();
@@ -447,7 +459,7 @@ impl Fleet {
         // Its requests stuck in their handlers never end.
         self.dead_requests.extend(self.stuck.take(generation, &self.tally).into_iter().map(ManuallyDrop::new));
         self.tally.killed(self.generations[slot]);
-        self.nodes[slot] = Some(self.node());
+        self.nodes[slot] = Some(self.node_off(self.skews[slot]));
         self.generations[slot] = self.next_generation;
         self.next_generation += 1;
     }

@@ -194,6 +194,15 @@ pub(crate) fn nodes_of(seed: u64) -> u8 {
     2 + u8::try_from(Rng::new(seed ^ 0x5eed).below(3)).unwrap()
 }
 
+/// How far (seconds) the clock of each node's host is off, drawn from `seed`: right in a
+/// third of the seeds, else each within 90 s either way (half the 3 minutes of skew the
+/// fleet tolerates, `Limits::clock_skew`, so that two nodes differ by at most that).
+pub(crate) fn skews_of(seed: u64, nodes: u8) -> Vec<i64> {
+    let mut rng = Rng::new(seed ^ 0xc10c);
+    let right = rng.chance(333);
+    (0..nodes).map(|_| if right { 0 } else { i64::try_from(rng.below(181)).unwrap() - 90 }).collect()
+}
+
 impl Op {
     /// The node it runs on, if any.
     pub(crate) fn node(&self) -> Option<u8> {
