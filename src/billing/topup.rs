@@ -667,21 +667,32 @@ impl WebhookHandler {
     ///
     /// A void of an invoice whose grant may still come (unpaid, or paid a day ago or less) is
     /// answered 500 until the grant lands, as its note is: dropped, it would leave the note,
-    /// delivered after the grant, taking what Stripe gave back.
+    /// delivered after the grant, taking what Stripe gave back. A void of a note that credited
+    /// nothing of the invoice's credit lines (the seats of an invoice) is ignored at once, as
+    /// the note is.
     async fn credit_note_voided(
         &self,
+        credits: &CreditSettings,
         event: &str,
-        note: &str,
+        o: &Value,
         invoice: &str,
         back: CreditRefund,
     ) -> Option<WebhookOutcome> {
         let quota = self.quota.as_ref()?;
+        let note = id_of(&o["id"]).unwrap_or_default();
+        // As its note: what it credited of the credit lines (none: nothing was taken).
+        match self.credit_lines(credits, invoice).await {
+            Ok(lines) if note_money(o, &lines, NotePart::Credited) == 0 => return Some(WebhookOutcome::Ignored),
+            Ok(_) => {}
+            Err(e) => return Some(self.unreadable(event, "the voided credit note's invoice lines", e)),
+        }
         match quota.refund_credits(&back).await {
             Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
                 self.node.tenant_changed(&tenant);
                 tracing::info!(%event, %note, %tenant, %meter, %grant, units, "a credit note voided: what it took given back");
                 Some(WebhookOutcome::Reinstated { tenant, meter, units })
             }
+            // Its grant may still come: delivered again until it lands.
             Ok(RefundOutcome::Unknown) => match self.grant_may_come(event, invoice, self.clock.unix_secs()).await {
                 Ok(true) => {
                     tracing::warn!(%event, %note, %invoice,
@@ -1124,6 +1135,12 @@ impl WebhookHandler {
         let (Some(note), Some(invoice)) = (id_of(&o["id"]), id_of(&o["invoice"])) else {
             return Some(WebhookOutcome::Ignored);
         };
+        let voided = kind == "credit_note.voided";
+        // A note that credited nothing to the balance or out of band (a pre-payment note, one
+        // all refunded) took nothing, and its void gives nothing back.
+        if note_credited(o) == 0 || (!voided && o["status"] == "void") {
+            return Some(WebhookOutcome::Ignored);
+        }
         let tenant = match id_of(&o["customer"]) {
             Some(customer) => match self.tenant_of(config, customer).await {
                 Ok(t) => t,
@@ -1135,12 +1152,9 @@ impl WebhookHandler {
             Some(t) => r.for_tenant(t.clone()),
             None => r,
         };
-        if kind == "credit_note.voided" {
+        if voided {
             let back = of_note(CreditRefund::new(invoice, 0, 0, self.clock.unix_secs()).of_invoice(invoice));
-            return self.credit_note_voided(event, note, invoice, back.giving_back(note)).await;
-        }
-        if o["status"] == "void" || note_credited(o) == 0 {
-            return Some(WebhookOutcome::Ignored);
+            return self.credit_note_voided(credits, event, o, invoice, back.giving_back(note)).await;
         }
         let quota = self.quota.as_ref()?;
         let credit_lines = match self.credit_lines(credits, invoice).await {

@@ -30,6 +30,8 @@ pub(crate) struct Outcome {
     pub(crate) statuses: BTreeMap<u16, u64>,
     /// The store was not there (outside CI).
     pub(crate) skipped: bool,
+    /// How far (seconds) each node's host clock was off.
+    pub(crate) skews: Vec<i64>,
 }
 
 impl Outcome {
@@ -53,9 +55,10 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
     stores.plan.plant(defect);
     // As many nodes as the operations name (2 to 4, drawn from the seed).
     let nodes = ops.iter().filter_map(Op::node).max().map_or(2, |n| (n + 1).max(2));
-    let mut fleet = Fleet::start(stores, nodes, crate::ops::skews_of(seed, nodes)).await;
+    let skews = crate::ops::skews_of(seed, nodes);
+    let mut fleet = Fleet::start(stores, nodes, skews.clone()).await;
     fleet.exact |= defect.is_some();
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome { skews, ..Outcome::default() };
     let mut tasks: tokio::task::JoinSet<Answer> = tokio::task::JoinSet::new();
     let mut clock_tick = tokio::time::interval(Duration::from_millis(5));
     // A tick missed (a loaded machine) is not made up in a burst.
@@ -103,6 +106,7 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
             }
             Op::Note { payment, percent, void } => fleet.note(payment, percent, void),
             Op::Plan { node, to } => fleet.change_plan(node, to).await,
+            Op::Subscription { to, copies } => fleet.subscribe(to, copies),
             Op::Refund { payment, percent } => fleet.refund(payment, percent),
             Op::Dispute { payment, won } => fleet.dispute(payment, won).await,
             Op::Deliver { pick } => {

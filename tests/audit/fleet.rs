@@ -107,6 +107,17 @@ stripe_customer = "cus_s"
 [stripe]
 api_base = "{url}"
 timeout = "1s"
+plan_order = ["quota_large", "quota"]
+[stripe.subscription_status]
+past_due = "quota"
+unpaid = "quota"
+canceled = "quota"
+paused = "quota"
+incomplete = "ignore"
+incomplete_expired = "quota"
+[stripe.prices]
+price_quota = "quota"
+price_quota_large = "quota_large"
 [stripe.credits]
 meter = "tokens"
 refunds = "proportional"
@@ -604,6 +615,10 @@ impl Fleet {
         let signature =
             stripe_webhook::Webhook::generate_test_header(&delivery.payload, WEBHOOK_SECRET, Some(self.now()));
         let reply = handler.handle(Some(&signature), delivery.payload.as_bytes()).await;
+        if std::env::var_os("AUDIT_VERBOSE").is_some() {
+            let kind = serde_json::from_str::<Value>(&delivery.payload).map(|e| e["type"].clone()).unwrap_or_default();
+            eprintln!("webhook {kind} on slot {slot}: {} {:?}", reply.status(), reply.outcome);
+        }
         match reply.status().as_u16() {
             // Stripe delivers at least once: some are delivered again, later, after a 200.
             200 if self.redeliver && pick.is_multiple_of(5) => {

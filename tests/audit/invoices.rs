@@ -130,6 +130,10 @@ impl Fleet {
             known.notes.push(note.clone());
             ("credit_note.created", note)
         };
+        // Its credit goes to the customer's balance, which Stripe applies to the next invoice
+        // finalized (a recharge's); a void takes it back.
+        let cents = i64::try_from(changed.cents).unwrap();
+        self.stripe.add_credit_balance(Who::B.customer(), if void { -cents } else { cents });
         // "List all credit notes" of the invoice holds them all, voided ones as `void`.
         let notes: Vec<Value> = known.notes.iter().map(|n| note_object(&invoice, n)).collect();
         let object = note_object(&invoice, &changed);

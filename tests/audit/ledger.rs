@@ -470,7 +470,15 @@ fn money(fleet: &Fleet, grants: &[CreditGrant], v: &mut Vec<String>) {
     for invoice in &invoices {
         let id = invoice["id"].as_str().unwrap_or_default();
         let paid = invoice["status"] == "paid";
-        let amount = invoice["amount_paid"].as_u64().unwrap_or(0);
+        // What its packs cost, however it was paid (the customer's credit balance, which credit
+        // notes fill, pays some or all of it; a debit adds to it).
+        let amount = invoice["total"].as_u64().unwrap_or(0);
+        if std::env::var_os("AUDIT_VERBOSE").is_some() {
+            eprintln!(
+                "recharge invoice {id}: {} total {amount} paid {} starting balance {}",
+                invoice["status"], invoice["amount_paid"], invoice["starting_balance"]
+            );
+        }
         let grant: Vec<&CreditGrant> = grants.iter().filter(|g| g.id == id).collect();
         if paid {
             charged += amount;
@@ -594,15 +602,17 @@ fn notes(n: u16, paid: &crate::fleet::Payment, g: &CreditGrant, v: &mut Vec<Stri
                 t.units,
                 refund_share(paid.units, note.cents)
             )),
-            Some(note) if note.voided && !t.given_back && t.removed > 0 => {
-                v.push(format!("money: note {} was voided and its take stays: {t:?}", note.id));
-            }
             Some(_) => {}
+        }
+    }
+    for note in paid.notes.iter().filter(|note| note.voided) {
+        if !g.takes.iter().any(|t| t.id == note.id && t.given_back) {
+            v.push(format!("money: note {} of payment {n} was voided and its take stays: {:?}", note.id, g.takes));
         }
     }
     for note in paid.notes.iter().filter(|note| !note.voided) {
         let share = paid.units * note.cents / PAYMENT_AMOUNT;
-        if share > 0 && !g.takes.iter().any(|t| t.id == note.id && t.units == share) {
+        if share > 0 && !g.takes.iter().any(|t| t.id == note.id && t.units == share && !t.given_back) {
             v.push(format!(
                 "money: note {} of payment {n} ({} cents) did not take the {share} units it credits: {:?}",
                 note.id, note.cents, g.takes

@@ -59,7 +59,7 @@ async fn audit(kind: Kind, seeds: impl IntoIterator<Item = u64>, ops: usize) {
         eprintln!(
             "audit {} seed {seed:#x}: {ops} operations, clocks off by {:?} s, faults {:?}, answers {:?}, {:.1} s",
             kind.name(),
-            crate::ops::skews_of(seed, crate::ops::nodes_of(seed)),
+            outcome.skews,
             outcome.faults,
             outcome.statuses,
             started.elapsed().as_secs_f64()

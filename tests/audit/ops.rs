@@ -111,6 +111,10 @@ pub(crate) enum Op {
     /// The operator moves `d` through a node's admin: to plan `quota` (`to` 0) or
     /// `quota_large` (1), or sets (2) or clears (3) its override of the tokens quota.
     Plan { node: u8, to: u8 },
+    /// `d`'s subscription moves it (`customer.subscription.updated` on the price of plan
+    /// `quota`, `to` 0, or `quota_large`, 1), or ends (2: `customer.subscription.deleted`,
+    /// canceled: `quota`), its event queued `copies` times.
+    Subscription { to: u8, copies: u8 },
     /// `s` sets its own spend cap to `cents` (0: lifts it, the plan's holds again), through a
     /// node's admin.
     Cap { node: u8, cents: u16 },
@@ -153,6 +157,7 @@ impl fmt::Debug for Op {
             Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
             Op::Cap { node, cents } => write!(f, "Op::Cap {{ node: {node}, cents: {cents} }}"),
             Op::Plan { node, to } => write!(f, "Op::Plan {{ node: {node}, to: {to} }}"),
+            Op::Subscription { to, copies } => write!(f, "Op::Subscription {{ to: {to}, copies: {copies} }}"),
             Op::StoreFaults { on } => write!(f, "Op::StoreFaults {{ on: {on} }}"),
             Op::StripeFaults { which, count } => write!(f, "Op::StripeFaults {{ which: {which}, count: {count} }}"),
         }
@@ -195,12 +200,13 @@ pub(crate) fn nodes_of(seed: u64) -> u8 {
 }
 
 /// How far (seconds) the clock of each node's host is off, drawn from `seed`: right in a
-/// third of the seeds, else each within 90 s either way (half the 3 minutes of skew the
-/// fleet tolerates, `Limits::clock_skew`, so that two nodes differ by at most that).
+/// third of the seeds, else each within 80 s either way, so that two nodes differ by at most
+/// the 3 minutes of skew the fleet tolerates (`Limits::clock_skew`) less the 10 s between
+/// the flushes that stop a lease gone stale.
 pub(crate) fn skews_of(seed: u64, nodes: u8) -> Vec<i64> {
     let mut rng = Rng::new(seed ^ 0xc10c);
     let right = rng.chance(333);
-    (0..nodes).map(|_| if right { 0 } else { i64::try_from(rng.below(181)).unwrap() - 90 }).collect()
+    (0..nodes).map(|_| if right { 0 } else { i64::try_from(rng.below(161)).unwrap() - 80 }).collect()
 }
 
 impl Op {
@@ -294,6 +300,10 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
                 void: rng.chance(300),
             },
             790..=804 => Op::Plan { node: node(&mut rng), to: u8::try_from(rng.below(4)).unwrap() },
+            805..=819 => Op::Subscription {
+                to: u8::try_from(rng.below(3)).unwrap(),
+                copies: 1 + u8::try_from(rng.below(2)).unwrap(),
+            },
             850..=869 => {
                 Op::Cap { node: node(&mut rng), cents: [0, 50, 200, 300][usize::try_from(rng.below(4)).unwrap()] }
             }

@@ -1,6 +1,7 @@
 //! `d`, a tenant of the store's directory that the operator moves between plans and gives an
 //! override of its quota mid-period (`Admin::set_plan`, `Admin::set_overrides`, through a
-//! node's admin whose store calls meet the faults), and what the ledger checks of it: the
+//! node's admin whose store calls meet the faults), and its Stripe subscription moves too (its
+//! events delivered late, again and out of order), and what the ledger checks of it: the
 //! period's counters carry over every move, so what it is served stays within the highest
 //! limit it may have had, and a node alone at the end is served exactly what the limits in
 //! force leave.
@@ -21,6 +22,8 @@ pub(crate) const LARGE_TOKENS_LIMIT: u64 = 6_000;
 pub(crate) const OVERRIDE_TOKENS_LIMIT: u64 = 400;
 
 const PLANS: [&str; 2] = ["quota", "quota_large"];
+/// The prices of `d`'s subscription that `[stripe.prices]` maps to each plan.
+const PRICES: [&str; 2] = ["price_quota", "price_quota_large"];
 
 /// The override the operator gives `d`: a month of fewer tokens than either plan's.
 fn override_json() -> String {
@@ -60,6 +63,29 @@ impl Fleet {
         };
         if std::env::var_os("AUDIT_VERBOSE").is_some() {
             eprintln!("d's plan change {to} on slot {slot}: {done:?}");
+        }
+    }
+
+    /// `d`'s subscription moves it to plan `to` (0: `quota`, 1: `quota_large`: its price,
+    /// `customer.subscription.updated`) or ends (2: `customer.subscription.deleted`, its
+    /// status `canceled`, which `[stripe.subscription_status]` maps to `quota`), the event
+    /// queued `copies` times (Stripe's redeliveries; delivered in any order, an older one is
+    /// stale).
+    pub(crate) fn subscribe(&mut self, to: u8, copies: u8) {
+        let to = to % 3;
+        let plan = if to == 1 { 1 } else { 0 };
+        self.d_plans.insert(plan);
+        let mut sub = crate::fleet::fixtures()["subscription"].clone();
+        sub["id"] = serde_json::json!("sub_audit_d");
+        sub["customer"] = serde_json::json!(Who::D.customer());
+        sub["created"] = serde_json::json!(crate::common::NOON);
+        sub["status"] = serde_json::json!(if to == 2 { "canceled" } else { "active" });
+        sub["items"]["data"][0]["price"]["id"] = serde_json::json!(PRICES[usize::from(plan)]);
+        sub["items"]["data"][0]["price"]["lookup_key"] = serde_json::Value::Null;
+        let kind = if to == 2 { "customer.subscription.deleted" } else { "customer.subscription.updated" };
+        let payload = self.event(&self.next_event(), kind, sub);
+        for _ in 0..copies.max(1) {
+            self.queue.push(crate::fleet::Delivery { payload: payload.clone() });
         }
     }
 

@@ -1128,6 +1128,26 @@ async fn a_note_voided_before_its_grant_lands_is_kept_until_it_does(s: Setup) {
     let created = event("evt_v3", "credit_note.created", note);
     assert_eq!(s.signed(&created).await, (200, WebhookOutcome::Duplicate), "the voided note takes nothing");
     assert_eq!(s.balance().await.granted, 100);
+    // A void that could give nothing back is ignored at once, never delivered again: a note
+    // on an invoice of seats paid a minute ago (no grant will ever come), and a pre-payment
+    // note (it credited nothing to the balance).
+    let mut seats = invoice("in_seats", "cus_acme", &[("seat", 1)]);
+    seats["status_transitions"]["paid_at"] = json!(NOON - 60);
+    s.stripe.add_invoice(seats.clone());
+    s.stripe.add_lines("/v1/invoices/in_seats/lines", seats["lines"]["data"].as_array().unwrap().clone());
+    let mut of_seats = credit_note("cn_s", "in_seats", &[("il_in_seats_0", 500)], 0);
+    of_seats["customer_balance_transaction"] = json!("cbtxn_s");
+    of_seats["status"] = json!("void");
+    let void = event("evt_v4", "credit_note.voided", of_seats);
+    assert_eq!(s.signed(&void).await, (200, WebhookOutcome::Ignored), "the seats bought no credit");
+    let mut before = credit_note("cn_p", "in_v", &[("il_in_v_0", 500)], 0);
+    before["type"] = json!("pre_payment");
+    before["pre_payment_amount"] = json!(500);
+    before["post_payment_amount"] = json!(0);
+    before["status"] = json!("void");
+    let void = event("evt_v5", "credit_note.voided", before);
+    assert_eq!(s.signed(&void).await, (200, WebhookOutcome::Ignored), "a pre-payment note credited nothing");
+    assert_eq!(s.balance().await.granted, 100);
 }
 
 // A dispute won after its funds were withdrawn gives back what the withdrawal took of what the

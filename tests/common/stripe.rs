@@ -66,8 +66,9 @@
 //!   with `pending_invoice_items_behavior=include` ("Defaults to exclude"); `POST /v1/invoices/{id}/void`
 //!   ("Void an invoice") voids an open invoice only (`invoice.voided` emitted; a paid or draft
 //!   one: 400); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
-//!   applying the customer's credit balance first ([`StandIn::set_credit_balance`], "Customer
-//!   credit balance"): an invoice it covers, or whose amount due is under the minimum charge
+//!   applying the customer's credit balance first ([`StandIn::set_credit_balance`],
+//!   [`StandIn::add_credit_balance`], "Customer credit balance"; a debit adds to the amount
+//!   due): an invoice it covers, or whose amount due is under the minimum charge
 //!   (0.50), is paid then and there without a payment (`invoice.paid` emitted), and a later pay
 //!   is refused; `POST /v1/invoices/{id}/pay` pays an open invoice with the customer's
 //!   default payment method ([`StandIn::set_card`]): it pays (status `paid`,
@@ -436,6 +437,13 @@ impl StandIn {
     /// `customer`'s credit balance (what Stripe applies to its next finalized invoice).
     pub fn set_credit_balance(&self, customer: &str, amount: i64) {
         self.lock().credit_balances.insert(customer.to_owned(), amount);
+    }
+
+    /// Adds `amount` to `customer`'s credit balance (a credit note to the balance), or takes
+    /// it away when negative (a note voided: "Voiding a credit note reverses its customer
+    /// balance transaction"); the balance may go below zero, a debit the next invoice adds.
+    pub fn add_credit_balance(&self, customer: &str, amount: i64) {
+        *self.lock().credit_balances.entry(customer.to_owned()).or_default() += amount;
     }
 
     /// What `customer`'s default payment method does when an invoice is paid.
@@ -1013,7 +1021,9 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
             // (0.50), is paid at once without a payment (the rest debited to the balance).
             let customer = inv["customer"].as_str().unwrap_or_default().to_owned();
             let total = inv["total"].as_i64().unwrap_or(0);
-            let credit = s.credit_balances.get(&customer).copied().unwrap_or(0).clamp(0, total.max(0));
+            // A debit (a balance below zero) is added to the amount due ("Customer credit
+            // balance": a positive customer balance, Stripe's sign, increases the next invoice).
+            let credit = s.credit_balances.get(&customer).copied().unwrap_or(0).min(total.max(0));
             let due = total - credit;
             *s.credit_balances.entry(customer).or_default() -= credit;
             inv["starting_balance"] = serde_json::json!(-credit);
