@@ -126,11 +126,17 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
                 }
                 fleet.kill(node);
             }
-            Op::Reload { node, small } => {
+            Op::Reload { node, small, raised } => {
                 let (h, generation) = fleet.at(node);
                 // Each reload retires the node's states: one more cell that may hold a call.
                 fleet.tally.add(generation, Who::Q, RELOADS, 1);
                 let toml = if small { crate::fleet::small_leases(&fleet.toml) } else { fleet.toml.clone() };
+                let toml = if raised {
+                    fleet.large_raised = true;
+                    crate::plans::raised_large(&toml)
+                } else {
+                    toml
+                };
                 let config = tollgate::config::Config::from_toml_str(&toml).unwrap();
                 if let Err(e) = h.tollgate.reload(config).await {
                     outcome.violations.push(format!("reload: {e}"));

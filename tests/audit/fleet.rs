@@ -346,6 +346,8 @@ pub(crate) struct Fleet {
     /// each change asked for may be in force (an answer lost).
     pub(crate) d_plans: std::collections::BTreeSet<u8>,
     pub(crate) d_overridden: std::collections::BTreeSet<bool>,
+    /// A node was reloaded with plan `quota_large`'s limits raised.
+    pub(crate) large_raised: bool,
     /// The receiver of the fleet's alerts (none where no Python with the Standard Webhooks
     /// library runs: outside CI), and the directory of its secret's file.
     pub(crate) alerts: Option<(common::alerts::Receiver, tempfile::TempDir)>,
@@ -389,6 +391,7 @@ impl Fleet {
             skews,
             d_plans: [0].into(),
             d_overridden: [false].into(),
+            large_raised: false,
             events: AtomicU64::new(0),
             alerts,
         };

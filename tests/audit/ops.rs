@@ -100,7 +100,9 @@ pub(crate) enum Op {
     /// A node's configuration reloaded (its leases go back): with `small`, one whose quotas
     /// lease less at a time (a rolling deploy: the fleet's nodes then differ), else the
     /// fleet's own.
-    Reload { node: u8, small: bool },
+    /// With `raised`, its plan `quota_large` allows more (200 requests, 7,000 tokens a month):
+    /// a deploy that changes a plan's limits mid-period.
+    Reload { node: u8, small: bool, raised: bool },
     /// The clock moved on.
     Advance { secs: u32 },
     /// `b`'s default payment method changes: pays, declined, needs 3-D Secure, a bank debit.
@@ -151,7 +153,9 @@ impl fmt::Debug for Op {
             Op::Dispute { payment, won } => write!(f, "Op::Dispute {{ payment: {payment}, won: {won} }}"),
             Op::Deliver { pick } => write!(f, "Op::Deliver {{ pick: {pick} }}"),
             Op::Kill { node } => write!(f, "Op::Kill {{ node: {node} }}"),
-            Op::Reload { node, small } => write!(f, "Op::Reload {{ node: {node}, small: {small} }}"),
+            Op::Reload { node, small, raised } => {
+                write!(f, "Op::Reload {{ node: {node}, small: {small}, raised: {raised} }}")
+            }
             Op::Advance { secs } => write!(f, "Op::Advance {{ secs: {secs} }}"),
             Op::Card { card } => write!(f, "Op::Card {{ card: {card} }}"),
             Op::Settle { pick, succeeds } => write!(f, "Op::Settle {{ pick: {pick}, succeeds: {succeeds} }}"),
@@ -309,7 +313,7 @@ pub(crate) fn generate(seed: u64, n: usize) -> Vec<Op> {
             }
             730..=849 => Op::Deliver { pick: u16::try_from(rng.below(64)).unwrap() },
             870..=889 => Op::Kill { node: node(&mut rng) },
-            890..=909 => Op::Reload { node: node(&mut rng), small: rng.chance(400) },
+            890..=909 => Op::Reload { node: node(&mut rng), small: rng.chance(400), raised: rng.chance(300) },
             910..=959 => Op::Advance { secs: [5, 30, 120, 300][usize::try_from(rng.below(4)).unwrap()] },
             960..=969 => Op::StoreFaults { on: rng.chance(600) },
             970..=979 if rng.chance(500) => Op::Card { card: u8::try_from(rng.below(4)).unwrap() },

@@ -17,6 +17,21 @@ use crate::{
 /// The hard limits of plan `quota_large`'s month.
 pub(crate) const LARGE_REQUESTS_LIMIT: u64 = 180;
 pub(crate) const LARGE_TOKENS_LIMIT: u64 = 6_000;
+/// Plan `quota_large`'s limits in the configuration some reloads bring (a deploy that raises
+/// them mid-period).
+pub(crate) const RAISED_REQUESTS_LIMIT: u64 = 200;
+pub(crate) const RAISED_TOKENS_LIMIT: u64 = 7_000;
+
+/// The fleet's configuration `toml` with plan `quota_large`'s limits raised.
+pub(crate) fn raised_large(toml: &str) -> String {
+    let raised = toml
+        .replace(&format!("limit = {LARGE_REQUESTS_LIMIT},"), &format!("limit = {RAISED_REQUESTS_LIMIT},"))
+        .replace(&format!("limit = {LARGE_TOKENS_LIMIT},"), &format!("limit = {RAISED_TOKENS_LIMIT},"));
+    assert_eq!(raised.matches("limit = ").count(), toml.matches("limit = ").count());
+    assert_ne!(raised, toml, "the limits are named as config() writes them");
+    raised
+}
+
 /// The tokens of `d`'s override of its plan's quota: fewer than it uses in most seeds, so
 /// that an override set mid-run refuses it, and one cleared serves it again.
 pub(crate) const OVERRIDE_TOKENS_LIMIT: u64 = 400;
@@ -89,12 +104,17 @@ impl Fleet {
         }
     }
 
-    /// The highest limits (requests, tokens) `d` may have had in force.
+    /// The highest limits (requests, tokens) `d` may have had in force, on any node's
+    /// configuration.
     pub(crate) fn d_highest(&self) -> (u64, u64) {
         let mut highest = (0, 0);
         for &plan in &self.d_plans {
             for &overridden in &self.d_overridden {
                 let (r, t) = limits(plan, overridden);
+                let (r, t) = match (plan, self.large_raised) {
+                    (1, true) => (RAISED_REQUESTS_LIMIT, if overridden { t } else { RAISED_TOKENS_LIMIT }),
+                    _ => (r, t),
+                };
                 highest = (highest.0.max(r), highest.1.max(t));
             }
         }
