@@ -131,9 +131,24 @@ impl Tollgate {
         match self.units().events().take_reserved(&id) {
             Some(r) => {
                 r.give_back(self.units().leases(), self.units().prefetcher());
+                self.report_given_back(&r).await;
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells the store at once what the cell of a job's reservation keeps once units of it
+    /// went back to the lease (`Leases::report_now`):
+    /// the store counts them as the job's, spent at the node's expiry, until told. A failure
+    /// leaves the report in flight for the cell's next call (logged).
+    async fn report_given_back(&self, r: &crate::engine::usage::events::Reserved) {
+        if !r.took() {
+            return;
+        }
+        if let Err(e) = self.units().leases().report_now(&r.state, r.meter).await {
+            tracing::debug!(tenant = %r.state.id, error = %e,
+                "what a job gave back was not told to the store: its cell's next call tells it");
         }
     }
 
@@ -276,7 +291,16 @@ impl Tollgate {
             }
         }
         let returned = self.units().events().commit(ready, &mut out).await;
-        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
+        // The duplicates' units are in the lease again, while the store counts them used
+        // until told (a node killed first would leave them used for the rest of the period):
+        // told at once, as a job's units given back are.
+        for (state, meter) in &returned {
+            if let Err(e) = self.units().leases().report_now(state, *meter).await {
+                tracing::debug!(tenant = %state.id, error = %e,
+                    "what duplicates gave back was not told to the store: its cell's next call tells it");
+            }
+        }
+        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), !returned.is_empty())
     }
 
     /// Checks an event, finds its tenant and takes its units from the quota of its period;
@@ -315,6 +339,9 @@ impl Tollgate {
                     if e.quantity <= r.quantity || !r.took() {
                         let units = if r.took() { EventUnits::Held } else { EventUnits::None };
                         r.give_back_part(r.quantity.saturating_sub(e.quantity), leases, self.units().prefetcher());
+                        if e.quantity < r.quantity {
+                            self.report_given_back(&r).await;
+                        }
                         (state, meter, units)
                     } else {
                         let more = e.quantity - r.quantity;

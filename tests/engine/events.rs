@@ -647,3 +647,62 @@ async fn the_ids_a_node_remembers_stored_are_its_newest() {
     assert!(engine.record_event(ev("e0", 1, NOON)).await.is_err());
     assert_eq!(engine.record_event(ev("e0", 1, NOON)).await.unwrap(), EventOutcome::Duplicate);
 }
+
+/// Found by the audit (shrunk to a job reserving 50 tokens, recording 10, and its node
+/// killed): the units a job's reservation gives back (its work recorded fewer, or abandoned)
+/// go to the node's lease, while the store counts them as the job's until the node's next
+/// call says otherwise, and a job's units stay spent at the node's expiry. A node killed before
+/// its next flush left them spent for the rest of the period. The node now tells the store at
+/// once: after its expiry, another node is served exactly what was not used.
+#[tokio::test]
+async fn units_a_job_gives_back_come_back_though_its_node_dies() {
+    for store in [Arc::new(MemoryStore::new()) as Arc<dyn Store>, {
+        // Kept past the test (the dead engine is never dropped).
+        let dir = tempfile::tempdir().unwrap().keep();
+        Arc::new(tollgate::store::SqliteStore::open(dir.join("t.db")).await.unwrap())
+    }] {
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let build = || {
+            let config = Config::from_toml_str(TOML).unwrap();
+            Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
+        };
+        let (dead, dead_worker) = build();
+        let hold = Duration::from_secs(600);
+        dead.reserve_event(&ev("a", 6, NOON), hold).await.unwrap();
+        assert_eq!(dead.record_event(ev("a", 2, NOON)).await.unwrap(), EventOutcome::Applied);
+        dead.reserve_event(&ev("b", 3, NOON), hold).await.unwrap();
+        assert!(dead.release_event(&ev("b", 3, NOON)).await, "abandoned");
+        // Killed: no shutdown, no flush, nothing of it runs again.
+        let _dead = std::mem::ManuallyDrop::new((dead, dead_worker));
+        handle.advance(Duration::from_secs(2 * 3_600));
+        let (other, _worker) = build();
+        other.reserve_event(&ev("c", 8, NOON), hold).await.expect("the 8 units the dead node did not use");
+        assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+    }
+}
+
+/// Found by the audit next (a job's event delivered again through another node, that node
+/// then killed): a duplicate gives the units it took back to its node's lease, while the store
+/// counts them used until the node's next call. A node killed before its next flush left them
+/// used for the rest of the period; it now tells the store at once.
+#[tokio::test]
+async fn units_a_duplicate_gives_back_come_back_though_its_node_dies() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let build = || {
+        let config = Config::from_toml_str(TOML).unwrap();
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
+    };
+    let (first, _first_worker) = build();
+    assert_eq!(first.record_event(ev("a", 4, NOON)).await.unwrap(), EventOutcome::Applied);
+    first.shutdown().await.unwrap();
+    let (dead, dead_worker) = build();
+    assert_eq!(dead.record_event(ev("a", 4, NOON)).await.unwrap(), EventOutcome::Duplicate);
+    // Killed: no shutdown, no flush, nothing of it runs again.
+    let _dead = std::mem::ManuallyDrop::new((dead, dead_worker));
+    handle.advance(Duration::from_secs(2 * 3_600));
+    let (other, _worker) = build();
+    let hold = Duration::from_secs(600);
+    other.reserve_event(&ev("c", 6, NOON), hold).await.expect("the 6 units the event did not use");
+    assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+}

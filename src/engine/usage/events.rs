@@ -424,12 +424,15 @@ impl EventRecorder {
     /// (duplicates). When the write may have landed (a timeout, a batch applied in part), the
     /// units stay taken, so a hard quota is never passed, and are held for the event's retry on
     /// this node (which reuses them; a retry of an event already stored answers `Duplicate`).
+    ///
+    /// Returns the cells duplicates gave units back to (their lease, or what is owed): the
+    /// store counts those units used until the node's next call says otherwise.
     pub(crate) async fn commit(
         &self,
         ready: Vec<Prepared>,
         out: &mut [Option<Result<EventOutcome, EventError>>],
-    ) -> bool {
-        let mut returned = false;
+    ) -> Vec<(Tenant, usize)> {
+        let mut returned: Vec<(Tenant, usize)> = Vec::new();
         if !ready.is_empty() {
             let batch: Vec<UsageEvent> = ready.iter().map(|p| p.event.clone()).collect();
             // From the write on, the units are the events' whatever comes (a write cut off,
@@ -477,7 +480,10 @@ impl EventRecorder {
                             // Not applied (a duplicate): its units go back to where they came
                             // from.
                             drop(Taken::new(&p.state, p.meter, units, source, p.taken_at));
-                            returned |= units > 0;
+                            let known = returned.iter().any(|(t, m)| *m == p.meter && t.id == p.state.id);
+                            if units > 0 && !known {
+                                returned.push((p.state.clone(), p.meter));
+                            }
                         }
                         out[p.index] = Some(Ok(outcome));
                     }

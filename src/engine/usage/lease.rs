@@ -850,6 +850,23 @@ impl Leases {
         }
     }
 
+    /// Tells the store at once what `state`'s cell of `meter` keeps, if that changed since
+    /// its last call said it, with the cell's lock taken here: after a job's reservation gave
+    /// units back to the lease (its work recorded fewer, or was abandoned). Until told, the
+    /// store counts them as the job's, which stay spent at the node's expiry: a node killed
+    /// before its next flush would leave them spent for the rest of the period. A report that
+    /// fails is in flight, sent again by the cell's next call.
+    pub(crate) async fn report_now(&self, state: &Tenant, meter: usize) -> Result<(), StoreError> {
+        let Some(cell) = state.quota(meter) else { return Ok(()) };
+        let _guard = cell.lock().lock().await;
+        self.stores
+            .within(async {
+                self.settle_inflight(cell).await?;
+                self.report_if_changed(cell).await
+            })
+            .await
+    }
+
     /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,
     /// settled after its lease was given back), with the cell's lock taken here.
     pub(crate) async fn release_late(
