@@ -109,6 +109,9 @@ impl Tollgate {
                 return Ok(());
             }
             held.give_back(self.units().leases(), self.units().prefetcher());
+            if held.took() {
+                self.report_given_back(vec![(held.state.clone(), held.meter)]).await;
+            }
         }
         let (max, per_tenant) = (rt.config.limits.max_holds, rt.config.limits.max_holds_per_tenant);
         if !events.open_job(&state.id, max, per_tenant) {
@@ -131,24 +134,28 @@ impl Tollgate {
         match self.units().events().take_reserved(&id) {
             Some(r) => {
                 r.give_back(self.units().leases(), self.units().prefetcher());
-                self.report_given_back(&r).await;
+                if r.took() {
+                    self.report_given_back(vec![(r.state.clone(), r.meter)]).await;
+                }
                 true
             }
             None => false,
         }
     }
 
-    /// Tells the store at once what the cell of a job's reservation keeps once units of it
-    /// went back to the lease (`Leases::report_now`):
-    /// the store counts them as the job's, spent at the node's expiry, until told. A failure
-    /// leaves the report in flight for the cell's next call (logged).
-    async fn report_given_back(&self, r: &crate::engine::usage::events::Reserved) {
-        if !r.took() {
-            return;
-        }
-        if let Err(e) = self.units().leases().report_now(&r.state, r.meter).await {
-            tracing::debug!(tenant = %r.state.id, error = %e,
-                "what a job gave back was not told to the store: its cell's next call tells it");
+    /// Tells the store at once what these cells keep, units having gone back to their leases
+    /// (`Leases::report_now`: a job's reservation recorded fewer or released, a duplicate's
+    /// units), each once and together; a cell busy or lapsing is asked of the worker's tend.
+    async fn report_given_back(&self, mut cells: Vec<(Tenant, usize)>) {
+        cells.sort_by(|a, b| (a.0.id.as_str(), a.1).cmp(&(b.0.id.as_str(), b.1)));
+        cells.dedup_by(|a, b| a.1 == b.1 && a.0.id == b.0.id);
+        let leases = self.units().leases();
+        let told =
+            futures_util::future::join_all(cells.iter().map(|(state, meter)| leases.report_now(state, *meter))).await;
+        for ((state, meter), told) in cells.iter().zip(told) {
+            if !told {
+                self.units().prefetcher().tend(state, *meter);
+            }
         }
     }
 
@@ -282,8 +289,9 @@ impl Tollgate {
         let now = self.shared().clock().unix_secs();
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
+        let mut given_back = Vec::new();
         for (index, e) in events.iter().enumerate() {
-            match self.prepare_event(&rt, e, index, now).await {
+            match self.prepare_event(&rt, e, index, now, &mut given_back).await {
                 Ok(Some(p)) => ready.push(p),
                 // Seen stored by this node: a redelivery, answered without a write.
                 Ok(None) => out[index] = Some(Ok(EventOutcome::Duplicate)),
@@ -291,16 +299,15 @@ impl Tollgate {
             }
         }
         let returned = self.units().events().commit(ready, &mut out).await;
-        // The duplicates' units are in the lease again, while the store counts them used
-        // until told (a node killed first would leave them used for the rest of the period):
-        // told at once, as a job's units given back are.
-        for (state, meter) in &returned {
-            if let Err(e) = self.units().leases().report_now(state, *meter).await {
-                tracing::debug!(tenant = %state.id, error = %e,
-                    "what duplicates gave back was not told to the store: its cell's next call tells it");
-            }
+        let any = !returned.is_empty();
+        // Units back in the leases (reservations' rest, duplicates') while the store counts
+        // them spent or used until told: a node killed first would leave them so for the rest
+        // of the period. Told at once, after the write.
+        given_back.extend(returned);
+        if !given_back.is_empty() {
+            self.report_given_back(given_back).await;
         }
-        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), !returned.is_empty())
+        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), any)
     }
 
     /// Checks an event, finds its tenant and takes its units from the quota of its period;
@@ -312,6 +319,7 @@ impl Tollgate {
         e: &Event,
         index: usize,
         now: i64,
+        given_back: &mut Vec<(Tenant, usize)>,
     ) -> Result<Option<Prepared>, EventError> {
         let (state, meter, at) = self.check_event(rt, e, now).await?;
         let step = Self::event_window(rt, e);
@@ -339,8 +347,8 @@ impl Tollgate {
                     if e.quantity <= r.quantity || !r.took() {
                         let units = if r.took() { EventUnits::Held } else { EventUnits::None };
                         r.give_back_part(r.quantity.saturating_sub(e.quantity), leases, self.units().prefetcher());
-                        if e.quantity < r.quantity {
-                            self.report_given_back(&r).await;
+                        if e.quantity < r.quantity && r.took() {
+                            given_back.push((r.state.clone(), r.meter));
                         }
                         (state, meter, units)
                     } else {
@@ -367,6 +375,9 @@ impl Tollgate {
                     // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
                         r.give_back(leases, self.units().prefetcher());
+                        if r.took() {
+                            given_back.push((r.state.clone(), r.meter));
+                        }
                     }
                     let units = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
                     (state, meter, units)

@@ -656,28 +656,42 @@ async fn the_ids_a_node_remembers_stored_are_its_newest() {
 /// once: after its expiry, another node is served exactly what was not used.
 #[tokio::test]
 async fn units_a_job_gives_back_come_back_though_its_node_dies() {
-    for store in [Arc::new(MemoryStore::new()) as Arc<dyn Store>, {
-        // Kept past the test (the dead engine is never dropped).
-        let dir = tempfile::tempdir().unwrap().keep();
-        Arc::new(tollgate::store::SqliteStore::open(dir.join("t.db")).await.unwrap())
-    }] {
-        let (clock, handle) = Clock::fake_at_unix(NOON);
-        let build = || {
-            let config = Config::from_toml_str(TOML).unwrap();
-            Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
-        };
-        let (dead, dead_worker) = build();
-        let hold = Duration::from_secs(600);
-        dead.reserve_event(&ev("a", 6, NOON), hold).await.unwrap();
-        assert_eq!(dead.record_event(ev("a", 2, NOON)).await.unwrap(), EventOutcome::Applied);
-        dead.reserve_event(&ev("b", 3, NOON), hold).await.unwrap();
-        assert!(dead.release_event(&ev("b", 3, NOON)).await, "abandoned");
-        // Killed: no shutdown, no flush, nothing of it runs again.
-        let _dead = std::mem::ManuallyDrop::new((dead, dead_worker));
-        handle.advance(Duration::from_secs(2 * 3_600));
-        let (other, _worker) = build();
-        other.reserve_event(&ev("c", 8, NOON), hold).await.expect("the 8 units the dead node did not use");
-        assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+    for release in [false, true] {
+        for sqlite in [false, true] {
+            let store: Arc<dyn Store> = if sqlite {
+                // Kept past the test (the dead engine is never dropped).
+                let dir = tempfile::tempdir().unwrap().keep();
+                Arc::new(tollgate::store::SqliteStore::open(dir.join("t.db")).await.unwrap())
+            } else {
+                Arc::new(MemoryStore::new())
+            };
+            let (clock, handle) = Clock::fake_at_unix(NOON);
+            let build = || {
+                let config = Config::from_toml_str(TOML).unwrap();
+                Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
+            };
+            let (dead, dead_worker) = build();
+            let hold = Duration::from_secs(600);
+            dead.reserve_event(&ev("a", 6, NOON), hold).await.unwrap();
+            assert_eq!(dead.record_event(ev("a", 2, NOON)).await.unwrap(), EventOutcome::Applied);
+            if release {
+                // The store told of the 4 back in the lease; then a reservation the lease
+                // cannot cover (asked of the store: counted the job's there), abandoned.
+                dead.flush().await.unwrap();
+                dead.reserve_event(&ev("b", 5, NOON), hold).await.unwrap();
+                assert!(dead.release_event(&ev("b", 5, NOON)).await, "abandoned");
+            }
+            // Killed: no shutdown, no flush, nothing of it runs again.
+            let _dead = std::mem::ManuallyDrop::new((dead, dead_worker));
+            handle.advance(Duration::from_secs(2 * 3_600));
+            let (other, _worker) = build();
+            let left = other.reserve_event(&ev("c", 8, NOON), hold).await;
+            assert!(left.is_ok(), "release {release}, sqlite {sqlite}: the 8 units not used: {left:?}");
+            assert!(matches!(
+                other.reserve_event(&ev("d", 1, NOON), hold).await,
+                Err(EventError::QuotaExceeded { .. })
+            ));
+        }
     }
 }
 

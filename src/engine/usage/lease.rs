@@ -851,20 +851,32 @@ impl Leases {
     }
 
     /// Tells the store at once what `state`'s cell of `meter` keeps, if that changed since
-    /// its last call said it, with the cell's lock taken here: after a job's reservation gave
-    /// units back to the lease (its work recorded fewer, or was abandoned). Until told, the
-    /// store counts them as the job's, which stay spent at the node's expiry: a node killed
-    /// before its next flush would leave them spent for the rest of the period. A report that
-    /// fails is in flight, sent again by the cell's next call.
-    pub(crate) async fn report_now(&self, state: &Tenant, meter: usize) -> Result<(), StoreError> {
-        let Some(cell) = state.quota(meter) else { return Ok(()) };
-        let _guard = cell.lock().lock().await;
-        self.stores
+    /// its last call said it: after a job's reservation gave units back to the lease (its
+    /// work recorded fewer, or was abandoned), or a duplicate event did. Until told, the store
+    /// counts them as the job's (spent at the node's expiry) or as used: a node killed before
+    /// its next flush would leave them spent for the rest of the period. Never waits for the
+    /// cell: one busy (a call under way, which may have read what it keeps before), or whose
+    /// reservation is stale or stopped (only a reservation's answer may renew it), is left to
+    /// the worker's tend: `false`, ask it at once. A report that fails is in flight, sent
+    /// again by the cell's next call.
+    pub(crate) async fn report_now(&self, state: &Tenant, meter: usize) -> bool {
+        let Some(cell) = state.quota(meter) else { return true };
+        let (expiry, skew) = self.expiry();
+        let lapsing = cell.stopped() || cell.stale(self.clock.unix_secs(), expiry, skew);
+        let guard = if lapsing { None } else { cell.lock().try_lock() };
+        let Some(_guard) = guard else { return false };
+        let told = self
+            .stores
             .within(async {
                 self.settle_inflight(cell).await?;
                 self.report_if_changed(cell).await
             })
-            .await
+            .await;
+        if let Err(e) = told {
+            tracing::debug!(tenant = %state.id, error = %e,
+                "units given back were not told to the store: the cell's next call tells it");
+        }
+        true
     }
 
     /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,
