@@ -450,6 +450,39 @@ async fn a_call_left_in_flight_is_sent_again_by_the_next_flush() {
     assert_eq!(served, 100);
 }
 
+/// Units a request gives back (its service failed: a 5xx) go back to the node's lease, and the
+/// store hears of it with the cell's next report, the next flush, not at once (a write for each
+/// failing request would double the store's load while a service is down): the bound of
+/// docs/architecture.md, "Stranded units". A request whose refill counted its unit used gives
+/// it back; killed before the next flush, the node leaves that unit spent (a limit of 20 serves
+/// 19); after it, another node is served every unit not used.
+#[tokio::test]
+async fn units_requests_give_back_are_told_by_the_next_flush() {
+    for flushed in [false, true] {
+        let toml =
+            common::one_tenant("quotas.requests = { limit = 20, period = \"day\", mode = \"hard\", lease = 10 }");
+        let store = Arc::new(common::Faulty::default());
+        let (clock, handle) = Clock::fake_at_unix(common::NOON);
+        let node = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+        for _ in 0..10 {
+            assert_eq!(node.status("/", "key-t").await, 200);
+        }
+        // The lease is spent: the failing request's refill takes its unit (counted used by the
+        // store at once), and the failure gives it back to the lease.
+        node.tollgate.flush().await.unwrap();
+        assert_eq!(node.status("/fail", "key-t").await, 500);
+        let used = store.counters(&"t".into(), &"requests".into()).await.unwrap().remove(0).used();
+        assert_eq!(used, 11, "the store counts the failed request's unit used until it is told");
+        if flushed {
+            node.tollgate.flush().await.unwrap();
+            let used = store.counters(&"t".into(), &"requests".into()).await.unwrap().remove(0).used();
+            assert_eq!(used, 10, "told by the flush");
+        }
+        let served = 10 + served_after_a_kill(&toml, &store, clock, handle, node).await;
+        assert_eq!(served, if flushed { 20 } else { 19 }, "flushed before the kill: {flushed}");
+    }
+}
+
 /// A request whose future is dropped while its refill is on its way (its client gone) leaves
 /// the units it drained from the lease in the lease, as a refill that failed does. On main they
 /// were lost: the call, sent again and answered, left the node holding them less, and they
