@@ -57,7 +57,6 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
     let nodes = ops.iter().filter_map(Op::node).max().map_or(2, |n| (n + 1).max(2));
     let skews = crate::ops::skews_of(seed, nodes);
     let mut fleet = Fleet::start(stores, nodes, skews.clone()).await;
-    fleet.exact |= defect.is_some();
     let mut outcome = Outcome { skews, ..Outcome::default() };
     let mut tasks: tokio::task::JoinSet<Answer> = tokio::task::JoinSet::new();
     let mut clock_tick = tokio::time::interval(Duration::from_millis(5));
@@ -282,6 +281,24 @@ fn settle(outcome: &mut Outcome, done: Option<Result<Answer, tokio::task::JoinEr
 /// (docs/architecture.md, "Stranded units"); [`Tally::unanswered_dead`] bounds them.
 pub(crate) const UNANSWERED: &str = "unanswered";
 
+/// The tally's pseudo-meter of the units of jobs whose reservation was answered with a
+/// failure (503): as [`UNANSWERED`], a refill applied whose answer was lost counts the units
+/// the job was to take used, and a node killed before it sends the call again leaves them so
+/// (docs/architecture.md, "Stranded units"); [`Tally::unanswered_dead`] bounds them.
+pub(crate) const UNANSWERED_JOBS: &str = "unanswered jobs";
+
+/// The tally's pseudo-meter of requests whose units were given back (a hold refused after
+/// the request was admitted, a service failing): back in the lease, they are counted used by
+/// the store until the cell's next report, and a node killed before it leaves them so
+/// (docs/architecture.md, "Stranded units"); [`Tally::unanswered_dead`] bounds them.
+pub(crate) const GIVEN_BACK: &str = "given back";
+
+/// The tally's pseudo-meter of units jobs gave back (their work recorded fewer, or released):
+/// told to the store at once, after the write, but a report that fails is in flight until
+/// the cell's next call, and a node killed before it leaves them spent (docs/events.md);
+/// [`Tally::unanswered_dead`] bounds them.
+pub(crate) const JOBS_GIVEN_BACK: &str = "jobs given back";
+
 /// The tally's pseudo-meter of reloads of a node: each retires its states, whose cells may
 /// hold a call in flight of their own.
 pub(crate) const RELOADS: &str = "reloads";
@@ -364,6 +381,7 @@ async fn held(
         Ok(hold) => hold,
         Err(r) => {
             ticket.give_back();
+            tally.add(generation, who, GIVEN_BACK, 1);
             return refusal(&r);
         }
     };
@@ -380,6 +398,7 @@ async fn held(
         Ending::Fail => {
             drop(hold);
             ticket.give_back();
+            tally.add(generation, who, GIVEN_BACK, 1);
             return Ok(200);
         }
         Ending::Settle => {
@@ -456,13 +475,17 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
     match h.tollgate.reserve_event(&event, Duration::from_secs(86_400)).await {
         Ok(()) => {}
         Err(EventError::QuotaExceeded { .. }) => return Ok(402),
-        Err(e) if e.is_retryable() => return Ok(503),
+        Err(e) if e.is_retryable() => {
+            tally.add(generation, who, UNANSWERED_JOBS, work.units);
+            return Ok(503);
+        }
         Err(e) => return Err(format!("answers: a job's reservation refused: {e}")),
     }
     if work.actual == 0 {
         if !h.tollgate.release_event(&event).await {
             return Err("answers: a job's reservation was not there to release".to_owned());
         }
+        tally.add(generation, who, JOBS_GIVEN_BACK, work.units);
         return Ok(200);
     }
     event.quantity = work.actual;
@@ -495,6 +518,8 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
         // are served once, however often it is delivered.
         if !recorded {
             tally.add(generation, who, "tokens", work.actual);
+            // What it reserved and did not use went back to the lease.
+            tally.add(generation, who, JOBS_GIVEN_BACK, work.units.saturating_sub(work.actual));
             recorded = true;
         }
     }

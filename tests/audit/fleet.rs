@@ -197,21 +197,30 @@ impl Tally {
         (requests * REQUEST_NANOS + tokens * TOKEN_NANOS, dead_requests * REQUEST_NANOS + dead_tokens * TOKEN_NANOS)
     }
 
-    /// Units of `who`'s requests a killed node may leave counted used that nothing used: per
-    /// node killed, its requests answered 503 since its last reported flush, at most one per
-    /// cell it had (a cell has one call in flight: its first state's, and one per reload).
-    pub(crate) fn unanswered_dead(&self, who: Who) -> u64 {
+    /// Units of `who`'s `meter` a killed node may leave counted used that nothing used: per
+    /// node killed, since its last reported flush, its requests answered 503, at most one per
+    /// cell it had (a cell has one call in flight: its first state's, and one per reload), or
+    /// on tokens what its jobs answered 503 were to take (a hold's units are kept, not taken);
+    /// and what its requests (on requests) and jobs (on tokens) gave back, counted used until
+    /// the cell's report lands.
+    pub(crate) fn unanswered_dead(&self, who: Who, meter: &str) -> u64 {
         let killed = self.killed.lock().unwrap().clone();
         let units = self.units.lock().unwrap();
         let flushed = self.flushed.lock().unwrap();
         let of = |g: usize, w: Who, m: &str| units.get(&(g, w, m)).copied().unwrap_or(0);
+        let since = |g: usize, m: &'static str| {
+            let before = flushed.get(&g).and_then(|[f, _]| f.get(&(who, m))).copied().unwrap_or(0);
+            of(g, who, m).saturating_sub(before)
+        };
         killed
             .iter()
-            .map(|&g| {
-                let meter = crate::driver::UNANSWERED;
-                let before = flushed.get(&g).and_then(|[f, _]| f.get(&(who, meter))).copied().unwrap_or(0);
-                let since = of(g, who, meter).saturating_sub(before);
-                since.min(1 + of(g, Who::Q, crate::driver::RELOADS))
+            .map(|&g| match meter {
+                "requests" => {
+                    since(g, crate::driver::UNANSWERED).min(1 + of(g, Who::Q, crate::driver::RELOADS))
+                        + since(g, crate::driver::GIVEN_BACK)
+                }
+                "tokens" => since(g, crate::driver::UNANSWERED_JOBS) + since(g, crate::driver::JOBS_GIVEN_BACK),
+                _ => 0,
             })
             .sum()
     }
@@ -327,8 +336,6 @@ pub(crate) struct Fleet {
     dead_requests: Vec<ManuallyDrop<Box<dyn Send>>>,
     pub(crate) tally: Arc<Tally>,
     pub(crate) stuck: Arc<Stuck>,
-    /// No allowance for the open finding (`AUDIT_EXACT`, and the planted defects).
-    pub(crate) exact: bool,
     /// The worker passes the driver runs, by node generation: a node killed runs none again.
     pub(crate) passes: Mutex<Vec<(usize, tokio::task::AbortHandle)>>,
     pub(crate) queue: Vec<Delivery>,
@@ -382,7 +389,6 @@ impl Fleet {
             dead_requests: Vec::new(),
             tally: Arc::default(),
             stuck: Arc::default(),
-            exact: std::env::var_os("AUDIT_EXACT").is_some(),
             passes: Mutex::default(),
             queue: Vec::new(),
             payments: BTreeMap::new(),

@@ -251,34 +251,22 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         // A refund may take back units already used (the balance held fewer): the counter
         // then holds less than was used, by at most what refunds took.
         let slack = if who == Who::B { taken } else { 0 } + if killed { dead } else { 0 };
-        // A killed node's refill applied whose answer was lost (its request answered 503)
-        // counted that request's units used, and the node never sent it again: they stay so
-        // (docs/architecture.md, "Stranded units"). Requests only: a hold's units are kept.
-        let unanswered = if meter == "requests" { fleet.tally.unanswered_dead(who) } else { 0 };
+        // A killed node's refill applied whose answer was lost (its request or job answered
+        // 503) counted that request's or job's units used, and the node never sent it again:
+        // they stay so (docs/architecture.md, "Stranded units"). Not a hold's: its units are kept.
+        let unanswered = fleet.tally.unanswered_dead(who, meter);
         // A job's event delivered again through another node, whose write failed or went
         // unanswered and whose retry answered `Duplicate`: its units stay spent there
         // (docs/events.md, "A store failure").
         let kept = if meter == "tokens" { fleet.tally.served(who, crate::driver::KEPT_BY_REDELIVERY).0 } else { 0 };
         let dead = dead + unanswered + kept;
-        // The open finding (docs/audit.md, "Open"): on a loaded machine, now and then, a few
-        // units stay counted used that nothing used (under-admission). Allowed up to a lease
-        // per node, and printed; over-admission is never allowed. The planted defects (and
-        // `AUDIT_EXACT`) allow nothing.
-        let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * if meter == "requests" { 8 } else { 100 } };
-        if reserved > stored + dead + open || stored > reserved + slack {
+        if reserved > stored + dead || stored > reserved + slack {
             v.push(format!(
                 "nothing stranded: {}'s {meter} counter holds {reserved} past every expiry; the usage store \
-                 {stored} (slack {slack}; killed nodes lost {dead}, {unanswered} of them refused requests, \
+                 {stored} (slack {slack}; killed nodes lost {dead}, {unanswered} of them refused or given back, \
                  {kept} kept by redeliveries)",
                 who.id()
             ));
-        } else if reserved > stored + dead {
-            eprintln!(
-                "open finding: {}'s {meter} counter holds {reserved}, {} more than the usage store and what killed \
-                 nodes lost",
-                who.id(),
-                reserved - stored - dead
-            );
         }
     }
     // s: its usage store holds what it was served, and its spend what that cost; past every
@@ -305,21 +293,15 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
         ));
     }
     // As q's requests: a killed node's refill applied and unanswered leaves its request's cost.
-    let dead = spent_dead + fleet.tally.unanswered_dead(Who::S) * REQUEST_NANOS;
-    let open = if fleet.exact { 0 } else { fleet.nodes.len() as u64 * (8 * REQUEST_NANOS + 100 * TOKEN_NANOS) };
+    let dead = spent_dead + fleet.tally.unanswered_dead(Who::S, "requests") * REQUEST_NANOS;
     // As q's: a killed node's spend since its last call that landed is given back at its
     // expiry though it was used (and committed by a flush), so the counter may hold that less.
     let slack = if killed { spent_dead } else { 0 };
-    if reserved > stored + dead + open || stored > reserved + slack {
+    if reserved > stored + dead || stored > reserved + slack {
         v.push(format!(
             "nothing stranded: s's spend counter holds {reserved} past every expiry; the usage store {stored} \
              (killed nodes lost {dead})"
         ));
-    } else if reserved > stored + dead {
-        eprintln!(
-            "open finding: s's spend counter holds {reserved}, {} more than the usage store",
-            reserved - stored - dead
-        );
     }
 
     // A grant loses units only to its refunds and disputes (each take at most what it held
