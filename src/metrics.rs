@@ -191,6 +191,7 @@ pub(crate) struct Totals {
     pub(crate) negative_hits: Tally,
     pub(crate) usage_refreshes: Tally,
     pub(crate) usage_refreshes_refused: Tally,
+    pub(crate) give_backs_untold: Tally,
     pub(crate) buffer_full: Tally,
     pub(crate) dropped_units: Tally,
     pub(crate) events_applied: AtomicU64,
@@ -251,6 +252,7 @@ impl Totals {
             negative_hits: Tally::new(counter!("tollgate_unknown_credential_cache_hits_total")),
             usage_refreshes: Tally::new(counter!("tollgate_usage_view_refreshes_total")),
             usage_refreshes_refused: Tally::new(counter!("tollgate_usage_view_refreshes_refused_total")),
+            give_backs_untold: Tally::new(counter!("tollgate_quota_give_backs_untold_total")),
             buffer_full: Tally::new(counter!("tollgate_usage_buffer_full_total")),
             dropped_units: Tally::new(counter!("tollgate_usage_dropped_units_total")),
             anonymous_without_address: Tally::new(counter!("tollgate_anonymous_without_address_total")),
@@ -372,6 +374,12 @@ pub struct Stats {
     /// was spent: the poll was answered the tenant's view of the last minute if one was kept,
     /// else 503 (counted either way).
     pub usage_refreshes_refused: u64,
+    /// Quotas whose units a job (its reservation recorded fewer, or released) or a duplicate
+    /// event gave back to the lease could not be told to the store at once, after the write:
+    /// the report failed, or the quota's call was under way. Left to the worker; the store
+    /// counts those units used until told (a node killed first leaves them spent:
+    /// docs/architecture.md, "Stranded units"). Metric `tollgate_quota_give_backs_untold_total`.
+    pub give_backs_untold: u64,
     /// Flushes that found the usage buffer (`usage.max_buffered_records`) full.
     pub buffer_full: u64,
     /// Units of fail-open usage dropped because the buffer was full (never under fail-closed,
@@ -470,6 +478,7 @@ impl Totals {
             negative_hits: self.negative_hits.get(),
             usage_refreshes: self.usage_refreshes.get(),
             usage_refreshes_refused: self.usage_refreshes_refused.get(),
+            give_backs_untold: self.give_backs_untold.get(),
             buffer_full: self.buffer_full.get(),
             dropped_units: self.dropped_units.get(),
             events_applied: l(&self.events_applied),

@@ -145,7 +145,8 @@ impl Tollgate {
 
     /// Tells the store at once what these cells keep, units having gone back to their leases
     /// (`Leases::report_now`: a job's reservation recorded fewer or released, a duplicate's
-    /// units), each once and together; a cell busy or lapsing is asked of the worker's tend.
+    /// units), each once and together; a cell busy or lapsing, or whose report failed, is
+    /// asked of the worker's tend (and counted, `Stats::give_backs_untold`).
     async fn report_given_back(&self, mut cells: Vec<(Tenant, usize)>) {
         cells.sort_by(|a, b| (a.0.id.as_str(), a.1).cmp(&(b.0.id.as_str(), b.1)));
         cells.dedup_by(|a, b| a.1 == b.1 && a.0.id == b.0.id);
@@ -154,6 +155,7 @@ impl Tollgate {
             futures_util::future::join_all(cells.iter().map(|(state, meter)| leases.report_now(state, *meter))).await;
         for ((state, meter), told) in cells.iter().zip(told) {
             if !told {
+                self.shared().totals().give_backs_untold.add(1);
                 self.units().prefetcher().tend(state, *meter);
             }
         }

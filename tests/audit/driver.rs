@@ -91,12 +91,12 @@ pub(crate) async fn run(kind: Kind, seed: u64, ops: &[Op], defect: Option<Defect
             Op::Job { node, who, job, units, actual, copies, late } => {
                 let (h, generation) = fleet.at(node);
                 // Its first redelivery reaches another node (a queue's other consumer).
-                let (other, _) = fleet.at(node.wrapping_add(1));
+                let (other, other_generation) = fleet.at(node.wrapping_add(1));
                 let tally = fleet.tally.clone();
                 let at = fleet.now() - i64::from(late);
                 tasks.spawn(async move {
                     let work = Work { job, units, actual, copies, at };
-                    self::job([&h, &other], generation, &tally, who, work).await
+                    self::job([(&h, generation), (&other, other_generation)], &tally, who, work).await
                 });
             }
             Op::Pay { payment, units, copies } => fleet.pay(payment, units, copies),
@@ -467,11 +467,15 @@ pub(crate) const KEPT_BY_REDELIVERY: &str = "kept by redelivery";
 /// times: the first time to `nodes[1]`, another consumer), or its work abandoned and
 /// released. Answers as a request would: 200 recorded, 402 refused, 503 the reservation's
 /// store call failed.
-async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, work: Work) -> Answer {
+async fn job(nodes: [(&Harness, usize); 2], tally: &Tally, who: Who, work: Work) -> Answer {
     use tollgate::events::{Event, EventError};
     let at = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(work.at).unwrap());
     let mut event = Event::new(format!("job-{}", work.job), who.id().into(), "tokens".into(), work.units, at);
-    let h = nodes[0];
+    let (h, generation) = nodes[0];
+    // Units given back to a lease that the node could not tell the store at once (its report
+    // failed, or the cell was busy): counted used until told, as a node killed first leaves
+    // them. Told, they are not allowed for.
+    let untold = |h: &Harness| h.tollgate.stats().give_backs_untold;
     match h.tollgate.reserve_event(&event, Duration::from_secs(86_400)).await {
         Ok(()) => {}
         Err(EventError::QuotaExceeded { .. }) => return Ok(402),
@@ -482,25 +486,29 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
         Err(e) => return Err(format!("answers: a job's reservation refused: {e}")),
     }
     if work.actual == 0 {
+        let before = untold(h);
         if !h.tollgate.release_event(&event).await {
             return Err("answers: a job's reservation was not there to release".to_owned());
         }
-        tally.add(generation, who, JOBS_GIVEN_BACK, work.units);
+        if untold(h) > before {
+            tally.add(generation, who, JOBS_GIVEN_BACK, work.units);
+        }
         return Ok(200);
     }
     event.quantity = work.actual;
     let mut recorded = false;
     for copy in 0..1 + u32::from(work.copies) {
-        let h = if copy == 1 { nodes[1] } else { nodes[0] };
+        let (h, on) = if copy == 1 { nodes[1] } else { nodes[0] };
+        let before = untold(h);
         let (mut tries, started) = (0, std::time::Instant::now());
-        loop {
+        let outcome = loop {
             tries += 1;
             match h.tollgate.record_event(event.clone()).await {
                 Ok(outcome) => {
                     if copy == 1 && tries > 1 && outcome == tollgate::store::EventOutcome::Duplicate {
                         tally.add(generation, who, KEPT_BY_REDELIVERY, work.actual);
                     }
-                    break;
+                    break outcome;
                 }
                 // A queue redelivers a message not acknowledged after a while: here after the
                 // clock's next tick (a second of it), so that a node failing fast after a run of
@@ -513,13 +521,19 @@ async fn job(nodes: [&Harness; 2], generation: usize, tally: &Tally, who: Who, w
                     return Err(format!("answers: job-{}'s event was refused after {tries} tries: {e}", work.job))
                 }
             }
+        };
+        if untold(h) > before {
+            // What went back untold: the reservation's rest (the first record), or what a
+            // duplicate took.
+            let units = if copy == 0 { work.units.saturating_sub(work.actual) } else { work.actual };
+            if outcome == tollgate::store::EventOutcome::Duplicate || copy == 0 {
+                tally.add(on, who, JOBS_GIVEN_BACK, units);
+            }
         }
         // Stored once (applied, or a duplicate of a write whose answer was lost): its units
         // are served once, however often it is delivered.
         if !recorded {
             tally.add(generation, who, "tokens", work.actual);
-            // What it reserved and did not use went back to the lease.
-            tally.add(generation, who, JOBS_GIVEN_BACK, work.units.saturating_sub(work.actual));
             recorded = true;
         }
     }

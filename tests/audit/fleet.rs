@@ -160,9 +160,17 @@ pub(crate) struct Tally {
     /// usage: what the node used since its cells' last calls the store took may go back at its
     /// expiry, docs/architecture.md, "Stranded units".)
     flushed: Mutex<BTreeMap<usize, [Served; 2]>>,
+    /// Changes of `d`'s plan or overrides asked for: each retires `d`'s state on every node
+    /// that learns it, giving its lease back (one more cell that may hold a call in flight).
+    d_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Tally {
+    /// A change of `d`'s plan or overrides was asked for.
+    pub(crate) fn d_changed(&self) {
+        self.d_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn add(&self, generation: usize, who: Who, meter: &'static str, units: u64) {
         if units > 0 {
             *self.units.lock().unwrap().entry((generation, who, meter)).or_default() += units;
@@ -197,12 +205,19 @@ impl Tally {
         (requests * REQUEST_NANOS + tokens * TOKEN_NANOS, dead_requests * REQUEST_NANOS + dead_tokens * TOKEN_NANOS)
     }
 
-    /// Units of `who`'s `meter` a killed node may leave counted used that nothing used: per
-    /// node killed, since its last reported flush, its requests answered 503, at most one per
-    /// cell it had (a cell has one call in flight: its first state's, and one per reload), or
-    /// on tokens what its jobs answered 503 were to take (a hold's units are kept, not taken);
-    /// and what its requests (on requests) and jobs (on tokens) gave back, counted used until
-    /// the cell's report lands.
+    /// Units of `who`'s `meter` a killed node may leave counted used that nothing used, per
+    /// node killed (docs/architecture.md, "Stranded units"), since the older of its last two
+    /// flushes that succeeded with no store call failing (a report that failed or passed a
+    /// busy cell is sent again by the next):
+    /// - on requests, its requests answered 503 (whose refill may have landed unanswered), at
+    ///   most one per cell it had (a cell has one call in flight: its first state's, and one
+    ///   per state retired by a reload or a change of `d`), and those its requests gave back
+    ///   (told to the store by the next flush; given back into a retired state's lease, by the
+    ///   first flush after that state's last request ends: for a node with retired states,
+    ///   every one);
+    /// - on tokens, what its jobs answered 503 were to take (a hold's units are kept, not
+    ///   taken), and what its jobs gave back that it could not tell the store at once
+    ///   (`Stats::give_backs_untold`).
     pub(crate) fn unanswered_dead(&self, who: Who, meter: &str) -> u64 {
         let killed = self.killed.lock().unwrap().clone();
         let units = self.units.lock().unwrap();
@@ -212,12 +227,18 @@ impl Tally {
             let before = flushed.get(&g).and_then(|[f, _]| f.get(&(who, m))).copied().unwrap_or(0);
             of(g, who, m).saturating_sub(before)
         };
+        let changes = if who == Who::D { self.d_changes.load(std::sync::atomic::Ordering::Relaxed) } else { 0 };
         killed
             .iter()
             .map(|&g| match meter {
                 "requests" => {
-                    since(g, crate::driver::UNANSWERED).min(1 + of(g, Who::Q, crate::driver::RELOADS))
-                        + since(g, crate::driver::GIVEN_BACK)
+                    let retired = of(g, Who::Q, crate::driver::RELOADS) + changes;
+                    let given_back = if retired > 0 {
+                        of(g, who, crate::driver::GIVEN_BACK)
+                    } else {
+                        since(g, crate::driver::GIVEN_BACK)
+                    };
+                    since(g, crate::driver::UNANSWERED).min(1 + retired) + given_back
                 }
                 "tokens" => since(g, crate::driver::UNANSWERED_JOBS) + since(g, crate::driver::JOBS_GIVEN_BACK),
                 _ => 0,

@@ -60,6 +60,7 @@ impl Fleet {
     /// change may be in force (an answer lost).
     pub(crate) async fn change_plan(&mut self, slot: u8, to: u8) {
         let (h, _) = self.at(slot);
+        self.tally.d_changed();
         let admin = Admin::for_engine(&h.tollgate);
         let id = Who::D.id();
         let done = match to % 4 {
@@ -90,6 +91,7 @@ impl Fleet {
         let to = to % 3;
         let plan = if to == 1 { 1 } else { 0 };
         self.d_plans.insert(plan);
+        self.tally.d_changed();
         let mut sub = crate::fleet::fixtures()["subscription"].clone();
         sub["id"] = serde_json::json!("sub_audit_d");
         sub["customer"] = serde_json::json!(Who::D.customer());

@@ -455,7 +455,8 @@ async fn a_call_left_in_flight_is_sent_again_by_the_next_flush() {
 /// failing request would double the store's load while a service is down): the bound of
 /// docs/architecture.md, "Stranded units". A request whose refill counted its unit used gives
 /// it back; killed before the next flush, the node leaves that unit spent (a limit of 20 serves
-/// 19); after it, another node is served every unit not used.
+/// 19); after it, another node is served every unit not used. (Were the store told at once,
+/// the bound, and this test, would change.)
 #[tokio::test]
 async fn units_requests_give_back_are_told_by_the_next_flush() {
     for flushed in [false, true] {

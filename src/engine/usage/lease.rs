@@ -858,7 +858,7 @@ impl Leases {
     /// cell: one busy (a call under way, which may have read what it keeps before), or whose
     /// reservation is stale or stopped (only a reservation's answer may renew it), is left to
     /// the worker's tend: `false`, ask it at once. A report that fails is in flight, sent
-    /// again by the cell's next call.
+    /// again by the cell's next call, or by the worker's tend: `false` too.
     pub(crate) async fn report_now(&self, state: &Tenant, meter: usize) -> bool {
         let Some(cell) = state.quota(meter) else { return true };
         let (expiry, skew) = self.expiry();
@@ -872,11 +872,14 @@ impl Leases {
                 self.report_if_changed(cell).await
             })
             .await;
-        if let Err(e) = told {
-            tracing::debug!(tenant = %state.id, error = %e,
-                "units given back were not told to the store: the cell's next call tells it");
+        match told {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(tenant = %state.id, error = %e,
+                    "units given back were not told to the store: the cell's next call tells it");
+                false
+            }
         }
-        true
     }
 
     /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,
