@@ -297,16 +297,7 @@ pub(crate) async fn check(fleet: &mut Fleet, outcome: &mut Outcome) {
     // As q's: a killed node's spend since its last call that landed is given back at its
     // expiry though it was used (and committed by a flush), so the counter may hold that less.
     let slack = if killed { spent_dead } else { 0 };
-    // The open finding (docs/audit.md, "Open"): now and then, under load, the counter holds
-    // a nano-dollar more than the usage, a thousandth of the smallest price. Allowed below a
-    // thousand nano-dollars, and printed; a whole unit's price is never allowed.
-    let open = if reserved > stored + dead && reserved - stored - dead < OPEN_NANOS {
-        eprintln!("open finding: s's spend counter holds {reserved}, {} more than its usage", reserved - stored - dead);
-        reserved - stored - dead
-    } else {
-        0
-    };
-    if reserved > stored + dead + open || stored > reserved + slack {
+    if reserved > stored + dead || stored > reserved + slack {
         v.push(format!(
             "nothing stranded: s's spend counter holds {reserved} past every expiry; the usage store {stored} \
              (killed nodes lost {dead})"
@@ -648,10 +639,6 @@ fn tally_node(fleet: &Fleet, who: Who, requests: u64, tokens: u64) {
     fleet.tally.add(usize::MAX, who, "requests", requests);
     fleet.tally.add(usize::MAX, who, "tokens", tokens);
 }
-
-/// Nano-dollars of `s`'s spend counter above its usage allowed as the open finding
-/// (docs/audit.md, "Open"): a thousandth of its smallest price, a token's.
-const OPEN_NANOS: u64 = TOKEN_NANOS / 1_000;
 
 /// A node alone is served a hold of exactly `left` (when some is left), and then refused one
 /// more unit. Returns the requests it was charged.

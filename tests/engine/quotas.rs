@@ -450,6 +450,33 @@ async fn a_call_left_in_flight_is_sent_again_by_the_next_flush() {
     assert_eq!(served, 100);
 }
 
+/// A request refused at a reached limit gives the units its refill drained from the lease back
+/// to the lease, while that refill's call told the store they were the request's (used). With
+/// nothing past the lease's cap to send back, nothing told the store otherwise until the next
+/// flush, and a node killed meanwhile left them spent for the period (found by the audit:
+/// `s`'s spend counter a nano-dollar above its usage). The node now tells the store at once.
+/// On main a limit of 100 served 99.
+#[tokio::test]
+async fn a_request_refused_at_the_limit_leaves_nothing_of_its_lease_counted_used_at_a_kill() {
+    let toml = common::one_tenant("quotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 2 }");
+    let toml = format!("{toml}[[routes]]\nmethod = \"POST\"\npath = \"/big\"\ncost = 5\n");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let dead = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+    let other = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+    assert_eq!(dead.status("/", "key-t").await, 200, "leases 2, keeps 1");
+    let mut served = 1;
+    while other.status("/", "key-t").await == 200 {
+        served += 1;
+    }
+    assert_eq!(served, 99, "the other node took all but the unit the first keeps");
+    let r = dead.send(common::req("POST", "/big", Some("key-t"), None)).await;
+    assert_eq!(r.status, 429, "1 in the lease and nothing left in the store cannot cover 5");
+    other.tollgate.shutdown().await.unwrap();
+    let served = served + served_after_a_kill(&toml, &store, clock, handle, dead).await;
+    assert_eq!(served, 100, "the unit the killed node kept comes back at its expiry");
+}
+
 /// Units a request gives back (its service failed: a 5xx) go back to the node's lease, and the
 /// store hears of it with the cell's next report, the next flush, not at once (a write for each
 /// failing request would double the store's load while a service is down): the bound of
