@@ -376,8 +376,9 @@ pub struct Stats {
     pub usage_refreshes_refused: u64,
     /// Quotas whose units a job (its reservation recorded fewer, or released) or a duplicate
     /// event gave back to the lease could not be told to the store at once, after the write:
-    /// the report failed, or the quota's call was under way. Left to the worker; the store
-    /// counts those units used until told (a node killed first leaves them spent:
+    /// the report failed (sent again by the worker's next pass), or the quota's call was under
+    /// way (told by that call or the next flush). The store counts those units used until
+    /// told (a node killed first leaves them spent:
     /// docs/architecture.md, "Stranded units"). Metric `tollgate_quota_give_backs_untold_total`.
     pub give_backs_untold: u64,
     /// Flushes that found the usage buffer (`usage.max_buffered_records`) full.

@@ -739,15 +739,19 @@ impl Leases {
                     // Refused: the node keeps no more than its cap of what it cannot use; the
                     // rest goes back now, for the fleet's other nodes.
                     self.release_spare(cell, tag).await?;
-                    // What this call drained for the request is back in the lease, while the
-                    // call told the store it was the request's (used): with nothing past the
-                    // cap to send back, the store is told now, or a node killed before its
-                    // next report would leave those units spent. At most one call a second at
-                    // a reached limit (refusals read the answer's "spent" until then). Not
-                    // told (the call fails), it is in flight: the next call sends it.
-                    if let Err(e) = self.report_if_changed(cell).await {
-                        tracing::debug!(key = ?cell.key(start, cell.period().1), error = %e,
-                            "units a refused request drained were not told to the store: the cell's next call tells it");
+                    // What this call drained for a request or a job is back in the lease (with
+                    // what it was granted), while the call told the store it was theirs, used
+                    // at once: past the cap it went back just now; what is left (at most the
+                    // cap, a unit at a reached limit) is told now, or a node killed before its
+                    // next report would leave it spent. A hold's drained units were said held:
+                    // nothing to tell. At most one call a second per quota at a reached limit
+                    // (refusals read the answer's "spent" until then). Not told (the call
+                    // fails), it is in flight: the next call, or the next flush, sends it.
+                    if used_at_once {
+                        if let Err(e) = self.report_if_changed(cell).await {
+                            tracing::debug!(key = ?cell.key(start, end), error = %e,
+                                "units a refused request drained were not told to the store: the cell's next call tells it");
+                        }
                     }
                     Refill::Short
                 }
