@@ -63,6 +63,8 @@ pub mod guide {
     pub mod alerts {}
     #[doc = include_str!("../docs/money.md")]
     pub mod money {}
+    #[doc = include_str!("../docs/dimensions.md")]
+    pub mod dimensions {}
     #[doc = include_str!("../docs/usage.md")]
     pub mod usage {}
     #[doc = include_str!("../docs/dashboard.md")]
@@ -126,7 +128,7 @@ pub use config::Config;
 pub use config::Overrun;
 pub use engine::Worker;
 pub use engine::{BuildError, Builder, Hold, ShutdownError, Tollgate};
-pub use engine::{Feature, QuotaStatus, RecordError, TenantContext};
+pub use engine::{Dimensions, Feature, QuotaStatus, RecordError, TenantContext};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::{Caller, Identity};

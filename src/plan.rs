@@ -32,9 +32,90 @@ pub(crate) struct MeterTable {
     pub(crate) ids: Box<[MeterId]>,
     /// The features routes require, by index (a route's `feature` is its index + 1).
     pub(crate) features: Box<[Box<str>]>,
+    /// By index, the meters a record of it counts in too, as bits: a series' total and the
+    /// selectors it matches (0 for every other meter).
+    pub(crate) rollups: Box<[u64]>,
+    /// By index, a meter with dimensions' series.
+    pub(crate) dims: Box<[Option<Box<SeriesIndex>>]>,
+    /// The selectors (`tokens{model=m-large}`: counted from their series), as bits.
+    pub(crate) selectors: u64,
+}
+
+/// A meter with dimensions' series, by offset ([`MeterDimensions::offset`]).
+#[derive(Debug)]
+pub(crate) struct SeriesIndex {
+    pub(crate) dims: Arc<crate::config::MeterDimensions>,
+    pub(crate) series: Box<[u8]>,
 }
 
 impl MeterTable {
+    /// The table of `ids` (in their order) as `config` declares them.
+    pub(crate) fn new(ids: Vec<MeterId>, features: Vec<Box<str>>, config: &Config) -> Self {
+        let spec = |id: &MeterId| config.meters().iter().find(|m| m.id() == id);
+        let index = |id: &MeterId| ids.iter().position(|m| m == id);
+        let mut rollups = vec![0u64; ids.len()];
+        let mut dims: Vec<Option<Box<SeriesIndex>>> = (0..ids.len()).map(|_| None).collect();
+        let mut selectors = 0u64;
+        for (i, id) in ids.iter().enumerate() {
+            let Some(m) = spec(id) else { continue };
+            if m.series_of().is_some() && !m.is_series() {
+                selectors |= 1 << i;
+            }
+            if let Some(d) = m.dimensions() {
+                let series = (0..d.series())
+                    .map(|off| {
+                        let sid =
+                            crate::config::MeterId::from(crate::config::selector_id(id.as_str(), d.values_at(off)));
+                        index(&sid).expect("validated: every series is declared") as u8
+                    })
+                    .collect();
+                dims[i] = Some(Box::new(SeriesIndex { dims: Arc::new(d.clone()), series }));
+            }
+            if !m.is_series() {
+                continue;
+            }
+            let total = m.series_of().expect("a series has its meter");
+            let mut bits = index(total).map_or(0, |t| 1u64 << t);
+            // Every selector of the same meter whose values this series has.
+            for (j, other) in ids.iter().enumerate() {
+                let Some(o) = spec(other) else { continue };
+                if j != i
+                    && o.series_of() == Some(total)
+                    && !o.is_series()
+                    && o.values().all(|p| m.values().any(|q| q == p))
+                {
+                    bits |= 1 << j;
+                }
+            }
+            rollups[i] = bits;
+        }
+        Self { ids: ids.into(), features: features.into(), rollups: rollups.into(), dims: dims.into(), selectors }
+    }
+
+    /// The series of the meter `meter` with dimensions at `values` (in any order), or why none.
+    pub(crate) fn series(&self, meter: usize, values: &[(&str, &str)]) -> Result<usize, crate::config::DimensionError> {
+        use crate::config::DimensionError;
+        let Some(index) = self.dims.get(meter).and_then(|d| d.as_deref()) else {
+            return Err(DimensionError::Invalid(format!("the meter `{}` has no dimensions", self.ids[meter])));
+        };
+        let d = &index.dims;
+        for (k, (n, _)) in values.iter().enumerate() {
+            if !d.names().any(|x| x == *n) {
+                return Err(DimensionError::UnknownDimension((*n).to_owned()));
+            }
+            if values[..k].iter().any(|(m, _)| m == n) {
+                return Err(DimensionError::Invalid(format!("the dimension `{n}` is given twice")));
+            }
+        }
+        let positions = d
+            .names()
+            .enumerate()
+            .map(|(k, name)| d.position(k, values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)))
+            .collect::<Result<Vec<usize>, _>>()?;
+        let offset = d.offset(positions.into_iter());
+        Ok(usize::from(index.series[offset]))
+    }
+
     /// `route` (indexed by `self`) for a plan whose meters are `to`: the same meters by name
     /// (a meter `to` lacks becomes its default meter, index 0), the policy of the meter alone.
     /// For a request routed under one configuration and served by a tenant state of another,
@@ -333,9 +414,11 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
     if !out.is_empty() {
         out.push_str(", ");
     }
-    let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.in_header(quota.limit().get()));
+    let name = crate::base::policy_name(meter);
+    let _ = write!(out, "\"{name}-{}\";q={};w={w}", quota.period().name(), quota.in_header(quota.limit().get()));
     // A spend cap counts nano-units of the currency (its own unit, not the registry's).
-    let unit = quota.unit.as_deref().unwrap_or(meter);
+    // A series' or a selector's unit is its meter's (`tokens`).
+    let unit = quota.unit.as_deref().unwrap_or_else(|| meter.split('{').next().unwrap_or(meter));
     match meter {
         "requests" => {}
         "content-bytes" => out.push_str(";qu=\"content-bytes\""),
@@ -708,7 +791,7 @@ impl Runtime {
                 }
             }
         }
-        let meters = Arc::new(MeterTable { ids: ids.into(), features: features.into() });
+        let meters = Arc::new(MeterTable::new(ids, features, &config));
         let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
         // The policy shapes of the routes: (meter, meters reported); first each meter alone,
         // then one per other combination the routes use (at most 256 in all).
@@ -999,6 +1082,9 @@ mod tests {
         MeterTable {
             ids: meters.iter().map(MeterId::new).collect(),
             features: features.iter().map(|f| Box::<str>::from(*f)).collect(),
+            rollups: meters.iter().map(|_| 0).collect(),
+            dims: meters.iter().map(|_| None).collect(),
+            selectors: 0,
         }
     }
 

@@ -79,6 +79,33 @@ id_newtype!(
     TenantId
 );
 
+impl MeterId {
+    /// The meter's name in a `RateLimit-Policy` item: its id, or for a series or a selector
+    /// of a meter with dimensions (`tokens{model=m-large}`) the meter and its values joined by
+    /// `-` (`tokens-m-large`), as a policy names it.
+    ///
+    /// ```
+    /// use tollgate::config::MeterId;
+    /// assert_eq!(MeterId::new("tokens{model=m-large,kind=output}").policy_name(), "tokens-m-large-output");
+    /// assert_eq!(MeterId::new("tokens").policy_name(), "tokens");
+    /// ```
+    #[must_use]
+    pub fn policy_name(&self) -> std::borrow::Cow<'_, str> {
+        policy_name(&self.0)
+    }
+}
+
+/// [`MeterId::policy_name`] of a meter's id.
+pub(crate) fn policy_name(meter: &str) -> std::borrow::Cow<'_, str> {
+    let Some((total, rest)) = meter.split_once('{') else { return meter.into() };
+    let mut out = String::from(total);
+    for pair in rest.trim_end_matches('}').split(',') {
+        out.push('-');
+        out.push_str(pair.split_once('=').map_or(pair, |(_, v)| v));
+    }
+    out.into()
+}
+
 impl TenantId {
     /// The longest tenant id, in characters (bytes: a tenant id is ASCII).
     pub const MAX_LEN: usize = 128;

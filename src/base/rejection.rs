@@ -68,6 +68,10 @@ pub enum RejectionKind {
     /// store failure: it feeds no breaker (a quota that fails open admits the request as on a
     /// store failure, its units owed). Nothing is charged.
     TenantBusy,
+    /// The dimension values of a record or a hold name no series of its meter: a value its
+    /// closed list lacks, or a dimension missing, under `on_unknown = "refuse"`, or a
+    /// dimension the meter does not have: 400. Nothing is charged.
+    InvalidDimension,
 }
 
 macro_rules! docs {
@@ -91,7 +95,8 @@ impl RejectionKind {
             | RejectionKind::MalformedIdempotencyKey
             | RejectionKind::MalformedPath
             | RejectionKind::MalformedHoldEstimate
-            | RejectionKind::HoldExceedsLimit => StatusCode::BAD_REQUEST,
+            | RejectionKind::HoldExceedsLimit
+            | RejectionKind::InvalidDimension => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::CreditsExhausted | RejectionKind::SpendCapReached => StatusCode::PAYMENT_REQUIRED,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
@@ -119,7 +124,8 @@ impl RejectionKind {
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
             | RejectionKind::MalformedPath
-            | RejectionKind::MalformedHoldEstimate => 3,
+            | RejectionKind::MalformedHoldEstimate
+            | RejectionKind::InvalidDimension => 3,
             RejectionKind::StoreUnavailable => 14,
             RejectionKind::IdempotencyKeyInUse => 10,
             RejectionKind::IdempotencyKeyMismatch => 9,
@@ -156,6 +162,7 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => "Malformed hold estimate",
             RejectionKind::SpendCapReached => "Spend cap reached",
             RejectionKind::HoldExceedsLimit => "Hold larger than the limit",
+            RejectionKind::InvalidDimension => "Invalid dimension",
             RejectionKind::TenantBusy => "Tenant busy",
         }
     }
@@ -181,6 +188,7 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => docs!("MalformedHoldEstimate"),
             RejectionKind::SpendCapReached => docs!("SpendCapReached"),
             RejectionKind::HoldExceedsLimit => docs!("HoldExceedsLimit"),
+            RejectionKind::InvalidDimension => docs!("InvalidDimension"),
             RejectionKind::TenantBusy => docs!("TenantBusy"),
         }
     }
@@ -206,11 +214,12 @@ impl RejectionKind {
             RejectionKind::MalformedHoldEstimate => "malformed_hold_estimate",
             RejectionKind::SpendCapReached => "spend_cap_reached",
             RejectionKind::HoldExceedsLimit => "hold_exceeds_limit",
+            RejectionKind::InvalidDimension => "invalid_dimension",
             RejectionKind::TenantBusy => "tenant_busy",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 18] = [
+    pub(crate) const ALL: [RejectionKind; 19] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
@@ -229,5 +238,6 @@ impl RejectionKind {
         RejectionKind::SpendCapReached,
         RejectionKind::HoldExceedsLimit,
         RejectionKind::TenantBusy,
+        RejectionKind::InvalidDimension,
     ];
 }

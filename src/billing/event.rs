@@ -46,6 +46,15 @@ pub struct MeterEvent {
     /// running total, not a delta.
     #[serde(skip_serializing_if = "is_sum")]
     pub aggregation: MeterAggregation,
+    /// A series' values (`model` = `m-large`, `kind` = `output`), in the order its meter
+    /// declares its dimensions: the billing event's dimensions (Stripe's payload keys a meter
+    /// lists in `dimension_payload_keys`, Metronome's properties). Empty for a meter without.
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_map")]
+    pub dimensions: Vec<(String, String)>,
+}
+
+fn as_map<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 /// The deterministic identifier of a meter event in the empty namespace (a store made before

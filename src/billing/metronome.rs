@@ -208,6 +208,9 @@ struct Properties<'a> {
     window_start: String,
     window_end: String,
     revision: String,
+    /// A series' values, as properties Metronome's billable metrics group by.
+    #[serde(flatten)]
+    dimensions: std::collections::BTreeMap<&'a str, &'a str>,
 }
 
 impl<'a> Usage<'a> {
@@ -233,6 +236,7 @@ impl<'a> Usage<'a> {
                 window_start: rfc3339(event.window_start)?,
                 window_end: rfc3339(event.window_end)?,
                 revision: event.revision.to_string(),
+                dimensions: event.dimensions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
             },
         })
     }

@@ -141,10 +141,12 @@ impl BillingSink for StripeSink {
         let Some(customer) = &event.customer else {
             return Err(SinkError::Permanent("the tenant has no Stripe customer".into()));
         };
-        let payload = HashMap::from([
+        let mut payload = HashMap::from([
             ("stripe_customer_id".to_owned(), customer.clone()),
             ("value".to_owned(), event.value.to_string()),
         ]);
+        // A series' values, under the keys its Stripe meter lists in `dimension_payload_keys`.
+        payload.extend(event.dimensions.iter().cloned());
         let key = IdempotencyKey::new(&event.identifier).map_err(|e| SinkError::Permanent(e.to_string()))?;
         let request = CreateBillingMeterEvent::new(event.event_name.as_str(), payload)
             .identifier(event.identifier.as_str())

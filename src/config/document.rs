@@ -392,9 +392,19 @@ impl Config {
 impl Validator<'_, '_> {
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let billing = self.billing(raw.billing.as_ref())?;
-        let meters = self.meters(&raw.meters, &billing)?;
+        // The selectors the file limits (`quotas."tokens{model=m-large}"`): each is counted.
+        let selectors: std::collections::BTreeSet<String> = raw
+            .plans
+            .values()
+            .flat_map(|p| p.quotas.keys())
+            .chain(raw.tenants.values().filter_map(|t| t.overrides.as_ref()).flat_map(|o| o.quotas.keys()))
+            .filter(|k| k.contains('{'))
+            .cloned()
+            .collect();
+        let meters = self.meters(&raw.meters, &selectors, &billing)?;
         let default_meter =
             self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
+        self.counted_alone(&meters, "usage.default_meter", &default_meter)?;
         let mut plans = self.plans(&raw.plans, &meters, &billing)?;
         let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
         let clients = self.clients(&raw.identify)?;

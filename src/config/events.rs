@@ -61,7 +61,9 @@ impl Validator<'_, '_> {
             if code.is_empty() || code.len() > 256 {
                 return Err(self.invalid(&path, "a product code is 1 to 256 bytes"));
             }
-            products.insert(code.clone(), self.meter_ref(meters, &path, meter)?);
+            let id = self.meter_ref(meters, &path, meter)?;
+            self.counted_alone(meters, &path, &id)?;
+            products.insert(code.clone(), id);
         }
         let store_timeout = self.duration("events.store_timeout", raw.store_timeout.as_deref(), d.store_timeout)?;
         if store_timeout.is_zero() {

@@ -1,9 +1,11 @@
 //! `[meters.<name>]`: what is counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::dimensions::{parse_selector, selector_id, MeterDimensions};
 use super::{validator::check_name, validator::Validator};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::MeterId;
@@ -17,6 +19,15 @@ pub(crate) struct RawMeter {
     pub(crate) event_name: Option<String>,
     pub(crate) aggregation: Option<String>,
     pub(crate) price: Option<String>,
+    /// The meter's dimensions (`["model", "kind"]`), in the order selectors and prices nest.
+    pub(crate) dimensions: Option<Vec<String>>,
+    /// Each dimension's closed list of values.
+    #[serde(default)]
+    pub(crate) values: BTreeMap<String, Vec<String>>,
+    /// What a value a list lacks, or a missing one, does: `refuse` or `other`.
+    pub(crate) on_unknown: Option<String>,
+    /// Prices per series, nested in the dimensions' order.
+    pub(crate) prices: Option<toml::Value>,
 }
 
 /// How the billing system's meter aggregates the events of a meter (`aggregation` in
@@ -59,6 +70,14 @@ pub struct MeterSpec {
     pub(crate) export: bool,
     /// Its price per unit, a decimal of the currency (`price`).
     pub(crate) price: Option<rust_decimal::Decimal>,
+    /// A meter with dimensions: its dimensions (on the meter itself, the total of its series).
+    pub(crate) dimensions: Option<Arc<MeterDimensions>>,
+    /// A series or a selector: the meter with dimensions it counts for.
+    pub(crate) of: Option<MeterId>,
+    /// A series' or a selector's values, in the dimensions' order.
+    pub(crate) values: Box<[(Box<str>, Box<str>)]>,
+    /// A series (a value of every dimension), not a selector.
+    pub(crate) series: bool,
 }
 
 impl MeterSpec {
@@ -100,11 +119,78 @@ impl MeterSpec {
     pub fn aggregation(&self) -> MeterAggregation {
         self.aggregation
     }
+
+    /// The meter's dimensions, for a meter declared with them (the total of its series).
+    #[must_use]
+    pub fn dimensions(&self) -> Option<&MeterDimensions> {
+        self.dimensions.as_deref()
+    }
+
+    /// For a series (`tokens{model=m-large,kind=output}`) or a selector (`tokens{model=m-large}`)
+    /// of a meter with dimensions: that meter.
+    #[must_use]
+    pub fn series_of(&self) -> Option<&MeterId> {
+        self.of.as_ref()
+    }
+
+    /// A series' or a selector's values, in the order its meter declares its dimensions (none
+    /// for another meter).
+    pub fn values(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(n, v)| (&**n, &**v))
+    }
+
+    /// Whether this is a series: a meter with dimensions' count at one value of each, the unit
+    /// that is priced and billed.
+    #[must_use]
+    pub fn is_series(&self) -> bool {
+        self.series
+    }
+
+    fn plain(id: &str, event_name: &str) -> Self {
+        Self {
+            id: id.into(),
+            event_name: event_name.into(),
+            description: None,
+            aggregation: MeterAggregation::Sum,
+            export: true,
+            price: None,
+            dimensions: None,
+            of: None,
+            values: Box::new([]),
+            series: false,
+        }
+    }
 }
 
 impl Validator<'_, '_> {
     /// A reference to a declared meter.
+    /// A selector (`tokens{model=m-large}`) names the series or the selector of a meter with
+    /// dimensions, its pairs in any order.
     pub(super) fn meter_ref(&self, meters: &[MeterSpec], path: &str, name: &str) -> Result<MeterId, ConfigError> {
+        if let Some(parsed) = parse_selector(name) {
+            let bad = |why: String| self.loc.error(Kind::InvalidValue, path, format!("selector `{name}`: {why}"));
+            let (meter, pairs) = parsed.map_err(bad)?;
+            let Some(total) = meters.iter().find(|m| m.id.as_str() == meter) else {
+                return Err(self.loc.error(
+                    Kind::UnknownReference,
+                    path,
+                    format!("unknown meter `{meter}`: declare it under [meters]"),
+                ));
+            };
+            let Some(dims) = total.dimensions() else {
+                return Err(bad(format!("the meter `{meter}` has no dimensions")));
+            };
+            let values = canonical(dims, &pairs).map_err(bad)?;
+            let id = selector_id(meter, values.iter().copied());
+            return match meters.iter().find(|m| m.id.as_str() == id) {
+                Some(m) => Ok(m.id.clone()),
+                None => Err(bad(
+                    "a selector over some of a meter's dimensions is counted only when a plan or a tenant of the \
+                     file limits it"
+                        .into(),
+                )),
+            };
+        }
         match meters.iter().find(|m| m.id.as_str() == name) {
             Some(m) => Ok(m.id.clone()),
             None => Err(self.loc.error(
@@ -115,21 +201,31 @@ impl Validator<'_, '_> {
         }
     }
 
+    /// `id` at `path` is counted there alone (a route's meter or hold, the default meter, a
+    /// usage event's product): not a meter with dimensions, a series or a selector, which
+    /// count together through a handler's records and holds.
+    pub(super) fn counted_alone(&self, meters: &[MeterSpec], path: &str, id: &MeterId) -> Result<(), ConfigError> {
+        match meters.iter().find(|m| m.id == *id) {
+            Some(m) if m.dimensions.is_some() || m.of.is_some() => Err(self.invalid(
+                path,
+                format!(
+                    "`{id}` has dimensions: it is counted through a handler's `record_with` and `hold_in`, \
+                     which name the values (list it in `reports`)"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `[meters]`: `requests` always exists; with `[billing]`, the meter `spend` too (the
     /// money priced meters feed, never exported).
     pub(super) fn meters(
         &self,
         raw: &BTreeMap<String, RawMeter>,
+        selectors: &BTreeSet<String>,
         billing: &super::BillingSettings,
     ) -> Result<Vec<MeterSpec>, ConfigError> {
-        let mut meters = vec![MeterSpec {
-            id: "requests".into(),
-            event_name: "requests".into(),
-            description: None,
-            aggregation: MeterAggregation::Sum,
-            export: true,
-            price: None,
-        }];
+        let mut meters = vec![MeterSpec::plain("requests", "requests")];
         for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
@@ -142,6 +238,43 @@ impl Validator<'_, '_> {
             let price = match &m.price {
                 None => None,
                 Some(text) => Some(self.price(&format!("{path}.price"), text, billing)?),
+            };
+            let dimensions = match &m.dimensions {
+                None => {
+                    for (key, set) in [("values", !m.values.is_empty()), ("on_unknown", m.on_unknown.is_some())] {
+                        if set {
+                            return Err(self.invalid(&format!("{path}.{key}"), "only a meter with `dimensions` has it"));
+                        }
+                    }
+                    if m.prices.is_some() {
+                        return Err(self.invalid(
+                            &format!("{path}.prices"),
+                            "a meter without dimensions has one `price`: prices per value need `dimensions`",
+                        ));
+                    }
+                    None
+                }
+                Some(names) => {
+                    if m.price.is_some() {
+                        return Err(self.invalid(
+                            &format!("{path}.price"),
+                            "a meter with dimensions is priced per series, under `prices` (nested in the \
+                             dimensions' order, with a `default` at any level)",
+                        ));
+                    }
+                    if matches!(m.aggregation.as_deref(), Some("hour" | "day")) {
+                        return Err(self.invalid(
+                            &format!("{path}.aggregation"),
+                            "a meter with dimensions is exported as a sum (pre-aggregated windows per series are \
+                             not supported)",
+                        ));
+                    }
+                    let dims = self.dimensions(&path, names, &m.values, m.on_unknown.as_deref())?;
+                    if let Some(prices) = &m.prices {
+                        self.check_price_keys(&format!("{path}.prices"), &dims, prices, 0)?;
+                    }
+                    Some(Arc::new(dims))
+                }
             };
             if m.event_name.as_deref().is_some_and(|e| e.trim().is_empty()) {
                 return Err(self.invalid(
@@ -168,8 +301,13 @@ impl Validator<'_, '_> {
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
                 description: m.description.clone(),
                 aggregation,
-                export: m.export.unwrap_or(true),
+                // A meter with dimensions is billed by its series.
+                export: m.export.unwrap_or(true) && dimensions.is_none(),
                 price,
+                dimensions: dimensions.clone(),
+                of: None,
+                values: Box::new([]),
+                series: false,
             };
             // Stripe's limit for a meter's event_name.
             if spec.event_name.chars().count() > 100 {
@@ -178,30 +316,40 @@ impl Validator<'_, '_> {
                     "is longer than 100 characters, which Stripe refuses for a meter's event_name",
                 ));
             }
+            let series = match &dimensions {
+                None => Vec::new(),
+                Some(dims) => self.series(&path, &spec, dims, m, selectors, billing)?,
+            };
             if name == "requests" {
                 meters[0] = spec;
             } else {
                 meters.push(spec);
             }
+            meters.extend(series);
         }
         if billing.currency.is_some() {
             // Money is never billed as units: the billing system bills the priced meters.
             meters.push(MeterSpec {
-                id: crate::base::SPEND_METER.into(),
-                event_name: crate::base::SPEND_METER.into(),
                 description: Some("spend: what priced meters cost, in nano-units of the currency".into()),
-                aggregation: MeterAggregation::Sum,
                 export: false,
-                price: None,
+                ..MeterSpec::plain(crate::base::SPEND_METER, crate::base::SPEND_METER)
             });
         }
         if meters.len() > 64 {
-            return Err(self.invalid("meters", "at most 64 meters may be declared (with `spend` under [billing])"));
+            return Err(self.invalid(
+                "meters",
+                format!(
+                    "at most 64 meters may be declared (with `spend` under [billing], each series of a meter with \
+                     dimensions and each selector plans limit): these make {}",
+                    meters.len()
+                ),
+            ));
         }
         // One Stripe meter per event_name: two meters sending one would be billed as one.
         let explicit = |m: &MeterSpec| raw.get(m.id.as_str()).is_some_and(|r| r.event_name.is_some());
-        for (j, b) in meters.iter().enumerate() {
-            if let Some(a) = meters[..j].iter().find(|a| a.event_name == b.event_name) {
+        // (A meter with dimensions shares its event_name with its series, billed in their stead.)
+        for (j, b) in meters.iter().enumerate().filter(|(_, m)| m.of.is_none()) {
+            if let Some(a) = meters[..j].iter().find(|a| a.of.is_none() && a.event_name == b.event_name) {
                 // Named at the key that says it (a meter's name is its event_name by default).
                 let (at, other) = if explicit(b) || !explicit(a) { (b, a) } else { (a, b) };
                 let key =
@@ -217,4 +365,116 @@ impl Validator<'_, '_> {
         }
         Ok(meters)
     }
+}
+
+impl Validator<'_, '_> {
+    /// The series of the meter `total` with dimensions `dims` (every combination of values,
+    /// priced from `prices`), then the selectors among `selectors` that name some of its
+    /// dimensions and not all.
+    fn series(
+        &self,
+        path: &str,
+        total: &MeterSpec,
+        dims: &MeterDimensions,
+        raw: &RawMeter,
+        selectors: &BTreeSet<String>,
+        billing: &super::BillingSettings,
+    ) -> Result<Vec<MeterSpec>, ConfigError> {
+        let name = total.id.as_str();
+        let n = dims.series();
+        if n > 64 {
+            return Err(self.invalid(
+                &format!("{path}.values"),
+                format!("these lists make {n} series (one per combination of values): at most 64 meters in all"),
+            ));
+        }
+        let mut out = Vec::with_capacity(n);
+        for offset in 0..n {
+            let values = dims.values_at(offset);
+            let price = match &raw.prices {
+                None => None,
+                Some(prices) => match self.series_price(path, prices, &values, billing)? {
+                    Some(p) => Some(p),
+                    None => {
+                        let which: Vec<String> = values.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                        return Err(self.invalid(
+                            &format!("{path}.prices"),
+                            format!(
+                                "no price for {}: price it, or give a `default` at its level (a meter with prices \
+                                 prices every series, never at a silent zero)",
+                                which.join(", ")
+                            ),
+                        ));
+                    }
+                },
+            };
+            out.push(MeterSpec {
+                id: selector_id(name, values.iter().copied()).into(),
+                event_name: total.event_name.clone(),
+                description: total.description.clone(),
+                aggregation: MeterAggregation::Sum,
+                export: raw.export.unwrap_or(true),
+                price,
+                dimensions: None,
+                of: Some(total.id.clone()),
+                values: values.iter().map(|(n, v)| (Box::from(*n), Box::from(*v))).collect(),
+                series: true,
+            });
+        }
+        // The selectors plans limit: counted apart, never billed.
+        for text in selectors {
+            let Some(Ok((meter, pairs))) = parse_selector(text) else { continue };
+            if meter != name {
+                continue;
+            }
+            let Ok(values) = canonical(dims, &pairs) else { continue };
+            if values.len() == dims.names.len() {
+                continue; // a series
+            }
+            let id = selector_id(name, values.iter().copied());
+            if out.iter().any(|m| m.id.as_str() == id) {
+                continue;
+            }
+            out.push(MeterSpec {
+                id: id.into(),
+                event_name: total.event_name.clone(),
+                description: None,
+                aggregation: MeterAggregation::Sum,
+                export: false,
+                price: None,
+                dimensions: None,
+                of: Some(total.id.clone()),
+                values: values.iter().map(|(n, v)| (Box::from(*n), Box::from(*v))).collect(),
+                series: false,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A selector's pairs in the order `dims` declares them, each dimension and value checked.
+pub(crate) fn canonical<'a>(
+    dims: &'a MeterDimensions,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<(&'a str, &'a str)>, String> {
+    for (i, (n, _)) in pairs.iter().enumerate() {
+        if !dims.names.iter().any(|d| **d == **n) {
+            return Err(format!(
+                "the meter has no dimension `{n}` (its dimensions: {})",
+                dims.names.iter().map(|d| &**d).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if pairs[..i].iter().any(|(m, _)| m == n) {
+            return Err(format!("`{n}` is named twice"));
+        }
+    }
+    let mut out = Vec::with_capacity(pairs.len());
+    for (d, name) in dims.names.iter().enumerate() {
+        let Some((_, v)) = pairs.iter().find(|(n, _)| **n == **name) else { continue };
+        let Some(value) = dims.values[d].iter().find(|x| ***x == **v) else {
+            return Err(format!("`{v}` is not a value of the dimension `{name}`"));
+        };
+        out.push((&**name, &**value));
+    }
+    Ok(out)
 }

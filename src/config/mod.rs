@@ -17,6 +17,7 @@
 mod alerts;
 mod billing;
 mod dashboard;
+mod dimensions;
 mod document;
 mod error;
 mod events;
@@ -47,6 +48,8 @@ pub use crate::base::{MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
 pub use billing::BillingSettings;
 pub use dashboard::{DashboardSettings, DashboardToken, MIN_TOKEN_LEN};
+pub(crate) use dimensions::selector_id;
+pub use dimensions::{DimensionError, MeterDimensions, OnUnknownValue, MAX_DIMENSIONS, MAX_DIMENSION_LEN, OTHER_VALUE};
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;

@@ -388,10 +388,17 @@ impl Validator<'_, '_> {
     ) -> Result<BTreeMap<MeterId, rust_decimal::Decimal>, ConfigError> {
         let mut prices = BTreeMap::new();
         for (meter, text) in raw {
-            let key = format!("{base}.prices.{meter}");
+            let key = format!("{base}.prices.{}", super::dimensions::key_segment(meter));
             let id = self.meter_ref(meters, &key, meter)?;
             if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&key, "the spend meter is money already: it has no price"));
+            }
+            // Only what is billed is priced: a series, not its total or a selector over several.
+            if meters.iter().any(|m| m.id == id && (m.dimensions.is_some() || (m.of.is_some() && !m.is_series()))) {
+                return Err(self.invalid(
+                    &key,
+                    "a meter with dimensions is priced per series: name each one (`tokens{model=m-large,kind=output}`)",
+                ));
             }
             prices.insert(id, self.price(&key, text, billing)?);
         }
@@ -438,7 +445,7 @@ impl Validator<'_, '_> {
         };
         let mut quotas = BTreeMap::new();
         for (meter, q) in &p.quotas {
-            let qbase = format!("{base}.quotas.{meter}");
+            let qbase = format!("{base}.quotas.{}", super::dimensions::key_segment(meter));
             let id = self.meter_ref(meters, &qbase, meter)?;
             if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
@@ -537,7 +544,7 @@ impl Validator<'_, '_> {
         };
         let mut quotas = BTreeMap::new();
         for (meter, q) in &o.quotas {
-            let qbase = format!("{base}.quotas.{meter}");
+            let qbase = format!("{base}.quotas.{}", super::dimensions::key_segment(meter));
             let id = self.meter_ref(meters, &qbase, meter)?;
             if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));

@@ -192,7 +192,11 @@ impl Validator<'_, '_> {
             };
             let pattern = RoutePattern::parse(&r.path).map_err(|m| self.invalid(&format!("{base}.path"), m))?;
             let meter = match &r.meter {
-                Some(m) => self.meter_ref(meters, &format!("{base}.meter"), m)?,
+                Some(m) => {
+                    let id = self.meter_ref(meters, &format!("{base}.meter"), m)?;
+                    self.counted_alone(meters, &format!("{base}.meter"), &id)?;
+                    id
+                }
                 None => default_meter.clone(),
             };
             let cost = match r.cost {
@@ -256,6 +260,9 @@ impl Validator<'_, '_> {
                 }
             };
             let hold = self.route_hold(&base, r, &reports, meters, plans)?;
+            if let Some(h) = &hold {
+                self.counted_alone(meters, &format!("{base}.hold"), &h.meter)?;
+            }
             routes.push(RouteSpec { method, pattern, meter, cost, reports, feature, hold });
         }
         if routes.iter().filter(|r| r.hold.is_some()).count() > 255 {
@@ -415,6 +422,11 @@ impl Validator<'_, '_> {
 /// or reports it, an event product records it, it is the default meter, or it is the spend
 /// meter (fed by every priced meter, never charged by a route itself).
 pub(super) fn enforced(meter: &MeterId, default_meter: &MeterId, routes: &[RouteSpec], events: &EventSettings) -> bool {
+    // A series or a selector of a meter with dimensions is held where its meter is reported
+    // (`hold_in` refuses it).
+    if let Some((total, _)) = meter.as_str().split_once('{') {
+        return enforced(&MeterId::new(total), default_meter, routes, events);
+    }
     meter.as_str() == crate::base::SPEND_METER
         || meter == default_meter
         || routes.iter().any(|r| &r.meter == meter || r.reports.contains(meter))

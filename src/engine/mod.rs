@@ -40,7 +40,7 @@ pub use export::exporter::ExportReport;
 pub use export::reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, ReconcileRequest};
 pub use lifecycle::{ShutdownError, ShutdownReport};
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
-pub use usage::context::{Feature, QuotaStatus, TenantContext};
+pub use usage::context::{Dimensions, Feature, QuotaStatus, TenantContext};
 pub use usage::credits::CreditExpiryReport;
 pub use usage::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
 pub use usage::flush::FlushReport;

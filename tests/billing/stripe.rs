@@ -1606,3 +1606,78 @@ async fn spend_is_never_exported_only_the_priced_meters_are() {
     assert_eq!((standin.totals()[&key("api_requests")], standin.totals()[&key("llm_tokens")]), (3, 30));
     assert!(h.tollgate.usage_store().dead_letters(None, 10).await.unwrap().is_empty(), "nothing refused");
 }
+
+/// Tokens by model and kind exported to Stripe: one meter (`llm_tokens`) whose events carry
+/// the series' values under its `dimension_payload_keys`, each (tenant, series, window) sent
+/// once, the total and the selector never; reconciliation finds Stripe's totals equal to the
+/// ledger's. A Stripe meter that does not list the dimensions refuses the events, which are
+/// dead-lettered, never billed without them.
+#[tokio::test]
+async fn series_are_exported_once_each_with_their_dimensions() {
+    let toml =
+        config("URL").replace("[meters.tokens]\nevent_name = \"llm_tokens\"\naggregation = \"hour\"\n", "").replace(
+            "[plans.p]\n",
+            "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
+             values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
+             [plans.p]\nquotas.\"tokens{model=m-large}\" = { limit = 100000, period = \"day\", mode = \"soft\" }\n\
+             [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+        );
+    for declared in [true, false] {
+        let standin = StandIn::start(&[("api_requests", None), ("llm_tokens", None)]).await;
+        if declared {
+            standin.set_dimension_keys("llm_tokens", &["model", "kind"]);
+        }
+        let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+        let h = node(&toml.replace("URL", &standin.url), store.clone(), NOON);
+        at(&h.clock, &standin, NOON);
+        let mut sent = BTreeMap::new();
+        for (tenant, model, kind, units) in [
+            ("acme", "m-large", "output", 240u64),
+            ("acme", "m-large", "input", 812),
+            ("acme", "m-small", "input", 31),
+            ("globex", "m-large", "output", 7),
+            ("acme", "m-large", "output", 10),
+        ] {
+            let key: &'static str = if tenant == "acme" { "key-acme" } else { "key-globex" };
+            let info = tollgate::door::RequestInfo::new(
+                "POST",
+                "/generate",
+                tollgate::door::Credential::ApiKey(key.as_bytes()),
+            );
+            let ticket = match h.tollgate.admit(&info) {
+                tollgate::door::Admission::Admitted(t) => t,
+                tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+                tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+            };
+            let d = tollgate::Dimensions::new().with("model", model).with("kind", kind);
+            ticket.context().record_with("tokens", units, &d).unwrap();
+            assert!(ticket.complete(200));
+            *sent.entry((format!("cus_{tenant}"), model, kind)).or_insert(0) += units as i64;
+        }
+        h.tollgate.flush().await.unwrap();
+        let now = drain(&[&h], &standin, NOON + HOUR).await;
+        let tokens: Vec<_> = standin.events().into_iter().filter(|e| e.event_name == "llm_tokens").collect();
+        if !declared {
+            assert!(tokens.is_empty(), "a meter without the dimensions takes none: {tokens:?}");
+            let dead = store.dead_letters(None, 10).await.unwrap();
+            assert_eq!(dead.len(), 4, "each series' window dead-lettered: {dead:?}");
+            assert!(dead.iter().all(|d| d.key.meter.as_str().starts_with("tokens{")), "{dead:?}");
+            continue;
+        }
+        // One event per (tenant, series, window), with its values.
+        assert_eq!(tokens.len(), 4, "{tokens:?}");
+        let mut got = BTreeMap::new();
+        for e in &tokens {
+            let dims = standin.dimensions_of(&e.identifier);
+            let key = (e.customer.clone(), dims["model"].clone(), dims["kind"].clone());
+            assert!(got.insert(key, e.value).is_none(), "one event per series and window");
+        }
+        let want: BTreeMap<_, _> =
+            sent.iter().map(|((c, m, k), v)| ((c.clone(), (*m).to_owned(), (*k).to_owned()), *v)).collect();
+        assert_eq!(got, want);
+        assert_eq!(standin.max_sends_per_identifier(), 1);
+        assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+        let r = h.tollgate.reconcile(&ReconcileRequest::new(NOON, now + HOUR)).await.unwrap();
+        assert_eq!((r.surplus_units, r.lacking_units, r.drift.len()), (0, 0, 0), "{r:?}");
+    }
+}

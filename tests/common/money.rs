@@ -78,10 +78,73 @@ pub async fn admit(h: &Harness, key: &'static str) -> Result<(Ticket, TenantCont
 /// down (their leases given back), the store's spend counter holds exactly what the calls
 /// cost, to the nano-dollar, and so does the spend usage.
 pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64) {
+    spend_cap_run(store, tasks, false).await;
+}
+
+/// Tenant `t`'s tokens by model and kind, nine prices (`SERIES`), under the spend cap of
+/// [`TOML`].
+pub const TOML_DIMENSIONS: &str = r#"
+[billing]
+currency = "usd"
+[meters.requests]
+price = "0.000001"
+[meters.tokens]
+dimensions = ["model", "kind"]
+values.model = ["m-small", "m-medium", "m-large"]
+values.kind = ["input", "output", "cached_input"]
+[meters.tokens.prices.m-small]
+input = "0.00000015"
+output = "0.0000006"
+cached_input = "0.000000075"
+[meters.tokens.prices.m-medium]
+input = "0.0000011"
+output = "0.0000044"
+cached_input = "0.00000055"
+[meters.tokens.prices.m-large]
+input = "0.0000025"
+output = "0.00001"
+cached_input = "0.0000012513"
+[plans.p]
+spend = { limit = "1.00", period = "month", mode = "hard", max_limit = "10.00" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
+"#;
+
+/// The nine series of [`TOML_DIMENSIONS`]: model, kind, price.
+pub const SERIES: [(&str, &str, &str); 9] = [
+    ("m-small", "input", "0.00000015"),
+    ("m-small", "output", "0.0000006"),
+    ("m-small", "cached_input", "0.000000075"),
+    ("m-medium", "input", "0.0000011"),
+    ("m-medium", "output", "0.0000044"),
+    ("m-medium", "cached_input", "0.00000055"),
+    ("m-large", "input", "0.0000025"),
+    ("m-large", "output", "0.00001"),
+    ("m-large", "cached_input", "0.0000012513"),
+];
+
+/// [`four_engines_never_pass_a_hard_spend_cap`] with tokens by model and kind: each call holds
+/// a series picked at random, at its own price.
+pub async fn four_engines_never_pass_a_hard_spend_cap_by_dimension(
+    store: Arc<dyn tollgate::store::StoreInspect>,
+    tasks: u64,
+) {
+    spend_cap_run(store, tasks, true).await;
+}
+
+async fn spend_cap_run(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64, dimensions: bool) {
     const CAP: u64 = NANOS;
     // The clock moves a second every 5 ms: with the default `hold_timeout` (15 minutes) a hold
     // whose store call took 4.5 s of a loaded machine's time would be settled under its task.
-    let toml = TOML.to_owned() + "[usage]\nstore_timeout = \"30s\"\n[limits]\nhold_timeout = \"24h\"\n";
+    let base = if dimensions { TOML_DIMENSIONS } else { TOML };
+    let toml = base.to_owned() + "[usage]\nstore_timeout = \"30s\"\n[limits]\nhold_timeout = \"24h\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
         (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
@@ -104,7 +167,13 @@ pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::s
                     }
                 };
                 let estimate = 1 + rng.below(150);
-                let mut hold = match ctx.hold_with("tokens", estimate, Overrun::Refuse).await {
+                let (dims, price) = if dimensions {
+                    let (model, kind, price) = SERIES[rng.below(9) as usize];
+                    (tollgate::Dimensions::new().with("model", model).with("kind", kind), price)
+                } else {
+                    (tollgate::Dimensions::new(), TOKEN_PRICE)
+                };
+                let mut hold = match ctx.hold_in_with("tokens", &dims, estimate, Overrun::Refuse).await {
                     Ok(hold) => hold,
                     Err(r) => {
                         match r.kind() {
@@ -160,7 +229,7 @@ pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::s
                     }
                 };
                 // A hold's spend is rounded once: ⌈recorded × price⌉.
-                let spent = nanos(recorded, TOKEN_PRICE) + if billed { nanos(1, REQUEST_PRICE) } else { 0 };
+                let spent = nanos(recorded, price) + if billed { nanos(1, REQUEST_PRICE) } else { 0 };
                 cost.fetch_add(spent, Ordering::SeqCst);
             }
         });
@@ -184,4 +253,15 @@ pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::s
     assert_eq!(taken, cost, "the store's spend = what the calls cost, nothing stranded or lost");
     let recorded = committed(&*store, "t", "spend", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
     assert_eq!(recorded, cost, "the spend recorded = what the calls cost");
+    if dimensions {
+        // The total counts what its series count, each series its own.
+        let (from, to) = (NOON - 40 * 86_400, NOON + 86_400);
+        let mut series = 0;
+        for (model, kind, _) in SERIES {
+            series += committed(&*store, "t", &format!("tokens{{model={model},kind={kind}}}"), from, to, 3600).await;
+        }
+        let total = committed(&*store, "t", "tokens", from, to, 3600).await;
+        assert_eq!(total, series, "the total of tokens = the sum of its series");
+        assert!(total > 0);
+    }
 }

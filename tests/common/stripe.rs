@@ -11,6 +11,11 @@
 //!   identifiers for as long as it runs.
 //! - `timestamp` no more than 35 days past nor 5 minutes future (400); `value` a whole number
 //!   (400); `event_name` of a meter that exists (400).
+//! - Dimensions: a meter lists its `dimension_payload_keys` (none unless a test sets them,
+//!   `set_dimension_keys`); a payload key beside `stripe_customer_id` and `value` that the meter
+//!   does not list is refused (400, `meter_event_dimension_count_too_high` when there are more
+//!   such keys than the meter lists, as Stripe's meter error codes name it; otherwise
+//!   `parameter_invalid` naming the key), never silently dropped.
 //! - `Idempotency-Key`: the same key with the same parameters replays the first answer; with
 //!   other parameters it is a 400 `idempotency_error`. Keys are forgotten 24 hours after their
 //!   first use (Stripe's idempotency guide: keys "are eligible to be removed from the system
@@ -153,6 +158,10 @@ pub struct Accepted {
 struct State {
     /// Meters by event name: `None` for sum, `Some(window)` for pre-aggregated.
     meters: HashMap<String, Option<i64>>,
+    /// Each meter's `dimension_payload_keys`.
+    dimension_keys: HashMap<String, Vec<String>>,
+    /// The dimensions of each accepted event, by identifier.
+    dimensions: HashMap<String, BTreeMap<String, String>>,
     events: Vec<Accepted>,
     /// When each event was accepted (the stand-in's clock), beside `events`.
     accepted_at: Vec<i64>,
@@ -285,6 +294,16 @@ impl StandIn {
             }
         });
         Self { url, state, task }
+    }
+
+    /// Sets the `dimension_payload_keys` of the meter `event_name`.
+    pub fn set_dimension_keys(&self, event_name: &str, keys: &[&str]) {
+        self.lock().dimension_keys.insert(event_name.to_owned(), keys.iter().map(|k| (*k).to_owned()).collect());
+    }
+
+    /// The dimensions of the accepted event `identifier` (its payload keys the meter lists).
+    pub fn dimensions_of(&self, identifier: &str) -> BTreeMap<String, String> {
+        self.lock().dimensions.get(identifier).cloned().unwrap_or_default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1193,6 +1212,31 @@ fn execute(
     if customer.is_empty() {
         return invalid("payload[stripe_customer_id] is required");
     }
+    // The payload's other keys: the meter's dimensions, each one it lists.
+    let listed = s.dimension_keys.get(event_name).cloned().unwrap_or_default();
+    let mut dims = BTreeMap::new();
+    for (k, v) in form {
+        let Some(key) = k.strip_prefix("payload[").and_then(|k| k.strip_suffix(']')) else { continue };
+        if key == "stripe_customer_id" || key == "value" {
+            continue;
+        }
+        dims.insert(key.to_owned(), v.clone());
+    }
+    if dims.len() > listed.len() {
+        return error(
+            400,
+            "invalid_request_error",
+            "meter_event_dimension_count_too_high",
+            &format!(
+                "The meter `{event_name}` lists {} dimension payload keys; the event has {}",
+                listed.len(),
+                dims.len()
+            ),
+        );
+    }
+    if let Some(k) = dims.keys().find(|k| !listed.contains(k)) {
+        return invalid(&format!("`{k}` is not among the dimension_payload_keys of the meter `{event_name}`"));
+    }
     let Ok(value) = form.get("payload[value]").map_or("", String::as_str).parse::<i64>() else {
         return invalid("payload[value] must be a whole number");
     };
@@ -1229,6 +1273,9 @@ fn execute(
         } })
         .to_string();
         return (400, body, "application/json");
+    }
+    if !dims.is_empty() {
+        s.dimensions.insert(identifier.to_owned(), dims);
     }
     s.events.push(Accepted {
         identifier: identifier.to_owned(),

@@ -12,6 +12,7 @@ mod clients;
 mod credits;
 #[cfg(feature = "dashboard")]
 mod dashboard;
+mod dimensions;
 mod directory;
 mod events;
 mod features;

@@ -630,3 +630,12 @@ async fn a_usage_range_reads_its_windows_not_the_tenants_partition() {
     // made to wait for its windows.
     store.client().delete_table().table_name(store.table()).send().await.unwrap();
 }
+
+/// The same with tokens by model and kind, each call holding a series at its own price (nine
+/// prices): the cap holds to the nano, the store's spend is what the calls cost, and the total
+/// of tokens is the sum of its series (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_holding_never_pass_a_spend_cap_priced_by_dimension() {
+    let Some(store) = dynamo::table().await else { return };
+    common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 16).await;
+}

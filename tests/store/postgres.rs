@@ -771,3 +771,12 @@ async fn a_busy_tenant_is_never_answered_503() {
     })
     .await;
 }
+
+/// The same with tokens by model and kind, each call holding a series at its own price (nine
+/// prices): the cap holds to the nano, the store's spend is what the calls cost, and the total
+/// of tokens is the sum of its series (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_holding_never_pass_a_spend_cap_priced_by_dimension() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 32).await;
+}

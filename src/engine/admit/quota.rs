@@ -126,7 +126,7 @@ impl Gate {
         let (state, mut headers) = p.refuse();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
-        let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
+        let policy = format!("{}-{}", crate::base::policy_name(cell.meter_id().as_str()), cell.spec.period().name());
         // An empty balance comes back with a payment, not with time: no Retry-After; but for
         // a recharge under way, a few seconds (its grant reaches every node within a second
         // of `invoice.paid`).
@@ -186,7 +186,8 @@ impl Gate {
     pub(crate) fn shadow_quota(state: &Tenant, meter: usize) -> Rejection {
         let mut r = Rejection::new(RejectionKind::QuotaExceeded, "the quota is spent (shadow mode: not refused)");
         if let Some(cell) = state.quota(meter) {
-            r.inner.policy = Some(format!("{}-{}", cell.meter_id(), cell.spec.period().name()));
+            r.inner.policy =
+                Some(format!("{}-{}", crate::base::policy_name(cell.meter_id().as_str()), cell.spec.period().name()));
         }
         r.for_tenant(state)
     }

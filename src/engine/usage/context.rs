@@ -177,6 +177,7 @@ impl TenantContext {
             RecordError::SpendCap(_) if self.state.plan.spend.is_some() => {
                 crate::engine::usage::spend::cap_reached(&self.state, at)
             }
+            RecordError::Dimension(_) => return Some(self.invalid_dimension(meter, e)),
             RecordError::Overrun(_) => {
                 let index = self.state.plan.meters.index(meter)?;
                 self.state.quota(index)?;
@@ -228,6 +229,54 @@ impl TenantContext {
         !self.charged
     }
 
+    /// The series a record of `meter` at `dims` counts in, with the meters it counts in
+    /// beside it (bits): for a meter with dimensions, its series at those values with its
+    /// total and selectors; for a series, itself with them; for another meter, itself.
+    fn resolve(&self, meter: &str, dims: &Dimensions) -> Result<(usize, u64), RecordError> {
+        use crate::config::DimensionError;
+        let table = &self.state.plan.meters;
+        let index = table.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
+        let index = if table.dims[index].is_some() {
+            table.series(index, &dims.pairs()).map_err(RecordError::Dimension)?
+        } else if !dims.is_empty() {
+            return Err(RecordError::Dimension(DimensionError::Invalid(format!(
+                "`{meter}` is not a meter with dimensions: record its values on the meter itself"
+            ))));
+        } else {
+            index
+        };
+        if (table.selectors >> index) & 1 != 0 {
+            return Err(RecordError::Dimension(DimensionError::Invalid(format!(
+                "`{meter}` counts what its series record: record a series (the meter with a value of each dimension)"
+            ))));
+        }
+        Ok((index, table.rollups[index]))
+    }
+
+    /// Records `quantity` units of the meter with dimensions `meter` at the values `dims`
+    /// (`Dimensions::new().with("model", "m-large").with("kind", "output")`): in its series,
+    /// priced at the series' price, and in the meter's total and every selector it matches
+    /// (`tokens{model=m-large}`), each limited by its own quota. Otherwise as
+    /// [`record`](Self::record).
+    ///
+    /// ```no_run
+    /// # fn f(ctx: tollgate::TenantContext) -> Result<(), tollgate::RecordError> {
+    /// use tollgate::Dimensions;
+    /// let model = Dimensions::new().with("model", "m-large");
+    /// ctx.record_with("tokens", 812, &model.clone().with("kind", "input"))?;
+    /// ctx.record_with("tokens", 240, &model.with("kind", "output"))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`record`](Self::record), and [`RecordError::Dimension`] when the values name no
+    /// series (a value the dimension's list lacks, or a dimension missing, under `on_unknown =
+    /// "refuse"`; a dimension the meter does not have): nothing recorded.
+    pub fn record_with(&self, meter: &str, quantity: u64, dims: &Dimensions) -> Result<(), RecordError> {
+        let (index, rollups) = self.resolve(meter, dims)?;
+        self.record_index(index, rollups, quantity)
+    }
+
     /// Records `quantity` units of `meter` for the tenant, in the current window. The units
     /// also count against the tenant's quota on that meter: they happened, so a hard quota
     /// never refuses this request, but once it is spent it refuses the next requests on the
@@ -243,11 +292,36 @@ impl TenantContext {
     /// for a quantity past `i64::MAX`, [`RecordError::Overrun`] past a route's hold with
     /// `overrun = "refuse"` (nothing recorded).
     pub fn record(&self, meter: &str, quantity: u64) -> Result<(), RecordError> {
-        let index = self.state.plan.meters.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
+        let (index, rollups) = self.resolve(meter, &Dimensions::new())?;
+        self.record_index(index, rollups, quantity)
+    }
+
+    /// Records `quantity` of the meter `index` and of the meters `rollups` beside it.
+    fn record_index(&self, index: usize, mut rollups: u64, quantity: u64) -> Result<(), RecordError> {
         if i64::try_from(quantity).is_err() {
             return Err(RecordError::TooLarge(quantity));
         }
         if !self.charged || quantity == 0 {
+            return Ok(());
+        }
+        if rollups != 0 {
+            // The route's hold first (past it with `overrun = "refuse"`, nothing is recorded).
+            let mut meters = rollups;
+            while meters != 0 {
+                let m = meters.trailing_zeros() as usize;
+                meters &= meters - 1;
+                if let Some(result) = self.hold.as_ref().and_then(|h| h.record(m, quantity)) {
+                    result?;
+                    rollups &= !(1 << m);
+                    break;
+                }
+            }
+            self.record_index(index, 0, quantity)?;
+            while rollups != 0 {
+                let m = rollups.trailing_zeros() as usize;
+                rollups &= rollups - 1;
+                self.record_index(m, 0, quantity)?;
+            }
             return Ok(());
         }
         if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
@@ -312,11 +386,117 @@ impl TenantContext {
     /// # Errors
     /// As [`hold`](Self::hold).
     pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
+        self.hold_in_with(meter, &Dimensions::new(), units, overrun).await
+    }
+
+    /// [`hold`](Self::hold) of the meter with dimensions `meter` at the values `dims`: its
+    /// series' units and their cost at the series' price (a balance or a spend cap in money
+    /// holds the model's price for the estimate), with its total's and the matching
+    /// selectors' units beside them; each refuses as its own quota does (a model's tokens per
+    /// minute). Records through the hold count in all of them. Records of other values
+    /// (`ctx.record_with`, the input of a hold on the output) are charged beside it, and what
+    /// the hold does not record goes back as it settles.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: tollgate::TenantContext, max_tokens: u64) -> Result<(), tollgate::Rejection> {
+    /// use tollgate::{Dimensions, Overrun};
+    /// let model = Dimensions::new().with("model", "m-large");
+    /// let mut hold = ctx.hold_in_with("tokens", &model.clone().with("kind", "output"), max_tokens, Overrun::Refuse).await?;
+    /// // The prompt's tokens, charged at the input price beside the hold.
+    /// ctx.record_with("tokens", 812, &model.with("kind", "input")).ok();
+    /// hold.record(240).ok(); // the output the model wrote
+    /// hold.settle(); // the rest of max_tokens goes back
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`hold`](Self::hold); 400 ([`RejectionKind::InvalidDimension`]) when the values
+    /// name no series of the meter.
+    ///
+    /// [`RejectionKind::InvalidDimension`]: crate::response::RejectionKind::InvalidDimension
+    pub async fn hold_in(&self, meter: &str, dims: &Dimensions, units: u64) -> Result<Hold, Rejection> {
+        self.hold_in_with(meter, dims, units, Overrun::Debt).await
+    }
+
+    /// [`hold_in`](Self::hold_in), with what a record beyond the hold does.
+    ///
+    /// # Errors
+    /// As [`hold_in`](Self::hold_in).
+    pub async fn hold_in_with(
+        &self,
+        meter: &str,
+        dims: &Dimensions,
+        units: u64,
+        overrun: Overrun,
+    ) -> Result<Hold, Rejection> {
         let state = self.state.clone();
-        let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
-        let mut hold = Hold::new(state, index, self.charged, overrun, None, self.units.clone());
+        let mut hold = match self.resolve(meter, dims) {
+            Ok((index, 0)) => Hold::new(state, Ok(index), self.charged, overrun, None, self.units.clone()),
+            Ok((index, rollups)) => Hold::dimensioned(state, index, rollups, self.charged, overrun, self.units.clone()),
+            // Its records fail as a record of an unknown meter does.
+            Err(RecordError::UnknownMeter(_)) => {
+                Hold::new(state, Err(meter.into()), self.charged, overrun, None, self.units.clone())
+            }
+            Err(e) => return Err(self.invalid_dimension(meter, &e)),
+        };
         hold.extend(units).await?;
         Ok(hold)
+    }
+
+    /// The 400 of dimension values that name no series.
+    fn invalid_dimension(&self, meter: &str, e: &RecordError) -> Rejection {
+        let mut r = Rejection::new(crate::base::RejectionKind::InvalidDimension, format!("meter `{meter}`: {e}"));
+        r.inner.policy = Some(meter.to_owned());
+        r.inner.tenant = Some(self.state.id.clone());
+        self.state.plan.metrics.rejected(r.kind()).increment(1);
+        r
+    }
+}
+
+/// The values of a meter's dimensions a record or a hold names
+/// ([`TenantContext::record_with`], [`TenantContext::hold_in`]), in any order:
+///
+/// ```
+/// let d = tollgate::Dimensions::new().with("model", "m-large").with("kind", "output");
+/// assert_eq!(d.get("kind"), Some("output"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dimensions {
+    pairs: Vec<(Box<str>, Box<str>)>,
+}
+
+impl Dimensions {
+    /// No values (a meter with `on_unknown = "other"` counts them under `"other"`).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With `value` for `dimension` (replacing a value given before).
+    #[must_use]
+    pub fn with(mut self, dimension: impl Into<Box<str>>, value: impl Into<Box<str>>) -> Self {
+        let (d, v) = (dimension.into(), value.into());
+        match self.pairs.iter_mut().find(|(n, _)| *n == d) {
+            Some(p) => p.1 = v,
+            None => self.pairs.push((d, v)),
+        }
+        self
+    }
+
+    /// The value given for `dimension`.
+    #[must_use]
+    pub fn get(&self, dimension: &str) -> Option<&str> {
+        self.pairs.iter().find(|(n, _)| **n == *dimension).map(|(_, v)| &**v)
+    }
+
+    /// Whether no value is given.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    fn pairs(&self) -> Vec<(&str, &str)> {
+        self.pairs.iter().map(|(n, v)| (&**n, &**v)).collect()
     }
 }
 

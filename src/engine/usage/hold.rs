@@ -48,6 +48,12 @@ pub enum RecordError {
     /// first).
     #[error("{0} nano-units of spend beyond the hold do not fit the spend cap")]
     SpendCap(u64),
+    /// The dimension values name no series of the meter (a value its list lacks, a dimension
+    /// missing or unknown), or the meter is a selector, which counts only what its series
+    /// record. Nothing was recorded; [`TenantContext::refusal`](crate::TenantContext::refusal)
+    /// gives the 400 to answer.
+    #[error("{0}")]
+    Dimension(crate::config::DimensionError),
 }
 
 /// Units of a tenant's hard quota or prepaid balance held for the work of one request
@@ -73,6 +79,9 @@ pub struct Hold {
     /// On a plan with a spend cap, a hold on a priced meter holds its estimated cost too: a
     /// hold of the spend meter beside it.
     spend: Option<Box<SpendSide>>,
+    /// A hold on a series of a meter with dimensions: holds on its total and on the selectors
+    /// it matches beside it, extended and recorded with it (their own units, never priced).
+    rollups: Vec<Hold>,
 }
 
 /// The spend a hold on a priced meter holds beside its units: ⌈units held × price⌉ of the
@@ -355,7 +364,37 @@ impl Hold {
             prefetcher: units.prefetcher().clone(),
             open: Mutex::new(open),
         };
-        Self { inner: Arc::new(inner), units, spend }
+        Self { inner: Arc::new(inner), units, spend, rollups: Vec::new() }
+    }
+
+    /// A hold on the series `series` of a meter with dimensions, with a hold on each meter of
+    /// `rollups` (its total, the selectors it matches) beside it. One of them counts toward
+    /// the caps on open holds: the series' (or its cost's), else the first that holds units.
+    pub(crate) fn dimensioned(
+        state: Tenant,
+        series: usize,
+        mut rollups: u64,
+        charged: bool,
+        overrun: Overrun,
+        units: Arc<Units>,
+    ) -> Self {
+        let mut hold = Hold::new(state.clone(), Ok(series), charged, overrun, None, units.clone());
+        let mut counted = hold.spend.is_some() || state.quota(series).is_some_and(|c| c.hard());
+        while rollups != 0 {
+            let m = rollups.trailing_zeros() as usize;
+            rollups &= rollups - 1;
+            let mut r = Hold::new(state.clone(), Ok(m), charged, overrun, None, units.clone());
+            let hard = state.quota(m).is_some_and(|c| c.hard());
+            if counted || !hard {
+                if let Some(inner) = Arc::get_mut(&mut r.inner) {
+                    inner.side = true;
+                }
+            } else {
+                counted = true;
+            }
+            hold.rollups.push(r);
+        }
+        hold
     }
 
     /// Units held and not recorded yet.
@@ -413,6 +452,15 @@ impl Hold {
             self.units.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
         }
         let step = inner.prepare(&open, units, overrun, now).map_err(RecordError::Overrun)?;
+        // A series' total and selectors: each covered before anything is recorded (a refusal
+        // drops the steps, their units going back).
+        let mut rolled = Vec::with_capacity(self.rollups.len());
+        for r in &self.rollups {
+            let ri = &*r.inner;
+            let ropen = ri.lock();
+            let rstep = ri.prepare(&ropen, units, overrun, now).map_err(RecordError::Overrun)?;
+            rolled.push((ri, ropen, rstep));
+        }
         if let Some(side) = self.spend.as_deref_mut() {
             // Its spend first: refused, the units taken for the record go back (the step's
             // drop).
@@ -421,6 +469,9 @@ impl Hold {
             side.recorded = side.recorded.saturating_add(units);
         }
         inner.commit(&mut open, step, units, now, &self.units);
+        for (ri, mut ropen, rstep) in rolled {
+            ri.commit(&mut ropen, rstep, units, now, &self.units);
+        }
         Ok(())
     }
 
@@ -450,6 +501,16 @@ impl Hold {
         if units == 0 {
             return Ok(());
         }
+        self.extend_own(units).await?;
+        // A series' total and selectors (a refusal keeps what the others hold until it
+        // settles: the work stops and the hold settles).
+        for r in &mut self.rollups {
+            Box::pin(r.extend_own(units)).await?;
+        }
+        Ok(())
+    }
+
+    async fn extend_own(&mut self, units: u64) -> Result<(), Rejection> {
         if let Some(side) = self.spend.as_deref_mut() {
             // Its estimated cost first (a refusal holds no units); kept if its units are
             // refused after (given back as the hold settles). Counted from what was recorded
@@ -773,7 +834,7 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
         // A priced meter's cost, held beside its units: the spend cap refuses (402).
         return crate::engine::usage::spend::cap_reached(state, at);
     }
-    let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
+    let policy = format!("{}-{}", crate::base::policy_name(cell.meter_id().as_str()), cell.spec.period().name());
     let mut r = if cell.prepaid() {
         // An empty balance comes back with a payment, not with time: no Retry-After.
         Rejection::new(

@@ -1,0 +1,229 @@
+//! Dimensions: a meter's units by model and kind, each series priced at its own price, the
+//! meter's total and its selectors (`tokens{model=m-large}`) limited, holds priced by the
+//! series they name. Through the public API.
+
+use std::{str::FromStr, sync::Arc};
+
+use crate::common;
+
+use common::money::{admit, nanos, SERIES, TOML_DIMENSIONS};
+use common::{Harness, NOON};
+use tollgate::{
+    config::DimensionError,
+    money::{ceil_nanos, Decimal, NANOS},
+    Dimensions, Overrun, RecordError, RejectionKind,
+};
+
+fn series(model: &str, kind: &str) -> Dimensions {
+    Dimensions::new().with("model", model).with("kind", kind)
+}
+
+async fn recorded(h: &Harness, tenant: &str, meter: &str) -> u64 {
+    h.tollgate.flush().await.unwrap();
+    common::committed(&**h.tollgate.usage_store(), tenant, meter, NOON - 40 * 86_400, NOON + 86_400, 3600).await
+}
+
+/// Nine prices over three models and three kinds: one request records each series, and its
+/// spend is the exact decimal sum of what each cost, rounded once for the request; each series
+/// counts its own units and the total counts them all.
+#[tokio::test]
+async fn nine_prices_charge_the_exact_sum_of_what_each_series_costs() {
+    let toml = TOML_DIMENSIONS.replace("[meters.requests]\nprice = \"0.000001\"\n", "");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut exact = Decimal::ZERO;
+    for (i, (model, kind, price)) in SERIES.iter().enumerate() {
+        let units = 1_000 + 317 * i as u64;
+        ctx.record_with("tokens", units, &series(model, kind)).unwrap();
+        exact += Decimal::from(units) * Decimal::from_str(price).unwrap();
+    }
+    assert!(ticket.complete(200));
+    let expected = ceil_nanos(exact * Decimal::from(NANOS));
+    assert_eq!(recorded(&h, "t", "spend").await, expected, "the spend is Σ units × price, to the nano");
+    let mut sum = 0;
+    for (i, (model, kind, _)) in SERIES.iter().enumerate() {
+        let got = recorded(&h, "t", &format!("tokens{{model={model},kind={kind}}}")).await;
+        assert_eq!(got, 1_000 + 317 * i as u64, "{model} {kind}");
+        sum += got;
+    }
+    assert_eq!(recorded(&h, "t", "tokens").await, sum, "the total counts every series");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_memory_store_never_pass_a_spend_cap_priced_by_dimension() {
+    common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(
+        Arc::new(tollgate::store::MemoryStore::new()),
+        32,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_sqlite_file_never_pass_a_spend_cap_priced_by_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("dims.db")).await.unwrap();
+    common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 32).await;
+}
+
+/// A day's tokens of one model: tenant `t` may use 1,000 tokens of `m-large` a day and 5,000
+/// tokens in all.
+const DAILY: &str = r#"
+[meters.tokens]
+dimensions = ["model", "kind"]
+values.model = ["m-small", "m-large"]
+values.kind = ["input", "output"]
+[plans.p]
+quotas.tokens = { limit = 5000, period = "day" }
+quotas."tokens{model=m-large}" = { limit = 1000, period = "day" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+
+/// A per-model limit refuses the model past its limit and serves another model of the same
+/// tenant; the meter's total limit holds over both; the next day serves the model again.
+#[tokio::test]
+async fn a_models_limit_refuses_it_and_serves_another_model() {
+    let h = Harness::new(DAILY);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "output"), 800).await.unwrap();
+    hold.record(800).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    let status = |ctx: &tollgate::TenantContext, m: &str| ctx.quota(m).unwrap().remaining;
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 200);
+    assert_eq!(status(&ctx, "tokens"), 4_200);
+    let refused = ctx.hold_in("tokens", &series("m-large", "input"), 300).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::QuotaExceeded, "{refused}");
+    // Its headers name the model's policy, within RFC 8941 (a string, no braces or `=`).
+    assert_eq!(refused.policy(), Some("tokens-m-large-day"));
+    let mut headers = Vec::new();
+    refused.for_each_header(|f, v| headers.push((f.name().to_ascii_lowercase(), v.to_owned())));
+    let header = |n: &str| headers.iter().find(|(f, _)| f == n).map(|(_, v)| v.clone());
+    let policy = header("ratelimit-policy").expect("a RateLimit-Policy");
+    assert!(policy.contains("\"tokens-m-large-day\";q=1000;w=86400"), "{policy}");
+    assert!(!policy.contains('{'), "{policy}");
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 200, "a refused hold holds nothing");
+    // Another model of the same tenant is served, within the total.
+    let mut small = ctx.hold_in("tokens", &series("m-small", "input"), 3_000).await.unwrap();
+    small.record(3_000).unwrap();
+    small.settle();
+    assert_eq!(status(&ctx, "tokens"), 1_200);
+    let over = ctx.hold_in("tokens", &series("m-small", "output"), 1_201).await.unwrap_err();
+    assert_eq!(over.kind(), RejectionKind::QuotaExceeded, "the total's limit holds over every model");
+    assert!(ticket.complete(200));
+    // The next day serves the model again.
+    h.clock.advance(std::time::Duration::from_secs(86_400));
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "input"), 300).await.unwrap();
+    hold.record(250).unwrap();
+    hold.settle();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 750, "what the hold did not use came back");
+    assert!(ticket.complete(200));
+}
+
+/// A spend cap in money: a hold for `max_tokens` of the expensive model is refused where the
+/// cheap model's fits; settled at a mix (input beside the hold, output through it), the spend
+/// is what the mix cost and the rest of the hold comes back exactly.
+#[tokio::test]
+async fn a_hold_holds_its_models_price_and_settles_at_the_mix() {
+    let toml = TOML_DIMENSIONS
+        .replace("[meters.requests]\nprice = \"0.000001\"\n", "")
+        .replace("limit = \"1.00\"", "limit = \"0.01\"");
+    let h = Harness::new(&toml);
+    let spend = |ctx: &tollgate::TenantContext| ctx.quota("spend").unwrap().remaining;
+    // Half the cap spent: 500 output tokens of m-large (0.005).
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 500, &series("m-large", "output")).unwrap();
+    assert!(ticket.complete(200));
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    assert_eq!(spend(&ctx), NANOS / 200);
+    // 600 output tokens: 0.006 of m-large, past what is left; 0.00036 of m-small.
+    let large = ctx.hold_in_with("tokens", &series("m-large", "output"), 600, Overrun::Refuse).await.unwrap_err();
+    assert_eq!(large.kind(), RejectionKind::SpendCapReached, "{large}");
+    assert_eq!(spend(&ctx), NANOS / 200, "the refused hold holds nothing");
+    let small = ctx.hold_in_with("tokens", &series("m-small", "output"), 600, Overrun::Refuse).await.unwrap();
+    assert_eq!(spend(&ctx), NANOS / 200 - nanos(600, "0.0000006"), "the cheap model's estimate is held");
+    drop(small);
+    assert_eq!(spend(&ctx), NANOS / 200, "and given back whole");
+    // A mix: 400 output tokens of m-large held (0.004), 300 input recorded beside the hold
+    // (0.00075), 100 output through it (0.001).
+    let mut hold = ctx.hold_in_with("tokens", &series("m-large", "output"), 400, Overrun::Refuse).await.unwrap();
+    assert_eq!(spend(&ctx), NANOS / 200 - nanos(400, "0.00001"));
+    ctx.record_with("tokens", 300, &series("m-large", "input")).unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    let mix = nanos(300, "0.0000025") + nanos(100, "0.00001");
+    assert_eq!(spend(&ctx), NANOS / 200 - mix, "what the mix cost, the rest of the hold back");
+    assert!(ticket.complete(200));
+    assert_eq!(recorded(&h, "t", "spend").await, NANOS / 200 + mix);
+    assert_eq!(recorded(&h, "t", "tokens{model=m-large,kind=output}").await, 600);
+    assert_eq!(recorded(&h, "t", "tokens{model=m-large,kind=input}").await, 300);
+    assert_eq!(recorded(&h, "t", "tokens").await, 900);
+}
+
+/// Values a list lacks and missing dimensions are refused (a 400 to answer, nothing counted)
+/// by default, or counted under `other`; a selector is never recorded itself.
+#[tokio::test]
+async fn values_a_list_lacks_are_refused_or_counted_under_other() {
+    let h = Harness::new(DAILY);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let e = ctx.record_with("tokens", 5, &series("m-huge", "input")).unwrap_err();
+    assert_eq!(
+        e,
+        RecordError::Dimension(DimensionError::UnknownValue { dimension: "model".into(), value: "m-huge".into() })
+    );
+    let r = ctx.refusal("tokens", &e).expect("a 400 to answer");
+    assert_eq!((r.kind(), r.status().as_u16()), (RejectionKind::InvalidDimension, 400));
+    let e = ctx.record_with("tokens", 5, &Dimensions::new().with("model", "m-small")).unwrap_err();
+    assert_eq!(e, RecordError::Dimension(DimensionError::Missing("kind".into())));
+    let e = ctx.record("tokens", 5).unwrap_err();
+    assert!(matches!(e, RecordError::Dimension(DimensionError::Missing(_))), "{e}");
+    let e = ctx.record_with("tokens", 5, &series("m-small", "input").with("region", "eu")).unwrap_err();
+    assert_eq!(e, RecordError::Dimension(DimensionError::UnknownDimension("region".into())));
+    let e = ctx.record("tokens{model=m-large}", 5).unwrap_err();
+    assert!(matches!(e, RecordError::Dimension(DimensionError::Invalid(_))), "{e}");
+    let r = ctx.hold_in("tokens", &series("m-huge", "input"), 10).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::InvalidDimension);
+    // A series named whole is a series.
+    ctx.record("tokens{model=m-small,kind=output}", 7).unwrap();
+    assert!(ticket.complete(200));
+    assert_eq!(recorded(&h, "t", "tokens").await, 7, "only the series recorded counts");
+
+    let other = DAILY.replace(
+        "values.kind = [\"input\", \"output\"]",
+        "values.kind = [\"input\", \"output\"]\non_unknown = \"other\"",
+    );
+    let h = Harness::new(&other);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 5, &series("m-huge", "input")).unwrap();
+    ctx.record("tokens", 3).unwrap();
+    assert!(ticket.complete(200));
+    assert_eq!(recorded(&h, "t", "tokens{model=other,kind=input}").await, 5);
+    assert_eq!(recorded(&h, "t", "tokens{model=other,kind=other}").await, 3);
+    assert_eq!(recorded(&h, "t", "tokens").await, 8);
+}
+
+/// Units recorded on a dimensioned meter are billed by series: the usage report lists each
+/// series under its own id, and the meter's total beside them.
+#[tokio::test]
+async fn the_usage_report_lists_each_series_and_the_total() {
+    let h = Harness::new(DAILY);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 40, &series("m-large", "output")).unwrap();
+    ctx.record_with("tokens", 2, &series("m-small", "input")).unwrap();
+    assert!(ticket.complete(200));
+    h.tollgate.flush().await.unwrap();
+    let report = h.tollgate.usage_report(&"t".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let used = |m: &str| report.usage.iter().filter(|w| w.meter.as_str() == m).map(|w| w.quantity).sum::<u64>();
+    assert_eq!(used("tokens{model=m-large,kind=output}"), 40);
+    assert_eq!(used("tokens{model=m-small,kind=input}"), 2);
+    assert_eq!(used("tokens{model=m-large}"), 40);
+    assert_eq!(used("tokens"), 42);
+    let quota = report.quotas.iter().find(|q| q.meter.as_str() == "tokens{model=m-large}").unwrap();
+    assert_eq!((quota.used, quota.limit), (40, 1_000));
+}
