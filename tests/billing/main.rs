@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod fixture;
 mod invoices;
 mod metronome;
 mod recharge;

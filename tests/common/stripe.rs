@@ -162,6 +162,8 @@ struct State {
     dimension_keys: HashMap<String, Vec<String>>,
     /// The dimensions of each accepted event, by identifier.
     dimensions: HashMap<String, BTreeMap<String, String>>,
+    /// The parameters of each accepted event, as sent.
+    forms: Vec<BTreeMap<String, String>>,
     events: Vec<Accepted>,
     /// When each event was accepted (the stand-in's clock), beside `events`.
     accepted_at: Vec<i64>,
@@ -299,6 +301,11 @@ impl StandIn {
     /// Sets the `dimension_payload_keys` of the meter `event_name`.
     pub fn set_dimension_keys(&self, event_name: &str, keys: &[&str]) {
         self.lock().dimension_keys.insert(event_name.to_owned(), keys.iter().map(|k| (*k).to_owned()).collect());
+    }
+
+    /// The parameters of each accepted meter event, as sent, in the order accepted.
+    pub fn forms(&self) -> Vec<BTreeMap<String, String>> {
+        self.lock().forms.clone()
     }
 
     /// The dimensions of the accepted event `identifier` (its payload keys the meter lists).
@@ -1277,6 +1284,7 @@ fn execute(
     if !dims.is_empty() {
         s.dimensions.insert(identifier.to_owned(), dims);
     }
+    s.forms.push(form.clone());
     s.events.push(Accepted {
         identifier: identifier.to_owned(),
         event_name: event_name.to_owned(),

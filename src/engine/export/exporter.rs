@@ -459,8 +459,8 @@ impl Exporter {
             // One lane per (customer, meter), so this node has one call in flight per
             // customer's meter; at most `export.concurrency` lanes at once; a lane that must
             // wait stops for this pass without holding the others.
-            // (A meter's series share its event name, and Stripe's lock: one lane.)
-            let mut lanes: BTreeMap<(String, String), Lane> = BTreeMap::new();
+            // (A meter's series share its event name, and Stripe's lock: one lane, its meter's.)
+            let mut lanes: BTreeMap<(String, MeterId), Lane> = BTreeMap::new();
             for agg in page {
                 // The final export of a store that does not outlive the process is not held
                 // back by this node's claims or next-attempt times (nothing would export
@@ -528,13 +528,14 @@ impl Exporter {
                     },
                 };
                 let lane = customer.clone().unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
-                let event_name = rt
+                let meter = rt
                     .config
                     .meters()
                     .iter()
                     .find(|m| m.id() == &agg.key.meter)
-                    .map_or_else(|| agg.key.meter.to_string(), |m| m.event_name().to_owned());
-                lanes.entry((lane, event_name)).or_default().push((agg, customer));
+                    .and_then(|m| m.series_of().cloned())
+                    .unwrap_or_else(|| agg.key.meter.clone());
+                lanes.entry((lane, meter)).or_default().push((agg, customer));
             }
             let mut tasks = JoinSet::new();
             let mut first_error = None;
