@@ -560,3 +560,45 @@ async fn spend_is_never_sent_to_metronome_only_the_priced_meters_are() {
     let totals = standin.totals();
     assert_eq!(totals[&("acme-account".to_owned(), "llm_tokens".to_owned())], 30);
 }
+
+/// Tokens by model and kind sent to Metronome: each series' events carry its values as
+/// properties a billable metric groups by, beside the usual ones; each (tenant, series,
+/// window) once; the total of a meter's events is what its series counted.
+#[tokio::test]
+async fn series_carry_their_values_as_properties() {
+    let standin = StandIn::start().await;
+    let toml = config(&standin.url).replace(
+        "[meters.tokens]\nevent_name = \"llm_tokens\"\n",
+        "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
+         values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
+         [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+    );
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    let mut sent = BTreeMap::new();
+    for (model, kind, units) in [("m-large", "output", 240u64), ("m-small", "input", 31), ("m-large", "output", 9)] {
+        let info =
+            tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-acme"));
+        let ticket = match h.tollgate.admit(&info) {
+            tollgate::door::Admission::Admitted(t) => t,
+            tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+            tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+        };
+        let d = tollgate::Dimensions::new().with("model", model).with("kind", kind);
+        ticket.context().record_with("tokens", units, &d).unwrap();
+        assert!(ticket.complete(200));
+        *sent.entry((model.to_owned(), kind.to_owned())).or_insert(0i64) += units as i64;
+    }
+    h.tollgate.flush().await.unwrap();
+    drain(&[&h], &standin, NOON + HOUR).await;
+    let tokens: Vec<_> = standin.events().into_iter().filter(|e| e.event_type == "llm_tokens").collect();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    let mut got = BTreeMap::new();
+    for e in &tokens {
+        let p = &e.properties;
+        assert_eq!(p["meter"], format!("tokens{{model={},kind={}}}", p["model"], p["kind"]));
+        assert!(got.insert((p["model"].clone(), p["kind"].clone()), e.value).is_none());
+    }
+    assert_eq!(got, sent);
+}

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use super::{committed, holds::Rng, node_with_worker, Harness, NOON};
+use super::{committed, holds::Rng, Harness, NOON};
 use tollgate::{
     config::Period,
     door::{Admission, Credential, RequestInfo, Ticket},
@@ -139,7 +139,30 @@ pub async fn four_engines_never_pass_a_hard_spend_cap_by_dimension(
     spend_cap_run(store, tasks, true).await;
 }
 
+/// [`four_engines_never_pass_a_hard_spend_cap_by_dimension`] on four nodes' stores (the quota
+/// role on a store of its own, such as Redis), read back through `quota` and `usage`.
+pub async fn four_nodes_never_pass_a_spend_cap_by_dimension_on(
+    stores: [super::NodeStore; 4],
+    quota: Arc<dyn tollgate::store::QuotaInspect>,
+    usage: Arc<dyn tollgate::store::UsageStore>,
+    tasks: u64,
+) {
+    spend_cap_run_on(stores, quota, usage, tasks, true).await;
+}
+
 async fn spend_cap_run(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64, dimensions: bool) {
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let stores = std::array::from_fn(|_| super::NodeStore::Whole(whole.clone()));
+    spend_cap_run_on(stores, store.clone(), store, tasks, dimensions).await;
+}
+
+async fn spend_cap_run_on(
+    stores: [super::NodeStore; 4],
+    quota: Arc<dyn tollgate::store::QuotaInspect>,
+    store: Arc<dyn tollgate::store::UsageStore>,
+    tasks: u64,
+    dimensions: bool,
+) {
     const CAP: u64 = NANOS;
     // The clock moves a second every 5 ms: with the default `hold_timeout` (15 minutes) a hold
     // whose store call took 4.5 s of a loaded machine's time would be settled under its task.
@@ -147,7 +170,7 @@ async fn spend_cap_run(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64
     let toml = base.to_owned() + "[usage]\nstore_timeout = \"30s\"\n[limits]\nhold_timeout = \"24h\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
-        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+        stores.iter().map(|s| Arc::new(super::node_on(&toml, s, clock.clone(), handle.clone()))).collect();
     let cost = Arc::new(AtomicU64::new(0));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..tasks {
@@ -249,7 +272,7 @@ async fn spend_cap_run(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64
     for h in &nodes {
         h.tollgate.shutdown().await.unwrap();
     }
-    let taken = store.reserved(&spend_key("t")).await.unwrap();
+    let taken = quota.reserved(&spend_key("t")).await.unwrap();
     assert_eq!(taken, cost, "the store's spend = what the calls cost, nothing stranded or lost");
     let recorded = committed(&*store, "t", "spend", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
     assert_eq!(recorded, cost, "the spend recorded = what the calls cost");

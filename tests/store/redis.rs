@@ -141,6 +141,16 @@ async fn four_nodes_holding_never_spend_past_a_prepaid_balance() {
     common::holds::four_nodes_holding(nodes, reader, memory, true).await;
 }
 
+/// Holds on tokens by model and kind across four engines whose quotas are on one Redis, each
+/// call holding a series at its own price: the spend cap holds to the nano, Redis's spend
+/// counter ends at what the calls cost, and the total of tokens is the sum of its series
+/// (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_pass_a_spend_cap_priced_by_dimension() {
+    let Some((nodes, memory, reader)) = four_nodes_with_stores(On::Server).await else { return };
+    common::money::four_nodes_never_pass_a_spend_cap_by_dimension_on(nodes, reader, memory, 32).await;
+}
+
 /// Four engines, each with its own connection to one Redis, share a fleet rate within its
 /// documented bound, counted on the engine clock (tests/common/fleet.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
