@@ -393,6 +393,18 @@ impl Tollgate {
         let report = self.report_of(state, previous, end, history.as_deref()).await?;
         let spend_meter = MeterId::from(crate::base::SPEND_METER);
         let cell_of = |meter: &MeterId| state.quotas().find(|c| c.meter_id() == meter);
+        // A series or a selector of a meter with dimensions: its meter and values, beside its id.
+        let rt = self.shared().runtime().load();
+        let dimensions_of = |meter: &MeterId, item: &mut serde_json::Value| {
+            let Some(spec) = rt.config.meters().iter().find(|m| m.id() == meter) else { return };
+            let Some(of) = spec.series_of() else { return };
+            item["of"] = of.as_str().into();
+            item["dimensions"] = spec
+                .values()
+                .map(|(n, v)| (n.to_owned(), serde_json::Value::from(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        };
         let mode = |m: QuotaMode| if m == QuotaMode::Hard { "hard" } else { "soft" };
         let quotas: Vec<serde_json::Value> = report
             .quotas
@@ -401,7 +413,7 @@ impl Tollgate {
             .map(|q| {
                 let prepaid = q.period == Period::Prepaid;
                 let (limit, remaining) = (q.limit, q.remaining);
-                json!({
+                let mut item = json!({
                     "meter": q.meter.as_str(),
                     "period": q.period.name(),
                     "start": (!prepaid).then_some(q.start),
@@ -411,7 +423,9 @@ impl Tollgate {
                     "used": q.used,
                     "held": q.held,
                     "remaining": remaining,
-                })
+                });
+                dimensions_of(&q.meter, &mut item);
+                item
             })
             .collect();
         let balances: Vec<serde_json::Value> = report
@@ -488,12 +502,14 @@ impl Tollgate {
             .iter()
             .map(|(meter, days)| {
                 let total = |lo: i64, hi: i64| -> u64 { days.range(lo..hi).map(|(_, q)| *q).sum() };
-                json!({
+                let mut item = json!({
                     "meter": meter.as_str(),
                     "current": total(start, end),
                     "previous": total(previous, start),
                     "daily": days.iter().map(|(d, q)| json!({ "day": day_name(*d), "quantity": q })).collect::<Vec<_>>(),
-                })
+                });
+                dimensions_of(meter, &mut item);
+                item
             })
             .collect();
         let mut body = json!({

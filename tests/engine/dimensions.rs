@@ -227,3 +227,38 @@ async fn the_usage_report_lists_each_series_and_the_total() {
     let quota = report.quotas.iter().find(|q| q.meter.as_str() == "tokens{model=m-large}").unwrap();
     assert_eq!((quota.used, quota.limit), (40, 1_000));
 }
+
+/// The tenant's usage route lists each series and selector with its meter and values beside
+/// its id (valid against docs/usage.schema.json); the total carries neither.
+#[tokio::test]
+async fn the_usage_route_shows_each_series_with_its_values() {
+    let h = Harness::new(DAILY);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 40, &series("m-large", "output")).unwrap();
+    ctx.record_with("tokens", 2, &series("m-small", "input")).unwrap();
+    assert!(ticket.complete(200));
+    h.tollgate.flush().await.unwrap();
+    let request = http::Request::builder().uri("/v1/usage").header("x-api-key", "key-t").body(()).unwrap();
+    let response = h.tollgate.tenant_usage(&request).await;
+    assert_eq!(response.status(), 200);
+    common::check_usage_schema(&[response.body().clone()]);
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    let find = |list: &str, meter: &str| {
+        body[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["meter"] == meter)
+            .cloned()
+            .unwrap_or_else(|| panic!("{meter}"))
+    };
+    let series = find("usage", "tokens{model=m-large,kind=output}");
+    assert_eq!(series["of"], "tokens");
+    assert_eq!(series["dimensions"], serde_json::json!({ "model": "m-large", "kind": "output" }));
+    assert_eq!(series["current"], 40);
+    let total = find("usage", "tokens");
+    assert_eq!((total["current"].as_u64(), total.get("of")), (Some(42), None));
+    let selector = find("quotas", "tokens{model=m-large}");
+    assert_eq!(selector["dimensions"], serde_json::json!({ "model": "m-large" }));
+    assert_eq!((selector["used"].as_u64(), selector["limit"].as_u64()), (Some(40), Some(1_000)));
+}
