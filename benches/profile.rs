@@ -3,11 +3,13 @@
 //! `cargo bench --bench profile -- <case> <tenants> <iterations> [threads]`
 //! where case is one of the benchmark's: bare, tower_governor, tower_governor_headers,
 //! tollgate, tollgate_headers, tollgate_defaults, tollgate_credits (a prepaid balance instead of
-//! the month quota), tollgate_fleet (the rate shared by a fleet: cells from a warm lease). `scripts/compare.sh` (interleaved medians)
+//! the month quota), tollgate_fleet (the rate shared by a fleet: cells from a warm lease),
+//! tollgate_record and tollgate_record_dimensions (the handler records tokens: of a meter
+//! without dimensions, or at two values of a meter with them). `scripts/compare.sh` (interleaved medians)
 //! and `scripts/instructions.sh` (callgrind counts per request) drive it. Under `cargo test
 //! --benches` (no case given) it runs every case a thousand times, as a smoke test.
 
-const CASES: [&str; 8] = [
+const CASES: [&str; 10] = [
     "bare",
     "tower_governor",
     "tower_governor_headers",
@@ -16,6 +18,8 @@ const CASES: [&str; 8] = [
     "tollgate_defaults",
     "tollgate_credits",
     "tollgate_fleet",
+    "tollgate_record",
+    "tollgate_record_dimensions",
 ];
 
 #[path = "support/mod.rs"]
@@ -57,6 +61,8 @@ fn one(case: &str, tenants: usize, iters: u64, threads: usize) {
         "tollgate_fleet" => {
             time(&support::tollgate_service_on(tenants, "none", false, false, true, &rt), &keys, iters, threads, &rt)
         }
+        "tollgate_record" => time(&support::recording(tenants, false, &rt), &keys, iters, threads, &rt),
+        "tollgate_record_dimensions" => time(&support::recording(tenants, true, &rt), &keys, iters, threads, &rt),
         other => panic!("unknown case {other}"),
     };
     println!("{case} {tenants}: {per:.1} ns/request");

@@ -180,6 +180,53 @@ pub(crate) fn tollgate_service_on(
     fleet: bool,
     rt: &tokio::runtime::Runtime,
 ) -> tollgate::TollgateService<Bare> {
+    tollgate_service_with(tenants, headers, context, prepaid, fleet, "", inner(), rt)
+}
+
+/// The meter `tokens` by model and kind (three of each, no quota), for [`recording`].
+const TOKENS: &str = r#"
+        [meters.tokens]
+        dimensions = ["model", "kind"]
+        values.model = ["m-small", "m-medium", "m-large"]
+        values.kind = ["input", "output", "cached_input"]
+        [meters.plain_tokens]
+"#;
+
+/// The tollgate case whose handler records 1,234 tokens per request: of the meter
+/// `plain_tokens` (no dimensions), or with `dimensions` of `tokens` at two values
+/// (`model = m-large`, `kind = output`: its series and its total counted).
+pub(crate) fn recording(
+    tenants: usize,
+    dimensions: bool,
+    rt: &tokio::runtime::Runtime,
+) -> tollgate::TollgateService<Bare> {
+    fn plain(req: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+        let ctx = req.extensions().get::<tollgate::TenantContext>().expect("the tenant's context");
+        ctx.record("plain_tokens", black_box(1_234)).unwrap();
+        std::future::ready(Ok(Response::new(Body::empty())))
+    }
+    fn dimensioned(req: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+        let ctx = req.extensions().get::<tollgate::TenantContext>().expect("the tenant's context");
+        let values = tollgate::Dimensions::new().with("model", "m-large").with("kind", "output");
+        ctx.record_with("tokens", black_box(1_234), &values).unwrap();
+        std::future::ready(Ok(Response::new(Body::empty())))
+    }
+    let handler: Bare =
+        if dimensions { tower::service_fn(dimensioned as fn(_) -> _) } else { tower::service_fn(plain as fn(_) -> _) };
+    tollgate_service_with(tenants, "none", true, false, false, TOKENS, handler, rt)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tollgate_service_with(
+    tenants: usize,
+    headers: &str,
+    context: bool,
+    prepaid: bool,
+    fleet: bool,
+    meters: &str,
+    inner: Bare,
+    rt: &tokio::runtime::Runtime,
+) -> tollgate::TollgateService<Bare> {
     // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts, and no flush or revalidation of the
     // directory during a run, so that only the request path is counted (the same with any
     // store; under valgrind, a million tenants take minutes to set up, and their revalidation
@@ -198,6 +245,7 @@ pub(crate) fn tollgate_service_on(
         idle_timeout = "{idle}"
         [usage]
         flush_interval = "{flush}"
+        {meters}
         # A rate no benchmark reaches: every request is admitted (and recorded).
         [plans.bench]
         {rate}
@@ -254,7 +302,7 @@ pub(crate) fn tollgate_service_on(
     } else {
         rt.spawn(worker.run());
     }
-    let mut svc = layer.tenant_context(context).layer(inner());
+    let mut svc = layer.tenant_context(context).layer(inner);
     // Warm: every tenant known, every lease reserved.
     rt.block_on(async {
         for i in 0..tenants {
