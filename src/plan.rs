@@ -39,6 +39,10 @@ pub(crate) struct MeterTable {
     pub(crate) dims: Box<[Option<Box<SeriesIndex>>]>,
     /// The selectors (`tokens{model=m-large}`: counted from their series), as bits.
     pub(crate) selectors: u64,
+    /// The meters whose units are counted against their quotas but recorded as no usage of
+    /// their own (a meter with dimensions' total and its selectors: its series are the usage,
+    /// billed once), as bits.
+    pub(crate) unrecorded: u64,
 }
 
 /// A meter with dimensions' series, by offset ([`MeterDimensions::offset`]).
@@ -49,6 +53,19 @@ pub(crate) struct SeriesIndex {
 }
 
 impl MeterTable {
+    /// Whether `meter` is a meter with dimensions, one of its series or a selector.
+    pub(crate) fn has_dimensions(&self, meter: usize) -> bool {
+        self.dims.get(meter).is_some_and(Option::is_some)
+            || self.rollups.get(meter).is_some_and(|r| *r != 0)
+            || (self.selectors >> meter) & 1 != 0
+    }
+
+    /// Whether `meter`'s units are recorded as usage of its own (not a total or a selector).
+    #[inline]
+    pub(crate) fn recorded(&self, meter: usize) -> bool {
+        (self.unrecorded >> meter) & 1 == 0
+    }
+
     /// The table of `ids` (in their order) as `config` declares them.
     pub(crate) fn new(ids: Vec<MeterId>, features: Vec<Box<str>>, config: &Config) -> Self {
         let spec = |id: &MeterId| config.meters().iter().find(|m| m.id() == id);
@@ -89,7 +106,15 @@ impl MeterTable {
             }
             rollups[i] = bits;
         }
-        Self { ids: ids.into(), features: features.into(), rollups: rollups.into(), dims: dims.into(), selectors }
+        let unrecorded = dims.iter().enumerate().filter(|(_, d)| d.is_some()).fold(selectors, |b, (i, _)| b | (1 << i));
+        Self {
+            ids: ids.into(),
+            features: features.into(),
+            rollups: rollups.into(),
+            dims: dims.into(),
+            selectors,
+            unrecorded,
+        }
     }
 
     /// The series of the meter `meter` with dimensions at `values` (in any order), or why none.
@@ -343,7 +368,8 @@ pub(crate) struct CompiledPlan {
     /// With a spend cap, the price of each meter (by index): the plan's, else the meter's;
     /// empty without one (nothing is priced then).
     pub(crate) prices: Box<[Option<rust_decimal::Decimal>]>,
-    /// The priced meters, as bits (by index).
+    /// The meters whose records cost money, as bits (by index): the priced ones, and each meter
+    /// with dimensions whose series are priced (a route reporting it checks the spend cap).
     pub(crate) priced: u64,
     /// No fleet rate, concurrency limit or spend cap: a request is decided by its rate and
     /// its route meter's quota alone (on a route that needs no feature, reports no meter and
@@ -559,12 +585,17 @@ impl CompiledPlan {
         let quota_of =
             (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
         let priced = prices.iter().enumerate().filter(|(_, p)| p.is_some()).fold(0u64, |b, (i, _)| b | (1 << i));
-        // A route that uses a priced meter (its own, or one it reports) reports the spend too:
-        // its cap is a policy of the route's answers.
+        // A route that uses a priced meter (its own, or one it reports; a meter with dimensions
+        // whose series are priced) reports the spend too: its cap is a policy of the route's
+        // answers, and a spent cap refuses its next requests.
+        let costly = meters.dims.iter().enumerate().fold(priced, |bits, (i, d)| match d {
+            Some(d) if d.series.iter().any(|s| (priced >> s) & 1 != 0) => bits | (1 << i),
+            _ => bits,
+        });
         let shapes: Vec<(usize, u64)> = shapes
             .iter()
             .map(|&(m, reports)| match spend_index {
-                Some(s) if m != s && ((priced >> m) & 1 != 0 || reports & priced != 0) => (m, reports | (1 << s)),
+                Some(s) if m != s && ((costly >> m) & 1 != 0 || reports & costly != 0) => (m, reports | (1 << s)),
                 _ => (m, reports),
             })
             .collect();
@@ -687,7 +718,7 @@ impl CompiledPlan {
             clock: clock.clone(),
             spend: spend_index,
             prices,
-            priced,
+            priced: costly,
         }
     }
 }
@@ -1085,6 +1116,7 @@ mod tests {
             rollups: meters.iter().map(|_| 0).collect(),
             dims: meters.iter().map(|_| None).collect(),
             selectors: 0,
+            unrecorded: 0,
         }
     }
 

@@ -5,12 +5,13 @@
 //! export and report keeps working on meters alone:
 //!
 //! - the meter itself (`tokens`): the total of its series, limited by `quotas.tokens`, never
-//!   exported or priced (its series are);
+//!   priced, and recording no usage of its own (its series are the usage; its windows pending
+//!   from before it had dimensions export as they were);
 //! - a **series** per combination of values (`tokens{model=m-large,kind=output}`, the values in
 //!   the order the dimensions are declared): priced, exported with its values as the billing
 //!   event's dimensions;
 //! - a **selector** per partial combination a plan or a tenant's overrides limit
-//!   (`tokens{model=m-large}`): counted, limited, never exported or priced.
+//!   (`tokens{model=m-large}`): counted against its quota, never priced, recording no usage.
 //!
 //! A record of a series counts in the series, in its meter and in every selector it matches.
 
@@ -70,7 +71,7 @@ impl MeterDimensions {
     /// How many series the meter counts in (the product of its lists).
     #[must_use]
     pub fn series(&self) -> usize {
-        self.values.iter().map(|v| v.len()).product()
+        self.values.iter().try_fold(1usize, |n, v| n.checked_mul(v.len())).unwrap_or(usize::MAX)
     }
 
     /// The position of `value` in dimension `d`'s list, or of `"other"` for a value the list
@@ -205,6 +206,15 @@ pub(crate) fn parse_selector(text: &str) -> Option<Result<Selector<'_>, String>>
         return Some(Err("a selector names at least one dimension: `tokens{model=m-large}`".into()));
     }
     Some(Ok((meter.trim(), pairs)))
+}
+
+/// The values in a series' or a selector's id (`tokens{model=m-large,kind=output}`), in their
+/// order; none for another meter's.
+pub(crate) fn series_values(meter: &crate::base::MeterId) -> Vec<(String, String)> {
+    match parse_selector(meter.as_str()) {
+        Some(Ok((_, pairs))) => pairs.into_iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A key path segment, quoted when it is not a bare TOML key.
@@ -361,7 +371,11 @@ impl Validator<'_, '_> {
         node: &toml::Value,
         level: usize,
     ) -> Result<(), ConfigError> {
-        let toml::Value::Table(t) = node else { return Ok(()) };
+        let t = match node {
+            toml::Value::String(_) => return Ok(()),
+            toml::Value::Table(t) => t,
+            _ => return Err(self.invalid(path, "expected a price (\"0.000002\") or a table of prices")),
+        };
         let Some(list) = dims.values.get(level) else {
             return Err(self.invalid(path, "nested deeper than the meter's dimensions"));
         };
@@ -427,6 +441,20 @@ mod tests {
         assert_eq!(e.key(), "meters.tokens.price");
         let e = err(&format!("{METER}[[routes]]\npath = \"/x\"\nmeter = \"tokens\"\n"));
         assert!(e.to_string().contains("has dimensions"), "{e}");
+        // Two spellings of one selector in one plan.
+        let two = format!(
+            "{METER}[plans.p]\nquotas.\"tokens{{model=m-large}}\" = {{ limit = 10, period = \"day\", mode = \"soft\" }}\n\
+             quotas.\"tokens{{ model=m-large }}\" = {{ limit = 20, period = \"day\", mode = \"soft\" }}\n"
+        );
+        assert!(err(&two).to_string().contains("as another key of these quotas does"));
+        // A meter whose name in headers is a selector's.
+        let e = err(&format!(
+            "{METER}[meters.tokens-m-large]\n[plans.p]\nquotas.\"tokens{{model=m-large}}\" = {{ limit = 10, period = \"day\", mode = \"soft\" }}\n"
+        ));
+        assert!(e.to_string().contains("would both be named `tokens-m-large`"), "{e}");
+        // A price that is neither a string nor a table, where no series reaches it.
+        let e = err(&format!("{METER}[meters.tokens.prices]\ndefault = 5\nm-small = \"1\"\nm-large = \"1\"\n"));
+        assert!(e.to_string().contains("expected a price"), "{e}");
     }
 
     #[test]

@@ -301,8 +301,10 @@ impl Validator<'_, '_> {
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
                 description: m.description.clone(),
                 aggregation,
-                // A meter with dimensions is billed by its series.
-                export: m.export.unwrap_or(true) && dimensions.is_none(),
+                // A meter with dimensions is billed by its series: its total records no usage
+                // of its own, and windows pending from before it had dimensions export as
+                // they were.
+                export: m.export.unwrap_or(true),
                 price,
                 dimensions: dimensions.clone(),
                 of: None,
@@ -344,6 +346,20 @@ impl Validator<'_, '_> {
                     meters.len()
                 ),
             ));
+        }
+        // Each policy a header may name is one meter's (`tokens-m-large` is the selector
+        // `tokens{model=m-large}`'s, or a meter of that name's).
+        for (j, b) in meters.iter().enumerate() {
+            let name = crate::base::policy_name(b.id.as_str());
+            if let Some(a) = meters[..j].iter().find(|a| crate::base::policy_name(a.id.as_str()) == name) {
+                return Err(self.invalid(
+                    "meters",
+                    format!(
+                        "`{}` and `{}` would both be named `{name}` in rate-limit headers: rename a meter or a value",
+                        a.id, b.id
+                    ),
+                ));
+            }
         }
         // One Stripe meter per event_name: two meters sending one would be billed as one.
         let explicit = |m: &MeterSpec| raw.get(m.id.as_str()).is_some_and(|r| r.event_name.is_some());

@@ -400,6 +400,9 @@ impl Validator<'_, '_> {
                     "a meter with dimensions is priced per series: name each one (`tokens{model=m-large,kind=output}`)",
                 ));
             }
+            if prices.contains_key(&id) {
+                return Err(self.invalid(&key, format!("names `{id}`, as another key of these prices does")));
+            }
             prices.insert(id, self.price(&key, text, billing)?);
         }
         Ok(prices)
@@ -449,6 +452,9 @@ impl Validator<'_, '_> {
             let id = self.meter_ref(meters, &qbase, meter)?;
             if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
+            }
+            if quotas.contains_key(&id) {
+                return Err(self.invalid(&qbase, format!("names `{id}`, as another key of these quotas does")));
             }
             quotas.insert(id, self.quota(&qbase, q)?);
         }
@@ -548,6 +554,9 @@ impl Validator<'_, '_> {
             let id = self.meter_ref(meters, &qbase, meter)?;
             if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
+            }
+            if quotas.contains_key(&id) {
+                return Err(self.invalid(&qbase, format!("names `{id}`, as another key of these quotas does")));
             }
             quotas.insert(id, self.quota(&qbase, q)?);
         }

@@ -420,6 +420,14 @@ impl Tollgate {
         let Some(meter_index) = rt.meters.index(e.meter.as_str()) else {
             return Err(EventError::UnknownMeter(e.meter.clone()));
         };
+        if rt.meters.has_dimensions(meter_index) {
+            // Its units would miss its total and selectors, or its series (the bill).
+            return Err(EventError::Malformed(format!(
+                "the meter `{}` has dimensions, which usage events do not name: a handler records it \
+                 (`TenantContext::record_with`)",
+                e.meter
+            )));
+        }
         let step = Self::event_window(rt, e);
         if at - at.rem_euclid(step) < now.saturating_sub(MAX_AGE.as_secs() as i64) {
             return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });

@@ -281,8 +281,21 @@ impl Tollgate {
                     let remaining = granted.saturating_sub(used).saturating_sub(held);
                     return QuotaUsage { meter, period, start, end, limit: granted, mode, used, held, remaining };
                 }
+                // A meter with dimensions' total or a selector records no usage of its own: its
+                // series' is its.
+                let table = &state.plan.meters;
+                let sources: Vec<&MeterId> = match table.index(meter.as_str()) {
+                    Some(i) if !table.recorded(i) => (0..table.ids.len())
+                        .filter(|&j| (table.rollups[j] >> i) & 1 != 0)
+                        .map(|j| &table.ids[j])
+                        .collect(),
+                    _ => vec![&meter],
+                };
                 let sum = |m: &BTreeMap<(MeterId, i64), u64>| -> u64 {
-                    m.iter().filter(|((id, w), _)| *id == meter && *w >= start && *w < end).map(|(_, q)| *q).sum()
+                    m.iter()
+                        .filter(|((id, w), _)| sources.contains(&id) && *w >= start && *w < end)
+                        .map(|(_, q)| *q)
+                        .sum()
                 };
                 let used = sum(&in_periods).saturating_add(sum(&local));
                 // What the usage leaves, and what the store says the fleet took (units leased by

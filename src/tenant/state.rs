@@ -286,6 +286,10 @@ impl TenantState {
     /// Adds usage to the window containing `now` (Unix seconds).
     #[inline]
     pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
+        // A meter with dimensions' total and selectors: their series are the usage.
+        if !self.plan.meters.recorded(meter) {
+            return;
+        }
         if let Some(cell) = self.meter(meter) {
             let window = self.plan.window_index(now);
             if !cell.add(window, quantity) {

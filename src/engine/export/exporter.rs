@@ -942,12 +942,15 @@ fn plan_send(
         // running total, one second later than the last, inside the window.
         _ => (upto, key.window_start + i64::from(agg.revision)),
     };
+    // A series no longer declared is its meter's, if that is (its values are in its id).
+    let family = key.meter.as_str().split_once('{').map(|(f, _)| f);
     let event_name = rt
         .config
         .meters
         .iter()
         .find(|m| m.id == key.meter)
-        .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
+        .or_else(|| rt.config.meters.iter().find(|m| Some(m.id.as_str()) == family))
+        .map_or_else(|| family.unwrap_or(key.meter.as_str()).to_owned(), |m| m.event_name.clone());
     let identifier = identifier_in(namespace, &key.tenant, &key.meter, key.window_start, agg.revision);
     ExportSend::new(value, timestamp, customer, event_name).with_identifier(identifier)
 }
@@ -1037,13 +1040,9 @@ fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend) -> MeterEv
         revision: agg.revision,
         timestamp: send.timestamp,
         aggregation: aggregation(rt, &key.meter),
-        dimensions: rt
-            .config
-            .meters()
-            .iter()
-            .find(|m| m.id() == &key.meter)
-            .map(|m| m.values().map(|(n, v)| (n.to_owned(), v.to_owned())).collect())
-            .unwrap_or_default(),
+        // A series' values are in its id, whatever the configuration now declares: a
+        // retry sends what the first attempt sent.
+        dimensions: crate::config::series_values(&key.meter),
     }
 }
 

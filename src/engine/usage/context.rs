@@ -332,7 +332,9 @@ impl TenantContext {
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);
         }
-        self.state.plan.metrics.usage_units.increment(quantity);
+        if self.state.plan.meters.recorded(index) {
+            self.state.plan.metrics.usage_units.increment(quantity);
+        }
         // A priced meter feeds the spend: through the request's tab (rounded once for the
         // request), else rounded per call.
         if let Some(exact) = cost_of(&self.state, index, quantity) {

@@ -253,7 +253,7 @@ impl HoldInner {
         }
         if spend {
             state.plan.metrics.spend_nanos.increment(units);
-        } else {
+        } else if state.plan.meters.recorded(meter) {
             state.plan.metrics.usage_units.increment(units);
         }
         open.recorded += units;
@@ -379,13 +379,15 @@ impl Hold {
         units: Arc<Units>,
     ) -> Self {
         let mut hold = Hold::new(state.clone(), Ok(series), charged, overrun, None, units.clone());
-        let mut counted = hold.spend.is_some() || state.quota(series).is_some_and(|c| c.hard());
+        // The spend side registers (and counts) when the spend cap is hard and the series'
+        // own hold does not.
+        let hard = |m: usize| state.quota(m).is_some_and(|c| c.hard());
+        let mut counted = hard(series) || (hold.spend.is_some() && state.plan.spend.is_some_and(hard));
         while rollups != 0 {
             let m = rollups.trailing_zeros() as usize;
             rollups &= rollups - 1;
             let mut r = Hold::new(state.clone(), Ok(m), charged, overrun, None, units.clone());
-            let hard = state.quota(m).is_some_and(|c| c.hard());
-            if counted || !hard {
+            if counted || !hard(m) {
                 if let Some(inner) = Arc::get_mut(&mut r.inner) {
                     inner.side = true;
                 }
