@@ -115,6 +115,14 @@ async fn a_models_limit_refuses_it_and_serves_another_model() {
     assert!(policy.contains("\"tokens-m-large-day\";q=1000;w=86400"), "{policy}");
     assert!(!policy.contains('{'), "{policy}");
     assert_eq!(status(&ctx, "tokens{model=m-large}"), 200, "a refused hold holds nothing");
+    assert_eq!(status(&ctx, "tokens"), 4_200, "of the total neither");
+    // An extension the model's limit refuses takes nothing of the total either.
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "output"), 100).await.unwrap();
+    assert_eq!((status(&ctx, "tokens"), status(&ctx, "tokens{model=m-large}")), (4_100, 100));
+    let refused = hold.extend(150).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::QuotaExceeded, "{refused}");
+    assert_eq!((status(&ctx, "tokens"), status(&ctx, "tokens{model=m-large}")), (4_100, 100), "nothing more held");
+    drop(hold);
     // Another model of the same tenant is served, within the total.
     let mut small = ctx.hold_in("tokens", &series("m-small", "input"), 3_000).await.unwrap();
     small.record(3_000).unwrap();

@@ -503,16 +503,38 @@ impl Hold {
         if units == 0 {
             return Ok(());
         }
-        self.extend_own(units).await?;
-        // A series' total and selectors (a refusal keeps what the others hold until it
-        // settles: the work stops and the hold settles).
-        for r in &mut self.rollups {
-            Box::pin(r.extend_own(units)).await?;
+        let own = self.extend_own(units).await?;
+        // A series' total and selectors: refused by one, the units the others took for this
+        // extension go back (its cost stays held until the hold settles, as a hold's does
+        // when its units are refused).
+        let mut taken = Vec::with_capacity(self.rollups.len());
+        for i in 0..self.rollups.len() {
+            match Box::pin(self.rollups[i].extend_own(units)).await {
+                Ok(n) => taken.push(n),
+                Err(refused) => {
+                    self.put_back(own);
+                    for (r, n) in self.rollups.iter().zip(taken) {
+                        r.put_back(n);
+                    }
+                    return Err(refused);
+                }
+            }
         }
         Ok(())
     }
 
-    async fn extend_own(&mut self, units: u64) -> Result<(), Rejection> {
+    /// Gives back `units` this hold took for an extension that did not go through.
+    fn put_back(&self, units: u64) {
+        if units == 0 {
+            return;
+        }
+        let part = self.inner.lock().taken.split(units);
+        self.inner.give_back(part);
+    }
+
+    /// Extends this hold alone (not its rollups): the units it took from a quota (0 when it
+    /// holds none).
+    async fn extend_own(&mut self, units: u64) -> Result<u64, Rejection> {
         if let Some(side) = self.spend.as_deref_mut() {
             // Its estimated cost first (a refusal holds no units); kept if its units are
             // refused after (given back as the hold settles). Counted from what was recorded
@@ -524,9 +546,9 @@ impl Hold {
             side.extended = base.saturating_add(units);
         }
         if self.cell().is_none() {
-            return Ok(());
+            return Ok(0);
         }
-        let Ok(meter) = self.inner.meter else { return Ok(()) };
+        let Ok(meter) = self.inner.meter else { return Ok(0) };
         let state = &self.inner.state;
         {
             let mut open = self.inner.lock();
@@ -575,7 +597,7 @@ impl Hold {
                 if matches!(other, Ok(None)) {
                     open.failed_open = true;
                 }
-                return other.map(drop);
+                return other.map(|_| 0);
             }
         };
         // `take` counted them held.
@@ -585,6 +607,7 @@ impl Hold {
             self.inner.give_back(taken);
             return Err(closed(state, why));
         }
+        let took = taken.units();
         let outcome = if open.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
         state.plan.metrics.hold(outcome).increment(1);
         if let Some(old) = open.taken.add(taken) {
@@ -594,7 +617,7 @@ impl Hold {
         open.live = true;
         // The store answers again: records come out of the hold from now on.
         open.failed_open = false;
-        Ok(())
+        Ok(took)
     }
 
     /// Gives back what is held and not recorded: the work is done.
