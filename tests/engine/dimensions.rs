@@ -405,3 +405,19 @@ async fn a_dimensioned_hold_counts_once_toward_the_open_holds_cap() {
     drop((a, b));
     assert!(ticket.complete(200));
 }
+
+/// A record through a hold refused past a model's limit is answered with that limit's
+/// policy, not the meter's total's.
+#[tokio::test]
+async fn an_overrun_refused_by_a_models_limit_names_it() {
+    let h = Harness::new(DAILY);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_in_with("tokens", &series("m-large", "output"), 1_000, Overrun::Refuse).await.unwrap();
+    let e = hold.record(1_001).unwrap_err();
+    assert_eq!(e, RecordError::Overrun(1));
+    let r = ctx.refusal("tokens", &e).expect("a refusal to answer");
+    assert_eq!((r.kind(), r.policy()), (RejectionKind::QuotaExceeded, Some("tokens-m-large-day")), "{r}");
+    hold.record(1_000).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+}

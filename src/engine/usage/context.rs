@@ -180,6 +180,18 @@ impl TenantContext {
             RecordError::Dimension(_) => return Some(self.invalid_dimension(meter, e)),
             RecordError::Overrun(_) => {
                 let index = self.state.plan.meters.index(meter)?;
+                // A meter with dimensions: the part of it whose limit refused (its total, a
+                // series or a selector spent), else the meter's own.
+                let table = &self.state.plan.meters;
+                let family = format!("{meter}{{");
+                let index = (0..table.ids.len())
+                    .filter(|&j| j == index || table.ids[j].as_str().starts_with(&family))
+                    .find(|&j| {
+                        self.state.quota(j).is_some_and(|c| {
+                            c.hard() && matches!(c.check_units(1, at), Err(crate::tenant::Take::Exhausted))
+                        })
+                    })
+                    .unwrap_or(index);
                 self.state.quota(index)?;
                 crate::engine::usage::hold::spent(&self.state, index, at, true)
             }
