@@ -118,26 +118,31 @@ impl MeterTable {
     }
 
     /// The series of the meter `meter` with dimensions at `values` (in any order), or why none.
-    pub(crate) fn series(&self, meter: usize, values: &[(&str, &str)]) -> Result<usize, crate::config::DimensionError> {
+    pub(crate) fn series<K: AsRef<str>, V: AsRef<str>>(
+        &self,
+        meter: usize,
+        values: &[(K, V)],
+    ) -> Result<usize, crate::config::DimensionError> {
         use crate::config::DimensionError;
         let Some(index) = self.dims.get(meter).and_then(|d| d.as_deref()) else {
             return Err(DimensionError::Invalid(format!("the meter `{}` has no dimensions", self.ids[meter])));
         };
         let d = &index.dims;
         for (k, (n, _)) in values.iter().enumerate() {
-            if !d.names().any(|x| x == *n) {
-                return Err(DimensionError::UnknownDimension((*n).to_owned()));
+            let n = n.as_ref();
+            if !d.names().any(|x| x == n) {
+                return Err(DimensionError::UnknownDimension(n.to_owned()));
             }
-            if values[..k].iter().any(|(m, _)| m == n) {
+            if values[..k].iter().any(|(m, _)| m.as_ref() == n) {
                 return Err(DimensionError::Invalid(format!("the dimension `{n}` is given twice")));
             }
         }
-        let positions = d
-            .names()
-            .enumerate()
-            .map(|(k, name)| d.position(k, values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)))
-            .collect::<Result<Vec<usize>, _>>()?;
-        let offset = d.offset(positions.into_iter());
+        // The offset of the series (the first dimension varies slowest), without allocating.
+        let mut offset = 0usize;
+        for (k, name) in d.names().enumerate() {
+            let value = values.iter().find(|(n, _)| n.as_ref() == name).map(|(_, v)| v.as_ref());
+            offset = offset * d.values[k].len() + d.position(k, value)?;
+        }
         Ok(usize::from(index.series[offset]))
     }
 

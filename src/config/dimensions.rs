@@ -94,6 +94,7 @@ impl MeterDimensions {
 
     /// The offset of a series among its meter's series, from each dimension's position
     /// (the first dimension varies slowest).
+    #[cfg(test)]
     pub(crate) fn offset(&self, positions: impl Iterator<Item = usize>) -> usize {
         positions.zip(self.values.iter()).fold(0, |acc, (p, list)| acc * list.len() + p)
     }

@@ -14,7 +14,7 @@ use tollgate::{
     Dimensions, Overrun, RecordError, RejectionKind,
 };
 
-fn series(model: &str, kind: &str) -> Dimensions {
+fn series<'a>(model: &'a str, kind: &'a str) -> Dimensions<'a> {
     Dimensions::new().with("model", model).with("kind", kind)
 }
 

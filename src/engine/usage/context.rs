@@ -1,7 +1,7 @@
 //! Usage as handlers see it: the [`TenantContext`] in the request extensions, and the holds
 //! it takes.
 
-use std::{fmt, sync::Arc};
+use std::{borrow::Cow, fmt, sync::Arc};
 
 use crate::engine::usage::{
     hold::{Hold, RecordError, RouteHeld},
@@ -244,12 +244,12 @@ impl TenantContext {
     /// The series a record of `meter` at `dims` counts in, with the meters it counts in
     /// beside it (bits): for a meter with dimensions, its series at those values with its
     /// total and selectors; for a series, itself with them; for another meter, itself.
-    fn resolve(&self, meter: &str, dims: &Dimensions) -> Result<(usize, u64), RecordError> {
+    fn resolve(&self, meter: &str, dims: &Dimensions<'_>) -> Result<(usize, u64), RecordError> {
         use crate::config::DimensionError;
         let table = &self.state.plan.meters;
         let index = table.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
         let index = if table.dims[index].is_some() {
-            table.series(index, &dims.pairs()).map_err(RecordError::Dimension)?
+            table.series(index, &dims.pairs).map_err(RecordError::Dimension)?
         } else if !dims.is_empty() {
             return Err(RecordError::Dimension(DimensionError::Invalid(format!(
                 "`{meter}` is not a meter with dimensions: record its values on the meter itself"
@@ -284,7 +284,7 @@ impl TenantContext {
     /// As [`record`](Self::record), and [`RecordError::Dimension`] when the values name no
     /// series (a value the dimension's list lacks, or a dimension missing, under `on_unknown =
     /// "refuse"`; a dimension the meter does not have): nothing recorded.
-    pub fn record_with(&self, meter: &str, quantity: u64, dims: &Dimensions) -> Result<(), RecordError> {
+    pub fn record_with(&self, meter: &str, quantity: u64, dims: &Dimensions<'_>) -> Result<(), RecordError> {
         let (index, rollups) = self.resolve(meter, dims)?;
         self.record_index(index, rollups, quantity)
     }
@@ -428,7 +428,7 @@ impl TenantContext {
     /// name no series of the meter.
     ///
     /// [`RejectionKind::InvalidDimension`]: crate::response::RejectionKind::InvalidDimension
-    pub async fn hold_in(&self, meter: &str, dims: &Dimensions, units: u64) -> Result<Hold, Rejection> {
+    pub async fn hold_in(&self, meter: &str, dims: &Dimensions<'_>, units: u64) -> Result<Hold, Rejection> {
         self.hold_in_with(meter, dims, units, Overrun::Debt).await
     }
 
@@ -439,7 +439,7 @@ impl TenantContext {
     pub async fn hold_in_with(
         &self,
         meter: &str,
-        dims: &Dimensions,
+        dims: &Dimensions<'_>,
         units: u64,
         overrun: Overrun,
     ) -> Result<Hold, Rejection> {
@@ -475,11 +475,13 @@ impl TenantContext {
 /// assert_eq!(d.get("kind"), Some("output"));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Dimensions {
-    pairs: Vec<(Box<str>, Box<str>)>,
+pub struct Dimensions<'a> {
+    /// (dimension, value), borrowed where they can be (a model read from a request's body
+    /// is not copied).
+    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
-impl Dimensions {
+impl<'a> Dimensions<'a> {
     /// No values (a meter with `on_unknown = "other"` counts them under `"other"`).
     #[must_use]
     pub fn new() -> Self {
@@ -488,11 +490,16 @@ impl Dimensions {
 
     /// With `value` for `dimension` (replacing a value given before).
     #[must_use]
-    pub fn with(mut self, dimension: impl Into<Box<str>>, value: impl Into<Box<str>>) -> Self {
+    pub fn with(mut self, dimension: impl Into<Cow<'a, str>>, value: impl Into<Cow<'a, str>>) -> Self {
         let (d, v) = (dimension.into(), value.into());
         match self.pairs.iter_mut().find(|(n, _)| *n == d) {
             Some(p) => p.1 = v,
-            None => self.pairs.push((d, v)),
+            None => {
+                if self.pairs.capacity() == 0 {
+                    self.pairs.reserve_exact(crate::config::MAX_DIMENSIONS);
+                }
+                self.pairs.push((d, v));
+            }
         }
         self
     }
@@ -500,17 +507,13 @@ impl Dimensions {
     /// The value given for `dimension`.
     #[must_use]
     pub fn get(&self, dimension: &str) -> Option<&str> {
-        self.pairs.iter().find(|(n, _)| **n == *dimension).map(|(_, v)| &**v)
+        self.pairs.iter().find(|(n, _)| *n == dimension).map(|(_, v)| &**v)
     }
 
     /// Whether no value is given.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
-    }
-
-    fn pairs(&self) -> Vec<(&str, &str)> {
-        self.pairs.iter().map(|(n, v)| (&**n, &**v)).collect()
     }
 }
 
