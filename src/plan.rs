@@ -374,7 +374,8 @@ pub(crate) struct CompiledPlan {
     /// empty without one (nothing is priced then).
     pub(crate) prices: Box<[Option<rust_decimal::Decimal>]>,
     /// The meters whose records cost money, as bits (by index): the priced ones, and each meter
-    /// with dimensions whose series are priced (a route reporting it checks the spend cap).
+    /// with dimensions or selector whose series are priced (a route reporting it checks the
+    /// spend cap).
     pub(crate) priced: u64,
     /// No fleet rate, concurrency limit or spend cap: a request is decided by its rate and
     /// its route meter's quota alone (on a route that needs no feature, reports no meter and
@@ -591,12 +592,10 @@ impl CompiledPlan {
             (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
         let priced = prices.iter().enumerate().filter(|(_, p)| p.is_some()).fold(0u64, |b, (i, _)| b | (1 << i));
         // A route that uses a priced meter (its own, or one it reports; a meter with dimensions
-        // whose series are priced) reports the spend too: its cap is a policy of the route's
+        // or a selector whose series are priced) reports the spend too: its cap is a policy of the route's
         // answers, and a spent cap refuses its next requests.
-        let costly = meters.dims.iter().enumerate().fold(priced, |bits, (i, d)| match d {
-            Some(d) if d.series.iter().any(|s| (priced >> s) & 1 != 0) => bits | (1 << i),
-            _ => bits,
-        });
+        let costly =
+            (0..meters.ids.len()).filter(|&j| (priced >> j) & 1 != 0).fold(priced, |bits, j| bits | meters.rollups[j]);
         let shapes: Vec<(usize, u64)> = shapes
             .iter()
             .map(|&(m, reports)| match spend_index {

@@ -252,7 +252,13 @@ impl Config {
     /// configuration does not declare.
     #[must_use]
     pub fn exports_meter(&self, meter: &MeterId) -> bool {
-        self.meters.iter().find(|m| &m.id == meter).is_none_or(MeterSpec::exported)
+        // A series no longer declared follows its meter's `export`.
+        let family = meter.as_str().split_once('{').map(|(f, _)| f);
+        self.meters
+            .iter()
+            .find(|m| &m.id == meter)
+            .or_else(|| self.meters.iter().find(|m| Some(m.id.as_str()) == family))
+            .is_none_or(MeterSpec::exported)
     }
 
     /// How closed windows are exported (`[export]`).

@@ -282,11 +282,13 @@ impl Tollgate {
                     return QuotaUsage { meter, period, start, end, limit: granted, mode, used, held, remaining };
                 }
                 // A meter with dimensions' total or a selector records no usage of its own: its
-                // series' is its.
+                // series' is its (a selector added mid-period counts what its series recorded
+                // before it, which its counter did not).
                 let table = &state.plan.meters;
                 let sources: Vec<&MeterId> = match table.index(meter.as_str()) {
+                    // (With its own id: windows recorded before the meter had dimensions.)
                     Some(i) if !table.recorded(i) => (0..table.ids.len())
-                        .filter(|&j| (table.rollups[j] >> i) & 1 != 0)
+                        .filter(|&j| j == i || (table.rollups[j] >> i) & 1 != 0)
                         .map(|j| &table.ids[j])
                         .collect(),
                     _ => vec![&meter],

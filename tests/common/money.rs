@@ -106,6 +106,7 @@ output = "0.00001"
 cached_input = "0.0000012513"
 [plans.p]
 spend = { limit = "1.00", period = "month", mode = "hard", max_limit = "10.00" }
+quotas.tokens = { limit = 100000000, period = "day" }
 [[routes]]
 path = "/generate"
 reports = ["tokens"]
@@ -286,5 +287,9 @@ async fn spend_cap_run_on(
         let total = committed(&*store, "t", "tokens", from, to, 3600).await;
         assert_eq!(total, 0, "the total records no usage of its own: its series are the bill");
         assert!(series > 0);
+        // The total's quota counter took exactly what its series recorded.
+        let (start, end) = Period::Day.bounds(NOON);
+        let key = QuotaKey::new("t".into(), "tokens".into(), Period::Day, start, end);
+        assert_eq!(quota.reserved(&key).await.unwrap(), series, "the total's counter = the sum of its series");
     }
 }

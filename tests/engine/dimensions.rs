@@ -392,10 +392,9 @@ stripe_customer = "cus_t"
 /// with a soft spend cap, the total's hard quota's hold counts.
 #[tokio::test]
 async fn a_dimensioned_hold_counts_once_toward_the_open_holds_cap() {
-    let toml = TOML_DIMENSIONS.replace("mode = \"hard\", max_limit = \"10.00\"", "mode = \"soft\"").replace(
-        "[plans.p]\n",
-        "[limits]\nmax_holds_per_tenant = 2\n[plans.p]\nquotas.tokens = { limit = 100000, period = \"day\" }\n",
-    );
+    let toml = TOML_DIMENSIONS
+        .replace("mode = \"hard\", max_limit = \"10.00\"", "mode = \"soft\"")
+        .replace("[plans.p]\n", "[limits]\nmax_holds_per_tenant = 2\n[plans.p]\n");
     let h = Harness::new(&toml);
     let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
     let a = ctx.hold_in("tokens", &series("m-small", "input"), 10).await.unwrap();

@@ -503,22 +503,28 @@ impl Hold {
         if units == 0 {
             return Ok(());
         }
-        let own = self.extend_own(units).await?;
-        // A series' total and selectors: refused by one, the units the others took for this
-        // extension go back (its cost stays held until the hold settles, as a hold's does
-        // when its units are refused).
+        // A series' total and selectors first (units alone, never priced): refused by one,
+        // the units the others took for this extension go back, and nothing of the series or
+        // its cost was held.
         let mut taken = Vec::with_capacity(self.rollups.len());
         for i in 0..self.rollups.len() {
             match Box::pin(self.rollups[i].extend_own(units)).await {
                 Ok(n) => taken.push(n),
                 Err(refused) => {
-                    self.put_back(own);
                     for (r, n) in self.rollups.iter().zip(taken) {
                         r.put_back(n);
                     }
                     return Err(refused);
                 }
             }
+        }
+        // Then the series and its cost (refused, its cost stays held until the hold settles,
+        // as any hold's does when its units are refused; the rollups' units go back).
+        if let Err(refused) = self.extend_own(units).await {
+            for (r, n) in self.rollups.iter().zip(taken) {
+                r.put_back(n);
+            }
+            return Err(refused);
         }
         Ok(())
     }
