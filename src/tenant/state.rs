@@ -285,11 +285,15 @@ impl TenantState {
 
     /// Adds usage to the window containing `now` (Unix seconds).
     #[inline]
-    pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
-        // A meter with dimensions' total and selectors: their series are the usage.
-        if !self.plan.meters.recorded(meter) {
-            return;
+    /// [`record`](Self::record) of a handler's record or hold, which may be of a meter with
+    /// dimensions' total or a selector: those record no usage (their series are the usage).
+    pub(crate) fn record_usage(&self, meter: usize, now: i64, quantity: u64) {
+        if self.plan.meters.recorded(meter) {
+            self.record(meter, now, quantity);
         }
+    }
+
+    pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
         if let Some(cell) = self.meter(meter) {
             let window = self.plan.window_index(now);
             if !cell.add(window, quantity) {

@@ -340,7 +340,7 @@ impl TenantContext {
             return result;
         }
         let now = self.state.clock().unix_secs();
-        self.state.record(index, now, quantity);
+        self.state.record_usage(index, now, quantity);
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);
         }

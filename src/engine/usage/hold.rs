@@ -227,13 +227,13 @@ impl HoldInner {
                 if step.covered > 0 {
                     open.taken.keep_part(step.covered);
                     cell.count_held(step.covered, false, open.taken.tag());
-                    state.record(meter, at, step.covered);
+                    state.record_usage(meter, at, step.covered);
                 }
                 if step.beyond > 0 {
                     // Recorded beyond the hold (from the lease, or past the limit): counted.
                     state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
                     hold.holds().overruns.fetch_add(1, Ordering::Relaxed);
-                    state.record(meter, now, step.beyond);
+                    state.record_usage(meter, now, step.beyond);
                 }
             }
             None => {
@@ -248,7 +248,7 @@ impl HoldInner {
                         hold.prefetcher().when_low(state, meter, cell);
                     }
                 }
-                state.record(meter, now, units);
+                state.record_usage(meter, now, units);
             }
         }
         if spend {
