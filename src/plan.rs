@@ -790,7 +790,7 @@ pub(crate) struct Runtime {
     pub(crate) routes: Box<[CompiledRoute]>,
     /// The holds of the routes that hold ([`RouteCost::hold`]).
     pub(crate) holds: Box<[Arc<crate::config::RouteHold>]>,
-    /// The headers their estimates are read from, each once.
+    /// The headers their estimates and dimension values are read from, each once.
     pub(crate) hold_headers: Arc<[http::HeaderName]>,
     pub(crate) default_meter: usize,
     pub(crate) anonymous: Option<Arc<CompiledPlan>>,
@@ -922,6 +922,14 @@ impl Runtime {
                     if let crate::config::HoldEstimate::Header { header, .. } = &h.estimate {
                         if !names.contains(header) {
                             names.push(header.clone());
+                        }
+                    }
+                    // The headers its meter's dimension values are read from.
+                    for (_, source) in &h.values {
+                        if let crate::config::ValueSource::Header(header) = source {
+                            if !names.contains(header) {
+                                names.push(header.clone());
+                            }
                         }
                     }
                 }

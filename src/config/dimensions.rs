@@ -453,6 +453,25 @@ mod tests {
             "{METER}[meters.tokens-m-large]\n[plans.p]\nquotas.\"tokens{{model=m-large}}\" = {{ limit = 10, period = \"day\", mode = \"soft\" }}\n"
         ));
         assert!(e.to_string().contains("would both be named `tokens-m-large`"), "{e}");
+        // A route's hold_values.
+        let route = |values: &str| {
+            format!(
+                "{METER}[plans.p]\nquotas.tokens = {{ limit = 10, period = \"day\" }}\n[[routes]]\npath = \"/x\"\n\
+                 reports = [\"tokens\"]\nhold.tokens = 5\n{values}"
+            )
+        };
+        assert!(super::super::document::parse(&route(
+            "hold_values = { model = { header = \"x-model\" }, kind = \"input\" }\n"
+        ))
+        .is_ok());
+        let e = err(&route("hold_values = { model = { header = \"x-model\" } }\n"));
+        assert!(e.to_string().contains("needs a value of `kind`"), "{e}");
+        let e = err(&route("hold_values = { model = \"m-huge\", kind = \"input\" }\n"));
+        assert!(e.to_string().contains("`m-huge` is not a value of the dimension `model`"), "{e}");
+        let e = err(&route("hold_values = { region = \"eu\", model = \"m-large\", kind = \"input\" }\n"));
+        assert_eq!(e.key(), "routes[0].hold_values.region", "{e}");
+        let e = err(&route(""));
+        assert!(e.to_string().contains("needs a value of `model`"), "{e}");
         // A price that is neither a string nor a table, where no series reaches it.
         let e = err(&format!("{METER}[meters.tokens.prices]\ndefault = 5\nm-small = \"1\"\nm-large = \"1\"\n"));
         assert!(e.to_string().contains("expected a price"), "{e}");

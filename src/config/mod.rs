@@ -65,7 +65,7 @@ pub use rate::{Rate, RateError};
 pub use recharge::RechargeSpec;
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;
-pub use routes::{HoldEstimate, HoldSettle, Overrun, RouteHold, RouteSpec};
+pub use routes::{HoldEstimate, HoldSettle, Overrun, RouteHold, RouteSpec, ValueSource};
 #[cfg(feature = "redis")]
 pub(crate) use store::redis_policy_refused;
 pub use store::{Migrate, PostgresSettings, RedisSettings, StoreRole, StoreSettings, Synchronous};

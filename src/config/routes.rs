@@ -29,6 +29,29 @@ pub(crate) struct RawRoute {
     pub(crate) settle: Option<String>,
     pub(crate) overrun: Option<String>,
     pub(crate) hold_timeout: Option<String>,
+    /// The held meter's dimension values: `{ model = { header = "x-model" }, kind = "output" }`.
+    #[serde(default)]
+    pub(crate) hold_values: BTreeMap<String, RawValue>,
+}
+
+/// A dimension's value for a route's hold: written, or read from a request header.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(untagged)]
+pub(crate) enum RawValue {
+    Value(String),
+    Header { header: String },
+}
+
+/// Where a route's hold finds a value of its meter's dimension (`hold_values`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ValueSource {
+    /// This value, for every request.
+    Value(Box<str>),
+    /// The request header's value (a request without it, or with a value the dimension's list
+    /// lacks, is answered as `on_unknown` says: 400 `InvalidDimension`, or `other`).
+    Header(http::HeaderName),
 }
 
 /// A route's hold estimate: a number of units, or read from a request header.
@@ -82,6 +105,9 @@ pub struct RouteHold {
     pub overrun: Overrun,
     /// The longest the hold stays open (`hold_timeout`; `None`: `limits.hold_timeout`).
     pub timeout: Option<std::time::Duration>,
+    /// A meter with dimensions: where each dimension's value comes from (`hold_values`), in
+    /// the meter's order.
+    pub values: Vec<(Box<str>, ValueSource)>,
 }
 
 /// How many units a route holds.
@@ -261,7 +287,11 @@ impl Validator<'_, '_> {
             };
             let hold = self.route_hold(&base, r, &reports, meters, plans)?;
             if let Some(h) = &hold {
-                self.counted_alone(meters, &format!("{base}.hold"), &h.meter)?;
+                // A meter with dimensions is held at the values `hold_values` gives.
+                let total = meters.iter().any(|m| m.id == h.meter && m.dimensions.is_some());
+                if !total {
+                    self.counted_alone(meters, &format!("{base}.hold"), &h.meter)?;
+                }
             }
             routes.push(RouteSpec { method, pattern, meter, cost, reports, feature, hold });
         }
@@ -282,6 +312,7 @@ impl Validator<'_, '_> {
     ) -> Result<Option<RouteHold>, ConfigError> {
         let Some((name, raw)) = r.hold.iter().next() else {
             for (key, set) in [
+                ("hold_values", !r.hold_values.is_empty()),
                 ("actual_header", r.actual_header.is_some()),
                 ("settle", r.settle.is_some()),
                 ("overrun", r.overrun.is_some()),
@@ -306,10 +337,16 @@ impl Validator<'_, '_> {
         // A hold holds the meter's units against a hard quota or a balance, or their cost
         // against a spend cap on a plan that prices the meter (a tenant's own hard cap may
         // hold it on a plan whose cap is soft).
-        let own_price = meters.iter().find(|m| m.id == meter).and_then(|m| m.price);
-        let priced = |p: &PlanSpec| p.prices.get(&meter).copied().or(own_price).is_some_and(|price| !price.is_zero());
+        // A meter with dimensions: its series (priced), and the meters a hold of one holds.
+        let family: Vec<&MeterSpec> =
+            meters.iter().filter(|m| m.id == meter || m.of.as_ref() == Some(&meter)).collect();
+        let priced = |p: &PlanSpec| {
+            family.iter().any(|m| p.prices.get(&m.id).copied().or(m.price).is_some_and(|price| !price.is_zero()))
+        };
         let limited = plans.values().any(|p| {
-            p.quotas.get(&meter).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid)
+            family
+                .iter()
+                .any(|m| p.quotas.get(&m.id).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid))
                 || (p.spend_max.is_some() && priced(p))
         });
         if !limited {
@@ -385,7 +422,60 @@ impl Validator<'_, '_> {
                 Some(d)
             }
         };
-        Ok(Some(RouteHold { meter, estimate, settle, actual_header, overrun, timeout }))
+        let values = self.hold_values(base, &meter, &r.hold_values, meters)?;
+        Ok(Some(RouteHold { meter, estimate, settle, actual_header, overrun, timeout, values }))
+    }
+
+    /// A route hold's `hold_values`: each a dimension of the held meter, its value written (in
+    /// the dimension's list) or read from a header; every dimension given, unless the meter
+    /// counts unknown values under `other`.
+    fn hold_values(
+        &self,
+        base: &str,
+        meter: &MeterId,
+        raw: &BTreeMap<String, RawValue>,
+        meters: &[MeterSpec],
+    ) -> Result<Vec<(Box<str>, ValueSource)>, ConfigError> {
+        let key = format!("{base}.hold_values");
+        let dims = meters.iter().find(|m| m.id == *meter).and_then(|m| m.dimensions.clone());
+        let Some(dims) = dims else {
+            if let Some(n) = raw.keys().next() {
+                return Err(self.invalid(&format!("{key}.{n}"), format!("`{meter}` has no dimensions")));
+            }
+            return Ok(Vec::new());
+        };
+        if let Some(n) = raw.keys().find(|n| !dims.names().any(|d| d == n.as_str())) {
+            return Err(self.invalid(&format!("{key}.{n}"), format!("`{meter}` has no dimension `{n}`")));
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        for name in dims.names() {
+            let at = format!("{key}.{name}");
+            let source = match raw.get(name) {
+                None if dims.on_unknown == super::OnUnknownValue::Other => continue,
+                None => {
+                    return Err(self.invalid(
+                        &key,
+                        format!(
+                            "the hold of `{meter}` needs a value of `{name}`: written, or read from a header \
+                             ({name} = {{ header = \"x-{name}\" }})"
+                        ),
+                    ))
+                }
+                Some(RawValue::Value(v)) => {
+                    if !dims.values(name).is_some_and(|mut l| l.any(|x| x == v.as_str())) {
+                        return Err(self.invalid(&at, format!("`{v}` is not a value of the dimension `{name}`")));
+                    }
+                    ValueSource::Value(v.as_str().into())
+                }
+                Some(RawValue::Header { header }) => {
+                    ValueSource::Header(http::HeaderName::try_from(header.as_str()).map_err(|_| {
+                        self.invalid(&format!("{at}.header"), format!("`{header}` is not a valid header name"))
+                    })?)
+                }
+            };
+            out.push((Box::from(name), source));
+        }
+        Ok(out)
     }
 
     /// A hard quota on a meter that no request is charged (the default meter, a route's

@@ -420,3 +420,42 @@ async fn an_overrun_refused_by_a_models_limit_names_it() {
     hold.settle();
     assert!(ticket.complete(200));
 }
+
+/// A route's hold reads the model from a request header (`hold_values`): the route holds the
+/// model's series, its total and its selector before the handler runs, so a model past its
+/// limit is refused 429 before any work while another model is served; a model the list lacks,
+/// or none, is refused 400 before anything is taken; the handler's record of `tokens` without
+/// values is of the held series.
+#[tokio::test]
+async fn a_routes_hold_reads_the_model_from_a_header() {
+    let toml = DAILY.replace(
+        "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+        "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+         [[routes]]\npath = \"/tokens/{n}\"\nreports = [\"tokens\"]\n\
+         hold.tokens = { header = \"x-max-tokens\", default = 100, max = 5000 }\n\
+         hold_values = { model = { header = \"x-model\" }, kind = \"output\" }\n",
+    );
+    let h = Harness::new(&toml);
+    let send = |tokens: u64, model: Option<&'static str>, max: u64| {
+        let mut r = common::req("POST", &format!("/tokens/{tokens}"), Some("key-t"), None);
+        r.headers_mut().insert("x-max-tokens", max.into());
+        if let Some(m) = model {
+            r.headers_mut().insert("x-model", http::HeaderValue::from_static(m));
+        }
+        h.send(r)
+    };
+    assert_eq!(send(800, Some("m-large"), 1_000).await.status, 200);
+    let refused = send(100, Some("m-large"), 300).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.rejection.as_ref().and_then(|r| r.policy()), Some("tokens-m-large-day"));
+    assert_eq!(send(250, Some("m-small"), 300).await.status, 200, "another model is served");
+    for model in [Some("m-huge"), None] {
+        let bad = send(10, model, 100).await;
+        assert_eq!(bad.status, 400, "{model:?}");
+        assert_eq!(bad.rejection.as_ref().map(|r| r.kind()), Some(RejectionKind::InvalidDimension));
+        assert_eq!(bad.header("content-type"), Some("application/problem+json"));
+    }
+    assert_eq!(recorded(&h, "t", "tokens{model=m-large,kind=output}").await, 800);
+    assert_eq!(recorded(&h, "t", "tokens{model=m-small,kind=output}").await, 250);
+    assert_eq!(ctx_quota_used(&h).await, 1_050, "the total counts both, and nothing of the refused");
+}

@@ -86,8 +86,12 @@ impl Gate {
         client: impl FnOnce() -> Option<crate::tenant::Client>,
     ) -> Decision {
         let spec = &rt.holds[usize::from(route.hold) - 1];
-        match Self::hold_estimate(spec, req.headers) {
-            Ok(units) => Self::holding(self.admit_routed(rt, req, lookup, route, path, client), spec.clone(), units),
+        let asked = Self::hold_estimate(spec, req.headers)
+            .and_then(|units| Ok((units, Self::hold_values(rt, spec, req.headers)?)));
+        match asked {
+            Ok((units, values)) => {
+                Self::holding(self.admit_routed(rt, req, lookup, route, path, client), spec.clone(), units, values)
+            }
             Err(r) => self.reject(r),
         }
     }
@@ -267,6 +271,45 @@ impl Gate {
         Ok(state)
     }
 
+    /// The dimension values of a route's hold (`hold_values`), written or read from the
+    /// request's headers, checked against the held meter's lists before anything is taken: a
+    /// value a list lacks, a header missing or sent twice, is refused 400 (`InvalidDimension`)
+    /// unless the meter counts it under `other`.
+    fn hold_values(
+        rt: &Runtime,
+        hold: &crate::config::RouteHold,
+        headers: &[(&str, &[u8])],
+    ) -> Result<crate::engine::admit::stage::HoldValues, Rejection> {
+        if hold.values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refuse = |why: String| {
+            let mut r = Rejection::new(RejectionKind::InvalidDimension, format!("meter `{}`: {why}", hold.meter));
+            r.inner.policy = Some(hold.meter.to_string());
+            r
+        };
+        let mut values = Vec::with_capacity(hold.values.len());
+        for (name, source) in &hold.values {
+            match source {
+                crate::config::ValueSource::Value(v) => values.push((name.clone(), v.clone())),
+                crate::config::ValueSource::Header(header) => {
+                    let mut sent = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(header.as_str()));
+                    match (sent.next(), sent.next()) {
+                        (None, _) => {}
+                        (Some((_, v)), None) => match std::str::from_utf8(v) {
+                            Ok(v) => values.push((name.clone(), v.trim().into())),
+                            Err(_) => return Err(refuse(format!("the `{header}` header is not text"))),
+                        },
+                        (Some(_), Some(_)) => return Err(refuse(format!("the `{header}` header is sent twice"))),
+                    }
+                }
+            }
+        }
+        let meter = rt.meters.index(hold.meter.as_str()).unwrap_or(0);
+        rt.meters.series(meter, &values).map_err(|e| refuse(e.to_string()))?;
+        Ok(values)
+    }
+
     /// The units a route's hold holds for a request: its estimate, or read from the header
     /// it names (its `default` without one; refused, 400, when it does not parse, is zero or
     /// is above its `max`).
@@ -303,10 +346,15 @@ impl Gate {
     /// [`resolve`](Gate::resolve)); a replay holds nothing.
     #[cold]
     #[inline(never)]
-    fn holding(admission: Decision, spec: Arc<crate::config::RouteHold>, units: u64) -> Decision {
+    fn holding(
+        admission: Decision,
+        spec: Arc<crate::config::RouteHold>,
+        units: u64,
+        values: crate::engine::admit::stage::HoldValues,
+    ) -> Decision {
         match admission {
             Decision::Pending(mut p) => {
-                p.hold = Some((spec, units));
+                p.hold = Some((spec, units, values));
                 Decision::Pending(p)
             }
             done => done,

@@ -139,7 +139,9 @@ impl Gate {
             let next = match stage {
                 Stage::Quota(partial) => self.lease_and_take(*partial, route, &rt).await,
                 Stage::Hold(ready) => match &hold {
-                    Some((spec, units)) => return self.take_hold(*ready, route.cost, spec.clone(), *units).await,
+                    Some((spec, units, values)) => {
+                        return self.take_hold(*ready, route.cost, spec.clone(), *units, values).await
+                    }
                     None => {
                         let ReadyParts { partial, taken, spend } = ready.into_parts();
                         return Ok(Self::ticket(partial, route.cost, taken.into_source(), spend));
@@ -187,14 +189,40 @@ impl Gate {
     /// ticket. Refused, everything the request took goes back as it drops (its rate cells, its
     /// units, its place, its key), as for a request refused at admission (a client told to
     /// retry in a second spends nothing on the refusal), and the refusal is its answer.
-    async fn take_hold(&self, ready: Ready, cost: u32, spec: Arc<RouteHold>, units: u64) -> Result<Pass, Rejection> {
+    async fn take_hold(
+        &self,
+        ready: Ready,
+        cost: u32,
+        spec: Arc<RouteHold>,
+        units: u64,
+        values: &crate::engine::admit::stage::HoldValues,
+    ) -> Result<Pass, Rejection> {
         let state = ready.state().clone();
         let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
             let ReadyParts { partial, taken, spend } = ready.into_parts();
             return Ok(Self::ticket(partial, cost, taken.into_source(), spend));
         };
+        // A meter with dimensions: its series at the request's values, held with its total
+        // and selectors (checked at entry; a reload since may refuse them).
+        let (meter, rollups) = if state.plan.meters.dims[meter].is_some() {
+            match state.plan.meters.series(meter, values) {
+                Ok(series) => (series, state.plan.meters.rollups[series]),
+                Err(e) => {
+                    let mut r = Rejection::new(RejectionKind::InvalidDimension, format!("meter `{}`: {e}", spec.meter));
+                    r.inner.policy = Some(spec.meter.to_string());
+                    drop(ready);
+                    return Err(self.typed(r.for_tenant(&state)));
+                }
+            }
+        } else {
+            (meter, 0)
+        };
         // Whole while its hold is asked for: dropped meanwhile, it gives everything back.
-        let mut hold = Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone());
+        let mut hold = if rollups == 0 {
+            Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone())
+        } else {
+            Hold::dimensioned(state, meter, rollups, true, spec.overrun, spec.timeout, self.units.clone())
+        };
         match hold.extend(units).await {
             Ok(()) => {
                 let ReadyParts { partial, taken, spend } = ready.into_parts();

@@ -134,8 +134,12 @@ pub struct PendingAdmission {
     pub(crate) idempotency: Option<Box<PendingKey>>,
     /// Its route's `hold` (as configured when it was decided: a reload while it waits does
     /// not move it) and the units it holds, taken once it is admitted.
-    pub(crate) hold: Option<(Arc<crate::config::RouteHold>, u64)>,
+    pub(crate) hold: Option<(Arc<crate::config::RouteHold>, u64, HoldValues)>,
 }
+
+/// A route's hold's dimension values as the request gave them (`hold_values`): (dimension,
+/// value), empty for a meter without dimensions.
+pub(crate) type HoldValues = Vec<(Box<str>, Box<str>)>;
 
 /// The engine's decision on a request, as admission makes it: an admitted request is a
 /// [`Pass`], which the engine's entry points hand out as a [`Ticket`] carrying the engine's

@@ -248,8 +248,14 @@ impl TenantContext {
         use crate::config::DimensionError;
         let table = &self.state.plan.meters;
         let index = table.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
+        let held = self.hold.as_ref().map(|h| h.meter());
         let index = if table.dims[index].is_some() {
-            table.series(index, &dims.pairs).map_err(RecordError::Dimension)?
+            match held {
+                // The route holds one of its series (`hold_values`): a record without values
+                // is of that series.
+                Some(h) if dims.is_empty() && (table.rollups[h] >> index) & 1 != 0 => h,
+                _ => table.series(index, &dims.pairs).map_err(RecordError::Dimension)?,
+            }
         } else if !dims.is_empty() {
             return Err(RecordError::Dimension(DimensionError::Invalid(format!(
                 "`{meter}` is not a meter with dimensions: record its values on the meter itself"
@@ -317,6 +323,10 @@ impl TenantContext {
             return Ok(());
         }
         if rollups != 0 {
+            // The route holds this series: its hold records its total and selectors too.
+            if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
+                return result;
+            }
             // The route's hold first (past it with `overrun = "refuse"`, nothing is recorded).
             let mut meters = rollups;
             while meters != 0 {
@@ -446,7 +456,9 @@ impl TenantContext {
         let state = self.state.clone();
         let mut hold = match self.resolve(meter, dims) {
             Ok((index, 0)) => Hold::new(state, Ok(index), self.charged, overrun, None, self.units.clone()),
-            Ok((index, rollups)) => Hold::dimensioned(state, index, rollups, self.charged, overrun, self.units.clone()),
+            Ok((index, rollups)) => {
+                Hold::dimensioned(state, index, rollups, self.charged, overrun, None, self.units.clone())
+            }
             // Its records fail as a record of an unknown meter does.
             Err(RecordError::UnknownMeter(_)) => {
                 Hold::new(state, Err(meter.into()), self.charged, overrun, None, self.units.clone())

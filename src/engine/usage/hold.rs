@@ -376,9 +376,10 @@ impl Hold {
         mut rollups: u64,
         charged: bool,
         overrun: Overrun,
+        timeout: Option<std::time::Duration>,
         units: Arc<Units>,
     ) -> Self {
-        let mut hold = Hold::new(state.clone(), Ok(series), charged, overrun, None, units.clone());
+        let mut hold = Hold::new(state.clone(), Ok(series), charged, overrun, timeout, units.clone());
         // The spend side registers (and counts) when the spend cap is hard and the series'
         // own hold does not.
         let hard = |m: usize| state.quota(m).is_some_and(|c| c.hard());
@@ -386,7 +387,7 @@ impl Hold {
         while rollups != 0 {
             let m = rollups.trailing_zeros() as usize;
             rollups &= rollups - 1;
-            let mut r = Hold::new(state.clone(), Ok(m), charged, overrun, None, units.clone());
+            let mut r = Hold::new(state.clone(), Ok(m), charged, overrun, timeout, units.clone());
             if counted || !hard(m) {
                 if let Some(inner) = Arc::get_mut(&mut r.inner) {
                     inner.side = true;
@@ -961,6 +962,11 @@ impl RouteHeld {
             ended: AtomicU8::new(NOT_ENDED),
             responded: AtomicBool::new(false),
         }
+    }
+
+    /// The meter it holds (a series, for a meter with dimensions).
+    pub(crate) fn meter(&self) -> usize {
+        self.meter
     }
 
     /// Records `units` of `meter` through the hold, if it holds that meter and is open.
