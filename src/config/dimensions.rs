@@ -472,6 +472,11 @@ mod tests {
         assert_eq!(e.key(), "routes[0].hold_values.region", "{e}");
         let e = err(&route(""));
         assert!(e.to_string().contains("needs a value of `model`"), "{e}");
+        // A header's table takes `header` alone: a `default` is refused, not ignored.
+        assert!(super::super::document::parse(&route(
+            "hold_values = { model = { header = \"x-model\", default = \"m-small\" }, kind = \"input\" }\n"
+        ))
+        .is_err());
         // A price that is neither a string nor a table, where no series reaches it.
         let e = err(&format!("{METER}[meters.tokens.prices]\ndefault = 5\nm-small = \"1\"\nm-large = \"1\"\n"));
         assert!(e.to_string().contains("expected a price"), "{e}");

@@ -210,7 +210,8 @@ impl Validator<'_, '_> {
                 path,
                 format!(
                     "`{id}` has dimensions: it is counted through a handler's `record_with` and `hold_in`, \
-                     which name the values (list it in `reports`)"
+                     which name the values, or held by a route at the values `hold_values` reads \
+                     (list it in `reports`)"
                 ),
             )),
             _ => Ok(()),

@@ -40,7 +40,15 @@ pub(crate) struct RawRoute {
 #[serde(untagged)]
 pub(crate) enum RawValue {
     Value(String),
-    Header { header: String },
+    Header(RawValueHeader),
+}
+
+/// `{ header = "x-model" }`: nothing else (a `default` is not read).
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawValueHeader {
+    pub(crate) header: String,
 }
 
 /// Where a route's hold finds a value of its meter's dimension (`hold_values`).
@@ -467,7 +475,7 @@ impl Validator<'_, '_> {
                     }
                     ValueSource::Value(v.as_str().into())
                 }
-                Some(RawValue::Header { header }) => {
+                Some(RawValue::Header(RawValueHeader { header })) => {
                     ValueSource::Header(http::HeaderName::try_from(header.as_str()).map_err(|_| {
                         self.invalid(&format!("{at}.header"), format!("`{header}` is not a valid header name"))
                     })?)

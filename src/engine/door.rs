@@ -317,7 +317,7 @@ impl FrontDoor {
     }
 
     /// The headers a route of the configuration in force reads (the estimates of `[[routes]]
-    /// hold`): a door that builds [`RequestInfo`] itself gives their fields
+    /// hold`, the dimension values of its `hold_values`): a door that builds [`RequestInfo`] itself gives their fields
     /// ([`RequestInfo::with_headers`]).
     pub fn hold_headers(&mut self) -> Vec<http::HeaderName> {
         self.runtime.load().hold_headers.to_vec()

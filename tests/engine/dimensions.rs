@@ -459,3 +459,35 @@ async fn a_routes_hold_reads_the_model_from_a_header() {
     assert_eq!(recorded(&h, "t", "tokens{model=m-small,kind=output}").await, 250);
     assert_eq!(ctx_quota_used(&h).await, 1_050, "the total counts both, and nothing of the refused");
 }
+
+/// The values a route's hold read are the handler's to check: `held_values` gives them (a
+/// handler serving the model a body names compares it).
+#[tokio::test]
+async fn the_handler_sees_the_values_its_routes_hold_read() {
+    let toml = DAILY.replace(
+        "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+        "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+         hold.tokens = { header = \"x-max-tokens\", default = 100, max = 5000 }\n\
+         hold_values = { model = { header = \"x-model\" }, kind = \"output\" }\n",
+    );
+    let h = Harness::new(&toml);
+    let headers: [(&str, &[u8]); 2] = [("x-model", b"m-large"), ("x-max-tokens", b"100")];
+    let info = tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-t"))
+        .with_headers(&headers);
+    let ticket = match h.tollgate.admit(&info) {
+        tollgate::door::Admission::Admitted(t) => t,
+        tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+    };
+    let ctx = ticket.context();
+    assert_eq!(
+        ctx.held_values(),
+        vec![("model".to_owned(), "m-large".to_owned()), ("kind".to_owned(), "output".to_owned())]
+    );
+    ctx.record("tokens", 40).unwrap();
+    assert!(ticket.complete(200));
+    assert_eq!(recorded(&h, "t", "tokens{model=m-large,kind=output}").await, 40);
+    // Without the header: refused before anything is taken.
+    let refused = admit(&h, "key-t").await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::InvalidDimension);
+}

@@ -50,8 +50,10 @@ pub struct RequestInfo<'a> {
     pub client: Option<std::net::IpAddr>,
     /// Header fields of the request (name, value), for what a route reads from them: the
     /// estimate of a `[[routes]] hold` read from a header (a field given twice is a repeated
-    /// header, refused). A front door gives at least the fields
-    /// [`FrontDoor::hold_headers`](crate::door::FrontDoor::hold_headers) names; without them such a route holds its `default`.
+    /// header, refused), and the dimension values its `hold_values` reads. A front door gives
+    /// at least the fields [`FrontDoor::hold_headers`](crate::door::FrontDoor::hold_headers)
+    /// names; without them such a route holds its `default`, and one reading dimension values
+    /// refuses 400 (or counts `other`).
     pub headers: &'a [(&'a str, &'a [u8])],
 }
 

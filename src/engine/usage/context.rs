@@ -180,17 +180,31 @@ impl TenantContext {
             RecordError::Dimension(_) => return Some(self.invalid_dimension(meter, e)),
             RecordError::Overrun(_) => {
                 let index = self.state.plan.meters.index(meter)?;
-                // A meter with dimensions: the part of it whose limit refused (its total, a
-                // series or a selector spent), else the meter's own.
+                // A meter with dimensions: the part of it whose limit refused (the route's held
+                // series with its total and selectors, else every part of the meter), spent
+                // first, else the first with a hard quota, else the meter's own.
                 let table = &self.state.plan.meters;
                 let family = format!("{meter}{{");
-                let index = (0..table.ids.len())
-                    .filter(|&j| j == index || table.ids[j].as_str().starts_with(&family))
+                let held = self.hold.as_ref().map(|h| h.meter()).filter(|&h| (table.rollups[h] >> index) & 1 != 0);
+                let parts: Vec<usize> = match held {
+                    Some(h) => std::iter::once(h)
+                        .chain((0..table.ids.len()).filter(|&j| (table.rollups[h] >> j) & 1 != 0))
+                        .collect(),
+                    None => (0..table.ids.len())
+                        .filter(|&j| j == index || table.ids[j].as_str().starts_with(&family))
+                        .collect(),
+                };
+                let hard = |j: &usize| self.state.quota(*j).is_some_and(|c| c.hard());
+                let index = parts
+                    .iter()
+                    .copied()
+                    .filter(hard)
                     .find(|&j| {
-                        self.state.quota(j).is_some_and(|c| {
-                            c.hard() && matches!(c.check_units(1, at), Err(crate::tenant::Take::Exhausted))
-                        })
+                        self.state
+                            .quota(j)
+                            .is_some_and(|c| matches!(c.check_units(1, at), Err(crate::tenant::Take::Exhausted)))
                     })
+                    .or_else(|| parts.iter().copied().find(hard))
                     .unwrap_or(index);
                 self.state.quota(index)?;
                 crate::engine::usage::hold::spent(&self.state, index, at, true)
@@ -199,6 +213,18 @@ impl TenantContext {
         };
         self.state.plan.metrics.rejected(r.kind()).increment(1);
         Some(r)
+    }
+
+    /// The dimension values of the series the request's route holds (`[[routes]]
+    /// hold_values`: read from the request's headers), in the meter's order; empty when the
+    /// route holds none. They decide what the route's hold bills and limits: a handler that
+    /// reads the model from elsewhere (a JSON body) checks it against them.
+    #[must_use]
+    pub fn held_values(&self) -> Vec<(String, String)> {
+        match &self.hold {
+            Some(h) => crate::config::series_values(&self.state.plan.meters.ids[h.meter()]),
+            None => Vec::new(),
+        }
     }
 
     /// Whether the tenant's plan runs in shadow mode (limits counted, nothing refused).
@@ -291,6 +317,9 @@ impl TenantContext {
     /// series (a value the dimension's list lacks, or a dimension missing, under `on_unknown =
     /// "refuse"`; a dimension the meter does not have): nothing recorded.
     pub fn record_with(&self, meter: &str, quantity: u64, dims: &Dimensions<'_>) -> Result<(), RecordError> {
+        if !self.charged {
+            return self.replayed(meter, quantity);
+        }
         let (index, rollups) = self.resolve(meter, dims)?;
         self.record_index(index, rollups, quantity)
     }
@@ -310,8 +339,20 @@ impl TenantContext {
     /// for a quantity past `i64::MAX`, [`RecordError::Overrun`] past a route's hold with
     /// `overrun = "refuse"` (nothing recorded).
     pub fn record(&self, meter: &str, quantity: u64) -> Result<(), RecordError> {
+        if !self.charged {
+            return self.replayed(meter, quantity);
+        }
         let (index, rollups) = self.resolve(meter, &Dimensions::new())?;
         self.record_index(index, rollups, quantity)
+    }
+
+    /// A replay's record: nothing, once the meter and the quantity are checked.
+    fn replayed(&self, meter: &str, quantity: u64) -> Result<(), RecordError> {
+        self.state.plan.meters.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
+        if i64::try_from(quantity).is_err() {
+            return Err(RecordError::TooLarge(quantity));
+        }
+        Ok(())
     }
 
     /// Records `quantity` of the meter `index` and of the meters `rollups` beside it.
