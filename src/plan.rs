@@ -39,6 +39,8 @@ pub(crate) struct MeterTable {
     pub(crate) dims: Box<[Option<Box<SeriesIndex>>]>,
     /// The selectors (`tokens{model=m-large}`: counted from their series), as bits.
     pub(crate) selectors: u64,
+    /// By index, the meter's name in rate-limit headers ([`MeterId::policy_name`]), made once.
+    pub(crate) policy_names: Box<[Box<str>]>,
     /// The meters whose units are counted against their quotas but recorded as no usage of
     /// their own (a meter with dimensions' total and its selectors: its series are the usage,
     /// billed once), as bits.
@@ -106,6 +108,7 @@ impl MeterTable {
             }
             rollups[i] = bits;
         }
+        let policy_names = ids.iter().map(|id| Box::from(&*id.policy_name())).collect();
         let unrecorded = dims.iter().enumerate().filter(|(_, d)| d.is_some()).fold(selectors, |b, (i, _)| b | (1 << i));
         Self {
             ids: ids.into(),
@@ -114,6 +117,7 @@ impl MeterTable {
             dims: dims.into(),
             selectors,
             unrecorded,
+            policy_names,
         }
     }
 
@@ -1129,6 +1133,7 @@ mod tests {
             dims: meters.iter().map(|_| None).collect(),
             selectors: 0,
             unrecorded: 0,
+            policy_names: meters.iter().map(|m| Box::<str>::from(*m)).collect(),
         }
     }
 

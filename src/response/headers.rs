@@ -292,7 +292,7 @@ fn emit_fields(
                     let prepaid = spec.period() == crate::base::Period::Prepaid;
                     item(
                         &mut value,
-                        &plan.meters.ids[state.meter()].policy_name(),
+                        &plan.meters.policy_names[state.meter()],
                         spec.period().name(),
                         q,
                         prepaid,
@@ -315,7 +315,7 @@ fn emit_fields(
                             reset_secs: (end - now).max(0) as u64,
                         };
                         let name = cell.spec.period().name();
-                        item(&mut value, &plan.meters.ids[m].policy_name(), name, &status, cell.prepaid(), &mut num);
+                        item(&mut value, &plan.meters.policy_names[m], name, &status, cell.prepaid(), &mut num);
                     }
                 }
                 put(Field::RateLimit, Value::Owned(value));
