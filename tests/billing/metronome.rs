@@ -580,11 +580,7 @@ async fn series_carry_their_values_as_properties() {
     for (model, kind, units) in [("m-large", "output", 240u64), ("m-small", "input", 31), ("m-large", "output", 9)] {
         let info =
             tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-acme"));
-        let ticket = match h.tollgate.admit(&info) {
-            tollgate::door::Admission::Admitted(t) => t,
-            tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
-            tollgate::door::Admission::Rejected(r) => panic!("{r}"),
-        };
+        let ticket = crate::common::admitted_ticket(&h.tollgate, &info).await;
         let d = tollgate::Dimensions::new().with("model", model).with("kind", kind);
         ticket.context().record_with("tokens", units, &d).unwrap();
         assert!(ticket.complete(200));

@@ -1644,11 +1644,7 @@ async fn series_are_exported_once_each_with_their_dimensions() {
                 "/generate",
                 tollgate::door::Credential::ApiKey(key.as_bytes()),
             );
-            let ticket = match h.tollgate.admit(&info) {
-                tollgate::door::Admission::Admitted(t) => t,
-                tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
-                tollgate::door::Admission::Rejected(r) => panic!("{r}"),
-            };
+            let ticket = crate::common::admitted_ticket(&h.tollgate, &info).await;
             let d = tollgate::Dimensions::new().with("model", model).with("kind", kind);
             ticket.context().record_with("tokens", units, &d).unwrap();
             assert!(ticket.complete(200));

@@ -1244,3 +1244,13 @@ pub async fn tenants_give_their_leases_back_on(
     eprintln!("{} leases given back in {took:?}", 2 * tenants);
     (took, made)
 }
+
+/// The ticket of a request `engine` admits (waiting on the store if it must); a refusal fails
+/// the test.
+pub async fn admitted_ticket(engine: &Tollgate, info: &tollgate::door::RequestInfo<'_>) -> tollgate::door::Ticket {
+    match engine.admit(info) {
+        tollgate::door::Admission::Admitted(t) => t,
+        tollgate::door::Admission::Pending(p) => engine.resolve(p).await.unwrap_or_else(|r| panic!("{r}")),
+        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+    }
+}

@@ -348,11 +348,7 @@ stripe_customer = "cus_t"
         async move {
             let info =
                 tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-t"));
-            let ticket = match engine.admit(&info) {
-                tollgate::door::Admission::Admitted(t) => t,
-                tollgate::door::Admission::Pending(p) => engine.resolve(p).await.unwrap(),
-                tollgate::door::Admission::Rejected(r) => panic!("{r}"),
-            };
+            let ticket = crate::common::admitted_ticket(&engine, &info).await;
             match dims {
                 None => ticket.context().record("tokens", 11).unwrap(),
                 Some(m) => ticket.context().record_with("tokens", 5, &Dimensions::new().with("model", m)).unwrap(),
@@ -474,11 +470,7 @@ async fn the_handler_sees_the_values_its_routes_hold_read() {
     let headers: [(&str, &[u8]); 2] = [("x-model", b"m-large"), ("x-max-tokens", b"100")];
     let info = tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-t"))
         .with_headers(&headers);
-    let ticket = match h.tollgate.admit(&info) {
-        tollgate::door::Admission::Admitted(t) => t,
-        tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
-        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
-    };
+    let ticket = crate::common::admitted_ticket(&h.tollgate, &info).await;
     let ctx = ticket.context();
     assert_eq!(
         ctx.held_values(),
