@@ -4,7 +4,8 @@ docs/alerts.schema.json, records it, and answers as the test tells it.
 
     python scripts/alert-receiver.py PORT SECRET [SECRET ...]
 
-It prints `ready` once it listens. Control:
+It prints `ready PORT` once it listens (PORT 0: a port the system chooses, so that no other
+process can take it between a choice and the bind). Control:
     GET  /received      -> [{"id", "type", "data", "path", "verified", "valid", "error"}] in arrival order
     POST /mode          -> {"mode": "ok" | "down" | "slow" | "slowbody" | "redirect" | "huge", "seconds": N}
     POST /secret        -> {"secret": "whsec_..."}: verified with it too
@@ -123,5 +124,5 @@ class Handler(BaseHTTPRequestHandler):
 
 server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
 server.daemon_threads = True
-print("ready", flush=True)
+print(f"ready {server.server_address[1]}", flush=True)
 server.serve_forever()

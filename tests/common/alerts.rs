@@ -43,10 +43,6 @@ impl Drop for Receiver {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Receiver {
     /// Starts a receiver verifying with `SECRET` (`None`: no Python with the library, skipped
     /// loudly; in CI it must be there).
@@ -70,16 +66,21 @@ impl Receiver {
             .map(|root| root.join("scripts/alert-receiver.py"))
             .find(|p| p.exists())
             .expect("scripts/alert-receiver.py");
-        let port = free_port();
+        // Port 0: the receiver binds a port the system chooses and says which, so no other
+        // test's server can take it between a choice here and its bind.
         let mut child = Command::new(python)
-            .args([script.as_os_str(), port.to_string().as_ref(), SECRET.as_ref()])
+            .args([script.as_os_str(), "0".as_ref(), SECRET.as_ref()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("the alert receiver starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the alert receiver did not start");
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the alert receiver did not start: {line:?}"));
         Some(Self { child, port })
     }
 
