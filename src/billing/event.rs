@@ -164,6 +164,10 @@ impl SinkError {
     }
 }
 
+/// What a billing system holds per (dimension values, hour's start): see
+/// [`BillingSink::held_by_hour_and_values`].
+pub type HeldByValues = std::collections::BTreeMap<(Vec<String>, i64), f64>;
+
 /// Where meter events go: Stripe Billing Meters, Metronome, or a JSON-lines file
 /// ([`JsonlSink`](super::JsonlSink)).
 ///
@@ -234,6 +238,38 @@ pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
         to: i64,
     ) -> Result<Option<std::collections::BTreeMap<i64, f64>>, SinkError> {
         let _ = (event_name, customer, from, to);
+        Ok(None)
+    }
+
+    /// Whether [`held_by_hour_and_values`](Self::held_by_hour_and_values) reads the billing
+    /// system back per combination of a meter's dimension values, so that reconciliation
+    /// compares each series of a meter with dimensions on its own. `false` by default: each
+    /// hour of a meter is compared as the total of its series.
+    fn reads_back_by_values(&self) -> bool {
+        false
+    }
+
+    /// What the billing system holds for `customer` on the meter named `event_name`, hour by
+    /// hour from `from` to `to`, per combination of the events' values under the dimension
+    /// keys `keys`: each (the values, in the order of `keys`; the hour's start) with the sum of
+    /// the values it counts there. An event without one of the keys counts under an empty
+    /// value. Read only when [`reads_back_by_values`](Self::reads_back_by_values) says so.
+    ///
+    /// `Ok(None)`, the default: it cannot (reconciliation then compares totals).
+    ///
+    /// # Errors
+    /// The billing system's error, classified as for [`send`](Self::send); a
+    /// [`Permanent`](SinkError::Permanent) one (the grouping refused) makes reconciliation
+    /// compare the meter's total, read by [`held_by_hour`](Self::held_by_hour), instead.
+    async fn held_by_hour_and_values(
+        &self,
+        event_name: &str,
+        customer: &str,
+        keys: &[String],
+        from: i64,
+        to: i64,
+    ) -> Result<Option<HeldByValues>, SinkError> {
+        let _ = (event_name, customer, keys, from, to);
         Ok(None)
     }
 }

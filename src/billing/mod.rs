@@ -26,7 +26,7 @@ mod webhook;
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use self::stripe::{StripeSetupError, StripeSink};
 pub use crate::base::{CustomerField, SinkLimits};
-pub use event::{identifier, identifier_in, BillingSink, MeterEvent, SinkError};
+pub use event::{identifier, identifier_in, BillingSink, HeldByValues, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
 #[cfg(feature = "metronome")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metronome")))]

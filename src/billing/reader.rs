@@ -76,7 +76,7 @@ impl StripeReader {
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
         });
-        let passing = |e: &dyn fmt::Display| ReadError { why: e.to_string(), refused: None };
+        let passing = |e: &dyn fmt::Display| ReadError { why: e.to_string(), refused: None, status: None };
         let request = http::Request::get(format!("{}{path}", self.api_base))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
             .header("stripe-version", STRIPE_VERSION)
@@ -96,11 +96,11 @@ impl StripeReader {
                 // the permission; 404: a key of another account or mode, the object being one
                 // of a signed event): it will pass once the key is right, so never final.
                 if let Some(refused) = refusal(status, path) {
-                    return Err(ReadError { why, refused: Some(refused) });
+                    return Err(ReadError { why, refused: Some(refused), status: Some(status.as_u16()) });
                 }
                 // Another client error, a rate limit or a server error: answered 500 by the
                 // caller, so Stripe delivers the event again.
-                return Err(ReadError { why, refused: None });
+                return Err(ReadError { why, refused: None, status: Some(status.as_u16()) });
             }
             serde_json::from_slice(&body).map_err(|e| ReadError::permanent(e.to_string()))
         };
@@ -116,12 +116,14 @@ pub(crate) struct ReadError {
     pub(crate) why: String,
     /// Refused for the key (401, 403, 404): what it lacks, as a person fixes it.
     pub(crate) refused: Option<String>,
+    /// The answer's status, if Stripe answered.
+    pub(crate) status: Option<u16>,
 }
 
 impl ReadError {
     /// A failure that is not the key's (an answer that cannot be read, no key at all).
     pub(crate) fn permanent(why: impl Into<String>) -> Self {
-        Self { why: why.into(), refused: None }
+        Self { why: why.into(), refused: None, status: None }
     }
 }
 

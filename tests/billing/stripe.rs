@@ -1677,3 +1677,87 @@ async fn series_are_exported_once_each_with_their_dimensions() {
         assert_eq!((r.surplus_units, r.lacking_units, r.drift.len()), (0, 0, 0), "{r:?}");
     }
 }
+
+/// Reconciliation reads Stripe's summaries grouped by the meter's dimension keys and compares
+/// each series on its own: of two series with the same units in one hour, the one Stripe lost
+/// is named (by its series id), proven, and sent again alone with its values; its twin is left
+/// alone. Compared as a total, the shortfall would match both and be left to a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() {
+    let toml =
+        config("URL").replace("[meters.tokens]\nevent_name = \"llm_tokens\"\naggregation = \"hour\"\n", "").replace(
+            "[plans.p]\n",
+            "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
+             values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
+             [plans.p]\n[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+        );
+    let standin = StandIn::start(&[("api_requests", None), ("llm_tokens", None)]).await;
+    standin.set_dimension_keys("llm_tokens", &["model", "kind"]);
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml.replace("URL", &standin.url), store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for (model, kind, units) in [("m-large", "output", 240u64), ("m-large", "input", 240), ("m-small", "input", 31)] {
+        let info =
+            tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-acme"));
+        let ticket = crate::common::admitted_ticket(&h.tollgate, &info).await;
+        ticket
+            .context()
+            .record_with("tokens", units, &tollgate::Dimensions::new().with("model", model).with("kind", kind))
+            .unwrap();
+        assert!(ticket.complete(200));
+    }
+    h.tollgate.flush().await.unwrap();
+    drain(&[&h], &standin, NOON + HOUR).await;
+    let tokens = || standin.events().into_iter().filter(|e| e.event_name == "llm_tokens").collect::<Vec<_>>();
+    assert_eq!(tokens().len(), 3);
+    let lost = tokens()
+        .into_iter()
+        .find(|e| standin.dimensions_of(&e.identifier)["kind"] == "input" && e.value == 240)
+        .unwrap();
+    assert_eq!(standin.dimensions_of(&lost.identifier)["model"], "m-large");
+    assert!(standin.lose(&lost.identifier));
+    let series = "tokens{model=m-large,kind=input}";
+
+    let first = NOON + 3 * HOUR;
+    at(&h.clock, &standin, first);
+    let r = reconcile(&h, first).await;
+    let tokens_drift: Vec<_> = r.drift.iter().filter(|d| d.meter.as_str().starts_with("tokens")).collect();
+    assert_eq!(tokens_drift.len(), 1, "{r:?}");
+    let d = tokens_drift[0];
+    assert_eq!((d.meter.as_str(), d.expected, d.held), (series, 240, 0), "{r:?}");
+    assert_eq!(d.action, DriftAction::Lacking { since: first }, "named, not ambiguous: {r:?}");
+    assert_eq!(r.lacking_units, 240, "{r:?}");
+    at(&h.clock, &standin, first + HOUR + 1);
+    reconcile(&h, first + HOUR + 1).await;
+
+    // Past Stripe's de-duplication horizon: that series alone is sent again, with its values.
+    let later = NOON + 26 * HOUR;
+    at(&h.clock, &standin, later);
+    let r = reconcile(&h, later).await;
+    assert_eq!(r.resent, 1, "{r:?}");
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!((report.events, report.units), (1, 240));
+    let again = tokens().pop().unwrap();
+    assert_ne!(again.identifier, lost.identifier);
+    let dims = standin.dimensions_of(&again.identifier);
+    assert_eq!((dims["model"].as_str(), dims["kind"].as_str(), again.value), ("m-large", "input", 240));
+    assert_eq!(standin.totals()[&("cus_acme".into(), "llm_tokens".into())], 511);
+    for step in 1..=2 {
+        let now = later + step * 13 * HOUR;
+        at(&h.clock, &standin, now);
+        let r = reconcile(&h, now).await;
+        assert_eq!((r.drift.len(), r.lacking_units, r.surplus_units, r.resent), (0, 0, 0, 0), "{r:?}");
+    }
+    // A read by dimension refused (400: here, a key the Stripe meter no longer lists): the
+    // meter's total is compared instead, never left unread.
+    standin.set_dimension_keys("llm_tokens", &["model"]);
+    let now = later + 40 * HOUR;
+    at(&h.clock, &standin, now);
+    let reads = standin.summary_reads();
+    let r = h.tollgate.reconcile(&ReconcileRequest::new(NOON, now)).await.unwrap();
+    assert_eq!((r.unread, r.drift.len(), r.lacking_units, r.surplus_units), (0, 0, 0, 0), "{r:?}");
+    // Requests' hour, and tokens' two hours (noon's, and the one its loss was sent again in)
+    // as totals; reads: requests, tokens by dimension (refused), tokens' total.
+    assert_eq!((r.compared, r.reads), (3, 3), "{r:?}");
+    assert_eq!(standin.summary_reads() - reads, 2, "the refused read is not answered");
+}

@@ -3,7 +3,9 @@
 //!
 //! For each (customer, meter) with ledger entries (or open dead letters) in the range, one
 //! paced read of the billing system's hourly totals; each hour is compared with the sum of the
-//! entries stamped in it. Hours exported less than `export.reconcile_after` ago are settling
+//! entries stamped in it. A meter with dimensions is compared series by series (the read
+//! grouped by its dimension keys) when the billing system reads back per value (Stripe), else
+//! as the total of its series, named by the meter. Hours exported less than `export.reconcile_after` ago are settling
 //! (the billing system's totals are eventually consistent) and not compared.
 //!
 //! What it does about a difference, only when asked to fix (`fix`):
@@ -128,7 +130,9 @@ pub struct Drift {
     pub tenant: TenantId,
     /// Its billing customer.
     pub customer: String,
-    /// The meter.
+    /// The meter; of a meter with dimensions, the series (`tokens{model=m-large,kind=output}`)
+    /// when the billing system reads back per value, else (or when it refused to read this
+    /// meter by value) the meter: the total of its series.
     pub meter: MeterId,
     /// The start of the hour (Unix seconds).
     pub hour: i64,
@@ -220,6 +224,10 @@ struct Cell {
     settling: bool,
 }
 
+/// A group's place in [`Cells`]: (customer, event name), and its series' values (none for the
+/// total).
+type Key = ((String, String), Vec<String>);
+
 /// The hours of one (customer, meter), and the tenants met in them.
 #[derive(Debug)]
 struct Group {
@@ -228,8 +236,11 @@ struct Group {
     tenants: BTreeSet<TenantId>,
 }
 
-/// (customer, event name) -> its group.
-type Cells = BTreeMap<(String, String), Group>;
+/// (customer, event name) -> its groups: one per series of a meter with dimensions when the
+/// billing system reads back per value (under the series' values, in the order the meter
+/// declares its dimensions), else one (under no values), as for a meter without dimensions and
+/// usage exported before the meter had them.
+type Cells = BTreeMap<(String, String), BTreeMap<Vec<String>, Group>>;
 
 /// What an hour compared shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,15 +279,34 @@ impl Exporter {
         let to = floor_hour(request.to.saturating_add(HOUR - 1)).min(floor_hour(now) + HOUR);
         let mut report = ReconcileReport::default();
         let mut cells: Cells = BTreeMap::new();
-        let group = |cells: &mut Cells, entry: &LedgerEntry| -> (String, String) {
+        // Each series of a meter with dimensions compared on its own, when the billing system
+        // reads back per value; else the meter's total (its drift named by the meter).
+        let by_values = sink.reads_back_by_values();
+        let series_of = |entry: &LedgerEntry| -> Vec<String> {
+            if by_values {
+                declared_values(rt, &entry.key.meter)
+            } else {
+                Vec::new()
+            }
+        };
+        let group = |cells: &mut Cells, entry: &LedgerEntry| -> Key {
             let key = (entry.send.customer.clone().unwrap_or_default(), entry.send.event_name.clone());
-            let g = cells.entry(key.clone()).or_insert_with(|| Group {
-                meter: entry.key.meter.clone(),
+            let series = series_of(entry);
+            // Named by the series (values in the declared order), else by the meter.
+            let meter = match dimension_names(rt, &entry.key.meter) {
+                Some((of, names)) if !series.is_empty() => MeterId::from(crate::config::selector_id(
+                    of.as_str(),
+                    names.iter().map(String::as_str).zip(series.iter().map(String::as_str)),
+                )),
+                _ => family(&entry.key.meter),
+            };
+            let g = cells.entry(key.clone()).or_default().entry(series.clone()).or_insert_with(|| Group {
+                meter,
                 hours: BTreeMap::new(),
                 tenants: BTreeSet::new(),
             });
             g.tenants.insert(entry.key.tenant.clone());
-            key
+            (key, series)
         };
 
         // The open dead letters that may have been taken, whatever their hour.
@@ -294,17 +324,21 @@ impl Exporter {
                 {
                     continue;
                 }
-                let key = group(&mut cells, entry);
+                let (key, series) = group(&mut cells, entry);
                 let hour = entry.hour();
-                if let Some(g) = cells.get_mut(&key) {
+                if let Some(g) = cells.get_mut(&key).and_then(|m| m.get_mut(&series)) {
                     g.hours.entry(hour).or_default().letters.push(letter);
                 }
             }
         }
         // The ledger, each hour read once: those of the range, and those of letters outside it
         // (where only the entries of the letters' (customer, meter) are compared).
-        let outside: BTreeSet<i64> =
-            cells.values().flat_map(|g| g.hours.keys().copied()).filter(|h| *h < from || *h >= to).collect();
+        let outside: BTreeSet<i64> = cells
+            .values()
+            .flat_map(BTreeMap::values)
+            .flat_map(|g| g.hours.keys().copied())
+            .filter(|h| *h < from || *h >= to)
+            .collect();
         let in_range = (from..to).step_by(HOUR as usize);
         for hour in in_range.chain(outside) {
             let in_range = hour >= from && hour < to;
@@ -324,12 +358,16 @@ impl Exporter {
                     continue;
                 }
                 let key = (entry.send.customer.clone().unwrap_or_default(), entry.send.event_name.clone());
-                let letters_here = cells.get(&key).is_some_and(|g| g.hours.contains_key(&hour));
+                // An hour outside the range is read whole (every series of the pair) where
+                // the pair has letters, so that its total is whole too.
+                let letters_here = cells.get(&key).is_some_and(|m| m.values().any(|g| g.hours.contains_key(&hour)));
                 if !in_range && !letters_here {
                     continue;
                 }
-                group(&mut cells, &entry);
-                if let Some(cell) = cells.get_mut(&key).map(|g| g.hours.entry(hour).or_default()) {
+                let (_, series) = group(&mut cells, &entry);
+                if let Some(cell) =
+                    cells.get_mut(&key).and_then(|m| m.get_mut(&series)).map(|g| g.hours.entry(hour).or_default())
+                {
                     cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
                     cell.expected.push(entry);
                 }
@@ -338,20 +376,48 @@ impl Exporter {
         // One tenant: the (customer, meter) pairs it has, compared whole (a customer moved
         // between tenants has entries of both).
         if let Some(tenant) = &request.tenant {
-            cells.retain(|_, g| g.tenants.contains(tenant));
+            cells.retain(|_, groups| groups.values().any(|g| g.tenants.contains(tenant)));
         }
 
         // One read per (customer, meter), paced with the export's calls; each hour judged.
         let mut judged: Vec<(String, MeterId, TenantId, i64, Cell, u64, Verdict)> = Vec::new();
-        for ((customer, event_name), g) in cells {
-            let (Some(first), Some(last)) = (g.hours.keys().next().copied(), g.hours.keys().next_back().copied())
-            else {
+        let (mut short_hours, mut compared_hours) = (BTreeSet::new(), BTreeSet::new());
+        for ((customer, event_name), mut groups) in cells {
+            let hours = groups.values().flat_map(|g| g.hours.keys().copied());
+            let (Some(first), Some(last)) = (hours.clone().min(), hours.max()) else {
                 continue;
             };
             let (read_from, read_to) = (first.min(from), (last + HOUR).max(to));
+            // The meter's dimensions, as the configuration declares them, if it has any and its
+            // series are compared apart.
+            let dimensioned = groups.values().next().filter(|_| by_values).and_then(|g| dimension_names(rt, &g.meter));
             self.pacer.wait(settings.calls_per_second).await;
             report.reads += 1;
-            let held = match sink.held_by_hour(&event_name, &customer, read_from, read_to).await {
+            let read = match &dimensioned {
+                Some((of, keys)) => {
+                    match sink.held_by_hour_and_values(&event_name, &customer, keys, read_from, read_to).await {
+                        // Refused (an account or version that does not group by dimension): the
+                        // meter's total is compared instead.
+                        Err(SinkError::Permanent(why)) => {
+                            tracing::warn!(%customer, event_name, why,
+                            "the billing system refused to read this meter by dimension: its total is compared");
+                            groups = total_of(groups, of);
+                            self.pacer.wait(settings.calls_per_second).await;
+                            report.reads += 1;
+                            sink.held_by_hour(&event_name, &customer, read_from, read_to)
+                                .await
+                                .map(|held| held.map(|held| BTreeMap::from([(Vec::new(), held)])))
+                        }
+                        read => read.map(|held| held.map(by_values_hours)),
+                    }
+                }
+                // The meter's total, under no values.
+                None => sink
+                    .held_by_hour(&event_name, &customer, read_from, read_to)
+                    .await
+                    .map(|held| held.map(|held| BTreeMap::from([(Vec::new(), held)]))),
+            };
+            let mut held_by_series = match read {
                 Ok(Some(held)) => held,
                 Ok(None) => return Err(ReconcileError::Unreadable),
                 // Every call would get it (the key, the address): the pass stops.
@@ -363,45 +429,93 @@ impl Exporter {
                     continue;
                 }
             };
-            let tenant = g.tenants.iter().next().cloned().unwrap_or_else(|| TenantId::from(""));
-            // Hours the billing system holds without a ledger entry (in the range compared).
-            let mut all: BTreeSet<i64> = g.hours.keys().copied().collect();
-            all.extend(held.iter().filter(|(_, v)| **v != 0.0).map(|(h, _)| *h).filter(|h| *h >= from && *h < to));
-            let mut hours = g.hours;
-            for hour in all {
-                let cell = hours.remove(&hour).unwrap_or_default();
-                if cell.settling || hour + HOUR > now - after {
-                    report.settling += 1;
-                    continue;
+            let tenants: BTreeSet<TenantId> = groups.values().flat_map(|g| g.tenants.iter().cloned()).collect();
+            // Series the billing system holds that the ledger has no entry of (compared in
+            // the range: all surplus).
+            for series in held_by_series.keys() {
+                if !groups.contains_key(series) {
+                    let meter = match &dimensioned {
+                        Some((of, names)) if !series.is_empty() => MeterId::from(crate::config::selector_id(
+                            of.as_str(),
+                            names.iter().map(String::as_str).zip(series.iter().map(String::as_str)),
+                        )),
+                        Some((of, _)) => of.clone(),
+                        None => groups.values().next().map_or_else(|| MeterId::from(""), |g| g.meter.clone()),
+                    };
+                    groups.insert(series.clone(), Group { meter, hours: BTreeMap::new(), tenants: tenants.clone() });
                 }
-                report.compared += 1;
-                let held_units = held.get(&hour).copied().unwrap_or(0.0).round().max(0.0) as u64;
-                let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
-                let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
-                let verdict = match (cell.letters.is_empty(), held_units.cmp(&expected)) {
-                    (true, std::cmp::Ordering::Equal) => Verdict::Clean,
-                    (true, std::cmp::Ordering::Greater) => Verdict::Surplus,
-                    (true, std::cmp::Ordering::Less) => Verdict::Short(expected - held_units),
-                    (false, _) if held_units == expected + letters => Verdict::LettersHeld,
-                    (false, std::cmp::Ordering::Equal) => Verdict::LettersLacking,
-                    (false, _) => Verdict::Unclear,
+            }
+            // The pair's hours judged, series by series; checked against the hour's total below.
+            let mut pair: Vec<(String, MeterId, TenantId, i64, Cell, u64, Verdict)> = Vec::new();
+            for (series, g) in groups {
+                let held = held_by_series.remove(&series).unwrap_or_default();
+                let tenant = g.tenants.iter().next().cloned().unwrap_or_else(|| TenantId::from(""));
+                // Hours the billing system holds without a ledger entry (in the range compared).
+                let mut all: BTreeSet<i64> = g.hours.keys().copied().collect();
+                all.extend(held.iter().filter(|(_, v)| **v != 0.0).map(|(h, _)| *h).filter(|h| *h >= from && *h < to));
+                let mut hours = g.hours;
+                for hour in all {
+                    let cell = hours.remove(&hour).unwrap_or_default();
+                    if cell.settling || hour + HOUR > now - after {
+                        report.settling += 1;
+                        continue;
+                    }
+                    report.compared += 1;
+                    let held_units = held.get(&hour).copied().unwrap_or(0.0).round().max(0.0) as u64;
+                    let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
+                    let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
+                    let verdict = match (cell.letters.is_empty(), held_units.cmp(&expected)) {
+                        (true, std::cmp::Ordering::Equal) => Verdict::Clean,
+                        (true, std::cmp::Ordering::Greater) => Verdict::Surplus,
+                        (true, std::cmp::Ordering::Less) => Verdict::Short(expected - held_units),
+                        (false, _) if held_units == expected + letters => Verdict::LettersHeld,
+                        (false, std::cmp::Ordering::Equal) => Verdict::LettersLacking,
+                        (false, _) => Verdict::Unclear,
+                    };
+                    let row_tenant = cell
+                        .expected
+                        .first()
+                        .or(cell.letters.first().map(|l| &l.entry))
+                        .map_or_else(|| tenant.clone(), |e| e.key.tenant.clone());
+                    pair.push((customer.clone(), g.meter.clone(), row_tenant, hour, cell, held_units, verdict));
+                }
+            }
+            // A series is acted on only where the hour's total over the pair's series agrees:
+            // a read that put a series' units under other values (or none) never makes one
+            // series look lost, nor another's letters look held.
+            let mut totals: BTreeMap<i64, (u64, u64, u64)> = BTreeMap::new();
+            for (_, _, _, hour, cell, held, _) in &pair {
+                let t = totals.entry(*hour).or_default();
+                t.0 += cell.expected.iter().map(|e| e.send.value).sum::<u64>();
+                t.1 += cell.letters.iter().map(|l| l.entry.send.value).sum::<u64>();
+                t.2 += held;
+            }
+            for (customer, meter, tenant, hour, cell, held, verdict) in pair {
+                let (expected, letters, held_all) = totals[&hour];
+                let mine: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
+                let agrees = match verdict {
+                    Verdict::Short(short) => expected.saturating_sub(held_all) >= short,
+                    Verdict::LettersLacking => (expected + letters).saturating_sub(held_all) >= mine,
+                    Verdict::LettersHeld => held_all.saturating_sub(expected) >= mine,
+                    _ => true,
                 };
-                let row_tenant = cell
-                    .expected
-                    .first()
-                    .or(cell.letters.first().map(|l| &l.entry))
-                    .map_or_else(|| tenant.clone(), |e| e.key.tenant.clone());
-                judged.push((customer.clone(), g.meter.clone(), row_tenant, hour, cell, held_units, verdict));
+                let verdict = if agrees { verdict } else { Verdict::Unclear };
+                compared_hours.insert((customer.clone(), event_name.clone(), hour));
+                if matches!(verdict, Verdict::Short(_) | Verdict::LettersLacking) {
+                    short_hours.insert((customer.clone(), event_name.clone(), hour));
+                }
+                judged.push((customer, meter, tenant, hour, cell, held, verdict));
             }
         }
 
-        // Acting: nothing lacking is acted on in a pass that finds too much lacking.
-        let short_hours = judged.iter().filter(|j| matches!(j.6, Verdict::Short(_) | Verdict::LettersLacking)).count();
-        let suspicious = short_hours >= SUSPICIOUS_HOURS && short_hours * 10 > report.compared;
+        // Acting: nothing lacking is acted on in a pass that finds too much lacking (hours of
+        // a (customer, meter), whatever its series).
+        let (short_hours, compared_hours) = (short_hours.len(), compared_hours.len());
+        let suspicious = short_hours >= SUSPICIOUS_HOURS && short_hours * 10 > compared_hours;
         if suspicious && request.fix {
             tracing::error!(
                 short_hours,
-                compared = report.compared,
+                compared = compared_hours,
                 "reconciliation finds the billing system lacking too many hours to be loss (a wrong meter or \
                  customer, delayed summaries?): reported, nothing sent again"
             );
@@ -666,6 +780,66 @@ fn reach(interval: i64, after: i64, unconfirmed: i64, grace: i64, window: i64) -
 
 fn aggregation(rt: &Runtime, meter: &MeterId) -> MeterAggregation {
     rt.config.meters.iter().find(|m| &m.id == meter).map_or(MeterAggregation::Sum, |m| m.aggregation)
+}
+
+/// The meter a series belongs to (`tokens` of `tokens{model=m-large}`); a meter without
+/// dimensions is its own.
+fn family(meter: &MeterId) -> MeterId {
+    match crate::config::parse_selector(meter.as_str()) {
+        Some(Ok((of, _))) => MeterId::from(of),
+        _ => meter.clone(),
+    }
+}
+
+/// The groups of a meter's series as one: the meter's total, under no values.
+fn total_of(groups: BTreeMap<Vec<String>, Group>, of: &MeterId) -> BTreeMap<Vec<String>, Group> {
+    let mut total = Group { meter: of.clone(), hours: BTreeMap::new(), tenants: BTreeSet::new() };
+    for g in groups.into_values() {
+        total.tenants.extend(g.tenants);
+        for (hour, cell) in g.hours {
+            let t = total.hours.entry(hour).or_default();
+            t.expected.extend(cell.expected);
+            t.letters.extend(cell.letters);
+            t.settling |= cell.settling;
+        }
+    }
+    BTreeMap::from([(Vec::new(), total)])
+}
+
+/// What the billing system holds per (values, hour), by values, hour by hour. Events without
+/// values (sent before the meter had dimensions) are under no values, as the ledger's are.
+fn by_values_hours(held: crate::billing::HeldByValues) -> BTreeMap<Vec<String>, BTreeMap<i64, f64>> {
+    let mut out: BTreeMap<Vec<String>, BTreeMap<i64, f64>> = BTreeMap::new();
+    for ((values, hour), value) in held {
+        let values = if values.iter().all(String::is_empty) { Vec::new() } else { values };
+        *out.entry(values).or_default().entry(hour).or_insert(0.0) += value;
+    }
+    out
+}
+
+/// The meter a series belongs to, with its dimensions in their declared order, if the
+/// configuration gives it dimensions.
+fn dimension_names(rt: &Runtime, meter: &MeterId) -> Option<(MeterId, Vec<String>)> {
+    let of = family(meter);
+    let spec = rt.config.meters.iter().find(|m| m.id == of)?;
+    let names: Vec<String> = spec.dimensions.as_ref()?.names().map(str::to_owned).collect();
+    Some((of, names))
+}
+
+/// The values of a series' id in the order its meter declares its dimensions; none for a
+/// meter without dimensions, or the meter's own id (usage from before it had them).
+fn declared_values(rt: &Runtime, meter: &MeterId) -> Vec<String> {
+    let values = crate::config::series_values(meter);
+    if values.is_empty() {
+        return Vec::new();
+    }
+    match dimension_names(rt, meter) {
+        Some((_, names)) => names
+            .iter()
+            .map(|n| values.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default())
+            .collect(),
+        None => values.into_iter().map(|(_, v)| v).collect(),
+    }
 }
 
 fn floor_hour(t: i64) -> i64 {
