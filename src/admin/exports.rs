@@ -1,18 +1,17 @@
 //! The usage a tenant was billed, and the dead letters of the export.
 
-use crate::{
-    config::MeterId,
-    store::{unix_now, DeadLetter, ExportKey, ExportStoreExt, UsageAggregate, UsageStoreExt},
-};
+use crate::store::{unix_now, DeadLetter, ExportKey, ExportStoreExt, UsageAggregate, UsageStoreExt};
 
 use super::{Admin, AdminError};
 
 impl Admin {
     /// The usage of a tenant in the windows starting in `[from, to)` (Unix seconds), of one
-    /// meter or all, with what was exported of it.
+    /// meter or all, with what was exported of it. A meter with dimensions (`tokens`) gives its
+    /// series (`tokens{model=m-large,kind=output}`), where its usage is recorded; a selector
+    /// (`tokens{model=m-large}`) gives the series it matches.
     ///
     /// # Errors
-    /// The store failed.
+    /// The store failed; [`AdminError::Invalid`] for a malformed selector.
     pub async fn usage(
         &self,
         tenant: &str,
@@ -22,8 +21,23 @@ impl Admin {
     ) -> Result<Vec<UsageAggregate>, AdminError> {
         let tenant = Self::tenant_id(tenant)?;
         let all = self.usage.usage_range(&tenant, from, to).await?;
-        let meter = meter.map(MeterId::from);
-        Ok(all.into_iter().filter(|a| meter.as_ref().is_none_or(|m| &a.key.meter == m)).collect())
+        let Some(meter) = meter else { return Ok(all) };
+        let (family, pairs) = match crate::config::parse_selector(meter) {
+            None => (meter, Vec::new()),
+            Some(Ok(selector)) => selector,
+            Some(Err(why)) => return Err(AdminError::Invalid(format!("`{meter}`: {why}"))),
+        };
+        Ok(all
+            .into_iter()
+            .filter(|a| {
+                let id = a.key.meter.as_str();
+                id == meter
+                    || match crate::config::parse_selector(id) {
+                        Some(Ok((of, values))) => of == family && pairs.iter().all(|p| values.contains(p)),
+                        _ => false,
+                    }
+            })
+            .collect())
     }
 
     /// The dead letters of the export (windows refused for good, or never confirmed), in key

@@ -21,7 +21,8 @@ pub struct RoutePattern {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Seg {
     Literal(Box<str>),
-    Param,
+    /// `{name}`: one segment.
+    Param(Box<str>),
     Rest,
 }
 
@@ -59,7 +60,7 @@ impl RoutePattern {
                 Seg::Rest
             } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
                 param(name)?;
-                Seg::Param
+                Seg::Param(name.into())
             } else if part.contains(['{', '}', '*', '?', '#']) {
                 return Err(format!("`{part}` is not a literal segment, a {{param}} or a {{*rest}}"));
             } else {
@@ -82,10 +83,17 @@ impl RoutePattern {
             .iter()
             .map(|s| match s {
                 Seg::Literal(l) => Some(l.clone()),
-                Seg::Param => None,
+                Seg::Param(_) => None,
                 Seg::Rest => Some("{*}".into()),
             })
             .collect()
+    }
+
+    /// The position of the one-segment parameter `{name}` among the pattern's segments (0:
+    /// the first after the leading `/`); `None` when it has none of that name (a `{*rest}`
+    /// is not one segment).
+    pub(crate) fn param_segment(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| matches!(s, Seg::Param(n) if **n == *name))
     }
 
     /// Whether `path` (without the query string) matches.
@@ -102,7 +110,7 @@ impl RoutePattern {
             };
             let ok = match seg {
                 Seg::Literal(l) => **l == *part,
-                Seg::Param => !part.is_empty(),
+                Seg::Param(_) => !part.is_empty(),
                 Seg::Rest => unreachable!("handled above"),
             };
             if !ok {

@@ -34,21 +34,23 @@ pub(crate) struct RawRoute {
     pub(crate) hold_values: BTreeMap<String, RawValue>,
 }
 
-/// A dimension's value for a route's hold: written, or read from a request header.
+/// A dimension's value for a route's hold: written, or read from the request.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 #[serde(untagged)]
 pub(crate) enum RawValue {
     Value(String),
-    Header(RawValueHeader),
+    From(RawValueFrom),
 }
 
-/// `{ header = "x-model" }`: nothing else (a `default` is not read).
+/// `{ header = "x-model" }` or `{ path = "model" }` (a `{model}` of the route's path): one of
+/// them, nothing else (a `default` is not read).
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawValueHeader {
-    pub(crate) header: String,
+pub(crate) struct RawValueFrom {
+    pub(crate) header: Option<String>,
+    pub(crate) path: Option<String>,
 }
 
 /// Where a route's hold finds a value of its meter's dimension (`hold_values`).
@@ -60,6 +62,15 @@ pub enum ValueSource {
     /// The request header's value (a request without it, or with a value the dimension's list
     /// lacks, is answered as `on_unknown` says: 400 `InvalidDimension`, or `other`).
     Header(http::HeaderName),
+    /// The segment of the request's path that the route's `{name}` parameter matches, as the
+    /// routers see it (escapes decoded); a value the list lacks is answered as `on_unknown`
+    /// says.
+    Path {
+        /// The parameter's name in the route's path.
+        name: Box<str>,
+        /// Its position among the path's segments (0: the first after the leading `/`).
+        segment: usize,
+    },
 }
 
 /// A route's hold estimate: a number of units, or read from a request header.
@@ -293,7 +304,7 @@ impl Validator<'_, '_> {
                     Some(f.clone())
                 }
             };
-            let hold = self.route_hold(&base, r, &reports, meters, plans)?;
+            let hold = self.route_hold(&base, r, &pattern, &reports, meters, plans)?;
             if let Some(h) = &hold {
                 // A meter with dimensions is held at the values `hold_values` gives.
                 let total = meters.iter().any(|m| m.id == h.meter && m.dimensions.is_some());
@@ -314,6 +325,7 @@ impl Validator<'_, '_> {
         &self,
         base: &str,
         r: &RawRoute,
+        pattern: &RoutePattern,
         reports: &[MeterId],
         meters: &[MeterSpec],
         plans: &BTreeMap<PlanId, PlanSpec>,
@@ -430,7 +442,7 @@ impl Validator<'_, '_> {
                 Some(d)
             }
         };
-        let values = self.hold_values(base, &meter, &r.hold_values, meters)?;
+        let values = self.hold_values(base, &meter, &r.hold_values, meters, pattern)?;
         Ok(Some(RouteHold { meter, estimate, settle, actual_header, overrun, timeout, values }))
     }
 
@@ -443,6 +455,7 @@ impl Validator<'_, '_> {
         meter: &MeterId,
         raw: &BTreeMap<String, RawValue>,
         meters: &[MeterSpec],
+        pattern: &RoutePattern,
     ) -> Result<Vec<(Box<str>, ValueSource)>, ConfigError> {
         let key = format!("{base}.hold_values");
         let dims = meters.iter().find(|m| m.id == *meter).and_then(|m| m.dimensions.clone());
@@ -464,8 +477,8 @@ impl Validator<'_, '_> {
                     return Err(self.invalid(
                         &key,
                         format!(
-                            "the hold of `{meter}` needs a value of `{name}`: written, or read from a header \
-                             ({name} = {{ header = \"x-{name}\" }})"
+                            "the hold of `{meter}` needs a value of `{name}`: written, read from a header \
+                             ({name} = {{ header = \"x-{name}\" }}) or from the path ({name} = {{ path = \"{name}\" }})"
                         ),
                     ))
                 }
@@ -475,10 +488,29 @@ impl Validator<'_, '_> {
                     }
                     ValueSource::Value(v.as_str().into())
                 }
-                Some(RawValue::Header(RawValueHeader { header })) => {
+                Some(RawValue::From(RawValueFrom { header: Some(header), path: None })) => {
                     ValueSource::Header(http::HeaderName::try_from(header.as_str()).map_err(|_| {
                         self.invalid(&format!("{at}.header"), format!("`{header}` is not a valid header name"))
                     })?)
+                }
+                Some(RawValue::From(RawValueFrom { header: None, path: Some(param) })) => {
+                    let segment = pattern.param_segment(param).ok_or_else(|| {
+                        self.invalid(
+                            &format!("{at}.path"),
+                            format!(
+                                "the route's path `{}` has no {{{param}}} segment (a {{*rest}} is not one segment)",
+                                pattern.as_str()
+                            ),
+                        )
+                    })?;
+                    ValueSource::Path { name: param.as_str().into(), segment }
+                }
+                Some(RawValue::From(_)) => {
+                    return Err(self.invalid(
+                        &at,
+                        "a value is written (\"output\"), or read from one place: { header = \"x-NAME\" } or \
+                         { path = \"PARAM\" }",
+                    ))
                 }
             };
             out.push((Box::from(name), source));

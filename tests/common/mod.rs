@@ -113,8 +113,9 @@ fn handler(req: Request<tollgate::layer::RequestBody<Full<Bytes>>>) -> HandlerFu
             "/missing" => StatusCode::NOT_FOUND,
             _ => StatusCode::OK,
         };
+        // `/tokens/N`, or `/tokens/N/...` (a route reading values from its path).
         if let (Some(n), Some(ctx)) = (path.strip_prefix("/tokens/"), &ctx) {
-            ctx.record("tokens", n.parse().unwrap()).unwrap();
+            ctx.record("tokens", n.split('/').next().unwrap_or_default().parse().unwrap()).unwrap();
         }
         let who = ctx.map(|c| format!("{} on {}", c.tenant(), c.plan())).unwrap_or_default();
         Ok(Response::builder().status(status).body(Full::new(Bytes::from(who))).unwrap())

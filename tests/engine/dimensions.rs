@@ -456,6 +456,43 @@ async fn a_routes_hold_reads_the_model_from_a_header() {
     assert_eq!(ctx_quota_used(&h).await, 1_050, "the total counts both, and nothing of the refused");
 }
 
+/// A route's hold reads the model from a parameter of its path (`{ path = "model" }`), as the
+/// routers see it (escapes decoded): held and recorded in that model's series; a model the
+/// list lacks is refused 400 before anything is taken. A parameter the path lacks is refused
+/// at load, by key.
+#[tokio::test]
+async fn a_routes_hold_reads_the_model_from_its_path() {
+    let route = |values: &str| {
+        DAILY.replace(
+            "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
+            &format!(
+                "[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+                 [[routes]]\npath = \"/tokens/{{n}}/{{model}}\"\nreports = [\"tokens\"]\n\
+                 hold.tokens = 100\nhold_values = {values}\n"
+            ),
+        )
+    };
+    let h = Harness::new(&route("{ model = { path = \"model\" }, kind = \"output\" }"));
+    let send = |path: &'static str| h.send(common::req("POST", path, Some("key-t"), None));
+    assert_eq!(send("/tokens/30/m-large").await.status, 200);
+    assert_eq!(send("/tokens/5/m%2Dsmall").await.status, 200, "an escape is decoded as the routers decode it");
+    let bad = send("/tokens/7/m-huge").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.rejection.as_ref().map(|r| r.kind()), Some(RejectionKind::InvalidDimension));
+    assert_eq!(bad.header("content-type"), Some("application/problem+json"));
+    assert_eq!(recorded(&h, "t", "tokens{model=m-large,kind=output}").await, 30);
+    assert_eq!(recorded(&h, "t", "tokens{model=m-small,kind=output}").await, 5);
+    assert_eq!(ctx_quota_used(&h).await, 35, "nothing of the refused");
+
+    for (values, key) in [
+        ("{ model = { path = \"mode\" }, kind = \"output\" }", "routes[1].hold_values.model.path"),
+        ("{ model = { path = \"n\", header = \"x-model\" }, kind = \"output\" }", "routes[1].hold_values.model"),
+    ] {
+        let err = tollgate::Config::from_toml_str(&route(values)).unwrap_err();
+        assert_eq!(err.key(), key, "{err}");
+    }
+}
+
 /// The values a route's hold read are the handler's to check: `held_values` gives them (a
 /// handler serving the model a body names compares it).
 #[tokio::test]

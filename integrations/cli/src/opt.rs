@@ -84,7 +84,8 @@ pub(crate) enum Command {
     Usage {
         /// The tenant.
         tenant: String,
-        /// Only this meter.
+        /// Only this meter (a meter with dimensions: its series; a selector,
+        /// `tokens{model=m-large}`: the series it matches).
         #[arg(long)]
         meter: Option<String>,
         /// From (a date `2026-11-01`, an RFC 3339 time, or Unix seconds; default: 30 days ago).

@@ -69,8 +69,10 @@ pub(crate) async fn usage(
         file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
     });
     println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
+    // As wide as the longest meter (a series names its values: `tokens{model=m-large}`).
+    let width = rows.iter().map(|a| a.key.meter.as_str().len()).max().unwrap_or(0).max(12);
     println!(
-        "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",
+        "{:<width$} {:<22} {:>12} {:>12} {:>8}  sent for",
         "meter", "window (UTC)", "quantity", "exported", "revision"
     );
     let (mut total, mut exported) = (0u64, 0u64);
@@ -78,7 +80,7 @@ pub(crate) async fn usage(
         total += a.quantity;
         exported += a.exported;
         println!(
-            "{:<12} {:<22} {:>12} {:>12} {:>8}  {}",
+            "{:<width$} {:<22} {:>12} {:>12} {:>8}  {}",
             a.key.meter.as_str(),
             time_text(a.key.window_start),
             a.quantity,

@@ -184,6 +184,47 @@ async fn tenants_and_keys_on_sqlite_reach_an_engine() {
     assert!(ok(d, &["usage", "acme"]).contains("0 windows"));
 }
 
+/// `usage --meter` of a meter with dimensions lists its series, where its usage is recorded;
+/// of a selector, the series it matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_a_meter_with_dimensions_lists_its_series() {
+    use tollgate::store::{FlushId, SqliteStore, UsageBatch, UsageRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\npath = \"t.db\"\n[meters.requests]\n\
+         [meters.tokens_v2]\n[meters.tokens]\ndimensions = [\"model\", \"kind\"]\n\
+         values.model = [\"m-large\", \"m-small\"]\nvalues.kind = [\"input\", \"output\"]\n{PLANS}\
+         [tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n"
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let window = now - now.rem_euclid(3600) - 2 * 3600;
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let records = vec![
+        UsageRecord::new("acme".into(), "tokens{model=m-large,kind=output}".into(), window, 70),
+        UsageRecord::new("acme".into(), "tokens{model=m-small,kind=input}".into(), window, 30),
+        UsageRecord::new("acme".into(), "requests".into(), window, 2),
+        UsageRecord::new("acme".into(), "tokens_v2".into(), window, 5),
+    ];
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
+    drop(store);
+
+    let all = ok(dir.path(), &["usage", "acme", "--meter", "tokens"]);
+    assert!(
+        all.contains("tokens{model=m-large,kind=output}") && all.contains("tokens{model=m-small,kind=input}"),
+        "{all}"
+    );
+    assert!(!all.contains("requests") && !all.contains("tokens_v2") && all.contains("2 windows, 100 units"), "{all}");
+    let large = ok(dir.path(), &["usage", "acme", "--meter", "tokens{model=m-large}"]);
+    assert!(large.contains("1 windows, 70 units") && !large.contains("m-small"), "{large}");
+    let one = ok(dir.path(), &["usage", "acme", "--meter", "tokens{model=m-small,kind=input}"]);
+    assert!(one.contains("1 windows, 30 units"), "{one}");
+    let plain = ok(dir.path(), &["usage", "acme", "--meter", "requests"]);
+    assert!(plain.contains("1 windows, 2 units"), "{plain}");
+    let err = fails(dir.path(), &["usage", "acme", "--meter", "tokens{model"]);
+    assert!(err.contains("tokens{model"), "a malformed selector is refused by name: {err}");
+}
+
 /// `tenants set-override` checks the overrides against the configuration before writing
 /// them; an engine on the file serves the tenant with them; `clear-override` removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,7 +87,7 @@ impl Gate {
     ) -> Decision {
         let spec = &rt.holds[usize::from(route.hold) - 1];
         let asked = Self::hold_estimate(spec, req.headers)
-            .and_then(|units| Ok((units, Self::hold_values(rt, spec, req.headers)?)));
+            .and_then(|units| Ok((units, Self::hold_values(rt, spec, req.headers, path)?)));
         match asked {
             Ok((units, values)) => {
                 Self::holding(self.admit_routed(rt, req, lookup, route, path, client), spec.clone(), units, values)
@@ -272,13 +272,14 @@ impl Gate {
     }
 
     /// The dimension values of a route's hold (`hold_values`), written or read from the
-    /// request's headers, checked against the held meter's lists before anything is taken: a
+    /// request's headers or its path (`path`, as the routes matched it), checked against the held meter's lists before anything is taken: a
     /// value a list lacks, a header missing or sent twice, is refused 400 (`InvalidDimension`)
     /// unless the meter counts it under `other`.
     fn hold_values(
         rt: &Runtime,
         hold: &crate::config::RouteHold,
         headers: &[(&str, &[u8])],
+        path: &str,
     ) -> Result<crate::engine::admit::stage::HoldValues, Rejection> {
         if hold.values.is_empty() {
             return Ok(Vec::new());
@@ -301,6 +302,12 @@ impl Gate {
                             Err(_) => return Err(refuse(format!("the `{header}` header is not text"))),
                         },
                         (Some(_), Some(_)) => return Err(refuse(format!("the `{header}` header is sent twice"))),
+                    }
+                }
+                // The route matched, so the segment is there (past the leading `/`).
+                crate::config::ValueSource::Path { segment, .. } => {
+                    if let Some(v) = path.split('/').nth(segment + 1).filter(|v| !v.is_empty()) {
+                        values.push((name.clone(), v.into()));
                     }
                 }
             }
