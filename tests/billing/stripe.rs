@@ -1259,6 +1259,19 @@ async fn a_revision_held_back_by_429s_past_the_invoice_grace_is_stamped_anew() {
     assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
 }
 
+/// [`config`] (its Stripe at `URL`) with `tokens` (`llm_tokens`) by model and kind, plan `p`
+/// with `plan` added, and a route `/generate` reporting it.
+fn config_by_dimension(plan: &str) -> String {
+    config("URL").replace("[meters.tokens]\nevent_name = \"llm_tokens\"\naggregation = \"hour\"\n", "").replace(
+        "[plans.p]\n",
+        &format!(
+            "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
+             values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
+             [plans.p]\n{plan}[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n"
+        ),
+    )
+}
+
 /// Reconciles the hours from noon to `now`, acting on what is proven.
 async fn reconcile(h: &Harness, now: i64) -> tollgate::report::ReconcileReport {
     h.tollgate.reconcile(&ReconcileRequest::new(NOON, now).fix(true)).await.unwrap()
@@ -1614,14 +1627,9 @@ async fn spend_is_never_exported_only_the_priced_meters_are() {
 /// dead-lettered, never billed without them.
 #[tokio::test]
 async fn series_are_exported_once_each_with_their_dimensions() {
-    let toml =
-        config("URL").replace("[meters.tokens]\nevent_name = \"llm_tokens\"\naggregation = \"hour\"\n", "").replace(
-            "[plans.p]\n",
-            "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
-             values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
-             [plans.p]\nquotas.\"tokens{model=m-large}\" = { limit = 100000, period = \"day\", mode = \"soft\" }\n\
-             [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
-        );
+    let toml = config_by_dimension(
+        "quotas.\"tokens{model=m-large}\" = { limit = 100000, period = \"day\", mode = \"soft\" }\n",
+    );
     for declared in [true, false] {
         let standin = StandIn::start(&[("api_requests", None), ("llm_tokens", None)]).await;
         if declared {
@@ -1684,13 +1692,7 @@ async fn series_are_exported_once_each_with_their_dimensions() {
 /// alone. Compared as a total, the shortfall would match both and be left to a person.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() {
-    let toml =
-        config("URL").replace("[meters.tokens]\nevent_name = \"llm_tokens\"\naggregation = \"hour\"\n", "").replace(
-            "[plans.p]\n",
-            "[meters.tokens]\nevent_name = \"llm_tokens\"\ndimensions = [\"model\", \"kind\"]\n\
-             values.model = [\"m-small\", \"m-large\"]\nvalues.kind = [\"input\", \"output\"]\n\
-             [plans.p]\n[[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n",
-        );
+    let toml = config_by_dimension("");
     let standin = StandIn::start(&[("api_requests", None), ("llm_tokens", None)]).await;
     standin.set_dimension_keys("llm_tokens", &["model", "kind"]);
     let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
