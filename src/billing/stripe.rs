@@ -227,7 +227,12 @@ impl BillingSink for StripeSink {
         from: i64,
         to: i64,
     ) -> Result<Option<super::HeldByValues>, SinkError> {
-        let id = self.meter_id(event_name).await?;
+        // No such meter is no refusal of the grouping: left for the next pass, not read again
+        // as a total.
+        let id = self.meter_id(event_name).await.map_err(|e| match e {
+            SinkError::Permanent(why) => SinkError::Unknown(why.into()),
+            e => e,
+        })?;
         // Percent-encoded but for RFC 3986's unreserved characters.
         let encode = |s: &str| {
             s.bytes().fold(String::with_capacity(s.len()), |mut out, b| {

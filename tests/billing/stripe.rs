@@ -1686,12 +1686,10 @@ async fn series_are_exported_once_each_with_their_dimensions() {
     }
 }
 
-/// Reconciliation reads Stripe's summaries grouped by the meter's dimension keys and compares
-/// each series on its own: of two series with the same units in one hour, the one Stripe lost
-/// is named (by its series id), proven, and sent again alone with its values; its twin is left
-/// alone. Compared as a total, the shortfall would match both and be left to a person.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() {
+/// Tenant acme's three series of `tokens` in the noon hour (240 units of m-large output, 240 of
+/// m-large input, 31 of m-small input) exported to a stand-in whose meter lists the dimension
+/// keys; then Stripe loses the m-large input event, which is returned.
+async fn three_series_one_lost() -> (StandIn, Arc<dyn StoreInspect>, Harness, common::stripe::Accepted) {
     let toml = config_by_dimension("");
     let standin = StandIn::start(&[("api_requests", None), ("llm_tokens", None)]).await;
     standin.set_dimension_keys("llm_tokens", &["model", "kind"]);
@@ -1718,6 +1716,17 @@ async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() 
         .unwrap();
     assert_eq!(standin.dimensions_of(&lost.identifier)["model"], "m-large");
     assert!(standin.lose(&lost.identifier));
+    (standin, store, h, lost)
+}
+
+/// Reconciliation reads Stripe's summaries grouped by the meter's dimension keys and compares
+/// each series on its own: of two series with the same units in one hour, the one Stripe lost
+/// is named (by its series id), proven, and sent again alone with its values; its twin is left
+/// alone. Compared as a total, the shortfall would match both and be left to a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() {
+    let (standin, _store, h, lost) = three_series_one_lost().await;
+    let tokens = || standin.events().into_iter().filter(|e| e.event_name == "llm_tokens").collect::<Vec<_>>();
     let series = "tokens{model=m-large,kind=input}";
 
     let first = NOON + 3 * HOUR;
@@ -1762,4 +1771,25 @@ async fn reconciliation_finds_the_series_stripe_lost_and_sends_it_again_alone() 
     // as totals; reads: requests, tokens by dimension (refused), tokens' total.
     assert_eq!((r.compared, r.reads), (3, 3), "{r:?}");
     assert_eq!(standin.summary_reads() - reads, 2, "the refused read is not answered");
+}
+
+/// A series' units Stripe holds under other values (here, none) are never taken for a loss:
+/// the hour has a series holding more than the ledger, so the series that looks lost is left
+/// to a person (`ambiguous`), never sent again, whatever the passes, and the surplus is
+/// reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_stripe_holds_under_other_values_is_never_sent_again() {
+    let (standin, _store, h, lost) = three_series_one_lost().await;
+    standin.inject(common::stripe::Accepted { identifier: "by-hand".into(), ..lost.clone() });
+    for now in [NOON + 3 * HOUR, NOON + 4 * HOUR + 1, NOON + 26 * HOUR] {
+        at(&h.clock, &standin, now);
+        let r = reconcile(&h, now).await;
+        assert_eq!(r.resent, 0, "{r:?}");
+        let series = r.drift.iter().find(|d| d.meter.as_str() == "tokens{model=m-large,kind=input}").expect("named");
+        assert_eq!((series.expected, series.held, series.action), (240, 0, DriftAction::Ambiguous), "{r:?}");
+        let other = r.drift.iter().find(|d| d.meter.as_str() == "tokens").expect("the surplus, named by the meter");
+        assert_eq!((other.expected, other.held), (0, 240), "{r:?}");
+        assert_eq!(r.surplus_units, 240, "{r:?}");
+    }
+    assert_eq!(h.tollgate.export().await.unwrap().events, 0, "nothing put back in line");
 }

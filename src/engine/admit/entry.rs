@@ -304,9 +304,11 @@ impl Gate {
                         (Some(_), Some(_)) => return Err(refuse(format!("the `{header}` header is sent twice"))),
                     }
                 }
-                // The route matched, so the segment is there (past the leading `/`).
+                // The route matched, so the segment is there (counted as the pattern counts
+                // them: past a leading `/`, which `RoutePattern::matches` does not require).
                 crate::config::ValueSource::Path { segment, .. } => {
-                    if let Some(v) = path.split('/').nth(segment + 1).filter(|v| !v.is_empty()) {
+                    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
+                    if let Some(v) = segments.nth(*segment).filter(|v| !v.is_empty()) {
                         values.push((name.clone(), v.into()));
                     }
                 }

@@ -150,7 +150,8 @@ pub struct Drift {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReconcileReport {
-    /// Hours of a (customer, meter) compared.
+    /// Hours of a (customer, meter) compared: of each series apart, for a meter with
+    /// dimensions compared per series.
     pub compared: usize,
     /// Hours not compared yet: exported less than `export.reconcile_after` ago.
     pub settling: usize,
@@ -257,6 +258,33 @@ enum Verdict {
     LettersLacking,
     /// Anything else.
     Unclear,
+}
+
+/// An hour of a series judged: what the acting part needs.
+struct Judged {
+    customer: String,
+    meter: MeterId,
+    tenant: TenantId,
+    hour: i64,
+    cell: Cell,
+    held: u64,
+    verdict: Verdict,
+    /// The tenants of every series of the (customer, meter) in the hour.
+    tenants: BTreeSet<TenantId>,
+}
+
+/// What a cell shows against what the billing system holds of it.
+fn verdict_of(cell: &Cell, held: u64) -> Verdict {
+    let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
+    let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
+    match (cell.letters.is_empty(), held.cmp(&expected)) {
+        (true, std::cmp::Ordering::Equal) => Verdict::Clean,
+        (true, std::cmp::Ordering::Greater) => Verdict::Surplus,
+        (true, std::cmp::Ordering::Less) => Verdict::Short(expected - held),
+        (false, _) if held == expected + letters => Verdict::LettersHeld,
+        (false, std::cmp::Ordering::Equal) => Verdict::LettersLacking,
+        (false, _) => Verdict::Unclear,
+    }
 }
 
 /// A pass lacking this many hours or more, over a tenth of those compared, looks like a
@@ -380,7 +408,7 @@ impl Exporter {
         }
 
         // One read per (customer, meter), paced with the export's calls; each hour judged.
-        let mut judged: Vec<(String, MeterId, TenantId, i64, Cell, u64, Verdict)> = Vec::new();
+        let mut judged: Vec<Judged> = Vec::new();
         let (mut short_hours, mut compared_hours) = (BTreeSet::new(), BTreeSet::new());
         for ((customer, event_name), mut groups) in cells {
             let hours = groups.values().flat_map(|g| g.hours.keys().copied());
@@ -391,6 +419,12 @@ impl Exporter {
             // The meter's dimensions, as the configuration declares them, if it has any and its
             // series are compared apart.
             let dimensioned = groups.values().next().filter(|_| by_values).and_then(|g| dimension_names(rt, &g.meter));
+            // Read as a total: compared as one (series of a meter that lost its dimensions
+            // since, or that is gone from the configuration, among them).
+            if dimensioned.is_none() && groups.len() > 1 {
+                let of = groups.values().next().map_or_else(|| MeterId::from(""), |g| family(&g.meter));
+                groups = total_of(groups, &of);
+            }
             self.pacer.wait(settings.calls_per_second).await;
             report.reads += 1;
             let read = match &dimensioned {
@@ -398,9 +432,10 @@ impl Exporter {
                     match sink.held_by_hour_and_values(&event_name, &customer, keys, read_from, read_to).await {
                         // Refused (an account or version that does not group by dimension): the
                         // meter's total is compared instead.
-                        Err(SinkError::Permanent(why)) => {
-                            tracing::warn!(%customer, event_name, why,
-                            "the billing system refused to read this meter by dimension: its total is compared");
+                        // `Ok(None)`: a sink that says it reads by value but does not.
+                        Err(SinkError::Permanent(_)) | Ok(None) => {
+                            tracing::warn!(%customer, event_name,
+                            "the billing system did not read this meter by dimension: its total is compared");
                             groups = total_of(groups, of);
                             self.pacer.wait(settings.calls_per_second).await;
                             report.reads += 1;
@@ -417,7 +452,7 @@ impl Exporter {
                     .await
                     .map(|held| held.map(|held| BTreeMap::from([(Vec::new(), held)]))),
             };
-            let mut held_by_series = match read {
+            let held_by_series = match read {
                 Ok(Some(held)) => held,
                 Ok(None) => return Err(ReconcileError::Unreadable),
                 // Every call would get it (the key, the address): the pass stops.
@@ -445,66 +480,88 @@ impl Exporter {
                     groups.insert(series.clone(), Group { meter, hours: BTreeMap::new(), tenants: tenants.clone() });
                 }
             }
-            // The pair's hours judged, series by series; checked against the hour's total below.
-            let mut pair: Vec<(String, MeterId, TenantId, i64, Cell, u64, Verdict)> = Vec::new();
-            for (series, g) in groups {
-                let held = held_by_series.remove(&series).unwrap_or_default();
-                let tenant = g.tenants.iter().next().cloned().unwrap_or_else(|| TenantId::from(""));
-                // Hours the billing system holds without a ledger entry (in the range compared).
-                let mut all: BTreeSet<i64> = g.hours.keys().copied().collect();
-                all.extend(held.iter().filter(|(_, v)| **v != 0.0).map(|(h, _)| *h).filter(|h| *h >= from && *h < to));
-                let mut hours = g.hours;
-                for hour in all {
-                    let cell = hours.remove(&hour).unwrap_or_default();
-                    if cell.settling || hour + HOUR > now - after {
-                        report.settling += 1;
+            // The pair's hours, each judged across all its series at once: the hours of the
+            // ledger's cells, and those the billing system holds in the range compared.
+            let mut hours: BTreeSet<i64> = groups.values().flat_map(|g| g.hours.keys().copied()).collect();
+            hours.extend(
+                held_by_series
+                    .values()
+                    .flat_map(|h| h.iter().filter(|(_, v)| **v != 0.0).map(|(h, _)| *h))
+                    .filter(|h| *h >= from && *h < to),
+            );
+            for hour in hours {
+                let in_range = hour >= from && hour < to;
+                // Every series of the pair in this hour: its cell, and what the billing system
+                // holds of it.
+                let mut rows: Vec<(MeterId, TenantId, Cell, u64)> = Vec::new();
+                let mut settling = hour + HOUR > now - after;
+                for (series, g) in &mut groups {
+                    let cell = g.hours.remove(&hour);
+                    let held = held_by_series.get(series).and_then(|h| h.get(&hour)).copied().unwrap_or(0.0);
+                    let held = held.round().max(0.0) as u64;
+                    if cell.is_none() && held == 0 {
                         continue;
                     }
-                    report.compared += 1;
-                    let held_units = held.get(&hour).copied().unwrap_or(0.0).round().max(0.0) as u64;
-                    let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
-                    let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
-                    let verdict = match (cell.letters.is_empty(), held_units.cmp(&expected)) {
-                        (true, std::cmp::Ordering::Equal) => Verdict::Clean,
-                        (true, std::cmp::Ordering::Greater) => Verdict::Surplus,
-                        (true, std::cmp::Ordering::Less) => Verdict::Short(expected - held_units),
-                        (false, _) if held_units == expected + letters => Verdict::LettersHeld,
-                        (false, std::cmp::Ordering::Equal) => Verdict::LettersLacking,
-                        (false, _) => Verdict::Unclear,
-                    };
-                    let row_tenant = cell
+                    let cell = cell.unwrap_or_default();
+                    settling |= cell.settling;
+                    let tenant = cell
                         .expected
                         .first()
                         .or(cell.letters.first().map(|l| &l.entry))
-                        .map_or_else(|| tenant.clone(), |e| e.key.tenant.clone());
-                    pair.push((customer.clone(), g.meter.clone(), row_tenant, hour, cell, held_units, verdict));
+                        .map(|e| e.key.tenant.clone())
+                        .or_else(|| g.tenants.iter().next().cloned())
+                        .unwrap_or_else(|| TenantId::from(""));
+                    rows.push((g.meter.clone(), tenant, cell, held));
                 }
-            }
-            // A series is acted on only where the hour's total over the pair's series agrees:
-            // a read that put a series' units under other values (or none) never makes one
-            // series look lost, nor another's letters look held.
-            let mut totals: BTreeMap<i64, (u64, u64, u64)> = BTreeMap::new();
-            for (_, _, _, hour, cell, held, _) in &pair {
-                let t = totals.entry(*hour).or_default();
-                t.0 += cell.expected.iter().map(|e| e.send.value).sum::<u64>();
-                t.1 += cell.letters.iter().map(|l| l.entry.send.value).sum::<u64>();
-                t.2 += held;
-            }
-            for (customer, meter, tenant, hour, cell, held, verdict) in pair {
-                let (expected, letters, held_all) = totals[&hour];
-                let mine: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
-                let agrees = match verdict {
-                    Verdict::Short(short) => expected.saturating_sub(held_all) >= short,
-                    Verdict::LettersLacking => (expected + letters).saturating_sub(held_all) >= mine,
-                    Verdict::LettersHeld => held_all.saturating_sub(expected) >= mine,
-                    _ => true,
-                };
-                let verdict = if agrees { verdict } else { Verdict::Unclear };
-                compared_hours.insert((customer.clone(), event_name.clone(), hour));
-                if matches!(verdict, Verdict::Short(_) | Verdict::LettersLacking) {
-                    short_hours.insert((customer.clone(), event_name.clone(), hour));
+                // One series settling: the whole hour is (its total is not to be trusted yet).
+                if settling {
+                    report.settling += rows.iter().filter(|r| in_range || !r.2.letters.is_empty()).count();
+                    continue;
                 }
-                judged.push((customer, meter, tenant, hour, cell, held, verdict));
+                let here: BTreeSet<TenantId> = rows
+                    .iter()
+                    .flat_map(|r| {
+                        r.2.expected
+                            .iter()
+                            .map(|e| &e.key.tenant)
+                            .chain(r.2.letters.iter().map(|l| &l.entry.key.tenant))
+                    })
+                    .cloned()
+                    .collect();
+                // A series is acted on only where no series of the hour holds more than the
+                // ledger or is unclear: a read that put a series' units under other values (or
+                // none) never makes one series look lost, nor another's letters look held.
+                // Outside the range, series without letters only vouch for the hour.
+                let mut blocked = false;
+                let mut mine = Vec::new();
+                for (meter, tenant, cell, held) in rows {
+                    let verdict = verdict_of(&cell, held);
+                    let context = !in_range && cell.letters.is_empty();
+                    blocked |= matches!(verdict, Verdict::Surplus | Verdict::Unclear)
+                        || (context && verdict != Verdict::Clean);
+                    if !context {
+                        mine.push((meter, tenant, cell, held, verdict));
+                    }
+                }
+                for (meter, tenant, cell, held, verdict) in mine {
+                    let acts = matches!(verdict, Verdict::Short(_) | Verdict::LettersLacking | Verdict::LettersHeld);
+                    let verdict = if blocked && acts { Verdict::Unclear } else { verdict };
+                    report.compared += 1;
+                    compared_hours.insert((customer.clone(), event_name.clone(), hour));
+                    if matches!(verdict, Verdict::Short(_) | Verdict::LettersLacking) {
+                        short_hours.insert((customer.clone(), event_name.clone(), hour));
+                    }
+                    judged.push(Judged {
+                        customer: customer.clone(),
+                        meter,
+                        tenant,
+                        hour,
+                        cell,
+                        held,
+                        verdict,
+                        tenants: here.clone(),
+                    });
+                }
             }
         }
 
@@ -521,7 +578,7 @@ impl Exporter {
             );
         }
         let store = &self.deps.stores.background().usage;
-        for (customer, meter, tenant, hour, cell, held, verdict) in judged {
+        for Judged { customer, meter, tenant, hour, cell, held, verdict, tenants } in judged {
             let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
             let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
             let action = match verdict {
@@ -548,7 +605,7 @@ impl Exporter {
                     action
                 }
                 Verdict::LettersHeld => {
-                    if self.in_flight_in(&cell, &customer, hour).await? {
+                    if self.in_flight_in(&cell, &tenants, &customer, hour).await? {
                         // An export in flight may be what it holds: judged at a later pass.
                         report.compared -= 1;
                         report.settling += 1;
@@ -597,13 +654,22 @@ impl Exporter {
 
     /// Whether an export of the hour's tenants for `customer` and the cell's meter is in
     /// flight with its stamp in `hour` (not in the ledger yet, perhaps already held).
-    async fn in_flight_in(&self, cell: &Cell, customer: &str, hour: i64) -> Result<bool, StoreError> {
+    async fn in_flight_in(
+        &self,
+        cell: &Cell,
+        hour_tenants: &BTreeSet<TenantId>,
+        customer: &str,
+        hour: i64,
+    ) -> Result<bool, StoreError> {
         let store = &self.deps.stores.background().usage;
+        // The tenants of every series of the pair in the hour: an export of another series
+        // may be what the billing system holds.
         let tenants: BTreeSet<&TenantId> = cell
             .letters
             .iter()
             .map(|l| &l.entry.key.tenant)
             .chain(cell.expected.iter().map(|e| &e.key.tenant))
+            .chain(hour_tenants)
             .collect();
         let event_name = cell.letters.first().map(|l| l.entry.send.event_name.as_str()).unwrap_or_default();
         for tenant in tenants {
@@ -827,18 +893,19 @@ fn dimension_names(rt: &Runtime, meter: &MeterId) -> Option<(MeterId, Vec<String
 }
 
 /// The values of a series' id in the order its meter declares its dimensions; none for a
-/// meter without dimensions, or the meter's own id (usage from before it had them).
+/// meter the configuration gives no dimensions (now), for the meter's own id (usage from
+/// before it had them), or for values under none of the declared names.
 fn declared_values(rt: &Runtime, meter: &MeterId) -> Vec<String> {
     let values = crate::config::series_values(meter);
-    if values.is_empty() {
+    let Some((_, names)) = dimension_names(rt, meter).filter(|_| !values.is_empty()) else {
         return Vec::new();
-    }
-    match dimension_names(rt, meter) {
-        Some((_, names)) => names
-            .iter()
-            .map(|n| values.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default())
-            .collect(),
-        None => values.into_iter().map(|(_, v)| v).collect(),
+    };
+    let declared: Vec<String> =
+        names.iter().map(|n| values.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default()).collect();
+    if declared.iter().all(String::is_empty) {
+        Vec::new()
+    } else {
+        declared
     }
 }
 
