@@ -497,11 +497,13 @@ impl Exporter {
                 let mut settling = hour + HOUR > now - after;
                 for (series, g) in &mut groups {
                     let cell = g.hours.remove(&hour);
-                    let held = held_by_series.get(series).and_then(|h| h.get(&hour)).copied().unwrap_or(0.0);
-                    let held = held.round().max(0.0) as u64;
-                    if cell.is_none() && held == 0 {
+                    let held = held_by_series.get(series).and_then(|h| h.get(&hour)).copied();
+                    // A series the hour has no cell of and the billing system holds nothing of
+                    // is not in the hour (one it reads as a value, even a fraction, is).
+                    if cell.is_none() && held.is_none_or(|v| v == 0.0) {
                         continue;
                     }
+                    let held = held.unwrap_or(0.0).round().max(0.0) as u64;
                     let cell = cell.unwrap_or_default();
                     settling |= cell.settling;
                     let tenant = cell
@@ -532,17 +534,23 @@ impl Exporter {
                 // ledger or is unclear: a read that put a series' units under other values (or
                 // none) never makes one series look lost, nor another's letters look held.
                 // Outside the range, series without letters only vouch for the hour.
+                // A series short beside another whose letters look held is blocked too: the
+                // letters' units could be the short series' under other values.
                 let mut blocked = false;
+                let (mut short, mut letters_held) = (false, false);
                 let mut mine = Vec::new();
                 for (meter, tenant, cell, held) in rows {
                     let verdict = verdict_of(&cell, held);
                     let context = !in_range && cell.letters.is_empty();
                     blocked |= matches!(verdict, Verdict::Surplus | Verdict::Unclear)
                         || (context && verdict != Verdict::Clean);
+                    short |= matches!(verdict, Verdict::Short(_));
+                    letters_held |= verdict == Verdict::LettersHeld;
                     if !context {
                         mine.push((meter, tenant, cell, held, verdict));
                     }
                 }
+                blocked |= short && letters_held;
                 for (meter, tenant, cell, held, verdict) in mine {
                     let acts = matches!(verdict, Verdict::Short(_) | Verdict::LettersLacking | Verdict::LettersHeld);
                     let verdict = if blocked && acts { Verdict::Unclear } else { verdict };
