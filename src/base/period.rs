@@ -4,6 +4,10 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Period {
+    /// From the start of a UTC minute to the next: a rate of units per minute (tokens per
+    /// minute) kept as a quota the fleet shares. Only on quotas of units (not on a spend cap
+    /// or a prepaid balance); its thresholds send no alerts (they would every minute).
+    Minute,
     /// From midnight UTC to the next midnight UTC.
     Day,
     /// From a day of the month at midnight UTC (the billing anchor, 1 by default) to the same
@@ -19,10 +23,11 @@ pub enum Period {
 }
 
 impl Period {
-    /// The name used in policies and headers (`day`, `month`).
+    /// The name used in policies and headers (`minute`, `day`, `month`).
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
+            Period::Minute => "minute",
             Period::Day => "day",
             Period::Month { .. } => "month",
             Period::Prepaid => "prepaid",
@@ -34,6 +39,7 @@ impl Period {
     #[must_use]
     pub fn nominal_secs(&self) -> u64 {
         match self {
+            Period::Minute => 60,
             Period::Day => 86_400,
             Period::Month { .. } => 30 * 86_400,
             // Never reset: as long as a year, for what needs a length.
@@ -47,6 +53,10 @@ impl Period {
         use chrono::{Datelike, NaiveDate, TimeZone, Utc};
         match *self {
             Period::Prepaid => (PREPAID_START, PREPAID_END),
+            Period::Minute => {
+                let start = unix_secs.div_euclid(60) * 60;
+                (start, start + 60)
+            }
             Period::Day => {
                 let start = unix_secs.div_euclid(86_400) * 86_400;
                 (start, start + 86_400)

@@ -518,6 +518,14 @@ impl Validator<'_, '_> {
             if let Some((key, why)) = fleet_without_hint(&plans[&t.plan].with_override(o), &usage, &limits) {
                 return Err(self.invalid(&format!("tenants.{}.overrides.{key}", t.id), why));
             }
+            if let Some((key, why)) = minute_past_skew(&o.quotas, &limits) {
+                return Err(self.invalid(&format!("tenants.{}.overrides.{key}", t.id), why));
+            }
+        }
+        for p in plans.values() {
+            if let Some((key, why)) = minute_past_skew(&p.quotas, &limits) {
+                return Err(self.invalid(&format!("plans.{}.{key}", p.id), why));
+            }
         }
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
             return Err(self.loc.error(
@@ -639,7 +647,35 @@ fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigErr
         ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
     })?;
     let loc = Located { text: "", root: None };
-    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
+    let o = Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)?;
+    if let Some((key, why)) = minute_past_skew(&o.quotas, &config.limits) {
+        return Err(ConfigError::new(Kind::InvalidValue, format!("overrides.{key}"), why));
+    }
+    Ok(o)
+}
+
+/// A minute quota among `quotas` when the clocks of the fleet's nodes may differ by more than
+/// a store keeps an ended period (`limits.clock_skew`, a tenth of `reservation_expiry`, past
+/// [`ENDED_PERIODS_KEPT_SECS`](crate::store::contract::ENDED_PERIODS_KEPT_SECS)): a node that
+/// far ahead would make the store drop the minute the others are still in. Its key and why.
+fn minute_past_skew(
+    quotas: &std::collections::BTreeMap<crate::base::MeterId, super::QuotaSpec>,
+    limits: &super::Limits,
+) -> Option<(String, String)> {
+    let kept = crate::store::contract::ENDED_PERIODS_KEPT_SECS as u64;
+    if limits.clock_skew().as_secs() <= kept {
+        return None;
+    }
+    let (meter, _) = quotas.iter().find(|(_, q)| q.period() == crate::base::Period::Minute)?;
+    Some((
+        format!("quotas.{}.period", super::dimensions::key_segment(meter.as_str())),
+        format!(
+            "a minute quota needs the fleet's clocks within {kept} s of each other, and \
+             `limits.reservation_expiry` ({}) tolerates a tenth of it: set it to {} minutes or less",
+            humantime::format_duration(limits.reservation_expiry),
+            kept * 10 / 60
+        ),
+    ))
 }
 
 /// Whether `plan` keeps a rate or concurrency for the fleet and fails open without

@@ -39,7 +39,9 @@ pub(crate) struct RawLimits {
 }
 
 /// The longest a hold may stay open (`hold_timeout`): a day, so that it sees at most one roll
-/// of its quota's period (its units go back to the period they came from).
+/// of a day's or month's period (its units go back to the period they came from). A minute's
+/// rolls under a hold many times: what it gives back past the minute after its own is dropped
+/// (that minute is over: nothing there to admit).
 pub(crate) const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// What the headers of a stored response are allowed beside its body, when the store's bound

@@ -134,6 +134,12 @@ pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode,
 impl Validator<'_, '_> {
     pub(super) fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
         let period = match q.period.as_str() {
+            "minute" => {
+                if q.anchor_day.is_some() {
+                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
+                }
+                Period::Minute
+            }
             "day" => {
                 if q.anchor_day.is_some() {
                     return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
@@ -174,7 +180,7 @@ impl Validator<'_, '_> {
             other => {
                 return Err(self.invalid(
                     &format!("{base}.period"),
-                    format!("expected \"day\", \"month\" or \"prepaid\", not \"{other}\""),
+                    format!("expected \"minute\", \"day\", \"month\" or \"prepaid\", not \"{other}\""),
                 ))
             }
         };
@@ -182,9 +188,10 @@ impl Validator<'_, '_> {
             (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
             (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
             (_, None) => {
-                return Err(
-                    self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")
-                )
+                return Err(self.invalid(
+                    &format!("{base}.limit"),
+                    "a minute, day or month quota needs a limit (units per period)",
+                ))
             }
         };
         let mode = match q.mode.as_deref().unwrap_or("hard") {

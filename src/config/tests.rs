@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{document::parse, located::split_path, located::Segment, Rate, RateError, StatusSet};
 use super::{ConfigError, ConfigErrorKind as Kind};
-use crate::base::MeterId;
+use crate::base::{MeterId, Period, PlanId};
 
 mod validation {
     use super::*;
@@ -79,6 +79,27 @@ mod validation {
     fn at(text: &str) -> (String, Option<usize>) {
         let e = err(text);
         (e.key().to_owned(), e.line())
+    }
+
+    /// A minute quota (tokens per minute): taken; with an anchor day, on a spend cap or where
+    /// the fleet's clocks may differ by more than a store keeps an ended minute (a tenth of
+    /// `reservation_expiry` past 10 minutes), refused by key and line.
+    #[test]
+    fn a_minute_quota_needs_clocks_within_what_a_store_keeps_of_an_ended_minute() {
+        let plan =
+            "[meters.tokens]\n[plans.p]\nquotas.tokens = { limit = 90000, period = \"minute\", mode = \"soft\" }\n";
+        let c = parse(plan).unwrap();
+        assert_eq!(c.plans()[&PlanId::from("p")].quotas[&MeterId::from("tokens")].period(), Period::Minute);
+        let e = err(&format!("{plan}[limits]\nidle_timeout = \"1h\"\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.tokens.period", Some(3)), "{e}");
+        assert!(e.to_string().contains("100 minutes or less"), "{e}");
+        assert!(parse(&format!("{plan}[limits]\nidle_timeout = \"50m\"\n")).is_ok());
+        let tenant = "[meters.tokens]\n[plans.p]\n[tenants.t]\nplan = \"p\"\noverrides.quotas.tokens = { limit = 5, period = \"minute\", mode = \"soft\" }\n[limits]\nreservation_expiry = \"2h\"\n";
+        assert_eq!(err(tenant).key(), "tenants.t.overrides.quotas.tokens.period");
+        let e = err("[meters.tokens]\n[plans.p]\nquotas.tokens = { limit = 5, period = \"minute\", anchor_day = 3 }\n");
+        assert_eq!(e.key(), "plans.p.quotas.tokens.anchor_day");
+        let e = err("[billing]\ncurrency = \"usd\"\n[plans.p]\nspend = { limit = \"1.00\", period = \"minute\" }\n");
+        assert_eq!(e.key(), "plans.p.spend.period");
     }
 
     /// `limits.reservation_expiry`: 30 minutes by default, or twice an `idle_timeout` that

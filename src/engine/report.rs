@@ -299,13 +299,19 @@ impl Tollgate {
                         .map(|(_, q)| *q)
                         .sum()
                 };
-                let used = sum(&in_periods).saturating_add(sum(&local));
+                let counter = counters
+                    .get(&meter)
+                    .and_then(|read| read.iter().find(|c| c.key.start == start && c.key.end == end));
+                // A minute is shorter than usage windows (an hour by default): its use is what
+                // its counter says the nodes used, as their last calls said (a lease behind).
+                let used = match period {
+                    crate::base::Period::Minute => counter.map_or(0, crate::store::QuotaCounter::used),
+                    _ => sum(&in_periods).saturating_add(sum(&local)),
+                };
                 // What the usage leaves, and what the store says the fleet took (units leased by
                 // other nodes and not used yet among them), whichever is less: from one read.
                 let mut remaining = limit.saturating_sub(used).saturating_sub(held);
-                let taken = counters.get(&meter).and_then(|read| {
-                    read.iter().find(|c| c.key.start == start && c.key.end == end).map(|c| c.reserved)
-                });
+                let taken = counter.map(|c| c.reserved);
                 if let Some(taken) = taken {
                     // This node's leases and spares of the period, unused, in every state of
                     // the tenant: taken from the store, and still this tenant's to use.

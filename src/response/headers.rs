@@ -308,10 +308,16 @@ fn emit_fields(
                         let now = tenant.map_or(0, |t| t.clock().unix_secs());
                         let (_, end) = cell.period();
                         let (remaining, _) = cell.estimate(cell.lease());
+                        // A period over on this node (a minute's, often): the calendar's next,
+                        // whole.
+                        let (remaining, end) = match now < end {
+                            true => (remaining, end),
+                            false => (cell.limit(), cell.window(now).1),
+                        };
                         // In the policy's unit (a large spend cap's: micro-units).
                         let status = PolicyStatus {
                             limit: cell.spec.in_header(cell.limit()),
-                            remaining: cell.spec.in_header(if now < end { remaining } else { cell.limit() }),
+                            remaining: cell.spec.in_header(remaining),
                             reset_secs: (end - now).max(0) as u64,
                         };
                         let name = cell.spec.period().name();

@@ -73,6 +73,14 @@ pub const SENDER_JOBS_KEPT_SECS: i64 = 2 * 86_400;
 /// its clock is this far behind (less the slack).
 pub const SENDER_QUIET_SECS: i64 = 600;
 
+/// How long after another period of a meter has started a counter's period that ended is kept:
+/// the first call on a period drops those of the meter that ended this long before the new one
+/// started (see [`QuotaKey::drops_ended_before`](super::QuotaKey::drops_ended_before)). Nodes
+/// choose periods by their own clocks, so a node up to this far behind (or ahead of) the others
+/// still finds the minute they are in (a minute quota; `limits.clock_skew` must be within it);
+/// days and months drop the period before last, as ever.
+pub const ENDED_PERIODS_KEPT_SECS: i64 = 600;
+
 /// How much later than the last sender forgotten a call may be dated and still be answered as
 /// an older call ([`SENDER_QUIET_SECS`]): a store that moves calls onto its own clock (the
 /// RedisStore) may move a call sent again a second or two off its first time, as its two

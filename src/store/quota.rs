@@ -37,11 +37,24 @@ impl QuotaKey {
         Self { tenant, meter, period, start, end }
     }
 
+    /// A store's first call on this counter drops the counters of the meter's calendar periods
+    /// that ended before this (its start less
+    /// [`ENDED_PERIODS_KEPT_SECS`](super::contract::ENDED_PERIODS_KEPT_SECS)), and answers later
+    /// calls on them as on a period long over; a prepaid balance drops none.
+    #[must_use]
+    pub fn drops_ended_before(&self) -> i64 {
+        if self.period == Period::Prepaid {
+            return i64::MIN;
+        }
+        self.start - super::contract::ENDED_PERIODS_KEPT_SECS
+    }
+
     /// The counter of `tenant` on `meter` named by a period's tag ([`period_tag`](Self::period_tag))
     /// and bounds, as a store keeps it; `None` for a tag no period has.
     #[must_use]
     pub fn from_tag(tenant: TenantId, meter: MeterId, tag: &str, start: i64, end: i64) -> Option<Self> {
         let period = match tag {
+            "minute" => Period::Minute,
             "day" => Period::Day,
             "prepaid" => Period::Prepaid,
             _ => {
@@ -52,7 +65,7 @@ impl QuotaKey {
         Some(Self::new(tenant, meter, period, start, end))
     }
 
-    /// The period's kind as a short stable text: `day`, or `month@D` for a month anchored on day D.
+    /// The period's kind as a short stable text: `minute`, `day`, or `month@D` for a month anchored on day D.
     #[must_use]
     pub fn period_tag(&self) -> String {
         match self.period {

@@ -101,7 +101,7 @@ impl Counters {
             return Some(&mut self.periods[i]);
         }
         // A prepaid balance ends nothing: the calendar periods beside it stay.
-        let start = if key.period == Period::Prepaid { i64::MIN } else { key.start };
+        let start = key.drops_ended_before();
         let mut dropped = self.dropped_before;
         self.periods.retain(|c| {
             let keep = c.key.end >= start;
@@ -799,7 +799,7 @@ mod stored {
             let mut ended = Vec::new();
             let mut dropped = m.counters.dropped_before;
             m.listed.retain(|k| {
-                let keep = k.end >= key.start;
+                let keep = k.end >= key.drops_ended_before();
                 if !keep {
                     dropped = dropped.max(k.end);
                     ended.push(k.clone());
@@ -818,7 +818,7 @@ mod stored {
             if key.end <= m.counters.dropped_before || m.listed.contains(key) {
                 return Vec::new();
             }
-            m.listed.iter().filter(|k| k.end < key.start).cloned().collect()
+            m.listed.iter().filter(|k| k.end < key.drops_ended_before()).cloned().collect()
         }
 
         /// The calendar counters held in the quota itself (as an earlier layout wrote them),

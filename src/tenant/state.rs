@@ -537,11 +537,22 @@ const UNLEASED_PERIODS: usize = 4;
 
 /// A quota period packed in 32 bits: its end in hours since the epoch (22 bits: until 2448)
 /// and its length in hours (10 bits: up to 42 days). Calendar periods start and end at
-/// midnight UTC; a prepaid balance's lease windows are 512 hours long, on whole hours.
+/// midnight UTC; a prepaid balance's lease windows are 512 hours long, on whole hours. A
+/// minute period keeps the hour it ends in (rounded up) and, in the length's place,
+/// `MINUTE_CODE` plus the minutes from its end to that hour (0 to 59): lengths in hours stop at
+/// 744 (31 days) and the prepaid one's is 1,023, so the codes 960 to 1,019 are free.
 pub(crate) struct PeriodBits;
+
+/// The length field of a minute period ending `m` minutes before a whole hour: `MINUTE_CODE + m`.
+const MINUTE_CODE: u32 = 960;
 
 impl PeriodBits {
     pub(crate) fn pack(start: i64, end: i64) -> u32 {
+        if end - start == 60 && end % 60 == 0 {
+            let end_h = end.div_euclid(3600) + i64::from(end.rem_euclid(3600) != 0);
+            let before = ((end_h * 3600 - end) / 60) as u32;
+            return ((end_h as u32) << 10) | (MINUTE_CODE + before);
+        }
         let end_h = (end / 3600) as u32;
         let len_h = ((end - start) / 3600).clamp(1, 1023) as u32;
         (end_h << 10) | len_h
@@ -551,13 +562,23 @@ impl PeriodBits {
     #[inline]
     pub(crate) fn bounds(bits: u32) -> (i64, i64) {
         let end = i64::from(bits >> 10) * 3600;
-        (end - i64::from(bits & 1023) * 3600, end)
+        let len = bits & 1023;
+        if (MINUTE_CODE..MINUTE_CODE + 60).contains(&len) {
+            let end = end - i64::from(len - MINUTE_CODE) * 60;
+            return (end - 60, end);
+        }
+        (end - i64::from(len) * 3600, end)
     }
 
     /// The tag of the period's lease words: the low 16 bits of its end hour (consecutive
-    /// periods of one cell end 24 to 744 hours apart, so their tags differ).
+    /// periods of one cell end 24 to 744 hours apart, so their tags differ), or of a minute
+    /// period's end minute (consecutive ones a minute apart).
     #[inline]
     pub(crate) fn tag(bits: u32) -> u16 {
+        let len = bits & 1023;
+        if (MINUTE_CODE..MINUTE_CODE + 60).contains(&len) {
+            return ((bits >> 10).wrapping_mul(60).wrapping_sub(len - MINUTE_CODE)) as u16;
+        }
         (bits >> 10) as u16
     }
 }
@@ -1032,6 +1053,19 @@ mod tests {
         let mut after = Vec::new();
         two.drain_usage(|m, w, q| after.push((m, w, q)));
         assert!(after.is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_minute_period_packs_into_its_own_bounds_and_a_tag_of_its_own() {
+        let mut tags = std::collections::HashSet::new();
+        for at in (1_795_000_000..1_795_000_000 + 7_200).step_by(60) {
+            let (start, end) = crate::base::Period::Minute.bounds(at);
+            let bits = PeriodBits::pack(start, end);
+            assert_eq!(PeriodBits::bounds(bits), (start, end), "at {at}");
+            assert!(tags.insert(PeriodBits::tag(bits)), "consecutive minutes differ in tag");
+        }
+        let day = crate::base::Period::Day.bounds(1_795_000_000);
+        assert_eq!(PeriodBits::bounds(PeriodBits::pack(day.0, day.1)), day, "days unchanged");
     }
 
     #[test]

@@ -293,3 +293,113 @@ async fn spend_cap_run_on(
         assert_eq!(quota.reserved(&key).await.unwrap(), series, "the total's counter = the sum of its series");
     }
 }
+
+/// Tenant `t` may use 600 tokens of `m-large` a minute (hard) and a million a day.
+pub const TOML_PER_MINUTE: &str = r#"
+[meters.tokens]
+dimensions = ["model", "kind"]
+values.model = ["m-small", "m-large"]
+values.kind = ["input", "output"]
+[plans.p]
+quotas.tokens = { limit = 1000000, period = "day" }
+quotas."tokens{model=m-large}" = { limit = 600, period = "minute" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[usage]
+store_timeout = "30s"
+[limits]
+hold_timeout = "24h"
+"#;
+
+/// Four engines with their workers on `stores` share a model's 600 tokens a minute through four
+/// minutes: in each, `tasks` tasks hold up to 20 tokens of it at a time (`overrun = "refuse"`)
+/// and record part, until the limit refuses them, while the clock moves a second every 5 ms
+/// within the minute (never past its 50th second, so the minute's work is all its own). What
+/// a minute's holds recorded never passes 600, and falls short of it by less than a hold's
+/// estimate per node and the store's (what a refusal leaves unspent); once the nodes shut down
+/// (their leases given back), the store's counter of each minute holds exactly what its holds
+/// recorded: no minute's units leak into the next, none is stranded or lost.
+pub async fn four_nodes_keep_a_models_tokens_per_minute(
+    stores: [super::NodeStore; 4],
+    quota: Arc<dyn tollgate::store::QuotaInspect>,
+    tasks: u64,
+) {
+    const LIMIT: u64 = 600;
+    const MINUTES: i64 = 4;
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        stores.iter().map(|s| Arc::new(super::node_on(TOML_PER_MINUTE, s, clock.clone(), handle.clone()))).collect();
+    let mut recorded = Vec::new();
+    for minute in 0..MINUTES {
+        let start = NOON + 60 * minute;
+        let at = clock.unix_secs();
+        handle.advance(std::time::Duration::from_secs((start + 1 - at) as u64));
+        let used = Arc::new(AtomicU64::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..tasks {
+            let (h, used) = (nodes[i as usize % 4].clone(), used.clone());
+            set.spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1) ^ ((minute as u64) << 32));
+                let mut calls = 0;
+                loop {
+                    calls += 1;
+                    assert!(calls < 5_000, "never refused: the limit does not hold");
+                    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+                    let kind = if rng.below(2) == 0 { "input" } else { "output" };
+                    let dims = tollgate::Dimensions::new().with("model", "m-large").with("kind", kind);
+                    let estimate = 1 + rng.below(20);
+                    let mut hold = match ctx.hold_in_with("tokens", &dims, estimate, Overrun::Refuse).await {
+                        Ok(hold) => hold,
+                        Err(r) => {
+                            ticket.give_back();
+                            match r.kind() {
+                                RejectionKind::QuotaExceeded => return,
+                                RejectionKind::UnitsHeld => tokio::task::yield_now().await,
+                                other => panic!("{other:?}: {r}"),
+                            }
+                            continue;
+                        }
+                    };
+                    let actual = rng.below(estimate + 1);
+                    hold.record(actual).unwrap();
+                    if rng.below(3) == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    hold.settle();
+                    assert!(ticket.complete(200));
+                    used.fetch_add(actual, Ordering::SeqCst);
+                }
+            });
+        }
+        while !set.is_empty() {
+            tokio::select! {
+                done = set.join_next() => { done.unwrap().unwrap(); }
+                () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
+                    if clock.unix_secs() < start + 50 {
+                        handle.advance(std::time::Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        let used = used.load(Ordering::SeqCst);
+        assert!(used <= LIMIT, "minute {minute}: {used} tokens of {LIMIT}");
+        assert!(used > LIMIT - 5 * 20, "minute {minute}: only {used} of {LIMIT} served before the limit refused");
+        recorded.push(used);
+    }
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    for (minute, used) in recorded.into_iter().enumerate() {
+        let start = NOON + 60 * minute as i64;
+        let key = QuotaKey::new("t".into(), "tokens{model=m-large}".into(), Period::Minute, start, start + 60);
+        assert_eq!(
+            quota.reserved(&key).await.unwrap(),
+            used,
+            "minute {minute}: the store's counter = what was recorded"
+        );
+    }
+}

@@ -72,6 +72,24 @@ async fn four_engines_on_one_sqlite_file_never_pass_a_spend_cap_priced_by_dimens
     common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 32).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_memory_store_keep_a_models_tokens_per_minute() {
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::money::four_nodes_keep_a_models_tokens_per_minute(nodes, store, 32).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_sqlite_file_keep_a_models_tokens_per_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn tollgate::store::StoreInspect> =
+        Arc::new(tollgate::store::SqliteStore::open(dir.path().join("tpm.db")).await.unwrap());
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::money::four_nodes_keep_a_models_tokens_per_minute(nodes, store, 32).await;
+}
+
 /// A day's tokens of one model: tenant `t` may use 1,000 tokens of `m-large` a day and 5,000
 /// tokens in all.
 const DAILY: &str = r#"
@@ -139,6 +157,84 @@ async fn a_models_limit_refuses_it_and_serves_another_model() {
     hold.settle();
     assert_eq!(status(&ctx, "tokens{model=m-large}"), 750, "what the hold did not use came back");
     assert!(ticket.complete(200));
+}
+
+/// Tokens per minute per model (OpenAI's TPM): tenant `t` may use 1,000 tokens of `m-large` a
+/// minute, 3,000 of every model, and a million a day.
+const PER_MINUTE: &str = r#"
+[meters.tokens]
+dimensions = ["model", "kind"]
+values.model = ["m-small", "m-large"]
+values.kind = ["input", "output"]
+[plans.p]
+quotas.tokens = { limit = 1000000, period = "day" }
+quotas."tokens{model=m-large}" = { limit = 1000, period = "minute" }
+quotas."tokens{model=m-small}" = { limit = 3000, period = "minute" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+
+/// A model's tokens per minute: past them the model is refused (429, its policy named with a
+/// 60-second window and the seconds to the next minute) while another model of the tenant is
+/// served; the next minute serves the model again, with all of its limit, and the day's
+/// total counts every minute's tokens.
+#[tokio::test]
+async fn a_models_tokens_per_minute_refuse_it_until_the_next_minute_and_serve_another() {
+    let h = Harness::new(PER_MINUTE);
+    // 20 seconds into a minute.
+    h.clock.advance(std::time::Duration::from_secs(20));
+    let status = |ctx: &tollgate::TenantContext, m: &str| ctx.quota(m).unwrap().remaining;
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "output"), 900).await.unwrap();
+    hold.record(900).unwrap();
+    hold.settle();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 100);
+    let refused = ctx.hold_in("tokens", &series("m-large", "input"), 101).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::QuotaExceeded, "{refused}");
+    assert_eq!(refused.policy(), Some("tokens-m-large-minute"));
+    let mut headers = Vec::new();
+    refused.for_each_header(|f, v| headers.push((f.name().to_ascii_lowercase(), v.to_owned())));
+    let header = |n: &str| headers.iter().find(|(f, _)| f == n).map(|(_, v)| v.clone());
+    let policy = header("ratelimit-policy").expect("a RateLimit-Policy");
+    assert!(policy.contains("\"tokens-m-large-minute\";q=1000;w=60"), "{policy}");
+    assert_eq!(header("retry-after").as_deref(), Some("40"), "the next minute, 40 seconds away");
+    // Another model of the same tenant is served in the same minute.
+    let mut small = ctx.hold_in("tokens", &series("m-small", "input"), 2_500).await.unwrap();
+    small.record(2_500).unwrap();
+    small.settle();
+    assert!(ticket.complete(200));
+    // The next minute: the model's whole limit again; the day counts both minutes.
+    h.clock.advance(std::time::Duration::from_secs(40));
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 1_000, "a new minute, a new limit");
+    assert_eq!(status(&ctx, "tokens{model=m-small}"), 3_000);
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "input"), 1_000).await.unwrap();
+    hold.record(600).unwrap();
+    hold.settle();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 400, "what the hold did not use came back");
+    assert_eq!(status(&ctx, "tokens"), 1_000_000 - 900 - 2_500 - 600, "the day counts every minute");
+    assert!(ticket.complete(200));
+    // A hold taken in one minute and settled in the next counts in the minute it was taken:
+    // the new minute's limit is whole.
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_in("tokens", &series("m-large", "output"), 300).await.unwrap();
+    h.clock.advance(std::time::Duration::from_secs(60));
+    hold.record(300).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    assert_eq!(status(&ctx, "tokens{model=m-large}"), 1_000, "the hold's minute took its tokens");
+    assert!(ticket.complete(200));
+    assert_eq!(
+        recorded(&h, "t", "tokens{model=m-large,kind=output}").await
+            + recorded(&h, "t", "tokens{model=m-large,kind=input}").await,
+        900 + 600 + 300,
+        "every token billed once"
+    );
 }
 
 /// A spend cap in money: a hold for `max_tokens` of the expensive model is refused where the

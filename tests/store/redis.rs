@@ -151,6 +151,14 @@ async fn four_nodes_holding_never_pass_a_spend_cap_priced_by_dimension() {
     common::money::four_nodes_never_pass_a_spend_cap_by_dimension_on(nodes, reader, memory, 32).await;
 }
 
+/// A model's tokens per minute across four engines on one Redis: each minute's never passes
+/// its limit, and its counter ends at what that minute's holds recorded (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_keep_a_models_tokens_per_minute() {
+    let Some((nodes, _, reader)) = four_nodes_with_stores(On::Server).await else { return };
+    common::money::four_nodes_keep_a_models_tokens_per_minute(nodes, reader, 32).await;
+}
+
 /// Four engines, each with its own connection to one Redis, share a fleet rate within its
 /// documented bound, counted on the engine clock (tests/common/fleet.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

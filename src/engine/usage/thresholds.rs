@@ -81,8 +81,12 @@ impl std::fmt::Debug for Thresholds {
 
 impl Thresholds {
     /// Whether anything watches `cell`'s use: the hook, or alerts it may send (to the
-    /// operator's endpoints, or its tenant's).
+    /// operator's endpoints, or its tenant's). Nothing watches a minute's: a rate of units
+    /// would cross its thresholds every minute.
     pub(crate) fn watches(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
+        if cell.spec.period() == crate::base::Period::Minute {
+            return false;
+        }
         let usage = &rt.config.usage;
         let thresholds = !usage.notify_at.is_empty() || !usage.notify_left.is_empty();
         let alerts = !rt.config.alerts().endpoints.is_empty()
@@ -185,6 +189,10 @@ impl Thresholds {
         start: i64,
         end: i64,
     ) {
+        // A minute's quota is a rate: no threshold or alert every minute (see `watches`).
+        if cell.spec.period() == crate::base::Period::Minute {
+            return;
+        }
         self.offer_alerts(rt, now, cell, used, start, end);
         let Some(hook) = &self.hook else { return };
         let limit_units = cell.limit();

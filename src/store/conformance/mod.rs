@@ -56,6 +56,7 @@ macro_rules! store_conformance {
             a_reserve_token_is_applied_once,
             release_gives_units_back,
             a_period_two_periods_old_is_dropped_and_stays_dropped,
+            minutes_are_kept_ten_minutes_past_their_end,
             quota_keys_of_different_periods_are_separate_counters,
             near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left,
             credit_grants_apply_once_and_bound_a_prepaid_balance,

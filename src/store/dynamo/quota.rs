@@ -244,7 +244,7 @@ impl DynamoStore {
         let ends_others = key.period != Period::Prepaid;
         for old in items.iter().filter(|i| ends_others && get_s(i, "sk") != Some("FLOOR")) {
             let end = get_i(old, "end").unwrap_or(i64::MAX);
-            if end < key.start {
+            if end < key.drops_ended_before() {
                 ended = ended.max(Some(end));
                 if let Some(old_sk) = get_s(old, "sk") {
                     self.client

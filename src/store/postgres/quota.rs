@@ -500,7 +500,7 @@ impl PostgresStore {
                      FROM (SELECT max(end_at) AS last FROM gone) g \
                      WHERE f.tenant = $1 AND f.meter = $2 AND g.last IS NOT NULL",
                 ),
-                args![t, m, key.start],
+                args![t, m, key.drops_ended_before()],
             )
             .await?;
         }

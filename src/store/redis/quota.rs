@@ -226,7 +226,7 @@ impl RedisStore {
                     let out = apply(&mut view);
                     Ok(match view.counter_json(key) {
                         Some(state) if !dropped && found.text("state") != Some(state.as_str()) => {
-                            Step::Write(Some(out), vec![("state", state.into_bytes())], counter_ttl(now, key.end))
+                            Step::Write(Some(out), vec![("state", state.into_bytes())], counter_ttl(now, key))
                         }
                         // Dropped, or nothing changed (a call answered again): no write.
                         _ => Step::Answer(Some(out)),
@@ -285,7 +285,7 @@ impl RedisStore {
                     for (k, state) in inline {
                         // Unless there already: a counter's row, once written, is the counter
                         // (the copy in the tenant's row is stale).
-                        let ttl = counter_ttl(now, k.end);
+                        let ttl = counter_ttl(now, &k);
                         self.counted(0, 1, 1);
                         let _ =
                             self.put_or_read(&self.keys().counter(&k), "", ttl, &[("state", state.as_bytes())]).await?;
@@ -308,12 +308,12 @@ impl RedisStore {
         Err(StoreError::Conflict("a tenant's quota, its calendar counters moving out all along"))
     }
 
-    /// Marks the row of `key`'s counter dropped (kept 35 days: later calls for it change
-    /// nothing).
+    /// Marks the row of `key`'s counter dropped (kept 35 days, a minute's an hour: later calls
+    /// for it change nothing).
     async fn mark_dropped(&self, key: &QuotaKey) -> Result<(), StoreError> {
         let row_key = &self.keys().counter(key);
         self.counted(1, 0, 0);
-        let ttl = Ttl::For(Duration::from_secs(RETENTION_SECS as u64));
+        let ttl = Ttl::For(Duration::from_secs(ended_kept_secs(key) as u64));
         self.on_row(row_key, "a dropped counter's row", Retries::FROM_ANSWER, None, |found| {
             Ok(match found.text("dropped") {
                 Some(_) => Step::Answer(()),
@@ -503,12 +503,24 @@ fn tenant_state(row: &Row) -> Option<&str> {
 /// written after its end keeps no time to live until its meter's period after next is made,
 /// which marks it dropped with one: a tenant keeps at most two counters without one per meter
 /// and kind of period, and its quota row.
-fn counter_ttl(now: i64, end: i64) -> Ttl {
-    match end > now {
+///
+/// A minute's row is kept an hour, not 35 days ([`ended_kept_secs`]).
+fn counter_ttl(now: i64, key: &QuotaKey) -> Ttl {
+    let kept = ended_kept_secs(key);
+    match key.end > now {
         true => Ttl::Never,
-        false => {
-            Ttl::For(kept_for(now, end.saturating_add(RETENTION_SECS)).max(Duration::from_secs(RETENTION_SECS as u64)))
-        }
+        false => Ttl::For(kept_for(now, key.end.saturating_add(kept)).max(Duration::from_secs(kept as u64))),
+    }
+}
+
+/// How long a counter's row is kept once its period ended: 35 days, but an hour for a minute
+/// (a tenant's minutes would otherwise keep 50,400 rows per meter). A late call on a period
+/// dropped is refused by the tenant's row (its periods dropped before), whatever its counter's
+/// row still holds; an hour outlives any call in flight by far.
+fn ended_kept_secs(key: &QuotaKey) -> i64 {
+    match key.period {
+        crate::base::Period::Minute => 3_600,
+        _ => RETENTION_SECS,
     }
 }
 

@@ -697,13 +697,16 @@ fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<(i6
         None
     } else {
         tx.prepare_cached("SELECT max(end) FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
-            .query_row(params![t, m, key.start], |r| r.get(0))?
+            .query_row(params![t, m, key.drops_ended_before()], |r| r.get(0))?
     };
     if let Some(ended) = ended {
-        tx.prepare_cached("DELETE FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
-            .execute(params![t, m, key.start])?;
+        tx.prepare_cached("DELETE FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?.execute(params![
+            t,
+            m,
+            key.drops_ended_before()
+        ])?;
         tx.prepare_cached("DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
-            .execute(params![t, m, key.start])?;
+            .execute(params![t, m, key.drops_ended_before()])?;
         tx.prepare_cached(
             "INSERT INTO quota_floor (tenant, meter, dropped_before) VALUES (?1, ?2, ?3) \
              ON CONFLICT (tenant, meter) DO UPDATE SET dropped_before = max(dropped_before, excluded.dropped_before)",

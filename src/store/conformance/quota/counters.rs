@@ -225,6 +225,33 @@ pub async fn a_period_two_periods_old_is_dropped_and_stays_dropped<S: ?Sized + Q
     assert_eq!(h.s().reserve(&ask(&other, 2, None, 1, 6)).await.unwrap(), Grant::new(2, 2));
 }
 
+/// A minute's counter is kept while a later minute of its meter started less than
+/// [`ENDED_PERIODS_KEPT_SECS`](crate::store::contract::ENDED_PERIODS_KEPT_SECS) after it ended
+/// (nodes choose minutes by their own clocks: one a few minutes ahead must not drop the minute
+/// the others are in), and dropped by the first call on a minute that started later.
+pub async fn minutes_are_kept_ten_minutes_past_their_end<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let kept = crate::store::contract::ENDED_PERIODS_KEPT_SECS;
+    let minute =
+        |n: i64| QuotaKey::new("tpm".into(), "tokens".into(), Period::Minute, DAY0 + n * 60, DAY0 + (n + 1) * 60);
+    assert_eq!(h.s().reserve(&ask(&minute(0), 5, Some(10), 1, 1)).await.unwrap(), Grant::new(5, 5));
+    // A node 3 minutes ahead: the others' minute stays, and keeps counting.
+    assert_eq!(h.s().reserve(&ask(&minute(3), 4, Some(10), 2, 1)).await.unwrap(), Grant::new(4, 4));
+    assert_eq!(h.s().reserve(&ask(&minute(0), 5, Some(10), 1, 2)).await.unwrap(), Grant::new(5, 10));
+    assert_eq!(reserved(h.s(), &minute(0)).await, 10);
+    h.restart().await;
+    // The last minute that keeps minute 0: it starts `kept` seconds after minute 0 ended.
+    let last = 1 + kept / 60;
+    assert_eq!(h.s().reserve(&ask(&minute(last), 1, Some(10), 1, 3)).await.unwrap(), Grant::new(1, 1));
+    assert_eq!(reserved(h.s(), &minute(0)).await, 10, "ended {kept} s before: kept");
+    // One minute later: minute 0 is dropped, minute 3 (ended later) kept.
+    assert_eq!(h.s().reserve(&ask(&minute(last + 1), 1, Some(10), 1, 4)).await.unwrap(), Grant::new(1, 1));
+    assert_eq!(reserved(h.s(), &minute(0)).await, 0);
+    assert_eq!(reserved(h.s(), &minute(3)).await, 4);
+    h.restart().await;
+    assert_eq!(h.s().reserve(&ask(&minute(0), 3, Some(10), 3, 1)).await.unwrap(), Grant::new(0, 0), "stays dropped");
+    assert_eq!(reserved(h.s(), &minute(0)).await, 0);
+}
+
 /// The period's kind and anchor are part of a quota key: a day, a month from the 1st
 /// and a month from the 15th are separate counters even where they overlap, and so are
 /// other meters and other tenants.
