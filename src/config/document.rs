@@ -213,6 +213,9 @@ impl Config {
         if let Some((_, why)) = fleet_without_hint(&merged, &self.usage, &self.limits) {
             return Err(why);
         }
+        if let Some((_, why)) = minute_past_skew(&o.quotas, &self.limits) {
+            return Err(why);
+        }
         if merged.rate_scope == super::Scope::Fleet && merged.rate.is_none() {
             return Err("a fleet rate needs a rate (the plan has none, and the overrides set none)".into());
         }
@@ -647,11 +650,7 @@ fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigErr
         ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
     })?;
     let loc = Located { text: "", root: None };
-    let o = Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)?;
-    if let Some((key, why)) = minute_past_skew(&o.quotas, &config.limits) {
-        return Err(ConfigError::new(Kind::InvalidValue, format!("overrides.{key}"), why));
-    }
-    Ok(o)
+    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
 }
 
 /// A minute quota among `quotas` when the clocks of the fleet's nodes may differ by more than
@@ -663,7 +662,7 @@ fn minute_past_skew(
     limits: &super::Limits,
 ) -> Option<(String, String)> {
     let kept = crate::store::contract::ENDED_PERIODS_KEPT_SECS as u64;
-    if limits.clock_skew().as_secs() <= kept {
+    if limits.clock_skew() <= Duration::from_secs(kept) {
         return None;
     }
     let (meter, _) = quotas.iter().find(|(_, q)| q.period() == crate::base::Period::Minute)?;

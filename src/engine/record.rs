@@ -486,10 +486,8 @@ impl Tollgate {
             return Ok(EventUnits::None);
         };
         let period = cell.spec.period();
-        // A prepaid balance has one counter whatever the event's time: it is spent now. So is a
-        // minute's: an event is stamped when its work began, often a minute before it reports
-        // (or a little ahead of this clock), and a rate counts what arrives now.
-        let at = if cell.prepaid() || period == crate::base::Period::Minute { now } else { at };
+        // A prepaid balance has one counter whatever the event's time: it is spent now.
+        let at = if cell.prepaid() { now } else { at };
         // A period already over never refuses (its counter is left alone).
         let (start, end) = cell.window(at);
         if quantity == 0 || end <= now {

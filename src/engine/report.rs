@@ -254,9 +254,10 @@ impl Tollgate {
             }
             commits = now_commits;
         };
-        // This node's holds, in every state of the tenant.
+        // This node's holds of the current period, in every state of the tenant (those of a
+        // period over give back to that one).
         let held = |meter: &MeterId| -> u64 {
-            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held())).sum()
+            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held_now())).sum()
         };
         // A balance as the store holds it: its grants, and the units the fleet took from it
         // (spent, or leased by a node and not used yet: this node's own lease is not used, nor

@@ -559,27 +559,43 @@ impl PeriodBits {
     }
 
     /// (start, end) in Unix seconds; (0, 0) for no period.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn bounds(bits: u32) -> (i64, i64) {
-        let end = i64::from(bits >> 10) * 3600;
-        let len = bits & 1023;
-        if (MINUTE_CODE..MINUTE_CODE + 60).contains(&len) {
-            let end = end - i64::from(len - MINUTE_CODE) * 60;
-            return (end - 60, end);
+        if Self::is_minute(bits) {
+            return Self::minute_bounds(bits);
         }
-        (end - i64::from(len) * 3600, end)
+        let end = i64::from(bits >> 10) * 3600;
+        (end - i64::from(bits & 1023) * 3600, end)
+    }
+
+    /// Whether `bits` are a minute's: one compare on the request path.
+    #[inline(always)]
+    fn is_minute(bits: u32) -> bool {
+        (bits & 1023).wrapping_sub(MINUTE_CODE) < 60
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn minute_bounds(bits: u32) -> (i64, i64) {
+        let end = i64::from(bits >> 10) * 3600 - i64::from((bits & 1023) - MINUTE_CODE) * 60;
+        (end - 60, end)
     }
 
     /// The tag of the period's lease words: the low 16 bits of its end hour (consecutive
     /// periods of one cell end 24 to 744 hours apart, so their tags differ), or of a minute
     /// period's end minute (consecutive ones a minute apart).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn tag(bits: u32) -> u16 {
-        let len = bits & 1023;
-        if (MINUTE_CODE..MINUTE_CODE + 60).contains(&len) {
-            return ((bits >> 10).wrapping_mul(60).wrapping_sub(len - MINUTE_CODE)) as u16;
+        if Self::is_minute(bits) {
+            return Self::minute_tag(bits);
         }
         (bits >> 10) as u16
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn minute_tag(bits: u32) -> u16 {
+        ((bits >> 10).wrapping_mul(60).wrapping_sub((bits & 1023) - MINUTE_CODE)) as u16
     }
 }
 

@@ -237,6 +237,38 @@ async fn a_models_tokens_per_minute_refuse_it_until_the_next_minute_and_serve_an
     );
 }
 
+/// A stream held open across the end of its minute holds that minute's tokens, never the
+/// next's: the next minute spent is refused as spent (`QuotaExceeded`, retry at the next
+/// minute), not as held by others (`UnitsHeld`, retry in a second), and its usage shows nothing
+/// held.
+#[tokio::test]
+async fn a_stream_open_across_minutes_holds_nothing_of_the_next() {
+    let h = Harness::new(PER_MINUTE);
+    h.clock.advance(std::time::Duration::from_secs(50));
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut stream = ctx.hold_in("tokens", &series("m-large", "output"), 500).await.unwrap();
+    stream.record(100).unwrap();
+    // The next minute: the stream is still open.
+    h.clock.advance(std::time::Duration::from_secs(20));
+    let (ticket2, ctx2) = admit(&h, "key-t").await.unwrap();
+    let mut all = ctx2.hold_in("tokens", &series("m-large", "input"), 1_000).await.unwrap();
+    all.record(1_000).unwrap();
+    all.settle();
+    let refused = ctx2.hold_in("tokens", &series("m-large", "input"), 10).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::QuotaExceeded, "{refused}");
+    let mut headers = Vec::new();
+    refused.for_each_header(|f, v| headers.push((f.name().to_ascii_lowercase(), v.to_owned())));
+    let retry = headers.iter().find(|(f, _)| f == "retry-after").map(|(_, v)| v.clone());
+    assert_eq!(retry.as_deref(), Some("50"), "the next minute, 50 seconds away");
+    let report = h.tollgate.usage_report(&"t".into(), NOON, NOON + 3600).await.unwrap();
+    let minute = report.quotas.iter().find(|q| q.meter.as_str() == "tokens{model=m-large}").unwrap();
+    assert_eq!((minute.start, minute.held, minute.remaining), (NOON + 60, 0, 0), "{minute:?}");
+    stream.record(200).unwrap();
+    stream.settle();
+    assert!(ticket.complete(200));
+    assert!(ticket2.complete(200));
+}
+
 /// A spend cap in money: a hold for `max_tokens` of the expensive model is refused where the
 /// cheap model's fits; settled at a mix (input beside the hold, output through it), the spend
 /// is what the mix cost and the rest of the hold comes back exactly.

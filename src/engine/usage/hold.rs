@@ -784,7 +784,9 @@ fn refused(
 /// the rest of their leases do.
 fn units_held(state: &Tenant, meter: usize, units: u64, own: u64, at: i64) -> Option<Rejection> {
     let cell = state.quota(meter)?;
-    let held = cell.held().saturating_sub(own);
+    // Holds of a period over (a minute's, a stream open across its end) give back to theirs:
+    // nothing they hold would come to this one.
+    let held = cell.held_now().saturating_sub(own);
     let (free, _) = cell.estimate(cell.lease());
     if held == 0 || free.saturating_add(held) < units {
         return None;

@@ -12,6 +12,12 @@ impl QuotaRef<'_> {
         holds.held.saturating_add(holds.held_old)
     }
 
+    /// Units this node holds for open holds (jobs' among them) of the current period: those
+    /// whose end gives units back to it (a hold of a period over gives back to that one).
+    pub(crate) fn held_now(&self) -> u64 {
+        self.locked().holds().held
+    }
+
     /// Whether units taken from the lease of the period tagged `tag` (`None`: outside any
     /// lease) belong to the current period's counter. A balance has one counter, whatever
     /// its window.
