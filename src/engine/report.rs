@@ -254,11 +254,18 @@ impl Tollgate {
             }
             commits = now_commits;
         };
-        // This node's holds of the current period, in every state of the tenant (those of a
-        // period over give back to that one).
-        let held = |meter: &MeterId| -> u64 {
-            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held_now())).sum()
+        // This node's holds of the period `within` (any: a balance's), in every state of the
+        // tenant: those of a period over give back to that one, and a cell not rolled since its
+        // period ended holds nothing of the next.
+        let held_in = |meter: &MeterId, within: Option<(i64, i64)>| -> u64 {
+            states
+                .iter()
+                .filter_map(|s| s.quotas().find(|c| c.meter_id() == meter))
+                .filter(|c| within.is_none_or(|w| c.period() == w))
+                .map(|c| c.held_now())
+                .sum()
         };
+        let held = |meter: &MeterId| held_in(meter, None);
         // A balance as the store holds it: its grants, and the units the fleet took from it
         // (spent, or leased by a node and not used yet: this node's own lease is not used, nor
         // what its holds hold, in any state of the tenant).
@@ -277,7 +284,10 @@ impl Tollgate {
         let quotas = periods
             .into_iter()
             .map(|(meter, period, start, end, limit, mode)| {
-                let held = held(&meter);
+                let held = match period {
+                    Period::Prepaid => held(&meter),
+                    _ => held_in(&meter, Some((start, end))),
+                };
                 if let Some(&(granted, used)) = balances.get(&meter).filter(|_| period == Period::Prepaid) {
                     let remaining = granted.saturating_sub(used).saturating_sub(held);
                     return QuotaUsage { meter, period, start, end, limit: granted, mode, used, held, remaining };

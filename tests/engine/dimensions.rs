@@ -248,12 +248,22 @@ async fn a_stream_open_across_minutes_holds_nothing_of_the_next() {
     let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
     let mut stream = ctx.hold_in("tokens", &series("m-large", "output"), 500).await.unwrap();
     stream.record(100).unwrap();
-    // The next minute: the stream is still open.
+    // The next minute: the stream is still open, and nothing of the new minute is held.
     h.clock.advance(std::time::Duration::from_secs(20));
+    let report = h.tollgate.usage_report(&"t".into(), NOON, NOON + 3600).await.unwrap();
+    let minute = report.quotas.iter().find(|q| q.meter.as_str() == "tokens{model=m-large}").unwrap();
+    assert_eq!((minute.start, minute.held, minute.remaining), (NOON + 60, 0, 1_000), "{minute:?}");
     let (ticket2, ctx2) = admit(&h, "key-t").await.unwrap();
-    let mut all = ctx2.hold_in("tokens", &series("m-large", "input"), 1_000).await.unwrap();
-    all.record(1_000).unwrap();
+    // Another request holds 300 of the new minute and a third spends the other 700: the
+    // stream's extension is refused as held by the other (it may end soon), not as spent.
+    let mut other = ctx2.hold_in("tokens", &series("m-large", "input"), 300).await.unwrap();
+    let mut all = ctx2.hold_in("tokens", &series("m-large", "input"), 700).await.unwrap();
+    all.record(700).unwrap();
     all.settle();
+    let held = stream.extend(200).await.unwrap_err();
+    assert_eq!(held.kind(), RejectionKind::UnitsHeld, "{held}");
+    other.record(300).unwrap();
+    other.settle();
     let refused = ctx2.hold_in("tokens", &series("m-large", "input"), 10).await.unwrap_err();
     assert_eq!(refused.kind(), RejectionKind::QuotaExceeded, "{refused}");
     let mut headers = Vec::new();

@@ -590,8 +590,13 @@ impl Hold {
         }
         // `None`: the store did not answer and the quota fails open: nothing is held, and
         // what is recorded is charged as `record` charges it.
-        // What this hold holds already is not "held by others" to its own extension.
-        let own = self.inner.held();
+        // What this hold holds already is not "held by others" to its own extension: of the
+        // current period's holds, its units if they are of that period.
+        let (own_units, tag) = {
+            let open = self.inner.lock();
+            (open.taken.units(), open.taken.tag())
+        };
+        let own = state.quota(meter).map_or(0, |c| c.held_now_of(own_units, tag));
         let taken = take(&self.units, state, meter, units, own).await;
         let mut open = self.inner.lock();
         let taken = match taken {
@@ -778,8 +783,8 @@ fn refused(
     Err(r)
 }
 
-/// The answer to a hold of `units` that this node's other open holds (requests' and jobs',
-/// not the asking hold's `own` units) keep from fitting (`None`: what they do not hold cannot
+/// The answer to a hold of `units` that this node's other open holds of the current period
+/// (requests' and jobs', not the asking hold's `own` units of it) keep from fitting (`None`: what they do not hold cannot
 /// cover it either). Holds of other nodes are not known here: their units count as spent, as
 /// the rest of their leases do.
 fn units_held(state: &Tenant, meter: usize, units: u64, own: u64, at: i64) -> Option<Rejection> {

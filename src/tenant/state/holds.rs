@@ -7,6 +7,7 @@ use super::{Holds, Lease, Locked, PeriodBits, QuotaRef};
 
 impl QuotaRef<'_> {
     /// Units this node holds for open holds (jobs' among them), of any period.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> u64 {
         let holds = self.locked().holds();
         holds.held.saturating_add(holds.held_old)
@@ -16,6 +17,17 @@ impl QuotaRef<'_> {
     /// whose end gives units back to it (a hold of a period over gives back to that one).
     pub(crate) fn held_now(&self) -> u64 {
         self.locked().holds().held
+    }
+
+    /// Of `units` a hold took from the lease of the period tagged `tag`, those
+    /// [`held_now`](Self::held_now) counts: all of them if that period is the current one,
+    /// else none.
+    pub(crate) fn held_now_of(&self, units: u64, tag: Option<u16>) -> u64 {
+        if self.of_current(tag) {
+            units
+        } else {
+            0
+        }
     }
 
     /// Whether units taken from the lease of the period tagged `tag` (`None`: outside any
