@@ -22,6 +22,7 @@ pub(crate) use key::{check_api_key, issued_shape, key_check, COMMA_IN_KEY, ISSUE
 pub use key::{KeyHash, KeyScope, KeyScopes};
 pub use money::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub(crate) use money::{header_scale, minor_units_of, money_text, HEADER_INTEGER_MAX};
+pub(crate) use period::ENDED_PERIODS_KEPT_SECS;
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
 pub use rejection::RejectionKind;

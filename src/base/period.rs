@@ -85,6 +85,11 @@ impl Period {
     }
 }
 
+/// How long after another period of a meter has started a store keeps a counter's period that
+/// ended (the store's contract says it: `store::contract::ENDED_PERIODS_KEPT_SECS`); here, so
+/// that the configuration can hold a minute quota's clock skew within it.
+pub(crate) const ENDED_PERIODS_KEPT_SECS: i64 = 600;
+
 /// The end of the one prepaid "period" (it never ends in practice): the last whole hour the
 /// engine's packed periods hold (22 bits of hours since the epoch, in the year 2448).
 pub(crate) const PREPAID_END: i64 = ((1 << 22) - 1) * 3600;

@@ -655,13 +655,13 @@ fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigErr
 
 /// A minute quota among `quotas` when the clocks of the fleet's nodes may differ by more than
 /// a store keeps an ended period (`limits.clock_skew`, a tenth of `reservation_expiry`, past
-/// [`ENDED_PERIODS_KEPT_SECS`](crate::store::contract::ENDED_PERIODS_KEPT_SECS)): a node that
+/// `store::contract::ENDED_PERIODS_KEPT_SECS`): a node that
 /// far ahead would make the store drop the minute the others are still in. Its key and why.
 fn minute_past_skew(
     quotas: &std::collections::BTreeMap<crate::base::MeterId, super::QuotaSpec>,
     limits: &super::Limits,
 ) -> Option<(String, String)> {
-    let kept = crate::store::contract::ENDED_PERIODS_KEPT_SECS as u64;
+    let kept = crate::base::ENDED_PERIODS_KEPT_SECS as u64;
     if limits.clock_skew() <= Duration::from_secs(kept) {
         return None;
     }

@@ -79,7 +79,7 @@ pub const SENDER_QUIET_SECS: i64 = 600;
 /// choose periods by their own clocks, so a node up to this far behind (or ahead of) the others
 /// still finds the minute they are in (a minute quota; `limits.clock_skew` must be within it);
 /// days and months drop the period before last, as ever.
-pub const ENDED_PERIODS_KEPT_SECS: i64 = 600;
+pub const ENDED_PERIODS_KEPT_SECS: i64 = crate::base::ENDED_PERIODS_KEPT_SECS;
 
 /// How much later than the last sender forgotten a call may be dated and still be answered as
 /// an older call ([`SENDER_QUIET_SECS`]): a store that moves calls onto its own clock (the
