@@ -670,9 +670,11 @@ fn minute_past_skew(
         format!("quotas.{}.period", super::dimensions::key_segment(meter.as_str())),
         format!(
             "a minute quota needs the fleet's clocks within {kept} s of each other, and \
-             `limits.reservation_expiry` ({}) tolerates a tenth of it: set it to {} minutes or less",
+             `limits.reservation_expiry` ({}) tolerates a tenth of it: set it to {} minutes or less \
+             (with `limits.idle_timeout` {} minutes or less, as it is at least twice that)",
             humantime::format_duration(limits.reservation_expiry),
-            kept * 10 / 60
+            kept * 10 / 60,
+            kept * 10 / 120
         ),
     ))
 }

@@ -47,7 +47,8 @@ struct MeterQuota {
 }
 
 /// The counters of one (tenant, meter): a few periods at most (the current one, the one
-/// before, and another kind of period after a plan change).
+/// before, and another kind of period after a plan change; of minutes, the current one and
+/// the eleven that ended within the last 10 minutes of its start).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) periods: Vec<Counter>,

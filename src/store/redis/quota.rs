@@ -500,9 +500,10 @@ fn tenant_state(row: &Row) -> Option<&str> {
 /// with one: a counter evicted would start again from zero); once it ended, by `now` (the
 /// caller's clock), 35 days past the end and never sooner than 35 days after the write (a call
 /// on a period long over must not see the row vanish under the next). A period's row not
-/// written after its end keeps no time to live until its meter's period after next is made,
-/// which marks it dropped with one: a tenant keeps at most two counters without one per meter
-/// and kind of period, and its quota row.
+/// written after its end keeps no time to live until a period of its meter that started more
+/// than [`ENDED_PERIODS_KEPT_SECS`](crate::store::contract::ENDED_PERIODS_KEPT_SECS) after it
+/// ended is made, which marks it dropped with one: a tenant keeps at most two counters without
+/// one per meter and kind of period (twelve of minutes), and its quota row.
 ///
 /// A minute's row is kept an hour, not 35 days ([`ended_kept_secs`]).
 fn counter_ttl(now: i64, key: &QuotaKey) -> Ttl {
