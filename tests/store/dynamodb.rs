@@ -639,14 +639,3 @@ async fn four_engines_holding_never_pass_a_spend_cap_priced_by_dimension() {
     let Some(store) = dynamo::table().await else { return };
     common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 16).await;
 }
-
-/// A model's tokens per minute across four engines on one table: each minute's never passes
-/// its limit, and its counter ends at what that minute's holds recorded (`common::money`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn four_engines_keep_a_models_tokens_per_minute() {
-    let Some(store) = dynamo::table().await else { return };
-    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(store);
-    let whole: Arc<dyn tollgate::store::Store> = store.clone();
-    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
-    common::money::four_nodes_keep_a_models_tokens_per_minute(nodes, store, 16).await;
-}
