@@ -316,7 +316,7 @@ impl Tollgate {
                 // A minute is shorter than usage windows (an hour by default): its use is what
                 // its counter says the nodes used, as their last calls said (a lease behind).
                 let used = match period {
-                    crate::base::Period::Minute => counter.map_or(0, crate::store::QuotaCounter::used),
+                    Period::Minute => counter.map_or(0, crate::store::QuotaCounter::used),
                     _ => sum(&in_periods).saturating_add(sum(&local)),
                 };
                 // What the usage leaves, and what the store says the fleet took (units leased by
