@@ -48,6 +48,10 @@ store_started=""
 store_time() { # the durations' line of the store tests in the background
   step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store, in the background: $1)")")
 }
+store_failures() { # each failed store test's name, and its panic as it was printed
+  grep -E "^test .* FAILED$" "$store_log" 2>/dev/null || true
+  grep -v -E "^ +([0-9]+: |at )" "$store_log" 2>/dev/null | grep -A 6 "panicked at" || true
+}
 finish() {
   local status=$?
   end_step
@@ -55,8 +59,8 @@ finish() {
     store_time "stopped when the run failed"
     # A failure before the store tests were awaited: what they said so far.
     kill "$background_pid" 2>/dev/null || true
-    echo "the store tests (tests/store, in the background) were stopped; their output so far:"
-    tail -n 50 "$store_log" 2>/dev/null || true
+    echo "the store tests (tests/store, in the background) were stopped; their failures so far:"
+    store_failures
   fi
   test_env_stop
   printf '\n== durations (seconds)\n'
@@ -140,7 +144,9 @@ store_log=$(mktemp)
 # A moto server of their own: moto answers one request at a time, and the other binaries'
 # DynamoDB tests would queue behind theirs (PostgreSQL and Redis serve both at once).
 test_env_moto
-TOLLGATE_DYNAMODB_ENDPOINT="$test_env_moto_endpoint" "$store_bin" >"$store_log" 2>&1 &
+# --nocapture: a test's panic is in the log when it happens, so a run stopped by another
+# step's failure still shows why a store test failed (libtest prints captured output last).
+TOLLGATE_DYNAMODB_ENDPOINT="$test_env_moto_endpoint" "$store_bin" --nocapture >"$store_log" 2>&1 &
 background_pid=$!
 store_started=$SECONDS
 # Every other test target of the workspace, by name (a new one runs without a change here), in
@@ -174,7 +180,8 @@ step "the store tests' end (tests/store, run in the background since the test bu
 if ! wait "$background_pid"; then
   background_pid=""
   store_time "failed"
-  cat "$store_log"
+  grep -E "^test |^running|^test result" "$store_log"
+  store_failures
   echo "the store tests failed"; exit 1
 fi
 background_pid=""

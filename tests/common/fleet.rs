@@ -1,7 +1,10 @@
 //! Fleet-wide rates: the configuration, requests and the fleet check the engine's and the
 //! stores' tests share.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex,
+};
 
 use super::{node_on, node_with_worker, Harness, NodeStore, NOON};
 use tollgate::{
@@ -55,7 +58,8 @@ pub async fn send_key(engine: &tollgate::Tollgate, key: &str) -> Result<(), toll
 }
 
 /// Four engines with their workers on one store, the clock moving (1 ms of engine time every
-/// `step` of real time): 16 tasks send as fast as they can for `secs` seconds of engine time.
+/// `step` of real time, or later: once each task has had a send answered since the last move):
+/// 16 tasks send as fast as they can for `secs` seconds of engine time.
 /// Returns, for each request admitted, the engine times (Unix nanoseconds) at which its send
 /// began and ended: it was admitted in between (the clock moves while a store call runs).
 pub async fn four_nodes_send(
@@ -91,13 +95,16 @@ pub async fn four_nodes_send_on(
         stores.iter().map(|stores| Arc::new(node_on(&toml, stores, clock.clone(), handle.clone()))).collect();
     let admitted = Arc::new(Mutex::new(Vec::new()));
     let end = NOON * 1_000_000_000 + secs * 1_000_000_000;
+    // Each task's sends answered (`u64::MAX` once it is done).
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..16).map(|_| AtomicU64::new(0)).collect());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16usize {
-        let (h, admitted, clock) = (nodes[i % 4].clone(), admitted.clone(), clock.clone());
+        let (h, admitted, clock, answered) = (nodes[i % 4].clone(), admitted.clone(), clock.clone(), answered.clone());
         tasks.spawn(async move {
             loop {
                 let now = clock.unix_nanos();
                 if now >= end {
+                    answered[i].store(u64::MAX, Ordering::SeqCst);
                     return;
                 }
                 match send(&h).await {
@@ -107,15 +114,24 @@ pub async fn four_nodes_send_on(
                         assert!(r.retry_after().is_some());
                     }
                 }
+                answered[i].fetch_add(1, Ordering::SeqCst);
                 tokio::task::yield_now().await;
             }
         });
     }
+    // The clock moves 1 ms once `step` has passed and every task has had a send answered since
+    // it last moved: however slow the store or loaded the machine, each millisecond of the run
+    // sees every task send, so a slow call delays the clock rather than starving the fleet.
+    let mut seen = vec![0u64; 16];
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => { done.unwrap().unwrap(); }
             () = tokio::time::sleep(step) => {
-                handle.advance(std::time::Duration::from_millis(1));
+                let now: Vec<u64> = answered.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+                if now.iter().zip(&seen).all(|(now, seen)| now > seen || *now == u64::MAX) {
+                    seen = now;
+                    handle.advance(std::time::Duration::from_millis(1));
+                }
             }
         }
     }
@@ -181,7 +197,6 @@ pub async fn four_nodes_share_one_rate_on(stores: [NodeStore; 4], step: std::tim
 /// burst), so the calls are far fewer than the requests. The counts are the engine's: the
 /// store's latency does not change them (its clock does not move during a call).
 pub async fn store_calls_per_thousand(store: Arc<dyn tollgate::store::StoreInspect>, name: &str) {
-    use std::sync::atomic::Ordering;
     for (per_second, burst) in [(2u64, 2u32), (100, 20), (5_000, 100)] {
         let toml = TOML
             .replace("SCOPE", "fleet")
@@ -227,7 +242,6 @@ pub async fn lease_calls_smooth_and_clumpy(
     rate: u32,
     nodes: usize,
 ) -> ((u64, u64), (u64, u64)) {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let mut out = [(0u64, 0u64); 2];
     for (i, clump) in [1u32, 20].into_iter().enumerate() {
         let refused = Arc::new(AtomicU64::new(0));

@@ -41,33 +41,61 @@ async fn no_race_creates_or_loses_units_across_periods() {
     let nodes: Vec<Arc<Harness>> =
         (0..2).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let failing = Arc::new(AtomicBool::new(true));
     let admitted_ok = Arc::new(AtomicU64::new(0));
+    // Each task's answers.
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..24).map(|_| AtomicU64::new(0)).collect());
     let mut tasks = Vec::new();
     for i in 0..24 {
         let node = nodes[i % 2].clone();
-        let stop = stop.clone();
-        let admitted_ok = admitted_ok.clone();
+        let (stop, failing) = (stop.clone(), failing.clone());
+        let (admitted_ok, answered) = (admitted_ok.clone(), answered.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let path = if n.is_multiple_of(5) { "/fail" } else { "/" };
-                let status = node.status(path, "key-t").await;
+                let fail = n.is_multiple_of(5) && failing.load(Ordering::Relaxed);
+                let status = node.status(if fail { "/fail" } else { "/" }, "key-t").await;
                 assert!(status == 200 || status == 500 || status == 429, "status {status}");
                 if status == 200 {
                     admitted_ok.fetch_add(1, Ordering::Relaxed);
                 }
+                answered[i].fetch_add(1, Ordering::Relaxed);
                 if n.is_multiple_of(7) {
                     tokio::task::yield_now().await;
                 }
             }
         }));
     }
+    let total = || answered.iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
     // The clock crosses midnight (and the month's end) while the tasks run; reloads evict
-    // every tenant (their leases go back) in the middle of it.
+    // every tenant (their leases go back) in the middle of it. Each second of the clock lasts
+    // 40 answers however loaded the machine: 800 a day, of which 640 ask for a unit where the
+    // day has 300.
+    //
+    // The last 5 seconds of each day see every unit of the day spent. They send no failing
+    // request (a unit refunded just before the day ends would be left unspent, a refusal
+    // holding for the second of the store's answer). And their first second flushes, once
+    // every task has had an answer since it began: a tenant state a reload retired gives its
+    // lease back at the first flush after its last request ends, and until then its units
+    // are not the live state's (the workers flush every second of real time, not of this
+    // clock, so a flush is made here).
     let config = Config::from_toml_str(&toml).unwrap();
     for step in 0..40 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        failing.store(step % 20 < 15, Ordering::Relaxed);
+        if step % 20 == 15 {
+            let since: Vec<u64> = answered.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+            while answered.iter().zip(&since).any(|(now, since)| now.load(Ordering::Relaxed) == *since) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for n in &nodes {
+                n.tollgate.flush().await.unwrap();
+            }
+        }
+        let until = total() + 40;
+        while total() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         handle.advance(Duration::from_secs(1));
         if step % 9 == 4 {
             nodes[step % 2].tollgate.reload(config.clone()).await.unwrap();
