@@ -48,9 +48,11 @@ store_started=""
 store_time() { # the durations' line of the store tests in the background
   step_times+=("$(printf '%5ds  %s' $((SECONDS - store_started)) "(tests/store, in the background: $1)")")
 }
-store_failures() { # each failed store test's name, and its panic as it was printed
-  grep -E "^test .* FAILED$" "$store_log" 2>/dev/null || true
+store_failures() { # the failed store tests, and each panic as it was printed (a test's
+  # `... FAILED` may share its line with another test's output: --nocapture)
+  grep "FAILED" "$store_log" 2>/dev/null | grep -v "^test result" || true
   grep -v -E "^ +([0-9]+: |at )" "$store_log" 2>/dev/null | grep -A 6 "panicked at" || true
+  sed -n '/^failures:$/,$p' "$store_log" 2>/dev/null || true
 }
 finish() {
   local status=$?
@@ -180,7 +182,7 @@ step "the store tests' end (tests/store, run in the background since the test bu
 if ! wait "$background_pid"; then
   background_pid=""
   store_time "failed"
-  grep -E "^test |^running|^test result" "$store_log"
+  grep -E "^test |^running" "$store_log" || true
   store_failures
   echo "the store tests failed"; exit 1
 fi

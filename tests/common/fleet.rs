@@ -61,7 +61,7 @@ pub async fn send_key(engine: &tollgate::Tollgate, key: &str) -> Result<(), toll
 /// `step` of real time, or later: once each node has had a send answered since the last move):
 /// 16 tasks send as fast as they can for `secs` seconds of engine time.
 /// Returns, for each request admitted, the engine times (Unix nanoseconds) at which its send
-/// began and ended: it was admitted in between (the clock moves while a store call runs).
+/// began and ended: it was admitted in between (the clock may move while a store call runs).
 pub async fn four_nodes_send(
     store: Arc<dyn tollgate::store::StoreInspect>,
     scope: &str,
@@ -121,7 +121,8 @@ pub async fn four_nodes_send_on(
     }
     // The clock moves 1 ms once `step` has passed and every node has had a send answered since
     // it last moved (one of its tasks, or all of them done): however slow the store or loaded
-    // the machine, a node waiting on a store call holds the clock, so a slow call delays the
+    // the machine, a node whose tasks all wait on a store call holds the clock (one refused
+    // at once from the node's reading of the bucket does not), so a slow store delays the
     // clock rather than starving the fleet.
     let node_answered = |i: usize| (i..16).step_by(4).map(|t| answered[t].load(Ordering::SeqCst)).collect::<Vec<_>>();
     let mut seen: Vec<Vec<u64>> = (0..4).map(node_answered).collect();
@@ -168,8 +169,8 @@ pub fn excess_over_bound(admitted: &[(i64, i64)]) -> i64 {
 }
 
 /// The fleet check: four nodes on one store share the tenant's rate within the documented
-/// bound, counted on the engine clock (1 ms of it every `step`: slower for a slow store, so
-/// that the store's latency does not starve the run).
+/// bound, counted on the engine clock (1 ms of it every `step` at the fastest, and only once
+/// every node has had an answer since: a slow store's latency does not starve the run).
 pub async fn four_nodes_share_one_rate(store: Arc<dyn tollgate::store::StoreInspect>, step: std::time::Duration) {
     four_nodes_share_one_rate_each([store.clone(), store.clone(), store.clone(), store], step).await;
 }

@@ -9,7 +9,7 @@ use common::fleet::{excess_over_bound, four_nodes_share_one_rate, send, TOML};
 use common::{node_with_worker, Faulty, Harness, NOON};
 use tollgate::RejectionKind;
 
-/// Real time per millisecond of engine time in the fleet runs.
+/// The least real time per millisecond of engine time in the fleet runs.
 const STEP: std::time::Duration = std::time::Duration::from_micros(200);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
