@@ -785,8 +785,8 @@ fn refused(
 
 /// The answer to a hold of `units` that this node's other open holds of the current period
 /// (requests' and jobs', not the asking hold's `own` units of it) keep from fitting (`None`:
-/// what they do not hold cannot cover it either). Holds of other nodes are not known here: their units count as spent, as
-/// the rest of their leases do.
+/// what they do not hold cannot cover it either). Holds of other nodes are not known here:
+/// their units count as spent, as the rest of their leases do.
 fn units_held(state: &Tenant, meter: usize, units: u64, own: u64, at: i64) -> Option<Rejection> {
     let cell = state.quota(meter)?;
     // Holds of a period over (a minute's, a stream open across its end) give back to theirs:
