@@ -106,6 +106,14 @@ impl QuotaStore for Timed {
         self.inner.expired_credits(now, limit).await
     }
 
+    async fn values(
+        &self,
+        call: &tollgate::store::ValueCall,
+        mode: tollgate::store::ValueMode,
+    ) -> Result<tollgate::store::HeldValues, StoreError> {
+        self.inner.values(call, mode).await
+    }
+
     async fn counters(
         &self,
         tenant: &tollgate::config::TenantId,

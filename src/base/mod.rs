@@ -46,3 +46,19 @@ pub(crate) const MAX_BALANCE: u64 = 1 << 50;
 /// signed 48-bit count): a hold or a route's hold estimate larger than this is refused. Here so
 /// the configuration checks estimates without importing the tenants' state.
 pub(crate) const LEASE_MAX: u64 = (1 << 46) - 1;
+
+/// The longest dimension name or value, in bytes.
+pub const MAX_DIMENSION_LEN: usize = 64;
+
+/// The most values of a meter's open dimension a tenant may use in a month (`max_values`): the
+/// quota role keeps them as one row (about 65 KB at the most, under DynamoDB's 400 KB item).
+pub const MAX_OPEN_VALUES: u32 = 1_000;
+
+/// Whether `value` is a dimension's value: 1 to [`MAX_DIMENSION_LEN`] bytes of ASCII letters,
+/// digits, `-`, `_` and `.` (a Stripe payload value, a Prometheus label value, a key part of
+/// every store, never an escape or a separator).
+pub(crate) fn is_dimension_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_DIMENSION_LEN
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}

@@ -21,8 +21,8 @@ use super::{validator::Validator, ConfigError};
 
 /// The most dimensions a meter may have.
 pub const MAX_DIMENSIONS: usize = 4;
-/// The longest dimension name or value, in bytes.
-pub const MAX_DIMENSION_LEN: usize = 64;
+pub(crate) use crate::base::is_dimension_value;
+pub use crate::base::{MAX_DIMENSION_LEN, MAX_OPEN_VALUES};
 /// The value a record's unknown or missing value counts under with `on_unknown = "other"`.
 pub const OTHER_VALUE: &str = "other";
 
@@ -149,13 +149,6 @@ pub(crate) fn is_dimension_name(name: &str) -> bool {
         && name.len() <= MAX_DIMENSION_LEN
         && name.as_bytes()[0].is_ascii_lowercase()
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// Whether `value` is a dimension's value: 1 to 64 bytes of letters, digits, `-`, `_` and `.`.
-pub(crate) fn is_dimension_value(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= MAX_DIMENSION_LEN
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// The id of the series or selector of `meter` with these values (already in declared order):

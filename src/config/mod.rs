@@ -49,7 +49,9 @@ pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
 pub use billing::BillingSettings;
 pub use dashboard::{DashboardSettings, DashboardToken, MIN_TOKEN_LEN};
 pub(crate) use dimensions::{parse_selector, selector_id, series_values};
-pub use dimensions::{DimensionError, MeterDimensions, OnUnknownValue, MAX_DIMENSIONS, MAX_DIMENSION_LEN, OTHER_VALUE};
+pub use dimensions::{
+    DimensionError, MeterDimensions, OnUnknownValue, MAX_DIMENSIONS, MAX_DIMENSION_LEN, MAX_OPEN_VALUES, OTHER_VALUE,
+};
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;

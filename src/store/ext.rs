@@ -153,6 +153,21 @@ pub trait QuotaStoreExt: QuotaStore {
         let token = ReserveToken::new(crate::base::draw_u64(), 1).at(now);
         Ok(self.reserve(&super::Reservation::new(key, 0, 0, None, token).recharging(mode)).await?.recharge)
     }
+
+    /// [`ValueMode::Claim`](super::ValueMode::Claim) of [`values`](QuotaStore::values).
+    async fn claim_values(&self, call: &super::ValueCall) -> Result<super::HeldValues, StoreError> {
+        self.values(call, super::ValueMode::Claim).await
+    }
+
+    /// [`ValueMode::Read`](super::ValueMode::Read) of [`values`](QuotaStore::values).
+    async fn read_values(&self, call: &super::ValueCall) -> Result<super::HeldValues, StoreError> {
+        self.values(call, super::ValueMode::Read).await
+    }
+
+    /// [`ValueMode::Forget`](super::ValueMode::Forget) of [`values`](QuotaStore::values).
+    async fn forget_values(&self, call: &super::ValueCall) -> Result<super::HeldValues, StoreError> {
+        self.values(call, super::ValueMode::Forget).await
+    }
 }
 
 impl<T: QuotaStore + ?Sized> QuotaStoreExt for T {}

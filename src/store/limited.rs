@@ -399,6 +399,14 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
         self.call("read quota counters", self.inner.counters(tenant, meter)).await
     }
+
+    async fn values(
+        &self,
+        call: &crate::store::ValueCall,
+        mode: crate::store::ValueMode,
+    ) -> Result<crate::store::HeldValues, StoreError> {
+        self.call(mode.name(), self.inner.values(call, mode)).await
+    }
 }
 
 #[deny(clippy::missing_trait_methods)]

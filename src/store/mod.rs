@@ -3,7 +3,7 @@
 //!
 //! | role | trait | what it holds | who calls it |
 //! |---|---|---|---|
-//! | quota | [`QuotaStore`] | reserved units per (tenant, meter, period) | leases, on the request path's refills |
+//! | quota | [`QuotaStore`] | reserved units per (tenant, meter, period); the values of an open dimension a tenant used per month | leases, on the request path's refills |
 //! | usage | [`UsageStore`] | usage aggregates per (tenant, meter, window) | the flush pipeline, usage events, reports |
 //! | export | [`ExportStore`] | each aggregate's export state, dead letters, the identifier namespace | the exporter, `tollgate dead-letters` |
 //! | ledger | [`LedgerStore`] | what each export sent, and what reconciliation found lacking | reconciliation |
@@ -55,6 +55,7 @@ mod redis;
 mod sqlite;
 pub(crate) mod tenant_quota;
 mod usage;
+mod values;
 
 use std::sync::Arc;
 
@@ -106,6 +107,7 @@ pub use redis::{RedisCalls, RedisOptions, RedisStore, LAYOUT_VERSION as REDIS_LA
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, UsageRecord, UsageStore};
+pub use values::{HeldValues, ValueCall, ValueMode, ValueRow};
 
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {

@@ -826,4 +826,10 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// on the request path. What a counter holds includes the units leased to nodes and not
     /// used yet: once every node has given its leases back (stopped), it is what was used.
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError>;
+
+    /// Applies `call` in `mode` to the tenant's values of an open dimension in a period
+    /// ([`ValueRow::apply`](super::ValueRow::apply)), in one atomic read-modify-write of its
+    /// row: the values held after it. The row never holds more than the call's cap, whatever
+    /// calls race it; a store drops it after its `keep_until`.
+    async fn values(&self, call: &super::ValueCall, mode: super::ValueMode) -> Result<super::HeldValues, StoreError>;
 }

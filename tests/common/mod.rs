@@ -415,6 +415,8 @@ pub struct Faulty {
     pub usage_reads: AtomicU64,
     /// Reads of quota counters (`counters`).
     pub counter_reads: AtomicU64,
+    /// Calls of the quota role's open values (claims, reads, forgets).
+    pub value_calls: AtomicU64,
     /// The next usage read (`usage_range`) reads the store, then notifies the first and waits
     /// for the second before it answers (a read overtaken by a flush).
     pub hold_usage_read: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
@@ -483,6 +485,7 @@ impl Default for Faulty {
             watch_used: Default::default(),
             usage_reads: Default::default(),
             counter_reads: Default::default(),
+            value_calls: Default::default(),
             hold_usage_read: Default::default(),
             hold_commit: Default::default(),
             hold_key_lookup: Default::default(),
@@ -659,6 +662,18 @@ impl QuotaStore for Faulty {
     ) -> Result<Vec<tollgate::store::QuotaCounter>, StoreError> {
         self.counter_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.counters(tenant, meter).await
+    }
+
+    async fn values(
+        &self,
+        call: &tollgate::store::ValueCall,
+        mode: tollgate::store::ValueMode,
+    ) -> Result<tollgate::store::HeldValues, StoreError> {
+        self.value_calls.fetch_add(1, Ordering::SeqCst);
+        self.before_quota(call.tenant.as_str()).await?;
+        let r = self.inner.values(call, mode).await;
+        self.after_quota().await;
+        r
     }
 }
 

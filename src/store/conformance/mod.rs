@@ -89,6 +89,9 @@ macro_rules! store_conformance {
             a_sender_keeping_jobs_is_remembered_for_its_late_releases,
             a_recharge_is_claimed_once_per_crossing_beside_the_balance,
             callers_crossing_together_claim_one_recharge,
+            a_values_claim_is_idempotent_and_answers_the_row,
+            concurrent_claims_never_pass_the_values_cap,
+            values_rows_are_apart_outlive_a_restart_and_free_a_place_when_forgotten,
         );
     };
     (@role usage, $make:expr) => {

@@ -95,6 +95,17 @@ pub(super) fn places_pk(tenant: &TenantId) -> String {
     format!("PL{SEP}{tenant}")
 }
 
+/// The partition of a tenant's values of open dimensions; one item per (meter, dimension,
+/// month), its sort key [`values_sk`].
+pub(super) fn values_pk(tenant: &TenantId) -> String {
+    format!("DV{SEP}{tenant}")
+}
+
+/// The sort key of a tenant's values of `dimension` of `meter` in the month starting at `start`.
+pub(super) fn values_sk(meter: &str, dimension: &str, start: i64) -> String {
+    format!("{meter}{SEP}{dimension}{SEP}{}", window_text(start))
+}
+
 pub(super) fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }

@@ -170,6 +170,14 @@ impl QuotaStore for DynamoStore {
         self.refund_grant(refund).await
     }
 
+    async fn values(
+        &self,
+        call: &crate::store::ValueCall,
+        mode: crate::store::ValueMode,
+    ) -> Result<crate::store::HeldValues, StoreError> {
+        self.apply_values(call, mode).await
+    }
+
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
         self.quota_counters(tenant, meter).await
     }

@@ -24,6 +24,7 @@ mod place;
 mod quota;
 mod rate;
 mod usage;
+mod values;
 
 /// The embedded store: everything in this process's memory, nothing to run.
 ///
@@ -95,6 +96,10 @@ struct Inner {
     places_pruned: i64,
     /// The alerts outbox, by key.
     alerts: std::collections::BTreeMap<crate::store::AlertKey, crate::store::OutboxEntry>,
+    /// Tenants' values of open dimensions, by (tenant, meter, dimension, period).
+    values: HashMap<(TenantId, MeterId, String, i64), crate::store::ValueRow>,
+    /// The latest period start a values call named when rows were last pruned.
+    values_pruned: i64,
 }
 
 /// One `Idempotency-Key` binding.

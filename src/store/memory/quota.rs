@@ -6,7 +6,7 @@ use super::*;
 use crate::store::{
     contract::{REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
     quota::{newer_refund, CreditRefund},
-    RefundOutcome, Release,
+    HeldValues, RefundOutcome, Release, ValueCall, ValueMode,
 };
 
 #[async_trait]
@@ -93,6 +93,10 @@ impl QuotaStore for MemoryStore {
         };
         inner.kept_refunds.insert(kept.payment.clone(), kept);
         Ok(RefundOutcome::Kept)
+    }
+
+    async fn values(&self, call: &ValueCall, mode: ValueMode) -> Result<HeldValues, StoreError> {
+        Ok(self.apply_values(call, mode))
     }
 
     async fn counters(

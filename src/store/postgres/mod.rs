@@ -41,6 +41,7 @@ mod rate;
 mod schema;
 mod sql;
 mod usage;
+mod values;
 
 use sql::MAX_INT;
 
@@ -749,6 +750,8 @@ impl PostgresStore {
         // Rows of places that all expired a day ago (a row emptied by its last release keeps
         // its latest expiry).
         let places = self.sql("DELETE FROM {s}.place_leases WHERE expires < $1");
+        // Open dimensions' values of months kept long enough.
+        let values = self.sql("DELETE FROM {s}.dimension_values WHERE expires < $1");
         let idem_recount = self.sql(
             "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
              FROM {s}.idempotency_count s LEFT JOIN (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n \
@@ -792,6 +795,7 @@ impl PostgresStore {
             let tx = self.begin(&mut client).await?;
             tx.query_typed(&rates, args![day_ago]).await?;
             tx.query_typed(&places, args![day_ago]).await?;
+            tx.query_typed(&values, args![wall]).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -754,6 +754,14 @@ impl QuotaStore for PostgresStore {
         .await
     }
 
+    async fn values(
+        &self,
+        call: &crate::store::ValueCall,
+        mode: crate::store::ValueMode,
+    ) -> Result<crate::store::HeldValues, StoreError> {
+        self.apply_values(call, mode).await
+    }
+
     async fn counters(
         &self,
         tenant: &TenantId,

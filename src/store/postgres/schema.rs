@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 12;
+pub const SCHEMA_VERSION: u32 = 13;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -268,6 +268,20 @@ CREATE TABLE {s}.quota_recharge (
     // the default scopes.
     r#"
 ALTER TABLE {s}.api_key ADD COLUMN scopes bigint;
+"#,
+    // 12 -> 13: the values of a meter's open dimension a tenant used in a month
+    // (`store::ValueRow`, as JSON), kept until `expires` (Unix seconds).
+    r#"
+CREATE TABLE {s}.dimension_values (
+    tenant    text COLLATE "C" NOT NULL,
+    meter     text COLLATE "C" NOT NULL,
+    dimension text COLLATE "C" NOT NULL,
+    period    bigint NOT NULL,
+    row       text NOT NULL,
+    expires   bigint NOT NULL,
+    PRIMARY KEY (tenant, meter, dimension, period)
+);
+CREATE INDEX dimension_values_expires ON {s}.dimension_values (expires);
 "#,
 ];
 

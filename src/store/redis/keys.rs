@@ -17,6 +17,11 @@
 //! - `PREFIX:1:{TENANT}:counter:METER:PERIOD:START:END`: one calendar period's counter of a
 //!   tenant's meter (`state`, its senders' last calls), or a period dropped (`dropped`), METER
 //!   with `:` and `%` written `%3A` and `%25`;
+//! - `PREFIX:1:{TENANT}:values:METER:DIMENSION:START`: the values of an open dimension of a
+//!   tenant's meter used in the month starting at START (`row`: `store::ValueRow`), METER
+//!   escaped as a counter's; written without a time to live while its month runs, given 35 days
+//!   when the tenant's row of the next month is written (a key of this kind is new in layout 3:
+//!   earlier nodes never read it);
 //! - `PREFIX:1:{PAYMENT}:payment`: a payment's (or an invoice's) refund kept until its grant
 //!   lands (`refund`), then the grant it bought (`grant`);
 //! - `PREFIX:1:{credits-due}`: a sorted set of the credit grants that expire, by expiry;
@@ -98,6 +103,12 @@ impl Keys {
             key.start,
             key.end
         )
+    }
+
+    /// The row of a tenant's values of `dimension` of `meter` in the month starting at `start`.
+    pub(crate) fn values(&self, tenant: &TenantId, meter: &str, dimension: &str, start: i64) -> String {
+        let meter = meter.replace('%', "%25").replace(':', "%3A");
+        format!("{}:{NAMES_VERSION}:{}:values:{meter}:{dimension}:{start}", self.prefix, tag(tenant.as_str()))
     }
 
     pub(crate) fn payment(&self, payment: &str) -> String {

@@ -17,6 +17,7 @@ mod options;
 mod place;
 mod quota;
 mod rate;
+mod values;
 
 use std::{collections::HashMap, fmt, time::Duration};
 

@@ -902,6 +902,14 @@ impl QuotaStore for RedisStore {
         .await
     }
 
+    async fn values(
+        &self,
+        call: &crate::store::ValueCall,
+        mode: crate::store::ValueMode,
+    ) -> Result<crate::store::HeldValues, StoreError> {
+        self.apply_values(call, mode).await
+    }
+
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
         let mut q = self.quota_of(tenant).await?;
         for key in q.listed(meter).to_vec() {

@@ -280,6 +280,14 @@ impl QuotaStore for SqliteStore {
         .await
     }
 
+    async fn values(
+        &self,
+        call: &crate::store::ValueCall,
+        mode: crate::store::ValueMode,
+    ) -> Result<crate::store::HeldValues, StoreError> {
+        self.apply_values(call, mode).await
+    }
+
     async fn counters(
         &self,
         tenant: &TenantId,

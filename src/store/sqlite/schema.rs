@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 20;
+pub(super) const SCHEMA_VERSION: i32 = 21;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -304,6 +304,20 @@ CREATE TABLE quota_recharge (
     // has the default scopes.
     r"
 ALTER TABLE api_key ADD COLUMN scopes INTEGER;
+",
+    // 20 -> 21: the values of a meter's open dimension a tenant used in a month
+    // (`store::ValueRow`, as JSON), kept until `expires` (Unix seconds).
+    r"
+CREATE TABLE dimension_values (
+    tenant    TEXT NOT NULL,
+    meter     TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    period    INTEGER NOT NULL,
+    row       TEXT NOT NULL,
+    expires   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, meter, dimension, period)
+) WITHOUT ROWID;
+CREATE INDEX dimension_values_expires ON dimension_values (expires);
 ",
 ];
 
