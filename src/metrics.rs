@@ -36,6 +36,9 @@ pub(crate) struct Metrics {
     pub(crate) alerts_written: Counter,
     /// Deliveries of alerts by outcome ([`ALERT_OUTCOMES`]).
     alert_deliveries: [Counter; 4],
+    /// Values of open dimensions the node's tenant states know now (the node's bound on them,
+    /// `tenant/open.rs`'s `NODE_OPEN_VALUES_MAX`, is checked against it).
+    pub(crate) open_values: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What a delivery of an alert came to, as labelled in `tollgate_alert_deliveries_total`.
@@ -97,6 +100,7 @@ impl Metrics {
             holds: HOLD_OUTCOMES.map(|o| counter!("tollgate_holds_total", "outcome" => o)),
             hold_returned_units: counter!("tollgate_hold_returned_units_total"),
             alerts_written: counter!("tollgate_alerts_written_total"),
+            open_values: std::sync::Arc::default(),
             alert_deliveries: ALERT_OUTCOMES.map(|o| counter!("tollgate_alert_deliveries_total", "outcome" => o)),
             events: std::array::from_fn(|i| {
                 let outcome = match i {
@@ -447,6 +451,9 @@ pub struct Stats {
     /// `invoice.paid` handled (the endpoint not subscribed to it, or down past Stripe's 3 days
     /// of retries), and credited itself through the top-up path (logged at error level).
     pub recharges_credited_unannounced: u64,
+    /// Values of open dimensions (`max_values`) this node's tenants' states know now: at most
+    /// each tenant's `max_values` per open meter, and 1,048,576 on the node.
+    pub open_values: u64,
 }
 
 impl Totals {
@@ -505,6 +512,7 @@ impl Totals {
             recharges_failed: self.recharges[RechargeOutcome::Failed as usize].get(),
             recharges_limited: self.recharges[RechargeOutcome::Limited as usize].get(),
             recharges_credited_unannounced: self.recharges[RechargeOutcome::CreditedUnannounced as usize].get(),
+            open_values: 0,
         }
     }
 }

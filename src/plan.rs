@@ -43,8 +43,42 @@ pub(crate) struct MeterTable {
     pub(crate) policy_names: Box<[Box<str>]>,
     /// The meters whose units are counted against their quotas but recorded as no usage of
     /// their own (a meter with dimensions' total and its selectors: its series are the usage,
-    /// billed once), as bits.
+    /// billed once), as bits. An open series (`tokens{model=*,…}`) is among them: its units
+    /// are recorded under each value ([`OpenSeries`]).
     pub(crate) unrecorded: u64,
+    /// By index, an open series: the series of a meter's open dimension's values not listed
+    /// (`max_values`), limited and priced as one, recorded and billed per value.
+    pub(crate) open: Box<[Option<Box<OpenSeries>>]>,
+}
+
+/// A series of an open dimension's values not listed (`tokens{model=*,kind=output}`).
+#[derive(Debug)]
+pub(crate) struct OpenSeries {
+    /// The meter with dimensions it is a series of (its index).
+    pub(crate) meter: u8,
+    /// The open dimension and the most values a tenant may use in a month.
+    pub(crate) dimension: Box<str>,
+    pub(crate) cap: u32,
+    /// Whether a value past the cap is refused (`on_unknown = "refuse"`), else counted under
+    /// `"other"`.
+    pub(crate) refuse: bool,
+    /// The series' id around its open value: `tokens{model=` and `,kind=output}`.
+    prefix: Box<str>,
+    suffix: Box<str>,
+}
+
+impl OpenSeries {
+    /// The id of the series at `value`: `tokens{model=m-new,kind=output}`.
+    pub(crate) fn id(&self, value: &str) -> MeterId {
+        MeterId::from(format!("{}{value}{}", self.prefix, self.suffix).as_str())
+    }
+
+    /// Whether `id` is the id of this series at some value.
+    pub(crate) fn has(&self, id: &str) -> bool {
+        id.strip_prefix(&*self.prefix)
+            .and_then(|rest| rest.strip_suffix(&*self.suffix))
+            .is_some_and(crate::base::is_dimension_value)
+    }
 }
 
 /// A meter with dimensions' series, by offset ([`MeterDimensions::offset`]).
@@ -75,8 +109,27 @@ impl MeterTable {
         let mut rollups = vec![0u64; ids.len()];
         let mut dims: Vec<Option<Box<SeriesIndex>>> = (0..ids.len()).map(|_| None).collect();
         let mut selectors = 0u64;
+        let mut open: Vec<Option<Box<OpenSeries>>> = (0..ids.len()).map(|_| None).collect();
         for (i, id) in ids.iter().enumerate() {
             let Some(m) = spec(id) else { continue };
+            if let (true, Some(total)) = (m.is_series(), m.series_of()) {
+                let family = spec(total).and_then(|t| t.dimensions().map(|d| (index(total), d)));
+                if let Some((Some(family), d)) = family {
+                    if let Some((dimension, cap)) = d.open() {
+                        let marker = format!("{dimension}={}", crate::config::OPEN_POSITION);
+                        if let Some((prefix, suffix)) = id.as_str().split_once(&marker) {
+                            open[i] = Some(Box::new(OpenSeries {
+                                meter: family as u8,
+                                dimension: dimension.into(),
+                                cap,
+                                refuse: d.on_unknown() == crate::config::OnUnknownValue::Refuse,
+                                prefix: format!("{prefix}{dimension}=").into(),
+                                suffix: suffix.into(),
+                            }));
+                        }
+                    }
+                }
+            }
             if m.series_of().is_some() && !m.is_series() {
                 selectors |= 1 << i;
             }
@@ -109,7 +162,12 @@ impl MeterTable {
             rollups[i] = bits;
         }
         let policy_names = ids.iter().map(|id| Box::from(&*id.policy_name())).collect();
-        let unrecorded = dims.iter().enumerate().filter(|(_, d)| d.is_some()).fold(selectors, |b, (i, _)| b | (1 << i));
+        let unrecorded = dims
+            .iter()
+            .zip(&open)
+            .enumerate()
+            .filter(|(_, (d, o))| d.is_some() || o.is_some())
+            .fold(selectors, |b, (i, _)| b | (1 << i));
         Self {
             ids: ids.into(),
             features: features.into(),
@@ -118,15 +176,18 @@ impl MeterTable {
             selectors,
             unrecorded,
             policy_names,
+            open: open.into(),
         }
     }
 
-    /// The series of the meter `meter` with dimensions at `values` (in any order), or why none.
-    pub(crate) fn series<K: AsRef<str>, V: AsRef<str>>(
+    /// The series of the meter `meter` with dimensions at `values` (in any order), or why none;
+    /// with, for an open series, the value its units count under (the open dimension's, or
+    /// `"other"`: see [`MeterDimensions::open_value`](crate::config::MeterDimensions)).
+    pub(crate) fn series<'v, K: AsRef<str>, V: AsRef<str>>(
         &self,
         meter: usize,
-        values: &[(K, V)],
-    ) -> Result<usize, crate::config::DimensionError> {
+        values: &'v [(K, V)],
+    ) -> Result<(usize, Option<&'v str>), crate::config::DimensionError> {
         use crate::config::DimensionError;
         let Some(index) = self.dims.get(meter).and_then(|d| d.as_deref()) else {
             return Err(DimensionError::Invalid(format!("the meter `{}` has no dimensions", self.ids[meter])));
@@ -143,11 +204,16 @@ impl MeterTable {
         }
         // The offset of the series (the first dimension varies slowest), without allocating.
         let mut offset = 0usize;
+        let mut open = None;
         for (k, name) in d.names().enumerate() {
             let value = values.iter().find(|(n, _)| n.as_ref() == name).map(|(_, v)| v.as_ref());
-            offset = offset * d.values[k].len() + d.position(k, value)?;
+            let at = d.position(k, value)?;
+            if d.open_dimension() == Some(k) && at + 1 == d.values[k].len() {
+                open = Some(crate::config::MeterDimensions::open_value(value));
+            }
+            offset = offset * d.values[k].len() + at;
         }
-        Ok(usize::from(index.series[offset]))
+        Ok((usize::from(index.series[offset]), open))
     }
 
     /// `route` (indexed by `self`) for a plan whose meters are `to`: the same meters by name
@@ -1134,6 +1200,7 @@ mod tests {
             selectors: 0,
             unrecorded: 0,
             policy_names: meters.iter().map(|m| Box::<str>::from(*m)).collect(),
+            open: meters.iter().map(|_| None).collect(),
         }
     }
 

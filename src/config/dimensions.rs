@@ -23,8 +23,13 @@ use super::{validator::Validator, ConfigError};
 pub const MAX_DIMENSIONS: usize = 4;
 pub(crate) use crate::base::is_dimension_value;
 pub use crate::base::{MAX_DIMENSION_LEN, MAX_OPEN_VALUES};
-/// The value a record's unknown or missing value counts under with `on_unknown = "other"`.
+/// The value a record's unknown or missing value counts under with `on_unknown = "other"`; in
+/// an open dimension, the value of units past the tenant's `max_values`.
 pub const OTHER_VALUE: &str = "other";
+/// The position of an open dimension's values not listed (`tokens{model=*,kind=output}`): the
+/// series they are limited and priced as, each counted and billed under its own value. Out of
+/// the values' grammar, so it never names a value.
+pub(crate) const OPEN_POSITION: &str = "*";
 
 /// What a record with a value a closed list lacks, or without a dimension, does
 /// (`[meters.<name>] on_unknown`).
@@ -45,8 +50,12 @@ pub enum OnUnknownValue {
 pub struct MeterDimensions {
     pub(crate) names: Box<[Box<str>]>,
     /// Each dimension's values, as declared; with `on_unknown = "other"`, `"other"` last.
+    /// An open dimension's list ends with [`OPEN_POSITION`].
     pub(crate) values: Box<[Box<[Box<str>]>]>,
     pub(crate) on_unknown: OnUnknownValue,
+    /// The open dimension (`max_values`), if any: its index and the most values a tenant may
+    /// use in a month.
+    pub(crate) open: Option<(usize, u32)>,
 }
 
 impl MeterDimensions {
@@ -55,11 +64,23 @@ impl MeterDimensions {
         self.names.iter().map(|n| &**n)
     }
 
-    /// The values a dimension takes (with `on_unknown = "other"`, `"other"` among them).
+    /// The values a dimension lists (with `on_unknown = "other"`, `"other"` among them); of an
+    /// open dimension, those listed alone.
     #[must_use]
     pub fn values(&self, dimension: &str) -> Option<impl Iterator<Item = &str>> {
         let d = self.names.iter().position(|n| **n == *dimension)?;
-        Some(self.values[d].iter().map(|v| &**v))
+        Some(self.values[d].iter().map(|v| &**v).filter(|v| *v != OPEN_POSITION))
+    }
+
+    /// The open dimension (`max_values`) and the most values a tenant may use in a month.
+    #[must_use]
+    pub fn open(&self) -> Option<(&str, u32)> {
+        self.open.map(|(d, max)| (&*self.names[d], max))
+    }
+
+    /// The index of the open dimension, if any.
+    pub(crate) fn open_dimension(&self) -> Option<usize> {
+        self.open.map(|(d, _)| d)
     }
 
     /// What an unknown or missing value does.
@@ -76,11 +97,18 @@ impl MeterDimensions {
 
     /// The position of `value` in dimension `d`'s list, or of `"other"` for a value the list
     /// lacks (or none given) under `on_unknown = "other"`.
+    ///
+    /// In the open dimension, a value listed is at its place, and any other value in the
+    /// grammar at [`OPEN_POSITION`] (the last); a value out of the grammar, or none, there too
+    /// under `on_unknown = "other"` (counted under `"other"`: see [`open_value`](Self::open_value)).
     pub(crate) fn position(&self, d: usize, value: Option<&str>) -> Result<usize, DimensionError> {
         let list = &self.values[d];
         if let Some(v) = value {
-            if let Some(i) = list.iter().position(|x| **x == *v) {
+            if let Some(i) = list.iter().position(|x| **x == *v && **x != *OPEN_POSITION) {
                 return Ok(i);
+            }
+            if self.open_dimension() == Some(d) && is_dimension_value(v) {
+                return Ok(list.len() - 1);
             }
         }
         match self.on_unknown {
@@ -89,6 +117,16 @@ impl MeterDimensions {
                 None => DimensionError::Missing(self.names[d].to_string()),
                 Some(v) => DimensionError::UnknownValue { dimension: self.names[d].to_string(), value: truncated(v) },
             }),
+        }
+    }
+
+    /// The value a record of the open dimension counts under, given its `value` (which
+    /// [`position`](Self::position) placed at [`OPEN_POSITION`]): itself, or `"other"` for a
+    /// missing value or one out of the grammar.
+    pub(crate) fn open_value(value: Option<&str>) -> &str {
+        match value {
+            Some(v) if is_dimension_value(v) => v,
+            _ => OTHER_VALUE,
         }
     }
 
@@ -129,12 +167,26 @@ pub enum DimensionError {
     /// The meter has no such dimension.
     #[error("the meter has no dimension `{0}`")]
     UnknownDimension(String),
+    /// The value is new to the tenant this month, which used its open dimension's
+    /// `max_values` already (and `on_unknown = "refuse"`).
+    #[error(
+        "`{value}` would be a new value of the dimension `{dimension}`: this month's {max} values (max_values) \
+         are used"
+    )]
+    TooManyValues {
+        /// The dimension.
+        dimension: String,
+        /// The value, cut to 64 bytes.
+        value: String,
+        /// Its `max_values`.
+        max: u32,
+    },
     /// The meter has no dimensions, or a value was given twice.
     #[error("{0}")]
     Invalid(String),
 }
 
-fn truncated(v: &str) -> String {
+pub(crate) fn truncated(v: &str) -> String {
     let mut end = v.len().min(MAX_DIMENSION_LEN);
     while !v.is_char_boundary(end) {
         end -= 1;
@@ -227,6 +279,7 @@ impl Validator<'_, '_> {
         path: &str,
         names: &[String],
         values: &BTreeMap<String, Vec<String>>,
+        max_values: &BTreeMap<String, u32>,
         on_unknown: Option<&str>,
     ) -> Result<MeterDimensions, ConfigError> {
         if names.is_empty() || names.len() > MAX_DIMENSIONS {
@@ -275,31 +328,61 @@ impl Validator<'_, '_> {
                 format!("`{n}` is not among the meter's dimensions"),
             ));
         }
-        let mut lists = Vec::with_capacity(names.len());
-        for n in names {
-            let key = format!("{path}.values.{n}");
-            let Some(list) = values.get(n) else {
-                return Err(self.invalid(
-                    &format!("{path}.values"),
-                    format!("the dimension `{n}` needs its list of values: values.{n} = [\"…\"]"),
-                ));
+        let mut open = None;
+        for (n, &max) in max_values {
+            let key = format!("{path}.max_values.{}", key_segment(n));
+            let Some(d) = names.iter().position(|x| x == n) else {
+                return Err(self.invalid(&key, format!("`{n}` is not among the meter's dimensions")));
             };
+            if open.is_some() {
+                return Err(self.invalid(&key, "one dimension of a meter may be open (max_values)"));
+            }
+            if max == 0 || max > MAX_OPEN_VALUES {
+                return Err(
+                    self.invalid(&key, format!("the values a tenant may use in a month: 1 to {MAX_OPEN_VALUES}"))
+                );
+            }
+            open = Some((d, max));
+        }
+        let mut lists = Vec::with_capacity(names.len());
+        for (d, n) in names.iter().enumerate() {
+            let key = format!("{path}.values.{n}");
+            let is_open = open.is_some_and(|(o, _)| o == d);
+            let none = Vec::new();
+            let list = match values.get(n) {
+                Some(list) => list,
+                None if is_open => &none,
+                None => {
+                    return Err(self.invalid(
+                        &format!("{path}.values"),
+                        format!(
+                            "the dimension `{n}` needs its list of values: values.{n} = [\"…\"] (or, open, \
+                             max_values.{n} = 50)"
+                        ),
+                    ))
+                }
+            };
+            if is_open {
+                if list.iter().any(|v| v == OTHER_VALUE) {
+                    return Err(self.invalid(
+                        &key,
+                        "`other` is where an open dimension counts values past max_values: name the value otherwise",
+                    ));
+                }
+                let mut out: Vec<Box<str>> = Vec::with_capacity(list.len() + 1);
+                for (i, v) in list.iter().enumerate() {
+                    self.check_listed(&key, v, &list[..i])?;
+                    out.push(Box::from(v.as_str()));
+                }
+                out.push(OPEN_POSITION.into());
+                lists.push(out.into_boxed_slice());
+                continue;
+            }
             if list.is_empty() {
                 return Err(self.invalid(&key, "a list of values is not empty"));
             }
             for (i, v) in list.iter().enumerate() {
-                if !is_dimension_value(v) {
-                    return Err(self.invalid(
-                        &key,
-                        format!("`{v}` is not a dimension value: 1 to 64 letters, digits, '-', '_' and '.'"),
-                    ));
-                }
-                if v == "default" {
-                    return Err(self.invalid(&key, "`default` names a price for every value: name the value otherwise"));
-                }
-                if list[..i].contains(v) {
-                    return Err(self.invalid(&key, format!("`{v}` is listed twice")));
-                }
+                self.check_listed(&key, v, &list[..i])?;
                 if v == OTHER_VALUE && on_unknown == OnUnknownValue::Other {
                     return Err(self.invalid(&key, "`other` is the value of unknown values already (on_unknown)"));
                 }
@@ -314,7 +397,24 @@ impl Validator<'_, '_> {
             names: names.iter().map(|n| Box::from(n.as_str())).collect(),
             values: lists.into(),
             on_unknown,
+            open,
         })
+    }
+
+    /// A value of a dimension's list, at `key`: in the grammar, not `default`, listed once.
+    fn check_listed(&self, key: &str, v: &str, before: &[String]) -> Result<(), ConfigError> {
+        if !is_dimension_value(v) {
+            return Err(
+                self.invalid(key, format!("`{v}` is not a dimension value: 1 to 64 letters, digits, '-', '_' and '.'"))
+            );
+        }
+        if v == "default" {
+            return Err(self.invalid(key, "`default` names a price for every value: name the value otherwise"));
+        }
+        if before.iter().any(|b| b == v) {
+            return Err(self.invalid(key, format!("`{v}` is listed twice")));
+        }
+        Ok(())
     }
 
     /// The price of the series with `values` in the tree `prices` (nested in the dimensions'
@@ -375,7 +475,7 @@ impl Validator<'_, '_> {
         };
         for (k, v) in t {
             let key = format!("{path}.{}", key_segment(k));
-            if k != "default" && !list.iter().any(|x| **x == **k) {
+            if k != "default" && (k == OPEN_POSITION || !list.iter().any(|x| **x == **k)) {
                 return Err(self.invalid(
                     &key,
                     format!("`{k}` is not a value of the dimension `{}` (nor `default`)", dims.names[level]),
@@ -475,6 +575,64 @@ mod tests {
         assert!(e.to_string().contains("expected a price"), "{e}");
     }
 
+    /// An open dimension (`max_values`): its cap bounded, one per meter, its values not
+    /// listed never named by a limit, a price key or a route's written value; a price for
+    /// them (`default`) needed when the meter has prices.
+    #[test]
+    fn open_dimensions_are_checked_by_key() {
+        const OPEN: &str = "[billing]\ncurrency = \"usd\"\n[meters.tokens]\ndimensions = [\"model\", \"kind\"]\n\
+            values.model = [\"m-large\"]\nmax_values.model = 50\nvalues.kind = [\"input\", \"output\"]\n";
+        let ok = super::super::document::parse(OPEN).unwrap();
+        let tokens = ok.meters().iter().find(|m| m.id().as_str() == "tokens").unwrap();
+        let dims = tokens.dimensions().unwrap();
+        assert_eq!(dims.open(), Some(("model", 50)));
+        assert_eq!(dims.values("model").unwrap().collect::<Vec<_>>(), ["m-large"], "the listed values");
+        assert!(ok.meters().iter().any(|m| m.id().as_str() == "tokens{model=*,kind=output}"), "the open series");
+        // Without a list at all.
+        assert!(super::super::document::parse(&OPEN.replace("values.model = [\"m-large\"]\n", "")).is_ok());
+        let e = err(&OPEN.replace("max_values.model = 50", "max_values.model = 0"));
+        assert_eq!(e.key(), "meters.tokens.max_values.model", "{e}");
+        assert!(e.to_string().contains("1 to 1000"), "{e}");
+        let e = err(&OPEN.replace("max_values.model = 50", "max_values.model = 1001"));
+        assert!(e.to_string().contains("1 to 1000"), "{e}");
+        let e = err(&OPEN.replace("max_values.model = 50", "max_values.region = 5"));
+        assert_eq!(e.key(), "meters.tokens.max_values.region", "{e}");
+        let e = err(&OPEN.replace("max_values.model = 50", "max_values = { model = 50, kind = 3 }"));
+        assert!(e.to_string().contains("one dimension of a meter may be open"), "{e}");
+        let e = err(&OPEN.replace("\"m-large\"]", "\"m-large\", \"other\"]"));
+        assert!(e.to_string().contains("past max_values"), "{e}");
+        let e = err("[meters.tokens]\nmax_values.model = 5\n");
+        assert_eq!(e.key(), "meters.tokens.max_values", "{e}");
+        let quota = |q: &str| {
+            format!("{OPEN}[plans.p]\nquotas.\"{q}\" = {{ limit = 10, period = \"day\", mode = \"soft\" }}\n")
+        };
+        assert!(super::super::document::parse(&quota("tokens{model=m-large}")).is_ok());
+        assert!(super::super::document::parse(&quota("tokens{kind=output}")).is_ok(), "over a closed dimension");
+        let e = err(&quota("tokens{model=*}"));
+        assert!(e.to_string().contains("not listed in values.model"), "{e}");
+        let e = err(&quota("tokens{model=m-new}"));
+        assert!(e.to_string().contains("not listed in values.model"), "{e}");
+        // Prices: the values not listed need a price; `*` is no key of the tree.
+        let e = err(&format!("{OPEN}[meters.tokens.prices.m-large]\ndefault = \"1\"\n"));
+        assert!(e.to_string().contains("model=* (the values not listed)"), "{e}");
+        assert!(super::super::document::parse(&format!(
+            "{OPEN}[meters.tokens.prices]\ndefault = \"0.5\"\n[meters.tokens.prices.m-large]\ndefault = \"1\"\n"
+        ))
+        .is_ok());
+        let e = err(&format!("{OPEN}[meters.tokens.prices]\n\"*\" = \"1\"\ndefault = \"1\"\n"));
+        assert_eq!(e.key(), "meters.tokens.prices.\"*\"", "{e}");
+        // A route's written value names a listed one; a header may carry any.
+        let route = |values: &str| {
+            format!(
+                "{OPEN}[plans.p]\nquotas.tokens = {{ limit = 10, period = \"day\" }}\n[[routes]]\npath = \"/x\"\n\
+                 reports = [\"tokens\"]\nhold.tokens = 5\nhold_values = {values}\n"
+            )
+        };
+        assert!(super::super::document::parse(&route("{ model = { header = \"x-model\" }, kind = \"input\" }")).is_ok());
+        let e = err(&route("{ model = \"*\", kind = \"input\" }"));
+        assert_eq!(e.key(), "routes[0].hold_values.model", "{e}");
+    }
+
     #[test]
     fn a_selector_reads_as_prometheus_writes_it() {
         assert_eq!(parse_selector("tokens"), None);
@@ -494,6 +652,7 @@ mod tests {
             names: ["model".into(), "kind".into()].into(),
             values: [["a".into(), "b".into()].into(), ["in".into(), "out".into(), "other".into()].into()].into(),
             on_unknown: OnUnknownValue::Other,
+            open: None,
         };
         assert_eq!(d.series(), 6);
         for off in 0..6 {

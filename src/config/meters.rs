@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::dimensions::{parse_selector, selector_id, MeterDimensions};
+use super::dimensions::{parse_selector, selector_id, MeterDimensions, OPEN_POSITION};
 use super::{validator::check_name, validator::Validator};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::MeterId;
@@ -26,6 +26,9 @@ pub(crate) struct RawMeter {
     pub(crate) values: BTreeMap<String, Vec<String>>,
     /// What a value a list lacks, or a missing one, does: `refuse` or `other`.
     pub(crate) on_unknown: Option<String>,
+    /// An open dimension: the most values a tenant may use in a month.
+    #[serde(default)]
+    pub(crate) max_values: BTreeMap<String, u32>,
     /// Prices per series, nested in the dimensions' order.
     pub(crate) prices: Option<toml::Value>,
 }
@@ -242,7 +245,11 @@ impl Validator<'_, '_> {
             };
             let dimensions = match &m.dimensions {
                 None => {
-                    for (key, set) in [("values", !m.values.is_empty()), ("on_unknown", m.on_unknown.is_some())] {
+                    for (key, set) in [
+                        ("values", !m.values.is_empty()),
+                        ("on_unknown", m.on_unknown.is_some()),
+                        ("max_values", !m.max_values.is_empty()),
+                    ] {
                         if set {
                             return Err(self.invalid(&format!("{path}.{key}"), "only a meter with `dimensions` has it"));
                         }
@@ -270,7 +277,7 @@ impl Validator<'_, '_> {
                              not supported)",
                         ));
                     }
-                    let dims = self.dimensions(&path, names, &m.values, m.on_unknown.as_deref())?;
+                    let dims = self.dimensions(&path, names, &m.values, &m.max_values, m.on_unknown.as_deref())?;
                     if let Some(prices) = &m.prices {
                         self.check_price_keys(&format!("{path}.prices"), &dims, prices, 0)?;
                     }
@@ -413,7 +420,13 @@ impl Validator<'_, '_> {
                 Some(prices) => match self.series_price(path, prices, &values, billing)? {
                     Some(p) => Some(p),
                     None => {
-                        let which: Vec<String> = values.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                        let which: Vec<String> = values
+                            .iter()
+                            .map(|(n, v)| match *v {
+                                OPEN_POSITION => format!("{n}=* (the values not listed)"),
+                                v => format!("{n}={v}"),
+                            })
+                            .collect();
                         return Err(self.invalid(
                             &format!("{path}.prices"),
                             format!(
@@ -488,7 +501,13 @@ pub(crate) fn canonical<'a>(
     let mut out = Vec::with_capacity(pairs.len());
     for (d, name) in dims.names.iter().enumerate() {
         let Some((_, v)) = pairs.iter().find(|(n, _)| **n == **name) else { continue };
-        let Some(value) = dims.values[d].iter().find(|x| ***x == **v) else {
+        let Some(value) = dims.values[d].iter().find(|x| ***x == **v && ***x != *OPEN_POSITION) else {
+            if dims.open_dimension() == Some(d) {
+                return Err(format!(
+                    "`{v}` is not listed in values.{name}: a limit names listed values (the open dimension's \
+                     other values are counted in the meter's total and in selectors over other dimensions)"
+                ));
+            }
             return Err(format!("`{v}` is not a value of the dimension `{name}`"));
         };
         out.push((&**name, &**value));

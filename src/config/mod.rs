@@ -48,7 +48,9 @@ pub use crate::base::{MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
 pub use billing::BillingSettings;
 pub use dashboard::{DashboardSettings, DashboardToken, MIN_TOKEN_LEN};
-pub(crate) use dimensions::{parse_selector, selector_id, series_values};
+pub(crate) use dimensions::{
+    parse_selector, selector_id, series_values, truncated as dimensions_truncated, OPEN_POSITION,
+};
 pub use dimensions::{
     DimensionError, MeterDimensions, OnUnknownValue, MAX_DIMENSIONS, MAX_DIMENSION_LEN, MAX_OPEN_VALUES, OTHER_VALUE,
 };

@@ -167,8 +167,16 @@ impl Tollgate {
     /// # Errors
     /// The store error that stopped the flush; nothing is lost.
     pub async fn flush(&self) -> Result<FlushReport, StoreError> {
+        // Stopping, values of open dimensions still unclaimed are billed under `other`.
+        let last = self.shared().stopping().load(std::sync::atomic::Ordering::Relaxed);
+        self.flush_as(last).await
+    }
+
+    /// [`flush`](Self::flush); `last`: no usage is held back for a later flush (values of open
+    /// dimensions still unclaimed are billed under `"other"`).
+    pub(crate) async fn flush_as(&self, last: bool) -> Result<FlushReport, StoreError> {
         let units = self.units();
-        let flushed = units.pipeline().flush(self.shared().runtime(), self.gate().table(), units.leases()).await;
+        let flushed = units.pipeline().flush(self.shared().runtime(), self.gate().table(), units.leases(), last).await;
         self.alerts().write().await;
         flushed
     }
@@ -340,6 +348,7 @@ impl Tollgate {
         let table = self.gate().table();
         let mut stats = self.shared().totals().snapshot(table.len());
         stats.held_rate_states = table.rates().len() as u64;
+        stats.open_values = self.shared().metrics().open_values.load(std::sync::atomic::Ordering::Relaxed) as u64;
         stats.rate_states_dropped = table.rates().dropped();
         let responses = self.gate().idempotency().responses();
         stats.responses_stored = responses.stored.load(std::sync::atomic::Ordering::Relaxed);

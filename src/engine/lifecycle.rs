@@ -315,7 +315,8 @@ impl Tollgate {
         // Places of fleet concurrencies held now would be held by every copy (each admitting
         // on them): given back, spares too.
         self.gate().places().release_all().await;
-        let report = self.flush().await?;
+        // Nothing held back: every copy would flush it again.
+        let report = self.flush_as(true).await?;
         let (records, _) = self.units().pipeline().lock().await.held();
         if records > 0 {
             return Err(StoreError::Backend(format!("{records} usage records are still unflushed").into()));

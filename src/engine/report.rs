@@ -296,19 +296,24 @@ impl Tollgate {
                 // series' is its (a selector added mid-period counts what its series recorded
                 // before it, which its counter did not).
                 let table = &state.plan.meters;
-                let sources: Vec<&MeterId> = match table.index(meter.as_str()) {
+                let sources: Vec<usize> = match table.index(meter.as_str()) {
                     // (With its own id: windows recorded before the meter had dimensions.)
-                    Some(i) if !table.recorded(i) => (0..table.ids.len())
-                        .filter(|&j| j == i || (table.rollups[j] >> i) & 1 != 0)
-                        .map(|j| &table.ids[j])
-                        .collect(),
-                    _ => vec![&meter],
+                    Some(i) if !table.recorded(i) => {
+                        (0..table.ids.len()).filter(|&j| j == i || (table.rollups[j] >> i) & 1 != 0).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                // An open series' values count under ids of their own.
+                let source = |id: &MeterId| {
+                    if sources.is_empty() {
+                        return *id == meter;
+                    }
+                    sources
+                        .iter()
+                        .any(|&j| table.ids[j] == *id || table.open[j].as_deref().is_some_and(|o| o.has(id.as_str())))
                 };
                 let sum = |m: &BTreeMap<(MeterId, i64), u64>| -> u64 {
-                    m.iter()
-                        .filter(|((id, w), _)| sources.contains(&id) && *w >= start && *w < end)
-                        .map(|(_, q)| *q)
-                        .sum()
+                    m.iter().filter(|((id, w), _)| source(id) && *w >= start && *w < end).map(|(_, q)| *q).sum()
                 };
                 let counter = counters
                     .get(&meter)
@@ -428,7 +433,18 @@ impl Tollgate {
         // A series or a selector of a meter with dimensions: its meter and values, beside its id.
         let rt = self.shared().runtime().load();
         let dimensions_of = |meter: &MeterId, item: &mut serde_json::Value| {
-            let Some(spec) = rt.config.meters().iter().find(|m| m.id() == meter) else { return };
+            let Some(spec) = rt.config.meters().iter().find(|m| m.id() == meter) else {
+                // A value of an open dimension: a series of its own, named by its id.
+                let values = crate::config::series_values(meter);
+                let of = meter.as_str().split_once('{').map(|(of, _)| of);
+                if let (Some(of), false) = (of, values.is_empty()) {
+                    if rt.config.meters().iter().any(|m| m.id().as_str() == of && m.dimensions().is_some()) {
+                        item["of"] = of.into();
+                        item["dimensions"] = values.into_iter().map(|(n, v)| (n, serde_json::Value::from(v))).collect();
+                    }
+                }
+                return;
+            };
             let Some(of) = spec.series_of() else { return };
             item["of"] = of.as_str().into();
             item["dimensions"] = spec

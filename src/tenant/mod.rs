@@ -6,6 +6,7 @@ mod gcra;
 mod handle;
 mod key;
 mod lock;
+mod open;
 mod state;
 
 pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
@@ -17,4 +18,5 @@ pub(crate) use key::Who;
 pub use key::{Caller, Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
 pub(crate) use lock::{CallLock, Turn};
+pub(crate) use open::{OpenValues, Waiting};
 pub(crate) use state::{Call, CallKind, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantState, Wanted};

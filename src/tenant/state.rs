@@ -73,7 +73,7 @@ pub(crate) struct TenantState {
 /// [`TenantState::validated`] of a tenant declared in the configuration.
 const DECLARED: u32 = u32::MAX;
 
-/// What a tenant's state holds only when the tenant has it: 40 bytes.
+/// What a tenant's state holds only when the tenant has it: 48 bytes.
 struct Extra {
     /// The cells of meters 1.. of the configuration's meter table (every meter has a cell,
     /// so a configuration of two meters gives each tenant one).
@@ -83,6 +83,9 @@ struct Extra {
     /// them.
     fleet: Option<Box<super::FleetCells>>,
     customer: Option<Arc<str>>,
+    /// The values of open dimensions (`max_values`) and their usage: boxed, made for a tenant
+    /// whose plan has an open meter.
+    open: Option<Box<std::sync::Mutex<super::OpenValues>>>,
 }
 
 impl TenantState {
@@ -144,13 +147,17 @@ impl TenantState {
         let meters = plan.meters.ids.len().max(1);
         let quotas = plan.quotas.iter().map(|(_, spec)| QuotaCold::for_spec(spec)).collect();
         let now = plan.clock.unix_secs();
-        let extra = (meters > 1 || plan.fleet.is_some() || customer.is_some()).then(|| {
-            Box::new(Extra {
-                more: (1..meters).map(|_| MeterCell::default()).collect(),
-                fleet: plan.fleet.is_some().then(Box::default),
-                customer,
-            })
-        });
+        let extra =
+            (meters > 1 || plan.fleet.is_some() || customer.is_some()).then(|| {
+                Box::new(Extra {
+                    more: (1..meters).map(|_| MeterCell::default()).collect(),
+                    fleet: plan.fleet.is_some().then(Box::default),
+                    customer,
+                    open: plan.meters.open.iter().any(Option::is_some).then(|| {
+                        Box::new(std::sync::Mutex::new(super::OpenValues::new(plan.metrics.open_values.clone())))
+                    }),
+                })
+            });
         Self {
             refs: AtomicU32::new(1),
             last_seen: AtomicU32::new(now as u32),
@@ -291,6 +298,71 @@ impl TenantState {
         if self.plan.meters.recorded(meter) {
             self.record(meter, now, quantity);
         }
+    }
+
+    /// The tenant's values of open dimensions and their usage on this node (`None`: its plan
+    /// has no open meter).
+    pub(crate) fn open_values(&self) -> Option<std::sync::MutexGuard<'_, super::OpenValues>> {
+        let open = self.extra.as_deref()?.open.as_deref()?;
+        Some(open.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The value the open series `series`'s units at `value` count under at `now`: `value`,
+    /// known to this node or new with room for it in the tenant's `max_values` this calendar
+    /// month (claimed by the next flush); past them, `"other"`, or a refusal under
+    /// `on_unknown = "refuse"`. `"other"` itself needs no room.
+    ///
+    /// # Errors
+    /// [`DimensionError::TooManyValues`](crate::config::DimensionError::TooManyValues).
+    pub(crate) fn admit_open<'v>(
+        &self,
+        series: usize,
+        value: &'v str,
+        now: i64,
+    ) -> Result<&'v str, crate::config::DimensionError> {
+        let Some(spec) = self.plan.meters.open.get(series).and_then(|o| o.as_deref()) else { return Ok(value) };
+        if value == crate::config::OTHER_VALUE {
+            return Ok(value);
+        }
+        let (month, _) = crate::base::Period::Month { anchor_day: 1 }.bounds(now);
+        let admitted = self.open_values().is_some_and(|mut o| o.admit(spec.meter, value, spec.cap, month, now));
+        match (admitted, spec.refuse) {
+            (true, _) => Ok(value),
+            (false, false) => Ok(crate::config::OTHER_VALUE),
+            (false, true) => Err(crate::config::DimensionError::TooManyValues {
+                dimension: spec.dimension.to_string(),
+                value: crate::config::dimensions_truncated(value),
+                max: spec.cap,
+            }),
+        }
+    }
+
+    /// Records `quantity` of the open series `series` under `value` (see
+    /// [`OpenValues::add`](super::OpenValues::add)).
+    pub(crate) fn record_open(&self, series: usize, value: &str, now: i64, quantity: u64) {
+        let window = self.plan.window_index(now);
+        if let (Some(mut open), Ok(series)) = (self.open_values(), u8::try_from(series)) {
+            open.add(series, value, window, quantity);
+        }
+    }
+
+    /// Records `quantity` of `meter` (a series, under `open` for an open series).
+    pub(crate) fn record_series(&self, meter: usize, open: Option<&str>, now: i64, quantity: u64) {
+        match open {
+            Some(value) => self.record_open(meter, value, now, quantity),
+            None => self.record_usage(meter, now, quantity),
+        }
+    }
+
+    /// Takes the usage of open values claimed (see [`OpenValues::drain`](super::OpenValues::drain)):
+    /// (series index, value, window start in Unix seconds, quantity). Returns how many values
+    /// waited too long for their claim.
+    pub(crate) fn drain_open(&self, now: i64, all: bool, mut out: impl FnMut(usize, &str, i64, u64)) -> usize {
+        let Some(mut open) = self.open_values() else { return 0 };
+        let table = &self.plan.meters;
+        let series_of = |s: u8| table.open.get(usize::from(s)).and_then(|o| o.as_deref()).map(|o| o.meter);
+        let window_secs = self.plan.window_secs;
+        open.drain(now, all, &series_of, |s, v, w, q| out(usize::from(s), v, i64::from(w) * window_secs, q))
     }
 
     pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
@@ -1027,7 +1099,11 @@ mod tests {
     /// quotas' cold parts; the others get what they have, and read it back.
     #[test]
     fn what_few_tenants_need_is_made_only_for_them() {
-        assert_eq!(std::mem::size_of::<Extra>(), 40, "a tenant with more meters or a customer pays for no fleet cells");
+        assert_eq!(
+            std::mem::size_of::<Extra>(),
+            48,
+            "a tenant with more meters or a customer pays for no fleet cells, nor open values"
+        );
         let plain = state("[plans.p]\nrate = \"10/s\"\nquotas.requests = { limit = 10, period = \"day\" }", None);
         assert!(plain.extra.is_none() && plain.fleet().is_none() && plain.customer().is_none());
         assert!(plain.meter(0).is_some() && plain.meter(1).is_none());

@@ -22,6 +22,7 @@ mod idempotency;
 mod limits;
 mod metrics;
 mod money;
+mod open_values;
 mod pipeline;
 mod places;
 mod quotas;

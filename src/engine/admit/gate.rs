@@ -204,9 +204,17 @@ impl Gate {
         };
         // A meter with dimensions: its series at the request's values, held with its total
         // and selectors (checked at entry; a reload since may refuse them).
-        let (meter, rollups) = if state.plan.meters.dims[meter].is_some() {
-            match state.plan.meters.series(meter, values) {
-                Ok(series) => (series, state.plan.meters.rollups[series]),
+        // An open series' value is admitted too (past the tenant's `max_values`, `"other"` or
+        // the same 400), before anything is taken.
+        let admitted = |(series, value): (usize, Option<&str>)| match value {
+            None => Ok((series, None)),
+            Some(v) => {
+                state.admit_open(series, v, state.clock().unix_secs()).map(|v| (series, Some(Box::<str>::from(v))))
+            }
+        };
+        let (meter, open, rollups) = if state.plan.meters.dims[meter].is_some() {
+            match state.plan.meters.series(meter, values).and_then(admitted) {
+                Ok((series, open)) => (series, open, state.plan.meters.rollups[series]),
                 Err(e) => {
                     let mut r = Rejection::new(RejectionKind::InvalidDimension, format!("meter `{}`: {e}", spec.meter));
                     r.inner.policy = Some(spec.meter.to_string());
@@ -215,13 +223,14 @@ impl Gate {
                 }
             }
         } else {
-            (meter, 0)
+            (meter, None, 0)
         };
         // Whole while its hold is asked for: dropped meanwhile, it gives everything back.
         let mut hold = if rollups == 0 {
             Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone())
         } else {
-            Hold::dimensioned(state, meter, rollups, true, spec.overrun, spec.timeout, self.units.clone())
+            let units = self.units.clone();
+            Hold::dimensioned(state, meter, open.as_deref(), rollups, true, spec.overrun, spec.timeout, units)
         };
         match hold.extend(units).await {
             Ok(()) => {

@@ -221,10 +221,17 @@ impl TenantContext {
     /// reads the model from elsewhere (a JSON body) checks it against them.
     #[must_use]
     pub fn held_values(&self) -> Vec<(String, String)> {
-        match &self.hold {
-            Some(h) => crate::config::series_values(&self.state.plan.meters.ids[h.meter()]),
-            None => Vec::new(),
+        let Some(h) = &self.hold else { return Vec::new() };
+        let mut values = crate::config::series_values(&self.state.plan.meters.ids[h.meter()]);
+        // An open series' value, in place of its open position.
+        if let (Some(spec), Some(value)) = (self.state.plan.meters.open[h.meter()].as_deref(), h.value()) {
+            for (n, v) in &mut values {
+                if **n == *spec.dimension {
+                    *v = value.to_string();
+                }
+            }
         }
+        values
     }
 
     /// Whether the tenant's plan runs in shadow mode (limits counted, nothing refused).
@@ -269,18 +276,32 @@ impl TenantContext {
 
     /// The series a record of `meter` at `dims` counts in, with the meters it counts in
     /// beside it (bits): for a meter with dimensions, its series at those values with its
-    /// total and selectors; for a series, itself with them; for another meter, itself.
-    fn resolve(&self, meter: &str, dims: &Dimensions<'_>) -> Result<(usize, u64), RecordError> {
+    /// total and selectors; for a series, itself with them; for another meter, itself. An open
+    /// series comes with the value its units count under, admitted (past the tenant's
+    /// `max_values`, `"other"` or a refusal).
+    fn resolve<'a>(
+        &self,
+        meter: &str,
+        dims: &'a Dimensions<'_>,
+    ) -> Result<(usize, u64, Option<Cow<'a, str>>), RecordError> {
         use crate::config::DimensionError;
         let table = &self.state.plan.meters;
         let index = table.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
         let held = self.hold.as_ref().map(|h| h.meter());
+        let mut open: Option<Cow<'a, str>> = None;
         let index = if table.dims[index].is_some() {
             match held {
                 // The route holds one of its series (`hold_values`): a record without values
-                // is of that series.
-                Some(h) if dims.is_empty() && (table.rollups[h] >> index) & 1 != 0 => h,
-                _ => table.series(index, &dims.pairs).map_err(RecordError::Dimension)?,
+                // is of that series (at its value, an open series').
+                Some(h) if dims.is_empty() && (table.rollups[h] >> index) & 1 != 0 => {
+                    open = self.hold.as_ref().and_then(|h| h.value()).map(|v| Cow::Owned(v.into()));
+                    h
+                }
+                _ => {
+                    let (series, value) = table.series(index, &dims.pairs).map_err(RecordError::Dimension)?;
+                    open = value.map(Cow::Borrowed);
+                    series
+                }
             }
         } else if !dims.is_empty() {
             return Err(RecordError::Dimension(DimensionError::Invalid(format!(
@@ -294,7 +315,15 @@ impl TenantContext {
                 "`{meter}` counts what its series record: record a series (the meter with a value of each dimension)"
             ))));
         }
-        Ok((index, table.rollups[index]))
+        let open = match open {
+            None => None,
+            Some(value) => {
+                let now = self.state.clock().unix_secs();
+                let admitted = self.state.admit_open(index, &value, now).map_err(RecordError::Dimension)?;
+                Some(if admitted == &*value { value } else { Cow::Borrowed(crate::config::OTHER_VALUE) })
+            }
+        };
+        Ok((index, table.rollups[index], open))
     }
 
     /// Records `quantity` units of the meter with dimensions `meter` at the values `dims`
@@ -320,8 +349,8 @@ impl TenantContext {
         if !self.charged {
             return self.replayed(meter, quantity);
         }
-        let (index, rollups) = self.resolve(meter, dims)?;
-        self.record_index(index, rollups, quantity)
+        let (index, rollups, open) = self.resolve(meter, dims)?;
+        self.record_index(index, rollups, open.as_deref(), quantity)
     }
 
     /// Records `quantity` units of `meter` for the tenant, in the current window. The units
@@ -342,8 +371,9 @@ impl TenantContext {
         if !self.charged {
             return self.replayed(meter, quantity);
         }
-        let (index, rollups) = self.resolve(meter, &Dimensions::new())?;
-        self.record_index(index, rollups, quantity)
+        let none = Dimensions::new();
+        let (index, rollups, open) = self.resolve(meter, &none)?;
+        self.record_index(index, rollups, open.as_deref(), quantity)
     }
 
     /// A replay's record: nothing, once the meter and the quantity are checked.
@@ -355,8 +385,15 @@ impl TenantContext {
         Ok(())
     }
 
-    /// Records `quantity` of the meter `index` and of the meters `rollups` beside it.
-    fn record_index(&self, index: usize, mut rollups: u64, quantity: u64) -> Result<(), RecordError> {
+    /// Records `quantity` of the meter `index` (under `open`, an open series' value) and of the
+    /// meters `rollups` beside it.
+    fn record_index(
+        &self,
+        index: usize,
+        mut rollups: u64,
+        open: Option<&str>,
+        quantity: u64,
+    ) -> Result<(), RecordError> {
         if i64::try_from(quantity).is_err() {
             return Err(RecordError::TooLarge(quantity));
         }
@@ -365,7 +402,7 @@ impl TenantContext {
         }
         if rollups != 0 {
             // The route holds this series: its hold records its total and selectors too.
-            if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
+            if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, open, quantity)) {
                 return result;
             }
             // The route's hold first (past it with `overrun = "refuse"`, nothing is recorded).
@@ -373,25 +410,25 @@ impl TenantContext {
             while meters != 0 {
                 let m = meters.trailing_zeros() as usize;
                 meters &= meters - 1;
-                if let Some(result) = self.hold.as_ref().and_then(|h| h.record(m, quantity)) {
+                if let Some(result) = self.hold.as_ref().and_then(|h| h.record(m, None, quantity)) {
                     result?;
                     rollups &= !(1 << m);
                     break;
                 }
             }
-            self.record_index(index, 0, quantity)?;
+            self.record_index(index, 0, open, quantity)?;
             while rollups != 0 {
                 let m = rollups.trailing_zeros() as usize;
                 rollups &= rollups - 1;
-                self.record_index(m, 0, quantity)?;
+                self.record_index(m, 0, None, quantity)?;
             }
             return Ok(());
         }
-        if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
+        if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, open, quantity)) {
             return result;
         }
         let now = self.state.clock().unix_secs();
-        self.state.record_usage(index, now, quantity);
+        self.state.record_series(index, open, now, quantity);
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);
         }
@@ -496,10 +533,17 @@ impl TenantContext {
     ) -> Result<Hold, Rejection> {
         let state = self.state.clone();
         let mut hold = match self.resolve(meter, dims) {
-            Ok((index, 0)) => Hold::new(state, Ok(index), self.charged, overrun, None, self.units.clone()),
-            Ok((index, rollups)) => {
-                Hold::dimensioned(state, index, rollups, self.charged, overrun, None, self.units.clone())
-            }
+            Ok((index, 0, _)) => Hold::new(state, Ok(index), self.charged, overrun, None, self.units.clone()),
+            Ok((index, rollups, open)) => Hold::dimensioned(
+                state,
+                index,
+                open.as_deref(),
+                rollups,
+                self.charged,
+                overrun,
+                None,
+                self.units.clone(),
+            ),
             // Its records fail as a record of an unknown meter does.
             Err(RecordError::UnknownMeter(_)) => {
                 Hold::new(state, Err(meter.into()), self.charged, overrun, None, self.units.clone())

@@ -236,6 +236,7 @@ impl Pipeline {
         runtime: &arc_swap::ArcSwap<Runtime>,
         table: &TenantTable,
         leases: &Leases,
+        last: bool,
     ) -> Result<FlushReport, StoreError> {
         let mut p = self.batches.lock().await;
         // The configuration in force once the pipeline is ours (a reload may have come while
@@ -243,12 +244,15 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
+        // Values of open dimensions new to their tenants are claimed first: their usage is
+        // drained under them, or under `"other"` when the tenant's row refused them.
+        self.claim_open_values(table).await;
         // The retired states nobody holds any more are let go once their leases are back; one
         // whose lease the store did not take back stays, and the next flush sends it again:
         // forgotten, its give-back would never land, and at the expiry the store would give
         // back what its last call said it keeps, units its requests used since included. (They
         // stay retired meanwhile, so that a flush cut short loses none: shutdown returns them.)
-        let (alone, tend) = self.drain(rt, table);
+        let (alone, tend) = self.drain(rt, table, last);
         let unreturned = leases.return_leases(alone.clone()).await;
         table.let_go(&alone, &unreturned, rt.config.limits.max_tenants);
         // Units given back past a lease's cap that no call took yet go back now, leases in
@@ -354,6 +358,50 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Claims the values of open dimensions new to their tenants (every state's, retired ones
+    /// included) in the quota role's rows: one call per tenant and open meter, each value
+    /// learned held or refused (its usage then billed under `"other"`). A call that fails
+    /// leaves its values waiting for the next flush, at most
+    /// a minute (`tenant/open.rs`, `CLAIM_PATIENCE_SECS`).
+    async fn claim_open_values(&self, table: &TenantTable) {
+        let mut waiting: Vec<(Tenant, crate::tenant::Waiting)> = Vec::new();
+        let mut collect = |s: &Tenant| {
+            if let Some(open) = s.open_values() {
+                waiting.extend(open.waiting().into_iter().map(|w| (s.clone(), w)));
+            }
+        };
+        table.for_each(&mut collect);
+        for s in table.retired().iter() {
+            collect(s);
+        }
+        for (s, w) in waiting {
+            let table = &s.plan.meters;
+            let Some(spec) = table.open.iter().flatten().find(|o| o.meter == w.meter) else { continue };
+            let (_, end) = crate::base::Period::Month { anchor_day: 1 }.bounds(w.month);
+            // Kept as long as the month's usage is.
+            let keep_until = end.saturating_add(crate::store::contract::RETENTION_SECS);
+            let call = crate::store::ValueCall::new(
+                s.id.clone(),
+                table.ids[usize::from(w.meter)].clone(),
+                &*spec.dimension,
+                w.month,
+                spec.cap,
+                keep_until,
+            )
+            .with_values(w.values.iter().cloned());
+            match self.stores.background().quota.values(&call, crate::store::ValueMode::Claim).await {
+                Ok(held) => {
+                    let series_of = |i: u8| table.open.get(usize::from(i)).and_then(|o| o.as_deref()).map(|o| o.meter);
+                    if let Some(mut open) = s.open_values() {
+                        open.claimed(w.meter, w.month, &w.values, &held, &series_of);
+                    }
+                }
+                Err(e) => tracing::warn!(tenant = %s.id, error = %e,
+                    "values of an open dimension could not be claimed; claimed again at the next flush"),
+            }
+        }
+    }
+
     /// Moves the usage of every tenant (retired ones included) into the staged records, one
     /// per (tenant, meter, window). Returns the retired states no request holds any more
     /// (their leases to go back, then let go, still retired until then), and the states with
@@ -362,7 +410,7 @@ impl Pipeline {
     /// Each tenant's usage moves under the queue's lock, taken for that tenant alone (a reader
     /// of one tenant's usage waits for one tenant's drain at most; the lock is taken inside
     /// the table's and the retired list's, never around them).
-    fn drain(&self, rt: &Runtime, table: &TenantTable) -> (Vec<Tenant>, Vec<Tenant>) {
+    fn drain(&self, rt: &Runtime, table: &TenantTable, last: bool) -> (Vec<Tenant>, Vec<Tenant>) {
         let max = rt.config.usage.max_buffered_records;
         let mut room = max.saturating_sub(self.queue().records());
         let was_full = self.buffer_full.load(Relaxed);
@@ -373,10 +421,9 @@ impl Pipeline {
             rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs().map(|w| (&m.id, w))).collect();
         let mut add = |staged: &mut HashMap<(TenantId, MeterId, i64), (u64, bool)>,
                        s: &Tenant,
-                       m: usize,
+                       meter: &MeterId,
                        window_start: i64,
                        quantity: u64| {
-            let meter = &s.plan.meters.ids[m];
             let window_start = match coarse.iter().find(|(id, _)| *id == meter) {
                 Some((_, w)) => window_start - window_start.rem_euclid(*w),
                 None => window_start,
@@ -401,9 +448,14 @@ impl Pipeline {
         let now = self.clock.unix_secs();
         let expiry = i64::try_from(rt.config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
         let skew = i64::try_from(rt.config.limits.clock_skew().as_secs()).unwrap_or(i64::MAX);
+        let open = |s: &Tenant, series: usize, value: &str| match s.plan.meters.open[series].as_deref() {
+            Some(spec) => spec.id(value),
+            None => s.plan.meters.ids[series].clone(),
+        };
         table.for_each(|s| {
             let mut queue = self.queue();
-            s.drain_usage(|m, w, q| add(&mut queue.staged, s, m, w, q));
+            s.drain_usage(|m, w, q| add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q));
+            s.drain_open(now, last, |m, v, w, q| add(&mut queue.staged, s, &open(s, m, v), w, q));
             drop(queue);
             if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
                 spare.push(s.clone());
@@ -415,7 +467,9 @@ impl Pipeline {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
             let mut queue = self.queue();
-            s.drain_usage(|m, w, q| add(&mut queue.staged, s, m, w, q));
+            s.drain_usage(|m, w, q| add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q));
+            // A retired state no request holds takes nothing more: nothing of it waits.
+            s.drain_open(now, last || sole, |m, v, w, q| add(&mut queue.staged, s, &open(s, m, v), w, q));
             drop(queue);
             if sole {
                 alone.push(s.clone());

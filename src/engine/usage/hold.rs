@@ -109,6 +109,8 @@ pub(crate) struct HoldInner {
     state: Tenant,
     /// The meter's index (else its name: not declared, its records fail).
     meter: Result<usize, Box<str>>,
+    /// An open series' value (`max_values`): what its records count under.
+    value: Option<Box<str>>,
     /// `false` for a replay: nothing is held or recorded.
     charged: bool,
     overrun: Overrun,
@@ -227,13 +229,13 @@ impl HoldInner {
                 if step.covered > 0 {
                     open.taken.keep_part(step.covered);
                     cell.count_held(step.covered, false, open.taken.tag());
-                    state.record_usage(meter, at, step.covered);
+                    state.record_series(meter, self.value.as_deref(), at, step.covered);
                 }
                 if step.beyond > 0 {
                     // Recorded beyond the hold (from the lease, or past the limit): counted.
                     state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
                     hold.holds().overruns.fetch_add(1, Ordering::Relaxed);
-                    state.record_usage(meter, now, step.beyond);
+                    state.record_series(meter, self.value.as_deref(), now, step.beyond);
                 }
             }
             None => {
@@ -248,7 +250,7 @@ impl HoldInner {
                         hold.prefetcher().when_low(state, meter, cell);
                     }
                 }
-                state.record_usage(meter, now, units);
+                state.record_series(meter, self.value.as_deref(), now, units);
             }
         }
         if spend {
@@ -355,6 +357,7 @@ impl Hold {
             id,
             state,
             meter,
+            value: None,
             charged,
             overrun,
             timeout: timeout_secs,
@@ -367,12 +370,15 @@ impl Hold {
         Self { inner: Arc::new(inner), units, spend, rollups: Vec::new() }
     }
 
-    /// A hold on the series `series` of a meter with dimensions, with a hold on each meter of
-    /// `rollups` (its total, the selectors it matches) beside it. One of them counts toward
-    /// the caps on open holds: the series' (or its cost's), else the first that holds units.
+    /// A hold on the series `series` of a meter with dimensions (under `value` for an open
+    /// series, its value admitted), with a hold on each meter of `rollups` (its total, the
+    /// selectors it matches) beside it. One of them counts toward the caps on open holds: the
+    /// series' (or its cost's), else the first that holds units.
+    #[allow(clippy::too_many_arguments, reason = "the hold's meter, then Hold::new's")]
     pub(crate) fn dimensioned(
         state: Tenant,
         series: usize,
+        value: Option<&str>,
         mut rollups: u64,
         charged: bool,
         overrun: Overrun,
@@ -380,6 +386,9 @@ impl Hold {
         units: Arc<Units>,
     ) -> Self {
         let mut hold = Hold::new(state.clone(), Ok(series), charged, overrun, timeout, units.clone());
+        if let Some(inner) = Arc::get_mut(&mut hold.inner) {
+            inner.value = value.map(Box::from);
+        }
         // The spend side registers (and counts) when the spend cap is hard and the series'
         // own hold does not.
         let hard = |m: usize| state.quota(m).is_some_and(|c| c.hard());
@@ -976,12 +985,22 @@ impl RouteHeld {
         self.meter
     }
 
-    /// Records `units` of `meter` through the hold, if it holds that meter and is open.
-    pub(crate) fn record(&self, meter: usize, units: u64) -> Option<Result<(), RecordError>> {
+    /// The value an open series' hold counts under (`None`: not an open series, or settled).
+    pub(crate) fn value(&self) -> Option<Box<str>> {
+        let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        hold.as_ref().and_then(|h| h.inner.value.clone())
+    }
+
+    /// Records `units` of `meter` (under `value`, an open series') through the hold, if it
+    /// holds that meter at that value and is open.
+    pub(crate) fn record(&self, meter: usize, value: Option<&str>, units: u64) -> Option<Result<(), RecordError>> {
         if meter != self.meter {
             return None;
         }
         let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        if hold.as_ref().is_some_and(|h| h.inner.value.as_deref() != value) {
+            return None;
+        }
         hold.as_mut().map(|h| h.record(units))
     }
 

@@ -2,7 +2,7 @@
 //! period), under the store's lock.
 
 use super::*;
-use crate::store::{HeldValues, ValueCall, ValueMode, ValueRow};
+use crate::store::{HeldValues, ValueCall, ValueMode};
 
 /// Rows are pruned when there are at least this many, at most once per period a call names.
 const PRUNE_FROM: usize = 4_096;
@@ -20,7 +20,7 @@ impl MemoryStore {
         if mode == ValueMode::Read {
             return inner.values.get(&key).cloned().unwrap_or_default().apply(call, mode);
         }
-        let row = inner.values.entry(key.clone()).or_insert_with(ValueRow::default);
+        let row = inner.values.entry(key.clone()).or_default();
         let out = row.apply(call, mode);
         if row.is_empty() {
             inner.values.remove(&key);

@@ -795,7 +795,8 @@ impl PostgresStore {
             let tx = self.begin(&mut client).await?;
             tx.query_typed(&rates, args![day_ago]).await?;
             tx.query_typed(&places, args![day_ago]).await?;
-            tx.query_typed(&values, args![wall]).await?;
+            // In usage time, as the usage.
+            tx.query_typed(&values, args![newest.min(wall)]).await?;
             tx.commit().await?;
             Ok(())
         })

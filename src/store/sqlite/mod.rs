@@ -506,8 +506,8 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     tx.execute("DELETE FROM rate_cells WHERE tat < ?1", [wall.saturating_sub(86_400).saturating_mul(1_000_000_000)])?;
     // Places rows whose every node's places expired (a node that died while holding some).
     tx.execute("DELETE FROM place_leases WHERE expires < ?1", [wall.saturating_mul(1_000_000_000)])?;
-    // Open dimensions' values of months kept long enough.
-    tx.execute("DELETE FROM dimension_values WHERE expires < ?1", [wall])?;
+    // Open dimensions' values of months kept long enough (in usage time, as the usage).
+    tx.execute("DELETE FROM dimension_values WHERE expires < ?1", [newest_window.min(wall)])?;
     tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())
