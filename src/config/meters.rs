@@ -27,8 +27,7 @@ pub(crate) struct RawMeter {
     /// What a value a list lacks, or a missing one, does: `refuse` or `other`.
     pub(crate) on_unknown: Option<String>,
     /// An open dimension: the most values a tenant may use in a month.
-    #[serde(default)]
-    pub(crate) max_values: BTreeMap<String, u32>,
+    pub(crate) max_values: Option<BTreeMap<String, u32>>,
     /// Prices per series, nested in the dimensions' order.
     pub(crate) prices: Option<toml::Value>,
 }
@@ -248,7 +247,7 @@ impl Validator<'_, '_> {
                     for (key, set) in [
                         ("values", !m.values.is_empty()),
                         ("on_unknown", m.on_unknown.is_some()),
-                        ("max_values", !m.max_values.is_empty()),
+                        ("max_values", m.max_values.is_some()),
                     ] {
                         if set {
                             return Err(self.invalid(&format!("{path}.{key}"), "only a meter with `dimensions` has it"));
@@ -277,7 +276,8 @@ impl Validator<'_, '_> {
                              not supported)",
                         ));
                     }
-                    let dims = self.dimensions(&path, names, &m.values, &m.max_values, m.on_unknown.as_deref())?;
+                    let open = m.max_values.clone().unwrap_or_default();
+                    let dims = self.dimensions(&path, names, &m.values, &open, m.on_unknown.as_deref())?;
                     if let Some(prices) = &m.prices {
                         self.check_price_keys(&format!("{path}.prices"), &dims, prices, 0)?;
                     }

@@ -236,6 +236,11 @@ impl Tollgate {
                     let window = align(&meter, window);
                     *peeked.entry((meter, window)).or_default() += q;
                 });
+                // Open values' usage, under each value's series.
+                s.peek_open(|m, value, window, q| {
+                    let Some(open) = s.plan.meters.open[m].as_deref() else { return };
+                    *peeked.entry((open.id(value), window)).or_default() += q;
+                });
             }
             peeked
         };

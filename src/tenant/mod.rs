@@ -18,5 +18,5 @@ pub(crate) use key::Who;
 pub use key::{Caller, Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
 pub(crate) use lock::{CallLock, Turn};
-pub(crate) use open::{OpenValues, Waiting};
+pub(crate) use open::{Admit, OpenValues, Waiting};
 pub(crate) use state::{Call, CallKind, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantState, Wanted};

@@ -147,17 +147,17 @@ impl TenantState {
         let meters = plan.meters.ids.len().max(1);
         let quotas = plan.quotas.iter().map(|(_, spec)| QuotaCold::for_spec(spec)).collect();
         let now = plan.clock.unix_secs();
-        let extra =
-            (meters > 1 || plan.fleet.is_some() || customer.is_some()).then(|| {
-                Box::new(Extra {
-                    more: (1..meters).map(|_| MeterCell::default()).collect(),
-                    fleet: plan.fleet.is_some().then(Box::default),
-                    customer,
-                    open: plan.meters.open.iter().any(Option::is_some).then(|| {
-                        Box::new(std::sync::Mutex::new(super::OpenValues::new(plan.metrics.open_values.clone())))
-                    }),
-                })
-            });
+        let extra = (meters > 1 || plan.fleet.is_some() || customer.is_some()).then(|| {
+            Box::new(Extra {
+                more: (1..meters).map(|_| MeterCell::default()).collect(),
+                fleet: plan.fleet.is_some().then(Box::default),
+                customer,
+                open: plan.meters.open.iter().any(Option::is_some).then(|| {
+                    let node = plan.metrics.open_values.clone();
+                    Box::new(std::sync::Mutex::new(super::OpenValues::new(node, plan.window_secs)))
+                }),
+            })
+        });
         Self {
             refs: AtomicU32::new(1),
             last_seen: AtomicU32::new(now as u32),
@@ -307,14 +307,15 @@ impl TenantState {
         Some(open.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// The value the open series `series`'s units at `value` count under at `now`: `value`,
-    /// known to this node or new with room for it in the tenant's `max_values` this calendar
-    /// month (claimed by the next flush); past them, `"other"`, or a refusal under
-    /// `on_unknown = "refuse"`. `"other"` itself needs no room.
+    /// The value the open series `series`'s units at `value` would count under at `now`:
+    /// `value`, known to this node or new with room for it in the tenant's `max_values` this
+    /// calendar month; past them, `"other"`, or a refusal under `on_unknown = "refuse"`; past
+    /// the node's bound, `"other"`. `"other"` itself needs no room. Takes no place: a record
+    /// does ([`record_open`](Self::record_open)).
     ///
     /// # Errors
     /// [`DimensionError::TooManyValues`](crate::config::DimensionError::TooManyValues).
-    pub(crate) fn admit_open<'v>(
+    pub(crate) fn check_open<'v>(
         &self,
         series: usize,
         value: &'v str,
@@ -324,12 +325,12 @@ impl TenantState {
         if value == crate::config::OTHER_VALUE {
             return Ok(value);
         }
-        let (month, _) = crate::base::Period::Month { anchor_day: 1 }.bounds(now);
-        let admitted = self.open_values().is_some_and(|mut o| o.admit(spec.meter, value, spec.cap, month, now));
-        match (admitted, spec.refuse) {
-            (true, _) => Ok(value),
-            (false, false) => Ok(crate::config::OTHER_VALUE),
-            (false, true) => Err(crate::config::DimensionError::TooManyValues {
+        let admit =
+            self.open_values().map_or(super::Admit::NodeFull, |mut o| o.check(spec.meter, value, spec.cap, now));
+        match (admit, spec.refuse) {
+            (super::Admit::Yes, _) => Ok(value),
+            (super::Admit::NodeFull, _) | (super::Admit::PastCap, false) => Ok(crate::config::OTHER_VALUE),
+            (super::Admit::PastCap, true) => Err(crate::config::DimensionError::TooManyValues {
                 dimension: spec.dimension.to_string(),
                 value: crate::config::dimensions_truncated(value),
                 max: spec.cap,
@@ -337,13 +338,22 @@ impl TenantState {
         }
     }
 
-    /// Records `quantity` of the open series `series` under `value` (see
-    /// [`OpenValues::add`](super::OpenValues::add)).
+    /// Records `quantity` of the open series `series` under `value` at `now`, admitting the
+    /// value then (a value refused or forgotten since it was checked counts under `"other"`:
+    /// see [`OpenValues::add`](super::OpenValues::add)).
     pub(crate) fn record_open(&self, series: usize, value: &str, now: i64, quantity: u64) {
-        let window = self.plan.window_index(now);
-        if let (Some(mut open), Ok(series)) = (self.open_values(), u8::try_from(series)) {
-            open.add(series, value, window, quantity);
+        let Some(spec) = self.plan.meters.open.get(series).and_then(|o| o.as_deref()) else { return };
+        if let (Some(mut open), Ok(s)) = (self.open_values(), u8::try_from(series)) {
+            open.add(spec.meter, s, value, spec.cap, now, quantity);
         }
+    }
+
+    /// Reads the usage of open values not taken yet: (series index, value, window start in
+    /// Unix seconds, quantity).
+    pub(crate) fn peek_open(&self, mut out: impl FnMut(usize, &str, i64, u64)) {
+        let Some(open) = self.open_values() else { return };
+        let window_secs = self.plan.window_secs;
+        open.peek(|s, v, w, q| out(usize::from(s), v, i64::from(w) * window_secs, q));
     }
 
     /// Records `quantity` of `meter` (a series, under `open` for an open series).

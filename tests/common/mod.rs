@@ -417,6 +417,8 @@ pub struct Faulty {
     pub counter_reads: AtomicU64,
     /// Calls of the quota role's open values (claims, reads, forgets).
     pub value_calls: AtomicU64,
+    /// The quota role's open values fail (the rest of the store answers).
+    pub values_down: AtomicBool,
     /// The next usage read (`usage_range`) reads the store, then notifies the first and waits
     /// for the second before it answers (a read overtaken by a flush).
     pub hold_usage_read: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
@@ -486,6 +488,7 @@ impl Default for Faulty {
             usage_reads: Default::default(),
             counter_reads: Default::default(),
             value_calls: Default::default(),
+            values_down: Default::default(),
             hold_usage_read: Default::default(),
             hold_commit: Default::default(),
             hold_key_lookup: Default::default(),
@@ -670,6 +673,9 @@ impl QuotaStore for Faulty {
         mode: tollgate::store::ValueMode,
     ) -> Result<tollgate::store::HeldValues, StoreError> {
         self.value_calls.fetch_add(1, Ordering::SeqCst);
+        if self.values_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("open values switched off".into()));
+        }
         self.before_quota(call.tenant.as_str()).await?;
         let r = self.inner.values(call, mode).await;
         self.after_quota().await;

@@ -351,3 +351,111 @@ async fn a_new_month_frees_a_tenants_values() {
     assert!(ctx.record_with("tokens", 1, &series("m-g", "input")).is_err(), "April's three");
     assert!(ticket.complete(200));
 }
+
+/// A hold on a value outlives the claim that refused it (another node took the tenant's last
+/// place first): what it records is billed under `other`, never as a series past the cap, and
+/// recorded once.
+#[tokio::test]
+async fn a_hold_outliving_its_values_refused_claim_bills_under_other() {
+    let toml = OPEN.replace("max_values.model = 3", "max_values.model = 1");
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let (a, b) = (Harness::with_store(&toml, whole.clone(), NOON), Harness::with_store(&toml, whole, NOON));
+    // Node B holds m-b (new to it); node A records m-a and claims the tenant's one place.
+    let (ticket_b, ctx_b) = admit(&b, "key-t").await.unwrap();
+    let mut hold = ctx_b.hold_in("tokens", &series("m-b", "output"), 50).await.unwrap();
+    hold.record(5).unwrap();
+    let (ticket_a, ctx_a) = admit(&a, "key-t").await.unwrap();
+    ctx_a.record_with("tokens", 7, &series("m-a", "output")).unwrap();
+    assert!(ticket_a.complete(200));
+    a.tollgate.flush().await.unwrap();
+    // B's claim of m-b is refused; its hold records on, then settles.
+    b.tollgate.flush().await.unwrap();
+    hold.record(20).unwrap();
+    // A record of m-b beside the hold is a new value past the cap: refused, nothing counted.
+    let e = ctx_b.record_with("tokens", 3, &series("m-b", "output")).unwrap_err();
+    assert!(matches!(e, RecordError::Dimension(DimensionError::TooManyValues { .. })), "{e}");
+    hold.settle();
+    assert!(ticket_b.complete(200));
+    let got = committed(&b, "t").await;
+    let tokens: BTreeMap<_, _> = got.iter().filter(|(k, _)| k.starts_with("tokens{")).collect();
+    assert_eq!(tokens.get(&"tokens{model=m-a,kind=output}".to_owned()), Some(&&7), "{tokens:?}");
+    assert_eq!(tokens.get(&"tokens{model=other,kind=output}".to_owned()), Some(&&25), "{tokens:?}");
+    assert_eq!(tokens.len(), 2, "no series of m-b: {tokens:?}");
+}
+
+/// The series of the values not listed has no value to count under: recorded or held by its
+/// id, it is refused, nothing counted (never spend without usage).
+#[tokio::test]
+async fn the_open_position_is_no_series_to_record() {
+    let h = Harness::new(OPEN);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let e = ctx.record("tokens{model=*,kind=output}", 5).unwrap_err();
+    assert!(matches!(e, RecordError::Dimension(DimensionError::Invalid(_))), "{e}");
+    let r = ctx.hold("tokens{model=*,kind=output}", 5).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::InvalidDimension);
+    let e = ctx.record_with("tokens", 5, &series("*", "output")).unwrap_err();
+    assert!(matches!(e, RecordError::Dimension(DimensionError::UnknownValue { .. })), "{e}");
+    assert!(ticket.complete(200));
+    let got = committed(&h, "t").await;
+    assert!(got.keys().all(|k| !k.starts_with("tokens") && k != "spend"), "{got:?}");
+}
+
+/// Usage of open values not flushed yet is in the usage report: the total's `used` and each
+/// value's series.
+#[tokio::test]
+async fn the_report_counts_open_values_not_flushed_yet() {
+    let h = Harness::new(OPEN);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 11, &series("m-a", "output")).unwrap();
+    assert!(ticket.complete(200));
+    let report = h.tollgate.usage_report(&"t".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let total = report.quotas.iter().find(|q| q.meter.as_str() == "tokens").unwrap();
+    assert_eq!(total.used, 11);
+    let used = |m: &str| report.usage.iter().filter(|w| w.meter.as_str() == m).map(|w| w.quantity).sum::<u64>();
+    assert_eq!(used("tokens{model=m-a,kind=output}"), 11);
+}
+
+/// A request refused (its hold past the quota) takes no place: its value is never claimed, and
+/// the tenant's places stay for the values it uses.
+#[tokio::test]
+async fn a_refused_hold_takes_no_place() {
+    let toml = OPEN.replace(
+        "quotas.tokens = { limit = 100000000, period = \"day\" }",
+        "quotas.tokens = { limit = 100, period = \"day\" }",
+    );
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    // 90 of the day's 100 tokens, of a listed model (no place); then holds of 50 refused.
+    ctx.record_with("tokens", 90, &series("m-large", "input")).unwrap();
+    for m in ["m-x", "m-y", "m-z", "m-w"] {
+        let r = ctx.hold_in("tokens", &series(m, "output"), 50).await.unwrap_err();
+        assert_eq!(r.kind(), RejectionKind::QuotaExceeded, "{m}: {r}");
+    }
+    for m in ["m-a", "m-b", "m-c"] {
+        ctx.record_with("tokens", 1, &series(m, "input")).unwrap();
+    }
+    assert!(ticket.complete(200));
+    h.tollgate.flush().await.unwrap();
+    let call = tollgate::store::ValueCall::new("t".into(), "tokens".into(), "model", 1_772_323_200, 3, 0);
+    let row = h.memory.as_ref().unwrap().read_values(&call).await.unwrap();
+    assert_eq!(row.values, ["m-a", "m-b", "m-c"]);
+}
+
+/// At shutdown with the quota role's store down, a value still waiting for its claim is
+/// billed under `other`: nothing held back, nothing lost.
+#[tokio::test]
+async fn shutdown_bills_a_value_still_waiting_under_other() {
+    let memory: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let faulty = Arc::new(common::Faulty::over(memory.clone()));
+    let h = Harness::with_store(OPEN, faulty.clone(), NOON);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    ctx.record_with("tokens", 6, &series("m-a", "output")).unwrap();
+    assert!(ticket.complete(200));
+    faulty.values_down.store(true, Ordering::SeqCst);
+    h.tollgate.shutdown().await.unwrap();
+    let all = memory.usage_range(&"t".into(), NOON - 86_400, NOON + 86_400).await.unwrap();
+    let other: u64 =
+        all.iter().filter(|a| a.key.meter.as_str() == "tokens{model=other,kind=output}").map(|a| a.quantity).sum();
+    assert_eq!(other, 6, "{all:?}");
+}

@@ -316,11 +316,24 @@ impl TenantContext {
             ))));
         }
         let open = match open {
+            // The open series itself, named by its id: no value to count under.
+            None if table.open[index].is_some() => {
+                return Err(RecordError::Dimension(DimensionError::Invalid(format!(
+                    "`{}` is the series of the values not listed: record a value",
+                    table.ids[index]
+                ))))
+            }
             None => None,
+            // The route's hold's own value: checked when it was taken, recorded through it.
+            Some(value)
+                if held == Some(index) && self.hold.as_ref().and_then(|h| h.value()).as_deref() == Some(&*value) =>
+            {
+                Some(value)
+            }
             Some(value) => {
                 let now = self.state.clock().unix_secs();
-                let admitted = self.state.admit_open(index, &value, now).map_err(RecordError::Dimension)?;
-                Some(if admitted == &*value { value } else { Cow::Borrowed(crate::config::OTHER_VALUE) })
+                let checked = self.state.check_open(index, &value, now).map_err(RecordError::Dimension)?;
+                Some(if checked == &*value { value } else { Cow::Borrowed(crate::config::OTHER_VALUE) })
             }
         };
         Ok((index, table.rollups[index], open))
@@ -432,7 +445,7 @@ impl TenantContext {
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);
         }
-        if self.state.plan.meters.recorded(index) {
+        if self.state.plan.meters.recorded(index) || open.is_some() {
             self.state.plan.metrics.usage_units.increment(quantity);
         }
         // A priced meter feeds the spend: through the request's tab (rounded once for the

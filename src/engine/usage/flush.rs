@@ -245,8 +245,13 @@ impl Pipeline {
         self.clock.resync();
         let mut report = FlushReport::default();
         // Values of open dimensions new to their tenants are claimed first: their usage is
-        // drained under them, or under `"other"` when the tenant's row refused them.
-        self.claim_open_values(table).await;
+        // drained under them, or under `"other"` when the tenant's row refused them. The last
+        // flush claims within one store timeout: what still waits is billed under `"other"`.
+        if last {
+            let _late = tokio::time::timeout(rt.config.usage.store_timeout, self.claim_open_values(table)).await;
+        } else {
+            self.claim_open_values(table).await;
+        }
         // The retired states nobody holds any more are let go once their leases are back; one
         // whose lease the store did not take back stays, and the next flush sends it again:
         // forgotten, its give-back would never land, and at the expiry the store would give
@@ -358,25 +363,31 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Claims the values of open dimensions new to their tenants (every state's, retired ones
-    /// included) in the quota role's rows: one call per tenant and open meter, each value
-    /// learned held or refused (its usage then billed under `"other"`). A call that fails
-    /// leaves its values waiting for the next flush, at most
-    /// a minute (`tenant/open.rs`, `CLAIM_PATIENCE_SECS`).
+    /// Claims the values of open dimensions new to their tenants that have usage (every
+    /// state's, retired ones included) in the quota role's rows: one call per tenant, open
+    /// meter and month, eight at a time, each value learned held or refused (its usage then
+    /// billed under `"other"`). A call that fails leaves its values waiting for the next flush,
+    /// a minute at most (`tenant/open.rs`, `CLAIM_PATIENCE_SECS`).
     async fn claim_open_values(&self, table: &TenantTable) {
+        use futures_util::StreamExt as _;
         let mut waiting: Vec<(Tenant, crate::tenant::Waiting)> = Vec::new();
         let mut collect = |s: &Tenant| {
+            let meters = &s.plan.meters;
+            let series_of = |i: u8| meters.open.get(usize::from(i)).and_then(|o| o.as_deref()).map(|o| o.meter);
             if let Some(open) = s.open_values() {
-                waiting.extend(open.waiting().into_iter().map(|w| (s.clone(), w)));
+                waiting.extend(open.waiting(&series_of).into_iter().map(|w| (s.clone(), w)));
             }
         };
         table.for_each(&mut collect);
         for s in table.retired().iter() {
             collect(s);
         }
-        for (s, w) in waiting {
+        if waiting.is_empty() {
+            return;
+        }
+        let claims = waiting.into_iter().map(|(s, w)| async move {
             let table = &s.plan.meters;
-            let Some(spec) = table.open.iter().flatten().find(|o| o.meter == w.meter) else { continue };
+            let spec = table.open.iter().flatten().find(|o| o.meter == w.meter)?;
             let (_, end) = crate::base::Period::Month { anchor_day: 1 }.bounds(w.month);
             // Kept as long as the month's usage is.
             let keep_until = end.saturating_add(crate::store::contract::RETENTION_SECS);
@@ -389,16 +400,36 @@ impl Pipeline {
                 keep_until,
             )
             .with_values(w.values.iter().cloned());
-            match self.stores.background().quota.values(&call, crate::store::ValueMode::Claim).await {
-                Ok(held) => {
-                    let series_of = |i: u8| table.open.get(usize::from(i)).and_then(|o| o.as_deref()).map(|o| o.meter);
-                    if let Some(mut open) = s.open_values() {
-                        open.claimed(w.meter, w.month, &w.values, &held, &series_of);
-                    }
+            let answer = self.stores.background().quota.values(&call, crate::store::ValueMode::Claim).await;
+            let held = match answer {
+                Ok(held) => held,
+                Err(e) => return Some(Err(e)),
+            };
+            let series_of = |i: u8| table.open.get(usize::from(i)).and_then(|o| o.as_deref()).map(|o| o.meter);
+            let refused =
+                s.open_values().map_or(0, |mut open| open.claimed(w.meter, w.month, &w.values, &held, &series_of));
+            Some(Ok(refused))
+        });
+        let answers: Vec<_> = futures_util::stream::iter(claims).buffer_unordered(8).collect().await;
+        let (mut refused, mut failed, mut error) = (0usize, 0usize, None);
+        for answer in answers.into_iter().flatten() {
+            match answer {
+                Ok(n) => refused += n,
+                Err(e) => {
+                    failed += 1;
+                    error.get_or_insert(e);
                 }
-                Err(e) => tracing::warn!(tenant = %s.id, error = %e,
-                    "values of an open dimension could not be claimed; claimed again at the next flush"),
             }
+        }
+        if refused > 0 {
+            tracing::info!(
+                values = refused,
+                "values of open dimensions the tenants' rows refused: billed under `other`"
+            );
+        }
+        if let Some(e) = error {
+            tracing::warn!(calls = failed, error = %e,
+                "values of open dimensions could not be claimed; claimed again at the next flush");
         }
     }
 

@@ -255,7 +255,7 @@ impl HoldInner {
         }
         if spend {
             state.plan.metrics.spend_nanos.increment(units);
-        } else if state.plan.meters.recorded(meter) {
+        } else if state.plan.meters.recorded(meter) || self.value.is_some() {
             state.plan.metrics.usage_units.increment(units);
         }
         open.recorded += units;

@@ -19,9 +19,8 @@
 //!   with `:` and `%` written `%3A` and `%25`;
 //! - `PREFIX:1:{TENANT}:values:METER:DIMENSION:START`: the values of an open dimension of a
 //!   tenant's meter used in the month starting at START (`row`: `store::ValueRow`), METER
-//!   escaped as a counter's; written without a time to live while its month runs, given 35 days
-//!   when the tenant's row of the next month is written (a key of this kind is new in layout 3:
-//!   earlier nodes never read it);
+//!   escaped as a counter's; each write keeps it until 35 days past its month at least (a key
+//!   of this kind is new in layout 3: earlier nodes never read it);
 //! - `PREFIX:1:{PAYMENT}:payment`: a payment's (or an invoice's) refund kept until its grant
 //!   lands (`refund`), then the grant it bought (`grant`);
 //! - `PREFIX:1:{credits-due}`: a sorted set of the credit grants that expire, by expiry;
