@@ -16,6 +16,11 @@ use std::{
     },
 };
 
+/// How long the month before is kept past the turn at least: a hold recording after the turn
+/// records its covered units in its period's last second (`limits.hold_timeout` is a day at
+/// most), under the values that month's row holds; with 10 minutes of clock skew.
+const PREVIOUS_KEPT_SECS: i64 = 86_400 + 600;
+
 /// How long a value may wait for its claim (the quota role's store failing) before its units
 /// are billed under `"other"`, in seconds.
 pub(crate) const CLAIM_PATIENCE_SECS: i64 = 60;
@@ -158,15 +163,26 @@ impl OpenValues {
 
     /// Records `quantity` of the series `series` of the open meter `meter` under `value` at
     /// `now`: admitted as [`check`](Self::check) says (a new value waits for its claim in the
-    /// month of `now`), else under `"other"`. Returns whether it counted under `value`.
-    pub(crate) fn add(&mut self, meter: u8, series: u8, value: &str, cap: u32, now: i64, quantity: u64) -> bool {
+    /// month of `now`, since `clock`), else under `"other"`. Returns whether it counted under
+    /// `value`.
+    #[allow(clippy::too_many_arguments, reason = "where, what, when, how much")]
+    pub(crate) fn add(
+        &mut self,
+        meter: u8,
+        series: u8,
+        value: &str,
+        cap: u32,
+        now: i64,
+        clock: i64,
+        quantity: u64,
+    ) -> bool {
         let other = crate::config::OTHER_VALUE;
         let admitted = value != other && self.check(meter, value, cap, now) == Admit::Yes;
         if admitted {
             if let Some(month) = self.month_mut(month_of(now)) {
                 let values = month.known.entry(meter).or_default();
                 if !values.contains_key(value) {
-                    values.insert(value.into(), Known::Waiting { since: now });
+                    values.insert(value.into(), Known::Waiting { since: clock });
                     self.node.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -358,7 +374,7 @@ impl OpenValues {
             self.previous.as_ref().is_some_and(|m| m.known.values().any(|v| v.values().any(|k| *k != Known::Held)));
         let after = self.len();
         self.node.fetch_sub(before - after, Ordering::Relaxed);
-        if !keep_previous && !waiting_before {
+        if !keep_previous && !waiting_before && now >= self.current.start.saturating_add(PREVIOUS_KEPT_SECS) {
             self.counted(|o| o.previous = None);
         }
         if forgotten > 0 {
@@ -399,10 +415,10 @@ mod tests {
         let series_of = |s: u8| (s == 3).then_some(2u8);
         let mut o = OpenValues::new(node.clone(), 3600);
         let t = MARCH + 100;
-        assert!(o.add(2, 3, "m-a", 2, t, 10));
-        assert!(o.add(2, 3, "m-b", 2, t, 4));
+        assert!(o.add(2, 3, "m-a", 2, t, t, 10));
+        assert!(o.add(2, 3, "m-b", 2, t, t, 4));
         assert_eq!(o.check(2, "m-c", 2, t), Admit::PastCap, "past the cap on the node");
-        assert!(!o.add(2, 3, "m-c", 2, t, 1), "counted under other");
+        assert!(!o.add(2, 3, "m-c", 2, t, t, 1), "counted under other");
         assert_eq!(drained(&mut o, t + 1, false), [(3, "other".to_owned(), 1)], "waiting values keep their usage");
         let w = o.waiting(&series_of);
         assert_eq!((w.len(), w[0].month, w[0].values.len()), (1, MARCH, 2));
@@ -412,7 +428,7 @@ mod tests {
         assert_eq!(o.check(2, "m-z", 2, t), Admit::Yes, "held by another node's claim");
         assert_eq!(o.check(2, "m-b", 2, t), Admit::PastCap, "refused, and the row is full");
         // A hold recording m-b later: under other.
-        assert!(!o.add(2, 3, "m-b", 2, t + 2, 5));
+        assert!(!o.add(2, 3, "m-b", 2, t + 2, t + 2, 5));
         assert_eq!(drained(&mut o, t + 2, false), [(3, "m-a".to_owned(), 10), (3, "other".to_owned(), 9)]);
         assert_eq!(node.load(Ordering::Relaxed), 2, "m-a and m-z");
         drop(o);
@@ -424,14 +440,14 @@ mod tests {
         let node = Arc::new(AtomicUsize::new(0));
         let series_of = |s: u8| (s == 3).then_some(2u8);
         let mut o = OpenValues::new(node.clone(), 3600);
-        assert!(o.add(2, 3, "m-q", 5, MARCH + 10, 3));
+        assert!(o.add(2, 3, "m-q", 5, MARCH + 10, MARCH + 10, 3));
         assert_eq!(drained(&mut o, MARCH + 10 + CLAIM_PATIENCE_SECS, false), [(3, "other".to_owned(), 3)]);
         assert_eq!(node.load(Ordering::Relaxed), 0);
         // A value waiting as the month turns is claimed in its own month's row; the new month
         // has its own room.
         let mut o = OpenValues::new(node.clone(), 3600);
-        assert!(o.add(2, 3, "m-a", 1, APRIL - 10, 7));
-        assert!(o.add(2, 3, "m-b", 1, APRIL + 10, 2), "April's one value");
+        assert!(o.add(2, 3, "m-a", 1, APRIL - 10, APRIL - 10, 7));
+        assert!(o.add(2, 3, "m-b", 1, APRIL + 10, APRIL + 10, 2), "April's one value");
         let mut w = o.waiting(&series_of);
         w.sort_by_key(|w| w.month);
         assert_eq!((w[0].month, &w[0].values[..]), (MARCH, &["m-a".to_owned()][..]));
@@ -441,11 +457,16 @@ mod tests {
             o.claimed(w.meter, w.month, &w.values, &held, &series_of);
         }
         assert_eq!(drained(&mut o, APRIL + 20, false), [(3, "m-a".to_owned(), 7), (3, "m-b".to_owned(), 2)]);
-        assert_eq!(node.load(Ordering::Relaxed), 1, "March let go once drained");
+        assert_eq!(node.load(Ordering::Relaxed), 2, "March kept a day past the turn");
+        // A hold's units recorded at March's last second after the turn: under m-a, held.
+        assert!(o.add(2, 3, "m-a", 1, APRIL - 1, APRIL + 30, 3));
+        assert_eq!(drained(&mut o, APRIL + 40, false), [(3, "m-a".to_owned(), 3)]);
+        drained(&mut o, APRIL + PREVIOUS_KEPT_SECS, false);
+        assert_eq!(node.load(Ordering::Relaxed), 1, "March let go");
         // At the last flush, a value waiting goes to other at once.
-        assert!(o.add(2, 3, "m-b", 1, APRIL + 30, 1));
+        assert!(o.add(2, 3, "m-b", 1, APRIL + 30, APRIL + 30, 1));
         let mut o2 = OpenValues::new(node.clone(), 3600);
-        assert!(o2.add(2, 3, "m-c", 1, APRIL + 30, 4));
+        assert!(o2.add(2, 3, "m-c", 1, APRIL + 30, APRIL + 30, 4));
         assert_eq!(drained(&mut o2, APRIL + 31, true), [(3, "other".to_owned(), 4)]);
     }
 }

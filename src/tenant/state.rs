@@ -344,7 +344,8 @@ impl TenantState {
     pub(crate) fn record_open(&self, series: usize, value: &str, now: i64, quantity: u64) {
         let Some(spec) = self.plan.meters.open.get(series).and_then(|o| o.as_deref()) else { return };
         if let (Some(mut open), Ok(s)) = (self.open_values(), u8::try_from(series)) {
-            open.add(spec.meter, s, value, spec.cap, now, quantity);
+            // Waiting since the clock's now (a hold's units may be recorded at its period's end).
+            open.add(spec.meter, s, value, spec.cap, now, self.clock().unix_secs(), quantity);
         }
     }
 

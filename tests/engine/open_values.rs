@@ -459,3 +459,42 @@ async fn shutdown_bills_a_value_still_waiting_under_other() {
         all.iter().filter(|a| a.key.meter.as_str() == "tokens{model=other,kind=output}").map(|a| a.quantity).sum();
     assert_eq!(other, 6, "{all:?}");
 }
+
+/// A route holds a value past the tenant's places (`on_unknown = "other"`); the handler
+/// records it by name after the month turned (April has room): the units go through the
+/// route's hold (`settle = "estimate"`), billed once, the same as for a listed model (never
+/// recorded beside the hold and the estimate billed again).
+#[tokio::test]
+async fn a_routes_hold_on_a_value_past_the_cap_bills_its_units_once() {
+    let toml = OPEN
+        .replace("max_values.model = 3", "max_values.model = 1")
+        .replace("hold_values = {", "settle = \"estimate\"\nhold_values = {")
+        .replace(
+            "values.kind = [\"input\", \"output\"]",
+            "values.kind = [\"input\", \"output\"]\non_unknown = \"other\"",
+        );
+    let billed = |model: &'static str| {
+        let toml = toml.clone();
+        async move {
+            let h = Harness::new(&toml);
+            let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+            ctx.record_with("tokens", 1, &series("m-a", "input")).unwrap();
+            assert!(ticket.complete(200));
+            h.tollgate.flush().await.unwrap();
+            let headers: [(&str, &[u8]); 2] = [("x-max-tokens", b"50"), ("x-model", model.as_bytes())];
+            let info =
+                tollgate::door::RequestInfo::new("POST", "/tokens/20", tollgate::door::Credential::ApiKey(b"key-t"))
+                    .with_headers(&headers);
+            let ticket = common::admitted_ticket(&h.tollgate, &info).await;
+            // The work ends in April, whose places are free.
+            h.clock.advance(Duration::from_secs((1_775_001_600 - NOON + 10) as u64));
+            ticket.context().record_with("tokens", 20, &series(model, "output")).unwrap();
+            assert!(ticket.complete(200));
+            let got = committed(&h, "t").await;
+            got.iter().filter(|(k, _)| k.starts_with("tokens{") && k.contains("output")).map(|(_, q)| *q).sum::<u64>()
+        }
+    };
+    let listed = billed("m-large").await;
+    assert_eq!(listed, 50, "the estimate, in full");
+    assert_eq!(billed("m-b").await, listed, "the same units as a listed model's");
+}

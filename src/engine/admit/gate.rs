@@ -204,12 +204,13 @@ impl Gate {
         };
         // A meter with dimensions: its series at the request's values, held with its total
         // and selectors (checked at entry; a reload since may refuse them).
-        // An open series' value is checked too (past the tenant's `max_values`, `"other"` or
-        // the same 400), before anything is taken; it takes its place when units are recorded.
+        // An open series' value is checked too (past the tenant's `max_values` under `refuse`,
+        // the same 400), before anything is taken. The hold keeps the value the request named:
+        // its records take its place then, or count under `"other"`.
         let admitted = |(series, value): (usize, Option<&str>)| match value {
             None => Ok((series, None)),
             Some(v) => {
-                state.check_open(series, v, state.clock().unix_secs()).map(|v| (series, Some(Box::<str>::from(v))))
+                state.check_open(series, v, state.clock().unix_secs()).map(|_| (series, Some(Box::<str>::from(v))))
             }
         };
         let (meter, open, rollups) = if state.plan.meters.dims[meter].is_some() {

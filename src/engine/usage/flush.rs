@@ -25,6 +25,10 @@ use crate::{
 /// it, committed in batches exactly once each. One flush at a time (`batches` is its lock);
 /// what it holds is in `queue`, behind a lock no store call is made under, so that a reader
 /// of the usage not stored yet ([`unstored_of`](Self::unstored_of)) never waits for a flush.
+/// Claims of open values that fail in one flush's pass before it stops claiming (the values
+/// wait for the next flush).
+const CLAIM_FAILURES_MAX: usize = 3;
+
 pub(crate) struct Pipeline {
     batches: tokio::sync::Mutex<Batches>,
     queue: std::sync::Mutex<Queue>,
@@ -245,13 +249,12 @@ impl Pipeline {
         self.clock.resync();
         let mut report = FlushReport::default();
         // Values of open dimensions new to their tenants are claimed first: their usage is
-        // drained under them, or under `"other"` when the tenant's row refused them. The last
-        // flush claims within one store timeout: what still waits is billed under `"other"`.
-        if last {
-            let _late = tokio::time::timeout(rt.config.usage.store_timeout, self.claim_open_values(table)).await;
-        } else {
-            self.claim_open_values(table).await;
-        }
+        // drained under them, or under `"other"` when the tenant's row refused them. A quota
+        // store in trouble never holds the usage up for long: the pass stops after a few
+        // failures, and within two store timeouts (the last flush's, one: what still waits is
+        // billed under `"other"`).
+        let claims_within = rt.config.usage.store_timeout * if last { 1 } else { 2 };
+        let _late = tokio::time::timeout(claims_within, self.claim_open_values(table)).await;
         // The retired states nobody holds any more are let go once their leases are back; one
         // whose lease the store did not take back stays, and the next flush sends it again:
         // forgotten, its give-back would never land, and at the expiry the store would give
@@ -385,7 +388,12 @@ impl Pipeline {
         if waiting.is_empty() {
             return;
         }
+        let failures = std::sync::atomic::AtomicUsize::new(0);
+        let failures = &failures;
         let claims = waiting.into_iter().map(|(s, w)| async move {
+            if failures.load(Relaxed) >= CLAIM_FAILURES_MAX {
+                return None;
+            }
             let table = &s.plan.meters;
             let spec = table.open.iter().flatten().find(|o| o.meter == w.meter)?;
             let (_, end) = crate::base::Period::Month { anchor_day: 1 }.bounds(w.month);
@@ -403,7 +411,10 @@ impl Pipeline {
             let answer = self.stores.background().quota.values(&call, crate::store::ValueMode::Claim).await;
             let held = match answer {
                 Ok(held) => held,
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    failures.fetch_add(1, Relaxed);
+                    return Some(Err(e));
+                }
             };
             let series_of = |i: u8| table.open.get(usize::from(i)).and_then(|o| o.as_deref()).map(|o| o.meter);
             let refused =
