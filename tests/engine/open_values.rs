@@ -498,3 +498,43 @@ async fn a_routes_hold_on_a_value_past_the_cap_bills_its_units_once() {
     assert_eq!(listed, 50, "the estimate, in full");
     assert_eq!(billed("m-b").await, listed, "the same units as a listed model's");
 }
+
+/// The case: `max_values.model = 50`; the 51st model value of a tenant in a month is
+/// answered as configured (400 under `refuse`, `other` under `"other"`), after the fleet's row
+/// holds the 50.
+#[tokio::test]
+async fn the_51st_model_value_of_a_tenant_is_answered_as_configured() {
+    for policy in ["refuse", "other"] {
+        let toml = OPEN.replace("max_values.model = 3", "max_values.model = 50").replace(
+            "values.kind = [\"input\", \"output\"]",
+            &format!("values.kind = [\"input\", \"output\"]\non_unknown = \"{policy}\""),
+        );
+        let h = Harness::new(&toml);
+        let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+        for i in 1..=50 {
+            ctx.record_with("tokens", 1, &series(&format!("m-{i}"), "output")).unwrap();
+        }
+        assert!(ticket.complete(200));
+        h.tollgate.flush().await.unwrap();
+        let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+        let answer = ctx.record_with("tokens", 7, &series("m-51", "output"));
+        match policy {
+            "refuse" => {
+                let e = answer.unwrap_err();
+                let r = ctx.refusal("tokens", &e).expect("a 400 to answer");
+                assert_eq!((r.kind(), r.status().as_u16()), (RejectionKind::InvalidDimension, 400), "{e}");
+            }
+            _ => answer.unwrap(),
+        }
+        ctx.record_with("tokens", 1, &series("m-50", "output")).unwrap();
+        assert!(ticket.complete(200));
+        let got = committed(&h, "t").await;
+        let series: Vec<_> = got.keys().filter(|k| k.starts_with("tokens{")).collect();
+        let other = got.get("tokens{model=other,kind=output}").copied();
+        match policy {
+            "refuse" => assert_eq!((series.len(), other), (50, None), "{got:?}"),
+            _ => assert_eq!((series.len(), other), (51, Some(7)), "{got:?}"),
+        }
+        assert_eq!(got.get("tokens{model=m-50,kind=output}"), Some(&2));
+    }
+}

@@ -358,6 +358,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "api_key",
             "credit",
             "credit_refund_kept",
+            "dimension_values",
             "flush",
             "idempotency",
             "idempotency_bytes",
