@@ -453,6 +453,26 @@ pub(crate) struct CompiledPlan {
     pub(crate) straight: bool,
     /// The engine's clock, which the plan's tenants read (kept here, not in each tenant).
     pub(crate) clock: Clock,
+    /// The organization whose limits the tenant's requests pass too (`[tenants.X] org`): a
+    /// tenant in an organization is served a plan of its own, never the plan shared by its
+    /// plan's other tenants, and never `straight`.
+    pub(crate) org: Option<Arc<OrgLimits>>,
+    /// The organization whose counters a state on this plan keeps (an organization's plan as
+    /// [`OrgLimits::plan`] compiles it): units are taken and held there, never recorded as
+    /// usage (its tenants' usage is theirs, billed once).
+    pub(crate) counts_for: Option<crate::base::OrgId>,
+}
+
+/// An organization's limits as its tenants' requests pass them: its plan compiled, and the
+/// state its counters are kept under (`counters`, the id [`OrgId::counters_id`] gives), which
+/// the tenant table holds beside the tenants.
+#[derive(Debug)]
+pub(crate) struct OrgLimits {
+    pub(crate) id: crate::base::OrgId,
+    pub(crate) counters: TenantId,
+    pub(crate) plan: Arc<CompiledPlan>,
+    /// The meters its plan has a quota on, a bit per meter index.
+    pub(crate) meters: u64,
 }
 
 impl CompiledPlan {
@@ -790,6 +810,8 @@ impl CompiledPlan {
             clients: None,
             straight,
             clock: clock.clone(),
+            org: None,
+            counts_for: None,
             spend: spend_index,
             prices,
             priced: costly,
@@ -848,6 +870,8 @@ pub(crate) struct StaticTenant {
     pub(crate) metronome_customer: Option<String>,
     /// The tenant's overrides, in their JSON form.
     pub(crate) overrides: Option<String>,
+    /// The organization it belongs to.
+    pub(crate) org: Option<crate::base::OrgId>,
 }
 
 /// Everything the request path needs from one configuration.
@@ -867,6 +891,8 @@ pub(crate) struct Runtime {
     /// The tenants declared in the file, consulted before the store.
     pub(crate) static_keys: HashMap<KeyHash, TenantId>,
     pub(crate) static_tenants: HashMap<TenantId, StaticTenant>,
+    /// The organizations declared in the file, by name.
+    pub(crate) orgs: HashMap<crate::base::OrgId, Arc<OrgLimits>>,
     /// The `WWW-Authenticate` challenge of a 401.
     pub(crate) challenge: Arc<str>,
     idempotency_methods: Box<[http::Method]>,
@@ -943,6 +969,19 @@ impl Runtime {
                 (p.id.clone(), Arc::new(plan))
             })
             .collect();
+        let orgs = config
+            .orgs
+            .values()
+            .map(|o| {
+                let spec = &config.plans[o.plan()];
+                let mut plan = CompiledPlan::compile(spec, &meters, &shapes, &config, metrics, clock, None);
+                plan.counts_for = Some(o.id().clone());
+                let plan = Arc::new(plan);
+                let meters = plan.quotas.iter().filter(|(m, _)| *m < 64).fold(0u64, |bits, (m, _)| bits | (1 << m));
+                let limits = OrgLimits { id: o.id().clone(), counters: o.id().counters_id(), plan, meters };
+                (o.id().clone(), Arc::new(limits))
+            })
+            .collect();
         let default_meter = index(&config.default_meter);
         // The anonymous tenant's plan: its own compilation, whose rate is kept per client
         // address (a bounded map) instead of in the tenant's one cell.
@@ -975,6 +1014,7 @@ impl Runtime {
                 customer: t.stripe_customer.clone(),
                 metronome_customer: t.metronome_customer.clone(),
                 overrides: t.overrides.as_ref().map(|o| o.to_json()),
+                org: t.org.clone(),
             };
             static_tenants.insert(t.id.clone(), record);
         }
@@ -1010,6 +1050,7 @@ impl Runtime {
             anonymous,
             static_keys,
             static_tenants,
+            orgs,
             challenge: challenge.into(),
             idempotency_methods: config.limits.idempotency_methods.clone().into(),
             honoured_methods: config.limits.idempotency_methods.iter().fold(0, |bits, m| bits | method_bit(m)),
@@ -1029,22 +1070,35 @@ impl Runtime {
         plan: &PlanId,
         spec: &crate::config::PlanSpec,
         overrides: Option<&str>,
+        org: Option<&Arc<OrgLimits>>,
     ) -> Arc<CompiledPlan> {
-        match (overrides, self.plans.get(plan)) {
-            (None, Some(base)) => {
+        match (overrides, self.plans.get(plan), org) {
+            (None, Some(base), None) => {
                 debug_assert!(spec.id() == plan, "a plan served without overrides is the plan itself");
                 base.clone()
             }
-            (overrides, _) => Arc::new(CompiledPlan::compile(
-                spec,
-                &self.meters,
-                &self.shapes,
-                &self.config,
-                &self.metrics,
-                &self.clock,
-                overrides.map(Into::into),
-            )),
+            (overrides, _, org) => {
+                let mut compiled = CompiledPlan::compile(
+                    spec,
+                    &self.meters,
+                    &self.shapes,
+                    &self.config,
+                    &self.metrics,
+                    &self.clock,
+                    overrides.map(Into::into),
+                );
+                if let Some(org) = org {
+                    compiled.org = Some(org.clone());
+                    compiled.straight = false;
+                }
+                Arc::new(compiled)
+            }
         }
+    }
+
+    /// The organization of a tenant the file declares, if it names one.
+    pub(crate) fn org_of(&self, tenant: &TenantId) -> Option<&Arc<OrgLimits>> {
+        self.orgs.get(self.static_tenants.get(tenant)?.org.as_ref()?)
     }
 
     /// The client address of a request (else `None`, and nothing is read): the peer, or

@@ -79,6 +79,52 @@ id_newtype!(
     TenantId
 );
 
+id_newtype!(
+    /// The name of an organization (`[orgs.NAME]`): a group of tenants that share its plan's
+    /// limits.
+    OrgId
+);
+
+impl OrgId {
+    /// The longest organization name, in bytes: its counters' id, `org NAME`, is a tenant id's
+    /// length at most.
+    pub const MAX_LEN: usize = TenantId::MAX_LEN - 4;
+
+    /// Parses an organization name: 1 to 124 visible ASCII characters (`!` to `~`), as a tenant
+    /// id is written.
+    ///
+    /// ```
+    /// use tollgate::config::OrgId;
+    /// assert_eq!(OrgId::parse("acme-corp").unwrap().as_str(), "acme-corp");
+    /// assert!(OrgId::parse("acme corp").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// What rule `s` breaks, as a sentence.
+    pub fn parse(s: &str) -> Result<OrgId, String> {
+        if s.is_empty() || s.len() > Self::MAX_LEN || !s.bytes().all(|b| matches!(b, 0x21..=0x7e)) {
+            return Err(format!(
+                "an organization name is 1 to {} visible ASCII characters without spaces, not {s:?}",
+                Self::MAX_LEN
+            ));
+        }
+        Ok(OrgId::new(s))
+    }
+
+    /// The id its counters are kept under in the quota role's stores, beside its tenants':
+    /// `org NAME`. The space is outside the tenant id grammar, so no tenant's counters can be
+    /// an organization's.
+    ///
+    /// ```
+    /// use tollgate::config::OrgId;
+    /// assert_eq!(OrgId::new("acme").counters_id().as_str(), "org acme");
+    /// ```
+    #[must_use]
+    pub fn counters_id(&self) -> TenantId {
+        TenantId::new(format!("org {}", self.0))
+    }
+}
+
 impl MeterId {
     /// The meter's name in a `RateLimit-Policy` item: its id, or for a series or a selector
     /// of a meter with dimensions (`tokens{model=m-large}`) the meter and its values joined by

@@ -17,7 +17,7 @@ mod sink;
 
 pub use events::{DirectoryEvents, RechargeNews, Told, WebhookCount};
 pub(crate) use ids::policy_name;
-pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
+pub use ids::{InvalidTenantId, MeterId, OrgId, PlanId, TenantId};
 pub(crate) use key::{check_api_key, issued_shape, key_check, COMMA_IN_KEY, ISSUED_KEY_LEN, KEY_ALPHABET, MAX_KEY_LEN};
 pub use key::{KeyHash, KeyScope, KeyScopes};
 pub use money::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, MAX_CAP_NANOS, NANOS, SPEND_METER};

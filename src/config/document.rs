@@ -34,6 +34,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) routes: Vec<RawRoute>,
     #[serde(default)]
+    pub(crate) orgs: BTreeMap<String, super::orgs::RawOrg>,
+    #[serde(default)]
     pub(crate) tenants: BTreeMap<String, RawTenant>,
     pub(crate) store: Option<RawStore>,
     #[serde(default)]
@@ -99,6 +101,7 @@ pub struct Config {
     pub(crate) default_meter: MeterId,
     pub(crate) plans: BTreeMap<PlanId, PlanSpec>,
     pub(crate) routes: Vec<RouteSpec>,
+    pub(crate) orgs: BTreeMap<crate::base::OrgId, super::OrgSpec>,
     pub(crate) tenants: Vec<TenantSpec>,
     pub(crate) store: StoreSettings,
     /// The stores of the roles that have one of their own (`[store.directory]` and the others).
@@ -249,6 +252,11 @@ impl Config {
     /// The tenants declared in the file.
     pub fn tenants(&self) -> &[TenantSpec] {
         &self.tenants
+    }
+
+    /// The organizations declared in the file (`[orgs.NAME]`), by name.
+    pub fn orgs(&self) -> &BTreeMap<crate::base::OrgId, super::OrgSpec> {
+        &self.orgs
     }
 
     /// Whether `meter`'s usage is exported: `[meters.X] export`, `true` for a meter the
@@ -515,7 +523,8 @@ impl Validator<'_, '_> {
         let alerts = self.alerts(&raw.alerts)?;
         let dashboard = self.dashboard(&raw.dashboard)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
-        let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events, &billing)?;
+        let orgs = self.orgs(&raw.orgs, &plans)?;
+        let tenants = self.tenants(&raw.tenants, &plans, &orgs, &meters, &routes, &default_meter, &events, &billing)?;
         for t in &tenants {
             let Some(o) = &t.overrides else { continue };
             if let Some((key, why)) = fleet_without_hint(&plans[&t.plan].with_override(o), &usage, &limits) {
@@ -612,6 +621,7 @@ impl Validator<'_, '_> {
             default_meter,
             plans,
             routes,
+            orgs,
             tenants,
             store,
             store_roles,

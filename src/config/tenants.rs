@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{plans::RawOverride, validator::Validator, EventSettings, MeterSpec, PlanOverride, PlanSpec, RouteSpec};
 use super::{ConfigError, ConfigErrorKind as Kind};
-use crate::base::{KeyHash, KeyScopes, MeterId, PlanId, TenantId};
+use crate::base::{KeyHash, KeyScopes, MeterId, OrgId, PlanId, TenantId};
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -21,6 +21,7 @@ pub(crate) struct RawTenant {
     pub(crate) stripe_customer: Option<String>,
     pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<RawOverride>,
+    pub(crate) org: Option<String>,
 }
 
 /// The tenant that unknown callers are served as, with `identify.unknown = "anonymous"`.
@@ -36,6 +37,7 @@ pub struct TenantSpec {
     pub(crate) stripe_customer: Option<String>,
     pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<PlanOverride>,
+    pub(crate) org: Option<OrgId>,
 }
 
 impl std::fmt::Debug for TenantSpec {
@@ -91,6 +93,13 @@ impl TenantSpec {
     pub fn overrides(&self) -> Option<&PlanOverride> {
         self.overrides.as_ref()
     }
+
+    /// The organization the tenant belongs to (`org`), if any: its plan's limits apply to the
+    /// tenant's requests together with its other tenants'.
+    #[must_use]
+    pub fn org(&self) -> Option<&OrgId> {
+        self.org.as_ref()
+    }
 }
 
 impl Validator<'_, '_> {
@@ -100,6 +109,7 @@ impl Validator<'_, '_> {
         &self,
         raw: &BTreeMap<String, RawTenant>,
         plans: &BTreeMap<PlanId, PlanSpec>,
+        orgs: &BTreeMap<OrgId, super::OrgSpec>,
         meters: &[MeterSpec],
         routes: &[RouteSpec],
         default_meter: &MeterId,
@@ -114,6 +124,19 @@ impl Validator<'_, '_> {
             let base = format!("tenants.{name}");
             let id = TenantId::parse(name).map_err(|e| self.invalid(&base, e.to_string()))?;
             let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
+            let org = match t.org.as_deref() {
+                None => None,
+                Some(name) => match orgs.get(name) {
+                    Some(o) => Some(o.id.clone()),
+                    None => {
+                        return Err(self.loc.error(
+                            Kind::UnknownReference,
+                            &format!("{base}.org"),
+                            format!("unknown organization `{name}`: declare it as [orgs.{name}] with its plan"),
+                        ))
+                    }
+                },
+            };
             if let Some(c) = t.stripe_customer.as_deref() {
                 let path = format!("{base}.stripe_customer");
                 if c.is_empty() || c.len() > 255 || !c.bytes().all(|b| b.is_ascii_graphic()) {
@@ -224,6 +247,7 @@ impl Validator<'_, '_> {
                 stripe_customer: t.stripe_customer.clone(),
                 metronome_customer: t.metronome_customer.clone(),
                 overrides,
+                org,
             });
         }
         Ok(tenants)

@@ -120,7 +120,20 @@ impl Tollgate {
         // Closed again if no reservation comes of it (refused, failed, or this future dropped).
         let opened = OpenedJob(Some((events, state.id.clone())));
         let units = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
+        // Held at its tenant's organization too, when it limits the meter: refused there, the
+        // tenant's units go back (their drop).
+        let org = match Self::org_limiting(&state, meter) {
+            None => None,
+            Some(o) => {
+                let org = self.gate().org_state(o);
+                Some(self.take_for_event(&rt, &org, meter, event.quantity, at, now, For::Reserve).await?)
+            }
+        };
         let reserved = Reserved::new(state, meter, event.quantity, units.into_taken(), now, hold, period);
+        let reserved = match org {
+            Some(units) => reserved.with_org(units.into_taken()),
+            None => reserved,
+        };
         opened.reserve(id, Arc::new(reserved));
         Ok(())
     }
@@ -334,8 +347,10 @@ impl Tollgate {
         let leases = self.units().leases();
         let held = events.take_held(&id).filter(|held| held.quantity == e.quantity);
         let charged = held.is_some();
-        let (state, meter, units) = match held {
-            Some(held) => (state, meter, if held.units { EventUnits::Held } else { EventUnits::None }),
+        // `org_units`: what the work counts at its tenant's organization (what a reservation
+        // held there is the work's already).
+        let (state, meter, units, org_units) = match held {
+            Some(held) => (state, meter, if held.units { EventUnits::Held } else { EventUnits::None }, e.quantity),
             _ => match events.take_reserved(&id) {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
@@ -348,11 +363,15 @@ impl Tollgate {
                 {
                     if e.quantity <= r.quantity || !r.took() {
                         let units = if r.took() { EventUnits::Held } else { EventUnits::None };
+                        let org_units = match r.holds_org() {
+                            true => e.quantity.saturating_sub(r.quantity),
+                            false => e.quantity,
+                        };
                         r.give_back_part(r.quantity.saturating_sub(e.quantity), leases, self.units().prefetcher());
                         if e.quantity < r.quantity && r.took() {
                             given_back.push((r.state.clone(), r.meter));
                         }
-                        (state, meter, units)
+                        (state, meter, units, org_units)
                     } else {
                         let more = e.quantity - r.quantity;
                         let units = match self.take_for_event(rt, &state, meter, more, at, now, For::Work).await {
@@ -365,8 +384,9 @@ impl Tollgate {
                                 return Err(err);
                             }
                         };
+                        let org_units = if r.holds_org() { more } else { e.quantity };
                         r.keep();
-                        (state, meter, units)
+                        (state, meter, units, org_units)
                     }
                 }
                 // A redelivery of an event this node saw stored: its units would be taken
@@ -382,13 +402,21 @@ impl Tollgate {
                         }
                     }
                     let units = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
-                    (state, meter, units)
+                    (state, meter, units, e.quantity)
                 }
             },
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
             .with_billable(self.units().pipeline().billable(rt, &state) && rt.config.exports_meter(&e.meter));
+        // Its tenant's organization, when it limits the meter and the event falls in its
+        // period in force (a period already over counts nothing, as at the tenant).
+        let org = Self::org_limiting(&state, meter).and_then(|o| {
+            let org = self.gate().org_state(o);
+            let (start, end) = org.quota(meter)?.window(at);
+            (start <= now && now < end).then_some((org, org_units))
+        });
         Ok(Some(Prepared {
+            org,
             index,
             state,
             meter,
@@ -447,6 +475,11 @@ impl Tollgate {
         coarse.unwrap_or(window)
     }
 
+    /// The organization of `state`'s tenant, when it limits `meter`.
+    fn org_limiting(state: &Tenant, meter: usize) -> Option<&Arc<crate::plan::OrgLimits>> {
+        state.plan.org.as_ref().filter(|o| meter < 64 && o.meters & (1 << meter) != 0)
+    }
+
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
     pub(crate) async fn known_tenant(&self, id: &TenantId) -> Result<Tenant, EventError> {
         if let Some(s) = self.gate().table().get(Lookup::Identity(id.as_str())) {
@@ -498,11 +531,19 @@ impl Tollgate {
         if start > now {
             return Err(EventError::PeriodNotStarted { starts_in_secs: (start - now) as u64 });
         }
-        let exceeded = || EventError::QuotaExceeded {
-            meter: cell.meter_id().clone(),
-            period: period.name(),
-            limit: cell.limit(),
-            plan: state.plan.id.clone(),
+        let exceeded = || match &state.plan.counts_for {
+            Some(org) => EventError::OrgQuotaExceeded {
+                org: org.clone(),
+                meter: cell.meter_id().clone(),
+                period: period.name(),
+                limit: cell.limit(),
+            },
+            None => EventError::QuotaExceeded {
+                meter: cell.meter_id().clone(),
+                period: period.name(),
+                limit: cell.limit(),
+                plan: state.plan.id.clone(),
+            },
         };
         // Work done that the quota cannot hold: charged past the limit (owed to the store,
         // which counts it at the next lease), the period stays spent.

@@ -406,6 +406,52 @@ impl TenantTable {
         Some(state)
     }
 
+    /// The state an organization's counters are kept under (`id`, its counters' id), on
+    /// `plan`, made by `make` if absent or held on another plan (a reload changed it: the old
+    /// state is retired, as a replaced tenant's is, and its leases go back). Held beside the
+    /// tenants, so that the passes that refill, flush, return and evict their leases reach it
+    /// too; no credential reaches it.
+    pub(crate) fn org(
+        &self,
+        id: &TenantId,
+        plan: &std::sync::Arc<crate::plan::CompiledPlan>,
+        make: impl FnOnce() -> TenantState,
+    ) -> Tenant {
+        if let Some(state) = self.tenants.with(id.as_str(), |e| e.state.clone()) {
+            if std::sync::Arc::ptr_eq(&state.plan, plan) {
+                return state;
+            }
+        }
+        let h = self.tenants.hash(id.as_str());
+        let mut shard = self.tenants.write(h);
+        let mut retired = None;
+        let entry = match shard.find_mut(h, |e| e.state.id == *id) {
+            Some(entry) => {
+                if !std::sync::Arc::ptr_eq(&entry.state.plan, plan) {
+                    let new = make();
+                    new.set_validated(i64::MAX);
+                    retired = Some(std::mem::replace(&mut entry.state, Tenant::new(new)));
+                }
+                entry.state.clone()
+            }
+            None => {
+                let new = make();
+                new.set_validated(i64::MAX);
+                let state = Tenant::new(new);
+                shard.insert_unique(h, Entry { state: state.clone(), keys: Box::default() }, |e| {
+                    self.tenants.hash(e.state.id.as_str())
+                });
+                state
+            }
+        };
+        drop(shard);
+        if let Some(old) = retired {
+            old.mark_evicted();
+            self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old);
+        }
+        entry
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.tenants.len()
     }

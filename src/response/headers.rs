@@ -116,6 +116,14 @@ impl HeaderState {
         self.has |= CONCURRENCY;
     }
 
+    /// Lowers the quota item to `remaining` (reset in `reset_secs`) when it says more: the
+    /// tightest of the tenant's quota and its organization's is shown.
+    pub(crate) fn tighten_quota(&mut self, remaining: u64, reset_secs: u64) {
+        if self.has & QUOTA != 0 && remaining < self.quota_remaining {
+            self.set_quota(remaining, reset_secs);
+        }
+    }
+
     pub(crate) fn set_quota(&mut self, remaining: u64, reset_secs: u64) {
         // A structured field carries at most 15 digits (a balance, or a limit, past them).
         self.quota_remaining = remaining.min(crate::base::HEADER_INTEGER_MAX);

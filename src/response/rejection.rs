@@ -29,6 +29,8 @@ pub(crate) struct Details {
     /// Answered with the IETF draft's `quota-exceeded` problem type (`limits.headers =
     /// "draft"`, a 429 of the rate, a quota or concurrency).
     pub(crate) quota_exceeded_type: bool,
+    /// The scope whose limit refused the request, beyond the tenant's own: `organization`.
+    pub(crate) scope: Option<&'static str>,
 }
 
 impl Rejection {
@@ -67,6 +69,7 @@ impl Rejection {
                 challenge: None,
                 shadowed: false,
                 quota_exceeded_type: false,
+                scope: None,
             }),
         }
     }
@@ -75,6 +78,14 @@ impl Rejection {
     #[must_use]
     pub fn kind(&self) -> RejectionKind {
         self.inner.kind
+    }
+
+    /// The scope whose limit refused the request when it is not the tenant's own:
+    /// `"organization"` for a limit of the tenant's organization (`[orgs.NAME]`). Also the
+    /// problem's `scope` member; its policy is the organization's (`org-requests-month`).
+    #[must_use]
+    pub fn scope(&self) -> Option<&'static str> {
+        self.inner.scope
     }
 
     /// The response status.
@@ -178,6 +189,9 @@ impl Rejection {
         }
         if let Some(secs) = self.inner.retry_after {
             body["retry_after"] = secs.into();
+        }
+        if let Some(scope) = self.inner.scope {
+            body["scope"] = scope.into();
         }
         serde_json::to_vec(&body).unwrap_or_default()
     }

@@ -359,6 +359,10 @@ impl TenantState {
 
     /// Records `quantity` of `meter` (a series, under `open` for an open series).
     pub(crate) fn record_series(&self, meter: usize, open: Option<&str>, now: i64, quantity: u64) {
+        if self.plan.counts_for.is_some() {
+            // An organization's counters: its tenants record the usage.
+            return;
+        }
         match open {
             Some(value) => self.record_open(meter, value, now, quantity),
             None => self.record_usage(meter, now, quantity),

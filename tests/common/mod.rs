@@ -9,6 +9,7 @@ pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;
 pub mod money;
+pub mod orgs;
 pub mod places;
 #[cfg(feature = "postgres")]
 pub mod postgres;

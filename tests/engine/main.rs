@@ -23,6 +23,7 @@ mod limits;
 mod metrics;
 mod money;
 mod open_values;
+mod orgs;
 mod pipeline;
 mod places;
 mod quotas;

@@ -639,3 +639,15 @@ async fn four_engines_holding_never_pass_a_spend_cap_priced_by_dimension() {
     let Some(store) = dynamo::table().await else { return };
     common::money::four_engines_never_pass_a_hard_spend_cap_by_dimension(Arc::new(store), 16).await;
 }
+
+/// Three tenants of one organization on four engines and one DynamoDB table (the local server,
+/// one request at a time): the organization's month and each tenant's own hold, and the
+/// counters end at what was admitted at each scope (tests/common/orgs.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_share_an_organizations_month() {
+    let Some(store) = dynamo::table().await else { return };
+    let store: Arc<dyn StoreInspect> = Arc::new(store);
+    let whole: Arc<dyn Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::orgs::four_nodes_share_an_organizations_month(nodes, store, 12).await;
+}

@@ -791,3 +791,15 @@ async fn four_engines_keep_a_models_tokens_per_minute() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::money::four_nodes_keep_a_models_tokens_per_minute(nodes, store, 32).await;
 }
+
+/// Three tenants of one organization on four engines and one schema: the organization's month
+/// and each tenant's own hold, and the counters end at what was admitted at each scope
+/// (tests/common/orgs.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_share_an_organizations_month() {
+    let Some((store, _)) = postgres::store().await else { return };
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(store);
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::orgs::four_nodes_share_an_organizations_month(nodes, store, 24).await;
+}

@@ -1509,3 +1509,12 @@ async fn money_writes_wait_for_a_replica_and_survive_a_failover() {
     let (_, balances) = promoted.credit_grants(&"t".into(), None).await.unwrap();
     assert_eq!(balances[0].1.granted, 150);
 }
+
+/// Three tenants of one organization on four engines, each with its own connection to one
+/// Redis: the organization's month and each tenant's own hold, and the counters end at what
+/// was admitted at each scope (tests/common/orgs.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_share_an_organizations_month() {
+    let Some((nodes, _, reader)) = four_nodes_with_stores(On::Server).await else { return };
+    common::orgs::four_nodes_share_an_organizations_month(nodes, reader, 24).await;
+}

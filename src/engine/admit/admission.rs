@@ -19,7 +19,7 @@ use crate::engine::{
     },
     usage::{
         spend::{RouteSpend, SpendTab},
-        taken::{Source, Taken},
+        taken::{OrgTaken, Source, Taken},
     },
 };
 use crate::{
@@ -59,7 +59,7 @@ impl Gate {
         if let Err(r) = self.check_rate(&mut charge, &route) {
             return self.reject(r);
         }
-        self.take_and_ticket(charge, route, true, None, None, None)
+        self.take_and_ticket(charge, route, true, None, None, None, None)
     }
 
     /// The refusal of a request whose usage could not be recorded (the usage buffer full, on
@@ -188,7 +188,7 @@ impl Gate {
                     return self.reject(Self::too_many_in_flight(charge, meter));
                 }
                 Err(()) => {
-                    let partial = Partial { charge, claim, charged, slot: None };
+                    let partial = Partial { charge, claim, charged, slot: None, org: None };
                     return Decision::pending(Stage::Places(Box::new(partial)), route);
                 }
             },
@@ -227,10 +227,11 @@ impl Gate {
                 Ok(()) => {}
                 Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(state, m)),
                 Err((m, Take::Exhausted)) => {
-                    return self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, m));
+                    return self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot, org: None }, m));
                 }
                 Err(_) => {
-                    return Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+                    let partial = Partial { charge, claim, charged, slot, org: None };
+                    return Decision::pending(Stage::Quota(Box::new(partial)), route);
                 }
             }
         }
@@ -240,21 +241,39 @@ impl Gate {
             Some(s) if charged => match self.route_spend(state, &route, s, now) {
                 Ok(spend) => Some(spend),
                 Err(Take::Exhausted) => {
-                    return self.reject(Self::spend_cap_reached(Partial { charge, claim, charged, slot }));
+                    return self.reject(Self::spend_cap_reached(Partial { charge, claim, charged, slot, org: None }));
                 }
                 Err(_) => {
-                    return Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+                    let partial = Partial { charge, claim, charged, slot, org: None };
+                    return Decision::pending(Stage::Quota(Box::new(partial)), route);
                 }
             },
             _ => None,
         };
-        self.take_and_ticket(charge, route, charged, claim, slot, spend)
+        // A tenant in an organization: the organization's quotas (`org.rs`), before the
+        // tenant's own units; refused, what it took goes back as it drops.
+        let org = match plan.org {
+            None => None,
+            Some(_) => match self.org_units(state, &route, charged, now) {
+                Ok(org) => org,
+                Err((org_state, m, Take::Exhausted)) => {
+                    let partial = Partial { charge, claim, charged, slot, org: None };
+                    return self.reject(Self::org_quota_exceeded(partial, &org_state, m));
+                }
+                Err(_) => {
+                    let partial = Partial { charge, claim, charged, slot, org: None };
+                    return Decision::pending(Stage::Quota(Box::new(partial)), route);
+                }
+            },
+        };
+        self.take_and_ticket(charge, route, charged, claim, slot, spend, org)
     }
 
     /// The end of every admission without waiting: the route meter's units taken, and the
     /// ticket (or the request ready for its hold); or the quota's refusal, or the wait for the
     /// store.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn take_and_ticket(
         &self,
         mut charge: RateCharge,
@@ -263,6 +282,7 @@ impl Gate {
         claim: Option<Claim>,
         slot: Option<Box<Slot>>,
         spend: Option<RouteSpend>,
+        org: Option<Box<OrgTaken>>,
     ) -> Decision {
         let (meter, cost, now) = (route.meter, route.cost, charge.at);
         let (state, headers) = charge.split();
@@ -270,14 +290,20 @@ impl Gate {
             Ok(source) => {
                 self.shared.metrics().admitted.increment(1);
                 if route.hold != 0 && charged {
-                    return Self::ready_for_hold(Partial { charge, claim, charged, slot }, &route, source, spend);
+                    return Self::ready_for_hold(Partial { charge, claim, charged, slot, org }, &route, source, spend);
                 }
-                Decision::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend))
+                Decision::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend, org))
             }
             // Refused for its quota: the request spends no rate cells, nor money (its spend
-            // goes back as it drops).
-            Err(Take::Exhausted) => self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter)),
-            Err(_) => Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
+            // and its organization's units go back as they drop).
+            Err(Take::Exhausted) => {
+                self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot, org }, meter))
+            }
+            // Waits for the store: what it took of its organization's goes back meanwhile, and
+            // is taken again (`org_units_with_store`).
+            Err(_) => {
+                Decision::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot, org: None })), route)
+            }
         }
     }
 
@@ -311,8 +337,8 @@ impl Gate {
     /// The ticket of an admitted request: its rate cells, place, key and units are its own.
     #[inline]
     pub(crate) fn ticket(p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Pass {
-        let Partial { charge, claim, charged, slot } = p;
-        Self::ticket_of(charge, claim, charged, slot, cost, source, spend)
+        let Partial { charge, claim, charged, slot, org } = p;
+        Self::ticket_of(charge, claim, charged, slot, cost, source, spend, org)
     }
 
     /// [`ticket`](Self::ticket) of a request's parts (the admitted path builds no
@@ -327,9 +353,13 @@ impl Gate {
         cost: u32,
         source: Option<Source>,
         spend: Option<RouteSpend>,
+        org: Option<Box<OrgTaken>>,
     ) -> Pass {
         let at = charge.at;
-        let (state, headers) = charge.keep();
+        let (state, mut headers) = charge.keep();
+        if let Some(org) = &org {
+            Self::org_headers(org, &mut headers, at);
+        }
         Pass {
             headers,
             state,
@@ -344,6 +374,7 @@ impl Gate {
             slot,
             hold: None,
             spend: spend.map(SpendTab::new),
+            org,
         }
     }
 }

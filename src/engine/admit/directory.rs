@@ -452,5 +452,6 @@ impl Gate {
 /// declared here), or the overrides cannot be read at all.
 fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
     let served = crate::settings::plan::served(&rt.config, record).map_err(|u| u.to_string())?;
-    Ok((rt.compile_served(&record.plan, &served.spec, served.overrides.as_deref()), served.dropped))
+    let org = rt.org_of(&record.id);
+    Ok((rt.compile_served(&record.plan, &served.spec, served.overrides.as_deref(), org), served.dropped))
 }

@@ -227,12 +227,15 @@ impl Gate {
             (meter, None, 0)
         };
         // Whole while its hold is asked for: dropped meanwhile, it gives everything back.
-        let mut hold = if rollups == 0 {
+        let hold = if rollups == 0 {
             Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone())
         } else {
             let units = self.units.clone();
             Hold::dimensioned(state, meter, open.as_deref(), rollups, true, spec.overrun, spec.timeout, units)
         };
+        // At its organization's too, for a meter the organization limits.
+        let org = ready.org_state();
+        let mut hold = hold.with_org(org.as_ref());
         match hold.extend(units).await {
             Ok(()) => {
                 let ReadyParts { partial, taken, spend } = ready.into_parts();

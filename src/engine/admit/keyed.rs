@@ -187,6 +187,7 @@ impl Gate {
             slot: None,
             hold: None,
             spend: None,
+            org: None,
         })
     }
 

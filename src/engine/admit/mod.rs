@@ -14,6 +14,7 @@ pub(crate) mod fleet;
 pub(crate) mod gate;
 pub(crate) mod idempotency;
 pub(crate) mod keyed;
+pub(crate) mod org;
 #[cfg(test)]
 mod paths;
 pub(crate) mod place_node;

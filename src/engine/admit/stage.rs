@@ -257,14 +257,17 @@ pub(crate) struct Partial {
     /// Its place among the tenant's requests in flight (a plan with `concurrency`): freed if
     /// the request is refused, the ticket's once admitted.
     pub(crate) slot: Option<Box<crate::tenant::Slot>>,
+    /// What it took of its organization's (a tenant in an organization): given back if it is
+    /// refused, the ticket's once admitted.
+    pub(crate) org: Option<Box<crate::engine::usage::taken::OrgTaken>>,
 }
 
 impl Partial {
     /// Refused: its rate cells go back, its key is released and its place freed (their
     /// drops). Its tenant and headers, for the refusal.
     pub(crate) fn refuse(self) -> (Tenant, crate::response::HeaderState) {
-        let Partial { charge, claim, slot, .. } = self;
-        drop((claim, slot));
+        let Partial { charge, claim, slot, org, .. } = self;
+        drop((claim, slot, org));
         charge.refuse()
     }
 }
@@ -325,6 +328,12 @@ impl Ready {
     /// Its tenant.
     pub(crate) fn state(&self) -> &Tenant {
         self.parts.as_ref().expect("a Ready request keeps its parts until it goes").partial.charge.state()
+    }
+
+    /// The state of its tenant's organization's counters, for a tenant in an organization.
+    pub(crate) fn org_state(&self) -> Option<Tenant> {
+        let parts = self.parts.as_ref().expect("a Ready request keeps its parts until it goes");
+        parts.partial.org.as_ref().map(|o| o.state.clone())
     }
 
     /// Its parts, to become its ticket (or its refusal, counted refunded here).

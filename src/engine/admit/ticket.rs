@@ -11,7 +11,7 @@ use crate::engine::{
         context::TenantContext,
         hold::RouteHeld,
         spend::SpendTab,
-        taken::{Source, Taken},
+        taken::{OrgTaken, Source, Taken},
         units::Units,
     },
 };
@@ -62,6 +62,9 @@ pub(crate) struct Pass {
     pub(crate) hold: Option<Arc<RouteHeld>>,
     /// Its spend, on a plan with a spend cap (shared with its contexts).
     pub(crate) spend: Option<Arc<SpendTab>>,
+    /// What it holds of its tenant's organization (a tenant in one): the organization's state,
+    /// and its route's cost taken there, spent when billed and given back otherwise.
+    pub(crate) org: Option<Box<OrgTaken>>,
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
@@ -154,7 +157,8 @@ impl Pass {
 
     /// The handle to put in the request extensions, with the engine's units.
     pub(crate) fn context_with(&self, units: Arc<Units>) -> TenantContext {
-        TenantContext::new(self.state.clone(), self.charged, self.hold.clone(), self.spend.clone(), units)
+        let org = self.org.as_ref().map(|o| o.state.clone());
+        TenantContext::new(self.state.clone(), self.charged, self.hold.clone(), self.spend.clone(), org, units)
     }
 
     /// [`Ticket::holds`].
@@ -250,6 +254,10 @@ impl Pass {
             held.end(true);
         }
         self.source = None;
+        if let Some(org) = &mut self.org {
+            // Spent at the organization too.
+            std::mem::take(&mut org.taken).keep();
+        }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
         if let Some(tab) = &self.spend {
@@ -281,6 +289,10 @@ impl Pass {
             // Back to their lease, lock-free (a retired state's lease goes back once its last
             // request is done).
             drop(Taken::new(&self.state, self.headers.meter(), u64::from(self.cost), source, self.at));
+        }
+        if let Some(org) = &mut self.org {
+            // Back to the organization's lease too.
+            drop(std::mem::take(&mut org.taken));
         }
         if let Some(tab) = &self.spend {
             tab.refund(&self.state);

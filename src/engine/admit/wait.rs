@@ -49,6 +49,13 @@ impl Gate {
             },
             _ => None,
         };
+        // A tenant in an organization: the organization's quotas (`org.rs`), then its own.
+        if state.plan.org.is_some() {
+            p = match self.org_units_with_store(p, route, rt).await {
+                Ok(p) => p,
+                Err(r) => return Decision::Rejected(r),
+            };
+        }
         self.lease_and_take_units(p, route, rt, spend).await
     }
 

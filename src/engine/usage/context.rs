@@ -36,6 +36,9 @@ pub struct TenantContext {
     /// The request's spend (a plan with a spend cap): records of priced meters made without a
     /// hold are charged through it, rounded once for the request.
     spend: Option<Arc<SpendTab>>,
+    /// The state of its tenant's organization's counters (a tenant in an organization): the
+    /// units it records of a meter the organization limits count there too.
+    org: Option<Tenant>,
     /// The usage part: the holds this context takes, the leases they take from.
     units: Arc<Units>,
 }
@@ -89,9 +92,10 @@ impl TenantContext {
         charged: bool,
         hold: Option<Arc<RouteHeld>>,
         spend: Option<Arc<SpendTab>>,
+        org: Option<Tenant>,
         units: Arc<Units>,
     ) -> Self {
-        Self { state, charged, hold, spend, units }
+        Self { state, charged, hold, spend, org, units }
     }
 
     /// The tenant.
@@ -445,6 +449,11 @@ impl TenantContext {
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);
         }
+        if let Some(cell) = self.org.as_ref().and_then(|org| org.quota(index)) {
+            // Usage that happened counts at the organization too, past its limit if need be:
+            // its next requests on routes reporting the meter are refused there.
+            cell.force_take(quantity, now);
+        }
         if self.state.plan.meters.recorded(index) || open.is_some() {
             self.state.plan.metrics.usage_units.increment(quantity);
         }
@@ -545,7 +554,7 @@ impl TenantContext {
         overrun: Overrun,
     ) -> Result<Hold, Rejection> {
         let state = self.state.clone();
-        let mut hold = match self.resolve(meter, dims) {
+        let hold = match self.resolve(meter, dims) {
             Ok((index, 0, _)) => Hold::new(state, Ok(index), self.charged, overrun, None, self.units.clone()),
             Ok((index, rollups, open)) => Hold::dimensioned(
                 state,
@@ -563,6 +572,7 @@ impl TenantContext {
             }
             Err(e) => return Err(self.invalid_dimension(meter, &e)),
         };
+        let mut hold = hold.with_org(self.org.as_ref());
         hold.extend(units).await?;
         Ok(hold)
     }

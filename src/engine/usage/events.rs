@@ -153,6 +153,20 @@ pub enum EventError {
         /// Seconds until the period begins.
         starts_in_secs: u64,
     },
+    /// The hard quota of the tenant's organization (`[orgs.NAME]`) for the event's period does
+    /// not have the units: only [`Tollgate::reserve_event`](crate::Tollgate::reserve_event)
+    /// refuses so (work already done is recorded, and counted there past the limit).
+    #[error("the {period} quota of {limit} {meter} of organization `{org}`, which its tenants share, is spent")]
+    OrgQuotaExceeded {
+        /// The organization.
+        org: crate::config::OrgId,
+        /// The meter.
+        meter: MeterId,
+        /// The quota's period (`day`, `month`).
+        period: &'static str,
+        /// Its limit.
+        limit: u64,
+    },
 }
 
 impl EventError {
@@ -181,7 +195,7 @@ impl EventError {
             Self::UnknownProduct(_) => "unknown_product",
             Self::TooOld { .. } => "too_old",
             Self::InFuture { .. } => "in_future",
-            Self::QuotaExceeded { .. } => "quota",
+            Self::QuotaExceeded { .. } | Self::OrgQuotaExceeded { .. } => "quota",
             Self::Store(_) => "store_error",
             Self::PeriodNotStarted { .. } => "not_yet",
             Self::HoldsFull { .. } => "holds_full",
@@ -276,6 +290,10 @@ pub(crate) struct Prepared {
     /// When they were taken (the clock, not the event's time).
     pub(crate) taken_at: i64,
     pub(crate) event: UsageEvent,
+    /// The state of its tenant's organization's counters, when the organization limits its
+    /// meter, with the units to count there (those a reservation did not hold there): counted
+    /// once it applies (or once its write may have landed), as its spend is charged.
+    pub(crate) org: Option<(Tenant, u64)>,
 }
 
 /// The usage events of this engine: the store write of a batch, the quota units held for the
@@ -456,6 +474,7 @@ impl EventRecorder {
                         id: p.event.id.clone(),
                         units: !matches!(units, Writing::None),
                         charged: p.charged,
+                        org: p.org.clone(),
                     })
                     .collect(),
             };
@@ -470,6 +489,7 @@ impl EventRecorder {
                             // charged it.
                             if !p.charged {
                                 charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
+                                count_at_org(p.org.as_ref(), p.meter, p.taken_at);
                             }
                             if matches!(units, Writing::Taken { past_limit: true, .. }) {
                                 self.totals.events_past_limit.add(1);
@@ -549,6 +569,9 @@ pub(crate) struct Reserved {
     pub(crate) quantity: u64,
     /// The units it holds of a quota (none on a meter without one), taken at `taken_at`.
     units: std::sync::Mutex<Taken>,
+    /// The units it holds of its tenant's organization's quota (a tenant in an organization
+    /// that limits the meter), going where its own go.
+    org: std::sync::Mutex<Taken>,
     held: u64,
     pub(crate) taken_at: i64,
     pub(crate) hold: Duration,
@@ -572,7 +595,23 @@ impl Reserved {
         period: Option<(i64, i64)>,
     ) -> Self {
         let held = units.units();
-        Self { state, meter, quantity, units: std::sync::Mutex::new(units), held, taken_at, hold, period }
+        let org = std::sync::Mutex::new(Taken::none());
+        Self { state, meter, quantity, units: std::sync::Mutex::new(units), org, held, taken_at, hold, period }
+    }
+
+    /// The same, holding `org` of its tenant's organization's quota too.
+    pub(crate) fn with_org(self, org: Taken) -> Self {
+        *self.org.lock().unwrap_or_else(|e| e.into_inner()) = org;
+        self
+    }
+
+    /// Whether it holds units of its tenant's organization's quota.
+    pub(crate) fn holds_org(&self) -> bool {
+        self.org.lock().unwrap_or_else(|e| e.into_inner()).units() > 0
+    }
+
+    fn take_org(&self) -> Taken {
+        std::mem::take(&mut *self.org.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The same work reserved again, for `hold` from now: its units move to the new
@@ -585,6 +624,7 @@ impl Reserved {
             meter: self.meter,
             quantity: self.quantity,
             units: std::sync::Mutex::new(units),
+            org: std::sync::Mutex::new(self.take_org()),
             held,
             taken_at: self.taken_at,
             hold,
@@ -610,6 +650,7 @@ impl Reserved {
     /// the lease was given back (a release after shutdown began, or after a reload).
     pub(crate) fn give_back(&self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
         self.take().give_back(leases, prefetcher);
+        self.take_org().give_back(leases, prefetcher);
     }
 
     /// Gives `units` of it back (the work recorded took fewer than were reserved); the rest
@@ -618,18 +659,23 @@ impl Reserved {
         let mut taken = self.take();
         taken.split(units).give_back(leases, prefetcher);
         taken.keep();
+        let mut org = self.take_org();
+        org.split(units).give_back(leases, prefetcher);
+        org.keep();
     }
 
     /// The units are the event's for good.
     pub(crate) fn keep(&self) {
         self.take().keep();
+        self.take_org().keep();
     }
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        // Let go of unrecorded and unreleased: the units stay spent.
+        // Let go of unrecorded and unreleased: the units stay spent, at every scope.
         self.take().keep();
+        self.take_org().keep();
     }
 }
 
@@ -669,6 +715,7 @@ struct Pending {
     id: String,
     units: bool,
     charged: bool,
+    org: Option<(Tenant, u64)>,
 }
 
 impl Drop for Unsure<'_> {
@@ -678,10 +725,28 @@ impl Drop for Unsure<'_> {
             if priced && !p.charged {
                 charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.recorder.prefetcher);
             }
-            // Held only when there is something to hold: its units, or its charge.
-            if p.units || priced {
+            // Counted at its organization as it may have landed (its retry, applied or a
+            // duplicate, counts nothing there again).
+            let org = p.org.is_some();
+            if org && !p.charged {
+                count_at_org(p.org.as_ref(), p.meter, p.taken_at);
+            }
+            // Held only when there is something to hold: its units, its charge or its count.
+            if p.units || priced || org {
                 self.recorder.held.insert(p.id, HeldUnits { quantity: p.quantity, units: p.units });
             }
+        }
+    }
+}
+
+/// Counts the units of `meter` of an event's work done at its tenant's organization (`org`:
+/// its counters' state, given only for an event in the organization's period in force, and
+/// the units) at `at` (the clock's): past the organization's limit if need be, as the work
+/// was done.
+fn count_at_org(org: Option<&(Tenant, u64)>, meter: usize, at: i64) {
+    if let Some((cell, units)) = org.and_then(|(o, units)| Some((o.quota(meter)?, *units))) {
+        if units > 0 {
+            cell.force_take(units, at);
         }
     }
 }

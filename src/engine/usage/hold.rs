@@ -255,6 +255,8 @@ impl HoldInner {
         }
         if spend {
             state.plan.metrics.spend_nanos.increment(units);
+        } else if state.plan.counts_for.is_some() {
+            // An organization's side of a tenant's hold: the tenant's hold counts the usage.
         } else if state.plan.meters.recorded(meter) || self.value.is_some() {
             state.plan.metrics.usage_units.increment(units);
         }
@@ -407,6 +409,33 @@ impl Hold {
             hold.rollups.push(r);
         }
         hold
+    }
+
+    /// Beside this hold, one on its tenant's organization's counters (`org`, their state) for
+    /// each meter it holds that the organization limits: extended and recorded with it, as
+    /// its total's and selectors' holds are, so that a hold refused at either scope holds
+    /// nothing, and what is given back goes back at both. Never counted toward the caps on
+    /// open holds (the tenant's hold is).
+    pub(crate) fn with_org(mut self, org: Option<&Tenant>) -> Self {
+        let (Some(org), Some(limits)) = (org, self.inner.state.plan.org.as_ref()) else { return self };
+        let bit = |m: &Result<usize, Box<str>>| match m {
+            Ok(m) if *m < 64 => 1u64 << m,
+            _ => 0,
+        };
+        let mut meters = self.rollups.iter().fold(bit(&self.inner.meter), |bits, r| bits | bit(&r.inner.meter));
+        meters &= limits.meters;
+        let timeout = std::time::Duration::from_secs(u64::try_from(self.inner.timeout).unwrap_or(u64::MAX));
+        while meters != 0 {
+            let m = meters.trailing_zeros() as usize;
+            meters &= meters - 1;
+            let (charged, overrun) = (self.inner.charged, self.inner.overrun);
+            let mut side = Hold::new(org.clone(), Ok(m), charged, overrun, Some(timeout), self.units.clone());
+            if let Some(inner) = Arc::get_mut(&mut side.inner) {
+                inner.side = true;
+            }
+            self.rollups.push(side);
+        }
+        self
     }
 
     /// Units held and not recorded yet.
@@ -776,7 +805,14 @@ fn refused(
     fits: bool,
 ) -> Result<Option<Taken>, Rejection> {
     let (r, outcome) = match units_held(state, meter, units, own, at).filter(|_| fits) {
-        Some(r) => (r, HoldOutcome::RefusedHeld),
+        Some(mut r) => {
+            if let Some(org) = &state.plan.counts_for {
+                // Held at the tenant's organization, by its tenants' requests.
+                r.inner.scope = Some("organization");
+                r.inner.detail = Cow::Owned(format!("organization `{org}`: {}", r.inner.detail));
+            }
+            (r, HoldOutcome::RefusedHeld)
+        }
         None => (spent(state, meter, at, fits), HoldOutcome::RefusedSpent),
     };
     state.plan.metrics.hold(outcome).increment(1);
@@ -881,6 +917,27 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
     if state.plan.spend == Some(meter) {
         // A priced meter's cost, held beside its units: the spend cap refuses (402).
         return crate::engine::usage::spend::cap_reached(state, at);
+    }
+    if let Some(org) = &state.plan.counts_for {
+        // An organization's side of a tenant's hold: its quota, which its tenants share.
+        let (_, end) = cell.period();
+        let mut r = Rejection::new(
+            RejectionKind::QuotaExceeded,
+            Cow::Owned(format!(
+                "the {} quota of {} {} of organization `{org}` (plan `{}`), which its tenants share, cannot cover \
+                 this work until the period ends",
+                cell.spec.period().name(),
+                cell.spec.limit(),
+                cell.meter_id(),
+                state.plan.id
+            )),
+        )
+        .with_retry_after((end - at).max(1) as u64);
+        r.inner.policy =
+            Some(format!("org-{}-{}", crate::base::policy_name(cell.meter_id().as_str()), cell.spec.period().name()));
+        r.inner.scope = Some("organization");
+        r.inner.headers = HeaderState::new(meter, meter as u8);
+        return r.for_tenant(state);
     }
     let policy = format!("{}-{}", crate::base::policy_name(cell.meter_id().as_str()), cell.spec.period().name());
     let mut r = if cell.prepaid() {

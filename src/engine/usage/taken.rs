@@ -50,6 +50,15 @@ pub(crate) struct Taken {
     at: i64,
 }
 
+/// What a request of a tenant in an organization holds of the organization: the state its
+/// counters are kept under, and the units of its route's cost taken there (none when the
+/// organization does not limit the route's meter, or for a replay). Dropped, the units go back
+/// to the organization's lease, as the tenant's own do to the tenant's.
+pub(crate) struct OrgTaken {
+    pub(crate) state: Tenant,
+    pub(crate) taken: Taken,
+}
+
 impl Taken {
     /// Nothing taken (a meter without a quota, a replay, an empty route cost).
     #[inline]
