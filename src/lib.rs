@@ -65,6 +65,8 @@ pub mod guide {
     pub mod money {}
     #[doc = include_str!("../docs/dimensions.md")]
     pub mod dimensions {}
+    #[doc = include_str!("../docs/orgs.md")]
+    pub mod orgs {}
     #[doc = include_str!("../docs/usage.md")]
     pub mod usage {}
     #[doc = include_str!("../docs/dashboard.md")]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::{
-    config::MeterId,
+    config::{MeterId, TenantId},
     store::{unix_now, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaStore},
 };
 
@@ -78,12 +78,31 @@ impl Admin {
     /// A bad tenant id, no configuration or quota store, or the store failed.
     pub async fn quota_counters(&self, tenant: &str) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {
         let tenant = Self::tenant_id(tenant)?;
+        self.counters_of(&tenant).await
+    }
+
+    /// An organization's quota counters (`[orgs.NAME]`), kept beside its tenants' under its
+    /// counters' id (`org NAME`), as [`quota_counters`](Self::quota_counters) reads a
+    /// tenant's.
+    ///
+    /// # Errors
+    /// A name the configuration does not declare, no quota store, or the store failed.
+    pub async fn org_counters(&self, org: &str) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {
+        let config =
+            self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read the meters of".into()))?;
+        let Some(spec) = config.orgs().get(org) else {
+            return Err(AdminError::Invalid(format!("no organization `{org}` in the configuration ([orgs.{org}])")));
+        };
+        self.counters_of(&spec.id().counters_id()).await
+    }
+
+    async fn counters_of(&self, tenant: &TenantId) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {
         let config =
             self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read the meters of".into()))?;
         let quota = self.quota()?;
         let mut out = Vec::new();
         for meter in config.meters() {
-            out.extend(quota.counters(&tenant, meter.id()).await?);
+            out.extend(quota.counters(tenant, meter.id()).await?);
         }
         Ok(out)
     }

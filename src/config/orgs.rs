@@ -89,6 +89,9 @@ fn org_plan(plan: &PlanSpec) -> Result<(), String> {
     if plan.shadow {
         return not_yet("shadow mode");
     }
+    if plan.tenant_alerts {
+        return not_yet("tenant alerts");
+    }
     if plan.quotas.is_empty() {
         return Err("has no quota: an organization's plan limits its tenants together by its quotas".to_owned());
     }

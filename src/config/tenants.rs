@@ -126,6 +126,15 @@ impl Validator<'_, '_> {
             let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
             let org = match t.org.as_deref() {
                 None => None,
+                Some(_) if plans[&plan].shadow => {
+                    return Err(self.invalid(
+                        &format!("{base}.org"),
+                        format!(
+                            "plan `{plan}` is in shadow mode, which an organization does not apply to its limits yet: \
+                             a tenant in shadow mode cannot be in an organization"
+                        ),
+                    ))
+                }
                 Some(name) => match orgs.get(name) {
                     Some(o) => Some(o.id.clone()),
                     None => {

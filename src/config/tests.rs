@@ -798,6 +798,7 @@ mod reference {
             ["plans", ..] => "## `[plans.NAME]`",
             ["meters", ..] => "## `[meters.NAME]`",
             ["tenants", ..] => "## `[tenants.NAME]`",
+            ["orgs", ..] => "## `[orgs.NAME]`",
             ["routes", ..] => "## `[[routes]]`",
             ["store", ..] => "## `[store]`",
             ["identify", ..] => "## `[identify]`",

@@ -109,8 +109,9 @@ impl Tollgate {
                 return Ok(());
             }
             held.give_back(self.units().leases(), self.units().prefetcher());
-            if held.took() {
-                self.report_given_back(vec![(held.state.clone(), held.meter)]).await;
+            let cells = held.given_back_cells();
+            if !cells.is_empty() {
+                self.report_given_back(cells).await;
             }
         }
         let (max, per_tenant) = (rt.config.limits.max_holds, rt.config.limits.max_holds_per_tenant);
@@ -126,13 +127,15 @@ impl Tollgate {
             None => None,
             Some(o) => {
                 let org = self.gate().org_state(o);
-                Some(self.take_for_event(&rt, &org, meter, event.quantity, at, now, For::Reserve).await?)
+                let units = self.take_for_event(&rt, &org, meter, event.quantity, at, now, For::Reserve).await?;
+                let period = Self::period_of(&org, meter, at);
+                Some((org, units, period))
             }
         };
         let reserved = Reserved::new(state, meter, event.quantity, units.into_taken(), now, hold, period);
         let reserved = match org {
-            Some(units) => reserved.with_org(units.into_taken()),
-            None => reserved,
+            Some((org, units, Some(period))) => reserved.with_org(org, units.into_taken(), period),
+            _ => reserved,
         };
         opened.reserve(id, Arc::new(reserved));
         Ok(())
@@ -147,8 +150,9 @@ impl Tollgate {
         match self.units().events().take_reserved(&id) {
             Some(r) => {
                 r.give_back(self.units().leases(), self.units().prefetcher());
-                if r.took() {
-                    self.report_given_back(vec![(r.state.clone(), r.meter)]).await;
+                let cells = r.given_back_cells();
+                if !cells.is_empty() {
+                    self.report_given_back(cells).await;
                 }
                 true
             }
@@ -361,15 +365,28 @@ impl Tollgate {
                     if r.state.plan.meters.ids.get(r.meter) == Some(&e.meter)
                         && r.period == Self::period_of(&state, meter, at) =>
                 {
+                    // What it holds at the organization counts for the work only in the
+                    // organization's period of the event (another anchor day than the
+                    // tenant's may end a period between them): else it goes back, and the
+                    // work counts there anew.
+                    let org_period = Self::org_limiting(&state, meter)
+                        .and_then(|o| Self::period_of(&self.gate().org_state(o), meter, at));
+                    let org_held = r.holds_org_in(org_period);
+                    if !org_held {
+                        if let Some(org) = r.org_state() {
+                            given_back.push((org.clone(), r.meter));
+                        }
+                        r.give_back_org(leases, self.units().prefetcher());
+                    }
                     if e.quantity <= r.quantity || !r.took() {
                         let units = if r.took() { EventUnits::Held } else { EventUnits::None };
-                        let org_units = match r.holds_org() {
+                        let org_units = match org_held {
                             true => e.quantity.saturating_sub(r.quantity),
                             false => e.quantity,
                         };
                         r.give_back_part(r.quantity.saturating_sub(e.quantity), leases, self.units().prefetcher());
-                        if e.quantity < r.quantity && r.took() {
-                            given_back.push((r.state.clone(), r.meter));
+                        if e.quantity < r.quantity {
+                            given_back.extend(r.given_back_cells());
                         }
                         (state, meter, units, org_units)
                     } else {
@@ -384,7 +401,7 @@ impl Tollgate {
                                 return Err(err);
                             }
                         };
-                        let org_units = if r.holds_org() { more } else { e.quantity };
+                        let org_units = if org_held { more } else { e.quantity };
                         r.keep();
                         (state, meter, units, org_units)
                     }
@@ -397,9 +414,7 @@ impl Tollgate {
                     // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
                         r.give_back(leases, self.units().prefetcher());
-                        if r.took() {
-                            given_back.push((r.state.clone(), r.meter));
-                        }
+                        given_back.extend(r.given_back_cells());
                     }
                     let units = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
                     (state, meter, units, e.quantity)

@@ -259,6 +259,7 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
         "plans",
         "routes",
         "tenants",
+        "orgs",
         "limits",
         "export",
         "stripe",

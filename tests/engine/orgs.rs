@@ -27,12 +27,12 @@ async fn four_engines_on_one_sqlite_file_share_an_organizations_month() {
 }
 
 /// An organization of two tenants with 10 requests a month, each tenant 8 of its own, and 100
-/// tokens a month the organization's route `/generate` reports and holds.
+/// tokens a month that `/generate` and `/tokens/N` report and `/held` holds (80 a request).
 const SMALL: &str = r#"
 [meters.tokens]
 [plans.project]
 quotas.requests = { limit = 8, period = "month", mode = "hard", lease = 1 }
-quotas.tokens = { limit = 1000, period = "month", mode = "hard", lease = 1 }
+quotas.tokens = { limit = 1000, period = "month", mode = "hard", lease = 100 }
 [plans.company]
 quotas.requests = { limit = 10, period = "month", mode = "hard", lease = 1 }
 quotas.tokens = { limit = 100, period = "month", mode = "hard", lease = 1 }
@@ -44,6 +44,10 @@ reports = ["tokens"]
 [[routes]]
 path = "/tokens/{n}"
 reports = ["tokens"]
+[[routes]]
+path = "/held"
+reports = ["tokens"]
+hold.tokens = 80
 [[routes]]
 path = "/{*rest}"
 [tenants.a]
@@ -234,6 +238,14 @@ fn organizations_are_checked_by_key() {
     assert!(e.to_string().contains("a soft quota"), "{e}");
     let e = err("[plans.p]\nconcurrency = 2\n[orgs.x]\nplan = \"p\"\n");
     assert!(e.to_string().contains("concurrency"), "{e}");
+    // A tenant in shadow mode, and an organization's plan with tenant alerts.
+    let e = err("[plans.p]\nshadow = true\nquotas.requests = { limit = 10, period = \"day\" }\n[plans.o]\nquotas.requests = { limit = 10, period = \"day\" }\n[orgs.x]\nplan = \"o\"\n[tenants.t]\nplan = \"p\"\norg = \"x\"\n");
+    assert_eq!(e.key(), "tenants.t.org", "{e}");
+    assert!(e.to_string().contains("shadow"), "{e}");
+    let e = err(
+        "[plans.p]\ntenant_alerts = true\nquotas.requests = { limit = 10, period = \"day\" }\n[orgs.x]\nplan = \"p\"\n",
+    );
+    assert!(e.to_string().contains("tenant alerts"), "{e}");
     // An unknown plan, and a bad name.
     let e = err(&format!("{base}[orgs.x]\nplan = \"q\"\n"));
     assert_eq!(e.key(), "orgs.x.plan", "{e}");
@@ -299,4 +311,68 @@ async fn a_jobs_reservation_is_held_at_the_organization() {
     assert_eq!(store.reserved(&tokens_key("org acme")).await.unwrap(), 100);
     assert_eq!(store.reserved(&tokens_key("a")).await.unwrap(), 30);
     assert_eq!(store.reserved(&tokens_key("b")).await.unwrap(), 70);
+}
+
+/// A route's hold the organization cannot cover is refused as the tenant's request: naming
+/// the organization's scope and policy, with the tenant's own headers, and nothing held at
+/// either scope; a record past a hold that the organization refuses gets the organization's
+/// refusal from `TenantContext::refusal`.
+#[tokio::test]
+async fn a_hold_refused_by_the_organization_is_the_tenants_refusal() {
+    let h = small();
+    // Tenant a holds 80 of the organization's 100 through the route, and records 10.
+    let (ticket, ctx) = admit(&h, "key-a").await.unwrap();
+    let mut held = ctx.hold_with("tokens", 80, tollgate::Overrun::Refuse).await.unwrap();
+    held.record(10).unwrap();
+    // Tenant b's route hold of 80: 20 are not held at the organization.
+    let refused = h.get("/held", "key-b").await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    let r = refused.rejection.as_ref().unwrap();
+    assert_eq!(r.scope(), Some("organization"), "{r}");
+    assert_eq!(r.tenant().map(|t| t.as_str()), Some("b"), "{r}");
+    // Past its own hold, tenant a's record of 10 more does not fit the organization's lease on
+    // the node (a record never waits on the store): the refusal to answer names it.
+    let e = held.record(80).unwrap_err();
+    let answer = ctx.refusal("tokens", &e).expect("an overrun has a refusal");
+    assert_eq!(answer.scope(), Some("organization"), "{answer}");
+    assert_eq!(answer.tenant().map(|t| t.as_str()), Some("a"), "{answer}");
+    held.settle();
+    assert!(ticket.complete(200));
+    // 10 recorded: b's route hold of 80 fits now; its handler records none, so the hold
+    // settles at nothing, and nothing of the refused one was kept, at either scope.
+    assert_eq!(h.status("/held", "key-b").await, 200);
+    h.tollgate.shutdown().await.unwrap();
+    let store = h.memory.clone().unwrap();
+    assert_eq!(store.reserved(&tokens_key("org acme")).await.unwrap(), 10);
+    assert_eq!(store.reserved(&tokens_key("a")).await.unwrap(), 10);
+    assert_eq!(store.reserved(&tokens_key("b")).await.unwrap(), 0);
+}
+
+/// A job's reservation made in the organization's January, whose work is recorded in its
+/// February (the tenant's month, anchored on the 15th, is the same for both): what it held
+/// in January goes back to January, and the work counts in February, as the organization's
+/// months are its own.
+#[tokio::test]
+async fn a_reservation_counts_in_the_organizations_period_of_its_work() {
+    const FEB_1: i64 = 1_769_904_000;
+    let toml = SMALL.replace(
+        "quotas.tokens = { limit = 1000, period = \"month\", mode = \"hard\", lease = 100 }",
+        "quotas.tokens = { limit = 1000, period = \"month\", mode = \"hard\", lease = 100, anchor_day = 15 }",
+    );
+    let h = Harness::at(&toml, FEB_1 - 30);
+    let at = |unix: i64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
+    let job = |unix| tollgate::events::Event::new("job-1", "a".into(), "tokens".into(), 40, at(unix));
+    h.tollgate.reserve_event(&job(FEB_1 - 20), std::time::Duration::from_secs(600)).await.unwrap();
+    h.clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(h.tollgate.record_event(job(FEB_1 + 20)).await.unwrap(), tollgate::store::EventOutcome::Applied);
+    h.tollgate.shutdown().await.unwrap();
+    let store = h.memory.clone().unwrap();
+    let org_month = |start: i64, end: i64| {
+        let period = tollgate::config::Period::Month { anchor_day: 1 };
+        tollgate::store::QuotaKey::new("org acme".into(), "tokens".into(), period, start, end)
+    };
+    const JAN_1: i64 = 1_767_225_600;
+    const MAR_1: i64 = 1_772_323_200;
+    assert_eq!(store.reserved(&org_month(JAN_1, FEB_1)).await.unwrap(), 0, "January's hold went back");
+    assert_eq!(store.reserved(&org_month(FEB_1, MAR_1)).await.unwrap(), 40, "the work counts in February");
 }

@@ -26,10 +26,10 @@ use crate::{
     dead_letters::{confirm_dead_letter, list_dead_letters, requeue_all_dead_letters, requeue_dead_letter},
     export::{export, new_namespace_of, reconcile, settle_letters},
     keys::keys,
-    opt::{Cli, Command, DynamoCommand, QuotaCommand},
+    opt::{Cli, Command, DynamoCommand, OrgCommand, QuotaCommand},
     store::{check, copy_directory, create_table, init_namespace, migrate, repair_ttl_of},
     tenants::tenants,
-    usage::{quota_show, usage},
+    usage::{org_show, quota_show, usage},
     util::{admin, load, now, parse_time, Result},
 };
 
@@ -66,6 +66,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Alerts { command } => alerts(&admin(&cli.config).await?, command).await,
         Command::Credits { command } => credits(&admin(&cli.config).await?, command).await,
         Command::Quota { command: QuotaCommand::Show { tenant } } => quota_show(&cli.config, tenant).await,
+        Command::Orgs { command: OrgCommand::Show { name } } => org_show(&cli.config, name).await,
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
             if repair_ttl {

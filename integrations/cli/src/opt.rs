@@ -67,6 +67,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Organizations (`[orgs.NAME]`): the tenants that share an organization's limits.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
     /// Serves the read-only operator dashboard over this configuration's stores: tenants,
     /// billing (pending windows, dead letters, reconciliation's findings) and alerts, until
     /// SIGINT or SIGTERM. Off loopback it needs an access token (`--token-file` or
@@ -162,6 +167,17 @@ pub(crate) enum DynamoCommand {
     /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
     /// export, with every node on this version.
     InitNamespace,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum OrgCommand {
+    /// Shows an organization of the configuration: its plan, its tenants declared in the
+    /// file, and what each of its quota counters holds in the store (as `quota show` shows a
+    /// tenant's).
+    Show {
+        /// The organization's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -12,11 +12,39 @@ use crate::util::{admin, load, now, parse_time, time_text, Result};
 /// as their last calls said) and what is used.
 pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
     let counters = admin(config).await?.quota_counters(&tenant).await?;
+    print_counters(&counters);
+    if counters.is_empty() {
+        println!("`{tenant}` has no quota counters in the store");
+    }
+    Ok(())
+}
+
+/// `orgs show`: an organization's plan and tenants from the configuration, and its quota
+/// counters as `quota show` prints a tenant's.
+pub(crate) async fn org_show(config: &Path, name: String) -> Result<()> {
+    let loaded = load(config)?;
+    let Some(org) = loaded.orgs().get(name.as_str()) else {
+        return Err(format!("no organization `{name}` in the configuration ([orgs.{name}])").into());
+    };
+    let tenants: Vec<&str> =
+        loaded.tenants().iter().filter(|t| t.org() == Some(org.id())).map(|t| t.id().as_str()).collect();
+    println!("organization {} on plan {}; its counters' id `{}`", org.id(), org.plan(), org.id().counters_id());
+    println!("tenants: {}", if tenants.is_empty() { "(none)".to_owned() } else { tenants.join(", ") });
+    let counters = admin(config).await?.org_counters(&name).await?;
+    print_counters(&counters);
+    if counters.is_empty() {
+        println!("`{name}` has no quota counters in the store");
+    }
+    Ok(())
+}
+
+/// The table of `quota show` and `orgs show`.
+fn print_counters(counters: &[tollgate::store::QuotaCounter]) {
     println!(
         "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "meter", "period", "start", "end", "reserved", "leased", "held", "jobs", "used", "granted"
     );
-    for c in &counters {
+    for c in counters {
         println!(
             "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
             c.key.meter.as_str(),
@@ -31,10 +59,6 @@ pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
             c.granted.map_or_else(|| "-".to_owned(), |g| g.to_string())
         );
     }
-    if counters.is_empty() {
-        println!("`{tenant}` has no quota counters in the store");
-    }
-    Ok(())
 }
 
 /// A counter's bound as `quota show` prints it: a time, or `-` for a prepaid balance, which

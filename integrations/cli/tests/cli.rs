@@ -225,6 +225,42 @@ async fn usage_of_a_meter_with_dimensions_lists_its_series() {
     assert!(err.contains("tokens{model"), "a malformed selector is refused by name: {err}");
 }
 
+/// `tollgate orgs show`: an organization's plan, its tenants and its counters, which an
+/// engine on the same file filled as its tenants' requests passed its month; an organization
+/// the file does not declare is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organizations_counters_are_shown_with_its_tenants() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let toml = format!("[store]\npath = {:?}\n", db.to_str().unwrap())
+        + "[plans.project]\nquotas.requests = { limit = 100, period = \"month\", mode = \"hard\" }\n\
+        [plans.company]\nquotas.requests = { limit = 150, period = \"month\", mode = \"hard\" }\n\
+        [orgs.acme]\nplan = \"company\"\n\
+        [tenants.search]\nplan = \"project\"\norg = \"acme\"\nkeys = [\"key-search\"]\n\
+        [tenants.support]\nplan = \"project\"\norg = \"acme\"\nkeys = [\"key-support\"]\n\
+        [tenants.solo]\nplan = \"project\"\n";
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let config = Config::from_path(dir.path().join("tollgate.toml")).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).open().await.unwrap();
+    for key in [&b"key-search"[..], b"key-search", b"key-support"] {
+        let ticket = match engine.admit(&RequestInfo::new("GET", "/", Credential::ApiKey(key))) {
+            Admission::Admitted(t) => t,
+            Admission::Pending(p) => engine.resolve(p).await.unwrap(),
+            Admission::Rejected(r) => panic!("{r}"),
+        };
+        assert!(ticket.complete(200));
+    }
+    engine.shutdown().await.unwrap();
+    let out = ok(dir.path(), &["orgs", "show", "acme"]);
+    assert!(out.contains("on plan company") && out.contains("tenants: search, support"), "{out}");
+    let line = out.lines().find(|l| l.starts_with("requests")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains(" 3 "), "the organization's counter holds its tenants' 3 requests: {out}");
+    let search = ok(dir.path(), &["quota", "show", "search"]);
+    assert!(search.lines().any(|l| l.starts_with("requests") && l.contains(" 2 ")), "{search}");
+    assert!(fails(dir.path(), &["orgs", "show", "nope"]).contains("no organization `nope`"));
+}
+
 /// `tenants set-override` checks the overrides against the configuration before writing
 /// them; an engine on the file serves the tenant with them; `clear-override` removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

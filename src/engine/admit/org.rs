@@ -24,7 +24,9 @@ impl Gate {
     /// plan compiled before a reload may name the organization's old limits).
     pub(crate) fn org_state(&self, org: &Arc<OrgLimits>) -> Tenant {
         let rt = self.shared.runtime().load();
-        let org = rt.orgs.get(&org.id).unwrap_or(org);
+        // The meter indices a request carries are its plan's: another configuration's
+        // organization (a reload that changed the meters) is not read with them.
+        let org = rt.orgs.get(&org.id).filter(|o| Arc::ptr_eq(&o.plan.meters, &org.plan.meters)).unwrap_or(org);
         let state = self
             .table()
             .org(&org.counters, &org.plan, || TenantState::new(org.counters.clone(), org.plan.clone(), None));
@@ -180,7 +182,13 @@ impl Gate {
         match org_state.quota_policy(meter) {
             StoreErrorPolicy::FailOpen => None,
             StoreErrorPolicy::FailClosed if crate::engine::store_calls::busy(e) => {
-                Some(self.count(crate::engine::usage::hold::busy(state)))
+                let mut r = Rejection::new(
+                    RejectionKind::TenantBusy,
+                    "the organization's other requests kept its quota busy (queued past usage.queue_timeout, or its \
+                     rows written by other nodes until the call's deadline)",
+                );
+                r.inner.scope = Some("organization");
+                Some(self.count(r.with_retry_after(1).for_tenant(state)))
             }
             StoreErrorPolicy::FailClosed => {
                 let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");

@@ -198,6 +198,22 @@ impl TenantContext {
                         .filter(|&j| j == index || table.ids[j].as_str().starts_with(&family))
                         .collect(),
                 };
+                // Refused at the tenant's organization: its quota on a part cannot cover the
+                // units beyond the hold, where the tenant's own quotas can.
+                let beyond = match e {
+                    RecordError::Overrun(n) => *n,
+                    _ => 1,
+                };
+                let covers =
+                    |c: Option<crate::tenant::QuotaRef<'_>>| c.is_none_or(|c| c.check_units(beyond, at).is_ok());
+                let org_spent = self.org.as_ref().and_then(|org| {
+                    let own = parts.iter().all(|&j| covers(self.state.quota(j).filter(|c| c.hard())));
+                    own.then(|| parts.iter().copied().find(|&j| !covers(org.quota(j)))).flatten()
+                });
+                if let (Some(org), Some(j)) = (self.org.as_ref(), org_spent) {
+                    let r = crate::engine::usage::hold::spent(org, j, at, true);
+                    return Some(crate::engine::usage::hold::for_member(r, &self.state, j));
+                }
                 let hard = |j: &usize| self.state.quota(*j).is_some_and(|c| c.hard());
                 let index = parts
                     .iter()

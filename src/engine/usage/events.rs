@@ -358,6 +358,7 @@ impl EventRecorder {
                 if let Some(cell) = r.state.quota(r.meter) {
                     cell.count_jobs(r.held(), false, r.tag());
                 }
+                r.count_org_jobs(false);
             })
             .build();
         let stored = moka::sync::Cache::builder()
@@ -412,6 +413,7 @@ impl EventRecorder {
         if let Some(cell) = reserved.state.quota(reserved.meter) {
             cell.count_jobs(reserved.held(), true, reserved.tag());
         }
+        reserved.count_org_jobs(true);
         self.holds.job_holds(reserved.held());
         self.reserved.insert(id, reserved);
         self.reserved.run_pending_tasks();
@@ -572,6 +574,9 @@ pub(crate) struct Reserved {
     /// The units it holds of its tenant's organization's quota (a tenant in an organization
     /// that limits the meter), going where its own go.
     org: std::sync::Mutex<Taken>,
+    /// Of them: the organization's state, how many it took, and the organization's period
+    /// they were taken in.
+    org_held: Option<(Tenant, u64, (i64, i64))>,
     held: u64,
     pub(crate) taken_at: i64,
     pub(crate) hold: Duration,
@@ -596,18 +601,70 @@ impl Reserved {
     ) -> Self {
         let held = units.units();
         let org = std::sync::Mutex::new(Taken::none());
-        Self { state, meter, quantity, units: std::sync::Mutex::new(units), org, held, taken_at, hold, period }
+        Self {
+            state,
+            meter,
+            quantity,
+            units: std::sync::Mutex::new(units),
+            org,
+            org_held: None,
+            held,
+            taken_at,
+            hold,
+            period,
+        }
     }
 
-    /// The same, holding `org` of its tenant's organization's quota too.
-    pub(crate) fn with_org(self, org: Taken) -> Self {
+    /// The same, holding `org` of its tenant's organization's quota too (`state`, the
+    /// organization's counters' state; `period`, the organization's period they were taken in).
+    pub(crate) fn with_org(mut self, state: Tenant, org: Taken, period: (i64, i64)) -> Self {
+        let units = org.units();
+        if units > 0 {
+            self.org_held = Some((state, units, period));
+        }
         *self.org.lock().unwrap_or_else(|e| e.into_inner()) = org;
         self
     }
 
-    /// Whether it holds units of its tenant's organization's quota.
-    pub(crate) fn holds_org(&self) -> bool {
-        self.org.lock().unwrap_or_else(|e| e.into_inner()).units() > 0
+    /// Whether it holds units of its tenant's organization's quota for the organization's
+    /// period `period` (the one of the event recorded with it).
+    pub(crate) fn holds_org_in(&self, period: Option<(i64, i64)>) -> bool {
+        self.org_held.as_ref().is_some_and(|(_, _, p)| Some(*p) == period)
+            && self.org.lock().unwrap_or_else(|e| e.into_inner()).units() > 0
+    }
+
+    /// The cells whose units it gave back, for the store to hear of at once: its tenant's
+    /// (when it took any) and its organization's.
+    pub(crate) fn given_back_cells(&self) -> Vec<(Tenant, usize)> {
+        let mut out = Vec::new();
+        if self.took() {
+            out.push((self.state.clone(), self.meter));
+        }
+        if let Some(org) = self.org_state() {
+            out.push((org.clone(), self.meter));
+        }
+        out
+    }
+
+    /// The state of its tenant's organization's counters, when it holds units there.
+    pub(crate) fn org_state(&self) -> Option<&Tenant> {
+        self.org_held.as_ref().map(|(state, _, _)| state)
+    }
+
+    /// Tells the organization's cell that its units are held by a job (`on`), or no longer.
+    fn count_org_jobs(&self, on: bool) {
+        if let Some((state, units, (start, end))) = &self.org_held {
+            if let Some(cell) = state.quota(self.meter) {
+                let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(*start, *end));
+                cell.count_jobs(*units, on, Some(tag));
+            }
+        }
+    }
+
+    /// Gives back what it holds at its tenant's organization alone (the work recorded falls in
+    /// another period of the organization's).
+    pub(crate) fn give_back_org(&self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+        self.take_org().give_back(leases, prefetcher);
     }
 
     fn take_org(&self) -> Taken {
@@ -625,6 +682,7 @@ impl Reserved {
             quantity: self.quantity,
             units: std::sync::Mutex::new(units),
             org: std::sync::Mutex::new(self.take_org()),
+            org_held: self.org_held.clone(),
             held,
             taken_at: self.taken_at,
             hold,

@@ -425,13 +425,22 @@ impl Hold {
         let mut meters = self.rollups.iter().fold(bit(&self.inner.meter), |bits, r| bits | bit(&r.inner.meter));
         meters &= limits.meters;
         let timeout = std::time::Duration::from_secs(u64::try_from(self.inner.timeout).unwrap_or(u64::MAX));
+        // The request's hold counts toward the caps on open holds once: by its tenant's side
+        // when that holds units of a hard quota (or its cost), else by its organization's
+        // first (counted under the organization's counters' id, which its tenants share).
+        let hard = |h: &Hold| h.cell().is_some() || h.spend.is_some();
+        let mut counted = hard(&self) || self.rollups.iter().any(hard);
         while meters != 0 {
             let m = meters.trailing_zeros() as usize;
             meters &= meters - 1;
             let (charged, overrun) = (self.inner.charged, self.inner.overrun);
             let mut side = Hold::new(org.clone(), Ok(m), charged, overrun, Some(timeout), self.units.clone());
-            if let Some(inner) = Arc::get_mut(&mut side.inner) {
-                inner.side = true;
+            if counted || side.cell().is_none() {
+                if let Some(inner) = Arc::get_mut(&mut side.inner) {
+                    inner.side = true;
+                }
+            } else {
+                counted = true;
             }
             self.rollups.push(side);
         }
@@ -553,6 +562,11 @@ impl Hold {
                     for (r, n) in self.rollups.iter().zip(taken) {
                         r.put_back(n);
                     }
+                    let refused = match (&self.rollups[i].inner.state.plan.counts_for, &self.rollups[i].inner.meter) {
+                        // Refused at the tenant's organization: answered as the tenant's.
+                        (Some(_), Ok(meter)) => for_member(refused, &self.inner.state, *meter),
+                        _ => refused,
+                    };
                     return Err(refused);
                 }
             }
@@ -907,10 +921,17 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
                 state.plan.id
             )
         };
+        let whole = match &state.plan.counts_for {
+            Some(org) => format!("{whole} of organization `{org}`, which its tenants share"),
+            None => whole,
+        };
         let mut r = Rejection::new(
             RejectionKind::HoldExceedsLimit,
             Cow::Owned(format!("this work is larger than {whole}: no period can ever cover it")),
         );
+        if state.plan.counts_for.is_some() {
+            r.inner.scope = Some("organization");
+        }
         r.inner.headers = HeaderState::new(meter, meter as u8);
         return r.for_tenant(state);
     }
@@ -964,6 +985,19 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
     // The held meter's own policy (each meter alone is the shape of its index).
     r.inner.headers = HeaderState::new(meter, meter as u8);
     r.for_tenant(state)
+}
+
+/// A refusal at a tenant's organization's counters (`r`, of the hold beside the tenant's on
+/// `meter`), answered as the tenant's: its tenant, and the headers of the tenant's own policy
+/// of the meter, whose quota item shows nothing left when the organization's refused for
+/// its quota (the tightest scope).
+pub(crate) fn for_member(mut r: Rejection, tenant: &Tenant, meter: usize) -> Rejection {
+    let mut headers = HeaderState::new(meter, meter as u8);
+    if r.kind() == RejectionKind::QuotaExceeded && tenant.quota(meter).is_some() {
+        headers.set_quota(0, r.inner.retry_after.unwrap_or(0));
+    }
+    r.inner.headers = headers;
+    r.for_tenant(tenant)
 }
 
 /// A request that waited past `usage.queue_timeout` for its turn behind its tenant's other
