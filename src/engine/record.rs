@@ -99,10 +99,15 @@ impl Tollgate {
         }
         let id = format!("{}\u{1f}{}", state.id, event.id);
         let period = Self::period_of(&state, meter, at);
+        // The organization's period of the work, when its organization limits the meter.
+        let org = Self::org_limiting(&state, meter).map(|o| self.gate().org_state(o));
+        let org_period = org.as_ref().and_then(|o| Some((&o.id, Self::period_of(o, meter, at)?)));
         let events = self.units().events();
         if let Some(held) = events.take_reserved(&id) {
             let same_meter = held.state.plan.meters.ids.get(held.meter) == Some(&event.meter);
-            if held.quantity == event.quantity && same_meter && held.period == period {
+            // Held at the organization in its period of the work (or not limited there).
+            let same_org = held.org_period() == org_period;
+            if held.quantity == event.quantity && same_meter && held.period == period && same_org {
                 // The same work reserved again: held again, for `hold` from now.
                 events.reopen_job(&held.state.id);
                 events.reserve(id, Arc::new(held.again(hold)));
@@ -123,10 +128,9 @@ impl Tollgate {
         let units = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         // Held at its tenant's organization too, when it limits the meter: refused there, the
         // tenant's units go back (their drop).
-        let org = match Self::org_limiting(&state, meter) {
+        let org = match org {
             None => None,
-            Some(o) => {
-                let org = self.gate().org_state(o);
+            Some(org) => {
                 let units = self.take_for_event(&rt, &org, meter, event.quantity, at, now, For::Reserve).await?;
                 let period = Self::period_of(&org, meter, at);
                 Some((org, units, period))
@@ -369,8 +373,8 @@ impl Tollgate {
                     // organization's period of the event (another anchor day than the
                     // tenant's may end a period between them): else it goes back, and the
                     // work counts there anew.
-                    let org_period = Self::org_limiting(&state, meter)
-                        .and_then(|o| Self::period_of(&self.gate().org_state(o), meter, at));
+                    let org = Self::org_limiting(&state, meter).map(|o| self.gate().org_state(o));
+                    let org_period = org.as_ref().and_then(|o| Some((&o.id, Self::period_of(o, meter, at)?)));
                     let org_held = r.holds_org_in(org_period);
                     if !org_held {
                         if let Some(org) = r.org_state() {

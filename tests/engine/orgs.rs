@@ -376,3 +376,38 @@ async fn a_reservation_counts_in_the_organizations_period_of_its_work() {
     assert_eq!(store.reserved(&org_month(JAN_1, FEB_1)).await.unwrap(), 0, "January's hold went back");
     assert_eq!(store.reserved(&org_month(FEB_1, MAR_1)).await.unwrap(), 40, "the work counts in February");
 }
+
+/// The same work reserved again after the organization's month turned (the tenant's month,
+/// anchored on the 15th, has not): held anew in the organization's new month, and what the
+/// old month held goes back to it.
+#[tokio::test]
+async fn the_same_work_reserved_again_holds_in_the_organizations_new_period() {
+    const FEB_1: i64 = 1_769_904_000;
+    const JAN_1: i64 = 1_767_225_600;
+    const MAR_1: i64 = 1_772_323_200;
+    let toml = SMALL.replace(
+        "quotas.tokens = { limit = 1000, period = \"month\", mode = \"hard\", lease = 100 }",
+        "quotas.tokens = { limit = 1000, period = \"month\", mode = \"hard\", lease = 100, anchor_day = 15 }",
+    );
+    let h = Harness::at(&toml, FEB_1 - 30);
+    let at = |unix: i64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
+    let job = |unix| tollgate::events::Event::new("job-1", "a".into(), "tokens".into(), 40, at(unix));
+    let hold = std::time::Duration::from_secs(600);
+    h.tollgate.reserve_event(&job(FEB_1 - 20), hold).await.unwrap();
+    h.clock.advance(std::time::Duration::from_secs(60));
+    h.tollgate.reserve_event(&job(FEB_1 + 20), hold).await.unwrap();
+    // February's 100 hold its 40: 60 left there for tenant b.
+    let (_, cb) = admit(&h, "key-b").await.unwrap();
+    assert!(cb.hold("tokens", 61).await.is_err(), "February holds the job's 40");
+    let held = cb.hold("tokens", 60).await.expect("60 are left in February");
+    held.settle();
+    assert_eq!(h.tollgate.record_event(job(FEB_1 + 20)).await.unwrap(), tollgate::store::EventOutcome::Applied);
+    h.tollgate.shutdown().await.unwrap();
+    let store = h.memory.clone().unwrap();
+    let org_month = |start: i64, end: i64| {
+        let period = tollgate::config::Period::Month { anchor_day: 1 };
+        tollgate::store::QuotaKey::new("org acme".into(), "tokens".into(), period, start, end)
+    };
+    assert_eq!(store.reserved(&org_month(JAN_1, FEB_1)).await.unwrap(), 0, "January's hold went back");
+    assert_eq!(store.reserved(&org_month(FEB_1, MAR_1)).await.unwrap(), 40, "the work counts in February");
+}

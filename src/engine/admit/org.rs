@@ -26,7 +26,11 @@ impl Gate {
         let rt = self.shared.runtime().load();
         // The meter indices a request carries are its plan's: another configuration's
         // organization (a reload that changed the meters) is not read with them.
-        let org = rt.orgs.get(&org.id).filter(|o| Arc::ptr_eq(&o.plan.meters, &org.plan.meters)).unwrap_or(org);
+        let org = rt
+            .orgs
+            .get(&org.id)
+            .filter(|o| Arc::ptr_eq(&o.plan.meters, &org.plan.meters) || o.plan.meters.ids == org.plan.meters.ids)
+            .unwrap_or(org);
         let state = self
             .table()
             .org(&org.counters, &org.plan, || TenantState::new(org.counters.clone(), org.plan.clone(), None));

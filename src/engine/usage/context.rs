@@ -212,7 +212,9 @@ impl TenantContext {
                 });
                 if let (Some(org), Some(j)) = (self.org.as_ref(), org_spent) {
                     let r = crate::engine::usage::hold::spent(org, j, at, true);
-                    return Some(crate::engine::usage::hold::for_member(r, &self.state, j));
+                    let r = crate::engine::usage::hold::for_member(r, &self.state, j);
+                    self.state.plan.metrics.rejected(r.kind()).increment(1);
+                    return Some(r);
                 }
                 let hard = |j: &usize| self.state.quota(*j).is_some_and(|c| c.hard());
                 let index = parts

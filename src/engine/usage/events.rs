@@ -574,9 +574,11 @@ pub(crate) struct Reserved {
     /// The units it holds of its tenant's organization's quota (a tenant in an organization
     /// that limits the meter), going where its own go.
     org: std::sync::Mutex<Taken>,
-    /// Of them: the organization's state, how many it took, and the organization's period
-    /// they were taken in.
-    org_held: Option<(Tenant, u64, (i64, i64))>,
+    /// Of them: the organization's state, and the organization's period they were taken in.
+    org_held: Option<(Tenant, (i64, i64))>,
+    /// How many it holds there, as counted held by a job at the organization's cell (none
+    /// once given back).
+    org_units: std::sync::atomic::AtomicU64,
     held: u64,
     pub(crate) taken_at: i64,
     pub(crate) hold: Duration,
@@ -608,6 +610,7 @@ impl Reserved {
             units: std::sync::Mutex::new(units),
             org,
             org_held: None,
+            org_units: std::sync::atomic::AtomicU64::new(0),
             held,
             taken_at,
             hold,
@@ -620,17 +623,23 @@ impl Reserved {
     pub(crate) fn with_org(mut self, state: Tenant, org: Taken, period: (i64, i64)) -> Self {
         let units = org.units();
         if units > 0 {
-            self.org_held = Some((state, units, period));
+            self.org_held = Some((state, period));
+            self.org_units = std::sync::atomic::AtomicU64::new(units);
         }
         *self.org.lock().unwrap_or_else(|e| e.into_inner()) = org;
         self
     }
 
+    /// The organization's counters' state and period it holds units in, if any.
+    pub(crate) fn org_period(&self) -> Option<(&crate::config::TenantId, (i64, i64))> {
+        let (state, period) = self.org_held.as_ref()?;
+        (self.org_units.load(std::sync::atomic::Ordering::Relaxed) > 0).then_some((&state.id, *period))
+    }
+
     /// Whether it holds units of its tenant's organization's quota for the organization's
     /// period `period` (the one of the event recorded with it).
-    pub(crate) fn holds_org_in(&self, period: Option<(i64, i64)>) -> bool {
-        self.org_held.as_ref().is_some_and(|(_, _, p)| Some(*p) == period)
-            && self.org.lock().unwrap_or_else(|e| e.into_inner()).units() > 0
+    pub(crate) fn holds_org_in(&self, org: Option<(&crate::config::TenantId, (i64, i64))>) -> bool {
+        org.is_some() && self.org_period() == org
     }
 
     /// The cells whose units it gave back, for the store to hear of at once: its tenant's
@@ -648,22 +657,27 @@ impl Reserved {
 
     /// The state of its tenant's organization's counters, when it holds units there.
     pub(crate) fn org_state(&self) -> Option<&Tenant> {
-        self.org_held.as_ref().map(|(state, _, _)| state)
+        self.org_held.as_ref().map(|(state, _)| state)
     }
 
-    /// Tells the organization's cell that its units are held by a job (`on`), or no longer.
+    /// Tells the organization's cell that its units are held by a job (`on`), or no longer:
+    /// those it holds now (none once given back), as it is reserved and as it leaves the
+    /// reservations, in pairs.
     fn count_org_jobs(&self, on: bool) {
-        if let Some((state, units, (start, end))) = &self.org_held {
+        let units = self.org_units.load(std::sync::atomic::Ordering::Relaxed);
+        if let (Some((state, (start, end))), true) = (&self.org_held, units > 0) {
             if let Some(cell) = state.quota(self.meter) {
                 let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(*start, *end));
-                cell.count_jobs(*units, on, Some(tag));
+                cell.count_jobs(units, on, Some(tag));
             }
         }
     }
 
     /// Gives back what it holds at its tenant's organization alone (the work recorded falls in
-    /// another period of the organization's).
+    /// another period of the organization's). Called once it left the reservations (its
+    /// units no longer counted held), as every give-back is.
     pub(crate) fn give_back_org(&self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+        self.org_units.store(0, std::sync::atomic::Ordering::Relaxed);
         self.take_org().give_back(leases, prefetcher);
     }
 
@@ -683,6 +697,7 @@ impl Reserved {
             units: std::sync::Mutex::new(units),
             org: std::sync::Mutex::new(self.take_org()),
             org_held: self.org_held.clone(),
+            org_units: std::sync::atomic::AtomicU64::new(self.org_units.load(std::sync::atomic::Ordering::Relaxed)),
             held,
             taken_at: self.taken_at,
             hold,

@@ -414,8 +414,8 @@ impl Hold {
     /// Beside this hold, one on its tenant's organization's counters (`org`, their state) for
     /// each meter it holds that the organization limits: extended and recorded with it, as
     /// its total's and selectors' holds are, so that a hold refused at either scope holds
-    /// nothing, and what is given back goes back at both. Never counted toward the caps on
-    /// open holds (the tenant's hold is).
+    /// nothing, and what is given back goes back at both. Counted toward the caps on open holds
+    /// only when the tenant's side holds nothing that registers (see below).
     pub(crate) fn with_org(mut self, org: Option<&Tenant>) -> Self {
         let (Some(org), Some(limits)) = (org, self.inner.state.plan.org.as_ref()) else { return self };
         let bit = |m: &Result<usize, Box<str>>| match m {
@@ -428,7 +428,7 @@ impl Hold {
         // The request's hold counts toward the caps on open holds once: by its tenant's side
         // when that holds units of a hard quota (or its cost), else by its organization's
         // first (counted under the organization's counters' id, which its tenants share).
-        let hard = |h: &Hold| h.cell().is_some() || h.spend.is_some();
+        let hard = |h: &Hold| h.cell().is_some() || h.spend.as_ref().is_some_and(|s| s.hold.cell().is_some());
         let mut counted = hard(&self) || self.rollups.iter().any(hard);
         while meters != 0 {
             let m = meters.trailing_zeros() as usize;
@@ -992,6 +992,13 @@ pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Reject
 /// of the meter, whose quota item shows nothing left when the organization's refused for
 /// its quota (the tightest scope).
 pub(crate) fn for_member(mut r: Rejection, tenant: &Tenant, meter: usize) -> Rejection {
+    if r.inner.scope.is_none() {
+        // Its organization's turn or holds (busy, full): named so.
+        r.inner.scope = Some("organization");
+        if let Some(org) = r.inner.state.as_ref().and_then(|s| s.plan.counts_for.clone()) {
+            r.inner.detail = Cow::Owned(format!("organization `{org}`: {}", r.inner.detail));
+        }
+    }
     let mut headers = HeaderState::new(meter, meter as u8);
     if r.kind() == RejectionKind::QuotaExceeded && tenant.quota(meter).is_some() {
         headers.set_quota(0, r.inner.retry_after.unwrap_or(0));
