@@ -666,10 +666,21 @@ impl CompiledPlan {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(burst);
-            // governor's limiter reads its start from the clock as it is made: the same
-            // reading on a fake clock, within nanoseconds on the system's.
-            let start = governor::clock::Clock::now(clock).into();
-            RatePolicy::new(rate, burst, PlanLimiter::new(quota, TenantCells, clock, informed), start)
+            // governor's limiter reads its start from the clock as it is made: the reading
+            // taken around it, within nanoseconds on the system's clock. A fake clock advanced
+            // meanwhile by another task (a plan compiled as a tenant is attached, while a test
+            // drives the clock) would put the tenants' arrival times a whole step off (a bucket
+            // of one second's burst found spent): made again until both readings agree.
+            let now = || -> u64 { governor::clock::Clock::now(clock).into() };
+            let mut tries = 0;
+            loop {
+                let start = now();
+                let limiter = PlanLimiter::new(quota, TenantCells, clock, informed);
+                tries += 1;
+                if now().saturating_sub(start) < 1_000_000 || tries >= 8 {
+                    break RatePolicy::new(rate, burst, limiter, start);
+                }
+            }
         });
         // `RateLimit-Policy` names the fleet's bucket, not the node's share.
         let rate_item = fleet.as_ref().map(|f| (f.q, f.w)).or(rate.as_ref().map(|r| (r.q, r.w)));
