@@ -113,17 +113,7 @@ impl Gate {
             if cell.check_units(1, at).is_ok() {
                 continue;
             }
-            let checked = self
-                .shared
-                .stores()
-                .under_lock(cell.lock(), async {
-                    leases.settle_inflight(cell).await?;
-                    if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        leases.refill_locked(rt, cell, at, 0, 0, false).await?;
-                    }
-                    Ok(cell.check_units(1, at))
-                })
-                .await;
+            let checked = self.unit_left(rt, cell, at).await;
             match checked {
                 Ok(Err(Take::Exhausted)) if state.plan.shadow => {
                     self.would_refuse(&Self::org_refusal(&state, &org_state, m, at));

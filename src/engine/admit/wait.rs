@@ -249,6 +249,27 @@ impl Gate {
         }
     }
 
+    /// Whether `cell` has a unit left at `at`, asking the store with the cell's lock held when
+    /// its lease cannot tell: its debt owed first, then a refill if need be.
+    pub(crate) async fn unit_left(
+        &self,
+        rt: &Runtime,
+        cell: crate::tenant::QuotaRef<'_>,
+        at: i64,
+    ) -> Result<Result<(), Take>, crate::store::StoreError> {
+        let leases = self.units.leases();
+        self.shared
+            .stores()
+            .under_lock(cell.lock(), async {
+                leases.settle_inflight(cell).await?;
+                if let Err(Take::NeedLease) = cell.check_units(1, at) {
+                    leases.refill_locked(rt, cell, at, 0, 0, false).await?;
+                }
+                Ok(cell.check_units(1, at))
+            })
+            .await
+    }
+
     /// [`check_reports`](Self::check_reports), asking the store where the lease cannot
     /// tell: a reported meter's debt is owed first, and the store then says whether units are
     /// left.
@@ -268,17 +289,7 @@ impl Gate {
             if cell.check_units(1, at).is_ok() {
                 continue;
             }
-            let checked = self
-                .shared
-                .stores()
-                .under_lock(cell.lock(), async {
-                    self.units.leases().settle_inflight(cell).await?;
-                    if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        self.units.leases().refill_locked(rt, cell, at, 0, 0, false).await?;
-                    }
-                    Ok(cell.check_units(1, at))
-                })
-                .await;
+            let checked = self.unit_left(rt, cell, at).await;
             match checked {
                 Ok(Err(Take::Exhausted)) if state.plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Ok(Err(Take::Exhausted)) => return Err(self.count(Self::quota_exceeded(p, m))),
