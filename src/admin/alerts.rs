@@ -74,7 +74,7 @@ impl Admin {
             EndpointError::Store(e) => AdminError::Store(e),
             e => AdminError::AlertEndpoint(e),
         })?;
-        self.changed(&id);
+        self.changed(&id).await;
         Ok(secret.map(|s| s.expose()))
     }
 }

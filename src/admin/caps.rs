@@ -36,7 +36,7 @@ impl Admin {
         let view = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, act, self.clock.unix_secs())
             .await
             .map_err(AdminError::SpendCap)?;
-        self.changed(&id);
+        self.changed(&id).await;
         Ok(view)
     }
 

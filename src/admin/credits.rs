@@ -65,7 +65,7 @@ impl Admin {
         }
         let grant = CreditGrant::new(tenant.clone(), meter, grant_id, units, now).expiring(expires_at);
         let outcome = self.quota()?.grant_credits(&grant).await?;
-        self.changed(&tenant);
+        self.changed(&tenant).await;
         Ok(outcome)
     }
 
@@ -146,7 +146,7 @@ impl Admin {
             }
         };
         let closed = quota.close_credits(&tenant_id, &grant.meter, grant_id, true, unix_now()).await?;
-        self.changed(&tenant_id);
+        self.changed(&tenant_id).await;
         closed.ok_or_else(|| AdminError::Invalid(format!("{tenant} has no open grant `{grant_id}`")))
     }
 }

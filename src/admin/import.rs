@@ -210,7 +210,7 @@ impl Admin {
             // Told of each row's tenant, also after a store error (a write may have been made).
             let tenant = row.tenant.clone();
             let written = self.import_row(row, report).await;
-            self.changed(&tenant);
+            self.changed(&tenant).await;
             written?;
         }
         Ok(())

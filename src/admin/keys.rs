@@ -146,7 +146,7 @@ impl Admin {
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
         let tenant = old.tenant.clone();
         self.update_key(tenant.as_str(), id, &old.with_expiry(Some(until))).await?;
-        self.changed(&tenant);
+        self.changed(&tenant).await;
         Ok(issued)
     }
 
@@ -179,7 +179,7 @@ impl Admin {
     pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
         let key = self.key(tenant, id).await?;
         self.directory.remove_key(&key.hash).await?;
-        self.changed(&key.tenant);
+        self.changed(&key.tenant).await;
         Ok(key)
     }
 }

@@ -103,11 +103,13 @@ impl Admin {
         }
     }
 
-    /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory.
-    pub(super) fn changed(&self, tenant: &TenantId) {
+    /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory;
+    /// and tells the directory's feed, so that every node reads it again within a second.
+    pub(super) async fn changed(&self, tenant: &TenantId) {
         if let Some(node) = &self.node {
             node.tenant_changed(tenant);
         }
+        crate::store::tell_changed(self.directory.as_ref(), tenant, self.clock.unix_nanos() / 1_000_000).await;
     }
 
     /// Tells the engine (if any) that keys were added by their hashes: it forgets the

@@ -116,9 +116,9 @@ impl Admin {
         // Its id may have been refused as unknown on this node (a tenant identified by id),
         // and the tenant a customer is taken from keeps none: both told, also after a store
         // error (the write may have been made).
-        self.changed(&record.id);
+        self.changed(&record.id).await;
         if let Some(loser) = loser {
-            self.changed(&loser);
+            self.changed(&loser).await;
         }
         written?;
         Ok(record)
@@ -152,9 +152,9 @@ impl Admin {
             if !matches!(written, Ok(false)) {
                 // Written, or maybe (a store error): the tenant, and the one the customer was
                 // taken from, which keeps none, are told.
-                self.changed(&record.id);
+                self.changed(&record.id).await;
                 if let Some(loser) = loser {
-                    self.changed(&loser);
+                    self.changed(&loser).await;
                 }
             }
             if written? {
@@ -210,7 +210,7 @@ impl Admin {
             let update = TenantUpdate::Plan(record.id.clone(), plan.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.plan = plan;
-                self.changed(&record.id);
+                self.changed(&record.id).await;
                 return Ok(record);
             }
         }
@@ -235,7 +235,7 @@ impl Admin {
             {
                 return Err(AdminError::UnknownTenant(id.to_owned()));
             }
-            self.changed(&tenant);
+            self.changed(&tenant).await;
             return self.existing(id).await;
         };
         let Some(config) = &self.config else {
@@ -251,7 +251,7 @@ impl Admin {
             let update = TenantUpdate::Overrides(tenant.clone(), json.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.overrides = json;
-                self.changed(&tenant);
+                self.changed(&tenant).await;
                 return Ok(record);
             }
         }
@@ -274,7 +274,7 @@ impl Admin {
         if !self.directory.update_tenant(&update, UpdateWhen::Always).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
-        self.changed(&tenant);
+        self.changed(&tenant).await;
         self.existing(id).await
     }
 

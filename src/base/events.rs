@@ -4,7 +4,9 @@ use super::{MeterId, TenantId};
 
 /// Told by whoever changes the directory outside the engine's own lookups (a Stripe webhook, an
 /// administration call), so that the node that made the change serves it at once; the other
-/// nodes see it within `limits.directory_ttl`.
+/// nodes see it within a second, through the directory's feed of tenants changed that the
+/// writer also tells (`store::ChangeCall`), or within `limits.directory_ttl` if that tell
+/// failed.
 ///
 /// [`Tollgate`](crate::Tollgate) implements it. Parts that change the directory take an
 /// `Arc<dyn DirectoryEvents>` instead of the engine, so they do not depend on it.

@@ -486,6 +486,32 @@ impl TenantTable {
         self.tenants.with(id.as_str(), |e| e.state.clone())
     }
 
+    /// Marks `id`, or with `None` every tenant held, as never confirmed by the directory: the
+    /// next revalidation reads it again (a tenant declared in the configuration is never
+    /// read). Returns how many were marked.
+    pub(crate) fn unconfirm(&self, id: Option<&TenantId>) -> usize {
+        let mut marked = 0;
+        let mut mark = |state: &Tenant| {
+            if state.validated() != i64::MAX {
+                state.set_validated(0);
+                marked += 1;
+            }
+        };
+        match id {
+            Some(id) => self.tenants.with(id.as_str(), |e| mark(&e.state)).unwrap_or(()),
+            None => self.tenants.for_each(|e| mark(&e.state)),
+        }
+        marked
+    }
+
+    /// How many tenants held are marked never confirmed ([`unconfirm`](Self::unconfirm)) and
+    /// were not read again since.
+    pub(crate) fn unconfirmed(&self) -> usize {
+        let mut n = 0;
+        self.tenants.for_each(|e| n += usize::from(e.state.validated() == 0));
+        n
+    }
+
     /// Records that the directory confirmed `id` at `now`.
     pub(crate) fn confirmed(&self, id: &TenantId, now: i64) {
         self.tenants.with(id.as_str(), |e| e.state.set_validated(now));

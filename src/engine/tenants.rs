@@ -20,6 +20,23 @@ impl Tollgate {
         self.gate().revalidate().await
     }
 
+    /// Reads the directory's feed of tenants changed (`store/changes.rs`; the worker does,
+    /// every second) and reads again, at once, the tenants this node holds that changed since
+    /// its last read: a plan change, new overrides or a revoked key written anywhere (`Admin`,
+    /// the CLI, a Stripe webhook on another node) applies here within a second. At the first
+    /// read, the tenants held that were told changed since the engine started are read again;
+    /// every tenant held is read again when a change may have been missed (more than
+    /// [`CHANGES_KEPT`](crate::store::CHANGES_KEPT) tenants changed between two reads).
+    /// Returns how many tenants were marked to be read again.
+    ///
+    /// # Errors
+    ///
+    /// The store's, when the feed cannot be read (the worker tries again a second later; the
+    /// tenants are still revalidated within `limits.directory_ttl`).
+    pub async fn follow_directory(&self) -> Result<usize, crate::store::StoreError> {
+        self.gate().follow_directory().await
+    }
+
     /// Forgets what this node holds of `tenant` (and that its id was unknown): its next
     /// request reads the directory again (after a plan change made on this node, or the
     /// tenant created, for example). Usage recorded so far is kept and billed; its leases go

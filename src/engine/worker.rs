@@ -58,9 +58,21 @@ impl Worker {
         let holds = Self::hold_expiries(self.tollgate.clone(), self.shutdown.clone());
         let places = Self::places(self.tollgate.clone(), self.shutdown.clone());
         let stale = Self::stale_leases(self.tollgate.clone(), self.shutdown.clone());
+        let follow = Self::follow_directory(self.tollgate.clone(), self.shutdown.clone());
         let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
         let recharges = Self::recharges(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts, stale, recharges);
+        tokio::join!(
+            self.background(),
+            exports,
+            reconciliations,
+            expiries,
+            holds,
+            places,
+            alerts,
+            stale,
+            recharges,
+            follow
+        );
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -103,6 +115,20 @@ impl Worker {
             let stopped = tollgate.stop_stale_leases();
             if stopped > 0 {
                 tracing::warn!(stopped, "leases not renewed in time (limits.reservation_expiry) wait for a store call");
+            }
+            true
+        })
+        .await;
+    }
+
+    /// A pass reading the directory's feed of tenants changed every second
+    /// ([`Tollgate::follow_directory`]): a change written anywhere applies here within a
+    /// second. A failed read is logged at debug and tried again a second later.
+    async fn follow_directory(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(1);
+        periodically(shutdown, Duration::ZERO, every, || async {
+            if let Err(e) = tollgate.follow_directory().await {
+                tracing::debug!(error = %e, "the directory's feed of tenants changed could not be read");
             }
             true
         })

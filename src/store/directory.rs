@@ -5,7 +5,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use super::StoreError;
+use super::{ChangeCall, Changes, StoreError};
 use crate::base::{KeyHash, KeyScopes, PlanId, TenantId};
 
 /// A tenant in the directory. `Debug` never shows its alert endpoint's secrets.
@@ -356,4 +356,20 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// `last_event_at` becomes the later of the two); the id is marked seen in the same write
     /// as the change.
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError>;
+
+    /// The feed of tenants changed ([`Changes`], `store/changes.rs`): a change told
+    /// ([`ChangeCall::Tell`], by whoever wrote it, after its write), or the whole feed read
+    /// ([`ChangeCall::Read`], by every node once a second). Every store applies
+    /// [`Changes::tell`] in one atomic write; a tell answers an empty feed.
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError>;
+}
+
+/// Tells `directory`'s feed that `tenant` changed at `at` (Unix milliseconds), after the
+/// change was written. A failure is logged, not answered: the change is written, and every node
+/// still reads it again within `limits.directory_ttl`.
+pub(crate) async fn tell_changed(directory: &dyn DirectoryStore, tenant: &TenantId, at: i64) {
+    if let Err(e) = directory.changes(ChangeCall::Tell { tenant, at }).await {
+        tracing::warn!(%tenant, error = %e, "the directory's feed of tenants changed was not told: other nodes \
+            serve the change within limits.directory_ttl");
+    }
 }

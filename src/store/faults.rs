@@ -25,12 +25,13 @@ use async_trait::async_trait;
 use crate::{
     config::{MeterId, TenantId},
     store::{
-        ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
-        DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome,
-        IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash, KeyWrite,
-        LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaInspect,
-        QuotaKey, QuotaStore, RateStore, RefundOutcome, Release, Reservation, StoreError, TenantRecord, TenantUpdate,
-        UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageInspect, UsageStore,
+        ApiKeyRecord, ChangeCall, Changes, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund,
+        DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId,
+        Grant, GrantOutcome, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState,
+        IdempotencyStore, KeyHash, KeyWrite, LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange,
+        PlanChangeOutcome, QuotaCounter, QuotaInspect, QuotaKey, QuotaStore, RateStore, RefundOutcome, Release,
+        Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent,
+        UsageInspect, UsageStore,
     },
 };
 
@@ -514,6 +515,14 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Faults<S> {
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
         self.call("apply plan change", self.inner.apply_plan_change(change)).await
+    }
+
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        let what = match call {
+            ChangeCall::Tell { .. } => "tell a tenant changed",
+            ChangeCall::Read => "read the tenants changed",
+        };
+        self.call(what, self.inner.changes(call)).await
     }
 }
 

@@ -32,11 +32,11 @@ use crate::{
     config::{Config, MeterId, TenantId},
     metrics::Totals,
     store::{
-        ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
-        DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
-        IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaStore,
-        RateStore, RefundOutcome, Release, Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
+        ApiKeyRecord, ChangeCall, Changes, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund,
+        DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant,
+        GrantOutcome, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
+        KeyHash, LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter,
+        QuotaStore, RateStore, RefundOutcome, Release, Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
         UsageAggregate, UsageBatch, UsageEvent, UsageStore,
     },
 };
@@ -565,6 +565,14 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
         self.call("apply plan change", self.inner.apply_plan_change(change)).await
+    }
+
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        let what = match call {
+            ChangeCall::Tell { .. } => "tell a tenant changed",
+            ChangeCall::Read => "read the tenants changed",
+        };
+        self.call(what, self.inner.changes(call)).await
     }
 }
 

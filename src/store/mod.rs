@@ -7,7 +7,7 @@
 //! | usage | [`UsageStore`] | usage aggregates per (tenant, meter, window) | the flush pipeline, usage events, reports |
 //! | export | [`ExportStore`] | each aggregate's export state, dead letters, the identifier namespace | the exporter, `tollgate dead-letters` |
 //! | ledger | [`LedgerStore`] | what each export sent, and what reconciliation found lacking | reconciliation |
-//! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides | tenant lookups, [`Admin`](crate::admin::Admin), webhooks |
+//! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides; the feed of tenants changed ([`Changes`]) | tenant lookups, [`Admin`](crate::admin::Admin), webhooks, every node's follow of the feed |
 //! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
 //! | rate | [`RateStore`] | a GCRA bucket per tenant whose rate the fleet shares (`rate_scope = "fleet"`) | cell leases, on the request path |
 //! | places | [`PlaceStore`] | each node's places among a tenant's requests in flight (`concurrency_scope = "fleet"`) | place leases, their renewal and release |
@@ -23,6 +23,7 @@
 //! `dynamodb`) and `PostgresStore` (a fleet on PostgreSQL, behind PgBouncer too; feature
 //! `postgres`). The numbers they all keep to are in [`contract`].
 
+mod changes;
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
@@ -62,6 +63,8 @@ use std::sync::Arc;
 pub use crate::base::{
     DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Told, WebhookCount,
 };
+pub use changes::{ChangeCall, Changes, TenantChange, CHANGES_KEPT};
+pub(crate) use directory::tell_changed;
 pub use directory::{
     ApiKeyRecord, DirectoryStore, KeyWrite, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord,
     TenantUpdate, UpdateWhen,

@@ -11,6 +11,7 @@ pub mod metronome;
 pub mod money;
 pub mod orgs;
 pub mod places;
+pub mod plan_change;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "stripe")]
@@ -859,6 +860,11 @@ impl DirectoryStore for Faulty {
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
         self.check()?;
         self.inner.apply_plan_change(change).await
+    }
+
+    async fn changes(&self, call: tollgate::store::ChangeCall<'_>) -> Result<tollgate::store::Changes, StoreError> {
+        self.check()?;
+        self.inner.changes(call).await
     }
 
     async fn update_tenant(

@@ -517,3 +517,24 @@ async fn a_customer_admin_moves_leaves_its_former_tenant_at_once() {
     admin.set_customer("beta", Some("cus_2"), true).await.unwrap();
     assert_eq!(customer(&h).await, None, "moved away with set_customer(take)");
 }
+
+/// A tenant of the directory moved down and up between plans while four engines on one memory
+/// store serve it: every engine applies each move once it follows the directory's feed, and
+/// the day's counter ends at what was recorded (tests/common/plan_change.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_change_applies_on_four_engines_on_one_memory_store() {
+    let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let whole: std::sync::Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
+}
+
+/// The same on four engines sharing one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_change_applies_on_four_engines_on_one_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(tollgate::store::SqliteStore::open(dir.path().join("moves.db")).await.unwrap());
+    let whole: std::sync::Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
+}

@@ -651,3 +651,16 @@ async fn four_nodes_share_an_organizations_month() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::orgs::four_nodes_share_an_organizations_month(nodes, store, 12).await;
 }
+
+/// A tenant of the directory moved down and up between plans while four engines on one table
+/// serve it (one request at a time): every engine applies each move once it follows the
+/// directory's feed, and the day's counter ends at what was recorded
+/// (tests/common/plan_change.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_change_applies_on_four_engines() {
+    let Some(store) = dynamo::table().await else { return };
+    let store: Arc<dyn StoreInspect> = Arc::new(store);
+    let whole: Arc<dyn Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
+}

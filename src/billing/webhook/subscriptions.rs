@@ -30,9 +30,9 @@ impl WebhookHandler {
                 Ok(None) => {
                     let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone());
                     let result = self.directory.apply_plan_change(&change).await;
-                    return self.settle(config, fields, customer, &plan, result);
+                    return self.settle(config, fields, customer, &plan, result).await;
                 }
-                Err(e) => return self.settle(config, fields, customer, &plan, Err(e)),
+                Err(e) => return self.settle(config, fields, customer, &plan, Err(e)).await,
             };
             let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
                 Ok(read) => read,
@@ -61,7 +61,7 @@ impl WebhookHandler {
                 .with_subscriptions(&record, subs.to_json());
             match self.directory.apply_plan_change(&change).await {
                 Ok(PlanChangeOutcome::Changed) => {}
-                result => return self.settle(config, fields, customer, &plan, result),
+                result => return self.settle(config, fields, customer, &plan, result).await,
             }
         }
         WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
@@ -101,15 +101,11 @@ impl WebhookHandler {
             let record = match self.directory.tenant_by_customer(&customer).await {
                 Ok(Some(record)) => record,
                 Ok(None) => {
-                    return self.settle(
-                        config,
-                        fields,
-                        &customer,
-                        &PlanId::from(""),
-                        Ok(PlanChangeOutcome::UnknownCustomer),
-                    )
+                    return self
+                        .settle(config, fields, &customer, &PlanId::from(""), Ok(PlanChangeOutcome::UnknownCustomer))
+                        .await
                 }
-                Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)),
+                Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)).await,
             };
             let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
                 Ok(read) => read,
@@ -182,14 +178,14 @@ impl WebhookHandler {
                         }
                     };
                 }
-                result => return self.settle(config, fields, &customer, &plan, result),
+                result => return self.settle(config, fields, &customer, &plan, result).await,
             }
         }
         WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
     }
 
     /// The outcome of a plan change the store answered.
-    fn settle(
+    async fn settle(
         &self,
         config: &Config,
         fields: &Fields,
@@ -213,6 +209,9 @@ impl WebhookHandler {
                     }
                 }
                 self.node.tenant_changed(&record.id);
+                // Every other node reads it again within a second.
+                crate::store::tell_changed(self.directory.as_ref(), &record.id, self.clock.unix_nanos() / 1_000_000)
+                    .await;
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
                     "plan changed by a Stripe webhook");
                 WebhookOutcome::Applied { tenant: record.id, plan: record.plan }

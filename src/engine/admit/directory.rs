@@ -390,7 +390,7 @@ impl Gate {
             Ok(plan) => plan,
             Err(why) => {
                 tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's new plan cannot be served ({why}); kept on its plan");
-                self.table.confirmed(&record.id, now);
+                self.confirm_unless_changed(&record.id, now, seen);
                 return;
             }
         };
@@ -401,7 +401,7 @@ impl Gate {
             || current.customer() != record.customer_in(self.customer_field)
             || current.plan.overrides.as_deref() != served;
         if !changed {
-            self.table.confirmed(&record.id, now);
+            self.confirm_unless_changed(&record.id, now, seen);
             return;
         }
         let old = self.table.replace(&record.id, now, seen, || {
@@ -413,6 +413,15 @@ impl Gate {
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
             self.units.leases().return_leases(vec![old]).await;
+        }
+    }
+
+    /// Records that the directory confirmed `id` at `now`, unless a change was told of it
+    /// since the read began (`seen`): then what was read may be older than the change, and
+    /// the tenant is left to be read again.
+    fn confirm_unless_changed(&self, id: &TenantId, now: i64, seen: u64) {
+        if !self.table.tenant_changed_since(seen, id) {
+            self.table.confirmed(id, now);
         }
     }
 

@@ -53,6 +53,8 @@ pub(crate) struct Gate {
     /// Which of a tenant's billing customers its usage is billed to (a tenant's state carries
     /// it from its lookup).
     pub(super) customer_field: CustomerField,
+    /// What this node last read of the directory's feed of tenants changed (`follow.rs`).
+    pub(super) follow: Follow,
     /// The last refusals of identified tenants, for the operator dashboard.
     #[cfg(feature = "dashboard")]
     pub(super) recent: RecentRejections,
@@ -81,6 +83,7 @@ impl Gate {
         let GateParts { table, idempotency, unknown, key_lookups, customer_field } = parts;
         let in_flight = InFlightCounts::default();
         let places = Arc::new(PlacesNode::new(shared.clone(), table.clone(), in_flight.clone()));
+        let follow = Follow::new(shared.clock().unix_nanos() / 1_000_000);
         Self {
             shared,
             units,
@@ -91,6 +94,7 @@ impl Gate {
             in_flight,
             places,
             customer_field,
+            follow,
             #[cfg(feature = "dashboard")]
             recent: RecentRejections::default(),
             #[cfg(test)]
@@ -321,5 +325,33 @@ impl Gate {
             policy = r.policy(),
             "shadow mode: would refuse ({r})"
         );
+    }
+}
+
+/// What this node last read of the directory's feed of tenants changed (its reader is
+/// `follow.rs`). Held across a whole follow, its revalidation
+/// included: a follow that finds nothing new has waited for the one that found it to have read
+/// its tenants again.
+#[derive(Debug)]
+pub(crate) struct Follow {
+    /// When the engine started (Unix milliseconds): at the first read, the entries told since
+    /// are the changes this node may have missed.
+    pub(super) started: i64,
+    pub(super) last: tokio::sync::Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    /// The feed's head at the last read (`None`: no read yet): every change stamped up to it
+    /// was seen.
+    pub(super) head: Option<i64>,
+    /// A revalidation stopped at a store error with tenants marked: tried again at the next
+    /// follow, whatever it finds.
+    pub(super) pending: bool,
+}
+
+impl Follow {
+    pub(crate) fn new(started: i64) -> Self {
+        Self { started, last: tokio::sync::Mutex::new(Seen::default()) }
     }
 }

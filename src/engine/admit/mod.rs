@@ -11,6 +11,7 @@ pub(crate) mod clients;
 pub(crate) mod directory;
 pub(crate) mod entry;
 pub(crate) mod fleet;
+pub(crate) mod follow;
 pub(crate) mod gate;
 pub(crate) mod idempotency;
 pub(crate) mod keyed;

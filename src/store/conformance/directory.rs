@@ -546,3 +546,43 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
     }
     assert_eq!(h.s().tenant(&"ghost".into()).await.unwrap(), None);
 }
+
+/// The feed of tenants changed (`ChangeCall`): each tenant's last change kept (a tell replaces
+/// it) with the feed's next stamp, across a restart; past `CHANGES_KEPT` tenants the oldest
+/// change goes, its stamp kept as the floor, so a reader knows what it may have missed.
+pub async fn the_feed_keeps_each_tenants_last_change_within_its_bound<S: ?Sized + DirectoryStore>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{ChangeCall, CHANGES_KEPT};
+    let read = |feed: crate::store::Changes| {
+        let mut entries: Vec<(String, i64, i64)> =
+            feed.tenants.into_iter().map(|c| (c.tenant.as_str().to_owned(), c.at, c.stamp)).collect();
+        entries.sort();
+        (entries, feed.floor)
+    };
+    assert_eq!(read(h.s().changes(ChangeCall::Read).await.unwrap()), (vec![], 0), "empty at first");
+    let (a, b): (TenantId, TenantId) = ("a".into(), "b".into());
+    for (tenant, at) in [(&a, 1_000), (&b, 1_001), (&a, 1_002)] {
+        let told = h.s().changes(ChangeCall::Tell { tenant, at }).await.unwrap();
+        assert!(told.tenants.is_empty(), "a tell answers nothing");
+    }
+    h.restart().await;
+    let expected = vec![("a".to_owned(), 1_002, 3), ("b".to_owned(), 1_001, 2)];
+    assert_eq!(read(h.s().changes(ChangeCall::Read).await.unwrap()), (expected, 0), "a's last change, stamped 3");
+    // Past the bound: b (the oldest) goes first, then a; the floor is the highest stamp dropped.
+    for i in 0..CHANGES_KEPT {
+        let tenant: TenantId = format!("t{i:03}").into();
+        h.s().changes(ChangeCall::Tell { tenant: &tenant, at: 2_000 + i as i64 }).await.unwrap();
+    }
+    let (entries, floor) = read(h.s().changes(ChangeCall::Read).await.unwrap());
+    assert_eq!(entries.len(), CHANGES_KEPT, "bounded");
+    assert!(!entries.iter().any(|e| e.0 == "a" || e.0 == "b"), "the oldest two went");
+    assert_eq!(floor, 3, "the highest stamp dropped");
+    assert_eq!(entries.iter().map(|e| e.2).max(), Some(3 + CHANGES_KEPT as i64));
+    // A tenant told again keeps one entry, with the next stamp, and nothing else goes.
+    let t0: TenantId = "t000".into();
+    h.s().changes(ChangeCall::Tell { tenant: &t0, at: 9_000 }).await.unwrap();
+    let (entries, floor) = read(h.s().changes(ChangeCall::Read).await.unwrap());
+    assert_eq!((entries.len(), floor), (CHANGES_KEPT, 3));
+    assert!(entries.contains(&("t000".to_owned(), 9_000, 4 + CHANGES_KEPT as i64)));
+}

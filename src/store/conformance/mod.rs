@@ -132,6 +132,7 @@ macro_rules! store_conformance {
             a_tenant_update_writes_one_setting_always_or_over_what_was_read,
             api_keys_carry_an_id_a_prefix_and_an_expiry,
             api_keys_carry_their_scopes,
+            the_feed_keeps_each_tenants_last_change_within_its_bound,
         );
     };
     (@role idempotency, $make:expr) => {

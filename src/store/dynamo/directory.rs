@@ -2,10 +2,66 @@
 
 use super::race::{Race, Retries};
 use super::*;
-use crate::store::KeyWrite;
+use crate::store::{ChangeCall, Changes, KeyWrite, TenantChange};
 
 #[async_trait]
 impl DirectoryStore for DynamoStore {
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        // One item: the feed as JSON (`[[tenant, at, stamp], …]`, at most about 43 KB with
+        // 128-character tenant ids), its
+        // floor, and a version every tell writes under (a compare-and-set).
+        let pk = || String::from(CHANGES_PK);
+        let decode = |item: &Item| -> Result<Changes, StoreError> {
+            let entries: Vec<(String, i64, i64)> = match get_s(item, "feed") {
+                Some(json) => serde_json::from_str(json)
+                    .map_err(|e| StoreError::Unusable(format!("the feed of tenants changed cannot be read: {e}")))?,
+                None => Vec::new(),
+            };
+            let tenants = entries.into_iter().map(|(t, at, stamp)| TenantChange::new(TenantId::new(t), at, stamp));
+            Ok(Changes::new(tenants.collect(), get_i(item, "floor").unwrap_or(0)))
+        };
+        let ChangeCall::Tell { tenant, at } = call else {
+            return match self.get(pk(), ONE_SK).await? {
+                Some(item) => decode(&item),
+                None => Ok(Changes::default()),
+            };
+        };
+        let decode = &decode;
+        self.until_won("the feed of tenants changed, told by several writers", Retries::BACKING_OFF, (), |(), _| {
+            Box::pin(async move {
+                let found = self.get(pk(), ONE_SK).await?;
+                let (mut feed, version) = match &found {
+                    Some(item) => (decode(item)?, get_i(item, "ver").unwrap_or(0)),
+                    None => (Changes::default(), 0),
+                };
+                feed.tell(tenant, at);
+                let entries: Vec<(&str, i64, i64)> =
+                    feed.tenants.iter().map(|c| (c.tenant.as_str(), c.at, c.stamp)).collect();
+                let json = serde_json::to_string(&entries).map_err(|e| StoreError::Backend(Box::new(e)))?;
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .item("pk", s(pk()))
+                    .item("sk", s(ONE_SK))
+                    .item("feed", s(json))
+                    .item("floor", n(feed.floor))
+                    .item("ver", n(version + 1));
+                let put = if found.is_some() {
+                    put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
+                } else {
+                    put.condition_expression("attribute_not_exists(pk)")
+                };
+                match put.send().await {
+                    Ok(_) => Ok(Race::Won(Changes::default())),
+                    Err(e) if is_ccf(&e) => Ok(Race::Lost(())),
+                    Err(e) => Err(sdk(e)),
+                }
+            })
+        })
+        .await
+    }
+
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
         let after = after.map(|t| t.as_str().to_owned());
         let items = self.index_items("gsi1", ("gpk", "TENANT"), ("gsk", after), limit, |q| q).await?;

@@ -6,6 +6,8 @@ use crate::store::{ExportKey, QuotaKey};
 
 /// The partition of the store's own settings.
 pub(super) const META_PK: &str = "M";
+/// The partition of the feed of tenants changed (`store::Changes`), one item.
+pub(super) const CHANGES_PK: &str = "CHANGES";
 /// The item holding the identifier namespace.
 pub(super) const NAMESPACE_SK: &str = "namespace";
 

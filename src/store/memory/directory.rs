@@ -1,10 +1,21 @@
 //! The directory role of the MemoryStore.
 
 use super::*;
-use crate::store::KeyWrite;
+use crate::store::{ChangeCall, Changes, KeyWrite};
 
 #[async_trait]
 impl DirectoryStore for MemoryStore {
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        let mut inner = self.lock();
+        match call {
+            ChangeCall::Tell { tenant, at } => {
+                inner.changes.tell(tenant, at);
+                Ok(Changes::default())
+            }
+            ChangeCall::Read => Ok(inner.changes.clone()),
+        }
+    }
+
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
         use std::ops::Bound;
         let inner = self.lock();

@@ -69,6 +69,8 @@ struct Inner {
     keys: HashMap<KeyHash, ApiKeyRecord>,
     tenants: BTreeMap<TenantId, TenantRecord>,
     customers: HashMap<String, TenantId>,
+    /// The feed of tenants changed (`store/changes.rs`).
+    changes: crate::store::Changes,
     /// Usage event ids and webhook event ids seen, with the time kept by (an event's time, a
     /// webhook event's creation), in the order they came.
     events: Seen,

@@ -2,7 +2,7 @@
 //! transaction.
 
 use super::*;
-use crate::store::KeyWrite;
+use crate::store::{ChangeCall, Changes, KeyWrite, TenantChange};
 
 const TENANT_COLUMNS: &str =
     "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";
@@ -33,6 +33,57 @@ fn tenant_row(r: &Row) -> TenantRecord {
 
 #[async_trait]
 impl DirectoryStore for PostgresStore {
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        let all = self.sql("SELECT tenant, at, stamp FROM {s}.tenant_change");
+        let read = |rows: &[Row]| {
+            let mut feed = Changes::default();
+            for row in rows {
+                let tenant: String = row.get(0);
+                if tenant.is_empty() {
+                    feed.floor = row.get(2);
+                } else {
+                    feed.tenants.push(TenantChange::new(TenantId::new(tenant), row.get(1), row.get(2)));
+                }
+            }
+            feed
+        };
+        let ChangeCall::Tell { tenant, at } = call else {
+            return self
+                .retrying(|| async {
+                    let client = self.client().await?;
+                    Ok(read(&client.query_typed(&all, &[]).await?))
+                })
+                .await;
+        };
+        // The floor's row locked first: tells apply one at a time, each on the feed as the
+        // last left it.
+        let lock = self.sql("SELECT at FROM {s}.tenant_change WHERE tenant = '' FOR UPDATE");
+        let upsert = self.sql(
+            "INSERT INTO {s}.tenant_change (tenant, at, stamp) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant) DO UPDATE SET at = excluded.at, stamp = excluded.stamp",
+        );
+        let delete = self.sql("DELETE FROM {s}.tenant_change WHERE tenant = $1");
+        let floor = self.sql("UPDATE {s}.tenant_change SET stamp = $1 WHERE tenant = ''");
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            tx.query_typed(&lock, &[]).await?;
+            let mut feed = read(&tx.query_typed(&all, &[]).await?);
+            let before = feed.floor;
+            let (stamp, dropped) = feed.tell(tenant, at);
+            tx.query_typed(&upsert, args![tenant.as_str(), at, stamp]).await?;
+            for gone in &dropped {
+                tx.query_typed(&delete, args![gone.as_str()]).await?;
+            }
+            if feed.floor != before {
+                tx.query_typed(&floor, args![feed.floor]).await?;
+            }
+            tx.commit().await?;
+            Ok(Changes::default())
+        })
+        .await
+    }
+
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
         let limit = int(limit as u64);
         let first = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t ORDER BY t.id LIMIT $1"));

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 13;
+pub const SCHEMA_VERSION: u32 = 14;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -282,6 +282,17 @@ CREATE TABLE {s}.dimension_values (
     PRIMARY KEY (tenant, meter, dimension, period)
 );
 CREATE INDEX dimension_values_expires ON {s}.dimension_values (expires);
+"#,
+    // 13 -> 14: the feed of tenants changed (`store::Changes`): each tenant's last change, at
+    // most `CHANGES_KEPT`; the row of the empty tenant id holds the feed's floor in `stamp`,
+    // and is locked by every tell, which so apply one at a time.
+    r#"
+CREATE TABLE {s}.tenant_change (
+    tenant text COLLATE "C" PRIMARY KEY,
+    at     bigint NOT NULL,
+    stamp  bigint NOT NULL
+);
+INSERT INTO {s}.tenant_change (tenant, at, stamp) VALUES ('', 0, 0);
 "#,
 ];
 

@@ -1,10 +1,41 @@
 //! The directory role of the SqliteStore.
 
 use super::*;
-use crate::store::KeyWrite;
+use crate::store::{ChangeCall, Changes, KeyWrite, TenantChange};
 
 #[async_trait]
 impl DirectoryStore for SqliteStore {
+    async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
+        match call {
+            ChangeCall::Tell { tenant, at } => {
+                let tenant = tenant.clone();
+                self.write(move |tx, _| {
+                    let mut feed = read_changes(tx)?;
+                    let floor = feed.floor;
+                    let (stamp, dropped) = feed.tell(&tenant, at);
+                    tx.prepare_cached(
+                        "INSERT INTO tenant_change (tenant, at, stamp) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (tenant) DO UPDATE SET at = excluded.at, stamp = excluded.stamp",
+                    )?
+                    .execute(params![tenant.as_str(), at, stamp])?;
+                    for gone in &dropped {
+                        tx.prepare_cached("DELETE FROM tenant_change WHERE tenant = ?1")?.execute([gone.as_str()])?;
+                    }
+                    if feed.floor != floor {
+                        tx.prepare_cached(
+                            "INSERT INTO tenant_change (tenant, at, stamp) VALUES ('', 0, ?1) \
+                             ON CONFLICT (tenant) DO UPDATE SET stamp = excluded.stamp",
+                        )?
+                        .execute([feed.floor])?;
+                    }
+                    Ok(Changes::default())
+                })
+                .await
+            }
+            ChangeCall::Read => self.read(read_changes).await,
+        }
+    }
+
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
         let after = after.cloned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -300,4 +331,21 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
         .with_prefix(r.get::<_, String>(2)?)
         .with_expiry(r.get(4)?)
         .with_scopes(r.get::<_, Option<i64>>(5)?.map_or(KeyScopes::DEFAULT, KeyScopes::from_bits)))
+}
+
+/// The feed of tenants changed as stored: its entries, and its floor (the stamp of the empty
+/// tenant's row).
+fn read_changes(tx: &Transaction<'_>) -> Sql<Changes> {
+    let mut feed = Changes::default();
+    let mut rows = tx.prepare_cached("SELECT tenant, at, stamp FROM tenant_change")?;
+    let mut rows = rows.query([])?;
+    while let Some(row) = rows.next()? {
+        let tenant: String = row.get(0)?;
+        if tenant.is_empty() {
+            feed.floor = row.get(2)?;
+        } else {
+            feed.tenants.push(TenantChange::new(TenantId::new(tenant), row.get(1)?, row.get(2)?));
+        }
+    }
+    Ok(feed)
 }

@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 21;
+pub(super) const SCHEMA_VERSION: i32 = 22;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -318,6 +318,15 @@ CREATE TABLE dimension_values (
     PRIMARY KEY (tenant, meter, dimension, period)
 ) WITHOUT ROWID;
 CREATE INDEX dimension_values_expires ON dimension_values (expires);
+",
+    // 21 -> 22: the feed of tenants changed (`store::Changes`): each tenant's last change, at
+    // most `CHANGES_KEPT`; the row of the empty tenant id holds the feed's floor in `stamp`.
+    r"
+CREATE TABLE tenant_change (
+    tenant TEXT PRIMARY KEY,
+    at     INTEGER NOT NULL,
+    stamp  INTEGER NOT NULL
+) WITHOUT ROWID;
 ",
 ];
 
