@@ -538,3 +538,24 @@ async fn a_plan_change_applies_on_four_engines_on_one_sqlite_file() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
 }
+
+/// Four engines on one memory store serve a tenant moved between plans every few milliseconds,
+/// from 16 tasks while the clock moves: the day's counter ends at exactly what was recorded
+/// (tests/common/plan_change.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_under_traffic_keep_the_count_exact_on_one_memory_store() {
+    let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let whole: std::sync::Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::moves_under_traffic_keep_the_count_exact(nodes, whole, store).await;
+}
+
+/// The same on four engines sharing one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_under_traffic_keep_the_count_exact_on_one_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(tollgate::store::SqliteStore::open(dir.path().join("moves.db")).await.unwrap());
+    let whole: std::sync::Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::moves_under_traffic_keep_the_count_exact(nodes, whole, store).await;
+}

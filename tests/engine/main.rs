@@ -22,6 +22,7 @@ mod idempotency;
 mod limits;
 mod metrics;
 mod money;
+mod moves;
 mod open_values;
 mod orgs;
 mod pipeline;

@@ -815,3 +815,15 @@ async fn a_plan_change_applies_on_four_engines() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
 }
+
+/// Four engines on one schema serve a tenant moved between plans every few milliseconds, from
+/// 16 tasks while the clock moves: the day's counter ends at exactly what was recorded
+/// (tests/common/plan_change.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_under_traffic_keep_the_count_exact() {
+    let Some((store, _)) = postgres::store().await else { return };
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(store);
+    let whole: Arc<dyn tollgate::store::Store> = store.clone();
+    let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
+    common::plan_change::moves_under_traffic_keep_the_count_exact(nodes, whole, store).await;
+}
