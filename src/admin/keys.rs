@@ -171,8 +171,10 @@ impl Admin {
         }
     }
 
-    /// Revokes a key at once. Running nodes stop taking it within `limits.directory_ttl`
-    /// (at once on a node that is told through [`Tollgate::invalidate_key`](crate::Tollgate::invalidate_key)).
+    /// Revokes a key at once. Running nodes stop taking it within a second (they read its
+    /// tenant again when they follow the directory's feed of tenants changed; within
+    /// `limits.directory_ttl` if the feed could not be told), at once on a node that is told
+    /// through [`Tollgate::invalidate_key`](crate::Tollgate::invalidate_key).
     ///
     /// # Errors
     /// No such tenant or key, or the store failed.

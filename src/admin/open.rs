@@ -84,7 +84,8 @@ impl Admin {
     }
 
     /// Administers the stores of a running engine, with its configuration: the engine sees
-    /// its own changes at once (the other nodes within `limits.directory_ttl`).
+    /// its own changes at once (the other nodes within a second, through the directory's feed
+    /// of tenants changed).
     #[must_use]
     pub fn for_engine(engine: &crate::engine::Tollgate) -> Self {
         let stores = engine.shared().stores();

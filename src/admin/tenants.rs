@@ -189,7 +189,8 @@ impl Admin {
         }
     }
 
-    /// Moves a tenant to another plan. Running nodes see it within `limits.directory_ttl`.
+    /// Moves a tenant to another plan: every running node sees it within a second (the directory's feed of tenants changed),
+    /// within `limits.directory_ttl` if the feed could not be told.
     ///
     /// # Errors
     /// No such tenant, an unknown plan, or the store failed.
@@ -222,7 +223,7 @@ impl Admin {
     /// configuration; `None` removes them. Only the overrides change (a plan change made at
     /// the same moment is kept), and they are written only over the plan they were checked
     /// against: a plan changed meanwhile is read and checked again. Running nodes see it
-    /// within `limits.directory_ttl`.
+    /// within a second (the directory's feed of tenants changed).
     ///
     /// # Errors
     /// No such tenant, overrides that are not valid for the configuration (or no
@@ -261,8 +262,8 @@ impl Admin {
     /// Sets (or, with `None`, removes) a tenant's Metronome customer id or ingest alias: what
     /// its usage events carry with `export.sink = "metronome"`. Nothing else of the tenant
     /// changes. Its windows waiting for export are billed to the new customer (exports in
-    /// flight keep the customer they began with). Running nodes see it within
-    /// `limits.directory_ttl`.
+    /// flight keep the customer they began with). Running nodes see it within a second (the
+    /// directory's feed of tenants changed).
     ///
     /// # Errors
     /// No such tenant, a customer that is empty, longer than 255 bytes or holds control

@@ -3,10 +3,10 @@
 use super::{MeterId, TenantId};
 
 /// Told by whoever changes the directory outside the engine's own lookups (a Stripe webhook, an
-/// administration call), so that the node that made the change serves it at once; the other
-/// nodes see it within a second, through the directory's feed of tenants changed that the
-/// writer also tells (`store::ChangeCall`), or within `limits.directory_ttl` if that tell
-/// failed.
+/// administration call), so that the node that made the change serves it at once. The other
+/// nodes see a change of the directory's records within a second when the writer also tells
+/// the directory's feed of tenants changed (`store::ChangeCall`: `Admin` and the webhooks' plan
+/// changes do), else within `limits.directory_ttl`.
 ///
 /// [`Tollgate`](crate::Tollgate) implements it. Parts that change the directory take an
 /// `Arc<dyn DirectoryEvents>` instead of the engine, so they do not depend on it.

@@ -105,9 +105,11 @@ pub async fn a_plan_change_applies_on_every_node_within_a_second(
 
 /// Four nodes serve tenant `t` from 16 tasks while the clock moves a second every 5 ms and the
 /// CLI moves `t` between the plans of 1,000 and of 500 a day 8 times (one task moves it every
-/// fifth of its requests), each node's worker following the feed: no move loses, frees or counts twice a unit. Once the tasks end
-/// and the nodes shut down (their leases given back), the day's counter holds exactly the
-/// tokens recorded, and never more than the higher plan's 1,000 were recorded.
+/// fifth of its requests, and has every node follow the feed at once), each node's worker
+/// following it too: no move loses, frees or counts twice a unit. Moved down once the tasks
+/// end, every node refuses. Once the nodes shut down (their leases given back), the day's
+/// counter holds exactly the tokens recorded, and never more than the higher plan's 1,000 were
+/// recorded.
 pub async fn moves_under_traffic_keep_the_count_exact(
     stores: [NodeStore; 4],
     admin_store: Arc<dyn tollgate::store::Store>,
@@ -125,12 +127,18 @@ pub async fn moves_under_traffic_keep_the_count_exact(
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
         let (h, recorded, cli, moves) = (nodes[i % 4].clone(), recorded.clone(), cli.clone(), moves.clone());
+        let all = nodes.clone();
         tasks.spawn(async move {
             for n in 0..40u64 {
-                // One task moves the plan every fifth of its requests, down then up.
+                // One task moves the plan every fifth of its requests, down then up, and has
+                // every node follow the feed at once (as their workers do each second), while
+                // the others' requests go on.
                 if i == 0 && n % 5 == 0 {
                     let m = moves.fetch_add(1, Ordering::SeqCst);
                     cli.set_plan("t", if m % 2 == 0 { "small" } else { "big" }).await.unwrap();
+                    for node in &all {
+                        node.tollgate.follow_directory().await.unwrap();
+                    }
                 }
                 let tokens = 1 + (n * 7 + i as u64) % 5;
                 if spend(&h, key, tokens).await.is_ok() {
@@ -148,6 +156,12 @@ pub async fn moves_under_traffic_keep_the_count_exact(
         }
     }
     let moves = moves.load(Ordering::SeqCst);
+    // Moved down once more, past what was recorded: every node refuses once it followed.
+    cli.set_plan("t", "small").await.unwrap();
+    for (i, h) in nodes.iter().enumerate() {
+        h.tollgate.follow_directory().await.unwrap();
+        assert_eq!(spend(h, key, 1).await, Err(RejectionKind::QuotaExceeded), "node {i} after the last move");
+    }
     for h in &nodes {
         h.tollgate.shutdown().await.unwrap();
     }
@@ -155,6 +169,7 @@ pub async fn moves_under_traffic_keep_the_count_exact(
     eprintln!("{recorded} tokens recorded over {moves} moves");
     assert_eq!(moves, 8, "the plan moved 8 times");
     assert!(recorded <= 1000, "recorded {recorded} of at most 1,000");
+    assert!(recorded > 500, "recorded {recorded}: the last move down must find the tenant past 500");
     // The day's counter is the day's window of the clock as the tasks left it.
     let (start, end) = Period::Day.bounds(handle.unix_secs());
     let key = QuotaKey::new("t".into(), "tokens".into(), Period::Day, start, end);

@@ -36,7 +36,7 @@ flush_interval = "1s"
 /// Two engines on one store serve tenant `t` of the directory on `fast`, with 100 requests
 /// prepaid: 6 are served (1.50 spent) and one is in flight on node A when the CLI moves `t` to
 /// `slow`. Once each node has followed the directory: node B's bucket carries what the old
-/// plan's requests took of it (refused until a second passed), then serves one request and
+/// plan's requests took of it (refused at the same instant), then serves one request and
 /// refuses the next by the new rate; node A refuses by the new concurrency while its request of
 /// the old plan is in flight, and serves once it ends; the spend of the old plan counts under
 /// the new cap (2.25 reached: 402 on both nodes). The balance and the spend counted end at
@@ -69,8 +69,8 @@ async fn a_move_keeps_the_rate_concurrency_spend_and_balance_used() {
     for h in [&a, &b] {
         h.tollgate.follow_directory().await.unwrap();
     }
-    // Node B: its bucket carried (three requests this instant are more than one a second
-    // allows), then the new rate, one a second.
+    // Node B: its bucket carried (its three requests of this instant put it past now, which
+    // one a second with no burst does not allow), then the new rate, one a second.
     assert_eq!(b.status("/", &key).await, 429, "B: what the old plan's requests took of the new rate");
     handle.advance(std::time::Duration::from_secs(1));
     assert_eq!(b.status("/", &key).await, 200, "B: within the new rate");

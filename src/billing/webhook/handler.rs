@@ -36,7 +36,8 @@ use crate::{
 ///   see the [Stripe guide](crate::guide::stripe)), of the customer for another. A duplicate or
 ///   an older event is a 200 no-op; a store failure is a 500 and changes nothing, so Stripe's
 ///   retry applies it.
-/// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
+/// - The new plan applies at once on this node, within a second elsewhere (the directory's feed
+///   of tenants changed; within `limits.directory_ttl` when the feed could not be told).
 pub struct WebhookHandler {
     /// The policy of its store calls: background calls, within `limits.background_timeout`.
     calls: Arc<Policy>,

@@ -1,5 +1,6 @@
 //! Stripe webhooks that move tenants between plans: verified, de-duplicated and ordered in one
-//! store write, applied at once on this node and within `limits.directory_ttl` on the others.
+//! store write, applied at once on this node and within a second on the others (the directory's
+//! feed of tenants changed).
 
 mod destination;
 mod handler;

@@ -48,7 +48,8 @@ impl DirectoryStore for DynamoStore {
                     .item("floor", n(feed.floor))
                     .item("ver", n(version + 1));
                 let put = if found.is_some() {
-                    put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
+                    put.condition_expression("attribute_not_exists(ver) OR ver = :ver")
+                        .expression_attribute_values(":ver", n(version))
                 } else {
                     put.condition_expression("attribute_not_exists(pk)")
                 };

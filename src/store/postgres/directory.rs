@@ -57,6 +57,9 @@ impl DirectoryStore for PostgresStore {
         };
         // The floor's row locked first: tells apply one at a time, each on the feed as the
         // last left it.
+        // Made again if it is missing (deleted by hand): without it, the lock would take nothing.
+        let ensure =
+            self.sql("INSERT INTO {s}.tenant_change (tenant, at, stamp) VALUES ('', 0, 0) ON CONFLICT DO NOTHING");
         let lock = self.sql("SELECT at FROM {s}.tenant_change WHERE tenant = '' FOR UPDATE");
         let upsert = self.sql(
             "INSERT INTO {s}.tenant_change (tenant, at, stamp) VALUES ($1, $2, $3) \
@@ -67,6 +70,7 @@ impl DirectoryStore for PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
+            tx.query_typed(&ensure, &[]).await?;
             tx.query_typed(&lock, &[]).await?;
             let mut feed = read(&tx.query_typed(&all, &[]).await?);
             let before = feed.floor;
