@@ -179,6 +179,7 @@ impl Gate {
                                 }
                                 return Ok(None);
                             }
+                            self.follow.looked_up.store(true, std::sync::atomic::Ordering::Relaxed);
                             let found = self.shared.stores().request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
@@ -205,6 +206,7 @@ impl Gate {
                             // Reloaded meanwhile: the tenant may be declared now.
                             return Ok(None);
                         }
+                        self.follow.looked_up.store(true, std::sync::atomic::Ordering::Relaxed);
                         self.shared.stores().request().directory.tenant(id).await
                     }
                 },

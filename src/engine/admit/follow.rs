@@ -19,6 +19,11 @@ impl Gate {
     /// the head last seen), or was started anew (its head below it). Returns how many tenants
     /// it marked to be read again.
     pub(crate) async fn follow_directory(&self) -> Result<usize, StoreError> {
+        // A node that never read a tenant from the directory holds nothing a change could
+        // touch: no store read (a tenant it reads later is read as it is then).
+        if !self.follow.looked_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
         let mut last = self.follow.last.lock().await;
         let feed = self.shared.stores().background().directory.changes(ChangeCall::Read).await?;
         let (changed, all): (Vec<&TenantId>, bool) = match last.head {

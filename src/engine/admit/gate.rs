@@ -337,6 +337,10 @@ pub(crate) struct Follow {
     /// When the engine started (Unix milliseconds): at the first read, the entries told since
     /// are the changes this node may have missed.
     pub(super) started: i64,
+    /// Whether this node ever read a tenant from the directory: until it does (every tenant
+    /// it serves declared in the configuration) it holds nothing the feed could change, and
+    /// reads no feed.
+    pub(super) looked_up: std::sync::atomic::AtomicBool,
     pub(super) last: tokio::sync::Mutex<Seen>,
 }
 
@@ -352,6 +356,10 @@ pub(super) struct Seen {
 
 impl Follow {
     pub(crate) fn new(started: i64) -> Self {
-        Self { started, last: tokio::sync::Mutex::new(Seen::default()) }
+        Self {
+            started,
+            looked_up: std::sync::atomic::AtomicBool::new(false),
+            last: tokio::sync::Mutex::new(Seen::default()),
+        }
     }
 }
