@@ -54,7 +54,7 @@ pub(crate) struct Gate {
     /// it from its lookup).
     pub(super) customer_field: CustomerField,
     /// What this node last read of the directory's feed of tenants changed (`follow.rs`).
-    pub(super) follow: Follow,
+    pub(super) follow: Box<Follow>,
     /// The last refusals of identified tenants, for the operator dashboard.
     #[cfg(feature = "dashboard")]
     pub(super) recent: RecentRejections,
@@ -83,7 +83,7 @@ impl Gate {
         let GateParts { table, idempotency, unknown, key_lookups, customer_field } = parts;
         let in_flight = InFlightCounts::default();
         let places = Arc::new(PlacesNode::new(shared.clone(), table.clone(), in_flight.clone()));
-        let follow = Follow::new(shared.clock().unix_nanos() / 1_000_000);
+        let follow = Box::new(Follow::new(shared.clock().unix_nanos() / 1_000_000));
         Self {
             shared,
             units,
