@@ -16,8 +16,9 @@ pub struct ShutdownReport {
     pub export: ExportReport,
     /// Whether every `Idempotency-Key` settlement begun reached the store in time.
     pub keys_settled: bool,
-    /// Whether every lease was given back in time (a lease not given back stays leased until
-    /// its period ends: a hard quota under-admits meanwhile).
+    /// Whether every lease was given back in time, with the units of holds settled after
+    /// their lease went back (a plan change) that were on their way to the store (a lease not
+    /// given back stays leased until its period ends: a hard quota under-admits meanwhile).
     pub leases_returned: bool,
     /// Holds still open when their share of the budget (a quarter) ran out: settled as
     /// recorded so far, their other units given back before the leases were.
@@ -223,6 +224,10 @@ impl Tollgate {
         self.gate().table().for_each(|s| live.push(s.clone()));
         live.extend(self.gate().table().retired().iter().cloned());
         report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(left) if left.is_empty());
+        // Units of holds settled after their lease went back (a plan change) are on their way
+        // to the store in tasks of their own: waited for, or they would stay reserved until
+        // their period ends once the process exits.
+        report.leases_returned &= self.units().leases().late_done(leases_until).await;
         let _ = tokio::time::timeout_at(leases_until, self.gate().places().release_all()).await;
         if !report.leases_returned {
             tracing::error!(
@@ -297,6 +302,10 @@ impl Tollgate {
     pub async fn release_leases(&self) {
         let states = self.gate().table().evict_all();
         self.return_leases(states).await;
+        // And the units of holds settled after their lease went back, on their way to the
+        // store (each call within the store timeout).
+        let until = tokio::time::Instant::now() + self.store_timeout() * 2;
+        self.units().leases().late_done(until).await;
     }
 
     /// Settles what this process owes before a snapshot of its memory (AWS Lambda SnapStart)
@@ -312,6 +321,11 @@ impl Tollgate {
         // back in the leases that go back next.
         self.units().holds().close_all();
         self.release_leases().await;
+        // A give-back still on its way would be on its way in every copy (each giving the
+        // same units back): the snapshot waits for none.
+        if !self.units().leases().late_done(tokio::time::Instant::now()).await {
+            return Err(StoreError::Backend("units of a hold are still on their way back to the store".into()));
+        }
         // Places of fleet concurrencies held now would be held by every copy (each admitting
         // on them): given back, spares too.
         self.gate().places().release_all().await;

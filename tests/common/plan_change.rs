@@ -26,7 +26,7 @@ hold_timeout = "24h"
 "#;
 
 /// The day's counter of `tenant`'s tokens at noon.
-fn day_key(tenant: &str) -> QuotaKey {
+pub fn day_key(tenant: &str) -> QuotaKey {
     let (start, end) = Period::Day.bounds(NOON);
     QuotaKey::new(tenant.into(), "tokens".into(), Period::Day, start, end)
 }
@@ -98,7 +98,7 @@ pub async fn a_plan_change_applies_on_every_node_within_a_second(
         assert_eq!(spend(h, key, 10).await, Ok(()), "node {i} after the move up");
     }
     for h in &nodes {
-        h.tollgate.shutdown().await.unwrap();
+        assert!(h.tollgate.shutdown().await.unwrap().leases_returned);
     }
     assert_eq!(quota.reserved(&day_key("t")).await.unwrap(), 600 + 40 + 40, "the day's counter: what was recorded");
 }

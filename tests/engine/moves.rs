@@ -9,7 +9,7 @@ use common::{node_on, NodeStore, NOON};
 use tollgate::{
     admin::Admin,
     door::{Admission, Credential, RequestInfo},
-    store::{MemoryStore, Store},
+    store::{MemoryStore, QuotaInspect as _, Store},
 };
 
 /// `fast` and `slow` plans of one prepaid balance, paid at 0.25 a request: `slow` has a lower
@@ -97,4 +97,30 @@ async fn a_move_keeps_the_rate_concurrency_spend_and_balance_used() {
     let spend = counters.iter().find(|c| c.key.meter.as_str() == "spend").expect("a spend counter");
     assert_eq!(spend.reserved, served * tollgate::money::NANOS / 4, "the spend counted: 0.25 a request served");
     drop(store);
+}
+
+/// A hold open across a move settles after its plan's lease went back (the old state's lease
+/// is given back at the move): the units it does not use go to the store in a task of their
+/// own. A shutdown right after (the process then exits) waits for that task: the day's counter
+/// holds what was recorded, not the hold's unused units, reserved until the day ends. On a
+/// runtime of one thread, where nothing spawned runs unless the shutdown waits for it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_hold_settled_after_its_lease_went_back_is_given_back_before_shutdown_ends() {
+    use common::plan_change::{day_key, TOML};
+    let store = Arc::new(MemoryStore::new());
+    let whole: Arc<dyn Store> = store.clone();
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let node = node_on(TOML, &NodeStore::Whole(whole.clone()), clock, handle);
+    let cli = Admin::new(whole);
+    cli.add_tenant("t", "big", None).await.unwrap();
+    let key: &'static str = Box::leak(cli.issue_key("t", Default::default()).await.unwrap().key.into_boxed_str());
+    let (ticket, ctx) = common::holds::admit(&node, key).await.unwrap();
+    let mut held = ctx.hold("tokens", 100).await.unwrap();
+    cli.set_plan("t", "small").await.unwrap();
+    node.tollgate.follow_directory().await.unwrap();
+    held.record(40).unwrap();
+    held.settle();
+    assert!(ticket.complete(200));
+    node.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&day_key("t")).await.unwrap(), 40, "the day's counter: the 40 recorded");
 }

@@ -145,6 +145,21 @@ pub(crate) struct Leases {
     /// The earliest renewal of a resident cell's reservation: the stale-lease pass visits the
     /// tenants only once one may have lapsed.
     renewals: Renewals,
+    /// How many give-backs of units whose lease went back first (a hold settled after its
+    /// tenant's plan changed) are on their way to the store, each in a task of its own
+    /// ([`release_late`](Self::release_late)): a shutdown waits for them, or the process would
+    /// exit with their units reserved until their period ends.
+    late: tokio::sync::watch::Sender<usize>,
+}
+
+/// One give-back on its way to the store in a task of its own, counted by
+/// [`Leases::late_begun`] until it drops (ended, panicked or cancelled).
+pub(crate) struct LateRelease(Arc<Leases>);
+
+impl Drop for LateRelease {
+    fn drop(&mut self) {
+        self.0.late.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// A lower bound of the times the calls of this node's resident cells last renewed their
@@ -228,6 +243,7 @@ impl Leases {
             hold_horizon: std::sync::atomic::AtomicI64::new(0),
             recharges,
             renewals: Renewals::default(),
+            late: tokio::sync::watch::Sender::new(0),
         };
         leases.configure(config);
         leases
@@ -894,6 +910,21 @@ impl Leases {
                 false
             }
         }
+    }
+
+    /// Counts a give-back about to be spawned ([`release_late`](Self::release_late)), until the
+    /// guard drops: counted before the spawn, so that a shutdown begun after it waits for it.
+    pub(crate) fn late_begun(self: &Arc<Self>) -> LateRelease {
+        self.late.send_modify(|n| *n += 1);
+        LateRelease(self.clone())
+    }
+
+    /// Waits, until `deadline`, for the give-backs on their way to the store
+    /// ([`late_begun`](Self::late_begun)): `true` once none is left.
+    pub(crate) async fn late_done(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.late.subscribe();
+        let none_left = async { rx.wait_for(|n| *n == 0).await.is_ok() };
+        tokio::time::timeout_at(deadline, none_left).await.unwrap_or(false)
     }
 
     /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,

@@ -275,7 +275,10 @@ fn release_late(state: Tenant, meter: usize, units: u64, (tag, held): (u16, bool
         }
         return;
     };
+    // Counted until the task ends: a shutdown waits for it (`Leases::late_done`).
+    let late = leases.late_begun();
     runtime.spawn(async move {
+        let _late = late;
         let Some(cell) = state.quota(meter) else { return };
         let (start, end) = cell.window(at);
         if let Err(e) = leases.release_late(cell, start, end, units, held.then_some(tag)).await {
