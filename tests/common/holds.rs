@@ -401,7 +401,8 @@ pub struct Busy {
 /// `stores` (their workers running, the clock moving), each holding 1,000 tokens and using all
 /// of them, on a prepaid balance (or, without `balance`, a hard monthly limit) of three
 /// quarters of what they ask, `usage.store_timeout` as given (the default as deployed,
-/// 250 ms), and a queue of 10 s: a round sends up to 256 requests at once on a machine of two
+/// 250 ms), and a queue of 10 s (or the store timeout, when longer: the queue's is never
+/// shorter): a round sends up to 256 requests at once on a machine of two
 /// cores, shared under `stress --cpu 2` with two busy processes, where the default 2 s may pass
 /// in the node's own scheduling (the queue's bound is `lock_waits_never_open_the_breaker_…`'s
 /// to test). Every request is answered: served, or refused for the balance or limit (402,
@@ -425,9 +426,13 @@ pub async fn busy_tenant(
     } else {
         format!("limit = {limit}, period = \"month\", mode = \"hard\"")
     };
+    let queue = match store_timeout.strip_suffix('s').and_then(|secs| secs.parse::<u64>().ok()) {
+        Some(secs) if secs > 10 => store_timeout,
+        _ => "10s",
+    };
     let toml = TOML.replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", &quota)
         + &format!(
-            "[usage]\nstore_timeout = \"{store_timeout}\"\nqueue_timeout = \"10s\"\n[limits]\nhold_timeout = \"24h\"\n"
+            "[usage]\nstore_timeout = \"{store_timeout}\"\nqueue_timeout = \"{queue}\"\n[limits]\nhold_timeout = \"24h\"\n"
         );
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =

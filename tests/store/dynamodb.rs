@@ -514,16 +514,18 @@ async fn four_engines_wait_for_a_processing_debit() {
 
 /// Issue 85's busy tenant on DynamoDB (the local server, one call at a time; a table each
 /// round): 32 and 64 requests at once on 1 and 4 engines: none is answered 503, the limit
-/// holds, and what is taken is what is recorded (`common::holds`). `store_timeout` is 10 s: the
+/// holds, and what is taken is what is recorded (`common::holds`). `store_timeout` is 30 s: the
 /// local server is Python answering one call at a time, tens of milliseconds a call on a
-/// loaded machine and seconds under CI's whole load (a call past 2 s was answered 503 there),
-/// not the store in milliseconds the bound is about.
+/// loaded machine and seconds under CI's whole load (a call past 2 s, and once one past 10 s,
+/// was answered 503 there: no answer in time is an unavailable store, as designed), not the
+/// store in milliseconds the bound is about. Its queue timeout is 30 s too (never shorter than
+/// the store's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_busy_tenant_is_never_answered_503() {
     if dynamo::table().await.is_none() {
         return;
     }
-    common::holds::busy_tenant_is_served("dynamodb", "10s", |nodes| async move {
+    common::holds::busy_tenant_is_served("dynamodb", "30s", |nodes| async move {
         let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(dynamo::table().await.expect("the local server"));
         common::holds::BusyStores::counted(vec![store; nodes])
     })
