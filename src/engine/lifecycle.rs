@@ -16,9 +16,10 @@ pub struct ShutdownReport {
     pub export: ExportReport,
     /// Whether every `Idempotency-Key` settlement begun reached the store in time.
     pub keys_settled: bool,
-    /// Whether every lease was given back in time, with the units of holds settled after
-    /// their lease went back (a plan change) that were on their way to the store (a lease not
-    /// given back stays leased until its period ends: a hard quota under-admits meanwhile).
+    /// Whether every lease was given back in time, and the give-backs of holds settled after
+    /// their lease went back (a plan change) ended in time (one the store refused is logged
+    /// as a warning). A lease not given back stays leased until its period ends: a hard quota
+    /// under-admits meanwhile.
     pub leases_returned: bool,
     /// Holds still open when their share of the budget (a quarter) ran out: settled as
     /// recorded so far, their other units given back before the leases were.
@@ -154,7 +155,8 @@ impl Tollgate {
     /// 4. **flush** every usage record, retried while the store fails, until two thirds of
     ///    the budget;
     /// 5. **give every lease back** (and a fleet concurrency's places), within a sixth of it at
-    ///    least;
+    ///    least, and wait for the units of holds settled after their lease went back (a plan
+    ///    change) on their way to the store;
     /// 6. **export**, with `export`, in the time left (closed windows; every window, open ones
     ///    included, when the store does not outlive the process).
     ///
@@ -298,7 +300,9 @@ impl Tollgate {
     /// Lets every tenant go and gives its quota leases back to the store; their usage stays
     /// for the next flush. What a process about to stop does besides flushing (on Lambda,
     /// within the short shutdown phase, where the full [`shutdown`](Self::shutdown) with its
-    /// export may not fit).
+    /// export may not fit). It then waits, for two store timeouts at most, for the units of
+    /// holds settled after their lease went back (a plan change) on their way to the store;
+    /// a caller with less time bounds it with a timeout of its own.
     pub async fn release_leases(&self) {
         let states = self.gate().table().evict_all();
         self.return_leases(states).await;
@@ -315,7 +319,10 @@ impl Tollgate {
     ///
     /// # Errors
     /// The store's error when the flush failed: the snapshot must not be taken then (each copy
-    /// would flush the same usage again), so the runtime's hook reports it and stops.
+    /// would flush the same usage again), so the runtime's hook reports it and stops. Also an
+    /// error when units of a hold settled after its lease went back (a plan change) are still
+    /// on their way to the store two store timeouts after the leases went back (each copy
+    /// would give them back again).
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
         // Holds open now would be open in every copy: settled as recorded so far, their units
         // back in the leases that go back next.

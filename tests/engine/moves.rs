@@ -103,7 +103,8 @@ async fn a_move_keeps_the_rate_concurrency_spend_and_balance_used() {
 /// is given back at the move): the units it does not use go to the store in a task of their
 /// own. A shutdown right after (the process then exits) waits for that task: the day's counter
 /// holds what was recorded, not the hold's unused units, reserved until the day ends. On a
-/// runtime of one thread, where nothing spawned runs unless the shutdown waits for it.
+/// runtime of one thread, where the task runs only when the shutdown yields (on a memory
+/// store, it did not before it waited for the task: the test failed every time).
 #[tokio::test(flavor = "current_thread")]
 async fn a_hold_settled_after_its_lease_went_back_is_given_back_before_shutdown_ends() {
     use common::plan_change::{day_key, TOML};

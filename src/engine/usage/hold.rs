@@ -691,20 +691,21 @@ impl Hold {
 
     fn release(&mut self) {
         let mut open = self.inner.lock();
-        if open.registered {
-            open.registered = false;
+        let registered = std::mem::replace(&mut open.registered, false);
+        if open.live {
+            open.live = false;
+            self.inner.state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
+            let held = std::mem::take(&mut open.taken);
+            if held.units() > 0 {
+                self.inner.give_back(held);
+            } else {
+                held.keep();
+            }
+        }
+        // Left once its units are given back (or on their way, counted): a shutdown that finds
+        // no hold open finds every give-back begun.
+        if registered {
             self.units.holds().leave(self.inner.id);
-        }
-        if !open.live {
-            return;
-        }
-        open.live = false;
-        self.inner.state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
-        let held = std::mem::take(&mut open.taken);
-        if held.units() > 0 {
-            self.inner.give_back(held);
-        } else {
-            held.keep();
         }
     }
 }
