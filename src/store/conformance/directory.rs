@@ -586,3 +586,32 @@ pub async fn the_feed_keeps_each_tenants_last_change_within_its_bound<S: ?Sized 
     assert_eq!((entries.len(), floor), (CHANGES_KEPT, 3));
     assert!(entries.contains(&("t000".to_owned(), 9_000, 4 + CHANGES_KEPT as i64)));
 }
+
+/// Eight writers tell the feed at once, eight tenants each: no tell is lost to another, each
+/// tenant's change carries a stamp of its own, and the stamps are exactly 1 to 64 (every tell
+/// took the feed's next sequence number once).
+pub async fn concurrent_tells_each_keep_their_tenant_and_a_stamp_of_their_own<S: ?Sized + DirectoryStore>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::ChangeCall;
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..8 {
+        let s = h.shared();
+        tasks.spawn(async move {
+            for i in 0..8 {
+                let tenant: TenantId = format!("w{writer}-{i}").into();
+                s.changes(ChangeCall::Tell { tenant: &tenant, at: 1_000 + i64::from(i) }).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let feed = h.s().changes(ChangeCall::Read).await.unwrap();
+    let tenants: std::collections::BTreeSet<&str> = feed.tenants.iter().map(|c| c.tenant.as_str()).collect();
+    assert_eq!(tenants.len(), 64, "every tenant told: {tenants:?}");
+    let mut stamps: Vec<i64> = feed.tenants.iter().map(|c| c.stamp).collect();
+    stamps.sort_unstable();
+    assert_eq!(stamps, (1..=64).collect::<Vec<i64>>(), "a stamp each, none taken twice");
+    assert_eq!((feed.floor, feed.head()), (0, 64));
+}

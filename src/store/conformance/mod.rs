@@ -133,6 +133,7 @@ macro_rules! store_conformance {
             api_keys_carry_an_id_a_prefix_and_an_expiry,
             api_keys_carry_their_scopes,
             the_feed_keeps_each_tenants_last_change_within_its_bound,
+            concurrent_tells_each_keep_their_tenant_and_a_stamp_of_their_own,
         );
     };
     (@role idempotency, $make:expr) => {
