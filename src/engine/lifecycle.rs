@@ -17,7 +17,7 @@ pub struct ShutdownReport {
     /// Whether every `Idempotency-Key` settlement begun reached the store in time.
     pub keys_settled: bool,
     /// Whether every lease was given back in time, and the give-backs of holds settled after
-    /// their lease went back (a plan change) ended in time (one the store refused is logged
+    /// their lease went back (state let go) ended in time (one the store refused is logged
     /// as a warning). A lease not given back stays leased until its period ends: a hard quota
     /// under-admits meanwhile.
     pub leases_returned: bool,
@@ -155,8 +155,8 @@ impl Tollgate {
     /// 4. **flush** every usage record, retried while the store fails, until two thirds of
     ///    the budget;
     /// 5. **give every lease back** (and a fleet concurrency's places), within a sixth of it at
-    ///    least, and wait for the units of holds settled after their lease went back (a plan
-    ///    change) on their way to the store;
+    ///    least, and wait for the units of holds settled after their lease went back (its
+    ///    tenant let go: a plan change, a reload, an eviction) on their way to the store;
     /// 6. **export**, with `export`, in the time left (closed windows; every window, open ones
     ///    included, when the store does not outlive the process).
     ///
@@ -226,7 +226,7 @@ impl Tollgate {
         self.gate().table().for_each(|s| live.push(s.clone()));
         live.extend(self.gate().table().retired().iter().cloned());
         report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(left) if left.is_empty());
-        // Units of holds settled after their lease went back (a plan change) are on their way
+        // Units of holds settled after their lease went back (state let go) are on their way
         // to the store in tasks of their own: waited for, or they would stay reserved until
         // their period ends once the process exits.
         report.leases_returned &= self.units().leases().late_done(leases_until).await;
@@ -301,7 +301,7 @@ impl Tollgate {
     /// for the next flush. What a process about to stop does besides flushing (on Lambda,
     /// within the short shutdown phase, where the full [`shutdown`](Self::shutdown) with its
     /// export may not fit). It then waits, for two store timeouts at most, for the units of
-    /// holds settled after their lease went back (a plan change) on their way to the store;
+    /// holds settled after their lease went back (state let go) on their way to the store;
     /// a caller with less time bounds it with a timeout of its own.
     pub async fn release_leases(&self) {
         let states = self.gate().table().evict_all();
@@ -320,7 +320,7 @@ impl Tollgate {
     /// # Errors
     /// The store's error when the flush failed: the snapshot must not be taken then (each copy
     /// would flush the same usage again), so the runtime's hook reports it and stops. Also an
-    /// error when units of a hold settled after its lease went back (a plan change) are still
+    /// error when units of a hold settled after its lease went back (state let go) are still
     /// on their way to the store two store timeouts after the leases went back (each copy
     /// would give them back again).
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {

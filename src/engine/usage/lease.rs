@@ -146,7 +146,7 @@ pub(crate) struct Leases {
     /// tenants only once one may have lapsed.
     renewals: Renewals,
     /// How many give-backs of units whose lease went back first (a hold settled after its
-    /// tenant's plan changed) are on their way to the store, each in a task of its own
+    /// tenant's state was let go) are on their way to the store, each in a task of its own
     /// ([`release_late`](Self::release_late)): a shutdown waits for them, or the process would
     /// exit with their units reserved until their period ends.
     late: tokio::sync::watch::Sender<usize>,
