@@ -114,6 +114,14 @@ impl QuotaStore for Timed {
         self.inner.values(call, mode).await
     }
 
+    async fn payments(
+        &self,
+        call: &tollgate::store::PaymentCall,
+        now: i64,
+    ) -> Result<tollgate::store::PaymentAnswer, StoreError> {
+        self.inner.payments(call, now).await
+    }
+
     async fn counters(
         &self,
         tenant: &tollgate::config::TenantId,

@@ -407,6 +407,16 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
     ) -> Result<crate::store::HeldValues, StoreError> {
         self.call(mode.name(), self.inner.values(call, mode)).await
     }
+
+    async fn payments(
+        &self,
+        call: &crate::store::PaymentCall,
+        now: i64,
+    ) -> Result<crate::store::PaymentAnswer, StoreError> {
+        let what =
+            if matches!(call, crate::store::PaymentCall::Read { .. }) { "read payments" } else { "record a payment" };
+        self.call(what, self.inner.payments(call, now)).await
+    }
 }
 
 #[deny(clippy::missing_trait_methods)]

@@ -42,6 +42,7 @@ mod ledger;
 pub(crate) mod limited;
 mod memory;
 mod outbox;
+mod payments;
 mod place;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -87,6 +88,10 @@ pub use ledger::{LedgerEntry, LedgerStore, LEDGER_KEPT_SECS};
 pub use memory::MemoryStore;
 pub use outbox::{
     AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, DEAD_KEPT_SECS, MAX_ERROR,
+};
+pub use payments::{
+    DisputeMark, DisputeStep, PaymentAnswer, PaymentCall, PaymentEntry, PaymentOutcome, PaymentRow, Standing,
+    DISPUTES_KEPT, ORPHANS_KEPT, PAYMENTS_KEPT, PAYMENT_ID_MAX, PAYMENT_KEPT_SECS,
 };
 pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, PlaceStoreExt, Places};
 #[cfg(feature = "postgres")]

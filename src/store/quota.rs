@@ -832,4 +832,11 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// row: the values held after it. The row never holds more than the call's cap, whatever
     /// calls race it; a store drops it after its `keep_until`.
     async fn values(&self, call: &super::ValueCall, mode: super::ValueMode) -> Result<super::HeldValues, StoreError>;
+
+    /// Applies `call` at `now` (Unix seconds) to the tenant's payments row
+    /// ([`PaymentRow::apply`](super::PaymentRow::apply)) in one atomic read-modify-write, or
+    /// reads it: what the call did, and where the tenant stands after it (what it has paid,
+    /// net, and since when). A payment counts once per id whatever calls race it; the row is
+    /// written only when it changed, and is never dropped (it is bounded by its rules).
+    async fn payments(&self, call: &super::PaymentCall, now: i64) -> Result<super::PaymentAnswer, StoreError>;
 }

@@ -683,6 +683,17 @@ impl QuotaStore for Faulty {
         self.after_quota().await;
         r
     }
+
+    async fn payments(
+        &self,
+        call: &tollgate::store::PaymentCall,
+        now: i64,
+    ) -> Result<tollgate::store::PaymentAnswer, StoreError> {
+        self.before_quota(call.tenant().as_str()).await?;
+        let r = self.inner.payments(call, now).await;
+        self.after_quota().await;
+        r
+    }
 }
 
 #[async_trait::async_trait]

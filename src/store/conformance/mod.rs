@@ -92,6 +92,8 @@ macro_rules! store_conformance {
             a_values_claim_is_idempotent_and_answers_the_row,
             concurrent_claims_never_pass_the_values_cap,
             values_rows_are_apart_outlive_a_restart_and_free_a_place_when_forgotten,
+            payments_count_once_net_of_refunds_and_disputes,
+            concurrent_payments_each_count_once,
         );
     };
     (@role usage, $make:expr) => {

@@ -27,6 +27,11 @@ pub(super) fn tenant_pk(tenant: &TenantId) -> String {
     format!("T{SEP}{tenant}")
 }
 
+/// The partition of a tenant's payments row (`store::PaymentRow`), one item.
+pub(super) fn payments_pk(tenant: &TenantId) -> String {
+    format!("PAID{SEP}{tenant}")
+}
+
 pub(super) fn usage_pk(tenant: &TenantId) -> String {
     format!("U{SEP}{tenant}")
 }

@@ -178,6 +178,50 @@ impl QuotaStore for DynamoStore {
         self.apply_values(call, mode).await
     }
 
+    async fn payments(
+        &self,
+        call: &crate::store::PaymentCall,
+        now: i64,
+    ) -> Result<crate::store::PaymentAnswer, StoreError> {
+        use crate::store::{PaymentCall, PaymentRow};
+        // One item: the row as JSON, and a version every write is made under (a
+        // compare-and-set, sent again when another write came first).
+        let pk = || payments_pk(call.tenant());
+        if matches!(call, PaymentCall::Read { .. }) {
+            let found = self.get(pk(), ONE_SK).await?;
+            let json = found.as_ref().and_then(|item| get_s(item, "row"));
+            return PaymentRow::apply_json(json, call, now).map(|(answer, _)| answer);
+        }
+        self.until_won("a tenant's payments, written by several webhooks at once", Retries::BACKING_OFF, (), |(), _| {
+            Box::pin(async move {
+                let found = self.get(pk(), ONE_SK).await?;
+                let json = found.as_ref().and_then(|item| get_s(item, "row"));
+                let version = found.as_ref().and_then(|item| get_i(item, "ver")).unwrap_or(0);
+                let (answer, row) = PaymentRow::apply_json(json, call, now)?;
+                let Some(row) = row else { return Ok(Race::Won(answer)) };
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .item("pk", s(pk()))
+                    .item("sk", s(ONE_SK))
+                    .item("row", s(row))
+                    .item("ver", n(version + 1));
+                let put = if found.is_some() {
+                    put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
+                } else {
+                    put.condition_expression("attribute_not_exists(pk)")
+                };
+                match put.send().await {
+                    Ok(_) => Ok(Race::Won(answer)),
+                    Err(e) if is_ccf(&e) => Ok(Race::Lost(())),
+                    Err(e) => Err(sdk(e)),
+                }
+            })
+        })
+        .await
+    }
+
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
         self.quota_counters(tenant, meter).await
     }

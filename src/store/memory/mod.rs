@@ -59,6 +59,8 @@ struct Inner {
     quota: HashMap<TenantId, crate::store::tenant_quota::TenantQuota>,
     /// Refunds that came before their grant, by payment.
     kept_refunds: BTreeMap<String, crate::store::CreditRefund>,
+    /// Tenants' payments rows, as JSON (`store/payments.rs`).
+    payments: HashMap<TenantId, String>,
     usage: BTreeMap<ExportKey, Aggregate>,
     /// The keys of the aggregates the export has yet to send (or has in flight), and of those
     /// parked as dead letters: a listing walks these, not 63 days of exported windows.

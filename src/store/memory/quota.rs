@@ -6,7 +6,7 @@ use super::*;
 use crate::store::{
     contract::{REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
     quota::{newer_refund, CreditRefund},
-    HeldValues, RefundOutcome, Release, ValueCall, ValueMode,
+    HeldValues, PaymentAnswer, PaymentCall, PaymentRow, RefundOutcome, Release, ValueCall, ValueMode,
 };
 
 #[async_trait]
@@ -97,6 +97,16 @@ impl QuotaStore for MemoryStore {
 
     async fn values(&self, call: &ValueCall, mode: ValueMode) -> Result<HeldValues, StoreError> {
         Ok(self.apply_values(call, mode))
+    }
+
+    async fn payments(&self, call: &PaymentCall, now: i64) -> Result<PaymentAnswer, StoreError> {
+        let mut inner = self.lock();
+        let stored = inner.payments.get(call.tenant()).map(String::as_str);
+        let (answer, row) = PaymentRow::apply_json(stored, call, now)?;
+        if let Some(row) = row {
+            inner.payments.insert(call.tenant().clone(), row);
+        }
+        Ok(answer)
     }
 
     async fn counters(

@@ -762,6 +762,48 @@ impl QuotaStore for PostgresStore {
         self.apply_values(call, mode).await
     }
 
+    async fn payments(
+        &self,
+        call: &crate::store::PaymentCall,
+        now: i64,
+    ) -> Result<crate::store::PaymentAnswer, StoreError> {
+        use crate::store::{PaymentCall, PaymentRow};
+        let tenant = call.tenant().as_str();
+        if matches!(call, PaymentCall::Read { .. }) {
+            let read = self.sql("SELECT row FROM {s}.tenant_payment WHERE tenant = $1");
+            let json: Option<String> = self
+                .retrying(|| async {
+                    let client = self.client().await?;
+                    Ok(client.query_typed_opt(&read, args![tenant]).await?.map(|r| r.get(0)))
+                })
+                .await?;
+            return PaymentRow::apply_json(json.as_deref(), call, now).map(|(answer, _)| answer);
+        }
+        // The row made first if missing, then locked: two first payments at once apply one
+        // after the other, each on the row as the other left it.
+        let ensure = self.sql("INSERT INTO {s}.tenant_payment (tenant, row) VALUES ($1, '{}') ON CONFLICT DO NOTHING");
+        let lock = self.sql("SELECT row FROM {s}.tenant_payment WHERE tenant = $1 FOR UPDATE");
+        let write = self.sql("UPDATE {s}.tenant_payment SET row = $2 WHERE tenant = $1");
+        let applied = self
+            .retrying(|| async {
+                let mut client = self.client().await?;
+                let tx = self.begin(&mut client).await?;
+                tx.query_typed(&ensure, args![tenant]).await?;
+                let json: String = tx.query_typed_one(&lock, args![tenant]).await?.get(0);
+                let (answer, row) = match PaymentRow::apply_json(Some(&json), call, now) {
+                    Ok(applied) => applied,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if let Some(row) = row {
+                    tx.query_typed(&write, args![tenant, row.as_str()]).await?;
+                }
+                tx.commit().await?;
+                Ok(Ok(answer))
+            })
+            .await?;
+        applied
+    }
+
     async fn counters(
         &self,
         tenant: &TenantId,

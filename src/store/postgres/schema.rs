@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 14;
+pub const SCHEMA_VERSION: u32 = 15;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -293,6 +293,14 @@ CREATE TABLE {s}.tenant_change (
     stamp  bigint NOT NULL
 );
 INSERT INTO {s}.tenant_change (tenant, at, stamp) VALUES ('', 0, 0);
+"#,
+    // 14 -> 15: each tenant's payments (`store::PaymentRow`, as JSON): what it has paid, net,
+    // and since when, for tiers. Changed under its row's lock.
+    r#"
+CREATE TABLE {s}.tenant_payment (
+    tenant text COLLATE "C" PRIMARY KEY,
+    row    text NOT NULL
+);
 "#,
 ];
 

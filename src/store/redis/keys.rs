@@ -110,6 +110,11 @@ impl Keys {
         format!("{}:{NAMES_VERSION}:{}:values:{meter}:{dimension}:{start}", self.prefix, tag(tenant.as_str()))
     }
 
+    /// A tenant's payments row (`store::PaymentRow`): kept until written again.
+    pub(crate) fn payments(&self, tenant: &TenantId) -> String {
+        format!("{}:{NAMES_VERSION}:{}:payments", self.prefix, tag(tenant.as_str()))
+    }
+
     pub(crate) fn payment(&self, payment: &str) -> String {
         format!("{}:{NAMES_VERSION}:{}:payment", self.prefix, tag(payment))
     }

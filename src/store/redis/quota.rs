@@ -910,6 +910,36 @@ impl QuotaStore for RedisStore {
         self.apply_values(call, mode).await
     }
 
+    async fn payments(
+        &self,
+        call: &crate::store::PaymentCall,
+        now: i64,
+    ) -> Result<crate::store::PaymentAnswer, StoreError> {
+        use crate::store::{
+            race::{until_won, Race, Retries},
+            PaymentCall, PaymentRow,
+        };
+        // One row without a time to live (never evicted under a `volatile-*` policy), read and
+        // written back under a compare-and-set of its version.
+        let key = &self.keys().payments(call.tenant());
+        if matches!(call, PaymentCall::Read { .. }) {
+            let found = self.row(key).await?;
+            return PaymentRow::apply_json(found.text("row"), call, now).map(|(answer, _)| answer);
+        }
+        until_won("a tenant's payments, written by several webhooks at once", Retries::BACKING_OFF, (), |(), _| {
+            Box::pin(async move {
+                let found = self.row(key).await?;
+                let (answer, row) = PaymentRow::apply_json(found.text("row"), call, now)?;
+                let Some(row) = row else { return Ok(Race::Won(answer)) };
+                match self.put(key, &found.version(), super::Ttl::Never, &[("row", row.as_bytes())]).await? {
+                    true => Ok(Race::Won(answer)),
+                    false => Ok(Race::Lost(())),
+                }
+            })
+        })
+        .await
+    }
+
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
         let mut q = self.quota_of(tenant).await?;
         for key in q.listed(meter).to_vec() {

@@ -288,6 +288,40 @@ impl QuotaStore for SqliteStore {
         self.apply_values(call, mode).await
     }
 
+    async fn payments(
+        &self,
+        call: &crate::store::PaymentCall,
+        now: i64,
+    ) -> Result<crate::store::PaymentAnswer, StoreError> {
+        let stored = |tx: &rusqlite::Transaction<'_>, tenant: &TenantId| -> Sql<Option<String>> {
+            tx.prepare_cached("SELECT row FROM tenant_payment WHERE tenant = ?1")?
+                .query_row([tenant.as_str()], |r| r.get(0))
+                .optional()
+        };
+        let call = call.clone();
+        if matches!(call, crate::store::PaymentCall::Read { .. }) {
+            let tenant = call.tenant().clone();
+            let json = self.read(move |tx| stored(tx, &tenant)).await?;
+            return crate::store::PaymentRow::apply_json(json.as_deref(), &call, now).map(|(answer, _)| answer);
+        }
+        self.write(move |tx, _| {
+            let json = stored(tx, call.tenant())?;
+            let (answer, row) = match crate::store::PaymentRow::apply_json(json.as_deref(), &call, now) {
+                Ok(applied) => applied,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Some(row) = row {
+                tx.prepare_cached(
+                    "INSERT INTO tenant_payment (tenant, row) VALUES (?1, ?2) \
+                     ON CONFLICT (tenant) DO UPDATE SET row = excluded.row",
+                )?
+                .execute(params![call.tenant().as_str(), row])?;
+            }
+            Ok(Ok(answer))
+        })
+        .await?
+    }
+
     async fn counters(
         &self,
         tenant: &TenantId,

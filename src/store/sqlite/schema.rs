@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 22;
+pub(super) const SCHEMA_VERSION: i32 = 23;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -326,6 +326,14 @@ CREATE TABLE tenant_change (
     tenant TEXT PRIMARY KEY,
     at     INTEGER NOT NULL,
     stamp  INTEGER NOT NULL
+) WITHOUT ROWID;
+",
+    // 22 -> 23: each tenant's payments (`store::PaymentRow`, as JSON): what it has paid, net,
+    // and since when, for tiers.
+    r"
+CREATE TABLE tenant_payment (
+    tenant TEXT PRIMARY KEY,
+    row    TEXT NOT NULL
 ) WITHOUT ROWID;
 ",
 ];
