@@ -11,9 +11,14 @@ use crate::{
 };
 
 fn header() {
-    println!(
+    out!(
         "{:<38} {:<20} {:<16} {:<24} {:<10} {:>8}  next / last error",
-        "alert", "destination", "tenant", "event", "state", "attempts"
+        "alert",
+        "destination",
+        "tenant",
+        "event",
+        "state",
+        "attempts"
     );
 }
 
@@ -23,7 +28,7 @@ fn line(e: &OutboxEntry) {
         AlertState::Delivered => format!("delivered {}", e.delivered_at.map(time_text).unwrap_or_default()),
         _ => String::new(),
     };
-    println!(
+    out!(
         "{:<38} {:<20} {:<16} {:<24} {:<10} {:>8}  {next}{}",
         e.key.id,
         e.key.destination,
@@ -47,7 +52,7 @@ pub(crate) async fn alerts(admin: &Admin, command: AlertCommand) -> Result<()> {
             let rows = admin.alerts(&query).await?;
             header();
             rows.iter().for_each(line);
-            println!("{} alerts", rows.len());
+            out!("{} alerts", rows.len());
         }
         AlertCommand::DeadLetters => {
             header();
@@ -59,11 +64,11 @@ pub(crate) async fn alerts(admin: &Admin, command: AlertCommand) -> Result<()> {
                 n += page.len();
                 page.iter().for_each(line);
             }
-            println!("{n} dead letters");
+            out!("{n} dead letters");
         }
         AlertCommand::Retry { id } => match admin.retry_alert(&id).await? {
             0 => return Err(format!("alert `{id}` has no dead letter (pending or delivered, or no such alert)").into()),
-            n => println!("alert `{id}` is pending again ({n} destinations): delivered by the next pass of a node"),
+            n => out!("alert `{id}` is pending again ({n} destinations): delivered by the next pass of a node"),
         },
     }
     Ok(())

@@ -17,14 +17,14 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                 format!("g_{:x}{:04x}", nanos.as_nanos(), std::process::id() & 0xffff)
             });
             match admin.grant_credits(&tenant, &meter, units, expires_at, &id).await? {
-                GrantOutcome::Granted(b) => println!(
+                GrantOutcome::Granted(b) => out!(
                     "granted {units} units of `{meter}` to `{tenant}` under id {id}; balance {} ({} granted, {} used)",
                     b.left(),
                     b.granted,
                     b.reserved
                 ),
                 GrantOutcome::Duplicate(g) => {
-                    println!("grant {id} exists already ({} units of `{}`): nothing added", g.units, g.meter)
+                    out!("grant {id} exists already ({} units of `{}`): nothing added", g.units, g.meter)
                 }
                 GrantOutcome::TooMany => {
                     return Err(format!("`{tenant}` holds the most open grants on `{meter}` already").into())
@@ -37,7 +37,7 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
         }
         CreditCommand::List { tenant } => {
             let (grants, balances) = admin.credits(&tenant).await?;
-            println!("{:<12} {:<24} {:>12} {:<20} {:<20} state", "meter", "grant", "units", "granted", "expires");
+            out!("{:<12} {:<24} {:>12} {:<20} {:<20} state", "meter", "grant", "units", "granted", "expires");
             for g in &grants {
                 let state = match (g.closed, g.closed_as()) {
                     (Some(c), Some(Closed::Revoked)) => format!("revoked {} ({} lost)", time_text(c.at), c.lost),
@@ -62,7 +62,7 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                         ", DUPLICATE: a second grant of payment {payment} (revoke it if it was not paid twice)"
                     ));
                 }
-                println!(
+                out!(
                     "{:<12} {:<24} {:>12} {:<20} {:<20} {state}",
                     g.meter.as_str(),
                     g.id,
@@ -72,16 +72,10 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                 );
             }
             for (meter, b) in &balances {
-                println!(
-                    "balance of `{}`: {} left ({} granted, {} used)",
-                    meter.as_str(),
-                    b.left(),
-                    b.granted,
-                    b.reserved
-                );
+                out!("balance of `{}`: {} left ({} granted, {} used)", meter.as_str(), b.left(), b.granted, b.reserved);
             }
             if grants.is_empty() {
-                println!("`{tenant}` has no credit grants");
+                out!("`{tenant}` has no credit grants");
             }
         }
         CreditCommand::Recharge { tenant, show, meter, below, to, monthly_limit, on, off } => {
@@ -108,7 +102,7 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
         }
         CreditCommand::Revoke { tenant, grant_id, meter } => {
             let c = admin.revoke_credits(&tenant, meter.as_deref(), &grant_id).await?;
-            println!("grant {grant_id} of `{tenant}` revoked: {} units it still held left the balance", c.lost);
+            out!("grant {grant_id} of `{tenant}` revoked: {} units it still held left the balance", c.lost);
         }
     }
     Ok(())
@@ -118,11 +112,11 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
 fn print_recharge(view: &tollgate::money::RechargeView) {
     let money = |minor: u64| format!("{} {}", view.money(minor), view.currency);
     match view.off_reason() {
-        None => println!("recharge of `{}` for `{}`: on", view.meter, view.tenant),
-        Some(why) => println!("recharge of `{}` for `{}`: off ({why})", view.meter, view.tenant),
+        None => out!("recharge of `{}` for `{}`: on", view.meter, view.tenant),
+        Some(why) => out!("recharge of `{}` for `{}`: off ({why})", view.meter, view.tenant),
     }
     if let Some(s) = &view.state.setting {
-        println!(
+        out!(
             "  below {} units, to {} units, at most {} a month; packs of {} units at {}",
             s.below,
             s.to,
@@ -131,20 +125,20 @@ fn print_recharge(view: &tollgate::money::RechargeView) {
             money(s.pack.amount)
         );
         if !s.set_by.is_empty() {
-            println!("  set by the {} at {}", s.set_by, crate::util::time_text(s.set_at));
+            out!("  set by the {} at {}", s.set_by, crate::util::time_text(s.set_at));
         }
     }
     let p = &view.plan;
-    println!(
+    out!(
         "  plan: price {}, below {}, to at most {}, at most {} a month",
         p.price,
         p.below,
         p.to,
         money(p.monthly_limit)
     );
-    println!("  failures in a row: {}", view.state.failures);
+    out!("  failures in a row: {}", view.state.failures);
     if let Some(o) = view.state.open {
-        println!("  under way: recharge {} of {} packs ({})", o.n, o.packs, money(o.amount));
+        out!("  under way: recharge {} of {} packs ({})", o.n, o.packs, money(o.amount));
     }
-    println!("  this month: {} recharges, {}", view.month_count, money(view.month_spent));
+    out!("  this month: {} recharges, {}", view.month_count, money(view.month_spent));
 }

@@ -41,7 +41,7 @@ pub(crate) async fn serve(config: Config, listen: SocketAddr, token_file: Option
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr()?;
-    println!(
+    out!(
         "tollgate dashboard on http://{bound}/ ({})",
         if open { "loopback, no token" } else { "access token required" }
     );

@@ -16,9 +16,14 @@ pub(crate) async fn list_dead_letters(admin: &Admin) -> Result<()> {
     // `no customer` letters (a billed plan's tenant that never had one): one line per (tenant,
     // meter), windows counted: (windows, units, first, last).
     let mut no_customer: std::collections::BTreeMap<(String, String), (usize, u64, i64, i64)> = Default::default();
-    println!(
+    out!(
         "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  identifier / reason",
-        "tenant", "meter", "window (UTC)", "window", "revision", "units"
+        "tenant",
+        "meter",
+        "window (UTC)",
+        "window",
+        "revision",
+        "units"
     );
     loop {
         let page = admin.dead_letters(after.as_ref(), 100).await?;
@@ -40,7 +45,7 @@ pub(crate) async fn list_dead_letters(admin: &Admin) -> Result<()> {
             let id = d.send.as_ref().and_then(|s| s.identifier.clone()).unwrap_or_else(|| {
                 tollgate::billing::identifier(&d.key.tenant, &d.key.meter, d.key.window_start, d.revision)
             });
-            println!(
+            out!(
                 "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  {id}",
                 d.key.tenant.as_str(),
                 d.key.meter.as_str(),
@@ -50,7 +55,7 @@ pub(crate) async fn list_dead_letters(admin: &Admin) -> Result<()> {
                 d.units
             );
             if let Some(s) = &d.send {
-                println!(
+                out!(
                     "{:<83}  sent: value {} at {} for {} ({})",
                     "",
                     s.value,
@@ -59,11 +64,11 @@ pub(crate) async fn list_dead_letters(admin: &Admin) -> Result<()> {
                     s.event_name
                 );
             }
-            println!("{:<83}  {}", "", d.reason);
+            out!("{:<83}  {}", "", d.reason);
         }
     }
     for ((tenant, meter), (windows, units, first, last)) in &no_customer {
-        println!(
+        out!(
             "{tenant:<12} {meter:<12} {:<22} {:>12} {:>8} {units:>10}  no customer: {windows} windows to {} had no \
              billing customer within 35 days; bill them by hand, then: tollgate export --confirm {tenant} {meter} all",
             time_text(*first),
@@ -72,14 +77,14 @@ pub(crate) async fn list_dead_letters(admin: &Admin) -> Result<()> {
             time_text(*last)
         );
     }
-    println!("{n} dead letters; after fixing the cause: tollgate export --requeue TENANT METER WINDOW");
+    out!("{n} dead letters; after fixing the cause: tollgate export --requeue TENANT METER WINDOW");
     Ok(())
 }
 
 pub(crate) async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
     let key = export_key(parts)?;
     if admin.requeue_dead_letter(&key).await? {
-        println!("requeued as a new revision: it goes out at the next export");
+        out!("requeued as a new revision: it goes out at the next export");
         Ok(())
     } else {
         Err("no such dead letter".into())
@@ -88,7 +93,7 @@ pub(crate) async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Resu
 
 pub(crate) async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
     let (requeued, left) = admin.requeue_refused_dead_letters().await?;
-    println!(
+    out!(
         "{requeued} dead letters requeued: they go out at the next export; \
          {left} left (unconfirmed, unsettled, without a status, no customer or too old: `tollgate reconcile --fix` \
          settles those Stripe may hold; the others one by one)"
@@ -123,13 +128,13 @@ pub(crate) async fn confirm_dead_letter(admin: &Admin, parts: &[String]) -> Resu
             for key in &keys {
                 confirmed += usize::from(admin.confirm_dead_letter(key).await?);
             }
-            println!("confirmed: {confirmed} of {} `no customer` windows marked exported", keys.len());
+            out!("confirmed: {confirmed} of {} `no customer` windows marked exported", keys.len());
             return Ok(());
         }
     }
     let key = export_key(parts)?;
     if admin.confirm_dead_letter(&key).await? {
-        println!("confirmed: marked exported");
+        out!("confirmed: marked exported");
         Ok(())
     } else {
         Err("nothing was in flight for it: requeue it instead".into())

@@ -22,12 +22,17 @@ pub(crate) async fn export(config: Config, dry_run: bool) -> Result<()> {
     let (engine, _worker) = builder.open().await?;
     if dry_run {
         let events = engine.export_preview().await?;
-        println!(
+        out!(
             "{:<12} {:<14} {:<22} {:<20} {:>10} {:>12}  identifier",
-            "tenant", "event name", "window (UTC)", "customer", "value", "timestamp"
+            "tenant",
+            "event name",
+            "window (UTC)",
+            "customer",
+            "value",
+            "timestamp"
         );
         for e in &events {
-            println!(
+            out!(
                 "{:<12} {:<14} {:<22} {:<20} {:>10} {:>12}  {}",
                 e.tenant.as_str(),
                 e.event_name,
@@ -38,16 +43,20 @@ pub(crate) async fn export(config: Config, dry_run: bool) -> Result<()> {
                 e.identifier
             );
         }
-        println!("{} meter events would be sent (dry run: nothing was)", events.len());
+        out!("{} meter events would be sent (dry run: nothing was)", events.len());
         return Ok(());
     }
     let r = engine.export().await?;
-    println!(
+    out!(
         "{} meter events sent ({} units), {} retried later, {} dead-lettered, {} windows not billable (no customer)",
-        r.events, r.units, r.retries, r.dead_letters, r.unbillable
+        r.events,
+        r.units,
+        r.retries,
+        r.dead_letters,
+        r.unbillable
     );
     if r.waiting > 0 {
-        println!(
+        out!(
             "{} windows wait for a later export: their tenant's directory record could not be read, \
              or no directory holds the tenant (see the log)",
             r.waiting
@@ -72,7 +81,7 @@ pub(crate) async fn new_namespace_of(config: Config) -> Result<()> {
     if r.halted {
         return Err("the billing system refused the key (401/403): nothing was changed".into());
     }
-    println!("{} meter events sent, {} dead-lettered under the current namespace", r.events, r.dead_letters);
+    out!("{} meter events sent, {} dead-lettered under the current namespace", r.events, r.dead_letters);
     if kind == Some(tollgate::config::SinkKind::Metronome) {
         // Metronome is not read back: exports in flight keep their identifiers; nothing to
         // reconcile first.
@@ -80,13 +89,13 @@ pub(crate) async fn new_namespace_of(config: Config) -> Result<()> {
         let admin = Admin::open(&config).await?;
         let (old, new) = admin.new_identifier_namespace().await?;
         let old = if old.is_empty() { "(empty)" } else { old.as_str() };
-        println!("identifier namespace changed from {old} to {new}");
+        out!("identifier namespace changed from {old} to {new}");
         return Ok(());
     }
     let to = now();
     let request = tollgate::report::ReconcileRequest::new(to - 35 * 86_400, to).fix(true);
     let r = engine.reconcile(&request).await?;
-    println!(
+    out!(
         "reconciled {} hours: {} dead letters confirmed, {} requeued, {} hours of drift",
         r.compared,
         r.confirmed,
@@ -97,7 +106,7 @@ pub(crate) async fn new_namespace_of(config: Config) -> Result<()> {
     let admin = Admin::open(&config).await?;
     let (old, new) = admin.new_identifier_namespace().await?;
     let old = if old.is_empty() { "(empty)" } else { old.as_str() };
-    println!("identifier namespace changed from {old} to {new}");
+    out!("identifier namespace changed from {old} to {new}");
     Ok(())
 }
 
@@ -110,7 +119,7 @@ pub(crate) async fn settle_letters(config: &Config) {
         return;
     }
     let Ok(sink) = stripe_sink(config) else {
-        println!("no Stripe key: the dead letters Stripe may hold are left for `tollgate reconcile --fix`");
+        out!("no Stripe key: the dead letters Stripe may hold are left for `tollgate reconcile --fix`");
         return;
     };
     let settled = async {
@@ -124,9 +133,9 @@ pub(crate) async fn settle_letters(config: &Config) {
     };
     match settled.await {
         Ok(r) => {
-            println!("reconciled the dead letters Stripe may hold: {} confirmed, {} requeued", r.confirmed, r.requeued)
+            out!("reconciled the dead letters Stripe may hold: {} confirmed, {} requeued", r.confirmed, r.requeued)
         }
-        Err(e) => println!("the dead letters Stripe may hold could not be reconciled ({e}): they are left"),
+        Err(e) => out!("the dead letters Stripe may hold could not be reconciled ({e}): they are left"),
     }
 }
 
@@ -139,16 +148,22 @@ pub(crate) async fn reconcile(config: Config, request: &tollgate::report::Reconc
     let (engine, _worker) =
         tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
     let r = engine.reconcile(request).await?;
-    println!(
+    out!(
         "{:<20} {:<12} {:<12} {:<20} {:>10} {:>10} {:>8}  action",
-        "hour (UTC)", "tenant", "meter", "customer", "exported", "stripe", "letters"
+        "hour (UTC)",
+        "tenant",
+        "meter",
+        "customer",
+        "exported",
+        "stripe",
+        "letters"
     );
     for d in &r.drift {
         let action = match d.action {
             tollgate::report::DriftAction::Lacking { since } => format!("lacking since {}", time_text(since)),
             other => other.label().to_owned(),
         };
-        println!(
+        out!(
             "{:<20} {:<12} {:<12} {:<20} {:>10} {:>10} {:>8}  {action}",
             time_text(d.hour),
             d.tenant.as_str(),
@@ -160,18 +175,22 @@ pub(crate) async fn reconcile(config: Config, request: &tollgate::report::Reconc
         );
     }
     if r.more_drift > 0 {
-        println!("… and {} more hours", r.more_drift);
+        out!("… and {} more hours", r.more_drift);
     }
-    println!(
+    out!(
         "{} hours compared ({} reads of Stripe), {} settling; Stripe lacks {} units and holds {} more; \
          {} resent, {} dead letters confirmed, {} requeued",
-        r.compared, r.reads, r.settling, r.lacking_units, r.surplus_units, r.resent, r.confirmed, r.requeued
+        r.compared,
+        r.reads,
+        r.settling,
+        r.lacking_units,
+        r.surplus_units,
+        r.resent,
+        r.confirmed,
+        r.requeued
     );
     if r.not_compared > 0 {
-        println!(
-            "{} events of pre-aggregated meters are not compared (Stripe keeps their newest value)",
-            r.not_compared
-        );
+        out!("{} events of pre-aggregated meters are not compared (Stripe keeps their newest value)", r.not_compared);
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ pub(crate) async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
                 options = options.expiring(parse_time(&at)?);
             }
             let issued = admin.issue_key(&tenant, options).await?;
-            println!("{}", issued.key);
+            out!("{}", issued.key);
             eprintln!(
                 "key {} issued for `{tenant}` with scopes {}{}; it is shown only now, the store keeps its hash",
                 issued.record.id,
@@ -34,23 +34,23 @@ pub(crate) async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
         }
         KeyCommand::Scopes { tenant, id, scopes } => {
             let k = admin.set_key_scopes(&tenant, &id, scopes).await?;
-            println!("key {} of `{tenant}` has scopes {}", k.id, k.scopes);
+            out!("key {} of `{tenant}` has scopes {}", k.id, k.scopes);
         }
         KeyCommand::List { tenant } => {
             let now = now();
-            println!("{:<16} {:<16} {:<22} {:<22} scopes", "id", "prefix", "created (UTC)", "expires");
+            out!("{:<16} {:<16} {:<22} {:<22} scopes", "id", "prefix", "created (UTC)", "expires");
             for k in admin.keys(&tenant).await? {
                 print_key(&k, now);
             }
         }
         KeyCommand::Revoke { tenant, id } => {
             let k = admin.revoke_key(&tenant, &id).await?;
-            println!("key {} of `{tenant}` revoked", k.id);
+            out!("key {} of `{tenant}` revoked", k.id);
         }
         KeyCommand::Rotate { tenant, id, grace } => {
             let until = now().saturating_add(secs(*grace));
             let issued = admin.rotate_key(&tenant, &id, until).await?;
-            println!("{}", issued.key);
+            out!("{}", issued.key);
             eprintln!(
                 "key {} issued for `{tenant}`; key {id} keeps working until {} (or its own earlier expiry); the new key is shown only now",
                 issued.record.id,
@@ -64,7 +64,7 @@ pub(crate) async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?
             };
             let r = admin.import_csv(&text).await.map_err(|e| format!("{}: {e}", file.display()))?;
-            println!("imported: {} tenants created, {} updated, {} keys", r.tenants_created, r.tenants_updated, r.keys);
+            out!("imported: {} tenants created, {} updated, {} keys", r.tenants_created, r.tenants_updated, r.keys);
         }
     }
     Ok(())
@@ -77,5 +77,5 @@ fn print_key(k: &ApiKeyRecord, now: i64) {
         Some(at) if at <= now => format!("{} (expired)", time_text(at)),
         Some(at) => time_text(at),
     };
-    println!("{:<16} {:<16} {:<22} {expires:<22} {}", k.id, prefix, time_text(k.created_at), k.scopes);
+    out!("{:<16} {:<16} {:<22} {expires:<22} {}", k.id, prefix, time_text(k.created_at), k.scopes);
 }

@@ -3,6 +3,19 @@
 //! whichever store the configuration names (`[store]`: SQLite by default, DynamoDB with the
 //! standard AWS environment, PostgreSQL with `url` or `DATABASE_URL`). See `tollgate --help`.
 
+/// `println!` for the command's output: once standard output is closed (`tollgate … | head`,
+/// `| grep -q`) the rest of the output is dropped and the command goes on to its end, its exit
+/// status its own. (Rust ignores SIGPIPE, so `println!` would panic mid-command; a command
+/// killed by it, as C tools are, could stop between two writes to the store.)
+macro_rules! out {
+    () => {
+        $crate::util::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::util::write_line(format_args!($($arg)*))
+    };
+}
+
 mod alerts;
 mod credits;
 mod dashboard;

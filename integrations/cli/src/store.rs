@@ -12,16 +12,16 @@ use tollgate::{
 use crate::util::{admin, load, Result};
 
 pub(crate) async fn check(config: &Config) -> Result<()> {
-    println!("configuration OK");
-    println!("store: {}", config.store());
+    out!("configuration OK");
+    out!("store: {}", config.store());
     for role in StoreRole::ALL {
         if config.store_of(role) != config.store() {
-            println!("  {} role: {}", role.name(), config.store_of(role));
+            out!("  {} role: {}", role.name(), config.store_of(role));
         }
     }
     let meters: Vec<&str> = config.meters().iter().map(|m| m.id().as_str()).collect();
-    println!("meters ({}): {}", meters.len(), meters.join(", "));
-    println!("plans ({}):", config.plans().len());
+    out!("meters ({}): {}", meters.len(), meters.join(", "));
+    out!("plans ({}):", config.plans().len());
     for (id, plan) in config.plans() {
         let rate = plan.rate().map_or("no rate limit".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
         let quotas: Vec<String> = plan
@@ -38,18 +38,18 @@ pub(crate) async fn check(config: &Config) -> Result<()> {
             })
             .collect();
         let quotas = if quotas.is_empty() { "no quota".to_owned() } else { quotas.join(", ") };
-        println!("  {id}: {rate}; {quotas}");
+        out!("  {id}: {rate}; {quotas}");
     }
-    println!("routes: {}", config.routes().len());
-    println!("tenants in the file: {}", config.tenants().len());
+    out!("routes: {}", config.routes().len());
+    out!("tenants in the file: {}", config.tenants().len());
     let u = config.usage();
-    println!(
+    out!(
         "usage: window {}, flush every {}, on store error {:?}",
         humantime::format_duration(u.window),
         humantime::format_duration(u.flush_interval),
         u.on_store_error
     );
-    println!("meter event identifier namespace: {}", namespace(config).await);
+    out!("meter event identifier namespace: {}", namespace(config).await);
     redis_durability(config).await;
     stripe_access(config).await
 }
@@ -62,7 +62,7 @@ async fn redis_durability(config: &Config) {
     for role in StoreRole::ALL {
         let StoreSettings::Redis(r) = config.store_of(role) else { continue };
         let Some(url) = r.url.clone().or_else(|| std::env::var("REDIS_URL").ok()) else {
-            println!("warning: [store.{}] is on Redis without `url`, and REDIS_URL is not set", role.name());
+            out!("warning: [store.{}] is on Redis without `url`, and REDIS_URL is not set", role.name());
             continue;
         };
         if seen.contains(&url) {
@@ -74,10 +74,10 @@ async fn redis_durability(config: &Config) {
         let read = tollgate::store::RedisStore::durability(&url, &options).await;
         match read {
             Ok(warnings) if warnings.is_empty() => {
-                println!("redis: appendonly on, maxmemory-policy noeviction (or not told)")
+                out!("redis: appendonly on, maxmemory-policy noeviction (or not told)")
             }
-            Ok(warnings) => warnings.iter().for_each(|w| println!("warning: {w}")),
-            Err(e) => println!("warning: {e}"),
+            Ok(warnings) => warnings.iter().for_each(|w| out!("warning: {w}")),
+            Err(e) => out!("warning: {e}"),
         }
     }
 }
@@ -102,13 +102,13 @@ async fn stripe_access(config: &Config) -> Result<()> {
         .into()),
         Ok(access) => {
             match access.unreachable {
-                Some(why) => println!("warning: Stripe could not be asked what the secret key may read: {why}"),
-                None => println!("stripe: the secret key reads what [stripe.credits] needs"),
+                Some(why) => out!("warning: Stripe could not be asked what the secret key may read: {why}"),
+                None => out!("stripe: the secret key reads what [stripe.credits] needs"),
             }
             Ok(())
         }
         Err(e) => {
-            println!("warning: [stripe.credits]: {e}");
+            out!("warning: [stripe.credits]: {e}");
             Ok(())
         }
     }
@@ -182,9 +182,9 @@ pub(crate) async fn migrate(config: &Config) -> Result<()> {
     for p in schemas {
         let options = tollgate::store::PostgresStore::options_of(p)?;
         match tollgate::store::PostgresStore::migrate(&options).await? {
-            (from, to) if from == to => println!("schema `{}` is at version {to}: nothing to do", p.schema),
-            (0, to) => println!("schema `{}` created at version {to}", p.schema),
-            (from, to) => println!("schema `{}` migrated from version {from} to {to}", p.schema),
+            (from, to) if from == to => out!("schema `{}` is at version {to}: nothing to do", p.schema),
+            (0, to) => out!("schema `{}` created at version {to}", p.schema),
+            (from, to) => out!("schema `{}` migrated from version {from} to {to}", p.schema),
         }
     }
     #[cfg(feature = "postgres")]
@@ -202,7 +202,7 @@ pub(crate) async fn copy_directory(config: &Path, to: &Path) -> Result<()> {
     let from = admin(config).await?;
     let target = Admin::open(&load(to)?).await?;
     let report = from.copy_directory(target.directory_store().as_ref()).await?;
-    println!("copied {} tenants and {} API keys to the directory of {}", report.tenants, report.keys, to.display());
+    out!("copied {} tenants and {} API keys to the directory of {}", report.tenants, report.keys, to.display());
     Ok(())
 }
 
@@ -223,7 +223,7 @@ pub(crate) async fn create_table(config: &Config) -> Result<()> {
     for (table, endpoint) in tables {
         let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
         store.create_table().await?;
-        println!("table `{table}` created (on-demand; indexes gsi1, gsi2; TTL on `ttl`)");
+        out!("table `{table}` created (on-demand; indexes gsi1, gsi2; TTL on `ttl`)");
     }
     #[cfg(feature = "dynamodb")]
     return Ok(());
@@ -244,11 +244,11 @@ pub(crate) async fn init_namespace(config: &Config) -> Result<()> {
         let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
         store.check_table().await?;
         match store.init_identifier_namespace().await? {
-            (true, ns) => println!("table `{table}`: identifier namespace {ns} drawn"),
+            (true, ns) => out!("table `{table}`: identifier namespace {ns} drawn"),
             (false, ns) if ns.is_empty() => {
                 return Err(format!("table `{table}` holds a namespace item without a value: mend or delete it").into())
             }
-            (false, ns) => println!("table `{table}` has its identifier namespace: {ns}"),
+            (false, ns) => out!("table `{table}` has its identifier namespace: {ns}"),
         }
         Ok(())
     }
@@ -272,7 +272,7 @@ pub(crate) async fn repair_ttl_of(config: &Config) -> Result<()> {
     {
         let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
         let mended = store.repair_dead_letter_ttl().await?;
-        println!("{mended} dead letters in `{table}` given a TTL past any horizon (kept until requeued or confirmed)");
+        out!("{mended} dead letters in `{table}` given a TTL past any horizon (kept until requeued or confirmed)");
         Ok(())
     }
     #[cfg(not(feature = "dynamodb"))]

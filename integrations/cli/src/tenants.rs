@@ -17,34 +17,38 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
                 (Some(c), true, None) => admin.add_tenant_moving_customer(&id, &plan, c).await?,
                 (customer, _, None) => admin.add_tenant(&id, &plan, customer).await?,
             };
-            println!("tenant `{}` added on plan `{}`", t.id, t.plan);
+            out!("tenant `{}` added on plan `{}`", t.id, t.plan);
         }
         TenantCommand::SetCustomer { id, customer, none: _, take } => {
             let t = admin.set_customer(&id, customer.as_deref(), take).await?;
             match &t.customer {
-                Some(c) => println!("tenant `{}` is billed to `{c}`", t.id),
-                None => println!("tenant `{}` has no billing customer", t.id),
+                Some(c) => out!("tenant `{}` is billed to `{c}`", t.id),
+                None => out!("tenant `{}` has no billing customer", t.id),
             }
         }
         TenantCommand::SetMetronomeCustomer { id, customer, none: _ } => {
             let t = admin.set_metronome_customer(&id, customer.as_deref()).await?;
             match &t.metronome_customer {
-                Some(c) => println!("tenant `{}` is billed in Metronome to `{c}`", t.id),
-                None => println!("tenant `{}` has no Metronome customer", t.id),
+                Some(c) => out!("tenant `{}` is billed in Metronome to `{c}`", t.id),
+                None => out!("tenant `{}` has no Metronome customer", t.id),
             }
         }
         TenantCommand::List => {
             let all = admin.tenants().await?;
-            println!(
+            out!(
                 "{:<32} {:<16} {:<24} {:<20} {:<6} overrides",
-                "tenant", "plan", "customer", "last billing event", "from"
+                "tenant",
+                "plan",
+                "customer",
+                "last billing event",
+                "from"
             );
             // The file's tenants first: a request's key is looked up there before the store,
             // and webhooks leave their plan alone.
             let file = config.tenants();
             for t in file {
                 let shadows = if all.iter().any(|s| &s.id == t.id()) { " (shadows the store's)" } else { "" };
-                println!(
+                out!(
                     "{:<32} {:<16} {:<24} {:<20} {:<6} {}{shadows}",
                     t.id().as_str(),
                     t.plan().as_str(),
@@ -57,7 +61,7 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
             let mut listed = file.len();
             for t in all.iter().filter(|s| !file.iter().any(|f| f.id() == &s.id)) {
                 listed += 1;
-                println!(
+                out!(
                     "{:<32} {:<16} {:<24} {:<20} {:<6} {}",
                     t.id.as_str(),
                     t.plan.as_str(),
@@ -67,15 +71,15 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
                     t.overrides.as_deref().unwrap_or("-")
                 );
             }
-            println!("{listed} tenants");
+            out!("{listed} tenants");
         }
         TenantCommand::SetPlan { id, plan } => {
             let t = admin.set_plan(&id, &plan).await?;
-            println!("tenant `{}` is on plan `{}`", t.id, t.plan);
+            out!("tenant `{}` is on plan `{}`", t.id, t.plan);
         }
         TenantCommand::SetOverride { id, overrides } => {
             let t = admin.set_overrides(&id, Some(&overrides)).await?;
-            println!(
+            out!(
                 "tenant `{}` on plan `{}` with overrides {}",
                 t.id,
                 t.plan,
@@ -84,7 +88,7 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
         }
         TenantCommand::ClearOverride { id } => {
             let t = admin.set_overrides(&id, None).await?;
-            println!("tenant `{}` on plan `{}` without overrides", t.id, t.plan);
+            out!("tenant `{}` on plan `{}` without overrides", t.id, t.plan);
         }
         TenantCommand::SetCap { id, limit, hard: _, soft, none: _ } => {
             let mode = if soft { tollgate::config::QuotaMode::Soft } else { tollgate::config::QuotaMode::Hard };
@@ -95,10 +99,10 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
         TenantCommand::SetAlertEndpoint { id, url, none: _ } => {
             match admin.set_alert_endpoint(&id, url.as_deref()).await? {
                 Some(secret) => {
-                    println!("tenant `{id}` receives its alerts at {}", url.unwrap_or_default());
-                    println!("signing secret (shown once): {secret}");
+                    out!("tenant `{id}` receives its alerts at {}", url.unwrap_or_default());
+                    out!("signing secret (shown once): {secret}");
                 }
-                None => println!("tenant `{id}` has no alert endpoint"),
+                None => out!("tenant `{id}` has no alert endpoint"),
             }
         }
     }
@@ -110,7 +114,7 @@ fn print_cap(id: &str, view: &tollgate::money::SpendCapView) {
     let amount = tollgate::money::amount_of;
     let mode = |hard: bool| if hard { "hard" } else { "soft" };
     let by = if view.own_in_force { "the tenant's own" } else { "the plan's" };
-    println!(
+    out!(
         "tenant `{id}`: spend cap {} {} ({}, {by}); plan's {} {} ({}); at most {} {}",
         amount(view.limit),
         view.currency,

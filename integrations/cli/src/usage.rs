@@ -14,7 +14,7 @@ pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
     let counters = admin(config).await?.quota_counters(&tenant).await?;
     print_counters(&counters);
     if counters.is_empty() {
-        println!("`{tenant}` has no quota counters in the store");
+        out!("`{tenant}` has no quota counters in the store");
     }
     Ok(())
 }
@@ -28,24 +28,33 @@ pub(crate) async fn org_show(config: &Path, name: String) -> Result<()> {
     };
     let tenants: Vec<&str> =
         loaded.tenants().iter().filter(|t| t.org() == Some(org.id())).map(|t| t.id().as_str()).collect();
-    println!("organization {} on plan {}; its counters' id `{}`", org.id(), org.plan(), org.id().counters_id());
-    println!("tenants: {}", if tenants.is_empty() { "(none)".to_owned() } else { tenants.join(", ") });
+    out!("organization {} on plan {}; its counters' id `{}`", org.id(), org.plan(), org.id().counters_id());
+    out!("tenants: {}", if tenants.is_empty() { "(none)".to_owned() } else { tenants.join(", ") });
     let counters = admin(config).await?.org_counters(&name).await?;
     print_counters(&counters);
     if counters.is_empty() {
-        println!("`{name}` has no quota counters in the store");
+        out!("`{name}` has no quota counters in the store");
     }
     Ok(())
 }
 
 /// The table of `quota show` and `orgs show`.
 fn print_counters(counters: &[tollgate::store::QuotaCounter]) {
-    println!(
+    out!(
         "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
-        "meter", "period", "start", "end", "reserved", "leased", "held", "jobs", "used", "granted"
+        "meter",
+        "period",
+        "start",
+        "end",
+        "reserved",
+        "leased",
+        "held",
+        "jobs",
+        "used",
+        "granted"
     );
     for c in counters {
-        println!(
+        out!(
             "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
             c.key.meter.as_str(),
             c.key.period_tag(),
@@ -92,18 +101,22 @@ pub(crate) async fn usage(
     let customer = admin.tenant(&tenant).await?.and_then(|t| t.customer_in(field).map(str::to_owned)).or_else(|| {
         file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
     });
-    println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
+    out!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
     // As wide as the longest meter (a series names its values: `tokens{model=m-large}`).
     let width = rows.iter().map(|a| a.key.meter.as_str().len()).max().unwrap_or(0).max(12);
-    println!(
+    out!(
         "{:<width$} {:<22} {:>12} {:>12} {:>8}  sent for",
-        "meter", "window (UTC)", "quantity", "exported", "revision"
+        "meter",
+        "window (UTC)",
+        "quantity",
+        "exported",
+        "revision"
     );
     let (mut total, mut exported) = (0u64, 0u64);
     for a in &rows {
         total += a.quantity;
         exported += a.exported;
-        println!(
+        out!(
             "{:<width$} {:<22} {:>12} {:>12} {:>8}  {}",
             a.key.meter.as_str(),
             time_text(a.key.window_start),
@@ -117,6 +130,6 @@ pub(crate) async fn usage(
             }
         );
     }
-    println!("{} windows, {total} units, {exported} exported", rows.len());
+    out!("{} windows, {total} units, {exported} exported", rows.len());
     Ok(())
 }

@@ -40,3 +40,23 @@ pub(crate) fn parse_time(text: &str) -> Result<i64> {
     }
     Err(format!("`{text}` is not a time: give a date (2026-11-01), an RFC 3339 time or Unix seconds").into())
 }
+
+/// Whether standard output was found closed: nothing more is written to it.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line of the command's output ([`out!`](crate::out)): dropped once standard output
+/// is closed (a broken pipe); another failure to write is said once on standard error.
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    if STDOUT_CLOSED.load(Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.write_all(b"\n")) {
+        STDOUT_CLOSED.store(true, Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("warning: the output could not be written ({e}); the command goes on without it");
+        }
+    }
+}

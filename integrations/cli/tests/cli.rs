@@ -551,6 +551,35 @@ fn tenants_of_the_file_are_listed_and_reported() {
     assert!(usage.contains("billing customer cus_filed"), "{usage}");
 }
 
+/// A command whose output is closed before it writes (`tollgate … | head -0`, `| grep -q`)
+/// neither panics nor stops midway: the tenant it adds is added, and it exits as it would.
+#[test]
+fn a_closed_output_neither_panics_nor_cuts_a_command_short() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tollgate.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}"))
+        .unwrap();
+    let closed = |args: &[&str]| {
+        // The pipe's reading end closed before the command starts: every write finds it so.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TOLLGATE_CONFIG")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() && !err.contains("panicked"), "tollgate {args:?}: {:?} {err}", out.status);
+    };
+    closed(&["tenants", "add", "first", "--plan", "free"]);
+    closed(&["tenants", "add", "second", "--plan", "pro"]);
+    closed(&["tenants", "list"]);
+    let list = ok(dir.path(), &["tenants", "list"]);
+    assert!(list.contains("first") && list.contains("second") && list.contains("2 tenants"), "{list}");
+}
+
 /// A tenant's Metronome customer is given at `tenants add` and set alone later; `usage` shows
 /// the customer of the configured sink's billing system.
 #[test]
