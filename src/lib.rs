@@ -67,6 +67,8 @@ pub mod guide {
     pub mod dimensions {}
     #[doc = include_str!("../docs/orgs.md")]
     pub mod orgs {}
+    #[doc = include_str!("../docs/tiers.md")]
+    pub mod tiers {}
     #[doc = include_str!("../docs/usage.md")]
     pub mod usage {}
     #[doc = include_str!("../docs/dashboard.md")]

@@ -1,6 +1,6 @@
 //! What a change of the directory made outside the engine tells the node that made it.
 
-use super::{MeterId, TenantId};
+use super::{MeterId, PlanId, TenantId};
 
 /// Told by whoever changes the directory outside the engine's own lookups (a Stripe webhook, an
 /// administration call), so that the node that made the change serves it at once. The other
@@ -39,6 +39,33 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
         let _ = news;
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// A tenant moved to another tier of its ladder (`[tiers.NAME]`): its
+    /// `tenant.tier_changed` alert written to the outbox before the move is written (one per
+    /// move, however often it is told). `Err`: the alert could not be written, and the move is
+    /// not made (a webhook answers 500; the daily check tries again). Nothing by default.
+    fn tier_changed(&self, news: TierNews) -> Told<'_> {
+        let _ = news;
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A tenant moved to another tier of its ladder ([`DirectoryEvents::tier_changed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierNews {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Its ladder (`[tiers.NAME]`).
+    pub ladder: String,
+    /// The plan it was on.
+    pub from: PlanId,
+    /// The plan it moves to.
+    pub to: PlanId,
+    /// What it has paid, net, in the billing currency's smallest unit.
+    pub paid: u64,
+    /// The billing currency (its ISO code).
+    pub currency: String,
 }
 
 /// What telling the engine a recharge's news came to ([`DirectoryEvents::recharge`]): `Err`

@@ -15,12 +15,14 @@ mod rejection;
 mod signing;
 mod sink;
 
-pub use events::{DirectoryEvents, RechargeNews, Told, WebhookCount};
+pub use events::{DirectoryEvents, RechargeNews, TierNews, Told, WebhookCount};
 pub(crate) use ids::policy_name;
 pub use ids::{InvalidTenantId, MeterId, OrgId, PlanId, TenantId};
 pub(crate) use key::{check_api_key, issued_shape, key_check, COMMA_IN_KEY, ISSUED_KEY_LEN, KEY_ALPHABET, MAX_KEY_LEN};
 pub use key::{KeyHash, KeyScope, KeyScopes};
-pub use money::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, MAX_CAP_NANOS, NANOS, SPEND_METER};
+pub use money::{
+    amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, Standing, MAX_CAP_NANOS, NANOS, SPEND_METER,
+};
 pub(crate) use money::{header_scale, minor_units_of, money_text, HEADER_INTEGER_MAX};
 pub(crate) use period::ENDED_PERIODS_KEPT_SECS;
 pub use period::{Period, QuotaMode};

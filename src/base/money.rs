@@ -1,7 +1,7 @@
 //! Money, at the bottom of the crate as governor keeps its nanoseconds: amounts of the
 //! currency as exact decimals (never floats), counted in nano-units (10⁻⁹) so that per-token
 //! prices are exact per request; the reserved spend meter, the bounds of a cap, and a tenant's
-//! own cap as the stores keep it.
+//! own cap as the stores keep it, and where a tenant stands in what it has paid (tiers).
 
 use rust_decimal::Decimal;
 
@@ -144,5 +144,23 @@ mod tests {
         assert!(parse_cap("-1").is_err() && parse_cap("0").is_err() && parse_cap("abc").is_err());
         assert!(parse_cap("1000000000.01").is_err());
         assert!(parse_cap("25.0000000000000000000000000001").is_err(), "not rounded to 25");
+    }
+}
+
+/// Where a tenant stands: what it has paid, net, and since when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Standing {
+    /// What it has paid, net of refunds and disputes, in the billing currency's smallest unit.
+    pub paid: u64,
+    /// When its earliest payment that still counts was paid, Unix seconds.
+    pub first_at: Option<i64>,
+}
+
+impl Standing {
+    /// A standing of `paid` since `first_at`.
+    #[must_use]
+    pub fn new(paid: u64, first_at: Option<i64>) -> Self {
+        Self { paid, first_at }
     }
 }

@@ -1004,7 +1004,7 @@ impl WebhookHandler {
     /// 500, so Stripe delivers the event again. A refusal of the key (401, 403, 404) is
     /// [`WebhookOutcome::ApiRefused`], counted apart and logged once a minute per permission
     /// with what the key lacks (a burst of redeliveries logs it once).
-    fn unreadable(&self, event: &str, what: &str, e: ReadError) -> WebhookOutcome {
+    pub(in crate::billing) fn unreadable(&self, event: &str, what: &str, e: ReadError) -> WebhookOutcome {
         match e.refused {
             Some(permission) => {
                 let now = self.clock.unix_secs();
@@ -1265,7 +1265,7 @@ impl WebhookHandler {
     /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds and to tell
     /// one payment's shapes apart; `None` when the invoice lists no paid payment intent; an
     /// error when the read failed. (Without a key, the caller refuses the grant first.)
-    async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, ReadError> {
+    pub(in crate::billing) async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, ReadError> {
         let Some(reader) = self.reader.as_ref() else { return Ok(None) };
         if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Ok(None);

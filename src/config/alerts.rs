@@ -33,7 +33,7 @@ pub(crate) struct RawEndpoint {
 
 /// The event types of alerts (the `type` of their JSON body), each with a documented,
 /// versioned schema (the [alerts guide](crate::guide::alerts)).
-pub const EVENT_TYPES: [&str; 10] = [
+pub const EVENT_TYPES: [&str; 11] = [
     "quota.threshold_crossed",
     "quota.exhausted",
     "balance.low",
@@ -44,6 +44,7 @@ pub const EVENT_TYPES: [&str; 10] = [
     "balance.recharge_action_required",
     "spend.threshold_crossed",
     "spend.cap_reached",
+    "tenant.tier_changed",
 ];
 
 /// `[alerts]`: the operator's endpoints for alerts, and how deliveries are made.

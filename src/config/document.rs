@@ -36,6 +36,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) orgs: BTreeMap<String, super::orgs::RawOrg>,
     #[serde(default)]
+    pub(crate) tiers: BTreeMap<String, super::tiers::RawTier>,
+    #[serde(default)]
     pub(crate) tenants: BTreeMap<String, RawTenant>,
     pub(crate) store: Option<RawStore>,
     #[serde(default)]
@@ -102,6 +104,7 @@ pub struct Config {
     pub(crate) plans: BTreeMap<PlanId, PlanSpec>,
     pub(crate) routes: Vec<RouteSpec>,
     pub(crate) orgs: BTreeMap<crate::base::OrgId, super::OrgSpec>,
+    pub(crate) tiers: Vec<super::TierSpec>,
     pub(crate) tenants: Vec<TenantSpec>,
     pub(crate) store: StoreSettings,
     /// The stores of the roles that have one of their own (`[store.directory]` and the others).
@@ -257,6 +260,18 @@ impl Config {
     /// The organizations declared in the file (`[orgs.NAME]`), by name.
     pub fn orgs(&self) -> &BTreeMap<crate::base::OrgId, super::OrgSpec> {
         &self.orgs
+    }
+
+    /// The ladders of plans declared in the file (`[tiers.NAME]`), in the order of their names.
+    #[must_use]
+    pub fn tiers(&self) -> &[super::TierSpec] {
+        &self.tiers
+    }
+
+    /// The ladder `plan` is on, if any (a plan is on one at most).
+    #[must_use]
+    pub fn tier_of(&self, plan: &PlanId) -> Option<&super::TierSpec> {
+        self.tiers.iter().find(|t| t.plans.contains(plan))
     }
 
     /// Whether `meter`'s usage is exported: `[meters.X] export`, `true` for a meter the
@@ -524,7 +539,9 @@ impl Validator<'_, '_> {
         let dashboard = self.dashboard(&raw.dashboard)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
         let orgs = self.orgs(&raw.orgs, &plans)?;
+        let tiers = self.tiers(&raw.tiers, &plans, &billing)?;
         let tenants = self.tenants(&raw.tenants, &plans, &orgs, &meters, &routes, &default_meter, &events, &billing)?;
+        self.ladders_apart(&tiers, stripe.as_ref(), &orgs, &tenants)?;
         for t in &tenants {
             let Some(o) = &t.overrides else { continue };
             if let Some((key, why)) = fleet_without_hint(&plans[&t.plan].with_override(o), &usage, &limits) {
@@ -622,6 +639,7 @@ impl Validator<'_, '_> {
             plans,
             routes,
             orgs,
+            tiers,
             tenants,
             store,
             store_roles,

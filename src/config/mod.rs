@@ -40,6 +40,7 @@ mod stripe;
 mod tenants;
 #[cfg(test)]
 mod tests;
+mod tiers;
 mod usage;
 mod validator;
 
@@ -78,5 +79,6 @@ pub use store::{Migrate, PostgresSettings, RedisSettings, StoreRole, StoreSettin
 pub use stripe::{CreditSettings, RefundPolicy, StatusOutcome, StripeSettings};
 pub use tenants::TenantSpec;
 pub(crate) use tenants::ANONYMOUS_TENANT;
+pub use tiers::{TierSpec, TierStep};
 pub use usage::{StatusSet, UsageSettings};
 pub use validator::StoreErrorPolicy;

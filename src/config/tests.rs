@@ -799,6 +799,7 @@ mod reference {
             ["meters", ..] => "## `[meters.NAME]`",
             ["tenants", ..] => "## `[tenants.NAME]`",
             ["orgs", ..] => "## `[orgs.NAME]`",
+            ["tiers", ..] => "## `[tiers.NAME]`",
             ["routes", ..] => "## `[[routes]]`",
             ["store", ..] => "## `[store]`",
             ["identify", ..] => "## `[identify]`",

@@ -400,6 +400,37 @@ impl Tollgate {
     /// `history` is the tenant's closed usage as the last refresh read it: taken if it is the
     /// same period's and less than a minute old, else read again (once: a `usage_range` of
     /// the closed days); the one used is given back, to keep.
+    /// The tenant's tier on `ladder` (its plan is on it): what it has paid and since when, and
+    /// what unlocks the next (the money still to pay, the time still to wait: `null` before any
+    /// payment, the wait starting with it). One read of the ledger.
+    async fn tier_view(
+        &self,
+        state: &Tenant,
+        ladder: &crate::config::TierSpec,
+        config: &crate::Config,
+        now: i64,
+    ) -> Result<serde_json::Value, StoreError> {
+        let read = crate::store::PaymentCall::Read { tenant: state.id.clone() };
+        let quota = &self.shared().stores().request().quota;
+        let standing = crate::store::limited::reading(async { quota.payments(&read, now).await }).await?.standing;
+        let currency = config.billing().currency.clone().unwrap_or_default();
+        let money = |minor: u64| crate::base::money_text(minor, &currency);
+        let next = ladder.next(&state.plan.id, standing, now).map(|(plan, left, wait)| {
+            serde_json::json!({
+                "plan": plan.as_str(),
+                "paid_left": money(left),
+                "wait_secs": wait.map(|w| w.as_secs()),
+            })
+        });
+        Ok(serde_json::json!({
+            "ladder": ladder.name(),
+            "paid": money(standing.paid),
+            "currency": currency,
+            "since": standing.first_at,
+            "next": next,
+        }))
+    }
+
     pub(crate) async fn usage_body(
         &self,
         state: &Tenant,
@@ -584,6 +615,9 @@ impl Tollgate {
             "spend": spend,
             "usage": usage,
         });
+        if let Some(ladder) = rt.config.tier_of(&report.plan) {
+            body["tier"] = self.tier_view(state, ladder, &rt.config, now).await?;
+        }
         let numbers = body.to_string().into_bytes();
         body["as_of"] = now.into();
         Ok((bytes::Bytes::from(body.to_string()), numbers, history))

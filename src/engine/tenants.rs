@@ -37,6 +37,51 @@ impl Tollgate {
         self.gate().follow_directory().await
     }
 
+    /// The daily check of tiers (`[tiers.NAME]`): every tenant of the directory on a ladder's
+    /// plan that its payments and the days since its first one now unlock a higher tier moves
+    /// there (the worker runs it a minute after the start, then once a day; a fleet's nodes
+    /// each run it, and a move is made once: on the condition that the tenant is as read, its
+    /// alert named by the move). Reads the directory a page of 1,000 tenants at a time, and
+    /// the ledger of each tenant on a ladder below its top. Returns how many tenants moved.
+    ///
+    /// # Errors
+    /// A store's failure (the next check tries again).
+    pub async fn check_tiers(&self) -> Result<usize, crate::store::StoreError> {
+        const PAGE: usize = 1_000;
+        let config = self.shared().runtime().load().config.clone();
+        if config.tiers().is_empty() {
+            return Ok(0);
+        }
+        let stores = self.shared().stores().background();
+        let mut after: Option<TenantId> = None;
+        let mut moved = 0;
+        loop {
+            let page = stores.directory.list_tenants(after.as_ref(), PAGE).await?;
+            let full = page.len() == PAGE;
+            after = page.last().map(|t| t.id.clone());
+            for record in page {
+                let Some(ladder) = config.tier_of(&record.plan) else { continue };
+                if ladder.position(&record.plan).is_some_and(|at| at + 1 == ladder.plans().len()) {
+                    continue;
+                }
+                let read = crate::store::PaymentCall::Read { tenant: record.id.clone() };
+                let now = self.shared().clock().unix_secs();
+                let standing = stores.quota.payments(&read, now).await?.standing;
+                let directory = &*stores.directory;
+                match crate::store::climb(directory, self, &config, record, standing, now, false).await {
+                    Ok(Some(_)) => moved += 1,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tiers: a tenant's move failed; tried again at the next check")
+                    }
+                }
+            }
+            if !full {
+                return Ok(moved);
+            }
+        }
+    }
+
     /// Forgets what this node holds of `tenant` (and that its id was unknown): its next
     /// request reads the directory again (after a plan change made on this node, or the
     /// tenant created, for example). Usage recorded so far is kept and billed; its leases go
@@ -96,6 +141,23 @@ impl DirectoryEvents for Tollgate {
             // would lose it, and nothing would tell it again (a 500 makes Stripe deliver it
             // again, and the store tells it again).
             let Some(alert) = alert else { return Ok(()) };
+            self.alerts().write_recharges_now().await;
+            match self.alerts().waiting(&alert) {
+                false => Ok(()),
+                true => Err(format!("the {} alert could not be written to the outbox", alert.event())),
+            }
+        })
+    }
+
+    fn tier_changed(&self, news: crate::base::TierNews) -> Told<'_> {
+        Box::pin(async move {
+            let crate::base::TierNews { tenant, ladder, from, to, paid, currency } = news;
+            let event = crate::engine::alerts::RechargeEvent::TierChanged { ladder, from, to, paid, currency };
+            let at = self.shared().clock().unix_secs();
+            let alert =
+                crate::engine::alerts::RechargeAlert { tenant, meter: crate::config::MeterId::from(""), event, at };
+            self.alerts().recharge(alert.clone());
+            // Written before the move (as a recharge's alert before the webhook's answer).
             self.alerts().write_recharges_now().await;
             match self.alerts().waiting(&alert) {
                 false => Ok(()),

@@ -61,6 +61,7 @@ impl Worker {
         let follow = Self::follow_directory(self.tollgate.clone(), self.shutdown.clone());
         let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
         let recharges = Self::recharges(self.tollgate.clone(), self.shutdown.clone());
+        let tiers = Self::tiers(self.tollgate.clone(), self.shutdown.clone());
         tokio::join!(
             self.background(),
             exports,
@@ -71,7 +72,8 @@ impl Worker {
             alerts,
             stale,
             recharges,
-            follow
+            follow,
+            tiers
         );
         tracing::debug!("tollgate worker stopped");
     }
@@ -129,6 +131,21 @@ impl Worker {
         periodically(shutdown, Duration::ZERO, every, || async {
             if let Err(e) = tollgate.follow_directory().await {
                 tracing::debug!(error = %e, "the directory's feed of tenants changed could not be read");
+            }
+            true
+        })
+        .await;
+    }
+
+    /// The daily check of tiers ([`Tollgate::check_tiers`]): a minute after the start (a
+    /// fleet restarted daily still runs it), then every day.
+    async fn tiers(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(86_400);
+        periodically(shutdown, Duration::from_secs(60), every, || async {
+            match tollgate.check_tiers().await {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "tiers: tenants moved to the tier they now unlock"),
+                Err(e) => tracing::warn!(error = %e, "tiers: the daily check failed; tried again tomorrow"),
             }
             true
         })

@@ -62,7 +62,8 @@ mod values;
 use std::sync::Arc;
 
 pub use crate::base::{
-    DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Told, WebhookCount,
+    DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Standing, TierNews, Told,
+    WebhookCount,
 };
 pub use changes::{ChangeCall, Changes, TenantChange, CHANGES_KEPT};
 pub(crate) use directory::tell_changed;
@@ -89,9 +90,10 @@ pub use memory::MemoryStore;
 pub use outbox::{
     AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, DEAD_KEPT_SECS, MAX_ERROR,
 };
+pub(crate) use payments::climb;
 pub use payments::{
-    DisputeMark, DisputeStep, PaymentAnswer, PaymentCall, PaymentEntry, PaymentOutcome, PaymentRow, Standing,
-    DISPUTES_KEPT, ORPHANS_KEPT, PAYMENTS_KEPT, PAYMENT_ID_MAX, PAYMENT_KEPT_SECS,
+    DisputeMark, DisputeStep, PaymentAnswer, PaymentCall, PaymentEntry, PaymentOutcome, PaymentRow, DISPUTES_KEPT,
+    ORPHANS_KEPT, PAYMENTS_KEPT, PAYMENT_ID_MAX, PAYMENT_KEPT_SECS,
 };
 pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, PlaceStoreExt, Places};
 #[cfg(feature = "postgres")]

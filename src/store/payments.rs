@@ -31,7 +31,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::TenantId;
+use crate::base::{Standing, TenantId};
 
 /// How many payments a tenant's row keeps one by one (older ones are folded into its total):
 /// about 60 KB of JSON at most, within a DynamoDB item's 400 KB.
@@ -219,24 +219,6 @@ pub enum PaymentOutcome {
     Ignored,
     /// A read.
     Read,
-}
-
-/// Where a tenant stands: what it has paid, net, and since when.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Standing {
-    /// What it has paid, net of refunds and disputes, in the billing currency's smallest unit.
-    pub paid: u64,
-    /// When its earliest payment that still counts was paid, Unix seconds.
-    pub first_at: Option<i64>,
-}
-
-impl Standing {
-    /// A standing of `paid` since `first_at`.
-    #[must_use]
-    pub fn new(paid: u64, first_at: Option<i64>) -> Self {
-        Self { paid, first_at }
-    }
 }
 
 /// A call's answer: what it did, and where the tenant stands after it.
@@ -434,6 +416,50 @@ impl PaymentRow {
         };
         Ok((PaymentAnswer::new(outcome, row.standing()), json))
     }
+}
+
+/// Moves `record`'s tenant (tiers, `[tiers.NAME]`: the Stripe webhook's and the daily
+/// check's, `Tollgate::check_tiers`) to the tier `standing` unlocks at `now`, if its plan is on a
+/// ladder (down only for a `reversal`, on a ladder that moves down): its `tenant.tier_changed`
+/// alert written first (one per move, however often it is told), then the plan, on the
+/// condition that the tenant is as read (read again, and decided again, when it changed
+/// meanwhile); then every node is told. Returns the plan it moved to. `Err`: what failed (the
+/// move is tried again by the next delivery or the daily check).
+pub(crate) async fn climb(
+    directory: &dyn super::DirectoryStore,
+    node: &dyn crate::base::DirectoryEvents,
+    config: &crate::config::Config,
+    mut record: super::TenantRecord,
+    standing: Standing,
+    now: i64,
+    reversal: bool,
+) -> Result<Option<crate::base::PlanId>, String> {
+    for _ in 0..3 {
+        let Some(ladder) = config.tier_of(&record.plan) else { return Ok(None) };
+        let Some(to) = ladder.move_of(&record.plan, standing, now, reversal).cloned() else { return Ok(None) };
+        let news = crate::base::TierNews {
+            tenant: record.id.clone(),
+            ladder: ladder.name().to_owned(),
+            from: record.plan.clone(),
+            to: to.clone(),
+            paid: standing.paid,
+            currency: config.billing().currency.clone().unwrap_or_default(),
+        };
+        node.tier_changed(news).await?;
+        let update = super::TenantUpdate::Plan(record.id.clone(), to.clone());
+        if directory.update_tenant(&update, super::UpdateWhen::Unchanged(&record)).await.map_err(|e| e.to_string())? {
+            tracing::info!(tenant = %record.id, from = %record.plan, %to, paid = standing.paid,
+                "a tenant moved to the tier its payments unlock");
+            super::tell_changed(directory, &record.id, now.saturating_mul(1_000)).await;
+            node.tenant_changed(&record.id);
+            return Ok(Some(to));
+        }
+        match directory.tenant(&record.id).await.map_err(|e| e.to_string())? {
+            Some(again) => record = again,
+            None => return Ok(None),
+        }
+    }
+    Err(format!("tenant {} kept changing while its tier moved", record.id))
 }
 
 #[cfg(test)]

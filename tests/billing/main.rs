@@ -10,5 +10,6 @@ mod metronome;
 mod recharge;
 mod recharge_payments;
 mod stripe;
+mod tiers;
 mod topups;
 mod webhooks;

@@ -2,6 +2,7 @@
 #![allow(missing_docs)]
 
 mod house;
+mod tiers;
 
 use std::time::Duration;
 
@@ -260,6 +261,7 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
         "routes",
         "tenants",
         "orgs",
+        "tiers",
         "limits",
         "export",
         "stripe",

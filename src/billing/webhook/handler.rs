@@ -8,7 +8,7 @@ use stripe_webhook::{Webhook, WebhookError};
 use super::{
     destination::{is_thin, thin_event, Destination},
     outcome::{WebhookOutcome, WebhookReply},
-    transition::{json_fields, transition, typed_fields},
+    transition::{json_fields, transition, typed_fields, Fields},
     verify::signed_bytes,
 };
 use crate::{
@@ -216,7 +216,8 @@ impl WebhookHandler {
             | WebhookOutcome::Refunded { .. }
             | WebhookOutcome::Reinstated { .. }
             | WebhookOutcome::RechargeFailed { .. }
-            | WebhookOutcome::RefundKept { .. } => WebhookCount::Applied,
+            | WebhookOutcome::RefundKept { .. }
+            | WebhookOutcome::Paid { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
             WebhookOutcome::NotCredited { .. }
@@ -292,10 +293,31 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
+        // Money paid (or taken back) counted for tiers first, and the tier it unlocks moved
+        // to; then what else the event does. Recorded once per payment, so a redelivery after
+        // a later failure records nothing twice.
+        let paid = match self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await {
+            Ok(paid) => paid,
+            Err(failed) => return failed,
+        };
+        match self.settle_event(&config, settings, &fields, payload).await {
+            WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
+            outcome => outcome,
+        }
+    }
+
+    /// What a verified event does besides tiers: credits, subscriptions, plan transitions.
+    async fn settle_event(
+        &self,
+        config: &Config,
+        settings: &crate::config::StripeSettings,
+        fields: &Fields,
+        payload: &str,
+    ) -> WebhookOutcome {
         // A payment that tops up a prepaid balance; other payments go on to the plan
         // transitions.
         if let Some(credits) = &settings.credits {
-            if let Some(outcome) = self.payment_event(&config, credits, &fields.id, &fields.kind, payload).await {
+            if let Some(outcome) = self.payment_event(config, credits, &fields.id, &fields.kind, payload).await {
                 // A payment whose event is also a configured plan transition moves the plan too
                 // (once its credits are settled: a failure is delivered again, whole).
                 let failed = matches!(
@@ -311,9 +333,9 @@ impl WebhookHandler {
             }
         }
         if let Some(subscription) = fields.subscription.clone() {
-            return self.subscription_event(&config, settings, &fields, &subscription).await;
+            return self.subscription_event(config, settings, fields, &subscription).await;
         }
-        let plan = match transition(settings, &fields) {
+        let plan = match transition(settings, fields) {
             Ok(Some(plan)) => plan,
             Ok(None) => {
                 tracing::info!(event = %fields.id, kind = %fields.kind, status = ?fields.status,
@@ -330,7 +352,7 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: it names no customer");
             return WebhookOutcome::Ignored;
         };
-        self.customer_event(&config, settings, &fields, &customer, plan).await
+        self.customer_event(config, settings, fields, &customer, plan).await
     }
 }
 

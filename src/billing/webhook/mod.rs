@@ -6,6 +6,7 @@ mod destination;
 mod handler;
 mod outcome;
 mod subscriptions;
+mod tiers;
 mod transition;
 mod verify;
 

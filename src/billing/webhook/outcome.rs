@@ -19,6 +19,16 @@ pub enum WebhookOutcome {
         /// Its plan now.
         plan: PlanId,
     },
+    /// A payment, refund or dispute recorded for tiers (and nothing else done with it): what
+    /// the tenant has paid now, net, and the tier it moved to, if it moved.
+    Paid {
+        /// The tenant.
+        tenant: TenantId,
+        /// What it has paid, net, in the billing currency's smallest unit.
+        paid: u64,
+        /// The plan it moved to.
+        tier: Option<PlanId>,
+    },
     /// The event id was applied before: nothing changed.
     Duplicate,
     /// A newer event was applied already: for a subscription's event, of that subscription
@@ -186,6 +196,7 @@ impl WebhookReply {
             WebhookOutcome::Reinstated { .. } => "reinstated",
             WebhookOutcome::RechargeFailed { .. } => "recharge_failed",
             WebhookOutcome::RefundKept { .. } => "refund_kept",
+            WebhookOutcome::Paid { .. } => "paid",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",
             WebhookOutcome::UnknownCustomer => "unknown_customer",

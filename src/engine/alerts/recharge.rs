@@ -18,6 +18,10 @@ pub(crate) enum RechargeEvent {
     /// Recharge `n`'s payment waits for the customer (3-D Secure): its invoice, left open,
     /// and the page where they pay it.
     ActionRequired { n: u64, invoice: String, url: String },
+    /// The tenant moved from one plan of its ladder to another (`[tiers.NAME]`), having paid
+    /// `paid` (net, smallest units of `currency`). Not a recharge's, and of no meter: it shares
+    /// the recharges' queue, which writes what a webhook tells before its answer.
+    TierChanged { ladder: String, from: PlanId, to: PlanId, paid: u64, currency: String },
 }
 
 /// A recharge's alert, waiting to be written.
@@ -42,16 +46,20 @@ impl RechargeAlert {
             RechargeEvent::Failed { .. } => "balance.recharge_failed",
             RechargeEvent::LimitReached { .. } => "balance.recharge_limit_reached",
             RechargeEvent::ActionRequired { .. } => "balance.recharge_action_required",
+            RechargeEvent::TierChanged { .. } => "tenant.tier_changed",
         }
     }
 
     /// What it is about: the recharge's number, or the month.
     pub(super) fn about(&self) -> String {
-        match self.event {
+        match &self.event {
             RechargeEvent::Recharged { n, .. }
             | RechargeEvent::Failed { n, .. }
             | RechargeEvent::ActionRequired { n, .. } => format!("recharge:{n}"),
             RechargeEvent::LimitReached { month } => format!("month:{month}"),
+            // One per move and standing: told again (a redelivery, the daily check) it is the
+            // same alert; a later move back and forth with more paid is another.
+            RechargeEvent::TierChanged { ladder, from, to, paid, .. } => format!("tier:{ladder}:{from}:{to}:{paid}"),
         }
     }
 
@@ -84,6 +92,17 @@ impl RechargeAlert {
                 data["recharge"] = (*n).into();
                 data["invoice"] = invoice.as_str().into();
                 data["action_url"] = url.as_str().into();
+            }
+            RechargeEvent::TierChanged { ladder, from, to, paid, currency } => {
+                if let Some(d) = data.as_object_mut() {
+                    d.remove("meter");
+                }
+                data["plan"] = to.as_str().into();
+                data["ladder"] = ladder.as_str().into();
+                data["from"] = from.as_str().into();
+                data["to"] = to.as_str().into();
+                data["paid"] = crate::base::money_text(*paid, currency).into();
+                data["currency"] = currency.as_str().into();
             }
         }
         serde_json::json!({ "type": self.event(), "timestamp": time(self.at), "data": data }).to_string()
@@ -126,5 +145,32 @@ mod tests {
         assert_eq!(paid("in_1").id("ns"), "alert_99d7b0bac43091c217062236b9c79708");
         assert_eq!(failed.id("ns"), "alert_3841a37bddcb9dc7a6f6b1009b2e43f6");
         assert_eq!(month.id("ns"), "alert_c8fe08912a86581aefbe8863b0c32d94");
+    }
+
+    #[test]
+    fn a_tier_alert_names_its_move_and_has_no_meter() {
+        let moved = |paid| RechargeAlert {
+            tenant: "acme".into(),
+            meter: "".into(),
+            event: RechargeEvent::TierChanged {
+                ladder: "api".into(),
+                from: "tier1".into(),
+                to: "tier2".into(),
+                paid,
+                currency: "usd".into(),
+            },
+            at: 1_773_489_600,
+        };
+        assert_eq!(moved(5_000).id("ns"), moved(5_000).id("ns"), "told again: the same alert");
+        assert_ne!(moved(5_000).id("ns"), moved(9_000).id("ns"), "the same move later, paid more: another");
+        let body: serde_json::Value = serde_json::from_str(&moved(5_000).body(&"tier1".into())).unwrap();
+        assert_eq!(body["type"], "tenant.tier_changed");
+        let data = &body["data"];
+        assert!(data.get("meter").is_none(), "{data}");
+        assert_eq!(
+            (data["plan"].as_str(), data["from"].as_str(), data["to"].as_str(), data["paid"].as_str()),
+            (Some("tier2"), Some("tier1"), Some("tier2"), Some("50.00"))
+        );
+        assert_eq!((data["ladder"].as_str(), data["currency"].as_str()), (Some("api"), Some("usd")));
     }
 }

@@ -1,0 +1,186 @@
+//! Payments recorded for tiers (`[tiers.NAME]`): every payment, refund and dispute of a
+//! tenant's Stripe customer goes into the quota store's ledger (`store/payments.rs`), and a
+//! tenant on a ladder's plan moves, in the webhook that recorded the money, to the tier it now
+//! unlocks (docs/tiers.md).
+//!
+//! What a payment is keyed by is what its refunds and disputes name: its payment intent
+//! (an invoice's, read from Stripe's invoice payments), else its charge, else (an invoice paid
+//! out of band, or no secret key to read its payment with) the invoice.
+
+use serde_json::Value;
+
+use super::{handler::WebhookHandler, WebhookOutcome};
+use crate::{
+    base::TenantId,
+    billing::reader::id_of,
+    config::Config,
+    store::{DisputeStep, PaymentCall, PaymentOutcome},
+};
+
+/// What an event changes in the ledger, before its tenant is known.
+#[derive(Debug)]
+enum Change {
+    Record { payment: String, amount: u64, currency: String, at: i64 },
+    Refund { payment: String, refunded: u64 },
+    Dispute { payment: String, dispute: String, amount: u64, step: DisputeStep },
+}
+
+impl Change {
+    fn call(self, tenant: TenantId, billing: &str, at: i64) -> PaymentCall {
+        match self {
+            Self::Record { payment, amount, currency, at } => {
+                PaymentCall::Record { tenant, payment, amount, currency, billing: billing.to_owned(), at }
+            }
+            Self::Refund { payment, refunded } => PaymentCall::Refund { tenant, payment, refunded, at },
+            Self::Dispute { payment, dispute, amount, step } => {
+                PaymentCall::Dispute { tenant, payment, dispute, amount, step, at }
+            }
+        }
+    }
+
+    /// Whether it takes money back (a ladder that moves down moves on it, and on it alone).
+    fn reversal(&self) -> bool {
+        !matches!(self, Self::Record { .. })
+    }
+}
+
+impl WebhookHandler {
+    /// Records the payment, refund or dispute `kind` carries in the tenant's ledger, when the
+    /// configuration has tiers, and moves a tenant of the directory on a ladder's plan to the
+    /// tier it now unlocks. `Ok(Some(Paid))` once recorded (the event then goes on to credits
+    /// and plan transitions); `Ok(None)` when it is not one, or names no tenant; `Err` the
+    /// answer now (500: Stripe delivers it again, and a payment counts once).
+    pub(super) async fn tier_payment(
+        &self,
+        config: &Config,
+        event: &str,
+        kind: &str,
+        created: i64,
+        payload: &str,
+    ) -> Result<Option<WebhookOutcome>, WebhookOutcome> {
+        if config.tiers().is_empty() {
+            return Ok(None);
+        }
+        let (Some(quota), Some(billing)) = (&self.quota, config.billing().currency.as_deref()) else {
+            return Ok(None);
+        };
+        let Ok(body) = serde_json::from_str::<Value>(payload) else { return Ok(None) };
+        if body["account"].is_string() {
+            // A connected account's payment (Stripe Connect): not paid to this account.
+            return Ok(None);
+        }
+        let o = &body["data"]["object"];
+        let Some((customer, change)) = self.change_of(event, kind, created, o).await? else { return Ok(None) };
+        let record = self.directory.tenant_by_customer(&customer).await.map_err(failed)?;
+        let tenant = match &record {
+            Some(r) => r.id.clone(),
+            None => match config.tenants().iter().find(|t| t.stripe_customer() == Some(customer.as_str())) {
+                Some(t) => t.id().clone(),
+                None => return Ok(None),
+            },
+        };
+        let now = self.clock.unix_secs();
+        let reversal = change.reversal();
+        let answer = quota.payments(&change.call(tenant.clone(), billing, now), now).await.map_err(failed)?;
+        match answer.outcome {
+            PaymentOutcome::Full => {
+                return Err(WebhookOutcome::StoreFailed(format!(
+                    "tenant {tenant}'s payments cannot take this reversal without forgetting another (its bound): \
+                     answered 500, delivered again"
+                )))
+            }
+            PaymentOutcome::OtherCurrency => {
+                tracing::info!(%event, %tenant, "a payment in another currency than [billing] currency: tiers do not count it");
+            }
+            _ => {}
+        }
+        let moved = match record {
+            Some(record) => {
+                crate::store::climb(&*self.directory, &*self.node, config, record, answer.standing, now, reversal)
+                    .await
+                    .map_err(WebhookOutcome::StoreFailed)?
+            }
+            None => None,
+        };
+        Ok(Some(WebhookOutcome::Paid { tenant, paid: answer.standing.paid, tier: moved }))
+    }
+
+    /// The customer and the ledger's change an event carries, if it is a payment, a refund or
+    /// a dispute's withdrawal or reinstatement.
+    async fn change_of(
+        &self,
+        event: &str,
+        kind: &str,
+        created: i64,
+        o: &Value,
+    ) -> Result<Option<(String, Change)>, WebhookOutcome> {
+        let customer = id_of(&o["customer"]).map(str::to_owned);
+        let change = match kind {
+            "invoice.paid" => {
+                let Some(amount) = o["amount_paid"].as_u64().filter(|a| *a > 0) else { return Ok(None) };
+                let Some(invoice) = id_of(&o["id"]) else { return Ok(None) };
+                let payment = match self.invoice_payment(invoice).await {
+                    Ok(Some(intent)) => intent,
+                    // Paid out of band, or no key to read its payment with.
+                    Ok(None) => invoice.to_owned(),
+                    Err(e) => return Err(self.unreadable(event, "the invoice's payment", e)),
+                };
+                let at = o["status_transitions"]["paid_at"].as_i64().unwrap_or(created);
+                let currency = o["currency"].as_str().unwrap_or_default().to_owned();
+                Change::Record { payment, amount, currency, at }
+            }
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+                // A subscription's checkout is recorded by its invoice's `invoice.paid`, and so is
+                // a payment's checkout that made an invoice (`invoice_creation`): counted once.
+                if o["mode"] != "payment" || o["payment_status"] != "paid" || id_of(&o["invoice"]).is_some() {
+                    return Ok(None);
+                }
+                let Some(amount) = o["amount_total"].as_u64().filter(|a| *a > 0) else { return Ok(None) };
+                let Some(payment) = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"])) else { return Ok(None) };
+                let currency = o["currency"].as_str().unwrap_or_default().to_owned();
+                Change::Record { payment: payment.to_owned(), amount, currency, at: created }
+            }
+            "charge.refunded" => {
+                let Some(refunded) = o["amount_refunded"].as_u64() else { return Ok(None) };
+                let Some(payment) = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"])) else { return Ok(None) };
+                Change::Refund { payment: payment.to_owned(), refunded }
+            }
+            "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+                let step = if kind.ends_with("withdrawn") { DisputeStep::Withdrawn } else { DisputeStep::Reinstated };
+                let (Some(dispute), Some(amount)) = (id_of(&o["id"]), o["amount"].as_u64()) else { return Ok(None) };
+                let intent = id_of(&o["payment_intent"]);
+                let Some(payment) = intent.or_else(|| id_of(&o["charge"])) else { return Ok(None) };
+                // A dispute names no customer: its payment intent's does.
+                let customer = match intent {
+                    Some(intent) => self.customer_of_intent(event, intent).await?,
+                    None => None,
+                };
+                let Some(customer) = customer else {
+                    tracing::warn!(%event, %dispute, "a dispute whose customer cannot be read (no secret key, or no \
+                        payment intent): tiers do not count it");
+                    return Ok(None);
+                };
+                let change = Change::Dispute { payment: payment.to_owned(), dispute: dispute.to_owned(), amount, step };
+                return Ok(Some((customer, change)));
+            }
+            _ => return Ok(None),
+        };
+        Ok(customer.map(|c| (c, change)))
+    }
+
+    /// The customer of payment intent `intent`, read from Stripe (`None` without a key).
+    async fn customer_of_intent(&self, event: &str, intent: &str) -> Result<Option<String>, WebhookOutcome> {
+        let Some(reader) = &self.reader else { return Ok(None) };
+        if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Ok(None);
+        }
+        match reader.get(&format!("v1/payment_intents/{intent}")).await {
+            Ok(pi) => Ok(id_of(&pi["customer"]).map(str::to_owned)),
+            Err(e) => Err(self.unreadable(event, "the disputed payment", e)),
+        }
+    }
+}
+
+fn failed(e: crate::store::StoreError) -> WebhookOutcome {
+    WebhookOutcome::StoreFailed(e.to_string())
+}

@@ -1,0 +1,323 @@
+//! Tiers (`[tiers.NAME]`, docs/tiers.md) through signed Stripe payments on Stripe's own example
+//! objects: a tenant pays $5 then $45 and climbs a ladder — tier 1 at once, tier 2 once 7 days
+//! have passed since its first payment (the daily check, run by four engines on one store) —
+//! each move made once, with one alert; a refund below the threshold keeps the tier on a
+//! ladder that never moves down, and takes it down on one that does.
+#![cfg(feature = "stripe")]
+
+use crate::common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{stripe::StandIn, Harness, NOON};
+use serde_json::{json, Value};
+use tollgate::{
+    billing::{Secret, WebhookHandler, WebhookOutcome},
+    store::{AlertQuery, KeyHash, MemoryStore, PaymentCall, SqliteStore, Standing, Store, TenantRecord},
+};
+
+const SECRET: &str = "whsec_tiers";
+const DAY: i64 = 86_400;
+
+fn config(secret_file: &str, downgrade: bool) -> String {
+    format!(
+        r#"
+[usage]
+store_timeout = "10s"
+[limits]
+directory_ttl = "30s"
+[billing]
+currency = "usd"
+[alerts.endpoints.ops]
+url = "https://ops.example.com/hooks/tollgate"
+secret_file = "{secret_file}"
+events = ["tenant.*"]
+[plans.free]
+quotas.requests = {{ limit = 1, period = "day", mode = "hard" }}
+[plans.tier1]
+quotas.requests = {{ limit = 2, period = "day", mode = "hard" }}
+[plans.tier2]
+quotas.requests = {{ limit = 4, period = "day", mode = "hard" }}
+[tiers.api]
+order = ["free", "tier1", "tier2"]
+tier1 = {{ paid = "5.00" }}
+tier2 = {{ paid = "50.00", age = "7d" }}
+downgrade = {downgrade}
+[stripe]
+"#
+    )
+}
+
+fn fixtures() -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["resources"].clone()
+}
+
+fn event(id: &str, kind: &str, created: i64, object: Value) -> String {
+    let mut e = fixtures()["event"].clone();
+    e["id"] = json!(id);
+    e["type"] = json!(kind);
+    e["created"] = json!(created);
+    e["data"] = json!({ "object": object });
+    e.to_string()
+}
+
+/// Stripe's example invoice of acme, paid `amount` cents at `at`.
+fn invoice(id: &str, amount: u64, at: i64) -> Value {
+    let mut inv = fixtures()["invoice"].clone();
+    inv["id"] = json!(id);
+    inv["customer"] = json!("cus_acme");
+    inv["status"] = json!("paid");
+    inv["currency"] = json!("usd");
+    inv["amount_paid"] = json!(amount);
+    inv["total"] = json!(amount);
+    inv["status_transitions"]["paid_at"] = json!(at);
+    inv
+}
+
+/// Stripe's example charge of acme's payment intent, `refunded` of it refunded so far.
+fn charge(intent: &str, amount: u64, refunded: u64) -> Value {
+    let mut c = fixtures()["charge"].clone();
+    c["customer"] = json!("cus_acme");
+    c["payment_intent"] = json!(intent);
+    c["amount"] = json!(amount);
+    c["amount_captured"] = json!(amount);
+    c["amount_refunded"] = json!(refunded);
+    c["refunded"] = json!(refunded == amount);
+    c
+}
+
+struct Setup {
+    nodes: Vec<Harness>,
+    store: Arc<dyn Store>,
+    handler: WebhookHandler,
+    stripe: StandIn,
+    _secret: tempfile::TempDir,
+}
+
+async fn setup(store: Arc<dyn Store>, downgrade: bool) -> Setup {
+    let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
+    store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let (secret, secret_file) = common::alerts::secret_file();
+    let toml = config(&secret_file, downgrade);
+    let nodes: Vec<Harness> = (0..4).map(|_| Harness::with_store(&toml, store.clone(), NOON)).collect();
+    let stripe = StandIn::start(&[]).await;
+    let handler = nodes[0].tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
+        Secret::new(common::stripe::SECRET),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    Setup { nodes, store, handler, stripe, _secret: secret }
+}
+
+impl Setup {
+    /// Signed at `t`, every node's clock moved there first.
+    async fn signed_at(&self, payload: &str, t: i64) -> (u16, WebhookOutcome) {
+        self.at(t);
+        let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(t));
+        let reply = self.handler.handle(Some(&signature), payload.as_bytes()).await;
+        (reply.status().as_u16(), reply.outcome)
+    }
+
+    fn at(&self, t: i64) {
+        for n in &self.nodes {
+            let now = n.tollgate.clock().unix_secs();
+            if t > now {
+                n.clock.advance(Duration::from_secs(u64::try_from(t - now).unwrap()));
+            }
+        }
+    }
+
+    /// The stand-in lists `intent` as the paid payment of `invoice`.
+    fn paid_by(&self, invoice: &str, intent: &str) {
+        let mut payment = fixtures()["invoice_payment"].clone();
+        payment["id"] = json!(format!("inpay_{invoice}"));
+        payment["invoice"] = json!(invoice);
+        payment["status"] = json!("paid");
+        payment["payment"] = json!({ "type": "payment_intent", "payment_intent": intent });
+        self.stripe.add_invoice_payments(invoice, vec![payment]);
+    }
+
+    async fn plan(&self) -> String {
+        self.store.tenant(&"acme".into()).await.unwrap().unwrap().plan.as_str().to_owned()
+    }
+
+    /// How many requests of acme each node serves today, every node having followed the
+    /// directory (a move reaches each within a second).
+    async fn served(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            n.tollgate.follow_directory().await.unwrap();
+            let mut ok = 0;
+            for _ in 0..5 {
+                if n.status("/", "key-acme").await == 200 {
+                    ok += 1;
+                }
+            }
+            out.push(ok);
+        }
+        out
+    }
+
+    /// The usage route's `tier` as node `n` answers acme, checked against its schema.
+    async fn usage(&self, n: usize) -> Value {
+        let n = &self.nodes[n];
+        n.tollgate.follow_directory().await.unwrap();
+        let request = http::Request::builder().uri("/v1/usage").header("x-api-key", "key-acme").body(()).unwrap();
+        let response = n.tollgate.tenant_usage(&request).await;
+        assert_eq!(response.status(), 200);
+        common::check_usage_schema(&[response.body().clone()]);
+        serde_json::from_slice::<Value>(response.body()).unwrap()["tier"].clone()
+    }
+
+    /// The `tenant.tier_changed` alerts in the outbox: (from, to).
+    async fn moves(&self) -> Vec<(String, String)> {
+        let rows = self.store.list_alerts(&AlertQuery::new(100)).await.unwrap();
+        rows.iter()
+            .filter(|r| r.event == "tenant.tier_changed")
+            .map(|r| {
+                let body: Value = serde_json::from_str(&r.body).unwrap();
+                (body["data"]["from"].as_str().unwrap().to_owned(), body["data"]["to"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
+}
+
+fn paid(paid: u64, tier: Option<&str>) -> WebhookOutcome {
+    WebhookOutcome::Paid { tenant: "acme".into(), paid, tier: tier.map(Into::into) }
+}
+
+macro_rules! on_stores {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$test(std::sync::Arc::new(super::MemoryStore::new())).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+                super::$test(std::sync::Arc::new(store)).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                #[cfg(feature = "postgres")]
+                if let Some((store, _)) = crate::common::postgres::store().await {
+                    super::$test(std::sync::Arc::new(store)).await;
+                }
+                #[cfg(not(feature = "postgres"))]
+                assert!(std::env::var_os("CI").is_none(), "CI runs the billing tests with the postgres feature");
+            }
+            #[cfg(feature = "dynamodb")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dynamodb() {
+                if let Some(store) = crate::common::dynamo::table().await {
+                    super::$test(std::sync::Arc::new(store)).await;
+                }
+            }
+        }
+    };
+}
+
+on_stores!(paying_climbs_the_ladder_once_across_four_engines);
+async fn paying_climbs_the_ladder_once_across_four_engines(store: Arc<dyn Store>) {
+    let s = setup(store, false).await;
+    assert_eq!(s.served().await, [1, 0, 0, 0], "free: one request a day, across the fleet");
+    // $5: tier 1 at once, on every node.
+    s.paid_by("in_1", "pi_1");
+    let first = event("evt_1", "invoice.paid", NOON + 60, invoice("in_1", 500, NOON + 60));
+    assert_eq!(s.signed_at(&first, NOON + 60).await, (200, paid(500, Some("tier1"))));
+    assert_eq!(s.signed_at(&first, NOON + 61).await, (200, paid(500, None)), "delivered again: counted once");
+    assert_eq!(s.plan().await, "tier1");
+    // The tenant sees its tier and what unlocks the next, on any node.
+    let view = s.usage(2).await;
+    assert_eq!(
+        (view["ladder"].as_str(), view["paid"].as_str(), view["since"].as_i64()),
+        (Some("api"), Some("5.00"), Some(NOON + 60))
+    );
+    assert_eq!(view["next"], json!({ "plan": "tier2", "paid_left": "45.00", "wait_secs": 7 * DAY - 1 }));
+    // $45 a day later: $50 paid, but not 7 days since the first payment yet.
+    s.paid_by("in_2", "pi_2");
+    let second = event("evt_2", "invoice.paid", NOON + DAY, invoice("in_2", 4_500, NOON + DAY));
+    assert_eq!(s.signed_at(&second, NOON + DAY).await, (200, paid(5_000, None)));
+    assert_eq!(s.plan().await, "tier1");
+    for n in &s.nodes {
+        assert_eq!(n.tollgate.check_tiers().await.unwrap(), 0, "a day short of the 7");
+    }
+    // Seven days after the first payment: the daily check of every node moves it once.
+    s.at(NOON + 60 + 7 * DAY);
+    let mut moved = 0;
+    for n in &s.nodes {
+        moved += n.tollgate.check_tiers().await.unwrap();
+    }
+    assert_eq!(moved, 1, "one node moves it; the others find it moved");
+    assert_eq!(s.plan().await, "tier2");
+    assert_eq!(s.usage(3).await["next"], Value::Null, "the top");
+    assert_eq!(s.served().await, [4, 0, 0, 0], "tier 2's four a day, on every node within a second");
+    let mut moves = s.moves().await;
+    moves.sort();
+    assert_eq!(
+        moves,
+        [("free".to_owned(), "tier1".to_owned()), ("tier1".to_owned(), "tier2".to_owned())],
+        "one alert per move"
+    );
+    // $10 of the $45 refunded: $40 paid, below tier 2's $50; this ladder never moves down.
+    let refund = event("evt_3", "charge.refunded", NOON + 8 * DAY, charge("pi_2", 4_500, 1_000));
+    assert_eq!(s.signed_at(&refund, NOON + 8 * DAY).await, (200, paid(4_000, None)));
+    assert_eq!(s.plan().await, "tier2");
+    let read = PaymentCall::Read { tenant: "acme".into() };
+    let standing = s.store.payments(&read, NOON + 8 * DAY).await.unwrap().standing;
+    assert_eq!(standing, Standing::new(4_000, Some(NOON + 60)));
+}
+
+on_stores!(a_ladder_that_moves_down_moves_down_on_a_refund_alone);
+async fn a_ladder_that_moves_down_moves_down_on_a_refund_alone(store: Arc<dyn Store>) {
+    let s = setup(store, true).await;
+    s.paid_by("in_1", "pi_1");
+    let first = event("evt_1", "invoice.paid", NOON, invoice("in_1", 6_000, NOON));
+    assert_eq!(s.signed_at(&first, NOON).await, (200, paid(6_000, Some("tier1"))));
+    s.at(NOON + 7 * DAY);
+    assert_eq!(s.nodes[1].tollgate.check_tiers().await.unwrap(), 1);
+    assert_eq!(s.plan().await, "tier2");
+    // Half refunded: $30, below tier 2's $50 and above tier 1's $5.
+    let refund = event("evt_2", "charge.refunded", NOON + 8 * DAY, charge("pi_1", 6_000, 3_000));
+    assert_eq!(s.signed_at(&refund, NOON + 8 * DAY).await, (200, paid(3_000, Some("tier1"))));
+    assert_eq!(s.plan().await, "tier1");
+    // The daily check moves up, never down: it leaves tier 1 as it is.
+    assert_eq!(s.nodes[2].tollgate.check_tiers().await.unwrap(), 0);
+    assert_eq!(s.moves().await.len(), 3, "up, up, down: an alert each");
+}
+
+/// Stripe's example checkout session of acme in payment mode, paid `amount` cents.
+fn checkout(id: &str, intent: &str, amount: u64, invoice: Option<&str>) -> Value {
+    let mut s = fixtures()["checkout.session"].clone();
+    s["id"] = json!(id);
+    s["customer"] = json!("cus_acme");
+    s["mode"] = json!("payment");
+    s["status"] = json!("complete");
+    s["payment_status"] = json!("paid");
+    s["currency"] = json!("usd");
+    s["amount_total"] = json!(amount);
+    s["payment_intent"] = json!(intent);
+    s["invoice"] = json!(invoice);
+    s
+}
+
+on_stores!(a_top_up_counts_once_and_its_refund_reaches_it);
+async fn a_top_up_counts_once_and_its_refund_reaches_it(store: Arc<dyn Store>) {
+    let s = setup(store, true).await;
+    let top_up = event("evt_1", "checkout.session.completed", NOON, checkout("cs_1", "pi_c", 1_000, None));
+    assert_eq!(s.signed_at(&top_up, NOON).await, (200, paid(1_000, Some("tier1"))));
+    // The same payment as its async success, then a checkout that made an invoice (its
+    // `invoice.paid` counts it): nothing more.
+    let again = event("evt_2", "checkout.session.async_payment_succeeded", NOON, checkout("cs_1", "pi_c", 1_000, None));
+    assert_eq!(s.signed_at(&again, NOON).await, (200, paid(1_000, None)));
+    let invoiced = event("evt_3", "checkout.session.completed", NOON, checkout("cs_2", "pi_d", 9_000, Some("in_9")));
+    assert_eq!(s.signed_at(&invoiced, NOON).await, (200, WebhookOutcome::Ignored));
+    // Refunded in full (the charge names the payment intent): nothing paid, down to the first.
+    let refund = event("evt_4", "charge.refunded", NOON + 60, charge("pi_c", 1_000, 1_000));
+    assert_eq!(s.signed_at(&refund, NOON + 60).await, (200, paid(0, Some("free"))));
+    assert_eq!(s.plan().await, "free");
+}
