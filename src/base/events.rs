@@ -42,7 +42,7 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
 
     /// A tenant moved to another tier of its ladder (`[tiers.NAME]`): its
     /// `tenant.tier_changed` alert written to the outbox before the move is written (one per
-    /// move, however often it is told). `Err`: the alert could not be written, and the move is
+    /// move and payments read, however often it is told). `Err`: the alert could not be written, and the move is
     /// not made (a webhook answers 500; the daily check tries again). Nothing by default.
     fn tier_changed(&self, news: TierNews) -> Told<'_> {
         let _ = news;
@@ -66,6 +66,10 @@ pub struct TierNews {
     pub paid: u64,
     /// The billing currency (its ISO code).
     pub currency: String,
+    /// How many changes of its payments the move was decided on (the ledger row's version,
+    /// [`PaymentAnswer::changes`](crate::store::PaymentAnswer::changes)): the alert's id names
+    /// the move and it, so the same move decided again on the same payments is one alert.
+    pub changes: u64,
 }
 
 /// What telling the engine a recharge's news came to ([`DirectoryEvents::recharge`]): `Err`

@@ -169,6 +169,14 @@ impl Validator<'_, '_> {
         for (name, t) in raw {
             let base = format!("tiers.{name}");
             super::validator::check_name(self, &base, name)?;
+            if billing.currency.is_none() {
+                // Ages alone too: the days are counted from a first payment in it.
+                return Err(self.invalid(
+                    &base,
+                    "a ladder counts money paid, and the days since the first payment, in the billing currency: \
+                     [billing] currency = \"usd\"",
+                ));
+            }
             if t.order.len() < 2 {
                 return Err(self.invalid(
                     &format!("{base}.order"),
@@ -194,6 +202,14 @@ impl Validator<'_, '_> {
                     ));
                 }
                 order.push(id);
+            }
+            if let Some(p) = order.iter().find(|p| ["order", "downgrade"].contains(&p.as_str())) {
+                return Err(self.invalid(
+                    &format!("{base}.order"),
+                    format!(
+                        "a ladder's plan cannot be named `{p}`: its threshold's key would be the ladder's own `{p}`"
+                    ),
+                ));
             }
             if let Some(key) = t.steps.keys().find(|k| !order.iter().any(|p| p.as_str() == k.as_str())) {
                 return Err(self.loc.error(
@@ -311,16 +327,6 @@ impl Validator<'_, '_> {
                 let why = "a tenant declared in the file keeps the file's plan at every load; add it to the directory \
                            (tollgate tenants add) for it to climb";
                 return Err(refuse(format!("tenants.{}.plan", t.id), &t.plan, l, why));
-            }
-        }
-        for l in tiers {
-            if let Some(p) = l.plans.iter().find(|p| ["order", "downgrade"].contains(&p.as_str())) {
-                return Err(self.invalid(
-                    &format!("tiers.{}.order", l.name),
-                    format!(
-                        "a ladder's plan cannot be named `{p}`: its threshold's key would be the ladder's own `{p}`"
-                    ),
-                ));
             }
         }
         Ok(())

@@ -389,17 +389,6 @@ pub(crate) const USAGE_VERSION: u64 = 1;
 pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
 
 impl Tollgate {
-    /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
-    /// JSON docs/usage.schema.json describes: its report from the start of its previous
-    /// billing period, each quota's `held`, `remaining` and `limit` from one read of the store
-    /// and `used` from the open days' usage read with it and the closed days' as read within
-    /// the last minute (they add up to at most the limit, whatever this node last heard).
-    ///
-    /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
-    ///
-    /// `history` is the tenant's closed usage as the last refresh read it: taken if it is the
-    /// same period's and less than a minute old, else read again (once: a `usage_range` of
-    /// the closed days); the one used is given back, to keep.
     /// The tenant's tier on `ladder` (its plan is on it): what it has paid and since when, and
     /// what unlocks the next (the money still to pay, the time still to wait: `null` before any
     /// payment, the wait starting with it). One read of the ledger.
@@ -431,6 +420,17 @@ impl Tollgate {
         }))
     }
 
+    /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
+    /// JSON docs/usage.schema.json describes: its report from the start of its previous
+    /// billing period, each quota's `held`, `remaining` and `limit` from one read of the store
+    /// and `used` from the open days' usage read with it and the closed days' as read within
+    /// the last minute (they add up to at most the limit, whatever this node last heard).
+    ///
+    /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
+    ///
+    /// `history` is the tenant's closed usage as the last refresh read it: taken if it is the
+    /// same period's and less than a minute old, else read again (once: a `usage_range` of
+    /// the closed days); the one used is given back, to keep.
     pub(crate) async fn usage_body(
         &self,
         state: &Tenant,

@@ -44,8 +44,11 @@ impl Tollgate {
     /// alert named by the move). Reads the directory a page of 1,000 tenants at a time, and
     /// the ledger of each tenant on a ladder below its top. Returns how many tenants moved.
     ///
+    /// A tenant whose move fails (its payments unreadable, its alert unwritten) is logged and
+    /// passed: the others still move, and it is tried again at the next check.
+    ///
     /// # Errors
-    /// A store's failure (the next check tries again).
+    /// The directory's failure to list its tenants (the next check tries again).
     pub async fn check_tiers(&self) -> Result<usize, crate::store::StoreError> {
         const PAGE: usize = 1_000;
         let config = self.shared().runtime().load().config.clone();
@@ -64,15 +67,16 @@ impl Tollgate {
                 if ladder.position(&record.plan).is_some_and(|at| at + 1 == ladder.plans().len()) {
                     continue;
                 }
-                let read = crate::store::PaymentCall::Read { tenant: record.id.clone() };
                 let now = self.shared().clock().unix_secs();
-                let standing = stores.quota.payments(&read, now).await?.standing;
-                let directory = &*stores.directory;
-                match crate::store::climb(directory, self, &config, record, standing, now, false).await {
+                let tenant = record.id.clone();
+                let (quota, directory) = (&*stores.quota, &*stores.directory);
+                match crate::store::climb(quota, directory, self, &config, record, now, false).await {
                     Ok(Some(_)) => moved += 1,
                     Ok(None) => {}
+                    // One tenant's failure (its ledger unreadable, its alert unwritten) holds up
+                    // no other's move.
                     Err(e) => {
-                        tracing::warn!(error = %e, "tiers: a tenant's move failed; tried again at the next check")
+                        tracing::warn!(%tenant, error = %e, "tiers: a tenant's move failed; tried again at the next check")
                     }
                 }
             }
@@ -151,12 +155,17 @@ impl DirectoryEvents for Tollgate {
 
     fn tier_changed(&self, news: crate::base::TierNews) -> Told<'_> {
         Box::pin(async move {
-            let crate::base::TierNews { tenant, ladder, from, to, paid, currency } = news;
-            let event = crate::engine::alerts::RechargeEvent::TierChanged { ladder, from, to, paid, currency };
+            let crate::base::TierNews { tenant, ladder, from, to, paid, currency, changes } = news;
+            let event = crate::engine::alerts::RechargeEvent::TierChanged { ladder, from, to, paid, currency, changes };
             let at = self.shared().clock().unix_secs();
             let alert =
                 crate::engine::alerts::RechargeAlert { tenant, meter: crate::config::MeterId::from(""), event, at };
-            self.alerts().recharge(alert.clone());
+            if !self.alerts().recharge(alert.clone()) {
+                return Err(format!(
+                    "the {} alert could not be queued: too many alerts wait to be written",
+                    alert.event()
+                ));
+            }
             // Written before the move (as a recharge's alert before the webhook's answer).
             self.alerts().write_recharges_now().await;
             match self.alerts().waiting(&alert) {

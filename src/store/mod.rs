@@ -56,6 +56,7 @@ mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 pub(crate) mod tenant_quota;
+mod tiers;
 mod usage;
 mod values;
 
@@ -90,7 +91,6 @@ pub use memory::MemoryStore;
 pub use outbox::{
     AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, DEAD_KEPT_SECS, MAX_ERROR,
 };
-pub(crate) use payments::climb;
 pub use payments::{
     DisputeMark, DisputeStep, PaymentAnswer, PaymentCall, PaymentEntry, PaymentOutcome, PaymentRow, DISPUTES_KEPT,
     ORPHANS_KEPT, PAYMENTS_KEPT, PAYMENT_ID_MAX, PAYMENT_KEPT_SECS,
@@ -116,6 +116,7 @@ pub use redis::{RedisCalls, RedisOptions, RedisStore, LAYOUT_VERSION as REDIS_LA
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
+pub(crate) use tiers::climb;
 pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, UsageRecord, UsageStore};
 pub use values::{HeldValues, ValueCall, ValueMode, ValueRow};
 

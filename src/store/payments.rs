@@ -13,7 +13,8 @@
 //! - **Disputes** count once per dispute id: its funds withdrawn take its amount, its funds
 //!   reinstated give it back, in whichever order they arrive.
 //! - **A reversal before its payment** (webhooks are not ordered) is kept until the payment
-//!   lands, at most [`ORPHANS_KEPT`] of them.
+//!   lands, at most [`ORPHANS_KEPT`] of them: past them the oldest is let go (most likely a
+//!   refund of a payment made before the ledger began, whose payment never comes).
 //! - **The billing currency alone** counts: a payment in another is answered
 //!   [`PaymentOutcome::OtherCurrency`] and not kept.
 //! - **Since when**: the earliest payment that still counts (its net above zero). A payment
@@ -25,9 +26,12 @@
 //!   not counted again. A reversal of a payment folded is not taken (the row no longer knows
 //!   what it took): a tenant with more than [`PAYMENTS_KEPT`] payments in 400 days keeps the
 //!   older ones' refunds counted as paid. Ids are at most [`PAYMENT_ID_MAX`] bytes; a payment
-//!   keeps at most [`DISPUTES_KEPT`] disputes (Stripe allows one per charge). A row that
-//!   cannot take a reversal without forgetting one answers [`PaymentOutcome::Full`] and
-//!   changes nothing: the webhook answers 500, and Stripe delivers it again.
+//!   keeps at most [`DISPUTES_KEPT`] disputes (Stripe allows one per charge): a fifth dispute
+//!   of one payment answers [`PaymentOutcome::Full`] and changes nothing (the webhook logs it
+//!   and goes on).
+//! - **Changes are counted** ([`PaymentRow::changes`], in every answer): a tier's move is named
+//!   by the tenant's plans and the count its decision read, so that the same move decided
+//!   again on the same payments is one alert, and the same move made again later is another.
 
 use serde::{Deserialize, Serialize};
 
@@ -196,6 +200,9 @@ pub struct PaymentRow {
     /// Reversals of payments not seen yet, applied once the payment lands.
     #[serde(default)]
     pub orphans: Vec<PaymentEntry>,
+    /// How many calls changed what the tenant has paid (applied), ever: the row's version.
+    #[serde(default)]
+    pub changes: u64,
 }
 
 /// What a call did.
@@ -229,13 +236,22 @@ pub struct PaymentAnswer {
     pub outcome: PaymentOutcome,
     /// The tenant's standing after it.
     pub standing: Standing,
+    /// How many calls have changed the tenant's payments, after it ([`PaymentRow::changes`]).
+    pub changes: u64,
 }
 
 impl PaymentAnswer {
-    /// An answer.
+    /// An answer (of a row changed `0` times: see [`PaymentAnswer::with_changes`]).
     #[must_use]
     pub fn new(outcome: PaymentOutcome, standing: Standing) -> Self {
-        Self { outcome, standing }
+        Self { outcome, standing, changes: 0 }
+    }
+
+    /// The answer, of a row changed `changes` times.
+    #[must_use]
+    pub fn with_changes(mut self, changes: u64) -> Self {
+        self.changes = changes;
+        self
     }
 }
 
@@ -302,7 +318,7 @@ impl PaymentRow {
                 if too_long(payment) {
                     return PaymentOutcome::Ignored;
                 }
-                let Some(entry) = self.entry_or_orphan(payment, *at) else { return PaymentOutcome::Full };
+                let entry = self.entry_or_orphan(payment, *at);
                 if *refunded <= entry.refunded {
                     return PaymentOutcome::Duplicate;
                 }
@@ -323,7 +339,7 @@ impl PaymentRow {
                 if self.payments.iter().chain(&self.orphans).any(|e| e.id == *payment && seen(e)) {
                     return PaymentOutcome::Duplicate;
                 }
-                let Some(entry) = self.entry_or_orphan(payment, *at) else { return PaymentOutcome::Full };
+                let entry = self.entry_or_orphan(payment, *at);
                 let mark = match entry.disputes.iter().position(|d| &d.id == dispute) {
                     Some(i) => &mut entry.disputes[i],
                     None if entry.disputes.len() >= DISPUTES_KEPT => {
@@ -347,24 +363,31 @@ impl PaymentRow {
                 PaymentOutcome::Applied
             }
         };
+        if outcome == PaymentOutcome::Applied {
+            self.changes = self.changes.saturating_add(1);
+        }
         self.bound(now);
         outcome
     }
 
     /// The payment `id`, or the orphan that keeps its reversals until it lands (made here;
-    /// `None` when the orphans are at their bound).
-    fn entry_or_orphan(&mut self, id: &str, at: i64) -> Option<&mut PaymentEntry> {
+    /// the oldest orphan let go when they are at their bound: the likeliest to be a reversal
+    /// of a payment made before the ledger began, which never comes).
+    fn entry_or_orphan(&mut self, id: &str, at: i64) -> &mut PaymentEntry {
         if let Some(i) = self.payments.iter().position(|p| p.id == id) {
-            return Some(&mut self.payments[i]);
+            return &mut self.payments[i];
         }
         if let Some(i) = self.orphans.iter().position(|p| p.id == id) {
-            return Some(&mut self.orphans[i]);
+            return &mut self.orphans[i];
         }
-        if self.orphans.len() >= ORPHANS_KEPT {
-            return None;
+        while self.orphans.len() >= ORPHANS_KEPT {
+            let oldest = (0..self.orphans.len()).min_by_key(|&i| self.orphans[i].at).unwrap_or(0);
+            let gone = self.orphans.remove(oldest);
+            tracing::warn!(payment = %gone.id, "tiers: a reversal waited for a payment that never came and the \
+                reversals waiting are at their bound: the oldest let go");
         }
         self.orphans.push(PaymentEntry::new(id, 0, at));
-        self.orphans.last_mut()
+        self.orphans.last_mut().expect("just pushed")
     }
 
     /// Drops the orphan of `id` if it holds nothing (made for a call that was then refused).
@@ -414,52 +437,8 @@ impl PaymentRow {
         } else {
             None
         };
-        Ok((PaymentAnswer::new(outcome, row.standing()), json))
+        Ok((PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes), json))
     }
-}
-
-/// Moves `record`'s tenant (tiers, `[tiers.NAME]`: the Stripe webhook's and the daily
-/// check's, `Tollgate::check_tiers`) to the tier `standing` unlocks at `now`, if its plan is on a
-/// ladder (down only for a `reversal`, on a ladder that moves down): its `tenant.tier_changed`
-/// alert written first (one per move, however often it is told), then the plan, on the
-/// condition that the tenant is as read (read again, and decided again, when it changed
-/// meanwhile); then every node is told. Returns the plan it moved to. `Err`: what failed (the
-/// move is tried again by the next delivery or the daily check).
-pub(crate) async fn climb(
-    directory: &dyn super::DirectoryStore,
-    node: &dyn crate::base::DirectoryEvents,
-    config: &crate::config::Config,
-    mut record: super::TenantRecord,
-    standing: Standing,
-    now: i64,
-    reversal: bool,
-) -> Result<Option<crate::base::PlanId>, String> {
-    for _ in 0..3 {
-        let Some(ladder) = config.tier_of(&record.plan) else { return Ok(None) };
-        let Some(to) = ladder.move_of(&record.plan, standing, now, reversal).cloned() else { return Ok(None) };
-        let news = crate::base::TierNews {
-            tenant: record.id.clone(),
-            ladder: ladder.name().to_owned(),
-            from: record.plan.clone(),
-            to: to.clone(),
-            paid: standing.paid,
-            currency: config.billing().currency.clone().unwrap_or_default(),
-        };
-        node.tier_changed(news).await?;
-        let update = super::TenantUpdate::Plan(record.id.clone(), to.clone());
-        if directory.update_tenant(&update, super::UpdateWhen::Unchanged(&record)).await.map_err(|e| e.to_string())? {
-            tracing::info!(tenant = %record.id, from = %record.plan, %to, paid = standing.paid,
-                "a tenant moved to the tier its payments unlock");
-            super::tell_changed(directory, &record.id, now.saturating_mul(1_000)).await;
-            node.tenant_changed(&record.id);
-            return Ok(Some(to));
-        }
-        match directory.tenant(&record.id).await.map_err(|e| e.to_string())? {
-            Some(again) => record = again,
-            None => return Ok(None),
-        }
-    }
-    Err(format!("tenant {} kept changing while its tier moved", record.id))
 }
 
 #[cfg(test)]
@@ -572,15 +551,20 @@ mod tests {
     }
 
     #[test]
-    fn a_full_row_refuses_what_it_would_forget_and_changes_nothing() {
+    fn reversals_waiting_let_the_oldest_go_and_a_fifth_dispute_changes_nothing() {
         let mut row = PaymentRow::default();
         for i in 0..ORPHANS_KEPT {
-            assert_eq!(row.apply(&refund(&format!("pi_{i}"), 1, T), T), PaymentOutcome::Applied);
+            let at = T + i64::try_from(i).unwrap();
+            assert_eq!(row.apply(&refund(&format!("pi_{i}"), 1, at), at), PaymentOutcome::Applied);
         }
-        let before = row.clone();
-        assert_eq!(row.apply(&refund("pi_new", 1, T), T), PaymentOutcome::Full);
-        assert_eq!(row.apply(&refund("pi_0", 1, T), T), PaymentOutcome::Duplicate, "one it keeps");
-        assert_eq!(row, before);
+        assert_eq!(row.changes, u64::try_from(ORPHANS_KEPT).unwrap());
+        assert_eq!(row.apply(&refund("pi_new", 1, T + 999), T + 999), PaymentOutcome::Applied);
+        assert_eq!(row.orphans.len(), ORPHANS_KEPT);
+        assert!(!row.orphans.iter().any(|o| o.id == "pi_0"), "the oldest let go");
+        assert_eq!(row.apply(&refund("pi_1", 1, T), T), PaymentOutcome::Duplicate, "one it keeps");
+        // Its payment, delivered after all: counted whole (its refund was let go).
+        assert_eq!(row.apply(&record("pi_0", 500, T), T), PaymentOutcome::Applied);
+        assert_eq!(row.paid(), 500);
         let mut row = PaymentRow::default();
         row.apply(&record("pi_1", 5_000, T), T);
         for i in 0..DISPUTES_KEPT {
@@ -618,10 +602,13 @@ mod tests {
     #[test]
     fn the_json_a_store_keeps_is_written_only_when_the_row_changed() {
         let (answer, json) = PaymentRow::apply_json(None, &record("pi_1", 500, T), T).unwrap();
-        assert_eq!(answer, PaymentAnswer::new(PaymentOutcome::Applied, Standing::new(500, Some(T))));
+        assert_eq!(answer, PaymentAnswer::new(PaymentOutcome::Applied, Standing::new(500, Some(T))).with_changes(1));
         let json = json.unwrap();
         let (answer, again) = PaymentRow::apply_json(Some(&json), &record("pi_1", 500, T), T).unwrap();
-        assert_eq!((answer.outcome, again), (PaymentOutcome::Duplicate, None));
+        assert_eq!((answer.outcome, answer.changes, again), (PaymentOutcome::Duplicate, 1, None));
+        // A row written before its version was kept reads as changed 0 times.
+        let old = PaymentRow::apply_json(Some(r#"{"payments":[]}"#), &record("pi_1", 500, T), T).unwrap().0;
+        assert_eq!(old.changes, 1);
         let read = PaymentCall::Read { tenant: "t".into() };
         assert_eq!(PaymentRow::apply_json(Some(&json), &read, T).unwrap().0.standing.paid, 500);
         assert!(PaymentRow::apply_json(Some("{"), &read, T).is_err());

@@ -97,10 +97,15 @@ struct Setup {
 }
 
 async fn setup(store: Arc<dyn Store>, downgrade: bool) -> Setup {
+    setup_with(store, |secret_file| config(secret_file, downgrade)).await
+}
+
+/// [`setup`] with the configuration `toml` makes of the alerts' secret file.
+async fn setup_with(store: Arc<dyn Store>, toml: impl FnOnce(&str) -> String) -> Setup {
     let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let (secret, secret_file) = common::alerts::secret_file();
-    let toml = config(&secret_file, downgrade);
+    let toml = toml(&secret_file);
     let nodes: Vec<Harness> = (0..4).map(|_| Harness::with_store(&toml, store.clone(), NOON)).collect();
     let stripe = StandIn::start(&[]).await;
     let handler = nodes[0].tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
@@ -320,4 +325,129 @@ async fn a_top_up_counts_once_and_its_refund_reaches_it(store: Arc<dyn Store>) {
     let refund = event("evt_4", "charge.refunded", NOON + 60, charge("pi_c", 1_000, 1_000));
     assert_eq!(s.signed_at(&refund, NOON + 60).await, (200, paid(0, Some("free"))));
     assert_eq!(s.plan().await, "free");
+}
+
+/// `config` with `invoice.paid` moving a subscription's tenant to `pro` (`[stripe.events]`),
+/// a plan of no ladder.
+fn config_with_transition(secret_file: &str) -> String {
+    config(secret_file, true).replace(
+        "[stripe]\n",
+        "[plans.pro]\nquotas.requests = { limit = 9, period = \"day\", mode = \"hard\" }\n\
+         [stripe]\n[stripe.events]\n\"invoice.paid\" = \"pro\"\n",
+    )
+}
+
+impl Setup {
+    async fn standing(&self, tenant: &str) -> Standing {
+        let read = PaymentCall::Read { tenant: tenant.into() };
+        self.store.payments(&read, self.nodes[0].tollgate.clock().unix_secs()).await.unwrap().standing
+    }
+}
+
+// Counting money for tiers never holds up what the event does besides: on main, the tier step
+// ran first and its read of Stripe failing answered 500 before the plan transition (and
+// credits, and disputes' clawbacks) were applied, for every `invoice.paid` while Stripe's API
+// failed or the key could not read invoice payments.
+on_stores!(counting_for_tiers_holds_up_no_plan_transition);
+async fn counting_for_tiers_holds_up_no_plan_transition(store: Arc<dyn Store>) {
+    let s = setup_with(store, config_with_transition).await;
+    s.paid_by("in_1", "pi_1");
+    s.stripe.fail_reads(1);
+    let first = event("evt_1", "invoice.paid", NOON, invoice("in_1", 1_000, NOON));
+    let (status, _) = s.signed_at(&first, NOON).await;
+    assert_eq!(status, 500, "the payment's read failed: delivered again, for tiers");
+    assert_eq!(s.plan().await, "pro", "the plan transition applied all the same");
+    assert_eq!(s.standing("acme").await.paid, 0);
+    // Delivered again: counted, once.
+    assert_eq!(s.signed_at(&first, NOON + 60).await.0, 200);
+    assert_eq!(s.signed_at(&first, NOON + 120).await.0, 200);
+    assert_eq!(s.standing("acme").await, Standing::new(1_000, Some(NOON)));
+    // A customer of no tenant: Stripe is not read for tiers.
+    let reads = s.stripe.list_reads();
+    let mut stranger = invoice("in_2", 1_000, NOON);
+    stranger["customer"] = json!("cus_stranger");
+    let stranger = event("evt_2", "invoice.paid", NOON, stranger);
+    assert_eq!(s.signed_at(&stranger, NOON + 180).await.0, 200);
+    assert_eq!(s.stripe.list_reads(), reads, "no read for a customer of no tenant");
+}
+
+// Refunds of payments the ledger never saw (made before tiers were configured, or in another
+// currency) wait for their payment, at most 64: on main, the 65th answered 500 for good, and
+// so did every later refund and dispute of the tenant, holding up credits' clawbacks too. The
+// oldest is let go instead.
+on_stores!(refunds_of_unseen_payments_never_block_the_webhook);
+async fn refunds_of_unseen_payments_never_block_the_webhook(store: Arc<dyn Store>) {
+    let s = setup(store, false).await;
+    let payment = event("evt_p", "invoice.paid", NOON, invoice("in_p", 1_000, NOON));
+    s.paid_by("in_p", "pi_p");
+    assert_eq!(s.signed_at(&payment, NOON).await.0, 200);
+    for i in 0..=tollgate::store::ORPHANS_KEPT {
+        let refund = event(&format!("evt_r{i}"), "charge.refunded", NOON, charge(&format!("pi_old{i}"), 700, 700));
+        let (status, outcome) = s.signed_at(&refund, NOON).await;
+        assert_eq!((status, outcome), (200, paid(1_000, None)), "refund {i}");
+    }
+    // And a refund of the payment it saw still counts.
+    let refund = event("evt_rp", "charge.refunded", NOON, charge("pi_p", 1_000, 400));
+    assert_eq!(s.signed_at(&refund, NOON).await, (200, paid(600, None)));
+}
+
+// A checkout whose payment is only authorized (manual capture) is not money paid: on main it
+// counted for tiers (the credits of the same checkout were refused until captured).
+on_stores!(an_authorized_payment_is_not_counted_until_captured);
+async fn an_authorized_payment_is_not_counted_until_captured(store: Arc<dyn Store>) {
+    let s = setup(store, true).await;
+    let mut session = checkout("cs_m", "pi_m", 1_000, None);
+    session["payment_method_options"] = json!({ "card": { "capture_method": "manual" } });
+    s.stripe.add_payment_intent("pi_m", "requires_capture");
+    let authorized = event("evt_1", "checkout.session.completed", NOON, session.clone());
+    assert_eq!(s.signed_at(&authorized, NOON).await, (200, WebhookOutcome::Ignored));
+    assert_eq!((s.standing("acme").await.paid, s.plan().await.as_str()), (0, "free"));
+    // Captured by the time it is delivered again: counted.
+    s.stripe.add_payment_intent("pi_m", "succeeded");
+    assert_eq!(s.signed_at(&authorized, NOON + 60).await, (200, paid(1_000, Some("tier1"))));
+}
+
+// Every move has its alert: on main the alert's id named the move and what was paid, so a
+// tenant moved down and back up having paid the same again lost the second move's alert.
+on_stores!(each_move_has_its_alert_however_often_it_is_made);
+async fn each_move_has_its_alert_however_often_it_is_made(store: Arc<dyn Store>) {
+    let s = setup(store, true).await;
+    let first = event("evt_1", "checkout.session.completed", NOON, checkout("cs_1", "pi_1", 1_000, None));
+    assert_eq!(s.signed_at(&first, NOON).await, (200, paid(1_000, Some("tier1"))));
+    let refund = event("evt_2", "charge.refunded", NOON + 60, charge("pi_1", 1_000, 1_000));
+    assert_eq!(s.signed_at(&refund, NOON + 60).await, (200, paid(0, Some("free"))));
+    let again = event("evt_3", "checkout.session.completed", NOON + 120, checkout("cs_2", "pi_2", 1_000, None));
+    assert_eq!(s.signed_at(&again, NOON + 120).await, (200, paid(1_000, Some("tier1"))));
+    // Each delivered again: no move, no alert.
+    for (e, t) in [(&first, NOON + 180), (&refund, NOON + 181), (&again, NOON + 182)] {
+        assert_eq!(s.signed_at(e, t).await.0, 200);
+    }
+    let mut moves = s.moves().await;
+    moves.sort();
+    let m = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(moves, [m("free", "tier1"), m("free", "tier1"), m("tier1", "free")], "three moves, three alerts");
+}
+
+// The daily check goes past a tenant whose ledger cannot be read: on main one failing read
+// ended the pass, and every tenant after it waited for the next day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_check_goes_past_a_tenant_it_cannot_read() {
+    let inner = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(common::Faulty::over(inner.clone()));
+    let s = setup(faulty.clone(), false).await;
+    let beta = TenantRecord::new("beta".into(), "free".into()).with_customer("cus_beta");
+    s.store.put_tenant(&beta, &[KeyHash::of(b"key-beta")]).await.unwrap();
+    for (tenant, customer, pi) in [("acme", "cus_acme", "pi_a"), ("beta", "cus_beta", "pi_b")] {
+        let mut session = checkout(&format!("cs_{tenant}"), pi, 6_000, None);
+        session["customer"] = json!(customer);
+        let paid = event(&format!("evt_{tenant}"), "checkout.session.completed", NOON, session);
+        assert_eq!(s.signed_at(&paid, NOON).await.0, 200);
+    }
+    s.at(NOON + 7 * DAY);
+    *faulty.refuse_tenant.lock().unwrap() = Some("acme".to_owned());
+    assert_eq!(s.nodes[0].tollgate.check_tiers().await.unwrap(), 1, "beta moved; acme tried again tomorrow");
+    assert_eq!(s.store.tenant(&"beta".into()).await.unwrap().unwrap().plan.as_str(), "tier2");
+    *faulty.refuse_tenant.lock().unwrap() = None;
+    assert_eq!(s.nodes[0].tollgate.check_tiers().await.unwrap(), 1);
+    assert_eq!(s.plan().await, "tier2");
 }

@@ -83,7 +83,7 @@ fn tiers_are_checked_by_key() {
     let e =
         Config::from_toml_str("[plans.a]\n[plans.b]\n[tiers.api]\norder = [\"a\", \"b\"]\nb = { paid = \"50.00\" }\n")
             .expect_err("no currency");
-    assert_eq!(e.key(), "tiers.api.b.paid", "{e}");
+    assert_eq!(e.key(), "tiers.api", "{e}");
     assert!(e.to_string().contains("[billing] currency"), "{e}");
     let e = err("[tiers.api]\norder = [\"tier1\", \"tier2\"]\ntier2 = { paid = \"0.001\" }\n");
     assert_eq!(e.key(), "tiers.api.tier2.paid", "{e}");
@@ -134,5 +134,12 @@ fn tiers_are_checked_by_key() {
         "[billing]\ncurrency = \"usd\"\n[plans.tier1]\n[plans.order]\n[tiers.api]\norder = [\"tier1\", \"order\"]\n",
     )
     .expect_err("a plan named order");
-    assert!(e.key().starts_with("tiers.api"), "{e}");
+    assert_eq!(e.key(), "tiers.api.order", "{e}");
+    assert!(e.to_string().contains("cannot be named `order`"), "{e}");
+    // A ladder of ages alone still counts money paid: without a billing currency it would never
+    // move anyone (on main it loaded).
+    let e = Config::from_toml_str("[plans.a]\n[plans.b]\n[tiers.api]\norder = [\"a\", \"b\"]\nb = { age = \"7d\" }\n")
+        .expect_err("no currency, ages alone");
+    assert_eq!(e.key(), "tiers.api", "{e}");
+    assert!(e.to_string().contains("[billing] currency"), "{e}");
 }

@@ -293,16 +293,22 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
-        // Money paid (or taken back) counted for tiers first, and the tier it unlocks moved
-        // to; then what else the event does. Recorded once per payment, so a redelivery after
-        // a later failure records nothing twice.
-        let paid = match self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await {
-            Ok(paid) => paid,
-            Err(failed) => return failed,
-        };
-        match self.settle_event(&config, settings, &fields, payload).await {
-            WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
-            outcome => outcome,
+        // What the event does (credits, subscriptions, plan transitions) first; then the money
+        // it pays (or takes back) counted for tiers, and the tier it unlocks moved to, so that
+        // nothing of tiers (a read of Stripe failing, a key that may not read invoice
+        // payments) holds those up. A failure of either is answered 500 and delivered again:
+        // each records once (the ledger once per payment).
+        let outcome = self.settle_event(&config, settings, &fields, payload).await;
+        if matches!(
+            outcome,
+            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. }
+        ) {
+            return outcome;
+        }
+        match self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await {
+            Err(failed) => failed,
+            Ok(paid) if outcome == WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
+            Ok(_) => outcome,
         }
     }
 

@@ -47,9 +47,11 @@ impl Change {
 impl WebhookHandler {
     /// Records the payment, refund or dispute `kind` carries in the tenant's ledger, when the
     /// configuration has tiers, and moves a tenant of the directory on a ladder's plan to the
-    /// tier it now unlocks. `Ok(Some(Paid))` once recorded (the event then goes on to credits
-    /// and plan transitions); `Ok(None)` when it is not one, or names no tenant; `Err` the
-    /// answer now (500: Stripe delivers it again, and a payment counts once).
+    /// tier it now unlocks. Run once what else the event does (credits, plan transitions) is
+    /// settled, so that nothing of tiers holds those up. `Ok(Some(Paid))` once recorded;
+    /// `Ok(None)` when it is not one, or names no tenant (Stripe is not read for a customer of
+    /// no tenant); `Err` the answer (500: Stripe delivers it again; what was settled and the
+    /// payment count once).
     pub(super) async fn tier_payment(
         &self,
         config: &Config,
@@ -70,7 +72,24 @@ impl WebhookHandler {
             return Ok(None);
         }
         let o = &body["data"]["object"];
-        let Some((customer, change)) = self.change_of(event, kind, created, o).await? else { return Ok(None) };
+        let Some(change) = change_of(kind, created, o) else { return Ok(None) };
+        // The tenant first: a customer of no tenant costs no read of Stripe. A dispute names no
+        // customer: its payment intent's does.
+        let customer = match &change {
+            Change::Dispute { payment, dispute, .. } => {
+                let customer = match id_of(&o["payment_intent"]) {
+                    Some(intent) => self.customer_of_intent(event, intent).await?,
+                    None => None,
+                };
+                if customer.is_none() {
+                    tracing::warn!(%event, %dispute, %payment, "a dispute whose customer cannot be read (no secret \
+                        key, or no payment intent): tiers do not count it");
+                }
+                customer
+            }
+            _ => id_of(&o["customer"]).map(str::to_owned),
+        };
+        let Some(customer) = customer else { return Ok(None) };
         let record = self.directory.tenant_by_customer(&customer).await.map_err(failed)?;
         let tenant = match &record {
             Some(r) => r.id.clone(),
@@ -79,15 +98,38 @@ impl WebhookHandler {
                 None => return Ok(None),
             },
         };
+        let change = match change {
+            // An invoice's payment is keyed by its payment intent, which its refunds and
+            // disputes name (read from its invoice payments).
+            Change::Record { payment: invoice, amount, currency, at } if kind == "invoice.paid" => {
+                let payment = match self.invoice_payment(&invoice).await {
+                    Ok(Some(intent)) => intent,
+                    // Paid out of band, or no key to read its payment with.
+                    Ok(None) => invoice,
+                    Err(e) => return Err(self.unreadable(event, "the invoice's payment", e)),
+                };
+                Change::Record { payment, amount, currency, at }
+            }
+            // Only authorized (manual capture): money once its payment intent says it
+            // succeeded. No checkout event follows the capture: such a checkout counts if it is
+            // delivered again once captured (as its credits are granted then).
+            Change::Record { ref payment, .. }
+                if manual_capture(o) && !self.intent_captured(event, payment).await? =>
+            {
+                tracing::warn!(%event, %tenant, %payment, "a checkout whose payment is only authorized (manual \
+                    capture): tiers do not count it");
+                return Ok(None);
+            }
+            change => change,
+        };
         let now = self.clock.unix_secs();
         let reversal = change.reversal();
         let answer = quota.payments(&change.call(tenant.clone(), billing, now), now).await.map_err(failed)?;
         match answer.outcome {
             PaymentOutcome::Full => {
-                return Err(WebhookOutcome::StoreFailed(format!(
-                    "tenant {tenant}'s payments cannot take this reversal without forgetting another (its bound): \
-                     answered 500, delivered again"
-                )))
+                // A fifth dispute of one payment (Stripe opens one per charge).
+                tracing::error!(%event, %tenant, "tiers: a payment's disputes are at their bound: this one is not \
+                    counted");
             }
             PaymentOutcome::OtherCurrency => {
                 tracing::info!(%event, %tenant, "a payment in another currency than [billing] currency: tiers do not count it");
@@ -95,77 +137,25 @@ impl WebhookHandler {
             _ => {}
         }
         let moved = match record {
-            Some(record) => {
-                crate::store::climb(&*self.directory, &*self.node, config, record, answer.standing, now, reversal)
-                    .await
-                    .map_err(WebhookOutcome::StoreFailed)?
-            }
+            Some(record) => crate::store::climb(&**quota, &*self.directory, &*self.node, config, record, now, reversal)
+                .await
+                .map_err(WebhookOutcome::StoreFailed)?,
             None => None,
         };
         Ok(Some(WebhookOutcome::Paid { tenant, paid: answer.standing.paid, tier: moved }))
     }
 
-    /// The customer and the ledger's change an event carries, if it is a payment, a refund or
-    /// a dispute's withdrawal or reinstatement.
-    async fn change_of(
-        &self,
-        event: &str,
-        kind: &str,
-        created: i64,
-        o: &Value,
-    ) -> Result<Option<(String, Change)>, WebhookOutcome> {
-        let customer = id_of(&o["customer"]).map(str::to_owned);
-        let change = match kind {
-            "invoice.paid" => {
-                let Some(amount) = o["amount_paid"].as_u64().filter(|a| *a > 0) else { return Ok(None) };
-                let Some(invoice) = id_of(&o["id"]) else { return Ok(None) };
-                let payment = match self.invoice_payment(invoice).await {
-                    Ok(Some(intent)) => intent,
-                    // Paid out of band, or no key to read its payment with.
-                    Ok(None) => invoice.to_owned(),
-                    Err(e) => return Err(self.unreadable(event, "the invoice's payment", e)),
-                };
-                let at = o["status_transitions"]["paid_at"].as_i64().unwrap_or(created);
-                let currency = o["currency"].as_str().unwrap_or_default().to_owned();
-                Change::Record { payment, amount, currency, at }
-            }
-            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-                // A subscription's checkout is recorded by its invoice's `invoice.paid`, and so is
-                // a payment's checkout that made an invoice (`invoice_creation`): counted once.
-                if o["mode"] != "payment" || o["payment_status"] != "paid" || id_of(&o["invoice"]).is_some() {
-                    return Ok(None);
-                }
-                let Some(amount) = o["amount_total"].as_u64().filter(|a| *a > 0) else { return Ok(None) };
-                let Some(payment) = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"])) else { return Ok(None) };
-                let currency = o["currency"].as_str().unwrap_or_default().to_owned();
-                Change::Record { payment: payment.to_owned(), amount, currency, at: created }
-            }
-            "charge.refunded" => {
-                let Some(refunded) = o["amount_refunded"].as_u64() else { return Ok(None) };
-                let Some(payment) = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"])) else { return Ok(None) };
-                Change::Refund { payment: payment.to_owned(), refunded }
-            }
-            "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
-                let step = if kind.ends_with("withdrawn") { DisputeStep::Withdrawn } else { DisputeStep::Reinstated };
-                let (Some(dispute), Some(amount)) = (id_of(&o["id"]), o["amount"].as_u64()) else { return Ok(None) };
-                let intent = id_of(&o["payment_intent"]);
-                let Some(payment) = intent.or_else(|| id_of(&o["charge"])) else { return Ok(None) };
-                // A dispute names no customer: its payment intent's does.
-                let customer = match intent {
-                    Some(intent) => self.customer_of_intent(event, intent).await?,
-                    None => None,
-                };
-                let Some(customer) = customer else {
-                    tracing::warn!(%event, %dispute, "a dispute whose customer cannot be read (no secret key, or no \
-                        payment intent): tiers do not count it");
-                    return Ok(None);
-                };
-                let change = Change::Dispute { payment: payment.to_owned(), dispute: dispute.to_owned(), amount, step };
-                return Ok(Some((customer, change)));
-            }
-            _ => return Ok(None),
-        };
-        Ok(customer.map(|c| (c, change)))
+    /// Whether the payment intent `intent` of a checkout with manual capture has succeeded
+    /// (captured), read from Stripe (`false` without a key).
+    async fn intent_captured(&self, event: &str, intent: &str) -> Result<bool, WebhookOutcome> {
+        let Some(reader) = &self.reader else { return Ok(false) };
+        if !intent.starts_with("pi_") || !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Ok(false);
+        }
+        match reader.get(&format!("v1/payment_intents/{intent}")).await {
+            Ok(pi) => Ok(pi["status"] == "succeeded"),
+            Err(e) => Err(self.unreadable(event, "the payment intent of a checkout with manual capture", e)),
+        }
     }
 
     /// The customer of payment intent `intent`, read from Stripe (`None` without a key).
@@ -183,4 +173,50 @@ impl WebhookHandler {
 
 fn failed(e: crate::store::StoreError) -> WebhookOutcome {
     WebhookOutcome::StoreFailed(e.to_string())
+}
+
+/// The ledger's change an event carries, if it is a payment, a refund or a dispute's
+/// withdrawal or reinstatement (an invoice's payment keyed by the invoice until its payment
+/// intent is read).
+fn change_of(kind: &str, created: i64, o: &Value) -> Option<Change> {
+    Some(match kind {
+        "invoice.paid" => {
+            let amount = o["amount_paid"].as_u64().filter(|a| *a > 0)?;
+            let invoice = id_of(&o["id"])?;
+            let at = o["status_transitions"]["paid_at"].as_i64().unwrap_or(created);
+            let currency = o["currency"].as_str().unwrap_or_default().to_owned();
+            Change::Record { payment: invoice.to_owned(), amount, currency, at }
+        }
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            // A subscription's checkout is recorded by its invoice's `invoice.paid`, and so is
+            // a payment's checkout that made an invoice (`invoice_creation`): counted once.
+            if o["mode"] != "payment" || o["payment_status"] != "paid" || id_of(&o["invoice"]).is_some() {
+                return None;
+            }
+            let amount = o["amount_total"].as_u64().filter(|a| *a > 0)?;
+            let payment = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"]))?;
+            let currency = o["currency"].as_str().unwrap_or_default().to_owned();
+            Change::Record { payment: payment.to_owned(), amount, currency, at: created }
+        }
+        "charge.refunded" => {
+            let refunded = o["amount_refunded"].as_u64()?;
+            let payment = id_of(&o["payment_intent"]).or_else(|| id_of(&o["id"]))?;
+            Change::Refund { payment: payment.to_owned(), refunded }
+        }
+        "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+            let step = if kind.ends_with("withdrawn") { DisputeStep::Withdrawn } else { DisputeStep::Reinstated };
+            let (dispute, amount) = (id_of(&o["id"])?, o["amount"].as_u64()?);
+            let payment = id_of(&o["payment_intent"]).or_else(|| id_of(&o["charge"]))?;
+            Change::Dispute { payment: payment.to_owned(), dispute: dispute.to_owned(), amount, step }
+        }
+        _ => return None,
+    })
+}
+
+/// Whether a checkout session's payment may be only authorized (manual capture for one of its
+/// payment methods), as its credits tell (`topup/payment.rs`).
+fn manual_capture(o: &Value) -> bool {
+    o["payment_method_options"]
+        .as_object()
+        .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"))
 }

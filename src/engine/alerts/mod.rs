@@ -246,9 +246,10 @@ impl Alerts {
         self.queue.recharges_waiting().contains(alert)
     }
 
-    /// Queues a recharge's alert for the next write.
-    pub(crate) fn recharge(&self, alert: RechargeAlert) {
-        self.queue.offer_recharge(alert);
+    /// Queues a recharge's alert for the next write: `false` when it was dropped (too many
+    /// waiting to be written, logged).
+    pub(crate) fn recharge(&self, alert: RechargeAlert) -> bool {
+        self.queue.offer_recharge(alert)
     }
 
     /// Whether any alert can have a destination under the configuration in force.

@@ -319,16 +319,17 @@ impl AlertQueue {
 
     /// Offers a recharge's alert (told once, by a store's answer or a webhook): it waits to be
     /// written, unless [`MAX_PENDING`] wait (dropped, logged).
-    pub(crate) fn offer_recharge(&self, alert: super::recharge::RechargeAlert) {
+    pub(crate) fn offer_recharge(&self, alert: super::recharge::RechargeAlert) -> bool {
         let mut waiting = self.recharges.lock().unwrap_or_else(|e| e.into_inner());
         if waiting.contains(&alert) {
-            return;
+            return true;
         }
         if waiting.len() >= MAX_PENDING {
             tracing::warn!(tenant = %alert.tenant, event = alert.event(), "alerts: a recharge's alert dropped, too many waiting to be written");
-            return;
+            return false;
         }
         waiting.push_back(alert);
+        true
     }
 
     /// Offers the alert of a month's limit that stopped a recharge, once per node and month
@@ -341,7 +342,7 @@ impl AlertQueue {
         }
         if seen.insert((alert.tenant.clone(), alert.meter.clone(), month)) {
             drop(seen);
-            self.offer_recharge(alert);
+            let _ = self.offer_recharge(alert);
         }
     }
 

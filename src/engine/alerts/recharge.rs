@@ -21,7 +21,7 @@ pub(crate) enum RechargeEvent {
     /// The tenant moved from one plan of its ladder to another (`[tiers.NAME]`), having paid
     /// `paid` (net, smallest units of `currency`). Not a recharge's, and of no meter: it shares
     /// the recharges' queue, which writes what a webhook tells before its answer.
-    TierChanged { ladder: String, from: PlanId, to: PlanId, paid: u64, currency: String },
+    TierChanged { ladder: String, from: PlanId, to: PlanId, paid: u64, currency: String, changes: u64 },
 }
 
 /// A recharge's alert, waiting to be written.
@@ -57,9 +57,13 @@ impl RechargeAlert {
             | RechargeEvent::Failed { n, .. }
             | RechargeEvent::ActionRequired { n, .. } => format!("recharge:{n}"),
             RechargeEvent::LimitReached { month } => format!("month:{month}"),
-            // One per move and standing: told again (a redelivery, the daily check) it is the
-            // same alert; a later move back and forth with more paid is another.
-            RechargeEvent::TierChanged { ladder, from, to, paid, .. } => format!("tier:{ladder}:{from}:{to}:{paid}"),
+            // One per move and version of the tenant's payments: decided again on the same
+            // payments (a redelivery, every node's daily check, two deliveries racing) it is the
+            // same alert; the same move made again later, after a payment, refund or dispute
+            // changed them, is another.
+            RechargeEvent::TierChanged { ladder, from, to, changes, .. } => {
+                format!("tier:{ladder}:{from}:{to}:v{changes}")
+            }
         }
     }
 
@@ -93,7 +97,7 @@ impl RechargeAlert {
                 data["invoice"] = invoice.as_str().into();
                 data["action_url"] = url.as_str().into();
             }
-            RechargeEvent::TierChanged { ladder, from, to, paid, currency } => {
+            RechargeEvent::TierChanged { ladder, from, to, paid, currency, .. } => {
                 if let Some(d) = data.as_object_mut() {
                     d.remove("meter");
                 }
@@ -149,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_tier_alert_names_its_move_and_has_no_meter() {
-        let moved = |paid| RechargeAlert {
+        let moved = |paid, changes| RechargeAlert {
             tenant: "acme".into(),
             meter: "".into(),
             event: RechargeEvent::TierChanged {
@@ -158,12 +162,13 @@ mod tests {
                 to: "tier2".into(),
                 paid,
                 currency: "usd".into(),
+                changes,
             },
             at: 1_773_489_600,
         };
-        assert_eq!(moved(5_000).id("ns"), moved(5_000).id("ns"), "told again: the same alert");
-        assert_ne!(moved(5_000).id("ns"), moved(9_000).id("ns"), "the same move later, paid more: another");
-        let body: serde_json::Value = serde_json::from_str(&moved(5_000).body(&"tier1".into())).unwrap();
+        assert_eq!(moved(5_000, 2).id("ns"), moved(5_000, 2).id("ns"), "told again: the same alert");
+        assert_ne!(moved(5_000, 2).id("ns"), moved(5_000, 4).id("ns"), "the same move made again later: another");
+        let body: serde_json::Value = serde_json::from_str(&moved(5_000, 2).body(&"tier1".into())).unwrap();
         assert_eq!(body["type"], "tenant.tier_changed");
         let data = &body["data"];
         assert!(data.get("meter").is_none(), "{data}");
