@@ -451,3 +451,34 @@ async fn the_daily_check_goes_past_a_tenant_it_cannot_read() {
     assert_eq!(s.nodes[0].tollgate.check_tiers().await.unwrap(), 1);
     assert_eq!(s.plan().await, "tier2");
 }
+
+// Nor does a failure of what else the event does hold up the count: a top-up whose credits
+// cannot be granted yet (its line items unreadable: 500, delivered again) is money paid all the
+// same. On 237de48 the tiers' step ran only once the event was settled, and a settlement that
+// failed for days (a chargeback of a grant that cannot take it, a key without a credits
+// permission) left the money uncounted past Stripe's retries.
+on_stores!(a_failure_of_credits_holds_up_no_count_for_tiers);
+async fn a_failure_of_credits_holds_up_no_count_for_tiers(store: Arc<dyn Store>) {
+    let s = setup_with(store, |secret_file| {
+        config(secret_file, false).replace(
+            "[stripe]\n",
+            "[plans.prepaid]\nquotas.requests = { period = \"prepaid\" }\n\
+                 [stripe]\n[stripe.credits]\nmeter = \"requests\"\nprices = { price_pack = 100 }\n",
+        )
+    })
+    .await;
+    let mut item = fixtures()["item"].clone();
+    item["price"]["id"] = json!("price_pack");
+    item["quantity"] = json!(1);
+    s.stripe.add_lines("/v1/checkout/sessions/cs_1/line_items", vec![item]);
+    s.stripe.fail_reads(1);
+    let top_up = event("evt_1", "checkout.session.completed", NOON, checkout("cs_1", "pi_c", 1_000, None));
+    let (status, outcome) = s.signed_at(&top_up, NOON).await;
+    assert_eq!(status, 500, "its credits' line items could not be read: {outcome:?}");
+    assert_eq!(s.standing("acme").await, Standing::new(1_000, Some(NOON)), "counted for tiers all the same");
+    assert_eq!(s.plan().await, "tier1");
+    // Delivered again: counted once.
+    let again = s.signed_at(&top_up, NOON + 60).await;
+    assert_eq!(again.0, 200, "{again:?}");
+    assert_eq!(s.standing("acme").await.paid, 1_000);
+}

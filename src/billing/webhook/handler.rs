@@ -293,19 +293,21 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
-        // What the event does (credits, subscriptions, plan transitions) first; then the money
-        // it pays (or takes back) counted for tiers, and the tier it unlocks moved to, so that
-        // nothing of tiers (a read of Stripe failing, a key that may not read invoice
-        // payments) holds those up. A failure of either is answered 500 and delivered again:
-        // each records once (the ledger once per payment).
+        // What the event does (credits, subscriptions, plan transitions), then the money it
+        // pays (or takes back) counted for tiers and the tier it unlocks moved to, each
+        // whatever the other answered: nothing of tiers (a read of Stripe failing) holds up a
+        // credit or a plan, and no settlement failing for days (a chargeback a grant cannot
+        // take) holds up the count past Stripe's retries. Either failing is answered 500 and
+        // delivered again: each records once (the ledger once per payment).
         let outcome = self.settle_event(&config, settings, &fields, payload).await;
+        let tiers = self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
         if matches!(
             outcome,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. }
         ) {
             return outcome;
         }
-        match self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await {
+        match tiers {
             Err(failed) => failed,
             Ok(paid) if outcome == WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
             Ok(_) => outcome,

@@ -47,11 +47,12 @@ impl Change {
 impl WebhookHandler {
     /// Records the payment, refund or dispute `kind` carries in the tenant's ledger, when the
     /// configuration has tiers, and moves a tenant of the directory on a ladder's plan to the
-    /// tier it now unlocks. Run once what else the event does (credits, plan transitions) is
-    /// settled, so that nothing of tiers holds those up. `Ok(Some(Paid))` once recorded;
-    /// `Ok(None)` when it is not one, or names no tenant (Stripe is not read for a customer of
-    /// no tenant); `Err` the answer (500: Stripe delivers it again; what was settled and the
-    /// payment count once).
+    /// tier it now unlocks. Run after what else the event does (credits, plan transitions),
+    /// whatever that answered, so that neither holds up the other. `Ok(Some(Paid))` once
+    /// recorded; `Ok(None)` when it is not one, or names no tenant (Stripe is not read for an
+    /// invoice's or a checkout's customer of no tenant; a dispute's customer is read from its
+    /// payment intent); `Err` the answer (500: Stripe delivers it again; what was settled and
+    /// the payment count once).
     pub(super) async fn tier_payment(
         &self,
         config: &Config,
