@@ -218,6 +218,57 @@ impl Admin {
         Err(AdminError::Store(StoreError::Conflict("the tenant's plan (webhooks kept changing it)")))
     }
 
+    /// Pins a tenant's tier (`[tiers.NAME]`) to `plan`, a plan of a ladder: the tenant moves
+    /// there (as [`set_plan`](Self::set_plan) moves it), and no payment, refund or daily check
+    /// moves it until it is unpinned (`None`, which leaves its plan as it is: its next payment,
+    /// refund or daily check moves it where its payments say). The pin is kept with what the
+    /// tenant has paid, in the quota store, so every node's moves see it.
+    ///
+    /// # Errors
+    /// No such tenant, a plan of no ladder, no configuration (what says the ladders) or quota
+    /// store given, or the store failed: the pin is as it was.
+    pub async fn set_tier(&self, id: &str, plan: Option<&str>) -> Result<TenantRecord, AdminError> {
+        use crate::store::PaymentCall;
+        let tenant = Self::tenant_id(id)?;
+        let quota = self.quota.as_ref().ok_or_else(|| {
+            AdminError::Invalid("a tier is pinned in the quota store: none is given (Admin::with_quota)".into())
+        })?;
+        let Some(config) = &self.config else {
+            return Err(AdminError::Invalid(
+                "tiers are the configuration's ([tiers.NAME]): none is given (Admin::with_config)".into(),
+            ));
+        };
+        let plan = plan.map(|p| self.plan(p)).transpose()?;
+        if let Some(plan) = &plan {
+            if config.tier_of(plan).is_none() {
+                return Err(AdminError::Invalid(format!(
+                    "plan `{plan}` is on no ladder ([tiers.NAME]): `tollgate tenants set-plan` moves a tenant to it"
+                )));
+            }
+        }
+        let record = self.existing(id).await?;
+        let now = self.clock.unix_secs();
+        let pin = |plan: Option<String>| PaymentCall::Pin { tenant: tenant.clone(), plan };
+        let Some(plan) = plan else {
+            quota.payments(&pin(None), now).await?;
+            return Ok(record);
+        };
+        // Pinned first, so that no payment moves it between the move and the pin; given back
+        // as it was if the move fails.
+        let before = quota.payments(&PaymentCall::Read { tenant: tenant.clone() }, now).await?.pinned;
+        quota.payments(&pin(Some(plan.as_str().to_owned())), now).await?;
+        match self.set_plan(id, plan.as_str()).await {
+            Ok(record) => Ok(record),
+            Err(e) => {
+                if let Err(again) = quota.payments(&pin(before), now).await {
+                    tracing::error!(tenant = %tenant, error = %again, "a tier's pin could not be given back after \
+                        its move failed: `tollgate tenants set-tier --unpin` lifts it");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Sets a tenant's overrides of its plan (their JSON form, the keys of
     /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
     /// configuration; `None` removes them. Only the overrides change (a plan change made at

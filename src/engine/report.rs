@@ -391,7 +391,8 @@ pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
 impl Tollgate {
     /// The tenant's tier on `ladder` (its plan is on it): what it has paid and since when, and
     /// what unlocks the next (the money still to pay, the time still to wait: `null` before any
-    /// payment, the wait starting with it). One read of the ledger.
+    /// payment, the wait starting with it; `null` while an operator pinned its tier, then
+    /// `pinned`). One read of the ledger.
     async fn tier_view(
         &self,
         state: &Tenant,
@@ -401,23 +402,28 @@ impl Tollgate {
     ) -> Result<serde_json::Value, StoreError> {
         let read = crate::store::PaymentCall::Read { tenant: state.id.clone() };
         let quota = &self.shared().stores().request().quota;
-        let standing = crate::store::limited::reading(async { quota.payments(&read, now).await }).await?.standing;
+        let answer = crate::store::limited::reading(async { quota.payments(&read, now).await }).await?;
+        let (standing, pinned) = (answer.standing, answer.pinned.is_some());
         let currency = config.billing().currency.clone().unwrap_or_default();
         let money = |minor: u64| crate::base::money_text(minor, &currency);
-        let next = ladder.next(&state.plan.id, standing, now).map(|(plan, left, wait)| {
+        let next = ladder.next(&state.plan.id, standing, now).filter(|_| !pinned).map(|(plan, left, wait)| {
             serde_json::json!({
                 "plan": plan.as_str(),
                 "paid_left": money(left),
                 "wait_secs": wait.map(|w| w.as_secs()),
             })
         });
-        Ok(serde_json::json!({
+        let mut view = serde_json::json!({
             "ladder": ladder.name(),
             "paid": money(standing.paid),
             "currency": currency,
             "since": standing.first_at,
             "next": next,
-        }))
+        });
+        if pinned {
+            view["pinned"] = true.into();
+        }
+        Ok(view)
     }
 
     /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the

@@ -116,6 +116,15 @@ pub enum PaymentCall {
         /// Whose.
         tenant: TenantId,
     },
+    /// Pins the tenant's tier to `plan` (an operator's, `tollgate tenants set-tier`): no
+    /// payment, refund or daily check moves it while pinned. `None` unpins it. At most
+    /// [`PAYMENT_ID_MAX`] bytes.
+    Pin {
+        /// Whose.
+        tenant: TenantId,
+        /// The plan it is pinned to, or `None`.
+        plan: Option<String>,
+    },
 }
 
 impl PaymentCall {
@@ -126,7 +135,8 @@ impl PaymentCall {
             Self::Record { tenant, .. }
             | Self::Refund { tenant, .. }
             | Self::Dispute { tenant, .. }
-            | Self::Read { tenant } => tenant,
+            | Self::Read { tenant }
+            | Self::Pin { tenant, .. } => tenant,
         }
     }
 }
@@ -200,9 +210,12 @@ pub struct PaymentRow {
     /// Reversals of payments not seen yet, applied once the payment lands.
     #[serde(default)]
     pub orphans: Vec<PaymentEntry>,
-    /// How many calls changed what the tenant has paid (applied), ever: the row's version.
+    /// How many calls changed the row (applied), ever: its version.
     #[serde(default)]
     pub changes: u64,
+    /// The plan an operator pinned the tenant's tier to ([`PaymentCall::Pin`]), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 /// What a call did.
@@ -219,8 +232,8 @@ pub enum PaymentOutcome {
     /// A payment at or before the newest one folded that the row does not keep: it may have
     /// been folded, so it is not counted again.
     Stale,
-    /// The row cannot take this reversal without forgetting another (its payment's disputes,
-    /// or the orphans, are at their bound): nothing changed, to be sent again later.
+    /// The row cannot take this dispute without forgetting another (its payment's disputes
+    /// are at [`DISPUTES_KEPT`]): nothing changed, and it is not counted.
     Full,
     /// Nothing to count: an amount of 0, or an id empty or longer than [`PAYMENT_ID_MAX`].
     Ignored,
@@ -229,7 +242,7 @@ pub enum PaymentOutcome {
 }
 
 /// A call's answer: what it did, and where the tenant stands after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PaymentAnswer {
     /// What the call did.
@@ -238,13 +251,22 @@ pub struct PaymentAnswer {
     pub standing: Standing,
     /// How many calls have changed the tenant's payments, after it ([`PaymentRow::changes`]).
     pub changes: u64,
+    /// The plan its tier is pinned to, after it ([`PaymentCall::Pin`]).
+    pub pinned: Option<String>,
 }
 
 impl PaymentAnswer {
     /// An answer (of a row changed `0` times: see [`PaymentAnswer::with_changes`]).
     #[must_use]
     pub fn new(outcome: PaymentOutcome, standing: Standing) -> Self {
-        Self { outcome, standing, changes: 0 }
+        Self { outcome, standing, changes: 0, pinned: None }
+    }
+
+    /// The answer, of a tier pinned to `plan`.
+    #[must_use]
+    pub fn with_pinned(mut self, plan: Option<String>) -> Self {
+        self.pinned = plan;
+        self
     }
 
     /// The answer, of a row changed `changes` times.
@@ -284,6 +306,16 @@ impl PaymentRow {
         let too_long = |id: &str| id.is_empty() || id.len() > PAYMENT_ID_MAX;
         let outcome = match call {
             PaymentCall::Read { .. } => return PaymentOutcome::Read,
+            PaymentCall::Pin { plan, .. } => {
+                if plan.as_deref().is_some_and(too_long) {
+                    return PaymentOutcome::Ignored;
+                }
+                if self.pinned == *plan {
+                    return PaymentOutcome::Duplicate;
+                }
+                self.pinned.clone_from(plan);
+                PaymentOutcome::Applied
+            }
             PaymentCall::Record { payment, amount, currency, billing, at, .. } => {
                 if too_long(payment) || *amount == 0 {
                     return PaymentOutcome::Ignored;
@@ -437,7 +469,8 @@ impl PaymentRow {
         } else {
             None
         };
-        Ok((PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes), json))
+        let answer = PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes).with_pinned(row.pinned);
+        Ok((answer, json))
     }
 }
 

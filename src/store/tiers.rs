@@ -14,7 +14,8 @@ use super::PaymentCall;
 /// tenant is as read (read again, and decided again, when it changed meanwhile); then every node
 /// is told. A move made while the payments changed is decided again on them, as a reversal when
 /// what was paid went down (a chargeback racing a payment leaves the tier the chargeback allows).
-/// Returns the plan it last moved to. `Err`: what failed (the move is tried again by the next
+/// A tenant whose tier an operator pinned ([`PaymentCall::Pin`]) is not moved. Returns the
+/// plan it last moved to. `Err`: what failed (the move is tried again by the next
 /// delivery or the daily check).
 pub(crate) async fn climb(
     quota: &dyn super::QuotaStore,
@@ -30,6 +31,10 @@ pub(crate) async fn climb(
     for _ in 0..4 {
         let Some(ladder) = config.tier_of(&record.plan) else { return Ok(moved) };
         let answer = quota.payments(&read, now).await.map_err(|e| e.to_string())?;
+        if answer.pinned.is_some() {
+            // An operator pinned its tier: no payment or check moves it.
+            return Ok(moved);
+        }
         let standing = answer.standing;
         let Some(to) = ladder.move_of(&record.plan, standing, now, reversal).cloned() else { return Ok(moved) };
         let news = crate::base::TierNews {

@@ -315,6 +315,19 @@ pub(crate) enum TenantCommand {
         /// The new plan.
         plan: String,
     },
+    /// Pins a tenant's tier ([tiers.NAME]) to a plan of its ladder: it moves there, and no
+    /// payment, refund or daily check moves it until --unpin (which leaves its plan as it is:
+    /// its next payment, refund or daily check moves it where its payments say).
+    SetTier {
+        /// The tenant id.
+        id: String,
+        /// The plan of a ladder to pin it to.
+        #[arg(required_unless_present = "unpin", conflicts_with = "unpin")]
+        plan: Option<String>,
+        /// Lift the pin.
+        #[arg(long)]
+        unpin: bool,
+    },
     /// Sets a tenant's overrides of its plan, as JSON with the keys of
     /// `[tenants.X.overrides]`: '{"rate": "100/s", "burst": 200, "quotas": {"requests":
     /// {"limit": 50000, "period": "month"}}, "features": ["sso"]}'. Replaces any overrides it

@@ -77,6 +77,13 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
             let t = admin.set_plan(&id, &plan).await?;
             out!("tenant `{}` is on plan `{}`", t.id, t.plan);
         }
+        TenantCommand::SetTier { id, plan, .. } => {
+            let t = admin.set_tier(&id, plan.as_deref()).await?;
+            match plan {
+                Some(_) => out!("tenant `{}` is on plan `{}`, its tier pinned", t.id, t.plan),
+                None => out!("tenant `{}` is on plan `{}`, its tier no longer pinned", t.id, t.plan),
+            }
+        }
         TenantCommand::SetOverride { id, overrides } => {
             let t = admin.set_overrides(&id, Some(&overrides)).await?;
             out!(

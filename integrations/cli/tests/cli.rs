@@ -527,6 +527,39 @@ fn a_customer_is_never_moved_silently_and_can_be_changed() {
     assert!(fails(d, &["tenants", "set-customer", "wa", ""]).contains("customer"), "an empty id is refused");
 }
 
+/// `tenants set-tier` pins a tenant's tier to a plan of its ladder (and moves it there), and
+/// `--unpin` lifts the pin; a plan of no ladder, an unknown plan or tenant is refused and
+/// changes nothing.
+#[test]
+fn a_tier_is_pinned_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ladder = "[billing]\ncurrency = \"usd\"\n[plans.tier1]\n[plans.tier2]\n[tiers.api]\n\
+        order = [\"free\", \"tier1\", \"tier2\"]\ntier1 = { paid = \"5.00\" }\ntier2 = { paid = \"50.00\" }\n";
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}{ladder}"),
+    )
+    .unwrap();
+    let d = dir.path();
+    let plan_of = |tenant: &str| {
+        let list = ok(d, &["tenants", "list"]);
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(tenant)).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().to_owned()
+    };
+    ok(d, &["tenants", "add", "acme", "--plan", "free"]);
+    let out = ok(d, &["tenants", "set-tier", "acme", "tier2"]);
+    assert!(out.contains("`tier2`") && out.contains("pinned"), "{out}");
+    assert_eq!(plan_of("acme"), "tier2");
+    let err = fails(d, &["tenants", "set-tier", "acme", "pro"]);
+    assert!(err.contains("on no ladder") && err.contains("set-plan"), "{err}");
+    assert!(fails(d, &["tenants", "set-tier", "acme", "nope"]).contains("nope"));
+    assert!(fails(d, &["tenants", "set-tier", "nobody", "tier1"]).contains("no tenant"));
+    assert!(fails(d, &["tenants", "set-tier", "acme"]).contains("<PLAN>"), "a plan or --unpin");
+    assert_eq!(plan_of("acme"), "tier2", "nothing changed");
+    let out = ok(d, &["tenants", "set-tier", "acme", "--unpin"]);
+    assert!(out.contains("no longer pinned") && out.contains("`tier2`"), "{out}");
+}
+
 /// Tenants declared in the configuration file are first-class in the command: `tenants list`
 /// shows them (with where they come from), and `usage` shows their billing customer.
 #[test]

@@ -58,9 +58,17 @@ pub async fn payments_count_once_net_of_refunds_and_disputes<S: ?Sized + QuotaSt
     };
     assert_eq!(s.payments(&eur, later).await.unwrap().outcome, PaymentOutcome::OtherCurrency);
     assert_eq!(s.payments(&paid("u", "pi_1", 700, AT), AT).await.unwrap().standing.paid, 700, "u's own row");
+    // A tier pinned by an operator is kept with the row, and its version counts each change.
+    let pin = |plan: Option<&str>| PaymentCall::Pin { tenant: "t".into(), plan: plan.map(str::to_owned) };
+    let pinned = s.payments(&pin(Some("tier2")), later).await.unwrap();
+    assert_eq!((pinned.outcome, pinned.pinned.as_deref()), (PaymentOutcome::Applied, Some("tier2")));
+    assert_eq!(s.payments(&pin(Some("tier2")), later).await.unwrap().outcome, PaymentOutcome::Duplicate);
     h.restart().await;
     let s = h.s();
-    assert_eq!(s.payments(&read("t"), later).await.unwrap().standing, Standing::new(3_500, Some(later)));
+    let kept = s.payments(&read("t"), later).await.unwrap();
+    assert_eq!(kept.standing, Standing::new(3_500, Some(later)));
+    assert_eq!((kept.pinned.as_deref(), kept.changes), (Some("tier2"), pinned.changes));
+    assert_eq!(s.payments(&pin(None), later).await.unwrap().pinned, None, "unpinned");
     let back = s.payments(&dispute(DisputeStep::Reinstated), later).await.unwrap();
     assert_eq!(back.standing, Standing::new(4_000, Some(AT)), "won: pi_1 counts again");
     assert_eq!(s.payments(&read("u"), later).await.unwrap().standing.paid, 700);
