@@ -113,8 +113,9 @@ pub mod report {
     //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's
     //! usage, a crossed quota threshold, a pass delivering alerts, and the counters of the background paths.
     pub use crate::engine::{
-        AlertReport, CreditExpiryReport, Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError,
-        ReconcileReport, ReconcileRequest, ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
+        AlertReport, CreditExpiryReport, Drift, DriftAction, ExportReport, FlushReport, NextTier, QuotaUsage,
+        ReconcileError, ReconcileReport, ReconcileRequest, ReportError, ShutdownReport, ThresholdCrossed, TierView,
+        UsageReport, WindowUsage,
     };
     pub use crate::metrics::Stats;
 }

@@ -269,6 +269,22 @@ impl Admin {
         }
     }
 
+    /// A tenant's tier (`[tiers.NAME]`): what it has paid and what unlocks the next plan of its
+    /// ladder, as the tenant's usage route shows it. `None` when it is no tenant of the
+    /// directory (a tenant of the file is on no ladder), its plan is on no ladder, or no
+    /// configuration or quota store is given.
+    ///
+    /// # Errors
+    /// A bad tenant id, or the store failed.
+    pub async fn tier(&self, id: &str) -> Result<Option<crate::report::TierView>, AdminError> {
+        let Some(record) = self.directory.tenant(&Self::tenant_id(id)?).await? else { return Ok(None) };
+        let (Some(config), Some(quota)) = (&self.config, &self.quota) else { return Ok(None) };
+        let Some(ladder) = config.tier_of(&record.plan) else { return Ok(None) };
+        let now = self.clock.unix_secs();
+        let answer = quota.payments(&crate::store::PaymentCall::Read { tenant: record.id.clone() }, now).await?;
+        Ok(Some(crate::report::TierView::of(ladder, &record.plan, &answer, config, now)))
+    }
+
     /// Sets a tenant's overrides of its plan (their JSON form, the keys of
     /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
     /// configuration; `None` removes them. Only the overrides change (a plan change made at

@@ -87,6 +87,8 @@ pub(crate) struct TenantData {
     pub(crate) grants: Vec<CreditGrant>,
     pub(crate) cap: Option<SpendCapView>,
     pub(crate) recharges: Vec<RechargeView>,
+    /// On a ladder's plan, its tier (`[tiers.NAME]`).
+    pub(crate) tier: Option<crate::report::TierView>,
     /// Per meter, its usage in each of the last [`HOURS`] hours.
     pub(crate) hourly: Vec<(MeterId, Vec<(i64, u64)>)>,
     /// Per meter, its usage in each of the last [`DAYS`] days (fewer with a short usage window).
@@ -349,6 +351,7 @@ pub(crate) async fn tenant(
         _ => (hour - (hours - 1) * 3600).min(day - (days - 1) * 86_400),
     };
     let rows = admin.usage(id, None, from, now + 1).await?;
+    let tier = admin.tier(id).await?;
     Ok(Some(TenantData {
         plan_known: plan.is_some(),
         keys,
@@ -356,6 +359,7 @@ pub(crate) async fn tenant(
         grants,
         cap,
         recharges,
+        tier,
         // A window longer than an hour has no hourly figures.
         hourly: if window <= 3600 { buckets(&rows, now, 3600, hours) } else { Vec::new() },
         daily: if days > 0 { buckets(&rows, now, 86_400, days) } else { Vec::new() },

@@ -164,6 +164,9 @@ pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
             Esc(&cap.own.map_or_else(|| "none".to_owned(), |c| crate::base::amount_of(c.limit).to_string()))
         ));
     }
+    if let Some(tier) = &d.tier {
+        p.fmt(format_args!("<section><h2>Tier</h2><p class=\"tier\">{}</p></section>", Esc(&tier.line())));
+    }
     for view in &d.recharges {
         p.fmt(format_args!("<section><h2>Auto-recharge of {}</h2><dl class=\"recharge\">", Esc(view.meter.as_str())));
         if let serde_json::Value::Object(fields) = view.to_json() {

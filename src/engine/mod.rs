@@ -39,7 +39,7 @@ pub use engine::Tollgate;
 pub use export::exporter::ExportReport;
 pub use export::reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, ReconcileRequest};
 pub use lifecycle::{ShutdownError, ShutdownReport};
-pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
+pub use report::{NextTier, QuotaUsage, ReportError, TierView, UsageReport, WindowUsage};
 pub use usage::context::{Dimensions, Feature, QuotaStatus, TenantContext};
 pub use usage::credits::CreditExpiryReport;
 pub use usage::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};

@@ -12,6 +12,85 @@ use crate::{
     tenant::Tenant,
 };
 
+/// A tenant's tier on its ladder (`[tiers.NAME]`, docs/tiers.md): [`UsageReport::tier`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierView {
+    /// The ladder.
+    pub ladder: String,
+    /// What the tenant has paid, net of refunds and disputes, in the smallest unit of
+    /// [`currency`](Self::currency).
+    pub paid: u64,
+    /// The billing currency (`[billing] currency`).
+    pub currency: String,
+    /// When the earliest payment that still counts was paid (Unix seconds), if any.
+    pub since: Option<i64>,
+    /// What unlocks the next plan: `None` at the top, or while pinned.
+    pub next: Option<NextTier>,
+    /// Whether an operator pinned its tier (`tollgate tenants set-tier`).
+    pub pinned: bool,
+}
+
+impl TierView {
+    /// The tier of a tenant on `plan` of `ladder`, its payments as `answer` read them at `now`.
+    pub(crate) fn of(
+        ladder: &crate::config::TierSpec,
+        plan: &PlanId,
+        answer: &crate::store::PaymentAnswer,
+        config: &crate::Config,
+        now: i64,
+    ) -> Self {
+        let pinned = answer.pinned.is_some();
+        let next = ladder
+            .next(plan, answer.standing, now)
+            .filter(|_| !pinned)
+            .map(|(plan, paid_left, wait)| NextTier { plan: plan.clone(), paid_left, wait });
+        Self {
+            ladder: ladder.name().to_owned(),
+            paid: answer.standing.paid,
+            currency: config.billing().currency.clone().unwrap_or_default(),
+            since: answer.standing.first_at,
+            next,
+            pinned,
+        }
+    }
+
+    /// One line of it, for a person: `api: paid 5.00 usd since …; next tier2: 45.00 to pay,
+    /// 6d 23h to wait`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        let money = |minor: u64| format!("{} {}", crate::base::money_text(minor, &self.currency), self.currency);
+        let mut line = format!("{}: paid {}", self.ladder, money(self.paid));
+        if let Some(since) = self.since {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(since).unwrap_or(0));
+            line.push_str(&format!(" since {}", humantime::format_rfc3339_seconds(at)));
+        }
+        match (&self.next, self.pinned) {
+            (_, true) => line.push_str("; pinned"),
+            (None, false) => line.push_str("; the top"),
+            (Some(n), false) => {
+                line.push_str(&format!("; next {}: {} to pay", n.plan, money(n.paid_left)));
+                if let Some(wait) = n.wait.filter(|w| !w.is_zero()) {
+                    line.push_str(&format!(", {} to wait", humantime::format_duration(wait)));
+                }
+            }
+        }
+        line
+    }
+}
+
+/// What unlocks the next plan of a tenant's ladder ([`TierView::next`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NextTier {
+    /// The plan.
+    pub plan: PlanId,
+    /// The money still to pay, in the currency's smallest unit.
+    pub paid_left: u64,
+    /// The time still to wait: `None` before any payment (the wait starts with the first).
+    pub wait: Option<std::time::Duration>,
+}
+
 /// A tenant's usage: its quotas in their current period, and its usage per window over the
 /// range asked. See [`Tollgate::usage_report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +114,9 @@ pub struct UsageReport {
     /// [`RechargeView::off_reason`]), the recharge open, failures, and this calendar month's
     /// recharges and spending.
     pub recharges: Vec<RechargeView>,
+    /// On a plan of a ladder (`[tiers.NAME]`), its tier: what it has paid and what unlocks the
+    /// next plan (docs/tiers.md).
+    pub tier: Option<TierView>,
     /// The tenant's own spend cap as the store holds it.
     pub(crate) own_cap: Option<crate::store::SpendCap>,
     /// Its credit grants, open and closed (the closed kept 35 days, those closed used up 180), on
@@ -369,6 +451,11 @@ impl Tollgate {
             let currency = rt.config.billing().currency.clone().unwrap_or_default();
             recharges.push(crate::settings::recharge::view_of(tenant, meter, currency, spec.clone(), &counters, now));
         }
+        // On a ladder's plan, its tier: one read of what it has paid.
+        let tier = match rt.config.tier_of(&state.plan.id) {
+            Some(ladder) => Some(self.tier_of(state, ladder, &rt.config, now).await?),
+            None => None,
+        };
         Ok(UsageReport {
             tenant: state.id.clone(),
             plan: state.plan.id.clone(),
@@ -376,6 +463,7 @@ impl Tollgate {
             usage,
             currency,
             recharges,
+            tier,
             own_cap,
             grants,
         })
@@ -390,40 +478,20 @@ pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
 
 impl Tollgate {
     /// The tenant's tier on `ladder` (its plan is on it): what it has paid and since when, and
-    /// what unlocks the next (the money still to pay, the time still to wait: `null` before any
-    /// payment, the wait starting with it; `null` while an operator pinned its tier, then
-    /// `pinned`). One read of the ledger.
-    async fn tier_view(
+    /// what unlocks the next (the money still to pay, the time still to wait: `None` before any
+    /// payment, the wait starting with it; no next while an operator pinned its tier). One read
+    /// of the ledger.
+    async fn tier_of(
         &self,
         state: &Tenant,
         ladder: &crate::config::TierSpec,
         config: &crate::Config,
         now: i64,
-    ) -> Result<serde_json::Value, StoreError> {
+    ) -> Result<TierView, StoreError> {
         let read = crate::store::PaymentCall::Read { tenant: state.id.clone() };
         let quota = &self.shared().stores().request().quota;
-        let answer = crate::store::limited::reading(async { quota.payments(&read, now).await }).await?;
-        let (standing, pinned) = (answer.standing, answer.pinned.is_some());
-        let currency = config.billing().currency.clone().unwrap_or_default();
-        let money = |minor: u64| crate::base::money_text(minor, &currency);
-        let next = ladder.next(&state.plan.id, standing, now).filter(|_| !pinned).map(|(plan, left, wait)| {
-            serde_json::json!({
-                "plan": plan.as_str(),
-                "paid_left": money(left),
-                "wait_secs": wait.map(|w| w.as_secs()),
-            })
-        });
-        let mut view = serde_json::json!({
-            "ladder": ladder.name(),
-            "paid": money(standing.paid),
-            "currency": currency,
-            "since": standing.first_at,
-            "next": next,
-        });
-        if pinned {
-            view["pinned"] = true.into();
-        }
-        Ok(view)
+        let answer = quota.payments(&read, now).await?;
+        Ok(TierView::of(ladder, &state.plan.id, &answer, config, now))
     }
 
     /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
@@ -621,8 +689,25 @@ impl Tollgate {
             "spend": spend,
             "usage": usage,
         });
-        if let Some(ladder) = rt.config.tier_of(&report.plan) {
-            body["tier"] = self.tier_view(state, ladder, &rt.config, now).await?;
+        if let Some(tier) = &report.tier {
+            let money = |minor: u64| crate::base::money_text(minor, &tier.currency);
+            let next = tier.next.as_ref().map(|n| {
+                json!({
+                    "plan": n.plan.as_str(),
+                    "paid_left": money(n.paid_left),
+                    "wait_secs": n.wait.map(|w| w.as_secs()),
+                })
+            });
+            body["tier"] = json!({
+                "ladder": tier.ladder,
+                "paid": money(tier.paid),
+                "currency": tier.currency,
+                "since": tier.since,
+                "next": next,
+            });
+            if tier.pinned {
+                body["tier"]["pinned"] = true.into();
+            }
         }
         let numbers = body.to_string().into_bytes();
         body["as_of"] = now.into();

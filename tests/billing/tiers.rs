@@ -243,6 +243,17 @@ async fn paying_climbs_the_ladder_once_across_four_engines(store: Arc<dyn Store>
         (Some("api"), Some("5.00"), Some(NOON + 60))
     );
     assert_eq!(view["next"], json!({ "plan": "tier2", "paid_left": "45.00", "wait_secs": 7 * DAY - 1 }));
+    // And `usage_report` (the dashboard's and the command line's) the same.
+    let report = s.nodes[2].tollgate.usage_report(&"acme".into(), NOON, NOON + 61).await.unwrap();
+    let tier = report.tier.expect("on a ladder");
+    assert_eq!((tier.ladder.as_str(), tier.paid, tier.since, tier.pinned), ("api", 500, Some(NOON + 60), false));
+    let next = tier.next.clone().expect("tier 2 above");
+    assert_eq!((next.plan.as_str(), next.paid_left), ("tier2", 4_500));
+    assert_eq!(next.wait, Some(Duration::from_secs(u64::try_from(7 * DAY - 1).unwrap())));
+    assert_eq!(
+        tier.line(),
+        "api: paid 5.00 usd since 2026-03-14T12:01:00Z; next tier2: 45.00 usd to pay, 6days 23h 59m 59s to wait"
+    );
     // $45 a day later: $50 paid, but not 7 days since the first payment yet.
     s.paid_by("in_2", "pi_2");
     let second = event("evt_2", "invoice.paid", NOON + DAY, invoice("in_2", 4_500, NOON + DAY));

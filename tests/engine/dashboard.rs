@@ -315,3 +315,31 @@ async fn a_base_a_client_could_have_chosen_is_refused() {
     assert_eq!(d.respond("/admin/ops%20x", req()).await.status(), 200);
     assert_eq!(d.respond("", req()).await.status(), 200);
 }
+
+/// A tenant on a ladder's plan (`[tiers.NAME]`) has its tier on its page: what it has paid and
+/// what unlocks the next plan, as its usage route and `tollgate usage` say.
+#[tokio::test]
+async fn a_tenants_tier_is_on_its_page() {
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"memory\"\n[billing]\ncurrency = \"usd\"\n[plans.free]\n[plans.tier1]\n[tiers.api]\n\
+         order = [\"free\", \"tier1\"]\ntier1 = { paid = \"5.00\" }\n",
+    )
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    store.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
+    let now = engine.clock().unix_secs();
+    let paid = tollgate::store::PaymentCall::Record {
+        tenant: "acme".into(),
+        payment: "pi_1".into(),
+        amount: 200,
+        currency: "usd".into(),
+        billing: "usd".into(),
+        at: now,
+    };
+    tollgate::store::QuotaStore::payments(&*store, &paid, now).await.unwrap();
+    let d = Dashboard::for_engine(&engine, token());
+    let page = text(&get(&d, "/tenants/acme", true).await);
+    let tier = page.split("<p class=\"tier\">").nth(1).expect("a tier section").split("</p>").next().unwrap();
+    assert!(tier.starts_with("api: paid 2.00 usd since ") && tier.ends_with("; next tier1: 3.00 usd to pay"), "{tier}");
+}

@@ -556,8 +556,18 @@ fn a_tier_is_pinned_from_the_command_line() {
     assert!(fails(d, &["tenants", "set-tier", "nobody", "tier1"]).contains("no tenant"));
     assert!(fails(d, &["tenants", "set-tier", "acme"]).contains("<PLAN>"), "a plan or --unpin");
     assert_eq!(plan_of("acme"), "tier2", "nothing changed");
+    let usage = ok(d, &["usage", "acme"]);
+    assert!(usage.contains("tier api: paid 0.00 usd; pinned"), "{usage}");
     let out = ok(d, &["tenants", "set-tier", "acme", "--unpin"]);
     assert!(out.contains("no longer pinned") && out.contains("`tier2`"), "{out}");
+    let usage = ok(d, &["usage", "acme"]);
+    assert!(usage.contains("tier api: paid 0.00 usd; the top"), "{usage}");
+    ok(d, &["tenants", "set-plan", "acme", "free"]);
+    let usage = ok(d, &["usage", "acme"]);
+    assert!(usage.contains("tier api: paid 0.00 usd; next tier1: 5.00 usd to pay"), "{usage}");
+    // Off a ladder: no tier line.
+    ok(d, &["tenants", "set-plan", "acme", "pro"]);
+    assert!(!ok(d, &["usage", "acme"]).contains("tier"), "on no ladder");
 }
 
 /// Tenants declared in the configuration file are first-class in the command: `tenants list`
