@@ -190,24 +190,45 @@ impl Admin {
     }
 
     /// Moves a tenant to another plan: every running node sees it within a second (the directory's feed of tenants changed),
-    /// within `limits.directory_ttl` if the feed could not be told.
+    /// within `limits.directory_ttl` if the feed could not be told. With tiers (`[tiers.NAME]`)
+    /// it lifts a pin of the tenant's tier ([`set_tier`](Self::set_tier)): the operator's plan
+    /// is the tenant's now, and its payments move it from there.
     ///
     /// # Errors
-    /// No such tenant, an unknown plan, or the store failed.
+    /// No such tenant, an unknown plan, overrides of the tenant that do not fit it, or the
+    /// store failed.
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
+        let record = self.move_plan(id, plan).await?;
+        if let (Some(config), Some(quota)) = (&self.config, &self.quota) {
+            if !config.tiers().is_empty() {
+                let unpin = crate::store::PaymentCall::Pin { tenant: record.id.clone(), plan: None };
+                quota.payments(&unpin, self.clock.unix_secs()).await?;
+            }
+        }
+        Ok(record)
+    }
+
+    /// Whether the tenant's overrides (of `record`) hold over `plan`.
+    fn overrides_fit(&self, record: &TenantRecord, plan: &crate::base::PlanId) -> Result<(), AdminError> {
+        if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
+            let o =
+                crate::config::PlanOverride::from_json(json, config).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            config
+                .check_override(plan, &o)
+                .map_err(|e| AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// [`set_plan`](Self::set_plan) but for the pin.
+    async fn move_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
         let plan = self.plan(plan)?;
         // Written only over what was read: a webhook applied meanwhile is read again (its plan
         // replaced, its event time kept, so an older event delivered late stays stale).
         for _ in 0..SET_PLAN_ATTEMPTS {
             let mut record = self.existing(id).await?;
-            if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
-                // The tenant's overrides must hold over the new plan too.
-                let o = crate::config::PlanOverride::from_json(json, config)
-                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
-                config.check_override(&plan, &o).map_err(|e| {
-                    AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}"))
-                })?;
-            }
+            // The tenant's overrides must hold over the new plan too.
+            self.overrides_fit(&record, &plan)?;
             let update = TenantUpdate::Plan(record.id.clone(), plan.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.plan = plan;
@@ -218,15 +239,19 @@ impl Admin {
         Err(AdminError::Store(StoreError::Conflict("the tenant's plan (webhooks kept changing it)")))
     }
 
-    /// Pins a tenant's tier (`[tiers.NAME]`) to `plan`, a plan of a ladder: the tenant moves
-    /// there (as [`set_plan`](Self::set_plan) moves it), and no payment, refund or daily check
-    /// moves it until it is unpinned (`None`, which leaves its plan as it is: its next payment,
-    /// refund or daily check moves it where its payments say). The pin is kept with what the
-    /// tenant has paid, in the quota store, so every node's moves see it.
+    /// Pins a tenant's tier (`[tiers.NAME]`) to `plan`, a plan of its ladder (or of any ladder,
+    /// for a tenant on none): the tenant moves there (as [`set_plan`](Self::set_plan) moves
+    /// it), and no payment, refund or daily check moves it until the pin is lifted. `None`
+    /// lifts it and leaves the plan as it is: from there payments move the tenant up, and down
+    /// only on a refund or dispute on a ladder that moves down; to end a trial of a higher
+    /// tier, [`set_plan`](Self::set_plan) moves it (and lifts the pin). The pin is kept with
+    /// what the tenant has paid, in the quota store, so every node's moves see it.
     ///
     /// # Errors
-    /// No such tenant, a plan of no ladder, no configuration (what says the ladders) or quota
-    /// store given, or the store failed: the pin is as it was.
+    /// No such tenant, an unknown plan or one of another ladder than the tenant's, overrides
+    /// of the tenant that do not fit it, no configuration (what says the ladders) or quota
+    /// store given: checked before anything is written. Then the store's failure, after which
+    /// the pin is given back as it was (said in the error when that failed too).
     pub async fn set_tier(&self, id: &str, plan: Option<&str>) -> Result<TenantRecord, AdminError> {
         use crate::store::PaymentCall;
         let tenant = Self::tenant_id(id)?;
@@ -239,13 +264,6 @@ impl Admin {
             ));
         };
         let plan = plan.map(|p| self.plan(p)).transpose()?;
-        if let Some(plan) = &plan {
-            if config.tier_of(plan).is_none() {
-                return Err(AdminError::Invalid(format!(
-                    "plan `{plan}` is on no ladder ([tiers.NAME]): `tollgate tenants set-plan` moves a tenant to it"
-                )));
-            }
-        }
         let record = self.existing(id).await?;
         let now = self.clock.unix_secs();
         let pin = |plan: Option<String>| PaymentCall::Pin { tenant: tenant.clone(), plan };
@@ -253,19 +271,37 @@ impl Admin {
             quota.payments(&pin(None), now).await?;
             return Ok(record);
         };
+        let Some(ladder) = config.tier_of(&plan) else {
+            return Err(AdminError::Invalid(format!(
+                "plan `{plan}` is on no ladder ([tiers.NAME]): `tollgate tenants set-plan` moves a tenant to it"
+            )));
+        };
+        if let Some(own) = config.tier_of(&record.plan).filter(|own| own.name() != ladder.name()) {
+            return Err(AdminError::Invalid(format!(
+                "plan `{plan}` is on the ladder `{}`, the tenant's plan `{}` on `{}`: a tier is pinned on the \
+                 tenant's own ladder (`tollgate tenants set-plan` moves it to another)",
+                ladder.name(),
+                record.plan,
+                own.name()
+            )));
+        }
+        self.overrides_fit(&record, &plan)?;
         // Pinned first, so that no payment moves it between the move and the pin; given back
-        // as it was if the move fails.
+        // as it was if either fails.
         let before = quota.payments(&PaymentCall::Read { tenant: tenant.clone() }, now).await?.pinned;
-        quota.payments(&pin(Some(plan.as_str().to_owned())), now).await?;
-        match self.set_plan(id, plan.as_str()).await {
+        let moved = match quota.payments(&pin(Some(plan.as_str().to_owned())), now).await {
+            Ok(_) => self.move_plan(id, plan.as_str()).await,
+            Err(e) => Err(e.into()),
+        };
+        match moved {
             Ok(record) => Ok(record),
-            Err(e) => {
-                if let Err(again) = quota.payments(&pin(before), now).await {
-                    tracing::error!(tenant = %tenant, error = %again, "a tier's pin could not be given back after \
-                        its move failed: `tollgate tenants set-tier --unpin` lifts it");
-                }
-                Err(e)
-            }
+            Err(e) => match quota.payments(&pin(before), now).await {
+                Ok(_) => Err(e),
+                Err(again) => Err(AdminError::Invalid(format!(
+                    "{e}; and the tier's pin could not be given back ({again}): `tollgate tenants set-tier {id} \
+                     --unpin` lifts it"
+                ))),
+            },
         }
     }
 

@@ -351,7 +351,11 @@ pub(crate) async fn tenant(
         _ => (hour - (hours - 1) * 3600).min(day - (days - 1) * 86_400),
     };
     let rows = admin.usage(id, None, from, now + 1).await?;
-    let tier = admin.tier(id).await?;
+    // Its tier, or none shown when its payments cannot be read (the page is still of use).
+    let tier = admin.tier(id).await.unwrap_or_else(|e| {
+        tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's tier could not be read");
+        None
+    });
     Ok(Some(TenantData {
         plan_known: plan.is_some(),
         keys,

@@ -55,15 +55,17 @@ impl TierView {
         }
     }
 
-    /// One line of it, for a person: `api: paid 5.00 usd since …; next tier2: 45.00 to pay,
-    /// 6d 23h to wait`.
+    /// One line of it, for a person: `api: paid 5.00 usd since 2026-03-14T12:01:00Z; next
+    /// tier2: 45.00 usd to pay, 6days 23h 59m 59s to wait` (`; pinned`, `; the top`).
     #[must_use]
     pub fn line(&self) -> String {
         let money = |minor: u64| format!("{} {}", crate::base::money_text(minor, &self.currency), self.currency);
         let mut line = format!("{}: paid {}", self.ladder, money(self.paid));
         if let Some(since) = self.since {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(since).unwrap_or(0));
-            line.push_str(&format!(" since {}", humantime::format_rfc3339_seconds(at)));
+            // Any time Stripe's payload could carry: out of chrono's range, the number.
+            let at = chrono::DateTime::from_timestamp(since, 0)
+                .map_or_else(|| since.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            line.push_str(&format!(" since {at}"));
         }
         match (&self.next, self.pinned) {
             (_, true) => line.push_str("; pinned"),
@@ -203,7 +205,8 @@ impl Tollgate {
     /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
     /// one read of its spend cap's counters, one or two of its usage (one when the range
     /// covers its quotas' periods; as many again when this node committed usage meanwhile),
-    /// one of its credit grants (with a prepaid balance), and per recharged meter one of its
+    /// one of its credit grants (with a prepaid balance), one of its payments (on a ladder's
+    /// plan, for its tier), and per recharged meter one of its
     /// counters, made as [`reading`](crate::store::limited::reading) says.
     /// With `history`, the tenant's windows it holds are taken from it, not read again.
     pub(crate) async fn report_of(

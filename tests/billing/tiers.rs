@@ -495,35 +495,50 @@ async fn a_failure_of_credits_holds_up_no_count_for_tiers(store: Arc<dyn Store>)
 }
 
 // An operator pins a tenant's tier (`tollgate tenants set-tier`, `Admin::set_tier`): it moves
-// there, and no payment, refund or daily check moves it (on a ladder that moves down, a refund
-// would); the usage route says so and shows no next tier. Unpinned, its plan stays, and the next
-// reversal moves it where its payments say. A plan of no ladder is refused, the pin unchanged.
+// there, and no payment, refund or daily check moves it, up or down (on a ladder that moves
+// down, a refund would); the usage route says so and shows no next tier. `set-plan` lifts the pin
+// (the operator's plan is the tenant's now: a forgotten pin would hold it there for good), and so
+// does `--unpin`, leaving the plan. A plan of no ladder, an unknown plan: refused, nothing
+// written.
 on_stores!(a_pinned_tier_is_moved_by_nothing_but_the_operator);
 async fn a_pinned_tier_is_moved_by_nothing_but_the_operator(store: Arc<dyn Store>) {
-    let s = setup(store, true).await;
+    let s = setup_with(store, config_with_transition).await;
     let admin = tollgate::admin::Admin::for_engine(&s.nodes[0].tollgate);
-    assert_eq!(admin.set_tier("acme", Some("tier2")).await.unwrap().plan.as_str(), "tier2");
-    let err = admin.set_tier("acme", Some("free2")).await.unwrap_err().to_string();
-    assert!(err.contains("free2"), "{err}");
-    let first = event("evt_1", "checkout.session.completed", NOON, checkout("cs_1", "pi_1", 1_000, None));
-    assert_eq!(s.signed_at(&first, NOON).await, (200, paid(1_000, None)), "counted, not moved");
-    let second = event("evt_2", "checkout.session.completed", NOON, checkout("cs_2", "pi_2", 300, None));
-    assert_eq!(s.signed_at(&second, NOON).await, (200, paid(1_300, None)));
-    let refund = event("evt_3", "charge.refunded", NOON + 60, charge("pi_1", 1_000, 1_000));
-    assert_eq!(s.signed_at(&refund, NOON + 60).await, (200, paid(300, None)), "a reversal: not moved");
-    s.at(NOON + 30 * DAY);
+    let pinned =
+        || async { s.store.payments(&PaymentCall::Read { tenant: "acme".into() }, NOON).await.unwrap().pinned };
+    let err = admin.set_tier("acme", Some("pro")).await.unwrap_err().to_string();
+    assert!(err.contains("on no ladder"), "{err}");
+    assert!(admin.set_tier("acme", Some("nope")).await.unwrap_err().to_string().contains("nope"));
+    assert_eq!((pinned().await, s.plan().await), (None, "free".to_owned()), "nothing written");
+    assert_eq!(admin.set_tier("acme", Some("tier1")).await.unwrap().plan.as_str(), "tier1");
+    assert_eq!(pinned().await.as_deref(), Some("tier1"));
+    // $60 paid, and 8 days later $1 more: tier 2's $50 and 7 days reached, by the webhook and by
+    // every node's daily check; not moved.
+    let first = event("evt_1", "checkout.session.completed", NOON, checkout("cs_1", "pi_1", 6_000, None));
+    assert_eq!(s.signed_at(&first, NOON).await, (200, paid(6_000, None)), "counted, not moved");
+    s.at(NOON + 8 * DAY);
     for n in &s.nodes {
-        assert_eq!(n.tollgate.check_tiers().await.unwrap(), 0);
+        assert_eq!(n.tollgate.check_tiers().await.unwrap(), 0, "pinned");
     }
-    assert_eq!(s.plan().await, "tier2");
+    let second = event("evt_2", "checkout.session.completed", NOON + 8 * DAY, checkout("cs_2", "pi_2", 100, None));
+    assert_eq!(s.signed_at(&second, NOON + 8 * DAY).await, (200, paid(6_100, None)));
+    // $58 refunded: $3 left, below tier 1's $5, on a ladder that moves down: not moved.
+    let refund = event("evt_3", "charge.refunded", NOON + 8 * DAY, charge("pi_1", 6_000, 5_800));
+    assert_eq!(s.signed_at(&refund, NOON + 8 * DAY).await, (200, paid(300, None)), "a reversal: not moved");
+    assert_eq!(s.plan().await, "tier1");
     let view = s.usage(1).await;
     assert_eq!((view["pinned"].as_bool(), &view["next"]), (Some(true), &Value::Null), "{view}");
     assert!(s.moves().await.is_empty(), "no move, no alert");
-    // Unpinned: the plan stays until the next reversal moves it down.
-    assert_eq!(admin.set_tier("acme", None).await.unwrap().plan.as_str(), "tier2");
-    s.at(NOON + 30 * DAY + 60);
+    // The operator moves it: the pin is lifted, and the next refund moves it down.
+    assert_eq!(admin.set_plan("acme", "tier2").await.unwrap().plan.as_str(), "tier2");
+    assert_eq!(pinned().await, None, "set-plan lifts the pin");
+    s.at(NOON + 8 * DAY + 60);
     assert_eq!(s.usage(1).await.get("pinned"), None, "the view made again a minute later");
-    let refund = event("evt_4", "charge.refunded", NOON + 31 * DAY, charge("pi_2", 300, 100));
-    assert_eq!(s.signed_at(&refund, NOON + 31 * DAY).await, (200, paid(200, Some("free"))));
+    let refund = event("evt_4", "charge.refunded", NOON + 9 * DAY, charge("pi_2", 100, 100));
+    assert_eq!(s.signed_at(&refund, NOON + 9 * DAY).await, (200, paid(200, Some("free"))));
     assert_eq!(s.moves().await, [("tier2".to_owned(), "free".to_owned())]);
+    // Pinned again, then unpinned: the plan stays.
+    assert_eq!(admin.set_tier("acme", Some("tier2")).await.unwrap().plan.as_str(), "tier2");
+    assert_eq!(admin.set_tier("acme", None).await.unwrap().plan.as_str(), "tier2");
+    assert_eq!((pinned().await, s.plan().await), (None, "tier2".to_owned()));
 }

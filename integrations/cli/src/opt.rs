@@ -317,7 +317,7 @@ pub(crate) enum TenantCommand {
     },
     /// Pins a tenant's tier ([tiers.NAME]) to a plan of its ladder: it moves there, and no
     /// payment, refund or daily check moves it until --unpin (which leaves its plan as it is:
-    /// its next payment, refund or daily check moves it where its payments say).
+    /// it then climbs as it pays) or set-plan (which moves it, and lifts the pin).
     SetTier {
         /// The tenant id.
         id: String,

@@ -102,8 +102,11 @@ pub(crate) async fn usage(
         file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
     });
     out!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
-    if let Some(tier) = admin.tier(&tenant).await? {
-        out!("tier {}", tier.line());
+    match admin.tier(&tenant).await {
+        Ok(Some(tier)) => out!("tier {}", tier.line()),
+        Ok(None) => {}
+        // Its usage is still of use.
+        Err(e) => out!("tier: unreadable ({e})"),
     }
     // As wide as the longest meter (a series names its values: `tokens{model=m-large}`).
     let width = rows.iter().map(|a| a.key.meter.as_str().len()).max().unwrap_or(0).max(12);
