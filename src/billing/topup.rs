@@ -242,6 +242,14 @@ pub(super) async fn invoice_of_payment(reader: &StripeReader, intent: &str) -> R
     }))
 }
 
+/// Whether a checkout session's payment may be only authorized: manual capture for one of its
+/// payment methods (credits and tiers count it once captured).
+pub(in crate::billing) fn manual_capture(o: &Value) -> bool {
+    o["payment_method_options"]
+        .as_object()
+        .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"))
+}
+
 /// The answer to a checkout session whose payment is only authorized (manual capture):
 /// nothing granted, logged, counted as not credited.
 fn not_captured(event: &str, kind: &str, o: &Value) -> WebhookOutcome {

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::{not_captured, pre_payment_credits, LinesError, MAX_PAGES, METER_KEY, UNITS_KEY};
+use super::{manual_capture, not_captured, pre_payment_credits, LinesError, MAX_PAGES, METER_KEY, UNITS_KEY};
 use crate::{
     base::MAX_BALANCE,
     billing::{
@@ -70,9 +70,7 @@ fn paid_session<'o>(event: &str, kind: &str, o: &'o Value) -> Result<Paid<'o>, S
     // A payment that may be only authorized (manual capture for some payment method): no
     // checkout event follows its capture, so it is credited only once its payment intent
     // says it succeeded (`captured`), and counted when it was not paid.
-    let manual = o["payment_method_options"]
-        .as_object()
-        .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"));
+    let manual = manual_capture(o);
     if manual && o["payment_status"] != "paid" {
         return Err(Some(not_captured(event, kind, o)));
     }
@@ -329,20 +327,24 @@ impl WebhookHandler {
     /// A session with manual capture is credited once its payment intent says it succeeded
     /// (captured), not while it is only authorized.
     async fn captured(&self, event: &str, kind: &str, o: &Value) -> Result<(), Stop> {
-        let intent = id_of(&o["payment_intent"]).filter(|i| i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-        let succeeded = match (self.reader.as_ref(), intent) {
-            (Some(reader), Some(intent)) => match reader.get(&format!("v1/payment_intents/{intent}")).await {
-                Ok(pi) => pi["status"] == "succeeded",
-                Err(e) => {
-                    return Err(Some(self.unreadable(event, "the payment intent of a session with manual capture", e)))
-                }
-            },
-            _ => false,
-        };
-        if succeeded {
+        if self.intent_succeeded(event, o).await.map_err(Some)? {
             Ok(())
         } else {
             Err(Some(not_captured(event, kind, o)))
+        }
+    }
+
+    /// Whether the payment intent of checkout session `o` has succeeded (captured), read from
+    /// Stripe: `false` without a key or a payment intent; the answer to give when the read
+    /// failed.
+    pub(in crate::billing) async fn intent_succeeded(&self, event: &str, o: &Value) -> Result<bool, WebhookOutcome> {
+        let intent = id_of(&o["payment_intent"]).filter(|i| i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        match (self.reader.as_ref(), intent) {
+            (Some(reader), Some(intent)) => match reader.get(&format!("v1/payment_intents/{intent}")).await {
+                Ok(pi) => Ok(pi["status"] == "succeeded"),
+                Err(e) => Err(self.unreadable(event, "the payment intent of a session with manual capture", e)),
+            },
+            _ => Ok(false),
         }
     }
 

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::{handler::WebhookHandler, WebhookOutcome};
 use crate::{
     base::TenantId,
-    billing::reader::id_of,
+    billing::{reader::id_of, topup::manual_capture},
     config::Config,
     store::{DisputeStep, PaymentCall, PaymentOutcome},
 };
@@ -114,9 +114,7 @@ impl WebhookHandler {
             // Only authorized (manual capture): money once its payment intent says it
             // succeeded. No checkout event follows the capture: such a checkout counts if it is
             // delivered again once captured (as its credits are granted then).
-            Change::Record { ref payment, .. }
-                if manual_capture(o) && !self.intent_captured(event, payment).await? =>
-            {
+            Change::Record { ref payment, .. } if manual_capture(o) && !self.intent_succeeded(event, o).await? => {
                 tracing::warn!(%event, %tenant, %payment, "a checkout whose payment is only authorized (manual \
                     capture): tiers do not count it");
                 return Ok(None);
@@ -144,19 +142,6 @@ impl WebhookHandler {
             None => None,
         };
         Ok(Some(WebhookOutcome::Paid { tenant, paid: answer.standing.paid, tier: moved }))
-    }
-
-    /// Whether the payment intent `intent` of a checkout with manual capture has succeeded
-    /// (captured), read from Stripe (`false` without a key).
-    async fn intent_captured(&self, event: &str, intent: &str) -> Result<bool, WebhookOutcome> {
-        let Some(reader) = &self.reader else { return Ok(false) };
-        if !intent.starts_with("pi_") || !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Ok(false);
-        }
-        match reader.get(&format!("v1/payment_intents/{intent}")).await {
-            Ok(pi) => Ok(pi["status"] == "succeeded"),
-            Err(e) => Err(self.unreadable(event, "the payment intent of a checkout with manual capture", e)),
-        }
     }
 
     /// The customer of payment intent `intent`, read from Stripe (`None` without a key).
@@ -212,12 +197,4 @@ fn change_of(kind: &str, created: i64, o: &Value) -> Option<Change> {
         }
         _ => return None,
     })
-}
-
-/// Whether a checkout session's payment may be only authorized (manual capture for one of its
-/// payment methods), as its credits tell (`topup/payment.rs`).
-fn manual_capture(o: &Value) -> bool {
-    o["payment_method_options"]
-        .as_object()
-        .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"))
 }
