@@ -321,6 +321,18 @@ impl Admin {
         Ok(Some(crate::report::TierView::of(ladder, &record.plan, &answer, config, now)))
     }
 
+    /// A tenant of the directory past due within its grace (`[stripe] past_due_grace`): when
+    /// the grace ends and the plan it moves to then, as its usage route and its responses'
+    /// `Tollgate-Past-Due` header tell it. `None` when it is not (or no configuration is given).
+    ///
+    /// # Errors
+    /// A bad tenant id, or the store failed.
+    pub async fn past_due(&self, id: &str) -> Result<Option<crate::store::PastDue>, AdminError> {
+        let Some(record) = self.directory.tenant(&Self::tenant_id(id)?).await? else { return Ok(None) };
+        let Some(config) = &self.config else { return Ok(None) };
+        Ok(crate::billing::past_due(config, record.subscriptions.as_deref()))
+    }
+
     /// Sets a tenant's overrides of its plan (their JSON form, the keys of
     /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
     /// configuration; `None` removes them. Only the overrides change (a plan change made at

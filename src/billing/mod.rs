@@ -41,6 +41,16 @@ pub use secret::Secret;
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};
 
+/// The grace past due a tenant is in, from its stored subscriptions (`[stripe]
+/// past_due_grace`); `None` without the `stripe` feature.
+#[allow(unused_variables)]
+pub(crate) fn past_due(config: &crate::config::Config, subscriptions: Option<&str>) -> Option<crate::store::PastDue> {
+    #[cfg(feature = "stripe")]
+    return webhook::past_due(config, subscriptions);
+    #[cfg(not(feature = "stripe"))]
+    None
+}
+
 /// What charges a tenant's recharge: Stripe's, with the secret key.
 #[cfg(feature = "stripe")]
 pub(crate) type Charger = RechargeCharger;

@@ -18,6 +18,7 @@ pub(crate) struct RawStripe {
     pub(crate) event_destination_secret_file: Option<String>,
     pub(crate) timeout: Option<String>,
     pub(crate) invoice_grace: Option<String>,
+    pub(crate) past_due_grace: Option<String>,
     #[serde(default)]
     pub(crate) events: BTreeMap<String, String>,
     #[serde(default)]
@@ -72,6 +73,12 @@ pub struct StripeSettings {
     /// price or by status), every status Stripe has has an outcome: the file is refused
     /// otherwise.
     pub subscription_status: BTreeMap<String, StatusOutcome>,
+    /// How long a tenant whose subscription went `past_due` keeps the plan it gave before
+    /// moving to `subscription_status.past_due`'s plan (`past_due_grace = "3d"`, at most 60
+    /// days): the usage route and a `Tollgate-Past-Due` response header tell the tenant when; a
+    /// payment within it (the subscription `active` again) cancels the move. `None` (the
+    /// default): the move happens at once.
+    pub past_due_grace: Option<Duration>,
     /// Price id or lookup key → plan, for active subscriptions.
     pub prices: BTreeMap<String, PlanId>,
     /// The plans subscriptions give, highest first (`plan_order`): when several live
@@ -188,6 +195,29 @@ impl Validator<'_, '_> {
             }
         };
         Ok(CreditSettings { meter, prices, expires_after, refunds, refund_attribution })
+    }
+
+    /// `[stripe] past_due_grace`: a duration of at most 60 days, meaningful only when
+    /// `past_due` moves the tenant to a plan.
+    fn past_due_grace(
+        &self,
+        raw: &RawStripe,
+        statuses: &BTreeMap<String, super::StatusOutcome>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        const KEY: &str = "stripe.past_due_grace";
+        let Some(text) = raw.past_due_grace.as_deref() else { return Ok(None) };
+        let grace = self.duration(KEY, Some(text), Duration::ZERO)?;
+        if grace.is_zero() || grace > Duration::from_secs(60 * 86_400) {
+            return Err(self.invalid(KEY, "expected a grace longer than zero and at most 60d"));
+        }
+        if !matches!(statuses.get("past_due"), Some(super::StatusOutcome::Plan(_))) {
+            return Err(self.invalid(
+                KEY,
+                "a grace delays the move [stripe.subscription_status] past_due makes: map past_due to a plan \
+                 (past_due = \"free\")",
+            ));
+        }
+        Ok(Some(grace))
     }
 
     pub(super) fn stripe(
@@ -324,6 +354,7 @@ impl Validator<'_, '_> {
                 }
                 grace
             },
+            past_due_grace: self.past_due_grace(raw, &subscription_status)?,
             events,
             subscription_status,
             prices,

@@ -89,6 +89,8 @@ pub(crate) struct TenantData {
     pub(crate) recharges: Vec<RechargeView>,
     /// On a ladder's plan, its tier (`[tiers.NAME]`).
     pub(crate) tier: Option<crate::report::TierView>,
+    /// Past due within its grace (`[stripe] past_due_grace`).
+    pub(crate) past_due: Option<crate::store::PastDue>,
     /// Per meter, its usage in each of the last [`HOURS`] hours.
     pub(crate) hourly: Vec<(MeterId, Vec<(i64, u64)>)>,
     /// Per meter, its usage in each of the last [`DAYS`] days (fewer with a short usage window).
@@ -356,7 +358,9 @@ pub(crate) async fn tenant(
         tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's tier could not be read");
         None
     });
+    let past_due = admin.past_due(id).await.unwrap_or_default();
     Ok(Some(TenantData {
+        past_due,
         plan_known: plan.is_some(),
         keys,
         gauges: gauges_,

@@ -164,6 +164,9 @@ pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
             Esc(&cap.own.map_or_else(|| "none".to_owned(), |c| crate::base::amount_of(c.limit).to_string()))
         ));
     }
+    if let Some(grace) = &d.past_due {
+        p.fmt(format_args!("<section><h2>Past due</h2><p class=\"past-due\">{}</p></section>", Esc(&grace.line())));
+    }
     if let Some(tier) = &d.tier {
         p.fmt(format_args!("<section><h2>Tier</h2><p class=\"tier\">{}</p></section>", Esc(&tier.line())));
     }

@@ -119,6 +119,9 @@ pub struct UsageReport {
     /// On a plan of a ladder (`[tiers.NAME]`), its tier: what it has paid and what unlocks the
     /// next plan (docs/tiers.md).
     pub tier: Option<TierView>,
+    /// Its subscription is past due and it keeps its plan until the grace ends (`[stripe]
+    /// past_due_grace`, docs/stripe.md): when, and the plan it moves to then.
+    pub past_due: Option<crate::store::PastDue>,
     /// The tenant's own spend cap as the store holds it.
     pub(crate) own_cap: Option<crate::store::SpendCap>,
     /// Its credit grants, open and closed (the closed kept 35 days, those closed used up 180), on
@@ -467,6 +470,7 @@ impl Tollgate {
             currency,
             recharges,
             tier,
+            past_due: state.past_due().map(|n| n.grace.clone()),
             own_cap,
             grants,
         })
@@ -711,6 +715,12 @@ impl Tollgate {
             if tier.pinned {
                 body["tier"]["pinned"] = true.into();
             }
+        }
+        if let Some(grace) = &report.past_due {
+            body["past_due"] = json!({
+                "until": grace.until,
+                "plan": grace.plan.as_str(),
+            });
         }
         let numbers = body.to_string().into_bytes();
         body["as_of"] = now.into();

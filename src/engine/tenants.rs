@@ -86,6 +86,26 @@ impl Tollgate {
         }
     }
 
+    /// The end of graces past due (`[stripe] past_due_grace`, docs/stripe.md): every tenant
+    /// of the directory whose subscription went `past_due` and whose grace is over moves to
+    /// the past-due plan (its plan then follows every live subscription, as at a webhook). The
+    /// worker runs it every 10 minutes (the first a minute after the start): a tenant moves at
+    /// most 10 minutes after its grace ends, and on every node within a second of the move. A
+    /// fleet's nodes each run it; a move is made once (conditional on the tenant's
+    /// subscriptions as read, its id marked seen as a webhook event's). Reads the directory a
+    /// page of 1,000 tenants at a time, and nothing without a grace configured. Returns how many
+    /// tenants moved.
+    ///
+    /// # Errors
+    /// The directory's failure to list its tenants (the next pass tries again). A tenant whose
+    /// move fails is logged and passed.
+    pub async fn check_past_due(&self) -> Result<usize, crate::store::StoreError> {
+        #[cfg(feature = "stripe")]
+        return self.webhook_handler_with_secrets(Vec::new()).end_graces().await;
+        #[cfg(not(feature = "stripe"))]
+        Ok(0)
+    }
+
     /// Forgets what this node holds of `tenant` (and that its id was unknown): its next
     /// request reads the directory again (after a plan change made on this node, or the
     /// tenant created, for example). Usage recorded so far is kept and billed; its leases go

@@ -62,6 +62,7 @@ impl Worker {
         let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
         let recharges = Self::recharges(self.tollgate.clone(), self.shutdown.clone());
         let tiers = Self::tiers(self.tollgate.clone(), self.shutdown.clone());
+        let past_due = Self::past_due(self.tollgate.clone(), self.shutdown.clone());
         tokio::join!(
             self.background(),
             exports,
@@ -73,7 +74,8 @@ impl Worker {
             stale,
             recharges,
             follow,
-            tiers
+            tiers,
+            past_due
         );
         tracing::debug!("tollgate worker stopped");
     }
@@ -146,6 +148,21 @@ impl Worker {
                 Ok(0) => {}
                 Ok(moved) => tracing::info!(moved, "tiers: tenants moved to the tier they now unlock"),
                 Err(e) => tracing::warn!(error = %e, "tiers: the daily check failed; tried again tomorrow"),
+            }
+            true
+        })
+        .await;
+    }
+
+    /// The end of graces past due ([`Tollgate::check_past_due`]): a minute after the start,
+    /// then every 10 minutes.
+    async fn past_due(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(600);
+        periodically(shutdown, Duration::from_secs(60), every, || async {
+            match tollgate.check_past_due().await {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "past due: tenants moved at the end of their grace"),
+                Err(e) => tracing::warn!(error = %e, "past due: the pass failed; tried again in 10 minutes"),
             }
             true
         })

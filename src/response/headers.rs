@@ -19,6 +19,11 @@ pub enum Field {
     XRateLimitRemaining,
     /// `X-RateLimit-Reset` (legacy style): seconds until the most restrictive policy resets.
     XRateLimitReset,
+    /// `Tollgate-Past-Due`: the tenant's subscription is past due and it keeps its plan until
+    /// the grace ends (`[stripe] past_due_grace`): `until="2026-12-06T12:00:00Z", plan="free"`,
+    /// a structured-field dictionary (RFC 8941). On every response of the tenant, whatever the
+    /// header style.
+    PastDue,
 }
 
 impl Field {
@@ -32,6 +37,7 @@ impl Field {
             Field::XRateLimitLimit => "x-ratelimit-limit",
             Field::XRateLimitRemaining => "x-ratelimit-remaining",
             Field::XRateLimitReset => "x-ratelimit-reset",
+            Field::PastDue => "tollgate-past-due",
         }
     }
 }
@@ -162,6 +168,9 @@ pub(crate) fn emit(
     tenant: Option<&TenantState>,
     put: &mut dyn FnMut(Field, Value<'_>),
 ) {
+    if let Some(note) = tenant.and_then(TenantState::past_due) {
+        put(Field::PastDue, Value::Borrowed(&note.header));
+    }
     if state.has & CONCURRENCY != 0 {
         match plan.header_style {
             HeaderStyle::Draft | HeaderStyle::DraftCompat => {

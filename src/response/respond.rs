@@ -50,6 +50,7 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static PAST_DUE: HeaderName = HeaderName::from_static("tollgate-past-due");
 
 #[inline]
 pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: Value<'_>) {
@@ -60,6 +61,7 @@ pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: Value<'_>
         Field::XRateLimitLimit => &X_LIMIT,
         Field::XRateLimitRemaining => &X_REMAINING,
         Field::XRateLimitReset => &X_RESET,
+        Field::PastDue => &PAST_DUE,
     };
     let value = match value {
         // A value of the plan, built once from static bytes: a clone copies two pointers.

@@ -200,6 +200,51 @@ impl PlanChange {
     }
 }
 
+/// A tenant whose subscription went `past_due`, within its grace (`[stripe] past_due_grace`):
+/// it keeps its plan until `until`, then moves to `plan` (a pass every 10 minutes makes the
+/// move) unless a payment brings the subscription back first. Read from the tenant's
+/// [subscriptions](TenantRecord::subscriptions) by the node serving it (the
+/// `Tollgate-Past-Due` response header) and by the usage route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PastDue {
+    /// When the grace ends (Unix seconds).
+    pub until: i64,
+    /// The plan the tenant moves to then.
+    pub plan: PlanId,
+}
+
+impl PastDue {
+    /// A grace ending at `until`, moving to `plan`.
+    #[must_use]
+    pub fn new(until: i64, plan: PlanId) -> Self {
+        Self { until, plan }
+    }
+
+    /// The `Tollgate-Past-Due` header's value: a structured-field dictionary (RFC 8941) of
+    /// the end of the grace (RFC 3339, UTC) and the plan, `until="2026-12-06T12:00:00Z",
+    /// plan="free"`.
+    #[must_use]
+    pub fn header_value(&self) -> String {
+        let until = self.until_text();
+        let plan = self.plan.as_str().replace('\\', "\\\\").replace('"', "\\\"");
+        format!("until=\"{until}\", plan=\"{plan}\"")
+    }
+
+    /// When the grace ends, RFC 3339 in UTC (the number, out of chrono's range).
+    #[must_use]
+    pub fn until_text(&self) -> String {
+        chrono::DateTime::from_timestamp(self.until, 0)
+            .map_or_else(|| self.until.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    }
+
+    /// For a person: `keeps its plan until 2026-12-06T12:00:00Z, then moves to free`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        format!("keeps its plan until {}, then moves to {}", self.until_text(), self.plan)
+    }
+}
+
 /// The subscriptions part of a [`PlanChange`]: what they were read as, what they become.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

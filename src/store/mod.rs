@@ -69,7 +69,7 @@ pub use crate::base::{
 pub use changes::{ChangeCall, Changes, TenantChange, CHANGES_KEPT};
 pub(crate) use directory::tell_changed;
 pub use directory::{
-    ApiKeyRecord, DirectoryStore, KeyWrite, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord,
+    ApiKeyRecord, DirectoryStore, KeyWrite, PastDue, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord,
     TenantUpdate, UpdateWhen,
 };
 #[cfg(feature = "dynamodb")]

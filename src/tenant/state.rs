@@ -73,7 +73,7 @@ pub(crate) struct TenantState {
 /// [`TenantState::validated`] of a tenant declared in the configuration.
 const DECLARED: u32 = u32::MAX;
 
-/// What a tenant's state holds only when the tenant has it: 48 bytes.
+/// What a tenant's state holds only when the tenant has it: 56 bytes.
 struct Extra {
     /// The cells of meters 1.. of the configuration's meter table (every meter has a cell,
     /// so a configuration of two meters gives each tenant one).
@@ -86,6 +86,17 @@ struct Extra {
     /// The values of open dimensions (`max_values`) and their usage: boxed, made for a tenant
     /// whose plan has an open meter.
     open: Option<Box<std::sync::Mutex<super::OpenValues>>>,
+    /// Past due within a grace (`[stripe] past_due_grace`): when it ends, the plan then, and
+    /// the `Tollgate-Past-Due` header's value.
+    past_due: Option<Box<PastDueNote>>,
+}
+
+/// A tenant past due within its grace, as its state carries it: the grace, and the value of
+/// the `Tollgate-Past-Due` header every response of the tenant carries.
+#[derive(Debug)]
+pub(crate) struct PastDueNote {
+    pub(crate) grace: crate::store::PastDue,
+    pub(crate) header: Box<str>,
 }
 
 impl TenantState {
@@ -156,6 +167,7 @@ impl TenantState {
                     let node = plan.metrics.open_values.clone();
                     Box::new(std::sync::Mutex::new(super::OpenValues::new(node, plan.window_secs)))
                 }),
+                past_due: None,
             })
         });
         Self {
@@ -183,6 +195,25 @@ impl TenantState {
     #[inline]
     pub(crate) fn customer(&self) -> Option<&str> {
         self.extra.as_deref()?.customer.as_deref()
+    }
+
+    /// The same state, past due within `grace` (a state is made past due or not, never
+    /// changed: the directory's read makes a new one when the grace starts or ends).
+    pub(crate) fn with_past_due(mut self, grace: Option<crate::store::PastDue>) -> Self {
+        if let Some(grace) = grace {
+            let header = grace.header_value().into_boxed_str();
+            let extra = self.extra.get_or_insert_with(|| {
+                Box::new(Extra { more: Box::default(), fleet: None, customer: None, open: None, past_due: None })
+            });
+            extra.past_due = Some(Box::new(PastDueNote { grace, header }));
+        }
+        self
+    }
+
+    /// Past due within a grace, if the tenant is.
+    #[inline]
+    pub(crate) fn past_due(&self) -> Option<&PastDueNote> {
+        self.extra.as_deref()?.past_due.as_deref()
     }
 
     #[inline]
@@ -1116,7 +1147,7 @@ mod tests {
     fn what_few_tenants_need_is_made_only_for_them() {
         assert_eq!(
             std::mem::size_of::<Extra>(),
-            48,
+            56,
             "a tenant with more meters or a customer pays for no fleet cells, nor open values"
         );
         let plain = state("[plans.p]\nrate = \"10/s\"\nquotas.requests = { limit = 10, period = \"day\" }", None);

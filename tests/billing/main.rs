@@ -5,6 +5,7 @@
 mod common;
 
 mod fixture;
+mod grace;
 mod invoices;
 mod metronome;
 mod recharge;

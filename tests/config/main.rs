@@ -2,6 +2,7 @@
 #![allow(missing_docs)]
 
 mod house;
+mod past_due;
 mod tiers;
 
 use std::time::Duration;

@@ -108,6 +108,9 @@ pub(crate) async fn usage(
         // Its usage is still of use.
         Err(e) => out!("tier: unreadable ({e})"),
     }
+    if let Ok(Some(grace)) = admin.past_due(&tenant).await {
+        out!("past due: {}", grace.line());
+    }
     // As wide as the longest meter (a series names its values: `tokens{model=m-large}`).
     let width = rows.iter().map(|a| a.key.meter.as_str().len()).max().unwrap_or(0).max(12);
     out!(

@@ -43,7 +43,7 @@ pub struct WebhookHandler {
     calls: Arc<Policy>,
     pub(in crate::billing) directory: Arc<dyn DirectoryStore>,
     pub(in crate::billing) node: Arc<dyn DirectoryEvents>,
-    config: Arc<dyn Fn() -> Config + Send + Sync>,
+    pub(in crate::billing) config: Arc<dyn Fn() -> Config + Send + Sync>,
     pub(in crate::billing) clock: Clock,
     secrets: Vec<Secret>,
     /// Where prepaid balances are topped up (`[stripe.credits]`).
@@ -212,6 +212,7 @@ impl WebhookHandler {
         }
         let count = match &outcome {
             WebhookOutcome::Applied { .. }
+            | WebhookOutcome::PastDue { .. }
             | WebhookOutcome::Credited { .. }
             | WebhookOutcome::Refunded { .. }
             | WebhookOutcome::Reinstated { .. }

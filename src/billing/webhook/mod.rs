@@ -13,3 +13,4 @@ mod verify;
 pub(crate) use super::stripe::read_secrets;
 pub use handler::WebhookHandler;
 pub use outcome::{WebhookOutcome, WebhookReply};
+pub(crate) use subscriptions::past_due;

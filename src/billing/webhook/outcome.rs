@@ -19,6 +19,20 @@ pub enum WebhookOutcome {
         /// Its plan now.
         plan: PlanId,
     },
+    /// The subscription went `past_due` and `[stripe] past_due_grace` is set: the tenant
+    /// keeps `plan` until `until`, then moves to `then` (the pass of
+    /// [`Tollgate::check_past_due`](crate::Tollgate::check_past_due)), unless a payment brings
+    /// the subscription back first. Recorded like an applied event.
+    PastDue {
+        /// The tenant.
+        tenant: TenantId,
+        /// Its plan, kept through the grace.
+        plan: PlanId,
+        /// When the grace ends (Unix seconds).
+        until: i64,
+        /// The plan it moves to then.
+        then: PlanId,
+    },
     /// A payment, refund or dispute recorded for tiers (and nothing else done with it): what
     /// the tenant has paid now, net, and the tier it moved to, if it moved.
     Paid {
@@ -191,6 +205,7 @@ impl WebhookReply {
     pub fn body(&self) -> String {
         let outcome = match &self.outcome {
             WebhookOutcome::Applied { .. } => "applied",
+            WebhookOutcome::PastDue { .. } => "past_due",
             WebhookOutcome::Credited { .. } => "credited",
             WebhookOutcome::Refunded { .. } => "refunded",
             WebhookOutcome::Reinstated { .. } => "reinstated",

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     config::{Config, PlanId, StripeSettings},
-    store::{PlanChange, PlanChangeOutcome},
+    store::{PastDue, PlanChange, PlanChangeOutcome},
 };
 
 impl WebhookHandler {
@@ -97,6 +97,12 @@ impl WebhookHandler {
             (Ok(Some(plan)), false) => Some(Some(plan.clone())),
             (Ok(None), false) => None,
         };
+        // Past due with a grace (`[stripe] past_due_grace`): the plan past due moves to, and
+        // how long the subscription keeps giving what it gave.
+        let spell = match (status, settings.past_due_grace, &transition) {
+            ("past_due", Some(grace), Ok(Some(then))) if !ended => Some((grace_secs(grace), then.clone())),
+            _ => None,
+        };
         for _ in 0..8 {
             let record = match self.directory.tenant_by_customer(&customer).await {
                 Ok(Some(record)) => record,
@@ -126,6 +132,23 @@ impl WebhookHandler {
             }
             let gave = before.as_ref().and_then(|b| b.plan.as_deref().map(PlanId::from));
             let bore = before.as_ref().is_some_and(|b| b.bore) || gave.is_some();
+            // Past due: the grace counts from the first past-due event of this spell (an event
+            // of another status ends the spell). Within it the subscription gives the plan its
+            // price maps to, else the one it gave; once it is over, the past-due plan.
+            let mut gives = gives.clone();
+            let mut grace = None;
+            let due = spell.as_ref().map(|(secs, then)| {
+                let until = before
+                    .as_ref()
+                    .and_then(|b| b.due.as_ref())
+                    .map_or_else(|| fields.created.saturating_add(*secs), |d| d.at);
+                let keep = by_price.clone().or_else(|| gave.clone()).filter(|keep| keep != then);
+                if let Some(keep) = keep.filter(|_| until > self.clock.unix_secs()) {
+                    gives = Some(Some(keep));
+                    grace = Some(PastDue::new(until, then.clone()));
+                }
+                Due { at: until, plan: then.as_str().to_owned() }
+            });
             let now_gives = gives.clone().unwrap_or_else(|| gave.clone());
             // A subscription that gives (or gave) a plan: its end, or its move to a price no
             // plan maps, moves the tenant.
@@ -135,8 +158,10 @@ impl WebhookHandler {
             let best_before = subs.best(&order);
             let plan_text = now_gives.as_ref().map(|p| p.as_str().to_owned());
             let bore_now = bore || now_gives.is_some();
-            subs.subs
-                .insert(subscription.to_owned(), Sub { at: fields.created, rank, plan: plan_text, bore: bore_now });
+            subs.subs.insert(
+                subscription.to_owned(),
+                Sub { at: fields.created, rank, plan: plan_text, bore: bore_now, due },
+            );
             subs.prune();
             let best = subs.best(&order);
             let plan = if legacy {
@@ -159,8 +184,12 @@ impl WebhookHandler {
                 || (lost_plan && !legacy)
                 || (ended && by_price.is_some())
                 || plan != record.plan;
+            let written = subs.to_json();
+            // Told only when the grace's end would move the tenant (another subscription may
+            // give as high a plan).
+            let grace = grace.and_then(|_| past_due(config, Some(&written)));
             let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan.clone())
-                .with_subscriptions(&record, subs.to_json());
+                .with_subscriptions(&record, written);
             match self.directory.apply_plan_change(&change).await {
                 Ok(PlanChangeOutcome::Changed) => {}
                 Ok(PlanChangeOutcome::Applied(_)) if !moved => {
@@ -178,10 +207,107 @@ impl WebhookHandler {
                         }
                     };
                 }
-                result => return self.settle(config, fields, &customer, &plan, result).await,
+                result => {
+                    return match (self.settle(config, fields, &customer, &plan, result).await, grace) {
+                        (WebhookOutcome::Applied { tenant, plan }, Some(grace)) => {
+                            tracing::info!(event = %fields.id, %tenant, %plan, until = grace.until, then = %grace.plan,
+                                "Stripe webhook: the subscription is past due; the tenant keeps its plan through the grace");
+                            WebhookOutcome::PastDue { tenant, plan, until: grace.until, then: grace.plan }
+                        }
+                        (outcome, _) => outcome,
+                    }
+                }
             }
         }
         WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
+    }
+
+    /// Ends the graces that are over (`[stripe] past_due_grace`): every tenant of the directory
+    /// with a subscription past due whose grace ended by now moves to the past-due plan (and
+    /// its plan follows every live subscription, as at an event). The worker runs it every
+    /// 10 minutes on each node ([`Tollgate::check_past_due`](crate::Tollgate::check_past_due));
+    /// a move is made once across a fleet, conditional on the tenant's subscriptions as read,
+    /// its id (`grace_SUBSCRIPTION_UNTIL`) marked seen as an event's. Reads the directory a page
+    /// of 1,000 tenants at a time. Returns how many tenants moved.
+    ///
+    /// # Errors
+    /// The directory's failure to list its tenants (the next pass tries again). A tenant whose
+    /// move fails is logged and passed.
+    pub async fn end_graces(&self) -> Result<usize, crate::store::StoreError> {
+        const PAGE: usize = 1_000;
+        let config = (self.config)();
+        let Some(settings) = config.stripe().filter(|s| s.past_due_grace.is_some()) else { return Ok(0) };
+        let mut after: Option<crate::config::TenantId> = None;
+        let mut moved = 0;
+        loop {
+            let page = self.directory.list_tenants(after.as_ref(), PAGE).await?;
+            let full = page.len() == PAGE;
+            after = page.last().map(|t| t.id.clone());
+            for record in page {
+                let now = self.clock.unix_secs();
+                if over(record.subscriptions.as_deref(), now).is_none() {
+                    continue;
+                }
+                let tenant = record.id.clone();
+                match self.end_grace(settings, record).await {
+                    Ok(true) => moved += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%tenant, error = %e,
+                        "past due: the move at the grace's end failed; tried again at the next pass"),
+                }
+            }
+            if !full {
+                return Ok(moved);
+            }
+        }
+    }
+
+    /// One tenant's graces that are over, ended: read again while its subscriptions change.
+    async fn end_grace(
+        &self,
+        settings: &StripeSettings,
+        mut record: crate::store::TenantRecord,
+    ) -> Result<bool, crate::store::StoreError> {
+        for _ in 0..8 {
+            let now = self.clock.unix_secs();
+            let Some((id, at, until)) = over(record.subscriptions.as_deref(), now) else { return Ok(false) };
+            let Some(customer) = record.customer.clone() else { return Ok(false) };
+            let Ok(mut subs) = Subscriptions::parse(record.subscriptions.as_deref()) else { return Ok(false) };
+            let order = Order::new(settings);
+            let best_before = subs.best(&order);
+            for sub in subs.subs.values_mut() {
+                if let Some(due) = sub.due.as_ref().filter(|d| d.at <= now) {
+                    sub.plan = Some(due.plan.clone());
+                }
+            }
+            let plan = match subs.best(&order) {
+                Some(best) if best_before.as_ref() != Some(&best) => best,
+                _ => record.plan.clone(),
+            };
+            let change = PlanChange::new(format!("grace_{id}_{until}"), customer.clone(), at, plan.clone())
+                .with_subscriptions(&record, subs.to_json());
+            match self.directory.apply_plan_change(&change).await? {
+                PlanChangeOutcome::Applied(stored) => {
+                    self.node.tenant_changed(&stored.id);
+                    crate::store::tell_changed(
+                        self.directory.as_ref(),
+                        &stored.id,
+                        self.clock.unix_nanos() / 1_000_000,
+                    )
+                    .await;
+                    tracing::info!(tenant = %stored.id, from = %record.plan, plan = %stored.plan, subscription = %id,
+                        "past due: the grace is over, the tenant moved");
+                    return Ok(stored.plan != record.plan);
+                }
+                PlanChangeOutcome::Changed => {
+                    let Some(again) = self.directory.tenant(&record.id).await? else { return Ok(false) };
+                    record = again;
+                }
+                // Made by another node, or the tenant is gone.
+                _ => return Ok(false),
+            }
+        }
+        Err(crate::store::StoreError::Conflict("the tenant's subscriptions kept changing"))
     }
 
     /// The outcome of a plan change the store answered.
@@ -266,6 +392,59 @@ struct Sub {
     /// the tenant.
     #[serde(default)]
     bore: bool,
+    /// Past due with a grace: when it ends and the plan the subscription gives then. Kept
+    /// (the spell's start) until an event of another status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    due: Option<Due>,
+}
+
+/// A subscription's grace past due (`[stripe] past_due_grace`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Due {
+    /// When it ends (Unix seconds).
+    at: i64,
+    /// The plan the subscription gives from then.
+    plan: String,
+}
+
+/// A grace in whole seconds.
+fn grace_secs(grace: std::time::Duration) -> i64 {
+    i64::try_from(grace.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The first subscription whose grace is over at `now` and that still gives another plan than
+/// the past-due one: its id, its last event's time and the grace's end.
+fn over(subscriptions: Option<&str>, now: i64) -> Option<(String, i64, i64)> {
+    let text = subscriptions.filter(|t| t.contains("\"due\""))?;
+    let subs = Subscriptions::parse(Some(text)).ok()?;
+    subs.subs.iter().find_map(|(id, s)| {
+        let due = s.due.as_ref().filter(|d| d.at <= now && s.plan.as_deref() != Some(d.plan.as_str()))?;
+        Some((id.clone(), s.at, due.at))
+    })
+}
+
+/// The grace a tenant is in, from its stored subscriptions: the earliest end among its
+/// subscriptions past due that still give a plan, when their move changes the tenant's plan
+/// (another live subscription giving as high a plan keeps it). `None` without one, or when
+/// `[stripe] past_due_grace` is not set.
+pub(crate) fn past_due(config: &Config, subscriptions: Option<&str>) -> Option<PastDue> {
+    let settings = config.stripe().filter(|s| s.past_due_grace.is_some())?;
+    let text = subscriptions.filter(|t| t.contains("\"due\""))?;
+    let subs = Subscriptions::parse(Some(text)).ok()?;
+    let (until, then) = subs
+        .subs
+        .values()
+        .filter_map(|s| s.due.as_ref().filter(|d| s.plan.as_deref() != Some(d.plan.as_str())))
+        .map(|d| (d.at, d.plan.clone()))
+        .min()?;
+    let order = Order::new(settings);
+    let mut after = Subscriptions { subs: subs.subs.clone(), ..Subscriptions::default() };
+    for sub in after.subs.values_mut() {
+        if let Some(due) = &sub.due {
+            sub.plan = Some(due.plan.clone());
+        }
+    }
+    (after.best(&order) != subs.best(&order)).then(|| PastDue::new(until, PlanId::from(then.as_str())))
 }
 
 /// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)),

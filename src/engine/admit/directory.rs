@@ -273,6 +273,7 @@ impl Gate {
                 self.overrides_not_served(&record, why);
             }
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
+                .with_past_due(crate::billing::past_due(&rt.config, record.subscriptions.as_deref()))
         });
         let Some(state) = attached else {
             // The record may predate the change: nothing of it attached, to be read again.
@@ -399,9 +400,11 @@ impl Gate {
         // What the tenant is served with now: its plan, with its overrides or the part of them
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
+        let past_due = crate::billing::past_due(&rt.config, record.subscriptions.as_deref());
         let changed = current.plan.id != record.plan
             || current.customer() != record.customer_in(self.customer_field)
-            || current.plan.overrides.as_deref() != served;
+            || current.plan.overrides.as_deref() != served
+            || current.past_due().map(|n| &n.grace) != past_due.as_ref();
         if !changed {
             self.confirm_unless_changed(&record.id, now, seen);
             return;
@@ -411,6 +414,7 @@ impl Gate {
                 self.overrides_not_served(&record, why);
             }
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
+                .with_past_due(past_due.clone())
         });
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
