@@ -133,6 +133,21 @@ try:
     driver.get(base + "/tenants/nobody")
     check("an unknown tenant: not found", "Not found" in driver.title)
 
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, "Plans").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("Plans"))
+    shown = {(r.find_elements(By.TAG_NAME, "td")[0].text, r.find_elements(By.TAG_NAME, "td")[1].text):
+             r.find_elements(By.TAG_NAME, "td")[2].text
+             for r in driver.find_elements(By.CSS_SELECTOR, "table.plans tbody tr")}
+    counted = {}
+    for (plan,) in store.execute("SELECT plan FROM tenant"):
+        name, _, version = plan.partition("@")
+        key = (name, version or "1")
+        counted[key] = counted.get(key, 0) + 1
+    check("plans: the tenants on each version, as the store holds them",
+          all(shown.get(k) == str(n) for k, n in counted.items()) and counted, (shown, counted))
+    shot(driver, "plans")
+
     driver.get(base + "/billing")
     check("billing: the sink", driver.find_element(By.CSS_SELECTOR, ".sink").text == "jsonl")
     shown = len(driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr"))

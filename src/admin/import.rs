@@ -31,7 +31,10 @@ struct ImportRow {
     expires_at: Option<i64>,
 }
 
-fn parse_import(text: &str, check_plan: impl Fn(&str) -> Result<(), AdminError>) -> Result<Vec<ImportRow>, AdminError> {
+fn parse_import(
+    text: &str,
+    check_plan: impl Fn(&str) -> Result<PlanId, AdminError>,
+) -> Result<Vec<ImportRow>, AdminError> {
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         return Err(AdminError::Import { line: 1, message: "empty: a header line is needed".to_owned() });
@@ -65,10 +68,7 @@ fn parse_import(text: &str, check_plan: impl Fn(&str) -> Result<(), AdminError>)
             return Err(bad(format!("`{tenant}` is not a tenant id: 1 to 128 visible ASCII characters")));
         }
         let plan = match get("plan") {
-            Some(p) => {
-                check_plan(p).map_err(|e| bad(e.to_string()))?;
-                Some(PlanId::from(p))
-            }
+            Some(p) => Some(check_plan(p).map_err(|e| bad(e.to_string()))?),
             None => None,
         };
         let customer = get("customer")
@@ -148,7 +148,7 @@ impl Admin {
     /// A bad line (nothing imported), or the store failed (lines before it were imported;
     /// importing again is safe).
     pub async fn import_csv(&self, text: &str) -> Result<ImportReport, AdminError> {
-        let rows = parse_import(text, |p| self.plan(p).map(drop))?;
+        let rows = parse_import(text, |p| self.plan(p))?;
         // Checked against the directory before anything is written: a tenant new to it needs a
         // plan on its first line.
         let mut known = std::collections::HashSet::new();
@@ -236,8 +236,9 @@ impl Admin {
             }
             Some(mut r) => {
                 let before = r.clone();
+                // The plan named again keeps the tenant's version of it.
                 if let Some(plan) = &row.plan {
-                    r.plan = plan.clone();
+                    r.plan = r.plan.kept_for(plan.clone());
                 }
                 if row.customer.is_some() {
                     r.customer = row.customer.clone();
@@ -290,7 +291,7 @@ mod tests {
 
     #[test]
     fn an_import_names_its_bad_line_and_keeps_nothing() {
-        let ok = |_: &str| Ok(());
+        let ok = |p: &str| Ok(PlanId::from(p));
         let e = parse_import("tenant,plan,key\nacme,free,k1\nbeta,free,k1\n", ok).err().unwrap();
         assert_eq!(e.to_string(), "line 3: the same key as line 2");
         let e = parse_import("tenant,plan,colour\n", ok).err().unwrap();

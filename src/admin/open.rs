@@ -158,11 +158,13 @@ impl Admin {
         &self.given.1
     }
 
+    /// The plan a tenant is put on by an operator naming `plan`: its current version for a
+    /// plan's name, that version for a version's id (`pro@2`). Without a configuration, as
+    /// named.
     pub(super) fn plan(&self, plan: &str) -> Result<PlanId, AdminError> {
-        let id = PlanId::from(plan);
         match &self.config {
-            Some(c) if c.plan(&id).is_none() => Err(AdminError::UnknownPlan(plan.to_owned())),
-            _ => Ok(id),
+            Some(c) => c.put_on(plan).map(|p| p.id().clone()).ok_or_else(|| AdminError::UnknownPlan(plan.to_owned())),
+            None => Ok(PlanId::from(plan)),
         }
     }
 

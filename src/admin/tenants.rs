@@ -192,7 +192,9 @@ impl Admin {
     /// Moves a tenant to another plan: every running node sees it within a second (the directory's feed of tenants changed),
     /// within `limits.directory_ttl` if the feed could not be told. With tiers (`[tiers.NAME]`)
     /// it lifts a pin of the tenant's tier ([`set_tier`](Self::set_tier)): the operator's plan
-    /// is the tenant's now, and its payments move it from there.
+    /// is the tenant's now, and its payments move it from there. A plan's name puts the tenant
+    /// on its current version, `NAME@N` on version N
+    /// ([plan versions](crate::guide::configuration#plan-versions)).
     ///
     /// # Errors
     /// No such tenant, an unknown plan, overrides of the tenant that do not fit it, or the
@@ -209,7 +211,7 @@ impl Admin {
     }
 
     /// Whether the tenant's overrides (of `record`) hold over `plan`.
-    fn overrides_fit(&self, record: &TenantRecord, plan: &crate::base::PlanId) -> Result<(), AdminError> {
+    pub(super) fn overrides_fit(&self, record: &TenantRecord, plan: &crate::base::PlanId) -> Result<(), AdminError> {
         if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
             let o =
                 crate::config::PlanOverride::from_json(json, config).map_err(|e| AdminError::Invalid(e.to_string()))?;

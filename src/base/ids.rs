@@ -74,6 +74,51 @@ id_newtype!(
     MeterId
 );
 
+impl PlanId {
+    /// The plan's version this id names, as the directory keeps it: `pro@3` is version 3 of
+    /// `pro`, and a bare `pro` version 1 (a plan's first version, and every tenant put on it
+    /// before it had versions). Plan names never hold `@`.
+    #[must_use]
+    pub fn version(&self) -> u32 {
+        self.as_str().rsplit_once('@').and_then(|(_, v)| v.parse().ok()).unwrap_or(1)
+    }
+
+    /// The plan's name, without its version (`pro` for `pro@3`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        self.as_str().rsplit_once('@').map_or(self.as_str(), |(name, _)| name)
+    }
+
+    /// Version `version` of the plan `name`, as the directory keeps it: the bare name for
+    /// version 1, `NAME@VERSION` after.
+    #[must_use]
+    pub fn at_version(name: &str, version: u32) -> Self {
+        if version <= 1 {
+            Self::from(name)
+        } else {
+            Self::from(format!("{name}@{version}"))
+        }
+    }
+
+    /// Whether both name versions of one plan.
+    #[must_use]
+    pub fn same_plan(&self, other: &PlanId) -> bool {
+        self.name() == other.name()
+    }
+
+    /// The plan a tenant on `self` is moved to by what names `to` (a webhook, a tier's move):
+    /// `self` when `to` is another version of the same plan (a tenant keeps the version it was
+    /// put on until an operator migrates it), else `to`.
+    #[must_use]
+    pub fn kept_for(&self, to: PlanId) -> PlanId {
+        if self.same_plan(&to) {
+            self.clone()
+        } else {
+            to
+        }
+    }
+}
+
 id_newtype!(
     /// The identifier of a tenant (a customer account).
     TenantId

@@ -192,14 +192,50 @@ impl Config {
         &self.default_meter
     }
 
-    /// The plans, by name.
+    /// The plans, by the id the directory keeps ([`PlanSpec::id`]): each plan's current
+    /// version, and its earlier versions the file still declares (`[plans.NAME.versions.N]`).
     pub fn plans(&self) -> &BTreeMap<PlanId, PlanSpec> {
         &self.plans
     }
 
-    /// One plan by name.
+    /// The plan a tenant the directory puts on `id` is served: that version of the plan when
+    /// the file declares it, else the plan's current version (a version the file no longer
+    /// declares serves its tenants the current one, as a plan without versions does).
     pub fn plan(&self, id: &PlanId) -> Option<&PlanSpec> {
-        self.plans.get(id)
+        self.plans.get(id).or_else(|| super::plans::current_of(&self.plans, id.name()))
+    }
+
+    /// The version a tenant is put on when moved to `plan`: for a plan's name, its current
+    /// version; for a version's id (`pro@2`, or `pro` for version 1 of a plan with versions),
+    /// that version if the file declares it. `None`: no such plan or version.
+    pub fn put_on(&self, plan: &str) -> Option<&PlanSpec> {
+        match plan.split_once('@') {
+            None => super::plans::current_of(&self.plans, plan),
+            Some((name, version)) => {
+                let version = version.parse::<u32>().ok().filter(|v| *v >= 1 && !version.starts_with('0'))?;
+                self.plans.get(&PlanId::at_version(name, version))
+            }
+        }
+    }
+
+    /// The plans whose limits this configuration changes from `before` without a new
+    /// version: each version both declare (by its id) whose settings differ. Their tenants
+    /// move to the new limits at once, as they did before plans had versions;
+    /// [`Tollgate::reload`](crate::Tollgate::reload) says so in its log. A plan that keeps
+    /// its tenants on their limits gets a new `version`, its old table under
+    /// `[plans.NAME.versions.N]`.
+    #[must_use]
+    pub fn changed_without_version(&self, before: &Config) -> Vec<PlanId> {
+        let settings = |p: &PlanSpec| {
+            let mut p = p.clone();
+            (p.current, p.table) = (false, String::new());
+            format!("{p:?}")
+        };
+        self.plans
+            .iter()
+            .filter(|(id, p)| before.plans.get(*id).is_some_and(|b| settings(b) != settings(p)))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Whether `plan` with the overrides `o` merged over it holds as a plan must: every
@@ -209,7 +245,7 @@ impl Config {
     /// # Errors
     /// What does not hold.
     pub fn check_override(&self, plan: &PlanId, o: &PlanOverride) -> Result<(), String> {
-        let Some(base) = self.plans.get(plan) else {
+        let Some(base) = self.plan(plan) else {
             return Err(format!("no plan `{plan}`"));
         };
         let merged = base.with_override(o);
@@ -271,7 +307,7 @@ impl Config {
     /// The ladder `plan` is on, if any (a plan is on one at most).
     #[must_use]
     pub fn tier_of(&self, plan: &PlanId) -> Option<&super::TierSpec> {
-        self.tiers.iter().find(|t| t.plans.contains(plan))
+        self.tiers.iter().find(|t| t.plans.iter().any(|p| p.same_plan(plan)))
     }
 
     /// Whether `meter`'s usage is exported: `[meters.X] export`, `true` for a meter the
@@ -428,6 +464,7 @@ impl Validator<'_, '_> {
         let selectors: std::collections::BTreeSet<String> = raw
             .plans
             .values()
+            .flat_map(|p| std::iter::once(p).chain(p.versions.values()))
             .flat_map(|p| p.quotas.keys())
             .chain(raw.tenants.values().filter_map(|t| t.overrides.as_ref()).flat_map(|o| o.quotas.keys()))
             .filter(|k| k.contains('{'))
@@ -447,7 +484,7 @@ impl Validator<'_, '_> {
         // would serve the whole limit, N times it in all).
         for p in plans.values() {
             if let Some((key, why)) = fleet_without_hint(p, &usage, &limits) {
-                return Err(self.invalid(&format!("plans.{}.{key}", p.id), why));
+                return Err(self.invalid(&format!("plans.{}.{key}", p.table), why));
             }
         }
         // A node renews its places a third of `place_ttl` after the last renewal, in a pass a
@@ -553,7 +590,7 @@ impl Validator<'_, '_> {
         }
         for p in plans.values() {
             if let Some((key, why)) = minute_past_skew(&p.quotas, &limits) {
-                return Err(self.invalid(&format!("plans.{}.{key}", p.id), why));
+                return Err(self.invalid(&format!("plans.{}.{key}", p.table), why));
             }
         }
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {

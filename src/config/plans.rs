@@ -31,6 +31,11 @@ pub(crate) struct RawPlan {
     pub(crate) spend: Option<RawSpend>,
     #[serde(default)]
     pub(crate) recharge: BTreeMap<String, super::recharge::RawRecharge>,
+    /// The plan's version (`version = 2`); 1 when unset.
+    pub(crate) version: Option<i64>,
+    /// Earlier versions still served to the tenants put on them (`[plans.NAME.versions.1]`).
+    #[serde(default)]
+    pub(crate) versions: BTreeMap<String, RawPlan>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -74,6 +79,12 @@ pub struct PlanSpec {
     /// The prepaid meters this plan allows auto-recharge of (`recharge.METER`), with their
     /// bounds.
     pub(crate) recharge: BTreeMap<MeterId, super::RechargeSpec>,
+    /// Which version of its plan this is (1 for a plan without versions).
+    pub(crate) version: u32,
+    /// Whether this is the plan's current version, the one tenants are put on.
+    pub(crate) current: bool,
+    /// The file's table of this version, under `plans.` (`pro`, `pro.versions.1`).
+    pub(crate) table: String,
 }
 
 /// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
@@ -204,10 +215,24 @@ impl PlanSpec {
         merged
     }
 
-    /// The plan's name.
+    /// The plan's id as the directory keeps it: its name for version 1, `NAME@VERSION` after
+    /// ([`PlanId::at_version`]).
     #[must_use]
     pub fn id(&self) -> &PlanId {
         &self.id
+    }
+
+    /// Which version of its plan this is (`version = N`; 1 for a plan without versions).
+    #[must_use]
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Whether this is its plan's current version, the one tenants are put on (an earlier
+    /// version, `[plans.NAME.versions.N]`, serves the tenants still on it).
+    #[must_use]
+    pub fn is_current(&self) -> bool {
+        self.current
     }
 
     /// The sustained rate, or `None` when the plan has no rate limit.
@@ -327,6 +352,17 @@ impl PlanOverride {
 }
 
 /// A rate scope's name in the file.
+/// The highest version a plan may have (`version`).
+pub(crate) const MAX_VERSION: u32 = 1000;
+
+/// The current version of the plan `name` among `plans` (by its name, never `NAME@N`).
+pub(crate) fn current_of<'a>(plans: &'a BTreeMap<PlanId, PlanSpec>, name: &str) -> Option<&'a PlanSpec> {
+    if name.contains('@') {
+        return None;
+    }
+    plans.values().find(|p| p.current && p.id.name() == name)
+}
+
 fn scope_name(scope: Scope) -> &'static str {
     match scope {
         Scope::Node => "node",
@@ -335,16 +371,16 @@ fn scope_name(scope: Scope) -> &'static str {
 }
 
 impl Validator<'_, '_> {
-    /// A reference to a declared plan.
+    /// A reference to a declared plan: its current version's id (a tenant put on it by what
+    /// refers to it is put on that version).
     pub(super) fn plan_ref(
         &self,
         plans: &BTreeMap<PlanId, PlanSpec>,
         path: &str,
         name: &str,
     ) -> Result<PlanId, ConfigError> {
-        let id = PlanId::from(name);
-        if plans.contains_key(&id) {
-            Ok(id)
+        if let Some(spec) = current_of(plans, name) {
+            Ok(spec.id.clone())
         } else {
             Err(self.loc.error(
                 Kind::UnknownReference,
@@ -373,7 +409,40 @@ impl Validator<'_, '_> {
         let mut plans = BTreeMap::new();
         for (name, p) in raw {
             check_name(self, &format!("plans.{name}"), name)?;
-            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters, billing)?);
+            let version = match p.version {
+                None => 1,
+                Some(v) => u32::try_from(v).ok().filter(|v| (1..=MAX_VERSION).contains(v)).ok_or_else(|| {
+                    self.invalid(&format!("plans.{name}.version"), format!("a version is 1 to {MAX_VERSION}, not {v}"))
+                })?,
+            };
+            for (key, old) in &p.versions {
+                let table = format!("{name}.versions.{key}");
+                let v = key.parse::<u32>().ok().filter(|v| (1..version).contains(v)).ok_or_else(|| {
+                    let why = if version == 1 {
+                        "the plan has no earlier version: the plan's `version` is 1 (give it `version = 2` and keep \
+                         its old table here as version 1)"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "an earlier version of the plan is named by its number, 1 to {} (the plan's `version` is \
+                             {version}), not `{key}`",
+                            version - 1
+                        )
+                    };
+                    self.invalid(&format!("plans.{table}"), why)
+                })?;
+                if old.version.is_some() || !old.versions.is_empty() {
+                    let inner = if old.version.is_some() { "version" } else { "versions" };
+                    return Err(self.invalid(
+                        &format!("plans.{table}.{inner}"),
+                        "an earlier version is numbered by its key and holds no versions of its own",
+                    ));
+                }
+                let id = PlanId::at_version(name, v);
+                plans.insert(id.clone(), self.plan(&table, id, v, false, old, meters, billing)?);
+            }
+            let id = PlanId::at_version(name, version);
+            plans.insert(id.clone(), self.plan(name, id, version, true, p, meters, billing)?);
         }
         Ok(plans)
     }
@@ -408,14 +477,18 @@ impl Validator<'_, '_> {
         Ok(prices)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn plan(
         &self,
-        name: &str,
+        table: &str,
+        id: PlanId,
+        version: u32,
+        current: bool,
         p: &RawPlan,
         meters: &[MeterSpec],
         billing: &super::BillingSettings,
     ) -> Result<PlanSpec, ConfigError> {
-        let base = format!("plans.{name}");
+        let base = format!("plans.{table}");
         let rate = match &p.rate {
             None => None,
             Some(r) => Some(
@@ -476,7 +549,10 @@ impl Validator<'_, '_> {
         }
         Ok(PlanSpec {
             recharge,
-            id: name.into(),
+            id,
+            version,
+            current,
+            table: table.to_owned(),
             rate,
             burst,
             on_store_error,
@@ -581,9 +657,9 @@ impl Validator<'_, '_> {
         stripe: bool,
         credits: Option<&BTreeMap<String, u64>>,
     ) -> Result<(), ConfigError> {
-        for (plan, spec) in plans.iter_mut() {
+        for spec in plans.values_mut() {
             for (meter, r) in &mut spec.recharge {
-                let key = format!("plans.{plan}.recharge.{meter}");
+                let key = format!("plans.{}.recharge.{meter}", spec.table);
                 if !stripe {
                     return Err(self.invalid(
                         &key,

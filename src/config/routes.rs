@@ -533,7 +533,7 @@ impl Validator<'_, '_> {
             for (meter, quota) in &plan.quotas {
                 if quota.mode == QuotaMode::Hard && !enforced(meter, default_meter, routes, events) {
                     return Err(self.invalid(
-                        &format!("plans.{}.quotas.{meter}", plan.id),
+                        &format!("plans.{}.quotas.{meter}", plan.table),
                         format!(
                             "a hard quota on `{meter}`, but no route charges it (`meter`) or reports it \
                              (`reports = [\"{meter}\"]`), so nothing would ever be rejected: list it in the \

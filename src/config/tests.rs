@@ -694,7 +694,7 @@ mod reference {
     const ROLES: [&str; 7] = ["quota", "usage", "directory", "idempotency", "rate", "places", "alerts"];
 
     /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
-    const NAMED: [&str; 5] = ["meters", "plans", "tenants", "quotas", "endpoints"];
+    const NAMED: [&str; 6] = ["meters", "plans", "tenants", "quotas", "endpoints", "versions"];
 
     /// The path of `key` under `path`: a user-chosen name is `*`, and a role's store section
     /// counts as `[store]` itself.
@@ -721,7 +721,10 @@ mod reference {
                 for (k, v) in map {
                     let at = child(path, k);
                     out.insert(at.clone());
-                    fields(v, &at, out);
+                    // An earlier version of a plan is a plan's table, its keys the plan's own.
+                    if !path.ends_with(".versions") {
+                        fields(v, &at, out);
+                    }
                 }
             }
             serde_json::Value::Array(items) => items.iter().for_each(|v| fields(v, path, out)),
@@ -736,7 +739,9 @@ mod reference {
                 for (k, v) in t {
                     let at = child(path, k);
                     out.insert(at.clone());
-                    written(v, &at, out);
+                    if !path.ends_with(".versions") {
+                        written(v, &at, out);
+                    }
                 }
             }
             toml::Value::Array(items) => items.iter().for_each(|v| written(v, path, out)),

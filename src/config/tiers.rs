@@ -99,10 +99,10 @@ impl TierSpec {
         self.downgrade
     }
 
-    /// Where `plan` stands on the ladder (0: the first).
+    /// Where `plan` stands on the ladder (0: the first), whatever its version.
     #[must_use]
     pub fn position(&self, plan: &PlanId) -> Option<usize> {
-        self.plans.iter().position(|p| p == plan)
+        self.plans.iter().position(|p| p.same_plan(plan))
     }
 
     /// The plan a tenant on `current` moves to, standing as `standing` says at `now` (Unix
@@ -203,7 +203,7 @@ impl Validator<'_, '_> {
                 }
                 order.push(id);
             }
-            if let Some(p) = order.iter().find(|p| ["order", "downgrade"].contains(&p.as_str())) {
+            if let Some(p) = order.iter().find(|p| ["order", "downgrade"].contains(&p.name())) {
                 return Err(self.invalid(
                     &format!("{base}.order"),
                     format!(
@@ -211,7 +211,7 @@ impl Validator<'_, '_> {
                     ),
                 ));
             }
-            if let Some(key) = t.steps.keys().find(|k| !order.iter().any(|p| p.as_str() == k.as_str())) {
+            if let Some(key) = t.steps.keys().find(|k| !order.iter().any(|p| p.name() == k.as_str())) {
                 return Err(self.loc.error(
                     Kind::UnknownKey,
                     &format!("{base}.{key}"),
@@ -222,16 +222,20 @@ impl Validator<'_, '_> {
                     ),
                 ));
             }
-            if t.steps.contains_key(order[0].as_str()) {
+            if t.steps.contains_key(order[0].name()) {
                 return Err(self.invalid(
-                    &format!("{base}.{}", order[0]),
-                    format!("`{}` is the ladder's first plan, where tenants start: it has no threshold", order[0]),
+                    &format!("{base}.{}", order[0].name()),
+                    format!(
+                        "`{}` is the ladder's first plan, where tenants start: it has no threshold",
+                        order[0].name()
+                    ),
                 ));
             }
             let mut steps = vec![TierStep::default()];
-            for (i, plan) in order.iter().enumerate().skip(1) {
+            for (i, id) in order.iter().enumerate().skip(1) {
+                let plan = id.name();
                 let key = format!("{base}.{plan}");
-                let Some(raw) = t.steps.get(plan.as_str()) else {
+                let Some(raw) = t.steps.get(plan) else {
                     return Err(self.invalid(
                         &format!("{base}.order[{i}]"),
                         format!(
@@ -255,14 +259,17 @@ impl Validator<'_, '_> {
                         format!(
                             "less than the threshold of `{}` below it: the plans of `order` are lowest first, \
                              and a higher tier never asks for less",
-                            order[i - 1]
+                            order[i - 1].name()
                         ),
                     ));
                 }
                 if step == below {
                     return Err(self.invalid(
                         &key,
-                        format!("the same threshold as `{}` below it: that plan would never be held", order[i - 1]),
+                        format!(
+                            "the same threshold as `{}` below it: that plan would never be held",
+                            order[i - 1].name()
+                        ),
                     ));
                 }
                 steps.push(step);
@@ -288,7 +295,7 @@ impl Validator<'_, '_> {
         orgs: &BTreeMap<crate::base::OrgId, super::OrgSpec>,
         tenants: &[super::TenantSpec],
     ) -> Result<(), ConfigError> {
-        let ladder_of = |plan: &PlanId| tiers.iter().find(|t| t.plans.contains(plan));
+        let ladder_of = |plan: &PlanId| tiers.iter().find(|t| t.plans.iter().any(|p| p.same_plan(plan)));
         let refuse = |path: String, plan: &PlanId, ladder: &TierSpec, why: &str| {
             self.loc.error(
                 Kind::Conflict,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     admin::{Admin, AdminError, TenantSearch},
-    base::{MeterId, Period, QuotaMode, RejectionKind, TenantId},
+    base::{MeterId, Period, PlanId, QuotaMode, RejectionKind, TenantId},
     config::{Config, PlanSpec},
     engine::Tollgate,
     metrics::Stats,
@@ -112,6 +112,46 @@ pub(crate) struct BillingData {
     pub(crate) lacking: Vec<LedgerEntry>,
     /// Whether the ledger scan stopped at its bound with hours left unread.
     pub(crate) lacking_cut: bool,
+}
+
+/// The most tenants the plans page reads to count them per version.
+pub(crate) const PLAN_SCAN: usize = 10_000;
+
+/// The plans page: per version of each plan, its tenants and what the file says of it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PlansData {
+    /// (plan, version, tenants, note).
+    pub(crate) rows: Vec<(String, u32, u64, &'static str)>,
+    /// Tenants read, and whether that was all of them.
+    pub(crate) read: usize,
+    pub(crate) complete: bool,
+}
+
+/// The plans page: a read of the directory's first [`PLAN_SCAN`] tenants, counted per version
+/// of their plans, with the versions the file declares and no tenant is on.
+pub(crate) async fn plans(admin: &Admin) -> Result<PlansData, AdminError> {
+    let found = admin.plan_versions(PLAN_SCAN).await?;
+    let mut counts = found.counts;
+    if let Some(config) = admin.config() {
+        for p in config.plans().values() {
+            counts.entry(p.id().name().to_owned()).or_default().entry(p.version()).or_default();
+        }
+    }
+    let mut rows = Vec::new();
+    for (plan, versions) in counts {
+        for (version, n) in versions {
+            let id = PlanId::at_version(&plan, version);
+            let note = match admin.config().map(|c| (c.plans().get(&id), c.put_on(&plan).is_some())) {
+                None => "",
+                Some((Some(p), _)) if p.is_current() => "current",
+                Some((Some(_), _)) => "earlier version",
+                Some((None, true)) => "not declared: served the current version",
+                Some((None, false)) => "not in the configuration",
+            };
+            rows.push((plan.clone(), version, n, note));
+        }
+    }
+    Ok(PlansData { rows, read: found.read, complete: found.complete })
 }
 
 /// The alerts page: each state's rows, at most [`ROWS`] each.

@@ -79,7 +79,8 @@ pub(crate) struct Page {
 }
 
 /// The pages of the navigation bar: (path under the dashboard, label).
-const NAV: [(&str, &str); 4] = [("/", "Tenants"), ("/billing", "Billing"), ("/alerts", "Alerts"), ("/node", "Node")];
+const NAV: [(&str, &str); 5] =
+    [("/", "Tenants"), ("/plans", "Plans"), ("/billing", "Billing"), ("/alerts", "Alerts"), ("/node", "Node")];
 
 impl Page {
     /// A page titled `title`, under the dashboard mounted at `base`, with `current` (a path of

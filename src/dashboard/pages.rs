@@ -1,6 +1,6 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
-use super::data::{AlertsData, BillingData, NodeData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
+use super::data::{AlertsData, BillingData, NodeData, PlansData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
 use super::html::{Esc, Num, Page, Seg, When};
 use crate::{base::Period, store::OutboxEntry};
 
@@ -297,6 +297,31 @@ pub(crate) fn alerts(base: &str, node: bool, d: &AlertsData) -> String {
         }
         p.raw("</tbody></table></section>");
     }
+    p.finish()
+}
+
+/// The plans page: how many tenants are on each version of each plan.
+pub(crate) fn plans(base: &str, node: bool, d: &PlansData) -> String {
+    let mut p = Page::new(base, "Plans", "/plans", node);
+    p.raw(
+        "<section><h2>Tenants per plan version</h2><table class=\"plans\"><thead><tr><th>plan</th><th>version</th>\
+         <th>tenants</th><th></th></tr></thead><tbody>",
+    );
+    for (plan, version, n, note) in &d.rows {
+        p.fmt(format_args!("<tr><td>{}</td><td>{version}</td><td>{n}</td><td>{}</td></tr>", Esc(plan), Esc(note)));
+    }
+    p.raw("</tbody></table>");
+    if !d.complete {
+        p.fmt(format_args!(
+            "<p>Counted over the first {} tenants by id: the directory holds more (<code>tollgate plans versions</code> \
+             counts up to 100,000).</p>",
+            count(d.read)
+        ));
+    }
+    p.raw(
+        "<p>A tenant keeps the version it was put on; <code>tollgate plans migrate PLAN --from N --to M</code> moves \
+         them.</p></section>",
+    );
     p.finish()
 }
 

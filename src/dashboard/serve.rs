@@ -165,6 +165,7 @@ impl Dashboard {
             "/" | "/tenants" => data::tenants(admin, query("q").as_deref(), query("after").as_deref())
                 .await
                 .map(|d| Some(pages::tenants(base, node, &d))),
+            "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, node, &d))),
             "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, node, &d))),
             "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, node, &d))),
             "/node" => match engine {

@@ -104,7 +104,10 @@ impl Tollgate {
 
     /// Replaces the configuration of a running engine. Quota counters and recorded usage are
     /// kept (they live in the store and the usage pipeline); every tenant is resolved again
-    /// under its new plan on its next request, with a fresh token bucket.
+    /// under its new plan on its next request, with a fresh token bucket. A tenant keeps the
+    /// version of its plan it was put on ([`PlanSpec::version`](crate::config::PlanSpec::version));
+    /// a plan whose limits change without a new version moves all its tenants, and the log
+    /// says so ([`Config::changed_without_version`]).
     ///
     /// # Errors
     /// When the engine runs the store its configuration names (opened by
@@ -114,6 +117,11 @@ impl Tollgate {
     pub async fn reload(&self, config: Config) -> Result<(), crate::config::ConfigError> {
         if self.shared().store_configured() {
             self.shared().runtime().load().config.check_same_store(&config)?;
+        }
+        for plan in config.changed_without_version(&self.shared().runtime().load().config) {
+            tracing::warn!(%plan, version = plan.version(),
+                "the plan's limits changed without a new version: every tenant on it moves to the new limits now \
+                 (to keep them on theirs, give the plan a new `version` and keep this one under [plans.NAME.versions.N])");
         }
         let rt = Runtime::compile(config, self.shared().metrics(), self.shared().clock());
         self.gate().table().rates().set_cap(rt.config.limits.max_tenants);

@@ -448,7 +448,7 @@ impl Tollgate {
         // Recharges as the store keeps them (every node's claims and payments), with the
         // plan's bounds.
         let mut recharges = Vec::new();
-        let plan = rt.config.plans().get(&state.plan.id);
+        let plan = rt.config.plan(&state.plan.id);
         for cell in state.quotas().filter(|c| c.prepaid() && c.spec.recharged) {
             let meter = cell.meter_id();
             // Its plan changed meanwhile: nothing to show.

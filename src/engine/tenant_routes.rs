@@ -408,7 +408,7 @@ impl Tollgate {
         let meter = match body.meter {
             Some(m) => crate::base::MeterId::from(m.as_str()),
             // Recharges are not overridden: the plan's own, as the tenant is served.
-            None => match config.plans().get(tenant.plan()).map(settings::one_recharged_meter) {
+            None => match config.plan(tenant.plan()).map(settings::one_recharged_meter) {
                 Some(Ok(only)) => only,
                 Some(Err(0)) | None => {
                     return recharge_problem(&RechargeError::NoRecharge {

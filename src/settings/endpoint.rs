@@ -104,7 +104,7 @@ pub(crate) async fn set_tenant_endpoint(
             false => Err(EndpointError::UnknownTenant(tenant.to_string())),
         };
     };
-    let allowed = config.plans().get(&record.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
+    let allowed = config.plan(&record.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
     if !allowed {
         return Err(EndpointError::NotOnPlan(record.plan.to_string()));
     }

@@ -57,7 +57,7 @@ const DROPPABLE: [&[&str]; 5] =
 /// # Errors
 /// [`Unserved::UnknownPlan`], [`Unserved::Unreadable`].
 pub(crate) fn served(config: &Config, record: &TenantRecord) -> Result<Served, Unserved> {
-    let Some(base) = config.plans().get(&record.plan) else { return Err(Unserved::UnknownPlan(record.plan.clone())) };
+    let Some(base) = config.plan(&record.plan) else { return Err(Unserved::UnknownPlan(record.plan.clone())) };
     let json = record.overrides.as_deref().filter(|o| !o.trim().is_empty());
     let why = match fit(config, base, json) {
         Ok((spec, overrides)) => return Ok(Served { spec, overrides, dropped: None }),

@@ -13,4 +13,5 @@ mod recharge_payments;
 mod stripe;
 mod tiers;
 mod topups;
+mod versions;
 mod webhooks;

@@ -4,6 +4,7 @@
 mod house;
 mod past_due;
 mod tiers;
+mod versions;
 
 use std::time::Duration;
 

@@ -104,7 +104,7 @@ async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
 async fn without_the_token_nothing_is_rendered_and_the_login_sets_a_session() {
     let (engine, _store) = seeded().await;
     let d = Dashboard::for_engine(&engine, token());
-    for path in ["/", "/billing", "/alerts", "/node", "/tenants/acme"] {
+    for path in ["/", "/plans", "/billing", "/alerts", "/node", "/tenants/acme"] {
         let r = get(&d, path, false).await;
         assert_eq!(r.status(), 401, "{path}");
         assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
@@ -342,4 +342,35 @@ async fn a_tenants_tier_is_on_its_page() {
     let page = text(&get(&d, "/tenants/acme", true).await);
     let tier = page.split("<p class=\"tier\">").nth(1).expect("a tier section").split("</p>").next().unwrap();
     assert!(tier.starts_with("api: paid 2.00 usd since ") && tier.ends_with("; next tier1: 3.00 usd to pay"), "{tier}");
+}
+
+/// The plans page counts the directory's tenants on each version of each plan, says which is
+/// current and which the file no longer declares, and shows a plan name from the store as text.
+#[tokio::test]
+async fn the_plans_page_counts_tenants_per_version() {
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"memory\"\n[plans.free]\n[plans.pro]\nversion = 3\nrate = \"30/s\"\n\
+         [plans.pro.versions.1]\nrate = \"10/s\"\n",
+    )
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    for (tenant, plan) in [("a", "pro"), ("b", "pro"), ("c", "pro@2"), ("d", "pro@3"), ("e", MARK)] {
+        store.put_tenant(&TenantRecord::new(tenant.into(), plan.into()), &[]).await.unwrap();
+    }
+    let d = Dashboard::for_engine(&engine, token());
+    let page = text(&get(&d, "/plans", true).await);
+    let rows: Vec<&str> = page.split("<tr>").skip(2).map(|r| r.split("</tr>").next().unwrap()).collect();
+    assert_eq!(
+        rows,
+        [
+            "<td>&lt;i&gt;x&lt;/i&gt;&quot;&#39;</td><td>1</td><td>1</td><td>not in the configuration</td>",
+            "<td>free</td><td>1</td><td>0</td><td>current</td>",
+            "<td>pro</td><td>1</td><td>2</td><td>earlier version</td>",
+            "<td>pro</td><td>2</td><td>1</td><td>not declared: served the current version</td>",
+            "<td>pro</td><td>3</td><td>1</td><td>current</td>",
+        ],
+        "{page}"
+    );
+    assert!(!page.contains("<i>"));
 }

@@ -78,6 +78,9 @@ enum Kind {
     Sqlite,
     #[cfg(feature = "postgres")]
     Postgres,
+    /// A table of moto's server (written `dynamodb:<table>`).
+    #[cfg(feature = "dynamodb")]
+    Dynamo,
 }
 
 /// A new store location of `kind` (a directory to keep while it is used), or `None` (skipped)
@@ -96,6 +99,11 @@ async fn location(kind: Kind) -> Option<(PathBuf, tempfile::TempDir)> {
             drop(tollgate::store::PostgresStore::open(&options).await.unwrap());
             Some((PathBuf::from(format!("postgres:{}", options.schema)), dir))
         }
+        #[cfg(feature = "dynamodb")]
+        Kind::Dynamo => {
+            let store = common::dynamo::table().await?;
+            Some((PathBuf::from(format!("dynamodb:{}", store.table())), dir))
+        }
     }
 }
 
@@ -112,6 +120,11 @@ async fn open(at: &Path) -> Arc<dyn StoreInspect> {
         let url = common::postgres::url().unwrap();
         let options = tollgate::store::PostgresOptions::new(url).schema(schema).pool_size(4);
         return Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap());
+    }
+    #[cfg(feature = "dynamodb")]
+    if let Some(table) = at.to_str().and_then(|s| s.strip_prefix("dynamodb:")) {
+        let endpoint = common::dynamo::endpoint().unwrap();
+        return Arc::new(tollgate::store::DynamoStore::new(common::dynamo::client(&endpoint), table));
     }
     Arc::new(SqliteStore::open(at).await.unwrap())
 }
@@ -862,4 +875,74 @@ async fn postgres_sigkill_after_a_recharge_claim_charges_once() {
         return claim_then_die(role.strip_prefix("recharge ").unwrap(), &db).await;
     }
     sigkill_after_a_recharge_claim(Kind::Postgres, "postgres_sigkill_after_a_recharge_claim_charges_once").await;
+}
+
+/// `pro` at version 2, its version 1 kept (plan versions, docs/configuration.md).
+const VERSIONED: &str = "[plans.pro]\nversion = 2\nquotas.requests = { limit = 8, period = \"day\" }\n\
+                         [plans.pro.versions.1]\nquotas.requests = { limit = 5, period = \"day\" }\n";
+
+#[tokio::test]
+async fn a_migration_killed_midway_is_resumed_and_moves_each_tenant_once() {
+    migration_killed_midway(Kind::Sqlite, "a_migration_killed_midway_is_resumed_and_moves_each_tenant_once").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_a_migration_killed_midway_is_resumed_and_moves_each_tenant_once() {
+    let test = "postgres_a_migration_killed_midway_is_resumed_and_moves_each_tenant_once";
+    migration_killed_midway(Kind::Postgres, test).await;
+}
+
+#[cfg(feature = "dynamodb")]
+#[tokio::test]
+async fn dynamodb_a_migration_killed_midway_is_resumed_and_moves_each_tenant_once() {
+    let test = "dynamodb_a_migration_killed_midway_is_resumed_and_moves_each_tenant_once";
+    migration_killed_midway(Kind::Dynamo, test).await;
+}
+
+/// 120 tenants on version 1 of `pro`; a process migrating them to version 2 in batches of 25 is
+/// killed after its first batch. 25 are on version 2, the rest on version 1; run again from
+/// the start, the migration moves the 95 left, none twice, and a third run moves nothing.
+async fn migration_killed_midway(kind: Kind, test: &str) {
+    use tollgate::admin::Admin;
+    let config = || Config::from_toml_str(VERSIONED).unwrap();
+    if let Some((_, db)) = role() {
+        let store: Arc<dyn tollgate::store::Store> = open(&db).await;
+        let cli = Admin::new(store).with_config(config());
+        let batch = cli.migrate_plan("pro", 1, 2, None, 25, true).await.unwrap();
+        say("batch", batch.moved.len() as u64);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        unreachable!("killed before this");
+    }
+    let Some((db, _dir)) = location(kind).await else { return };
+    let store: Arc<dyn tollgate::store::Store> = open(&db).await;
+    let cli = Admin::new(store.clone()).with_config(config());
+    for i in 0..120 {
+        cli.add_tenant(&format!("t{i:03}"), "pro@1", None).await.unwrap();
+    }
+    let (child, mut lines) = spawn(test, "migrate", &db);
+    let said = read_until(&mut lines, "batch");
+    sigkill(child);
+    assert_eq!(said.last().unwrap().1, 25);
+    let counts = cli.plan_versions(1000).await.unwrap();
+    assert_eq!(counts.counts["pro"].clone().into_iter().collect::<Vec<_>>(), vec![(1, 95), (2, 25)]);
+
+    // Resumed from the start, as `tollgate plans migrate` runs it.
+    let (mut moved, mut after) = (Vec::new(), None);
+    loop {
+        let batch = cli.migrate_plan("pro", 1, 2, after.as_deref(), 25, true).await.unwrap();
+        assert!(batch.kept.is_empty(), "{:?}", batch.kept);
+        moved.extend(batch.moved);
+        match batch.next {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(moved.len(), 95, "the tenants left, each once");
+    moved.sort();
+    moved.dedup();
+    assert_eq!(moved.len(), 95);
+    let counts = cli.plan_versions(1000).await.unwrap();
+    assert_eq!(counts.counts["pro"].clone().into_iter().collect::<Vec<_>>(), vec![(2, 120)]);
+    assert!(cli.migrate_plan("pro", 1, 2, None, 1000, true).await.unwrap().moved.is_empty());
 }

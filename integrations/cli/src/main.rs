@@ -23,6 +23,7 @@ mod dead_letters;
 mod export;
 mod keys;
 mod opt;
+mod plans;
 mod store;
 mod tenants;
 mod usage;
@@ -40,6 +41,7 @@ use crate::{
     export::{export, new_namespace_of, reconcile, settle_letters},
     keys::keys,
     opt::{Cli, Command, DynamoCommand, OrgCommand, QuotaCommand},
+    plans::plans,
     store::{check, copy_directory, create_table, init_namespace, migrate, repair_ttl_of},
     tenants::tenants,
     usage::{org_show, quota_show, usage},
@@ -80,6 +82,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Credits { command } => credits(&admin(&cli.config).await?, command).await,
         Command::Quota { command: QuotaCommand::Show { tenant } } => quota_show(&cli.config, tenant).await,
         Command::Orgs { command: OrgCommand::Show { name } } => org_show(&cli.config, name).await,
+        Command::Plans { command } => {
+            let loaded = load(&cli.config)?;
+            plans(&Admin::open(&loaded).await?, &loaded, command).await
+        }
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
             if repair_ttl {

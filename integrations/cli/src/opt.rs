@@ -67,6 +67,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Plans' versions: how many tenants are on each, and moving them from one to another.
+    Plans {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
     /// Organizations (`[orgs.NAME]`): the tenants that share an organization's limits.
     Orgs {
         #[command(subcommand)]
@@ -167,6 +172,35 @@ pub(crate) enum DynamoCommand {
     /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
     /// export, with every node on this version.
     InitNamespace,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PlanCommand {
+    /// Moves the tenants on one version of a plan to another, a batch at a time: a dry run
+    /// (what would move, and who would be kept: overrides that do not fit) unless `--apply`.
+    /// Stopped midway, run it again: the tenants moved no longer match.
+    Migrate {
+        /// The plan's name.
+        plan: String,
+        /// The version its tenants are on (1: those put on it before it had versions).
+        #[arg(long)]
+        from: u32,
+        /// The version they move to: the plan's `version`, or one under
+        /// `[plans.NAME.versions.N]`.
+        #[arg(long)]
+        to: u32,
+        /// Writes the moves (without it, nothing is written).
+        #[arg(long)]
+        apply: bool,
+        /// Tenants read per batch (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Starts after this tenant (a batch's `next`, printed as it goes).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// How many tenants of the directory are on each version of each plan.
+    Versions,
 }
 
 #[derive(Subcommand)]

@@ -38,7 +38,12 @@ pub(crate) async fn check(config: &Config) -> Result<()> {
             })
             .collect();
         let quotas = if quotas.is_empty() { "no quota".to_owned() } else { quotas.join(", ") };
-        out!("  {id}: {rate}; {quotas}");
+        let version = match (plan.version(), plan.is_current()) {
+            (1, true) => String::new(),
+            (v, true) => format!(" (version {v})"),
+            (v, false) => format!(" (version {v}, kept for its tenants)"),
+        };
+        out!("  {id}{version}: {rate}; {quotas}");
     }
     out!("routes: {}", config.routes().len());
     out!("tenants in the file: {}", config.tenants().len());

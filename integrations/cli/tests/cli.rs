@@ -1141,3 +1141,41 @@ fn the_dashboard_refuses_a_network_address_without_a_token() {
     );
     assert!(err.contains("short must hold a token of at least 16 characters"), "{err}");
 }
+
+/// `tollgate plans`: a tenant added before `pro` had versions keeps version 1 when version 2
+/// is written in the file; `plans versions` counts each; `plans migrate` is a dry run without
+/// `--apply` and refuses a version the file does not declare, changing nothing.
+#[test]
+fn plans_are_migrated_from_the_command_line_after_a_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("tollgate.toml");
+    let store = "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n";
+    std::fs::write(&file, format!("{store}[plans.pro]\nrate = \"10/s\"\n")).unwrap();
+    ok(d, &["tenants", "add", "acme", "--plan", "pro"]);
+    std::fs::write(
+        &file,
+        format!("{store}[plans.pro]\nversion = 2\nrate = \"20/s\"\n[plans.pro.versions.1]\nrate = \"10/s\"\n"),
+    )
+    .unwrap();
+    ok(d, &["tenants", "add", "beta", "--plan", "pro"]);
+    let plan_of = |tenant: &str| {
+        let list = ok(d, &["tenants", "list"]);
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(tenant)).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().to_owned()
+    };
+    assert_eq!((plan_of("acme"), plan_of("beta")), ("pro".to_owned(), "pro@2".to_owned()));
+    let versions = ok(d, &["plans", "versions"]);
+    assert!(versions.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["pro", "1", "1"]), "{versions}");
+    assert!(versions.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["pro", "2", "1", "current"]));
+
+    let err = fails(d, &["plans", "migrate", "pro", "--from", "1", "--to", "3", "--apply"]);
+    assert!(err.contains("plan `pro` has no version 3"), "{err}");
+    let dry = ok(d, &["plans", "migrate", "pro", "--from", "1", "--to", "2"]);
+    assert!(dry.contains("would move acme") && dry.contains("a dry run: nothing was written"), "{dry}");
+    assert_eq!(plan_of("acme"), "pro", "a dry run writes nothing");
+    let done = ok(d, &["plans", "migrate", "pro", "--from", "1", "--to", "2", "--apply", "--batch", "1"]);
+    assert!(done.contains("next batch after acme"), "batches of one say where to resume: {done}");
+    assert!(done.contains("plan pro: moved 1 tenants from version 1 to 2, kept 0 (2 tenants read)"), "{done}");
+    assert_eq!(plan_of("acme"), "pro@2");
+}

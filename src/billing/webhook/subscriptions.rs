@@ -49,7 +49,7 @@ impl WebhookHandler {
             }
             // Without stored subscriptions, a plan a price gives stands for a live subscription
             // that gives it (a tenant from before, or one set on its plan by hand).
-            let priced = legacy && settings.prices.values().any(|p| p == &record.plan);
+            let priced = legacy && settings.prices.values().any(|p| p.same_plan(&record.plan));
             if let Some(best) = subs.best(&Order::new(settings)).or_else(|| priced.then(|| record.plan.clone())) {
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, %best, mapped = %plan,
                     "Stripe webhook of the customer ignored: a live subscription gives the plan \
@@ -57,6 +57,7 @@ impl WebhookHandler {
                 return WebhookOutcome::Ignored;
             }
             subs.customer_at = Some(fields.created);
+            let plan = record.plan.kept_for(plan.clone());
             let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone())
                 .with_subscriptions(&record, subs.to_json());
             match self.directory.apply_plan_change(&change).await {
@@ -180,6 +181,7 @@ impl WebhookHandler {
                     None => record.plan.clone(),
                 }
             };
+            let plan = record.plan.kept_for(plan);
             let moved = matches!(gives, Some(Some(_)))
                 || (lost_plan && !legacy)
                 || (ended && by_price.is_some())
@@ -281,7 +283,7 @@ impl WebhookHandler {
                 }
             }
             let plan = match subs.best(&order) {
-                Some(best) if best_before.as_ref() != Some(&best) => best,
+                Some(best) if best_before.as_ref() != Some(&best) => record.plan.kept_for(best),
                 _ => record.plan.clone(),
             };
             let change = PlanChange::new(format!("grace_{id}_{until}"), customer.clone(), at, plan.clone())
@@ -444,7 +446,8 @@ pub(crate) fn past_due(config: &Config, subscriptions: Option<&str>) -> Option<P
             sub.plan = Some(due.plan.clone());
         }
     }
-    (after.best(&order) != subs.best(&order)).then(|| PastDue::new(until, PlanId::from(then.as_str())))
+    let name = |p: Option<PlanId>| p.map(|p| p.name().to_owned());
+    (name(after.best(&order)) != name(subs.best(&order))).then(|| PastDue::new(until, PlanId::from(then.as_str())))
 }
 
 /// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)),
@@ -472,12 +475,14 @@ struct Order<'a> {
 
 impl<'a> Order<'a> {
     fn new(settings: &'a StripeSettings) -> Self {
-        Self { listed: &settings.plan_order, priced: settings.prices.values().map(PlanId::as_str).collect() }
+        Self { listed: &settings.plan_order, priced: settings.prices.values().map(PlanId::name).collect() }
     }
 
-    /// Lower is higher.
+    /// Lower is higher; every version of a plan ranks as the plan.
     fn rank(&self, plan: &str) -> usize {
-        match self.listed.iter().position(|o| o.as_str() == plan) {
+        let plan = PlanId::from(plan);
+        let plan = plan.name();
+        match self.listed.iter().position(|o| o.name() == plan) {
             Some(i) => i,
             None if self.priced.contains(plan) => self.listed.len(),
             None => self.listed.len() + 1,

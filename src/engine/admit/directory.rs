@@ -401,7 +401,7 @@ impl Gate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let past_due = crate::billing::past_due(&rt.config, record.subscriptions.as_deref());
-        let changed = current.plan.id != record.plan
+        let changed = current.plan.id != plan.id
             || current.customer() != record.customer_in(self.customer_field)
             || current.plan.overrides.as_deref() != served
             || current.past_due().map(|n| &n.grace) != past_due.as_ref();
@@ -468,5 +468,7 @@ impl Gate {
 fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
     let served = crate::settings::plan::served(&rt.config, record).map_err(|u| u.to_string())?;
     let org = rt.org_of(&record.id);
-    Ok((rt.compile_served(&record.plan, &served.spec, served.overrides.as_deref(), org), served.dropped))
+    // Compiled as the version served: a tenant on a version the file no longer declares is
+    // served the plan's current one, shared with its tenants.
+    Ok((rt.compile_served(served.spec.id(), &served.spec, served.overrides.as_deref(), org), served.dropped))
 }

@@ -207,7 +207,7 @@ impl Alerts {
                 self.queue.recharge_written(&alert);
                 continue;
             };
-            let tenant_alerts = config.plans().get(&plan).is_some_and(crate::config::PlanSpec::tenant_alerts)
+            let tenant_alerts = config.plan(&plan).is_some_and(crate::config::PlanSpec::tenant_alerts)
                 && record.as_ref().is_some_and(|r| r.alert_endpoint.is_some());
             let to = alert.destinations(config.alerts(), tenant_alerts);
             if !to.is_empty() {

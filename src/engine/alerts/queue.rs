@@ -154,7 +154,7 @@ impl Crossing {
     /// Where it goes under `settings` and its tenant's plan (`tenant_alerts`): the operator's
     /// endpoints that take its event type (`endpoint:NAME`), and the tenant's own (`tenant`).
     pub(crate) fn destinations(&self, settings: &AlertSettings, config: &Config) -> Vec<String> {
-        let tenant_alerts = config.plans().get(&self.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
+        let tenant_alerts = config.plan(&self.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
         destinations(settings, self.event(), tenant_alerts)
     }
 

@@ -90,7 +90,7 @@ impl Thresholds {
         let usage = &rt.config.usage;
         let thresholds = !usage.notify_at.is_empty() || !usage.notify_left.is_empty();
         let alerts = !rt.config.alerts().endpoints.is_empty()
-            || rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
+            || rt.config.plan(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
         (self.hook.is_some() && thresholds) || alerts
     }
 
@@ -101,7 +101,7 @@ impl Thresholds {
     /// balance reached.
     fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, used: u64, start: i64, end: i64) {
         let settings = rt.config.alerts();
-        let to_tenant = rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
+        let to_tenant = rt.config.plan(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
         let limit = cell.limit();
         if (settings.endpoints.is_empty() && !to_tenant) || limit == 0 {
             return;
