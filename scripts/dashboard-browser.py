@@ -11,6 +11,8 @@ Usage: dashboard-browser.py BASE_URL TOKEN DB SHOTS_DIR [CLI_BASE_URL]
 import os
 import sqlite3
 import sys
+import urllib.error
+import urllib.request
 import tempfile
 import time
 
@@ -175,6 +177,22 @@ try:
         check("tollgate dashboard: the same tenants", sorted(listed) == sorted(["acme", "globex", HOSTILE]), listed)
         driver.get(cli_base + "/node")
         check("tollgate dashboard: no node page without an engine", "Not found" in driver.title)
+        driver.get(cli_base + "/")
+        session = driver.get_cookie("tollgate_dashboard")
+        check("the session cookie: HttpOnly, SameSite=Strict, not Secure over plain HTTP",
+              session and session.get("httpOnly") and session.get("sameSite") == "Strict" and not session.get("secure"),
+              session)
+        driver.find_element(By.CSS_SELECTOR, "form.signout button").click()
+        WebDriverWait(driver, 20).until(lambda d: d.title.startswith("Sign in"))
+        check("sign out: the browser forgets the session", driver.get_cookie("tollgate_dashboard") is None)
+        driver.get(cli_base + "/")
+        check("sign out: the next page asks for the token", driver.find_elements(By.NAME, "token"))
+        request = urllib.request.Request(cli_base + "/", headers={"Cookie": f"tollgate_dashboard={session['value']}"})
+        try:
+            status = urllib.request.urlopen(request).status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        check("sign out: the session's cookie, shown again, opens nothing", status == 401, status)
 finally:
     driver.quit()
 

@@ -6,8 +6,12 @@ use super::validator::Validator;
 use super::ConfigError;
 
 /// The shortest access token taken, in bytes: a token is a bearer credential to every tenant's
-/// figures, and guessing it must be out of reach.
-pub const MIN_TOKEN_LEN: usize = 16;
+/// figures, and guessing it must be out of reach. 32 random characters (`openssl rand -hex 32`
+/// prints 64) hold at least 100 bits.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// The fewest distinct characters a token may hold: fewer is not random.
+const MIN_DISTINCT: usize = 6;
 
 #[derive(Debug, Default, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -25,14 +29,34 @@ impl DashboardToken {
     /// A token given in code: surrounding whitespace (a file's last newline) is dropped.
     ///
     /// # Errors
-    /// A token shorter than [`MIN_TOKEN_LEN`] bytes, or holding anything but visible ASCII.
+    /// A token shorter than [`MIN_TOKEN_LEN`] bytes, holding anything but visible ASCII, or
+    /// plainly not random: fewer than 6 distinct characters, or a shorter text repeated
+    /// (`abcdabcd…`). The message says how to make one.
     pub fn new(text: &str) -> Result<Self, String> {
+        const MAKE: &str = "(`openssl rand -hex 32` prints one)";
         let token = text.trim();
         if token.len() < MIN_TOKEN_LEN {
-            return Err(format!("a token of at least {MIN_TOKEN_LEN} characters (this one has {})", token.len()));
+            return Err(format!(
+                "a token of at least {MIN_TOKEN_LEN} random characters {MAKE}; this one has {}",
+                token.len()
+            ));
         }
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("a token of visible ASCII characters only".to_owned());
+            return Err(format!("a token of visible ASCII characters only {MAKE}"));
+        }
+        let bytes = token.as_bytes();
+        let mut seen = [false; 128];
+        bytes.iter().for_each(|&b| seen[usize::from(b & 0x7f)] = true);
+        let distinct = seen.iter().filter(|s| **s).count();
+        let period = (1..=bytes.len() / 2).find(|&p| bytes.iter().zip(&bytes[p..]).all(|(a, b)| a == b));
+        if distinct < MIN_DISTINCT || period.is_some() {
+            return Err(format!(
+                "a token of {MIN_TOKEN_LEN} random characters {MAKE}; this one {}",
+                match period {
+                    Some(p) => format!("repeats its first {p}"),
+                    None => format!("has {distinct} distinct characters"),
+                }
+            ));
         }
         Ok(Self(token.to_owned()))
     }

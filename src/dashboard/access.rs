@@ -4,8 +4,13 @@
 
 use crate::config::{Config, DashboardToken};
 
-/// The session cookie's name.
+/// The session cookie's name over plain HTTP (a loopback address, or a proxy that does not say
+/// the client came over TLS): its `Path` is the dashboard's.
 pub(crate) const COOKIE: &str = "tollgate_dashboard";
+
+/// The session cookie's name over TLS: `Secure`, `Path=/`, no `Domain`, which the `__Host-`
+/// prefix makes browsers check, so no other host or plain-HTTP page can set or shadow it.
+pub(crate) const HOST_COOKIE: &str = "__Host-tollgate_dashboard";
 
 /// How long a session of the login form lasts (12 hours), its cookie's `Max-Age`.
 pub const SESSION_SECS: i64 = 12 * 3600;
@@ -15,16 +20,25 @@ pub const SESSION_SECS: i64 = 12 * 3600;
 #[non_exhaustive]
 pub enum Access {
     /// Whoever shows this token: `Authorization: Bearer <token>`, or the login form, which sets
-    /// a session cookie (`HttpOnly`, `SameSite=Strict`) derived from it.
+    /// a session cookie (`HttpOnly`, `SameSite=Strict`) derived from it. The token is this one
+    /// for the dashboard's life; [`Configured`](Self::Configured) follows reloads.
     Token(DashboardToken),
+    /// Whoever shows the token of the configuration in force (`[dashboard] token_file`), read
+    /// at each request: mounted for a running engine
+    /// ([`Dashboard::for_engine`](super::Dashboard::for_engine)), a
+    /// [`Tollgate::reload`](crate::Tollgate::reload) with a new token takes effect at the next
+    /// request and ends every session of the old one; a reload that names no token shuts
+    /// everyone out. What [`Access::from_config`] gives.
+    Configured,
     /// Everyone who reaches the router: for an application that puts its own authentication in
     /// front of it. An explicit choice: no constructor falls back to it.
     Open,
     /// No token, for a dashboard listening on a loopback address only (`tollgate dashboard`
-    /// without one): requests must name a loopback host (`localhost`, `127.0.0.1`, `[::1]`,
-    /// any port) in `Host`, so that a web page whose name an attacker points at 127.0.0.1 (DNS
-    /// rebinding) is answered 421 rather than read. HTTP/1.1 only: an HTTP/2 request carries
-    /// its host as `:authority`, not `Host`, and is answered 421.
+    /// without one, over a local SQLite file alone): requests must name a loopback host
+    /// (`localhost`, `127.0.0.1`, `[::1]`, any port) in `Host`, so that a web page whose name
+    /// an attacker points at 127.0.0.1 (DNS rebinding) is answered 421 rather than read.
+    /// HTTP/1.1 only: an HTTP/2 request carries its host as `:authority`, not `Host`, and is
+    /// answered 421.
     Loopback,
 }
 
@@ -40,20 +54,53 @@ pub enum AccessError {
     NoToken,
 }
 
+/// The rule one request meets: [`Access`] with the configuration's token of the moment.
+#[derive(Debug)]
+pub(crate) enum Rule {
+    /// The token must be shown.
+    Token(DashboardToken),
+    /// Nothing is checked.
+    Open,
+    /// Loopback hosts only, nothing else checked.
+    Loopback,
+    /// [`Access::Configured`] under a configuration that names no token: nobody.
+    Nobody,
+}
+
 impl Access {
-    /// The token of the configuration's `[dashboard] token_file`.
+    /// The configuration's `[dashboard] token_file` token, followed through reloads:
+    /// [`Access::Configured`].
     ///
     /// # Errors
     /// [`AccessError::NoToken`] when the configuration names none: a dashboard is never open
     /// by default.
     pub fn from_config(config: &Config) -> Result<Self, AccessError> {
-        config.dashboard().token.clone().map(Access::Token).ok_or(AccessError::NoToken)
+        match config.dashboard().token {
+            Some(_) => Ok(Access::Configured),
+            None => Err(AccessError::NoToken),
+        }
     }
 
+    /// The rule in force, `configured` giving the configuration's token of the moment (the
+    /// engine's, or the one the administration was opened with).
+    pub(crate) fn rule(&self, configured: impl FnOnce() -> Option<DashboardToken>) -> Rule {
+        match self {
+            Access::Token(token) => Rule::Token(token.clone()),
+            Access::Configured => match configured() {
+                Some(token) => Rule::Token(token),
+                None => Rule::Nobody,
+            },
+            Access::Open => Rule::Open,
+            Access::Loopback => Rule::Loopback,
+        }
+    }
+}
+
+impl Rule {
     /// Whether `headers` name a host this rule answers: any but for
     /// [`Loopback`](Self::Loopback).
     pub(crate) fn answers_host(&self, headers: &http::HeaderMap) -> bool {
-        if !matches!(self, Access::Loopback) {
+        if !matches!(self, Rule::Loopback) {
             return true;
         }
         let Some(host) = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) else { return false };
@@ -64,39 +111,52 @@ impl Access {
         name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
-    /// Whether `headers` carry the token (or the rule needs none).
-    pub(crate) fn allows(&self, headers: &http::HeaderMap) -> bool {
-        let Access::Token(token) = self else { return true };
-        let bearer = headers
+    /// Whether the rule asks for nothing: open, or loopback (its host checked apart).
+    pub(crate) fn checks_nothing(&self) -> bool {
+        matches!(self, Rule::Open | Rule::Loopback)
+    }
+
+    /// The session of `headers`' cookie, if it is one of this rule's token still in force at
+    /// `now`: the cookie's value.
+    pub(crate) fn session_of<'h>(&self, headers: &'h http::HeaderMap, now: i64) -> Option<&'h str> {
+        let Rule::Token(token) = self else { return None };
+        cookies_of(headers).find(|c| session_holds(token, c, now))
+    }
+
+    /// What `headers`' `Authorization: Bearer` says: `None` without one, else whether it is
+    /// the token (always false for [`Nobody`](Self::Nobody)).
+    pub(crate) fn bearer(&self, headers: &http::HeaderMap) -> Option<bool> {
+        let mut given = headers
             .get_all(http::header::AUTHORIZATION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .any(|given| same(given.trim().as_bytes(), token.expose().as_bytes()));
-        bearer || cookie_of(headers).is_some_and(|c| session_holds(token, c, now()))
+            .peekable();
+        given.peek()?;
+        Some(given.any(|g| self.accepts(g)))
     }
 
-    /// Whether `given` (the login form's) is the token.
+    /// Whether `given` (a bearer's, or the login form's) is the token.
     pub(crate) fn accepts(&self, given: &str) -> bool {
         match self {
-            Access::Token(token) => same(given.trim().as_bytes(), token.expose().as_bytes()),
-            Access::Open | Access::Loopback => true,
+            Rule::Token(token) => same(given.trim().as_bytes(), token.expose().as_bytes()),
+            Rule::Open | Rule::Loopback => true,
+            Rule::Nobody => false,
         }
     }
 
-    /// The session cookie's value once the login form gave the token.
-    pub(crate) fn session(&self) -> Option<String> {
+    /// The session cookie's value for a login at `now`.
+    pub(crate) fn session(&self, now: i64) -> Option<String> {
         match self {
-            Access::Token(token) => Some(session(token, now())),
-            Access::Open | Access::Loopback => None,
+            Rule::Token(token) => Some(session(token, now)),
+            Rule::Open | Rule::Loopback | Rule::Nobody => None,
         }
     }
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+/// When a session cookie of `issued` ends.
+pub(crate) fn session_ends(cookie: &str) -> Option<i64> {
+    cookie.split_once('.').and_then(|(t, _)| t.parse::<i64>().ok()).and_then(|t| t.checked_add(SESSION_SECS))
 }
 
 /// The session cookie's value for a login at `issued` (Unix seconds): the time and a MAC of it
@@ -117,15 +177,15 @@ fn session_holds(token: &DashboardToken, cookie: &str, now: i64) -> bool {
         && same(cookie.as_bytes(), session(token, issued).as_bytes())
 }
 
-/// The session cookie among `headers`' `Cookie` fields, if any.
-fn cookie_of(headers: &http::HeaderMap) -> Option<&str> {
+/// The session cookies among `headers`' `Cookie` fields, under either name.
+fn cookies_of(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE || *name == HOST_COOKIE)
         .map(|(_, value)| value)
 }
 
@@ -156,48 +216,70 @@ mod tests {
         h
     }
 
+    const TOKEN: &str = "0123456789abcdef-token-of-32-chars";
+
     #[test]
     fn the_token_rule() {
-        let access = Access::Token(DashboardToken::new("0123456789abcdef-token\n").unwrap());
-        assert!(!access.allows(&headers(&[])), "nothing given");
-        assert!(access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-token")])));
-        assert!(!access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-toke")])), "a prefix");
-        assert!(!access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-tokenX")])), "longer");
-        assert!(!access.allows(&headers(&[("authorization", "Basic 0123456789abcdef-token")])));
-        let cookie = access.session().unwrap();
-        assert_ne!(cookie, "0123456789abcdef-token", "the cookie is not the token");
-        assert!(access.allows(&headers(&[("cookie", &format!("a=b; {COOKIE}={cookie}"))])));
-        assert!(!access.allows(&headers(&[("cookie", &format!("{COOKIE}=0123456789abcdef-token"))])));
-        assert!(!access.allows(&headers(&[("cookie", &format!("x{COOKIE}={cookie}"))])));
-        assert!(access.accepts("0123456789abcdef-token"));
-        assert!(!access.accepts(""));
-        assert!(Access::Open.allows(&headers(&[])));
-        assert!(DashboardToken::new("short").is_err(), "at least 16 characters");
-        assert!(DashboardToken::new("0123456789abcdef ghij").is_err(), "no space inside");
-        let token = DashboardToken::new("0123456789abcdef-token").unwrap();
+        let rule = Access::Token(DashboardToken::new(&format!("{TOKEN}\n")).unwrap()).rule(|| None);
         let at = 1_800_000_000;
+        assert_eq!(rule.bearer(&headers(&[])), None, "nothing given");
+        assert_eq!(rule.bearer(&headers(&[("authorization", &format!("Bearer {TOKEN}"))])), Some(true));
+        assert_eq!(rule.bearer(&headers(&[("authorization", &format!("Bearer {}", &TOKEN[1..]))])), Some(false));
+        assert_eq!(rule.bearer(&headers(&[("authorization", &format!("Bearer {TOKEN}X"))])), Some(false));
+        assert_eq!(rule.bearer(&headers(&[("authorization", &format!("Basic {TOKEN}"))])), None);
+        let cookie = rule.session(at).unwrap();
+        assert_ne!(cookie, TOKEN, "the cookie is not the token");
+        assert!(rule.session_of(&headers(&[("cookie", &format!("a=b; {COOKIE}={cookie}"))]), at).is_some());
+        assert!(rule.session_of(&headers(&[("cookie", &format!("{HOST_COOKIE}={cookie}"))]), at).is_some());
+        assert!(rule.session_of(&headers(&[("cookie", &format!("{COOKIE}={TOKEN}"))]), at).is_none());
+        assert!(rule.session_of(&headers(&[("cookie", &format!("x{COOKIE}={cookie}"))]), at).is_none());
+        assert!(rule.accepts(TOKEN));
+        assert!(!rule.accepts(""));
+        assert!(Access::Open.rule(|| None).accepts(""));
+        assert!(!Access::Configured.rule(|| None).accepts(""), "a configuration without a token lets nobody in");
+        let token = DashboardToken::new(TOKEN).unwrap();
         assert!(session_holds(&token, &session(&token, at), at + SESSION_SECS - 1));
         assert!(!session_holds(&token, &session(&token, at), at + SESSION_SECS), "a session ends");
         assert!(!session_holds(&token, &session(&token, at + 10), at), "not from the future");
         let forged = session(&token, at).replacen(&at.to_string(), &(at + 100).to_string(), 1);
         assert!(!session_holds(&token, &forged, at + 200), "its time is under the MAC");
-        let other = DashboardToken::new("another-token-0123456789").unwrap();
+        let other = DashboardToken::new("another-token-0123456789-abcdefgh").unwrap();
         assert!(!session_holds(&other, &session(&token, at), at + 1), "a new token ends every session");
         assert!(!session_holds(&token, "-9223372036854775808.00", at), "no overflow");
         assert!(!session_holds(&token, "9223372036854775807.00", i64::MIN), "no overflow");
+        assert_eq!(session_ends(&session(&token, at)), Some(at + SESSION_SECS));
+    }
+
+    #[test]
+    fn tokens_that_are_short_or_plainly_not_random_are_refused() {
+        for bad in [
+            "short",
+            "0123456789abcdef0123456789abcde",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "abcdeabcdeabcdeabcdeabcdeabcdeabcde",
+            "0123456789abcdef0123456789abcdef",
+            "password1234password1234password",
+            "0123456789abcdef ghij0123456789abcdef",
+        ] {
+            let why = DashboardToken::new(bad).unwrap_err();
+            assert!(why.contains("openssl rand -hex 32"), "{bad}: {why}");
+        }
+        for good in [TOKEN, "5f0c1a9e3b7d24c8a6e0f19b3d7c5a2e", "Zm9vYmFyYmF6cXV4LTEyMzQ1Njc4OTAtYWJj"] {
+            assert!(DashboardToken::new(good).is_ok(), "{good}");
+        }
     }
 
     #[test]
     fn loopback_answers_loopback_hosts_only() {
-        let access = Access::Loopback;
+        let rule = Access::Loopback.rule(|| None);
         for host in ["localhost:9090", "127.0.0.1:9090", "[::1]:9090", "LOCALHOST", "127.0.0.2"] {
-            assert!(access.answers_host(&headers(&[("host", host)])), "{host}");
+            assert!(rule.answers_host(&headers(&[("host", host)])), "{host}");
         }
         for host in ["evil.example:9090", "localhost.evil.example", "10.0.0.1:9090", "[::2]:80"] {
-            assert!(!access.answers_host(&headers(&[("host", host)])), "{host}");
+            assert!(!rule.answers_host(&headers(&[("host", host)])), "{host}");
         }
-        assert!(!access.answers_host(&headers(&[])), "no host");
-        assert!(Access::Open.answers_host(&headers(&[("host", "evil.example")])));
+        assert!(!rule.answers_host(&headers(&[])), "no host");
+        assert!(Access::Open.rule(|| None).answers_host(&headers(&[("host", "evil.example")])));
     }
 
     #[test]

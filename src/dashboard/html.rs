@@ -82,10 +82,20 @@ pub(crate) struct Page {
 const NAV: [(&str, &str); 5] =
     [("/", "Tenants"), ("/plans", "Plans"), ("/billing", "Billing"), ("/alerts", "Alerts"), ("/node", "Node")];
 
+/// What the frame of a page shows besides its title: the node's page in the navigation (a
+/// mounted router's), and the sign-out button (a session of the login form's).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Frame {
+    /// Whether the node's page exists.
+    pub(crate) node: bool,
+    /// Whether the reader came with a session cookie, which the button ends.
+    pub(crate) signed_in: bool,
+}
+
 impl Page {
     /// A page titled `title`, under the dashboard mounted at `base`, with `current` (a path of
-    /// [`NAV`]) marked; `node` says whether the node's page exists (a mounted router's).
-    pub(crate) fn new(base: &str, title: &str, current: &str, node: bool) -> Self {
+    /// [`NAV`]) marked, in `frame`.
+    pub(crate) fn new(base: &str, title: &str, current: &str, frame: Frame) -> Self {
         let mut out = String::with_capacity(8192);
         let _ = write!(
             out,
@@ -98,13 +108,22 @@ impl Page {
             Esc(base)
         );
         for (path, label) in NAV {
-            if path == "/node" && !node {
+            if path == "/node" && !frame.node {
                 continue;
             }
             let class = if path == current { " class=\"current\"" } else { "" };
             let _ = write!(out, "<a{class} href=\"{}{path}\">{label}</a>", Esc(base));
         }
-        let _ = write!(out, "</nav><span class=\"ro\">read-only</span></header><main><h1>{}</h1>", Esc(title));
+        out.push_str("</nav><span class=\"ro\">read-only</span>");
+        if frame.signed_in {
+            let _ = write!(
+                out,
+                "<form class=\"signout\" method=\"post\" action=\"{}/logout\"><button type=\"submit\">Sign out\
+                 </button></form>",
+                Esc(base)
+            );
+        }
+        let _ = write!(out, "</header><main><h1>{}</h1>", Esc(title));
         Self { out }
     }
 
@@ -205,7 +224,7 @@ mod tests {
 
     #[test]
     fn charts_and_gauges_carry_their_figures() {
-        let mut page = Page::new("/ops\"", "t<", "/", false);
+        let mut page = Page::new("/ops\"", "t<", "/", Frame::default());
         page.gauge("quota", 30, 100, "<b>").chart("hourly", "req<", &[(0, 5), (3600, 10)], 3600);
         let html = page.finish();
         assert!(html.contains("value=\"30\""));

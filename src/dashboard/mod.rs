@@ -8,9 +8,11 @@
 
 mod access;
 mod data;
+mod guard;
 mod html;
 mod pages;
 mod serve;
 
 pub use access::{Access, AccessError, SESSION_SECS};
+pub use guard::{Client, MAX_FAILED_TRIES, MAX_SIGNED_OUT, TRY_WINDOW_SECS};
 pub use serve::{Dashboard, CONTENT_SECURITY_POLICY, MAX_BODY};

@@ -1,12 +1,12 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{AlertsData, BillingData, NodeData, PlansData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
-use super::html::{Esc, Num, Page, Seg, When};
+use super::html::{Esc, Frame, Num, Page, Seg, When};
 use crate::{base::Period, store::OutboxEntry};
 
 /// The tenants page.
-pub(crate) fn tenants(base: &str, node: bool, data: &TenantsData) -> String {
-    let mut p = Page::new(base, "Tenants", "/", node);
+pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
+    let mut p = Page::new(base, "Tenants", "/", frame);
     let text = data.search.as_ref().map_or("", |s| s.text.as_str());
     p.fmt(format_args!(
         "<form class=\"search\" method=\"get\" action=\"{}/\"><input type=\"search\" name=\"q\" value=\"{}\" \
@@ -68,9 +68,9 @@ pub(crate) fn tenants(base: &str, node: bool, data: &TenantsData) -> String {
 }
 
 /// One tenant's page.
-pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
+pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
     let r = &d.record;
-    let mut p = Page::new(base, r.id.as_str(), "", node);
+    let mut p = Page::new(base, r.id.as_str(), "", frame);
     p.raw("<section class=\"facts\"><dl>");
     p.fmt(format_args!("<dt>plan</dt><dd class=\"plan\">{}", Esc(r.plan.as_str())));
     if !d.plan_known {
@@ -206,8 +206,8 @@ pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
 }
 
 /// The billing page.
-pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
-    let mut p = Page::new(base, "Billing", "/billing", node);
+pub(crate) fn billing(base: &str, frame: Frame, d: &BillingData) -> String {
+    let mut p = Page::new(base, "Billing", "/billing", frame);
     p.fmt(format_args!("<p>sink: <strong class=\"sink\">{}</strong></p>", Esc(&d.sink)));
     p.fmt(format_args!(
         "<section><h2>Windows pending export ({})</h2><table class=\"pending\"><thead><tr><th>tenant</th><th>meter</th>\
@@ -280,8 +280,8 @@ fn count(n: usize) -> String {
 }
 
 /// The alerts page.
-pub(crate) fn alerts(base: &str, node: bool, d: &AlertsData) -> String {
-    let mut p = Page::new(base, "Alerts", "/alerts", node);
+pub(crate) fn alerts(base: &str, frame: Frame, d: &AlertsData) -> String {
+    let mut p = Page::new(base, "Alerts", "/alerts", frame);
     for (title, class, rows) in [
         ("Pending", "pending", &d.pending),
         ("Delivered", "delivered", &d.delivered),
@@ -301,8 +301,8 @@ pub(crate) fn alerts(base: &str, node: bool, d: &AlertsData) -> String {
 }
 
 /// The plans page: how many tenants are on each version of each plan.
-pub(crate) fn plans(base: &str, node: bool, d: &PlansData) -> String {
-    let mut p = Page::new(base, "Plans", "/plans", node);
+pub(crate) fn plans(base: &str, frame: Frame, d: &PlansData) -> String {
+    let mut p = Page::new(base, "Plans", "/plans", frame);
     p.raw(
         "<section><h2>Tenants per plan version</h2><table class=\"plans\"><thead><tr><th>plan</th><th>version</th>\
          <th>tenants</th><th></th></tr></thead><tbody>",
@@ -342,8 +342,8 @@ fn alert_row(p: &mut Page, a: &OutboxEntry) {
 }
 
 /// The node's page.
-pub(crate) fn node(base: &str, d: &NodeData) -> String {
-    let mut p = Page::new(base, "Node", "/node", true);
+pub(crate) fn node(base: &str, frame: Frame, d: &NodeData) -> String {
+    let mut p = Page::new(base, "Node", "/node", Frame { node: true, ..frame });
     p.raw("<section><h2>Store health</h2><table class=\"health\"><tbody>");
     for (role, result) in &d.health {
         match result {

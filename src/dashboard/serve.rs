@@ -5,8 +5,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 
-use super::access::{Access, COOKIE};
-use super::html::{Esc, Page};
+use super::access::{Access, Rule, COOKIE, HOST_COOKIE, SESSION_SECS};
+use super::guard::{Client, SignedOut, Tries};
+use super::html::{Esc, Frame, Page};
 use super::{data, pages};
 use crate::{admin::Admin, admin::AdminError, engine::Tollgate};
 
@@ -59,6 +60,8 @@ struct Inner {
     admin: Admin,
     engine: Option<Tollgate>,
     access: Access,
+    tries: Tries,
+    signed_out: SignedOut,
 }
 
 impl Dashboard {
@@ -66,20 +69,29 @@ impl Dashboard {
     /// `tollgate dashboard` serves): no node page, no refusals of this node.
     #[must_use]
     pub fn new(admin: Admin, access: Access) -> Self {
-        Self { inner: Arc::new(Inner { admin, engine: None, access }) }
+        Self::with(admin, None, access)
     }
 
     /// The dashboard of a running engine: its stores and configuration, its node page (its
     /// [`Stats`](crate::report::Stats), open holds, store health) and its recent refusals per tenant.
     #[must_use]
     pub fn for_engine(engine: &Tollgate, access: Access) -> Self {
-        Self { inner: Arc::new(Inner { admin: Admin::for_engine(engine), engine: Some(engine.clone()), access }) }
+        Self::with(Admin::for_engine(engine), Some(engine.clone()), access)
+    }
+
+    fn with(admin: Admin, engine: Option<Tollgate>, access: Access) -> Self {
+        let inner = Inner { admin, engine, access, tries: Tries::new(), signed_out: SignedOut::default() };
+        Self { inner: Arc::new(inner) }
     }
 
     /// Answers `request`, whose path is relative to where the dashboard is mounted (`base`, as
     /// the links of its pages start: `""` at the root, `/ops` under `/ops`). Pages answer `GET`
-    /// and `HEAD`; `POST /login` takes the login form (at most [`MAX_BODY`] bytes). Without the
-    /// token: 401 and the login form, nothing else rendered.
+    /// and `HEAD`; `POST /login` takes the login form (at most [`MAX_BODY`] bytes) and
+    /// `POST /logout` ends the session. Without the token: 401 and the login form, nothing else
+    /// rendered. A client address (its [`Client`] in the request's extensions) that has given a
+    /// wrong token [`MAX_FAILED_TRIES`](super::MAX_FAILED_TRIES) times in a minute, as a bearer
+    /// or through the form, is answered 429 without its token being compared until the minute
+    /// ends; a session already open is still served.
     ///
     /// A `base` holding anything but letters, digits, `/`, `-`, `.`, `_`, `~` and `%` (a door
     /// that derives it from a path a client chose) is answered 404: it goes into links, the
@@ -120,25 +132,48 @@ impl Dashboard {
                 false => not_allowed("GET, HEAD"),
             };
         }
+        let inner = &*self.inner;
+        let rule = inner.access.rule(|| match &inner.engine {
+            Some(engine) => engine.dashboard_token(),
+            None => inner.admin.config().and_then(|c| c.dashboard().token.clone()),
+        });
+        let now = inner.admin.clock().unix_secs();
+        let client = parts.extensions.get::<Client>().copied().unwrap_or_default();
         if path == "/login" {
             return match parts.method {
-                Method::POST => self.login(base, body),
-                _ if is_read(&parts.method) => login_page(base, StatusCode::OK),
+                Method::POST => self.login(&rule, base, parts, client, body, now),
+                _ if is_read(&parts.method) => login_page(base, StatusCode::OK, None),
                 _ => not_allowed("GET, HEAD, POST"),
+            };
+        }
+        if path == "/logout" {
+            return match parts.method {
+                Method::POST => self.logout(&rule, base, &parts.headers, now),
+                _ => not_allowed("POST"),
             };
         }
         if !is_read(&parts.method) {
             return not_allowed("GET, HEAD");
         }
-        if !self.inner.access.answers_host(&parts.headers) {
+        if !rule.answers_host(&parts.headers) {
             return answer(
                 StatusCode::MISDIRECTED_REQUEST,
                 "text/plain; charset=utf-8",
                 "this dashboard answers to localhost only\n".to_owned(),
             );
         }
-        if !self.inner.access.allows(&parts.headers) {
-            return login_page(base, StatusCode::UNAUTHORIZED);
+        let session = rule.session_of(&parts.headers, now).filter(|c| !inner.signed_out.ended(c));
+        if !rule.checks_nothing() && session.is_none() {
+            let Some(right) = rule.bearer(&parts.headers) else {
+                return login_page(base, StatusCode::UNAUTHORIZED, None);
+            };
+            if let Some(wait) = inner.tries.barred(client.address, now) {
+                return too_many(base, wait);
+            }
+            if !right {
+                inner.tries.failed(client.address, now);
+                return login_page(base, StatusCode::UNAUTHORIZED, None);
+            }
         }
         let query = |name: &str| {
             form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
@@ -150,75 +185,139 @@ impl Dashboard {
         if let Some(q) = query("q") {
             let cut = crate::admin::search_text(&q);
             if (cut.starts_with("tg_live_") || cut.starts_with("tg_test_")) && cut != q.trim() {
-                let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", String::new());
                 let location = format!("{base}/?q={}", super::html::Seg(&cut));
-                if let Ok(v) = HeaderValue::from_str(&location) {
-                    r.headers_mut().insert(header::LOCATION, v);
-                }
-                return r;
+                return see_other(&location);
             }
         }
-        let admin = &self.inner.admin;
-        let engine = self.inner.engine.as_ref();
-        let node = engine.is_some();
+        let admin = &inner.admin;
+        let engine = inner.engine.as_ref();
+        let frame = Frame { node: engine.is_some(), signed_in: session.is_some() };
         let page = match path {
             "/" | "/tenants" => data::tenants(admin, query("q").as_deref(), query("after").as_deref())
                 .await
-                .map(|d| Some(pages::tenants(base, node, &d))),
-            "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, node, &d))),
-            "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, node, &d))),
-            "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, node, &d))),
+                .map(|d| Some(pages::tenants(base, frame, &d))),
+            "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame, &d))),
+            "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame, &d))),
+            "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame, &d))),
             "/node" => match engine {
-                Some(engine) => Ok(Some(pages::node(base, &data::node(admin, engine).await))),
+                Some(engine) => Ok(Some(pages::node(base, frame, &data::node(admin, engine).await))),
                 None => Ok(None),
             },
             _ => match path.strip_prefix("/tenants/").map(decode) {
                 Some(Some(id)) => {
-                    data::tenant(admin, engine, &id).await.map(|d| d.map(|d| pages::tenant(base, node, &d)))
+                    data::tenant(admin, engine, &id).await.map(|d| d.map(|d| pages::tenant(base, frame, &d)))
                 }
                 _ => Ok(None),
             },
         };
         match page {
             Ok(Some(html)) => answer(StatusCode::OK, "text/html; charset=utf-8", html),
-            Ok(None) => message(base, node, StatusCode::NOT_FOUND, "Not found", "no such page or tenant"),
+            Ok(None) => message(base, frame, StatusCode::NOT_FOUND, "Not found", "no such page or tenant"),
             Err(AdminError::Store(e)) => message(
                 base,
-                node,
+                frame,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Store unavailable",
                 &format!("the store did not answer: {e}"),
             ),
-            Err(e) => message(base, node, StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()),
+            Err(e) => message(base, frame, StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()),
         }
     }
 
-    /// The login form posted: the token checked, a session cookie set.
-    fn login(&self, base: &str, body: &Bytes) -> Response<Bytes> {
+    /// The login form posted: the token checked (unless the address has used up its tries), a
+    /// session cookie set.
+    fn login(
+        &self,
+        rule: &Rule,
+        base: &str,
+        parts: &http::request::Parts,
+        client: Client,
+        body: &Bytes,
+        now: i64,
+    ) -> Response<Bytes> {
         if body.len() > MAX_BODY {
             return answer(StatusCode::PAYLOAD_TOO_LARGE, "text/plain; charset=utf-8", "too large".to_owned());
         }
+        if let Some(wait) = self.inner.tries.barred(client.address, now) {
+            return too_many(base, wait);
+        }
         let given = form_urlencoded::parse(body).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned());
-        if !given.is_some_and(|t| self.inner.access.accepts(&t)) {
-            return login_page(base, StatusCode::UNAUTHORIZED);
+        if !given.is_some_and(|t| rule.accepts(&t)) {
+            self.inner.tries.failed(client.address, now);
+            return login_page(base, StatusCode::UNAUTHORIZED, None);
         }
-        let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", String::new());
-        let location = format!("{base}/");
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        if let Some(session) = self.inner.access.session() {
-            let path = if base.is_empty() { "/" } else { base };
-            let cookie = format!(
-                "{COOKIE}={session}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict",
-                super::access::SESSION_SECS
-            );
+        let mut r = see_other(&format!("{base}/"));
+        if let Some(session) = rule.session(now) {
+            let cookie = match secure(parts, client) {
+                true => format!(
+                    "{HOST_COOKIE}={session}; Path=/; Max-Age={SESSION_SECS}; Secure; HttpOnly; SameSite=Strict"
+                ),
+                false => format!(
+                    "{COOKIE}={session}; Path={}; Max-Age={SESSION_SECS}; HttpOnly; SameSite=Strict",
+                    if base.is_empty() { "/" } else { base }
+                ),
+            };
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
         }
         r
     }
+
+    /// `POST /logout`: the session shown ends on this node, and the browser forgets it.
+    fn logout(&self, rule: &Rule, base: &str, headers: &http::HeaderMap, now: i64) -> Response<Bytes> {
+        if let Some(cookie) = rule.session_of(headers, now) {
+            self.inner.signed_out.end(cookie, now);
+        }
+        let mut r = see_other(&format!("{base}/login"));
+        let path = if base.is_empty() { "/" } else { base };
+        for cookie in [
+            format!("{HOST_COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Strict"),
+            format!("{COOKIE}=; Path={path}; Max-Age=0; HttpOnly; SameSite=Strict"),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+        }
+        r
+    }
+}
+
+/// Whether the client came over TLS: its door says so ([`Client::tls`]), its URI's scheme is
+/// `https` (HTTP/2), or a proxy says so (`X-Forwarded-Proto: https`, `Forwarded: proto=https`).
+/// A client claiming it falsely over plain HTTP only gets a cookie its browser will not keep.
+fn secure(parts: &http::request::Parts, client: Client) -> bool {
+    let said = |name: &str, f: &dyn Fn(&str) -> bool| {
+        parts.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|p| f(p.trim())))
+    };
+    client.tls
+        || parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS)
+        || said("x-forwarded-proto", &|p| p.eq_ignore_ascii_case("https"))
+        || said("forwarded", &|p| {
+            p.split(';').any(|kv| {
+                kv.trim().split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("proto") && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                })
+            })
+        })
+}
+
+fn see_other(location: &str) -> Response<Bytes> {
+    let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", String::new());
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// 429: the address has used up its tries of the token.
+fn too_many(base: &str, wait: i64) -> Response<Bytes> {
+    let text = format!("too many wrong tokens from this address: try again in {wait} s");
+    let mut r = login_page(base, StatusCode::TOO_MANY_REQUESTS, Some(&text));
+    if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 fn is_read(method: &Method) -> bool {
@@ -244,9 +343,12 @@ fn not_allowed(allow: &'static str) -> Response<Bytes> {
     r
 }
 
-/// The login form alone: what a request without the token sees.
-fn login_page(base: &str, status: StatusCode) -> Response<Bytes> {
-    let mut p = Page::new(base, "Sign in", "", false);
+/// The login form alone: what a request without the token sees, with `note` above it.
+fn login_page(base: &str, status: StatusCode, note: Option<&str>) -> Response<Bytes> {
+    let mut p = Page::new(base, "Sign in", "", Frame::default());
+    if let Some(note) = note {
+        p.fmt(format_args!("<p class=\"message\">{}</p>", Esc(note)));
+    }
     p.fmt(format_args!(
         "<section class=\"login\"><p>This dashboard needs its access token.</p>\
          <form method=\"post\" action=\"{}/login\"><input type=\"password\" name=\"token\" \
@@ -262,8 +364,8 @@ fn login_page(base: &str, status: StatusCode) -> Response<Bytes> {
     r
 }
 
-fn message(base: &str, node: bool, status: StatusCode, title: &str, text: &str) -> Response<Bytes> {
-    let mut p = Page::new(base, title, "", node);
+fn message(base: &str, frame: Frame, status: StatusCode, title: &str, text: &str) -> Response<Bytes> {
+    let mut p = Page::new(base, title, "", frame);
     p.fmt(format_args!("<p class=\"message\">{}</p>", Esc(text)));
     answer(status, "text/html; charset=utf-8", p.finish())
 }

@@ -415,6 +415,13 @@ impl Tollgate {
         &self.shared().stores().given().idempotency
     }
 
+    /// The dashboard's token in force (`[dashboard] token_file`), read without copying the
+    /// configuration.
+    #[cfg(feature = "dashboard")]
+    pub(crate) fn dashboard_token(&self) -> Option<crate::config::DashboardToken> {
+        self.shared().runtime().load().config.dashboard().token.clone()
+    }
+
     /// The configuration in force.
     #[must_use]
     pub fn config(&self) -> crate::config::Config {

@@ -15,7 +15,7 @@ use tollgate::{
     Config, Tollgate,
 };
 
-const TOKEN: &str = "dashboard-token-0123456789";
+const TOKEN: &str = "dashboard-token-0123456789-abcdefgh";
 /// Markup in every string a store may hold: shown as text, it never opens a tag.
 const MARK: &str = "<i>x</i>\"'";
 
@@ -122,7 +122,7 @@ async fn without_the_token_nothing_is_rendered_and_the_login_sets_a_session() {
     assert_eq!(d.respond("/ops", login("other=1")).await.status(), 401);
     let big = Bytes::from(vec![b'a'; tollgate::dashboard::MAX_BODY + 1]);
     assert_eq!(d.respond("/ops", http::Request::post("/login").body(big).unwrap()).await.status(), 413);
-    let r = d.respond("/ops", login("token=dashboard-token-0123456789")).await;
+    let r = d.respond("/ops", login("token=dashboard-token-0123456789-abcdefgh")).await;
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/ops/");
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -262,7 +262,7 @@ async fn a_configuration_without_a_token_needs_an_explicit_open() {
     assert_eq!(err.key(), "dashboard.token_file");
     std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
     let config = Config::from_toml_str(&text).unwrap();
-    assert!(matches!(Access::from_config(&config), Ok(Access::Token(_))));
+    assert!(matches!(Access::from_config(&config), Ok(Access::Configured)), "it follows reloads");
     let bare = Config::from_toml_str("[plans.free]\nrate = \"1/s\"\n").unwrap();
     assert!(Access::from_config(&bare).is_err());
 }
@@ -373,4 +373,145 @@ async fn the_plans_page_counts_tenants_per_version() {
         "{page}"
     );
     assert!(!page.contains("<i>"));
+}
+
+fn config_with_token(dir: &std::path::Path, token: Option<&str>) -> Config {
+    let mut text = String::from("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"2/s\"\n");
+    if let Some(token) = token {
+        let file = dir.join(format!("token-{}", &token[..4]));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        text.push_str(&format!("[dashboard]\ntoken_file = \"{}\"\n", file.display()));
+    }
+    Config::from_toml_str(&text).unwrap()
+}
+
+fn bearer(token: &str) -> http::Request<Bytes> {
+    http::Request::get("/").header("authorization", format!("Bearer {token}")).body(Bytes::new()).unwrap()
+}
+
+fn with_cookie(cookie: &str) -> http::Request<Bytes> {
+    http::Request::get("/").header("cookie", cookie).body(Bytes::new()).unwrap()
+}
+
+fn login_as(token: &str, from: Option<std::net::IpAddr>, proxy_says_tls: bool) -> http::Request<Bytes> {
+    let mut r = http::Request::post("/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Bytes::from(format!("token={token}")))
+        .unwrap();
+    if proxy_says_tls {
+        r.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
+    }
+    r.extensions_mut().insert(tollgate::dashboard::Client::new(from, false));
+    r
+}
+
+/// The `name=value` of a login's `Set-Cookie`.
+fn session_of(r: &http::Response<Bytes>) -> String {
+    assert_eq!(r.status(), 303, "{}", text(r));
+    r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned()
+}
+
+/// A dashboard mounted with `Access::from_config` follows the engine's reloads: a new token
+/// takes effect at the next request and ends the old one's sessions; a reload that names no
+/// token shuts everyone out (it never opens the dashboard).
+#[tokio::test]
+async fn a_reloaded_token_takes_effect_at_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("0ld-token-5f0c1a9e3b7d24c8a6e0f19b", "n3w-token-9b3d7c5a2e6f0c1a9e3b7d24");
+    let config = config_with_token(dir.path(), Some(old));
+    let (engine, _worker) = Tollgate::builder(config.clone()).build();
+    let d = Dashboard::for_engine(&engine, Access::from_config(&config).unwrap());
+    assert_eq!(d.respond("/ops", bearer(old)).await.status(), 200);
+    let session = session_of(&d.respond("/ops", login_as(old, None, false)).await);
+    assert_eq!(d.respond("/ops", with_cookie(&session)).await.status(), 200);
+
+    engine.reload(config_with_token(dir.path(), Some(new))).await.unwrap();
+    assert_eq!(d.respond("/ops", bearer(old)).await.status(), 401, "the old token is refused");
+    assert_eq!(d.respond("/ops", with_cookie(&session)).await.status(), 401, "its sessions end");
+    assert_eq!(d.respond("/ops", bearer(new)).await.status(), 200);
+
+    engine.reload(config_with_token(dir.path(), None)).await.unwrap();
+    assert_eq!(d.respond("/ops", bearer(new)).await.status(), 401, "no token: nobody, never open");
+    assert_eq!(d.respond("/ops", http::Request::get("/").body(Bytes::new()).unwrap()).await.status(), 401);
+}
+
+/// Over TLS (a proxy saying so), the session cookie is `Secure` under the `__Host-` prefix
+/// (`Path=/`); over plain HTTP it keeps the dashboard's path. Sign-out ends the session on the
+/// node (its cookie no longer opens a page), tells the browser to forget both cookies, and
+/// leaves other sessions open.
+#[tokio::test]
+async fn the_cookie_is_secure_over_tls_and_signing_out_ends_the_session() {
+    let (clock, time) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let (engine, _worker) = Tollgate::builder(config()).clock(clock).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let over_tls = d.respond("/ops", login_as(TOKEN, None, true)).await;
+    let set = over_tls.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("__Host-tollgate_dashboard="), "{set}");
+    for part in ["; Path=/;", "; Secure;", "; HttpOnly;", "SameSite=Strict"] {
+        assert!(set.contains(part), "{set} lacks {part}");
+    }
+    let plain = d.respond("/ops", login_as(TOKEN, None, false)).await;
+    let set = plain.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.starts_with("tollgate_dashboard=") && set.contains("Path=/ops;") && !set.contains("Secure"), "{set}");
+
+    let first = session_of(&over_tls);
+    let page = d.respond("/ops", with_cookie(&first)).await;
+    assert_eq!(page.status(), 200);
+    assert!(text(&page).contains("action=\"/ops/logout\""), "a signed-in page has the sign-out button");
+    assert!(!text(&get(&d, "/", true).await).contains("/logout"), "a bearer has no session to end");
+    time.advance(std::time::Duration::from_secs(5));
+    let second = session_of(&d.respond("/ops", login_as(TOKEN, None, false)).await);
+
+    let signout = |cookie: &str| http::Request::post("/logout").header("cookie", cookie).body(Bytes::new()).unwrap();
+    let r = d.respond("/ops", signout(&first)).await;
+    assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/ops/login"));
+    let cleared: Vec<_> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    assert!(cleared.iter().any(|c| c.starts_with("__Host-tollgate_dashboard=;") && c.contains("Max-Age=0")));
+    assert!(cleared.iter().any(|c| c.starts_with("tollgate_dashboard=;") && c.contains("Max-Age=0")));
+    assert_eq!(d.respond("/ops", with_cookie(&first)).await.status(), 401, "the session ended on the node");
+    assert_eq!(d.respond("/ops", with_cookie(&second)).await.status(), 200, "another session holds");
+    assert_eq!(d.respond("/ops", http::Request::get("/logout").body(Bytes::new()).unwrap()).await.status(), 405);
+    time.advance(std::time::Duration::from_secs(u64::try_from(tollgate::dashboard::SESSION_SECS).unwrap()));
+    assert_eq!(d.respond("/ops", with_cookie(&second)).await.status(), 401, "sessions end by the clock");
+}
+
+/// Wrong tokens are limited per client address: past `MAX_FAILED_TRIES` in a window, the
+/// address is answered 429 with `Retry-After`, the right token included (it is not compared);
+/// another address and an open session are served; the window ends by the clock.
+#[tokio::test]
+async fn wrong_tokens_are_limited_per_address() {
+    use tollgate::dashboard::{Client, MAX_FAILED_TRIES, TRY_WINDOW_SECS};
+    let (clock, time) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let (engine, _worker) = Tollgate::builder(config()).clock(clock).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let attacker: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+    let from = |ip: std::net::IpAddr, mut r: http::Request<Bytes>| {
+        r.extensions_mut().insert(Client::new(Some(ip), false));
+        r
+    };
+    let open = session_of(&d.respond("/ops", login_as(TOKEN, Some(attacker), false)).await);
+    for i in 0..MAX_FAILED_TRIES {
+        let wrong = format!("wrong-token-{i:04}-5f0c1a9e3b7d24c8a6e0");
+        let r = match i % 2 {
+            0 => d.respond("/ops", from(attacker, bearer(&wrong))).await,
+            _ => d.respond("/ops", login_as(&wrong, Some(attacker), false)).await,
+        };
+        assert_eq!(r.status(), 401, "try {i}");
+    }
+    let barred = d.respond("/ops", from(attacker, bearer(TOKEN))).await;
+    assert_eq!(barred.status(), 429, "the right token is not even compared");
+    assert_eq!(barred.headers()["retry-after"], TRY_WINDOW_SECS.to_string().as_str());
+    assert_eq!(d.respond("/ops", login_as(TOKEN, Some(attacker), false)).await.status(), 429);
+    assert_eq!(d.respond("/ops", from(attacker, with_cookie(&open))).await.status(), 200, "an open session");
+    let mut other = None;
+    for last in 1..=50u8 {
+        let ip = std::net::IpAddr::from([198, 51, 100, last]);
+        if d.respond("/ops", from(ip, bearer(TOKEN))).await.status() == 200 {
+            other = Some(ip);
+            break;
+        }
+    }
+    assert!(other.is_some(), "other addresses are served");
+    time.advance(std::time::Duration::from_secs(u64::try_from(TRY_WINDOW_SECS).unwrap()));
+    assert_eq!(d.respond("/ops", from(attacker, bearer(TOKEN))).await.status(), 200, "the window ended");
 }

@@ -897,6 +897,11 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                         out.headers_mut().append(name, value);
                     }
                 }
+                // The peer's address (for the limit on wrong tokens) and whether it came over
+                // TLS, or a proxy said so (actix reads `Forwarded` and `X-Forwarded-Proto`).
+                let tls = request.connection_info().scheme() == "https";
+                let client = tollgate::dashboard::Client::new(request.peer_addr().map(|a| a.ip()), tls);
+                out.extensions_mut().insert(client);
                 to_actix(dashboard.respond(base, out).await)
             }
         },

@@ -565,14 +565,14 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
     let (engine, _worker) = Tollgate::builder(config).build();
     tollgate::admin::Admin::for_engine(&engine).add_tenant("acme", "free", None).await.unwrap();
     tollgate::admin::Admin::for_engine(&engine).add_tenant("a?b", "free", None).await.unwrap();
-    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
     let app = test::init_service(
         App::new()
             .service(tollgate_actix::dashboard("/ops/", Dashboard::for_engine(&engine, access)))
             .service(web::scope("/v1").wrap(TollgateMiddleware::new(engine.clone()))),
     )
     .await;
-    let bearer = ("authorization", "Bearer dashboard-token-0123456789");
+    let bearer = ("authorization", "Bearer dashboard-token-0123456789-abcdefgh");
     let resp = test::call_service(&app, TestRequest::get().uri("/ops/").to_request()).await;
     assert_eq!(resp.status(), 401);
     for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/tenants/acme", "/ops/?q=ac"] {
@@ -598,7 +598,7 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
     let login = TestRequest::post()
         .uri("/ops/login")
         .insert_header(("content-type", "application/x-www-form-urlencoded"))
-        .set_payload("token=dashboard-token-0123456789")
+        .set_payload("token=dashboard-token-0123456789-abcdefgh")
         .to_request();
     let resp = test::call_service(&app, login).await;
     assert_eq!(resp.status(), 303);
@@ -609,7 +609,7 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
     let put = test::call_service(&app, TestRequest::put().uri("/ops/").insert_header(bearer).to_request()).await;
     assert_eq!(put.status(), 405);
     // Inside a scope of the application, its links start with that scope's path too.
-    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
     let nested = test::init_service(App::new().service(
         web::scope("/admin").service(tollgate_actix::dashboard("/ops", Dashboard::for_engine(&engine, access))),
     ))
@@ -620,4 +620,53 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
     assert_eq!(resp.status(), 200);
     let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
     assert!(body.contains("href=\"/admin/ops/alerts\""), "links under the outer scope");
+}
+
+/// The dashboard's scope tells the dashboard the peer's address (wrong tokens are counted per
+/// address) and whether a proxy said the client came over TLS (the cookie is then `Secure`
+/// under `__Host-`).
+#[cfg(feature = "dashboard")]
+#[actix_web::test]
+async fn the_dashboard_scope_passes_the_peer_and_its_scheme() {
+    use tollgate::{
+        config::DashboardToken,
+        dashboard::{Access, Dashboard, MAX_FAILED_TRIES},
+    };
+    let config =
+        tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
+    let (engine, _worker) = Tollgate::builder(config).build();
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
+    let app = test::init_service(
+        App::new().service(tollgate_actix::dashboard("/ops", Dashboard::for_engine(&engine, access))),
+    )
+    .await;
+    let login = |token: &str, from: [u8; 4], tls: bool| {
+        let mut r = TestRequest::post()
+            .uri("/ops/login")
+            .peer_addr(std::net::SocketAddr::from((from, 40_000)))
+            .insert_header(("content-type", "application/x-www-form-urlencoded"))
+            .set_payload(format!("token={token}"));
+        if tls {
+            r = r.insert_header(("x-forwarded-proto", "https"));
+        }
+        r.to_request()
+    };
+    let right = "dashboard-token-0123456789-abcdefgh";
+    let resp = test::call_service(&app, login(right, [192, 0, 2, 1], true)).await;
+    let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("__Host-tollgate_dashboard=") && cookie.contains("; Secure;"), "{cookie}");
+    let resp = test::call_service(&app, login(right, [192, 0, 2, 1], false)).await;
+    let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("tollgate_dashboard=") && !cookie.contains("Secure"), "{cookie}");
+    for _ in 0..MAX_FAILED_TRIES {
+        let resp =
+            test::call_service(&app, login("wrong-token-5f0c1a9e3b7d24c8a6e0f19b", [203, 0, 113, 9], false)).await;
+        assert_eq!(resp.status(), 401);
+    }
+    assert_eq!(test::call_service(&app, login(right, [203, 0, 113, 9], false)).await.status(), 429);
+    let mut served = false;
+    for last in 1..=50 {
+        served |= test::call_service(&app, login(right, [198, 51, 100, last], false)).await.status() == 303;
+    }
+    assert!(served, "other addresses are served");
 }

@@ -471,6 +471,12 @@ where
                 None => rest.to_owned(),
             };
             parts.uri = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+            // The client's address, for the limit on wrong tokens: the application's own
+            // `Client` if it put one (behind a proxy it trusts), else the connection's.
+            if parts.extensions.get::<tollgate::dashboard::Client>().is_none() {
+                let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+                parts.extensions.insert(tollgate::dashboard::Client::new(peer, false));
+            }
             let body = bounded_body(body, tollgate::dashboard::MAX_BODY).await;
             let answer = dashboard.respond(&format!("{outer}{base}"), http::Request::from_parts(parts, body)).await;
             answer.map(axum::body::Body::from)

@@ -640,7 +640,7 @@ async fn the_dashboard_router_serves_its_pages_under_its_path_outside_the_layer(
         dashboard::{Access, Dashboard},
     };
     let engine = engine();
-    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
     let app = Router::new()
         .route("/v1/items", get(|| async { "items" }))
         .layer(TollgateLayer::new(engine.clone()))
@@ -648,7 +648,7 @@ async fn the_dashboard_router_serves_its_pages_under_its_path_outside_the_layer(
     let call = |uri: &str, auth: bool| {
         let mut r = Request::get(uri);
         if auth {
-            r = r.header("authorization", "Bearer dashboard-token-0123456789");
+            r = r.header("authorization", "Bearer dashboard-token-0123456789-abcdefgh");
         }
         app.clone().oneshot(r.body(Body::empty()).unwrap())
     };
@@ -665,12 +665,44 @@ async fn the_dashboard_router_serves_its_pages_under_its_path_outside_the_layer(
     // The API is still behind the layer.
     assert_eq!(call("/v1/items", false).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     // Nested in a router, its links start with the outer prefix too.
-    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
     let nested: Router =
         Router::new().nest("/admin", tollgate_axum::dashboard("/ops", Dashboard::for_engine(&engine, access)));
-    let req = Request::get("/admin/ops/").header("authorization", "Bearer dashboard-token-0123456789");
+    let req = Request::get("/admin/ops/").header("authorization", "Bearer dashboard-token-0123456789-abcdefgh");
     let resp = nested.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let page = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&page).contains("href=\"/admin/ops/billing\""), "links under the nest");
+}
+
+/// The dashboard's router counts wrong tokens per client address from axum's `ConnectInfo`
+/// (an application serving with `into_make_service_with_connect_info`): one address barred is
+/// not every client barred.
+#[cfg(feature = "dashboard")]
+#[tokio::test]
+async fn the_dashboard_router_limits_wrong_tokens_per_connected_address() {
+    use axum::extract::ConnectInfo;
+    use tollgate::{
+        config::DashboardToken,
+        dashboard::{Access, Dashboard, MAX_FAILED_TRIES},
+    };
+    let engine = engine();
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789-abcdefgh").unwrap());
+    let app: Router = tollgate_axum::dashboard("/ops", Dashboard::for_engine(&engine, access));
+    let call = |from: [u8; 4], token: &str| {
+        let mut r =
+            Request::get("/ops/").header("authorization", format!("Bearer {token}")).body(Body::empty()).unwrap();
+        r.extensions_mut().insert(ConnectInfo(std::net::SocketAddr::from((from, 40_000))));
+        app.clone().oneshot(r)
+    };
+    for _ in 0..MAX_FAILED_TRIES {
+        assert_eq!(call([203, 0, 113, 9], "wrong-token-5f0c1a9e3b7d24c8a6e0f19b").await.unwrap().status(), 401);
+    }
+    let right = "dashboard-token-0123456789-abcdefgh";
+    assert_eq!(call([203, 0, 113, 9], right).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    let mut served = false;
+    for last in 1..=50 {
+        served |= call([198, 51, 100, last], right).await.unwrap().status() == StatusCode::OK;
+    }
+    assert!(served, "other addresses are served");
 }

@@ -5,16 +5,18 @@ use std::{net::SocketAddr, path::Path};
 
 use tollgate::{
     admin::Admin,
-    config::DashboardToken,
+    config::{DashboardToken, StoreRole, StoreSettings},
     dashboard::{Access, Dashboard},
     Config,
 };
 
 use crate::util::Result;
 
-/// The access rule: the token of `--token-file`, else the configuration's; without one, only
-/// a loopback address is served (anyone on the machine may read it, as they may read the
-/// store's file).
+/// The access rule: the token of `--token-file`, else the configuration's. Without one, only a
+/// loopback address over stores that are local files (SQLite, or memory) is served: anyone on
+/// the machine may read the file anyway. A shared store (PostgreSQL, DynamoDB, Redis) is read
+/// with the operator's credentials, which other users of the machine do not have, so it needs
+/// a token on loopback too.
 pub(crate) fn access(config: &Config, listen: SocketAddr, token_file: Option<&Path>) -> Result<Access> {
     let token = match token_file {
         Some(path) => {
@@ -23,12 +25,24 @@ pub(crate) fn access(config: &Config, listen: SocketAddr, token_file: Option<&Pa
         }
         None => config.dashboard().token.clone(),
     };
-    match token {
-        Some(token) => Ok(Access::Token(token)),
-        None if listen.ip().is_loopback() => Ok(Access::Loopback),
-        None => Err(format!(
+    let shared = StoreRole::ALL
+        .into_iter()
+        .map(|role| config.store_of(role))
+        .find(|s| !matches!(s, StoreSettings::Sqlite { .. } | StoreSettings::Memory));
+    match (token, shared) {
+        (Some(token), _) => Ok(Access::Token(token)),
+        (None, None) if listen.ip().is_loopback() => Ok(Access::Loopback),
+        (None, None) => Err(format!(
             "refusing to serve the dashboard on {listen} without an access token: every tenant's figures would be \
-             open to the network; give --token-file (or [dashboard] token_file), or listen on a loopback address"
+             open to the network; give --token-file (or [dashboard] token_file; `openssl rand -hex 32` makes one), \
+             or listen on a loopback address"
+        )
+        .into()),
+        (None, Some(store)) => Err(format!(
+            "refusing to serve the dashboard without an access token: its store ({}) is shared, and every user and \
+             web page of this machine could read every tenant through 127.0.0.1; give --token-file (or [dashboard] \
+             token_file; `openssl rand -hex 32` makes one)",
+            store.kind()
         )
         .into()),
     }
@@ -46,6 +60,9 @@ pub(crate) async fn serve(config: Config, listen: SocketAddr, token_file: Option
         if open { "loopback, no token" } else { "access token required" }
     );
     let app: axum::Router = tollgate_axum::dashboard("", dashboard);
-    axum::serve(listener, app).with_graceful_shutdown(tollgate_axum::shutdown_signal()).await?;
+    // The peer's address, for the limit on wrong tokens per address.
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(tollgate_axum::shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -79,13 +79,13 @@ pub(crate) enum Command {
     },
     /// Serves the read-only operator dashboard over this configuration's stores: tenants,
     /// billing (pending windows, dead letters, reconciliation's findings) and alerts, until
-    /// SIGINT or SIGTERM. Off loopback it needs an access token (`--token-file` or
-    /// `[dashboard] token_file`).
+    /// SIGINT or SIGTERM. It needs an access token (`--token-file` or `[dashboard] token_file`)
+    /// off loopback, and on loopback over a shared store (PostgreSQL, DynamoDB, Redis).
     Dashboard {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:9090")]
         listen: std::net::SocketAddr,
-        /// A file holding the access token (at least 16 characters), instead of the
+        /// A file holding the access token (at least 32 random characters), instead of the
         /// configuration's `dashboard.token_file`.
         #[arg(long)]
         token_file: Option<PathBuf>,

@@ -1139,7 +1139,35 @@ fn the_dashboard_refuses_a_network_address_without_a_token() {
         dir.path(),
         &["--config", "tollgate.toml", "dashboard", "--listen", "0.0.0.0:0", "--token-file", "short"],
     );
-    assert!(err.contains("short must hold a token of at least 16 characters"), "{err}");
+    assert!(err.contains("short must hold a token of at least 32 random characters"), "{err}");
+    std::fs::write(dir.path().join("plain"), "abcdefgh".repeat(5)).unwrap();
+    let err = fails(
+        dir.path(),
+        &["--config", "tollgate.toml", "dashboard", "--listen", "0.0.0.0:0", "--token-file", "plain"],
+    );
+    assert!(err.contains("plain must hold a token of 32 random characters"), "{err}");
+    assert!(err.contains("repeats its first 8") && err.contains("openssl rand -hex 32"), "{err}");
+}
+
+/// On loopback, `tollgate dashboard` needs a token too unless its stores are local files: a
+/// shared store (PostgreSQL, DynamoDB, Redis for a role) is refused before anything is opened
+/// (the servers named here do not exist).
+#[test]
+fn the_dashboard_of_a_shared_store_needs_a_token_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, kind) in [
+        ("[store]\nkind = \"postgres\"\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n", "postgres"),
+        ("[store]\nkind = \"dynamodb\"\ntable = \"t\"\nendpoint = \"http://127.0.0.1:1\"\n", "dynamodb"),
+        (
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n[store.quota]\nkind = \"redis\"\n\
+             url = \"redis://127.0.0.1:1\"\n",
+            "redis",
+        ),
+    ] {
+        std::fs::write(dir.path().join("tollgate.toml"), format!("{store}{PLANS}")).unwrap();
+        let err = fails(dir.path(), &["--config", "tollgate.toml", "dashboard", "--listen", "127.0.0.1:0"]);
+        assert!(err.contains(&format!("its store ({kind}) is shared")), "{kind}: {err}");
+    }
 }
 
 /// `tollgate plans`: a tenant added before `pro` had versions keeps version 1 when version 2
