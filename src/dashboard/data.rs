@@ -84,7 +84,11 @@ pub(crate) struct TenantData {
     pub(crate) plan_known: bool,
     pub(crate) keys: Vec<ApiKeyRecord>,
     pub(crate) gauges: Vec<Gauge>,
+    /// At most [`ROWS`] of its credit grants, open ones first.
     pub(crate) grants: Vec<CreditGrant>,
+    /// How many grants the store holds (open ones are at most
+    /// [`OPEN_GRANTS_MAX`](crate::store::contract::OPEN_GRANTS_MAX) per balance).
+    pub(crate) grants_total: usize,
     pub(crate) cap: Option<SpendCapView>,
     pub(crate) recharges: Vec<RechargeView>,
     /// On a ladder's plan, its tier (`[tiers.NAME]`).
@@ -175,18 +179,34 @@ fn file_tenant(config: Option<&Config>, id: &str) -> Option<TenantRecord> {
     file_record(config?, &TenantId::from(id))
 }
 
-/// The tenants the configuration file declares that the directory does not hold, matching
-/// `keep` (the file's tenants are few: one directory read each).
-async fn file_tenants(admin: &Admin, keep: impl Fn(&TenantRecord) -> bool) -> Result<Vec<TenantRecord>, AdminError> {
+/// The tenants the configuration file declares that the directory does not hold, in id order
+/// after `after`, matching `keep`: at most [`PAGE`] of them looked up (one directory read
+/// each), and whether more were left.
+async fn file_tenants(
+    admin: &Admin,
+    after: Option<&str>,
+    keep: impl Fn(&TenantRecord) -> bool,
+) -> Result<(Vec<TenantRecord>, bool), AdminError> {
     let mut out = Vec::new();
-    let Some(config) = admin.config() else { return Ok(out) };
-    for spec in config.tenants() {
-        let Some(record) = file_tenant(Some(config), spec.id().as_str()) else { continue };
-        if keep(&record) && admin.tenant(spec.id().as_str()).await?.is_none() {
+    let Some(config) = admin.config() else { return Ok((out, false)) };
+    let mut ids: Vec<&str> =
+        config.tenants().iter().map(|s| s.id().as_str()).filter(|id| after.is_none_or(|a| *id > a)).collect();
+    ids.sort_unstable();
+    let mut looked = 0;
+    for id in ids {
+        let Some(record) = file_tenant(Some(config), id) else { continue };
+        if !keep(&record) {
+            continue;
+        }
+        if looked == PAGE {
+            return Ok((out, true));
+        }
+        looked += 1;
+        if admin.tenant(id).await?.is_none() {
             out.push(record);
         }
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// The plan `record` is served, with the overrides that fit it, as the engine serves it
@@ -244,27 +264,28 @@ pub(crate) async fn tenants(
                     || t.customer.as_deref() == Some(cut)
                     || t.metronome_customer.as_deref() == Some(cut)
             };
-            for t in file_tenants(admin, matching).await? {
+            for t in file_tenants(admin, None, matching).await?.0 {
                 records.push((t, Some("declared in the configuration file".to_owned())));
             }
             data.search = Some(found);
             records
         }
         None => {
+            // The directory's next page and the file's tenants it lacks, merged in id order: the
+            // first PAGE of either holds the first PAGE of both.
             let page = admin.list_tenants(after, PAGE).await?;
-            if page.len() == PAGE {
-                data.next = page.last().map(|t| t.id.clone());
+            let full = page.len() == PAGE;
+            let (file, cut) = file_tenants(admin, after, |_| true).await?;
+            let mut records: Vec<_> = file
+                .into_iter()
+                .map(|t| (t, Some("declared in the configuration file".to_owned())))
+                .chain(page.into_iter().map(|t| (t, None)))
+                .collect();
+            records.sort_by(|a, b| a.0.id.as_str().cmp(b.0.id.as_str()));
+            if full || cut || records.len() > PAGE {
+                records.truncate(PAGE);
+                data.next = records.last().map(|(t, _)| t.id.clone());
             }
-            let mut records: Vec<_> = match after {
-                // The file's tenants the directory lacks head the first page.
-                None => file_tenants(admin, |_| true)
-                    .await?
-                    .into_iter()
-                    .map(|t| (t, Some("declared in the configuration file".to_owned())))
-                    .collect(),
-                Some(_) => Vec::new(),
-            };
-            records.extend(page.into_iter().map(|t| (t, None)));
             records
         }
     };
@@ -367,6 +388,7 @@ pub(crate) async fn tenant(
         Err(e) => return Err(e),
     };
     let (mut gauges_, mut grants, mut cap, mut recharges) = (Vec::new(), Vec::new(), None, Vec::new());
+    let mut grants_total = 0;
     if let Some(plan) = &plan {
         let counters = counters_of(admin, id).await?;
         if plan.spend().is_some() {
@@ -375,6 +397,9 @@ pub(crate) async fn tenant(
         gauges_ = gauges(plan, &counters, cap.as_ref(), now);
         if plan.quotas().values().any(|q| q.period() == Period::Prepaid) {
             grants = admin.credits(id).await?.0;
+            grants_total = grants.len();
+            grants.sort_by_key(|g| g.closed.is_some());
+            grants.truncate(ROWS);
         }
         for meter in plan.quotas().keys() {
             if plan.recharge(meter).is_some() {
@@ -405,6 +430,7 @@ pub(crate) async fn tenant(
         keys,
         gauges: gauges_,
         grants,
+        grants_total,
         cap,
         recharges,
         tier,

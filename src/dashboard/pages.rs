@@ -152,7 +152,15 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
                 Esc(&g.closed.as_ref().map_or_else(|| "open".to_owned(), |c| format!("{c:?}")))
             ));
         }
-        p.raw("</tbody></table></section>");
+        p.raw("</tbody></table>");
+        if d.grants_total > d.grants.len() {
+            p.fmt(format_args!(
+                "<p class=\"cut\">the first {} of {} grants, open ones first</p>",
+                Num(d.grants.len() as u64),
+                Num(d.grants_total as u64)
+            ));
+        }
+        p.raw("</section>");
     }
     if let Some(cap) = &d.cap {
         p.fmt(format_args!(

@@ -515,3 +515,65 @@ async fn wrong_tokens_are_limited_per_address() {
     time.advance(std::time::Duration::from_secs(u64::try_from(TRY_WINDOW_SECS).unwrap()));
     assert_eq!(d.respond("/ops", from(attacker, bearer(TOKEN))).await.status(), 200, "the window ended");
 }
+
+/// The tenants list pages through the directory and the tenants only the file declares in one
+/// id order: each tenant once, at most a page of 25 a load, however many the file declares (a
+/// load looks up at most 25 of the file's tenants in the directory, never all of them).
+#[tokio::test]
+async fn the_files_tenants_page_with_the_directorys_in_id_order() {
+    let mut file = String::from("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"2/s\"\n");
+    for i in 0..60 {
+        file.push_str(&format!("[tenants.f{i:03}]\nplan = \"free\"\n"));
+    }
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&file).unwrap()).store_arc(store.clone()).build();
+    let mut expected: Vec<String> = (0..60).map(|i| format!("f{i:03}")).collect();
+    for id in (0..30).map(|i| format!("d{i:03}")).chain(["f010".to_owned(), "f0105".to_owned()]) {
+        store.put_tenant(&TenantRecord::new(id.as_str().into(), "free".into()), &[]).await.unwrap();
+        if !expected.contains(&id) {
+            expected.push(id);
+        }
+    }
+    expected.sort();
+    let d = Dashboard::for_engine(&engine, token());
+    let (mut seen, mut after, mut loads) = (Vec::new(), None::<String>, 0);
+    loop {
+        loads += 1;
+        assert!(loads < 10, "the pages end");
+        let path = after.as_ref().map_or_else(|| "/".to_owned(), |a| format!("/?after={a}"));
+        let page = text(&get(&d, &path, true).await);
+        let rows: Vec<String> = page
+            .split("<a class=\"tenant\" href=\"/ops/tenants/")
+            .skip(1)
+            .map(|r| r.split('"').next().unwrap().to_owned())
+            .collect();
+        assert!(rows.len() <= 25, "{} rows on one page", rows.len());
+        assert!(rows.windows(2).all(|w| w[0] < w[1]), "in id order: {rows:?}");
+        seen.extend(rows);
+        after = page.split("rel=\"next\" href=\"/ops/?after=").nth(1).map(|r| r.split('"').next().unwrap().to_owned());
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, expected, "every tenant once, in id order");
+}
+
+/// A tenant's credit grants: at most 100 on its page, open ones first, and the page says how
+/// many there are.
+#[tokio::test]
+async fn a_tenants_grants_are_shown_a_hundred_at_most() {
+    let (engine, store) = seeded().await;
+    let now = engine.clock().unix_secs();
+    store.put_tenant(&TenantRecord::new("many".into(), "pro".into()), &[]).await.unwrap();
+    for i in 0..130 {
+        let grant = CreditGrant::new("many".into(), "credits".into(), format!("g{i:03}"), 10, now);
+        store.grant_credits(&grant).await.unwrap();
+    }
+    let d = Dashboard::for_engine(&engine, token());
+    let page = get(&d, "/tenants/many", true).await;
+    assert_eq!(page.status(), 200);
+    let page = text(&page);
+    let table = page.split("<table class=\"grants\">").nth(1).unwrap().split("</table>").next().unwrap();
+    assert_eq!(table.matches("<tr><td>").count(), 100, "100 rows");
+    assert!(page.contains("the first 100 of 130 grants, open ones first"), "the cut is said");
+}
