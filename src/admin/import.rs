@@ -79,7 +79,12 @@ fn parse_import(
             (Some(_), Some(_)) => return Err(bad("give `key` or `key_sha256`, not both".to_owned())),
             (Some(k), None) => {
                 crate::tenant::check_api_key(k.as_bytes()).map_err(|why| bad(why.to_owned()))?;
-                let prefix: String = k.chars().take(4).collect();
+                // A key of tollgate's shape keeps the prefix an issued key keeps (`tg_live_AbCd`),
+                // so a search by prefix finds it; another system's key only its first 4.
+                let keyish = k.starts_with("tg_live_") || k.starts_with("tg_test_");
+                let shown =
+                    if keyish && k.len() > 2 * super::keys::PREFIX_CHARS { super::keys::PREFIX_CHARS } else { 4 };
+                let prefix: String = k.chars().take(shown).collect();
                 Some((KeyHash::of(k.as_bytes()), prefix))
             }
             (None, Some(h)) => {

@@ -44,6 +44,9 @@ pub struct TenantSearch {
     pub scanned: usize,
     /// Whether the key prefix scan stopped at [`KEY_SCAN_TENANTS`] with tenants left unread.
     pub cut: bool,
+    /// Where the next page of the search starts ([`Admin::search_tenants_after`]): the last
+    /// tenant read, when the page is full or the scan stopped at its bound with tenants left.
+    pub next: Option<TenantId>,
 }
 
 impl Admin {
@@ -57,11 +60,31 @@ impl Admin {
     /// # Errors
     /// The store failed.
     pub async fn search_tenants(&self, text: &str, limit: usize) -> Result<TenantSearch, AdminError> {
+        self.search_tenants_after(text, None, limit).await
+    }
+
+    /// The page of [`search_tenants`](Self::search_tenants) after the tenant `after` (a
+    /// previous page's [`TenantSearch::next`]): tenants in id order past it whose id or key
+    /// prefix matches, the key prefix scan reading at most [`KEY_SCAN_TENANTS`] tenants from
+    /// there. The tenant of that exact id and the billing customer's are on the first page only.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn search_tenants_after(
+        &self,
+        text: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TenantSearch, AdminError> {
         let text = search_text(text);
         let keyish = text.starts_with("tg_live_") || text.starts_with("tg_test_");
         let mut out = TenantSearch { text: text.clone(), ..TenantSearch::default() };
         if text.is_empty() || limit == 0 {
             return Ok(out);
+        }
+        let after = after.filter(|a| TenantId::is_valid(a)).map(TenantId::from);
+        if let Some(after) = &after {
+            return self.search_page(&text, keyish, after, limit, out).await;
         }
         let push = |out: &mut TenantSearch, t: TenantRecord, why: String| {
             if out.found.len() < limit && !out.found.iter().any(|(f, _)| f.id == t.id) {
@@ -73,26 +96,88 @@ impl Admin {
             if let Some(t) = self.directory.tenant(&id).await? {
                 push(&mut out, t, "id".to_owned());
             }
-            for t in self.directory.list_tenants(Some(&id), limit).await? {
+            if let Some(t) = self.directory.tenant_by_customer(&text).await? {
+                push(&mut out, t, "customer".to_owned());
+            }
+            // The id prefix's tenants in id order: the next page starts after the last shown.
+            let listed = self.directory.list_tenants(Some(&id), limit).await?;
+            let (full, mut last) = (listed.len() == limit, None);
+            for t in listed {
                 if !t.id.as_str().starts_with(&text) {
                     break;
                 }
+                if out.found.len() >= limit {
+                    out.next = last;
+                    return Ok(out);
+                }
+                last = Some(t.id.clone());
                 push(&mut out, t, "id prefix".to_owned());
             }
-        }
-        if let Some(t) = self.directory.tenant_by_customer(&text).await? {
+            if full && !keyish && last.as_ref().is_some_and(|l| l.as_str().starts_with(&text)) {
+                out.next = last;
+            }
+        } else if let Some(t) = self.directory.tenant_by_customer(&text).await? {
             push(&mut out, t, "customer".to_owned());
         }
         if keyish {
-            let mut after: Option<TenantId> = None;
+            return self.key_scan(&text, None, limit, out).await;
+        }
+        Ok(out)
+    }
+
+    /// A page after the first: the key prefix scan from `after`, or the id prefix's tenants
+    /// past it.
+    async fn search_page(
+        &self,
+        text: &str,
+        keyish: bool,
+        after: &TenantId,
+        limit: usize,
+        mut out: TenantSearch,
+    ) -> Result<TenantSearch, AdminError> {
+        if keyish {
+            return self.key_scan(text, Some(after.clone()), limit, out).await;
+        }
+        if TenantId::is_valid(text) {
+            let start = if after.as_str() < text { TenantId::from(text) } else { after.clone() };
+            for t in self.directory.list_tenants(Some(&start), limit).await? {
+                if !t.id.as_str().starts_with(text) {
+                    break;
+                }
+                out.found.push((t, "id prefix".to_owned()));
+            }
+        }
+        if out.found.len() >= limit {
+            out.next = out.found.last().map(|(t, _)| t.id.clone());
+        }
+        Ok(out)
+    }
+
+    /// Tenants after `after` holding a key whose recorded prefix starts with `text`, reading
+    /// the keys of at most [`KEY_SCAN_TENANTS`] tenants.
+    async fn key_scan(
+        &self,
+        text: &str,
+        mut after: Option<TenantId>,
+        limit: usize,
+        mut out: TenantSearch,
+    ) -> Result<TenantSearch, AdminError> {
+        let push = |out: &mut TenantSearch, t: TenantRecord, why: String| {
+            if out.found.len() < limit && !out.found.iter().any(|(f, _)| f.id == t.id) {
+                out.found.push((t, why));
+            }
+        };
+        {
             'scan: while out.scanned < KEY_SCAN_TENANTS {
                 let page = self.directory.list_tenants(after.as_ref(), 100.min(KEY_SCAN_TENANTS - out.scanned)).await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.id.clone());
+                if page.is_empty() {
+                    break;
+                }
                 for t in page {
                     out.scanned += 1;
+                    after = Some(t.id.clone());
                     let keys: Vec<ApiKeyRecord> = self.directory.list_keys(&t.id).await?;
-                    if let Some(k) = keys.iter().find(|k| !k.prefix.is_empty() && k.prefix.starts_with(&text)) {
+                    if let Some(k) = keys.iter().find(|k| !k.prefix.is_empty() && k.prefix.starts_with(text)) {
                         let why = format!("key {}", k.prefix);
                         push(&mut out, t, why);
                         if out.found.len() >= limit {
@@ -101,11 +186,29 @@ impl Admin {
                     }
                 }
             }
-            if out.scanned >= KEY_SCAN_TENANTS {
-                out.cut = !self.directory.list_tenants(after.as_ref(), 1).await?.is_empty();
+            let stopped = out.scanned >= KEY_SCAN_TENANTS || out.found.len() >= limit;
+            if stopped && after.is_some() && !self.directory.list_tenants(after.as_ref(), 1).await?.is_empty() {
+                out.cut = out.scanned >= KEY_SCAN_TENANTS;
+                out.next = after;
             }
         }
         Ok(out)
+    }
+
+    /// The tenant holding the API key `key` (the whole key, expired or not), found by its hash
+    /// in one read, with the key's record: what a search for a whole key pasted finds.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn key_owner(&self, key: &str) -> Result<Option<(TenantRecord, ApiKeyRecord)>, AdminError> {
+        let key = key.trim();
+        if key.is_empty() || key.len() > 1024 {
+            return Ok(None);
+        }
+        let Some(record) = self.directory.key(&crate::store::KeyHash::of(key.as_bytes())).await? else {
+            return Ok(None);
+        };
+        Ok(self.directory.tenant(&record.tenant).await?.map(|t| (t, record)))
     }
 
     /// A page of the directory's tenants in id order after `after`, at most `limit`.

@@ -256,7 +256,7 @@ pub(crate) async fn tenants(
     let mut data = TenantsData::default();
     let records: Vec<(TenantRecord, Option<String>)> = match search.filter(|s| !s.trim().is_empty()) {
         Some(text) => {
-            let found = admin.search_tenants(text, PAGE).await?;
+            let found = admin.search_tenants_after(text, after, PAGE).await?;
             let mut records: Vec<_> = found.found.iter().map(|(t, why)| (t.clone(), Some(why.clone()))).collect();
             let cut = found.text.as_str();
             let matching = |t: &TenantRecord| {
@@ -264,9 +264,12 @@ pub(crate) async fn tenants(
                     || t.customer.as_deref() == Some(cut)
                     || t.metronome_customer.as_deref() == Some(cut)
             };
-            for t in file_tenants(admin, None, matching).await?.0 {
-                records.push((t, Some("declared in the configuration file".to_owned())));
+            if after.is_none() {
+                for t in file_tenants(admin, None, matching).await?.0 {
+                    records.push((t, Some("declared in the configuration file".to_owned())));
+                }
             }
+            data.next = found.next.clone();
             data.search = Some(found);
             records
         }

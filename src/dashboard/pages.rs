@@ -9,7 +9,7 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
     let mut p = Page::new(base, "Tenants", "/", frame);
     let text = data.search.as_ref().map_or("", |s| s.text.as_str());
     p.fmt(format_args!(
-        "<form class=\"search\" method=\"get\" action=\"{}/\"><input type=\"search\" name=\"q\" value=\"{}\" \
+        "<form class=\"search\" method=\"post\" action=\"{}/search\"><input type=\"search\" name=\"q\" value=\"{}\" \
          maxlength=\"128\" placeholder=\"tenant id, billing customer or key prefix (tg_live_…)\" \
          aria-label=\"search\"><button type=\"submit\">Search</button></form>",
         Esc(base),
@@ -21,7 +21,7 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
             p.fmt(format_args!("; the keys of {} tenants read", Num(s.scanned as u64)));
         }
         if s.cut {
-            p.raw(" (the scan stopped there: search by id or customer to reach the others)");
+            p.raw(" (the scan stopped there: the next page reads on)");
         }
         p.raw("</p>");
     }
@@ -58,11 +58,11 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
     }
     p.raw("</tbody></table>");
     if let Some(next) = &data.next {
-        p.fmt(format_args!(
-            "<p><a rel=\"next\" href=\"{}/?after={}\">next page</a></p>",
-            Esc(base),
-            Seg(next.as_str())
-        ));
+        p.fmt(format_args!("<p><a rel=\"next\" href=\"{}/?", Esc(base)));
+        if let Some(s) = &data.search {
+            p.fmt(format_args!("q={}&amp;", Seg(&s.text)));
+        }
+        p.fmt(format_args!("after={}\">next page</a></p>", Seg(next.as_str())));
     }
     p.finish()
 }

@@ -152,7 +152,11 @@ impl Dashboard {
                 _ => not_allowed("POST"),
             };
         }
-        if !is_read(&parts.method) {
+        let search = path == "/search";
+        if search && parts.method != Method::POST {
+            return not_allowed("POST");
+        }
+        if !search && !is_read(&parts.method) {
             return not_allowed("GET, HEAD");
         }
         if !rule.answers_host(&parts.headers) {
@@ -180,16 +184,38 @@ impl Dashboard {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.chars().take(crate::admin::MAX_SEARCH_LEN).collect::<String>())
         };
-        // A whole API key pasted in the search box: answered with a redirect to its prefix, so
-        // the key leaves the address bar and the history at once (the page never echoes it).
-        if let Some(q) = query("q") {
-            let cut = crate::admin::search_text(&q);
-            if (cut.starts_with("tg_live_") || cut.starts_with("tg_test_")) && cut != q.trim() {
-                let location = format!("{base}/?q={}", super::html::Seg(&cut));
-                return see_other(&location);
-            }
-        }
         let admin = &inner.admin;
+        // The search form posts its text, so that a whole API key pasted stays out of the
+        // address bar, the history and the logs: a key found by its hash (one read) opens its
+        // tenant's page; other text is searched, a key's cut to its prefix. A whole key given
+        // in the address (`?q=`) is answered the same way, and leaves the address bar at once.
+        let typed = match search {
+            true if body.len() > MAX_BODY => {
+                return answer(StatusCode::PAYLOAD_TOO_LARGE, "text/plain; charset=utf-8", "too large".to_owned());
+            }
+            true => form_urlencoded::parse(body).find(|(k, _)| k == "q").map(|(_, v)| v.into_owned()),
+            false => query("q").filter(|q| {
+                let cut = crate::admin::search_text(q);
+                (cut.starts_with("tg_live_") || cut.starts_with("tg_test_")) && cut != q.trim()
+            }),
+        };
+        if search || typed.is_some() {
+            let typed = typed.unwrap_or_default();
+            return match admin.key_owner(&typed).await {
+                Ok(Some((tenant, _))) => see_other(&format!("{base}/tenants/{}", super::html::Seg(tenant.id.as_str()))),
+                Ok(None) => {
+                    let cut = crate::admin::search_text(&typed);
+                    see_other(&format!("{base}/?q={}", super::html::Seg(&cut)))
+                }
+                Err(e) => message(
+                    base,
+                    Frame::default(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Store unavailable",
+                    &e.to_string(),
+                ),
+            };
+        }
         let engine = inner.engine.as_ref();
         let frame = Frame { node: engine.is_some(), signed_in: session.is_some() };
         let page = match path {

@@ -215,8 +215,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(Admin::for_engine(&engine).search_tenants("tg_live_abcéé", 5).await.unwrap().text, "tg_live_abcé");
     let long = format!("/?q={}", "é".repeat(MAX_SEARCH_LEN + 5));
     assert_eq!(get(&d, &long, true).await.status(), 200);
-    // A whole key pasted: redirected to its prefix, never echoed.
+    // A whole key pasted: its tenant's page (the key leaves the address bar), never echoed.
     let r = get(&d, "/?q=tg_live_0123456789abcdefghijklmnopqrstuv", true).await;
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["location"].to_str().unwrap()),
+        (303, "/ops/tenants/%3Ci%3Ex%3C%2Fi%3E%22%27")
+    );
+    let r = get(&d, "/?q=tg_live_0123456789abcdefghijklmnopqrstuX", true).await;
     assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/ops/?q=tg_live_0123"));
     // Without an engine (`tollgate dashboard`), no node page.
     let offline = Dashboard::new(Admin::for_engine(&engine), token());
@@ -576,4 +581,87 @@ async fn a_tenants_grants_are_shown_a_hundred_at_most() {
     let table = page.split("<table class=\"grants\">").nth(1).unwrap().split("</table>").next().unwrap();
     assert_eq!(table.matches("<tr><td>").count(), 100, "100 rows");
     assert!(page.contains("the first 100 of 130 grants, open ones first"), "the cut is said");
+}
+
+/// A whole key, posted from the search box, opens its tenant's page: found by its hash in one
+/// read, whichever system made it (issued, or imported with its own shape), and never in an
+/// address. A key of nobody is searched by its prefix; other text is searched as typed.
+#[tokio::test]
+async fn a_whole_key_posted_opens_its_tenants_page() {
+    let (engine, _store) = seeded().await;
+    let admin = Admin::for_engine(&engine);
+    let issued = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    admin.import_csv("tenant,plan,key\nglobex,free,sk_live_51Hx0ther0system0key0000000\n").await.unwrap();
+    let d = Dashboard::for_engine(&engine, token());
+    let post = |q: &str| {
+        http::Request::post("/search")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Bytes::from(form_urlencoded::Serializer::new(String::new()).append_pair("q", q).finish()))
+            .unwrap()
+    };
+    let location =
+        |r: &http::Response<Bytes>| (r.status().as_u16(), r.headers()["location"].to_str().unwrap().to_owned());
+    assert_eq!(location(&d.respond("/ops", post(&issued)).await), (303, "/ops/tenants/acme".to_owned()));
+    assert_eq!(
+        location(&d.respond("/ops", post(" sk_live_51Hx0ther0system0key0000000\n")).await),
+        (303, "/ops/tenants/globex".to_owned()),
+        "an imported key of another shape"
+    );
+    let nobody = "tg_live_Nobody0wnsThisKey0000000000";
+    assert_eq!(location(&d.respond("/ops", post(nobody)).await), (303, "/ops/?q=tg_live_Nobo".to_owned()));
+    assert_eq!(location(&d.respond("/ops", post("acm")).await), (303, "/ops/?q=acm".to_owned()));
+    // In the address too, a whole key opens its tenant and leaves the address bar.
+    let r = get(&d, &format!("/?q={issued}"), true).await;
+    assert_eq!(location(&r), (303, "/ops/tenants/acme".to_owned()));
+    // The form posts; the search takes no other method, and needs the token.
+    let page = text(&get(&d, "/", true).await);
+    assert!(page.contains("method=\"post\" action=\"/ops/search\""), "the form posts");
+    assert_eq!(get(&d, "/search", true).await.status(), 405);
+    let mut anonymous = post(&issued);
+    anonymous.headers_mut().remove("authorization");
+    assert_eq!(d.respond("/ops", anonymous).await.status(), 401, "nothing found without the token");
+}
+
+/// A key prefix matching more tenants than a page pages on, and so does a scan stopped at its
+/// bound: every tenant holding a matching key is reached, each once. An imported key of
+/// tollgate's shape keeps the prefix an issued key keeps, so its prefix finds it.
+#[tokio::test]
+async fn a_key_prefix_search_pages_through_every_match() {
+    let store = Arc::new(MemoryStore::new());
+    let admin = Admin::new(store.clone());
+    let mut expected = Vec::new();
+    for i in 0..KEY_SCAN_TENANTS + 260 {
+        let id = format!("t{i:04}");
+        store.put_tenant(&TenantRecord::new(id.as_str().into(), "free".into()), &[]).await.unwrap();
+        if i % 20 == 0 || i > KEY_SCAN_TENANTS + 200 {
+            let hash = tollgate::store::KeyHash::of(id.as_bytes());
+            let key = ApiKeyRecord::new(hash, id.as_str().into(), 0).with_prefix("tg_live_Same");
+            store.put_key(&key, tollgate::store::KeyWrite::Upsert).await.unwrap();
+            expected.push(id);
+        }
+    }
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        pages += 1;
+        assert!(pages < 20, "the pages end");
+        let page = admin.search_tenants_after("tg_live_Sam", after.as_deref(), 25).await.unwrap();
+        assert!(page.found.len() <= 25 && page.scanned <= KEY_SCAN_TENANTS);
+        seen.extend(page.found.iter().map(|(t, _)| t.id.as_str().to_owned()));
+        match page.next {
+            Some(next) => after = Some(next.as_str().to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected, "every match once, in id order");
+    // On the dashboard: the next page's link keeps the search.
+    let (engine, _worker) = Tollgate::builder(config()).store_arc(store.clone()).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let page = text(&get(&d, "/?q=tg_live_Sam", true).await);
+    assert!(page.contains("rel=\"next\" href=\"/ops/?q=tg_live_Sam&amp;after=t0480\""), "{page}");
+    // An imported key of tollgate's shape: found by its issued-length prefix.
+    let imported = "tg_live_Imp0rtedKey0123456789abcdefgh";
+    Admin::new(store.clone()).import_csv(&format!("tenant,plan,key\nzz-imported,free,{imported}\n")).await.unwrap();
+    let found = Admin::new(store.clone()).search_tenants_after("tg_live_Imp0", Some("t0600"), 25).await.unwrap();
+    assert_eq!(found.found.iter().map(|(t, _)| t.id.as_str()).collect::<Vec<_>>(), ["zz-imported"]);
 }
