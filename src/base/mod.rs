@@ -23,7 +23,7 @@ pub use key::{KeyHash, KeyScope, KeyScopes};
 pub use money::{
     amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, Standing, MAX_CAP_NANOS, NANOS, SPEND_METER,
 };
-pub(crate) use money::{header_scale, minor_units_of, money_text, HEADER_INTEGER_MAX};
+pub(crate) use money::{header_scale, minor_digits, minor_units_of, money_text, HEADER_INTEGER_MAX};
 pub(crate) use period::ENDED_PERIODS_KEPT_SECS;
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;

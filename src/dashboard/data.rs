@@ -86,6 +86,8 @@ pub(crate) struct TenantData {
     pub(crate) gauges: Vec<Gauge>,
     /// At most [`ROWS`] of its credit grants, open ones first.
     pub(crate) grants: Vec<CreditGrant>,
+    /// The billing currency (`[billing] currency`), for money shown.
+    pub(crate) currency: Option<String>,
     /// How many grants the store holds (open ones are at most
     /// [`OPEN_GRANTS_MAX`](crate::store::contract::OPEN_GRANTS_MAX) per balance).
     pub(crate) grants_total: usize,
@@ -420,7 +422,9 @@ pub(crate) async fn tenant(
         0 => hour - (hours - 1) * 3600,
         _ => (hour - (hours - 1) * 3600).min(day - (days - 1) * 86_400),
     };
-    let rows = admin.usage(id, None, from, now + 1).await?;
+    // Spend is money, shown on its gauge and the spend cap's line: not charted as units.
+    let mut rows = admin.usage(id, None, from, now + 1).await?;
+    rows.retain(|a| a.key.meter.as_str() != crate::base::SPEND_METER);
     // Its tier, or none shown when its payments cannot be read (the page is still of use).
     let tier = admin.tier(id).await.unwrap_or_else(|e| {
         tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's tier could not be read");
@@ -434,6 +438,7 @@ pub(crate) async fn tenant(
         gauges: gauges_,
         grants,
         grants_total,
+        currency: admin.config().and_then(|c| c.billing().currency.clone()),
         cap,
         recharges,
         tier,

@@ -59,6 +59,28 @@ impl fmt::Display for Num {
     }
 }
 
+/// Nano-units of money in the currency's format: its minor digits (`2.50 USD`, `1,250 JPY`),
+/// thousands separated; without a currency, two decimals.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Money<'a>(pub(crate) u64, pub(crate) Option<&'a str>);
+
+impl fmt::Display for Money<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.1.map_or(2, crate::base::minor_digits);
+        let amount = crate::base::amount_of(self.0).round_dp(digits);
+        let text = format!("{amount:.prec$}", prec = digits as usize);
+        let (whole, fraction) = text.split_once('.').unwrap_or((&text, ""));
+        write!(f, "{}", Num(whole.parse().unwrap_or(0)))?;
+        if !fraction.is_empty() {
+            write!(f, ".{fraction}")?;
+        }
+        match self.1 {
+            Some(currency) => write!(f, " {}", Esc(&currency.to_ascii_uppercase())),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A Unix time as UTC text (`2026-11-27 14:00`), or `-`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct When(pub(crate) Option<i64>);
@@ -148,14 +170,26 @@ impl Page {
     /// A `<meter>` gauge of `value` out of `max` with its figures beside it, `class` naming
     /// what it is (for the tests and the style).
     pub(crate) fn gauge(&mut self, class: &'static str, value: u64, max: u64, caption: &str) -> &mut Self {
-        let high = max - max / 5;
+        self.gauge_shown(class, (value, Num(value)), (max, Num(max)), caption)
+    }
+
+    /// A gauge whose figures are shown as `value.1` and `max.1` (money, say).
+    pub(crate) fn gauge_shown(
+        &mut self,
+        class: &'static str,
+        value: (u64, impl fmt::Display),
+        max: (u64, impl fmt::Display),
+        caption: &str,
+    ) -> &mut Self {
+        let high = max.0 - max.0 / 5;
         self.fmt(format_args!(
-            "<div class=\"gauge {class}\"><meter min=\"0\" max=\"{max}\" low=\"{high}\" high=\"{high}\" \
+            "<div class=\"gauge {class}\"><meter min=\"0\" max=\"{}\" low=\"{high}\" high=\"{high}\" \
              optimum=\"0\" value=\"{}\"></meter> <span class=\"figures\"><span class=\"value\">{}</span> of \
              <span class=\"max\">{}</span></span> <span class=\"caption\">{}</span></div>",
-            value.min(max),
-            Num(value),
-            Num(max),
+            max.0,
+            value.0.min(max.0),
+            value.1,
+            max.1,
             Esc(caption)
         ))
     }

@@ -1,7 +1,7 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{AlertsData, BillingData, NodeData, PlansData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
-use super::html::{Esc, Frame, Num, Page, Seg, When};
+use super::html::{Esc, Frame, Money, Num, Page, Seg, When};
 use crate::{base::Period, store::OutboxEntry};
 
 /// The tenants page.
@@ -89,6 +89,22 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         p.raw("<p>no quota on its plan</p>");
     }
     for g in &d.gauges {
+        if g.meter.as_str() == crate::base::SPEND_METER {
+            // Money: the spend cap's figures in the currency, not in nano-units.
+            let currency = d.currency.as_deref();
+            let caption = format!(
+                "spend per {} ({}), {} kept unspent by nodes, {} to {}",
+                g.period.name(),
+                if g.mode == crate::base::QuotaMode::Hard { "hard" } else { "soft" },
+                Money(g.kept, currency),
+                When(Some(g.start)),
+                When(Some(g.end))
+            );
+            p.raw("<div class=\"meter-spend\">");
+            p.gauge_shown("quota", (g.used, Money(g.used, currency)), (g.limit, Money(g.limit, currency)), &caption);
+            p.raw("</div>");
+            continue;
+        }
         let caption = match g.period {
             Period::Prepaid => format!("{} balance, {} kept unspent by nodes", g.meter, g.kept),
             _ => format!(

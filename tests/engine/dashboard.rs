@@ -665,3 +665,35 @@ async fn a_key_prefix_search_pages_through_every_match() {
     let found = Admin::new(store.clone()).search_tenants_after("tg_live_Imp0", Some("t0600"), 25).await.unwrap();
     assert_eq!(found.found.iter().map(|(t, _)| t.id.as_str()).collect::<Vec<_>>(), ["zz-imported"]);
 }
+
+/// Money is shown as money: a spend cap's gauge reads "1.50 USD of 10.00 USD", not nano-units,
+/// and spend is not charted as a series of units.
+#[tokio::test]
+async fn a_spend_caps_gauge_is_shown_in_the_currency() {
+    let toml = "[store]\nkind = \"memory\"\n[billing]\ncurrency = \"usd\"\n[meters.requests]\nprice = \"0.25\"\n\
+                [plans.p]\nrate = \"1000/s\"\nspend = { limit = \"10.00\", period = \"month\", mode = \"hard\" }\n";
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let h = crate::common::Harness::build(toml, store.clone(), clock, handle);
+    let admin = Admin::for_engine(&h.tollgate);
+    drop(store);
+    admin.add_tenant("acme", "p", None).await.unwrap();
+    let key = admin.issue_key("acme", Default::default()).await.unwrap().key;
+    for _ in 0..6 {
+        assert_eq!(h.status("/", &key).await, 200);
+    }
+    // The node gives back what it leased and keeps unspent: the store holds what was spent.
+    h.tollgate.shutdown().await.unwrap();
+    let d = Dashboard::for_engine(&h.tollgate, token());
+    let page = text(&get(&d, "/tenants/acme", true).await);
+    let gauge =
+        page.split("<div class=\"meter-spend\">").nth(1).expect("a spend gauge").split("</div>").next().unwrap();
+    assert!(gauge.contains("<span class=\"value\">1.50 USD</span>"), "{gauge}");
+    assert!(gauge.contains("<span class=\"max\">10.00 USD</span>"), "{gauge}");
+    assert!(!page.contains("1,500,000,000") && !page.contains("10,000,000,000"), "no nano-units");
+    let now = h.tollgate.clock().unix_secs();
+    let spent = admin.usage("acme", Some("spend"), now - 3600, now + 1).await.unwrap();
+    assert!(!spent.is_empty(), "the usage store holds spend rows");
+    assert!(page.contains("class=\"chart hourly\"><figcaption>requests"), "requests are charted");
+    assert!(!page.contains("class=\"chart hourly\"><figcaption>spend"), "spend is not charted as units");
+}
