@@ -73,6 +73,34 @@ store = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
 used = dict(((t, m), q) for t, m, q in store.execute("SELECT tenant, meter, SUM(quantity) FROM usage GROUP BY tenant, meter"))
 
 
+# Words of at most 20 characters that a page's cells or headings break across two lines: a
+# word's range has one box per line it is on. (Run by the driver: the page itself runs none.)
+BROKEN_WORDS = """
+const out = [];
+for (const el of document.querySelectorAll('th, td, h1, h2, dd, dt, figcaption')) {
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const re = /\\S+/g;
+    let m;
+    while ((m = re.exec(node.data)) !== null) {
+      if (m[0].length > 20) continue;
+      const range = document.createRange();
+      range.setStart(node, m.index);
+      range.setEnd(node, m.index + m[0].length);
+      const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+      if (tops.size > 1) out.push(m[0]);
+    }
+  }
+}
+return out;
+"""
+
+
+def no_word_broken(driver, page):
+    broken = driver.execute_script(BROKEN_WORDS)
+    check(f"{page}: no word broken across lines", not broken, broken[:10])
+
+
 def used_today(tenant, meter):
     """The daily quota's gauge counts today's usage (UTC), read as the page is."""
     midnight = int(time.time()) // 86400 * 86400
@@ -98,6 +126,7 @@ try:
     balance = rows["acme"].find_element(By.CSS_SELECTOR, "td.balance").text if "acme" in rows else ""
     left = granted - used.get(("acme", "credits"), 0)
     check("acme's balance as the store holds it", f"credits {left:,} of {granted:,}" in balance, balance)
+    no_word_broken(driver, "tenants")
     shot(driver, "tenants")
 
     driver.find_element(By.NAME, "q").send_keys(prefixes[0])
@@ -123,6 +152,7 @@ try:
     keys = [k.text for k in driver.find_elements(By.CSS_SELECTOR, "td.prefix")]
     check("keys by prefix only", keys == [p + "…" for p in prefixes], keys)
     check("no key of the store in the page", "tg_live_" not in driver.page_source.replace(prefixes[0], ""))
+    no_word_broken(driver, "tenant")
     shot(driver, "tenant")
 
     driver.get(base + "/")
@@ -148,6 +178,7 @@ try:
         counted[key] = counted.get(key, 0) + 1
     check("plans: the tenants on each version, as the store holds them",
           all(shown.get(k) == str(n) for k, n in counted.items()) and counted, (shown, counted))
+    no_word_broken(driver, "plans")
     shot(driver, "plans")
 
     driver.get(base + "/billing")
@@ -156,12 +187,14 @@ try:
     check("billing: the windows pending export", shown == pending, (shown, pending))
     reasons = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.dead td.reason")]
     check("billing: the dead letter, its reason as text", reasons == ["refused: <b>No such customer</b>"] and dead == 1, reasons)
+    no_word_broken(driver, "billing")
     shot(driver, "billing")
 
     driver.get(base + "/alerts")
     rows = driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr")
     check("alerts: the pending alert", len(rows) == 1)
     check("alerts: a destination's query (a receiver's token) is not shown", "secret" not in driver.page_source)
+    no_word_broken(driver, "alerts")
     shot(driver, "alerts")
 
     driver.get(base + "/node")
@@ -169,6 +202,7 @@ try:
     stats = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
              for r in driver.find_elements(By.CSS_SELECTOR, "table.stats tr")}
     check("node: its stats", stats.get("tracked_tenants") == "2", stats.get("tracked_tenants"))
+    no_word_broken(driver, "node")
     shot(driver, "node")
 
     if cli_base:

@@ -27,6 +27,23 @@ impl fmt::Display for Esc<'_> {
     }
 }
 
+/// An identifier escaped as [`Esc`] does, with a line-break opportunity (`<wbr>`) after each
+/// `.`, `:`, `/`, `_` and `@`, so that `quota.threshold_crossed:acme:requests:80` wraps between
+/// its parts rather than inside a word.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wrap<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Wrap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['.', ':', '/', '_', '@']) {
+            write!(f, "{}<wbr>", Esc(&rest[..=i]))?;
+            rest = &rest[i + 1..];
+        }
+        write!(f, "{}", Esc(rest))
+    }
+}
+
 /// A path segment percent-encoded (every byte but unreserved ones), for a tenant id in a link.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Seg<'a>(pub(crate) &'a str);
@@ -249,6 +266,7 @@ mod tests {
         let text = Esc(hostile).to_string();
         assert_eq!(text, "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;");
         assert_eq!(Esc("plain").to_string(), "plain");
+        assert_eq!(Wrap("a.b:<c>").to_string(), "a.<wbr>b:<wbr>&lt;c&gt;", "escaped, with break points");
         assert_eq!(Seg("a/b c<").to_string(), "a%2Fb%20c%3C");
         assert_eq!(Num(1_234_567).to_string(), "1,234,567");
         assert_eq!(Num(12).to_string(), "12");

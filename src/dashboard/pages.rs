@@ -1,7 +1,7 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{AlertsData, BillingData, NodeData, PlansData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
-use super::html::{Esc, Frame, Money, Num, Page, Seg, When};
+use super::html::{Esc, Frame, Money, Num, Page, Seg, When, Wrap};
 use crate::{base::Period, store::OutboxEntry};
 
 /// The tenants page.
@@ -355,13 +355,13 @@ fn alert_row(p: &mut Page, a: &OutboxEntry) {
     let destination = a.key.destination.split(['?', '#']).next().unwrap_or("");
     p.fmt(format_args!(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-        Esc(&a.key.id),
-        Esc(a.tenant.as_str()),
-        Esc(&a.event),
-        Esc(destination),
+        Wrap(&a.key.id),
+        Wrap(a.tenant.as_str()),
+        Wrap(&a.event),
+        Wrap(destination),
         When(Some(a.created_at)),
         a.attempts,
-        Esc(a.last_error.as_deref().unwrap_or("-"))
+        Wrap(a.last_error.as_deref().unwrap_or("-"))
     ));
 }
 
