@@ -181,6 +181,23 @@ try:
     no_word_broken(driver, "plans")
     shot(driver, "plans")
 
+    # Refresh without script: the page reloads itself (a <meta> refresh) and says when it read.
+    driver.get(base + "/billing")
+    first = driver.find_element(By.CSS_SELECTOR, "header .asof").text
+    check("every page says when it was read", first.startswith("as of "), first)
+    driver.find_element(By.CSS_SELECTOR, "header a.refresh").click()
+    WebDriverWait(driver, 20).until(lambda d: "refresh=on" in d.current_url)
+    marked = driver.find_element(By.CSS_SELECTOR, "header .asof")
+    try:
+        # Waits for the reload (10 s), never racing it: the element of the old page goes stale.
+        WebDriverWait(driver, 40).until(lambda d: d.find_element(By.CSS_SELECTOR, "header .asof").id != marked.id)
+        check("refresh: the page reloaded itself, no script", not driver.find_elements(By.TAG_NAME, "script"))
+    except TimeoutException:
+        check("refresh: the page reloaded itself", False, "no reload within 40 s")
+    driver.find_element(By.CSS_SELECTOR, "header a.refresh").click()
+    WebDriverWait(driver, 20).until(lambda d: "refresh=on" not in d.current_url)
+    check("refresh: stopped", not driver.find_elements(By.CSS_SELECTOR, "meta[http-equiv=refresh]"))
+
     driver.get(base + "/billing")
     check("billing: the sink", driver.find_element(By.CSS_SELECTOR, ".sink").text == "jsonl")
     shown = len(driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr"))

@@ -129,7 +129,15 @@ pub(crate) struct Frame {
     pub(crate) node: bool,
     /// Whether the reader came with a session cookie, which the button ends.
     pub(crate) signed_in: bool,
+    /// When the page's figures were read (Unix seconds), shown as "as of".
+    pub(crate) as_of: Option<i64>,
+    /// Whether the page reloads itself every [`REFRESH_SECS`] (`?refresh=on`), by a `<meta>`
+    /// refresh: no script.
+    pub(crate) refresh: bool,
 }
+
+/// How often a page asked to refresh reloads itself, in seconds.
+pub(crate) const REFRESH_SECS: u32 = 10;
 
 impl Page {
     /// A page titled `title`, under the dashboard mounted at `base`, with `current` (a path of
@@ -140,10 +148,15 @@ impl Page {
             out,
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-             <title>{} · tollgate</title><link rel=\"stylesheet\" href=\"{}/assets/dashboard.css\"></head>\
+             <title>{} · tollgate</title><link rel=\"stylesheet\" href=\"{}/assets/dashboard.css\">{}</head>\
              <body><header><a class=\"brand\" href=\"{}/\">tollgate</a><nav>",
             Esc(title),
             Esc(base),
+            if frame.refresh {
+                format!("<meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">")
+            } else {
+                String::new()
+            },
             Esc(base)
         );
         for (path, label) in NAV {
@@ -154,6 +167,14 @@ impl Page {
             let _ = write!(out, "<a{class} href=\"{}{path}\">{label}</a>", Esc(base));
         }
         out.push_str("</nav><span class=\"ro\">read-only</span>");
+        if let Some(t) = frame.as_of.and_then(|t| chrono::DateTime::from_timestamp(t, 0)) {
+            let _ = write!(out, "<span class=\"asof\">as of {} UTC</span>", t.format("%Y-%m-%d %H:%M:%S"));
+            // A query alone keeps the page's path: the refresh drops a search's text.
+            let _ = match frame.refresh {
+                true => write!(out, "<a class=\"refresh\" href=\"?\">stop refreshing</a>"),
+                false => write!(out, "<a class=\"refresh\" href=\"?refresh=on\">refresh every {REFRESH_SECS} s</a>"),
+            };
+        }
         if frame.signed_in {
             let _ = write!(
                 out,

@@ -356,7 +356,7 @@ fn alert_row(p: &mut Page, a: &OutboxEntry) {
     p.fmt(format_args!(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
         Wrap(&a.key.id),
-        Wrap(a.tenant.as_str()),
+        Esc(a.tenant.as_str()),
         Wrap(&a.event),
         Wrap(destination),
         When(Some(a.created_at)),

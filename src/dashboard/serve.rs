@@ -217,7 +217,12 @@ impl Dashboard {
             };
         }
         let engine = inner.engine.as_ref();
-        let frame = Frame { node: engine.is_some(), signed_in: session.is_some() };
+        let frame = Frame {
+            node: engine.is_some(),
+            signed_in: session.is_some(),
+            as_of: Some(now),
+            refresh: query("refresh").is_some_and(|r| r == "on"),
+        };
         let page = match path {
             "/" | "/tenants" => data::tenants(admin, query("q").as_deref(), query("after").as_deref())
                 .await

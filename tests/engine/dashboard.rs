@@ -174,7 +174,8 @@ async fn every_string_from_the_store_is_escaped_on_every_page() {
     }
     let billing = text(&get(&d, "/billing", true).await);
     assert!(billing.contains(&format!("refused: {escaped}")));
-    let alerts = text(&get(&d, "/alerts", true).await);
+    // Identifiers carry line-break opportunities (`<wbr>`) between their parts.
+    let alerts = text(&get(&d, "/alerts", true).await).replace("<wbr>", "");
     assert!(alerts.contains(&format!("a{escaped}")) && alerts.contains(&format!("quota.{escaped}")));
     assert!(!alerts.contains("secret"), "a destination's query is not shown");
 }
@@ -696,4 +697,24 @@ async fn a_spend_caps_gauge_is_shown_in_the_currency() {
     assert!(!spent.is_empty(), "the usage store holds spend rows");
     assert!(page.contains("class=\"chart hourly\"><figcaption>requests"), "requests are charted");
     assert!(!page.contains("class=\"chart hourly\"><figcaption>spend"), "spend is not charted as units");
+}
+
+/// Every page says when its figures were read ("as of", by the engine's clock), and reloads
+/// itself every 10 seconds when asked (`?refresh=on`), by a `<meta>` refresh: no script.
+#[tokio::test]
+async fn pages_say_when_they_were_read_and_refresh_when_asked() {
+    let (clock, time) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let (engine, _worker) = Tollgate::builder(config()).clock(clock).build();
+    let d = Dashboard::for_engine(&engine, token());
+    for path in ["/", "/plans", "/billing", "/alerts", "/node"] {
+        let page = text(&get(&d, path, true).await);
+        assert!(page.contains("<span class=\"asof\">as of 2027-01-15 08:00:00 UTC</span>"), "{path}: {page}");
+        assert!(!page.contains("http-equiv=\"refresh\""), "{path}: no refresh unless asked");
+        assert!(page.contains("href=\"?refresh=on\""), "{path}");
+        let refreshed = text(&get(&d, &format!("{path}?refresh=on"), true).await);
+        assert!(refreshed.contains("<meta http-equiv=\"refresh\" content=\"10\">"), "{path}");
+        assert!(refreshed.contains("stop refreshing") && !refreshed.contains("<script"), "{path}");
+    }
+    time.advance(std::time::Duration::from_secs(75));
+    assert!(text(&get(&d, "/", true).await).contains("as of 2027-01-15 08:01:15 UTC"), "read again, told again");
 }
