@@ -20,10 +20,12 @@ pub(crate) use ids::policy_name;
 pub use ids::{InvalidTenantId, MeterId, OrgId, PlanId, TenantId};
 pub(crate) use key::{check_api_key, issued_shape, key_check, COMMA_IN_KEY, ISSUED_KEY_LEN, KEY_ALPHABET, MAX_KEY_LEN};
 pub use key::{KeyHash, KeyScope, KeyScopes};
+#[cfg(feature = "dashboard")]
+pub(crate) use money::minor_digits;
 pub use money::{
     amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, Standing, MAX_CAP_NANOS, NANOS, SPEND_METER,
 };
-pub(crate) use money::{header_scale, minor_digits, minor_units_of, money_text, HEADER_INTEGER_MAX};
+pub(crate) use money::{header_scale, minor_units_of, money_text, HEADER_INTEGER_MAX};
 pub(crate) use period::ENDED_PERIODS_KEPT_SECS;
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
