@@ -26,10 +26,16 @@ struct ImportRow {
     line: usize,
     tenant: TenantId,
     plan: Option<PlanId>,
+    /// The plan's text named a version (`pro@3`): the tenant is put on it even when it is on
+    /// another version of that plan (a plan's name alone keeps the tenant's version).
+    versioned: bool,
     customer: Option<String>,
     key: Option<(KeyHash, String)>,
     expires_at: Option<i64>,
 }
+
+/// Reads of a tenant an import's line updates, while webhooks keep changing it.
+const IMPORT_ATTEMPTS: usize = 5;
 
 fn parse_import(
     text: &str,
@@ -67,6 +73,7 @@ fn parse_import(
         if !TenantId::is_valid(tenant) {
             return Err(bad(format!("`{tenant}` is not a tenant id: 1 to 128 visible ASCII characters")));
         }
+        let versioned = get("plan").is_some_and(|p| p.contains('@'));
         let plan = match get("plan") {
             Some(p) => Some(check_plan(p).map_err(|e| bad(e.to_string()))?),
             None => None,
@@ -103,7 +110,7 @@ fn parse_import(
             Some(v) => Some(v.parse::<i64>().map_err(|_| bad(format!("`{v}` is not a time in Unix seconds")))?),
             None => None,
         };
-        rows.push(ImportRow { line, tenant: TenantId::from(tenant), plan, customer, key, expires_at });
+        rows.push(ImportRow { line, tenant: TenantId::from(tenant), plan, versioned, customer, key, expires_at });
     }
     Ok(rows)
 }
@@ -221,6 +228,57 @@ impl Admin {
         Ok(())
     }
 
+    /// Updates a tenant the directory holds with a row's plan and customer: each written only
+    /// over the record read (a webhook or a migration moving the tenant meanwhile is read
+    /// again, never written back over), read again while they race.
+    async fn import_existing(
+        &self,
+        row: &ImportRow,
+        mut read: TenantRecord,
+        report: &mut ImportReport,
+    ) -> Result<TenantRecord, AdminError> {
+        use crate::store::{TenantUpdate, UpdateWhen};
+        for _ in 0..IMPORT_ATTEMPTS {
+            let mut r = read.clone();
+            // The plan named again keeps the tenant's version of it, unless the line names one.
+            if let Some(plan) = &row.plan {
+                r.plan = if row.versioned { plan.clone() } else { r.plan.kept_for(plan.clone()) };
+            }
+            if row.customer.is_some() {
+                r.customer = row.customer.clone();
+            }
+            if r == read {
+                return Ok(r);
+            }
+            let mut over = read.clone();
+            let mut raced = false;
+            let updates = [
+                (r.plan != over.plan).then(|| TenantUpdate::Plan(r.id.clone(), r.plan.clone())),
+                (r.customer != over.customer).then(|| TenantUpdate::Customer(r.id.clone(), r.customer.clone())),
+            ];
+            for update in updates.into_iter().flatten() {
+                if !self.directory.update_tenant(&update, UpdateWhen::Unchanged(&over)).await? {
+                    raced = true;
+                    break;
+                }
+                match update {
+                    TenantUpdate::Plan(_, plan) => over.plan = plan,
+                    TenantUpdate::Customer(_, customer) => over.customer = customer,
+                    _ => {}
+                }
+            }
+            if !raced {
+                report.tenants_updated += 1;
+                return Ok(r);
+            }
+            read = self.existing(row.tenant.as_str()).await?;
+        }
+        Err(AdminError::Import {
+            line: row.line,
+            message: format!("tenant `{}` kept changing while it was imported (webhooks): import again", row.tenant),
+        })
+    }
+
     /// Writes one row of [`import_csv`](Self::import_csv): its tenant, then its key.
     async fn import_row(&self, row: ImportRow, report: &mut ImportReport) -> Result<(), AdminError> {
         let line = row.line;
@@ -239,21 +297,7 @@ impl Admin {
                 report.tenants_created += 1;
                 r
             }
-            Some(mut r) => {
-                let before = r.clone();
-                // The plan named again keeps the tenant's version of it.
-                if let Some(plan) = &row.plan {
-                    r.plan = r.plan.kept_for(plan.clone());
-                }
-                if row.customer.is_some() {
-                    r.customer = row.customer.clone();
-                }
-                if r != before {
-                    self.directory.put_tenant(&r, &[]).await?;
-                    report.tenants_updated += 1;
-                }
-                r
-            }
+            Some(r) => self.import_existing(&row, r, report).await?,
         };
         if let Some((hash, prefix)) = row.key {
             // A key the tenant holds keeps what the line does not say (its expiry, say,

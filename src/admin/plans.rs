@@ -80,6 +80,11 @@ impl Admin {
         let Some(current) = config.put_on(plan).filter(|p| p.is_current() && p.id().name() == plan) else {
             return Err(AdminError::UnknownPlan(plan.to_owned()));
         };
+        if from == 0 || to == 0 {
+            return Err(AdminError::Invalid(
+                "version 0 is no version: a plan's versions count from 1 (its bare name is version 1)".into(),
+            ));
+        }
         if from == to {
             return Err(AdminError::Invalid(format!("--from and --to are both version {from}: nothing to move")));
         }

@@ -224,7 +224,12 @@ impl Admin {
 
     /// [`set_plan`](Self::set_plan) but for the pin.
     async fn move_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
-        let plan = self.plan(plan)?;
+        self.move_to(id, self.plan(plan)?).await
+    }
+
+    /// [`move_plan`](Self::move_plan) to a plan already resolved (a version named stays that
+    /// version: `pro` is version 1 here, not the current one).
+    async fn move_to(&self, id: &str, plan: crate::base::PlanId) -> Result<TenantRecord, AdminError> {
         // Written only over what was read: a webhook applied meanwhile is read again (its plan
         // replaced, its event time kept, so an older event delivered late stays stale).
         for _ in 0..SET_PLAN_ATTEMPTS {
@@ -292,7 +297,7 @@ impl Admin {
         // as it was if either fails.
         let before = quota.payments(&PaymentCall::Read { tenant: tenant.clone() }, now).await?.pinned;
         let moved = match quota.payments(&pin(Some(plan.as_str().to_owned())), now).await {
-            Ok(_) => self.move_plan(id, plan.as_str()).await,
+            Ok(_) => self.move_to(id, plan.clone()).await,
             Err(e) => Err(e.into()),
         };
         match moved {

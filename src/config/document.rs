@@ -205,6 +205,18 @@ impl Config {
         self.plans.get(id).or_else(|| super::plans::current_of(&self.plans, id.name()))
     }
 
+    /// The plan a tenant on `from` moves to when an event names `to` (a subscription's plan, a
+    /// tier): `from` itself when `to` is a version of the same plan (a renewal keeps the
+    /// tenant's version); else `to`'s current version, whatever version `to` names (a plan the
+    /// tenant is not on is always put on as it is now: the version a subscription gave when it
+    /// began may be long replaced).
+    pub(crate) fn moved_to(&self, from: &PlanId, to: PlanId) -> PlanId {
+        if from.same_plan(&to) {
+            return from.clone();
+        }
+        super::plans::current_of(&self.plans, to.name()).map_or(to, |p| p.id().clone())
+    }
+
     /// The version a tenant is put on when moved to `plan`: for a plan's name, its current
     /// version; for a version's id (`pro@2`, or `pro` for version 1 of a plan with versions),
     /// that version if the file declares it. `None`: no such plan or version.

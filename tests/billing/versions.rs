@@ -208,3 +208,112 @@ async fn limits_changed_without_a_new_version_are_named() {
     let edited = Config::from_toml_str(&v2().replacen("limit = 5", "limit = 4", 1)).unwrap();
     assert_eq!(edited.changed_without_version(&old), vec![tollgate::config::PlanId::from("pro")]);
 }
+
+/// A migration from version 0 is refused: version 0 is no version (the bare name is version
+/// 1), and "from 0 to 1" would rewrite every tenant of version 1 onto itself, each run.
+#[tokio::test]
+async fn a_migration_from_version_0_is_refused() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cli = Admin::new(store.clone()).with_config(Config::from_toml_str(&v2()).unwrap());
+    cli.add_tenant("acme", "pro@1", None).await.unwrap();
+    for (from, to) in [(0, 1), (1, 0), (0, 2)] {
+        let e = cli.migrate_plan("pro", from, to, None, 100, true).await.unwrap_err().to_string();
+        assert!(e.contains("version 0"), "{from}→{to}: {e}");
+    }
+    assert_eq!(plan_of(&store, "acme").await, "pro", "nothing moved");
+}
+
+/// `pro` at version 3 (2 and 1 kept), `enterprise` above it; each a price.
+fn two_plans(current: u32) -> String {
+    let versions: String = (1..current)
+        .map(|v| {
+            format!(
+                "[plans.pro.versions.{v}]\nquotas.requests = {{ limit = {v}, period = \"day\", mode = \"hard\" }}\n"
+            )
+        })
+        .collect();
+    format!(
+        "[plans.enterprise]\n[plans.pro]\nversion = {current}\n\
+         quotas.requests = {{ limit = {current}, period = \"day\", mode = \"hard\" }}\n{versions}\
+         [stripe]\nplan_order = [\"enterprise\", \"pro\"]\n\
+         [stripe.prices]\nprice_pro = \"pro\"\nprice_enterprise = \"enterprise\"\n\
+         [stripe.subscription_status]\npast_due = \"ignore\"\nunpaid = \"ignore\"\ncanceled = \"ignore\"\n\
+         paused = \"ignore\"\nincomplete = \"ignore\"\nincomplete_expired = \"ignore\"\n"
+    )
+}
+
+/// `kind` of acme's subscription `sub` on `price`, `status`.
+fn subscription_event(id: &str, kind: &str, sub: &str, price: &str, status: &str, created: i64) -> String {
+    let mut event: Value = serde_json::from_str(&renewal(id, created)).unwrap();
+    event["type"] = json!(kind);
+    let s = &mut event["data"]["object"];
+    s["id"] = json!(sub);
+    s["status"] = json!(status);
+    s["items"]["data"][0]["price"]["id"] = json!(price);
+    event.to_string()
+}
+
+/// A subscription's end that leaves the tenant on another live subscription's plan puts it on
+/// that plan's current version, not on the version that plan had when its subscription began:
+/// a plan other than the tenant's is always its current version.
+#[tokio::test]
+async fn a_plan_another_subscription_gives_back_is_its_current_version() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let node = Harness::with_store(&two_plans(2), store.clone(), NOON);
+    let cli = Admin::new(store.clone()).with_config(Config::from_toml_str(&two_plans(2)).unwrap());
+    cli.add_tenant("acme", "pro", Some("cus_acme")).await.unwrap();
+    let handler = node.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
+    let send = |payload: String| {
+        let handler = &handler;
+        async move {
+            let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(NOON));
+            let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
+            assert_eq!(reply.status().as_u16(), 200, "{:?}", reply.outcome);
+        }
+    };
+    let updated = "customer.subscription.updated";
+    send(subscription_event("evt_1", updated, "sub_pro", "price_pro", "active", NOON)).await;
+    assert_eq!(plan_of(&store, "acme").await, "pro@2");
+    send(subscription_event("evt_2", updated, "sub_ent", "price_enterprise", "active", NOON + 1)).await;
+    assert_eq!(plan_of(&store, "acme").await, "enterprise");
+
+    // pro gets a version 3; then the enterprise subscription ends: acme goes back to pro, now 3.
+    node.tollgate.reload(Config::from_toml_str(&two_plans(3)).unwrap()).await.unwrap();
+    let deleted = "customer.subscription.deleted";
+    send(subscription_event("evt_3", deleted, "sub_ent", "price_enterprise", "canceled", NOON + 2)).await;
+    assert_eq!(plan_of(&store, "acme").await, "pro@3", "the current version of the plan it goes back to");
+    node.tollgate.shutdown().await.unwrap();
+}
+
+/// `set_tier` to a version named (`pro@1`, the current being 2) puts the tenant on that
+/// version, as `set_plan` does.
+#[tokio::test]
+async fn a_tier_set_at_a_version_is_that_version() {
+    let toml = "[plans.free]\n[plans.pro]\nversion = 2\n[plans.pro.versions.1]\n\
+                [billing]\ncurrency = \"usd\"\n\
+                [tiers.api]\norder = [\"free\", \"pro\"]\npro = { paid = \"5.00\" }\n[stripe]\n";
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cli = Admin::new(store.clone()).with_quota(store.clone()).with_config(Config::from_toml_str(toml).unwrap());
+    cli.add_tenant("acme", "free", None).await.unwrap();
+    assert_eq!(cli.set_tier("acme", Some("pro@1")).await.unwrap().plan.as_str(), "pro");
+    assert_eq!(plan_of(&store, "acme").await, "pro", "version 1, as named");
+    assert_eq!(cli.set_tier("acme", Some("pro")).await.unwrap().plan.as_str(), "pro@2");
+    assert_eq!(plan_of(&store, "acme").await, "pro@2", "the bare name: the current version");
+}
+
+/// An import line naming the plan keeps the tenant's version of it; one naming a version
+/// puts it there.
+#[tokio::test]
+async fn an_import_naming_a_version_puts_the_tenant_on_it() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cli = Admin::new(store.clone()).with_config(Config::from_toml_str(&v2()).unwrap());
+    cli.add_tenant("acme", "pro@1", None).await.unwrap();
+    let report = cli.import_csv("tenant,plan\nacme,pro\n").await.unwrap();
+    assert_eq!((report.tenants_updated, plan_of(&store, "acme").await), (0, "pro".to_owned()), "kept on version 1");
+    let report = cli.import_csv("tenant,plan,customer\nacme,pro@2,cus_acme\n").await.unwrap();
+    assert_eq!(report.tenants_updated, 1);
+    assert_eq!(plan_of(&store, "acme").await, "pro@2", "the version named");
+    let record = store.tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!(record.customer.as_deref(), Some("cus_acme"));
+    assert_eq!(store.tenant_by_customer("cus_acme").await.unwrap().unwrap().id.as_str(), "acme");
+}

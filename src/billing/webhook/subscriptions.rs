@@ -57,7 +57,7 @@ impl WebhookHandler {
                 return WebhookOutcome::Ignored;
             }
             subs.customer_at = Some(fields.created);
-            let plan = record.plan.kept_for(plan.clone());
+            let plan = config.moved_to(&record.plan, plan.clone());
             let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone())
                 .with_subscriptions(&record, subs.to_json());
             match self.directory.apply_plan_change(&change).await {
@@ -181,7 +181,7 @@ impl WebhookHandler {
                     None => record.plan.clone(),
                 }
             };
-            let plan = record.plan.kept_for(plan);
+            let plan = config.moved_to(&record.plan, plan);
             let moved = matches!(gives, Some(Some(_)))
                 || (lost_plan && !legacy)
                 || (ended && by_price.is_some())
@@ -251,7 +251,7 @@ impl WebhookHandler {
                     continue;
                 }
                 let tenant = record.id.clone();
-                match self.end_grace(settings, record).await {
+                match self.end_grace(&config, settings, record).await {
                     Ok(true) => moved += 1,
                     Ok(false) => {}
                     Err(e) => tracing::warn!(%tenant, error = %e,
@@ -267,6 +267,7 @@ impl WebhookHandler {
     /// One tenant's graces that are over, ended: read again while its subscriptions change.
     async fn end_grace(
         &self,
+        config: &Config,
         settings: &StripeSettings,
         mut record: crate::store::TenantRecord,
     ) -> Result<bool, crate::store::StoreError> {
@@ -283,7 +284,7 @@ impl WebhookHandler {
                 }
             }
             let plan = match subs.best(&order) {
-                Some(best) if best_before.as_ref() != Some(&best) => record.plan.kept_for(best),
+                Some(best) if best_before.as_ref() != Some(&best) => config.moved_to(&record.plan, best),
                 _ => record.plan.clone(),
             };
             let change = PlanChange::new(format!("grace_{id}_{until}"), customer.clone(), at, plan.clone())
