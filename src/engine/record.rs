@@ -321,7 +321,7 @@ impl Tollgate {
                 Err(err) => out[index] = Some(Err(err)),
             }
         }
-        let returned = self.units().events().commit(ready, &mut out).await;
+        let returned = self.units().events().commit(self.units().leases(), ready, &mut out).await;
         let any = !returned.is_empty();
         // Units back in the leases (reservations' rest, duplicates') while the store counts
         // them spent or used until told: a node killed first would leave them so for the rest

@@ -427,6 +427,9 @@ pub struct Faulty {
     /// The next usage commit notifies the first and waits for the second before it reaches the
     /// store (a flush under way, its batch on its way).
     pub hold_commit: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
+    /// The next event commit notifies the first and waits for the second before it reaches
+    /// the store (a job's event on its way).
+    pub hold_event_commit: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
     /// The next key lookup (`find_key`) reads the store, then notifies the first and waits for
     /// the second before it answers (a lookup overtaken by a change of the directory).
     pub hold_key_lookup: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
@@ -493,6 +496,7 @@ impl Default for Faulty {
             values_down: Default::default(),
             hold_usage_read: Default::default(),
             hold_commit: Default::default(),
+            hold_event_commit: Default::default(),
             hold_key_lookup: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
@@ -719,6 +723,11 @@ impl UsageStore for Faulty {
 
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;
+        let gate = self.hold_event_commit.lock().unwrap().take();
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
         let out = self.inner.commit_events(events).await?;
         if self.hang_event_answers.load(Ordering::SeqCst) {
             self.hung_event_writes.fetch_add(1, Ordering::SeqCst);
@@ -750,6 +759,14 @@ impl UsageStore for Faulty {
 }
 
 impl Faulty {
+    /// Holds the next event commit before it reaches the store ([`hold_event_commit`](Self::hold_event_commit)):
+    /// notified on the first when it is there, released by the second.
+    pub fn hold_next_event_commit(&self) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+        let pair = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+        *self.hold_event_commit.lock().unwrap() = Some(pair.clone());
+        pair
+    }
+
     /// Holds the next key lookup once it has read the store ([`hold_key_lookup`](Self::hold_key_lookup)):
     /// notified on the first when it has, released by the second.
     pub fn hold_next_key_lookup(&self) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {

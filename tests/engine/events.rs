@@ -720,3 +720,41 @@ async fn units_a_duplicate_gives_back_come_back_though_its_node_dies() {
     other.reserve_event(&ev("c", 6, NOON), hold).await.expect("the 6 units the event did not use");
     assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
 }
+
+/// Found by the audit (a job's event delivered again through another node while that node
+/// reloaded its configuration, the node killed after): the reload gave the node's lease back
+/// while the duplicate's write was out, and the units the duplicate then gave back went into
+/// the lease already given back, where no call told the store (nor were they counted untold).
+/// They now go to the store at once, before the duplicate is answered.
+#[tokio::test]
+async fn units_a_duplicate_gives_back_after_a_reload_come_back_though_its_node_dies() {
+    let faulty = Arc::new(Faulty::default());
+    let store: Arc<dyn Store> = faulty.clone();
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let build = || {
+        let config = Config::from_toml_str(TOML).unwrap();
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
+    };
+    let (first, _first_worker) = build();
+    assert_eq!(first.record_event(ev("a", 4, NOON)).await.unwrap(), EventOutcome::Applied);
+    first.shutdown().await.unwrap();
+    let (dead, dead_worker) = build();
+    let (entered, release) = faulty.hold_next_event_commit();
+    let duplicate = tokio::spawn({
+        let dead = dead.clone();
+        async move { dead.record_event(ev("a", 4, NOON)).await }
+    });
+    // Its units taken, its write on its way: the node reloads, its leases going back.
+    entered.notified().await;
+    dead.reload(Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    release.notify_one();
+    assert_eq!(duplicate.await.unwrap().unwrap(), EventOutcome::Duplicate);
+    assert_eq!(dead.stats().give_backs_untold, 0, "told at once");
+    // Killed: no shutdown, no flush, nothing of it runs again.
+    let _dead = std::mem::ManuallyDrop::new((dead, dead_worker));
+    handle.advance(Duration::from_secs(2 * 3_600));
+    let (other, _worker) = build();
+    let hold = Duration::from_secs(600);
+    other.reserve_event(&ev("c", 6, NOON), hold).await.expect("the 6 units the event did not use");
+    assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+}

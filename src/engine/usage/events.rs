@@ -449,6 +449,7 @@ impl EventRecorder {
     /// store counts those units used until the node's next call says otherwise.
     pub(crate) async fn commit(
         &self,
+        leases: &Arc<Leases>,
         ready: Vec<Prepared>,
         out: &mut [Option<Result<EventOutcome, EventError>>],
     ) -> Vec<(Tenant, usize)> {
@@ -483,6 +484,7 @@ impl EventRecorder {
             match self.stores.events().commit_events(&batch).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     unsure.events.clear();
+                    let mut duplicates = Vec::new();
                     for ((p, units), outcome) in ready.into_iter().zip(units).zip(outcomes) {
                         self.stored.insert(p.event.id.clone(), ());
                         if outcome == EventOutcome::Applied {
@@ -500,14 +502,24 @@ impl EventRecorder {
                             }
                         } else if let Writing::Taken { source, units, .. } = units {
                             // Not applied (a duplicate): its units go back to where they came
-                            // from.
-                            drop(Taken::new(&p.state, p.meter, units, source, p.taken_at));
+                            // from (below, once every outcome is applied).
+                            duplicates.push(Taken::new(&p.state, p.meter, units, source, p.taken_at));
                             let known = returned.iter().any(|(t, m)| *m == p.meter && t.id == p.state.id);
                             if units > 0 && !known {
                                 returned.push((p.state.clone(), p.meter));
                             }
                         }
                         out[p.index] = Some(Ok(outcome));
+                    }
+                    // The duplicates' units back where they came from, which the store is told
+                    // of next (`returned`). Their lease given back meanwhile (a reload, an
+                    // eviction while the write was out), they go to the store itself, awaited:
+                    // back in that lease, no call would tell it. (Dropped before their turn,
+                    // this future gone, they go back to the lease, as before.)
+                    for taken in duplicates {
+                        if !taken.give_back_told(leases, &self.prefetcher).await {
+                            self.totals.give_backs_untold.add(1);
+                        }
                     }
                 }
                 answer => {

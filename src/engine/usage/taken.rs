@@ -188,17 +188,37 @@ impl Taken {
     /// long). Under the lock a lease's return marks it with, so they reach the lease before
     /// it is emptied, or the store after.
     pub(crate) fn give_back(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
-        self.give_back_counted(leases, prefetcher, false);
+        drop(self.give_back_counted(leases, prefetcher, false));
+    }
+
+    /// [`give_back`](Self::give_back), awaiting the store when their lease was given back
+    /// meanwhile (a reload, an eviction): `false` when the store could not take them (they
+    /// stay counted used there until the period ends, logged). For units the store counts used
+    /// (a duplicate event's): back in a lease already given back, no call would tell it, and a
+    /// node killed before the state's last return would leave them spent. The release runs in
+    /// the background, so that a caller gone meanwhile does not cut it.
+    pub(crate) async fn give_back_told(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) -> bool {
+        match self.give_back_counted(leases, prefetcher, false) {
+            Some(release) => release.await.unwrap_or(false),
+            None => true,
+        }
     }
 
     /// [`give_back`](Self::give_back) of units a hold held: counted no longer held in the
     /// same step as they reach the lease (under the cell's mutex, which every call reads what
     /// the node keeps under), so that a call made meanwhile never finds them in neither.
     pub(crate) fn give_back_held(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
-        self.give_back_counted(leases, prefetcher, true);
+        drop(self.give_back_counted(leases, prefetcher, true));
     }
 
-    fn give_back_counted(mut self, leases: &Arc<Leases>, prefetcher: &Prefetcher, held: bool) {
+    /// Gives the units back; the release sent to the store for units whose lease was given
+    /// back, when one is (it runs whether or not it is awaited).
+    fn give_back_counted(
+        mut self,
+        leases: &Arc<Leases>,
+        prefetcher: &Prefetcher,
+        held: bool,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
         if held && !matches!(self.source, Source::Lease(_)) {
             if let Some((_, cell)) = self.cell() {
                 cell.count_held(self.units, false, self.tag());
@@ -224,13 +244,14 @@ impl Taken {
             }
             _ => {
                 self.restore();
-                return;
+                return None;
             }
         };
-        let Some((state, meter)) = self.cell.take() else { return };
+        let (state, meter) = self.cell.take()?;
         if late {
-            release_late(state, meter, self.units, (tag, held), self.at, leases.clone());
+            return release_late(state, meter, self.units, (tag, held), self.at, leases.clone());
         }
+        None
     }
 }
 
@@ -259,8 +280,17 @@ impl std::fmt::Debug for Taken {
     }
 }
 
-/// Sends `units` taken at `at` from a lease that was given back to the store, in the background.
-fn release_late(state: Tenant, meter: usize, units: u64, (tag, held): (u16, bool), at: i64, leases: Arc<Leases>) {
+/// Sends `units` taken at `at` from a lease that was given back to the store, in the
+/// background: the task answers whether the store took them (`None`: no runtime to send them
+/// with).
+fn release_late(
+    state: Tenant,
+    meter: usize,
+    units: u64,
+    (tag, held): (u16, bool),
+    at: i64,
+    leases: Arc<Leases>,
+) -> Option<tokio::task::JoinHandle<bool>> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // No runtime to send them with: they go to the lease, as a request's do (a lease
         // taken again carries them; else they stay reserved in the store until the period
@@ -273,18 +303,22 @@ fn release_late(state: Tenant, meter: usize, units: u64, (tag, held): (u16, bool
             }
             cell.refund(units, tag);
         }
-        return;
+        return None;
     };
     // Counted until the task ends: a shutdown waits for it (`Leases::late_done`).
     let late = leases.late_begun();
-    runtime.spawn(async move {
+    Some(runtime.spawn(async move {
         let _late = late;
-        let Some(cell) = state.quota(meter) else { return };
+        let Some(cell) = state.quota(meter) else { return true };
         let (start, end) = cell.window(at);
-        if let Err(e) = leases.release_late(cell, start, end, units, held.then_some(tag)).await {
-            tracing::warn!(tenant = %state.id, units, error = %e, "units could not be given back to the store: they stay reserved until the period ends");
+        match leases.release_late(cell, start, end, units, held.then_some(tag)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(tenant = %state.id, units, error = %e, "units could not be given back to the store: they stay reserved until the period ends");
+                false
+            }
         }
-    });
+    }))
 }
 
 /// A lease to refill in the background, asked for by a request that took from it; or (a
