@@ -27,6 +27,11 @@
 //! curl -s localhost:3000/v1/usage -H 'x-api-key: tg_test_free_acme'   # its own usage, charged nothing
 //! curl -s localhost:3000/v1/spend/cap -H 'x-api-key: tg_test_free_acme'        # 403: no cap on free
 //! curl -s localhost:3000/v1/alerts/endpoint -H 'x-api-key: tg_test_free_acme'  # 404: none registered
+//! curl -s localhost:3000/v1/spend/cap -H 'x-api-key: tg_test_metered_umbrella' # $1.00 a day, hard
+//! curl -s -X PUT localhost:3000/v1/spend/cap -H 'x-api-key: tg_test_metered_umbrella' \
+//!     -d '{"limit": "0.10", "mode": "hard"}'                                    # its own cap: $0.10
+//! for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:3000/v1/complete \
+//!     -H 'x-api-key: tg_test_metered_umbrella' -H 'x-max-tokens: 50'; done       # 200 200 402
 //! curl -s localhost:3000/metrics | grep tollgate_                                # the operator's metrics
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
@@ -198,9 +203,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/v1/generate", post(generate))
         .route("/v1/generate/slow", post(generate_slow))
         .route("/v1/complete", post(complete))
-        // The tenant's own spend cap and alert endpoint, behind the layer (what
-        // `tollgate_axum::spend_cap` and `tollgate_axum::alert_endpoint` mount).
+        // The tenant's own spend cap, auto-recharge and alert endpoint, behind the layer (what
+        // `tollgate_axum::spend_cap`, `recharge` and `alert_endpoint` mount).
         .route("/v1/spend/cap", get(spend_cap).put(spend_cap).delete(spend_cap))
+        .route("/v1/credits/recharge", get(recharge).put(recharge).delete(recharge))
         .route("/v1/alerts/endpoint", get(alert_endpoint).put(alert_endpoint).delete(alert_endpoint))
         .layer(layer)
         // The tenant's own usage, outside the layer: polling it charges nothing (what
@@ -254,8 +260,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = tollgate.shutdown().await?;
     worker.await?;
     let stats = tollgate.stats();
+    // Money apart from units: what the priced meters cost, in the currency.
+    let spent = match &tollgate.config().billing().currency {
+        Some(currency) => format!(", {} {currency} spent", tollgate::money::amount_of(stats.flushed_spend_nanos)),
+        None => String::new(),
+    };
     println!(
-        "stopped: flushed {} units in {} batches; exported {} events ({} units) to {}",
+        "stopped: flushed {} units in {} batches{spent}; exported {} events ({} units) to {}",
         stats.flushed_units, stats.flushes, stats.exported_events, stats.exported_units, destination
     );
     let _ = report;
@@ -392,6 +403,20 @@ async fn alert_endpoint(
     let method = request.method().clone();
     let body = bounded(request.into_body(), tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
     tollgate.tenant_alert_endpoint(&ctx, &caller, &method, &body).await.map(axum::body::Body::from)
+}
+
+/// `GET`, `PUT {"below": 200, "to": 1000, "monthly_limit": "50.00"}` or `DELETE` the calling
+/// tenant's own auto-recharge (403 unless its plan's recharge has `tenant_may_set = true` and
+/// its key the scope `recharge:write`).
+async fn recharge(
+    Extension(ctx): Extension<TenantContext>,
+    Extension(tollgate): Extension<Tollgate>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    let caller = tollgate.caller(&request);
+    let method = request.method().clone();
+    let body = bounded(request.into_body(), tollgate::door::RECHARGE_MAX_BODY).await;
+    tollgate.tenant_recharge(&ctx, &caller, &method, &body).await.map(axum::body::Body::from)
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {

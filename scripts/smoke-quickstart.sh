@@ -80,6 +80,18 @@ check "problem type" "application/problem+json" \
   "$(curl -s -o /dev/null -w '%{content_type}' "$base/v1/items" "${free[@]}")"
 check "pro tenant" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
 
+# The metered plan: its tenant reads its spend cap, lowers it to $0.10, and completions that
+# hold 50 tokens ($0.05) and bill 40 ($0.04) pass until the next hold would pass the cap.
+metered=(-H 'x-api-key: tg_test_metered_umbrella')
+check "spend cap: the plan's" '"limit":"1"' "$(curl -s "$base/v1/spend/cap" "${metered[@]}" | grep -o '"limit":"[0-9.]*"')"
+check "spend cap: above the plan's maximum" 422 \
+  "$(code -X PUT "$base/v1/spend/cap" "${metered[@]}" -H 'content-type: application/json' -d '{"limit": "6.00", "mode": "hard"}')"
+check "spend cap: lowered" 200 \
+  "$(code -X PUT "$base/v1/spend/cap" "${metered[@]}" -H 'content-type: application/json' -d '{"limit": "0.10", "mode": "hard"}')"
+check "spend cap: two completions, then the cap" "200 200 402 " \
+  "$(for _ in 1 2 3; do printf '%s ' "$(code -X POST "$base/v1/complete" "${metered[@]}" -H 'x-max-tokens: 50')"; done)"
+check "recharge route (not the tenant's to set)" 403 "$(code "$base/v1/credits/recharge" "${metered[@]}")"
+
 # A reload keeps the counters: the free tenant's daily quota stays spent.
 kill -HUP $pid
 for _ in $(seq 50); do grep -q '^reloaded' "$work/out.log" && break; sleep 0.1; done
@@ -88,7 +100,8 @@ check "quota kept across reload" 429 "$(code "$base/v1/items" "${free[@]}")"
 
 kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
+check "graceful stop (21 + 6 request units, 120 + 80 tokens)" "stopped: flushed 227 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
+check "money apart from units (80 tokens at \$0.001)" "0.08 usd spent" "$(grep -o '[0-9.]* usd spent' "$work/out.log" || true)"
 check "state kept in tollgate.db" yes "$([ -s "$work/tollgate.db" ] && echo yes || echo no)"
 # Stopped, the node gave its leases back: the store's counters hold exactly what was used
 # (acme: 5 + 1 + 1 + 13 requests, 120 tokens; globex: 1 request).

@@ -172,6 +172,7 @@ impl Tally {
 pub(crate) struct Totals {
     pub(crate) flushes: Tally,
     pub(crate) flushed_units: Tally,
+    pub(crate) flushed_spend_nanos: Tally,
     pub(crate) flush_errors: Tally,
     pub(crate) store_errors: Tally,
     pub(crate) exported_events: Tally,
@@ -234,6 +235,7 @@ impl Totals {
         Self {
             flushes: Tally::new(counter!("tollgate_flushes_total")),
             flushed_units: Tally::new(counter!("tollgate_usage_flushed_units_total")),
+            flushed_spend_nanos: Tally::new(counter!("tollgate_usage_flushed_spend_nanos_total")),
             flush_errors: Tally::new(counter!("tollgate_flush_errors_total")),
             store_errors: Tally::new(counter!("tollgate_store_errors_total")),
             exported_events: Tally::new(counter!("tollgate_export_events_total")),
@@ -306,8 +308,11 @@ pub struct Stats {
     pub tracked_tenants: usize,
     /// Usage batches committed to the store.
     pub flushes: u64,
-    /// Units committed to the store.
+    /// Units committed to the store, of every meter but `spend`.
     pub flushed_units: u64,
+    /// Money committed to the store (the reserved meter `spend`), in nano-units of `[billing]
+    /// currency`. Metric `tollgate_usage_flushed_spend_nanos_total`.
+    pub flushed_spend_nanos: u64,
     /// Flushes that failed (their batch is retried with the same id).
     pub flush_errors: u64,
     /// Store calls on the request path that failed or timed out.
@@ -463,6 +468,7 @@ impl Totals {
             tracked_tenants,
             flushes: self.flushes.get(),
             flushed_units: self.flushed_units.get(),
+            flushed_spend_nanos: self.flushed_spend_nanos.get(),
             flush_errors: self.flush_errors.get(),
             store_errors: self.store_errors.get(),
             exported_events: self.exported_events.get(),

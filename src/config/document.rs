@@ -210,6 +210,7 @@ impl Config {
     /// tenant's version); else `to`'s current version, whatever version `to` names (a plan the
     /// tenant is not on is always put on as it is now: the version a subscription gave when it
     /// began may be long replaced).
+    #[cfg(feature = "stripe")]
     pub(crate) fn moved_to(&self, from: &PlanId, to: PlanId) -> PlanId {
         if from.same_plan(&to) {
             return from.clone();

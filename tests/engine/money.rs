@@ -51,6 +51,23 @@ async fn seven_tokens_at_fifteen_cents_a_million_cost_1050_nano_dollars() {
     assert!(report.usage.iter().any(|w| w.meter.as_str() == "spend" && w.quantity == 1_050));
 }
 
+/// A node's flush counts money apart from units (`Stats::flushed_spend_nanos`, the shutdown's
+/// report): the 1,050 nano-dollars of 7 tokens are not 1,050 more units flushed.
+#[tokio::test]
+async fn a_flush_counts_money_apart_from_units() {
+    let toml = TOML.replace(TOKEN_PRICE, "0.00000015").replace("price = \"0.000001\"", "");
+    let h = Harness::new(&toml);
+    assert_eq!(h.status("/tokens/7", "key-t").await, 200);
+    let flushed = h.tollgate.flush().await.unwrap();
+    assert_eq!(flushed.spend_nanos, 1_050);
+    let stats = h.tollgate.stats();
+    assert_eq!(stats.flushed_spend_nanos, 1_050);
+    assert_eq!(stats.flushed_units, flushed.units);
+    let stored = common::committed(&**h.tollgate.usage_store(), "t", "tokens", NOON - 3600, NOON + 3600, 3600).await;
+    assert_eq!(stored, 7);
+    assert!(flushed.units >= 7 && flushed.units < 1_050, "units of the meters alone: {}", flushed.units);
+}
+
 /// A price finer than a nano-unit (1.5 nano-dollars a token): a request's records without a
 /// hold are rounded once for the request (ten records of one token: ⌈15⌉, not 10 × ⌈1.5⌉ =
 /// 20); a hold's once for the hold (three records: ⌈4.5⌉ = 5); a usage event once per event.

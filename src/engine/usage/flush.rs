@@ -133,8 +133,11 @@ pub struct FlushReport {
     pub batches: usize,
     /// Usage records in them.
     pub records: usize,
-    /// Units in them.
+    /// Units in them (of every meter but `spend`).
     pub units: u64,
+    /// Money in them: the reserved meter `spend`, in nano-units of `[billing] currency` (kept
+    /// apart from `units`, which it would dwarf).
+    pub spend_nanos: u64,
 }
 
 const COMMIT_ATTEMPTS: u32 = 3;
@@ -342,15 +345,19 @@ impl Pipeline {
             };
             match outcome {
                 Ok(outcome) => {
-                    let units: u64 = batch.records.iter().map(|r| r.quantity).sum();
+                    let spend = |r: &&UsageRecord| r.meter.as_str() == crate::money::SPEND_METER;
+                    let nanos: u64 = batch.records.iter().filter(spend).map(|r| r.quantity).sum();
+                    let units: u64 = batch.records.iter().map(|r| r.quantity).sum::<u64>() - nanos;
                     if outcome == CommitOutcome::Applied {
                         report.units += units;
+                        report.spend_nanos += nanos;
                     }
                     report.batches += 1;
                     report.records += batch.records.len();
                     let t = &self.totals;
                     t.flushes.add(1);
                     t.flushed_units.add(units);
+                    t.flushed_spend_nanos.add(nanos);
                     let mut q = self.queue();
                     q.pending.pop_front();
                     self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
