@@ -25,9 +25,15 @@ pub const LEDGER_SCAN: usize = 5_000;
 #[must_use]
 pub fn search_text(text: &str) -> String {
     let text = text.trim();
-    let keyish = text.starts_with("tg_live_") || text.starts_with("tg_test_");
-    let most = if keyish { super::keys::PREFIX_CHARS } else { MAX_SEARCH_LEN };
-    text.chars().take(most).collect()
+    // A key of tollgate's shape anywhere in it (`key: tg_live_…`, in any case): cut to its
+    // prefix there.
+    let lower = text.to_ascii_lowercase();
+    let key_at = ["tg_live_", "tg_test_"].iter().filter_map(|p| lower.find(p)).min();
+    let most = match key_at {
+        Some(at) => text[..at].chars().count() + super::keys::PREFIX_CHARS,
+        None => MAX_SEARCH_LEN,
+    };
+    text.chars().take(most.min(MAX_SEARCH_LEN)).collect()
 }
 
 /// What [`Admin::search_tenants`] found.

@@ -119,8 +119,26 @@ impl Rule {
     /// The session of `headers`' cookie, if it is one of this rule's token still in force at
     /// `now`: the cookie's value.
     pub(crate) fn session_of<'h>(&self, headers: &'h http::HeaderMap, now: i64) -> Option<&'h str> {
-        let Rule::Token(token) = self else { return None };
-        cookies_of(headers).find(|c| session_holds(token, c, now))
+        self.sessions_of(headers, now).next()
+    }
+
+    /// Every session in force among `headers`' cookies (a browser may send both names).
+    pub(crate) fn sessions_of<'h>(&self, headers: &'h http::HeaderMap, now: i64) -> impl Iterator<Item = &'h str> {
+        let token = match self {
+            Rule::Token(token) => Some(token.clone()),
+            _ => None,
+        };
+        cookies_of(headers).filter(move |c| token.as_ref().is_some_and(|t| session_holds(t, c, now)))
+    }
+
+    /// A digest of the token in force (`None` without one), to tell when it changes.
+    pub(crate) fn fingerprint(&self) -> Option<[u8; 32]> {
+        match self {
+            Rule::Token(token) => {
+                Some(crate::base::hmac_sha256(token.expose().as_bytes(), &[b"tollgate dashboard token in force"]))
+            }
+            Rule::Open | Rule::Loopback | Rule::Nobody => None,
+        }
     }
 
     /// What `headers`' `Authorization: Bearer` says: `None` without one, else whether it is

@@ -113,6 +113,8 @@ struct Ended {
     cookies: std::collections::HashMap<String, i64>,
     /// Sessions issued before this time (Unix seconds) are over, however they were shown.
     before: i64,
+    /// The digest of the token in force when last seen.
+    token: Option<[u8; 32]>,
 }
 
 impl SignedOut {
@@ -121,6 +123,22 @@ impl SignedOut {
         let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let issued = cookie.split_once('.').and_then(|(t, _)| t.parse::<i64>().ok()).unwrap_or(i64::MIN);
         issued < inner.before || inner.cookies.contains_key(cookie)
+    }
+
+    /// The token in force at `now` has the digest `print`: when it differs from the one seen
+    /// last, every session issued before `now` ends (a token rotated away and back does not
+    /// bring back its sessions, signed out or not).
+    pub(crate) fn token_in_force(&self, print: [u8; 32], now: i64) {
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match inner.token {
+            Some(seen) if seen == print => {}
+            Some(_) => {
+                inner.token = Some(print);
+                inner.before = inner.before.max(now);
+                inner.cookies.clear();
+            }
+            None => inner.token = Some(print),
+        }
     }
 
     /// Ends the session of `cookie` (a session in force, checked by the caller) at `now`.

@@ -138,7 +138,21 @@ impl Dashboard {
             None => inner.admin.config().and_then(|c| c.dashboard().token.clone()),
         });
         let now = inner.admin.clock().unix_secs();
+        // The token in force changed (a reload, or one rolled back): the sessions issued
+        // before end, so that a token rotated away and back does not bring its old ones back.
+        if let Some(print) = rule.fingerprint() {
+            inner.signed_out.token_in_force(print, now);
+        }
         let client = parts.extensions.get::<Client>().copied().unwrap_or_default();
+        // A form a browser posts from another site (the login, to bar the operator's address
+        // with wrong tokens; the sign-out; the search) is refused before it is read.
+        if parts.method == Method::POST && cross_site(parts) {
+            return answer(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "a form posted from another site is refused\n".to_owned(),
+            );
+        }
         if path == "/login" {
             return match parts.method {
                 Method::POST => self.login(&rule, base, parts, client, body, now),
@@ -196,7 +210,7 @@ impl Dashboard {
             true => form_urlencoded::parse(body).find(|(k, _)| k == "q").map(|(_, v)| v.into_owned()),
             false => query("q").filter(|q| {
                 let cut = crate::admin::search_text(q);
-                (cut.starts_with("tg_live_") || cut.starts_with("tg_test_")) && cut != q.trim()
+                cut != q.trim()
             }),
         };
         if search || typed.is_some() {
@@ -295,9 +309,10 @@ impl Dashboard {
         r
     }
 
-    /// `POST /logout`: the session shown ends on this node, and the browser forgets it.
+    /// `POST /logout`: every session the request shows ends on this node (a browser may hold
+    /// both cookies), and the browser forgets them.
     fn logout(&self, rule: &Rule, base: &str, headers: &http::HeaderMap, now: i64) -> Response<Bytes> {
-        if let Some(cookie) = rule.session_of(headers, now) {
+        for cookie in rule.sessions_of(headers, now) {
             self.inner.signed_out.end(cookie, now);
         }
         let mut r = see_other(&format!("{base}/login"));
@@ -312,6 +327,21 @@ impl Dashboard {
         }
         r
     }
+}
+
+/// Whether a browser says the request comes from another site: `Sec-Fetch-Site` other than
+/// `same-origin` or `none` (a sibling subdomain is another site here), or else an `Origin`
+/// whose host is not the request's. A client that sends neither (curl, a script) is not a
+/// browser another site can drive.
+fn cross_site(parts: &http::request::Parts) -> bool {
+    let text = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(site) = text("sec-fetch-site") {
+        return !(site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none"));
+    }
+    let Some(origin) = text("origin") else { return false };
+    let from = origin.split_once("://").map_or(origin, |(_, host)| host);
+    let host = text("host").or_else(|| parts.uri.authority().map(http::uri::Authority::as_str));
+    !host.is_some_and(|host| host.eq_ignore_ascii_case(from))
 }
 
 /// Whether the client came over TLS: its door says so ([`Client::tls`]), its URI's scheme is

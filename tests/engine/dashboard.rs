@@ -718,3 +718,104 @@ async fn pages_say_when_they_were_read_and_refresh_when_asked() {
     time.advance(std::time::Duration::from_secs(75));
     assert!(text(&get(&d, "/", true).await).contains("as of 2027-01-15 08:01:15 UTC"), "read again, told again");
 }
+
+/// Found by review: a page of another site could post to the dashboard from the operator's
+/// browser (wrong tokens to bar the operator's own address, a sign-out). A form post a browser
+/// marks cross-site (`Sec-Fetch-Site`, or an `Origin` not the dashboard's host) is refused
+/// with 403 and changes nothing: it is not counted as a wrong token. Same-origin posts, and
+/// clients that send neither header (curl), are served.
+#[tokio::test]
+async fn a_form_posted_from_another_site_is_refused_and_counted_for_nothing() {
+    use tollgate::dashboard::{Client, MAX_FAILED_TRIES};
+    let (engine, _worker) = Tollgate::builder(config()).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let operator: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let cross = |mut r: http::Request<Bytes>, how: (&'static str, &'static str)| {
+        r.headers_mut().insert(how.0, how.1.parse().unwrap());
+        r.headers_mut().insert("host", "ops.example.com".parse().unwrap());
+        r.extensions_mut().insert(Client::new(Some(operator), false));
+        r
+    };
+    for how in [("sec-fetch-site", "cross-site"), ("sec-fetch-site", "same-site"), ("origin", "https://evil.example")] {
+        for i in 0..=MAX_FAILED_TRIES {
+            let wrong = format!("wrong-token-{i:04}-5f0c1a9e3b7d24c8a6e0");
+            let r = d.respond("/ops", cross(login_as(&wrong, Some(operator), false), how)).await;
+            assert_eq!(r.status(), 403, "{how:?}, try {i}");
+        }
+        let search = http::Request::post("/search")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Bytes::from_static(b"q=acme"))
+            .unwrap();
+        assert_eq!(d.respond("/ops", cross(search, how)).await.status(), 403, "{how:?}");
+        let signout = http::Request::post("/logout").body(Bytes::new()).unwrap();
+        let r = d.respond("/ops", cross(signout, how)).await;
+        assert_eq!(r.status(), 403, "{how:?}");
+        assert!(r.headers().get("set-cookie").is_none(), "no cookie cleared");
+    }
+    // None of them counted: the operator still signs in, from its own origin or from curl.
+    let same = cross(login_as(TOKEN, Some(operator), false), ("origin", "https://ops.example.com"));
+    assert_eq!(d.respond("/ops", same).await.status(), 303, "same origin");
+    let same = cross(login_as(TOKEN, Some(operator), false), ("sec-fetch-site", "same-origin"));
+    assert_eq!(d.respond("/ops", same).await.status(), 303, "same origin, by the browser's word");
+    assert_eq!(d.respond("/ops", login_as(TOKEN, Some(operator), false)).await.status(), 303, "no header: curl");
+}
+
+/// Found by review: a token rotated away and back (a reload rolled back: A, then B, then A)
+/// brought back every session of A issued before the rotation, signed out or not. Sessions
+/// issued before the token in force last changed end.
+#[tokio::test]
+async fn a_token_rotated_away_and_back_does_not_bring_back_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = ("a-token-5f0c1a9e3b7d24c8a6e0f19b2", "b-token-9b3d7c5a2e6f0c1a9e3b7d242");
+    let (clock, time) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let config = config_with_token(dir.path(), Some(a));
+    let (engine, _worker) = Tollgate::builder(config.clone()).clock(clock).build();
+    let d = Dashboard::for_engine(&engine, Access::from_config(&config).unwrap());
+    let session = session_of(&d.respond("/ops", login_as(a, None, false)).await);
+    assert_eq!(d.respond("/ops", with_cookie(&session)).await.status(), 200);
+    time.advance(std::time::Duration::from_secs(5));
+    engine.reload(config_with_token(dir.path(), Some(b))).await.unwrap();
+    assert_eq!(d.respond("/ops", with_cookie(&session)).await.status(), 401);
+    time.advance(std::time::Duration::from_secs(5));
+    engine.reload(config_with_token(dir.path(), Some(a))).await.unwrap();
+    assert_eq!(d.respond("/ops", with_cookie(&session)).await.status(), 401, "A's old session stays ended");
+    let again = session_of(&d.respond("/ops", login_as(a, None, false)).await);
+    assert_eq!(d.respond("/ops", with_cookie(&again)).await.status(), 200, "a new session of A");
+}
+
+/// Found by review: a browser holding both cookies (one over TLS, one over plain HTTP) signed
+/// out only the first; every session the request shows ends.
+#[tokio::test]
+async fn signing_out_ends_every_session_the_request_shows() {
+    let (clock, time) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    let (engine, _worker) = Tollgate::builder(config()).clock(clock).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let tls = session_of(&d.respond("/ops", login_as(TOKEN, None, true)).await);
+    time.advance(std::time::Duration::from_secs(2));
+    let plain = session_of(&d.respond("/ops", login_as(TOKEN, None, false)).await);
+    let both = format!("{tls}; {plain}");
+    let signout = http::Request::post("/logout").header("cookie", &both).body(Bytes::new()).unwrap();
+    assert_eq!(d.respond("/ops", signout).await.status(), 303);
+    assert_eq!(d.respond("/ops", with_cookie(&tls)).await.status(), 401);
+    assert_eq!(d.respond("/ops", with_cookie(&plain)).await.status(), 401);
+}
+
+/// Found by review: a whole key inside the text searched (`key: tg_live_…`, upper case) was
+/// redirected to an address holding it whole; it is cut to a key's prefix wherever it is.
+#[tokio::test]
+async fn a_whole_key_inside_the_text_searched_never_reaches_the_address() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::for_engine(&engine, token());
+    for typed in ["key: tg_live_Nobody0wnsThisKey0000000000", "TG_LIVE_Nobody0wnsThisKey0000000000"] {
+        let post = http::Request::post("/search")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Bytes::from(form_urlencoded::Serializer::new(String::new()).append_pair("q", typed).finish()))
+            .unwrap();
+        let r = d.respond("/ops", post).await;
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        assert!(!location.contains("0wnsThisKey"), "{typed}: {location}");
+    }
+    assert_eq!(tollgate::admin::search_text("key: tg_live_Nobody0wnsThisKey0000000000"), "key: tg_live_Nobo");
+}

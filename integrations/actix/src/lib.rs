@@ -897,10 +897,15 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                         out.headers_mut().append(name, value);
                     }
                 }
-                // The peer's address (for the limit on wrong tokens) and whether it came over
-                // TLS, or a proxy said so (actix reads `Forwarded` and `X-Forwarded-Proto`).
-                let tls = request.connection_info().scheme() == "https";
-                let client = tollgate::dashboard::Client::new(request.peer_addr().map(|a| a.ip()), tls);
+                // The client an application behind a proxy it trusts put in the request (with
+                // the address the proxy says); else the peer's address (for the limit on wrong
+                // tokens) and whether it came over TLS, or a proxy said so (actix reads
+                // `Forwarded` and `X-Forwarded-Proto`).
+                let given = request.extensions().get::<tollgate::dashboard::Client>().copied();
+                let client = given.unwrap_or_else(|| {
+                    let tls = request.connection_info().scheme() == "https";
+                    tollgate::dashboard::Client::new(request.peer_addr().map(|a| a.ip()), tls)
+                });
                 out.extensions_mut().insert(client);
                 to_actix(dashboard.respond(base, out).await)
             }

@@ -670,3 +670,46 @@ async fn the_dashboard_scope_passes_the_peer_and_its_scheme() {
     }
     assert!(served, "other addresses are served");
 }
+
+/// Found by review: behind a proxy every peer is the proxy, and the scope replaced the client
+/// an application's own middleware put in the request (with the address its trusted proxy
+/// says) by the peer's: wrong tokens from one client barred every operator. A `Client` the
+/// application gives is kept.
+#[cfg(feature = "dashboard")]
+#[actix_web::test]
+async fn the_dashboard_scope_keeps_a_client_the_application_gives() {
+    use actix_web::HttpMessage as _;
+    use tollgate::{
+        config::DashboardToken,
+        dashboard::{Access, Client, Dashboard, MAX_FAILED_TRIES},
+    };
+    let config =
+        tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
+    let (engine, _worker) = Tollgate::builder(config).build();
+    let right = "dashboard-token-0123456789-abcdefgh";
+    let access = Access::Token(DashboardToken::new(right).unwrap());
+    let app = test::init_service(
+        App::new().service(tollgate_actix::dashboard("/ops", Dashboard::for_engine(&engine, access))),
+    )
+    .await;
+    // Every request comes from the proxy; the application says which client sent it.
+    let login = |token: &str, client: [u8; 4]| {
+        let r = TestRequest::post()
+            .uri("/ops/login")
+            .peer_addr(std::net::SocketAddr::from(([10, 0, 0, 1], 40_000)))
+            .insert_header(("content-type", "application/x-www-form-urlencoded"))
+            .set_payload(format!("token={token}"))
+            .to_request();
+        r.extensions_mut().insert(Client::new(Some(std::net::IpAddr::from(client)), false));
+        r
+    };
+    for _ in 0..=MAX_FAILED_TRIES {
+        test::call_service(&app, login("wrong-token-5f0c1a9e3b7d24c8a6e0f19b", [203, 0, 113, 9])).await;
+    }
+    assert_eq!(test::call_service(&app, login(right, [203, 0, 113, 9])).await.status(), 429);
+    assert_eq!(
+        test::call_service(&app, login(right, [198, 51, 100, 4])).await.status(),
+        303,
+        "another client behind the same proxy signs in"
+    );
+}
