@@ -208,10 +208,15 @@ impl Dashboard {
                 return answer(StatusCode::PAYLOAD_TOO_LARGE, "text/plain; charset=utf-8", "too large".to_owned());
             }
             true => form_urlencoded::parse(body).find(|(k, _)| k == "q").map(|(_, v)| v.into_owned()),
-            false => query("q").filter(|q| {
-                let cut = crate::admin::search_text(q);
-                cut != q.trim()
-            }),
+            // Read whole (not cut first): a key late in a long text is still cut away.
+            false => form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                .find(|(k, _)| k == "q")
+                .map(|(_, v)| v.into_owned())
+                .filter(|q| {
+                    let lower = q.to_ascii_lowercase();
+                    (lower.contains("tg_live_") || lower.contains("tg_test_"))
+                        && crate::admin::search_text(q) != q.trim()
+                }),
         };
         if search || typed.is_some() {
             let typed = typed.unwrap_or_default();

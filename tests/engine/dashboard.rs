@@ -818,4 +818,10 @@ async fn a_whole_key_inside_the_text_searched_never_reaches_the_address() {
         assert!(!location.contains("0wnsThisKey"), "{typed}: {location}");
     }
     assert_eq!(tollgate::admin::search_text("key: tg_live_Nobody0wnsThisKey0000000000"), "key: tg_live_Nobo");
+    // In the address, a key late in a long text (past the search's 128 characters) leaves the
+    // address bar too: the text is read whole before it is cut.
+    let late = format!("{}tg_live_Nobody0wnsThisKey0000000000", "a".repeat(121));
+    let r = get(&d, &format!("/?q={late}"), true).await;
+    assert_eq!(r.status(), 303);
+    assert!(!r.headers()["location"].to_str().unwrap().contains("0wnsThisKey"));
 }

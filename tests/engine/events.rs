@@ -758,3 +758,54 @@ async fn units_a_duplicate_gives_back_after_a_reload_come_back_though_its_node_d
     other.reserve_event(&ev("c", 6, NOON), hold).await.expect("the 6 units the event did not use");
     assert!(matches!(other.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
 }
+
+/// Found by review of the fix above: the duplicates of a batch gave their units back one after
+/// the other, each release awaited before the next was sent, so a caller gone during the first
+/// (its client's deadline) dropped the rest into the lease already given back. Every release
+/// is now sent before any is awaited: the store gets them all, the caller gone or not.
+#[tokio::test]
+async fn the_duplicates_of_a_batch_all_go_back_though_their_caller_is_gone() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let faulty = Arc::new(Faulty::default());
+    let store: Arc<dyn Store> = faulty.clone();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let build = || {
+        let config = Config::from_toml_str(TOML).unwrap();
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock.clone()).build()
+    };
+    let (first, _first_worker) = build();
+    for o in first.record_events(&[ev("a", 4, NOON), ev("b", 3, NOON)]).await {
+        assert_eq!(o.unwrap(), EventOutcome::Applied);
+    }
+    first.shutdown().await.unwrap();
+    let used = || async {
+        let counters = faulty.counters(&"t".into(), &"tokens".into()).await.unwrap();
+        counters.iter().map(|c| c.reserved).sum::<u64>()
+    };
+    assert_eq!(used().await, 7);
+    let (dead, _dead_worker) = build();
+    let (entered, release) = faulty.hold_next_event_commit();
+    let batch = tokio::spawn({
+        let dead = dead.clone();
+        async move { dead.record_events(&[ev("a", 4, NOON), ev("b", 3, NOON)]).await }
+    });
+    entered.notified().await;
+    dead.reload(Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    // The store holds every quota call from now on: the first release waits there.
+    let before = faulty.quota_calls.load(SeqCst);
+    faulty.stall(true);
+    release.notify_one();
+    while faulty.quota_calls.load(SeqCst) == before {
+        tokio::task::yield_now().await;
+    }
+    batch.abort();
+    assert!(batch.await.is_err_and(|e| e.is_cancelled()), "cut off during its give-backs");
+    faulty.stall(false);
+    // Awaited until the releases landed (bounded: before the fix the last 3 never did).
+    let landed = tokio::time::timeout(Duration::from_secs(30), async {
+        while used().await != 7 {
+            tokio::task::yield_now().await;
+        }
+    });
+    assert!(landed.await.is_ok(), "every duplicate's units went back: the store holds {} used", used().await);
+}

@@ -513,11 +513,16 @@ impl EventRecorder {
                     }
                     // The duplicates' units back where they came from, which the store is told
                     // of next (`returned`). Their lease given back meanwhile (a reload, an
-                    // eviction while the write was out), they go to the store itself, awaited:
-                    // back in that lease, no call would tell it. (Dropped before their turn,
-                    // this future gone, they go back to the lease, as before.)
-                    for taken in duplicates {
-                        if !taken.give_back_told(leases, &self.prefetcher).await {
+                    // eviction while the write was out), they go to the store itself: back in
+                    // that lease, no call would tell it. Every release is sent before any is
+                    // awaited (each runs on, this future dropped meanwhile), and awaited
+                    // together.
+                    let sent: Vec<_> = duplicates
+                        .into_iter()
+                        .filter_map(|taken| taken.give_back_started(leases, &self.prefetcher))
+                        .collect();
+                    for told in futures_util::future::join_all(sent).await {
+                        if !told.unwrap_or(false) {
                             self.totals.give_backs_untold.add(1);
                         }
                     }

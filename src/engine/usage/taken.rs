@@ -191,17 +191,19 @@ impl Taken {
         drop(self.give_back_counted(leases, prefetcher, false));
     }
 
-    /// [`give_back`](Self::give_back), awaiting the store when their lease was given back
-    /// meanwhile (a reload, an eviction): `false` when the store could not take them (they
-    /// stay counted used there until the period ends, logged). For units the store counts used
-    /// (a duplicate event's): back in a lease already given back, no call would tell it, and a
-    /// node killed before the state's last return would leave them spent. The release runs in
-    /// the background, so that a caller gone meanwhile does not cut it.
-    pub(crate) async fn give_back_told(self, leases: &Arc<Leases>, prefetcher: &Prefetcher) -> bool {
-        match self.give_back_counted(leases, prefetcher, false) {
-            Some(release) => release.await.unwrap_or(false),
-            None => true,
-        }
+    /// [`give_back`](Self::give_back), answering the release it sent to the store when their
+    /// lease was given back meanwhile (a reload, an eviction): the task answers `false` when
+    /// the store could not take them (they stay counted used there until the period ends,
+    /// logged). For units the store counts used (a duplicate event's): back in a lease already
+    /// given back, no call would tell it, and a node killed before the state's last return
+    /// would leave them spent. The release runs in the background, so that a caller gone
+    /// meanwhile does not cut it.
+    pub(crate) fn give_back_started(
+        self,
+        leases: &Arc<Leases>,
+        prefetcher: &Prefetcher,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        self.give_back_counted(leases, prefetcher, false)
     }
 
     /// [`give_back`](Self::give_back) of units a hold held: counted no longer held in the
