@@ -458,7 +458,12 @@ impl Tollgate {
         if let Err(refused) = self.allowed(id, caller, method, KeyScope::AlertsWrite, "the alert endpoint").await {
             return refused;
         }
+        let of_file = config.tenants().iter().any(|t| t.id() == id);
         match *method {
+            // A tenant of the file has none (`set_tenant_endpoint` refuses one).
+            Method::GET if of_file => {
+                problem(StatusCode::NOT_FOUND, "no-alert-endpoint", "No alert endpoint", "no endpoint is registered")
+            }
             Method::GET => match directory.tenant(id).await {
                 Ok(Some(record)) => {
                     match record.alert_endpoint.and_then(|t| serde_json::from_str::<TenantEndpoint>(&t).ok()) {
@@ -610,6 +615,7 @@ fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
     let (kind, title) = match e {
         EndpointError::UnknownTenant(_) => ("unknown-tenant", "Unknown tenant"),
         EndpointError::NotOnPlan(_) => ("alerts-not-on-plan", "Alerts not on this plan"),
+        EndpointError::FileTenant(_) => ("file-tenant", "Tenant of the configuration file"),
         EndpointError::BadUrl(_) => ("bad-alert-endpoint", "Endpoint refused"),
         EndpointError::Store(_) => ("store-unavailable", "Store unavailable"),
     };

@@ -35,6 +35,13 @@ pub enum EndpointError {
     /// No such tenant.
     #[error("no tenant `{0}`")]
     UnknownTenant(String),
+    /// The tenant is declared in the configuration file, which keeps no endpoint (the
+    /// directory does): its alerts go to `[alerts]`'s endpoints.
+    #[error(
+        "tenant `{0}` is declared in the configuration file, which keeps no endpoint: its alerts go to \
+         [alerts] endpoints (a tenant of the directory registers its own)"
+    )]
+    FileTenant(String),
     /// The tenant's plan does not send alerts to tenants (`tenant_alerts`).
     #[error("plan `{0}` does not send alerts to its tenants' endpoints (tenant_alerts)")]
     NotOnPlan(String),
@@ -53,6 +60,7 @@ impl EndpointError {
         match self {
             EndpointError::UnknownTenant(_) => StatusCode::NOT_FOUND,
             EndpointError::NotOnPlan(_) => StatusCode::FORBIDDEN,
+            EndpointError::FileTenant(_) => StatusCode::CONFLICT,
             EndpointError::BadUrl(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EndpointError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -96,6 +104,19 @@ pub(crate) async fn set_tenant_endpoint(
     tenant: &TenantId,
     url: Option<&str>,
 ) -> Result<Option<WebhookSecret>, EndpointError> {
+    // A tenant of the file is served as the file says, whatever the directory holds: it is
+    // refused for what it is, not as unknown. A removal still clears what the directory may
+    // hold under its name (from before it was declared in the file).
+    let of_file = config.tenants().iter().find(|t| t.id() == tenant);
+    if let (Some(spec), Some(_)) = (of_file, url) {
+        return Err(match config.plan(spec.plan()).is_some_and(crate::config::PlanSpec::tenant_alerts) {
+            false => EndpointError::NotOnPlan(spec.plan().to_string()),
+            true => EndpointError::FileTenant(tenant.to_string()),
+        });
+    }
+    if of_file.is_some() && directory.tenant(tenant).await?.is_none() {
+        return Ok(None);
+    }
     let record = directory.tenant(tenant).await?.ok_or_else(|| EndpointError::UnknownTenant(tenant.to_string()))?;
     let Some(url) = url else {
         let update = TenantUpdate::AlertEndpoint(tenant.clone(), None);

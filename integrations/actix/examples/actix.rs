@@ -1,5 +1,6 @@
-//! An actix-web API behind tollgate's middleware: two plans, a route whose handler reports
-//! tokens, and a final flush when the server stops.
+//! An actix-web API behind tollgate's middleware: three plans, a route whose handler reports
+//! tokens, every route a tenant calls about itself (its usage, charged nothing; its spend cap,
+//! auto-recharge and alert endpoint), and a final flush when the server stops.
 //!
 //! Run it:
 //!
@@ -18,6 +19,14 @@
 //! curl -i -X POST localhost:8080/v1/orders -H 'x-api-key: tg_pro_globex' -H 'idempotency-key: o-1'
 //! curl -i -X POST localhost:8080/v1/orders -H 'x-api-key: tg_pro_globex' -H 'idempotency-key: o-1'
 //!                                                                     # a replay: not charged again
+//! curl -s localhost:8080/v1/usage -H 'x-api-key: tg_free_acme'        # its own usage, charged nothing
+//! curl -s localhost:8080/v1/spend/cap -H 'x-api-key: tg_metered_umbrella'   # $1.00 a day, hard
+//! curl -s -X PUT localhost:8080/v1/spend/cap -H 'x-api-key: tg_metered_umbrella' \
+//!      -d '{"limit": "0.50", "mode": "hard"}'                         # its own cap, up to $5.00
+//! for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:8080/v1/generate \
+//!      -H 'x-api-key: tg_metered_umbrella'; done                      # 200 200 402: $0.25 each
+//! curl -s localhost:8080/v1/credits/recharge -H 'x-api-key: tg_free_acme'   # 403: no recharge on free
+//! curl -s localhost:8080/v1/alerts/endpoint -H 'x-api-key: tg_free_acme'    # 404: none registered
 //! ```
 #![allow(missing_docs)]
 
@@ -26,7 +35,7 @@ use tollgate_actix::{Tenant, TollgateMiddleware};
 
 // A memory store keeps the example self-contained; the embedded durable default is
 // `[store] kind = "sqlite"` (tollgate's `sqlite` feature), DynamoDB for a fleet.
-const CONFIG: &str = r#"
+pub(crate) const CONFIG: &str = r#"
 [store]
 kind = "memory"
 
@@ -39,6 +48,9 @@ flush_interval = "5s"
 [meters.requests]
 [meters.tokens]
 
+[billing]
+currency = "usd"
+
 [plans.free]
 rate = "2/s"
 burst = 5
@@ -48,6 +60,14 @@ quotas.tokens = { limit = 2000, period = "day" }
 [plans.pro]
 rate = "100/s"
 burst = 200
+
+# A token costs $0.001, and a spend cap of $1.00 a day refuses with 402 the work that would
+# pass it; the tenant sets its own cap up to $5.00 (`PUT /v1/spend/cap`).
+[plans.metered]
+rate = "10/s"
+burst = 10
+prices.tokens = "0.001"
+spend = { limit = "1.00", period = "day", mode = "hard", max_limit = "5.00" }
 
 [[routes]]
 method = "POST"
@@ -61,6 +81,10 @@ keys = ["tg_free_acme"]
 [tenants.globex]
 plan = "pro"
 keys = ["tg_pro_globex"]
+
+[tenants.umbrella]
+plan = "metered"
+keys = ["tg_metered_umbrella"]
 "#;
 
 async fn items(tenant: Tenant, request: HttpRequest) -> String {
@@ -81,6 +105,23 @@ async fn order(tenant: Tenant) -> String {
     format!("order placed for {}{}\n", tenant.tenant(), if tenant.is_replay() { " (replay)" } else { "" })
 }
 
+/// The application's routes: the tenant's usage registered first, outside the middleware
+/// (polling it charges nothing), then the API and the tenant's own routes inside it.
+pub(crate) fn routes(engine: tollgate::Tollgate) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |config| {
+        config.route("/v1/usage", tollgate_actix::usage(engine.clone())).service(
+            web::scope("/v1")
+                .wrap(TollgateMiddleware::new(engine.clone()))
+                .route("/items", web::get().to(items))
+                .route("/generate", web::post().to(generate))
+                .route("/orders", web::post().to(order))
+                .route("/spend/cap", tollgate_actix::spend_cap(engine.clone()))
+                .route("/credits/recharge", tollgate_actix::recharge(engine.clone()))
+                .route("/alerts/endpoint", tollgate_actix::alert_endpoint(engine)),
+        );
+    }
+}
+
 #[actix_web::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = tollgate::Config::from_toml_str(CONFIG)?;
@@ -89,16 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app_engine = engine.clone();
     // actix-web's HttpServer stops gracefully on SIGTERM and SIGINT itself.
     println!("listening on http://127.0.0.1:8080 (Ctrl-C or SIGTERM to stop)");
-    HttpServer::new(move || {
-        App::new()
-            .wrap(TollgateMiddleware::new(app_engine.clone()))
-            .route("/v1/items", web::get().to(items))
-            .route("/v1/generate", web::post().to(generate))
-            .route("/v1/orders", web::post().to(order))
-    })
-    .bind(("127.0.0.1", 8080))?
-    .run()
-    .await?;
+    HttpServer::new(move || App::new().configure(routes(app_engine.clone()))).bind(("127.0.0.1", 8080))?.run().await?;
     // The server has stopped taking requests: the last usage reaches the store.
     let report = engine.shutdown().await?;
     println!("flushed {} usage records", report.flush.records);

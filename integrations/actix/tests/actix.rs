@@ -2,6 +2,9 @@
 //! layer, the extractor, the client address, rejections as responses.
 #![allow(missing_docs)]
 
+#[allow(dead_code)]
+#[path = "../examples/actix.rs"]
+mod actix_example;
 #[path = "../../../tests/conformance/mod.rs"]
 mod conformance;
 
@@ -712,4 +715,62 @@ async fn the_dashboard_scope_keeps_a_client_the_application_gives() {
         303,
         "another client behind the same proxy signs in"
     );
+}
+
+/// The actix-web example (examples/actix.rs) mounts every route a tenant calls about itself:
+/// its usage outside the middleware (ten polls spend none of a burst of 5), its spend cap
+/// (read, refused above the plan's maximum, lowered, then holding), its recharge and alert
+/// endpoint.
+#[actix_web::test]
+async fn the_actix_example_mounts_every_route_a_tenant_calls_about_itself() {
+    let (clock, fake) = tollgate::clock::Clock::fake_at_unix(conformance::NOON);
+    let config = tollgate::Config::from_toml_str(actix_example::CONFIG).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).clock(clock).build();
+    let app = test::init_service(App::new().configure(actix_example::routes(engine))).await;
+    let call = |method: Method, path: &str, key: Option<&str>, body: &str| {
+        let mut req = TestRequest::default().method(method).uri(path).set_payload(body.to_owned());
+        if let Some(key) = key {
+            req = req.insert_header(("x-api-key", key.to_owned()));
+        }
+        req.to_request()
+    };
+    let (acme, umbrella) = (Some("tg_free_acme"), Some("tg_metered_umbrella"));
+    for _ in 0..10 {
+        let r = test::call_service(&app, call(Method::GET, "/v1/usage", acme, "")).await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers().get("ratelimit").is_none(), "not through the middleware");
+        let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+        assert_eq!(body["tenant"], "acme", "{body}");
+    }
+    for i in 0..5 {
+        let r = test::call_service(&app, call(Method::GET, "/v1/items", acme, "")).await;
+        assert_eq!(r.status().as_u16(), 200, "request {i} of the burst");
+    }
+    let r = test::call_service(&app, call(Method::GET, "/v1/items", acme, "")).await;
+    assert_eq!(r.status().as_u16(), 429, "the burst is spent");
+    let r = test::call_service(&app, call(Method::GET, "/v1/usage", None, "")).await;
+    assert_eq!(r.status().as_u16(), 401);
+
+    let r = test::call_service(&app, call(Method::GET, "/v1/spend/cap", umbrella, "")).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let cap: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!((cap["limit"].as_str(), cap["max_limit"].as_str()), (Some("1"), Some("5")), "{cap}");
+    let above = call(Method::PUT, "/v1/spend/cap", umbrella, r#"{"limit": "6.00", "mode": "hard"}"#);
+    assert_eq!(test::call_service(&app, above).await.status().as_u16(), 422);
+    let lower = call(Method::PUT, "/v1/spend/cap", umbrella, r#"{"limit": "0.50", "mode": "hard"}"#);
+    assert_eq!(test::call_service(&app, lower).await.status().as_u16(), 200);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = test::call_service(&app, call(Method::POST, "/v1/generate", umbrella, "")).await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 402], "$0.25 a generation under a cap of $0.50");
+
+    fake.advance(std::time::Duration::from_secs(5));
+    let r = test::call_service(&app, call(Method::GET, "/v1/credits/recharge", acme, "")).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let r = test::call_service(&app, call(Method::GET, "/v1/alerts/endpoint", acme, "")).await;
+    assert_eq!(r.status().as_u16(), 404);
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!(body["type"], "https://tollgate.rs/problems/no-alert-endpoint", "{body}");
 }

@@ -4,6 +4,9 @@
 
 #[path = "../examples/ai_stream.rs"]
 mod ai_stream;
+#[allow(dead_code)]
+#[path = "../examples/axum.rs"]
+mod axum_example;
 #[path = "../../../tests/conformance/mod.rs"]
 mod conformance;
 
@@ -490,6 +493,59 @@ async fn tenants_register_their_alert_endpoint_through_the_route() {
     assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None);
 }
 
+/// A tenant of the configuration file is known, though the file keeps no endpoint: its route
+/// answers what it is (403 on a plan without tenant alerts, 409 `file-tenant` on one with
+/// them, 404 `no-alert-endpoint` to a read), never "unknown tenant", and stores nothing.
+#[cfg(feature = "alerts")]
+#[tokio::test]
+async fn a_tenant_of_the_file_is_told_why_it_registers_no_endpoint() {
+    use tollgate::store::{DirectoryStore, MemoryStore};
+    let config = tollgate::Config::from_toml_str(
+        "[plans.pro]\nrate = \"100/s\"\ntenant_alerts = true\n[plans.free]\nrate = \"100/s\"\n\
+         [tenants.acme]\nplan = \"pro\"\nkeys = [\"key-acme\"]\n[tenants.bob]\nplan = \"free\"\nkeys = [\"key-bob\"]\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let app = Router::new()
+        .route("/v1/alerts/endpoint", tollgate_axum::alert_endpoint(engine.clone()))
+        .layer(TollgateLayer::new(engine));
+    let send = |method: &str, key: &str, body: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri("/v1/alerts/endpoint")
+            .header("x-api-key", key)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+        }
+    };
+    let put = r#"{"url":"https://hooks.example.com/x"}"#;
+    let (status, body) = send("PUT", "key-bob", put).await;
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (StatusCode::FORBIDDEN, Some("https://tollgate.rs/problems/alerts-not-on-plan")),
+        "{body}"
+    );
+    let (status, body) = send("PUT", "key-acme", put).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["type"], "https://tollgate.rs/problems/file-tenant", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("[alerts]"), "{body}");
+    let (status, body) = send("GET", "key-acme", "").await;
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (StatusCode::NOT_FOUND, Some("https://tollgate.rs/problems/no-alert-endpoint")),
+        "{body}"
+    );
+    assert_eq!(send("DELETE", "key-acme", "").await.0, StatusCode::NO_CONTENT);
+    assert!(store.tenant(&"acme".into()).await.unwrap().is_none(), "nothing stored");
+}
+
 /// The tenants' spend cap route behind the layer: the calling tenant sets its own cap within
 /// its plan's `max_limit`; above it 422, not an amount 400, a plan without a cap 403, all
 /// problem+json, nothing stored; the cap then holds its requests (402).
@@ -705,4 +761,56 @@ async fn the_dashboard_router_limits_wrong_tokens_per_connected_address() {
         served |= call([198, 51, 100, last], right).await.unwrap().status() == StatusCode::OK;
     }
     assert!(served, "other addresses are served");
+}
+
+/// The axum example (examples/axum.rs) mounts every route a tenant calls about itself: its
+/// usage outside the layer (ten polls spend none of a burst of 5), its spend cap (read,
+/// refused above the plan's maximum, lowered, then holding), its recharge and alert endpoint.
+#[tokio::test]
+async fn the_axum_example_mounts_every_route_a_tenant_calls_about_itself() {
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(axum_example::CONFIG).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).clock(clock).build();
+    let app = axum_example::app(engine);
+    let send = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        let req = req.body(Body::from(body.to_owned())).unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status().as_u16();
+            let limited = response.headers().contains_key("ratelimit");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, limited, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+        }
+    };
+    let (acme, umbrella) = (Some("tg_free_acme"), Some("tg_metered_umbrella"));
+    for _ in 0..10 {
+        let (status, limited, body) = send("GET", "/v1/usage", acme, "").await;
+        assert_eq!((status, limited, body["tenant"].as_str()), (200, false, Some("acme")), "{body}");
+    }
+    for i in 0..5 {
+        assert_eq!(send("GET", "/v1/items", acme, "").await.0, 200, "request {i} of the burst");
+    }
+    assert_eq!(send("GET", "/v1/items", acme, "").await.0, 429, "the burst is spent");
+    assert_eq!(send("GET", "/v1/usage", None, "").await.0, 401);
+
+    let (status, _, cap) = send("GET", "/v1/spend/cap", umbrella, "").await;
+    assert_eq!((status, cap["limit"].as_str(), cap["max_limit"].as_str()), (200, Some("1"), Some("5")), "{cap}");
+    assert_eq!(send("PUT", "/v1/spend/cap", umbrella, r#"{"limit": "6.00", "mode": "hard"}"#).await.0, 422);
+    assert_eq!(send("PUT", "/v1/spend/cap", umbrella, r#"{"limit": "0.50", "mode": "hard"}"#).await.0, 200);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(send("POST", "/v1/generate", umbrella, "").await.0);
+    }
+    assert_eq!(statuses, [200, 200, 402], "$0.25 a generation under a cap of $0.50");
+
+    fake.advance(std::time::Duration::from_secs(5));
+    let (status, _, body) = send("GET", "/v1/credits/recharge", acme, "").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _, body) = send("GET", "/v1/alerts/endpoint", acme, "").await;
+    assert_eq!((status, body["type"].as_str()), (404, Some("https://tollgate.rs/problems/no-alert-endpoint")));
 }

@@ -91,6 +91,53 @@ where
     B::Error: std::fmt::Debug,
     E: std::fmt::Debug + Into<lambda_runtime::Diagnostic> + Send + 'static,
 {
+    let service = service(engine.clone(), handler);
+    serve(engine, worker, service).await
+}
+
+/// [`run`], with the tenants' own usage route at `usage_path` answered in front of the layer
+/// ([`service_with_usage`]): one function serves the API and the usage its tenants poll,
+/// charging nothing for the polls.
+///
+/// ```no_run
+/// # async fn f(engine: tollgate::Tollgate, worker: tollgate::Worker) -> Result<(), lambda_http::Error> {
+/// # let handler = lambda_http::service_fn(|_r: lambda_http::Request| async {
+/// #     Ok::<_, lambda_http::Error>(lambda_http::Response::new(lambda_http::Body::Empty)) });
+/// tollgate_lambda::run_with_usage(engine, worker, "/v1/usage", handler).await
+/// # }
+/// ```
+///
+/// # Errors
+/// What the Lambda runtime returns.
+///
+/// # Panics
+/// Outside Lambda (the runtime's environment variables missing), as `lambda_http::run` does.
+pub async fn run_with_usage<S, B, E>(
+    engine: Tollgate,
+    worker: Worker,
+    usage_path: impl Into<String>,
+    handler: S,
+) -> Result<(), Error>
+where
+    S: Service<Request, Response = http::Response<B>, Error = E> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: std::fmt::Debug,
+    E: std::fmt::Debug + Into<lambda_runtime::Diagnostic> + Send + 'static,
+{
+    let service = service_with_usage(engine.clone(), usage_path, handler);
+    serve(engine, worker, service).await
+}
+
+/// What [`run`] and [`run_with_usage`] share: the graceful-shutdown hook, the worker per
+/// model, SnapStart, and the runtime over `service`.
+async fn serve<T, R, E>(engine: Tollgate, worker: Worker, service: T) -> Result<(), Error>
+where
+    T: Service<Request, Response = R, Error = E> + Clone + Send + 'static,
+    T::Future: Send + 'static,
+    R: lambda_http::IntoResponse + Send + Sync + 'static,
+    E: std::fmt::Debug + Into<lambda_runtime::Diagnostic> + Send + 'static,
+{
     let on_shutdown = engine.clone();
     lambda_runtime::spawn_graceful_shutdown_handler(move || async move {
         shutdown(&on_shutdown).await;
@@ -108,7 +155,6 @@ where
     } else {
         tokio::spawn(worker.run());
     }
-    let service = service(engine.clone(), handler);
     let runtime = lambda_runtime::Runtime::new(adapter(service)).register_snapstart_resource(Arc::new(snapstart));
     if managed {
         runtime.run_concurrent().await
@@ -190,6 +236,75 @@ pub fn service<S>(
 ) -> FromEventService<tollgate::TollgateService<S, FromConfig, ProblemJson, Buffered>> {
     // Lambda's bodies are held whole: fingerprinted at once, handed on as they are.
     FromEventLayer.layer(TollgateLayer::new(engine).buffered_bodies().layer(handler))
+}
+
+/// [`service`] with the tenants' own usage route ([`Tollgate::tenant_usage`]) in front of the
+/// layer: a request whose path (the stage taken off, the query aside) is `usage_path` is
+/// answered as [`usage_handler`] answers it, identifying its caller itself and charging
+/// nothing; every other request goes to `handler` behind the layer. What [`run_with_usage`]
+/// serves; call it with requests `lambda_http` parsed (as tests do).
+pub fn service_with_usage<S>(
+    engine: Tollgate,
+    usage_path: impl Into<String>,
+    handler: S,
+) -> FromEventService<UsageFirst<tollgate::TollgateService<S, FromConfig, ProblemJson, Buffered>>> {
+    let inner = TollgateLayer::new(engine.clone()).buffered_bodies().layer(handler);
+    FromEventLayer.layer(UsageFirst { engine, path: Arc::from(usage_path.into()), inner })
+}
+
+/// The service inside [`service_with_usage`]: the usage route answered, every other request
+/// handed to the layer. Its responses are `lambda_http`'s (the layer's converted as the
+/// runtime would convert them).
+#[derive(Clone)]
+pub struct UsageFirst<S> {
+    engine: Tollgate,
+    path: Arc<str>,
+    inner: S,
+}
+
+impl<S> std::fmt::Debug for UsageFirst<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageFirst").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// The future of [`UsageFirst`]'s service.
+pub type UsageFirstFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, E>> + Send>>;
+
+impl<S, R> Service<Request> for UsageFirst<S>
+where
+    S: Service<Request, Response = R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: lambda_http::IntoResponse + Send + 'static,
+{
+    type Response = http::Response<lambda_http::Body>;
+    type Error = S::Error;
+    type Future = UsageFirstFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if request.uri().path() == &*self.path {
+            let answer = self.engine.tenant_usage(&request);
+            return Box::pin(async move { Ok(to_lambda(answer.await)) });
+        }
+        // The clone made ready by `poll_ready` serves the call; a fresh one waits for the next.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let reply = ready.call(request);
+        Box::pin(async move { Ok(lambda_http::IntoResponse::into_response(reply.await?).await) })
+    }
+}
+
+/// An engine's answer as a `lambda_http` response: JSON and problem+json bodies as text.
+fn to_lambda(reply: http::Response<bytes::Bytes>) -> http::Response<lambda_http::Body> {
+    reply.map(|body| match body.is_empty() {
+        true => lambda_http::Body::Empty,
+        false => lambda_http::Body::Text(String::from_utf8_lossy(&body).into_owned()),
+    })
 }
 
 /// Makes a request `lambda_http` parsed read as it would on a server:
@@ -508,14 +623,84 @@ pub fn usage_handler(
 > {
     FromEventLayer.layer(tower::service_fn(move |request: Request| {
         let answer = engine.tenant_usage(&request);
-        Box::pin(async move {
-            let reply = answer.await;
-            Ok(reply.map(|body| match body.is_empty() {
-                true => lambda_http::Body::Empty,
-                false => lambda_http::Body::Text(String::from_utf8_lossy(&body).into_owned()),
-            }))
-        }) as UsageFuture
+        Box::pin(async move { Ok(to_lambda(answer.await)) }) as UsageFuture
     }))
+}
+
+/// A tenant's own spend cap ([`Tollgate::tenant_spend_cap`]) answered inside a handler behind
+/// [`service`], which admitted the caller: `GET` the cap in force, `PUT` with
+/// `{"limit": "25.00", "mode": "hard"}` the tenant's own (at most the plan's
+/// `spend.max_limit`; a key with the scope `caps:write`), `DELETE` removes it; refusals are
+/// problem+json 4xx and store nothing. Without the layer in front, 500 naming the cause.
+///
+/// ```no_run
+/// use lambda_http::{Body, Error, Request, Response};
+///
+/// async fn handler(engine: &tollgate::Tollgate, request: Request) -> Result<Response<Body>, Error> {
+///     Ok(match request.uri().path() {
+///         "/v1/spend/cap" => tollgate_lambda::spend_cap(engine, &request).await,
+///         "/v1/credits/recharge" => tollgate_lambda::recharge(engine, &request).await,
+///         "/v1/alerts/endpoint" => tollgate_lambda::alert_endpoint(engine, &request).await,
+///         _ => Response::new(Body::from("the API's own routes")),
+///     })
+/// }
+/// ```
+pub async fn spend_cap(engine: &Tollgate, request: &Request) -> http::Response<lambda_http::Body> {
+    tenant_route(engine, request, OwnRoute::SpendCap).await
+}
+
+/// A tenant's own auto-recharge ([`Tollgate::tenant_recharge`]) answered inside a handler
+/// behind [`service`]: `GET` answers it, `PUT` with
+/// `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the plan's
+/// bounds (a plan whose recharge sets `tenant_may_set = true`, a key given the scope
+/// `recharge:write`), `DELETE` turns it off; refusals are problem+json 4xx and store nothing.
+/// Mounted as [`spend_cap`] shows.
+pub async fn recharge(engine: &Tollgate, request: &Request) -> http::Response<lambda_http::Body> {
+    tenant_route(engine, request, OwnRoute::Recharge).await
+}
+
+/// A tenant's own alert endpoint ([`Tollgate::tenant_alert_endpoint`]) answered inside a
+/// handler behind [`service`]: `GET` answers `{"url": …}`, `PUT` with `{"url": "https://…"}`
+/// registers it and answers the new signing secret once (a plan with `tenant_alerts`, a key
+/// with the scope `alerts:write`), `DELETE` removes it; refusals are problem+json 4xx and store
+/// nothing. Mounted as [`spend_cap`] shows.
+pub async fn alert_endpoint(engine: &Tollgate, request: &Request) -> http::Response<lambda_http::Body> {
+    tenant_route(engine, request, OwnRoute::AlertEndpoint).await
+}
+
+/// The tenant routes a handler answers through this crate.
+#[derive(Debug, Clone, Copy)]
+enum OwnRoute {
+    SpendCap,
+    Recharge,
+    AlertEndpoint,
+}
+
+/// A tenant route answered for the tenant the layer admitted. Lambda hands the body over
+/// whole (at most 6 MB); the engine answers 413 past its route's bound.
+async fn tenant_route(engine: &Tollgate, request: &Request, route: OwnRoute) -> http::Response<lambda_http::Body> {
+    let Some(tenant) = request.extensions().get::<tollgate::TenantContext>() else {
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": "no tenant in the request extensions: is this handler behind tollgate_lambda::service, \
+                       with tenant_context enabled?",
+        });
+        return http::Response::builder()
+            .status(http::StatusCode::INTERNAL_SERVER_ERROR)
+            .header(http::header::CONTENT_TYPE, "application/problem+json")
+            .body(lambda_http::Body::Text(body.to_string()))
+            .unwrap_or_default();
+    };
+    let caller = engine.caller(request);
+    let (method, body) = (request.method(), request.body().as_ref());
+    let reply = match route {
+        OwnRoute::SpendCap => engine.tenant_spend_cap(tenant, &caller, method, body).await,
+        OwnRoute::Recharge => engine.tenant_recharge(tenant, &caller, method, body).await,
+        OwnRoute::AlertEndpoint => engine.tenant_alert_endpoint(tenant, &caller, method, body).await,
+    };
+    to_lambda(reply)
 }
 
 /// The future of [`webhook_handler`]'s service.

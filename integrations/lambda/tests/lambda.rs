@@ -140,11 +140,10 @@ struct Lambda {
     kind: Payload,
 }
 
-async fn invoke<S, B>(service: S, payload: &Value) -> Resp
+async fn invoke<S, B, E>(service: S, payload: &Value) -> Resp
 where
-    S: tower::Service<lambda_http::Request, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Send
-        + 'static,
+    S: tower::Service<lambda_http::Request, Response = http::Response<B>, Error = E> + Send + 'static,
+    E: std::fmt::Debug + Into<lambda_http::lambda_runtime::Diagnostic> + Send + 'static,
     S::Future: Send + 'static,
     http::Response<B>: lambda_http::IntoResponse,
 {
@@ -424,4 +423,98 @@ async fn after_an_invocation_the_alerts_due_are_delivered() {
     let got = receiver.received().await;
     assert_eq!(got.len(), 1, "delivered before the invocation ended: {got:?}");
     assert!(got[0].verified && got[0].valid, "{got:?}");
+}
+
+/// The example function (examples/lambda.rs), as `cargo lambda` builds it.
+#[allow(dead_code)]
+#[path = "../examples/lambda.rs"]
+mod example;
+
+/// The example's function over a fresh engine on a fake clock, as `run_with_usage` serves it.
+fn example_function(
+    engine: &Tollgate,
+) -> impl tower::Service<
+    lambda_http::Request,
+    Response = http::Response<lambda_http::Body>,
+    Error = lambda_http::Error,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let app = engine.clone();
+    let api = tower::service_fn(move |request| {
+        let engine = app.clone();
+        async move { example::handler(&engine, request).await }
+    });
+    tollgate_lambda::service_with_usage(engine.clone(), "/v1/usage", api)
+}
+
+async fn call_example(engine: &Tollgate, req: Req) -> Resp {
+    invoke(example_function(engine), &event(Payload::Rest, &req)).await
+}
+
+#[tokio::test]
+async fn the_example_function_serves_every_route_a_tenant_calls_about_itself() {
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(example::CONFIG).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).clock(clock).build();
+    let acme = |method, path| Req::new(method, path).key("tg_free_acme");
+    let umbrella = |method, path| Req::new(method, path).key("tg_metered_umbrella");
+
+    // The usage route is answered in front of the layer, on the REST API's stage too: ten
+    // polls spend none of the free plan's burst of 5.
+    for _ in 0..10 {
+        let usage = call_example(&engine, acme("GET", "/v1/usage")).await;
+        assert_eq!(usage.status, 200, "{usage:?}");
+        assert!(!usage.headers.contains_key("ratelimit"), "not through the layer: {usage:?}");
+        let body: Value = serde_json::from_str(&usage.body).unwrap();
+        assert_eq!(body["tenant"], "acme", "{body}");
+    }
+    for i in 0..5 {
+        assert_eq!(call_example(&engine, acme("GET", "/v1/items")).await.status, 200, "request {i} of the burst");
+    }
+    assert_eq!(call_example(&engine, acme("GET", "/v1/items")).await.status, 429, "the burst is spent");
+    assert_eq!(call_example(&engine, Req::new("GET", "/v1/usage")).await.status, 401, "no key");
+
+    // The spend cap: read, refused above the plan's maximum, lowered by the tenant itself.
+    let cap = call_example(&engine, umbrella("GET", "/v1/spend/cap")).await;
+    assert_eq!(cap.status, 200, "{cap:?}");
+    assert_eq!(serde_json::from_str::<Value>(&cap.body).unwrap()["limit"], "1", "{cap:?}");
+    let above = umbrella("PUT", "/v1/spend/cap").body(r#"{"limit": "6.00", "mode": "hard"}"#.into());
+    let above = call_example(&engine, above).await;
+    assert_eq!(above.status, 422, "{above:?}");
+    assert_eq!(above.headers.get("content-type").map(String::as_str), Some("application/problem+json"));
+    let lower = umbrella("PUT", "/v1/spend/cap").body(r#"{"limit": "0.50", "mode": "hard"}"#.into());
+    assert_eq!(call_example(&engine, lower).await.status, 200);
+    // 250 tokens at $0.001 are $0.25: two generations reach the cap, the third is refused.
+    let statuses: Vec<u16> = futures_statuses(&engine, || umbrella("POST", "/v1/generate"), 3).await;
+    assert_eq!(statuses, [200, 200, 402]);
+
+    // A plan without a recharge or tenant alerts: the routes are mounted and answer 403.
+    fake.advance(Duration::from_secs(5));
+    let recharge = call_example(&engine, acme("GET", "/v1/credits/recharge")).await;
+    assert_eq!(recharge.status, 403, "{recharge:?}");
+    let endpoint =
+        call_example(&engine, acme("PUT", "/v1/alerts/endpoint").body(r#"{"url": "https://example.com/a"}"#.into()))
+            .await;
+    assert_eq!(endpoint.status, 403, "{endpoint:?}");
+}
+
+/// `n` requests `make` builds, one after another, and their statuses.
+async fn futures_statuses(engine: &Tollgate, make: impl Fn() -> Req, n: usize) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        statuses.push(call_example(engine, make()).await.status);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn a_tenant_route_without_the_layer_in_front_names_the_cause() {
+    let (engine, _, _) = conformance::engine().await;
+    let request = lambda_http::Request::new(lambda_http::Body::Empty);
+    let reply = tollgate_lambda::spend_cap(&engine, &request).await;
+    assert_eq!(reply.status(), 500);
+    let lambda_http::Body::Text(body) = reply.body() else { panic!("a text body") };
+    assert!(body.contains("tollgate_lambda::service"), "{body}");
 }
