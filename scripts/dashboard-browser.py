@@ -20,6 +20,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 base, token, db, shots = sys.argv[1:5]
@@ -125,9 +126,33 @@ try:
     check("no script element came from the store", not driver.find_elements(By.TAG_NAME, "script"))
     balance = rows["acme"].find_element(By.CSS_SELECTOR, "td.balance").text if "acme" in rows else ""
     left = granted - used.get(("acme", "credits"), 0)
-    check("acme's balance as the store holds it", f"credits {left:,} of {granted:,}" in balance, balance)
+    check("acme's balance as the store holds it", f"credits {left:,} left of {granted:,}" in balance, balance)
     no_word_broken(driver, "tenants")
     shot(driver, "tenants")
+
+    # The filter and the order, chosen in the form (a GET: no script), kept by the headings.
+    Select(driver.find_element(By.NAME, "plan")).select_by_value("free")
+    Select(driver.find_element(By.NAME, "sort")).select_by_value("refusals")
+    driver.find_element(By.CSS_SELECTOR, "form.view button").click()
+    WebDriverWait(driver, 20).until(lambda d: "plan=free" in d.current_url)
+    listed = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
+    check("filter by plan: the free tenants only", sorted(listed) == sorted(["globex", HOSTILE]), listed)
+    refusals = {r.find_element(By.CSS_SELECTOR, "a.tenant").text: int(r.find_element(By.CSS_SELECTOR, "td.refusals").text)
+                for r in driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")}
+    check("sort by refusals: the most first", listed == sorted(listed, key=lambda t: -refusals[t]), refusals)
+    check("the form shows the view in force",
+          Select(driver.find_element(By.NAME, "sort")).first_selected_option.get_attribute("value") == "refusals")
+    check("the view says what it read", "tenants read match" in driver.find_element(By.CSS_SELECTOR, "p.window").text)
+    driver.find_element(By.LINK_TEXT, "plan").click()
+    WebDriverWait(driver, 20).until(lambda d: "sort=plan" in d.current_url)
+    check("a heading orders by its column and keeps the filter", "plan=free" in driver.current_url, driver.current_url)
+    Select(driver.find_element(By.NAME, "state")).select_by_value("active")
+    Select(driver.find_element(By.NAME, "plan")).select_by_value("")
+    driver.find_element(By.CSS_SELECTOR, "form.view button").click()
+    WebDriverWait(driver, 20).until(lambda d: "state=active" in d.current_url)
+    states = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "table.tenants td.state")]
+    check("filter by state: only that state", states and set(states) == {"active"}, states)
+    shot(driver, "tenants-filtered")
 
     driver.find_element(By.NAME, "q").send_keys(prefixes[0])
     driver.find_element(By.CSS_SELECTOR, "form.search button").click()

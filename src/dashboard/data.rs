@@ -66,6 +66,90 @@ pub(crate) struct TenantRow {
     pub(crate) balances: Vec<(MeterId, u64, u64)>,
     /// `active`, `unknown plan`, `quota reached`, `balance empty`.
     pub(crate) state: &'static str,
+    /// This node's refusals of it among its last ones (a mounted router's only).
+    pub(crate) refusals: Option<u64>,
+}
+
+/// The states a tenant of the list is in, in the order a sort by state shows them.
+pub(crate) const STATES: [&str; 4] = ["balance empty", "quota reached", "unknown plan", "active"];
+
+/// The most tenants a filtered or sorted list reads for one page (the directory's, in id
+/// order, from where the page starts, with the file's among them): the filter and the order
+/// apply among them, and the next page reads the next ones.
+pub(crate) const WINDOW: usize = 200;
+
+/// How the list of tenants is ordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Sort {
+    /// By id (the directory's order).
+    #[default]
+    Id,
+    /// By plan, then id.
+    Plan,
+    /// The least units left in a balance first; tenants without one last.
+    Balance,
+    /// The most of this node's recent refusals first.
+    Refusals,
+    /// In the order of [`STATES`]: the ones that need a look first.
+    State,
+}
+
+impl Sort {
+    /// Every order, as the form lists them.
+    pub(crate) const ALL: [Sort; 5] = [Sort::Id, Sort::Plan, Sort::Balance, Sort::Refusals, Sort::State];
+
+    /// Its name in the address (`?sort=`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Sort::Id => "id",
+            Sort::Plan => "plan",
+            Sort::Balance => "balance",
+            Sort::Refusals => "refusals",
+            Sort::State => "state",
+        }
+    }
+
+    /// How the page says it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Sort::Id => "by id",
+            Sort::Plan => "by plan",
+            Sort::Balance => "least balance left first",
+            Sort::Refusals => "most refusals on this node first",
+            Sort::State => "needing a look first",
+        }
+    }
+
+    /// The order named `name`.
+    pub(crate) fn parse(name: &str) -> Option<Sort> {
+        Sort::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What the list page is asked to show: tenants on one plan, in one state, in an order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ListView {
+    pub(crate) plan: Option<String>,
+    /// One of [`STATES`].
+    pub(crate) state: Option<&'static str>,
+    pub(crate) sort: Sort,
+}
+
+impl ListView {
+    /// The view the address asks for: an empty or unknown value is no filter (or the order by
+    /// id), so a hand-edited address never fails.
+    pub(crate) fn from_query(plan: Option<String>, state: Option<String>, sort: Option<String>) -> Self {
+        Self {
+            plan: plan.filter(|p| !p.trim().is_empty()),
+            state: state.and_then(|s| STATES.into_iter().find(|k| *k == s)),
+            sort: sort.as_deref().and_then(Sort::parse).unwrap_or_default(),
+        }
+    }
+
+    /// Whether it narrows or orders anything.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.plan.is_none() && self.state.is_none() && self.sort == Sort::Id
+    }
 }
 
 /// The tenants page.
@@ -75,6 +159,15 @@ pub(crate) struct TenantsData {
     pub(crate) rows: Vec<TenantRow>,
     /// The last id of a full page: where the next page starts.
     pub(crate) next: Option<TenantId>,
+    /// How the list is narrowed and ordered.
+    pub(crate) view: ListView,
+    /// A filtered or sorted list: how many tenants it read ([`WINDOW`] at most), and how many
+    /// of them matched (rows past [`ROWS`] are not shown).
+    pub(crate) window: Option<(usize, usize)>,
+    /// The plans of the configuration, for the filter.
+    pub(crate) plans: Vec<String>,
+    /// Whether the list can show this node's refusals (a mounted router).
+    pub(crate) node: bool,
 }
 
 /// One tenant's page.
@@ -249,13 +342,20 @@ pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&Sp
     out
 }
 
-/// The tenants page: a search's findings, or a page of the directory after `after`.
+/// The tenants page: a search's findings, or a page of the directory after `after`; narrowed
+/// and ordered as `view` asks, among at most [`WINDOW`] tenants read.
 pub(crate) async fn tenants(
     admin: &Admin,
+    engine: Option<&Tollgate>,
     search: Option<&str>,
     after: Option<&str>,
+    view: ListView,
 ) -> Result<TenantsData, AdminError> {
-    let mut data = TenantsData::default();
+    let mut data = TenantsData {
+        plans: admin.config().map(|c| c.plans().keys().map(ToString::to_string).collect()).unwrap_or_default(),
+        node: engine.is_some(),
+        ..TenantsData::default()
+    };
     let records: Vec<(TenantRecord, Option<String>)> = match search.filter(|s| !s.trim().is_empty()) {
         Some(text) => {
             let found = admin.search_tenants_after(text, after, PAGE).await?;
@@ -275,7 +375,7 @@ pub(crate) async fn tenants(
             data.search = Some(found);
             records
         }
-        None => {
+        None if view.is_plain() => {
             // The directory's next page and the file's tenants it lacks, merged in id order: the
             // first PAGE of either holds the first PAGE of both.
             let page = admin.list_tenants(after, PAGE).await?;
@@ -293,9 +393,18 @@ pub(crate) async fn tenants(
             }
             records
         }
+        None => {
+            let (records, next) = window(admin, after).await?;
+            data.window = Some((records.len(), 0));
+            data.next = next;
+            records
+        }
     };
     let now = admin.clock().unix_secs();
     for (record, why) in records {
+        if view.plan.as_deref().is_some_and(|p| p != record.plan.as_str()) {
+            continue;
+        }
         let plan = plan_of(admin.config(), &record);
         let counters = match plan {
             Some(_) => counters_of(admin, record.id.as_str()).await?,
@@ -319,9 +428,78 @@ pub(crate) async fn tenants(
                 }
             }
         };
-        data.rows.push(TenantRow { record, why, balances, state });
+        if view.state.is_some_and(|s| s != state) {
+            continue;
+        }
+        let refusals = engine.map(|e| e.recent_rejections(&record.id).0.iter().map(|(_, n)| n).sum());
+        data.rows.push(TenantRow { record, why, balances, state, refusals });
     }
+    sort_rows(&mut data.rows, view.sort);
+    if let Some((_, matched)) = &mut data.window {
+        *matched = data.rows.len();
+        data.rows.truncate(ROWS);
+    }
+    data.view = view;
     Ok(data)
+}
+
+/// Orders the rows of the list (a stable sort: ties stay in id order).
+fn sort_rows(rows: &mut [TenantRow], sort: Sort) {
+    let least_left = |r: &TenantRow| r.balances.iter().map(|(_, left, _)| *left).min().unwrap_or(u64::MAX);
+    let rank = |r: &TenantRow| STATES.iter().position(|s| *s == r.state).unwrap_or(STATES.len());
+    rows.sort_by(|a, b| a.record.id.as_str().cmp(b.record.id.as_str()));
+    match sort {
+        Sort::Id => {}
+        Sort::Plan => rows.sort_by(|a, b| a.record.plan.as_str().cmp(b.record.plan.as_str())),
+        Sort::Balance => rows.sort_by_key(least_left),
+        Sort::Refusals => rows.sort_by_key(|r| std::cmp::Reverse(r.refusals.unwrap_or(0))),
+        Sort::State => rows.sort_by_key(rank),
+    }
+}
+
+/// The tenants a filtered or sorted page reads: at most [`WINDOW`] of the directory after
+/// `after` in id order, with the file's tenants the directory lacks among them, and where the
+/// next window starts when tenants were left unread.
+async fn window(
+    admin: &Admin,
+    after: Option<&str>,
+) -> Result<(Vec<(TenantRecord, Option<String>)>, Option<TenantId>), AdminError> {
+    let mut records: Vec<(TenantRecord, Option<String>)> = Vec::new();
+    let mut cursor = after.map(str::to_owned);
+    let mut full = false;
+    while records.len() < WINDOW {
+        let want = (WINDOW - records.len()).min(ROWS);
+        let page = admin.list_tenants(cursor.as_deref(), want).await?;
+        let got = page.len();
+        cursor = page.last().map(|t| t.id.to_string()).or(cursor);
+        records.extend(page.into_iter().map(|t| (t, None)));
+        if got < want {
+            break;
+        }
+        full = records.len() == WINDOW;
+    }
+    // The file's tenants within the ids read (all of those after `after` when the directory
+    // had no more): the directory's record of an id read is among the records already.
+    let end = full.then(|| cursor.clone()).flatten();
+    if let Some(config) = admin.config() {
+        let held: std::collections::HashSet<TenantId> = records.iter().map(|(t, _)| t.id.clone()).collect();
+        for spec in config.tenants() {
+            let id = spec.id().as_str();
+            if after.is_some_and(|a| id <= a) || end.as_deref().is_some_and(|e| id > e) || held.contains(spec.id()) {
+                continue;
+            }
+            if let Some(record) = file_tenant(Some(config), id) {
+                records.push((record, Some("declared in the configuration file".to_owned())));
+            }
+        }
+    }
+    records.sort_by(|a, b| a.0.id.as_str().cmp(b.0.id.as_str()));
+    let mut next = end.map(TenantId::from);
+    if records.len() > WINDOW {
+        records.truncate(WINDOW);
+        next = records.last().map(|(t, _)| t.id.clone());
+    }
+    Ok((records, next))
 }
 
 /// The usage window in seconds (an hour without a configuration).

@@ -1,13 +1,43 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
-use super::data::{AlertsData, BillingData, NodeData, PlansData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
+use super::data::{
+    AlertsData, BillingData, ListView, NodeData, PlansData, Sort, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS,
+    STATES, WINDOW,
+};
 use super::html::{Esc, Frame, Money, Num, Page, Seg, When, Wrap};
 use crate::{base::Period, store::OutboxEntry};
+
+/// The address of the list with `view` (and a search's text), `after` where it starts.
+fn list_href(base: &str, search: Option<&str>, view: &ListView, after: Option<&str>) -> String {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    if let Some(q) = search {
+        pairs.push(("q", q));
+    }
+    if let Some(plan) = &view.plan {
+        pairs.push(("plan", plan));
+    }
+    if let Some(state) = view.state {
+        pairs.push(("state", state));
+    }
+    if view.sort != Sort::Id {
+        pairs.push(("sort", view.sort.name()));
+    }
+    if let Some(after) = after {
+        pairs.push(("after", after));
+    }
+    let query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={}", Seg(v))).collect();
+    match query.is_empty() {
+        true => format!("{base}/"),
+        false => format!("{base}/?{}", query.join("&")),
+    }
+}
 
 /// The tenants page.
 pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
     let mut p = Page::new(base, "Tenants", "/", frame);
     let text = data.search.as_ref().map_or("", |s| s.text.as_str());
+    let search = data.search.as_ref().map(|s| s.text.as_str());
+    let view = &data.view;
     p.fmt(format_args!(
         "<form class=\"search\" method=\"post\" action=\"{}/search\"><input type=\"search\" name=\"q\" value=\"{}\" \
          maxlength=\"128\" placeholder=\"tenant id, billing customer or key prefix (tg_live_…)\" \
@@ -15,6 +45,31 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
         Esc(base),
         Esc(text)
     ));
+    // The filter and the order: a form of the address (GET), no script.
+    p.fmt(format_args!("<form class=\"view\" method=\"get\" action=\"{}/\">", Esc(base)));
+    if let Some(q) = search {
+        p.fmt(format_args!("<input type=\"hidden\" name=\"q\" value=\"{}\">", Esc(q)));
+    }
+    p.raw("<label>plan <select name=\"plan\"><option value=\"\">any</option>");
+    let mut plans: Vec<&str> = data.plans.iter().map(String::as_str).collect();
+    if let Some(asked) = view.plan.as_deref().filter(|a| !plans.contains(a)) {
+        plans.push(asked);
+    }
+    for plan in plans {
+        let selected = if view.plan.as_deref() == Some(plan) { " selected" } else { "" };
+        p.fmt(format_args!("<option value=\"{}\"{selected}>{}</option>", Esc(plan), Esc(plan)));
+    }
+    p.raw("</select></label> <label>state <select name=\"state\"><option value=\"\">any</option>");
+    for state in STATES {
+        let selected = if view.state == Some(state) { " selected" } else { "" };
+        p.fmt(format_args!("<option value=\"{state}\"{selected}>{state}</option>"));
+    }
+    p.raw("</select></label> <label>sort <select name=\"sort\">");
+    for sort in Sort::ALL.into_iter().filter(|s| data.node || *s != Sort::Refusals) {
+        let selected = if view.sort == sort { " selected" } else { "" };
+        p.fmt(format_args!("<option value=\"{}\"{selected}>{}</option>", sort.name(), sort.label()));
+    }
+    p.raw("</select></label> <button type=\"submit\">Show</button></form>");
     if let Some(s) = &data.search {
         p.fmt(format_args!("<p class=\"found\">{} found for <q>{}</q>", Num(data.rows.len() as u64), Esc(&s.text)));
         if s.scanned > 0 {
@@ -25,10 +80,36 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
         }
         p.raw("</p>");
     }
-    p.raw(
-        "<table class=\"tenants\"><thead><tr><th>tenant</th><th>plan</th><th>billing customer</th>\
-         <th>balance</th><th>state</th></tr></thead><tbody>",
-    );
+    if let Some((read, matched)) = data.window {
+        p.fmt(format_args!(
+            "<p class=\"window\">{} of the {} tenants read match, {} (a page reads at most {} tenants in id \
+             order",
+            Num(matched as u64),
+            Num(read as u64),
+            view.sort.label(),
+            Num(WINDOW as u64)
+        ));
+        if matched > data.rows.len() {
+            p.fmt(format_args!("; the first {} shown", Num(data.rows.len() as u64)));
+        }
+        p.raw(")</p>");
+    }
+    // Each heading orders the list by its column.
+    let heading = |p: &mut Page, sort: Sort, name: &str| {
+        let to = ListView { sort, ..view.clone() };
+        let current = if view.sort == sort { " aria-sort=\"ascending\"" } else { "" };
+        p.fmt(format_args!("<th{current}><a href=\"{}\">{name}</a></th>", Esc(&list_href(base, search, &to, None))));
+    };
+    p.raw("<table class=\"tenants\"><thead><tr>");
+    heading(&mut p, Sort::Id, "tenant");
+    heading(&mut p, Sort::Plan, "plan");
+    p.raw("<th>billing customer</th>");
+    heading(&mut p, Sort::Balance, "balance left");
+    if data.node {
+        heading(&mut p, Sort::Refusals, "refusals");
+    }
+    heading(&mut p, Sort::State, "state");
+    p.raw("</tr></thead><tbody>");
     for row in &data.rows {
         let r = &row.record;
         p.fmt(format_args!(
@@ -49,20 +130,24 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
             p.raw("-");
         }
         for (meter, left, granted) in &row.balances {
-            p.fmt(format_args!("<span>{} {} of {}</span> ", Esc(meter.as_str()), Num(*left), Num(*granted)));
+            p.fmt(format_args!("<span>{} {} left of {}</span> ", Esc(meter.as_str()), Num(*left), Num(*granted)));
         }
-        p.fmt(format_args!("</td><td class=\"state\">{}</td></tr>", Esc(row.state)));
+        p.raw("</td>");
+        if data.node {
+            p.fmt(format_args!("<td class=\"refusals n\">{}</td>", Num(row.refusals.unwrap_or(0))));
+        }
+        p.fmt(format_args!("<td class=\"state\">{}</td></tr>", Esc(row.state)));
     }
     if data.rows.is_empty() {
-        p.raw("<tr><td colspan=\"5\">no tenant</td></tr>");
+        p.fmt(format_args!("<tr><td colspan=\"{}\">no tenant</td></tr>", if data.node { 6 } else { 5 }));
     }
     p.raw("</tbody></table>");
     if let Some(next) = &data.next {
-        p.fmt(format_args!("<p><a rel=\"next\" href=\"{}/?", Esc(base)));
-        if let Some(s) = &data.search {
-            p.fmt(format_args!("q={}&amp;", Seg(&s.text)));
-        }
-        p.fmt(format_args!("after={}\">next page</a></p>", Seg(next.as_str())));
+        let label = if data.window.is_some() { "next tenants" } else { "next page" };
+        p.fmt(format_args!(
+            "<p><a rel=\"next\" href=\"{}\">{label}</a></p>",
+            Esc(&list_href(base, search, view, Some(next.as_str())))
+        ));
     }
     p.finish()
 }

@@ -243,9 +243,12 @@ impl Dashboard {
             refresh: query("refresh").is_some_and(|r| r == "on"),
         };
         let page = match path {
-            "/" | "/tenants" => data::tenants(admin, query("q").as_deref(), query("after").as_deref())
-                .await
-                .map(|d| Some(pages::tenants(base, frame, &d))),
+            "/" | "/tenants" => {
+                let view = data::ListView::from_query(query("plan"), query("state"), query("sort"));
+                data::tenants(admin, engine, query("q").as_deref(), query("after").as_deref(), view)
+                    .await
+                    .map(|d| Some(pages::tenants(base, frame, &d)))
+            }
             "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame, &d))),
             "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame, &d))),
             "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame, &d))),

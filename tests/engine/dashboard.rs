@@ -185,7 +185,7 @@ async fn figures_are_the_stores() {
     let (engine, _store) = seeded().await;
     let d = Dashboard::for_engine(&engine, token());
     let list = text(&get(&d, "/", true).await);
-    assert!(list.contains("credits 50 of 50"), "the hostile tenant's balance: 50 granted, none used");
+    assert!(list.contains("credits 50 left of 50"), "the hostile tenant's balance: 50 granted, none used");
     let acme = text(&get(&d, "/tenants/acme", true).await);
     // Usage committed without a quota counter (the counters are the quota store's): its
     // gauge shows the counter, none here, and its charts the usage.
@@ -824,4 +824,96 @@ async fn a_whole_key_inside_the_text_searched_never_reaches_the_address() {
     let r = get(&d, &format!("/?q={late}"), true).await;
     assert_eq!(r.status(), 303);
     assert!(!r.headers()["location"].to_str().unwrap().contains("0wnsThisKey"));
+}
+
+/// The tenants' ids in the order a list page shows them.
+fn listed(page: &str) -> Vec<String> {
+    page.split("<a class=\"tenant\" href=\"/ops/tenants/")
+        .skip(1)
+        .map(|r| r.split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+/// The list narrowed to a plan or a state and ordered by balance left, among a window of at
+/// most 200 tenants read (the file's among them), the next window a link away with the same
+/// view; a value the list does not know is no filter, and one from the address is escaped.
+#[tokio::test]
+async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
+    let file = "[store]\nkind = \"memory\"\n[meters.requests]\n[meters.credits]\n\
+                [plans.free]\nrate = \"2/s\"\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\" }\n\
+                [plans.pro]\nrate = \"50/s\"\nquotas.credits = { period = \"prepaid\" }\n\
+                [[routes]]\nmethod = \"POST\"\npath = \"/v1/generate\"\nmeter = \"credits\"\n\
+                [tenants.t0995]\nplan = \"pro\"\n";
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(file).unwrap()).store_arc(store.clone()).build();
+    let now = engine.clock().unix_secs();
+    for i in 0..250u64 {
+        let id = format!("t{i:03}");
+        let plan = if i % 5 == 0 { "pro" } else { "free" };
+        store.put_tenant(&TenantRecord::new(id.as_str().into(), plan.into()), &[]).await.unwrap();
+        if i % 10 == 0 {
+            store
+                .grant_credits(&CreditGrant::new(id.as_str().into(), "credits".into(), "g", 1000 - i, now))
+                .await
+                .unwrap();
+        }
+    }
+    let d = Dashboard::for_engine(&engine, token());
+
+    let page = text(&get(&d, "/?plan=pro", true).await);
+    let rows = listed(&page);
+    let mut pro: Vec<String> = (0..200).filter(|i| i % 5 == 0).map(|i| format!("t{i:03}")).collect();
+    pro.push("t0995".to_owned());
+    pro.sort();
+    assert_eq!(rows, pro, "the pro tenants among the 200 read (199 of the directory, the file's one), in id order");
+    assert!(page.contains("41 of the 200 tenants read match"), "{page}");
+    assert!(page.contains("<option value=\"pro\" selected>pro</option>"), "{page}");
+    let next = "rel=\"next\" href=\"/ops/?plan=pro&amp;after=t198\"";
+    assert!(page.contains(next), "the next window keeps the view: {page}");
+    let rest = listed(&text(&get(&d, "/?plan=pro&after=t198", true).await));
+    assert_eq!(rest, (200..250).filter(|i| i % 5 == 0).map(|i| format!("t{i:03}")).collect::<Vec<_>>());
+
+    let by_balance = listed(&text(&get(&d, "/?plan=pro&sort=balance", true).await));
+    let mut want: Vec<String> = (0..200).filter(|i| i % 10 == 0).rev().map(|i| format!("t{i:03}")).collect();
+    let mut empty: Vec<String> = (0..200).filter(|i| i % 10 == 5).map(|i| format!("t{i:03}")).collect();
+    empty.push("t0995".to_owned());
+    empty.sort();
+    want.extend(empty.iter().cloned());
+    assert_eq!(by_balance, want, "the least left first (t190 has 810), tenants without a balance last");
+
+    let page = text(&get(&d, "/?state=balance+empty", true).await);
+    assert_eq!(listed(&page), empty, "pro tenants without a grant have an empty balance");
+    assert!(page.contains("21 of the 200 tenants read match"), "{page}");
+
+    // Unknown values narrow nothing: the plain page of 25, by id.
+    let page = text(&get(&d, "/?sort=nope&state=zzz&plan=", true).await);
+    assert!(!page.contains("class=\"window\""), "{page}");
+    assert_eq!(listed(&page).len(), 25);
+    // A plan named in the address is shown as text, and matches no tenant.
+    let page = text(&get(&d, "/?plan=%3Ci%3Ex%3C%2Fi%3E", true).await);
+    assert!(!page.contains("<i>"), "{page}");
+    assert!(page.contains("&lt;i&gt;x&lt;/i&gt;"), "{page}");
+    assert!(listed(&page).is_empty());
+}
+
+/// On a mounted dashboard, the list shows each tenant's refusals among this node's last ones
+/// and orders by them, the most first.
+#[tokio::test]
+async fn a_mounted_list_orders_tenants_by_this_nodes_refusals() {
+    let h = crate::common::Harness::new(
+        "[plans.free]\nrate = \"1/s\"\nburst = 1\n\
+         [tenants.a]\nplan = \"free\"\nkeys = [\"key-a\"]\n[tenants.b]\nplan = \"free\"\nkeys = [\"key-b\"]\n\
+         [tenants.c]\nplan = \"free\"\nkeys = [\"key-c\"]\n",
+    );
+    for (key, sent) in [("key-a", 2), ("key-b", 4), ("key-c", 1)] {
+        for _ in 0..sent {
+            h.status("/v1/items", key).await;
+        }
+    }
+    let d = Dashboard::for_engine(&h.tollgate, token());
+    let page = text(&get(&d, "/?sort=refusals", true).await);
+    assert_eq!(listed(&page), ["b", "a", "c"], "{page}");
+    let cells: Vec<&str> =
+        page.split("<td class=\"refusals n\">").skip(1).map(|c| c.split('<').next().unwrap()).collect();
+    assert_eq!(cells, ["3", "1", "0"]);
 }
