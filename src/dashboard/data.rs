@@ -75,7 +75,7 @@ pub(crate) const STATES: [&str; 4] = ["balance empty", "quota reached", "unknown
 
 /// The most tenants a filtered or sorted list reads for one page (the directory's, in id
 /// order, from where the page starts, with the file's among them): the filter and the order
-/// apply among them, and the next page reads the next ones.
+/// apply among them, every match is shown, and the next page reads the next ones.
 pub(crate) const WINDOW: usize = 200;
 
 /// How the list of tenants is ordered.
@@ -86,7 +86,8 @@ pub(crate) enum Sort {
     Id,
     /// By plan, then id.
     Plan,
-    /// The least units left in a balance first; tenants without one last.
+    /// The least units left in a balance first (a balance never granted has 0 left); tenants
+    /// whose plan has no balance last.
     Balance,
     /// The most of this node's recent refusals first.
     Refusals,
@@ -162,7 +163,7 @@ pub(crate) struct TenantsData {
     /// How the list is narrowed and ordered.
     pub(crate) view: ListView,
     /// A filtered or sorted list: how many tenants it read ([`WINDOW`] at most), and how many
-    /// of them matched (rows past [`ROWS`] are not shown).
+    /// of them matched (all shown).
     pub(crate) window: Option<(usize, usize)>,
     /// The plans of the configuration, for the filter.
     pub(crate) plans: Vec<String>,
@@ -267,6 +268,8 @@ pub(crate) struct NodeData {
     pub(crate) stats: Stats,
     /// Each role's store: how long a read took, or why it failed.
     pub(crate) health: Vec<(&'static str, Result<Duration, String>)>,
+    /// The billing currency, for the money flushed.
+    pub(crate) currency: Option<String>,
 }
 
 /// The tenant `id` as the configuration file declares it (`[tenants.ID]`), as a record.
@@ -349,8 +352,12 @@ pub(crate) async fn tenants(
     engine: Option<&Tollgate>,
     search: Option<&str>,
     after: Option<&str>,
-    view: ListView,
+    mut view: ListView,
 ) -> Result<TenantsData, AdminError> {
+    // Refusals are a node's: without one, the order is by id.
+    if engine.is_none() && view.sort == Sort::Refusals {
+        view.sort = Sort::Id;
+    }
     let mut data = TenantsData {
         plans: admin.config().map(|c| c.plans().keys().map(ToString::to_string).collect()).unwrap_or_default(),
         node: engine.is_some(),
@@ -401,6 +408,7 @@ pub(crate) async fn tenants(
         }
     };
     let now = admin.clock().unix_secs();
+    let refused = engine.map(Tollgate::recent_rejection_counts);
     for (record, why) in records {
         if view.plan.as_deref().is_some_and(|p| p != record.plan.as_str()) {
             continue;
@@ -410,34 +418,38 @@ pub(crate) async fn tenants(
             Some(_) => counters_of(admin, record.id.as_str()).await?,
             None => Vec::new(),
         };
-        let balances = counters
-            .iter()
-            .filter_map(|c| c.granted.map(|g| (c.key.meter.clone(), g.saturating_sub(c.used()), g)))
-            .collect::<Vec<_>>();
-        let state = match &plan {
-            None => "unknown plan",
+        // Each prepaid balance as its gauge reads it (never granted: 0 left of 0).
+        let (state, balances) = match &plan {
+            None => ("unknown plan", Vec::new()),
             Some(plan) => {
                 let gauges = gauges(plan, &counters, None, now);
-                if gauges.iter().any(|g| g.period == Period::Prepaid && g.reached()) {
+                let balances = gauges
+                    .iter()
+                    .filter(|g| g.period == Period::Prepaid)
+                    .map(|g| (g.meter.clone(), g.limit.saturating_sub(g.used), g.limit))
+                    .collect::<Vec<_>>();
+                let state = if gauges.iter().any(|g| g.period == Period::Prepaid && g.reached()) {
                     "balance empty"
                 } else if gauges.iter().any(|g| g.period != Period::Prepaid && g.mode == QuotaMode::Hard && g.reached())
                 {
                     "quota reached"
                 } else {
                     "active"
-                }
+                };
+                (state, balances)
             }
         };
         if view.state.is_some_and(|s| s != state) {
             continue;
         }
-        let refusals = engine.map(|e| e.recent_rejections(&record.id).0.iter().map(|(_, n)| n).sum());
+        let refusals = refused.as_ref().map(|r| r.get(&record.id).copied().unwrap_or(0));
         data.rows.push(TenantRow { record, why, balances, state, refusals });
     }
     sort_rows(&mut data.rows, view.sort);
     if let Some((_, matched)) = &mut data.window {
+        // Every match of the window is shown (at most WINDOW rows): the next page reads on
+        // past the window, so none is skipped.
         *matched = data.rows.len();
-        data.rows.truncate(ROWS);
     }
     data.view = view;
     Ok(data)
@@ -677,7 +689,8 @@ pub(crate) async fn node(admin: &Admin, engine: &Tollgate) -> NodeData {
     let started = Instant::now();
     let quota = admin.quota_counters(probe.as_str()).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
     health.push(("quota", quota));
-    NodeData { stats: engine.stats(), health }
+    let currency = admin.config().and_then(|c| c.billing().currency.clone());
+    NodeData { stats: engine.stats(), health, currency }
 }
 
 #[cfg(test)]

@@ -98,6 +98,58 @@ impl fmt::Display for Money<'_> {
     }
 }
 
+/// What a chart counts: units of a meter, or money in nano-units of the currency.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Unit<'a> {
+    /// Units, named (`requests`).
+    Count(&'a str),
+    /// Money in nano-units, in the currency (`[billing] currency`).
+    Money(Option<&'a str>),
+}
+
+impl Unit<'_> {
+    /// A value with its unit (a bar's title, the limit).
+    fn show(self, v: u64) -> String {
+        match self {
+            Unit::Count(name) => format!("{} {name}", Num(v)),
+            Unit::Money(currency) => Money(v, currency).to_string(),
+        }
+    }
+
+    /// A value of the scale: the number alone (the unit is the scale's title).
+    fn tick(self, v: u64) -> String {
+        match self {
+            Unit::Count(_) => Num(v).to_string(),
+            Unit::Money(_) => Money(v, None).to_string(),
+        }
+    }
+
+    /// The scale's title: the meter's name, or the currency.
+    fn title(self) -> String {
+        match self {
+            Unit::Count(name) => name.to_owned(),
+            Unit::Money(currency) => currency.map_or_else(|| "money".to_owned(), str::to_ascii_uppercase),
+        }
+    }
+}
+
+/// The least of 1, 2 or 5 times a power of ten at or above `v` (a scale's round top).
+pub(crate) fn nice_ceil(v: u64) -> u64 {
+    let mut power: u64 = 1;
+    loop {
+        for m in [1, 2, 5] {
+            let candidate = power.saturating_mul(m);
+            if candidate >= v || candidate == u64::MAX {
+                return candidate;
+            }
+        }
+        if power > u64::MAX / 10 {
+            return u64::MAX;
+        }
+        power *= 10;
+    }
+}
+
 /// A Unix time as UTC text (`2026-11-27 14:00`), or `-`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct When(pub(crate) Option<i64>);
@@ -123,7 +175,7 @@ const NAV: [(&str, &str); 5] =
 
 /// What the frame of a page shows besides its title: the node's page in the navigation (a
 /// mounted router's), and the sign-out button (a session of the login form's).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Frame {
     /// Whether the node's page exists.
     pub(crate) node: bool,
@@ -134,6 +186,9 @@ pub(crate) struct Frame {
     /// Whether the page reloads itself every [`REFRESH_SECS`] (`?refresh=on`), by a `<meta>`
     /// refresh: no script.
     pub(crate) refresh: bool,
+    /// What of the page's query its refresh link keeps (percent-encoded: the list's filter
+    /// and order; never a search's text).
+    pub(crate) keep: String,
 }
 
 /// How often a page asked to refresh reloads itself, in seconds.
@@ -170,9 +225,13 @@ impl Page {
         if let Some(t) = frame.as_of.and_then(|t| chrono::DateTime::from_timestamp(t, 0)) {
             let _ = write!(out, "<span class=\"asof\">as of {} UTC</span>", t.format("%Y-%m-%d %H:%M:%S"));
             // A query alone keeps the page's path: the refresh drops a search's text.
+            let (keep, and) = (Esc(&frame.keep), if frame.keep.is_empty() { "" } else { "&amp;" });
             let _ = match frame.refresh {
-                true => write!(out, "<a class=\"refresh\" href=\"?\">stop refreshing</a>"),
-                false => write!(out, "<a class=\"refresh\" href=\"?refresh=on\">refresh every {REFRESH_SECS} s</a>"),
+                true => write!(out, "<a class=\"refresh\" href=\"?{keep}\">stop refreshing</a>"),
+                false => write!(
+                    out,
+                    "<a class=\"refresh\" href=\"?{keep}{and}refresh=on\">refresh every {REFRESH_SECS} s</a>"
+                ),
             };
         }
         if frame.signed_in {
@@ -235,41 +294,99 @@ impl Page {
     /// A bar chart of `bars` (each a window's start and its quantity), `width` seconds apart,
     /// drawn as SVG: each bar with its figure as a title, the highest figure and the range as
     /// text.
-    pub(crate) fn chart(&mut self, class: &'static str, label: &str, bars: &[(i64, u64)], width: i64) -> &mut Self {
+    /// A bar chart of `bars` (each a window of `width` seconds from its start, and its units),
+    /// with a scale of round values on the left in `unit`, the time of its first, middle and
+    /// last window below, and `limit` (a quota's limit per bar) drawn across it as a dashed line
+    /// when it is within four times the highest bar (else the caption says it is above).
+    pub(crate) fn chart(
+        &mut self,
+        class: &'static str,
+        label: &str,
+        bars: &[(i64, u64)],
+        width: i64,
+        unit: Unit<'_>,
+        limit: Option<u64>,
+    ) -> &mut Self {
         const W: u64 = 720;
         const H: u64 = 160;
-        let max = bars.iter().map(|b| b.1).max().unwrap_or(0).max(1);
+        // The scale's column on the left, the bars to its right.
+        const LEFT: u64 = 64;
+        const TOP: u64 = 22;
+        let highest = bars.iter().map(|b| b.1).max().unwrap_or(0);
+        let drawn = limit.filter(|l| *l > 0 && *l <= highest.saturating_mul(4).max(1));
+        let top = nice_ceil(highest.max(drawn.unwrap_or(0)).max(1));
         let n = bars.len().max(1) as u64;
-        let step = W / n;
+        let step = ((W - LEFT) / n).max(1);
+        let y = |v: u64| H - (u128::from(v) * u128::from(H - TOP)).div_ceil(u128::from(top)) as u64;
+        let caption = match (limit, drawn) {
+            (Some(l), None) if l > 0 => {
+                let per = match width {
+                    3600 => "an hour",
+                    86_400 => "a day",
+                    _ => "a bar",
+                };
+                format!("{label}; limit {} {per}, above the scale", unit.show(l))
+            }
+            _ => label.to_owned(),
+        };
         self.fmt(format_args!(
             "<figure class=\"chart {class}\"><figcaption>{}</figcaption>\
-             <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\" aria-label=\"{}\">\
-             <text x=\"2\" y=\"12\" class=\"axis\">{}</text>\
-             <line x1=\"0\" y1=\"{H}\" x2=\"{W}\" y2=\"{H}\" class=\"base\"/>",
-            Esc(label),
-            H + 18,
-            Esc(label),
-            Num(max)
+             <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\" aria-label=\"{}\">",
+            Esc(&caption),
+            H + 20,
+            Esc(&caption),
         ));
-        for (i, (start, q)) in bars.iter().enumerate() {
-            let h = (u128::from(*q) * u128::from(H - 16)).div_ceil(u128::from(max)) as u64;
-            let x = i as u64 * step;
+        // The scale: its unit above it; 0, half and the top, each a faint line with its value.
+        self.fmt(format_args!(
+            "<text x=\"{}\" y=\"10\" class=\"axis end unit\">{}</text>",
+            LEFT - 6,
+            Esc(&unit.title())
+        ));
+        let mut marks = vec![0, top / 2, top];
+        marks.dedup();
+        for v in marks {
             self.fmt(format_args!(
-                "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{h}\" data-start=\"{start}\" data-value=\"{q}\">\
+                "<line x1=\"{LEFT}\" y1=\"{0}\" x2=\"{W}\" y2=\"{0}\" class=\"{1}\"/>\
+                 <text x=\"{2}\" y=\"{3}\" class=\"axis end scale\">{4}</text>",
+                y(v),
+                if v == 0 { "base" } else { "grid" },
+                LEFT - 6,
+                y(v) + 4,
+                Esc(&unit.tick(v))
+            ));
+        }
+        for (i, (start, q)) in bars.iter().enumerate() {
+            let x = LEFT + i as u64 * step;
+            self.fmt(format_args!(
+                "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" data-start=\"{start}\" data-value=\"{q}\">\
                  <title>{}: {}</title></rect>",
                 x + 1,
-                H - h,
+                y(*q),
                 step.saturating_sub(2).max(1),
+                H - y(*q),
                 When(Some(*start)),
-                Num(*q)
+                Esc(&unit.show(*q))
+            ));
+        }
+        if let Some(l) = drawn {
+            self.fmt(format_args!(
+                "<line x1=\"{LEFT}\" y1=\"{0}\" x2=\"{W}\" y2=\"{0}\" class=\"limit\" data-limit=\"{l}\"/>\
+                 <text x=\"{W}\" y=\"{1}\" class=\"axis end limit\">limit {2}</text>",
+                y(l),
+                y(l).saturating_sub(3).max(9),
+                Esc(&unit.show(l))
             ));
         }
         if let (Some(first), Some(last)) = (bars.first(), bars.last()) {
+            let middle = bars[bars.len() / 2].0;
             self.fmt(format_args!(
-                "<text x=\"2\" y=\"{}\" class=\"axis\">{}</text><text x=\"{W}\" y=\"{}\" class=\"axis end\">{}</text>",
-                H + 14,
+                "<text x=\"{LEFT}\" y=\"{0}\" class=\"axis\">{1}</text>\
+                 <text x=\"{2}\" y=\"{0}\" class=\"axis middle\">{3}</text>\
+                 <text x=\"{W}\" y=\"{0}\" class=\"axis end\">{4}</text>",
+                H + 16,
                 When(Some(first.0)),
-                H + 14,
+                LEFT + (bars.len() / 2) as u64 * step,
+                When(Some(middle)),
                 When(Some(last.0 + width))
             ));
         }
@@ -296,13 +413,39 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_tops_at_a_round_value() {
+        assert_eq!([0, 1, 2, 3, 7, 10, 11, 26, 501, 1_000].map(nice_ceil), [1, 1, 2, 5, 10, 10, 20, 50, 1_000, 1_000]);
+        assert_eq!(nice_ceil(u64::MAX), u64::MAX);
+        assert_eq!(nice_ceil(u64::MAX / 3), 10_000_000_000_000_000_000);
+    }
+
+    #[test]
+    fn a_limit_far_above_the_bars_is_said_not_drawn() {
+        let mut page = Page::new("/ops", "t", "/", Frame::default());
+        page.chart("daily", "requests", &[(0, 5)], 86_400, Unit::Count("requests"), Some(1_000));
+        let html = page.finish();
+        assert!(!html.contains("data-limit"), "{html}");
+        assert!(html.contains("limit 1,000 requests a day, above the scale"), "{html}");
+    }
+
+    #[test]
     fn charts_and_gauges_carry_their_figures() {
         let mut page = Page::new("/ops\"", "t<", "/", Frame::default());
-        page.gauge("quota", 30, 100, "<b>").chart("hourly", "req<", &[(0, 5), (3600, 10)], 3600);
+        page.gauge("quota", 30, 100, "<b>").chart(
+            "hourly",
+            "req<",
+            &[(0, 5), (3600, 10)],
+            3600,
+            Unit::Count("r<"),
+            Some(12),
+        );
         let html = page.finish();
         assert!(html.contains("value=\"30\""));
         assert!(html.contains("data-value=\"10\""));
-        assert!(!html.contains("<b>") && !html.contains("req<") && !html.contains("t<"));
+        assert!(!html.contains("<b>") && !html.contains("req<") && !html.contains("t<") && !html.contains("r<"));
+        assert!(html.contains("data-limit=\"12\""), "the limit drawn: {html}");
+        assert!(html.contains(">20</text>"), "the scale's round top above the limit: {html}");
+        assert!(html.contains(">r&lt;</text>"), "the scale's unit, escaped: {html}");
         assert!(html.contains("/ops&quot;/assets/dashboard.css"));
         assert!(!html.contains("href=\"/ops\"/node"), "the node's page is left out without an engine");
     }

@@ -4,31 +4,40 @@ use super::data::{
     AlertsData, BillingData, ListView, NodeData, PlansData, Sort, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS,
     STATES, WINDOW,
 };
-use super::html::{Esc, Frame, Money, Num, Page, Seg, When, Wrap};
+use super::html::{Esc, Frame, Money, Num, Page, Seg, Unit, When, Wrap};
 use crate::{base::Period, store::OutboxEntry};
+
+/// The query of `view` (`plan=…&state=…&sort=…`, percent-encoded; empty for the plain list).
+pub(crate) fn view_query(view: &ListView) -> String {
+    let mut pairs: Vec<String> = Vec::new();
+    if let Some(plan) = &view.plan {
+        pairs.push(format!("plan={}", Seg(plan)));
+    }
+    if let Some(state) = view.state {
+        pairs.push(format!("state={}", Seg(state)));
+    }
+    if view.sort != Sort::Id {
+        pairs.push(format!("sort={}", view.sort.name()));
+    }
+    pairs.join("&")
+}
 
 /// The address of the list with `view` (and a search's text), `after` where it starts.
 fn list_href(base: &str, search: Option<&str>, view: &ListView, after: Option<&str>) -> String {
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut pairs: Vec<String> = Vec::new();
     if let Some(q) = search {
-        pairs.push(("q", q));
+        pairs.push(format!("q={}", Seg(q)));
     }
-    if let Some(plan) = &view.plan {
-        pairs.push(("plan", plan));
-    }
-    if let Some(state) = view.state {
-        pairs.push(("state", state));
-    }
-    if view.sort != Sort::Id {
-        pairs.push(("sort", view.sort.name()));
+    let view = view_query(view);
+    if !view.is_empty() {
+        pairs.push(view);
     }
     if let Some(after) = after {
-        pairs.push(("after", after));
+        pairs.push(format!("after={}", Seg(after)));
     }
-    let query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={}", Seg(v))).collect();
-    match query.is_empty() {
+    match pairs.is_empty() {
         true => format!("{base}/"),
-        false => format!("{base}/?{}", query.join("&")),
+        false => format!("{base}/?{}", pairs.join("&")),
     }
 }
 
@@ -89,15 +98,16 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
             view.sort.label(),
             Num(WINDOW as u64)
         ));
-        if matched > data.rows.len() {
-            p.fmt(format_args!("; the first {} shown", Num(data.rows.len() as u64)));
-        }
         p.raw(")</p>");
     }
     // Each heading orders the list by its column.
     let heading = |p: &mut Page, sort: Sort, name: &str| {
         let to = ListView { sort, ..view.clone() };
-        let current = if view.sort == sort { " aria-sort=\"ascending\"" } else { "" };
+        let current = match (view.sort == sort, sort) {
+            (false, _) => "",
+            (true, Sort::Refusals) => " aria-sort=\"descending\"",
+            (true, _) => " aria-sort=\"ascending\"",
+        };
         p.fmt(format_args!("<th{current}><a href=\"{}\">{name}</a></th>", Esc(&list_href(base, search, &to, None))));
     };
     p.raw("<table class=\"tenants\"><thead><tr>");
@@ -211,11 +221,27 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
     if d.hourly.is_empty() && d.daily.is_empty() {
         p.raw("<p>no usage in the days read</p>");
     }
+    fn unit<'a>(meter: &'a crate::base::MeterId, currency: Option<&'a str>) -> Unit<'a> {
+        match meter.as_str() {
+            crate::base::SPEND_METER => Unit::Money(currency),
+            name => Unit::Count(name),
+        }
+    }
     for (meter, bars) in &d.hourly {
-        p.chart("hourly", &format!("{meter}, per hour, last {HOURS} hours (UTC)"), bars, 3600);
+        p.chart(
+            "hourly",
+            &format!("{meter}, per hour, last {HOURS} hours (UTC)"),
+            bars,
+            3600,
+            unit(meter, d.currency.as_deref()),
+            None,
+        );
     }
     for (meter, bars) in &d.daily {
-        p.chart("daily", &format!("{meter}, per day, last {} days (UTC)", bars.len()), bars, 86_400);
+        // A daily quota's limit in force is each day's bar's limit.
+        let limit = d.gauges.iter().find(|g| g.meter == *meter && g.period == Period::Day).map(|g| g.limit);
+        let label = format!("{meter}, per day, last {} days (UTC)", bars.len());
+        p.chart("daily", &label, bars, 86_400, unit(meter, d.currency.as_deref()), limit);
     }
     p.raw(
         "</section><section><h2>API keys</h2><table class=\"keys\"><thead><tr><th>id</th><th>prefix</th>\
@@ -470,15 +496,181 @@ pub(crate) fn node(base: &str, frame: Frame, d: &NodeData) -> String {
         Num(d.stats.holds_expired),
         Num(d.stats.holds_refused_full)
     ));
-    p.raw("</section><section><h2>Stats</h2><table class=\"stats\"><tbody>");
-    // `Stats` as its Debug lists it: every counter, named as in its documentation.
-    let text = format!("{:?}", d.stats);
-    let fields = text.trim_start_matches("Stats").trim_matches(|c| c == ' ' || c == '{' || c == '}');
-    for field in fields.split(", ") {
-        if let Some((name, value)) = field.split_once(": ") {
-            p.fmt(format_args!("<tr><td>{}</td><td class=\"n\">{}</td></tr>", Esc(name), Esc(value)));
+    // The counters by what they are about, each named for a person, its field beside it.
+    for (group, rows) in stat_groups(&d.stats, d.currency.as_deref()) {
+        p.fmt(format_args!("</section><section><h2>{group}</h2><table class=\"stats\"><tbody>"));
+        for row in rows {
+            let warn = if row.warn && row.value != "0" { " class=\"warn\"" } else { "" };
+            p.fmt(format_args!(
+                "<tr{warn} data-field=\"{}\"><td>{}</td><td class=\"n\">{}</td><td class=\"field\"><code>{}</code></td></tr>",
+                row.field,
+                row.label,
+                Esc(&row.value),
+                row.field
+            ));
         }
+        p.raw("</tbody></table>");
     }
-    p.raw("</tbody></table></section>");
+    p.raw("</section>");
     p.finish()
+}
+
+/// One of the node's counters as its page shows it.
+#[derive(Debug)]
+pub(crate) struct StatRow {
+    /// What it counts, for a person.
+    pub(crate) label: &'static str,
+    /// Its field of [`Stats`](crate::metrics::Stats) (and so its documentation).
+    pub(crate) field: &'static str,
+    pub(crate) value: String,
+    /// Whether a value above 0 needs a look (errors, losses, refusals of the node's own).
+    pub(crate) warn: bool,
+}
+
+/// The node's counters in groups, every field of `Stats` once (a test checks it).
+pub(crate) fn stat_groups(s: &crate::metrics::Stats, currency: Option<&str>) -> Vec<(&'static str, Vec<StatRow>)> {
+    macro_rules! row {
+        ($label:expr, $field:ident) => {
+            StatRow { label: $label, field: stringify!($field), value: Num(s.$field as u64).to_string(), warn: false }
+        };
+        ($label:expr, $field:ident, warn) => {
+            StatRow { label: $label, field: stringify!($field), value: Num(s.$field as u64).to_string(), warn: true }
+        };
+    }
+    let spend = StatRow {
+        label: "money flushed",
+        field: "flushed_spend_nanos",
+        value: Money(s.flushed_spend_nanos, currency).to_string(),
+        warn: false,
+    };
+    vec![
+        (
+            "Tenants and memory",
+            vec![
+                row!("tenants held", tracked_tenants),
+                row!("tenants evicted", evictions),
+                row!("rate buckets kept after eviction", held_rate_states),
+                row!("rate buckets dropped at the cap", rate_states_dropped, warn),
+                row!("client addresses held", tracked_clients),
+                row!("anonymous requests without an address", anonymous_without_address),
+                row!("unknown credentials answered from memory", negative_hits),
+                row!("open dimension values known", open_values),
+                row!("tenants served without their overrides", overrides_not_served, warn),
+                row!("refusals shadow mode let through", shadow_would_refuse),
+            ],
+        ),
+        (
+            "Usage pipeline",
+            vec![
+                row!("flushes", flushes),
+                row!("units flushed", flushed_units),
+                spend,
+                row!("flushes failed", flush_errors, warn),
+                row!("flushes that found the buffer full", buffer_full, warn),
+                row!("fail-open units dropped", dropped_units, warn),
+                row!("give-backs not yet told to the store", give_backs_untold, warn),
+            ],
+        ),
+        (
+            "Store",
+            vec![
+                row!("request-path store calls failed", store_errors, warn),
+                row!("store calls skipped after failures", store_fast_failures, warn),
+            ],
+        ),
+        (
+            "Holds",
+            vec![
+                row!("holds open", holds_open),
+                row!("units held", units_held),
+                row!("holds expired", holds_expired),
+                row!("records after a hold was settled", records_after_settle),
+                row!("holds refused (node full)", holds_refused_full, warn),
+                row!("records beyond what was held", hold_overruns, warn),
+            ],
+        ),
+        (
+            "Idempotency",
+            vec![
+                row!("responses stored for replays", responses_stored),
+                row!("responses not stored", responses_not_stored, warn),
+                row!("response bytes buffered now", response_bytes_buffered),
+            ],
+        ),
+        (
+            "Usage events",
+            vec![
+                row!("events applied", events_applied),
+                row!("events seen before", events_duplicate),
+                row!("events refused", events_refused, warn),
+                row!("events past a hard quota", events_past_limit, warn),
+            ],
+        ),
+        (
+            "Usage views",
+            vec![
+                row!("usage views refreshed", usage_refreshes),
+                row!("usage views over the budget", usage_refreshes_refused, warn),
+            ],
+        ),
+        (
+            "Export and billing",
+            vec![
+                row!("meter events exported", exported_events),
+                row!("units exported", exported_units),
+                row!("dead letters", dead_letters, warn),
+                row!("export retries", export_retries),
+                row!("windows without a billing customer", unbillable_windows, warn),
+                row!("windows waiting for a customer", waiting_windows),
+                row!("exports unconfirmed", unconfirmed_exports, warn),
+                row!("revisions exported late", late_revisions, warn),
+                row!("meter errors from Stripe", meter_errors, warn),
+            ],
+        ),
+        (
+            "Webhooks",
+            vec![
+                row!("events applied", webhooks_applied),
+                row!("events ignored", webhooks_ignored),
+                row!("deliveries rejected", webhooks_rejected, warn),
+                row!("payments that granted nothing", webhooks_not_credited, warn),
+                row!("payments Stripe refused to read", webhooks_api_refused, warn),
+            ],
+        ),
+        (
+            "Recharges",
+            vec![
+                row!("claimed", recharges_claimed),
+                row!("charged", recharges_charged),
+                row!("paid", recharges_paid),
+                row!("failed", recharges_failed, warn),
+                row!("stopped by the month's limit", recharges_limited),
+                row!("credited without invoice.paid", recharges_credited_unannounced, warn),
+            ],
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field of `Stats` is on the node's page once: a new counter cannot go unshown.
+    #[test]
+    fn the_node_page_groups_every_counter_once() {
+        let stats = crate::metrics::Stats::default();
+        let debug = format!("{stats:?}");
+        let fields: Vec<&str> = debug
+            .trim_start_matches("Stats")
+            .trim_matches(|c| c == ' ' || c == '{' || c == '}')
+            .split(", ")
+            .filter_map(|f| f.split_once(": ").map(|(name, _)| name))
+            .collect();
+        let mut shown: Vec<&str> =
+            stat_groups(&stats, None).iter().flat_map(|(_, rows)| rows.iter().map(|r| r.field)).collect();
+        shown.sort_unstable();
+        let mut want = fields.clone();
+        want.sort_unstable();
+        assert_eq!(shown, want);
+    }
 }

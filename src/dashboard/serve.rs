@@ -236,29 +236,31 @@ impl Dashboard {
             };
         }
         let engine = inner.engine.as_ref();
+        let view = data::ListView::from_query(query("plan"), query("state"), query("sort"));
         let frame = Frame {
             node: engine.is_some(),
             signed_in: session.is_some(),
             as_of: Some(now),
             refresh: query("refresh").is_some_and(|r| r == "on"),
+            keep: match path {
+                "/" | "/tenants" => pages::view_query(&view),
+                _ => String::new(),
+            },
         };
         let page = match path {
-            "/" | "/tenants" => {
-                let view = data::ListView::from_query(query("plan"), query("state"), query("sort"));
-                data::tenants(admin, engine, query("q").as_deref(), query("after").as_deref(), view)
-                    .await
-                    .map(|d| Some(pages::tenants(base, frame, &d)))
-            }
-            "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame, &d))),
-            "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame, &d))),
-            "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame, &d))),
+            "/" | "/tenants" => data::tenants(admin, engine, query("q").as_deref(), query("after").as_deref(), view)
+                .await
+                .map(|d| Some(pages::tenants(base, frame.clone(), &d))),
+            "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame.clone(), &d))),
+            "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame.clone(), &d))),
+            "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame.clone(), &d))),
             "/node" => match engine {
-                Some(engine) => Ok(Some(pages::node(base, frame, &data::node(admin, engine).await))),
+                Some(engine) => Ok(Some(pages::node(base, frame.clone(), &data::node(admin, engine).await))),
                 None => Ok(None),
             },
             _ => match path.strip_prefix("/tenants/").map(decode) {
                 Some(Some(id)) => {
-                    data::tenant(admin, engine, &id).await.map(|d| d.map(|d| pages::tenant(base, frame, &d)))
+                    data::tenant(admin, engine, &id).await.map(|d| d.map(|d| pages::tenant(base, frame.clone(), &d)))
                 }
                 _ => Ok(None),
             },

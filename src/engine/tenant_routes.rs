@@ -440,11 +440,14 @@ impl Tollgate {
     /// `{"url": …}` (404 without one), `PUT` with `{"url": "https://…"}` registers it and
     /// answers `{"url": …, "secret": "whsec_…"}` (the secret deliveries are signed with, shown
     /// once; a new one each time), `DELETE` removes it (204). A refusal is a problem+json 4xx
-    /// (403 when the plan does not send alerts to tenants, 422 for a URL that is not https or
+    /// (403 when the plan does not send alerts to tenants, 409 `file-tenant` for a tenant
+    /// declared in the configuration file, which keeps no endpoint (its alerts go to
+    /// `[alerts]`'s), 422 for a URL that is not https or
     /// resolves to a private address, 400 for a body that is not that JSON, 403
     /// `scope-missing` for a key without the scope, `key-not-live` for one that is not the
     /// tenant's live key; 503 when the directory does not answer) and stores nothing. The door crates mount
-    /// it (`tollgate_axum::alert_endpoint`, `tollgate_actix::alert_endpoint`).
+    /// it (`tollgate_axum::alert_endpoint`, `tollgate_actix::alert_endpoint`,
+    /// `tollgate_lambda::alert_endpoint`).
     pub async fn tenant_alert_endpoint(
         &self,
         tenant: &TenantContext,
@@ -460,10 +463,6 @@ impl Tollgate {
         }
         let of_file = config.tenants().iter().any(|t| t.id() == id);
         match *method {
-            // A tenant of the file has none (`set_tenant_endpoint` refuses one).
-            Method::GET if of_file => {
-                problem(StatusCode::NOT_FOUND, "no-alert-endpoint", "No alert endpoint", "no endpoint is registered")
-            }
             Method::GET => match directory.tenant(id).await {
                 Ok(Some(record)) => {
                     match record.alert_endpoint.and_then(|t| serde_json::from_str::<TenantEndpoint>(&t).ok()) {
@@ -476,6 +475,14 @@ impl Tollgate {
                         ),
                     }
                 }
+                // A tenant of the file has none of its own (`set_tenant_endpoint` refuses one);
+                // one its directory record kept from before is shown above, as it is used.
+                Ok(None) if of_file => problem(
+                    StatusCode::NOT_FOUND,
+                    "no-alert-endpoint",
+                    "No alert endpoint",
+                    "no endpoint is registered",
+                ),
                 Ok(None) => problem(
                     StatusCode::NOT_FOUND,
                     "unknown-tenant",

@@ -114,14 +114,16 @@ pub(crate) async fn set_tenant_endpoint(
             true => EndpointError::FileTenant(tenant.to_string()),
         });
     }
-    if of_file.is_some() && directory.tenant(tenant).await?.is_none() {
-        return Ok(None);
-    }
-    let record = directory.tenant(tenant).await?.ok_or_else(|| EndpointError::UnknownTenant(tenant.to_string()))?;
+    let record = match directory.tenant(tenant).await? {
+        Some(record) => record,
+        None if of_file.is_some() => return Ok(None),
+        None => return Err(EndpointError::UnknownTenant(tenant.to_string())),
+    };
     let Some(url) = url else {
         let update = TenantUpdate::AlertEndpoint(tenant.clone(), None);
         return match directory.update_tenant(&update, UpdateWhen::Always).await? {
             true => Ok(None),
+            false if of_file.is_some() => Ok(None),
             false => Err(EndpointError::UnknownTenant(tenant.to_string())),
         };
     };

@@ -873,13 +873,19 @@ async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
     let rest = listed(&text(&get(&d, "/?plan=pro&after=t198", true).await));
     assert_eq!(rest, (200..250).filter(|i| i % 5 == 0).map(|i| format!("t{i:03}")).collect::<Vec<_>>());
 
-    let by_balance = listed(&text(&get(&d, "/?plan=pro&sort=balance", true).await));
-    let mut want: Vec<String> = (0..200).filter(|i| i % 10 == 0).rev().map(|i| format!("t{i:03}")).collect();
-    let mut empty: Vec<String> = (0..200).filter(|i| i % 10 == 5).map(|i| format!("t{i:03}")).collect();
+    let page = text(&get(&d, "/?plan=pro&sort=balance", true).await);
+    let mut empty: Vec<String> = (0..199).filter(|i| i % 10 == 5).map(|i| format!("t{i:03}")).collect();
     empty.push("t0995".to_owned());
     empty.sort();
-    want.extend(empty.iter().cloned());
-    assert_eq!(by_balance, want, "the least left first (t190 has 810), tenants without a balance last");
+    let mut want = empty.clone();
+    want.extend((0..200).filter(|i| i % 10 == 0).rev().map(|i| format!("t{i:03}")));
+    assert_eq!(listed(&page), want, "a balance never granted (0 left) first, then the least left (t190 has 810)");
+    assert!(page.contains("credits 0 left of 0"), "{page}");
+    assert!(page.contains("<th aria-sort=\"ascending\"><a href=\"/ops/?plan=pro&amp;sort=balance\">"), "{page}");
+    // Without a plan that has a balance, last: the free tenants after every pro one.
+    let all = listed(&text(&get(&d, "/?sort=balance", true).await));
+    assert_eq!(all.len(), 200);
+    assert!(all[..41].iter().all(|t| pro.contains(t)) && all[41..].iter().all(|t| !pro.contains(t)), "{all:?}");
 
     let page = text(&get(&d, "/?state=balance+empty", true).await);
     assert_eq!(listed(&page), empty, "pro tenants without a grant have an empty balance");
@@ -916,4 +922,56 @@ async fn a_mounted_list_orders_tenants_by_this_nodes_refusals() {
     let cells: Vec<&str> =
         page.split("<td class=\"refusals n\">").skip(1).map(|c| c.split('<').next().unwrap()).collect();
     assert_eq!(cells, ["3", "1", "0"]);
+}
+
+/// A daily chart reads at a glance: a round scale in the meter's units, and the daily quota's
+/// limit drawn across it; the hourly chart draws none (no quota is per hour).
+#[tokio::test]
+async fn a_daily_chart_draws_its_quotas_limit_on_a_round_scale() {
+    let (engine, store) = seeded().await;
+    let now = engine.clock().unix_secs();
+    store.put_tenant(&TenantRecord::new("busy".into(), "free".into()), &[]).await.unwrap();
+    let batch = UsageBatch::new(
+        FlushId::new("busy"),
+        vec![UsageRecord::new("busy".into(), "requests".into(), now - now % 3600, 60)],
+    );
+    store.commit_usage(&batch).await.unwrap();
+    let d = Dashboard::for_engine(&engine, token());
+    let page = text(&get(&d, "/tenants/busy", true).await);
+    let daily = page.split("class=\"chart daily\"").nth(1).unwrap().split("</figure>").next().unwrap();
+    assert!(daily.contains("data-limit=\"100\""), "the limit of 100 a day drawn: {daily}");
+    assert!(daily.contains(">100</text>"), "the scale tops at the limit: {daily}");
+    assert!(daily.contains(">50</text>") && daily.contains(">0</text>"), "{daily}");
+    assert!(daily.contains("class=\"axis end unit\">requests</text>"), "in the meter's units: {daily}");
+    assert!(daily.contains(">limit 100 requests</text>"), "{daily}");
+    let hourly = page.split("class=\"chart hourly\"").nth(1).unwrap().split("</figure>").next().unwrap();
+    assert!(!hourly.contains("data-limit"), "{hourly}");
+    assert!(hourly.contains(">100</text>"), "a round top above the highest bar of 60: {hourly}");
+}
+
+/// A filter that matches every tenant still reaches each of them once, a window at a time:
+/// every match of a window is shown, and the next window starts past it.
+#[tokio::test]
+async fn a_filter_matching_every_tenant_reaches_each_once() {
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config()).store_arc(store.clone()).build();
+    for i in 0..450 {
+        store.put_tenant(&TenantRecord::new(format!("t{i:03}").as_str().into(), "free".into()), &[]).await.unwrap();
+    }
+    let d = Dashboard::for_engine(&engine, token());
+    let (mut seen, mut path, mut loads) = (Vec::new(), "/?plan=free".to_owned(), 0);
+    loop {
+        loads += 1;
+        assert!(loads < 10, "the windows end");
+        let page = text(&get(&d, &path, true).await);
+        let rows = listed(&page);
+        assert!(rows.len() <= 200);
+        seen.extend(rows);
+        match page.split("rel=\"next\" href=\"/ops/").nth(1) {
+            Some(rest) => path = format!("/{}", rest.split('"').next().unwrap().replace("&amp;", "&")),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..450).map(|i| format!("t{i:03}")).collect::<Vec<_>>(), "each tenant once, in id order");
+    assert_eq!(loads, 3);
 }

@@ -117,6 +117,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..5 {
         api.clone().oneshot(call("GET", "/v1/items", &keys[1])?).await?;
     }
+    // globex sends 6 on the same rate: 4 refused, more than the hostile tenant's 3.
+    for _ in 0..6 {
+        api.clone().oneshot(call("GET", "/v1/items", &keys[2])?).await?;
+    }
     engine.flush().await?;
 
     // A dead letter (the hostile tenant's window, refused with markup in its reason) and an

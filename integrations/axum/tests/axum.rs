@@ -544,6 +544,18 @@ async fn a_tenant_of_the_file_is_told_why_it_registers_no_endpoint() {
     );
     assert_eq!(send("DELETE", "key-acme", "").await.0, StatusCode::NO_CONTENT);
     assert!(store.tenant(&"acme".into()).await.unwrap().is_none(), "nothing stored");
+
+    // An endpoint its directory record kept from before it was declared in the file is still
+    // delivered to: the tenant sees it, and removes it.
+    store.put_tenant(&tollgate::store::TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
+    let kept = r#"{"url":"https://hooks.example.com/old","secrets":["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}"#;
+    let update = tollgate::store::TenantUpdate::AlertEndpoint("acme".into(), Some(kept.to_owned()));
+    assert!(store.update_tenant(&update, tollgate::store::UpdateWhen::Always).await.unwrap());
+    let (status, body) = send("GET", "key-acme", "").await;
+    assert_eq!((status, body["url"].as_str()), (StatusCode::OK, Some("https://hooks.example.com/old")), "{body}");
+    assert_eq!(send("PUT", "key-acme", put).await.0, StatusCode::CONFLICT, "not replaced");
+    assert_eq!(send("DELETE", "key-acme", "").await.0, StatusCode::NO_CONTENT);
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None, "removed");
 }
 
 /// The tenants' spend cap route behind the layer: the calling tenant sets its own cap within

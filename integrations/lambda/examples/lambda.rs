@@ -22,7 +22,7 @@
 //!      -d '{"limit": "0.50", "mode": "hard"}'                      # its own cap, up to $5.00
 //! curl -s -X POST localhost:9000/v1/generate -H 'x-api-key: tg_metered_umbrella'  # 250 tokens, $0.25
 //! curl -s localhost:9000/v1/credits/recharge -H 'x-api-key: tg_free_acme'   # 403: no recharge on free
-//! curl -s localhost:9000/v1/alerts/endpoint -H 'x-api-key: tg_free_acme'    # 403: no tenant alerts on free
+//! curl -s localhost:9000/v1/alerts/endpoint -H 'x-api-key: tg_free_acme'    # 404: none registered
 //! ```
 //!
 //! Deployed (`cargo lambda build --release -p tollgate-lambda
