@@ -6,7 +6,11 @@ credits, requests, a dead letter, an alert), checks the figures shown against th
 the example wrote (read here with Python's sqlite3, not through tollgate), checks that a tenant
 id written as markup renders as text, and keeps a screenshot of each page under target/.
 
-Usage: dashboard-browser.py BASE_URL TOKEN DB SHOTS_DIR [CLI_BASE_URL]
+Then, over the example filled with a week of 50 tenants' traffic (SEEDED_BASE_URL), opens
+every page with no error in the browser's console, and takes the pictures of
+docs/dashboard.md (SHOTS_DIR/docs, each PNG at most 200 KB).
+
+Usage: dashboard-browser.py BASE_URL TOKEN DB SHOTS_DIR [CLI_BASE_URL [SEEDED_BASE_URL]]
 """
 import os
 import sqlite3
@@ -25,6 +29,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 base, token, db, shots = sys.argv[1:5]
 cli_base = sys.argv[5] if len(sys.argv) > 5 else None
+seeded_base = sys.argv[6] if len(sys.argv) > 6 else None
+PICTURE_MAX_BYTES = 200 * 1024
 HOSTILE = "<script>alert(1)</script>"
 passed, failed = 0, 0
 
@@ -47,6 +53,8 @@ def browser():
                  "--disable-dev-shm-usage", "--window-size=1200,1000"):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='tollgate-chromium-')}")
+    # The console, read after each page of the week: a CSP violation or a script error is logged.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
@@ -272,6 +280,40 @@ try:
         except urllib.error.HTTPError as e:
             status = e.code
         check("sign out: the session's cookie, shown again, opens nothing", status == 401, status)
+
+    if seeded_base:
+        # The week of 50 tenants: every page without a console error, and the pictures.
+        pictures = os.path.join(shots, "docs")
+        os.makedirs(pictures, exist_ok=True)
+        # Cookies are the host's, whatever the port: start signed out.
+        driver.get(seeded_base + "/")
+        driver.delete_all_cookies()
+        sign_in(driver, seeded_base)
+        driver.get_log("browser")  # the login page's own 401, drained
+
+        def picture(path, name, height=1300):
+            driver.set_window_size(1200, 1000)
+            driver.get(seeded_base + path)
+            errors = [e["message"] for e in driver.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
+            check(f"week: {name}: no error in the console", not errors, errors[:3])
+            full = driver.execute_script("return document.body.scrollHeight")
+            driver.set_window_size(1200, min(full + 40, height))
+            file = os.path.join(pictures, f"dashboard-{name}.png")
+            driver.save_screenshot(file)
+            size = os.path.getsize(file)
+            check(f"week: {name}: its picture is at most 200 KB", size <= PICTURE_MAX_BYTES, size)
+
+        picture("/", "tenants")
+        rows = driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")
+        check("week: the first page of 25 tenants", len(rows) == 25, len(rows))
+        picture("/?sort=state", "tenants-sorted")
+        states = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "table.tenants td.state")]
+        check("week: some tenants' balance is empty, listed first", states and states[0] == "balance empty", states[:5])
+        picture("/tenants/northwind", "tenant", 1700)
+        bars = driver.find_elements(By.CSS_SELECTOR, "figure.chart.hourly rect")
+        check("week: a tenant's hourly chart has a bar per hour of usage", len(bars) >= 24, len(bars))
+        for path, name in [("/plans", "plans"), ("/billing", "billing"), ("/alerts", "alerts"), ("/node", "node")]:
+            picture(path, name)
 finally:
     driver.quit()
 

@@ -64,5 +64,13 @@ status=$(curl -s -o "$work/401.html" -w '%{http_code}' "http://127.0.0.1:$cli_po
 if grep -q 'acme' "$work/401.html"; then echo "FAIL the 401 page shows a tenant"; exit 1; fi
 echo "ok   tollgate dashboard with a token: 401 without it, nothing rendered"
 
+# The example again, filled with a week of 50 tenants' traffic (TOLLGATE_SEED=week): the
+# pictures of docs/dashboard.md are taken from it (into $shots/docs; copy them to docs/images).
+seed_port=$(free_port)
+TOLLGATE_SEED=week TOLLGATE_DB="$work/week.db" TOLLGATE_DASHBOARD_TOKEN_FILE="$work/token" PORT=$seed_port \
+  RUST_LOG=warn "$target/debug/examples/dashboard" >"$work/week.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$seed_port/ops/" "${pids[-1]}" "$work/week.log"
+
 "$venv/bin/python" scripts/dashboard-browser.py "http://127.0.0.1:$port/ops" "$token" "$work/dashboard.db" "$shots" \
-  "http://127.0.0.1:$cli_port"
+  "http://127.0.0.1:$cli_port" "http://127.0.0.1:$seed_port/ops"

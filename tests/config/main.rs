@@ -304,6 +304,29 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
 
 /// docs/architecture.md's source layout names every source file of the crate, in the row of
 /// its folder (a backend folder of `src/store/` in the store's row).
+/// The pictures of the docs (taken by scripts/dashboard-browser.sh from the example's week of
+/// 50 tenants) are PNGs of at most 200 KB, and each one the guide shows is there.
+#[test]
+fn the_docs_pictures_are_small_pngs_the_guide_shows() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/images");
+    let guide =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.md")).unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is a PNG", path.display());
+        assert!(bytes.len() <= 200 * 1024, "{}: {} bytes, more than 200 KB", path.display(), bytes.len());
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(guide.contains(&format!("(images/{name})")), "docs/dashboard.md shows {name}");
+        seen += 1;
+    }
+    for shown in guide.split("(images/").skip(1).map(|r| r.split(')').next().unwrap()) {
+        assert!(dir.join(shown).exists(), "docs/dashboard.md shows images/{shown}, which is missing");
+    }
+    assert!(seen >= 7, "{seen} pictures");
+}
+
 #[test]
 fn the_architecture_guide_names_every_source_file() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

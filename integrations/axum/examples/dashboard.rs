@@ -12,6 +12,12 @@
 //!
 //! and open <http://127.0.0.1:3000/ops/> (the token signs you in). With `TOLLGATE_DB` the
 //! SQLite file is chosen (default `dashboard.db`); `tollgate dashboard` reads the same file.
+//!
+//! With `TOLLGATE_SEED=week` it also fills the store with a week of traffic of 50 more tenants
+//! (the pictures of docs/dashboard.md are taken from it): the past week's usage per hour as
+//! flushes would have written it (a daily rhythm, bursts), and today's through the layer:
+//! free tenants past their rate (refused), pro tenants spending their prepaid credits, some
+//! to the end (refused 402).
 #![allow(missing_docs)]
 
 use std::{net::SocketAddr, sync::Arc};
@@ -141,11 +147,155 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     store.put_alerts(&[alert]).await?;
 
+    if std::env::var("TOLLGATE_SEED").as_deref() == Ok("week") {
+        seed_week(&engine, &admin, &store, &api).await?;
+    }
+
     let dashboard = Dashboard::for_engine(&engine, Access::from_config(&config)?);
     let app = api.merge(tollgate_axum::dashboard("/ops", dashboard));
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     println!("dashboard on http://{}/ops/", listener.local_addr()?);
     axum::serve(listener, app).with_graceful_shutdown(tollgate_axum::shutdown_signal()).await?;
     engine.shutdown().await?;
+    Ok(())
+}
+
+/// The 50 tenants of `TOLLGATE_SEED=week`.
+const NAMES: [&str; 50] = [
+    "northwind",
+    "contoso",
+    "fabrikam",
+    "initech",
+    "umbrella",
+    "hooli",
+    "piedpiper",
+    "aviato",
+    "stark",
+    "wayne",
+    "wonka",
+    "tyrell",
+    "cyberdyne",
+    "soylent",
+    "oscorp",
+    "gringotts",
+    "monarch",
+    "vandelay",
+    "dunder",
+    "sterling",
+    "prestige",
+    "nakatomi",
+    "duff",
+    "krusty",
+    "acmecorp",
+    "bluth",
+    "globochem",
+    "massive",
+    "virtucon",
+    "zorg",
+    "weyland",
+    "tessier",
+    "rekall",
+    "omni",
+    "yoyodyne",
+    "spacely",
+    "cogswell",
+    "kramerica",
+    "pendant",
+    "primatech",
+    "veridian",
+    "sirius",
+    "ingen",
+    "biffco",
+    "lacuna",
+    "macguffin",
+    "axiom",
+    "planetexpress",
+    "momcorp",
+    "abstergo",
+];
+
+/// A small deterministic generator (xorshift): the same week every run.
+struct Draw(u64);
+
+impl Draw {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below.max(1)
+    }
+}
+
+/// A week of traffic of 50 tenants: the past 7 days' usage per hour, written as flushes write
+/// it (each tenant's history one batch), and today's through the layer (refusals included).
+async fn seed_week(
+    engine: &Tollgate,
+    admin: &Admin,
+    store: &SqliteStore,
+    api: &Router,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use tollgate::store::{FlushId, UsageBatch, UsageRecord, UsageStore};
+    let mut draw = Draw(0x5eed_2026_1204);
+    let now = engine.clock().unix_secs();
+    let hour = now - now % 3600;
+    let today = now - now % 86_400;
+    let call = |method: &str, path: &str, key: &str| {
+        http::Request::builder().method(method).uri(path).header("x-api-key", key).body(axum::body::Body::empty())
+    };
+    for (i, name) in NAMES.iter().enumerate() {
+        let pro = i % 3 == 0;
+        if admin.tenant(name).await?.is_some() {
+            continue;
+        }
+        let customer = pro.then(|| format!("cus_{name}"));
+        admin.add_tenant(name, if pro { "pro" } else { "free" }, customer.as_deref()).await?;
+        let key = admin.issue_key(name, KeyOptions::default()).await?.key;
+        // Its size: pro tenants up to ~50 requests an hour at their peak, free ones up to 2.
+        let peak = if pro { 5 + draw.next(45) } else { 1 + draw.next(2) };
+        let mut records = Vec::new();
+        let mut start = (today - 7 * 86_400).max(0);
+        while start < hour.min(today) {
+            let hour_of_day = (start % 86_400) / 3600;
+            // Quiet at night (UTC), busiest in the afternoon; now and then a burst.
+            let rhythm =
+                [2, 1, 1, 1, 1, 2, 3, 5, 7, 8, 9, 10, 10, 10, 9, 9, 8, 7, 6, 5, 4, 3, 3, 2][hour_of_day as usize];
+            let mut n = peak * rhythm / 10 + draw.next(peak / 4 + 1);
+            if draw.next(40) == 0 {
+                n *= 4;
+            }
+            if !pro {
+                n = n.min(2);
+            }
+            if n > 0 {
+                records.push(UsageRecord::new((*name).into(), "requests".into(), start, n));
+                if pro {
+                    records.push(UsageRecord::new((*name).into(), "credits".into(), start, 2 * (n / 3)));
+                }
+            }
+            start += 3600;
+        }
+        store.commit_usage(&UsageBatch::new(FlushId::new(format!("seed-week-{name}")), records)).await?;
+        // Today, through the layer.
+        if pro {
+            // Some spend their balance to the end, and are refused (402): a small balance, spent
+            // within the rate's burst (a generation takes 2 of its 50 cells).
+            let spender = i % 2 == 0;
+            let granted = if spender { 10 + draw.next(30) } else { 200 + draw.next(800) };
+            admin.grant_credits(name, "credits", granted, None, "pack-1").await?;
+            let generations = if spender { granted / 2 + 2 } else { draw.next(20) };
+            for _ in 0..generations {
+                api.clone().oneshot(call("POST", "/v1/generate", &key)?).await?;
+            }
+            for _ in 0..draw.next(40) {
+                api.clone().oneshot(call("GET", "/v1/items", &key)?).await?;
+            }
+        } else {
+            // A rate of 2 an hour: what passes the burst is refused (429).
+            for _ in 0..1 + draw.next(5) {
+                api.clone().oneshot(call("GET", "/v1/items", &key)?).await?;
+            }
+        }
+    }
+    engine.flush().await?;
     Ok(())
 }
