@@ -664,6 +664,33 @@ async fn fail_open_requests_that_are_not_billed_are_not_charged() {
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 3);
 }
 
+/// A request admitted fail-open while the store is out owes its unit outside any lease; when a
+/// flush carries that debt to the store before the request ends unbilled (a 5xx), the unit
+/// comes back all the same: to the lease the flush took, so the period is charged only what was
+/// billed, and the tenant is not refused what it still has.
+#[tokio::test]
+async fn an_unbilled_fail_open_request_gives_back_its_unit_though_a_flush_carried_it() {
+    use tollgate::door::{Credential, RequestInfo};
+    let toml = common::one_tenant("on_store_error = \"fail-open\"\nquotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    store.down.store(true, Ordering::SeqCst);
+    // Two requests admitted while the store is out, their tickets open (their work running).
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-t"));
+    let first = common::admitted_ticket(&h.tollgate, &info).await;
+    let second = common::admitted_ticket(&h.tollgate, &info).await;
+    // The store is back, and a flush carries the two units owed to it.
+    store.down.store(false, Ordering::SeqCst);
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 2, "the debt reached the store");
+    // One is billed; the other's work failed (500): not billed, its unit comes back.
+    assert!(first.complete(200));
+    assert!(!second.complete(500), "a 5xx is not billed");
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 1, "the period is charged what was billed");
+}
+
 /// Near a hard limit leases shrink: a node that takes one request when little is left and then
 /// goes quiet keeps only a small part of what was left, so the busy node admits nearly all of
 /// the limit (with full-size leases the quiet node would strand a whole lease of 100).
