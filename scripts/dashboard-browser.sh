@@ -33,8 +33,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-wait_for() { # url pid log
-  for _ in $(seq 300); do
+wait_for() { # url pid log [tenths of a second]
+  for _ in $(seq "${4:-300}"); do
     if curl -s -o /dev/null "$1"; then return 0; fi
     kill -0 "$2" 2>/dev/null || break
     sleep 0.1
@@ -70,7 +70,8 @@ seed_port=$(free_port)
 TOLLGATE_SEED=week TOLLGATE_DB="$work/week.db" TOLLGATE_DASHBOARD_TOKEN_FILE="$work/token" PORT=$seed_port \
   RUST_LOG=warn "$target/debug/examples/dashboard" >"$work/week.log" 2>&1 &
 pids+=($!)
-wait_for "http://127.0.0.1:$seed_port/ops/" "${pids[-1]}" "$work/week.log"
+# It listens once the week is written: up to 2 minutes on a debug build.
+wait_for "http://127.0.0.1:$seed_port/ops/" "${pids[-1]}" "$work/week.log" 1200
 
 "$venv/bin/python" scripts/dashboard-browser.py "http://127.0.0.1:$port/ops" "$token" "$work/dashboard.db" "$shots" \
   "http://127.0.0.1:$cli_port" "http://127.0.0.1:$seed_port/ops"

@@ -116,11 +116,17 @@ impl Unit<'_> {
         }
     }
 
-    /// A value of the scale: the number alone (the unit is the scale's title).
+    /// A value of the scale: the number alone (the unit is the scale's title), money with
+    /// its currency's decimals.
     fn tick(self, v: u64) -> String {
         match self {
             Unit::Count(_) => Num(v).to_string(),
-            Unit::Money(_) => Money(v, None).to_string(),
+            Unit::Money(None) => Money(v, None).to_string(),
+            Unit::Money(Some(currency)) => {
+                let text = Money(v, Some(currency)).to_string();
+                let code = format!(" {}", Esc(&currency.to_ascii_uppercase()));
+                text.strip_suffix(&code).unwrap_or(&text).to_owned()
+            }
         }
     }
 
@@ -417,6 +423,13 @@ mod tests {
         assert_eq!([0, 1, 2, 3, 7, 10, 11, 26, 501, 1_000].map(nice_ceil), [1, 1, 2, 5, 10, 10, 20, 50, 1_000, 1_000]);
         assert_eq!(nice_ceil(u64::MAX), u64::MAX);
         assert_eq!(nice_ceil(u64::MAX / 3), 10_000_000_000_000_000_000);
+    }
+
+    #[test]
+    fn a_money_scale_has_its_currencys_decimals() {
+        assert_eq!(Unit::Money(Some("jpy")).tick(1_000 * 1_000_000_000), "1,000");
+        assert_eq!(Unit::Money(Some("usd")).tick(1_500_000_000), "1.50");
+        assert_eq!(Unit::Money(Some("usd")).title(), "USD");
     }
 
     #[test]

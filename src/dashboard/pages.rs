@@ -529,12 +529,15 @@ pub(crate) struct StatRow {
 
 /// The node's counters in groups, every field of `Stats` once (a test checks it).
 pub(crate) fn stat_groups(s: &crate::metrics::Stats, currency: Option<&str>) -> Vec<(&'static str, Vec<StatRow>)> {
+    fn count<E>(n: Result<u64, E>) -> String {
+        Num(n.unwrap_or(u64::MAX)).to_string()
+    }
     macro_rules! row {
         ($label:expr, $field:ident) => {
-            StatRow { label: $label, field: stringify!($field), value: Num(s.$field as u64).to_string(), warn: false }
+            StatRow { label: $label, field: stringify!($field), value: count(u64::try_from(s.$field)), warn: false }
         };
         ($label:expr, $field:ident, warn) => {
-            StatRow { label: $label, field: stringify!($field), value: Num(s.$field as u64).to_string(), warn: true }
+            StatRow { label: $label, field: stringify!($field), value: count(u64::try_from(s.$field)), warn: true }
         };
     }
     let spend = StatRow {

@@ -666,8 +666,7 @@ async fn fail_open_requests_that_are_not_billed_are_not_charged() {
 
 /// A request admitted fail-open while the store is out owes its unit outside any lease; when a
 /// flush carries that debt to the store before the request ends unbilled (a 5xx), the unit
-/// comes back all the same: to the lease the flush took, so the period is charged only what was
-/// billed, and the tenant is not refused what it still has.
+/// comes back all the same: the period is charged only what was billed.
 #[tokio::test]
 async fn an_unbilled_fail_open_request_gives_back_its_unit_though_a_flush_carried_it() {
     use tollgate::door::{Credential, RequestInfo};

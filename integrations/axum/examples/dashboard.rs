@@ -237,7 +237,6 @@ async fn seed_week(
     use tollgate::store::{FlushId, UsageBatch, UsageRecord, UsageStore};
     let mut draw = Draw(0x5eed_2026_1204);
     let now = engine.clock().unix_secs();
-    let hour = now - now % 3600;
     let today = now - now % 86_400;
     let call = |method: &str, path: &str, key: &str| {
         http::Request::builder().method(method).uri(path).header("x-api-key", key).body(axum::body::Body::empty())
@@ -253,8 +252,10 @@ async fn seed_week(
         // Its size: pro tenants up to ~50 requests an hour at their peak, free ones up to 2.
         let peak = if pro { 5 + draw.next(45) } else { 1 + draw.next(2) };
         let mut records = Vec::new();
+        // History up to today: today's usage is the layer's (below), so that a tenant's
+        // gauges (the quota store's) and its charts (the usage store's) agree.
         let mut start = (today - 7 * 86_400).max(0);
-        while start < hour.min(today) {
+        while start < today {
             let hour_of_day = (start % 86_400) / 3600;
             // Quiet at night (UTC), busiest in the afternoon; now and then a burst.
             let rhythm =
@@ -277,10 +278,11 @@ async fn seed_week(
         store.commit_usage(&UsageBatch::new(FlushId::new(format!("seed-week-{name}")), records)).await?;
         // Today, through the layer.
         if pro {
-            // Some spend their balance to the end, and are refused (402): a small balance, spent
-            // within the rate's burst (a generation takes 2 of its 50 cells).
+            // Some spend their balance to the end, and are refused (402): a small balance (even:
+            // a generation costs 2 credits), spent within the rate's burst (a generation takes 2
+            // of its 50 cells).
             let spender = i % 2 == 0;
-            let granted = if spender { 10 + draw.next(30) } else { 200 + draw.next(800) };
+            let granted = if spender { 2 * (5 + draw.next(15)) } else { 200 + draw.next(800) };
             admin.grant_credits(name, "credits", granted, None, "pack-1").await?;
             let generations = if spender { granted / 2 + 2 } else { draw.next(20) };
             for _ in 0..generations {
