@@ -198,6 +198,9 @@ pub(crate) struct TenantData {
     /// This node's refusals of it among its last ones, by kind, and since when (a mounted
     /// router's only).
     pub(crate) rejections: Option<Refusals>,
+    /// Its quotas as its own usage route answers them from this node (a mounted router's
+    /// only): the figures the tenant sees.
+    pub(crate) route: Option<Vec<crate::report::QuotaUsage>>,
 }
 
 /// A tenant's refusals among this node's last ones, by kind, with the time of the oldest kept.
@@ -621,6 +624,18 @@ pub(crate) async fn tenant(
         None
     });
     let past_due = admin.past_due(id).await.unwrap_or_default();
+    // What its usage route answers from this node: its report's quotas (a read of each
+    // quota's counters and of its usage in their periods, bounded as the route's).
+    let route = match (engine, plan.is_some()) {
+        (Some(engine), true) => match engine.usage_report(&record.id, now, now + 1).await {
+            Ok(report) => Some(report.quotas),
+            Err(e) => {
+                tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's usage view could not be read");
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Some(TenantData {
         past_due,
         plan_known: plan.is_some(),
@@ -636,6 +651,7 @@ pub(crate) async fn tenant(
         hourly: if window <= 3600 { buckets(&rows, now, 3600, hours) } else { Vec::new() },
         daily: if days > 0 { buckets(&rows, now, 86_400, days) } else { Vec::new() },
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
+        route,
         record,
     }))
 }

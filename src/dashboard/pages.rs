@@ -217,6 +217,35 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         p.gauge(class, g.used, g.limit, &caption);
         p.raw("</div>");
     }
+    if let Some(quotas) = d.route.as_ref().filter(|q| !q.is_empty()) {
+        // The very figures of its usage route (`GET /v1/usage`), which support staff compare.
+        p.raw(
+            "</section><section><h2>As its usage route answers</h2><table class=\"route\"><thead><tr>\
+             <th>meter</th><th>period</th><th>used</th><th>held</th><th>remaining</th><th>limit</th></tr></thead><tbody>",
+        );
+        for q in quotas {
+            let shown = |v: u64| match q.meter.as_str() {
+                crate::base::SPEND_METER => Money(v, d.currency.as_deref()).to_string(),
+                _ => Num(v).to_string(),
+            };
+            p.fmt(format_args!(
+                "<tr data-meter=\"{}\"><td>{}</td><td>{}</td><td class=\"n used\">{}</td><td class=\"n\">{}</td>\
+                 <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                Esc(q.meter.as_str()),
+                Esc(q.meter.as_str()),
+                q.period.name(),
+                Esc(&shown(q.used)),
+                Esc(&shown(q.held)),
+                Esc(&shown(q.remaining)),
+                Esc(&shown(q.limit))
+            ));
+        }
+        p.raw(
+            "</tbody></table><p class=\"note\">Read from this node, as the route reads it: a period's usage as \
+             flushed by the fleet and not yet flushed here; a balance's units taken by the fleet, less \
+             what this node keeps. The gauges above count what every node keeps unspent apart.</p>",
+        );
+    }
     p.raw("</section><section><h2>Usage</h2>");
     if d.hourly.is_empty() && d.daily.is_empty() {
         p.raw("<p>no usage in the days read</p>");

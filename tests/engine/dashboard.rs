@@ -975,3 +975,45 @@ async fn a_filter_matching_every_tenant_reaches_each_once() {
     assert_eq!(seen, (0..450).map(|i| format!("t{i:03}")).collect::<Vec<_>>(), "each tenant once, in id order");
     assert_eq!(loads, 3);
 }
+
+/// A mounted tenant page shows its quotas as the tenant's own usage route answers them: the
+/// same `used`, `held` and `remaining`, read from the same node.
+#[tokio::test]
+async fn a_mounted_tenant_page_shows_the_usage_routes_own_figures() {
+    let h = crate::common::Harness::new(
+        "[meters.requests]\n[plans.free]\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }\n\
+         [tenants.a]\nplan = \"free\"\nkeys = [\"key-a\"]\n",
+    );
+    for _ in 0..7 {
+        assert_eq!(h.status("/v1/items", "key-a").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(h.status("/v1/items", "key-a").await, 200);
+    }
+    let request = http::Request::get("/v1/usage").header("x-api-key", "key-a").body(()).unwrap();
+    let answer = h.tollgate.tenant_usage(&request).await;
+    let route: serde_json::Value = serde_json::from_slice(answer.body()).unwrap();
+    let quota = &route["quotas"][0];
+    assert_eq!(quota["used"], 9, "{route}");
+    let d = Dashboard::for_engine(&h.tollgate, token());
+    let page = text(&get(&d, "/tenants/a", true).await);
+    let row = page.split("<tr data-meter=\"requests\">").nth(1).unwrap().split("</tr>").next().unwrap();
+    let cells: Vec<&str> =
+        row.split("<td").skip(1).map(|c| c.split('>').nth(1).unwrap().split('<').next().unwrap()).collect();
+    assert_eq!(
+        cells,
+        [
+            "requests",
+            "day",
+            &quota["used"].to_string(),
+            &quota["held"].to_string(),
+            &quota["remaining"].to_string(),
+            "100"
+        ],
+        "{row}"
+    );
+    // Without a node (`tollgate dashboard`), no such table.
+    let offline = Dashboard::new(Admin::for_engine(&h.tollgate), token());
+    assert!(!text(&get(&offline, "/tenants/a", true).await).contains("As its usage route answers"));
+}
