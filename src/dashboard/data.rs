@@ -198,9 +198,20 @@ pub(crate) struct TenantData {
     /// This node's refusals of it among its last ones, by kind, and since when (a mounted
     /// router's only).
     pub(crate) rejections: Option<Refusals>,
-    /// Its quotas as its own usage route answers them from this node (a mounted router's
-    /// only): the figures the tenant sees.
-    pub(crate) route: Option<Vec<crate::report::QuotaUsage>>,
+    /// Its quotas as its own usage route reads them on this node (a mounted router's only).
+    pub(crate) route: Option<RouteView>,
+}
+
+/// A tenant's quotas as its usage route reads them on the node that serves the page.
+#[derive(Debug, Clone)]
+pub(crate) enum RouteView {
+    /// Read now (the spend meter left out: the route answers it as money, in `spend`).
+    Read(Vec<crate::report::QuotaUsage>),
+    /// The node holds no state of the tenant (it has not served it lately): nothing read, so
+    /// that a page never makes a tenant resident.
+    NotHeld,
+    /// The store did not answer.
+    Failed,
 }
 
 /// A tenant's refusals among this node's last ones, by kind, with the time of the oldest kept.
@@ -624,16 +635,20 @@ pub(crate) async fn tenant(
         None
     });
     let past_due = admin.past_due(id).await.unwrap_or_default();
-    // What its usage route answers from this node: its report's quotas (a read of each
-    // quota's counters and of its usage in their periods, bounded as the route's).
+    // Its quotas as its usage route reads them on this node, for a tenant the node holds:
+    // its counters per quota, its usage in their periods (a month's windows for a monthly
+    // quota), its grants and recharges, as the route's own read.
     let route = match (engine, plan.is_some()) {
-        (Some(engine), true) => match engine.usage_report(&record.id, now, now + 1).await {
-            Ok(report) => Some(report.quotas),
-            Err(e) => {
+        (Some(engine), true) => Some(match engine.resident_report(&record.id, now).await {
+            None => RouteView::NotHeld,
+            Some(Ok(report)) => RouteView::Read(
+                report.quotas.into_iter().filter(|q| q.meter.as_str() != crate::base::SPEND_METER).collect(),
+            ),
+            Some(Err(e)) => {
                 tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's usage view could not be read");
-                None
+                RouteView::Failed
             }
-        },
+        }),
         _ => None,
     };
     Ok(Some(TenantData {

@@ -1,8 +1,8 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{
-    AlertsData, BillingData, ListView, NodeData, PlansData, Sort, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS,
-    STATES, WINDOW,
+    AlertsData, BillingData, ListView, NodeData, PlansData, RouteView, Sort, TenantData, TenantsData, HOURS,
+    LEDGER_HOURS, ROWS, STATES, WINDOW,
 };
 use super::html::{Esc, Frame, Money, Num, Page, Seg, Unit, When, Wrap};
 use crate::{base::Period, store::OutboxEntry};
@@ -217,34 +217,49 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         p.gauge(class, g.used, g.limit, &caption);
         p.raw("</div>");
     }
-    if let Some(quotas) = d.route.as_ref().filter(|q| !q.is_empty()) {
-        // The very figures of its usage route (`GET /v1/usage`), which support staff compare.
-        p.raw(
-            "</section><section><h2>As its usage route answers</h2><table class=\"route\"><thead><tr>\
-             <th>meter</th><th>period</th><th>used</th><th>held</th><th>remaining</th><th>limit</th></tr></thead><tbody>",
-        );
-        for q in quotas {
-            let shown = |v: u64| match q.meter.as_str() {
-                crate::base::SPEND_METER => Money(v, d.currency.as_deref()).to_string(),
-                _ => Num(v).to_string(),
-            };
-            p.fmt(format_args!(
-                "<tr data-meter=\"{}\"><td>{}</td><td>{}</td><td class=\"n used\">{}</td><td class=\"n\">{}</td>\
-                 <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                Esc(q.meter.as_str()),
-                Esc(q.meter.as_str()),
-                q.period.name(),
-                Esc(&shown(q.used)),
-                Esc(&shown(q.held)),
-                Esc(&shown(q.remaining)),
-                Esc(&shown(q.limit))
-            ));
+    match &d.route {
+        Some(RouteView::Read(quotas)) if !quotas.is_empty() => {
+            // The figures of its usage route (`GET /v1/usage`), which support staff compare.
+            p.raw(
+                "</section><section><h2>As its usage route reads them</h2><table class=\"route\"><thead><tr>\
+                 <th>meter</th><th>period</th><th>used</th><th>held</th><th>remaining</th><th>limit</th></tr></thead>\
+                 <tbody>",
+            );
+            for q in quotas {
+                p.fmt(format_args!(
+                    "<tr data-meter=\"{}\"><td>{}</td><td>{}</td><td class=\"n used\">{}</td><td class=\"n\">{}</td>\
+                     <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                    Esc(q.meter.as_str()),
+                    Esc(q.meter.as_str()),
+                    q.period.name(),
+                    Num(q.used),
+                    Num(q.held),
+                    Num(q.remaining),
+                    Num(q.limit)
+                ));
+            }
+            p.raw(
+                "</tbody></table><p class=\"note\">Read now on this node, as the route reads them (the route \
+                 answers a view up to a second old, a minute when the node's budget of views is spent): a \
+                 period's usage as flushed by the fleet and not yet flushed here; a balance's units taken by \
+                 the fleet, less what this node keeps. The gauges above count what every node keeps unspent \
+                 apart.</p>",
+            );
         }
-        p.raw(
-            "</tbody></table><p class=\"note\">Read from this node, as the route reads it: a period's usage as \
-             flushed by the fleet and not yet flushed here; a balance's units taken by the fleet, less \
-             what this node keeps. The gauges above count what every node keeps unspent apart.</p>",
-        );
+        Some(RouteView::NotHeld) => {
+            p.raw(
+                "</section><section><h2>As its usage route reads them</h2><p class=\"note\">This node holds no state \
+             of the tenant (it has not served it lately): the page reads none, so that it never makes a tenant \
+             resident. Its own usage route reads it afresh.</p>",
+            );
+        }
+        Some(RouteView::Failed) => {
+            p.raw(
+                "</section><section><h2>As its usage route reads them</h2><p class=\"note error\">The store did not \
+             answer: its usage route's figures could not be read.</p>",
+            );
+        }
+        _ => {}
     }
     p.raw("</section><section><h2>Usage</h2>");
     if d.hourly.is_empty() && d.daily.is_empty() {

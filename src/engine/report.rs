@@ -205,6 +205,16 @@ impl Tollgate {
         Ok(self.report_of(&state, from, to, None).await?)
     }
 
+    /// The report [`usage_report`](Self::usage_report) makes, of a tenant this node holds now
+    /// (`None` when it holds none: the dashboard never makes a tenant resident, which could
+    /// evict the tenants it serves), its calls made as [`reading`](crate::store::limited::reading)
+    /// says.
+    #[cfg(feature = "dashboard")]
+    pub(crate) async fn resident_report(&self, id: &TenantId, now: i64) -> Option<Result<UsageReport, StoreError>> {
+        let state = self.gate().table().state(id)?;
+        Some(self.report_of(&state, now, now, None).await)
+    }
+
     /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
     /// one read of its spend cap's counters, one or two of its usage (one when the range
     /// covers its quotas' periods; as many again when this node committed usage meanwhile),

@@ -976,13 +976,14 @@ async fn a_filter_matching_every_tenant_reaches_each_once() {
     assert_eq!(loads, 3);
 }
 
-/// A mounted tenant page shows its quotas as the tenant's own usage route answers them: the
-/// same `used`, `held` and `remaining`, read from the same node.
+/// A mounted tenant page shows its quotas as the tenant's own usage route reads them: the
+/// same `used`, `held` and `remaining`, read on the same node; a tenant the node does not hold
+/// is not made resident by the page.
 #[tokio::test]
 async fn a_mounted_tenant_page_shows_the_usage_routes_own_figures() {
     let h = crate::common::Harness::new(
         "[meters.requests]\n[plans.free]\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }\n\
-         [tenants.a]\nplan = \"free\"\nkeys = [\"key-a\"]\n",
+         [tenants.a]\nplan = \"free\"\nkeys = [\"key-a\"]\n[tenants.b]\nplan = \"free\"\nkeys = [\"key-b\"]\n",
     );
     for _ in 0..7 {
         assert_eq!(h.status("/v1/items", "key-a").await, 200);
@@ -999,21 +1000,26 @@ async fn a_mounted_tenant_page_shows_the_usage_routes_own_figures() {
     let d = Dashboard::for_engine(&h.tollgate, token());
     let page = text(&get(&d, "/tenants/a", true).await);
     let row = page.split("<tr data-meter=\"requests\">").nth(1).unwrap().split("</tr>").next().unwrap();
-    let cells: Vec<&str> =
-        row.split("<td").skip(1).map(|c| c.split('>').nth(1).unwrap().split('<').next().unwrap()).collect();
-    assert_eq!(
-        cells,
-        [
-            "requests",
-            "day",
-            &quota["used"].to_string(),
-            &quota["held"].to_string(),
-            &quota["remaining"].to_string(),
-            "100"
-        ],
-        "{row}"
-    );
+    let cells: Vec<String> = row
+        .split("<td")
+        .skip(1)
+        .map(|c| c.split('>').nth(1).unwrap().split('<').next().unwrap().replace(',', ""))
+        .collect();
+    let want = [
+        "requests".to_owned(),
+        "day".to_owned(),
+        quota["used"].to_string(),
+        quota["held"].to_string(),
+        quota["remaining"].to_string(),
+        "100".to_owned(),
+    ];
+    assert_eq!(cells, want, "{row}");
+    // A tenant this node does not hold is not made resident by a page: the page says so.
+    let before = h.tollgate.stats().tracked_tenants;
+    let page = text(&get(&d, "/tenants/b", true).await);
+    assert!(page.contains("This node holds no state of the tenant"), "{page}");
+    assert_eq!(h.tollgate.stats().tracked_tenants, before, "no tenant made resident by a page");
     // Without a node (`tollgate dashboard`), no such table.
     let offline = Dashboard::new(Admin::for_engine(&h.tollgate), token());
-    assert!(!text(&get(&offline, "/tenants/a", true).await).contains("As its usage route answers"));
+    assert!(!text(&get(&offline, "/tenants/a", true).await).contains("As its usage route reads them"));
 }
