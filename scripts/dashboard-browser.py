@@ -241,6 +241,21 @@ try:
     no_word_broken(driver, "billing")
     shot(driver, "billing")
 
+    # Money: acme's balance (its plan's one money), linked to its page; no free tenant listed.
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, "Money").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("Money"))
+    balances = {r.find_element(By.CSS_SELECTOR, "a.tenant").text: r.find_element(By.CSS_SELECTOR, "td.left").text
+                for r in driver.find_elements(By.CSS_SELECTOR, "table.balances tbody tr")
+                if r.find_elements(By.CSS_SELECTOR, "a.tenant")}
+    check("money: acme's balance left, as the store holds it", balances == {"acme": f"{left:,}"}, balances)
+    check("money: a free tenant is in no table", not driver.find_elements(By.LINK_TEXT, "globex"))
+    no_word_broken(driver, "money")
+    shot(driver, "money")
+    driver.find_element(By.CSS_SELECTOR, "table.balances a.tenant").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("acme"))
+    check("money: a row's link opens its tenant's page", driver.find_element(By.TAG_NAME, "h1").text == "acme")
+
     driver.get(base + "/alerts")
     rows = driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr")
     check("alerts: the pending alert", len(rows) == 1)
@@ -312,6 +327,18 @@ try:
         picture("/tenants/northwind", "tenant", 1700)
         bars = driver.find_elements(By.CSS_SELECTOR, "figure.chart.hourly rect")
         check("week: a tenant's hourly chart has a bar per hour of usage", len(bars) >= 24, len(bars))
+        picture("/money", "money")
+        spent = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "table.spend td.spent")]
+        check("week: the teams' spend against their caps, in dollars", spent and all(s.endswith(" USD") for s in spent), spent)
+        check("week: the team past its cap first, at its cap",
+              driver.find_element(By.CSS_SELECTOR, "table.spend td.spent").text == "5.00 USD", spent[:3])
+        # Every row's tenant link opens a page (no dead link from the money page).
+        links = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "main a.tenant")}
+        opened = 0
+        for href in sorted(links):
+            driver.get(href)
+            opened += driver.find_elements(By.CSS_SELECTOR, "section.facts") != []
+        check("week: every tenant linked from the money page opens", links and opened == len(links), (opened, len(links)))
         for path, name in [("/plans", "plans"), ("/billing", "billing"), ("/alerts", "alerts"), ("/node", "node")]:
             picture(path, name)
 finally:

@@ -1,4 +1,4 @@
-//! Prepaid credits: granted, listed and revoked, and a tenant's quota counters.
+//! Prepaid credits: granted, listed and revoked, a tenant's quota counters, and its payments.
 
 use std::sync::Arc;
 
@@ -94,6 +94,29 @@ impl Admin {
             return Err(AdminError::Invalid(format!("no organization `{org}` in the configuration ([orgs.{org}])")));
         };
         self.counters_of(&spec.id().counters_id()).await
+    }
+
+    /// A tenant's quota counters of one meter (the dashboard's money page reads the meters
+    /// of money alone).
+    pub(crate) async fn meter_counters(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+    ) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {
+        Ok(self.quota()?.counters(tenant, meter).await?)
+    }
+
+    /// A tenant's payments as the quota store keeps them: each payment (at most
+    /// [`PAYMENTS_KEPT`](crate::store::PAYMENTS_KEPT), older ones folded into one sum) with its
+    /// refunds and disputes, the reversals of payments not seen yet, the tier pinned.
+    ///
+    /// # Errors
+    /// A bad tenant id, no quota store, or the store failed.
+    pub async fn payments(&self, tenant: &str) -> Result<crate::store::PaymentRow, AdminError> {
+        let tenant = Self::tenant_id(tenant)?;
+        let answer =
+            self.quota()?.payments(&crate::store::PaymentCall::Read { tenant }, self.clock.unix_secs()).await?;
+        Ok(answer.row.unwrap_or_default())
     }
 
     async fn counters_of(&self, tenant: &TenantId) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {

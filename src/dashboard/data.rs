@@ -228,6 +228,200 @@ pub(crate) struct BillingData {
     pub(crate) lacking_cut: bool,
 }
 
+/// The most tenants the money page reads for one page (the directory's, in id order, from
+/// where the page starts, with the file's among them). Each costs at most one directory read
+/// and one counters read per meter of money on its plan (its spend and its prepaid balances),
+/// one read of its grants (a plan with a balance) and one of its payments (with `[stripe]`).
+pub(crate) const MONEY_WINDOW: usize = 50;
+
+/// A tenant's spend in its current period against its cap in force.
+#[derive(Debug, Clone)]
+pub(crate) struct SpendRow {
+    pub(crate) tenant: TenantId,
+    pub(crate) plan: PlanId,
+    /// Spent and the cap in force, in nano-units of the currency.
+    pub(crate) spent: u64,
+    pub(crate) cap: u64,
+    pub(crate) hard: bool,
+    /// Whether the cap in force is the tenant's own.
+    pub(crate) own: bool,
+    pub(crate) period: Period,
+}
+
+/// A tenant's prepaid balance and its grants.
+#[derive(Debug, Clone)]
+pub(crate) struct BalanceRow {
+    pub(crate) tenant: TenantId,
+    pub(crate) meter: MeterId,
+    /// Units left of those its open grants granted.
+    pub(crate) left: u64,
+    pub(crate) granted: u64,
+    /// Its open grants, and when the soonest of them expires.
+    pub(crate) open: usize,
+    pub(crate) expires: Option<i64>,
+    /// When it was last granted.
+    pub(crate) last: Option<i64>,
+}
+
+/// What a tenant's payments and grants lost to a refund, a dispute or a credit.
+#[derive(Debug, Clone)]
+pub(crate) enum Reversal {
+    /// A payment refunded (its running total) or disputed, in the currency's smallest unit.
+    Payment { payment: String, amount: u64, at: i64, refunded: u64, disputes: Vec<crate::store::DisputeMark> },
+    /// Units a grant lost: to its payment's refunds (`refunded`), or to a take (a dispute's,
+    /// a proration credit's).
+    Grant { meter: MeterId, grant: String, bought: u64, refunded: u64, takes: Vec<crate::store::CreditTake> },
+}
+
+/// The money page: what the tenants of one window of the directory spend, hold, recharge,
+/// paid and had given back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MoneyData {
+    /// The billing currency (`[billing] currency`).
+    pub(crate) currency: Option<String>,
+    /// Tenants read (at most [`MONEY_WINDOW`]) and where the next page starts.
+    pub(crate) read: usize,
+    pub(crate) next: Option<TenantId>,
+    /// Spend against caps, the most used first.
+    pub(crate) spend: Vec<SpendRow>,
+    /// Balances, the least left first.
+    pub(crate) balances: Vec<BalanceRow>,
+    /// Recharges, those open first, then those off, failing, on.
+    pub(crate) recharges: Vec<RechargeView>,
+    /// Payments today (since midnight UTC) and in all, in the currency's smallest unit, of the
+    /// tenants read: (count, amount).
+    pub(crate) paid_today: (usize, u64),
+    /// Refunds, disputes and credits, newest payment first.
+    pub(crate) reversals: Vec<(TenantId, Reversal)>,
+    /// Whether payments were read (`[stripe]` is configured: Stripe's webhooks record them).
+    pub(crate) payments_read: bool,
+}
+
+impl MoneyData {
+    /// Where a recharge stands, in the order the page lists them (open first).
+    pub(crate) fn recharge_rank(view: &RechargeView) -> u8 {
+        match (&view.state.open, view.off_reason(), view.state.failures) {
+            (Some(_), _, _) => 0,
+            (None, Some(_), _) => 1,
+            (None, None, n) if n > 0 => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// The money page: the tenants of one window of [`MONEY_WINDOW`] after `after`, each with money
+/// on its plan read (a plan the configuration lacks has none).
+pub(crate) async fn money(admin: &Admin, after: Option<&str>) -> Result<MoneyData, AdminError> {
+    let now = admin.clock().unix_secs();
+    let config = admin.config();
+    let currency = config.and_then(|c| c.billing().currency.clone());
+    let payments_read = config.is_some_and(|c| c.stripe().is_some());
+    let (records, next) = window(admin, after, MONEY_WINDOW).await?;
+    let mut data =
+        MoneyData { currency: currency.clone(), read: records.len(), next, payments_read, ..MoneyData::default() };
+    let today = now - now.rem_euclid(86_400);
+    for (record, _) in records {
+        let id = record.id.clone();
+        if let Some(plan) = plan_of(config, &record) {
+            let prepaid: Vec<&MeterId> =
+                plan.quotas().iter().filter(|(_, q)| q.period() == Period::Prepaid).map(|(m, _)| m).collect();
+            let mut counters = Vec::new();
+            for meter in &prepaid {
+                counters.extend(admin.meter_counters(&id, meter).await?);
+            }
+            let cap = match plan.spend() {
+                Some(_) => {
+                    counters.extend(admin.meter_counters(&id, &crate::base::SPEND_METER.into()).await?);
+                    Some(admin.spend_cap(id.as_str()).await?)
+                }
+                None => None,
+            };
+            let grants = match prepaid.is_empty() {
+                true => Vec::new(),
+                false => admin.credits(id.as_str()).await?.0,
+            };
+            for g in gauges(&plan, &counters, cap.as_ref(), now) {
+                if g.meter.as_str() == crate::base::SPEND_METER {
+                    let own = cap.as_ref().is_some_and(|c| c.own_in_force);
+                    data.spend.push(SpendRow {
+                        tenant: id.clone(),
+                        plan: record.plan.clone(),
+                        spent: g.used,
+                        cap: g.limit,
+                        hard: g.mode == QuotaMode::Hard,
+                        own,
+                        period: g.period,
+                    });
+                } else if g.period == Period::Prepaid {
+                    let open: Vec<&CreditGrant> =
+                        grants.iter().filter(|c| c.meter == g.meter && c.closed.is_none()).collect();
+                    data.balances.push(BalanceRow {
+                        tenant: id.clone(),
+                        meter: g.meter.clone(),
+                        left: g.limit.saturating_sub(g.used),
+                        granted: g.limit,
+                        open: open.len(),
+                        expires: open.iter().filter_map(|c| c.expires_at).min(),
+                        last: grants.iter().filter(|c| c.meter == g.meter).map(|c| c.granted_at).max(),
+                    });
+                }
+            }
+            for (meter, spec) in plan.recharges() {
+                let mine: Vec<_> = counters.iter().filter(|c| c.key.meter == *meter).cloned().collect();
+                let currency = currency.clone().unwrap_or_default();
+                data.recharges.push(crate::settings::recharge::view_of(&id, meter, currency, spec.clone(), &mine, now));
+            }
+            for g in grants.iter().filter(|g| g.taken > 0 || g.refunded > 0 || !g.takes.is_empty()) {
+                data.reversals.push((
+                    id.clone(),
+                    Reversal::Grant {
+                        meter: g.meter.clone(),
+                        grant: g.id.clone(),
+                        bought: g.bought,
+                        refunded: g.taken,
+                        takes: g.takes.clone(),
+                    },
+                ));
+            }
+        }
+        if payments_read {
+            let row = admin.payments(id.as_str()).await?;
+            for p in row.payments.iter().chain(&row.orphans) {
+                if p.at >= today && p.amount > 0 {
+                    data.paid_today.0 += 1;
+                    data.paid_today.1 = add(data.paid_today.1, p.amount);
+                }
+                if p.refunded > 0 || !p.disputes.is_empty() {
+                    data.reversals.push((
+                        id.clone(),
+                        Reversal::Payment {
+                            payment: p.id.clone(),
+                            amount: p.amount,
+                            at: p.at,
+                            refunded: p.refunded,
+                            disputes: p.disputes.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    // The most used cap first (as a share of it), the least left balance first, open
+    // recharges first: what needs a look on top. Ties stay in id order.
+    let share =
+        |spent: u64, cap: u64| if cap == 0 { u128::MAX } else { u128::from(spent) * 1_000_000 / u128::from(cap) };
+    data.spend.sort_by_key(|r| std::cmp::Reverse(share(r.spent, r.cap)));
+    data.balances.sort_by_key(|r| r.left);
+    data.recharges.sort_by_key(MoneyData::recharge_rank);
+    data.reversals.sort_by_key(|(_, r)| {
+        std::cmp::Reverse(match r {
+            Reversal::Payment { at, .. } => *at,
+            Reversal::Grant { .. } => i64::MIN,
+        })
+    });
+    Ok(data)
+}
+
 /// The most tenants the plans page reads to count them per version.
 pub(crate) const PLAN_SCAN: usize = 10_000;
 
@@ -415,7 +609,7 @@ pub(crate) async fn tenants(
             records
         }
         None => {
-            let (records, next) = window(admin, after).await?;
+            let (records, next) = window(admin, after, WINDOW).await?;
             data.window = Some((records.len(), 0));
             data.next = next;
             records
@@ -483,18 +677,19 @@ fn sort_rows(rows: &mut [TenantRow], sort: Sort) {
     }
 }
 
-/// The tenants a filtered or sorted page reads: at most [`WINDOW`] of the directory after
+/// The tenants a filtered or sorted page reads: at most `size` of the directory after
 /// `after` in id order, with the file's tenants the directory lacks among them, and where the
 /// next window starts when tenants were left unread.
 async fn window(
     admin: &Admin,
     after: Option<&str>,
+    size: usize,
 ) -> Result<(Vec<(TenantRecord, Option<String>)>, Option<TenantId>), AdminError> {
     let mut records: Vec<(TenantRecord, Option<String>)> = Vec::new();
     let mut cursor = after.map(str::to_owned);
     let mut full = false;
-    while records.len() < WINDOW {
-        let want = (WINDOW - records.len()).min(ROWS);
+    while records.len() < size {
+        let want = (size - records.len()).min(ROWS);
         let page = admin.list_tenants(cursor.as_deref(), want).await?;
         let got = page.len();
         cursor = page.last().map(|t| t.id.to_string()).or(cursor);
@@ -502,7 +697,7 @@ async fn window(
         if got < want {
             break;
         }
-        full = records.len() == WINDOW;
+        full = records.len() == size;
     }
     // The file's tenants within the ids read (all of those after `after` when the directory
     // had no more): the directory's record of an id read is among the records already.
@@ -521,8 +716,8 @@ async fn window(
     }
     records.sort_by(|a, b| a.0.id.as_str().cmp(b.0.id.as_str()));
     let mut next = end.map(TenantId::from);
-    if records.len() > WINDOW {
-        records.truncate(WINDOW);
+    if records.len() > size {
+        records.truncate(size);
         next = records.last().map(|(t, _)| t.id.clone());
     }
     Ok((records, next))

@@ -98,6 +98,19 @@ impl fmt::Display for Money<'_> {
     }
 }
 
+/// An amount in the currency's smallest unit (cents of `usd`, as Stripe counts payments and
+/// recharges), shown as [`Money`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Minor<'a>(pub(crate) u64, pub(crate) Option<&'a str>);
+
+impl fmt::Display for Minor<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.1.map_or(2, crate::base::minor_digits);
+        let per = 10u64.pow(9u32.saturating_sub(digits));
+        Money(self.0.saturating_mul(per), self.1).fmt(f)
+    }
+}
+
 /// What a chart counts: units of a meter, or money in nano-units of the currency.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Unit<'a> {
@@ -176,8 +189,14 @@ pub(crate) struct Page {
 }
 
 /// The pages of the navigation bar: (path under the dashboard, label).
-const NAV: [(&str, &str); 5] =
-    [("/", "Tenants"), ("/plans", "Plans"), ("/billing", "Billing"), ("/alerts", "Alerts"), ("/node", "Node")];
+const NAV: [(&str, &str); 6] = [
+    ("/", "Tenants"),
+    ("/plans", "Plans"),
+    ("/money", "Money"),
+    ("/billing", "Billing"),
+    ("/alerts", "Alerts"),
+    ("/node", "Node"),
+];
 
 /// What the frame of a page shows besides its title: the node's page in the navigation (a
 /// mounted router's), and the sign-out button (a session of the login form's).

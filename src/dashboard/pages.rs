@@ -1,10 +1,10 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{
-    AlertsData, BillingData, ListView, NodeData, PlansData, RouteView, Sort, TenantData, TenantsData, HOURS,
-    LEDGER_HOURS, ROWS, STATES, WINDOW,
+    AlertsData, BillingData, ListView, MoneyData, NodeData, PlansData, Reversal, RouteView, Sort, TenantData,
+    TenantsData, HOURS, LEDGER_HOURS, MONEY_WINDOW, ROWS, STATES, WINDOW,
 };
-use super::html::{Esc, Frame, Money, Num, Page, Seg, Unit, When, Wrap};
+use super::html::{Esc, Frame, Minor, Money, Num, Page, Seg, Unit, When, Wrap};
 use crate::{base::Period, store::OutboxEntry};
 
 /// The query of `view` (`plan=…&state=…&sort=…`, percent-encoded; empty for the plain list).
@@ -380,6 +380,205 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
             p.raw("<tr><td colspan=\"2\">none</td></tr>");
         }
         p.raw("</tbody></table></section>");
+    }
+    p.finish()
+}
+
+/// A tenant's id, linked to its page.
+fn tenant_cell(p: &mut Page, base: &str, id: &str) {
+    p.fmt(format_args!("<td><a class=\"tenant\" href=\"{}/tenants/{}\">{}</a></td>", Esc(base), Seg(id), Esc(id)));
+}
+
+/// The money page: spend against caps, balances and their grants, recharges, payments with
+/// their refunds and disputes, and what grants lost to them, each row linked to its tenant.
+pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
+    let mut p = Page::new(base, "Money", "/money", frame);
+    let currency = d.currency.as_deref();
+    p.fmt(format_args!(
+        "<p class=\"note\">The money of {} tenants read in id order (at most {MONEY_WINDOW} a page){}. Amounts in {}.</p>",
+        Num(d.read as u64),
+        if d.next.is_some() { ", more after them" } else { "" },
+        Esc(&currency.map_or_else(|| "two decimals (no [billing] currency)".to_owned(), str::to_ascii_uppercase))
+    ));
+    if d.payments_read {
+        p.fmt(format_args!(
+            "<p class=\"paid-today\">paid today (UTC): <strong>{}</strong> in {} payments</p>",
+            Minor(d.paid_today.1, currency),
+            Num(d.paid_today.0 as u64)
+        ));
+    }
+    p.fmt(format_args!(
+        "<section><h2>Spend against caps ({})</h2><table class=\"spend\"><thead><tr><th>tenant</th><th>plan</th>\
+         <th>period</th><th>spent</th><th>cap</th><th>used</th><th>cap in force</th></tr></thead><tbody>",
+        count(d.spend.len())
+    ));
+    for r in d.spend.iter().take(ROWS) {
+        p.raw("<tr>");
+        tenant_cell(&mut p, base, r.tenant.as_str());
+        let share = if r.cap == 0 { 100 } else { u128::from(r.spent) * 100 / u128::from(r.cap) };
+        p.fmt(format_args!(
+            "<td class=\"plan\">{}</td><td>{}</td><td class=\"n spent\">{}</td><td class=\"n cap\">{}</td>\
+             <td class=\"n\">{}%</td><td>{}, {}</td></tr>",
+            Esc(r.plan.as_str()),
+            r.period.name(),
+            Money(r.spent, currency),
+            Money(r.cap, currency),
+            share,
+            if r.hard { "hard" } else { "soft" },
+            if r.own { "the tenant's own" } else { "the plan's" }
+        ));
+    }
+    if d.spend.is_empty() {
+        p.raw("<tr><td colspan=\"7\">no spend cap among them</td></tr>");
+    }
+    p.fmt(format_args!(
+        "</tbody></table></section><section><h2>Balances ({})</h2><table class=\"balances\"><thead><tr>\
+         <th>tenant</th><th>meter</th><th>left</th><th>granted</th><th>open grants</th><th>soonest expiry</th>\
+         <th>last granted</th></tr></thead><tbody>",
+        count(d.balances.len())
+    ));
+    for r in d.balances.iter().take(ROWS) {
+        p.raw("<tr>");
+        tenant_cell(&mut p, base, r.tenant.as_str());
+        p.fmt(format_args!(
+            "<td>{}</td><td class=\"n left\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td>\
+             <td>{}</td></tr>",
+            Esc(r.meter.as_str()),
+            Num(r.left),
+            Num(r.granted),
+            Num(r.open as u64),
+            When(r.expires),
+            When(r.last)
+        ));
+    }
+    if d.balances.is_empty() {
+        p.raw("<tr><td colspan=\"7\">no prepaid balance among them</td></tr>");
+    }
+    p.fmt(format_args!(
+        "</tbody></table></section><section><h2>Recharges ({})</h2><table class=\"recharges\"><thead><tr>\
+         <th>tenant</th><th>meter</th><th>state</th><th>below, to</th><th>this month</th><th>failures</th></tr>\
+         </thead><tbody>",
+        count(d.recharges.len())
+    ));
+    for v in d.recharges.iter().take(ROWS) {
+        let c = Some(v.currency.as_str()).filter(|c| !c.is_empty()).or(currency);
+        let state = match (&v.state.open, v.off_reason()) {
+            (Some(open), _) => format!(
+                "open: recharge {} of {} packs, {}, since {}{}",
+                open.n,
+                open.packs,
+                Minor(open.amount, c),
+                When(Some(open.claimed_at)),
+                if open.processing { " (payment processing)" } else { "" }
+            ),
+            (None, Some(why)) => format!("off: {why}"),
+            (None, None) => "on".to_owned(),
+        };
+        let (below, to, limit) = match &v.state.setting {
+            Some(s) => (s.below, s.to, s.monthly_limit),
+            None => (v.plan.below, v.plan.to, v.plan.monthly_limit),
+        };
+        p.fmt(format_args!("<tr class=\"recharge-{}\">", MoneyData::recharge_rank(v)));
+        tenant_cell(&mut p, base, v.tenant.as_str());
+        p.fmt(format_args!(
+            "<td>{}</td><td class=\"state\">{}</td><td>{}, {}</td><td>{} recharges, {} of {}</td><td>{}</td></tr>",
+            Esc(v.meter.as_str()),
+            Esc(&state),
+            Num(below),
+            Num(to),
+            v.month_count,
+            Minor(v.month_spent, c),
+            Minor(limit, c),
+            match v.state.failures {
+                0 => "-".to_owned(),
+                n => format!("{n} in a row, the last at {}", When(Some(v.state.failed_at))),
+            }
+        ));
+    }
+    if d.recharges.is_empty() {
+        p.raw("<tr><td colspan=\"6\">no recharge among them</td></tr>");
+    }
+    p.fmt(format_args!(
+        "</tbody></table></section><section><h2>Refunds, disputes and credits ({})</h2><table class=\"reversals\">\
+         <thead><tr><th>tenant</th><th>what</th><th>of</th><th>taken back</th><th>details</th></tr></thead><tbody>",
+        count(d.reversals.len())
+    ));
+    for (tenant, r) in d.reversals.iter().take(ROWS) {
+        p.raw("<tr>");
+        tenant_cell(&mut p, base, tenant.as_str());
+        match r {
+            Reversal::Payment { payment, amount, at, refunded, disputes } => {
+                let mut details = Vec::new();
+                for dp in disputes {
+                    let step = match (dp.withdrawn, dp.reinstated) {
+                        (_, true) => "won: funds reinstated",
+                        (true, false) => "funds withdrawn",
+                        (false, false) => "opened",
+                    };
+                    details.push(format!("dispute {} of {}: {step}", dp.id, Minor(dp.amount, currency)));
+                }
+                let taken = refunded.saturating_add(
+                    disputes
+                        .iter()
+                        .filter(|d| d.withdrawn && !d.reinstated)
+                        .fold(0u64, |sum, d| sum.saturating_add(d.amount)),
+                );
+                p.fmt(format_args!(
+                    "<td>payment <code>{}</code>, {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}{}</td>",
+                    Esc(payment),
+                    When(Some(*at)),
+                    Minor(*amount, currency),
+                    Minor(taken, currency),
+                    if *refunded > 0 { format!("refunded {}", Minor(*refunded, currency)) } else { String::new() },
+                    Esc(&match (refunded, details.is_empty()) {
+                        (0, _) => details.join("; "),
+                        (_, true) => String::new(),
+                        _ => format!("; {}", details.join("; ")),
+                    })
+                ));
+            }
+            Reversal::Grant { meter, grant, bought, refunded, takes } => {
+                let removed = takes.iter().fold(*refunded, |sum, t| sum.saturating_add(t.removed));
+                let details: Vec<String> = takes
+                    .iter()
+                    .map(|t| {
+                        let what =
+                            if t.id.starts_with("dp_") || t.id.starts_with("du_") { "dispute" } else { "credit" };
+                        format!(
+                            "{what} {}: {} units{}",
+                            t.id,
+                            Num(t.units),
+                            if t.given_back { ", given back" } else { "" }
+                        )
+                    })
+                    .chain((*refunded > 0).then(|| format!("refunds: {} units", Num(*refunded))))
+                    .collect();
+                p.fmt(format_args!(
+                    "<td>grant <code>{}</code> of {}</td><td class=\"n\">{} units</td><td class=\"n\">{} units</td>\
+                     <td>{}</td>",
+                    Esc(grant),
+                    Esc(meter.as_str()),
+                    Num(*bought),
+                    Num(removed),
+                    Esc(&details.join("; "))
+                ));
+            }
+        }
+        p.raw("</tr>");
+    }
+    if d.reversals.is_empty() {
+        p.raw("<tr><td colspan=\"5\">none among them</td></tr>");
+    }
+    p.raw("</tbody></table></section>");
+    if !d.payments_read {
+        p.raw("<p class=\"note\">No <code>[stripe]</code>: no payment is recorded, so none is listed.</p>");
+    }
+    if let Some(next) = &d.next {
+        p.fmt(format_args!(
+            "<p><a rel=\"next\" href=\"{}/money?after={}\">next tenants</a></p>",
+            Esc(base),
+            Seg(next.as_str())
+        ));
     }
     p.finish()
 }

@@ -242,8 +242,9 @@ impl Dashboard {
             signed_in: session.is_some(),
             as_of: Some(now),
             refresh: query("refresh").is_some_and(|r| r == "on"),
-            keep: match path {
-                "/" | "/tenants" => pages::view_query(&view),
+            keep: match (path, query("after")) {
+                ("/" | "/tenants", _) => pages::view_query(&view),
+                ("/money", Some(after)) => format!("after={}", super::html::Seg(&after)),
                 _ => String::new(),
             },
         };
@@ -252,6 +253,9 @@ impl Dashboard {
                 .await
                 .map(|d| Some(pages::tenants(base, frame.clone(), &d))),
             "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame.clone(), &d))),
+            "/money" => {
+                data::money(admin, query("after").as_deref()).await.map(|d| Some(pages::money(base, frame.clone(), &d)))
+            }
             "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame.clone(), &d))),
             "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame.clone(), &d))),
             "/node" => match engine {

@@ -253,13 +253,16 @@ pub struct PaymentAnswer {
     pub changes: u64,
     /// The plan its tier is pinned to, after it ([`PaymentCall::Pin`]).
     pub pinned: Option<String>,
+    /// The row itself, on a [`PaymentCall::Read`] (bounded by its rules: at most
+    /// [`PAYMENTS_KEPT`] payments and as many orphans): what the dashboard's money page lists.
+    pub row: Option<PaymentRow>,
 }
 
 impl PaymentAnswer {
     /// An answer (of a row changed `0` times: see [`PaymentAnswer::with_changes`]).
     #[must_use]
     pub fn new(outcome: PaymentOutcome, standing: Standing) -> Self {
-        Self { outcome, standing, changes: 0, pinned: None }
+        Self { outcome, standing, changes: 0, pinned: None, row: None }
     }
 
     /// The answer, of a tier pinned to `plan`.
@@ -469,7 +472,9 @@ impl PaymentRow {
         } else {
             None
         };
-        let answer = PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes).with_pinned(row.pinned);
+        let read = matches!(call, PaymentCall::Read { .. }).then(|| row.clone());
+        let mut answer = PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes).with_pinned(row.pinned);
+        answer.row = read;
         Ok((answer, json))
     }
 }

@@ -1023,3 +1023,161 @@ async fn a_mounted_tenant_page_shows_the_usage_routes_own_figures() {
     let offline = Dashboard::new(Admin::for_engine(&h.tollgate), token());
     assert!(!text(&get(&offline, "/tenants/a", true).await).contains("As its usage route reads them"));
 }
+
+/// The money page lists, in the currency, each tenant's spend against its cap (the most used
+/// first), its balances (the least left first), its recharges (the open one first, then one off
+/// and why), its payments today and the refunds and disputes of its payments, every row linked
+/// to its tenant; a tenant with no money on its plan is in none of its tables, and the page
+/// reads a bounded window of tenants with a link to the next.
+#[cfg(feature = "stripe")]
+#[tokio::test]
+async fn the_money_page_shows_spend_balances_recharges_and_reversals_in_the_currency() {
+    use tollgate::store::{DisputeStep, PaymentCall};
+    let toml = r#"
+[store]
+kind = "memory"
+[billing]
+currency = "usd"
+[meters.requests]
+price = "0.25"
+[plans.metered]
+rate = "1000/s"
+spend = { limit = "10.00", period = "month", mode = "hard" }
+[plans.payg]
+rate = "1000/s"
+quotas.requests = { period = "prepaid" }
+[plans.payg.recharge.requests]
+price = "price_pack"
+below = 300
+to = 1000
+monthly_limit = "50.00"
+[plans.free]
+rate = "1000/s"
+[stripe]
+[stripe.credits]
+meter = "requests"
+prices = { price_pack = 100 }
+"#;
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(1_800_000_000);
+    // Recharges read their price from Stripe (the stand-in) when turned on, and wait unpaid.
+    let stripe = crate::common::stripe::StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 500);
+    let charger = tollgate::billing::RechargeCharger::new(
+        &tollgate::billing::Secret::new(crate::common::stripe::SECRET),
+        Some(&stripe.url),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap())
+        .store_arc(store.clone())
+        .clock(clock)
+        .recharge_charger(charger)
+        .build();
+    let h = crate::common::Harness::from_layer(tollgate::TollgateLayer::new(engine), handle);
+    let admin = Admin::for_engine(&h.tollgate);
+    let now = h.tollgate.clock().unix_secs();
+    for (id, plan) in [("acme", "metered"), ("initech", "payg"), ("globex", "payg"), ("hooli", "free"), (MARK, "payg")]
+    {
+        admin.add_tenant(id, plan, None).await.unwrap();
+    }
+    for i in 0..60 {
+        admin.add_tenant(&format!("t{i:03}"), "free", None).await.unwrap();
+    }
+    let acme = admin.issue_key("acme", Default::default()).await.unwrap().key;
+    for _ in 0..6 {
+        assert_eq!(h.status("/", &acme).await, 200);
+    }
+    admin.grant_credits("initech", "requests", 500, None, "first").await.unwrap();
+    admin.grant_credits("globex", "requests", 100, None, "gift").await.unwrap();
+    admin.grant_credits(MARK, "requests", 200, None, &format!("g{MARK}")).await.unwrap();
+    admin.set_recharge("initech", "requests", Some(tollgate::money::RechargeAsk::default())).await.unwrap();
+    let initech = admin.issue_key("initech", Default::default()).await.unwrap().key;
+    for _ in 0..350 {
+        assert_eq!(h.status("/", &initech).await, 200);
+    }
+    assert!(admin.recharge("initech", "requests").await.unwrap().state.open.is_some(), "a recharge is open");
+    // globex paid 20.00 today and was refunded 5.00 of it; 15.00 two days ago, disputed.
+    let calls = [
+        PaymentCall::Record {
+            tenant: "globex".into(),
+            payment: "pi_today".into(),
+            amount: 2_000,
+            currency: "usd".into(),
+            billing: "usd".into(),
+            at: now - 60,
+        },
+        PaymentCall::Refund { tenant: "globex".into(), payment: "pi_today".into(), refunded: 500, at: now },
+        PaymentCall::Record {
+            tenant: "globex".into(),
+            payment: format!("pi_{MARK}"),
+            amount: 1_500,
+            currency: "usd".into(),
+            billing: "usd".into(),
+            at: now - 2 * 86_400,
+        },
+        PaymentCall::Dispute {
+            tenant: "globex".into(),
+            payment: format!("pi_{MARK}"),
+            dispute: "dp_9".into(),
+            amount: 1_500,
+            step: DisputeStep::Withdrawn,
+            at: now,
+        },
+    ];
+    for call in &calls {
+        store.payments(call, now).await.unwrap();
+    }
+    // The nodes give back what they kept unspent: the store holds what was spent.
+    h.tollgate.shutdown().await.unwrap();
+    let d = Dashboard::for_engine(&h.tollgate, token());
+    let r = get(&d, "/money", true).await;
+    assert_eq!(r.status(), 200);
+    let page = text(&r);
+    assert!(page.contains("<a class=\"current\" href=\"/ops/money\">Money</a>"), "in the navigation");
+    assert!(!page.contains("<i>x</i>"), "every name escaped");
+    let table = |class: &str| -> String {
+        let start = format!("<table class=\"{class}\">");
+        page.split(&start)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {class} table"))
+            .split("</table>")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let link = |id: &str| format!("<a class=\"tenant\" href=\"/ops/tenants/{id}\">{id}</a>");
+    let spend = table("spend");
+    assert!(spend.contains(&link("acme")), "{spend}");
+    assert!(spend.contains("<td class=\"n spent\">1.50 USD</td><td class=\"n cap\">10.00 USD</td>"), "{spend}");
+    assert!(spend.contains("hard, the plan's"), "{spend}");
+    let balances = table("balances");
+    let (globex, initech) = (balances.find(&link("globex")).unwrap(), balances.find(&link("initech")).unwrap());
+    assert!(globex < initech, "the least left first: globex's 100 before initech's 150: {balances}");
+    assert!(balances.contains("<td class=\"n left\">100</td>"), "{balances}");
+    assert!(balances.contains("<td class=\"n left\">150</td>"), "{balances}");
+    let recharges = table("recharges");
+    let open = recharges.find("open: recharge 1 of ").expect("initech's open recharge");
+    let off = recharges.find("off: not_turned_on").expect("globex's, off");
+    assert!(open < off, "the open one first: {recharges}");
+    assert!(recharges.contains("of 50.00 USD"), "the month's limit in the currency: {recharges}");
+    assert!(page.contains("paid today (UTC): <strong>20.00 USD</strong> in 1 payments"), "{page}");
+    let reversals = table("reversals");
+    assert!(reversals.contains("refunded 5.00 USD"), "{reversals}");
+    assert!(reversals.contains("dispute dp_9 of 15.00 USD: funds withdrawn"), "{reversals}");
+    assert!(
+        reversals.contains(&format!("payment <code>pi_{}</code>", "&lt;i&gt;x&lt;/i&gt;&quot;&#39;")),
+        "{reversals}"
+    );
+    // No money on its plan: in no table.
+    assert!(!page.contains("/ops/tenants/hooli\""), "a free tenant is in no table");
+    // A window of 50 tenants in id order, and the next: the rest, with no link further.
+    assert!(page.contains("The money of 50 tenants read"), "{page}");
+    let next = page.split("<a rel=\"next\" href=\"").nth(1).expect("a next page").split('"').next().unwrap();
+    assert_eq!(next, "/ops/money?after=t044");
+    let second = text(&get(&d, next.strip_prefix("/ops").unwrap(), true).await);
+    assert!(second.contains("The money of 15 tenants read"), "{second}");
+    assert!(!second.contains("rel=\"next\""), "the last page");
+    assert!(second.contains("no spend cap among them"));
+}

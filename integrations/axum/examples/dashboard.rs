@@ -17,7 +17,7 @@
 //! (the pictures of docs/dashboard.md are taken from it): the past week's usage per hour as
 //! flushes would have written it (a daily rhythm, bursts), and today's through the layer:
 //! free tenants past their rate (refused), pro tenants spending their prepaid credits, some
-//! to the end (refused 402).
+//! to the end (refused 402), teams spending money under a monthly cap (one past it, refused).
 #![allow(missing_docs)]
 
 use std::{net::SocketAddr, sync::Arc};
@@ -54,7 +54,11 @@ window = "1h"
 sink = "jsonl"
 file = "{db}.usage.jsonl"
 
+[billing]
+currency = "usd"
+
 [meters.requests]
+price = "0.01"
 [meters.credits]
 
 [plans.free]
@@ -68,6 +72,12 @@ burst = 50
 quotas.requests = {{ limit = 1000, period = "day", mode = "soft" }}
 quotas.credits = {{ period = "prepaid" }}
 features = ["generate"]
+
+[plans.team]
+rate = "1000/s"
+burst = 1000
+quotas.requests = {{ limit = 5000, period = "day", mode = "soft" }}
+spend = {{ limit = "5.00", period = "month", mode = "hard" }}
 
 [[routes]]
 method = "POST"
@@ -243,11 +253,20 @@ async fn seed_week(
     };
     for (i, name) in NAMES.iter().enumerate() {
         let pro = i % 3 == 0;
+        // A team's requests are priced (0.01 USD each) under a monthly spend cap of 5.00.
+        let team = i % 6 == 1;
         if admin.tenant(name).await?.is_some() {
             continue;
         }
-        let customer = pro.then(|| format!("cus_{name}"));
-        admin.add_tenant(name, if pro { "pro" } else { "free" }, customer.as_deref()).await?;
+        let customer = (pro || team).then(|| format!("cus_{name}"));
+        let plan = if pro {
+            "pro"
+        } else if team {
+            "team"
+        } else {
+            "free"
+        };
+        admin.add_tenant(name, plan, customer.as_deref()).await?;
         let key = admin.issue_key(name, KeyOptions::default()).await?.key;
         // Its size: pro tenants up to ~50 requests an hour at their peak, free ones up to 2.
         let peak = if pro { 5 + draw.next(45) } else { 1 + draw.next(2) };
@@ -289,6 +308,12 @@ async fn seed_week(
                 api.clone().oneshot(call("POST", "/v1/generate", &key)?).await?;
             }
             for _ in 0..draw.next(40) {
+                api.clone().oneshot(call("GET", "/v1/items", &key)?).await?;
+            }
+        } else if team {
+            // Spending up to its cap; the first team spends past it and is refused (402).
+            let n = if i == 1 { 520 } else { 20 + draw.next(400) };
+            for _ in 0..n {
                 api.clone().oneshot(call("GET", "/v1/items", &key)?).await?;
             }
         } else {
