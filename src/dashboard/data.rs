@@ -266,10 +266,11 @@ pub(crate) struct BalanceRow {
 /// What a tenant's payments and grants lost to a refund, a dispute or a credit.
 #[derive(Debug, Clone)]
 pub(crate) enum Reversal {
-    /// A payment refunded (its running total) or disputed, in the currency's smallest unit.
+    /// A payment refunded (its running total) or disputed, in the currency's smallest unit (a
+    /// reversal of a payment not seen yet has an `amount` of 0).
     Payment { payment: String, amount: u64, at: i64, refunded: u64, disputes: Vec<crate::store::DisputeMark> },
-    /// Units a grant lost: to its payment's refunds (`refunded`), or to a take (a dispute's,
-    /// a proration credit's).
+    /// Units a grant lost: to its payment's refunds (`refunded`: the grant's `taken`), or to a
+    /// take (a dispute's, a proration credit's).
     Grant { meter: MeterId, grant: String, bought: u64, refunded: u64, takes: Vec<crate::store::CreditTake> },
 }
 
@@ -288,13 +289,15 @@ pub(crate) struct MoneyData {
     pub(crate) balances: Vec<BalanceRow>,
     /// Recharges, those open first, then those off, failing, on.
     pub(crate) recharges: Vec<RechargeView>,
-    /// Payments today (since midnight UTC) and in all, in the currency's smallest unit, of the
-    /// tenants read: (count, amount).
+    /// The tenants' payments today (since midnight UTC), in the currency's smallest unit,
+    /// before refunds and disputes: (count, amount).
     pub(crate) paid_today: (usize, u64),
     /// Refunds, disputes and credits, newest payment first.
     pub(crate) reversals: Vec<(TenantId, Reversal)>,
     /// Whether payments were read (`[stripe]` is configured: Stripe's webhooks record them).
     pub(crate) payments_read: bool,
+    /// The tenants whose money could not be read, and why.
+    pub(crate) unreadable: Vec<(TenantId, String)>,
 }
 
 impl MoneyData {
@@ -310,7 +313,8 @@ impl MoneyData {
 }
 
 /// The money page: the tenants of one window of [`MONEY_WINDOW`] after `after`, each with money
-/// on its plan read (a plan the configuration lacks has none).
+/// on its plan read (a plan the configuration lacks has none). A tenant whose money cannot be
+/// read is named in [`MoneyData::unreadable`], the others shown.
 pub(crate) async fn money(admin: &Admin, after: Option<&str>) -> Result<MoneyData, AdminError> {
     let now = admin.clock().unix_secs();
     let config = admin.config();
@@ -319,91 +323,10 @@ pub(crate) async fn money(admin: &Admin, after: Option<&str>) -> Result<MoneyDat
     let (records, next) = window(admin, after, MONEY_WINDOW).await?;
     let mut data =
         MoneyData { currency: currency.clone(), read: records.len(), next, payments_read, ..MoneyData::default() };
-    let today = now - now.rem_euclid(86_400);
     for (record, _) in records {
-        let id = record.id.clone();
-        if let Some(plan) = plan_of(config, &record) {
-            let prepaid: Vec<&MeterId> =
-                plan.quotas().iter().filter(|(_, q)| q.period() == Period::Prepaid).map(|(m, _)| m).collect();
-            let mut counters = Vec::new();
-            for meter in &prepaid {
-                counters.extend(admin.meter_counters(&id, meter).await?);
-            }
-            let cap = match plan.spend() {
-                Some(_) => {
-                    counters.extend(admin.meter_counters(&id, &crate::base::SPEND_METER.into()).await?);
-                    Some(admin.spend_cap(id.as_str()).await?)
-                }
-                None => None,
-            };
-            let grants = match prepaid.is_empty() {
-                true => Vec::new(),
-                false => admin.credits(id.as_str()).await?.0,
-            };
-            for g in gauges(&plan, &counters, cap.as_ref(), now) {
-                if g.meter.as_str() == crate::base::SPEND_METER {
-                    let own = cap.as_ref().is_some_and(|c| c.own_in_force);
-                    data.spend.push(SpendRow {
-                        tenant: id.clone(),
-                        plan: record.plan.clone(),
-                        spent: g.used,
-                        cap: g.limit,
-                        hard: g.mode == QuotaMode::Hard,
-                        own,
-                        period: g.period,
-                    });
-                } else if g.period == Period::Prepaid {
-                    let open: Vec<&CreditGrant> =
-                        grants.iter().filter(|c| c.meter == g.meter && c.closed.is_none()).collect();
-                    data.balances.push(BalanceRow {
-                        tenant: id.clone(),
-                        meter: g.meter.clone(),
-                        left: g.limit.saturating_sub(g.used),
-                        granted: g.limit,
-                        open: open.len(),
-                        expires: open.iter().filter_map(|c| c.expires_at).min(),
-                        last: grants.iter().filter(|c| c.meter == g.meter).map(|c| c.granted_at).max(),
-                    });
-                }
-            }
-            for (meter, spec) in plan.recharges() {
-                let mine: Vec<_> = counters.iter().filter(|c| c.key.meter == *meter).cloned().collect();
-                let currency = currency.clone().unwrap_or_default();
-                data.recharges.push(crate::settings::recharge::view_of(&id, meter, currency, spec.clone(), &mine, now));
-            }
-            for g in grants.iter().filter(|g| g.taken > 0 || g.refunded > 0 || !g.takes.is_empty()) {
-                data.reversals.push((
-                    id.clone(),
-                    Reversal::Grant {
-                        meter: g.meter.clone(),
-                        grant: g.id.clone(),
-                        bought: g.bought,
-                        refunded: g.taken,
-                        takes: g.takes.clone(),
-                    },
-                ));
-            }
-        }
-        if payments_read {
-            let row = admin.payments(id.as_str()).await?;
-            for p in row.payments.iter().chain(&row.orphans) {
-                if p.at >= today && p.amount > 0 {
-                    data.paid_today.0 += 1;
-                    data.paid_today.1 = add(data.paid_today.1, p.amount);
-                }
-                if p.refunded > 0 || !p.disputes.is_empty() {
-                    data.reversals.push((
-                        id.clone(),
-                        Reversal::Payment {
-                            payment: p.id.clone(),
-                            amount: p.amount,
-                            at: p.at,
-                            refunded: p.refunded,
-                            disputes: p.disputes.clone(),
-                        },
-                    ));
-                }
-            }
+        if let Err(e) = tenant_money(admin, &record, now, &mut data).await {
+            tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's money could not be read");
+            data.unreadable.push((record.id.clone(), e.to_string()));
         }
     }
     // The most used cap first (as a share of it), the least left balance first, open
@@ -420,6 +343,119 @@ pub(crate) async fn money(admin: &Admin, after: Option<&str>) -> Result<MoneyDat
         })
     });
     Ok(data)
+}
+
+/// One tenant's money, added to `data` (nothing of it when a read fails).
+async fn tenant_money(admin: &Admin, record: &TenantRecord, now: i64, data: &mut MoneyData) -> Result<(), AdminError> {
+    let config = admin.config();
+    let id = &record.id;
+    let today = now - now.rem_euclid(86_400);
+    let (mut spend, mut balances, mut recharges, mut reversals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if let Some(plan) = plan_of(config, record) {
+        let prepaid: Vec<&MeterId> =
+            plan.quotas().iter().filter(|(_, q)| q.period() == Period::Prepaid).map(|(m, _)| m).collect();
+        let mut counters = Vec::new();
+        for meter in &prepaid {
+            counters.extend(admin.meter_counters(id, meter).await?);
+        }
+        // The cap in force from the spend counters read; an idle tenant's (no counters in the
+        // period: swept, its own cap kept) through the cap's own read, as its page reads it.
+        let cap = match plan.spend() {
+            Some(spec) => {
+                let spent = admin.meter_counters(id, &crate::base::SPEND_METER.into()).await?;
+                let view = match spent.is_empty() {
+                    true => admin.spend_cap(id.as_str()).await?,
+                    false => crate::settings::caps::view(
+                        spec,
+                        data.currency.clone().unwrap_or_default(),
+                        plan.spend_max().unwrap_or(spec.limit().get()),
+                        spent.iter().find_map(|c| c.cap),
+                    ),
+                };
+                counters.extend(spent);
+                Some(view)
+            }
+            None => None,
+        };
+        let grants = match prepaid.is_empty() {
+            true => Vec::new(),
+            false => admin.credits(id.as_str()).await?.0,
+        };
+        for g in gauges(&plan, &counters, cap.as_ref(), now) {
+            if g.meter.as_str() == crate::base::SPEND_METER {
+                spend.push(SpendRow {
+                    tenant: id.clone(),
+                    plan: record.plan.clone(),
+                    spent: g.used,
+                    cap: g.limit,
+                    hard: g.mode == QuotaMode::Hard,
+                    own: cap.as_ref().is_some_and(|c| c.own_in_force),
+                    period: g.period,
+                });
+            } else if g.period == Period::Prepaid {
+                let open: Vec<&CreditGrant> =
+                    grants.iter().filter(|c| c.meter == g.meter && c.closed.is_none()).collect();
+                balances.push(BalanceRow {
+                    tenant: id.clone(),
+                    meter: g.meter.clone(),
+                    left: g.limit.saturating_sub(g.used),
+                    granted: g.limit,
+                    open: open.len(),
+                    expires: open.iter().filter_map(|c| c.expires_at).min(),
+                    last: grants.iter().filter(|c| c.meter == g.meter).map(|c| c.granted_at).max(),
+                });
+            }
+        }
+        for (meter, spec) in plan.recharges() {
+            let mine: Vec<_> = counters.iter().filter(|c| c.key.meter == *meter).cloned().collect();
+            let currency = data.currency.clone().unwrap_or_default();
+            recharges.push(crate::settings::recharge::view_of(id, meter, currency, spec.clone(), &mine, now));
+        }
+        // Units a grant lost: to its payment's refunds (`taken`) or to takes apart.
+        for g in grants.iter().filter(|g| g.taken > 0 || !g.takes.is_empty()) {
+            reversals.push((
+                id.clone(),
+                Reversal::Grant {
+                    meter: g.meter.clone(),
+                    grant: g.id.clone(),
+                    bought: g.bought,
+                    refunded: g.taken,
+                    takes: g.takes.clone(),
+                },
+            ));
+        }
+    }
+    let mut paid_today = (0, 0);
+    if data.payments_read {
+        let row = admin.payments(id.as_str()).await?;
+        for p in &row.payments {
+            if p.at >= today && p.amount > 0 {
+                paid_today.0 += 1;
+                paid_today.1 = add(paid_today.1, p.amount);
+            }
+        }
+        for p in row.payments.iter().chain(&row.orphans) {
+            if p.refunded > 0 || !p.disputes.is_empty() {
+                reversals.push((
+                    id.clone(),
+                    Reversal::Payment {
+                        payment: p.id.clone(),
+                        amount: p.amount,
+                        at: p.at,
+                        refunded: p.refunded,
+                        disputes: p.disputes.clone(),
+                    },
+                ));
+            }
+        }
+    }
+    data.spend.extend(spend);
+    data.balances.extend(balances);
+    data.recharges.extend(recharges);
+    data.reversals.extend(reversals);
+    data.paid_today.0 += paid_today.0;
+    data.paid_today.1 = add(data.paid_today.1, paid_today.1);
+    Ok(())
 }
 
 /// The most tenants the plans page reads to count them per version.

@@ -402,10 +402,25 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
     ));
     if d.payments_read {
         p.fmt(format_args!(
-            "<p class=\"paid-today\">paid today (UTC): <strong>{}</strong> in {} payments</p>",
+            "<p class=\"paid-today\">paid today (UTC) by these {} tenants: <strong>{}</strong> in {} payments, \
+             before refunds and disputes</p>",
+            Num(d.read as u64),
             Minor(d.paid_today.1, currency),
             Num(d.paid_today.0 as u64)
         ));
+    }
+    if !d.unreadable.is_empty() {
+        p.raw("<section><h2>Not read</h2><ul class=\"unreadable\">");
+        for (tenant, why) in d.unreadable.iter().take(ROWS) {
+            p.fmt(format_args!(
+                "<li><a class=\"tenant\" href=\"{}/tenants/{}\">{}</a>: {}</li>",
+                Esc(base),
+                Seg(tenant.as_str()),
+                Esc(tenant.as_str()),
+                Esc(why)
+            ));
+        }
+        p.raw("</ul></section>");
     }
     p.fmt(format_args!(
         "<section><h2>Spend against caps ({})</h2><table class=\"spend\"><thead><tr><th>tenant</th><th>plan</th>\
@@ -456,8 +471,8 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
     }
     p.fmt(format_args!(
         "</tbody></table></section><section><h2>Recharges ({})</h2><table class=\"recharges\"><thead><tr>\
-         <th>tenant</th><th>meter</th><th>state</th><th>below, to</th><th>this month</th><th>failures</th></tr>\
-         </thead><tbody>",
+         <th>tenant</th><th>meter</th><th>state</th><th>below, to</th><th>this month (open or paid)</th>\
+         <th>failures</th><th>last</th></tr></thead><tbody>",
         count(d.recharges.len())
     ));
     for v in d.recharges.iter().take(ROWS) {
@@ -481,7 +496,8 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
         p.fmt(format_args!("<tr class=\"recharge-{}\">", MoneyData::recharge_rank(v)));
         tenant_cell(&mut p, base, v.tenant.as_str());
         p.fmt(format_args!(
-            "<td>{}</td><td class=\"state\">{}</td><td>{}, {}</td><td>{} recharges, {} of {}</td><td>{}</td></tr>",
+            "<td>{}</td><td class=\"state\">{}</td><td>{}, {}</td><td>{} recharges, {} of {}</td><td>{}</td>\
+             <td class=\"last\">{}</td></tr>",
             Esc(v.meter.as_str()),
             Esc(&state),
             Num(below),
@@ -492,7 +508,8 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
             match v.state.failures {
                 0 => "-".to_owned(),
                 n => format!("{n} in a row, the last at {}", When(Some(v.state.failed_at))),
-            }
+            },
+            Esc(&recharge_last(&v.state, c))
         ));
     }
     if d.recharges.is_empty() {
@@ -517,17 +534,25 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
                     };
                     details.push(format!("dispute {} of {}: {step}", dp.id, Minor(dp.amount, currency)));
                 }
-                let taken = refunded.saturating_add(
-                    disputes
-                        .iter()
-                        .filter(|d| d.withdrawn && !d.reinstated)
-                        .fold(0u64, |sum, d| sum.saturating_add(d.amount)),
-                );
+                let disputed = disputes
+                    .iter()
+                    .filter(|d| d.withdrawn && !d.reinstated)
+                    .fold(0u64, |sum, d| sum.saturating_add(d.amount));
+                // What it no longer counts: never more than it paid (a payment not seen yet: its
+                // reversals as told).
+                let taken = match amount {
+                    0 => refunded.saturating_add(disputed),
+                    _ => refunded.saturating_add(disputed).min(*amount),
+                };
                 p.fmt(format_args!(
-                    "<td>payment <code>{}</code>, {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}{}</td>",
+                    "<td>payment <code>{}</code>, {}</td><td class=\"n\">{}</td><td class=\"n taken\">{}</td>\
+                     <td>{}{}</td>",
                     Esc(payment),
                     When(Some(*at)),
-                    Minor(*amount, currency),
+                    match amount {
+                        0 => "not seen yet".to_owned(),
+                        _ => Minor(*amount, currency).to_string(),
+                    },
                     Minor(taken, currency),
                     if *refunded > 0 { format!("refunded {}", Minor(*refunded, currency)) } else { String::new() },
                     Esc(&match (refunded, details.is_empty()) {
@@ -538,10 +563,15 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
                 ));
             }
             Reversal::Grant { meter, grant, bought, refunded, takes } => {
-                let removed = takes.iter().fold(*refunded, |sum, t| sum.saturating_add(t.removed));
+                // Lost: what its refunds took, and each take's units less those a reversed take
+                // gave back.
+                let removed = takes.iter().fold(*refunded, |sum, t| {
+                    sum.saturating_add(if t.given_back { t.removed.saturating_sub(t.unspent) } else { t.removed })
+                });
                 let details: Vec<String> = takes
                     .iter()
                     .map(|t| {
+                        // Stripe's dispute ids; any other take is a credit line's (a proration).
                         let what =
                             if t.id.starts_with("dp_") || t.id.starts_with("du_") { "dispute" } else { "credit" };
                         format!(
@@ -554,7 +584,7 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
                     .chain((*refunded > 0).then(|| format!("refunds: {} units", Num(*refunded))))
                     .collect();
                 p.fmt(format_args!(
-                    "<td>grant <code>{}</code> of {}</td><td class=\"n\">{} units</td><td class=\"n\">{} units</td>\
+                    "<td>grant <code>{}</code> of {}</td><td class=\"n\">{} units</td><td class=\"n taken\">{} units</td>\
                      <td>{}</td>",
                     Esc(grant),
                     Esc(meter.as_str()),
@@ -581,6 +611,35 @@ pub(crate) fn money(base: &str, frame: Frame, d: &MoneyData) -> String {
         ));
     }
     p.finish()
+}
+
+/// A recharge's last outcomes: one waiting for the customer (3-D Secure), the last closed
+/// unpaid, the last paid.
+fn recharge_last(state: &crate::store::RechargeState, currency: Option<&str>) -> String {
+    let mut out = Vec::new();
+    if let Some(action) = &state.action {
+        out.push(format!(
+            "recharge {} of {} waits for the customer (3-D Secure) since {}",
+            action.n,
+            Minor(action.amount, currency),
+            When(Some(action.at))
+        ));
+    }
+    if let Some(unpaid) = &state.unpaid {
+        out.push(format!(
+            "recharge {} of {} closed unpaid{}",
+            unpaid.n,
+            Minor(unpaid.amount, currency),
+            if state.unpaid_failed { " (its payment failed)" } else { "" }
+        ));
+    }
+    if state.paid > 0 {
+        out.push(format!("recharge {} paid", state.paid));
+    }
+    if out.is_empty() {
+        return "-".to_owned();
+    }
+    out.join("; ")
 }
 
 /// The billing page.

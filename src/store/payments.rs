@@ -472,9 +472,10 @@ impl PaymentRow {
         } else {
             None
         };
-        let read = matches!(call, PaymentCall::Read { .. }).then(|| row.clone());
-        let mut answer = PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes).with_pinned(row.pinned);
-        answer.row = read;
+        let mut answer =
+            PaymentAnswer::new(outcome, row.standing()).with_changes(row.changes).with_pinned(row.pinned.clone());
+        // A read hands the row over (moved, not copied: a tier's reads take it too).
+        answer.row = matches!(call, PaymentCall::Read { .. }).then_some(row);
         Ok((answer, json))
     }
 }

@@ -1078,8 +1078,16 @@ prices = { price_pack = 100 }
     let h = crate::common::Harness::from_layer(tollgate::TollgateLayer::new(engine), handle);
     let admin = Admin::for_engine(&h.tollgate);
     let now = h.tollgate.clock().unix_secs();
-    for (id, plan) in [("acme", "metered"), ("initech", "payg"), ("globex", "payg"), ("hooli", "free"), (MARK, "payg")]
-    {
+    let tenants = [
+        ("acme", "metered"),
+        ("bluth", "metered"),
+        ("initech", "payg"),
+        ("globex", "payg"),
+        ("cyberdyne", "payg"),
+        ("hooli", "free"),
+        (MARK, "payg"),
+    ];
+    for (id, plan) in tenants {
         admin.add_tenant(id, plan, None).await.unwrap();
     }
     for i in 0..60 {
@@ -1088,6 +1096,10 @@ prices = { price_pack = 100 }
     let acme = admin.issue_key("acme", Default::default()).await.unwrap().key;
     for _ in 0..6 {
         assert_eq!(h.status("/", &acme).await, 200);
+    }
+    let bluth = admin.issue_key("bluth", Default::default()).await.unwrap().key;
+    for _ in 0..2 {
+        assert_eq!(h.status("/", &bluth).await, 200);
     }
     admin.grant_credits("initech", "requests", 500, None, "first").await.unwrap();
     admin.grant_credits("globex", "requests", 100, None, "gift").await.unwrap();
@@ -1129,6 +1141,19 @@ prices = { price_pack = 100 }
     for call in &calls {
         store.payments(call, now).await.unwrap();
     }
+    // cyberdyne's grant of 1,000 units paid 20.00 (pi_u): a refund of 5.00 takes back a quarter
+    // of them, a dispute of 2.00 (dp_u) a tenth.
+    store
+        .grant_credits(&CreditGrant::new("cyberdyne".into(), "requests".into(), "in_u", 1_000, now).paid_by("pi_u"))
+        .await
+        .unwrap();
+    let refund = |refunded: u64| {
+        let mut r = tollgate::store::CreditRefund::new("pi_u", refunded, 2_000, now);
+        r.tenant = Some("cyberdyne".into());
+        r
+    };
+    store.refund_credits(&refund(500)).await.unwrap();
+    store.refund_credits(&refund(200).taking_once("dp_u")).await.unwrap();
     // The nodes give back what they kept unspent: the store holds what was spent.
     h.tollgate.shutdown().await.unwrap();
     let d = Dashboard::for_engine(&h.tollgate, token());
@@ -1150,6 +1175,9 @@ prices = { price_pack = 100 }
     let link = |id: &str| format!("<a class=\"tenant\" href=\"/ops/tenants/{id}\">{id}</a>");
     let spend = table("spend");
     assert!(spend.contains(&link("acme")), "{spend}");
+    let (acme_at, bluth_at) = (spend.find(&link("acme")).unwrap(), spend.find(&link("bluth")).unwrap());
+    assert!(acme_at < bluth_at, "the most used cap first: acme's 15% before bluth's 5%: {spend}");
+    assert!(spend.contains("<td class=\"n spent\">0.50 USD</td>"), "{spend}");
     assert!(spend.contains("<td class=\"n spent\">1.50 USD</td><td class=\"n cap\">10.00 USD</td>"), "{spend}");
     assert!(spend.contains("hard, the plan's"), "{spend}");
     let balances = table("balances");
@@ -1162,7 +1190,7 @@ prices = { price_pack = 100 }
     let off = recharges.find("off: not_turned_on").expect("globex's, off");
     assert!(open < off, "the open one first: {recharges}");
     assert!(recharges.contains("of 50.00 USD"), "the month's limit in the currency: {recharges}");
-    assert!(page.contains("paid today (UTC): <strong>20.00 USD</strong> in 1 payments"), "{page}");
+    assert!(page.contains("paid today (UTC) by these 50 tenants: <strong>20.00 USD</strong> in 1 payments"), "{page}");
     let reversals = table("reversals");
     assert!(reversals.contains("refunded 5.00 USD"), "{reversals}");
     assert!(reversals.contains("dispute dp_9 of 15.00 USD: funds withdrawn"), "{reversals}");
@@ -1170,14 +1198,23 @@ prices = { price_pack = 100 }
         reversals.contains(&format!("payment <code>pi_{}</code>", "&lt;i&gt;x&lt;/i&gt;&quot;&#39;")),
         "{reversals}"
     );
+    // What each payment no longer counts: 5.00 of pi_today, the whole 15.00 of the disputed one.
+    let taken: Vec<&str> =
+        reversals.split("<td class=\"n taken\">").skip(1).map(|c| c.split('<').next().unwrap()).collect();
+    assert!(taken.contains(&"5.00 USD") && taken.contains(&"15.00 USD"), "{taken:?}");
+    // cyberdyne's grant: 250 units to the refund, 100 to the dispute.
+    let grant =
+        reversals.split("grant <code>in_u</code>").nth(1).expect("cyberdyne's grant").split("</tr>").next().unwrap();
+    assert!(grant.contains("<td class=\"n taken\">350 units</td>"), "{grant}");
+    assert!(grant.contains("dispute dp_u: 100 units; refunds: 250 units"), "{grant}");
     // No money on its plan: in no table.
     assert!(!page.contains("/ops/tenants/hooli\""), "a free tenant is in no table");
     // A window of 50 tenants in id order, and the next: the rest, with no link further.
     assert!(page.contains("The money of 50 tenants read"), "{page}");
     let next = page.split("<a rel=\"next\" href=\"").nth(1).expect("a next page").split('"').next().unwrap();
-    assert_eq!(next, "/ops/money?after=t044");
+    assert_eq!(next, "/ops/money?after=t042");
     let second = text(&get(&d, next.strip_prefix("/ops").unwrap(), true).await);
-    assert!(second.contains("The money of 15 tenants read"), "{second}");
+    assert!(second.contains("The money of 17 tenants read"), "{second}");
     assert!(!second.contains("rel=\"next\""), "the last page");
     assert!(second.contains("no spend cap among them"));
 }

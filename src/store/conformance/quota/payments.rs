@@ -24,7 +24,8 @@ fn read(tenant: &str) -> PaymentCall {
 
 /// A payment counts once however often it is sent; a refund is its charge's running total; a
 /// dispute takes once and its funds reinstated give back once; a payment in another currency
-/// is not counted; each tenant's row is its own and outlives a restart of the store.
+/// is not counted; each tenant's row is its own, outlives a restart of the store, and a read
+/// answers it whole.
 pub async fn payments_count_once_net_of_refunds_and_disputes<S: ?Sized + QuotaStore>(h: &mut StoreUnderTest<S>) {
     let s = h.s();
     assert_eq!(s.payments(&read("t"), AT).await.unwrap().standing, Standing::default(), "no row yet");
@@ -68,6 +69,14 @@ pub async fn payments_count_once_net_of_refunds_and_disputes<S: ?Sized + QuotaSt
     let kept = s.payments(&read("t"), later).await.unwrap();
     assert_eq!(kept.standing, Standing::new(3_500, Some(later)));
     assert_eq!((kept.pinned.as_deref(), kept.changes), (Some("tier2"), pinned.changes));
+    // A read hands over the row itself, each payment with its refunds and disputes (the
+    // dashboard's money page lists them); a write answers without it.
+    let row = kept.row.expect("a read answers the row");
+    let ids: Vec<(&str, u64, u64, usize)> =
+        row.payments.iter().map(|p| (p.id.as_str(), p.amount, p.refunded, p.disputes.len())).collect();
+    assert_eq!(ids, [("pi_1", 500, 0, 1), ("pi_2", 4_500, 1_000, 0)]);
+    assert_eq!(row.payments[0].disputed(), 500);
+    assert_eq!(pinned.row, None, "a write answers no row");
     assert_eq!(s.payments(&pin(None), later).await.unwrap().pinned, None, "unpinned");
     let back = s.payments(&dispute(DisputeStep::Reinstated), later).await.unwrap();
     assert_eq!(back.standing, Standing::new(4_000, Some(AT)), "won: pi_1 counts again");
