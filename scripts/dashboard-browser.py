@@ -22,7 +22,7 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import NoAlertPresentException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 from selenium.webdriver.support.ui import WebDriverWait
@@ -32,6 +32,9 @@ cli_base = sys.argv[5] if len(sys.argv) > 5 else None
 seeded_base = sys.argv[6] if len(sys.argv) > 6 else None
 PICTURE_MAX_BYTES = 200 * 1024
 HOSTILE = "<script>alert(1)</script>"
+# The example's tenant of the configuration file: its id and customers are markup.
+FILE_HOSTILE = "<img/src=x/onerror=alert(2)>"
+FILE_CUSTOMER = "cus_<b>file</b>"
 passed, failed = 0, 0
 
 
@@ -105,6 +108,18 @@ return out;
 """
 
 
+def no_markup(driver, page):
+    """No element, script or dialog came from a name: the markup in ids and customers is text."""
+    made = driver.find_elements(By.CSS_SELECTOR, "main img, main b, main i, script, [onerror], [onclick]")
+    try:
+        text = driver.switch_to.alert.text
+        driver.switch_to.alert.dismiss()
+    except NoAlertPresentException:
+        text = None
+    check(f"{page}: no element or dialog made from a name's markup", not made and text is None,
+          ([e.tag_name for e in made], text))
+
+
 def no_word_broken(driver, page):
     broken = driver.execute_script(BROKEN_WORDS)
     check(f"{page}: no word broken across lines", not broken, broken[:10])
@@ -129,8 +144,12 @@ try:
     sign_in(driver, base)
     driver.get(base + "/")
     rows = {r.find_element(By.CSS_SELECTOR, "a.tenant").text: r for r in driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")}
-    check("every tenant of the store listed", set(rows) == {"acme", "globex", HOSTILE}, sorted(rows))
+    check("every tenant of the store and the file listed", set(rows) == {"acme", "globex", HOSTILE, FILE_HOSTILE},
+          sorted(rows))
     check("a tenant id written as markup renders as text", HOSTILE in rows)
+    check("a file tenant's id and customer written as markup render as text",
+          FILE_HOSTILE in rows and FILE_CUSTOMER in rows[FILE_HOSTILE].text, rows.get(FILE_HOSTILE) and rows[FILE_HOSTILE].text)
+    no_markup(driver, "tenants")
     check("no script element came from the store", not driver.find_elements(By.TAG_NAME, "script"))
     balance = rows["acme"].find_element(By.CSS_SELECTOR, "td.balance").text if "acme" in rows else ""
     left = granted - used.get(("acme", "credits"), 0)
@@ -193,8 +212,17 @@ try:
     driver.find_element(By.LINK_TEXT, HOSTILE).click()
     WebDriverWait(driver, 20).until(lambda d: d.title.startswith(HOSTILE))
     check("the markup tenant's page titles it as text", driver.find_element(By.TAG_NAME, "h1").text == HOSTILE)
+    no_markup(driver, "the markup tenant's page")
     refusals = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.rejections td")]
     check("its refusals on this node, by kind", refusals == ["rate_limited", "3"], refusals)
+
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, FILE_HOSTILE).click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith(FILE_HOSTILE))
+    check("the file's markup tenant's page titles it as text", driver.find_element(By.TAG_NAME, "h1").text == FILE_HOSTILE)
+    check("its customers as text", FILE_CUSTOMER in driver.find_element(By.CSS_SELECTOR, "dd.customer").text
+          and "m_<i>file</i>" in driver.find_element(By.CSS_SELECTOR, "section.facts").text)
+    no_markup(driver, "the file's markup tenant's page")
 
     driver.get(base + "/tenants/nobody")
     check("an unknown tenant: not found", "Not found" in driver.title)
@@ -250,6 +278,9 @@ try:
                 if r.find_elements(By.CSS_SELECTOR, "a.tenant")}
     check("money: acme's balance left, as the store holds it", balances == {"acme": f"{left:,}"}, balances)
     check("money: a free tenant is in no table", not driver.find_elements(By.LINK_TEXT, "globex"))
+    spenders = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.spend a.tenant")]
+    check("money: the file's markup tenant, on a capped plan, its id as text", spenders == [FILE_HOSTILE], spenders)
+    no_markup(driver, "money")
     no_word_broken(driver, "money")
     shot(driver, "money")
     driver.find_element(By.CSS_SELECTOR, "table.balances a.tenant").click()
@@ -276,7 +307,8 @@ try:
     if cli_base:
         sign_in(driver, cli_base)
         listed = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
-        check("tollgate dashboard: the same tenants", sorted(listed) == sorted(["acme", "globex", HOSTILE]), listed)
+        check("tollgate dashboard: the same tenants", sorted(listed) == sorted(["acme", "globex", HOSTILE, FILE_HOSTILE]),
+              listed)
         driver.get(cli_base + "/node")
         check("tollgate dashboard: no node page without an engine", "Not found" in driver.title)
         driver.get(cli_base + "/")

@@ -36,6 +36,24 @@ mod validation {
         assert_eq!(payer, KeyScopes::NONE.with(KeyScope::RechargeWrite));
     }
 
+    /// Markup is no name: a plan's, a meter's or a feature's name (and a tier's) holding any is
+    /// refused with its place; a tenant's id and customers and an organization's name are
+    /// visible ASCII, so they can carry it, and are escaped wherever shown.
+    #[test]
+    fn a_name_holding_markup_is_refused_where_it_stands() {
+        let plan = err("[meters.requests]\n[plans.\"<b>x</b>\"]\nrate = \"1/s\"\n");
+        assert_eq!((plan.kind(), plan.line()), (Kind::InvalidValue, Some(2)), "{plan}");
+        assert!(plan.to_string().contains("names are 1 to 64 characters"), "{plan}");
+        let meter = err("[meters.\"a'onclick=x\"]\n[plans.p]\n");
+        assert_eq!((meter.kind(), meter.line()), (Kind::InvalidValue, Some(1)), "{meter}");
+        let feature = err("[plans.p]\nfeatures = [\"<img>\"]\n");
+        assert_eq!((feature.kind(), feature.line()), (Kind::InvalidValue, Some(2)), "{feature}");
+        // A tenant of the file may carry it in its id and customer: shown escaped.
+        let config =
+            parse("[plans.p]\n[tenants.\"<img/src=x>\"]\nplan = \"p\"\nstripe_customer = \"cus_<b>\"\n").unwrap();
+        assert_eq!(config.tenants()[0].id().as_str(), "<img/src=x>");
+    }
+
     #[test]
     fn unknown_keys_are_named_with_their_line() {
         let e = err("[plans.free]\nrate = \"1/s\"\nrat = 3\n");

@@ -33,6 +33,8 @@ use tower::ServiceExt as _;
 
 /// The tenant whose id is markup: the dashboard shows it as text.
 pub const HOSTILE: &str = "<script>alert(1)</script>";
+/// The tenant of the configuration file whose id is markup (its customers too).
+pub const FILE_HOSTILE: &str = "<img/src=x/onerror=alert(2)>";
 
 fn config(db: &str, token_file: &str) -> String {
     format!(
@@ -85,6 +87,12 @@ path = "/v1/generate"
 meter = "credits"
 cost = 2
 feature = "generate"
+
+# A tenant of the file whose id and customer are markup: shown as text on every page.
+[tenants."<img/src=x/onerror=alert(2)>"]
+plan = "team"
+stripe_customer = "cus_<b>file</b>"
+metronome_customer = "m_<i>file</i>"
 
 [dashboard]
 token_file = "{token_file}"
