@@ -200,6 +200,72 @@ pub(crate) struct TenantData {
     pub(crate) rejections: Option<Refusals>,
     /// Its quotas as its own usage route reads them on this node (a mounted router's only).
     pub(crate) route: Option<RouteView>,
+    /// Each meter with dimensions: its usage per series in the days read (the charts show
+    /// the meter's total).
+    pub(crate) breakdowns: Vec<Breakdown>,
+}
+
+/// The most series a breakdown shows (the largest first): a meter has at most the product of
+/// its dimensions' values, and an open dimension's values are at most 1,000 a tenant a month.
+pub(crate) const SERIES_SHOWN: usize = 100;
+
+/// A meter with dimensions' usage per series (`tokens{model=m-large,kind=output}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Breakdown {
+    pub(crate) meter: MeterId,
+    /// Its dimensions' names, in their order.
+    pub(crate) dimensions: Vec<String>,
+    /// Each series with usage: its values (in the dimensions' order), its usage in the last
+    /// 24 hours, and in every day read; the most used first, at most [`SERIES_SHOWN`].
+    pub(crate) series: Vec<(Vec<String>, u64, u64)>,
+    /// How many series had usage (more than shown when past [`SERIES_SHOWN`]).
+    pub(crate) total: usize,
+    /// The days read.
+    pub(crate) days: i64,
+}
+
+/// `rows` with each series' usage counted in its meter (`tokens{model=m-large}` in `tokens`),
+/// for the charts; and each meter with dimensions' breakdown by series since `from`, the last
+/// 24 hours before `now` apart.
+pub(crate) fn by_series(rows: &[UsageAggregate], now: i64, from: i64) -> (Vec<UsageAggregate>, Vec<Breakdown>) {
+    let mut merged = Vec::with_capacity(rows.len());
+    // Per meter: its dimensions' names, and per series (its values) its usage (last 24 hours,
+    // all read).
+    type Sums = std::collections::BTreeMap<Vec<String>, (u64, u64)>;
+    let mut found: std::collections::BTreeMap<MeterId, (Vec<String>, Sums)> = std::collections::BTreeMap::new();
+    for a in rows {
+        let Some(Ok((meter, pairs))) = crate::config::parse_selector(a.key.meter.as_str()) else {
+            merged.push(a.clone());
+            continue;
+        };
+        let meter = MeterId::from(meter);
+        let entry = found.entry(meter.clone()).or_default();
+        if entry.0.is_empty() {
+            entry.0 = pairs.iter().map(|(n, _)| (*n).to_owned()).collect();
+        }
+        let values: Vec<String> = pairs.iter().map(|(_, v)| (*v).to_owned()).collect();
+        let sums = entry.1.entry(values).or_default();
+        if a.key.window_start >= now - 86_400 {
+            sums.0 = add(sums.0, a.quantity);
+        }
+        sums.1 = add(sums.1, a.quantity);
+        let mut total = a.clone();
+        total.key.meter = meter;
+        merged.push(total);
+    }
+    let breakdowns = found
+        .into_iter()
+        .map(|(meter, (dimensions, sums))| {
+            let mut series: Vec<(Vec<String>, u64, u64)> =
+                sums.into_iter().map(|(v, (day, all))| (v, day, all)).collect();
+            // The most used first; ties in the values' order.
+            series.sort_by_key(|s| std::cmp::Reverse(s.2));
+            let total = series.len();
+            series.truncate(SERIES_SHOWN);
+            Breakdown { meter, dimensions, series, total, days: (now - from + 86_399) / 86_400 }
+        })
+        .collect();
+    (merged, breakdowns)
 }
 
 /// A tenant's quotas as its usage route reads them on the node that serves the page.
@@ -860,6 +926,8 @@ pub(crate) async fn tenant(
     // Spend is money, shown on its gauge and the spend cap's line: not charted as units.
     let mut rows = admin.usage(id, None, from, now + 1).await?;
     rows.retain(|a| a.key.meter.as_str() != crate::base::SPEND_METER);
+    // A meter with dimensions is charted as its total, its series broken down apart.
+    let (rows, breakdowns) = by_series(&rows, now, from);
     // Its tier, or none shown when its payments cannot be read (the page is still of use).
     let tier = admin.tier(id).await.unwrap_or_else(|e| {
         tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's tier could not be read");
@@ -898,6 +966,7 @@ pub(crate) async fn tenant(
         daily: if days > 0 { buckets(&rows, now, 86_400, days) } else { Vec::new() },
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
         route,
+        breakdowns,
         record,
     }))
 }

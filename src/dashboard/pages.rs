@@ -287,6 +287,34 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         let label = format!("{meter}, per day, last {} days (UTC)", bars.len());
         p.chart("daily", &label, bars, 86_400, unit(meter, d.currency.as_deref()), limit);
     }
+    for b in &d.breakdowns {
+        // A meter with dimensions: its series, the most used first.
+        p.fmt(format_args!(
+            "<h3>{} by {}</h3><table class=\"breakdown\" data-meter=\"{}\"><thead><tr>",
+            Esc(b.meter.as_str()),
+            Esc(&b.dimensions.join(" and ")),
+            Esc(b.meter.as_str())
+        ));
+        for name in &b.dimensions {
+            p.fmt(format_args!("<th>{}</th>", Esc(name)));
+        }
+        p.fmt(format_args!("<th>last 24 hours</th><th>last {} days</th></tr></thead><tbody>", b.days));
+        for (values, day, all) in &b.series {
+            p.raw("<tr>");
+            for v in values {
+                p.fmt(format_args!("<td>{}</td>", Esc(v)));
+            }
+            p.fmt(format_args!("<td class=\"n\">{}</td><td class=\"n\">{}</td></tr>", Num(*day), Num(*all)));
+        }
+        p.raw("</tbody></table>");
+        if b.total > b.series.len() {
+            p.fmt(format_args!(
+                "<p class=\"cut\">the {} most used of {} series</p>",
+                Num(b.series.len() as u64),
+                Num(b.total as u64)
+            ));
+        }
+    }
     p.raw(
         "</section><section><h2>API keys</h2><table class=\"keys\"><thead><tr><th>id</th><th>prefix</th>\
          <th>created</th><th>expires</th></tr></thead><tbody>",

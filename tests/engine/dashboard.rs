@@ -1218,3 +1218,70 @@ prices = { price_pack = 100 }
     assert!(!second.contains("rel=\"next\""), "the last page");
     assert!(second.contains("no spend cap among them"));
 }
+
+/// A meter with dimensions is charted as its total (its series summed into it, never a chart
+/// per series), and broken down by series beside: each series' values, its usage in the last 24
+/// hours and in the days read, the most used first.
+#[tokio::test]
+async fn a_meter_with_dimensions_is_charted_whole_and_broken_down_by_series() {
+    let toml = r#"
+[store]
+kind = "memory"
+[meters.requests]
+[meters.tokens]
+dimensions = ["model", "kind"]
+values.model = ["m-small", "m-large"]
+values.kind = ["input", "output"]
+[plans.p]
+quotas.tokens = { limit = 5000, period = "day", mode = "soft" }
+"#;
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
+    let now = engine.clock().unix_secs();
+    let hour = now - now % 3600;
+    store.put_tenant(&TenantRecord::new("acme".into(), "p".into()), &[]).await.unwrap();
+    let record = |meter: &str, window: i64, n: u64| UsageRecord::new("acme".into(), meter.into(), window, n);
+    let batch = UsageBatch::new(
+        FlushId::new("series"),
+        vec![
+            record("tokens{model=m-small,kind=input}", hour, 100),
+            record("tokens{model=m-large,kind=output}", hour, 300),
+            record("tokens{model=m-large,kind=output}", hour - 3 * 86_400, 200),
+            record("requests", hour, 7),
+        ],
+    );
+    store.commit_usage(&batch).await.unwrap();
+    let d = Dashboard::for_engine(&engine, token());
+    let page = text(&get(&d, "/tenants/acme", true).await);
+    assert!(!page.contains("tokens{"), "no series charted or named by its id: {page}");
+    let charts: Vec<&str> = page
+        .split("<figure class=\"chart hourly\"><figcaption>")
+        .skip(1)
+        .map(|c| c.split(',').next().unwrap())
+        .collect();
+    assert_eq!(charts, ["requests", "tokens"], "one chart per meter");
+    let hourly = page.split("<figure class=\"chart hourly\"><figcaption>tokens").nth(1).unwrap();
+    let hourly = hourly.split("</figure>").next().unwrap();
+    let bars: u64 =
+        hourly.split("data-value=\"").skip(1).map(|v| v.split('"').next().unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(bars, 400, "the total of its series in the last 48 hours");
+    let table = page
+        .split("<table class=\"breakdown\" data-meter=\"tokens\">")
+        .nth(1)
+        .expect("a breakdown of tokens")
+        .split("</table>")
+        .next()
+        .unwrap();
+    assert!(table.contains("<th>model</th><th>kind</th><th>last 24 hours</th>"), "{table}");
+    let rows: Vec<&str> = table.split("<tr>").skip(2).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with("<td>m-large</td><td>output</td><td class=\"n\">300</td><td class=\"n\">500</td>"),
+        "{table}"
+    );
+    assert!(
+        rows[1].starts_with("<td>m-small</td><td>input</td><td class=\"n\">100</td><td class=\"n\">100</td>"),
+        "{table}"
+    );
+    assert!(page.contains("<h3>tokens by model and kind</h3>"), "{page}");
+}
