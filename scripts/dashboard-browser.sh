@@ -58,20 +58,21 @@ echo "ok   tollgate dashboard refuses 0.0.0.0 without a token"
 # On loopback too, over a store other than a local SQLite file: refused before it is opened.
 { sed '/^\[store\]/,/^$/d' "$work/no-token.toml"; printf '[store]\nkind = "postgres"\nurl = "postgres://127.0.0.1:1/none"\n'; } \
   >"$work/shared.toml"
-if out=$("$target/debug/tollgate" --config "$work/shared.toml" dashboard --listen 127.0.0.1:0 2>&1); then
+# (Each within 20 seconds: a rule that regressed would serve, not fail.)
+if out=$(timeout 20 "$target/debug/tollgate" --config "$work/shared.toml" dashboard --listen 127.0.0.1:0 2>&1); then
   echo "FAIL tollgate dashboard served a shared store on loopback without a token"; exit 1
 fi
 grep -q "its store (postgres) is shared" <<<"$out" || { echo "FAIL unexpected refusal: $out"; exit 1; }
 echo "ok   tollgate dashboard refuses a shared store on loopback without a token"
 # A token shorter than 32 random characters, or plainly not random, is refused, saying why.
 printf 'short-token-0123' >"$work/short-token"
-if out=$("$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen 127.0.0.1:0 \
+if out=$(timeout 20 "$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen 127.0.0.1:0 \
   --token-file "$work/short-token" 2>&1); then
   echo "FAIL tollgate dashboard took a 16-character token"; exit 1
 fi
 grep -q "at least 32 random characters" <<<"$out" || { echo "FAIL unexpected refusal: $out"; exit 1; }
 printf 'abcdabcdabcdabcdabcdabcdabcdabcdabcd' >"$work/repeated-token"
-if out=$("$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen 127.0.0.1:0 \
+if out=$(timeout 20 "$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen 127.0.0.1:0 \
   --token-file "$work/repeated-token" 2>&1); then
   echo "FAIL tollgate dashboard took a repeated token"; exit 1
 fi

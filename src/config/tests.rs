@@ -36,8 +36,8 @@ mod validation {
         assert_eq!(payer, KeyScopes::NONE.with(KeyScope::RechargeWrite));
     }
 
-    /// Markup is no name: a plan's, a meter's or a feature's name (and a tier's) holding any is
-    /// refused with its place; a tenant's id and customers and an organization's name are
+    /// Markup is no name: a plan's, a meter's or a feature's name holding any is refused with
+    /// its place; a tenant's id and customers and an organization's name are
     /// visible ASCII, so they can carry it, and are escaped wherever shown.
     #[test]
     fn a_name_holding_markup_is_refused_where_it_stands() {

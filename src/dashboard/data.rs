@@ -215,36 +215,49 @@ pub(crate) struct Breakdown {
     pub(crate) meter: MeterId,
     /// Its dimensions' names, in their order.
     pub(crate) dimensions: Vec<String>,
-    /// Each series with usage: its values (in the dimensions' order), its usage in the last
-    /// 24 hours, and in every day read; the most used first, at most [`SERIES_SHOWN`].
+    /// Each series with usage: its values (in the dimensions' order), its usage in the windows
+    /// started in the last 24 hours, and in every window read; the most used first, at most
+    /// [`SERIES_SHOWN`].
     pub(crate) series: Vec<(Vec<String>, u64, u64)>,
     /// How many series had usage (more than shown when past [`SERIES_SHOWN`]).
     pub(crate) total: usize,
-    /// The days read.
-    pub(crate) days: i64,
+    /// The seconds read (since the first window read).
+    pub(crate) span: i64,
 }
 
 /// `rows` with each series' usage counted in its meter (`tokens{model=m-large}` in `tokens`),
-/// for the charts; and each meter with dimensions' breakdown by series since `from`, the last
-/// 24 hours before `now` apart.
-pub(crate) fn by_series(rows: &[UsageAggregate], now: i64, from: i64) -> (Vec<UsageAggregate>, Vec<Breakdown>) {
-    let mut merged = Vec::with_capacity(rows.len());
+/// for the charts; and each meter with dimensions' breakdown by series since `from`, the
+/// windows started in the last 24 hours before `now` apart. Only the series of a meter the
+/// configuration declares with dimensions, named in its dimensions' order, are grouped: any
+/// other row stays as it is.
+pub(crate) fn by_series(
+    config: Option<&Config>,
+    rows: &[UsageAggregate],
+    now: i64,
+    from: i64,
+) -> (Vec<UsageAggregate>, Vec<Breakdown>) {
     // Per meter: its dimensions' names, and per series (its values) its usage (last 24 hours,
     // all read).
     type Sums = std::collections::BTreeMap<Vec<String>, (u64, u64)>;
     let mut found: std::collections::BTreeMap<MeterId, (Vec<String>, Sums)> = std::collections::BTreeMap::new();
+    let mut merged = Vec::with_capacity(rows.len());
     for a in rows {
-        let Some(Ok((meter, pairs))) = crate::config::parse_selector(a.key.meter.as_str()) else {
+        let series =
+            crate::config::parse_selector(a.key.meter.as_str()).and_then(Result::ok).and_then(|(meter, pairs)| {
+                let spec = config?.meters().iter().find(|m| m.id().as_str() == meter)?;
+                let names: Vec<&str> = spec.dimensions()?.names().collect();
+                let same = names.len() == pairs.len() && names.iter().zip(&pairs).all(|(n, (m, _))| n == m);
+                same.then(|| (spec.id().clone(), names, pairs))
+            });
+        let Some((meter, names, pairs)) = series else {
             merged.push(a.clone());
             continue;
         };
-        let meter = MeterId::from(meter);
         let entry = found.entry(meter.clone()).or_default();
         if entry.0.is_empty() {
-            entry.0 = pairs.iter().map(|(n, _)| (*n).to_owned()).collect();
+            entry.0 = names.iter().map(|n| (*n).to_owned()).collect();
         }
-        let values: Vec<String> = pairs.iter().map(|(_, v)| (*v).to_owned()).collect();
-        let sums = entry.1.entry(values).or_default();
+        let sums = entry.1.entry(pairs.iter().map(|(_, v)| (*v).to_owned()).collect()).or_default();
         if a.key.window_start >= now - 86_400 {
             sums.0 = add(sums.0, a.quantity);
         }
@@ -262,7 +275,7 @@ pub(crate) fn by_series(rows: &[UsageAggregate], now: i64, from: i64) -> (Vec<Us
             series.sort_by_key(|s| std::cmp::Reverse(s.2));
             let total = series.len();
             series.truncate(SERIES_SHOWN);
-            Breakdown { meter, dimensions, series, total, days: (now - from + 86_399) / 86_400 }
+            Breakdown { meter, dimensions, series, total, span: now - from }
         })
         .collect();
     (merged, breakdowns)
@@ -835,9 +848,24 @@ fn window_of(config: Option<&Config>) -> i64 {
 /// window and meter, under about [`MAX_ROWS`].
 pub(crate) fn chart_spans(config: Option<&Config>) -> (i64, i64) {
     let window = window_of(config);
-    let meters = config.map_or(1, |c| c.meters().len().max(1)) as i64;
+    let meters = config.map_or(1, usage_rows_per_window).max(1);
     let span = MAX_ROWS.saturating_mul(window) / meters;
     ((span / 3600).clamp(1, HOURS), (span / 86_400).min(DAYS))
+}
+
+/// The most usage rows a tenant has per window: one per meter, and per series of an open
+/// dimension's values not listed (`tokens{model=*,kind=output}`) one per value a tenant may use
+/// in a month (`max_values`), twice, as the days read may cross two months.
+fn usage_rows_per_window(config: &Config) -> i64 {
+    let open_max = |parent: &MeterId| {
+        config.meters().iter().find(|m| m.id() == parent).and_then(|m| m.dimensions()).and_then(|d| d.open())
+    };
+    let rows = config.meters().iter().fold(0u64, |sum, m| {
+        let open =
+            m.series_of().and_then(open_max).filter(|_| m.values().any(|(_, v)| v == crate::config::OPEN_POSITION));
+        sum.saturating_add(open.map_or(1, |(_, max)| 2 * u64::from(max)))
+    });
+    i64::try_from(rows).unwrap_or(i64::MAX)
 }
 
 /// A tenant's quota counters; none when the administration has no quota store (an `Admin`
@@ -927,7 +955,7 @@ pub(crate) async fn tenant(
     let mut rows = admin.usage(id, None, from, now + 1).await?;
     rows.retain(|a| a.key.meter.as_str() != crate::base::SPEND_METER);
     // A meter with dimensions is charted as its total, its series broken down apart.
-    let (rows, breakdowns) = by_series(&rows, now, from);
+    let (rows, breakdowns) = by_series(admin.config(), &rows, now, from);
     // Its tier, or none shown when its payments cannot be read (the page is still of use).
     let tier = admin.tier(id).await.unwrap_or_else(|e| {
         tracing::warn!(tenant = %record.id, error = %e, "dashboard: a tenant's tier could not be read");
@@ -1104,6 +1132,46 @@ mod tests {
             let rows = read / w * (meters as i64 + 1);
             assert!(rows <= MAX_ROWS + 86_400 / w, "{window} × {meters}: {rows} rows");
         }
+    }
+
+    /// An open dimension's series not listed has a row per value a tenant uses (up to
+    /// `max_values` a month, two months read): the charts read fewer days for it.
+    #[test]
+    fn an_open_dimension_counts_each_value_a_tenant_may_use() {
+        let config = Config::from_toml_str(
+            "[store]\nkind = \"memory\"\n[meters.tokens]\ndimensions = [\"model\"]\nmax_values.model = 100\n\
+             [plans.p]\nrate = \"1/s\"\n",
+        )
+        .unwrap();
+        // requests, tokens and tokens{model=*}: 1 + 1 + 2 × 100 rows a window.
+        assert_eq!(usage_rows_per_window(&config), 202);
+        assert_eq!(chart_spans(Some(&config)), (HOURS, 10), "50,000 / 202 hourly windows: 10 days");
+    }
+
+    /// Series are summed into their meter and broken down, the most used first, at most
+    /// [`SERIES_SHOWN`] shown of how many there are; a row of no meter declared with dimensions
+    /// (or named in another order) stays as it is.
+    #[test]
+    fn series_are_broken_down_the_most_used_first_within_a_bound() {
+        let config = Config::from_toml_str(
+            "[store]\nkind = \"memory\"\n[meters.tokens]\ndimensions = [\"model\"]\nmax_values.model = 1000\n\
+             [plans.p]\nrate = \"1/s\"\n",
+        )
+        .unwrap();
+        let now = 1_800_000_000; // an hour's start
+        let mut rows: Vec<UsageAggregate> =
+            (0..150).map(|i| aggregate(&format!("tokens{{model=v{i:03}}}"), now, i + 1)).collect();
+        rows.push(aggregate("tokens{kind=x}", now, 9));
+        rows.push(aggregate("other{model=v1}", now, 9));
+        let (merged, breakdowns) = by_series(Some(&config), &rows, now, now - 3600);
+        let [b] = breakdowns.as_slice() else { panic!("{breakdowns:?}") };
+        assert_eq!((b.meter.as_str(), b.total, b.series.len()), ("tokens", 150, SERIES_SHOWN));
+        assert_eq!(b.series[0], (vec!["v149".to_owned()], 150, 150), "the most used first");
+        assert_eq!(b.series[99].2, 51, "the 100 most used");
+        let total: u64 = merged.iter().filter(|a| a.key.meter.as_str() == "tokens").map(|a| a.quantity).sum();
+        assert_eq!(total, (1..=150).sum::<u64>(), "every series summed into its meter");
+        let kept: Vec<&str> = merged.iter().map(|a| a.key.meter.as_str()).filter(|m| m.contains('{')).collect();
+        assert_eq!(kept, ["tokens{kind=x}", "other{model=v1}"], "rows of no declared series stay");
     }
 
     #[test]

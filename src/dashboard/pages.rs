@@ -298,7 +298,11 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         for name in &b.dimensions {
             p.fmt(format_args!("<th>{}</th>", Esc(name)));
         }
-        p.fmt(format_args!("<th>last 24 hours</th><th>last {} days</th></tr></thead><tbody>", b.days));
+        let read = match b.span {
+            s if s > 2 * 86_400 => format!("the last {} days", (s + 86_399) / 86_400),
+            s => format!("the last {} hours", ((s + 3_599) / 3_600).max(1)),
+        };
+        p.fmt(format_args!("<th>windows started in the last 24 hours</th><th>{read}</th></tr></thead><tbody>"));
         for (values, day, all) in &b.series {
             p.raw("<tr>");
             for v in values {

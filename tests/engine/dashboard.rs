@@ -1244,10 +1244,12 @@ quotas.tokens = { limit = 5000, period = "day", mode = "soft" }
     let batch = UsageBatch::new(
         FlushId::new("series"),
         vec![
-            record("tokens{model=m-small,kind=input}", hour, 100),
+            record("tokens{model=m-small,kind=input}", hour, 700),
             record("tokens{model=m-large,kind=output}", hour, 300),
             record("tokens{model=m-large,kind=output}", hour - 3 * 86_400, 200),
             record("requests", hour, 7),
+            // Not a series of a meter declared with dimensions: charted as it is.
+            record("requests{x=y}", hour, 5),
         ],
     );
     store.commit_usage(&batch).await.unwrap();
@@ -1259,12 +1261,12 @@ quotas.tokens = { limit = 5000, period = "day", mode = "soft" }
         .skip(1)
         .map(|c| c.split(',').next().unwrap())
         .collect();
-    assert_eq!(charts, ["requests", "tokens"], "one chart per meter");
+    assert_eq!(charts, ["requests", "requests{x=y}", "tokens"], "one chart per meter, a stray row apart");
     let hourly = page.split("<figure class=\"chart hourly\"><figcaption>tokens").nth(1).unwrap();
     let hourly = hourly.split("</figure>").next().unwrap();
     let bars: u64 =
         hourly.split("data-value=\"").skip(1).map(|v| v.split('"').next().unwrap().parse::<u64>().unwrap()).sum();
-    assert_eq!(bars, 400, "the total of its series in the last 48 hours");
+    assert_eq!(bars, 1000, "the total of its series in the last 48 hours");
     let table = page
         .split("<table class=\"breakdown\" data-meter=\"tokens\">")
         .nth(1)
@@ -1272,15 +1274,17 @@ quotas.tokens = { limit = 5000, period = "day", mode = "soft" }
         .split("</table>")
         .next()
         .unwrap();
-    assert!(table.contains("<th>model</th><th>kind</th><th>last 24 hours</th>"), "{table}");
+    let head = "<th>model</th><th>kind</th><th>windows started in the last 24 hours</th><th>the last 30 days</th>";
+    assert!(table.contains(head), "{table}");
     let rows: Vec<&str> = table.split("<tr>").skip(2).collect();
     assert_eq!(rows.len(), 2, "{table}");
+    // The most used first: m-small's 700 before m-large's 500, against the values' order.
     assert!(
-        rows[0].starts_with("<td>m-large</td><td>output</td><td class=\"n\">300</td><td class=\"n\">500</td>"),
+        rows[0].starts_with("<td>m-small</td><td>input</td><td class=\"n\">700</td><td class=\"n\">700</td>"),
         "{table}"
     );
     assert!(
-        rows[1].starts_with("<td>m-small</td><td>input</td><td class=\"n\">100</td><td class=\"n\">100</td>"),
+        rows[1].starts_with("<td>m-large</td><td>output</td><td class=\"n\">300</td><td class=\"n\">500</td>"),
         "{table}"
     );
     assert!(page.contains("<h3>tokens by model and kind</h3>"), "{page}");

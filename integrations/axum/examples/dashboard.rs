@@ -122,6 +122,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         keys.push(admin.issue_key(id, KeyOptions::default()).await?.key);
     }
     admin.grant_credits("acme", "credits", 500, None, "pack-1").await?;
+    // A grant id with quotes and markup: shown as text in a cell and an attribute alike.
+    admin.grant_credits("acme", "credits", 10, None, "g\"'><b>q</b>").await?;
 
     // Requests through the layer: acme spends 7 requests and 3 generations (6 credits); the
     // hostile tenant sends 5 on a rate of 2 an hour with a burst of 2, and 3 are refused.
