@@ -98,6 +98,7 @@ impl Admin {
 
     /// A tenant's quota counters of one meter (the dashboard's money page reads the meters
     /// of money alone).
+    #[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
     pub(crate) async fn meter_counters(
         &self,
         tenant: &TenantId,
