@@ -416,9 +416,18 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
     p.finish()
 }
 
-/// A tenant's id, linked to its page.
+/// A tenant's id, linked to its page (escaped: the id and the base).
+struct TenantLink<'a>(&'a str, &'a str);
+
+impl std::fmt::Display for TenantLink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<a class=\"tenant\" href=\"{}/tenants/{}\">{}</a>", Esc(self.0), Seg(self.1), Esc(self.1))
+    }
+}
+
+/// A tenant's id, linked to its page, as a cell.
 fn tenant_cell(p: &mut Page, base: &str, id: &str) {
-    p.fmt(format_args!("<td><a class=\"tenant\" href=\"{}/tenants/{}\">{}</a></td>", Esc(base), Seg(id), Esc(id)));
+    p.fmt(format_args!("<td>{}</td>", TenantLink(base, id)));
 }
 
 /// The money page: spend against caps, balances and their grants, recharges, payments with
@@ -686,7 +695,7 @@ pub(crate) fn billing(base: &str, frame: Frame, d: &BillingData) -> String {
     for a in d.pending.iter().take(ROWS) {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
-            Esc(a.key.tenant.as_str()),
+            TenantLink(base, a.key.tenant.as_str()),
             Esc(a.key.meter.as_str()),
             When(Some(a.key.window_start)),
             Num(a.quantity),
@@ -703,7 +712,7 @@ pub(crate) fn billing(base: &str, frame: Frame, d: &BillingData) -> String {
     for l in d.dead.iter().take(ROWS) {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"reason\">{}</td></tr>",
-            Esc(l.key.tenant.as_str()),
+            TenantLink(base, l.key.tenant.as_str()),
             Esc(l.key.meter.as_str()),
             When(Some(l.key.window_start)),
             Num(l.units),
@@ -721,7 +730,7 @@ pub(crate) fn billing(base: &str, frame: Frame, d: &BillingData) -> String {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
             When(Some(e.hour())),
-            Esc(e.key.tenant.as_str()),
+            TenantLink(base, e.key.tenant.as_str()),
             Esc(e.key.meter.as_str()),
             When(Some(e.key.window_start)),
             Num(e.send.value),
@@ -762,7 +771,7 @@ pub(crate) fn alerts(base: &str, frame: Frame, d: &AlertsData) -> String {
             count(rows.len())
         ));
         for a in rows.iter().take(ROWS) {
-            alert_row(&mut p, a);
+            alert_row(&mut p, base, a);
         }
         p.raw("</tbody></table></section>");
     }
@@ -794,14 +803,14 @@ pub(crate) fn plans(base: &str, frame: Frame, d: &PlansData) -> String {
     p.finish()
 }
 
-fn alert_row(p: &mut Page, a: &OutboxEntry) {
+fn alert_row(p: &mut Page, base: &str, a: &OutboxEntry) {
     // A tenant's own endpoint is named by its URL; its query may carry a token of the
     // receiver's: shown without it.
     let destination = a.key.destination.split(['?', '#']).next().unwrap_or("");
     p.fmt(format_args!(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
         Wrap(&a.key.id),
-        Esc(a.tenant.as_str()),
+        TenantLink(base, a.tenant.as_str()),
         Wrap(&a.event),
         Wrap(destination),
         When(Some(a.created_at)),

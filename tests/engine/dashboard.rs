@@ -194,6 +194,15 @@ async fn figures_are_the_stores() {
     assert!(hourly.contains("data-value=\"3\""), "its 3 requests of the last hour on its hourly chart");
     let billing = text(&get(&d, "/billing", true).await);
     assert!(billing.contains("Windows pending export (1)") && billing.contains("Dead letters (1)"));
+    // Every row names its tenant by a link to its page, the id escaped in the text and the
+    // address alike.
+    let link = "<a class=\"tenant\" href=\"/ops/tenants/%3Ci%3Ex%3C%2Fi%3E%22%27\">&lt;i&gt;x&lt;/i&gt;&quot;&#39;</a>";
+    let dead = billing.split("<table class=\"dead\">").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(dead.contains(&format!("<td>{link}</td>")), "{dead}");
+    let pending = billing.split("<table class=\"pending\">").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(pending.contains("<td><a class=\"tenant\" href=\"/ops/tenants/acme\">acme</a></td>"), "{pending}");
+    let alerts = text(&get(&d, "/alerts", true).await);
+    assert!(alerts.contains(&format!("<td>{link}</td>")), "{alerts}");
 }
 
 #[tokio::test]
