@@ -308,9 +308,11 @@ pub(crate) struct BillingData {
 }
 
 /// The most tenants the money page reads for one page (the directory's, in id order, from
-/// where the page starts, with the file's among them). Each costs at most one directory read
-/// and one counters read per meter of money on its plan (its spend and its prepaid balances),
-/// one read of its grants (a plan with a balance) and one of its payments (with `[stripe]`).
+/// where the page starts, with the file's among them). Each costs one counters read per meter
+/// of money on its plan (its spend and its prepaid balances; an idle tenant's cap, with no spend
+/// counters in the period, a directory read and a reservation of nothing more, as its page
+/// reads it), one read of its grants (a plan with a balance) and one of its payments (with
+/// `[stripe]`).
 pub(crate) const MONEY_WINDOW: usize = 50;
 
 /// A tenant's spend in its current period against its cap in force.
