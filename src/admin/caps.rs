@@ -33,10 +33,14 @@ impl Admin {
             Some(l) => CapAct::Set(parse(l, mode == QuotaMode::Hard).map_err(AdminError::SpendCap)?),
             None => CapAct::Remove,
         };
-        let view = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, act, self.clock.unix_secs())
+        let now = self.clock.unix_secs();
+        let before = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, CapAct::Read, now).await;
+        let view = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, act, now)
             .await
             .map_err(AdminError::SpendCap)?;
         self.changed(&id).await;
+        let before = before.ok().and_then(|v| crate::settings::cap_text(v.own));
+        self.record(&id, crate::store::Setting::SpendCap, before, crate::settings::cap_text(view.own)).await;
         Ok(view)
     }
 

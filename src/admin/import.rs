@@ -269,6 +269,9 @@ impl Admin {
             }
             if !raced {
                 report.tenants_updated += 1;
+                self.record(&r.id, crate::store::Setting::Plan, Some(read.plan.to_string()), Some(r.plan.to_string()))
+                    .await;
+                self.record(&r.id, crate::store::Setting::Customer, read.customer.clone(), r.customer.clone()).await;
                 return Ok(r);
             }
             read = self.existing(row.tenant.as_str()).await?;
@@ -295,6 +298,7 @@ impl Admin {
                 r.customer = row.customer.clone();
                 self.directory.put_tenant(&r, &[]).await?;
                 report.tenants_created += 1;
+                self.record(&r.id, crate::store::Setting::Tenant, None, Some(super::tenants::tenant_text(&r))).await;
                 r
             }
             Some(r) => self.import_existing(&row, r, report).await?,
@@ -305,6 +309,7 @@ impl Admin {
             // Read by its hash (a listing may read an index that lags: a key narrowed or
             // revoked just before would be written back as it was).
             let held = self.directory.key(&hash).await?.filter(|k| k.tenant == record.id);
+            let before = held.as_ref().map(super::keys::key_text);
             let key = match held {
                 Some(k) => {
                     let expiry = row.expires_at.or(k.expires_at);
@@ -322,6 +327,7 @@ impl Admin {
                 e => AdminError::Store(e),
             })?;
             report.keys += 1;
+            self.record(&record.id, crate::store::Setting::Key, before, Some(super::keys::key_text(&key))).await;
         }
         Ok(())
     }

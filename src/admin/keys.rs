@@ -1,7 +1,7 @@
 //! API keys: issued, rotated, listed and revoked.
 
 use crate::store::{unix_now, ApiKeyRecord, KeyWrite, StoreError};
-use crate::store::{KeyHash, KeyScopes};
+use crate::store::{KeyHash, KeyScopes, Setting};
 
 use super::{Admin, AdminError};
 
@@ -100,6 +100,7 @@ impl Admin {
             .with_expiry(options.expires_at)
             .with_scopes(options.scopes.unwrap_or_default());
         self.directory.put_key(&stored, KeyWrite::Upsert).await?;
+        self.record(&stored.tenant, Setting::Key, None, Some(key_text(&stored))).await;
         Ok(IssuedKey { key, record: stored })
     }
 
@@ -112,10 +113,14 @@ impl Admin {
     /// No such tenant or key (or revoked meanwhile), the store failed, or it did not keep the
     /// scopes (a directory store of your own that does not store them).
     pub async fn set_key_scopes(&self, tenant: &str, id: &str, scopes: KeyScopes) -> Result<ApiKeyRecord, AdminError> {
-        let key = self.key(tenant, id).await?.with_scopes(scopes);
+        let before = self.key(tenant, id).await?;
+        let key = before.clone().with_scopes(scopes);
         self.update_key(tenant, id, &key).await?;
         match self.directory.key(&key.hash).await? {
-            Some(stored) if stored.scopes == scopes => Ok(stored),
+            Some(stored) if stored.scopes == scopes => {
+                self.record(&stored.tenant, Setting::Key, Some(key_text(&before)), Some(key_text(&stored))).await;
+                Ok(stored)
+            }
             Some(_) => Err(AdminError::Invalid(format!(
                 "the directory store did not keep the scopes of key {id} (or they were changed meanwhile): \
                  a store must keep `ApiKeyRecord::scopes`"
@@ -145,8 +150,11 @@ impl Admin {
         let issued = self.issue_key(tenant, KeyOptions::default().scopes(old.scopes)).await?;
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
         let tenant = old.tenant.clone();
-        self.update_key(tenant.as_str(), id, &old.with_expiry(Some(until))).await?;
+        let before = key_text(&old);
+        let ending = old.with_expiry(Some(until));
+        self.update_key(tenant.as_str(), id, &ending).await?;
         self.changed(&tenant).await;
+        self.record(&tenant, Setting::Key, Some(before), Some(key_text(&ending))).await;
         Ok(issued)
     }
 
@@ -182,8 +190,15 @@ impl Admin {
         let key = self.key(tenant, id).await?;
         self.directory.remove_key(&key.hash).await?;
         self.changed(&key.tenant).await;
+        self.record(&key.tenant, Setting::Key, Some(key_text(&key)), None).await;
         Ok(key)
     }
+}
+
+/// A key as its audit records it: `ID prefix=tg_live_ab12 scopes=… expires=…` (never the key).
+pub(super) fn key_text(key: &ApiKeyRecord) -> String {
+    let expires = key.expires_at.map_or_else(|| "never".to_owned(), |at| at.to_string());
+    format!("{} prefix={} scopes={} expires={expires}", key.id, key.prefix, key.scopes)
 }
 
 #[cfg(test)]

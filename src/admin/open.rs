@@ -8,7 +8,8 @@ use crate::{
     engine::{BuildError, OpenStores, Opened},
     store::{
         limited::{Limited, Path, Policy},
-        DirectoryEvents, DirectoryStore, OutboxStore, QuotaStore, Store, TenantRecord, UsageExportStore,
+        Actor, AuditRecord, AuditStore, DirectoryEvents, DirectoryStore, OutboxStore, QuotaStore, Setting, Store,
+        TenantRecord, UsageExportStore, DEFAULT_OPERATOR,
     },
 };
 
@@ -31,6 +32,10 @@ pub struct Admin {
     pub(super) quota: Option<Arc<dyn QuotaStore>>,
     /// The alerts role, for the outbox ([`alerts`](Self::alerts)).
     pub(super) alerts: Option<Arc<dyn OutboxStore>>,
+    /// Where each change is recorded, with `operator` as who made it
+    /// ([`audit`](Self::audit)).
+    pub(super) audit: Option<Arc<dyn AuditStore>>,
+    pub(super) operator: String,
     pub(super) config: Option<Config>,
     /// Told of each change, when administering a running engine.
     pub(super) node: Option<Arc<dyn DirectoryEvents>>,
@@ -44,7 +49,10 @@ pub struct Admin {
 impl Admin {
     /// Administers `store` (every role), without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self::with_roles(store.clone(), store.clone()).with_quota(store.clone()).with_alerts(store)
+        Self::with_roles(store.clone(), store.clone())
+            .with_quota(store.clone())
+            .with_alerts(store.clone())
+            .with_audit(store)
     }
 
     /// Administers a directory and usage kept in different stores, without a configuration
@@ -62,6 +70,8 @@ impl Admin {
             calls,
             quota: None,
             alerts: None,
+            audit: None,
+            operator: DEFAULT_OPERATOR.to_owned(),
             config: None,
             node: None,
             clock: crate::clock::Clock::system(),
@@ -83,6 +93,45 @@ impl Admin {
         self
     }
 
+    /// With the store of the audit of tenants' settings (the directory's): each change made
+    /// through this `Admin` is recorded there, by [`operator`](Self::operator). Without it,
+    /// changes are not recorded, and [`audit`](Self::audit) answers [`AdminError::Invalid`]
+    /// ([`new`](Self::new), [`open`](Self::open) and [`for_engine`](Self::for_engine) have it).
+    #[must_use]
+    pub fn with_audit(mut self, audit: Arc<dyn AuditStore>) -> Self {
+        self.audit = Some(Arc::new(Limited::new(audit, self.calls.clone(), Path::Background)));
+        self
+    }
+
+    /// The operator each change is recorded as made by (`ana@ops`, the CLI's
+    /// `--operator` or `$TOLLGATE_OPERATOR`); [`DEFAULT_OPERATOR`] unless given. Cut at
+    /// [`AUDIT_ACTOR_MAX`](crate::store::AUDIT_ACTOR_MAX) bytes.
+    #[must_use]
+    pub fn operator(mut self, name: impl Into<String>) -> Self {
+        self.operator = name.into();
+        self
+    }
+
+    /// Records a change of `tenant`'s `setting` made through this `Admin`, if its values
+    /// differ (an audit store given): after the change was written, as the directory's feed
+    /// is told.
+    pub(super) async fn record(
+        &self,
+        tenant: &TenantId,
+        setting: Setting,
+        before: Option<String>,
+        after: Option<String>,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        if before == after {
+            return;
+        }
+        let at = self.clock.unix_nanos() / 1_000_000;
+        let record =
+            AuditRecord::new(tenant.clone(), at, Actor::Operator(self.operator.clone()), setting, before, after);
+        crate::store::append_audit(audit.as_ref(), &record).await;
+    }
+
     /// Administers the stores of a running engine, with its configuration: the engine sees
     /// its own changes at once (the other nodes within a second, through the directory's feed
     /// of tenants changed).
@@ -96,6 +145,8 @@ impl Admin {
             usage: stores.background().usage.clone(),
             quota: Some(stores.background().quota.clone()),
             alerts: Some(stores.background().alerts.clone()),
+            audit: Some(stores.background().audit.clone()),
+            operator: DEFAULT_OPERATOR.to_owned(),
             config: Some(engine.config()),
             node: Some(Arc::new(engine.clone())),
             clock: engine.clock().clone(),
@@ -144,8 +195,13 @@ impl Admin {
         let usage = open.serving(config, StoreRole::Usage, Opened::usage).await?;
         let quota = open.serving(config, StoreRole::Quota, Opened::quota).await?;
         let alerts = open.serving(config, StoreRole::Alerts, Opened::alerts).await?;
+        let audit = open.serving(config, StoreRole::Directory, Opened::audit).await?;
         let calls = Policy::standalone();
-        Ok(Self::limited(directory, usage, calls).with_quota(quota).with_alerts(alerts).with_config(config.clone()))
+        Ok(Self::limited(directory, usage, calls)
+            .with_quota(quota)
+            .with_alerts(alerts)
+            .with_audit(audit)
+            .with_config(config.clone()))
     }
 
     /// The directory administered.

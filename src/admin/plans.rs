@@ -118,6 +118,8 @@ impl Admin {
             let update = TenantUpdate::Plan(read.id.clone(), to_id.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&read)).await? {
                 self.changed(&read.id).await;
+                let (before, after) = (Some(read.plan.to_string()), Some(to_id.to_string()));
+                self.record(&read.id, crate::store::Setting::Plan, before, after).await;
                 out.moved.push(read.id);
             } else {
                 out.kept.push((read.id, "changed while it moved (its plan, overrides or billing): run again".into()));

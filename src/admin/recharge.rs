@@ -81,7 +81,15 @@ impl Admin {
         let quota = self.quota()?;
         let parts =
             Parts { quota: quota.as_ref(), directory: self.directory.as_ref(), config, charger: charger.as_deref() };
-        recharge(&parts, &id, &MeterId::from(meter), act, self.clock.unix_secs()).await.map_err(AdminError::Recharge)
+        let (meter, now) = (MeterId::from(meter), self.clock.unix_secs());
+        let writes = !matches!(act, RechargeAct::Read);
+        let before = if writes { recharge(&parts, &id, &meter, RechargeAct::Read, now).await.ok() } else { None };
+        let view = recharge(&parts, &id, &meter, act, now).await.map_err(AdminError::Recharge)?;
+        if writes {
+            let before = before.as_ref().and_then(crate::settings::recharge_text);
+            self.record(&id, crate::store::Setting::Recharge, before, crate::settings::recharge_text(&view)).await;
+        }
+        Ok(view)
     }
 
     /// What reads the price's amount: the one given, else `[stripe]`'s.

@@ -1,6 +1,6 @@
 //! Tenants: added, their plans, billing customers and overrides set, listed, and the directory copied.
 
-use crate::store::KeyWrite;
+use crate::store::{KeyWrite, Setting};
 use crate::{
     config::TenantId,
     store::{limited::Path, DirectoryStore, DirectoryStoreExt, StoreError, TenantRecord, TenantUpdate, UpdateWhen},
@@ -117,10 +117,14 @@ impl Admin {
         // and the tenant a customer is taken from keeps none: both told, also after a store
         // error (the write may have been made).
         self.changed(&record.id).await;
-        if let Some(loser) = loser {
-            self.changed(&loser).await;
+        if let Some(loser) = &loser {
+            self.changed(loser).await;
         }
         written?;
+        if let (Some(loser), Some(c)) = (&loser, &record.customer) {
+            self.record(loser, Setting::Customer, Some(c.clone()), None).await;
+        }
+        self.record(&record.id, Setting::Tenant, None, Some(tenant_text(&record))).await;
         Ok(record)
     }
 
@@ -153,12 +157,16 @@ impl Admin {
                 // Written, or maybe (a store error): the tenant, and the one the customer was
                 // taken from, which keeps none, are told.
                 self.changed(&record.id).await;
-                if let Some(loser) = loser {
-                    self.changed(&loser).await;
+                if let Some(loser) = &loser {
+                    self.changed(loser).await;
                 }
             }
             if written? {
-                record.customer = customer.map(str::to_owned);
+                if let (Some(loser), Some(c)) = (&loser, customer) {
+                    self.record(loser, Setting::Customer, Some(c.to_owned()), None).await;
+                }
+                let before = std::mem::replace(&mut record.customer, customer.map(str::to_owned));
+                self.record(&record.id, Setting::Customer, before, record.customer.clone()).await;
                 return Ok(record);
             }
         }
@@ -203,8 +211,12 @@ impl Admin {
         let record = self.move_plan(id, plan).await?;
         if let (Some(config), Some(quota)) = (&self.config, &self.quota) {
             if !config.tiers().is_empty() {
+                let now = self.clock.unix_secs();
+                let read = crate::store::PaymentCall::Read { tenant: record.id.clone() };
+                let pinned = quota.payments(&read, now).await?.pinned;
                 let unpin = crate::store::PaymentCall::Pin { tenant: record.id.clone(), plan: None };
-                quota.payments(&unpin, self.clock.unix_secs()).await?;
+                quota.payments(&unpin, now).await?;
+                self.record(&record.id, Setting::Tier, pinned, None).await;
             }
         }
         Ok(record)
@@ -238,8 +250,9 @@ impl Admin {
             self.overrides_fit(&record, &plan)?;
             let update = TenantUpdate::Plan(record.id.clone(), plan.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
-                record.plan = plan;
+                let before = std::mem::replace(&mut record.plan, plan);
                 self.changed(&record.id).await;
+                self.record(&record.id, Setting::Plan, Some(before.to_string()), Some(record.plan.to_string())).await;
                 return Ok(record);
             }
         }
@@ -274,8 +287,11 @@ impl Admin {
         let record = self.existing(id).await?;
         let now = self.clock.unix_secs();
         let pin = |plan: Option<String>| PaymentCall::Pin { tenant: tenant.clone(), plan };
+        let pinned = || async { quota.payments(&PaymentCall::Read { tenant: tenant.clone() }, now).await };
         let Some(plan) = plan else {
+            let before = pinned().await?.pinned;
             quota.payments(&pin(None), now).await?;
+            self.record(&tenant, Setting::Tier, before, None).await;
             return Ok(record);
         };
         let Some(ladder) = config.tier_of(&plan) else {
@@ -295,13 +311,16 @@ impl Admin {
         self.overrides_fit(&record, &plan)?;
         // Pinned first, so that no payment moves it between the move and the pin; given back
         // as it was if either fails.
-        let before = quota.payments(&PaymentCall::Read { tenant: tenant.clone() }, now).await?.pinned;
+        let before = pinned().await?.pinned;
         let moved = match quota.payments(&pin(Some(plan.as_str().to_owned())), now).await {
             Ok(_) => self.move_to(id, plan.clone()).await,
             Err(e) => Err(e.into()),
         };
         match moved {
-            Ok(record) => Ok(record),
+            Ok(record) => {
+                self.record(&tenant, Setting::Tier, before, Some(plan.to_string())).await;
+                Ok(record)
+            }
             Err(e) => match quota.payments(&pin(before), now).await {
                 Ok(_) => Err(e),
                 Err(again) => Err(AdminError::Invalid(format!(
@@ -354,11 +373,13 @@ impl Admin {
         let tenant = Self::tenant_id(id)?;
         let Some(text) = overrides else {
             // Removing them fits any plan.
+            let before = self.existing(id).await?.overrides;
             if !self.directory.update_tenant(&TenantUpdate::Overrides(tenant.clone(), None), UpdateWhen::Always).await?
             {
                 return Err(AdminError::UnknownTenant(id.to_owned()));
             }
             self.changed(&tenant).await;
+            self.record(&tenant, Setting::Overrides, before, None).await;
             return self.existing(id).await;
         };
         let Some(config) = &self.config else {
@@ -373,8 +394,9 @@ impl Admin {
             // a webhook) is read again and checked again.
             let update = TenantUpdate::Overrides(tenant.clone(), json.clone());
             if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
-                record.overrides = json;
+                let before = std::mem::replace(&mut record.overrides, json);
                 self.changed(&tenant).await;
+                self.record(&tenant, Setting::Overrides, before, record.overrides.clone()).await;
                 return Ok(record);
             }
         }
@@ -393,11 +415,13 @@ impl Admin {
     pub async fn set_metronome_customer(&self, id: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
         let customer = customer.map(check_metronome_customer).transpose()?;
+        let before = self.existing(id).await?.metronome_customer;
         let update = TenantUpdate::MetronomeCustomer(tenant.clone(), customer.map(str::to_owned));
         if !self.directory.update_tenant(&update, UpdateWhen::Always).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
         self.changed(&tenant).await;
+        self.record(&tenant, Setting::MetronomeCustomer, before, customer.map(str::to_owned)).await;
         self.existing(id).await
     }
 
@@ -445,4 +469,16 @@ impl Admin {
             }
         }
     }
+}
+
+/// A tenant as its audit records its creation: `plan=PLAN customer=… metronome=…`.
+pub(super) fn tenant_text(record: &TenantRecord) -> String {
+    let mut text = format!("plan={}", record.plan);
+    if let Some(c) = &record.customer {
+        text.push_str(&format!(" customer={c}"));
+    }
+    if let Some(m) = &record.metronome_customer {
+        text.push_str(&format!(" metronome={m}"));
+    }
+    text
 }

@@ -34,8 +34,8 @@ use crate::{
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{
-        DirectoryStore, IdempotencyStore, MemoryStore, OutboxStore, PlaceStore, QuotaStore, RateStore, Roles, Store,
-        UsageExportStore,
+        AuditStore, DirectoryStore, IdempotencyStore, MemoryStore, OutboxStore, PlaceStore, QuotaStore, RateStore,
+        Roles, Store, UsageExportStore,
     },
 };
 
@@ -152,6 +152,7 @@ impl Opened {
     role_of!(usage, UsageExportStore, |_| None);
     role_of!(directory, DirectoryStore, |_| None);
     role_of!(alerts, OutboxStore, |_| None);
+    role_of!(audit, AuditStore, |_| None);
     role_of!(idempotency, IdempotencyStore, |r| Some(r as Arc<dyn IdempotencyStore>));
     role_of!(rate, RateStore, |r| Some(r as Arc<dyn RateStore>));
     role_of!(places, PlaceStore, |r| Some(r as Arc<dyn PlaceStore>));
@@ -267,6 +268,7 @@ pub struct Builder {
     rate: Option<Arc<dyn RateStore>>,
     places: Option<Arc<dyn PlaceStore>>,
     alerts: Option<Arc<dyn OutboxStore>>,
+    audit: Option<Arc<dyn AuditStore>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
@@ -287,6 +289,7 @@ impl std::fmt::Debug for Builder {
             .field("rate", &self.rate)
             .field("places", &self.places)
             .field("alerts", &self.alerts)
+            .field("audit", &self.audit)
             .field("sink", &self.sink)
             .finish_non_exhaustive()
     }
@@ -307,6 +310,7 @@ impl Tollgate {
             rate: None,
             places: None,
             alerts: None,
+            audit: None,
             sink: None,
             clock: None,
             configured: false,
@@ -398,6 +402,16 @@ impl Builder {
         self
     }
 
+    /// The store of the audit of tenants' settings ([`AuditStore`]), instead of
+    /// [`store`](Self::store)'s. (From the configuration, the directory role's store: the
+    /// audit is kept beside the tenants.) Give it with a
+    /// [`directory_store`](Self::directory_store) of your own, or its records are kept in
+    /// memory.
+    pub fn audit_store(mut self, store: Arc<dyn AuditStore>) -> Self {
+        self.audit = Some(store);
+        self
+    }
+
     /// Whether some role has no store given in code (the rate and places roles aside: code that gives
     /// the other four keeps its stores, and its fleet rates are each node's unless it gives
     /// [`rate_store`](Self::rate_store) too).
@@ -466,6 +480,9 @@ impl Builder {
     /// newer tollgate), or its kind needs a cargo feature this build does not have.
     pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
         if self.lacks_a_store() {
+            // The audit is kept beside the directory: with a directory given in code, its
+            // audit is given in code too (or kept in memory, with a warning).
+            let directory_given = self.directory.is_some();
             let mut open = OpenStores::default();
             let config = &self.config;
             if self.quota.is_none() {
@@ -488,6 +505,9 @@ impl Builder {
             }
             if self.alerts.is_none() {
                 self.alerts = Some(open.serving(config, StoreRole::Alerts, Opened::alerts).await?);
+            }
+            if self.audit.is_none() && !directory_given {
+                self.audit = Some(open.serving(config, StoreRole::Directory, Opened::audit).await?);
             }
             self.configured = true;
         }
@@ -547,6 +567,12 @@ impl Builder {
         let runtime = Runtime::compile(self.config, &metrics, &clock);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        if self.store.is_none() && self.directory.is_some() && self.audit.is_none() {
+            tracing::warn!(
+                "a directory store was given without an audit store: the audit of tenants' settings is kept in \
+                 this process's memory; give Builder::audit_store"
+            );
+        }
         let all: Arc<dyn Store> = match self.store {
             Some(store) => store,
             // One memory store for every role not given one.
@@ -559,7 +585,8 @@ impl Builder {
             idempotency: self.idempotency.unwrap_or_else(|| all.clone()),
             rate: self.rate.unwrap_or_else(|| all.clone()),
             places: self.places.unwrap_or_else(|| all.clone()),
-            alerts: self.alerts.unwrap_or(all),
+            alerts: self.alerts.unwrap_or_else(|| all.clone()),
+            audit: self.audit.unwrap_or(all),
         };
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
@@ -642,6 +669,7 @@ impl Tollgate {
             secrets,
         )
         .with_quota(stores.given().quota.clone())
+        .with_audit(stores.given().audit.clone())
     }
 
     /// A Stripe webhook handler as the configuration sets it up: the signing secrets of

@@ -62,23 +62,31 @@ impl Tollgate {
         meter: &MeterId,
         ask: Option<settings::RechargeAsk>,
     ) -> Result<settings::RechargeView, settings::RechargeError> {
-        self.set_recharge_by(tenant, meter, ask, settings::SetBy::Operator).await
+        let operator = crate::store::Actor::Operator(crate::store::DEFAULT_OPERATOR.to_owned());
+        self.set_recharge_by(tenant, meter, ask, settings::SetBy::Operator, operator).await
     }
 
     /// [`set_recharge`](Self::set_recharge) by `by` (the tenant's route turns it on only on a
-    /// plan that lets it).
+    /// plan that lets it), recorded in the audit as made by `actor`.
     pub(crate) async fn set_recharge_by(
         &self,
         tenant: &TenantId,
         meter: &MeterId,
         ask: Option<settings::RechargeAsk>,
         by: settings::SetBy,
+        actor: crate::store::Actor,
     ) -> Result<settings::RechargeView, settings::RechargeError> {
         let config = self.shared().runtime().load().config.clone();
         let stores = self.shared().stores().background();
         let now = self.shared().clock().unix_secs();
+        let parts = self.recharge_parts(&config, stores);
+        let before = settings::recharge(&parts, tenant, meter, settings::RechargeAct::Read, now).await;
         let act = ask.map_or(settings::RechargeAct::Off, |ask| settings::RechargeAct::Set(ask, by));
-        settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, act, now).await
+        let view = settings::recharge(&parts, tenant, meter, act, now).await?;
+        let before = before.ok().as_ref().and_then(crate::settings::recharge_text);
+        let after = crate::settings::recharge_text(&view);
+        self.record_change(tenant, actor, crate::store::Setting::Recharge, before, after).await;
+        Ok(view)
     }
 
     /// Delivers the recharges this node claimed (the worker calls it as they come; a front

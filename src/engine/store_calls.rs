@@ -28,6 +28,7 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
         rate: Arc::new(Limited::new(roles.rate.clone(), policy.clone(), path)),
         places: Arc::new(Limited::new(roles.places.clone(), policy.clone(), path)),
         alerts: Arc::new(Limited::new(roles.alerts.clone(), policy.clone(), path)),
+        audit: Arc::new(Limited::new(roles.audit.clone(), policy.clone(), path)),
     }
 }
 

@@ -21,7 +21,11 @@ use crate::settings::{
     recharge::{self as settings, RechargeError},
     scopes::{self, Need, ScopeError},
 };
-use crate::{base::KeyScope, tenant::Caller};
+use crate::{
+    base::KeyScope,
+    store::{Actor, Setting},
+    tenant::Caller,
+};
 
 /// `If-None-Match` as RFC 9110 reads it: `*`, or a list of entity tags compared weakly.
 fn none_match(values: &[u8], etag: &str) -> bool {
@@ -78,6 +82,24 @@ impl Tollgate {
         scopes::check(directory.as_ref(), &config, tenant, caller, need, now).await.map_err(|e| scope_problem(&e))
     }
 
+    /// Records a change of `tenant`'s `setting` by `actor` in the audit (the directory's
+    /// store), if its values differ: after the change was written.
+    pub(crate) async fn record_change(
+        &self,
+        tenant: &crate::base::TenantId,
+        actor: Actor,
+        setting: Setting,
+        before: Option<String>,
+        after: Option<String>,
+    ) {
+        if before == after {
+            return;
+        }
+        let at = self.shared().clock().unix_nanos() / 1_000_000;
+        let record = crate::store::AuditRecord::new(tenant.clone(), at, actor, setting, before, after);
+        crate::store::append_audit(self.shared().stores().background().audit.as_ref(), &record).await;
+    }
+
     /// The route an application mounts for its tenants' own spend cap, behind tollgate's
     /// layer (the calling tenant's cap; `caller`, [`Tollgate::caller`] of the request, needs the
     /// scope `caps:write` to set it, `usage:read` or `caps:write` to read it): `GET` answers the
@@ -105,9 +127,10 @@ impl Tollgate {
         let now = self.shared().clock().unix_secs();
         let id = tenant.tenant();
         // Who may, before what is asked is read.
-        if let Err(refused) = self.allowed(id, caller, method, KeyScope::CapsWrite, "the spend cap").await {
-            return refused;
-        }
+        let who = match self.allowed(id, caller, method, KeyScope::CapsWrite, "the spend cap").await {
+            Ok(who) => who,
+            Err(refused) => return refused,
+        };
         let act = match *method {
             Method::GET => caps::CapAct::Read,
             Method::PUT => {
@@ -147,7 +170,20 @@ impl Tollgate {
         };
 
         let removing = act == caps::CapAct::Remove;
+        let before = match act {
+            caps::CapAct::Read => None,
+            _ => {
+                caps::spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, caps::CapAct::Read, now)
+                    .await
+                    .ok()
+                    .map(|v| v.own)
+            }
+        };
         let answer = caps::spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
+        if let (Ok(view), Some(before)) = (&answer, before) {
+            let (before, after) = (crate::settings::cap_text(before), crate::settings::cap_text(view.own));
+            self.record_change(id, crate::settings::route_actor(&who), Setting::SpendCap, before, after).await;
+        }
         if let (Ok(view), false) = (&answer, act == caps::CapAct::Read) {
             // This node knows at once (others at their next call to the store).
             if let Some(state) = self.gate().table().state(id) {
@@ -422,8 +458,14 @@ impl Tollgate {
         let ask = settings::RechargeAsk::new(body.below, body.to, body.monthly_limit);
         let answer = match *method {
             Method::GET => self.recharge(tenant.tenant(), &meter).await,
-            Method::PUT => self.set_recharge_by(tenant.tenant(), &meter, Some(ask), settings::SetBy::Tenant(who)).await,
-            Method::DELETE => self.set_recharge(tenant.tenant(), &meter, None).await,
+            Method::PUT => {
+                let actor = crate::settings::route_actor(&who);
+                self.set_recharge_by(tenant.tenant(), &meter, Some(ask), settings::SetBy::Tenant(who), actor).await
+            }
+            Method::DELETE => {
+                let actor = crate::settings::route_actor(&who);
+                self.set_recharge_by(tenant.tenant(), &meter, None, settings::SetBy::Tenant(who), actor).await
+            }
             _ => return not_get_put_delete(),
         };
         match answer {
@@ -458,9 +500,10 @@ impl Tollgate {
         let config = self.shared().runtime().load().config.clone();
         let directory = &self.shared().stores().background().directory;
         let id = tenant.tenant();
-        if let Err(refused) = self.allowed(id, caller, method, KeyScope::AlertsWrite, "the alert endpoint").await {
-            return refused;
-        }
+        let who = match self.allowed(id, caller, method, KeyScope::AlertsWrite, "the alert endpoint").await {
+            Ok(who) => who,
+            Err(refused) => return refused,
+        };
         let of_file = config.tenants().iter().any(|t| t.id() == id);
         match *method {
             Method::GET => match directory.tenant(id).await {
@@ -510,18 +553,39 @@ impl Tollgate {
                         "expected {\"url\": \"https://…\"}",
                     );
                 };
+                let before = directory.tenant(id).await.ok().flatten();
                 match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, Some(&put.url)).await {
-                    Ok(secret) => json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "url": put.url, "secret": secret.map(|s| s.expose()) }),
-                    ),
+                    Ok(secret) => {
+                        let before = crate::settings::endpoint_text(before.as_ref());
+                        let actor = crate::settings::route_actor(&who);
+                        let after = secret.as_ref().map(|s| crate::settings::endpoint_written(&put.url, &s.expose()));
+                        self.record_change(id, actor, Setting::AlertEndpoint, before, after).await;
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "url": put.url, "secret": secret.map(|s| s.expose()) }),
+                        )
+                    }
                     Err(e) => endpoint_problem(&e),
                 }
             }
-            Method::DELETE => match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
-                Ok(_) => no_content(),
-                Err(e) => endpoint_problem(&e),
-            },
+            Method::DELETE => {
+                let before = directory.tenant(id).await.ok().flatten();
+                match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
+                    Ok(_) => {
+                        let before = crate::settings::endpoint_text(before.as_ref());
+                        self.record_change(
+                            id,
+                            crate::settings::route_actor(&who),
+                            Setting::AlertEndpoint,
+                            before,
+                            None,
+                        )
+                        .await;
+                        no_content()
+                    }
+                    Err(e) => endpoint_problem(&e),
+                }
+            }
             _ => not_get_put_delete(),
         }
     }

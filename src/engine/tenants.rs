@@ -37,6 +37,19 @@ impl Tollgate {
         self.gate().follow_directory().await
     }
 
+    /// Removes the audit's records (`store::AuditRecord`) older than
+    /// [`AUDIT_KEPT_SECS`](crate::store::AUDIT_KEPT_SECS) by this engine's clock; returns how
+    /// many went. The worker runs it a minute after the start, then once a day (each node of
+    /// a fleet: a second prune finds nothing).
+    ///
+    /// # Errors
+    /// The store failed (the next day's prune tries again).
+    pub async fn prune_audit(&self) -> Result<u64, crate::store::StoreError> {
+        let now = self.shared().clock().unix_nanos() / 1_000_000;
+        let before = now.saturating_sub(crate::store::AUDIT_KEPT_SECS * 1_000);
+        self.shared().stores().background().audit.prune_audit(before).await
+    }
+
     /// The daily check of tiers (`[tiers.NAME]`): every tenant of the directory on a ladder's
     /// plan that its payments and the days since its first one now unlock a higher tier moves
     /// there (the worker runs it a minute after the start, then once a day; a fleet's nodes
@@ -68,10 +81,21 @@ impl Tollgate {
                     continue;
                 }
                 let now = self.shared().clock().unix_secs();
-                let tenant = record.id.clone();
+                let (tenant, from) = (record.id.clone(), record.plan.clone());
                 let (quota, directory) = (&*stores.quota, &*stores.directory);
                 match crate::store::climb(quota, directory, self, &config, record, now, false).await {
-                    Ok(Some(_)) => moved += 1,
+                    Ok(Some(to)) => {
+                        moved += 1;
+                        let actor = crate::store::Actor::Tollgate("tier-check".to_owned());
+                        self.record_change(
+                            &tenant,
+                            actor,
+                            crate::store::Setting::Plan,
+                            Some(from.to_string()),
+                            Some(to.to_string()),
+                        )
+                        .await;
+                    }
                     Ok(None) => {}
                     // One tenant's failure (its ledger unreadable, its alert unwritten) holds up
                     // no other's move.

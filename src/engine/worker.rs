@@ -139,8 +139,9 @@ impl Worker {
         .await;
     }
 
-    /// The daily check of tiers ([`Tollgate::check_tiers`]): a minute after the start (a
-    /// fleet restarted daily still runs it), then every day.
+    /// The daily passes, a minute after the start (a fleet restarted daily still runs them),
+    /// then every day: the check of tiers ([`Tollgate::check_tiers`]) and the audit's prune
+    /// ([`Tollgate::prune_audit`]).
     async fn tiers(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
         let every = || Duration::from_secs(86_400);
         periodically(shutdown, Duration::from_secs(60), every, || async {
@@ -148,6 +149,11 @@ impl Worker {
                 Ok(0) => {}
                 Ok(moved) => tracing::info!(moved, "tiers: tenants moved to the tier they now unlock"),
                 Err(e) => tracing::warn!(error = %e, "tiers: the daily check failed; tried again tomorrow"),
+            }
+            match tollgate.prune_audit().await {
+                Ok(0) => {}
+                Ok(gone) => tracing::info!(gone, "audit: records past their retention removed"),
+                Err(e) => tracing::warn!(error = %e, "audit: the daily prune failed; tried again tomorrow"),
             }
             true
         })

@@ -11,6 +11,8 @@
 //! - `endpoint.rs`: a tenant's own alert endpoint, checked at registration;
 //! - `scopes.rs`: what a caller may do at its tenant's own routes (its key's scopes).
 //!
+//! `mod.rs` also says each setting as its audit records it (`store::AuditRecord`'s values).
+//!
 //! It sits below the engine and above `billing/` (the recharge price is read through its
 //! charger), and imports nothing above itself; refusals become problem+json in the engine's
 //! tenant routes.
@@ -20,3 +22,47 @@ pub(crate) mod endpoint;
 pub(crate) mod plan;
 pub(crate) mod recharge;
 pub(crate) mod scopes;
+
+/// A tenant's own spend cap as its audit records it: `25.00 hard` (none: the plan's).
+pub(crate) fn cap_text(own: Option<crate::base::SpendCap>) -> Option<String> {
+    own.map(|c| format!("{} {}", crate::base::amount_of(c.limit), if c.hard { "hard" } else { "soft" }))
+}
+
+/// A tenant's recharge of a meter as its audit records it: `METER below=… to=… monthly_limit=…`
+/// in the meter's units and the smallest unit of the currency, `off: WHY` once payments turned
+/// it off; none when never set or turned off by hand.
+pub(crate) fn recharge_text(view: &recharge::RechargeView) -> Option<String> {
+    let s = view.state.setting.as_ref()?;
+    let mut text = format!("{} below={} to={} monthly_limit={}", view.meter, s.below, s.to, s.monthly_limit);
+    if let Some(why) = view.off_reason() {
+        text.push_str(&format!(" off: {why}"));
+    }
+    Some(text)
+}
+
+/// A tenant's own alert endpoint as its audit records it: its URL and a fingerprint of its
+/// signing secret (the first 12 hexadecimal digits of the secret's SHA-256, as a key's id is
+/// its hash's: a new secret for the same URL is a change), never the secret.
+pub(crate) fn endpoint_text(record: Option<&crate::store::TenantRecord>) -> Option<String> {
+    let json = record?.alert_endpoint.as_deref()?;
+    let endpoint = serde_json::from_str::<endpoint::TenantEndpoint>(json).ok()?;
+    Some(match endpoint.secrets.first() {
+        Some(secret) => endpoint_written(&endpoint.url, secret),
+        None => endpoint.url,
+    })
+}
+
+/// An alert endpoint registered at `url` with `secret`, as [`endpoint_text`] reads it back.
+pub(crate) fn endpoint_written(url: &str, secret: &str) -> String {
+    let print = crate::base::KeyHash::of(secret.as_bytes()).to_hex();
+    format!("{url} secret=sha256:{}", &print[..12])
+}
+
+/// Who changed a setting at a tenant's own route, as [`scopes`]'s check names it
+/// (`key:k_…`, or `tenant` for an [`Identity`](crate::Identity)).
+pub(crate) fn route_actor(who: &str) -> crate::store::Actor {
+    match who.strip_prefix("key:") {
+        Some(id) => crate::store::Actor::Key(id.to_owned()),
+        None => crate::store::Actor::Tenant(who.to_owned()),
+    }
+}

@@ -674,3 +674,19 @@ impl<S: OutboxStore + ?Sized> OutboxStore for Limited<S> {
         self.call("prune alerts", self.inner.prune_alerts(now)).await
     }
 }
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: crate::store::AuditStore + ?Sized> crate::store::AuditStore for Limited<S> {
+    async fn append_audit(&self, record: &crate::store::AuditRecord) -> Result<i64, StoreError> {
+        self.call("append an audit record", self.inner.append_audit(record)).await
+    }
+
+    async fn list_audit(&self, query: &crate::store::AuditQuery) -> Result<Vec<crate::store::AuditRecord>, StoreError> {
+        self.call("list audit records", self.inner.list_audit(query)).await
+    }
+
+    async fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
+        self.call("prune audit records", self.inner.prune_audit(before)).await
+    }
+}

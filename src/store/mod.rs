@@ -12,6 +12,7 @@
 //! | rate | [`RateStore`] | a GCRA bucket per tenant whose rate the fleet shares (`rate_scope = "fleet"`) | cell leases, on the request path |
 //! | places | [`PlaceStore`] | each node's places among a tenant's requests in flight (`concurrency_scope = "fleet"`) | place leases, their renewal and release |
 //! | alerts | [`OutboxStore`] | alerts (threshold crossings) to deliver as signed webhooks, and their delivery state | the nodes that see a crossing, the worker's deliveries, `tollgate alerts` |
+//! | audit | [`AuditStore`] | every change to a tenant's settings: who, what, before and after, when ([`AuditRecord`]) | whoever changes a setting, `tollgate audit`, the dashboard; kept with the directory |
 //!
 //! [`Store`] is every role at once, implemented for any type that has them all. The usage,
 //! export and ledger roles share writes, so one store holds the three ([`UsageExportStore`]).
@@ -23,6 +24,7 @@
 //! `dynamodb`) and `PostgresStore` (a fleet on PostgreSQL, behind PgBouncer too; feature
 //! `postgres`). The numbers they all keep to are in [`contract`].
 
+mod audit;
 mod changes;
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -65,6 +67,11 @@ use std::sync::Arc;
 pub use crate::base::{
     DirectoryEvents, KeyHash, KeyScope, KeyScopes, RechargeNews, RefundAttribution, Standing, TierNews, Told,
     WebhookCount,
+};
+pub(crate) use audit::append_audit;
+pub use audit::{
+    Actor, AuditCursor, AuditQuery, AuditRecord, AuditStore, Setting, AUDIT_ACTOR_MAX, AUDIT_KEPT_SECS,
+    AUDIT_PER_TENANT, AUDIT_VALUE_MAX, DEFAULT_OPERATOR,
 };
 pub use changes::{ChangeCall, Changes, TenantChange, CHANGES_KEPT};
 pub(crate) use directory::tell_changed;
@@ -123,9 +130,9 @@ pub use values::{HeldValues, ValueCall, ValueMode, ValueRow};
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, OutboxStore,
-        PlaceStore, PlaceStoreExt, QuotaStore, QuotaStoreExt, RateStore, Store, UsageExportStore, UsageStore,
-        UsageStoreExt,
+        AuditStore, DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore,
+        OutboxStore, PlaceStore, PlaceStoreExt, QuotaStore, QuotaStoreExt, RateStore, Store, UsageExportStore,
+        UsageStore, UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};
@@ -133,9 +140,9 @@ pub mod prelude {
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
 ///
-/// Implemented for every type that implements the nine roles; implement those, never this.
+/// Implemented for every type that implements the ten roles; implement those, never this.
 pub trait Store:
-    QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore + PlaceStore + OutboxStore
+    QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore + PlaceStore + OutboxStore + AuditStore
 {
 }
 
@@ -149,6 +156,7 @@ impl<T> Store for T where
         + RateStore
         + PlaceStore
         + OutboxStore
+        + AuditStore
         + ?Sized
 {
 }
@@ -199,6 +207,8 @@ pub(crate) struct Roles {
     pub(crate) rate: Arc<dyn RateStore>,
     pub(crate) places: Arc<dyn PlaceStore>,
     pub(crate) alerts: Arc<dyn OutboxStore>,
+    /// The directory's store, or one given in code.
+    pub(crate) audit: Arc<dyn AuditStore>,
 }
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.

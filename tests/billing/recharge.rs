@@ -570,6 +570,19 @@ async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setu
     assert_eq!(view.state.setting, None, "off");
     let (status, _, _) = call(&acme, "POST", "").await;
     assert_eq!(status, 405);
+    // The audit: the operator's scopes, then the tenant's key turning it on and off; the
+    // refusals and reads are not recorded.
+    let audit = admin.audit(Some("acme"), None, 10).await.unwrap();
+    let changes: Vec<_> =
+        audit.iter().map(|r| (r.actor.to_string(), r.setting.to_string(), r.before.clone(), r.after.clone())).collect();
+    let on = "requests below=200 to=800 monthly_limit=2000".to_owned();
+    let by_key = format!("key:{acme_key}");
+    // (The setup registered an alert endpoint first.)
+    assert_eq!(changes.len(), 4, "{changes:?}");
+    assert_eq!(changes[0], (by_key.clone(), "recharge".into(), Some(on.clone()), None));
+    assert_eq!(changes[1], (by_key, "recharge".into(), None, Some(on)));
+    assert_eq!((changes[2].0.as_str(), changes[2].1.as_str()), ("operator:admin", "key"));
+    assert!(changes[2].3.as_deref().unwrap().contains("recharge:write"), "{changes:?}");
 }
 
 // Each of a tenant's own routes asks its caller's key for a scope (issue 84: "a key needs a

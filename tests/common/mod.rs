@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod recharge;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod settings_audit;
 pub mod stripe;
 
 use std::{
@@ -1117,6 +1118,24 @@ impl tollgate::store::OutboxStore for Faulty {
     async fn prune_alerts(&self, now: i64) -> Result<u64, StoreError> {
         self.alerts_call()?;
         self.inner.prune_alerts(now).await
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::store::AuditStore for Faulty {
+    async fn append_audit(&self, record: &tollgate::store::AuditRecord) -> Result<i64, StoreError> {
+        self.inner.append_audit(record).await
+    }
+
+    async fn list_audit(
+        &self,
+        query: &tollgate::store::AuditQuery,
+    ) -> Result<Vec<tollgate::store::AuditRecord>, StoreError> {
+        self.inner.list_audit(query).await
+    }
+
+    async fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
+        self.inner.prune_audit(before).await
     }
 }
 

@@ -29,6 +29,7 @@ mod pipeline;
 mod places;
 mod quotas;
 mod reports;
+mod settings_audit;
 mod shadow;
 mod shutdown;
 mod usage_report;

@@ -666,3 +666,12 @@ async fn a_plan_change_applies_on_four_engines() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::plan_change::a_plan_change_applies_on_every_node_within_a_second(nodes, whole, store).await;
 }
+
+/// The audit of tenants' settings on one table (the local server): a change from each source
+/// (an operator, the tenant's key, a Stripe webhook) recorded once with before and after
+/// (tests/common/settings_audit.rs).
+#[tokio::test]
+async fn every_source_records_its_changes() {
+    let Some(store) = dynamo::table().await else { return };
+    common::settings_audit::every_source_records_its_changes(Arc::new(store)).await;
+}

@@ -827,3 +827,12 @@ async fn moves_under_traffic_keep_the_count_exact() {
     let nodes = std::array::from_fn(|_| common::NodeStore::Whole(whole.clone()));
     common::plan_change::moves_under_traffic_keep_the_count_exact(nodes, whole, store).await;
 }
+
+/// The audit of tenants' settings on a schema of its own: a change from each source (an
+/// operator, the tenant's key, a Stripe webhook) recorded once with before and after
+/// (tests/common/settings_audit.rs).
+#[tokio::test]
+async fn every_source_records_its_changes() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::settings_audit::every_source_records_its_changes(Arc::new(store)).await;
+}

@@ -319,7 +319,7 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 23);
+    assert_eq!(version, 24);
     conn.execute_batch("PRAGMA user_version = 24").unwrap();
     drop(conn);
     let e = open_err(&db).await;
@@ -486,7 +486,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 23);
+    assert_eq!(version, 24);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -660,4 +660,14 @@ async fn four_engines_wait_for_a_processing_debit() {
     let dir = tempfile::tempdir().unwrap();
     let store = tollgate::store::SqliteStore::open(dir.path().join("debit.db")).await.unwrap();
     common::recharge::four_engines_wait_for_a_processing_debit(Arc::new(store)).await;
+}
+
+/// The audit of tenants' settings on one SQLite file: a change from each source (an operator,
+/// the tenant's key, a Stripe webhook) recorded once with before and after
+/// (tests/common/settings_audit.rs).
+#[tokio::test]
+async fn every_source_records_its_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("audit.db")).await.unwrap();
+    common::settings_audit::every_source_records_its_changes(Arc::new(store)).await;
 }

@@ -4,7 +4,6 @@
 use std::{net::SocketAddr, path::Path};
 
 use tollgate::{
-    admin::Admin,
     config::{DashboardToken, StoreRole, StoreSettings},
     dashboard::{Access, Dashboard},
     Config,
@@ -51,7 +50,7 @@ pub(crate) fn access(config: &Config, listen: SocketAddr, token_file: Option<&Pa
 pub(crate) async fn serve(config: Config, listen: SocketAddr, token_file: Option<&Path>) -> Result<()> {
     let access = access(&config, listen, token_file)?;
     let open = matches!(access, Access::Loopback);
-    let dashboard = Dashboard::new(Admin::open(&config).await?, access);
+    let dashboard = Dashboard::new(crate::util::open_admin(&config).await?, access);
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr()?;

@@ -1,7 +1,7 @@
 //! `tollgate export` (a pass, its dry run, a new identifier namespace) and `tollgate reconcile`:
 //! the commands that work against the billing system.
 
-use tollgate::{admin::Admin, Config};
+use tollgate::Config;
 
 use crate::util::{now, time_text, Result};
 
@@ -86,7 +86,7 @@ pub(crate) async fn new_namespace_of(config: Config) -> Result<()> {
         // Metronome is not read back: exports in flight keep their identifiers; nothing to
         // reconcile first.
         engine.shutdown().await?;
-        let admin = Admin::open(&config).await?;
+        let admin = crate::util::open_admin(&config).await?;
         let (old, new) = admin.new_identifier_namespace().await?;
         let old = if old.is_empty() { "(empty)" } else { old.as_str() };
         out!("identifier namespace changed from {old} to {new}");
@@ -103,7 +103,7 @@ pub(crate) async fn new_namespace_of(config: Config) -> Result<()> {
         r.drift.len() + r.more_drift
     );
     engine.shutdown().await?;
-    let admin = Admin::open(&config).await?;
+    let admin = crate::util::open_admin(&config).await?;
     let (old, new) = admin.new_identifier_namespace().await?;
     let old = if old.is_empty() { "(empty)" } else { old.as_str() };
     out!("identifier namespace changed from {old} to {new}");

@@ -17,6 +17,7 @@ macro_rules! out {
 }
 
 mod alerts;
+mod audit;
 mod credits;
 mod dashboard;
 mod dead_letters;
@@ -32,10 +33,10 @@ mod util;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tollgate::admin::Admin;
 
 use crate::{
     alerts::alerts,
+    audit::audit,
     credits::credits,
     dead_letters::{confirm_dead_letter, list_dead_letters, requeue_all_dead_letters, requeue_dead_letter},
     export::{export, new_namespace_of, reconcile, settle_letters},
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let _ = util::OPERATOR.set(util::operator_of(cli.operator));
     match cli.command {
         Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?).await,
         Command::Migrate => migrate(&load(&cli.config)?).await,
@@ -75,7 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dynamodb { command: DynamoCommand::InitNamespace } => init_namespace(&load(&cli.config)?).await,
         Command::Tenants { command } => {
             let config = load(&cli.config)?;
-            tenants(&Admin::open(&config).await?, &config, command).await
+            tenants(&crate::util::open_admin(&config).await?, &config, command).await
         }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
         Command::Alerts { command } => alerts(&admin(&cli.config).await?, command).await,
@@ -84,7 +86,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Orgs { command: OrgCommand::Show { name } } => org_show(&cli.config, name).await,
         Command::Plans { command } => {
             let loaded = load(&cli.config)?;
-            plans(&Admin::open(&loaded).await?, &loaded, command).await
+            plans(&crate::util::open_admin(&loaded).await?, &loaded, command).await
         }
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
@@ -98,7 +100,7 @@ async fn run(cli: Cli) -> Result<()> {
                 settle_letters(&config).await;
             }
             if dead_letters || requeue_all || requeue.is_some() || confirm.is_some() {
-                let admin = Admin::open(&config).await?;
+                let admin = crate::util::open_admin(&config).await?;
                 return match (requeue, confirm) {
                     (Some(key), _) => requeue_dead_letter(&admin, &key).await,
                     (_, Some(key)) => confirm_dead_letter(&admin, &key).await,
@@ -122,5 +124,6 @@ async fn run(cli: Cli) -> Result<()> {
             dashboard::serve(load(&cli.config)?, listen, token_file.as_deref()).await
         }
         Command::Usage { tenant, meter, from, to } => usage(&cli.config, tenant, meter, from, to).await,
+        Command::Audit { tenant, limit } => audit(&admin(&cli.config).await?, tenant.as_deref(), limit).await,
     }
 }

@@ -10,6 +10,10 @@ pub(crate) struct Cli {
     /// The configuration file (its `[store]` says which store the commands work on).
     #[arg(long, short, global = true, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
     pub(crate) config: PathBuf,
+    /// Who the changes this command makes are recorded as made by, in the audit of tenants'
+    /// settings (`tollgate audit`); default: `cli:$USER`.
+    #[arg(long, global = true, env = "TOLLGATE_OPERATOR")]
+    pub(crate) operator: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -89,6 +93,15 @@ pub(crate) enum Command {
         /// configuration's `dashboard.token_file`.
         #[arg(long)]
         token_file: Option<PathBuf>,
+    },
+    /// The audit of tenants' settings: who changed what (plan, customers, overrides, spend
+    /// cap, recharge, keys, alert endpoint, tier), from what to what, when; newest first.
+    Audit {
+        /// Only this tenant's changes (default: every tenant's, by time).
+        tenant: Option<String>,
+        /// At most this many (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
     /// A tenant's usage per meter and window, with what was exported of it.
     Usage {

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use tollgate::{
-    admin::Admin,
     config::{StoreRole, StoreSettings},
     Config,
 };
@@ -205,7 +204,7 @@ pub(crate) async fn migrate(config: &Config) -> Result<()> {
 /// one at `to`.
 pub(crate) async fn copy_directory(config: &Path, to: &Path) -> Result<()> {
     let from = admin(config).await?;
-    let target = Admin::open(&load(to)?).await?;
+    let target = crate::util::open_admin(&load(to)?).await?;
     let report = from.copy_directory(target.directory_store().as_ref()).await?;
     out!("copied {} tenants and {} API keys to the directory of {}", report.tenants, report.keys, to.display());
     Ok(())

@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use tollgate::admin::Admin;
-
 use crate::util::{admin, load, now, parse_time, time_text, Result};
 
 /// `quota show`: what each quota counter of the tenant holds in the store: reserved, and of
@@ -91,7 +89,7 @@ pub(crate) async fn usage(
     let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
     let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(30 * 86_400));
     let config = load(config)?;
-    let admin = Admin::open(&config).await?;
+    let admin = crate::util::open_admin(&config).await?;
     let rows = admin.usage(&tenant, meter.as_deref(), from, to).await?;
     // As the exporter bills it: the directory's customer, else the file's, in the
     // billing system of the configured sink.

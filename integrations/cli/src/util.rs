@@ -11,7 +11,28 @@ pub(crate) fn load(path: &std::path::Path) -> Result<Config> {
 }
 
 pub(crate) async fn admin(config: &std::path::Path) -> Result<Admin> {
-    Ok(Admin::open(&load(config)?).await?)
+    open_admin(&load(config)?).await
+}
+
+/// Who this run's changes are recorded as made by (`--operator`, set once at the start).
+pub(crate) static OPERATOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The operator a run is recorded as: `--operator` (or `$TOLLGATE_OPERATOR`), else
+/// `cli:$USER` (`cli` without a user).
+pub(crate) fn operator_of(given: Option<String>) -> String {
+    given.filter(|o| !o.trim().is_empty()).unwrap_or_else(|| match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("cli:{user}"),
+        _ => "cli".to_owned(),
+    })
+}
+
+/// The administration `config` names, its changes recorded as made by the run's operator.
+pub(crate) async fn open_admin(config: &Config) -> Result<Admin> {
+    let admin = Admin::open(config).await?;
+    Ok(match OPERATOR.get() {
+        Some(o) => admin.operator(o.clone()),
+        None => admin,
+    })
 }
 
 pub(crate) fn secs(d: Duration) -> i64 {

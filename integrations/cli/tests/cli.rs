@@ -16,6 +16,10 @@ use tollgate::{
 
 const PLANS: &str = "[plans.free]\nrate = \"100/s\"\n[plans.pro]\nrate = \"1000/s\"\n";
 
+/// A ladder of tiers over `free`, unlocked by payment.
+const LADDER: &str = "[billing]\ncurrency = \"usd\"\n[plans.tier1]\n[plans.tier2]\n[tiers.api]\n\
+    order = [\"free\", \"tier1\", \"tier2\"]\ntier1 = { paid = \"5.00\" }\ntier2 = { paid = \"50.00\" }\n";
+
 /// Runs the command in `dir`; (success, stdout, stderr).
 fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -533,11 +537,9 @@ fn a_customer_is_never_moved_silently_and_can_be_changed() {
 #[test]
 fn a_tier_is_pinned_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    let ladder = "[billing]\ncurrency = \"usd\"\n[plans.tier1]\n[plans.tier2]\n[tiers.api]\n\
-        order = [\"free\", \"tier1\", \"tier2\"]\ntier1 = { paid = \"5.00\" }\ntier2 = { paid = \"50.00\" }\n";
     std::fs::write(
         dir.path().join("tollgate.toml"),
-        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}{ladder}"),
+        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}{LADDER}"),
     )
     .unwrap();
     let d = dir.path();
@@ -568,6 +570,45 @@ fn a_tier_is_pinned_from_the_command_line() {
     // Off a ladder: no tier line.
     ok(d, &["tenants", "set-plan", "acme", "pro"]);
     assert!(!ok(d, &["usage", "acme"]).contains("tier"), "on no ladder");
+}
+
+/// `tollgate audit [TENANT]` lists who changed what, from what to what, newest first: each
+/// change the command made, recorded as made by `--operator` (or `cli:$USER`).
+#[test]
+fn the_audit_lists_who_changed_what_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}{LADDER}"),
+    )
+    .unwrap();
+    let d = dir.path();
+    ok(d, &["tenants", "add", "acme", "--plan", "free"]);
+    ok(d, &["tenants", "add", "zeta", "--plan", "free"]);
+    ok(d, &["--operator", "ana@ops", "tenants", "set-plan", "acme", "tier1"]);
+    ok(d, &["tenants", "set-tier", "acme", "tier2", "--operator", "bo"]);
+    let out = ok(d, &["audit", "acme"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("who") && lines[0].contains("before -> after"), "{out}");
+    let change = |l: &str| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(change(lines[1]), "acme 4 operator:bo tier - -> tier2", "{out}");
+    assert_eq!(change(lines[2]), "acme 3 operator:bo plan tier1 -> tier2", "{out}");
+    assert_eq!(change(lines[3]), "acme 2 operator:ana@ops plan free -> tier1", "{out}");
+    assert!(lines[4].contains(" tenant ") && lines[4].contains("- -> plan=free"), "{out}");
+    assert!(lines[4].contains("operator:cli"), "the default operator: {out}");
+    assert_eq!(lines[5], "4 changes");
+    let all = ok(d, &["audit", "--limit", "2"]);
+    assert!(all.contains("operator:bo") && !all.contains("zeta") && all.ends_with("2 changes\n"), "{all}");
+    assert!(ok(d, &["audit"]).contains("zeta"), "every tenant's");
+    assert!(fails(d, &["audit", "--limit", "0"]).contains("--limit"));
+    assert!(fails(d, &["audit", "a b"]).contains("tenant id"));
+    assert!(ok(d, &["audit", "nobody"]).ends_with("0 changes\n"));
+    // A plan set by hand lifts the pin: both recorded.
+    ok(d, &["tenants", "set-plan", "acme", "free", "--operator", "cy"]);
+    let out = ok(d, &["audit", "acme", "--limit", "2"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(change(lines[1]), "acme 6 operator:cy tier tier2 -> -", "{out}");
+    assert_eq!(change(lines[2]), "acme 5 operator:cy plan tier2 -> free", "{out}");
 }
 
 /// Tenants declared in the configuration file are first-class in the command: `tenants list`

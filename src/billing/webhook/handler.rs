@@ -48,6 +48,8 @@ pub struct WebhookHandler {
     secrets: Vec<Secret>,
     /// Where prepaid balances are topped up (`[stripe.credits]`).
     pub(in crate::billing) quota: Option<Arc<dyn QuotaStore>>,
+    /// Where the plan changes it makes are recorded, with the event's id as who.
+    pub(in crate::billing) audit: Option<Arc<dyn crate::store::AuditStore>>,
     /// Reads what an event lacks (a payment's line items) with the secret key.
     pub(in crate::billing) reader: Option<Arc<StripeReader>>,
     /// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said.
@@ -131,6 +133,7 @@ impl WebhookHandler {
             clock,
             secrets,
             quota: None,
+            audit: None,
             reader: None,
             lookup_keys: Arc::default(),
             destination: None,
@@ -144,6 +147,39 @@ impl WebhookHandler {
     pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
         self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
         self
+    }
+
+    /// Records each plan change it makes in `audit` (the directory's store), by the event's id
+    /// (a handler made by [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler) uses the
+    /// engine's).
+    #[must_use]
+    pub fn with_audit(mut self, audit: Arc<dyn crate::store::AuditStore>) -> Self {
+        self.audit = Some(Arc::new(Limited::new(audit, self.calls.clone(), Path::Background)));
+        self
+    }
+
+    /// Records a plan change of `tenant` from `from` to `to` made by `actor`, if it moved.
+    pub(in crate::billing) async fn record_plan(
+        &self,
+        tenant: &crate::base::TenantId,
+        actor: crate::store::Actor,
+        from: Option<&crate::base::PlanId>,
+        to: &crate::base::PlanId,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        if from == Some(to) {
+            return;
+        }
+        let at = self.clock.unix_nanos() / 1_000_000;
+        let record = crate::store::AuditRecord::new(
+            tenant.clone(),
+            at,
+            actor,
+            crate::store::Setting::Plan,
+            from.map(ToString::to_string),
+            Some(to.to_string()),
+        );
+        crate::store::append_audit(audit.as_ref(), &record).await;
     }
 
     /// Reads what a payment's event lacks (the line items of a checkout session, an invoice's

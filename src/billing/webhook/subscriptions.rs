@@ -30,9 +30,9 @@ impl WebhookHandler {
                 Ok(None) => {
                     let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone());
                     let result = self.directory.apply_plan_change(&change).await;
-                    return self.settle(config, fields, customer, &plan, result).await;
+                    return self.settle(config, fields, customer, (None, &plan), result).await;
                 }
-                Err(e) => return self.settle(config, fields, customer, &plan, Err(e)).await,
+                Err(e) => return self.settle(config, fields, customer, (None, &plan), Err(e)).await,
             };
             let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
                 Ok(read) => read,
@@ -62,7 +62,7 @@ impl WebhookHandler {
                 .with_subscriptions(&record, subs.to_json());
             match self.directory.apply_plan_change(&change).await {
                 Ok(PlanChangeOutcome::Changed) => {}
-                result => return self.settle(config, fields, customer, &plan, result).await,
+                result => return self.settle(config, fields, customer, (Some(&record.plan), &plan), result).await,
             }
         }
         WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
@@ -109,10 +109,16 @@ impl WebhookHandler {
                 Ok(Some(record)) => record,
                 Ok(None) => {
                     return self
-                        .settle(config, fields, &customer, &PlanId::from(""), Ok(PlanChangeOutcome::UnknownCustomer))
+                        .settle(
+                            config,
+                            fields,
+                            &customer,
+                            (None, &PlanId::from("")),
+                            Ok(PlanChangeOutcome::UnknownCustomer),
+                        )
                         .await
                 }
-                Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)).await,
+                Err(e) => return self.settle(config, fields, &customer, (None, &PlanId::from("")), Err(e)).await,
             };
             let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
                 Ok(read) => read,
@@ -210,14 +216,15 @@ impl WebhookHandler {
                     };
                 }
                 result => {
-                    return match (self.settle(config, fields, &customer, &plan, result).await, grace) {
+                    let settled = self.settle(config, fields, &customer, (Some(&record.plan), &plan), result).await;
+                    return match (settled, grace) {
                         (WebhookOutcome::Applied { tenant, plan }, Some(grace)) => {
                             tracing::info!(event = %fields.id, %tenant, %plan, until = grace.until, then = %grace.plan,
                                 "Stripe webhook: the subscription is past due; the tenant keeps its plan through the grace");
                             WebhookOutcome::PastDue { tenant, plan, until: grace.until, then: grace.plan }
                         }
                         (outcome, _) => outcome,
-                    }
+                    };
                 }
             }
         }
@@ -300,6 +307,8 @@ impl WebhookHandler {
                     .await;
                     tracing::info!(tenant = %stored.id, from = %record.plan, plan = %stored.plan, subscription = %id,
                         "past due: the grace is over, the tenant moved");
+                    let actor = crate::store::Actor::Tollgate("grace-ended".to_owned());
+                    self.record_plan(&stored.id, actor, Some(&record.plan), &stored.plan).await;
                     return Ok(stored.plan != record.plan);
                 }
                 PlanChangeOutcome::Changed => {
@@ -319,7 +328,7 @@ impl WebhookHandler {
         config: &Config,
         fields: &Fields,
         customer: &str,
-        plan: &PlanId,
+        (from, plan): (Option<&PlanId>, &PlanId),
         result: Result<PlanChangeOutcome, crate::store::StoreError>,
     ) -> WebhookOutcome {
         match result {
@@ -343,6 +352,7 @@ impl WebhookHandler {
                     .await;
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
                     "plan changed by a Stripe webhook");
+                self.record_plan(&record.id, crate::store::Actor::Stripe(fields.id.clone()), from, &record.plan).await;
                 WebhookOutcome::Applied { tenant: record.id, plan: record.plan }
             }
             Ok(PlanChangeOutcome::Duplicate) => WebhookOutcome::Duplicate,

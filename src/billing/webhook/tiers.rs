@@ -136,9 +136,16 @@ impl WebhookHandler {
             _ => {}
         }
         let moved = match record {
-            Some(record) => crate::store::climb(&**quota, &*self.directory, &*self.node, config, record, now, reversal)
-                .await
-                .map_err(WebhookOutcome::StoreFailed)?,
+            Some(record) => {
+                let (tenant, from) = (record.id.clone(), record.plan.clone());
+                let moved = crate::store::climb(&**quota, &*self.directory, &*self.node, config, record, now, reversal)
+                    .await
+                    .map_err(WebhookOutcome::StoreFailed)?;
+                if let Some(to) = &moved {
+                    self.record_plan(&tenant, crate::store::Actor::Stripe(event.to_owned()), Some(&from), to).await;
+                }
+                moved
+            }
             None => None,
         };
         Ok(Some(WebhookOutcome::Paid { tenant, paid: answer.standing.paid, tier: moved }))

@@ -32,14 +32,14 @@
 /// Writes one `#[tokio::test]` (multi-threaded) per function of the store conformance suite
 /// ([`store::conformance`](crate::store::conformance)), in a module `$name` with a module per
 /// role. `$make` is an expression giving a fresh `Option<StoreUnderTest<_>>` for each test
-/// (`None` skips it). The roles default to all eight; name some to test a store of those roles
+/// (`None` skips it). The roles default to all ten; name some to test a store of those roles
 /// only: `store_conformance!(my_directory, make(), directory)`.
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! store_conformance {
     ($name:ident, $make:expr) => {
-        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate, place, outbox);
+        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate, place, outbox, audit);
     };
     ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
         mod $name {
@@ -168,6 +168,14 @@ macro_rules! store_conformance {
             retries_dead_letters_and_prunes_apply_once,
         );
     };
+    (@role audit, $make:expr) => {
+        $crate::store_conformance!(@tests audit, $make;
+            records_are_numbered_per_tenant_and_listed_newest_first,
+            a_tenant_keeps_its_newest_records_within_the_bound,
+            concurrent_appends_get_numbers_of_their_own,
+            a_prune_removes_what_is_older_than_its_cutoff,
+        );
+    };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {
         mod $role {
             #[allow(unused_imports)]
@@ -183,6 +191,7 @@ macro_rules! store_conformance {
     };
 }
 
+pub mod audit;
 pub mod directory;
 pub mod export;
 pub mod idempotency;

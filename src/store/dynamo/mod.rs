@@ -31,6 +31,7 @@ use super::{
 };
 use crate::base::{KeyHash, KeyScopes, TenantId};
 
+mod audit;
 mod counters;
 mod credits;
 mod directory;

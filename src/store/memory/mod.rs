@@ -15,6 +15,7 @@ use super::{
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
+mod audit;
 mod directory;
 mod export;
 mod idempotency;
@@ -104,6 +105,9 @@ struct Inner {
     values: HashMap<(TenantId, MeterId, String, i64), crate::store::ValueRow>,
     /// The latest period start a values call named when rows were last pruned.
     values_pruned: i64,
+    /// The audit of tenants' settings, by (tenant, number), and each tenant's last number.
+    audit: BTreeMap<(TenantId, i64), crate::store::AuditRecord>,
+    audit_heads: HashMap<TenantId, i64>,
 }
 
 /// One `Idempotency-Key` binding.

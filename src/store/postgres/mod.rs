@@ -30,6 +30,7 @@ use super::{
 };
 use crate::base::{KeyHash, KeyScopes, TenantId};
 
+mod audit;
 mod directory;
 mod export;
 mod idempotency;

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 15;
+pub const SCHEMA_VERSION: u32 = 16;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -301,6 +301,26 @@ CREATE TABLE {s}.tenant_payment (
     tenant text COLLATE "C" PRIMARY KEY,
     row    text NOT NULL
 );
+"#,
+    // 15 -> 16: the audit of tenants' settings (`store::AuditRecord`): each tenant's records
+    // numbered by its `audit_head` row (an upsert under the row's lock), at most
+    // `AUDIT_PER_TENANT` kept per tenant.
+    r#"
+CREATE TABLE {s}.audit_head (
+    tenant text COLLATE "C" PRIMARY KEY,
+    seq    bigint NOT NULL
+);
+CREATE TABLE {s}.audit_log (
+    tenant  text COLLATE "C" NOT NULL,
+    seq     bigint NOT NULL,
+    at      bigint NOT NULL,
+    actor   text NOT NULL,
+    setting text NOT NULL,
+    before  text,
+    after   text,
+    PRIMARY KEY (tenant, seq)
+);
+CREATE INDEX audit_log_at ON {s}.audit_log (at, tenant, seq);
 "#,
 ];
 

@@ -25,6 +25,7 @@ use crate::{
     config::Synchronous,
 };
 
+mod audit;
 mod conn;
 mod directory;
 mod export;

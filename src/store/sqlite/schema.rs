@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 23;
+pub(super) const SCHEMA_VERSION: i32 = 24;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -335,6 +335,25 @@ CREATE TABLE tenant_payment (
     tenant TEXT PRIMARY KEY,
     row    TEXT NOT NULL
 ) WITHOUT ROWID;
+",
+    // 23 -> 24: the audit of tenants' settings (`store::AuditRecord`): each tenant's records
+    // numbered by `audit_head`, at most `AUDIT_PER_TENANT` kept per tenant.
+    r"
+CREATE TABLE audit_head (
+    tenant TEXT PRIMARY KEY,
+    seq    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE audit_log (
+    tenant  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    before  TEXT,
+    after   TEXT,
+    PRIMARY KEY (tenant, seq)
+) WITHOUT ROWID;
+CREATE INDEX audit_log_at ON audit_log (at, tenant, seq);
 ",
 ];
 
