@@ -295,6 +295,27 @@ try:
     no_markup(driver, "alerts")
     shot(driver, "alerts")
 
+    # The audit: the seed's changes, by its operator (a name of markup), newest first.
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, "Audit").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("Audit"))
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")]
+             for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
+    who = {c[2] for c in cells if len(c) == 6}
+    check("audit: the seed's changes, by its operator, the name as text",
+          "operator:seed\"'><b>ops</b>" in who, who)
+    issued = [c for c in cells if len(c) == 6 and c[1] == HOSTILE and c[3] == "key"]
+    check("audit: the markup tenant's keys, its id as text", issued, cells[:4])
+    check("audit: a key is named by its id, never the key",
+          all(" prefix=tg_live_" in c[5] and len(c[5].split()[1]) <= len("prefix=tg_live_") + 4 for c in issued), issued)
+    no_markup(driver, "audit")
+    no_word_broken(driver, "audit")
+    shot(driver, "audit")
+    driver.find_element(By.CSS_SELECTOR, "table.audit a.tenant").click()
+    WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "section.facts"))
+    check("audit: a row's tenant opens its page, with its changes",
+          driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr"))
+
     driver.get(base + "/node")
     check("node: the store answers", len(driver.find_elements(By.CSS_SELECTOR, "table.health td.ok")) == 3)
     stats = {r.get_attribute("data-field"): r.find_elements(By.TAG_NAME, "td")[1].text
@@ -374,6 +395,10 @@ try:
             driver.get(href)
             opened += driver.find_elements(By.CSS_SELECTOR, "section.facts") != []
         check("week: every tenant linked from the money page opens", links and opened == len(links), (opened, len(links)))
+        picture("/audit", "audit", 1000)
+        moved = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr") if "spend-cap" in r.text]
+        check("week: a team's lowered cap, by its operator", any("operator:ana@ops" in m and "4.5 hard" in m for m in moved),
+              moved)
         for path, name in [("/plans", "plans"), ("/billing", "billing"), ("/alerts", "alerts"), ("/node", "node")]:
             picture(path, name)
 finally:

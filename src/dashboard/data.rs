@@ -15,7 +15,7 @@ use crate::{
         recharge::RechargeView,
     },
     store::{AlertQuery, AlertState, ApiKeyRecord, CreditGrant, DeadLetter, LedgerEntry, OutboxEntry, QuotaCounter},
-    store::{TenantRecord, UsageAggregate},
+    store::{AuditCursor, AuditRecord, TenantRecord, UsageAggregate},
 };
 
 /// Tenants per page of the list.
@@ -203,6 +203,48 @@ pub(crate) struct TenantData {
     /// Each meter with dimensions: its usage per series in the days read (the charts show
     /// the meter's total).
     pub(crate) breakdowns: Vec<Breakdown>,
+    /// Its last [`TENANT_CHANGES`] changes in the audit, newest first, or why they were not
+    /// read.
+    pub(crate) changes: Result<Vec<AuditRecord>, String>,
+}
+
+/// The changes of the audit a tenant's page shows.
+pub(crate) const TENANT_CHANGES: usize = 10;
+
+/// The changes of the audit a page of `/audit` shows.
+pub(crate) const AUDIT_ROWS: usize = 100;
+
+/// A page of the audit: its records, newest first, and where the next page starts.
+#[derive(Debug, Default)]
+pub(crate) struct AuditData {
+    /// Only this tenant's (`?tenant=`).
+    pub(crate) tenant: Option<String>,
+    pub(crate) records: Vec<AuditRecord>,
+    /// The cursor of the next page (`?before=`), if there may be one.
+    pub(crate) next: Option<String>,
+}
+
+/// A record's place as the address carries it: `AT.SEQ.TENANT` (the tenant last: it may hold
+/// dots).
+pub(crate) fn cursor_text(c: &AuditCursor) -> String {
+    format!("{}.{}.{}", c.at, c.seq, c.tenant)
+}
+
+fn cursor_of(text: &str) -> Option<AuditCursor> {
+    let mut parts = text.splitn(3, '.');
+    let at = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let tenant = TenantId::from(parts.next().filter(|t| TenantId::is_valid(t))?);
+    Some(AuditCursor { at, tenant, seq })
+}
+
+/// The audit's page: [`AUDIT_ROWS`] records, `tenant`'s or the fleet's, after `before`. A
+/// tenant id or cursor that is not one reads the first page of the fleet.
+pub(crate) async fn audit(admin: &Admin, tenant: Option<&str>, before: Option<&str>) -> Result<AuditData, AdminError> {
+    let tenant = tenant.filter(|t| TenantId::is_valid(t));
+    let records = admin.audit(tenant, before.and_then(cursor_of), AUDIT_ROWS).await?;
+    let next = (records.len() == AUDIT_ROWS).then(|| records.last().map(|r| cursor_text(&r.cursor()))).flatten();
+    Ok(AuditData { tenant: tenant.map(str::to_owned), records, next })
 }
 
 /// The most series a breakdown shows (the largest first): a meter has at most the product of
@@ -997,6 +1039,7 @@ pub(crate) async fn tenant(
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
         route,
         breakdowns,
+        changes: admin.audit(Some(id), None, TENANT_CHANGES).await.map_err(|e| e.to_string()),
         record,
     }))
 }

@@ -189,12 +189,13 @@ pub(crate) struct Page {
 }
 
 /// The pages of the navigation bar: (path under the dashboard, label).
-const NAV: [(&str, &str); 6] = [
+const NAV: [(&str, &str); 7] = [
     ("/", "Tenants"),
     ("/plans", "Plans"),
     ("/money", "Money"),
     ("/billing", "Billing"),
     ("/alerts", "Alerts"),
+    ("/audit", "Audit"),
     ("/node", "Node"),
 ];
 

@@ -1,11 +1,14 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{
-    AlertsData, BillingData, ListView, MoneyData, NodeData, PlansData, Reversal, RouteView, Sort, TenantData,
-    TenantsData, HOURS, LEDGER_HOURS, MONEY_WINDOW, ROWS, STATES, WINDOW,
+    AlertsData, AuditData, BillingData, ListView, MoneyData, NodeData, PlansData, Reversal, RouteView, Sort,
+    TenantData, TenantsData, HOURS, LEDGER_HOURS, MONEY_WINDOW, ROWS, STATES, WINDOW,
 };
 use super::html::{Esc, Frame, Minor, Money, Num, Page, Seg, Unit, When, Wrap};
-use crate::{base::Period, store::OutboxEntry};
+use crate::{
+    base::Period,
+    store::{AuditRecord, OutboxEntry},
+};
 
 /// The query of `view` (`plan=…&state=…&sort=…`, percent-encoded; empty for the plain list).
 pub(crate) fn view_query(view: &ListView) -> String {
@@ -375,6 +378,21 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
             Esc(&cap.own.map_or_else(|| "none".to_owned(), |c| crate::base::amount_of(c.limit).to_string()))
         ));
     }
+    p.raw("<section><h2>Changes</h2>");
+    match &d.changes {
+        Ok(changes) => {
+            audit_table(&mut p, base, changes, false);
+            p.fmt(format_args!(
+                "<p><a href=\"{base}/audit?tenant={}\">every change of {}</a></p>",
+                Seg(r.id.as_str()),
+                Esc(r.id.as_str())
+            ));
+        }
+        Err(e) => {
+            p.fmt(format_args!("<p class=\"error\">Not read: {}</p>", Esc(e)));
+        }
+    }
+    p.raw("</section>");
     if let Some(grace) = &d.past_due {
         p.fmt(format_args!("<section><h2>Past due</h2><p class=\"past-due\">{}</p></section>", Esc(&grace.line())));
     }
@@ -776,6 +794,58 @@ pub(crate) fn alerts(base: &str, frame: Frame, d: &AlertsData) -> String {
         p.raw("</tbody></table></section>");
     }
     p.finish()
+}
+
+/// The audit's page: who changed which tenant's settings, from what to what, newest first, in
+/// pages of [`AUDIT_ROWS`](super::data::AUDIT_ROWS).
+pub(crate) fn audit(base: &str, frame: Frame, d: &AuditData) -> String {
+    let mut p = Page::new(base, "Audit", "/audit", frame);
+    match &d.tenant {
+        Some(t) => {
+            p.fmt(format_args!("<section><h2>Changes of {}</h2>", TenantLink(base, t)));
+        }
+        None => {
+            p.raw("<section><h2>Changes to tenants' settings</h2>");
+        }
+    }
+    audit_table(&mut p, base, &d.records, d.tenant.is_none());
+    if let Some(next) = &d.next {
+        let tenant = d.tenant.as_deref().map(|t| format!("tenant={}&", Seg(t))).unwrap_or_default();
+        p.fmt(format_args!(
+            "<p><a rel=\"next\" href=\"{base}/audit?{tenant}before={}\">older changes</a></p>",
+            Seg(next)
+        ));
+    }
+    p.raw(
+        "<p>Kept 400 days, a tenant's newest 500; <code>tollgate audit [TENANT]</code> lists them too.</p></section>",
+    );
+    p.finish()
+}
+
+/// Changes as a table: when, (the tenant,) who, what, before and after.
+fn audit_table(p: &mut Page, base: &str, records: &[AuditRecord], tenants: bool) {
+    p.raw("<table class=\"audit\"><thead><tr><th>when (UTC)</th>");
+    if tenants {
+        p.raw("<th>tenant</th>");
+    }
+    p.raw("<th>who</th><th>what</th><th>before</th><th>after</th></tr></thead><tbody>");
+    for r in records {
+        p.fmt(format_args!("<tr><td class=\"when\">{}</td>", When(Some(r.at.div_euclid(1_000)))));
+        if tenants {
+            p.fmt(format_args!("<td>{}</td>", TenantLink(base, r.tenant.as_str())));
+        }
+        p.fmt(format_args!(
+            "<td class=\"who\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            Wrap(&r.actor.to_string()),
+            Esc(r.setting.as_str()),
+            Wrap(r.before.as_deref().unwrap_or("-")),
+            Wrap(r.after.as_deref().unwrap_or("-"))
+        ));
+    }
+    if records.is_empty() {
+        p.fmt(format_args!("<tr><td colspan=\"{}\">no change recorded</td></tr>", if tenants { 6 } else { 5 }));
+    }
+    p.raw("</tbody></table>");
 }
 
 /// The plans page: how many tenants are on each version of each plan.

@@ -245,6 +245,9 @@ impl Dashboard {
             keep: match (path, query("after")) {
                 ("/" | "/tenants", _) => pages::view_query(&view),
                 ("/money", Some(after)) => format!("after={}", super::html::Seg(&after)),
+                ("/audit", _) => {
+                    query("tenant").map(|t| format!("tenant={}", super::html::Seg(&t))).unwrap_or_default()
+                }
                 _ => String::new(),
             },
         };
@@ -258,6 +261,9 @@ impl Dashboard {
             }
             "/billing" => data::billing(admin).await.map(|d| Some(pages::billing(base, frame.clone(), &d))),
             "/alerts" => data::alerts(admin).await.map(|d| Some(pages::alerts(base, frame.clone(), &d))),
+            "/audit" => data::audit(admin, query("tenant").as_deref(), query("before").as_deref())
+                .await
+                .map(|d| Some(pages::audit(base, frame.clone(), &d))),
             "/node" => match engine {
                 Some(engine) => Ok(Some(pages::node(base, frame.clone(), &data::node(admin, engine).await))),
                 None => Ok(None),

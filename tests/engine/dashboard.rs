@@ -97,6 +97,15 @@ async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
         now + 86_400,
     );
     store.put_alerts(&[alert]).await.unwrap();
+    let change = tollgate::store::AuditRecord::new(
+        MARK.into(),
+        now * 1_000,
+        tollgate::store::Actor::Operator(format!("o{MARK}")),
+        tollgate::store::Setting::Overrides,
+        Some(format!("b{MARK}")),
+        Some(format!("v{MARK}")),
+    );
+    tollgate::store::AuditStore::append_audit(&*store, &change).await.unwrap();
     (engine, store)
 }
 
@@ -156,9 +165,14 @@ async fn every_string_from_the_store_is_escaped_on_every_page() {
     let d = Dashboard::for_engine(&engine, token());
     let id = "%3Ci%3Ex%3C%2Fi%3E%22%27";
     let escaped = "&lt;i&gt;x&lt;/i&gt;&quot;&#39;";
-    for path in
-        ["/".to_owned(), "/billing".to_owned(), "/alerts".to_owned(), "/node".to_owned(), format!("/tenants/{id}")]
-    {
+    for path in [
+        "/".to_owned(),
+        "/billing".to_owned(),
+        "/alerts".to_owned(),
+        "/node".to_owned(),
+        "/audit".to_owned(),
+        format!("/tenants/{id}"),
+    ] {
         let r = get(&d, &path, true).await;
         assert_eq!(r.status(), 200, "{path}");
         let body = text(&r);
@@ -178,6 +192,51 @@ async fn every_string_from_the_store_is_escaped_on_every_page() {
     let alerts = text(&get(&d, "/alerts", true).await).replace("<wbr>", "");
     assert!(alerts.contains(&format!("a{escaped}")) && alerts.contains(&format!("quota.{escaped}")));
     assert!(!alerts.contains("secret"), "a destination's query is not shown");
+    for page in [text(&get(&d, "/audit", true).await), tenant] {
+        let page = page.replace("<wbr>", "");
+        for shown in [format!("operator:o{escaped}"), format!("b{escaped}"), format!("v{escaped}")] {
+            assert!(page.contains(&shown), "{shown}");
+        }
+    }
+}
+
+/// The audit's page lists the fleet's changes newest first, 100 to a page with a link to the
+/// older ones, or one tenant's; a tenant's page shows its last 10 and links to the rest; an
+/// address's cursor that is not one reads the first page.
+#[tokio::test]
+async fn the_audit_page_lists_changes_newest_first_in_pages() {
+    let (engine, _store) = seeded().await;
+    let admin = tollgate::admin::Admin::for_engine(&engine).operator("ana");
+    admin.add_tenant("t1", "free", None).await.unwrap();
+    admin.add_tenant("t2", "free", None).await.unwrap();
+    for i in 0..52 {
+        let plan = if i % 2 == 0 { "pro" } else { "free" };
+        admin.set_plan("t1", plan).await.unwrap();
+        admin.set_plan("t2", plan).await.unwrap();
+    }
+    // 1 seeded + 2 tenants created + 104 moves.
+    let d = Dashboard::for_engine(&engine, token());
+    let rows = |page: &str| page.matches("<tr><td class=\"when\">").count();
+    let first = text(&get(&d, "/audit", true).await).replace("<wbr>", "");
+    assert_eq!(rows(&first), 100, "{first}");
+    assert!(first.contains("operator:ana") && first.contains(">free</td><td>pro<"), "{first}");
+    let next =
+        first.split("rel=\"next\" href=\"/ops/audit?before=").nth(1).expect("a next page").split('"').next().unwrap();
+    let second = text(&get(&d, &format!("/audit?before={next}"), true).await);
+    assert_eq!(rows(&second), 7);
+    assert!(second.contains("plan=free") && !second.contains("rel=\"next\""), "{second}");
+    let t1 = text(&get(&d, "/audit?tenant=t1", true).await);
+    assert_eq!(rows(&t1), 53);
+    assert!(!t1.contains("t2"), "t1's alone");
+    let page = text(&get(&d, "/tenants/t2", true).await);
+    let changes = page.split("<h2>Changes</h2>").nth(1).unwrap().split("</section>").next().unwrap();
+    assert_eq!(rows(changes), 10);
+    assert!(changes.contains("href=\"/ops/audit?tenant=t2\""), "{changes}");
+    for bad in ["/audit?before=x", "/audit?before=1.2.a%20b", "/audit?tenant=a%20b"] {
+        let r = get(&d, bad, true).await;
+        assert_eq!(r.status(), 200, "{bad}");
+        assert_eq!(rows(&text(&r)), 100, "{bad}: the first page");
+    }
 }
 
 #[tokio::test]

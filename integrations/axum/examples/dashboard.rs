@@ -79,7 +79,7 @@ features = ["generate"]
 rate = "1000/s"
 burst = 1000
 quotas.requests = {{ limit = 5000, period = "day", mode = "soft" }}
-spend = {{ limit = "5.00", period = "month", mode = "hard" }}
+spend = {{ limit = "5.00", period = "month", mode = "hard", max_limit = "10.00" }}
 
 [[routes]]
 method = "POST"
@@ -112,8 +112,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (engine, worker) = Tollgate::builder(config.clone()).open().await?;
     tokio::spawn(worker.run());
 
-    // Tenants and keys, as `tollgate tenants add` and `tollgate keys issue` would.
-    let admin = Admin::for_engine(&engine);
+    // Tenants and keys, as `tollgate tenants add` and `tollgate keys issue` would, recorded
+    // in the audit as made by an operator whose name is markup (shown as text).
+    let admin = Admin::for_engine(&engine).operator("seed\"'><b>ops</b>");
     let mut keys = Vec::new();
     for (id, plan, customer) in [("acme", "pro", Some("cus_acme")), (HOSTILE, "free", None), ("globex", "free", None)] {
         if admin.tenant(id).await?.is_none() {
@@ -168,7 +169,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.put_alerts(&[alert]).await?;
 
     if std::env::var("TOLLGATE_SEED").as_deref() == Ok("week") {
-        seed_week(&engine, &admin, &store, &api).await?;
+        seed_week(&engine, &admin.clone().operator("ana@ops"), &store, &api).await?;
     }
 
     let dashboard = Dashboard::for_engine(&engine, Access::from_config(&config)?);
@@ -321,6 +322,10 @@ async fn seed_week(
                 api.clone().oneshot(call("GET", "/v1/items", &key)?).await?;
             }
         } else if team {
+            // One team lowered its cap (the audit's page shows the change).
+            if i == 7 {
+                admin.set_spend_cap(name, Some("4.50"), tollgate::config::QuotaMode::Hard).await?;
+            }
             // Spending up to its cap; the first team spends past it and is refused (402).
             let n = if i == 1 { 520 } else { 20 + draw.next(400) };
             for _ in 0..n {
