@@ -103,11 +103,18 @@ fn build_warns_of_each_role_whose_durable_store_it_does_not_open() {
     let logged = text(&lines);
     assert!(logged.contains("Builder::open") && logged.contains("directory"), "{logged}");
     assert!(!logged.contains("quota"), "the quota role's store is memory: {logged}");
-    // Given in code, the role's store is the one the code chose: nothing to say.
+    // Given in code, the role's store is the one the code chose: nothing to say, once the
+    // audit kept beside the directory is given too.
     lines.0.lock().unwrap().clear();
     let directory = std::sync::Arc::new(tollgate::store::MemoryStore::new());
-    let (_engine, _worker) = tollgate::Tollgate::builder(config).directory_store(directory).build();
+    let (_engine, _worker) =
+        tollgate::Tollgate::builder(config.clone()).directory_store(directory.clone()).audit_store(directory).build();
     assert_eq!(text(&lines), "");
+    // A directory alone: its audit would be kept in memory, and that is said.
+    let directory = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let (_engine, _worker) = tollgate::Tollgate::builder(config).directory_store(directory).build();
+    let logged = text(&lines);
+    assert!(logged.contains("without an audit store") && logged.contains("Builder::audit_store"), "{logged}");
 }
 
 /// A store outage is counted per error and logged once per burst, not once per request.
