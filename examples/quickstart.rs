@@ -41,6 +41,11 @@
 //! `REDIS_URL` keep its quotas, fleet rates, places and `Idempotency-Key`s on Redis, beside its
 //! SQLite file.
 //!
+//! With `--features otel` and `OTEL_EXPORTER_OTLP_ENDPOINT` set (an OpenTelemetry Collector's
+//! OTLP/HTTP address, `http://localhost:4318`), each request's admission and its store calls
+//! are sent as spans, the request's `traceparent` their parent, and tollgate's counters as
+//! metrics beside `/metrics` (`service.name` `tollgate-quickstart`).
+//!
 //! Edit the configuration and send SIGHUP (`kill -HUP <pid>`) to reload it without losing
 //! counters. Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
 
@@ -116,6 +121,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tollgate's metrics (`tollgate_*`), served at `/metrics`: the recorder is installed before
     // the engine registers them.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    // Spans and metrics over OTLP, when OTEL_EXPORTER_OTLP_ENDPOINT is set (`--features otel`).
+    #[cfg(feature = "otel")]
+    let otel = tollgate::otel::Otel::from_env("tollgate-quickstart")?;
+    #[cfg(feature = "otel")]
+    if otel.is_some() {
+        println!("  OpenTelemetry: spans and metrics to {}", std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")?);
+    }
 
     let config_path = std::env::var_os("TOLLGATE_CONFIG")
         .map(PathBuf::from)
@@ -196,6 +208,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer = tollgate::TollgateLayer::new(tollgate.clone());
     let usage_engine = tollgate.clone();
     let worker = tokio::spawn(worker.run());
+    #[cfg(feature = "otel")]
+    if let Some(otel) = &otel {
+        otel.observe(&tollgate);
+    }
 
     let app = Router::new()
         .route("/", get(|| async { "hello from behind tollgate\n" }))
@@ -270,6 +286,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.flushed_units, stats.flushes, stats.exported_events, stats.exported_units, destination
     );
     let _ = report;
+    // What the exporters batched is sent before the process ends.
+    #[cfg(feature = "otel")]
+    if let Some(otel) = otel {
+        otel.shutdown()?;
+    }
     Ok(())
 }
 

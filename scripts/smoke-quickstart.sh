@@ -233,7 +233,8 @@ refused=$(cd "$work" && PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" timeout 2
 # can end the writer with SIGPIPE and fail the pipeline (seen once in a cold run here).
 check "[stripe] without Stripe support: refused" yes \
   "$(grep -q 'features stripe' <<<"$refused" && grep -q 'exit 2' <<<"$refused" && echo yes || echo no)"
-cargo build --locked --example quickstart --features stripe
+# One build with Stripe support serves the [stripe] checks and OpenTelemetry's below.
+cargo build --locked --example quickstart --features stripe,otel
 says() { # env...: starts the Stripe build with [stripe], prints its billing line, stops it
   (cd "$work" && env "$@" PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" RUST_LOG=warn "$bin") >"$work/stripe.log" 2>&1 &
   pid=$!
@@ -259,6 +260,37 @@ check "[stripe] webhooks: a forged signature gets 400" 400 \
   "$(code -X POST "$base/stripe/webhook" -H 'stripe-signature: t=1,v1=00' -d '{}')"
 kill -TERM $pid 2>/dev/null || true
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+
+# OpenTelemetry (the same build): with OTEL_EXPORTER_OTLP_ENDPOINT set, as the quickstart's
+# comment says, a request's admission reaches an OTLP receiver (scripts/otlp-receiver.py: the
+# official OTLP protobuf definitions decode what arrives) as a span under the request's
+# traceparent, and tollgate's counters as metrics, sent at the latest when it stops.
+if [ -z "${TOLLGATE_MOTO_PYTHON:-}" ]; then
+  [ -z "${CI:-}" ] || { echo "CI is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)"; exit 1; }
+  echo "SKIPPED: OpenTelemetry's smoke check (TOLLGATE_MOTO_PYTHON, a Python with opentelemetry-proto, is not set)"
+else
+  "$TOLLGATE_MOTO_PYTHON" scripts/otlp-receiver.py 0 >"$work/otlp.out" 2>&1 &
+  otlp_pid=$!
+  for _ in $(seq 100); do grep -q '^ready ' "$work/otlp.out" && break; sleep 0.1; done
+  otlp="http://127.0.0.1:$(sed -n 's/^ready //p' "$work/otlp.out")"
+  (cd "$work" && env OTEL_EXPORTER_OTLP_ENDPOINT="$otlp" PORT=$port RUST_LOG=warn "$bin") >"$work/otel.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "$base/" && break; sleep 0.1; done
+  check "otel: said at start" yes "$(grep -q "OpenTelemetry: spans and metrics to $otlp" "$work/otel.log" && echo yes || echo no)"
+  code "$base/v1/items" "${free[@]}" -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' >/dev/null
+  kill -TERM $pid 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  check "otel: the admission, a span under the request's traceparent, its tenant named" yes "$(curl -s "$otlp/spans" | python3 -c '
+import json, sys
+spans = json.load(sys.stdin)
+print("yes" if any(s["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and s["parent_span_id"] == "b7ad6b7169203331"
+                   and s["attributes"].get("tollgate.tenant") == "acme" and s["service"] == "tollgate-quickstart"
+                   for s in spans) else spans)')"
+  check "otel: the counters, as metrics" yes "$(curl -s "$otlp/metrics" | python3 -c '
+import json, sys
+print("yes" if any(p["name"] == "tollgate.tracked_tenants" for p in json.load(sys.stdin)) else "no")')"
+  kill $otlp_pid 2>/dev/null || true
+fi
 
 # The AI example (tollgate-axum's ai_stream), as its comment says: a balance of 300 tokens
 # streams 120 and `done`, 120 and `done`, the 60 left and `stopped`, then 402. One build, with

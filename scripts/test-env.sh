@@ -69,10 +69,11 @@ test_env_start() {
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   # moto's DynamoDB server, in a venv.
   local venv="${TOLLGATE_MOTO_VENV:-$root/.venv/moto}"
-  if ! "$venv/bin/python" -c 'import moto, flask, standardwebhooks, jsonschema' 2>/dev/null; then
+  # With the official OTLP protobuf definitions, which the OTLP receiver decodes with.
+  if ! "$venv/bin/python" -c 'import moto, flask, standardwebhooks, jsonschema, opentelemetry.proto' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[dynamodb]==5.2.5' flask flask-cors \
-      'standardwebhooks==1.1.0' 'jsonschema==4.25.1'
+      'standardwebhooks==1.1.0' 'jsonschema==4.25.1' 'opentelemetry-proto==1.45.2'
   fi
   # Tests that stop and resume a server start one of their own with this Python.
   export TOLLGATE_MOTO_PYTHON="$venv/bin/python"

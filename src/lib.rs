@@ -75,6 +75,8 @@ pub mod guide {
     pub mod dashboard {}
     #[doc = include_str!("../docs/audit.md")]
     pub mod audit {}
+    #[doc = include_str!("../docs/opentelemetry.md")]
+    pub mod opentelemetry {}
 }
 pub mod money {
     //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),
@@ -108,6 +110,9 @@ pub mod events {
 mod engine;
 pub mod layer;
 mod metrics;
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod otel;
 mod plan;
 pub mod report {
     //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's

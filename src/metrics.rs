@@ -300,6 +300,37 @@ impl Totals {
     }
 }
 
+/// The fields of [`Stats`] that are levels (what is held now), not running totals.
+#[cfg(feature = "otel")]
+const LEVELS: [&str; 8] = [
+    "tracked_tenants",
+    "waiting_windows",
+    "unconfirmed_exports",
+    "tracked_clients",
+    "held_rate_states",
+    "response_bytes_buffered",
+    "holds_open",
+    "units_held",
+];
+
+#[cfg(feature = "otel")]
+impl Stats {
+    /// Each field by its name, its value, and whether it is a level rather than a running
+    /// total: read from `Debug` (a flat struct of counts), so a new field is never left out.
+    pub(crate) fn entries(&self) -> Vec<(String, u64, bool)> {
+        let text = format!("{self:?}");
+        let fields = text.trim_start_matches("Stats").trim().trim_start_matches('{').trim_end_matches('}');
+        fields
+            .split(',')
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once(':')?;
+                let name = name.trim();
+                Some((name.to_owned(), value.trim().parse().ok()?, LEVELS.contains(&name)))
+            })
+            .collect()
+    }
+}
+
 /// A snapshot of the engine's background counters, from [`Tollgate::stats`](crate::Tollgate::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -528,4 +559,20 @@ pub(crate) enum ProcessedAs {
     Applied,
     Duplicate,
     Refused(&'static str),
+}
+
+#[cfg(all(test, feature = "otel"))]
+mod otel_tests {
+    use super::*;
+
+    #[test]
+    fn every_field_is_an_entry_and_the_levels_are_known() {
+        let stats = Stats { tracked_tenants: 3, holds_open: 2, flushes: 7, ..Stats::default() };
+        let entries = stats.entries();
+        assert_eq!(entries.len(), format!("{stats:?}").matches(':').count(), "every field");
+        let find = |n: &str| entries.iter().find(|(name, _, _)| name == n).cloned().unwrap();
+        assert_eq!(find("tracked_tenants"), ("tracked_tenants".into(), 3, true));
+        assert_eq!(find("flushes"), ("flushes".into(), 7, false));
+        assert!(LEVELS.iter().all(|l| entries.iter().any(|(n, _, level)| n == l && *level)), "a level renamed");
+    }
 }

@@ -14,6 +14,8 @@ mod random;
 mod rejection;
 mod signing;
 mod sink;
+#[cfg(feature = "otel")]
+pub(crate) mod trace;
 
 pub use events::{DirectoryEvents, RechargeNews, TierNews, Told, WebhookCount};
 pub(crate) use ids::policy_name;

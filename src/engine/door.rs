@@ -353,10 +353,15 @@ impl FrontDoor {
         credential: impl FnOnce(&Identify) -> Credential<'a>,
         honoured: impl FnOnce(&Runtime) -> bool,
     ) -> Decision {
+        // Feature `otel`: the admission's span, its parent the request's trace context.
+        #[cfg(feature = "otel")]
+        let span = crate::base::trace::RequestSpan::start(request.method(), request.path(), |name| {
+            request.header_values(name).next()
+        });
         // A route may read its hold's estimate from a header: those fields go with the request.
         let mut fields: Vec<(&str, &[u8])> = Vec::new();
         let fields = &mut fields;
-        self.admit_raw(
+        let decision = self.admit_raw(
             move |rt| {
                 for name in rt.hold_headers.iter() {
                     fields.extend(request.header_values_named(name).map(|v| (name.as_str(), v)));
@@ -367,7 +372,10 @@ impl FrontDoor {
                 describe(info, request.query(), honoured(rt), || request.header_values_named(&IDEMPOTENCY_KEY))
             },
             |rt| rt.client_ip(request.client_addr(), |name| request.header_values(name)),
-        )
+        );
+        #[cfg(feature = "otel")]
+        let decision = traced(decision, span);
+        decision
     }
 
     /// Decides on a request without waiting, described by `describe` against the configured
@@ -420,6 +428,26 @@ impl Pass {
         headers.insert(IDEMPOTENT_REPLAYED.clone(), http::HeaderValue::from_static("true"));
         ticket.emit(&mut |field, value| put_header(headers, field, value));
         response
+    }
+}
+
+/// A decision told to its span (feature `otel`): ended with it, or handed on with a pending
+/// one, which [`Tollgate::resolve`](crate::Tollgate::resolve) ends.
+#[cfg(feature = "otel")]
+fn traced(decision: Decision, span: crate::base::trace::RequestSpan) -> Decision {
+    match decision {
+        Decision::Admitted(pass) => {
+            pass.trace(span);
+            Decision::Admitted(pass)
+        }
+        Decision::Rejected(rejection) => {
+            rejection.trace(span);
+            Decision::Rejected(rejection)
+        }
+        Decision::Pending(mut pending) => {
+            pending.trace = Some(Box::new(span));
+            Decision::Pending(pending)
+        }
     }
 }
 

@@ -187,6 +187,22 @@ impl Tollgate {
     /// # Errors
     /// The rejection to answer the request with.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
+        // Feature `otel`: resolved under its admission's span (its store calls its children),
+        // which its decision ends.
+        #[cfg(feature = "otel")]
+        let pending = {
+            let mut pending = pending;
+            if let Some(span) = pending.trace.take() {
+                use opentelemetry::context::FutureExt as _;
+                let resolved = self.gate().resolve(pending).with_context(span.context().clone()).await;
+                match &resolved {
+                    Ok(pass) => pass.trace(*span),
+                    Err(r) => r.trace(*span),
+                }
+                return Ok(Ticket::new(resolved?, self.units().clone()));
+            }
+            pending
+        };
         let pass = self.gate().resolve(pending).await?;
         Ok(Ticket::new(pass, self.units().clone()))
     }
@@ -259,6 +275,16 @@ impl Tollgate {
     /// export of a store that does not outlive the process), with timestamps no later than
     /// now.
     pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
+        // Feature `otel`: the pass is a span, its store and billing system calls its children.
+        #[cfg(feature = "otel")]
+        {
+            use opentelemetry::context::FutureExt as _;
+            let cx = crate::base::trace::pass_context("tollgate export");
+            let result = self.exporter().export_pass(self.shared().runtime(), all).with_context(cx.clone()).await;
+            crate::base::trace::end_pass(&cx, result.as_ref().err().map(|_| "store"));
+            result
+        }
+        #[cfg(not(feature = "otel"))]
         self.exporter().export_pass(self.shared().runtime(), all).await
     }
 

@@ -74,6 +74,13 @@ impl Rejection {
         }
     }
 
+    /// Ends an admission's span (feature `otel`) with this refusal: why, its status, its
+    /// tenant and policy.
+    #[cfg(feature = "otel")]
+    pub(crate) fn trace(&self, span: crate::base::trace::RequestSpan) {
+        span.refused(self.kind().label(), self.status_code(), self.tenant().map(|t| t.as_str()), None, self.policy());
+    }
+
     /// Why the request was rejected.
     #[must_use]
     pub fn kind(&self) -> RejectionKind {

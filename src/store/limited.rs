@@ -318,18 +318,48 @@ pub(crate) struct Limited<S: ?Sized> {
     inner: Arc<S>,
     policy: Arc<Policy>,
     path: Path,
+    /// The store's `db.system` (feature `otel`): its calls' spans name it.
+    #[cfg(feature = "otel")]
+    system: &'static str,
+}
+
+impl<S: ?Sized + std::fmt::Debug> Limited<S> {
+    pub(crate) fn new(inner: Arc<S>, policy: Arc<Policy>, path: Path) -> Self {
+        #[cfg(feature = "otel")]
+        let system = crate::base::trace::db_system(&*inner);
+        Self {
+            inner,
+            policy,
+            path,
+            #[cfg(feature = "otel")]
+            system,
+        }
+    }
 }
 
 impl<S: ?Sized> Limited<S> {
-    pub(crate) fn new(inner: Arc<S>, policy: Arc<Policy>, path: Path) -> Self {
-        Self { inner, policy, path }
-    }
-
     async fn call<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        // Under a request's or a pass's span (feature `otel`): the call is its child span.
+        #[cfg(feature = "otel")]
+        {
+            use opentelemetry::{context::FutureExt as _, KeyValue};
+            let attributes = vec![KeyValue::new("db.system", self.system), KeyValue::new("db.operation.name", op)];
+            let span = crate::base::trace::CallSpan::start(op, attributes);
+            if let Some(cx) = span.context().cloned() {
+                let result = self.policy.call(self.path, op, fut).with_context(cx).await;
+                span.end(match &result {
+                    Ok(_) => "ok",
+                    Err(StoreError::Timeout(_)) => "timeout",
+                    Err(StoreError::Conflict(_)) => "conflict",
+                    Err(_) => "error",
+                });
+                return result;
+            }
+        }
         self.policy.call(self.path, op, fut).await
     }
 }

@@ -164,6 +164,8 @@ impl Gate {
                     rt: None,
                     idempotency,
                     hold: None,
+                    #[cfg(feature = "otel")]
+                    trace: None,
                 })
             }
         }

@@ -137,7 +137,7 @@ impl Gate {
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`, under the
     /// configuration it was decided under.
     pub(crate) async fn resolve(&self, pending: PendingAdmission) -> Result<Pass, Rejection> {
-        let PendingAdmission { mut stage, mut route, rt, idempotency, hold } = pending;
+        let PendingAdmission { mut stage, mut route, rt, idempotency, hold, .. } = pending;
         let rt = rt.unwrap_or_else(|| self.shared.runtime().load_full());
         loop {
             let next = match stage {

@@ -137,6 +137,9 @@ pub struct PendingAdmission {
     /// Its route's `hold` (as configured when it was decided: a reload while it waits does
     /// not move it) and the units it holds, taken once it is admitted.
     pub(crate) hold: Option<(Arc<crate::config::RouteHold>, u64, HoldValues)>,
+    /// Its admission's span (feature `otel`), ended when it is resolved.
+    #[cfg(feature = "otel")]
+    pub(crate) trace: Option<Box<crate::base::trace::RequestSpan>>,
 }
 
 /// A route's hold's dimension values as the request gave them (`hold_values`): (dimension,
@@ -173,7 +176,15 @@ impl Decision {
     /// A request waiting on the store at `stage`.
     #[inline]
     pub(crate) fn pending(stage: Stage, route: RouteCost) -> Self {
-        Self::Pending(PendingAdmission { stage, route, rt: None, idempotency: None, hold: None })
+        Self::Pending(PendingAdmission {
+            stage,
+            route,
+            rt: None,
+            idempotency: None,
+            hold: None,
+            #[cfg(feature = "otel")]
+            trace: None,
+        })
     }
 }
 

@@ -196,6 +196,19 @@ impl Pass {
         self.hold.clone()
     }
 
+    /// Ends an admission's span (feature `otel`) with this pass: its tenant, plan, the units
+    /// its route took and the policy in force.
+    #[cfg(feature = "otel")]
+    pub(crate) fn trace(&self, span: crate::base::trace::RequestSpan) {
+        let mut policy = None;
+        self.emit(&mut |field, value| {
+            if field == Field::RateLimitPolicy {
+                policy = Some(value.as_str().to_owned());
+            }
+        });
+        span.admitted(self.tenant().as_str(), self.plan().as_str(), u64::from(self.cost), policy.as_deref());
+    }
+
     /// [`Ticket::for_each_header`].
     pub(crate) fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
         self.emit(&mut |field, value| put(field, value.as_str()));

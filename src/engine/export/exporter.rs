@@ -557,13 +557,17 @@ impl Exporter {
                     }
                 }
                 let pass = pass.clone();
-                tasks.spawn(async move {
+                let lane = async move {
                     if batched {
                         pass.batch(unit).await
                     } else {
                         pass.lane(unit).await
                     }
-                });
+                };
+                // Feature `otel`: each lane's calls stay children of the pass's span.
+                #[cfg(feature = "otel")]
+                let lane = opentelemetry::context::FutureExt::with_current_context(lane);
+                tasks.spawn(lane);
             }
             while let Some(done) = tasks.join_next().await {
                 collect(done, &mut report, &mut first_error);
@@ -732,13 +736,32 @@ impl Pass {
             // Another lane found the sink refusing everything: the claims go, untried.
             return None;
         }
-        Some(match ready {
-            [one] => self.sink.send(&one.event).await,
-            many => {
-                let events: Vec<MeterEvent> = many.iter().map(|r| r.event.clone()).collect();
-                self.sink.send_batch(&events).await
+        let send = async {
+            match ready {
+                [one] => self.sink.send(&one.event).await,
+                many => {
+                    let events: Vec<MeterEvent> = many.iter().map(|r| r.event.clone()).collect();
+                    self.sink.send_batch(&events).await
+                }
             }
-        })
+        };
+        // Feature `otel`: under the pass's span, the call is its child (the sink named).
+        #[cfg(feature = "otel")]
+        {
+            use opentelemetry::{context::FutureExt as _, KeyValue};
+            let sink = self.rt.config.export.sink.map_or("custom", crate::base::SinkKind::as_str);
+            let attributes = vec![
+                KeyValue::new("tollgate.sink", sink),
+                KeyValue::new("tollgate.events", i64::try_from(ready.len()).unwrap_or(i64::MAX)),
+            ];
+            let span = crate::base::trace::CallSpan::start(format!("{sink} send"), attributes);
+            if let Some(cx) = span.context().cloned() {
+                let result = send.with_context(cx).await;
+                span.end(if result.is_ok() { "ok" } else { "error" });
+                return Some(result);
+            }
+        }
+        Some(send.await)
     }
 
     /// Settles one aggregate by the answer to the call that carried it. Returns whether its
