@@ -261,17 +261,22 @@ impl Admin {
                     raced = true;
                     break;
                 }
+                // Recorded as each lands: a later one that races leaves this one written.
+                use crate::store::Setting;
                 match update {
-                    TenantUpdate::Plan(_, plan) => over.plan = plan,
-                    TenantUpdate::Customer(_, customer) => over.customer = customer,
+                    TenantUpdate::Plan(_, plan) => {
+                        let before = std::mem::replace(&mut over.plan, plan);
+                        self.record(&r.id, Setting::Plan, Some(before.to_string()), Some(over.plan.to_string())).await;
+                    }
+                    TenantUpdate::Customer(_, customer) => {
+                        let before = std::mem::replace(&mut over.customer, customer);
+                        self.record(&r.id, Setting::Customer, before, over.customer.clone()).await;
+                    }
                     _ => {}
                 }
             }
             if !raced {
                 report.tenants_updated += 1;
-                self.record(&r.id, crate::store::Setting::Plan, Some(read.plan.to_string()), Some(r.plan.to_string()))
-                    .await;
-                self.record(&r.id, crate::store::Setting::Customer, read.customer.clone(), r.customer.clone()).await;
                 return Ok(r);
             }
             read = self.existing(row.tenant.as_str()).await?;

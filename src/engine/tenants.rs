@@ -81,22 +81,18 @@ impl Tollgate {
                     continue;
                 }
                 let now = self.shared().clock().unix_secs();
-                let (tenant, from) = (record.id.clone(), record.plan.clone());
+                let tenant = record.id.clone();
                 let (quota, directory) = (&*stores.quota, &*stores.directory);
                 match crate::store::climb(quota, directory, self, &config, record, now, false).await {
-                    Ok(Some(to)) => {
+                    Ok(moves) if moves.is_empty() => {}
+                    Ok(moves) => {
                         moved += 1;
-                        let actor = crate::store::Actor::Tollgate("tier-check".to_owned());
-                        self.record_change(
-                            &tenant,
-                            actor,
-                            crate::store::Setting::Plan,
-                            Some(from.to_string()),
-                            Some(to.to_string()),
-                        )
-                        .await;
+                        for (from, to) in moves {
+                            let actor = crate::store::Actor::Tollgate("tier-check".to_owned());
+                            let (from, to) = (Some(from.to_string()), Some(to.to_string()));
+                            self.record_change(&tenant, actor, crate::store::Setting::Plan, from, to).await;
+                        }
                     }
-                    Ok(None) => {}
                     // One tenant's failure (its ledger unreadable, its alert unwritten) holds up
                     // no other's move.
                     Err(e) => {

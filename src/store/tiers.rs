@@ -14,8 +14,8 @@ use super::PaymentCall;
 /// tenant is as read (read again, and decided again, when it changed meanwhile); then every node
 /// is told. A move made while the payments changed is decided again on them, as a reversal when
 /// what was paid went down (a chargeback racing a payment leaves the tier the chargeback allows).
-/// A tenant whose tier an operator pinned ([`PaymentCall::Pin`]) is not moved. Returns the
-/// plan it last moved to. `Err`: what failed (the move is tried again by the next
+/// A tenant whose tier an operator pinned ([`PaymentCall::Pin`]) is not moved. Returns each
+/// move it made, from and to, in order (what the audit records; the last is where it is). `Err`: what failed (the move is tried again by the next
 /// delivery or the daily check).
 pub(crate) async fn climb(
     quota: &dyn super::QuotaStore,
@@ -25,9 +25,9 @@ pub(crate) async fn climb(
     mut record: super::TenantRecord,
     now: i64,
     mut reversal: bool,
-) -> Result<Option<crate::base::PlanId>, String> {
+) -> Result<Vec<(crate::base::PlanId, crate::base::PlanId)>, String> {
     let read = PaymentCall::Read { tenant: record.id.clone() };
-    let mut moved = None;
+    let mut moved = Vec::new();
     for _ in 0..4 {
         let Some(ladder) = config.tier_of(&record.plan) else { return Ok(moved) };
         let answer = quota.payments(&read, now).await.map_err(|e| e.to_string())?;
@@ -53,7 +53,7 @@ pub(crate) async fn climb(
                 "a tenant moved to the tier its payments unlock");
             super::tell_changed(directory, &record.id, now.saturating_mul(1_000)).await;
             node.tenant_changed(&record.id);
-            moved = Some(to.clone());
+            moved.push((record.plan.clone(), to.clone()));
             // Its payments changed while it moved (another delivery racing this one): decided
             // again on them.
             let after = quota.payments(&read, now).await.map_err(|e| e.to_string())?;
@@ -130,7 +130,8 @@ mod tests {
         assert_eq!(store.payments(&paid, T).await.unwrap().outcome, PaymentOutcome::Applied);
         let events = ChargedBack(store.clone());
         let moved = climb(&*store, &*store, &events, &config, acme, T, false).await.unwrap();
-        assert_eq!(moved.as_ref().map(crate::base::PlanId::as_str), Some("free"), "up to tier 2, then down");
+        let last = moved.last().map(|(_, to)| to.as_str());
+        assert_eq!(last, Some("free"), "up to tier 2, then down: {moved:?}");
         let now = store.tenant(&"t".into()).await.unwrap().unwrap();
         assert_eq!(now.plan.as_str(), "free", "nothing paid is left: the first tier");
     }

@@ -137,14 +137,14 @@ impl WebhookHandler {
         }
         let moved = match record {
             Some(record) => {
-                let (tenant, from) = (record.id.clone(), record.plan.clone());
-                let moved = crate::store::climb(&**quota, &*self.directory, &*self.node, config, record, now, reversal)
+                let tenant = record.id.clone();
+                let moves = crate::store::climb(&**quota, &*self.directory, &*self.node, config, record, now, reversal)
                     .await
                     .map_err(WebhookOutcome::StoreFailed)?;
-                if let Some(to) = &moved {
-                    self.record_plan(&tenant, crate::store::Actor::Stripe(event.to_owned()), Some(&from), to).await;
+                for (from, to) in &moves {
+                    self.record_plan(&tenant, crate::store::Actor::Stripe(event.to_owned()), Some(from), to).await;
                 }
-                moved
+                moves.into_iter().last().map(|(_, to)| to)
             }
             None => None,
         };
