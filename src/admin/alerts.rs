@@ -69,14 +69,14 @@ impl Admin {
             AdminError::Invalid("a tenant's alert endpoint is checked against the configuration".into())
         })?;
         let id = Self::tenant_id(tenant)?;
-        let before = self.directory.tenant(&id).await.ok().flatten();
+        let before = self.directory.tenant(&id).await;
         let secret = set_tenant_endpoint(self.directory.as_ref(), config, &id, url).await.map_err(|e| match e {
             EndpointError::UnknownTenant(t) => AdminError::UnknownTenant(t),
             EndpointError::Store(e) => AdminError::Store(e),
             e => AdminError::AlertEndpoint(e),
         })?;
         self.changed(&id).await;
-        let before = crate::settings::endpoint_text(before.as_ref());
+        let before = crate::settings::before_text(before, |r| crate::settings::endpoint_text(r.as_ref()));
         let after = url.zip(secret.as_ref()).map(|(u, s)| crate::settings::endpoint_written(u, &s.expose()));
         self.record(&id, crate::store::Setting::AlertEndpoint, before, after).await;
         Ok(secret.map(|s| s.expose()))

@@ -39,7 +39,7 @@ impl Admin {
             .await
             .map_err(AdminError::SpendCap)?;
         self.changed(&id).await;
-        let before = before.ok().and_then(|v| crate::settings::cap_text(v.own));
+        let before = crate::settings::before_text(before, |v| crate::settings::cap_text(v.own));
         self.record(&id, crate::store::Setting::SpendCap, before, crate::settings::cap_text(view.own)).await;
         Ok(view)
     }

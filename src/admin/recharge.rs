@@ -83,10 +83,10 @@ impl Admin {
             Parts { quota: quota.as_ref(), directory: self.directory.as_ref(), config, charger: charger.as_deref() };
         let (meter, now) = (MeterId::from(meter), self.clock.unix_secs());
         let writes = !matches!(act, RechargeAct::Read);
-        let before = if writes { recharge(&parts, &id, &meter, RechargeAct::Read, now).await.ok() } else { None };
+        let before = if writes { Some(recharge(&parts, &id, &meter, RechargeAct::Read, now).await) } else { None };
         let view = recharge(&parts, &id, &meter, act, now).await.map_err(AdminError::Recharge)?;
         if writes {
-            let before = before.as_ref().and_then(crate::settings::recharge_text);
+            let before = before.and_then(|read| crate::settings::before_text(read, crate::settings::recharge_text));
             self.record(&id, crate::store::Setting::Recharge, before, crate::settings::recharge_text(&view)).await;
         }
         Ok(view)

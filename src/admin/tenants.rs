@@ -213,10 +213,12 @@ impl Admin {
             if !config.tiers().is_empty() {
                 let now = self.clock.unix_secs();
                 let read = crate::store::PaymentCall::Read { tenant: record.id.clone() };
-                let pinned = quota.payments(&read, now).await?.pinned;
+                // The pin as it was, for the audit: a failed read never holds up the unpin.
+                let pinned = quota.payments(&read, now).await.map(|answer| answer.pinned);
                 let unpin = crate::store::PaymentCall::Pin { tenant: record.id.clone(), plan: None };
                 quota.payments(&unpin, now).await?;
-                self.record(&record.id, Setting::Tier, pinned, None).await;
+                let before = crate::settings::before_text(pinned, Clone::clone);
+                self.record(&record.id, Setting::Tier, before, None).await;
             }
         }
         Ok(record)

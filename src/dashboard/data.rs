@@ -232,8 +232,9 @@ pub(crate) fn cursor_text(c: &AuditCursor) -> String {
 
 fn cursor_of(text: &str) -> Option<AuditCursor> {
     let mut parts = text.splitn(3, '.');
-    let at = parts.next()?.parse().ok()?;
-    let seq = parts.next()?.parse().ok()?;
+    // Within what a store writes: a time and a number at or above 0.
+    let at = parts.next()?.parse::<i64>().ok().filter(|at| *at >= 0)?;
+    let seq = parts.next()?.parse::<i64>().ok().filter(|seq| *seq >= 0)?;
     let tenant = TenantId::from(parts.next().filter(|t| TenantId::is_valid(t))?);
     Some(AuditCursor { at, tenant, seq })
 }

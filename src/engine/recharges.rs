@@ -83,7 +83,7 @@ impl Tollgate {
         let before = settings::recharge(&parts, tenant, meter, settings::RechargeAct::Read, now).await;
         let act = ask.map_or(settings::RechargeAct::Off, |ask| settings::RechargeAct::Set(ask, by));
         let view = settings::recharge(&parts, tenant, meter, act, now).await?;
-        let before = before.ok().as_ref().and_then(crate::settings::recharge_text);
+        let before = crate::settings::before_text(before, crate::settings::recharge_text);
         let after = crate::settings::recharge_text(&view);
         self.record_change(tenant, actor, crate::store::Setting::Recharge, before, after).await;
         Ok(view)

@@ -172,16 +172,15 @@ impl Tollgate {
         let removing = act == caps::CapAct::Remove;
         let before = match act {
             caps::CapAct::Read => None,
-            _ => {
+            _ => Some(
                 caps::spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, caps::CapAct::Read, now)
-                    .await
-                    .ok()
-                    .map(|v| v.own)
-            }
+                    .await,
+            ),
         };
         let answer = caps::spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
         if let (Ok(view), Some(before)) = (&answer, before) {
-            let (before, after) = (crate::settings::cap_text(before), crate::settings::cap_text(view.own));
+            let before = crate::settings::before_text(before, |v| crate::settings::cap_text(v.own));
+            let after = crate::settings::cap_text(view.own);
             self.record_change(id, crate::settings::route_actor(&who), Setting::SpendCap, before, after).await;
         }
         if let (Ok(view), false) = (&answer, act == caps::CapAct::Read) {
@@ -553,10 +552,11 @@ impl Tollgate {
                         "expected {\"url\": \"https://…\"}",
                     );
                 };
-                let before = directory.tenant(id).await.ok().flatten();
+                let before = directory.tenant(id).await;
                 match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, Some(&put.url)).await {
                     Ok(secret) => {
-                        let before = crate::settings::endpoint_text(before.as_ref());
+                        let before =
+                            crate::settings::before_text(before, |r| crate::settings::endpoint_text(r.as_ref()));
                         let actor = crate::settings::route_actor(&who);
                         let after = secret.as_ref().map(|s| crate::settings::endpoint_written(&put.url, &s.expose()));
                         self.record_change(id, actor, Setting::AlertEndpoint, before, after).await;
@@ -569,10 +569,11 @@ impl Tollgate {
                 }
             }
             Method::DELETE => {
-                let before = directory.tenant(id).await.ok().flatten();
+                let before = directory.tenant(id).await;
                 match endpoint::set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
                     Ok(_) => {
-                        let before = crate::settings::endpoint_text(before.as_ref());
+                        let before =
+                            crate::settings::before_text(before, |r| crate::settings::endpoint_text(r.as_ref()));
                         self.record_change(
                             id,
                             crate::settings::route_actor(&who),

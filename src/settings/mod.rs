@@ -23,6 +23,19 @@ pub(crate) mod plan;
 pub(crate) mod recharge;
 pub(crate) mod scopes;
 
+/// A value before a change whose read failed, as the audit records it: never `none`, which
+/// would say the setting was unset.
+pub(crate) const NOT_READ: &str = "(not read)";
+
+/// A value read before a change, as the audit records it: `text` of what was read, or
+/// [`NOT_READ`].
+pub(crate) fn before_text<T, E>(read: Result<T, E>, text: impl FnOnce(&T) -> Option<String>) -> Option<String> {
+    match read {
+        Ok(v) => text(&v),
+        Err(_) => Some(NOT_READ.to_owned()),
+    }
+}
+
 /// A tenant's own spend cap as its audit records it: `25.00 hard` (none: the plan's).
 pub(crate) fn cap_text(own: Option<crate::base::SpendCap>) -> Option<String> {
     own.map(|c| format!("{} {}", crate::base::amount_of(c.limit), if c.hard { "hard" } else { "soft" }))
@@ -52,10 +65,22 @@ pub(crate) fn endpoint_text(record: Option<&crate::store::TenantRecord>) -> Opti
     })
 }
 
-/// An alert endpoint registered at `url` with `secret`, as [`endpoint_text`] reads it back.
+/// An alert endpoint registered at `url` with `secret`, as [`endpoint_text`] reads it back:
+/// the URL without its user, query or fragment (a receiver's token may be there), and a
+/// fingerprint of the whole URL and of the secret (the first 12 hexadecimal digits of each
+/// SHA-256): a change of either shows, neither can be read back.
 pub(crate) fn endpoint_written(url: &str, secret: &str) -> String {
-    let print = crate::base::KeyHash::of(secret.as_bytes()).to_hex();
-    format!("{url} secret=sha256:{}", &print[..12])
+    let print = |v: &str| crate::base::KeyHash::of(v.as_bytes()).to_hex()[..12].to_owned();
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let rest = rest.split(['?', '#']).next().unwrap_or_default();
+            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => String::from("(not a URL)"),
+    };
+    format!("{shown} url=sha256:{} secret=sha256:{}", print(url), print(secret))
 }
 
 /// Who changed a setting at a tenant's own route, as [`scopes`]'s check names it

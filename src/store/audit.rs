@@ -5,10 +5,12 @@
 //! a Stripe webhook, the engine's own passes) appends a record after its write, as it tells the
 //! feed of tenants changed ([`ChangeCall`](super::ChangeCall)). The store numbers each tenant's
 //! records (`seq`, one more than the tenant's last, never reused) and keeps, for each tenant,
-//! the newest [`AUDIT_PER_TENANT`] of them, none older than [`AUDIT_KEPT_SECS`]: a tenant that
-//! changes its own spend cap in a loop pushes out its own oldest records, nobody else's, and
-//! the log never grows past `tenants × AUDIT_PER_TENANT` records. A value longer than
-//! [`AUDIT_VALUE_MAX`] bytes is kept cut, marked with `…`.
+//! the newest [`AUDIT_PER_TENANT`] of the changes it made itself (at its own routes) and the
+//! newest [`AUDIT_PER_TENANT`] of the others' (operators, Stripe, tollgate), none older than
+//! [`AUDIT_KEPT_SECS`]: a tenant that changes its own spend cap in a loop pushes out only its
+//! own oldest changes, never what an operator or a webhook did to it, and the log never grows
+//! past `tenants × 2 × AUDIT_PER_TENANT` records. A value longer than [`AUDIT_VALUE_MAX`] bytes
+//! is kept cut, marked with `…`.
 //!
 //! An append lost (the store down after the change was written, the writer killed between
 //! the two) leaves the change unrecorded: the writer logs it at `error` with the record's
@@ -30,7 +32,9 @@ pub const DEFAULT_OPERATOR: &str = "admin";
 /// A tenant's records are kept at most this long (400 days: a year and its audit).
 pub const AUDIT_KEPT_SECS: i64 = 400 * 86_400;
 
-/// At most this many of a tenant's records are kept, its newest; an append drops the oldest.
+/// At most this many of a tenant's records of each kind are kept, the newest: of the changes
+/// it made itself ([`Actor::is_tenant`]), and of the others'. An append drops the oldest of its
+/// kind.
 pub const AUDIT_PER_TENANT: i64 = 500;
 
 /// The longest value (before or after) a record keeps, in bytes; a longer one is cut at a
@@ -55,9 +59,10 @@ pub enum Actor {
     Tenant(String),
     /// A Stripe webhook: the event's id (`evt_…`).
     Stripe(String),
-    /// tollgate itself: the pass that made the change (`grace-ended`, `tier-check`,
-    /// `recharge-failures`, …).
+    /// tollgate itself: the pass that made the change (`grace-ended`, `tier-check`).
     Tollgate(String),
+    /// An actor this build does not know, as stored (a newer tollgate's).
+    Other(String),
 }
 
 impl Actor {
@@ -69,7 +74,8 @@ impl Actor {
         format!("{kind}:{}", clip(name, AUDIT_ACTOR_MAX))
     }
 
-    /// The actor of its stored form; `None` for a form this build does not know.
+    /// The actor of its stored form ([`Other`](Self::Other) for a kind this build does not
+    /// know); `None` for a text that is no actor's (no `:`).
     #[must_use]
     pub fn parse(stored: &str) -> Option<Self> {
         let (kind, name) = stored.split_once(':')?;
@@ -80,8 +86,16 @@ impl Actor {
             "tenant" => Self::Tenant(name),
             "stripe" => Self::Stripe(name),
             "tollgate" => Self::Tollgate(name),
-            _ => return None,
+            _ => Self::Other(stored.to_owned()),
         })
+    }
+
+    /// Whether the tenant itself made the change (at its own routes, by a key or an identity):
+    /// the records a tenant makes are bounded apart from the others'
+    /// ([`AUDIT_PER_TENANT`]).
+    #[must_use]
+    pub fn is_tenant(&self) -> bool {
+        matches!(self, Self::Key(_) | Self::Tenant(_))
     }
 
     /// Its kind (`operator`, `key`, `stripe`, `tollgate`) and name.
@@ -93,6 +107,7 @@ impl Actor {
             Self::Tenant(n) => ("tenant", n),
             Self::Stripe(n) => ("stripe", n),
             Self::Tollgate(n) => ("tollgate", n),
+            Self::Other(n) => ("other", n),
         }
     }
 }
@@ -123,7 +138,8 @@ pub enum Setting {
     /// One of its API keys (`ID scopes=… expires=…`; none before an issue, none after a
     /// revoke).
     Key,
-    /// Its own alert endpoint (the URL alone: its secrets are never recorded).
+    /// Its own alert endpoint: its URL without user, query or fragment, and fingerprints of
+    /// the whole URL and of its secret (neither is ever recorded).
     AlertEndpoint,
     /// The tier an operator pinned it to (`PaymentCall::Pin`).
     Tier,
@@ -211,6 +227,11 @@ impl AuditRecord {
         after: Option<String>,
     ) -> Self {
         let cut = |v: Option<String>| v.map(|v| if v.len() > AUDIT_VALUE_MAX { clip(&v, AUDIT_VALUE_MAX) } else { v });
+        // Its name as every store keeps it: cut at AUDIT_ACTOR_MAX.
+        let actor = match Actor::parse(&actor.to_stored()) {
+            Some(Actor::Other(_)) | None => actor,
+            Some(kept) => kept,
+        };
         Self { tenant, seq: 0, at, actor, setting, before: cut(before), after: cut(after) }
     }
 
@@ -317,8 +338,9 @@ impl AuditQuery {
 #[async_trait]
 pub trait AuditStore: Send + Sync + fmt::Debug + 'static {
     /// Appends `record` as its tenant's next (its `seq` ignored: the store gives one more than
-    /// the tenant's last, in the same atomic write), and drops the tenant's records past its
-    /// newest [`AUDIT_PER_TENANT`]. Returns the number given.
+    /// the tenant's last, in the same atomic write), and drops the tenant's records of its
+    /// kind ([`Actor::is_tenant`]) past the newest [`AUDIT_PER_TENANT`]. Returns the number
+    /// given.
     async fn append_audit(&self, record: &AuditRecord) -> Result<i64, StoreError>;
 
     /// The records `query` names, in its order ([`AuditQuery::finish`]).
@@ -368,7 +390,10 @@ mod tests {
         ] {
             assert_eq!(Actor::parse(&a.to_stored()), Some(a));
         }
-        assert_eq!(Actor::parse("robot:x"), None);
+        assert_eq!(Actor::parse("robot:x"), Some(Actor::Other("robot:x".into())));
+        assert_eq!(Actor::parse("nothing"), None);
+        let long = AuditRecord::new("t".into(), 1, Actor::Operator("o".repeat(500)), Setting::Plan, None, None);
+        assert!(matches!(&long.actor, Actor::Operator(n) if n.len() <= AUDIT_ACTOR_MAX), "cut as the stores keep it");
         assert_eq!(Setting::parse("spend-cap"), Setting::SpendCap);
         assert_eq!(Setting::parse("limits"), Setting::Other("limits".into()));
         let long = "é".repeat(AUDIT_VALUE_MAX);

@@ -320,10 +320,10 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, 24);
-    conn.execute_batch("PRAGMA user_version = 24").unwrap();
+    conn.execute_batch("PRAGMA user_version = 25").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 24"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 25"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -356,6 +356,8 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
         [
             "alert_outbox",
             "api_key",
+            "audit_head",
+            "audit_log",
             "credit",
             "credit_refund_kept",
             "dimension_values",
@@ -462,7 +464,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     conn.execute_batch(
         "ALTER TABLE quota_sender DROP COLUMN lease; ALTER TABLE quota_sender DROP COLUMN held; ALTER TABLE quota_sender DROP COLUMN jobs; \
          ALTER TABLE quota_sender DROP COLUMN expires_at; ALTER TABLE quota_sender DROP COLUMN gone; \
-         DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
@@ -545,7 +547,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     conn.execute_batch(
         "ALTER TABLE quota_sender DROP COLUMN lease; ALTER TABLE quota_sender DROP COLUMN held; ALTER TABLE quota_sender DROP COLUMN jobs; \
          ALTER TABLE quota_sender DROP COLUMN expires_at; ALTER TABLE quota_sender DROP COLUMN gone; \
-         DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \

@@ -24,7 +24,7 @@ fn line(r: &AuditRecord) {
         shown(Some(r.tenant.as_str())),
         r.seq,
         shown(Some(&r.actor.to_string())),
-        r.setting.as_str(),
+        shown(Some(r.setting.as_str())),
         shown(r.before.as_deref()),
         shown(r.after.as_deref())
     );

@@ -80,22 +80,24 @@ pub async fn records_are_numbered_per_tenant_and_listed_newest_first<S: ?Sized +
     assert!(s.list_audit(&AuditQuery::new(now, 10).tenant("c".into())).await.unwrap().is_empty());
 }
 
-/// A tenant that changes its settings in a loop pushes out its own oldest records, nobody
-/// else's, and never reuses a number.
+/// A tenant that changes its settings in a loop pushes out its own oldest changes, never what
+/// an operator or a webhook did to it, nor another tenant's records; no number is reused.
 pub async fn a_tenant_keeps_its_newest_records_within_the_bound<S: ?Sized + AuditStore>(h: &mut StoreUnderTest<S>) {
     let s = h.s();
     assert_eq!(s.append_audit(&change("other", NOW_MS, Actor::Key("k".into()), None, Some("x"))).await.unwrap(), 1);
+    let by_operator = change("busy", NOW_MS, Actor::Operator("ana".into()), None, Some("team"));
+    assert_eq!(s.append_audit(&by_operator).await.unwrap(), 1);
     let total = AUDIT_PER_TENANT + 3;
-    for i in 1..=total {
+    for i in 2..=total + 1 {
         let at = NOW_MS + i;
-        assert_eq!(
-            s.append_audit(&change("busy", at, Actor::Key("k".into()), None, Some(&i.to_string()))).await.unwrap(),
-            i
-        );
+        let own = change("busy", at, Actor::Key("k".into()), None, Some(&i.to_string()));
+        assert_eq!(s.append_audit(&own).await.unwrap(), i);
     }
     let kept = s.list_audit(&AuditQuery::new(NOW_MS + DAY_MS, 10_000).tenant("busy".into())).await.unwrap();
-    assert_eq!(kept.len() as i64, AUDIT_PER_TENANT);
-    assert_eq!((kept[0].seq, kept.last().unwrap().seq), (total, 4), "the newest kept");
+    assert_eq!(kept.len() as i64, AUDIT_PER_TENANT + 1, "the tenant's newest and the operator's");
+    assert_eq!(kept[0].seq, total + 1, "the newest kept");
+    assert_eq!(kept[kept.len() - 2].seq, 5, "the tenant's own oldest pushed out");
+    assert_eq!(kept.last().unwrap().actor, Actor::Operator("ana".into()), "the operator's change is kept");
     let other = s.list_audit(&AuditQuery::new(NOW_MS + DAY_MS, 10).tenant("other".into())).await.unwrap();
     assert_eq!(seqs(&other), [("other".into(), 1)]);
 }

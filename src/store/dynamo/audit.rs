@@ -13,6 +13,8 @@ use crate::store::{Actor, AuditQuery, AuditRecord, AuditStore, Setting, AUDIT_KE
 const HEAD_SK: &str = "~head";
 /// How many months before the cutoff a prune looks at (the `ttl` removes the rest).
 const PRUNE_MONTHS: i32 = 24;
+/// The most records one prune removes.
+const PRUNE_MAX: u64 = 10_000;
 
 fn audit_pk(tenant: &TenantId) -> String {
     format!("AUDIT{SEP}{tenant}")
@@ -20,6 +22,11 @@ fn audit_pk(tenant: &TenantId) -> String {
 
 fn tenant_sk(seq: i64) -> String {
     format!("R{:020}", seq.max(0))
+}
+
+/// The class item of a tenant's `class_n`th record of kind `own` (1: made by the tenant).
+fn class_sk(own: u8, class_n: i64) -> String {
+    format!("C{own}{:020}", class_n.max(0))
 }
 
 /// The month of `at` (Unix milliseconds) as a year and a month (1 to 12).
@@ -51,7 +58,7 @@ fn record_of(item: &Item) -> Option<AuditRecord> {
     let mut r = AuditRecord::new(
         TenantId::from(get_s(item, "tenant")?.to_owned()),
         get_i(item, "at")?,
-        Actor::parse(&actor).unwrap_or(Actor::Tollgate(actor)),
+        Actor::parse(&actor).unwrap_or(Actor::Other(actor)),
         Setting::parse(get_s(item, "setting")?),
         get_s(item, "before").map(str::to_owned),
         get_s(item, "after").map(str::to_owned),
@@ -96,6 +103,27 @@ impl DynamoStore {
         }
     }
 
+    /// Deletes the record of class item `class_n` of kind `own` in partition `pk`: the class
+    /// item, then the record's two items.
+    async fn audit_drop(&self, pk: &str, own: u8, class_n: i64) -> Result<(), StoreError> {
+        let delete = |sk: String| {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(pk.to_owned()))
+                .key("sk", s(sk))
+                .return_values(ReturnValue::AllOld)
+                .send()
+        };
+        let class = delete(class_sk(own, class_n)).await.map_err(sdk)?;
+        let Some(seq) = class.attributes.as_ref().and_then(|a| get_i(a, "seq")) else { return Ok(()) };
+        let gone = delete(tenant_sk(seq)).await.map_err(sdk)?;
+        if let Some(r) = gone.attributes.as_ref().and_then(record_of) {
+            self.audit_delete(&r).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes a record's two items.
     async fn audit_delete(&self, r: &AuditRecord) -> Result<(), StoreError> {
         for (pk, sk) in
@@ -120,16 +148,26 @@ impl AuditStore for DynamoStore {
         let pk = audit_pk(&record.tenant);
         let ttl = record.at.div_euclid(1_000) + AUDIT_KEPT_SECS;
         let pk = &pk;
-        let seq = self
+        // The records of its kind (the tenant's own, or the others') are counted apart, each
+        // numbered by a class item (`C0…`/`C1…`, naming its record's number): the oldest past
+        // the bound is found by its class number.
+        let own = u8::from(record.actor.is_tenant());
+        let (count, other) = if own == 1 { ("own", "others") } else { ("others", "own") };
+        let (seq, class_n) = self
             .until_won("an audit record, appended by several writers", Retries::BACKING_OFF, (), |(), _| {
                 Box::pin(async move {
-                    let last = self.get(pk.clone(), HEAD_SK).await?.and_then(|h| get_i(&h, "seq"));
+                    let read = self.get(pk.clone(), HEAD_SK).await?;
+                    let last = read.as_ref().and_then(|h| get_i(h, "seq"));
                     let seq = last.unwrap_or(0) + 1;
+                    let class_n = read.as_ref().and_then(|h| get_i(h, count)).unwrap_or(0) + 1;
+                    let kept = read.as_ref().and_then(|h| get_i(h, other)).unwrap_or(0);
                     let mut head = Put::builder()
                         .table_name(&self.table)
                         .item("pk", s(pk.clone()))
                         .item("sk", s(HEAD_SK))
-                        .item("seq", n(seq));
+                        .item("seq", n(seq))
+                        .item(count, n(class_n))
+                        .item(other, n(kept));
                     head = match last {
                         Some(last) => {
                             head.condition_expression("seq = :last").expression_attribute_values(":last", n(last))
@@ -157,41 +195,30 @@ impl AuditStore for DynamoStore {
                     let in_month = item(Put::builder())
                         .item("pk", s(month_pk(month_of_ms(record.at))))
                         .item("sk", s(month_sk(record.at, &record.tenant, seq)));
-                    let actions = [head, in_tenant, in_month]
+                    let in_class = Put::builder()
+                        .table_name(&self.table)
+                        .item("pk", s(pk.clone()))
+                        .item("sk", s(class_sk(own, class_n)))
+                        .item("seq", n(seq))
+                        .item("ttl", n(ttl));
+                    let actions = [head, in_tenant, in_month, in_class]
                         .into_iter()
                         .map(|p| Ok(TransactWriteItem::builder().put(p.build().map_err(backend)?).build()))
                         .collect::<Result<Vec<_>, StoreError>>()?;
                     match self.transact(actions, "an audit record").await? {
-                        None => Ok(Race::Won(seq)),
+                        None => Ok(Race::Won((seq, class_n))),
                         Some(_) => Ok(Race::Lost(())),
                     }
                 })
             })
             .await?;
-        // The oldest past the bound: its two items, read back from the tenant's (a failure
-        // leaves it to the `ttl`, and is only logged: the record is written).
-        if seq > AUDIT_PER_TENANT {
-            let gone = tenant_sk(seq - AUDIT_PER_TENANT);
-            let old = self
-                .client
-                .delete_item()
-                .table_name(&self.table)
-                .key("pk", s(pk.clone()))
-                .key("sk", s(gone))
-                .return_values(ReturnValue::AllOld)
-                .send()
-                .await;
-            match old {
-                Ok(out) => {
-                    if let Some(r) = out.attributes.as_ref().and_then(record_of) {
-                        if let Err(e) = self.audit_delete(&r).await {
-                            tracing::warn!(tenant = %r.tenant, seq = r.seq, error = %e, "an audit record past the bound was not deleted: its ttl removes it");
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(tenant = %record.tenant, error = %sdk(e), "an audit record past the bound was not deleted: its ttl removes it")
-                }
+        // The oldest of its kind past the bound: its class item, then its two items, read back
+        // from the tenant's (a failure leaves them to the `ttl`, and is only logged: the
+        // record is written).
+        if class_n > AUDIT_PER_TENANT {
+            if let Err(e) = self.audit_drop(pk, own, class_n - AUDIT_PER_TENANT).await {
+                tracing::warn!(tenant = %record.tenant, error = %e,
+                    "an audit record past the bound was not deleted: its ttl removes it");
             }
         }
         Ok(seq)
@@ -200,12 +227,14 @@ impl AuditStore for DynamoStore {
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let limit = query.limit.max(1);
         if let Some(tenant) = &query.tenant {
-            let high = query.before.as_ref().map_or_else(|| tenant_sk(i64::MAX), |c| tenant_sk(c.seq - 1));
+            let high =
+                query.before.as_ref().map_or_else(|| tenant_sk(i64::MAX), |c| tenant_sk(c.seq.saturating_sub(1)));
             let found = self.audit_items(audit_pk(tenant), (tenant_sk(0), high), limit, |r| query.matches(r)).await?;
             return Ok(query.finish(found));
         }
         let top = query.before.as_ref().map_or(query.now, |c| c.at.min(query.now));
-        let (mut month, last) = (month_of_ms(top), month_of_ms(query.since.max(top - AUDIT_KEPT_SECS * 1_000)));
+        let (mut month, last) =
+            (month_of_ms(top), month_of_ms(query.since.max(top.saturating_sub(AUDIT_KEPT_SECS * 1_000))));
         let high = query.before.as_ref().map_or_else(|| "~".to_owned(), |c| month_sk(c.at, &c.tenant, c.seq));
         let mut found = Vec::new();
         while found.len() < limit && month >= last {
@@ -221,18 +250,31 @@ impl AuditStore for DynamoStore {
     }
 
     async fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
-        let mut gone = 0;
+        // At most PRUNE_MAX records a call, read a page at a time (the `ttl` removes what a
+        // call leaves; the next day's prune goes on).
+        let mut gone = 0u64;
         let mut month = month_of_ms(before);
         for _ in 0..=PRUNE_MONTHS {
             let high = month_sk(before, &TenantId::from(String::new()), 0);
-            let old = self
-                .audit_items(month_pk(month), (month_sk(0, &TenantId::from(String::new()), 0), high), usize::MAX, |r| {
-                    r.at < before
-                })
-                .await?;
-            for r in &old {
-                self.audit_delete(r).await?;
-                gone += 1;
+            loop {
+                let page = self
+                    .audit_items(
+                        month_pk(month),
+                        (month_sk(0, &TenantId::from(String::new()), 0), high.clone()),
+                        100,
+                        |r| r.at < before,
+                    )
+                    .await?;
+                if page.is_empty() {
+                    break;
+                }
+                for r in &page {
+                    self.audit_delete(r).await?;
+                    gone += 1;
+                }
+                if gone >= PRUNE_MAX {
+                    return Ok(gone);
+                }
             }
             month = month_before(month);
         }

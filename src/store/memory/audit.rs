@@ -13,14 +13,14 @@ impl AuditStore for MemoryStore {
         let mut kept = record.clone();
         kept.seq = seq;
         inner.audit.insert((record.tenant.clone(), seq), kept);
-        let oldest_kept = seq - AUDIT_PER_TENANT + 1;
-        let gone: Vec<_> = inner
-            .audit
-            .range((record.tenant.clone(), i64::MIN)..(record.tenant.clone(), oldest_kept))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            inner.audit.remove(&k);
+        // The tenant's records of this kind past the newest AUDIT_PER_TENANT.
+        let own = record.actor.is_tenant();
+        let range = (record.tenant.clone(), i64::MIN)..=(record.tenant.clone(), i64::MAX);
+        let mine: Vec<i64> =
+            inner.audit.range(range).filter(|(_, r)| r.actor.is_tenant() == own).map(|((_, s), _)| *s).collect();
+        let past = mine.len().saturating_sub(usize::try_from(AUDIT_PER_TENANT).unwrap_or(usize::MAX));
+        for s in &mine[..past] {
+            inner.audit.remove(&(record.tenant.clone(), *s));
         }
         Ok(seq)
     }

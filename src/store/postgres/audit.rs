@@ -8,13 +8,13 @@ use crate::store::{Actor, AuditQuery, AuditRecord, AuditStore, Setting, AUDIT_PE
 const COLUMNS: &str = "tenant, seq, at, actor, setting, before, after";
 
 /// A row as read (columns in [`COLUMNS`]' order); an actor this build does not know is read
-/// as `tollgate:` and its stored form.
+/// as [`Actor::Other`].
 fn record(r: &tokio_postgres::Row) -> AuditRecord {
     let actor: String = r.get(3);
     let mut rec = AuditRecord::new(
         TenantId::from(r.get::<_, String>(0)),
         r.get(2),
-        Actor::parse(&actor).unwrap_or(Actor::Tollgate(actor)),
+        Actor::parse(&actor).unwrap_or(Actor::Other(actor)),
         Setting::parse(r.get::<_, &str>(4)),
         r.get(5),
         r.get(6),
@@ -30,8 +30,14 @@ impl AuditStore for PostgresStore {
             "INSERT INTO {s}.audit_head (tenant, seq) VALUES ($1, 1) \
              ON CONFLICT (tenant) DO UPDATE SET seq = {s}.audit_head.seq + 1 RETURNING seq",
         );
-        let put = self.sql(&format!("INSERT INTO {{s}}.audit_log ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"));
-        let drop = self.sql("DELETE FROM {s}.audit_log WHERE tenant = $1 AND seq <= $2");
+        let put =
+            self.sql(&format!("INSERT INTO {{s}}.audit_log ({COLUMNS}, own) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"));
+        // The tenant's records of this kind past the newest AUDIT_PER_TENANT.
+        let drop = self.sql(
+            "DELETE FROM {s}.audit_log WHERE tenant = $1 AND own = $2 AND seq <= (SELECT seq FROM {s}.audit_log \
+             WHERE tenant = $1 AND own = $2 ORDER BY seq DESC LIMIT 1 OFFSET $3)",
+        );
+        let own = record.actor.is_tenant();
         let tenant = record.tenant.to_string();
         let actor = record.actor.to_stored();
         let setting = record.setting.as_str().to_owned();
@@ -48,11 +54,12 @@ impl AuditStore for PostgresStore {
                     actor.clone(),
                     setting.clone(),
                     record.before.clone(),
-                    record.after.clone()
+                    record.after.clone(),
+                    own
                 ],
             )
             .await?;
-            tx.query_typed(&drop, args![tenant.clone(), seq - AUDIT_PER_TENANT]).await?;
+            tx.query_typed(&drop, args![tenant.clone(), own, AUDIT_PER_TENANT]).await?;
             tx.commit().await?;
             Ok(seq)
         })

@@ -304,7 +304,7 @@ CREATE TABLE {s}.tenant_payment (
 "#,
     // 15 -> 16: the audit of tenants' settings (`store::AuditRecord`): each tenant's records
     // numbered by its `audit_head` row (an upsert under the row's lock), at most
-    // `AUDIT_PER_TENANT` kept per tenant.
+    // `AUDIT_PER_TENANT` kept per tenant of those it made itself (`own`) and of the others'.
     r#"
 CREATE TABLE {s}.audit_head (
     tenant text COLLATE "C" PRIMARY KEY,
@@ -318,9 +318,11 @@ CREATE TABLE {s}.audit_log (
     setting text NOT NULL,
     before  text,
     after   text,
+    own     boolean NOT NULL,
     PRIMARY KEY (tenant, seq)
 );
 CREATE INDEX audit_log_at ON {s}.audit_log (at, tenant, seq);
+CREATE INDEX audit_log_own ON {s}.audit_log (tenant, own, seq);
 "#,
 ];
 

@@ -7,14 +7,14 @@ use crate::store::{Actor, AuditQuery, AuditRecord, AuditStore, Setting, AUDIT_PE
 const COLUMNS: &str = "tenant, seq, at, actor, setting, before, after";
 
 /// A row as read (columns in [`COLUMNS`]' order); an actor this build does not know is read
-/// as `tollgate:` and its stored form.
+/// as [`Actor::Other`].
 fn record(r: &rusqlite::Row<'_>) -> Sql<AuditRecord> {
     let actor: String = r.get(3)?;
     let setting: String = r.get(4)?;
     let mut rec = AuditRecord::new(
         TenantId::from(r.get::<_, String>(0)?),
         r.get(2)?,
-        Actor::parse(&actor).unwrap_or(Actor::Tollgate(actor)),
+        Actor::parse(&actor).unwrap_or(Actor::Other(actor)),
         Setting::parse(&setting),
         r.get(5)?,
         r.get(6)?,
@@ -34,18 +34,26 @@ impl AuditStore for SqliteStore {
                      ON CONFLICT (tenant) DO UPDATE SET seq = seq + 1 RETURNING seq",
                 )?
                 .query_row([r.tenant.as_str()], |row| row.get(0))?;
-            tx.prepare_cached(&format!("INSERT INTO audit_log ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"))?
-                .execute(params![
-                    r.tenant.as_str(),
-                    seq,
-                    r.at,
-                    r.actor.to_stored(),
-                    r.setting.as_str(),
-                    r.before,
-                    r.after
-                ])?;
-            tx.prepare_cached("DELETE FROM audit_log WHERE tenant = ?1 AND seq <= ?2")?
-                .execute(params![r.tenant.as_str(), seq - AUDIT_PER_TENANT])?;
+            let own = r.actor.is_tenant();
+            tx.prepare_cached(&format!(
+                "INSERT INTO audit_log ({COLUMNS}, own) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ))?
+            .execute(params![
+                r.tenant.as_str(),
+                seq,
+                r.at,
+                r.actor.to_stored(),
+                r.setting.as_str(),
+                r.before,
+                r.after,
+                own
+            ])?;
+            // The tenant's records of this kind past the newest AUDIT_PER_TENANT.
+            tx.prepare_cached(
+                "DELETE FROM audit_log WHERE tenant = ?1 AND own = ?2 AND seq <= (SELECT seq FROM audit_log \
+                 WHERE tenant = ?1 AND own = ?2 ORDER BY seq DESC LIMIT 1 OFFSET ?3)",
+            )?
+            .execute(params![r.tenant.as_str(), own, AUDIT_PER_TENANT])?;
             Ok(seq)
         })
         .await

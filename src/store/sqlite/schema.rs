@@ -337,7 +337,8 @@ CREATE TABLE tenant_payment (
 ) WITHOUT ROWID;
 ",
     // 23 -> 24: the audit of tenants' settings (`store::AuditRecord`): each tenant's records
-    // numbered by `audit_head`, at most `AUDIT_PER_TENANT` kept per tenant.
+    // numbered by `audit_head`, at most `AUDIT_PER_TENANT` kept per tenant of those it made
+    // itself (`own` = 1) and of the others'.
     r"
 CREATE TABLE audit_head (
     tenant TEXT PRIMARY KEY,
@@ -351,9 +352,11 @@ CREATE TABLE audit_log (
     setting TEXT NOT NULL,
     before  TEXT,
     after   TEXT,
+    own     INTEGER NOT NULL,
     PRIMARY KEY (tenant, seq)
 ) WITHOUT ROWID;
 CREATE INDEX audit_log_at ON audit_log (at, tenant, seq);
+CREATE INDEX audit_log_own ON audit_log (tenant, own, seq);
 ",
 ];
 
