@@ -289,7 +289,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // What the exporters batched is sent before the process ends.
     #[cfg(feature = "otel")]
     if let Some(otel) = otel {
-        otel.shutdown()?;
+        // It waits for the exporters: off the runtime's threads.
+        tokio::task::spawn_blocking(move || otel.shutdown()).await??;
     }
     Ok(())
 }

@@ -302,10 +302,9 @@ impl Totals {
 
 /// The fields of [`Stats`] that are levels (what is held now), not running totals.
 #[cfg(feature = "otel")]
-const LEVELS: [&str; 8] = [
+const LEVELS: [&str; 7] = [
     "tracked_tenants",
-    "waiting_windows",
-    "unconfirmed_exports",
+    "open_values",
     "tracked_clients",
     "held_rate_states",
     "response_bytes_buffered",

@@ -1,7 +1,8 @@
 //! OpenTelemetry (feature `otel`): tollgate's spans and counters over OTLP.
 //!
-//! With the feature, every request's admission is a span (its parent the request's W3C trace
-//! context, `traceparent`), with the tenant, plan, decision, policy and units as attributes;
+//! With the feature, every request's admission is a span (its parent the application's active
+//! span, or the request's W3C trace context, `traceparent`), with the tenant, plan, decision,
+//! policy and units as attributes;
 //! the store calls it waits on are its child spans (`db.system`, `db.operation.name`, the
 //! outcome), and each export pass is a span whose children are its store calls and its calls
 //! to Stripe or Metronome. They go to the global tracer provider, so an application that
@@ -24,7 +25,8 @@
 //! // ... serve ...
 //! tollgate.shutdown().await?;
 //! if let Some(otel) = otel {
-//!     otel.shutdown()?; // what is batched is sent
+//!     // What is batched is sent (it waits for the exporters: off the runtime's threads).
+//!     tokio::task::spawn_blocking(move || otel.shutdown()).await??;
 //! }
 //! # Ok(())
 //! # }
@@ -115,13 +117,17 @@ impl Otel {
 
     /// Exports `tollgate`'s counters ([`Stats`](crate::report::Stats)) at each of the meter
     /// provider's collections, each as `tollgate.NAME` (its field's name): a counter of the
-    /// node's running total, or a gauge for a level (tenants tracked, holds open, …). Call it
-    /// once per engine.
+    /// node's running total, or a gauge for a level (tenants tracked, holds open, …), all read
+    /// from one snapshot per collection. Call it once, for the process's engine: the
+    /// instruments of a second call would stand for the same names.
     pub fn observe(&self, tollgate: &Tollgate) {
-        observe(&global::meter(crate::base::trace::TRACER), tollgate);
+        use opentelemetry::metrics::MeterProvider as _;
+        observe(&self.meter.meter(crate::base::trace::TRACER), tollgate);
     }
 
-    /// Sends what the providers hold now (spans batched, the counters' values).
+    /// Sends what the providers hold now (spans batched, the counters' values). It waits for
+    /// the exporters (up to their timeouts): from async code, call it in
+    /// `tokio::task::spawn_blocking`, or where a short block of a worker thread does no harm.
     ///
     /// # Errors
     /// A provider that could not export.
@@ -131,7 +137,8 @@ impl Otel {
     }
 
     /// Sends what is left and stops the providers (at the end, after the engine's
-    /// [`shutdown`](crate::Tollgate::shutdown)).
+    /// [`shutdown`](crate::Tollgate::shutdown)). It waits for the exporters, as
+    /// [`flush`](Self::flush) does.
     ///
     /// # Errors
     /// A provider that could not export or stop.
@@ -167,12 +174,22 @@ fn client() -> Result<reqwest::blocking::Client, OtelError> {
         .map_err(OtelError::Exporter)
 }
 
-/// Each field of the engine's [`Stats`](crate::report::Stats), observed on `meter`.
+/// Each field of the engine's [`Stats`](crate::report::Stats), observed on `meter`, from one
+/// snapshot per collection (the instruments' callbacks run one after the other within it: the
+/// first to run after a second has passed reads the engine again).
 fn observe(meter: &Meter, tollgate: &Tollgate) {
+    type Snapshot = (Option<std::time::Instant>, Vec<(String, u64, bool)>);
+    let snapshot: std::sync::Arc<std::sync::Mutex<Snapshot>> = std::sync::Arc::default();
     for (name, level) in crate::metrics::Stats::default().entries().into_iter().map(|(n, _, l)| (n, l)) {
-        let engine = tollgate.clone();
+        let (engine, snapshot) = (tollgate.clone(), snapshot.clone());
         let field = name.clone();
-        let read = move || engine.stats().entries().into_iter().find(|(n, _, _)| *n == field).map_or(0, |(_, v, _)| v);
+        let read = move || {
+            let mut held = snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if held.0.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                *held = (Some(std::time::Instant::now()), engine.stats().entries());
+            }
+            held.1.iter().find(|(n, _, _)| *n == field).map_or(0, |(_, v, _)| *v)
+        };
         let name = format!("tollgate.{name}");
         if level {
             meter.u64_observable_gauge(name).with_callback(move |o| o.observe(read(), &[])).build();

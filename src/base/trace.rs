@@ -5,9 +5,10 @@
 //!
 //! Attributes follow OpenTelemetry's semantic conventions where one exists (`http.request.method`,
 //! `url.path`, `http.response.status_code`, `db.system`, `db.operation.name`, `error.type`), and
-//! are `tollgate.*` otherwise. A request's span takes the W3C trace context (`traceparent`,
-//! `tracestate`) of its request as its parent. Without the feature, none of this is compiled:
-//! the request path counts the same instructions as before.
+//! are `tollgate.*` otherwise. A request's span is a child of the application's span when one
+//! is active (an internal span), else a server span under the W3C trace context (`traceparent`,
+//! `tracestate`) of its request, read only within bounds. Without the feature, none of this is
+//! compiled: the request path counts the same instructions as before.
 
 use std::borrow::Cow;
 
@@ -22,19 +23,31 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 /// The name of tollgate's tracer (its instrumentation scope).
 pub(crate) const TRACER: &str = "tollgate";
 
-/// The W3C header fields a request's parent is read from.
-const FIELDS: [&str; 2] = ["traceparent", "tracestate"];
+/// The W3C header fields a request's parent is read from, and the longest value of each read
+/// (a `traceparent` of version 00 is 55 bytes; a longer `tracestate` is dropped, as W3C lets a
+/// vendor do): a client's header never grows a span.
+const FIELDS: [(&str, usize); 2] = [("traceparent", 128), ("tracestate", 512)];
+
+/// The longest `url.path` kept, in bytes (cut on a character's boundary).
+const PATH_MAX: usize = 256;
+
+/// The request's method as its span names it: one of HTTP's, or `_OTHER` (the semantic
+/// conventions' word for a method a client made up: the span names stay few).
+fn method_name(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("_OTHER")
+}
 
 /// The request's `traceparent` and `tracestate`, as the propagator reads them.
 struct Headers([Option<String>; 2]);
 
 impl Extractor for Headers {
     fn get(&self, key: &str) -> Option<&str> {
-        FIELDS.iter().position(|f| f.eq_ignore_ascii_case(key)).and_then(|i| self.0[i].as_deref())
+        FIELDS.iter().position(|(f, _)| f.eq_ignore_ascii_case(key)).and_then(|i| self.0[i].as_deref())
     }
 
     fn keys(&self) -> Vec<&str> {
-        FIELDS.iter().zip(&self.0).filter(|(_, v)| v.is_some()).map(|(k, _)| *k).collect()
+        FIELDS.iter().zip(&self.0).filter(|(_, v)| v.is_some()).map(|((k, _), _)| *k).collect()
     }
 }
 
@@ -49,21 +62,48 @@ pub(crate) struct RequestSpan {
 
 impl RequestSpan {
     /// Starts the span of a request of `method` on `path`; `header` reads a header's first
-    /// value (the W3C fields).
+    /// value (the W3C fields). Under the application's active span, its child (internal: the
+    /// application's is the server span); else a server span under the request's trace
+    /// context, its fields read only when within their bounds.
     pub(crate) fn start<'h>(method: &str, path: &str, header: impl Fn(&str) -> Option<&'h [u8]>) -> Self {
-        let read = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned);
-        let headers = Headers([read(FIELDS[0]), read(FIELDS[1])]);
-        let parent = TraceContextPropagator::new().extract(&headers);
+        let current = Context::current();
+        let (parent, kind) = if current.has_active_span() {
+            (current, SpanKind::Internal)
+        } else {
+            let read = |(name, max): (&str, usize)| {
+                header(name).filter(|v| v.len() <= max).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned)
+            };
+            let headers = Headers([read(FIELDS[0]), read(FIELDS[1])]);
+            (TraceContextPropagator::new().extract(&headers), SpanKind::Server)
+        };
+        let method = method_name(method);
+        let mut end = path.len().min(PATH_MAX);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
         let tracer = global::tracer(TRACER);
         let span = tracer
             .span_builder(format!("{method} tollgate"))
-            .with_kind(SpanKind::Server)
+            .with_kind(kind)
             .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("url.path", path[..end].to_owned()),
             ])
             .start_with_context(&tracer, &parent);
         Self { cx: parent.with_span(span), ended: false }
+    }
+
+    /// Refused in shadow mode: served all the same (`shadow = true`), the refusal it would have
+    /// been named, no status of its own.
+    pub(crate) fn shadowed(mut self, kind: &'static str, tenant: Option<&str>, plan: Option<&str>) {
+        let span = self.cx.span();
+        span.set_attributes([KeyValue::new("tollgate.decision", "shadowed"), KeyValue::new("tollgate.refusal", kind)]);
+        for (key, value) in [("tollgate.tenant", tenant), ("tollgate.plan", plan)] {
+            if let Some(v) = value {
+                span.set_attribute(KeyValue::new(key, v.to_owned()));
+            }
+        }
+        self.end();
     }
 
     /// The context whose active span is this one: what the calls made while it is decided run
@@ -153,8 +193,9 @@ pub(crate) fn end_pass(cx: &Context, failed: Option<&str>) {
 }
 
 /// A call out of the process (a store, a billing system) made under the current context's
-/// span: its child span, of kind client, with `attributes`, ended with the call's outcome.
-/// Under no span (a call of the background path outside a pass), no span is made.
+/// span: its child span, of kind client, with its attributes, ended with the call's outcome
+/// (`cancelled` when dropped before: a deadline, a client gone). Under no span (a call of the
+/// background path outside a pass), no span is made, and its attributes are never built.
 #[derive(Debug)]
 pub(crate) struct CallSpan {
     cx: Option<Context>,
@@ -162,7 +203,7 @@ pub(crate) struct CallSpan {
 
 impl CallSpan {
     /// A child of the current span named `name`, if there is a current span.
-    pub(crate) fn start(name: impl Into<Cow<'static, str>>, attributes: Vec<KeyValue>) -> Self {
+    pub(crate) fn start(name: impl Into<Cow<'static, str>>, attributes: impl FnOnce() -> Vec<KeyValue>) -> Self {
         let parent = Context::current();
         if !parent.has_active_span() {
             return Self { cx: None };
@@ -171,7 +212,7 @@ impl CallSpan {
         let span: BoxedSpan = tracer
             .span_builder(name)
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
+            .with_attributes(attributes())
             .start_with_context(&tracer, &parent);
         Self { cx: Some(parent.with_span(span)) }
     }
@@ -183,8 +224,12 @@ impl CallSpan {
 
     /// Ends it: `outcome` (`ok`, or why it failed) as `tollgate.outcome`, an error status
     /// unless `ok`.
-    pub(crate) fn end(self, outcome: &'static str) {
-        if let Some(cx) = &self.cx {
+    pub(crate) fn end(mut self, outcome: &'static str) {
+        self.close(outcome);
+    }
+
+    fn close(&mut self, outcome: &'static str) {
+        if let Some(cx) = self.cx.take() {
             let span = cx.span();
             span.set_attribute(KeyValue::new("tollgate.outcome", outcome));
             if outcome != "ok" {
@@ -193,6 +238,12 @@ impl CallSpan {
             }
             span.end();
         }
+    }
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        self.close("cancelled");
     }
 }
 

@@ -78,7 +78,13 @@ impl Rejection {
     /// tenant and policy.
     #[cfg(feature = "otel")]
     pub(crate) fn trace(&self, span: crate::base::trace::RequestSpan) {
-        span.refused(self.kind().label(), self.status_code(), self.tenant().map(|t| t.as_str()), None, self.policy());
+        let tenant = self.tenant().map(|t| t.as_str());
+        let plan = self.inner.state.as_ref().map(|s| s.plan.id.as_str());
+        if self.is_shadowed() {
+            span.shadowed(self.kind().label(), tenant, plan);
+        } else {
+            span.refused(self.kind().label(), self.status_code(), tenant, plan, self.policy());
+        }
     }
 
     /// Why the request was rejected.

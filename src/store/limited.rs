@@ -338,17 +338,26 @@ impl<S: ?Sized + std::fmt::Debug> Limited<S> {
 }
 
 impl<S: ?Sized> Limited<S> {
-    async fn call<T>(
+    /// One call of `role` (what its span names, feature `otel`) made by the policy.
+    async fn call_as<T>(
         &self,
+        role: &'static str,
         op: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        #[cfg(not(feature = "otel"))]
+        let _ = role;
         // Under a request's or a pass's span (feature `otel`): the call is its child span.
         #[cfg(feature = "otel")]
         {
             use opentelemetry::{context::FutureExt as _, KeyValue};
-            let attributes = vec![KeyValue::new("db.system", self.system), KeyValue::new("db.operation.name", op)];
-            let span = crate::base::trace::CallSpan::start(op, attributes);
+            let span = crate::base::trace::CallSpan::start(op, || {
+                vec![
+                    KeyValue::new("db.system", self.system),
+                    KeyValue::new("db.operation.name", op),
+                    KeyValue::new("tollgate.store.role", role),
+                ]
+            });
             if let Some(cx) = span.context().cloned() {
                 let result = self.policy.call(self.path, op, fut).with_context(cx).await;
                 span.end(match &result {
@@ -374,14 +383,14 @@ impl<S: ?Sized + std::fmt::Debug> std::fmt::Debug for Limited<S> {
 #[async_trait]
 impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        self.call("reserve quota", self.inner.reserve(r)).await
+        self.call_as("quota", "reserve quota", self.inner.reserve(r)).await
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         // One call for the policy: a batch every release of which failed is a failed call
         // (counted, and within the path's time limit as a whole).
         let answer = self
-            .call("release quota", async {
+            .call_as("quota", "release quota", async {
                 let results = self.inner.release(releases).await;
                 match results.first() {
                     Some(Err(e)) if results.iter().all(Result::is_err) => Err(e.duplicate()),
@@ -396,7 +405,7 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
-        self.call("grant credits", self.inner.grant_credits(grant)).await
+        self.call_as("quota", "grant credits", self.inner.grant_credits(grant)).await
     }
 
     async fn credit_grants(
@@ -404,7 +413,7 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
         tenant: &TenantId,
         meter: Option<&MeterId>,
     ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
-        self.call("read credit grants", self.inner.credit_grants(tenant, meter)).await
+        self.call_as("quota", "read credit grants", self.inner.credit_grants(tenant, meter)).await
     }
 
     async fn close_credits(
@@ -415,19 +424,19 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
         revoke: bool,
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
-        self.call("close credits", self.inner.close_credits(tenant, meter, id, revoke, now)).await
+        self.call_as("quota", "close credits", self.inner.close_credits(tenant, meter, id, revoke, now)).await
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
-        self.call("refund credits", self.inner.refund_credits(refund)).await
+        self.call_as("quota", "refund credits", self.inner.refund_credits(refund)).await
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
-        self.call("list expired credits", self.inner.expired_credits(now, limit)).await
+        self.call_as("quota", "list expired credits", self.inner.expired_credits(now, limit)).await
     }
 
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
-        self.call("read quota counters", self.inner.counters(tenant, meter)).await
+        self.call_as("quota", "read quota counters", self.inner.counters(tenant, meter)).await
     }
 
     async fn values(
@@ -435,7 +444,7 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
         call: &crate::store::ValueCall,
         mode: crate::store::ValueMode,
     ) -> Result<crate::store::HeldValues, StoreError> {
-        self.call(mode.name(), self.inner.values(call, mode)).await
+        self.call_as("quota", mode.name(), self.inner.values(call, mode)).await
     }
 
     async fn payments(
@@ -445,7 +454,7 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
     ) -> Result<crate::store::PaymentAnswer, StoreError> {
         let what =
             if matches!(call, crate::store::PaymentCall::Read { .. }) { "read payments" } else { "record a payment" };
-        self.call(what, self.inner.payments(call, now)).await
+        self.call_as("quota", what, self.inner.payments(call, now)).await
     }
 }
 
@@ -453,15 +462,15 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
 #[async_trait]
 impl<S: UsageStore + ?Sized> UsageStore for Limited<S> {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        self.call("flush usage", self.inner.commit_usage(batch)).await
+        self.call_as("usage", "flush usage", self.inner.commit_usage(batch)).await
     }
 
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
-        self.call("record usage events", self.inner.commit_events(events)).await
+        self.call_as("usage", "record usage events", self.inner.commit_events(events)).await
     }
 
     async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
-        self.call("read usage", self.inner.usage_range(tenant, from, to)).await
+        self.call_as("usage", "read usage", self.inner.usage_range(tenant, from, to)).await
     }
 
     fn max_batch_records(&self) -> usize {
@@ -478,7 +487,8 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
         after: Option<&ExportKey>,
         limit: usize,
     ) -> Result<Vec<UsageAggregate>, StoreError> {
-        self.call("list pending exports", self.inner.pending_exports(window_start_before, after, limit)).await
+        self.call_as("export", "list pending exports", self.inner.pending_exports(window_start_before, after, limit))
+            .await
     }
 
     async fn begin_export(
@@ -487,7 +497,7 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
         claim: &ExportClaim,
         send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
-        self.call("begin export", self.inner.begin_export(aggregate, claim, send)).await
+        self.call_as("export", "begin export", self.inner.begin_export(aggregate, claim, send)).await
     }
 
     async fn defer_export(
@@ -496,23 +506,23 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
         claim: &ExportClaim,
         deferral: Deferral,
     ) -> Result<bool, StoreError> {
-        self.call("defer export", self.inner.defer_export(aggregate, claim, deferral)).await
+        self.call_as("export", "defer export", self.inner.defer_export(aggregate, claim, deferral)).await
     }
 
     async fn finish_export(&self, aggregate: &UsageAggregate, now: i64) -> Result<bool, StoreError> {
-        self.call("finish export", self.inner.finish_export(aggregate, now)).await
+        self.call_as("export", "finish export", self.inner.finish_export(aggregate, now)).await
     }
 
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        self.call("dead-letter", self.inner.dead_letter(aggregate, reason)).await
+        self.call_as("export", "dead-letter", self.inner.dead_letter(aggregate, reason)).await
     }
 
     async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        self.call("list dead letters", self.inner.dead_letters(after, limit)).await
+        self.call_as("export", "list dead letters", self.inner.dead_letters(after, limit)).await
     }
 
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
-        self.call("requeue a dead letter", self.inner.requeue_dead_letter(key)).await
+        self.call_as("export", "requeue a dead letter", self.inner.requeue_dead_letter(key)).await
     }
 
     fn is_durable(&self) -> bool {
@@ -520,11 +530,11 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
     }
 
     async fn identifier_namespace(&self) -> Result<String, StoreError> {
-        self.call("read the identifier namespace", self.inner.identifier_namespace()).await
+        self.call_as("export", "read the identifier namespace", self.inner.identifier_namespace()).await
     }
 
     async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
-        self.call("set the identifier namespace", self.inner.set_identifier_namespace(current, new)).await
+        self.call_as("export", "set the identifier namespace", self.inner.set_identifier_namespace(current, new)).await
     }
 }
 
@@ -537,19 +547,19 @@ impl<S: LedgerStore + ?Sized> LedgerStore for Limited<S> {
         after: Option<(&ExportKey, u32)>,
         limit: usize,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        self.call("read the ledger", self.inner.ledger(hour, after, limit)).await
+        self.call_as("ledger", "read the ledger", self.inner.ledger(hour, after, limit)).await
     }
 
     async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
-        self.call("note lacking units", self.inner.note_lacking(entry, now)).await
+        self.call_as("ledger", "note lacking units", self.inner.note_lacking(entry, now)).await
     }
 
     async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
-        self.call("clear lacking units", self.inner.clear_lacking(entry)).await
+        self.call_as("ledger", "clear lacking units", self.inner.clear_lacking(entry)).await
     }
 
     async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
-        self.call("export again", self.inner.reexport(entry)).await
+        self.call_as("ledger", "export again", self.inner.reexport(entry)).await
     }
 }
 
@@ -557,39 +567,39 @@ impl<S: LedgerStore + ?Sized> LedgerStore for Limited<S> {
 #[async_trait]
 impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
-        self.call("find key", self.inner.find_key(key)).await
+        self.call_as("directory", "find key", self.inner.find_key(key)).await
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        self.call("find tenant", self.inner.tenant(id)).await
+        self.call_as("directory", "find tenant", self.inner.tenant(id)).await
     }
 
     async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
-        self.call("find tenant by customer", self.inner.tenant_by_customer(customer)).await
+        self.call_as("directory", "find tenant by customer", self.inner.tenant_by_customer(customer)).await
     }
 
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
-        self.call("list tenants", self.inner.list_tenants(after, limit)).await
+        self.call_as("directory", "list tenants", self.inner.list_tenants(after, limit)).await
     }
 
     async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.call("list keys", self.inner.list_keys(tenant)).await
+        self.call_as("directory", "list keys", self.inner.list_keys(tenant)).await
     }
 
     async fn key(&self, key: &KeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.call("read key", self.inner.key(key)).await
+        self.call_as("directory", "read key", self.inner.key(key)).await
     }
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
-        self.call("put tenant", self.inner.put_tenant(record, keys)).await
+        self.call_as("directory", "put tenant", self.inner.put_tenant(record, keys)).await
     }
 
     async fn put_key(&self, key: &ApiKeyRecord, when: KeyWrite) -> Result<(), StoreError> {
-        self.call("put key", self.inner.put_key(key, when)).await
+        self.call_as("directory", "put key", self.inner.put_key(key, when)).await
     }
 
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
-        self.call("remove key", self.inner.remove_key(key)).await
+        self.call_as("directory", "remove key", self.inner.remove_key(key)).await
     }
 
     async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
@@ -600,11 +610,11 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
             TenantUpdate::Overrides(..) => "set overrides",
             TenantUpdate::AlertEndpoint(..) => "set alert endpoint",
         };
-        self.call(what, self.inner.update_tenant(update, when)).await
+        self.call_as("directory", what, self.inner.update_tenant(update, when)).await
     }
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
-        self.call("apply plan change", self.inner.apply_plan_change(change)).await
+        self.call_as("directory", "apply plan change", self.inner.apply_plan_change(change)).await
     }
 
     async fn changes(&self, call: ChangeCall<'_>) -> Result<Changes, StoreError> {
@@ -612,7 +622,7 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
             ChangeCall::Tell { .. } => "tell a tenant changed",
             ChangeCall::Read => "read the tenants changed",
         };
-        self.call(what, self.inner.changes(call)).await
+        self.call_as("directory", what, self.inner.changes(call)).await
     }
 }
 
@@ -620,7 +630,7 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
 #[async_trait]
 impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
     async fn claim_idempotency(&self, claim: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
-        self.call("claim idempotency key", self.inner.claim_idempotency(claim)).await
+        self.call_as("idempotency", "claim idempotency key", self.inner.claim_idempotency(claim)).await
     }
 
     async fn read_idempotency(
@@ -629,7 +639,7 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
         request: &str,
         now: i64,
     ) -> Result<Option<IdempotencyState>, StoreError> {
-        self.call("read idempotent response", self.inner.read_idempotency(key, request, now)).await
+        self.call_as("idempotency", "read idempotent response", self.inner.read_idempotency(key, request, now)).await
     }
 
     async fn settle_idempotency(
@@ -638,7 +648,7 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
         owner: u64,
         how: &IdempotencySettle,
     ) -> Result<IdempotencySettled, StoreError> {
-        self.call("settle idempotency key", self.inner.settle_idempotency(key, owner, how)).await
+        self.call_as("idempotency", "settle idempotency key", self.inner.settle_idempotency(key, owner, how)).await
     }
 }
 
@@ -646,11 +656,11 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
 #[async_trait]
 impl<S: RateStore + ?Sized> RateStore for Limited<S> {
     async fn take_cells(&self, call: &crate::store::CellCall) -> Result<crate::store::CellGrant, StoreError> {
-        self.call("take rate cells", self.inner.take_cells(call)).await
+        self.call_as("rate", "take rate cells", self.inner.take_cells(call)).await
     }
 
     async fn return_cells(&self, call: &crate::store::CellReturn) -> Result<(), StoreError> {
-        self.call("return rate cells", self.inner.return_cells(call)).await
+        self.call_as("rate", "return rate cells", self.inner.return_cells(call)).await
     }
 }
 
@@ -662,7 +672,7 @@ impl<S: PlaceStore + ?Sized> PlaceStore for Limited<S> {
         call: &crate::store::PlaceCall,
         mode: crate::store::PlaceMode,
     ) -> Result<crate::store::Places, StoreError> {
-        self.call(mode.name(), self.inner.places(call, mode)).await
+        self.call_as("places", mode.name(), self.inner.places(call, mode)).await
     }
 }
 
@@ -670,14 +680,14 @@ impl<S: PlaceStore + ?Sized> PlaceStore for Limited<S> {
 #[async_trait]
 impl<S: OutboxStore + ?Sized> OutboxStore for Limited<S> {
     async fn put_alerts(&self, entries: &[crate::store::OutboxEntry]) -> Result<usize, StoreError> {
-        self.call("put alerts", self.inner.put_alerts(entries)).await
+        self.call_as("alerts", "put alerts", self.inner.put_alerts(entries)).await
     }
 
     async fn claim_alerts(
         &self,
         claim: &crate::store::AlertClaim,
     ) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
-        self.call("claim alerts", self.inner.claim_alerts(claim)).await
+        self.call_as("alerts", "claim alerts", self.inner.claim_alerts(claim)).await
     }
 
     async fn settle_alert(
@@ -686,22 +696,22 @@ impl<S: OutboxStore + ?Sized> OutboxStore for Limited<S> {
         owner: u64,
         outcome: &crate::store::AlertOutcome,
     ) -> Result<bool, StoreError> {
-        self.call("settle an alert", self.inner.settle_alert(key, owner, outcome)).await
+        self.call_as("alerts", "settle an alert", self.inner.settle_alert(key, owner, outcome)).await
     }
 
     async fn list_alerts(
         &self,
         query: &crate::store::AlertQuery,
     ) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
-        self.call("list alerts", self.inner.list_alerts(query)).await
+        self.call_as("alerts", "list alerts", self.inner.list_alerts(query)).await
     }
 
     async fn requeue_alert(&self, key: &crate::store::AlertKey, now: i64) -> Result<bool, StoreError> {
-        self.call("requeue an alert", self.inner.requeue_alert(key, now)).await
+        self.call_as("alerts", "requeue an alert", self.inner.requeue_alert(key, now)).await
     }
 
     async fn prune_alerts(&self, now: i64) -> Result<u64, StoreError> {
-        self.call("prune alerts", self.inner.prune_alerts(now)).await
+        self.call_as("alerts", "prune alerts", self.inner.prune_alerts(now)).await
     }
 }
 
@@ -709,14 +719,14 @@ impl<S: OutboxStore + ?Sized> OutboxStore for Limited<S> {
 #[async_trait]
 impl<S: crate::store::AuditStore + ?Sized> crate::store::AuditStore for Limited<S> {
     async fn append_audit(&self, record: &crate::store::AuditRecord) -> Result<i64, StoreError> {
-        self.call("append an audit record", self.inner.append_audit(record)).await
+        self.call_as("audit", "append an audit record", self.inner.append_audit(record)).await
     }
 
     async fn list_audit(&self, query: &crate::store::AuditQuery) -> Result<Vec<crate::store::AuditRecord>, StoreError> {
-        self.call("list audit records", self.inner.list_audit(query)).await
+        self.call_as("audit", "list audit records", self.inner.list_audit(query)).await
     }
 
     async fn prune_audit(&self, before: i64) -> Result<u64, StoreError> {
-        self.call("prune audit records", self.inner.prune_audit(before)).await
+        self.call_as("audit", "prune audit records", self.inner.prune_audit(before)).await
     }
 }

@@ -281,11 +281,10 @@ async fn paying_climbs_the_ladder_once_across_four_engines(store: Arc<dyn Store>
     );
     // The audit: the webhook's move by its event, the daily check's by the check, once each.
     let audit = tollgate::admin::Admin::for_engine(&s.nodes[0].tollgate).audit(Some("acme"), None, 10).await.unwrap();
-    let changes: Vec<_> = audit
-        .iter()
-        .map(|r| (r.actor.to_string(), r.setting.to_string(), r.before.clone(), r.after.clone()))
-        .collect();
-    let plan = |who: &str, from: &str, to: &str| (who.to_owned(), "plan".to_owned(), Some(from.into()), Some(to.into()));
+    let changes: Vec<_> =
+        audit.iter().map(|r| (r.actor.to_string(), r.setting.to_string(), r.before.clone(), r.after.clone())).collect();
+    let plan =
+        |who: &str, from: &str, to: &str| (who.to_owned(), "plan".to_owned(), Some(from.into()), Some(to.into()));
     assert_eq!(changes, [plan("tollgate:tier-check", "tier1", "tier2"), plan("stripe:evt_1", "free", "tier1")]);
     // $10 of the $45 refunded: $40 paid, below tier 2's $50; this ladder never moves down.
     let refund = event("evt_3", "charge.refunded", NOON + 8 * DAY, charge("pi_2", 4_500, 1_000));

@@ -25,7 +25,6 @@ mod money;
 mod moves;
 mod open_values;
 mod orgs;
-mod otel;
 mod pipeline;
 mod places;
 mod quotas;

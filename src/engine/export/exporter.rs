@@ -750,11 +750,12 @@ impl Pass {
         {
             use opentelemetry::{context::FutureExt as _, KeyValue};
             let sink = self.rt.config.export.sink.map_or("custom", crate::base::SinkKind::as_str);
-            let attributes = vec![
-                KeyValue::new("tollgate.sink", sink),
-                KeyValue::new("tollgate.events", i64::try_from(ready.len()).unwrap_or(i64::MAX)),
-            ];
-            let span = crate::base::trace::CallSpan::start(format!("{sink} send"), attributes);
+            let span = crate::base::trace::CallSpan::start(format!("{sink} send"), || {
+                vec![
+                    KeyValue::new("tollgate.sink", sink),
+                    KeyValue::new("tollgate.events", i64::try_from(ready.len()).unwrap_or(i64::MAX)),
+                ]
+            });
             if let Some(cx) = span.context().cloned() {
                 let result = send.with_context(cx).await;
                 span.end(if result.is_ok() { "ok" } else { "error" });
