@@ -85,7 +85,8 @@ pub async fn every_source_records_its_changes(store: Arc<dyn Store>) {
     ops.set_spend_cap("acme", Some("8.00"), QuotaMode::Hard).await.unwrap();
     ops.set_spend_cap("acme", Some("8.00"), QuotaMode::Hard).await.unwrap(); // the same: not recorded
     ops.spend_cap("acme").await.unwrap(); // a read: not recorded
-                                          // An endpoint whose URL carries a receiver's token (a user is refused at registration):
+
+    // An endpoint whose URL carries a receiver's token (a user is refused at registration):
     // the token is not recorded.
     let url = "https://127.0.0.1:9/hook?token=tok_secret#f";
     let secret = if cfg!(feature = "alerts") {
