@@ -34,7 +34,10 @@
 //!
 //! Without the feature none of it is compiled: the request path counts the same instructions.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use opentelemetry::{global, metrics::Meter};
 use opentelemetry_otlp::{MetricExporter, SpanExporter, WithExportConfig as _, WithHttpConfig as _};
@@ -64,7 +67,12 @@ pub enum OtelError {
 pub struct Otel {
     tracer: SdkTracerProvider,
     meter: SdkMeterProvider,
+    /// The engine's counters as last read for a collection ([`observe`](Self::observe)).
+    snapshot: Arc<Mutex<Snapshot>>,
 }
+
+/// When the counters were last read, and what they were.
+type Snapshot = (Option<std::time::Instant>, Vec<(String, u64, bool)>);
 
 impl Otel {
     /// Exports spans and metrics over OTLP/HTTP to [`ENDPOINT_VAR`]'s address (and the other
@@ -112,7 +120,7 @@ impl Otel {
             .build();
         global::set_tracer_provider(tracer.clone());
         global::set_meter_provider(meter.clone());
-        Ok(Self { tracer, meter })
+        Ok(Self { tracer, meter, snapshot: Arc::default() })
     }
 
     /// Exports `tollgate`'s counters ([`Stats`](crate::report::Stats)) at each of the meter
@@ -122,7 +130,7 @@ impl Otel {
     /// instruments of a second call would stand for the same names.
     pub fn observe(&self, tollgate: &Tollgate) {
         use opentelemetry::metrics::MeterProvider as _;
-        observe(&self.meter.meter(crate::base::trace::TRACER), tollgate);
+        observe(&self.meter.meter(crate::base::trace::TRACER), tollgate, &self.snapshot);
     }
 
     /// Sends what the providers hold now (spans batched, the counters' values). It waits for
@@ -132,6 +140,7 @@ impl Otel {
     /// # Errors
     /// A provider that could not export.
     pub fn flush(&self) -> Result<(), OtelError> {
+        self.fresh();
         self.tracer.force_flush().map_err(|e| OtelError::Shutdown(e.to_string()))?;
         self.meter.force_flush().map_err(|e| OtelError::Shutdown(e.to_string()))
     }
@@ -143,9 +152,17 @@ impl Otel {
     /// # Errors
     /// A provider that could not export or stop.
     pub fn shutdown(self) -> Result<(), OtelError> {
+        self.fresh();
         let spans = self.tracer.shutdown().map_err(|e| OtelError::Shutdown(e.to_string()));
         let metrics = self.meter.shutdown().map_err(|e| OtelError::Shutdown(e.to_string()));
         spans.and(metrics)
+    }
+}
+
+impl Otel {
+    /// The next collection reads the counters anew (a flush sends them as they are now).
+    fn fresh(&self) {
+        self.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = None;
     }
 }
 
@@ -177,9 +194,7 @@ fn client() -> Result<reqwest::blocking::Client, OtelError> {
 /// Each field of the engine's [`Stats`](crate::report::Stats), observed on `meter`, from one
 /// snapshot per collection (the instruments' callbacks run one after the other within it: the
 /// first to run after a second has passed reads the engine again).
-fn observe(meter: &Meter, tollgate: &Tollgate) {
-    type Snapshot = (Option<std::time::Instant>, Vec<(String, u64, bool)>);
-    let snapshot: std::sync::Arc<std::sync::Mutex<Snapshot>> = std::sync::Arc::default();
+fn observe(meter: &Meter, tollgate: &Tollgate, snapshot: &Arc<Mutex<Snapshot>>) {
     for (name, level) in crate::metrics::Stats::default().entries().into_iter().map(|(n, _, l)| (n, l)) {
         let (engine, snapshot) = (tollgate.clone(), snapshot.clone());
         let field = name.clone();

@@ -67,7 +67,9 @@ impl RequestSpan {
     /// context, its fields read only when within their bounds.
     pub(crate) fn start<'h>(method: &str, path: &str, header: impl Fn(&str) -> Option<&'h [u8]>) -> Self {
         let current = Context::current();
-        let (parent, kind) = if current.has_active_span() {
+        // The application's own span (not a context it only extracted): tollgate's is its child.
+        let local = current.has_active_span() && !current.span().span_context().is_remote();
+        let (parent, kind) = if local {
             (current, SpanKind::Internal)
         } else {
             let read = |(name, max): (&str, usize)| {

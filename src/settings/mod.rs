@@ -53,16 +53,13 @@ pub(crate) fn recharge_text(view: &recharge::RechargeView) -> Option<String> {
     Some(text)
 }
 
-/// A tenant's own alert endpoint as its audit records it: its URL and a fingerprint of its
-/// signing secret (the first 12 hexadecimal digits of the secret's SHA-256, as a key's id is
-/// its hash's: a new secret for the same URL is a change), never the secret.
+/// A tenant's own alert endpoint as its audit records it ([`endpoint_written`]): its URL
+/// without user, query or fragment, and fingerprints of the whole URL and of its signing
+/// secret (a new secret for the same URL is a change), never the secret.
 pub(crate) fn endpoint_text(record: Option<&crate::store::TenantRecord>) -> Option<String> {
     let json = record?.alert_endpoint.as_deref()?;
     let endpoint = serde_json::from_str::<endpoint::TenantEndpoint>(json).ok()?;
-    Some(match endpoint.secrets.first() {
-        Some(secret) => endpoint_written(&endpoint.url, secret),
-        None => endpoint.url,
-    })
+    Some(endpoint_written(&endpoint.url, endpoint.secrets.first().map_or("", String::as_str)))
 }
 
 /// An alert endpoint registered at `url` with `secret`, as [`endpoint_text`] reads it back:

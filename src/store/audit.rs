@@ -70,8 +70,14 @@ impl Actor {
     /// name cut at [`AUDIT_ACTOR_MAX`] bytes.
     #[must_use]
     pub fn to_stored(&self) -> String {
-        let (kind, name) = self.parts();
-        format!("{kind}:{}", clip(name, AUDIT_ACTOR_MAX))
+        match self {
+            // Its stored form as it was read: stored again unchanged.
+            Self::Other(stored) => clip(stored, AUDIT_ACTOR_MAX),
+            _ => {
+                let (kind, name) = self.parts();
+                format!("{kind}:{}", clip(name, AUDIT_ACTOR_MAX))
+            }
+        }
     }
 
     /// The actor of its stored form ([`Other`](Self::Other) for a kind this build does not
@@ -98,7 +104,8 @@ impl Actor {
         matches!(self, Self::Key(_) | Self::Tenant(_))
     }
 
-    /// Its kind (`operator`, `key`, `stripe`, `tollgate`) and name.
+    /// Its kind (`operator`, `key`, `tenant`, `stripe`, `tollgate`) and name; an actor this
+    /// build does not know is its stored form's kind and name.
     #[must_use]
     pub fn parts(&self) -> (&'static str, &str) {
         match self {
@@ -107,15 +114,20 @@ impl Actor {
             Self::Tenant(n) => ("tenant", n),
             Self::Stripe(n) => ("stripe", n),
             Self::Tollgate(n) => ("tollgate", n),
-            Self::Other(n) => ("other", n),
+            Self::Other(n) => n.split_once(':').map_or(("other", n.as_str()), |(_, name)| ("other", name)),
         }
     }
 }
 
 impl fmt::Display for Actor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (kind, name) = self.parts();
-        write!(f, "{kind}:{name}")
+        match self {
+            Self::Other(stored) => f.write_str(stored),
+            _ => {
+                let (kind, name) = self.parts();
+                write!(f, "{kind}:{name}")
+            }
+        }
     }
 }
 
@@ -228,10 +240,7 @@ impl AuditRecord {
     ) -> Self {
         let cut = |v: Option<String>| v.map(|v| if v.len() > AUDIT_VALUE_MAX { clip(&v, AUDIT_VALUE_MAX) } else { v });
         // Its name as every store keeps it: cut at AUDIT_ACTOR_MAX.
-        let actor = match Actor::parse(&actor.to_stored()) {
-            Some(Actor::Other(_)) | None => actor,
-            Some(kept) => kept,
-        };
+        let actor = Actor::parse(&actor.to_stored()).unwrap_or(actor);
         Self { tenant, seq: 0, at, actor, setting, before: cut(before), after: cut(after) }
     }
 
@@ -391,6 +400,9 @@ mod tests {
             assert_eq!(Actor::parse(&a.to_stored()), Some(a));
         }
         assert_eq!(Actor::parse("robot:x"), Some(Actor::Other("robot:x".into())));
+        let other = Actor::Other("robot:x".into());
+        assert_eq!((other.to_stored(), other.to_string()), ("robot:x".into(), "robot:x".into()), "as it was stored");
+        assert_eq!(Actor::parse(&other.to_stored()), Some(other));
         assert_eq!(Actor::parse("nothing"), None);
         let long = AuditRecord::new("t".into(), 1, Actor::Operator("o".repeat(500)), Setting::Plan, None, None);
         assert!(matches!(&long.actor, Actor::Operator(n) if n.len() <= AUDIT_ACTOR_MAX), "cut as the stores keep it");
