@@ -47,18 +47,7 @@ impl Receiver {
     /// Starts a receiver verifying with `SECRET` (`None`: no Python with the library, skipped
     /// loudly; in CI it must be there).
     pub fn start() -> Option<Self> {
-        let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
-            Ok(p) => p,
-            _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
-                panic!(
-                    "CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)"
-                )
-            }
-            _ => {
-                eprintln!("SKIPPED: TOLLGATE_MOTO_PYTHON (a Python with standardwebhooks) is not set; scripts/test.sh sets it");
-                return None;
-            }
-        };
+        let python = test_python("standardwebhooks")?;
         // The workspace's scripts, from the root crate or a door crate (integrations/NAME).
         let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let script = [manifest.to_path_buf(), manifest.join("../..")]
@@ -156,4 +145,21 @@ pub fn section(url: &str, secret: &str, extra: &str) -> String {
     format!(
         "[alerts]\ntimeout = \"3s\"\n{extra}\n[alerts.endpoints.ops]\nurl = \"{url}\"\nsecret_file = \"{secret}\"\n"
     )
+}
+
+/// The test environment's Python (`TOLLGATE_MOTO_PYTHON`, set by scripts/test.sh), which has
+/// `library` for a receiver of the tests (this
+/// file is included alone by the Lambda door's tests: the helper stands here). `None` outside it, skipped loudly; under CI (or
+/// `TOLLGATE_REQUIRE_SERVERS`) its absence fails the test.
+pub fn test_python(library: &str) -> Option<String> {
+    match std::env::var("TOLLGATE_MOTO_PYTHON") {
+        Ok(p) => Some(p),
+        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
+            panic!("CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)")
+        }
+        _ => {
+            eprintln!("SKIPPED: TOLLGATE_MOTO_PYTHON (a Python with {library}) is not set; scripts/test.sh sets it");
+            None
+        }
+    }
 }

@@ -52,18 +52,7 @@ impl Drop for Receiver {
 impl Receiver {
     /// Started with the test environment's Python (`None`: none, skipped loudly outside CI).
     fn start() -> Option<Self> {
-        let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
-            Ok(p) => p,
-            _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
-                panic!(
-                    "CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)"
-                )
-            }
-            _ => {
-                eprintln!("SKIPPED: TOLLGATE_MOTO_PYTHON (a Python with opentelemetry-proto) is not set");
-                return None;
-            }
-        };
+        let python = common::alerts::test_python("opentelemetry-proto")?;
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/otlp-receiver.py");
         let mut child = Command::new(python)
             .args([script.as_os_str(), "0".as_ref()])
