@@ -40,6 +40,7 @@ mod open;
 mod plans;
 mod recharge;
 mod search;
+mod tallies;
 mod tenants;
 
 pub use audit::AUDIT_PAGE_MAX;

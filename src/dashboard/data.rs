@@ -66,7 +66,8 @@ pub(crate) struct TenantRow {
     pub(crate) balances: Vec<(MeterId, u64, u64)>,
     /// `active`, `unknown plan`, `quota reached`, `balance empty`.
     pub(crate) state: &'static str,
-    /// This node's refusals of it among its last ones (a mounted router's only).
+    /// The fleet's refusals of it today (since midnight UTC), as the nodes' tallies add up;
+    /// `None` when they could not be read.
     pub(crate) refusals: Option<u64>,
 }
 
@@ -89,7 +90,7 @@ pub(crate) enum Sort {
     /// The least units left in a balance first (a balance never granted has 0 left); tenants
     /// whose plan has no balance last.
     Balance,
-    /// The most of this node's recent refusals first.
+    /// The most refusals today first (the fleet's).
     Refusals,
     /// In the order of [`STATES`]: the ones that need a look first.
     State,
@@ -116,7 +117,7 @@ impl Sort {
             Sort::Id => "by id",
             Sort::Plan => "by plan",
             Sort::Balance => "least balance left first",
-            Sort::Refusals => "most refusals on this node first",
+            Sort::Refusals => "most refusals today first",
             Sort::State => "needing a look first",
         }
     }
@@ -167,8 +168,6 @@ pub(crate) struct TenantsData {
     pub(crate) window: Option<(usize, usize)>,
     /// The plans of the configuration, for the filter.
     pub(crate) plans: Vec<String>,
-    /// Whether the list can show this node's refusals (a mounted router).
-    pub(crate) node: bool,
 }
 
 /// One tenant's page.
@@ -198,6 +197,9 @@ pub(crate) struct TenantData {
     /// This node's refusals of it among its last ones, by kind, and since when (a mounted
     /// router's only).
     pub(crate) rejections: Option<Refusals>,
+    /// Its requests today (since midnight UTC), the whole fleet's: its tally, if it has one,
+    /// or why it could not be read.
+    pub(crate) today: Result<Option<crate::store::Tally>, String>,
     /// Its quotas as its own usage route reads them on this node (a mounted router's only).
     pub(crate) route: Option<RouteView>,
     /// Each meter with dimensions: its usage per series in the days read (the charts show
@@ -717,18 +719,12 @@ pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&Sp
 /// and ordered as `view` asks, among at most [`WINDOW`] tenants read.
 pub(crate) async fn tenants(
     admin: &Admin,
-    engine: Option<&Tollgate>,
     search: Option<&str>,
     after: Option<&str>,
-    mut view: ListView,
+    view: ListView,
 ) -> Result<TenantsData, AdminError> {
-    // Refusals are a node's: without one, the order is by id.
-    if engine.is_none() && view.sort == Sort::Refusals {
-        view.sort = Sort::Id;
-    }
     let mut data = TenantsData {
         plans: admin.config().map(|c| c.plans().keys().map(ToString::to_string).collect()).unwrap_or_default(),
-        node: engine.is_some(),
         ..TenantsData::default()
     };
     let records: Vec<(TenantRecord, Option<String>)> = match search.filter(|s| !s.trim().is_empty()) {
@@ -776,7 +772,7 @@ pub(crate) async fn tenants(
         }
     };
     let now = admin.clock().unix_secs();
-    let refused = engine.map(Tollgate::recent_rejection_counts);
+    let refused = refusals_today(admin, records.iter().map(|(r, _)| &r.id), now).await;
     for (record, why) in records {
         if view.plan.as_deref().is_some_and(|p| p != record.plan.as_str()) {
             continue;
@@ -821,6 +817,46 @@ pub(crate) async fn tenants(
     }
     data.view = view;
     Ok(data)
+}
+
+/// The fleet's refusals today of `tenants` (the list's rows), from the tenants' tallies of
+/// the day: one read of them all, bounded; past its bound, one read per row.
+async fn refusals_today<'a>(
+    admin: &Admin,
+    tenants: impl Iterator<Item = &'a TenantId>,
+    now: i64,
+) -> Option<std::collections::HashMap<TenantId, u64>> {
+    use crate::store::{TallyQuery, TallyRead, TallyScope};
+    let day = now - now.rem_euclid(86_400);
+    let read = |tallies: Vec<crate::store::Tally>| -> std::collections::HashMap<TenantId, u64> {
+        tallies
+            .iter()
+            .filter_map(|t| match &t.scope {
+                TallyScope::Tenant(id) => Some((id.clone(), refused_of(t))),
+                TallyScope::Fleet => None,
+            })
+            .collect()
+    };
+    let all = match admin.tallies(&TallyQuery::new(TallyRead::Tenants, day, day + 86_400)).await {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: the tenants' tallies could not be read");
+            return None;
+        }
+    };
+    if all.len() < crate::store::contract::TALLY_READ_MAX {
+        return Some(read(all));
+    }
+    let mut out = std::collections::HashMap::new();
+    for id in tenants {
+        match admin.tenant_tally(id.as_str(), now).await {
+            Ok(t) => {
+                out.insert(id.clone(), t.as_ref().map_or(0, refused_of));
+            }
+            Err(_) => return None,
+        }
+    }
+    Some(out)
 }
 
 /// Orders the rows of the list (a stable sort: ties stay in id order).
@@ -1038,6 +1074,7 @@ pub(crate) async fn tenant(
         hourly: if window <= 3600 { buckets(&rows, now, 3600, hours) } else { Vec::new() },
         daily: if days > 0 { buckets(&rows, now, 86_400, days) } else { Vec::new() },
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
+        today: admin.tenant_tally(id, now).await.map_err(|e| e.to_string()),
         route,
         breakdowns,
         changes: admin.audit(Some(id), None, TENANT_CHANGES).await.map_err(|e| e.to_string()),
@@ -1081,8 +1118,216 @@ pub(crate) async fn alerts(admin: &Admin) -> Result<AlertsData, AdminError> {
     })
 }
 
-/// The node's page: the engine's counters, and one read of each role's store timed.
-pub(crate) async fn node(admin: &Admin, engine: &Tollgate) -> NodeData {
+/// The outcomes the overview draws, in its order: requests admitted, then refusals grouped
+/// as an operator reads them.
+pub(crate) const OUTCOMES: [&str; 9] =
+    ["admitted", "rate", "quota", "balance", "spend", "concurrency", "feature", "unknown key", "other"];
+
+/// The overview's group of a tally's outcome ([`OUTCOMES`]); `None` for money spent.
+pub(crate) fn outcome_group(outcome: &str) -> Option<&'static str> {
+    let kind = RejectionKind::ALL.into_iter().find(|k| k.label() == outcome);
+    Some(match (outcome, kind) {
+        (crate::store::TALLY_ADMITTED, _) => "admitted",
+        (crate::store::TALLY_SPENT, _) => return None,
+        (_, Some(RejectionKind::RateLimited)) => "rate",
+        (_, Some(RejectionKind::QuotaExceeded | RejectionKind::UnitsHeld | RejectionKind::HoldExceedsLimit)) => "quota",
+        (_, Some(RejectionKind::CreditsExhausted)) => "balance",
+        (_, Some(RejectionKind::SpendCapReached)) => "spend",
+        (_, Some(RejectionKind::ConcurrencyLimited | RejectionKind::TenantBusy)) => "concurrency",
+        (_, Some(RejectionKind::FeatureNotInPlan)) => "feature",
+        (
+            _,
+            Some(
+                RejectionKind::UnknownCredentials
+                | RejectionKind::MissingCredentials
+                | RejectionKind::MalformedCredentials,
+            ),
+        ) => "unknown key",
+        _ => "other",
+    })
+}
+
+/// The requests a tally counts refused, every reason.
+pub(crate) fn refused_of(t: &crate::store::Tally) -> u64 {
+    t.counts
+        .iter()
+        .filter(|(o, _)| !matches!(outcome_group(o), Some("admitted") | None))
+        .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
+}
+
+/// How many tenants each of the overview's top lists shows.
+pub(crate) const TOP: usize = 10;
+
+/// A tenant of the overview's top lists: its requests admitted and refused today, its
+/// refusals' commonest group, and its money spent today.
+#[derive(Debug, Clone)]
+pub(crate) struct TopTenant {
+    pub(crate) tenant: TenantId,
+    pub(crate) admitted: u64,
+    pub(crate) refused: u64,
+    pub(crate) reason: Option<&'static str>,
+    pub(crate) spent: u64,
+}
+
+/// The overview: the fleet's requests admitted and refused per minute over the last hour and
+/// per hour over the last day (every node's tallies), the top tenants today, money spent, the
+/// alerts and dead letters waiting, and each role's store health.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OverviewData {
+    /// Per group of [`OUTCOMES`] with any count in the day: its bars per minute of the last
+    /// hour and per hour of the last day, and its totals over each.
+    pub(crate) series: Vec<OutcomeSeries>,
+    /// Money spent (nano-units of the currency) in the last hour and the last day.
+    pub(crate) spent: (u64, u64),
+    /// The tallies could not be read: why.
+    pub(crate) unread: Option<String>,
+    /// Today's top tenants (since midnight UTC) by requests admitted and by requests refused.
+    pub(crate) top_used: Vec<TopTenant>,
+    pub(crate) top_refused: Vec<TopTenant>,
+    /// Tenants' tallies read today, and whether the read stopped at its bound (the top lists
+    /// are then of those read).
+    pub(crate) tenants_read: usize,
+    pub(crate) tenants_cut: bool,
+    pub(crate) currency: Option<String>,
+    /// Alerts waiting for delivery and dead (at most [`ROWS`] counted: `ROWS + 1` says more),
+    /// `None` without an alerts store.
+    pub(crate) alerts: Option<Result<(usize, usize), String>>,
+    /// Usage exports dead-lettered (at most `ROWS + 1` counted), `None` before it is read.
+    pub(crate) dead_letters: Option<Result<usize, String>>,
+    /// Each role's store: how long a read took, or why it failed.
+    pub(crate) health: Vec<(&'static str, Result<Duration, String>)>,
+}
+
+/// One group of outcomes over the overview's two spans.
+#[derive(Debug, Clone)]
+pub(crate) struct OutcomeSeries {
+    pub(crate) group: &'static str,
+    /// (minute's start, requests), the last 60 minutes, the current one last.
+    pub(crate) minutes: Vec<(i64, u64)>,
+    /// (hour's start, requests), the last 24 hours, the current one last.
+    pub(crate) hours: Vec<(i64, u64)>,
+}
+
+impl OutcomeSeries {
+    /// Its total over the last hour and over the last day.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        let sum = |bars: &[(i64, u64)]| bars.iter().fold(0u64, |s, b| s.saturating_add(b.1));
+        (sum(&self.minutes), sum(&self.hours))
+    }
+}
+
+/// The overview's figures: two reads of the tallies (the fleet's minutes of the last day, at
+/// most 1,440; the tenants' of today, at most
+/// [`TALLY_READ_MAX`](crate::store::contract::TALLY_READ_MAX)), the alerts and dead letters
+/// counted up to [`ROWS`], and one read of each role's store timed.
+pub(crate) async fn overview(admin: &Admin) -> OverviewData {
+    use crate::store::{TallyQuery, TallyRead, TallyScope, TALLY_SPENT};
+    let now = admin.clock().unix_secs();
+    let minute = now - now.rem_euclid(60);
+    let hour = now - now.rem_euclid(3600);
+    let (first_minute, first_hour) = (minute - 59 * 60, hour - 23 * 3600);
+    let mut data =
+        OverviewData { currency: admin.config().and_then(|c| c.billing().currency.clone()), ..OverviewData::default() };
+    match admin.tallies(&TallyQuery::new(TallyRead::Fleet, first_hour, minute + 60)).await {
+        Ok(fleet) => {
+            let mut series: Vec<OutcomeSeries> = Vec::new();
+            for t in fleet.iter().filter(|t| t.scope == TallyScope::Fleet) {
+                let (m, h) = (((t.start - first_minute) / 60) as usize, ((t.start - first_hour) / 3600) as usize);
+                for (outcome, n) in &t.counts {
+                    if outcome == TALLY_SPENT {
+                        data.spent.1 = data.spent.1.saturating_add(*n);
+                        if t.start >= first_minute {
+                            data.spent.0 = data.spent.0.saturating_add(*n);
+                        }
+                        continue;
+                    }
+                    let Some(group) = outcome_group(outcome) else { continue };
+                    let s = match series.iter_mut().position(|s| s.group == group) {
+                        Some(i) => &mut series[i],
+                        None => {
+                            series.push(OutcomeSeries {
+                                group,
+                                minutes: (0..60).map(|i| (first_minute + i * 60, 0)).collect(),
+                                hours: (0..24).map(|i| (first_hour + i * 3600, 0)).collect(),
+                            });
+                            series.last_mut().expect("pushed")
+                        }
+                    };
+                    if let Some(bar) = s.hours.get_mut(h) {
+                        bar.1 = bar.1.saturating_add(*n);
+                    }
+                    if t.start >= first_minute {
+                        if let Some(bar) = s.minutes.get_mut(m) {
+                            bar.1 = bar.1.saturating_add(*n);
+                        }
+                    }
+                }
+            }
+            // Admitted always drawn, then the refusals in the order of OUTCOMES.
+            if !series.iter().any(|s| s.group == "admitted") {
+                series.push(OutcomeSeries {
+                    group: "admitted",
+                    minutes: (0..60).map(|i| (first_minute + i * 60, 0)).collect(),
+                    hours: (0..24).map(|i| (first_hour + i * 3600, 0)).collect(),
+                });
+            }
+            series.sort_by_key(|s| OUTCOMES.iter().position(|o| *o == s.group));
+            data.series = series;
+        }
+        Err(e) => data.unread = Some(e.to_string()),
+    }
+    let day = now - now.rem_euclid(86_400);
+    match admin.tallies(&TallyQuery::new(TallyRead::Tenants, day, day + 86_400)).await {
+        Ok(tenants) => {
+            data.tenants_read = tenants.len();
+            data.tenants_cut = tenants.len() >= crate::store::contract::TALLY_READ_MAX;
+            let mut top: Vec<TopTenant> = tenants
+                .into_iter()
+                .filter_map(|t| {
+                    let TallyScope::Tenant(tenant) = &t.scope else { return None };
+                    let mut groups: Vec<(&'static str, u64)> = Vec::new();
+                    for (o, n) in &t.counts {
+                        match outcome_group(o) {
+                            Some("admitted") | None => {}
+                            Some(g) => match groups.iter_mut().find(|(x, _)| *x == g) {
+                                Some(e) => e.1 = e.1.saturating_add(*n),
+                                None => groups.push((g, *n)),
+                            },
+                        }
+                    }
+                    let reason = groups.iter().max_by_key(|(_, n)| *n).map(|(g, _)| *g);
+                    Some(TopTenant {
+                        tenant: tenant.clone(),
+                        admitted: t.count(crate::store::TALLY_ADMITTED),
+                        refused: refused_of(&t),
+                        reason,
+                        spent: t.count(TALLY_SPENT),
+                    })
+                })
+                .collect();
+            top.sort_by(|a, b| b.admitted.cmp(&a.admitted).then_with(|| a.tenant.as_str().cmp(b.tenant.as_str())));
+            data.top_used = top.iter().filter(|t| t.admitted > 0).take(TOP).cloned().collect();
+            top.sort_by(|a, b| b.refused.cmp(&a.refused).then_with(|| a.tenant.as_str().cmp(b.tenant.as_str())));
+            data.top_refused = top.into_iter().filter(|t| t.refused > 0).take(TOP).collect();
+        }
+        Err(e) => {
+            data.unread.get_or_insert(e.to_string());
+        }
+    }
+    let count = |state| async move { admin.alerts(&AlertQuery::new(ROWS + 1).state(state)).await.map(|r| r.len()) };
+    data.alerts = match (count(AlertState::Pending).await, count(AlertState::Dead).await) {
+        // No alerts store: nothing to count.
+        (Err(AdminError::Invalid(_)), _) => None,
+        (Ok(pending), Ok(dead)) => Some(Ok((pending, dead))),
+        (Err(e), _) | (_, Err(e)) => Some(Err(e.to_string())),
+    };
+    data.dead_letters = Some(admin.dead_letters(None, ROWS + 1).await.map(|d| d.len()).map_err(|e| e.to_string()));
+    data.health = health(admin).await;
+    data
+}
+
+/// One read of each role's store, timed: the directory's, the usage's, the quota's.
+async fn health(admin: &Admin) -> Vec<(&'static str, Result<Duration, String>)> {
     let probe = TenantId::from("tollgate-dashboard-probe");
     let mut health = Vec::new();
     let started = Instant::now();
@@ -1094,8 +1339,13 @@ pub(crate) async fn node(admin: &Admin, engine: &Tollgate) -> NodeData {
     let started = Instant::now();
     let quota = admin.quota_counters(probe.as_str()).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
     health.push(("quota", quota));
+    health
+}
+
+/// The node's page: the engine's counters, and one read of each role's store timed.
+pub(crate) async fn node(admin: &Admin, engine: &Tollgate) -> NodeData {
     let currency = admin.config().and_then(|c| c.billing().currency.clone());
-    NodeData { stats: engine.stats(), health, currency }
+    NodeData { stats: engine.stats(), health: health(admin).await, currency }
 }
 
 #[cfg(test)]

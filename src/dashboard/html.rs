@@ -189,8 +189,9 @@ pub(crate) struct Page {
 }
 
 /// The pages of the navigation bar: (path under the dashboard, label).
-const NAV: [(&str, &str); 7] = [
-    ("/", "Tenants"),
+const NAV: [(&str, &str); 8] = [
+    ("/", "Overview"),
+    ("/tenants", "Tenants"),
     ("/plans", "Plans"),
     ("/money", "Money"),
     ("/billing", "Billing"),

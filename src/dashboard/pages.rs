@@ -1,8 +1,8 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
 use super::data::{
-    AlertsData, AuditData, BillingData, ListView, MoneyData, NodeData, PlansData, Reversal, RouteView, Sort,
-    TenantData, TenantsData, HOURS, LEDGER_HOURS, MONEY_WINDOW, ROWS, STATES, WINDOW,
+    AlertsData, AuditData, BillingData, ListView, MoneyData, NodeData, OverviewData, PlansData, Reversal, RouteView,
+    Sort, TenantData, TenantsData, TopTenant, HOURS, LEDGER_HOURS, MONEY_WINDOW, ROWS, STATES, WINDOW,
 };
 use super::html::{Esc, Frame, Minor, Money, Num, Page, Seg, Unit, When, Wrap};
 use crate::{
@@ -39,14 +39,14 @@ fn list_href(base: &str, search: Option<&str>, view: &ListView, after: Option<&s
         pairs.push(format!("after={}", Seg(after)));
     }
     match pairs.is_empty() {
-        true => format!("{base}/"),
-        false => format!("{base}/?{}", pairs.join("&")),
+        true => format!("{base}/tenants"),
+        false => format!("{base}/tenants?{}", pairs.join("&")),
     }
 }
 
 /// The tenants page.
 pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
-    let mut p = Page::new(base, "Tenants", "/", frame);
+    let mut p = Page::new(base, "Tenants", "/tenants", frame);
     let text = data.search.as_ref().map_or("", |s| s.text.as_str());
     let search = data.search.as_ref().map(|s| s.text.as_str());
     let view = &data.view;
@@ -58,7 +58,7 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
         Esc(text)
     ));
     // The filter and the order: a form of the address (GET), no script.
-    p.fmt(format_args!("<form class=\"view\" method=\"get\" action=\"{}/\">", Esc(base)));
+    p.fmt(format_args!("<form class=\"view\" method=\"get\" action=\"{}/tenants\">", Esc(base)));
     if let Some(q) = search {
         p.fmt(format_args!("<input type=\"hidden\" name=\"q\" value=\"{}\">", Esc(q)));
     }
@@ -77,7 +77,7 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
         p.fmt(format_args!("<option value=\"{state}\"{selected}>{state}</option>"));
     }
     p.raw("</select></label> <label>sort <select name=\"sort\">");
-    for sort in Sort::ALL.into_iter().filter(|s| data.node || *s != Sort::Refusals) {
+    for sort in Sort::ALL {
         let selected = if view.sort == sort { " selected" } else { "" };
         p.fmt(format_args!("<option value=\"{}\"{selected}>{}</option>", sort.name(), sort.label()));
     }
@@ -118,9 +118,7 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
     heading(&mut p, Sort::Plan, "plan");
     p.raw("<th>billing customer</th>");
     heading(&mut p, Sort::Balance, "balance left");
-    if data.node {
-        heading(&mut p, Sort::Refusals, "refusals");
-    }
+    heading(&mut p, Sort::Refusals, "refused today");
     heading(&mut p, Sort::State, "state");
     p.raw("</tr></thead><tbody>");
     for row in &data.rows {
@@ -146,13 +144,14 @@ pub(crate) fn tenants(base: &str, frame: Frame, data: &TenantsData) -> String {
             p.fmt(format_args!("<span>{} {} left of {}</span> ", Esc(meter.as_str()), Num(*left), Num(*granted)));
         }
         p.raw("</td>");
-        if data.node {
-            p.fmt(format_args!("<td class=\"refusals n\">{}</td>", Num(row.refusals.unwrap_or(0))));
-        }
+        match row.refusals {
+            Some(n) => p.fmt(format_args!("<td class=\"refusals n\">{}</td>", Num(n))),
+            None => p.raw("<td class=\"refusals n\" title=\"the tallies could not be read\">?</td>"),
+        };
         p.fmt(format_args!("<td class=\"state\">{}</td></tr>", Esc(row.state)));
     }
     if data.rows.is_empty() {
-        p.fmt(format_args!("<tr><td colspan=\"{}\">no tenant</td></tr>", if data.node { 6 } else { 5 }));
+        p.raw("<tr><td colspan=\"6\">no tenant</td></tr>");
     }
     p.raw("</tbody></table>");
     if let Some(next) = &data.next {
@@ -412,6 +411,32 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
         }
         p.raw("</dl></section>");
     }
+    p.raw("<section><h2>Requests today, the whole fleet</h2><table class=\"today\"><tbody>");
+    match &d.today {
+        Ok(Some(t)) => {
+            for (outcome, n) in &t.counts {
+                if outcome == crate::store::TALLY_SPENT {
+                    p.fmt(format_args!(
+                        "<tr data-outcome=\"spent\"><td>money spent</td><td class=\"n\">{}</td></tr>",
+                        Money(*n, d.currency.as_deref())
+                    ));
+                } else {
+                    p.fmt(format_args!(
+                        "<tr data-outcome=\"{0}\"><td>{0}</td><td class=\"n\">{1}</td></tr>",
+                        Esc(outcome),
+                        Num(*n)
+                    ));
+                }
+            }
+        }
+        Ok(None) => {
+            p.raw("<tr><td colspan=\"2\">no request today</td></tr>");
+        }
+        Err(e) => {
+            p.fmt(format_args!("<tr><td colspan=\"2\" class=\"error\">not read: {}</td></tr>", Esc(e)));
+        }
+    }
+    p.raw("</tbody></table></section>");
     if let Some((kinds, since)) = &d.rejections {
         p.raw("<section><h2>Recent rejections on this node</h2>");
         match since {
@@ -892,16 +917,8 @@ fn alert_row(p: &mut Page, base: &str, a: &OutboxEntry) {
 /// The node's page.
 pub(crate) fn node(base: &str, frame: Frame, d: &NodeData) -> String {
     let mut p = Page::new(base, "Node", "/node", Frame { node: true, ..frame });
-    p.raw("<section><h2>Store health</h2><table class=\"health\"><tbody>");
-    for (role, result) in &d.health {
-        match result {
-            Ok(took) => {
-                p.fmt(format_args!("<tr><td>{role}</td><td class=\"ok\">answered in {} ms</td></tr>", took.as_millis()))
-            }
-            Err(e) => p.fmt(format_args!("<tr><td>{role}</td><td class=\"error\">{}</td></tr>", Esc(e))),
-        };
-    }
-    p.raw("</tbody></table></section><section><h2>Open holds</h2>");
+    health(&mut p, &d.health);
+    p.raw("<section><h2>Open holds</h2>");
     p.fmt(format_args!(
         "<p class=\"holds\"><span class=\"n\">{}</span> holds open, holding {} units; {} expired, {} refused (full)</p>",
         Num(d.stats.holds_open),
@@ -1065,6 +1082,157 @@ pub(crate) fn stat_groups(s: &crate::metrics::Stats, currency: Option<&str>) -> 
             ],
         ),
     ]
+}
+
+/// Each role's store health: how long its read took, or why it failed.
+fn health(p: &mut Page, health: &[(&'static str, Result<std::time::Duration, String>)]) {
+    p.raw("<section><h2>Store health</h2><table class=\"health\"><tbody>");
+    for (role, result) in health {
+        match result {
+            Ok(took) => {
+                p.fmt(format_args!("<tr><td>{role}</td><td class=\"ok\">answered in {} ms</td></tr>", took.as_millis()))
+            }
+            Err(e) => p.fmt(format_args!("<tr><td>{role}</td><td class=\"error\">{}</td></tr>", Esc(e))),
+        };
+    }
+    p.raw("</tbody></table></section>");
+}
+
+/// A count read up to a bound of `ROWS + 1`: "more than ROWS" past it.
+fn counted(n: usize) -> String {
+    if n > ROWS {
+        format!("more than {}", Num(ROWS as u64))
+    } else {
+        Num(n as u64).to_string()
+    }
+}
+
+/// The overview, the dashboard's home.
+pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
+    let mut p = Page::new(base, "Overview", "/", frame);
+    let currency = d.currency.as_deref();
+    p.raw(
+        "<section><h2>Requests, the whole fleet</h2><p class=\"note\">Every node's requests admitted and refused, \
+         as each node's flush stores them (every <code>usage.flush_interval</code>), by the minute of the flush \
+         for those admitted and of the refusal for those refused.</p>",
+    );
+    if let Some(why) = &d.unread {
+        p.fmt(format_args!("<p class=\"note error\">The tallies could not be read: {}</p>", Esc(why)));
+    }
+    p.raw(
+        "<table class=\"outcomes\"><thead><tr><th>outcome</th><th class=\"n\">last hour</th>\
+         <th class=\"n\">last 24 hours</th></tr></thead><tbody>",
+    );
+    for s in &d.series {
+        let (hour, day) = s.totals();
+        p.fmt(format_args!(
+            "<tr data-outcome=\"{0}\"><td>{0}</td><td class=\"n hour\">{1}</td><td class=\"n day\">{2}</td></tr>",
+            Esc(s.group),
+            Num(hour),
+            Num(day)
+        ));
+    }
+    p.fmt(format_args!(
+        "<tr data-outcome=\"spent\"><td>money spent</td><td class=\"n hour\">{}</td><td class=\"n day\">{}</td></tr>",
+        Money(d.spent.0, currency),
+        Money(d.spent.1, currency)
+    ));
+    p.raw("</tbody></table>");
+    for s in &d.series {
+        let what = if s.group == "admitted" { "admitted".to_owned() } else { format!("refused: {}", s.group) };
+        p.chart(
+            "minutes",
+            &format!("{what}, per minute, last hour (UTC)"),
+            &s.minutes,
+            60,
+            Unit::Count("requests"),
+            None,
+        );
+        p.chart(
+            "hours",
+            &format!("{what}, per hour, last 24 hours (UTC)"),
+            &s.hours,
+            3600,
+            Unit::Count("requests"),
+            None,
+        );
+    }
+    p.raw("</section><section><h2>Top tenants today (UTC)</h2>");
+    if d.tenants_cut {
+        p.fmt(format_args!(
+            "<p class=\"note\">Of the first {} tenants with requests today, in id order: the read stops there.</p>",
+            Num(d.tenants_read as u64)
+        ));
+    }
+    let link = |p: &mut Page, t: &TopTenant| {
+        p.fmt(format_args!(
+            "<td><a class=\"tenant\" href=\"{}/tenants/{}\">{}</a></td>",
+            Esc(base),
+            Seg(t.tenant.as_str()),
+            Esc(t.tenant.as_str())
+        ));
+    };
+    p.raw(
+        "<h3>By requests admitted</h3><table class=\"top used\"><thead><tr><th>tenant</th><th class=\"n\">admitted</th>\
+         <th class=\"n\">refused</th><th class=\"n\">spent</th></tr></thead><tbody>",
+    );
+    for t in &d.top_used {
+        p.raw("<tr>");
+        link(&mut p, t);
+        p.fmt(format_args!(
+            "<td class=\"n admitted\">{}</td><td class=\"n refused\">{}</td><td class=\"n spent\">{}</td></tr>",
+            Num(t.admitted),
+            Num(t.refused),
+            Money(t.spent, currency)
+        ));
+    }
+    if d.top_used.is_empty() {
+        p.raw("<tr><td colspan=\"4\">no request admitted today</td></tr>");
+    }
+    p.raw(
+        "</tbody></table><h3>By requests refused</h3><table class=\"top refused\"><thead><tr><th>tenant</th>\
+         <th class=\"n\">refused</th><th>mostly</th><th class=\"n\">admitted</th></tr></thead><tbody>",
+    );
+    for t in &d.top_refused {
+        p.raw("<tr>");
+        link(&mut p, t);
+        p.fmt(format_args!(
+            "<td class=\"n refused\">{}</td><td class=\"reason\">{}</td><td class=\"n admitted\">{}</td></tr>",
+            Num(t.refused),
+            Esc(t.reason.unwrap_or("-")),
+            Num(t.admitted)
+        ));
+    }
+    if d.top_refused.is_empty() {
+        p.raw("<tr><td colspan=\"4\">no request refused today</td></tr>");
+    }
+    p.raw("</tbody></table></section><section><h2>Waiting for a look</h2><ul class=\"waiting\">");
+    match &d.alerts {
+        None => p.raw("<li>alerts: no alerts store</li>"),
+        Some(Ok((pending, dead))) => p.fmt(format_args!(
+            "<li class=\"alerts\"><a href=\"{}/alerts\">alerts</a>: {} waiting for delivery, {} dead</li>",
+            Esc(base),
+            counted(*pending),
+            counted(*dead)
+        )),
+        Some(Err(e)) => p.fmt(format_args!("<li class=\"alerts error\">alerts: {}</li>", Esc(e))),
+    };
+    match &d.dead_letters {
+        Some(Ok(n)) => p.fmt(format_args!(
+            "<li class=\"dead\"><a href=\"{}/billing\">usage exports</a>: {} dead-lettered</li>",
+            Esc(base),
+            counted(*n)
+        )),
+        Some(Err(e)) => p.fmt(format_args!("<li class=\"dead error\">usage exports: {}</li>", Esc(e))),
+        None => &mut p,
+    };
+    p.fmt(format_args!(
+        "<li><a href=\"{}/money\">money</a>: payments today, recharges open and failed, refunds and disputes, \
+         per tenant</li></ul></section>",
+        Esc(base)
+    ));
+    health(&mut p, &d.health);
+    p.finish()
 }
 
 #[cfg(test)]

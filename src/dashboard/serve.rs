@@ -224,7 +224,7 @@ impl Dashboard {
                 Ok(Some((tenant, _))) => see_other(&format!("{base}/tenants/{}", super::html::Seg(tenant.id.as_str()))),
                 Ok(None) => {
                     let cut = crate::admin::search_text(&typed);
-                    see_other(&format!("{base}/?q={}", super::html::Seg(&cut)))
+                    see_other(&format!("{base}/tenants?q={}", super::html::Seg(&cut)))
                 }
                 Err(e) => message(
                     base,
@@ -235,6 +235,13 @@ impl Dashboard {
                 ),
             };
         }
+        // The list was the home before the overview: an address of the list's (a search, a
+        // filter, a page) is the list's still.
+        if path == "/" {
+            if let Some(q) = parts.uri.query().filter(|q| !q.is_empty() && !q.starts_with("refresh=")) {
+                return see_other(&format!("{base}/tenants?{q}"));
+            }
+        }
         let engine = inner.engine.as_ref();
         let view = data::ListView::from_query(query("plan"), query("state"), query("sort"));
         let frame = Frame {
@@ -243,7 +250,7 @@ impl Dashboard {
             as_of: Some(now),
             refresh: query("refresh").is_some_and(|r| r == "on"),
             keep: match (path, query("after")) {
-                ("/" | "/tenants", _) => pages::view_query(&view),
+                ("/tenants", _) => pages::view_query(&view),
                 ("/money", Some(after)) => format!("after={}", super::html::Seg(&after)),
                 ("/audit", _) => {
                     query("tenant").map(|t| format!("tenant={}", super::html::Seg(&t))).unwrap_or_default()
@@ -252,7 +259,8 @@ impl Dashboard {
             },
         };
         let page = match path {
-            "/" | "/tenants" => data::tenants(admin, engine, query("q").as_deref(), query("after").as_deref(), view)
+            "/" => Ok(Some(pages::overview(base, frame.clone(), &data::overview(admin).await))),
+            "/tenants" => data::tenants(admin, query("q").as_deref(), query("after").as_deref(), view)
                 .await
                 .map(|d| Some(pages::tenants(base, frame.clone(), &d))),
             "/plans" => data::plans(admin).await.map(|d| Some(pages::plans(base, frame.clone(), &d))),

@@ -406,12 +406,6 @@ impl Tollgate {
         self.gate().recent().of(tenant)
     }
 
-    /// Each tenant's refusals among this node's last ones, read at once (for a list).
-    #[cfg(feature = "dashboard")]
-    pub(crate) fn recent_rejection_counts(&self) -> std::collections::HashMap<crate::base::TenantId, u64> {
-        self.gate().recent().counts()
-    }
-
     /// How many of the last refusals of identified tenants a node keeps
     /// ([`recent_rejections`](Self::recent_rejections)).
     #[cfg(feature = "dashboard")]

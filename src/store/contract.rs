@@ -30,6 +30,16 @@ pub const RETENTION_SECS: i64 = 35 * 86_400;
 /// none past [`RETENTION_SECS`]: older ones are kept to be read, never exported.
 pub const USAGE_KEPT_SECS: i64 = 63 * 86_400;
 
+/// How long the tallies of requests admitted and refused ([`Tally`](crate::store::Tally)) are
+/// kept after their window started, by the wall clock: two days, so that the dashboard's
+/// overview always has the last 24 hours and yesterday whole. Stores return none older, and
+/// prune them as they prune usage (DynamoDB: by `ttl`).
+pub const TALLY_KEPT_SECS: i64 = 2 * 86_400 + 3_600;
+
+/// The most tallies one [`tallies`](crate::store::UsageStore::tallies) call reads: the
+/// fleet's minutes of a day (1,440) many times over, and 10,000 tenants' days.
+pub const TALLY_READ_MAX: usize = 10_000;
+
 /// How long usage event ids and webhook event ids are remembered after the event's time: as
 /// long as the usage itself (Stripe retries a webhook for 3 days, well within it).
 pub const EVENT_IDS_KEPT_SECS: i64 = RETENTION_SECS;

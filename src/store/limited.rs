@@ -473,6 +473,10 @@ impl<S: UsageStore + ?Sized> UsageStore for Limited<S> {
         self.call_as("usage", "read usage", self.inner.usage_range(tenant, from, to)).await
     }
 
+    async fn tallies(&self, query: &crate::store::TallyQuery) -> Result<Vec<crate::store::Tally>, StoreError> {
+        self.call_as("usage", "read tallies", self.inner.tallies(query)).await
+    }
+
     fn max_batch_records(&self) -> usize {
         self.inner.max_batch_records()
     }

@@ -124,7 +124,10 @@ pub use redis::{RedisCalls, RedisOptions, RedisStore, LAYOUT_VERSION as REDIS_LA
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 pub(crate) use tiers::climb;
-pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, UsageRecord, UsageStore};
+pub use usage::{
+    CommitOutcome, EventOutcome, FlushId, Tally, TallyQuery, TallyRead, TallyScope, UsageBatch, UsageEvent,
+    UsageRecord, UsageStore, TALLY_ADMITTED, TALLY_OUTCOME_MAX, TALLY_SPENT,
+};
 pub use values::{HeldValues, ValueCall, ValueMode, ValueRow};
 
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.

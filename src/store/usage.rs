@@ -77,13 +77,163 @@ pub struct UsageBatch {
     pub id: FlushId,
     /// The records, at most one per (tenant, meter, window).
     pub records: Vec<UsageRecord>,
+    /// Requests admitted and refused, and money spent, counted by the node since its last
+    /// tallies: added to the store's tallies in the same write as the records, exactly once
+    /// with them. At most one per (scope, start). The engine sends them in batches of their
+    /// own (no records), so that a tally's write never holds up usage.
+    pub tallies: Vec<Tally>,
 }
 
 impl UsageBatch {
     /// A batch of records under one flush id.
     #[must_use]
     pub fn new(id: FlushId, records: Vec<UsageRecord>) -> Self {
-        Self { id, records }
+        Self { id, records, tallies: Vec::new() }
+    }
+
+    /// The same, with tallies.
+    #[must_use]
+    pub fn with_tallies(mut self, tallies: Vec<Tally>) -> Self {
+        self.tallies = tallies;
+        self
+    }
+}
+
+/// What the tallies count as requests admitted: the outcome beside each refusal's reason
+/// ([`RejectionKind::label`](crate::response::RejectionKind::label)).
+pub const TALLY_ADMITTED: &str = "admitted";
+
+/// What the tallies count as money spent (nano-units of `[billing] currency`, the reserved
+/// `spend` meter's usage as the flush drained it), beside the requests.
+pub const TALLY_SPENT: &str = "spent_nanos";
+
+/// The longest a tally's outcome name may be; longer ones are refused by every store.
+pub const TALLY_OUTCOME_MAX: usize = 48;
+
+/// Whose requests a [`Tally`] counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TallyScope {
+    /// The fleet's, every tenant and requests that named none (an unknown key), per minute.
+    Fleet,
+    /// One tenant's, per UTC day.
+    Tenant(TenantId),
+}
+
+impl TallyScope {
+    /// The length of this scope's windows, in seconds: a minute for the fleet, a day for a
+    /// tenant.
+    #[must_use]
+    pub const fn window_secs(&self) -> i64 {
+        match self {
+            Self::Fleet => 60,
+            Self::Tenant(_) => 86_400,
+        }
+    }
+}
+
+/// Requests counted by outcome in one window of one scope: the fleet's minute, or a tenant's
+/// day. Stores add tallies up; what every node counted of a window is its sum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Tally {
+    /// The fleet, or one tenant.
+    pub scope: TallyScope,
+    /// The window's start (Unix seconds, a multiple of the scope's
+    /// [`window_secs`](TallyScope::window_secs)).
+    pub start: i64,
+    /// (outcome, count), each outcome once: [`TALLY_ADMITTED`], a refusal's reason label, or
+    /// [`TALLY_SPENT`].
+    pub counts: Vec<(String, u64)>,
+}
+
+impl Tally {
+    /// A tally of `scope` in the window starting at `start`.
+    #[must_use]
+    pub fn new(scope: TallyScope, start: i64, counts: Vec<(String, u64)>) -> Self {
+        Self { scope, start, counts }
+    }
+
+    /// `outcome`'s count, 0 if not counted.
+    #[must_use]
+    pub fn count(&self, outcome: &str) -> u64 {
+        self.counts.iter().find(|(o, _)| o == outcome).map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether a store takes it: its start on its window, each outcome a name of
+    /// `[a-z0-9_]`, at most [`TALLY_OUTCOME_MAX`] bytes, once.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.start.rem_euclid(self.scope.window_secs()) != 0 {
+            return Err(StoreError::Backend(format!("a tally's start {} is not on its window", self.start).into()));
+        }
+        for (i, (o, _)) in self.counts.iter().enumerate() {
+            let named = !o.is_empty()
+                && o.len() <= TALLY_OUTCOME_MAX
+                && o.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !named || self.counts[..i].iter().any(|(p, _)| p == o) {
+                return Err(StoreError::Backend(
+                    format!("a tally's outcome {o:?} is not a name, or is repeated").into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which tallies [`UsageStore::tallies`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TallyQuery {
+    /// The fleet's minutes, or every tenant's days (`Some(tenant)`: one tenant's).
+    pub scope: TallyRead,
+    /// Windows starting in `[from, to)` (Unix seconds).
+    pub from: i64,
+    /// See `from`.
+    pub to: i64,
+    /// The most tallies read: a store stops once it has this many (in (start, tenant) order).
+    pub max: usize,
+}
+
+/// The scope a [`TallyQuery`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TallyRead {
+    /// The fleet's minutes.
+    Fleet,
+    /// Every tenant's days.
+    Tenants,
+    /// One tenant's days.
+    Tenant(TenantId),
+}
+
+impl TallyQuery {
+    /// Tallies of `scope` in the windows starting in `[from, to)`, at most
+    /// [`TALLY_READ_MAX`](crate::store::contract::TALLY_READ_MAX).
+    #[must_use]
+    pub fn new(scope: TallyRead, from: i64, to: i64) -> Self {
+        Self { scope, from, to, max: crate::store::contract::TALLY_READ_MAX }
+    }
+
+    /// The same, reading at most `max` tallies (never more than
+    /// [`TALLY_READ_MAX`](crate::store::contract::TALLY_READ_MAX)).
+    #[must_use]
+    pub fn with_max(mut self, max: usize) -> Self {
+        self.max = max.min(crate::store::contract::TALLY_READ_MAX);
+        self
+    }
+
+    /// The oldest window a store still returns at `now` (the wall clock): tallies are kept
+    /// [`TALLY_KEPT_SECS`](crate::store::contract::TALLY_KEPT_SECS).
+    pub(crate) fn horizon(now: i64) -> i64 {
+        now.saturating_sub(crate::store::contract::TALLY_KEPT_SECS)
+    }
+
+    /// Whether a tally of `scope` starting at `start` is one this query reads, at `now`.
+    pub(crate) fn reads(&self, scope: &TallyScope, start: i64, now: i64) -> bool {
+        let in_scope = match (&self.scope, scope) {
+            (TallyRead::Fleet, TallyScope::Fleet) | (TallyRead::Tenants, TallyScope::Tenant(_)) => true,
+            (TallyRead::Tenant(t), TallyScope::Tenant(u)) => t == u,
+            _ => false,
+        };
+        in_scope && start >= self.from && start < self.to && start >= Self::horizon(now)
     }
 }
 
@@ -133,7 +283,9 @@ pub enum EventOutcome {
 /// roles (see [`UsageExportStore`](super::UsageExportStore)).
 #[async_trait]
 pub trait UsageStore: Send + Sync + fmt::Debug + 'static {
-    /// Adds a batch of usage to the aggregates, exactly once per batch id.
+    /// Adds a batch of usage to the aggregates, and its tallies to the tallies, exactly once
+    /// per batch id. A batch whose tallies a store does not take ([`Tally`]'s rules) is
+    /// refused whole, before any write.
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError>;
 
     /// Applies usage events, each at most once per id: an event's id is marked seen in the same
@@ -144,9 +296,36 @@ pub trait UsageStore: Send + Sync + fmt::Debug + 'static {
     /// Every aggregate of `tenant` in the windows starting in `[from, to)`, in key order.
     async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError>;
 
+    /// The tallies `query` names, in (start, tenant) order, at most `query.max`: what every
+    /// node's batches added ([`UsageBatch::tallies`]), none older than
+    /// [`TALLY_KEPT_SECS`](crate::store::contract::TALLY_KEPT_SECS) by the wall clock (kept
+    /// that long, then pruned as the store prunes usage).
+    async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError>;
+
     /// The most usage records one [`commit_usage`](Self::commit_usage) call takes; larger
     /// flushes are split into several batches, each with its own id.
     fn max_batch_records(&self) -> usize {
         usize::MAX
     }
+}
+
+/// Rows of (start, tenant (`""`: the fleet), outcome, count) in (start, tenant) order folded
+/// into tallies, at most `max`: what the SQL stores read.
+pub(crate) fn fold_tallies<E>(
+    rows: impl Iterator<Item = Result<(i64, String, String, u64), E>>,
+    max: usize,
+) -> Result<Vec<Tally>, E> {
+    let mut out: Vec<Tally> = Vec::new();
+    for row in rows {
+        let (start, tenant, outcome, n) = row?;
+        let scope = if tenant.is_empty() { TallyScope::Fleet } else { TallyScope::Tenant(TenantId::from(tenant)) };
+        if let Some(last) = out.last_mut().filter(|l| l.start == start && l.scope == scope) {
+            last.counts.push((outcome, n));
+        } else if out.len() >= max {
+            break;
+        } else {
+            out.push(Tally::new(scope, start, vec![(outcome, n)]));
+        }
+    }
+    Ok(out)
 }

@@ -5,6 +5,8 @@ pub mod alerts;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod fleet;
+#[cfg(feature = "dashboard")]
+pub mod fleet_tallies;
 pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;
@@ -756,6 +758,11 @@ impl UsageStore for Faulty {
             release.notified().await;
         }
         read
+    }
+
+    async fn tallies(&self, query: &tollgate::store::TallyQuery) -> Result<Vec<tollgate::store::Tally>, StoreError> {
+        self.check()?;
+        self.inner.tallies(query).await
     }
 }
 

@@ -10,7 +10,7 @@ use tollgate::{
     dashboard::{Access, Dashboard, CONTENT_SECURITY_POLICY},
     store::{
         AlertKey, ApiKeyRecord, CreditGrant, DirectoryStore, ExportStore, FlushId, MemoryStore, OutboxEntry,
-        OutboxStore, QuotaStore, TenantRecord, UsageBatch, UsageRecord, UsageStore,
+        OutboxStore, QuotaStore, Tally, TallyScope, TenantRecord, UsageBatch, UsageRecord, UsageStore,
     },
     Config, Tollgate,
 };
@@ -77,13 +77,23 @@ async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
         .await
         .unwrap();
     store.grant_credits(&CreditGrant::new(MARK.into(), "credits".into(), format!("g{MARK}"), 50, now)).await.unwrap();
+    // Its requests of today as the nodes' tallies count them: the overview's top tenants.
+    let tallies = vec![
+        Tally::new(TallyScope::Fleet, now - now % 60, vec![("admitted".into(), 7), ("rate_limited".into(), 1)]),
+        Tally::new(
+            TallyScope::Tenant(MARK.into()),
+            now - now % 86_400,
+            vec![("admitted".into(), 7), ("rate_limited".into(), 1)],
+        ),
+    ];
     let batch = UsageBatch::new(
         FlushId::new("b1"),
         vec![
             UsageRecord::new(MARK.into(), "requests".into(), now - now % 3600, 7),
             UsageRecord::new("acme".into(), "requests".into(), now - now % 3600 - 3600, 3),
         ],
-    );
+    )
+    .with_tallies(tallies);
     store.commit_usage(&batch).await.unwrap();
     let pending = store.pending_exports(now + 3600, None, 10).await.unwrap();
     let window = pending.iter().find(|a| a.key.tenant.as_str() == MARK).unwrap();
@@ -167,6 +177,7 @@ async fn every_string_from_the_store_is_escaped_on_every_page() {
     let escaped = "&lt;i&gt;x&lt;/i&gt;&quot;&#39;";
     for path in [
         "/".to_owned(),
+        "/tenants".to_owned(),
         "/billing".to_owned(),
         "/alerts".to_owned(),
         "/node".to_owned(),
@@ -243,7 +254,7 @@ async fn the_audit_page_lists_changes_newest_first_in_pages() {
 async fn figures_are_the_stores() {
     let (engine, _store) = seeded().await;
     let d = Dashboard::for_engine(&engine, token());
-    let list = text(&get(&d, "/", true).await);
+    let list = text(&get(&d, "/tenants", true).await);
     assert!(list.contains("credits 50 left of 50"), "the hostile tenant's balance: 50 granted, none used");
     let acme = text(&get(&d, "/tenants/acme", true).await);
     // Usage committed without a quota counter (the counters are the quota store's): its
@@ -272,26 +283,26 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(get(&d, "/tenants/%FF", true).await.status(), 404, "not UTF-8");
     assert_eq!(get(&d, "/tenants/", true).await.status(), 404);
     assert_eq!(get(&d, "/nothing", true).await.status(), 404);
-    let huge = format!("/?q={}", "y".repeat(50_000));
+    let huge = format!("/tenants?q={}", "y".repeat(50_000));
     let r = get(&d, &huge, true).await;
     assert_eq!(r.status(), 200);
     assert!(text(&r).contains(&format!("value=\"{}\"", "y".repeat(MAX_SEARCH_LEN))), "cut to the bound");
     assert!(!text(&r).contains(&"y".repeat(MAX_SEARCH_LEN + 1)));
     // A search cut inside a character is cut at the character.
-    let r = get(&d, "/?q=tg_live_abc%C3%A9%C3%A9", true).await;
-    assert_eq!(r.headers()["location"], "/ops/?q=tg_live_abc%C3%A9", "cut after the first é, not inside it");
-    assert_eq!(get(&d, "/?q=tg_live_abc%C3%A9", true).await.status(), 200);
+    let r = get(&d, "/tenants?q=tg_live_abc%C3%A9%C3%A9", true).await;
+    assert_eq!(r.headers()["location"], "/ops/tenants?q=tg_live_abc%C3%A9", "cut after the first é, not inside it");
+    assert_eq!(get(&d, "/tenants?q=tg_live_abc%C3%A9", true).await.status(), 200);
     assert_eq!(Admin::for_engine(&engine).search_tenants("tg_live_abcéé", 5).await.unwrap().text, "tg_live_abcé");
-    let long = format!("/?q={}", "é".repeat(MAX_SEARCH_LEN + 5));
+    let long = format!("/tenants?q={}", "é".repeat(MAX_SEARCH_LEN + 5));
     assert_eq!(get(&d, &long, true).await.status(), 200);
     // A whole key pasted: its tenant's page (the key leaves the address bar), never echoed.
-    let r = get(&d, "/?q=tg_live_0123456789abcdefghijklmnopqrstuv", true).await;
+    let r = get(&d, "/tenants?q=tg_live_0123456789abcdefghijklmnopqrstuv", true).await;
     assert_eq!(
         (r.status().as_u16(), r.headers()["location"].to_str().unwrap()),
         (303, "/ops/tenants/%3Ci%3Ex%3C%2Fi%3E%22%27")
     );
-    let r = get(&d, "/?q=tg_live_0123456789abcdefghijklmnopqrstuX", true).await;
-    assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/ops/?q=tg_live_0123"));
+    let r = get(&d, "/tenants?q=tg_live_0123456789abcdefghijklmnopqrstuX", true).await;
+    assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/ops/tenants?q=tg_live_0123"));
     // Without an engine (`tollgate dashboard`), no node page.
     let offline = Dashboard::new(Admin::for_engine(&engine), token());
     assert_eq!(get(&offline, "/node", true).await.status(), 404);
@@ -351,9 +362,9 @@ async fn tenants_declared_in_the_file_are_shown_without_their_keys() {
     let config = Config::from_toml_str(&text).unwrap();
     let (engine, _worker) = Tollgate::builder(config).build();
     let d = Dashboard::for_engine(&engine, token());
-    let list = text_of(&get(&d, "/", true).await);
+    let list = text_of(&get(&d, "/tenants", true).await);
     assert!(list.contains("href=\"/ops/tenants/filed\"") && list.contains("href=\"/ops/tenants/other\""));
-    let found = text_of(&get(&d, "/?q=cus_filed", true).await);
+    let found = text_of(&get(&d, "/tenants?q=cus_filed", true).await);
     assert!(found.contains("href=\"/ops/tenants/filed\"") && !found.contains("/tenants/other"));
     let page = get(&d, "/tenants/filed", true).await;
     assert_eq!(page.status(), 200);
@@ -614,7 +625,7 @@ async fn the_files_tenants_page_with_the_directorys_in_id_order() {
     loop {
         loads += 1;
         assert!(loads < 10, "the pages end");
-        let path = after.as_ref().map_or_else(|| "/".to_owned(), |a| format!("/?after={a}"));
+        let path = after.as_ref().map_or_else(|| "/tenants".to_owned(), |a| format!("/tenants?after={a}"));
         let page = text(&get(&d, &path, true).await);
         let rows: Vec<String> = page
             .split("<a class=\"tenant\" href=\"/ops/tenants/")
@@ -624,7 +635,10 @@ async fn the_files_tenants_page_with_the_directorys_in_id_order() {
         assert!(rows.len() <= 25, "{} rows on one page", rows.len());
         assert!(rows.windows(2).all(|w| w[0] < w[1]), "in id order: {rows:?}");
         seen.extend(rows);
-        after = page.split("rel=\"next\" href=\"/ops/?after=").nth(1).map(|r| r.split('"').next().unwrap().to_owned());
+        after = page
+            .split("rel=\"next\" href=\"/ops/tenants?after=")
+            .nth(1)
+            .map(|r| r.split('"').next().unwrap().to_owned());
         if after.is_none() {
             break;
         }
@@ -678,13 +692,13 @@ async fn a_whole_key_posted_opens_its_tenants_page() {
         "an imported key of another shape"
     );
     let nobody = "tg_live_Nobody0wnsThisKey0000000000";
-    assert_eq!(location(&d.respond("/ops", post(nobody)).await), (303, "/ops/?q=tg_live_Nobo".to_owned()));
-    assert_eq!(location(&d.respond("/ops", post("acm")).await), (303, "/ops/?q=acm".to_owned()));
+    assert_eq!(location(&d.respond("/ops", post(nobody)).await), (303, "/ops/tenants?q=tg_live_Nobo".to_owned()));
+    assert_eq!(location(&d.respond("/ops", post("acm")).await), (303, "/ops/tenants?q=acm".to_owned()));
     // In the address too, a whole key opens its tenant and leaves the address bar.
-    let r = get(&d, &format!("/?q={issued}"), true).await;
+    let r = get(&d, &format!("/tenants?q={issued}"), true).await;
     assert_eq!(location(&r), (303, "/ops/tenants/acme".to_owned()));
     // The form posts; the search takes no other method, and needs the token.
-    let page = text(&get(&d, "/", true).await);
+    let page = text(&get(&d, "/tenants", true).await);
     assert!(page.contains("method=\"post\" action=\"/ops/search\""), "the form posts");
     assert_eq!(get(&d, "/search", true).await.status(), 405);
     let mut anonymous = post(&issued);
@@ -726,8 +740,8 @@ async fn a_key_prefix_search_pages_through_every_match() {
     // On the dashboard: the next page's link keeps the search.
     let (engine, _worker) = Tollgate::builder(config()).store_arc(store.clone()).build();
     let d = Dashboard::for_engine(&engine, token());
-    let page = text(&get(&d, "/?q=tg_live_Sam", true).await);
-    assert!(page.contains("rel=\"next\" href=\"/ops/?q=tg_live_Sam&amp;after=t0480\""), "{page}");
+    let page = text(&get(&d, "/tenants?q=tg_live_Sam", true).await);
+    assert!(page.contains("rel=\"next\" href=\"/ops/tenants?q=tg_live_Sam&amp;after=t0480\""), "{page}");
     // An imported key of tollgate's shape: found by its issued-length prefix.
     let imported = "tg_live_Imp0rtedKey0123456789abcdefgh";
     Admin::new(store.clone()).import_csv(&format!("tenant,plan,key\nzz-imported,free,{imported}\n")).await.unwrap();
@@ -889,7 +903,7 @@ async fn a_whole_key_inside_the_text_searched_never_reaches_the_address() {
     // In the address, a key late in a long text (past the search's 128 characters) leaves the
     // address bar too: the text is read whole before it is cut.
     let late = format!("{}tg_live_Nobody0wnsThisKey0000000000", "a".repeat(121));
-    let r = get(&d, &format!("/?q={late}"), true).await;
+    let r = get(&d, &format!("/tenants?q={late}"), true).await;
     assert_eq!(r.status(), 303);
     assert!(!r.headers()["location"].to_str().unwrap().contains("0wnsThisKey"));
 }
@@ -928,7 +942,7 @@ async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
     }
     let d = Dashboard::for_engine(&engine, token());
 
-    let page = text(&get(&d, "/?plan=pro", true).await);
+    let page = text(&get(&d, "/tenants?plan=pro", true).await);
     let rows = listed(&page);
     let mut pro: Vec<String> = (0..200).filter(|i| i % 5 == 0).map(|i| format!("t{i:03}")).collect();
     pro.push("t0995".to_owned());
@@ -936,12 +950,12 @@ async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
     assert_eq!(rows, pro, "the pro tenants among the 200 read (199 of the directory, the file's one), in id order");
     assert!(page.contains("41 of the 200 tenants read match"), "{page}");
     assert!(page.contains("<option value=\"pro\" selected>pro</option>"), "{page}");
-    let next = "rel=\"next\" href=\"/ops/?plan=pro&amp;after=t198\"";
+    let next = "rel=\"next\" href=\"/ops/tenants?plan=pro&amp;after=t198\"";
     assert!(page.contains(next), "the next window keeps the view: {page}");
-    let rest = listed(&text(&get(&d, "/?plan=pro&after=t198", true).await));
+    let rest = listed(&text(&get(&d, "/tenants?plan=pro&after=t198", true).await));
     assert_eq!(rest, (200..250).filter(|i| i % 5 == 0).map(|i| format!("t{i:03}")).collect::<Vec<_>>());
 
-    let page = text(&get(&d, "/?plan=pro&sort=balance", true).await);
+    let page = text(&get(&d, "/tenants?plan=pro&sort=balance", true).await);
     let mut empty: Vec<String> = (0..199).filter(|i| i % 10 == 5).map(|i| format!("t{i:03}")).collect();
     empty.push("t0995".to_owned());
     empty.sort();
@@ -949,47 +963,64 @@ async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
     want.extend((0..200).filter(|i| i % 10 == 0).rev().map(|i| format!("t{i:03}")));
     assert_eq!(listed(&page), want, "a balance never granted (0 left) first, then the least left (t190 has 810)");
     assert!(page.contains("credits 0 left of 0"), "{page}");
-    assert!(page.contains("<th aria-sort=\"ascending\"><a href=\"/ops/?plan=pro&amp;sort=balance\">"), "{page}");
+    assert!(page.contains("<th aria-sort=\"ascending\"><a href=\"/ops/tenants?plan=pro&amp;sort=balance\">"), "{page}");
     // Without a plan that has a balance, last: the free tenants after every pro one.
-    let all = listed(&text(&get(&d, "/?sort=balance", true).await));
+    let all = listed(&text(&get(&d, "/tenants?sort=balance", true).await));
     assert_eq!(all.len(), 200);
     assert!(all[..41].iter().all(|t| pro.contains(t)) && all[41..].iter().all(|t| !pro.contains(t)), "{all:?}");
 
-    let page = text(&get(&d, "/?state=balance+empty", true).await);
+    let page = text(&get(&d, "/tenants?state=balance+empty", true).await);
     assert_eq!(listed(&page), empty, "pro tenants without a grant have an empty balance");
     assert!(page.contains("21 of the 200 tenants read match"), "{page}");
 
     // Unknown values narrow nothing: the plain page of 25, by id.
-    let page = text(&get(&d, "/?sort=nope&state=zzz&plan=", true).await);
+    let page = text(&get(&d, "/tenants?sort=nope&state=zzz&plan=", true).await);
     assert!(!page.contains("class=\"window\""), "{page}");
     assert_eq!(listed(&page).len(), 25);
     // A plan named in the address is shown as text, and matches no tenant.
-    let page = text(&get(&d, "/?plan=%3Ci%3Ex%3C%2Fi%3E", true).await);
+    let page = text(&get(&d, "/tenants?plan=%3Ci%3Ex%3C%2Fi%3E", true).await);
     assert!(!page.contains("<i>"), "{page}");
     assert!(page.contains("&lt;i&gt;x&lt;/i&gt;"), "{page}");
     assert!(listed(&page).is_empty());
 }
 
-/// On a mounted dashboard, the list shows each tenant's refusals among this node's last ones
-/// and orders by them, the most first.
+/// Two nodes over one memory store: the overview, the list and a tenant's page show the
+/// fleet's requests, added up from both nodes' tallies (tests/common/fleet_tallies.rs).
 #[tokio::test]
-async fn a_mounted_list_orders_tenants_by_this_nodes_refusals() {
-    let h = crate::common::Harness::new(
-        "[plans.free]\nrate = \"1/s\"\nburst = 1\n\
-         [tenants.a]\nplan = \"free\"\nkeys = [\"key-a\"]\n[tenants.b]\nplan = \"free\"\nkeys = [\"key-b\"]\n\
-         [tenants.c]\nplan = \"free\"\nkeys = [\"key-c\"]\n",
-    );
-    for (key, sent) in [("key-a", 2), ("key-b", 4), ("key-c", 1)] {
-        for _ in 0..sent {
-            h.status("/v1/items", key).await;
-        }
+async fn two_nodes_add_up_to_the_fleet_in_memory() {
+    crate::common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(MemoryStore::new())).await;
+}
+
+/// A tally batch whose answer was lost is sent again under its id by the next flush: stored
+/// once. Its failure never fails the flush, and a store that refuses it keeps it waiting.
+#[tokio::test]
+async fn a_tally_whose_answer_was_lost_is_stored_once() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = now - now.rem_euclid(60) + 5;
+    let memory = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(crate::common::Faulty::over(memory.clone()));
+    let h = crate::common::Harness::with_store(crate::common::fleet_tallies::TOML, faulty.clone(), now);
+    for _ in 0..3 {
+        assert_eq!(h.status("/v1/items", "key-nobody").await, 401);
     }
-    let d = Dashboard::for_engine(&h.tollgate, token());
-    let page = text(&get(&d, "/?sort=refusals", true).await);
-    assert_eq!(listed(&page), ["b", "a", "c"], "{page}");
-    let cells: Vec<&str> =
-        page.split("<td class=\"refusals n\">").skip(1).map(|c| c.split('<').next().unwrap()).collect();
-    assert_eq!(cells, ["3", "1", "0"]);
+    let read = || async {
+        let q = tollgate::store::TallyQuery::new(tollgate::store::TallyRead::Fleet, now - 60, now + 60);
+        memory.tallies(&q).await.unwrap().iter().map(|t| t.count("unknown_credentials")).sum::<u64>()
+    };
+    faulty.lose_commit_answers.store(1, std::sync::atomic::Ordering::SeqCst);
+    h.tollgate.flush().await.expect("a tally's failure does not fail the flush");
+    assert_eq!(read().await, 3, "applied, its answer lost");
+    h.tollgate.flush().await.unwrap();
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(read().await, 3, "sent again under its id: once");
+    // The store down: the flush still answers, the tallies wait and land once it is back.
+    assert_eq!(h.status("/v1/items", "key-nobody").await, 401);
+    faulty.usage_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.tollgate.flush().await.expect("nothing of usage waits");
+    assert_eq!(read().await, 3);
+    faulty.usage_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(read().await, 4);
 }
 
 /// A daily chart reads at a glance: a round scale in the meter's units, and the daily quota's
@@ -1027,7 +1058,7 @@ async fn a_filter_matching_every_tenant_reaches_each_once() {
         store.put_tenant(&TenantRecord::new(format!("t{i:03}").as_str().into(), "free".into()), &[]).await.unwrap();
     }
     let d = Dashboard::for_engine(&engine, token());
-    let (mut seen, mut path, mut loads) = (Vec::new(), "/?plan=free".to_owned(), 0);
+    let (mut seen, mut path, mut loads) = (Vec::new(), "/tenants?plan=free".to_owned(), 0);
     loop {
         loads += 1;
         assert!(loads < 10, "the windows end");

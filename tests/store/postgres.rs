@@ -836,3 +836,12 @@ async fn every_source_records_its_changes() {
     let Some((store, _)) = postgres::store().await else { return };
     common::settings_audit::every_source_records_its_changes(Arc::new(store)).await;
 }
+
+/// The fleet's tallies on a schema of its own: two nodes' requests admitted and refused added
+/// up, seen from either node's dashboard (tests/common/fleet_tallies.rs).
+#[cfg(feature = "dashboard")]
+#[tokio::test]
+async fn two_nodes_add_up_to_the_fleet() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
+}

@@ -673,3 +673,13 @@ async fn every_source_records_its_changes() {
     let store = SqliteStore::open(dir.path().join("audit.db")).await.unwrap();
     common::settings_audit::every_source_records_its_changes(Arc::new(store)).await;
 }
+
+/// The fleet's tallies on one SQLite file: two nodes' requests admitted and refused added up,
+/// seen from either node's dashboard (tests/common/fleet_tallies.rs).
+#[cfg(feature = "dashboard")]
+#[tokio::test]
+async fn two_nodes_add_up_to_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("tallies.db")).await.unwrap();
+    common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
+}

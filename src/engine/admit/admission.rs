@@ -288,7 +288,7 @@ impl Gate {
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(source) => {
-                self.shared.metrics().admitted.increment(1);
+                self.count_admitted(state);
                 if route.hold != 0 && charged {
                     return Self::ready_for_hold(Partial { charge, claim, charged, slot, org }, &route, source, spend);
                 }

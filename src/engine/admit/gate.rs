@@ -278,6 +278,21 @@ impl Gate {
         rejection
     }
 
+    /// Counts a request of `state`'s tenant admitted: the node's counter, and the tenant's
+    /// tally (one atomic add in its state; a wrap of it, once in 65,536, counted apart).
+    #[inline]
+    pub(crate) fn count_admitted(&self, state: &crate::tenant::TenantState) {
+        self.shared.metrics().admitted.increment(1);
+        if state.admitted() {
+            self.wrapped(&state.id);
+        }
+    }
+
+    #[cold]
+    fn wrapped(&self, tenant: &crate::base::TenantId) {
+        self.units.pipeline().tallies().admitted(tenant, 1 << 16, self.shared.clock().unix_secs());
+    }
+
     /// `rejection` typed ([`typed`](Self::typed)) and counted; in shadow mode for the whole
     /// configuration, an unidentified request passes, counted.
     pub(crate) fn count(&self, rejection: Rejection) -> Rejection {
@@ -292,6 +307,8 @@ impl Gate {
             return rejection;
         }
         self.shared.metrics().rejected(rejection.kind()).increment(1);
+        // The fleet's tallies: every refusal, of an identified tenant or not.
+        self.units.pipeline().tallies().refused(rejection.tenant(), rejection.kind(), self.shared.clock().unix_secs());
         #[cfg(feature = "dashboard")]
         if let Some(tenant) = rejection.tenant() {
             self.recent.note(tenant, rejection.kind(), self.shared.clock().unix_secs());

@@ -171,7 +171,7 @@ impl Gate {
         let at = charge.at;
         let (state, mut headers) = charge.keep();
         self.shared.metrics().replays.increment(1);
-        self.shared.metrics().admitted.increment(1);
+        self.count_admitted(&state);
         Self::quota_headers(&state, &mut headers, route.meter, at);
         Decision::Admitted(Pass {
             state,

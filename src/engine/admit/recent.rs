@@ -54,18 +54,6 @@ impl RecentRejections {
         let by_kind = RejectionKind::ALL.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(k, n)| (*k, n)).collect();
         (by_kind, since)
     }
-
-    /// Each tenant's refusals among those kept: one pass under the lock, for a list of many
-    /// tenants (at most [`RECENT_REJECTIONS`] entries).
-    #[cfg_attr(not(feature = "dashboard"), allow(dead_code))]
-    pub(crate) fn counts(&self) -> std::collections::HashMap<TenantId, u64> {
-        let ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut counts = std::collections::HashMap::new();
-        for (t, _, _) in &ring.entries {
-            *counts.entry(t.clone()).or_default() += 1;
-        }
-        counts
-    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub(crate) struct Pipeline {
     /// Whether the billing sink needs a customer (`None`: no sink on this node, so Stripe's
     /// rule if the configuration has `[stripe]`, for a `tollgate export` job elsewhere).
     sink_needs_customer: Option<bool>,
+    /// Requests admitted and refused and money spent, waiting to be added to the store's
+    /// tallies after the usage.
+    tallies: super::tally::Tallies,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -55,6 +58,8 @@ impl std::fmt::Debug for Pipeline {
 /// The flush's own: the ids its batches are formed with.
 pub(crate) struct Batches {
     seq: u64,
+    /// The last tallies' batch's number (their ids are `NODE-tSEQ`).
+    tally_seq: u64,
     node: String,
 }
 
@@ -78,7 +83,7 @@ struct Pending {
 
 impl Batches {
     fn new() -> Self {
-        Self { seq: 0, node: Self::draw_node() }
+        Self { seq: 0, tally_seq: 0, node: Self::draw_node() }
     }
 
     fn draw_node() -> String {
@@ -90,6 +95,7 @@ impl Batches {
     pub(crate) fn renew_node(&mut self) {
         self.node = Self::draw_node();
         self.seq = 0;
+        self.tally_seq = 0;
     }
 }
 
@@ -169,7 +175,13 @@ impl Pipeline {
             totals,
             clock,
             sink_needs_customer,
+            tallies: super::tally::Tallies::default(),
         }
+    }
+
+    /// Requests admitted and refused and money spent, waiting for the flush.
+    pub(crate) fn tallies(&self) -> &super::tally::Tallies {
+        &self.tallies
     }
 
     /// Whether the usage of `tenant` is billable: always, unless the sink needs a billing
@@ -272,10 +284,17 @@ impl Pipeline {
         // whose usage is committed (told after, it would). A quota store in trouble never
         // holds up the usage for long: a pass stops after a few timeouts.
         leases.tend(rt, tend).await;
-        self.commit_pending(&mut report).await?;
-        // Formed in the queue's lock, held for no store call.
-        self.form_batches(&mut p);
-        self.commit_pending(&mut report).await?;
+        let usage = async {
+            self.commit_pending(&mut report).await?;
+            // Formed in the queue's lock, held for no store call.
+            self.form_batches(&mut p);
+            self.commit_pending(&mut report).await
+        }
+        .await;
+        // The tallies after the usage, whatever became of it: a tally never holds usage up,
+        // and a failed one waits for the next flush without failing this one.
+        self.commit_tallies(&mut p).await;
+        usage?;
         // Everything held was taken: the buffer has room again.
         self.buffer_full.store(false, Relaxed);
         if report.batches > 0 {
@@ -305,6 +324,30 @@ impl Pipeline {
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
                 let batch = Arc::new(UsageBatch::new(id, chunk.to_vec()));
                 q.pending.push_back(Pending { batch, formed: self.clock.unix_secs(), sent: false });
+            }
+        }
+    }
+
+    /// Commits the tallies waiting, in batches of their own (no records) under their own ids,
+    /// in order: a batch that fails is kept and sent again first by the next flush, with the
+    /// same id; one older than the tallies are kept is let go.
+    async fn commit_tallies(&self, p: &mut Batches) {
+        let store = &self.stores.background().usage;
+        let max = store.max_batch_records().max(1);
+        let node = p.node.clone();
+        let batches = self.tallies.batches(max, || {
+            p.tally_seq += 1;
+            FlushId::new(format!("{node}-t{:010}", p.tally_seq))
+        });
+        for batch in batches {
+            match store.commit_usage(&batch).await {
+                Ok(_) => self.tallies.committed(&batch.id),
+                Err(e) => {
+                    self.totals.flush_errors.add(1);
+                    tracing::warn!(error = %e, tallies = batch.tallies.len(),
+                        "the tallies of requests admitted and refused were not stored; sent again at the next flush");
+                    return;
+                }
             }
         }
     }
@@ -501,9 +544,18 @@ impl Pipeline {
             Some(spec) => spec.id(value),
             None => s.plan.meters.ids[series].clone(),
         };
+        let spend = |s: &Tenant, m: usize, q: u64| {
+            if s.plan.meters.ids[m].as_str() == crate::money::SPEND_METER {
+                self.tallies.spent(&s.id, q, now);
+            }
+        };
         table.for_each(|s| {
+            self.tallies.admitted(&s.id, s.take_admitted(), now);
             let mut queue = self.queue();
-            s.drain_usage(|m, w, q| add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q));
+            s.drain_usage(|m, w, q| {
+                spend(s, m, q);
+                add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q);
+            });
             s.drain_open(now, last, |m, v, w, q| add(&mut queue.staged, s, &open(s, m, v), w, q));
             drop(queue);
             if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
@@ -515,8 +567,12 @@ impl Pipeline {
         for s in retired.iter() {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
+            self.tallies.admitted(&s.id, s.take_admitted(), now);
             let mut queue = self.queue();
-            s.drain_usage(|m, w, q| add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q));
+            s.drain_usage(|m, w, q| {
+                spend(s, m, q);
+                add(&mut queue.staged, s, &s.plan.meters.ids[m], w, q);
+            });
             // A retired state no request holds takes nothing more: nothing of it waits.
             s.drain_open(now, last || sole, |m, v, w, q| add(&mut queue.staged, s, &open(s, m, v), w, q));
             drop(queue);

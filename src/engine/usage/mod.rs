@@ -13,6 +13,7 @@ pub(crate) mod hold;
 pub(crate) mod lease;
 pub(crate) mod spend;
 pub(crate) mod taken;
+pub(crate) mod tally;
 pub(crate) mod thresholds;
 pub(crate) mod units;
 pub(crate) mod views;

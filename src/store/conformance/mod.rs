@@ -101,6 +101,8 @@ macro_rules! store_conformance {
             usage_commits_once_per_flush_id,
             a_flush_larger_than_a_batch_commits_once_per_chunk,
             usage_events_apply_once_per_id,
+            tallies_add_once_per_batch_and_read_by_scope,
+            tallies_past_their_time_are_not_read,
         );
     };
     (@role export, $make:expr) => {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::store::{CommitOutcome, EventOutcome, UsageEvent, UsageInspect};
+use crate::store::{CommitOutcome, EventOutcome, Tally, TallyQuery, TallyRead, TallyScope, UsageEvent, UsageInspect};
 
 /// (key, quantity) of `tenant`'s aggregates in the windows starting in `[from, to)`.
 pub(super) async fn range<S: ?Sized + UsageInspect>(s: &S, tenant: &str, from: i64, to: i64) -> Vec<(ExportKey, u64)> {
@@ -154,4 +154,104 @@ pub async fn usage_events_apply_once_per_id<S: ?Sized + UsageInspect>(h: &mut St
         range.into_iter().map(|a| (a.key, a.quantity)).collect::<Vec<_>>(),
         [(ek("t", "requests", w), 18), (ek("t", "tokens", w + HOUR), 4)]
     );
+}
+
+/// A tally read as (scope, start, its counts by outcome).
+type Read = (TallyScope, i64, BTreeMap<String, u64>);
+
+async fn tallies_of<S: ?Sized + UsageInspect>(s: &S, query: TallyQuery) -> Vec<Read> {
+    let read = s.tallies(&query).await.unwrap();
+    read.into_iter().map(|t| (t.scope, t.start, t.counts.into_iter().collect())).collect()
+}
+
+fn tally(scope: TallyScope, start: i64, counts: &[(&str, u64)]) -> Tally {
+    Tally::new(scope, start, counts.iter().map(|(o, n)| ((*o).to_owned(), *n)).collect())
+}
+
+fn counts(counts: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    counts.iter().map(|(o, n)| ((*o).to_owned(), *n)).collect()
+}
+
+/// Tallies are added exactly once per batch id, summed per (scope, window) across batches,
+/// and read by scope: the fleet's minutes in a range, every tenant's days in (day, tenant)
+/// order, one tenant's, at most `max`. A batch with a tally no store takes changes nothing.
+pub async fn tallies_add_once_per_batch_and_read_by_scope<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    // Tallies are kept by the wall clock: written now.
+    let now = crate::store::unix_now();
+    let m = now - now.rem_euclid(60) - 120;
+    let day = m - m.rem_euclid(86_400);
+    let (a, b) = (TallyScope::Tenant("a".into()), TallyScope::Tenant("b".into()));
+    let t1 = batch("t1", vec![]).with_tallies(vec![
+        tally(TallyScope::Fleet, m, &[("admitted", 5), ("quota_exceeded", 2)]),
+        tally(TallyScope::Fleet, m + 60, &[("admitted", 1)]),
+        tally(b.clone(), day, &[("admitted", 2)]),
+        tally(a.clone(), day, &[("admitted", 3), ("rate_limited", 1)]),
+    ]);
+    assert_eq!(h.s().commit_usage(&t1).await.unwrap(), CommitOutcome::Applied);
+    assert_eq!(h.s().commit_usage(&t1).await.unwrap(), CommitOutcome::AlreadyApplied, "once per id");
+    let t2 = batch("t2", vec![rec("a", "requests", m, 4)]).with_tallies(vec![
+        tally(TallyScope::Fleet, m, &[("admitted", 4)]),
+        tally(a.clone(), day, &[("admitted", 1), ("spent_nanos", 500)]),
+    ]);
+    assert_eq!(h.s().commit_usage(&t2).await.unwrap(), CommitOutcome::Applied);
+    assert_eq!(quantity(h.s(), &ek("a", "requests", m)).await, Some(4), "the records of a batch with tallies");
+
+    let fleet = vec![
+        (TallyScope::Fleet, m, counts(&[("admitted", 9), ("quota_exceeded", 2)])),
+        (TallyScope::Fleet, m + 60, counts(&[("admitted", 1)])),
+    ];
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, m, m + 120)).await, fleet);
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, m + 60, m + 120)).await, fleet[1..]);
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, m, m + 60)).await, fleet[..1], "`to` excluded");
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, m, m + 120).with_max(1)).await, fleet[..1]);
+    let tenants = vec![
+        (a.clone(), day, counts(&[("admitted", 4), ("rate_limited", 1), ("spent_nanos", 500)])),
+        (b.clone(), day, counts(&[("admitted", 2)])),
+    ];
+    let whole_day = TallyQuery::new(TallyRead::Tenants, day, day + 86_400);
+    assert_eq!(tallies_of(h.s(), whole_day.clone()).await, tenants, "in tenant order, no fleet minute among them");
+    assert_eq!(tallies_of(h.s(), whole_day.clone().with_max(1)).await, tenants[..1]);
+    let of_b = TallyQuery::new(TallyRead::Tenant("b".into()), day, day + 86_400);
+    assert_eq!(tallies_of(h.s(), of_b.clone()).await, tenants[1..]);
+    let next_day = TallyQuery::new(TallyRead::Tenants, day + 86_400, day + 2 * 86_400);
+    assert_eq!(tallies_of(h.s(), next_day).await, []);
+
+    // A tally off its window, or with an outcome that is no name, is refused with its batch.
+    for bad in [
+        tally(TallyScope::Fleet, m + 1, &[("admitted", 1)]),
+        tally(a.clone(), day + 60, &[("admitted", 1)]),
+        tally(TallyScope::Fleet, m, &[("Admitted", 1)]),
+        tally(TallyScope::Fleet, m, &[("admitted", 1), ("admitted", 1)]),
+    ] {
+        let refused = batch("t3", vec![rec("a", "requests", m, 100)])
+            .with_tallies(vec![tally(TallyScope::Fleet, m, &[("admitted", 100)]), bad]);
+        assert!(h.s().commit_usage(&refused).await.is_err());
+    }
+    assert_eq!(quantity(h.s(), &ek("a", "requests", m)).await, Some(4), "nothing of a refused batch");
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, m, m + 120)).await, fleet);
+
+    h.restart().await;
+    assert_eq!(h.s().commit_usage(&t2).await.unwrap(), CommitOutcome::AlreadyApplied, "after a restart");
+    assert_eq!(tallies_of(h.s(), whole_day).await, tenants);
+    assert_eq!(tallies_of(h.s(), of_b).await, tenants[1..]);
+}
+
+/// Tallies older than `TALLY_KEPT_SECS` by the wall clock are never read, whatever the range
+/// asked.
+pub async fn tallies_past_their_time_are_not_read<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let now = crate::store::unix_now();
+    let horizon = now - crate::store::contract::TALLY_KEPT_SECS;
+    let old_minute = horizon - horizon.rem_euclid(60) - 3_600;
+    let old_day = horizon - horizon.rem_euclid(86_400) - 86_400;
+    let m = now - now.rem_euclid(60);
+    let old = batch("old", vec![]).with_tallies(vec![
+        tally(TallyScope::Fleet, old_minute, &[("admitted", 7)]),
+        tally(TallyScope::Tenant("a".into()), old_day, &[("admitted", 7)]),
+        tally(TallyScope::Fleet, m, &[("admitted", 1)]),
+    ]);
+    assert_eq!(h.s().commit_usage(&old).await.unwrap(), CommitOutcome::Applied);
+    let fleet = tallies_of(h.s(), TallyQuery::new(TallyRead::Fleet, 0, now + 86_400)).await;
+    assert_eq!(fleet, [(TallyScope::Fleet, m, counts(&[("admitted", 1)]))]);
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Tenants, 0, now + 86_400)).await, []);
+    assert_eq!(tallies_of(h.s(), TallyQuery::new(TallyRead::Tenant("a".into()), 0, now + 86_400)).await, []);
 }

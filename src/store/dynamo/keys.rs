@@ -117,6 +117,15 @@ pub(super) fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }
 
+/// The partition of the tallies of one UTC day: the fleet's minutes (sort key: the minute's
+/// start) or the tenants' (sort key: the tenant).
+pub(super) fn tally_pk(scope: &crate::store::TallyScope, day: i64) -> String {
+    match scope {
+        crate::store::TallyScope::Fleet => format!("TF{SEP}{}", window_text(day)),
+        crate::store::TallyScope::Tenant(_) => format!("TT{SEP}{}", window_text(day)),
+    }
+}
+
 /// A window start as text that sorts as the number does (negative ones included).
 pub(super) fn window_text(w: i64) -> String {
     format!("{:016x}", (w as u64) ^ (1 << 63))

@@ -26,8 +26,8 @@ use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
-    StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
-    UsageStore, LEDGER_KEPT_SECS,
+    StoreError, Tally, TallyQuery, TallyRead, TallyScope, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate,
+    UsageBatch, UsageEvent, UsageRecord, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, KeyScopes, TenantId};
 
@@ -53,8 +53,9 @@ pub use reads::DynamoReads;
 
 use keys::{
     credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
-    keys_gpk, payment_pk, payments_pk, places_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk,
-    usage_sk, values_pk, values_sk, window_text, CHANGES_PK, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
+    keys_gpk, payment_pk, payments_pk, places_pk, quota_pk, quota_sk, rate_pk, tally_pk, tenant_pk, usage_gsk,
+    usage_pk, usage_sk, values_pk, values_sk, window_text, CHANGES_PK, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK,
+    SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;

@@ -21,6 +21,10 @@ impl UsageStore for DynamoStore {
             let update = usage_update(&self.table, r)?;
             actions.push(TransactWriteItem::builder().update(update).build());
         }
+        for t in &batch.tallies {
+            t.check()?;
+            actions.push(TransactWriteItem::builder().update(tally_update(&self.table, t)?).build());
+        }
         let actions = &actions;
         self.until_won(
             "a usage flush conflicted with other writes under every attempt",
@@ -153,9 +157,102 @@ impl UsageStore for DynamoStore {
         Ok(out)
     }
 
+    /// A day's partition at a time (the fleet's minutes, or the tenants' days), by a range of
+    /// its sort keys for the fleet's and one tenant's; in pages, never more than `max` items.
+    async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
+        let mut out = Vec::new();
+        let from = query.from.max(TallyQuery::horizon(unix_now()));
+        if from >= query.to || query.max == 0 {
+            return Ok(out);
+        }
+        let scope = match &query.scope {
+            TallyRead::Fleet => TallyScope::Fleet,
+            TallyRead::Tenant(t) => TallyScope::Tenant(t.clone()),
+            TallyRead::Tenants => TallyScope::Tenant(TenantId::from("")),
+        };
+        let first_day = from.div_euclid(86_400) * 86_400;
+        let mut day = first_day;
+        while day < query.to && out.len() < query.max {
+            // A tenant's tally starts on its day: a day that starts before `from` is not read.
+            if !matches!(query.scope, TallyRead::Fleet) && day < from {
+                day += 86_400;
+                continue;
+            }
+            let pk = tally_pk(&scope, day);
+            let base = self.client.query().table_name(&self.table).consistent_read(true);
+            let base = match &query.scope {
+                TallyRead::Fleet => {
+                    let (lo, hi) = (from.max(day), (query.to - 1).min(day + 86_399));
+                    base.key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
+                        .expression_attribute_values(":lo", s(window_text(lo)))
+                        .expression_attribute_values(":hi", s(window_text(hi)))
+                }
+                TallyRead::Tenant(t) => base
+                    .key_condition_expression("pk = :pk AND sk = :t")
+                    .expression_attribute_values(":t", s(t.as_str())),
+                TallyRead::Tenants => base.key_condition_expression("pk = :pk"),
+            };
+            let base = base.expression_attribute_values(":pk", s(pk.as_str()));
+            let mut start: Option<Item> = None;
+            loop {
+                let left = i32::try_from(query.max - out.len()).unwrap_or(i32::MAX);
+                let page = base.clone().limit(left).set_exclusive_start_key(start.take()).send().await.map_err(sdk)?;
+                for item in page.items.unwrap_or_default() {
+                    let Some(sk) = get_s(&item, "sk") else { continue };
+                    let (scope, start) = match &query.scope {
+                        TallyRead::Fleet => {
+                            // `window_text`'s: the sign bit flipped.
+                            let Ok(minute) = u64::from_str_radix(sk, 16) else { continue };
+                            (TallyScope::Fleet, (minute ^ (1 << 63)) as i64)
+                        }
+                        _ => (TallyScope::Tenant(TenantId::from(sk)), day),
+                    };
+                    let mut counts: Vec<(String, u64)> = item
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.strip_prefix("o_")?.to_owned(), v.as_n().ok()?.parse().ok()?)))
+                        .collect();
+                    counts.sort();
+                    out.push(Tally::new(scope, start, counts));
+                }
+                match page.last_evaluated_key {
+                    Some(k) if out.len() < query.max => start = Some(k),
+                    _ => break,
+                }
+            }
+            day += 86_400;
+        }
+        Ok(out)
+    }
+
     fn max_batch_records(&self) -> usize {
         MAX_BATCH_RECORDS
     }
+}
+
+/// A tally added to its item: each outcome's count (`o_OUTCOME`), the item kept
+/// [`TALLY_KEPT_SECS`](crate::store::contract::TALLY_KEPT_SECS) past its window's start.
+fn tally_update(table: &str, t: &Tally) -> Result<Update, StoreError> {
+    let day = t.start.div_euclid(86_400) * 86_400;
+    let sk = match &t.scope {
+        TallyScope::Fleet => window_text(t.start),
+        TallyScope::Tenant(id) => id.as_str().to_owned(),
+    };
+    let mut adds = Vec::with_capacity(t.counts.len());
+    let mut update = Update::builder()
+        .table_name(table)
+        .key("pk", s(tally_pk(&t.scope, day)))
+        .key("sk", s(sk))
+        .expression_attribute_names("#ttl", "ttl")
+        .expression_attribute_values(":ttl", n(t.start.saturating_add(crate::store::contract::TALLY_KEPT_SECS)));
+    for (i, (outcome, count)) in t.counts.iter().enumerate() {
+        adds.push(format!("#o{i} :n{i}"));
+        update = update
+            .expression_attribute_names(format!("#o{i}"), format!("o_{outcome}"))
+            .expression_attribute_values(format!(":n{i}"), n(count));
+    }
+    let expression =
+        if adds.is_empty() { "SET #ttl = :ttl".to_owned() } else { format!("ADD {} SET #ttl = :ttl", adds.join(", ")) };
+    update.update_expression(expression).build().map_err(backend)
 }
 
 impl DynamoStore {

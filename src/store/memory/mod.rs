@@ -10,8 +10,8 @@ use super::{
     ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
     EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, IdempotencyStore, LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome,
-    QuotaStore, Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch,
-    UsageEvent, UsageStore, LEDGER_KEPT_SECS,
+    QuotaStore, Reservation, StoreError, Tally, TallyQuery, TallyScope, TenantRecord, TenantUpdate, UpdateWhen,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -108,6 +108,9 @@ struct Inner {
     /// The audit of tenants' settings, by (tenant, number), and each tenant's last number.
     audit: BTreeMap<(TenantId, i64), crate::store::AuditRecord>,
     audit_heads: HashMap<TenantId, i64>,
+    /// The tallies of requests admitted and refused, by (window start, scope): each outcome's
+    /// count.
+    tallies: BTreeMap<(i64, crate::store::TallyScope), BTreeMap<String, u64>>,
 }
 
 /// One `Idempotency-Key` binding.
@@ -375,9 +378,8 @@ mod tests {
     #[tokio::test]
     async fn aggregates_older_than_the_retention_are_dropped_without_a_sink() {
         let s = MemoryStore::new();
-        let batch = |id: &str, window_start: i64| UsageBatch {
-            id: FlushId::new(id),
-            records: vec![UsageRecord::new("t".into(), "requests".into(), window_start, 1)],
+        let batch = |id: &str, window_start: i64| {
+            UsageBatch::new(FlushId::new(id), vec![UsageRecord::new("t".into(), "requests".into(), window_start, 1)])
         };
         let key = |w| ExportKey { tenant: "t".into(), meter: "requests".into(), window_start: w };
         s.commit_usage(&batch("a", 0)).await.unwrap();
@@ -410,7 +412,7 @@ mod tests {
     async fn an_export_claim_holds_off_other_nodes_until_it_expires() {
         let s = MemoryStore::new();
         let rec = UsageRecord::new("t".into(), "requests".into(), 0, 5);
-        s.commit_usage(&UsageBatch { id: FlushId::new("f"), records: vec![rec] }).await.unwrap();
+        s.commit_usage(&UsageBatch::new(FlushId::new("f"), vec![rec])).await.unwrap();
         let agg = s.pending_exports(3600, None, 10).await.unwrap().remove(0);
         let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
         assert_eq!((mine.attempts, mine.first_attempt_at, mine.claimed_until), (1, Some(100), Some(400)));
@@ -445,7 +447,7 @@ mod tests {
         }
         let s = MemoryStore::new();
         let rec = |t: &str, w: i64| UsageRecord::new(t.into(), "requests".into(), w, 2);
-        let commit = |id: &str, records| UsageBatch { id: FlushId::new(id), records };
+        let commit = |id: &str, records| UsageBatch::new(FlushId::new(id), records);
         s.commit_usage(&commit("1", vec![rec("a", 0), rec("b", 0), rec("c", 0)])).await.unwrap();
         assert_eq!(check(&s), (3, 0));
         let listed = s.pending_exports(3600, None, 10).await.unwrap();
@@ -513,8 +515,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_commits_once_and_exports_move_by_revision() {
         let s = MemoryStore::new();
-        let batch =
-            UsageBatch { id: FlushId::new("f1"), records: vec![UsageRecord::new("t".into(), "requests".into(), 0, 5)] };
+        let batch = UsageBatch::new(FlushId::new("f1"), vec![UsageRecord::new("t".into(), "requests".into(), 0, 5)]);
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::Applied);
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::AlreadyApplied);
         let pending = s.pending_exports(3600, None, 10).await.unwrap();
@@ -523,8 +524,7 @@ mod tests {
         let fixed = s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
-        let late =
-            UsageBatch { id: FlushId::new("f2"), records: vec![UsageRecord::new("t".into(), "requests".into(), 0, 2)] };
+        let late = UsageBatch::new(FlushId::new("f2"), vec![UsageRecord::new("t".into(), "requests".into(), 0, 2)]);
         s.commit_usage(&late).await.unwrap();
         assert_eq!(
             s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap().in_flight,

@@ -5,9 +5,26 @@ use super::*;
 #[async_trait]
 impl UsageStore for MemoryStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        for t in &batch.tallies {
+            t.check()?;
+        }
         let mut inner = self.lock();
         if inner.flushes.contains(&batch.id) {
             return Ok(CommitOutcome::AlreadyApplied);
+        }
+        let now = crate::store::unix_now();
+        for t in &batch.tallies {
+            let counts = inner.tallies.entry((t.start, t.scope.clone())).or_default();
+            for (outcome, n) in &t.counts {
+                let c = counts.entry(outcome.clone()).or_default();
+                *c = c.saturating_add(*n);
+            }
+        }
+        // Tallies past their time go as they are added: bounded by the wall clock.
+        let horizon = TallyQuery::horizon(now);
+        while inner.tallies.first_key_value().is_some_and(|((start, scope), _)| *start + scope.window_secs() <= horizon)
+        {
+            inner.tallies.pop_first();
         }
         for r in &batch.records {
             let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
@@ -64,6 +81,21 @@ impl UsageStore for MemoryStore {
             .take_while(|(k, _)| k.tenant == *tenant)
             .filter(|(k, _)| k.window_start >= from && k.window_start < to)
             .map(|(k, a)| a.view(k))
+            .collect())
+    }
+
+    async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
+        let now = crate::store::unix_now();
+        let inner = self.lock();
+        Ok(inner
+            .tallies
+            .range((query.from, TallyScope::Fleet)..)
+            .take_while(|((start, _), _)| *start < query.to)
+            .filter(|((start, scope), _)| query.reads(scope, *start, now))
+            .take(query.max)
+            .map(|((start, scope), counts)| {
+                Tally::new(scope.clone(), *start, counts.iter().map(|(o, n)| (o.clone(), *n)).collect())
+            })
             .collect())
     }
 }

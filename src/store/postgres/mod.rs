@@ -25,8 +25,8 @@ use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
-    StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
-    UsageStore,
+    StoreError, Tally, TallyQuery, TallyRead, TallyScope, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate,
+    UsageBatch, UsageEvent, UsageRecord, UsageStore,
 };
 use crate::base::{KeyHash, KeyScopes, TenantId};
 
@@ -753,6 +753,7 @@ impl PostgresStore {
         let places = self.sql("DELETE FROM {s}.place_leases WHERE expires < $1");
         // Open dimensions' values of months kept long enough.
         let values = self.sql("DELETE FROM {s}.dimension_values WHERE expires < $1");
+        let tallies = self.sql("DELETE FROM {s}.tally WHERE start < $1");
         let idem_recount = self.sql(
             "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
              FROM {s}.idempotency_count s LEFT JOIN (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n \
@@ -798,6 +799,8 @@ impl PostgresStore {
             tx.query_typed(&places, args![day_ago]).await?;
             // In usage time, as the usage.
             tx.query_typed(&values, args![newest.min(wall)]).await?;
+            // By the wall clock.
+            tx.query_typed(&tallies, args![crate::store::TallyQuery::horizon(wall)]).await?;
             tx.commit().await?;
             Ok(())
         })

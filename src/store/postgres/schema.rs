@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 16;
+pub const SCHEMA_VERSION: u32 = 17;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -323,6 +323,18 @@ CREATE TABLE {s}.audit_log (
 );
 CREATE INDEX audit_log_at ON {s}.audit_log (at, tenant, seq);
 CREATE INDEX audit_log_own ON {s}.audit_log (tenant, own, seq);
+"#,
+    // 16 -> 17: the tallies of requests admitted and refused (`store::Tally`): the fleet's per
+    // minute (`tenant` = ''), each tenant's per day, each outcome's count; kept
+    // `TALLY_KEPT_SECS`.
+    r#"
+CREATE TABLE {s}.tally (
+    start   bigint NOT NULL,
+    tenant  text COLLATE "C" NOT NULL,
+    outcome text COLLATE "C" NOT NULL,
+    n       bigint NOT NULL,
+    PRIMARY KEY (start, tenant, outcome)
+);
 "#,
 ];
 

@@ -61,7 +61,11 @@ impl Rows {
 #[async_trait]
 impl UsageStore for PostgresStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        for t in &batch.tallies {
+            t.check()?;
+        }
         let rows = Rows::of(&batch.records);
+        let tallies = TallyRows::of(&batch.tallies);
         let flush =
             self.sql("INSERT INTO {s}.flush (id, seen_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING 1");
         let outcome = self
@@ -74,6 +78,7 @@ impl UsageStore for PostgresStore {
                     return Ok(CommitOutcome::AlreadyApplied);
                 }
                 rows.add(self, &tx).await?;
+                tallies.add(self, &tx).await?;
                 tx.commit().await?;
                 Ok(CommitOutcome::Applied)
             })
@@ -124,7 +129,92 @@ impl UsageStore for PostgresStore {
         .await
     }
 
+    async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
+        let from = query.from.max(TallyQuery::horizon(unix_now()));
+        let (filter, tenant) = match &query.scope {
+            TallyRead::Fleet => ("tenant = ''", None),
+            TallyRead::Tenants => ("tenant <> ''", None),
+            TallyRead::Tenant(t) => ("tenant = $3", Some(t.as_str())),
+        };
+        // Read in portions as folded: the rows past the last tally wanted are never read.
+        let sql = self.sql(&format!(
+            "SELECT start, tenant, outcome, n FROM {{s}}.tally WHERE start >= $1 AND start < $2 AND {filter} \
+             ORDER BY start, tenant, outcome LIMIT $4"
+        ));
+        let sql = match tenant {
+            Some(_) => sql,
+            None => sql.replace("LIMIT $4", "LIMIT $3"),
+        };
+        // Every outcome of a tally at most: a reason's label, admitted, spent.
+        let limit = i64::try_from(query.max.saturating_mul(64)).unwrap_or(i64::MAX);
+        self.retrying(|| async {
+            let client = self.client().await?;
+            let rows = match tenant {
+                Some(t) => client.query_typed(&sql, args![from, query.to, t, limit]).await?,
+                None => client.query_typed(&sql, args![from, query.to, limit]).await?,
+            };
+            let rows = rows.iter().map(|r| {
+                Ok::<_, std::convert::Infallible>((
+                    r.get::<_, i64>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                ))
+            });
+            Ok(crate::store::usage::fold_tallies(rows, query.max).unwrap_or_default())
+        })
+        .await
+    }
+
     fn max_batch_records(&self) -> usize {
         MAX_BATCH_RECORDS
+    }
+}
+
+/// Tallies as rows of (start, tenant (`''`: the fleet), outcome, count), in the table's key
+/// order: concurrent batches lock the rows they share in one order.
+struct TallyRows {
+    starts: Vec<i64>,
+    tenants: Vec<String>,
+    outcomes: Vec<String>,
+    counts: Vec<i64>,
+}
+
+impl TallyRows {
+    fn of(tallies: &[Tally]) -> Self {
+        let mut sums: BTreeMap<(i64, &str, &str), u64> = BTreeMap::new();
+        for t in tallies {
+            let tenant = match &t.scope {
+                TallyScope::Fleet => "",
+                TallyScope::Tenant(id) => id.as_str(),
+            };
+            for (outcome, n) in &t.counts {
+                let sum = sums.entry((t.start, tenant, outcome.as_str())).or_default();
+                *sum = sum.saturating_add(*n);
+            }
+        }
+        let mut rows = TallyRows { starts: Vec::new(), tenants: Vec::new(), outcomes: Vec::new(), counts: Vec::new() };
+        for ((s, t, o), n) in sums {
+            rows.starts.push(s);
+            rows.tenants.push(t.to_owned());
+            rows.outcomes.push(o.to_owned());
+            rows.counts.push(int(n));
+        }
+        rows
+    }
+
+    /// Adds the rows to the tallies (saturating at the largest `bigint`).
+    async fn add(&self, store: &PostgresStore, tx: &deadpool_postgres::Transaction<'_>) -> Pg<()> {
+        if self.starts.is_empty() {
+            return Ok(());
+        }
+        let sql = store.sql(&format!(
+            "INSERT INTO {{s}}.tally AS t (start, tenant, outcome, n) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) \
+             ON CONFLICT (start, tenant, outcome) DO UPDATE SET \
+             n = LEAST(t.n::numeric + excluded.n, {MAX_INT})::bigint"
+        ));
+        tx.query_typed(&sql, args![self.starts, self.tenants, self.outcomes, self.counts]).await?;
+        Ok(())
     }
 }

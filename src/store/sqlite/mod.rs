@@ -17,8 +17,8 @@ use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
-    StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
-    UsageStore,
+    StoreError, Tally, TallyQuery, TallyRead, TallyScope, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate,
+    UsageBatch, UsageEvent, UsageRecord, UsageStore,
 };
 use crate::{
     base::{KeyHash, KeyScopes, TenantId},
@@ -509,6 +509,8 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     tx.execute("DELETE FROM place_leases WHERE expires < ?1", [wall.saturating_mul(1_000_000_000)])?;
     // Open dimensions' values of months kept long enough (in usage time, as the usage).
     tx.execute("DELETE FROM dimension_values WHERE expires < ?1", [newest_window.min(wall)])?;
+    // Tallies past their time, by the wall clock.
+    tx.execute("DELETE FROM tally WHERE start < ?1", [crate::store::TallyQuery::horizon(wall)])?;
     tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())

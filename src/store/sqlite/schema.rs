@@ -19,7 +19,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 24;
+pub(super) const SCHEMA_VERSION: i32 = 25;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -357,6 +357,18 @@ CREATE TABLE audit_log (
 ) WITHOUT ROWID;
 CREATE INDEX audit_log_at ON audit_log (at, tenant, seq);
 CREATE INDEX audit_log_own ON audit_log (tenant, own, seq);
+",
+    // 24 -> 25: the tallies of requests admitted and refused (`store::Tally`): the fleet's per
+    // minute (`tenant` = ''), each tenant's per day, each outcome's count; kept
+    // `TALLY_KEPT_SECS`.
+    r"
+CREATE TABLE tally (
+    start   INTEGER NOT NULL,
+    tenant  TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (start, tenant, outcome)
+) WITHOUT ROWID;
 ",
 ];
 

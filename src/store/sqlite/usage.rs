@@ -5,6 +5,9 @@ use super::*;
 #[async_trait]
 impl UsageStore for SqliteStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        for t in &batch.tallies {
+            t.check()?;
+        }
         let batch = batch.clone();
         self.write(move |tx, progress| {
             let fresh = tx
@@ -16,6 +19,26 @@ impl UsageStore for SqliteStore {
             for r in &batch.records {
                 add_usage(tx, r)?;
                 progress.newest_window = progress.newest_window.max(Some(r.window_start));
+            }
+            for t in &batch.tallies {
+                let tenant = match &t.scope {
+                    TallyScope::Fleet => "",
+                    TallyScope::Tenant(id) => id.as_str(),
+                };
+                for (outcome, n) in &t.counts {
+                    tx.prepare_cached(
+                        "INSERT INTO tally (start, tenant, outcome, n) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (start, tenant, outcome) DO UPDATE SET n = \
+                         CASE WHEN n > 9223372036854775807 - excluded.n THEN 9223372036854775807 \
+                         ELSE n + excluded.n END",
+                    )?
+                    .execute(params![
+                        t.start,
+                        tenant,
+                        outcome,
+                        i64::try_from(*n).unwrap_or(i64::MAX)
+                    ])?;
+                }
             }
             progress.prune = true;
             Ok(CommitOutcome::Applied)
@@ -62,6 +85,51 @@ impl UsageStore for SqliteStore {
             ))?
             .query_map(params![tenant.as_str(), from, to], aggregate)?
             .collect()
+        })
+        .await
+    }
+
+    async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
+        let query = query.clone();
+        let now = unix_now();
+        let from = query.from.max(TallyQuery::horizon(now));
+        self.read(move |tx| {
+            // Rows in (start, tenant, outcome) order, folded into tallies; at most `max`
+            // tallies, so at most `max` times the outcomes rows.
+            let (sql, tenant): (&str, Option<&str>) = match &query.scope {
+                TallyRead::Fleet => (
+                    "SELECT start, tenant, outcome, n FROM tally WHERE start >= ?1 AND start < ?2 AND tenant = '' \
+                     ORDER BY start, tenant, outcome",
+                    None,
+                ),
+                TallyRead::Tenants => (
+                    "SELECT start, tenant, outcome, n FROM tally WHERE start >= ?1 AND start < ?2 AND tenant <> '' \
+                     ORDER BY start, tenant, outcome",
+                    None,
+                ),
+                TallyRead::Tenant(t) => (
+                    "SELECT start, tenant, outcome, n FROM tally WHERE start >= ?1 AND start < ?2 AND tenant = ?3 \
+                     ORDER BY start, tenant, outcome",
+                    Some(t.as_str()),
+                ),
+            };
+            let mut stmt = tx.prepare_cached(sql)?;
+            let map = |r: &rusqlite::Row<'_>| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            };
+            // Read as folded: the rows past the last tally wanted are never read.
+            let as_counts =
+                |r: Sql<(i64, String, String, i64)>| r.map(|(s, t, o, n)| (s, t, o, u64::try_from(n).unwrap_or(0)));
+            match tenant {
+                Some(t) => crate::store::usage::fold_tallies(
+                    stmt.query_map(params![from, query.to, t], map)?.map(as_counts),
+                    query.max,
+                ),
+                None => crate::store::usage::fold_tallies(
+                    stmt.query_map(params![from, query.to], map)?.map(as_counts),
+                    query.max,
+                ),
+            }
         })
         .await
     }
