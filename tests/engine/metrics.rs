@@ -87,6 +87,40 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     assert_eq!(recorder.get("tollgate_tenants_tracked"), 1f64.to_bits());
 }
 
+/// A request that waits for its tenant's spend lease, on a route meter without a quota, is
+/// admitted and counted as every admission is (it was not counted before).
+#[tokio::test]
+async fn a_request_admitted_after_waiting_for_its_spend_lease_is_counted() {
+    let config = Config::from_toml_str(
+        r#"
+        [billing]
+        currency = "usd"
+        [meters.requests]
+        price = "0.01"
+        [plans.p]
+        spend = { limit = "5.00", period = "month", mode = "hard" }
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+        "#,
+    )
+    .unwrap();
+    let recorder = Recording::default();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
+    let svc = layer.layer(tower::service_fn(
+        |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+        },
+    ));
+    for _ in 0..3 {
+        let r = svc.clone().oneshot(req("GET", "/", Some("key-t"), None)).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(recorder.get("tollgate_requests_admitted_total"), 3, "the first waited for its spend lease");
+}
+
 use common::Lines;
 
 /// `Builder::build()` keeps in memory every role not given a store in code, and says so for
