@@ -70,15 +70,15 @@ def shot(driver, name):
 def sign_in(driver, at):
     driver.get(at + "/")
     check(f"{at}: without the token, the login form and nothing else",
-          driver.find_elements(By.NAME, "token") and not driver.find_elements(By.CSS_SELECTOR, "table.tenants"))
+          driver.find_elements(By.NAME, "token") and not driver.find_elements(By.CSS_SELECTOR, "main table"))
     driver.find_element(By.NAME, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form button").click()
     # The form posts, and the answer redirects: wait for the page it leads to (bounded).
     try:
-        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.tenants"))
-        check(f"{at}: signed in, the tenants page", True)
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.outcomes"))
+        check(f"{at}: signed in, the overview", True)
     except TimeoutException:
-        check(f"{at}: signed in, the tenants page", False, driver.title)
+        check(f"{at}: signed in, the overview", False, driver.title)
 
 
 store = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -137,7 +137,28 @@ pending = store.execute(
 driver = browser()
 try:
     sign_in(driver, base)
-    driver.get(base + "/")
+    # The overview: the fleet's tallies as the store holds them (every node's added up), the
+    # top tenants by refusals (globex's 4 before the markup tenant's 3, its id as text).
+    fleet = dict(store.execute("SELECT outcome, SUM(n) FROM tally WHERE tenant = '' GROUP BY outcome").fetchall())
+    day = {r.get_attribute("data-outcome"): r.find_element(By.CSS_SELECTOR, "td.day").text
+           for r in driver.find_elements(By.CSS_SELECTOR, "table.outcomes tbody tr")}
+    check("overview: requests admitted today, the store's tallies", day.get("admitted") == f"{fleet.get('admitted', 0):,}",
+          (day, fleet))
+    check("overview: refused for their rate, the example's 3 and 4", day.get("rate") == "7" == str(fleet.get("rate_limited")),
+          (day, fleet))
+    top = [r.find_element(By.CSS_SELECTOR, "a.tenant").text for r in driver.find_elements(By.CSS_SELECTOR, "table.top.refused tbody tr")]
+    check("overview: the most refused first, a markup id as text", top == ["globex", HOSTILE], top)
+    check("overview: a chart per minute of the last hour", len(driver.find_elements(By.CSS_SELECTOR, "figure.minutes")) >= 2)
+    no_markup(driver, "overview")
+    no_word_broken(driver, "overview")
+    shot(driver, "overview")
+    driver.find_element(By.CSS_SELECTOR, "table.top.refused a.tenant").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("globex"))
+    today = {r.get_attribute("data-outcome"): r.find_element(By.CSS_SELECTOR, "td.n").text
+             for r in driver.find_elements(By.CSS_SELECTOR, "table.today tbody tr")}
+    check("overview: a top tenant's link opens its page, its requests today", today.get("rate_limited") == "4", today)
+
+    driver.get(base + "/tenants")
     rows = {r.find_element(By.CSS_SELECTOR, "a.tenant").text: r for r in driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")}
     check("every tenant of the store and the file listed", set(rows) == {"acme", "globex", HOSTILE, FILE_HOSTILE},
           sorted(rows))
@@ -183,10 +204,11 @@ try:
     found = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
     check("a key prefix finds its tenant", found == ["acme"], found)
     driver.get(base + "/?q=" + "x" * 8_000)
+    check("a search at the old home's address leads to the list", "/tenants?q=" in driver.current_url, driver.current_url)
     check("a huge search string is cut, answered",
           len(driver.find_element(By.NAME, "q").get_attribute("value")) == 128)
 
-    driver.get(base + "/")
+    driver.get(base + "/tenants")
     driver.find_element(By.LINK_TEXT, "acme").click()
     WebDriverWait(driver, 20).until(lambda d: d.title.startswith("acme"))
     values = {g.find_element(By.XPATH, "..").get_attribute("class"): g.find_element(By.CSS_SELECTOR, ".value").text
@@ -206,7 +228,7 @@ try:
     no_word_broken(driver, "tenant")
     shot(driver, "tenant")
 
-    driver.get(base + "/")
+    driver.get(base + "/tenants")
     driver.find_element(By.LINK_TEXT, HOSTILE).click()
     WebDriverWait(driver, 20).until(lambda d: d.title.startswith(HOSTILE))
     check("the markup tenant's page titles it as text", driver.find_element(By.TAG_NAME, "h1").text == HOSTILE)
@@ -214,7 +236,7 @@ try:
     refusals = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.rejections td")]
     check("its refusals on this node, by kind", refusals == ["rate_limited", "3"], refusals)
 
-    driver.get(base + "/")
+    driver.get(base + "/tenants")
     driver.find_element(By.LINK_TEXT, FILE_HOSTILE).click()
     WebDriverWait(driver, 20).until(lambda d: d.title.startswith(FILE_HOSTILE))
     check("the file's markup tenant's page titles it as text", driver.find_element(By.TAG_NAME, "h1").text == FILE_HOSTILE)
@@ -329,6 +351,7 @@ try:
 
     if cli_base:
         sign_in(driver, cli_base)
+        driver.get(cli_base + "/tenants")
         listed = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
         check("tollgate dashboard: the same tenants", sorted(listed) == sorted(["acme", "globex", HOSTILE, FILE_HOSTILE]),
               listed)
@@ -373,10 +396,13 @@ try:
             size = os.path.getsize(file)
             check(f"week: {name}: its picture is at most 200 KB", size <= PICTURE_MAX_BYTES, size)
 
-        picture("/", "tenants")
+        picture("/", "overview", 2400)
+        bars = [int(r.get_attribute("data-value")) for r in driver.find_elements(By.CSS_SELECTOR, "figure.hours rect")]
+        check("week: the overview's day has requests in most hours", sum(1 for b in bars if b > 0) >= 20, bars[:24])
+        picture("/tenants", "tenants")
         rows = driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")
         check("week: the first page of 25 tenants", len(rows) == 25, len(rows))
-        picture("/?sort=state", "tenants-sorted")
+        picture("/tenants?sort=state", "tenants-sorted")
         states = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "table.tenants td.state")]
         check("week: some tenants' balance is empty, listed first", states and states[0] == "balance empty", states[:5])
         picture("/tenants/northwind", "tenant", 1700)

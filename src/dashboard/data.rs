@@ -772,7 +772,8 @@ pub(crate) async fn tenants(
         }
     };
     let now = admin.clock().unix_secs();
-    let refused = refusals_today(admin, records.iter().map(|(r, _)| &r.id), now).await;
+    let ids: Vec<&TenantId> = records.iter().map(|(r, _)| &r.id).collect();
+    let refused = refusals_today(admin, &ids, now).await;
     for (record, why) in records {
         if view.plan.as_deref().is_some_and(|p| p != record.plan.as_str()) {
             continue;
@@ -820,12 +821,16 @@ pub(crate) async fn tenants(
 }
 
 /// The fleet's refusals today of `tenants` (the list's rows), from the tenants' tallies of
-/// the day: one read of them all, bounded; past its bound, one read per row.
-async fn refusals_today<'a>(
+/// the day: a page's rows (at most [`PAGE`]) one read each, eight at a time; more (a window)
+/// one read of every tenant's, bounded, and past its bound one read per row.
+async fn refusals_today(
     admin: &Admin,
-    tenants: impl Iterator<Item = &'a TenantId>,
+    tenants: &[&TenantId],
     now: i64,
 ) -> Option<std::collections::HashMap<TenantId, u64>> {
+    if tenants.len() <= PAGE {
+        return refusals_one_by_one(admin, tenants, now).await;
+    }
     use crate::store::{TallyQuery, TallyRead, TallyScope};
     let day = now - now.rem_euclid(86_400);
     let read = |tallies: Vec<crate::store::Tally>| -> std::collections::HashMap<TenantId, u64> {
@@ -847,13 +852,31 @@ async fn refusals_today<'a>(
     if all.len() < crate::store::contract::TALLY_READ_MAX {
         return Some(read(all));
     }
+    refusals_one_by_one(admin, tenants, now).await
+}
+
+/// [`refusals_today`] one tenant's tally at a time, eight read at once.
+async fn refusals_one_by_one(
+    admin: &Admin,
+    tenants: &[&TenantId],
+    now: i64,
+) -> Option<std::collections::HashMap<TenantId, u64>> {
     let mut out = std::collections::HashMap::new();
-    for id in tenants {
-        match admin.tenant_tally(id.as_str(), now).await {
-            Ok(t) => {
-                out.insert(id.clone(), t.as_ref().map_or(0, refused_of));
+    for chunk in tenants.chunks(8) {
+        let mut reads = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            reads.push(admin.tenant_tally(id.as_str(), now));
+        }
+        for (id, read) in chunk.iter().zip(futures_util::future::join_all(reads).await) {
+            match read {
+                Ok(t) => {
+                    out.insert((*id).clone(), t.as_ref().map_or(0, refused_of));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %id, error = %e, "dashboard: a tenant's tally could not be read");
+                    return None;
+                }
             }
-            Err(_) => return None,
         }
     }
     Some(out)
@@ -1128,7 +1151,7 @@ pub(crate) fn outcome_group(outcome: &str) -> Option<&'static str> {
     let kind = RejectionKind::ALL.into_iter().find(|k| k.label() == outcome);
     Some(match (outcome, kind) {
         (crate::store::TALLY_ADMITTED, _) => "admitted",
-        (crate::store::TALLY_SPENT, _) => return None,
+        (crate::store::TALLY_SPENT | crate::store::TALLY_PAID, _) => return None,
         (_, Some(RejectionKind::RateLimited)) => "rate",
         (_, Some(RejectionKind::QuotaExceeded | RejectionKind::UnitsHeld | RejectionKind::HoldExceedsLimit)) => "quota",
         (_, Some(RejectionKind::CreditsExhausted)) => "balance",
@@ -1179,6 +1202,10 @@ pub(crate) struct OverviewData {
     pub(crate) series: Vec<OutcomeSeries>,
     /// Money spent (nano-units of the currency) in the last hour and the last day.
     pub(crate) spent: (u64, u64),
+    /// Money spent today (since midnight UTC; nano-units of the currency), and paid today
+    /// (its smallest unit, before refunds and disputes), the fleet's.
+    pub(crate) spent_today: u64,
+    pub(crate) paid_today: u64,
     /// The tallies could not be read: why.
     pub(crate) unread: Option<String>,
     /// Today's top tenants (since midnight UTC) by requests admitted and by requests refused.
@@ -1233,8 +1260,18 @@ pub(crate) async fn overview(admin: &Admin) -> OverviewData {
             let mut series: Vec<OutcomeSeries> = Vec::new();
             for t in fleet.iter().filter(|t| t.scope == TallyScope::Fleet) {
                 let (m, h) = (((t.start - first_minute) / 60) as usize, ((t.start - first_hour) / 3600) as usize);
+                let today = t.start >= now - now.rem_euclid(86_400);
                 for (outcome, n) in &t.counts {
+                    if outcome == crate::store::TALLY_PAID {
+                        if today {
+                            data.paid_today = data.paid_today.saturating_add(*n);
+                        }
+                        continue;
+                    }
                     if outcome == TALLY_SPENT {
+                        if today {
+                            data.spent_today = data.spent_today.saturating_add(*n);
+                        }
                         data.spent.1 = data.spent.1.saturating_add(*n);
                         if t.start >= first_minute {
                             data.spent.0 = data.spent.0.saturating_add(*n);
@@ -1314,8 +1351,9 @@ pub(crate) async fn overview(admin: &Admin) -> OverviewData {
             data.unread.get_or_insert(e.to_string());
         }
     }
-    let count = |state| async move { admin.alerts(&AlertQuery::new(ROWS + 1).state(state)).await.map(|r| r.len()) };
-    data.alerts = match (count(AlertState::Pending).await, count(AlertState::Dead).await) {
+    let pending = admin.alerts(&AlertQuery::new(ROWS + 1).state(AlertState::Pending)).await.map(|r| r.len());
+    let dead = admin.alerts(&AlertQuery::new(ROWS + 1).state(AlertState::Dead)).await.map(|r| r.len());
+    data.alerts = match (pending, dead) {
         // No alerts store: nothing to count.
         (Err(AdminError::Invalid(_)), _) => None,
         (Ok(pending), Ok(dead)) => Some(Ok((pending, dead))),

@@ -420,6 +420,11 @@ pub(crate) fn tenant(base: &str, frame: Frame, d: &TenantData) -> String {
                         "<tr data-outcome=\"spent\"><td>money spent</td><td class=\"n\">{}</td></tr>",
                         Money(*n, d.currency.as_deref())
                     ));
+                } else if outcome == crate::store::TALLY_PAID {
+                    p.fmt(format_args!(
+                        "<tr data-outcome=\"paid\"><td>money paid</td><td class=\"n\">{}</td></tr>",
+                        Minor(*n, d.currency.as_deref())
+                    ));
                 } else {
                     p.fmt(format_args!(
                         "<tr data-outcome=\"{0}\"><td>{0}</td><td class=\"n\">{1}</td></tr>",
@@ -1139,9 +1144,12 @@ pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
     ));
     p.raw("</tbody></table>");
     for s in &d.series {
-        let what = if s.group == "admitted" { "admitted".to_owned() } else { format!("refused: {}", s.group) };
+        let admitted = s.group == "admitted";
+        let what = if admitted { "admitted".to_owned() } else { format!("refused: {}", s.group) };
+        let (minutes, hours) = if admitted { ("minutes", "hours") } else { ("minutes refused", "hours refused") };
+        p.raw("<div class=\"pair\">");
         p.chart(
-            "minutes",
+            minutes,
             &format!("{what}, per minute, last hour (UTC)"),
             &s.minutes,
             60,
@@ -1149,13 +1157,14 @@ pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
             None,
         );
         p.chart(
-            "hours",
+            hours,
             &format!("{what}, per hour, last 24 hours (UTC)"),
             &s.hours,
             3600,
             Unit::Count("requests"),
             None,
         );
+        p.raw("</div>");
     }
     p.raw("</section><section><h2>Top tenants today (UTC)</h2>");
     if d.tenants_cut {
@@ -1206,7 +1215,14 @@ pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
     if d.top_refused.is_empty() {
         p.raw("<tr><td colspan=\"4\">no request refused today</td></tr>");
     }
-    p.raw("</tbody></table></section><section><h2>Waiting for a look</h2><ul class=\"waiting\">");
+    p.fmt(format_args!(
+        "</tbody></table><p class=\"today\">Today (since midnight UTC), the whole fleet: \
+         <span class=\"spent-today\">{}</span> spent, <span class=\"paid-today\">{}</span> paid \
+         (payments Stripe's webhooks delivered, before refunds and disputes).</p>",
+        Money(d.spent_today, currency),
+        Minor(d.paid_today, currency)
+    ));
+    p.raw("</section><section><h2>Waiting for a look</h2><ul class=\"waiting\">");
     match &d.alerts {
         None => p.raw("<li>alerts: no alerts store</li>"),
         Some(Ok((pending, dead))) => p.fmt(format_args!(

@@ -237,8 +237,8 @@ impl Dashboard {
         }
         // The list was the home before the overview: an address of the list's (a search, a
         // filter, a page) is the list's still.
-        if path == "/" {
-            if let Some(q) = parts.uri.query().filter(|q| !q.is_empty() && !q.starts_with("refresh=")) {
+        if path == "/" && ["q", "plan", "state", "sort", "after"].into_iter().any(|name| query(name).is_some()) {
+            if let Some(q) = parts.uri.query() {
                 return see_other(&format!("{base}/tenants?{q}"));
             }
         }

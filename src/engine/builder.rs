@@ -670,6 +670,7 @@ impl Tollgate {
         )
         .with_quota(stores.given().quota.clone())
         .with_audit(stores.given().audit.clone())
+        .with_usage(stores.given().usage.clone())
     }
 
     /// A Stripe webhook handler as the configuration sets it up: the signing secrets of

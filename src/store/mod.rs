@@ -126,7 +126,7 @@ pub use sqlite::SqliteStore;
 pub(crate) use tiers::climb;
 pub use usage::{
     CommitOutcome, EventOutcome, FlushId, Tally, TallyQuery, TallyRead, TallyScope, UsageBatch, UsageEvent,
-    UsageRecord, UsageStore, TALLY_ADMITTED, TALLY_OUTCOME_MAX, TALLY_SPENT,
+    UsageRecord, UsageStore, TALLY_ADMITTED, TALLY_OUTCOME_MAX, TALLY_PAID, TALLY_SPENT,
 };
 pub use values::{HeldValues, ValueCall, ValueMode, ValueRow};
 

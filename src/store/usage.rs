@@ -107,6 +107,10 @@ pub const TALLY_ADMITTED: &str = "admitted";
 /// `spend` meter's usage as the flush drained it), beside the requests.
 pub const TALLY_SPENT: &str = "spent_nanos";
 
+/// What the tallies count as money paid (the currency's smallest unit, cents of `usd`, before
+/// refunds and disputes): each payment Stripe's webhook delivers, once per event.
+pub const TALLY_PAID: &str = "paid_minor";
+
 /// The longest a tally's outcome name may be; longer ones are refused by every store.
 pub const TALLY_OUTCOME_MAX: usize = 48;
 
@@ -159,9 +163,27 @@ impl Tally {
         self.counts.iter().find(|(o, _)| o == outcome).map_or(0, |(_, n)| *n)
     }
 
-    /// Whether a store takes it: its start on its window, each outcome a name of
-    /// `[a-z0-9_]`, at most [`TALLY_OUTCOME_MAX`] bytes, once.
+    /// Whether a store takes `tallies`, one batch's: each one's ([`check`](Self::check)), and
+    /// at most one per (scope, start).
+    pub(crate) fn check_all(tallies: &[Tally]) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::with_capacity(tallies.len());
+        for t in tallies {
+            t.check()?;
+            if !seen.insert((&t.scope, t.start)) {
+                return Err(StoreError::Backend(
+                    format!("a batch names the tally of {:?} at {} twice", t.scope, t.start).into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a store takes it: a tenant's named, its start on its window, each outcome a
+    /// name of `[a-z0-9_]`, at most [`TALLY_OUTCOME_MAX`] bytes, once.
     pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if matches!(&self.scope, TallyScope::Tenant(t) if t.as_str().is_empty()) {
+            return Err(StoreError::Backend("a tenant's tally names no tenant".into()));
+        }
         if self.start.rem_euclid(self.scope.window_secs()) != 0 {
             return Err(StoreError::Backend(format!("a tally's start {} is not on its window", self.start).into()));
         }
@@ -226,6 +248,13 @@ impl TallyQuery {
         now.saturating_sub(crate::store::contract::TALLY_KEPT_SECS)
     }
 
+    /// The windows a store reads at `now`: `[from, to)` cut to those it keeps, and to none
+    /// starting more than two days ahead (a clock ahead of the others; never a range without
+    /// end).
+    pub(crate) fn span(&self, now: i64) -> (i64, i64) {
+        (self.from.max(Self::horizon(now)), self.to.min(now.saturating_add(2 * 86_400)))
+    }
+
     /// Whether a tally of `scope` starting at `start` is one this query reads, at `now`.
     pub(crate) fn reads(&self, scope: &TallyScope, start: i64, now: i64) -> bool {
         let in_scope = match (&self.scope, scope) {
@@ -233,7 +262,8 @@ impl TallyQuery {
             (TallyRead::Tenant(t), TallyScope::Tenant(u)) => t == u,
             _ => false,
         };
-        in_scope && start >= self.from && start < self.to && start >= Self::horizon(now)
+        let (from, to) = self.span(now);
+        in_scope && start >= from && start < to
     }
 }
 

@@ -549,3 +549,59 @@ async fn a_pinned_tier_is_moved_by_nothing_but_the_operator(store: Arc<dyn Store
     assert_eq!(admin.set_tier("acme", None).await.unwrap().plan.as_str(), "tier2");
     assert_eq!((pinned().await, s.plan().await), (None, "tier2".to_owned()));
 }
+
+/// Each payment in the billing currency is added to the fleet's tallies and its tenant's, once
+/// per event whatever its deliveries: the overview's money paid today. A subscription's
+/// checkout (its invoice pays it) and a payment in another currency are not.
+#[cfg(feature = "dashboard")]
+#[tokio::test]
+async fn a_payment_is_tallied_once_for_the_overview() {
+    use tollgate::store::{TallyQuery, TallyRead, TallyScope};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
+    store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let (_secret, secret_file) = common::alerts::secret_file();
+    let h = Harness::with_store(&config(&secret_file, false), store.clone(), now);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
+    let deliver = |payload: String| {
+        let handler = &handler;
+        async move {
+            let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(now));
+            handler.handle(Some(&signature), payload.as_bytes()).await.status().as_u16()
+        }
+    };
+    let paid = event("evt_paid", "invoice.paid", now, invoice("in_paid", 500, now));
+    assert_eq!(deliver(paid.clone()).await, 200);
+    assert_eq!(deliver(paid).await, 200, "delivered again");
+    let mut euros = invoice("in_eur", 900, now);
+    euros["currency"] = json!("eur");
+    assert_eq!(deliver(event("evt_eur", "invoice.paid", now, euros)).await, 200);
+    let mut checkout = fixtures()["checkout.session"].clone();
+    checkout["customer"] = json!("cus_acme");
+    checkout["mode"] = json!("subscription");
+    checkout["payment_status"] = json!("paid");
+    checkout["amount_total"] = json!(700);
+    checkout["currency"] = json!("usd");
+    assert_eq!(deliver(event("evt_sub", "checkout.session.completed", now, checkout)).await, 200);
+
+    let paid_of = |read: Vec<tollgate::store::Tally>, scope: TallyScope| {
+        read.iter().filter(|t| t.scope == scope).map(|t| t.count("paid_minor")).sum::<u64>()
+    };
+    let minute = now - now.rem_euclid(60);
+    let fleet = store.tallies(&TallyQuery::new(TallyRead::Fleet, minute, minute + 60)).await.unwrap();
+    assert_eq!(paid_of(fleet, TallyScope::Fleet), 500, "once, in dollars' cents, the subscription's checkout not");
+    let day = now - now.rem_euclid(86_400);
+    let tenants = store.tallies(&TallyQuery::new(TallyRead::Tenants, day, day + 86_400)).await.unwrap();
+    assert_eq!(paid_of(tenants, TallyScope::Tenant("acme".into())), 500);
+    // The overview says it.
+    let token = "dashboard-token-0123456789-abcdefgh";
+    let d = tollgate::dashboard::Dashboard::for_engine(
+        &h.tollgate,
+        tollgate::dashboard::Access::Token(tollgate::config::DashboardToken::new(token).unwrap()),
+    );
+    let r =
+        http::Request::get("/").header("authorization", format!("Bearer {token}")).body(bytes::Bytes::new()).unwrap();
+    let page = String::from_utf8(d.respond("/ops", r).await.body().to_vec()).unwrap();
+    assert!(page.contains("<span class=\"paid-today\">5.00 USD</span>"), "{page}");
+}

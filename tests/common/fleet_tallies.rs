@@ -1,4 +1,5 @@
-//! The fleet's tallies (issue 91, deliverable 1): requests admitted and refused on two nodes
+//! The fleet's tallies (issue 91, deliverable 1; a module of the engine's and the store's tests,
+//! which have the `dashboard` feature): requests admitted and refused on two nodes
 //! over one store, and money spent, added up in the store so that either node's dashboard
 //! shows the whole fleet's: the overview's figures and top tenants, the tenant list's refusals
 //! today, a tenant's page. Tallies are kept by the wall clock, so the nodes' clocks start at
@@ -13,13 +14,13 @@ use tollgate::{
     store::{Store, TallyQuery, TallyRead, TallyScope},
 };
 
-use super::Harness;
+use crate::common::Harness;
 
 const TOKEN: &str = "dashboard-token-0123456789-abcdefgh";
 
 /// A rate of 2 a node per hour (each node refuses past it), a price per request, and two
 /// tenants of the file (both nodes know them).
-pub const TOML: &str = r#"
+pub(crate) const TOML: &str = r#"
 [billing]
 currency = "usd"
 [meters.requests]
@@ -53,7 +54,7 @@ fn cell<'a>(page: &'a str, marker: &str) -> &'a str {
 /// acme's 4 and refuses an unknown key; each flushes once. Either node's dashboard then shows
 /// the fleet's 5 admitted, 3 refused for their rate and 1 for an unknown key, acme on top of
 /// both lists with its 3 refusals, $0.05 spent; a flush again adds nothing.
-pub async fn two_nodes_add_up_to_the_fleet(store: Arc<dyn Store>) {
+pub(crate) async fn two_nodes_add_up_to_the_fleet(store: Arc<dyn Store>) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     // Away from a minute's and a day's end: the requests and both flushes fall in one minute.
     let now = if now.rem_euclid(86_400) > 86_400 - 120 { now + 240 } else { now };

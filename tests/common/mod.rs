@@ -5,8 +5,6 @@ pub mod alerts;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod fleet;
-#[cfg(feature = "dashboard")]
-pub mod fleet_tallies;
 pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;

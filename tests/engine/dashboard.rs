@@ -988,7 +988,55 @@ async fn the_list_is_filtered_and_sorted_among_a_bounded_window_of_tenants() {
 /// fleet's requests, added up from both nodes' tallies (tests/common/fleet_tallies.rs).
 #[tokio::test]
 async fn two_nodes_add_up_to_the_fleet_in_memory() {
-    crate::common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(MemoryStore::new())).await;
+    crate::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(MemoryStore::new())).await;
+}
+
+/// A request its route's hold refuses is tallied refused, not admitted; a prepaid balance
+/// answered 429 (`limits.balance_status`) is tallied `credits_exhausted`, not a quota's.
+#[tokio::test]
+async fn refusals_at_a_hold_and_of_a_balance_are_tallied_as_what_they_are() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = now - now.rem_euclid(60) + 5;
+    let toml = r#"
+[limits]
+balance_status = 429
+[meters.tokens]
+[meters.credits]
+[plans.p]
+quotas.tokens = { limit = 50, period = "day", mode = "hard" }
+[plans.prepaid]
+quotas.credits = { period = "prepaid" }
+[[routes]]
+path = "/draw"
+reports = ["tokens"]
+hold.tokens = 60
+[[routes]]
+path = "/buy"
+meter = "credits"
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "prepaid"
+keys = ["key-u"]
+"#;
+    let memory = Arc::new(MemoryStore::new());
+    let h = crate::common::Harness::with_store(toml, memory.clone(), now);
+    assert_eq!(h.status("/draw", "key-t").await, 400, "a hold past the whole limit");
+    assert_eq!(h.status("/draw", "key-t").await, 400);
+    assert_eq!(h.status("/buy", "key-u").await, 429, "an empty balance, as configured");
+    h.tollgate.flush().await.unwrap();
+    let day = now - now.rem_euclid(86_400);
+    let q = tollgate::store::TallyQuery::new(tollgate::store::TallyRead::Tenants, day, day + 86_400);
+    let tallies = memory.tallies(&q).await.unwrap();
+    let of = |t: &str| {
+        let tally = tallies.iter().find(|x| x.scope == TallyScope::Tenant(t.into())).expect(t);
+        let mut c = tally.counts.clone();
+        c.sort();
+        c
+    };
+    assert_eq!(of("t"), [("hold_exceeds_limit".to_owned(), 2)], "refused at its hold, never admitted");
+    assert_eq!(of("u"), [("credits_exhausted".to_owned(), 1)]);
 }
 
 /// A tally batch whose answer was lost is sent again under its id by the next flush: stored
@@ -999,7 +1047,7 @@ async fn a_tally_whose_answer_was_lost_is_stored_once() {
     let now = now - now.rem_euclid(60) + 5;
     let memory = Arc::new(MemoryStore::new());
     let faulty = Arc::new(crate::common::Faulty::over(memory.clone()));
-    let h = crate::common::Harness::with_store(crate::common::fleet_tallies::TOML, faulty.clone(), now);
+    let h = crate::common::Harness::with_store(crate::fleet_tallies::TOML, faulty.clone(), now);
     for _ in 0..3 {
         assert_eq!(h.status("/v1/items", "key-nobody").await, 401);
     }

@@ -5,6 +5,9 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[cfg(feature = "dashboard")]
+#[path = "../common/fleet_tallies.rs"]
+mod fleet_tallies;
 
 mod alerts;
 mod balances;

@@ -682,5 +682,5 @@ async fn every_source_records_its_changes() {
 #[tokio::test]
 async fn two_nodes_add_up_to_the_fleet() {
     let Some(store) = dynamo::table().await else { return };
-    common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
+    crate::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
 }

@@ -478,7 +478,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
 fn back_to_version_3(s: &str) -> String {
     format!(
         "ALTER TABLE {s}.quota DROP COLUMN next_expiry, DROP COLUMN answer_expired; \
-         DROP TABLE {s}.audit_log; DROP TABLE {s}.audit_head; DROP TABLE {s}.tenant_payment; DROP TABLE {s}.tenant_change; DROP TABLE {s}.dimension_values; ALTER TABLE {s}.api_key DROP COLUMN scopes; DROP TABLE {s}.quota_recharge; DROP TABLE {s}.quota_cap; DROP TABLE {s}.alert_outbox; ALTER TABLE {s}.tenant DROP COLUMN alert_endpoint; DROP TABLE {s}.place_leases; DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
+         DROP TABLE {s}.tally; DROP TABLE {s}.audit_log; DROP TABLE {s}.audit_head; DROP TABLE {s}.tenant_payment; DROP TABLE {s}.tenant_change; DROP TABLE {s}.dimension_values; ALTER TABLE {s}.api_key DROP COLUMN scopes; DROP TABLE {s}.quota_recharge; DROP TABLE {s}.quota_cap; DROP TABLE {s}.alert_outbox; ALTER TABLE {s}.tenant DROP COLUMN alert_endpoint; DROP TABLE {s}.place_leases; DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
          DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by, DROP COLUMN senders_forgotten_at; \
          DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
          ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate, DROP COLUMN takes"
@@ -843,5 +843,5 @@ async fn every_source_records_its_changes() {
 #[tokio::test]
 async fn two_nodes_add_up_to_the_fleet() {
     let Some((store, _)) = postgres::store().await else { return };
-    common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
+    crate::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
 }

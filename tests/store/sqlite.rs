@@ -319,11 +319,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 24);
-    conn.execute_batch("PRAGMA user_version = 25").unwrap();
+    assert_eq!(version, 25);
+    conn.execute_batch("PRAGMA user_version = 26").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 25"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 26"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -374,6 +374,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "quota_recharge",
             "quota_sender",
             "rate_cells",
+            "tally",
             "tenant",
             "tenant_change",
             "tenant_payment",
@@ -464,7 +465,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     conn.execute_batch(
         "ALTER TABLE quota_sender DROP COLUMN lease; ALTER TABLE quota_sender DROP COLUMN held; ALTER TABLE quota_sender DROP COLUMN jobs; \
          ALTER TABLE quota_sender DROP COLUMN expires_at; ALTER TABLE quota_sender DROP COLUMN gone; \
-         DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         DROP TABLE tally; DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
@@ -488,7 +489,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 24);
+    assert_eq!(version, 25);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -547,7 +548,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     conn.execute_batch(
         "ALTER TABLE quota_sender DROP COLUMN lease; ALTER TABLE quota_sender DROP COLUMN held; ALTER TABLE quota_sender DROP COLUMN jobs; \
          ALTER TABLE quota_sender DROP COLUMN expires_at; ALTER TABLE quota_sender DROP COLUMN gone; \
-         DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         DROP TABLE tally; DROP TABLE audit_log; DROP TABLE audit_head; DROP TABLE tenant_payment; DROP TABLE tenant_change; DROP TABLE dimension_values; DROP TABLE quota_recharge; DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
@@ -681,5 +682,5 @@ async fn every_source_records_its_changes() {
 async fn two_nodes_add_up_to_the_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("tallies.db")).await.unwrap();
-    common::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
+    crate::fleet_tallies::two_nodes_add_up_to_the_fleet(Arc::new(store)).await;
 }

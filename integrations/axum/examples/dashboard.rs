@@ -255,7 +255,7 @@ async fn seed_week(
     store: &SqliteStore,
     api: &Router,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use tollgate::store::{FlushId, UsageBatch, UsageRecord, UsageStore};
+    use tollgate::store::{FlushId, Tally, TallyScope, UsageBatch, UsageRecord, UsageStore};
     let mut draw = Draw(0x5eed_2026_1204);
     let now = engine.clock().unix_secs();
     let today = now - now % 86_400;
@@ -305,7 +305,46 @@ async fn seed_week(
             }
             start += 3600;
         }
-        store.commit_usage(&UsageBatch::new(FlushId::new(format!("seed-week-{name}")), records)).await?;
+        // The last 24 hours' requests as the nodes' tallies count them (the overview's): four
+        // minutes of each hour, now and then some refused: a free tenant past its rate, a pro
+        // one out of credits, a team at its cap.
+        let (mut tallies, mut today_counts) = (Vec::new(), (0u64, 0u64));
+        let refusal = if pro {
+            "credits_exhausted"
+        } else if team {
+            "spend_cap_reached"
+        } else {
+            "rate_limited"
+        };
+        let this_hour = now - now % 3600;
+        let mut hour = this_hour - 24 * 3600;
+        while hour < this_hour {
+            let rhythm = [2, 1, 1, 1, 1, 2, 3, 5, 7, 8, 9, 10, 10, 10, 9, 9, 8, 7, 6, 5, 4, 3, 3, 2]
+                [((hour % 86_400) / 3600) as usize];
+            let n = (peak * rhythm / 10 + draw.next(peak / 4 + 1)) * if pro || team { 4 } else { 1 };
+            for quarter in 0..4 {
+                let minute = hour + ((quarter * 15 + draw.next(15)) * 60) as i64;
+                let admitted = n / 4 + u64::from(quarter < n % 4);
+                let refused = if draw.next(if pro || team { 12 } else { 3 }) == 0 { 1 + draw.next(3) } else { 0 };
+                let mut counts = vec![("admitted".to_owned(), admitted)];
+                if refused > 0 {
+                    counts.push((refusal.to_owned(), refused));
+                }
+                if admitted + refused > 0 {
+                    tallies.push(Tally::new(TallyScope::Fleet, minute, counts));
+                }
+                if minute >= today {
+                    today_counts = (today_counts.0 + admitted, today_counts.1 + refused);
+                }
+            }
+            hour += 3600;
+        }
+        if today_counts != (0, 0) {
+            let counts = vec![("admitted".to_owned(), today_counts.0), (refusal.to_owned(), today_counts.1)];
+            tallies.push(Tally::new(TallyScope::Tenant((*name).into()), today, counts));
+        }
+        let batch = UsageBatch::new(FlushId::new(format!("seed-week-{name}")), records).with_tallies(tallies);
+        store.commit_usage(&batch).await?;
         // Today, through the layer.
         if pro {
             // Some spend their balance to the end, and are refused (402): a small balance (even:

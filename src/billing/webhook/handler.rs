@@ -50,6 +50,8 @@ pub struct WebhookHandler {
     pub(in crate::billing) quota: Option<Arc<dyn QuotaStore>>,
     /// Where the plan changes it makes are recorded, with the event's id as who.
     pub(in crate::billing) audit: Option<Arc<dyn crate::store::AuditStore>>,
+    /// Where each payment is added to the fleet's tallies (the overview's money paid today).
+    pub(in crate::billing) usage: Option<Arc<dyn crate::store::UsageStore>>,
     /// Reads what an event lacks (a payment's line items) with the secret key.
     pub(in crate::billing) reader: Option<Arc<StripeReader>>,
     /// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said.
@@ -134,6 +136,7 @@ impl WebhookHandler {
             secrets,
             quota: None,
             audit: None,
+            usage: None,
             reader: None,
             lookup_keys: Arc::default(),
             destination: None,
@@ -155,6 +158,16 @@ impl WebhookHandler {
     #[must_use]
     pub fn with_audit(mut self, audit: Arc<dyn crate::store::AuditStore>) -> Self {
         self.audit = Some(Arc::new(Limited::new(audit, self.calls.clone(), Path::Background)));
+        self
+    }
+
+    /// Adds each payment (a paid invoice, a paid checkout of a payment that made no invoice) in
+    /// the billing currency to the fleet's tallies in `usage` (the usage store), its tenant's
+    /// too, exactly once per event: the dashboard's money paid today (a handler made by
+    /// [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler) uses the engine's).
+    #[must_use]
+    pub fn with_usage(mut self, usage: Arc<dyn crate::store::UsageStore>) -> Self {
+        self.usage = Some(Arc::new(Limited::new(usage, self.calls.clone(), Path::Background)));
         self
     }
 
@@ -338,6 +351,7 @@ impl WebhookHandler {
         // delivered again: each records once (the ledger once per payment).
         let outcome = self.settle_event(&config, settings, &fields, payload).await;
         let tiers = self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
+        self.tally_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
         if matches!(
             outcome,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. }

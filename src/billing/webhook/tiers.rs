@@ -151,6 +151,51 @@ impl WebhookHandler {
         Ok(Some(WebhookOutcome::Paid { tenant, paid: answer.standing.paid, tier: moved }))
     }
 
+    /// A payment in the fleet's tallies (`paid_minor`, the currency's smallest unit, before
+    /// refunds and disputes), in the minute it was paid and its tenant's day, once per event
+    /// (the batch's id is the event's). Not a payment, another currency, no usage store: nothing.
+    /// A failure is logged: the event's answer does not change (Stripe would deliver it again
+    /// for a figure of the dashboard's).
+    pub(super) async fn tally_payment(&self, config: &Config, event: &str, kind: &str, created: i64, payload: &str) {
+        use crate::store::{FlushId, Tally, TallyScope, UsageBatch, TALLY_PAID};
+        let (Some(usage), Some(billing)) = (&self.usage, config.billing().currency.as_deref()) else { return };
+        let Ok(body) = serde_json::from_str::<Value>(payload) else { return };
+        if body["account"].is_string() {
+            return;
+        }
+        let o = &body["data"]["object"];
+        let Some(Change::Record { amount, currency, at, .. }) = change_of(kind, created, o) else { return };
+        if !currency.eq_ignore_ascii_case(billing) {
+            return;
+        }
+        let now = self.clock.unix_secs();
+        // Paid in the future by a clock ahead: counted now.
+        let at = at.min(now);
+        let mut tallies =
+            vec![Tally::new(TallyScope::Fleet, at - at.rem_euclid(60), vec![(TALLY_PAID.to_owned(), amount)])];
+        let tenant = match id_of(&o["customer"]) {
+            Some(customer) => match self.directory.tenant_by_customer(customer).await {
+                Ok(Some(r)) => Some(r.id),
+                Ok(None) => {
+                    config.tenants().iter().find(|t| t.stripe_customer() == Some(customer)).map(|t| t.id().clone())
+                }
+                Err(e) => {
+                    tracing::warn!(%event, error = %e, "a payment's tenant could not be read: tallied the fleet's only");
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(tenant) = tenant {
+            let day = at - at.rem_euclid(86_400);
+            tallies.push(Tally::new(TallyScope::Tenant(tenant), day, vec![(TALLY_PAID.to_owned(), amount)]));
+        }
+        let batch = UsageBatch::new(FlushId::new(format!("stripe-paid-{event}")), Vec::new()).with_tallies(tallies);
+        if let Err(e) = usage.commit_usage(&batch).await {
+            tracing::warn!(%event, error = %e, "a payment could not be added to the fleet's tallies: the dashboard misses it");
+        }
+    }
+
     /// The customer of payment intent `intent`, read from Stripe (`None` without a key).
     async fn customer_of_intent(&self, event: &str, intent: &str) -> Result<Option<String>, WebhookOutcome> {
         let Some(reader) = &self.reader else { return Ok(None) };

@@ -288,10 +288,11 @@ impl Gate {
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(source) => {
-                self.count_admitted(state);
                 if route.hold != 0 && charged {
+                    // Counted once its hold is taken (`Gate::take_hold`): the hold may refuse it.
                     return Self::ready_for_hold(Partial { charge, claim, charged, slot, org }, &route, source, spend);
                 }
+                self.count_admitted(state);
                 Decision::Admitted(Self::ticket_of(charge, claim, charged, slot, cost, source, spend, org))
             }
             // Refused for its quota: the request spends no rate cells, nor money (its spend

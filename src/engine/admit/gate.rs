@@ -148,6 +148,7 @@ impl Gate {
                     }
                     None => {
                         let ReadyParts { partial, taken, spend } = ready.into_parts();
+                        self.count_admitted(partial.charge.state());
                         return Ok(Self::ticket(partial, route.cost, taken.into_source(), spend));
                     }
                 },
@@ -204,6 +205,7 @@ impl Gate {
         let state = ready.state().clone();
         let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
             let ReadyParts { partial, taken, spend } = ready.into_parts();
+            self.count_admitted(&state);
             return Ok(Self::ticket(partial, cost, taken.into_source(), spend));
         };
         // A meter with dimensions: its series at the request's values, held with its total
@@ -224,7 +226,9 @@ impl Gate {
                     let mut r = Rejection::new(RejectionKind::InvalidDimension, format!("meter `{}`: {e}", spec.meter));
                     r.inner.policy = Some(spec.meter.to_string());
                     drop(ready);
-                    return Err(self.typed(r.for_tenant(&state)));
+                    let r = self.typed(r.for_tenant(&state));
+                    self.tally_refusal(&r);
+                    return Err(r);
                 }
             }
         } else {
@@ -242,6 +246,7 @@ impl Gate {
         let mut hold = hold.with_org(org.as_ref());
         match hold.extend(units).await {
             Ok(()) => {
+                self.count_admitted(ready.state());
                 let ReadyParts { partial, taken, spend } = ready.into_parts();
                 let mut ticket = Self::ticket(partial, cost, taken.into_source(), spend);
                 ticket.hold = Some(Arc::new(RouteHeld::new(spec, meter, units, hold)));
@@ -253,7 +258,9 @@ impl Gate {
                 let (_, headers) = partial.refuse();
                 r.inner.headers = headers;
                 drop((taken, spend));
-                Err(self.typed(r))
+                let r = self.typed(r);
+                self.tally_refusal(&r);
+                Err(r)
             }
         }
     }
@@ -288,6 +295,34 @@ impl Gate {
         }
     }
 
+    /// [`count_admitted`](Self::count_admitted), unless the request goes on to its route's
+    /// hold (`route.hold` and charged: [`admitted`](Self::admitted)'s test), where it is
+    /// counted once the hold is taken, as the hold may refuse it.
+    #[inline]
+    pub(crate) fn count_admitted_unless_held(
+        &self,
+        state: &crate::tenant::TenantState,
+        route: &crate::plan::RouteCost,
+        charged: bool,
+    ) {
+        if route.hold == 0 || !charged {
+            self.count_admitted(state);
+        }
+    }
+
+    /// A refusal in the fleet's tallies: its tenant's (when identified) and the fleet's, under
+    /// its reason, a prepaid balance's refusal under `credits_exhausted` whatever its status
+    /// (`limits.balance_status = 429` answers it as `quota_exceeded`).
+    pub(crate) fn tally_refusal(&self, rejection: &Rejection) {
+        let kind = match rejection.kind() {
+            RejectionKind::QuotaExceeded if rejection.policy().is_some_and(|p| p.ends_with("-prepaid")) => {
+                RejectionKind::CreditsExhausted
+            }
+            kind => kind,
+        };
+        self.units.pipeline().tallies().refused(rejection.tenant(), kind, self.shared.clock().unix_secs());
+    }
+
     #[cold]
     fn wrapped(&self, tenant: &crate::base::TenantId) {
         self.units.pipeline().tallies().admitted(tenant, 1 << 16, self.shared.clock().unix_secs());
@@ -308,7 +343,7 @@ impl Gate {
         }
         self.shared.metrics().rejected(rejection.kind()).increment(1);
         // The fleet's tallies: every refusal, of an identified tenant or not.
-        self.units.pipeline().tallies().refused(rejection.tenant(), rejection.kind(), self.shared.clock().unix_secs());
+        self.tally_refusal(&rejection);
         #[cfg(feature = "dashboard")]
         if let Some(tenant) = rejection.tenant() {
             self.recent.note(tenant, rejection.kind(), self.shared.clock().unix_secs());

@@ -158,7 +158,7 @@ impl Gate {
         let Some(cell) = state.quota(meter) else {
             // No quota on the route's meter (the request waited for its spend or reported
             // meters): admitted, and counted as every admission is.
-            self.count_admitted(&state);
+            self.count_admitted_unless_held(&state, &route, p.charged);
             return Self::admitted(p, &route, None, spend);
         };
         let at = p.charge.at;
@@ -204,7 +204,7 @@ impl Gate {
                     self.taken(state, headers, meter, cell, cost, left, at);
                     Source::Lease(tag)
                 });
-                self.count_admitted(&state);
+                self.count_admitted_unless_held(&state, &route, p.charged);
                 Self::admitted(p, &route, source, spend)
             }
             Ok(Err(())) if charged && state.plan.shadow => {
@@ -213,12 +213,12 @@ impl Gate {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
                 let source = Source::forced(cell.force_take(u64::from(cost), at));
                 p.charge.headers.set_quota(0, (cell.period().1 - p.charge.at).max(0) as u64);
-                self.count_admitted(&state);
+                self.count_admitted_unless_held(&state, &route, p.charged);
                 Self::admitted(p, &route, Some(source), spend)
             }
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
-                self.count_admitted(&state);
+                self.count_admitted_unless_held(&state, &route, p.charged);
                 Self::admitted(p, &route, None, spend)
             }
             Ok(Err(())) => Decision::Rejected(self.count(Self::quota_exceeded(p, meter))),
@@ -236,7 +236,7 @@ impl Gate {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
                         let source = charged.then(|| Source::forced(cell.force_take(u64::from(cost), at)));
-                        self.count_admitted(&state);
+                        self.count_admitted_unless_held(&state, &route, p.charged);
                         Self::admitted(p, &route, source, spend)
                     }
                     StoreErrorPolicy::FailClosed => {

@@ -125,9 +125,13 @@ impl Held<'_> {
         self.pipeline.queue().held()
     }
 
-    /// Draws a new node id for the batches formed from now on (after a SnapStart restore).
+    /// Draws a new node id for the batches formed from now on (after a SnapStart restore), and
+    /// forgets the tallies staged in the snapshot: every copy restored from it has them, and
+    /// each would add them under its own ids (batches formed keep theirs: the store takes
+    /// each once).
     pub(crate) fn renew_node(&mut self) {
         self.batches.renew_node();
+        self.pipeline.tallies.forget_staged();
     }
 }
 
@@ -291,12 +295,14 @@ impl Pipeline {
             self.commit_pending(&mut report).await
         }
         .await;
-        // The tallies after the usage, whatever became of it: a tally never holds usage up,
-        // and a failed one waits for the next flush without failing this one.
-        self.commit_tallies(&mut p).await;
+        if usage.is_ok() {
+            // Everything held was taken: the buffer has room again.
+            self.buffer_full.store(false, Relaxed);
+        }
+        // The tallies after the usage, whatever became of it, within one store timeout: a
+        // failed one waits for the next flush, and never changes this one's outcome.
+        let _late = tokio::time::timeout(rt.config.usage.store_timeout, self.commit_tallies(&mut p)).await;
         usage?;
-        // Everything held was taken: the buffer has room again.
-        self.buffer_full.store(false, Relaxed);
         if report.batches > 0 {
             tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
         }
@@ -330,20 +336,27 @@ impl Pipeline {
 
     /// Commits the tallies waiting, in batches of their own (no records) under their own ids,
     /// in order: a batch that fails is kept and sent again first by the next flush, with the
-    /// same id; one older than the tallies are kept is let go.
+    /// same id; one formed longer ago than the store keeps tallies is let go.
     async fn commit_tallies(&self, p: &mut Batches) {
         let store = &self.stores.background().usage;
         let max = store.max_batch_records().max(1);
         let node = p.node.clone();
-        let batches = self.tallies.batches(max, || {
+        let batches = self.tallies.batches(max, self.clock.unix_secs(), || {
             p.tally_seq += 1;
             FlushId::new(format!("{node}-t{:010}", p.tally_seq))
         });
+        let lost = self.tallies.overflowed.swap(0, Relaxed);
+        if lost > 0 {
+            tracing::warn!(
+                counts = lost,
+                "tallies of requests admitted and refused found no room (the store has not taken them for long, \
+                 or too many tenants waited): the overview misses them"
+            );
+        }
         for batch in batches {
             match store.commit_usage(&batch).await {
                 Ok(_) => self.tallies.committed(&batch.id),
                 Err(e) => {
-                    self.totals.flush_errors.add(1);
                     tracing::warn!(error = %e, tallies = batch.tallies.len(),
                         "the tallies of requests admitted and refused were not stored; sent again at the next flush");
                     return;

@@ -12,9 +12,11 @@
 //! counted.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::base::{RejectionKind, TenantId};
+use crate::store::contract::TALLY_KEPT_SECS;
 use crate::store::{FlushId, Tally, TallyScope, UsageBatch, TALLY_ADMITTED, TALLY_SPENT};
 
 /// The most (tenant, day) tallies a node keeps waiting for the store.
@@ -36,14 +38,18 @@ struct Staged {
 }
 
 /// The tallies of this node not yet in the store: staged, and batches formed and not
-/// committed (retried first, in order, under their own ids).
+/// committed (retried first, in order, under their own ids, each with when it was formed).
 #[derive(Debug, Default)]
 pub(crate) struct Tallies {
     staged: Mutex<Staged>,
-    pending: Mutex<VecDeque<Arc<UsageBatch>>>,
+    pending: Mutex<VecDeque<(Arc<UsageBatch>, i64)>>,
+    /// Refusals of requests that named no tenant (an unknown or missing key), by reason
+    /// ([`RejectionKind::ALL`]'s order): counted without a lock (a flood of them is a client's
+    /// choice), added to the fleet's minute of the flush that seals them.
+    spill: [AtomicU64; RejectionKind::ALL.len()],
     /// Counts that found no room (tenants' counts kept only in the fleet's minutes, minutes
-    /// let go), for the node's counters.
-    pub(crate) overflowed: std::sync::atomic::AtomicU64,
+    /// let go, batches past their time), logged by the flush.
+    pub(crate) overflowed: AtomicU64,
 }
 
 fn add(counts: &mut Counts, outcome: &'static str, n: u64) {
@@ -56,7 +62,7 @@ impl Tallies {
         self.staged.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pending(&self) -> MutexGuard<'_, VecDeque<Arc<UsageBatch>>> {
+    fn pending(&self) -> MutexGuard<'_, VecDeque<(Arc<UsageBatch>, i64)>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -73,7 +79,7 @@ impl Tallies {
             // The oldest minute goes (the store has taken none for days).
             if let Some((_, counts)) = staged.fleet.pop_first() {
                 let lost: u64 = counts.values().sum();
-                self.overflowed.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                self.overflowed.fetch_add(lost, Relaxed);
             }
         }
         add(staged.fleet.entry(minute).or_default(), outcome, n);
@@ -84,15 +90,22 @@ impl Tallies {
                 std::collections::hash_map::Entry::Occupied(mut e) => add(e.get_mut(), outcome, n),
                 std::collections::hash_map::Entry::Vacant(e) if room => add(e.insert(Counts::new()), outcome, n),
                 std::collections::hash_map::Entry::Vacant(_) => {
-                    self.overflowed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    self.overflowed.fetch_add(n, Relaxed);
                 }
             }
         }
     }
 
-    /// A refusal of `kind` at `at`, of `tenant` if it was identified.
+    /// A refusal of `kind` at `at`, of `tenant` if it was identified (a request that named
+    /// none takes no lock: it is counted in the minute of the flush that seals it).
     pub(crate) fn refused(&self, tenant: Option<&TenantId>, kind: RejectionKind, at: i64) {
-        self.count(tenant, kind.label(), 1, at);
+        match tenant {
+            Some(_) => self.count(tenant, kind.label(), 1, at),
+            None => {
+                let i = RejectionKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+                self.spill[i].fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// `n` requests of `tenant` admitted, drained at `at`.
@@ -105,11 +118,24 @@ impl Tallies {
         self.count(Some(tenant), TALLY_SPENT, nanos, at);
     }
 
-    /// The batches to commit now, in order: those formed before and not committed, else the
-    /// staged tallies sealed in batches of at most `max` tallies each, under ids `id` makes.
-    pub(crate) fn batches(&self, max: usize, mut id: impl FnMut() -> FlushId) -> Vec<Arc<UsageBatch>> {
+    /// The batches to commit now (`now`: the engine clock's Unix seconds), in order: those
+    /// formed before and not committed (but those formed longer ago than the store keeps
+    /// tallies, let go and counted), else the staged tallies sealed in batches of at most
+    /// `max` tallies each, under ids `id` makes.
+    pub(crate) fn batches(&self, max: usize, now: i64, mut id: impl FnMut() -> FlushId) -> Vec<Arc<UsageBatch>> {
         let mut pending = self.pending();
+        while pending.front().is_some_and(|(_, formed)| now.saturating_sub(*formed) > TALLY_KEPT_SECS) {
+            if let Some((old, _)) = pending.pop_front() {
+                let n = old.tallies.iter().flat_map(|t| t.counts.iter()).fold(0u64, |a, (_, n)| a.saturating_add(*n));
+                self.overflowed.fetch_add(n, Relaxed);
+            }
+        }
         if pending.is_empty() {
+            // The refusals that named no tenant, in this minute.
+            for (i, spilled) in self.spill.iter().enumerate() {
+                let n = spilled.swap(0, Relaxed);
+                self.count(None, RejectionKind::ALL[i].label(), n, now);
+            }
             let staged = std::mem::take(&mut *self.staged());
             let counts = |c: Counts| c.into_iter().map(|(o, n)| (o.to_owned(), n)).collect::<Vec<_>>();
             let mut tallies: Vec<Tally> =
@@ -119,16 +145,24 @@ impl Tallies {
             tenants.sort_unstable_by(|a, b| (a.0 .1, &a.0 .0).cmp(&(b.0 .1, &b.0 .0)));
             tallies.extend(tenants.into_iter().map(|((t, d), c)| Tally::new(TallyScope::Tenant(t), d, counts(c))));
             for chunk in tallies.chunks(max.max(1)) {
-                pending.push_back(Arc::new(UsageBatch::new(id(), Vec::new()).with_tallies(chunk.to_vec())));
+                pending.push_back((Arc::new(UsageBatch::new(id(), Vec::new()).with_tallies(chunk.to_vec())), now));
             }
         }
-        pending.iter().cloned().collect()
+        pending.iter().map(|(b, _)| b.clone()).collect()
+    }
+
+    /// Forgets the tallies staged (a process restored from a snapshot: each copy has them).
+    pub(crate) fn forget_staged(&self) {
+        let forgotten = std::mem::take(&mut *self.staged());
+        let spilled: u64 = self.spill.iter().map(|s| s.swap(0, Relaxed)).sum();
+        let n = forgotten.fleet.values().flat_map(|c| c.values()).fold(spilled, |a, b| a.saturating_add(*b));
+        self.overflowed.fetch_add(n, Relaxed);
     }
 
     /// The batch `id` was committed (or is past use): it leaves the queue.
     pub(crate) fn committed(&self, id: &FlushId) {
         let mut pending = self.pending();
-        if pending.front().is_some_and(|b| b.id == *id) {
+        if pending.front().is_some_and(|(b, _)| b.id == *id) {
             pending.pop_front();
         }
     }
@@ -154,7 +188,7 @@ mod tests {
         tallies.refused(None, RejectionKind::UnknownCredentials, 86_400 + 125);
         tallies.spent(&b, 500, 86_400 + 1);
         let mut n = 0;
-        let batches = tallies.batches(2, || {
+        let batches = tallies.batches(2, 86_400 + 125, || {
             n += 1;
             FlushId::new(format!("t{n}"))
         });
@@ -170,7 +204,7 @@ mod tests {
         assert_eq!((minute.count("admitted"), minute.count("quota_exceeded")), (3, 1));
         // Pending until committed: the same batches again, nothing new sealed.
         tallies.admitted(&a, 1, 86_400 + 61);
-        let again = tallies.batches(2, || FlushId::new("never"));
+        let again = tallies.batches(2, 86_400 + 130, || FlushId::new("never"));
         let ids = ["t1", "t2", "t3"].map(FlushId::new);
         assert_eq!(again.iter().map(|b| b.id.clone()).collect::<Vec<_>>(), ids);
         tallies.committed(&ids[1]);
@@ -178,7 +212,7 @@ mod tests {
         for id in &ids {
             tallies.committed(id);
         }
-        let next = tallies.batches(10, || FlushId::new("t4"));
+        let next = tallies.batches(10, 86_400 + 61, || FlushId::new("t4"));
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].tallies.len(), 2, "the minute and a's day");
 
@@ -189,11 +223,27 @@ mod tests {
         }
         assert_eq!(full.waiting(), (1, STAGED_TENANTS, 0));
         assert_eq!(full.overflowed.load(std::sync::atomic::Ordering::Relaxed), 5);
-        let batches = full.batches(usize::MAX, || FlushId::new("x"));
+        let batches = full.batches(usize::MAX, 0, || FlushId::new("x"));
         assert_eq!(batches[0].tallies[0].count("admitted"), STAGED_TENANTS as u64 + 5);
         for m in 0..STAGED_MINUTES as i64 + 2 {
-            full.refused(None, RejectionKind::RateLimited, m * 60);
+            full.count(None, "rate_limited", 1, m * 60);
         }
         assert_eq!(full.waiting().0, STAGED_MINUTES);
+
+        // A batch the store never takes is let go once the store would no longer keep it;
+        // staged tallies are forgotten at a restore, counted.
+        let stuck = Tallies::default();
+        stuck.admitted(&a, 5, 0);
+        assert_eq!(stuck.batches(10, 0, || FlushId::new("s1")).len(), 1);
+        assert_eq!(stuck.batches(10, TALLY_KEPT_SECS, || FlushId::new("s2"))[0].id, FlushId::new("s1"));
+        stuck.refused(None, RejectionKind::UnknownCredentials, 0);
+        let later = stuck.batches(10, TALLY_KEPT_SECS + 1, || FlushId::new("s3"));
+        assert_eq!(later.iter().map(|b| b.id.clone()).collect::<Vec<_>>(), [FlushId::new("s3")]);
+        assert_eq!(later[0].tallies[0].count("unknown_credentials"), 1, "a refusal of no tenant, without a lock");
+        assert_eq!(stuck.overflowed.load(Relaxed), 10, "the fleet's 5 and the tenant's 5 let go");
+        stuck.admitted(&a, 2, 0);
+        stuck.forget_staged();
+        assert_eq!(stuck.waiting().0, 0);
+        assert_eq!(stuck.overflowed.load(Relaxed), 12);
     }
 }

@@ -21,8 +21,13 @@ impl UsageStore for DynamoStore {
             let update = usage_update(&self.table, r)?;
             actions.push(TransactWriteItem::builder().update(update).build());
         }
+        Tally::check_all(&batch.tallies)?;
+        if batch.records.len() + batch.tallies.len() > MAX_BATCH_RECORDS {
+            return Err(StoreError::Backend(
+                format!("a batch of more than {MAX_BATCH_RECORDS} records and tallies (one transaction)").into(),
+            ));
+        }
         for t in &batch.tallies {
-            t.check()?;
             actions.push(TransactWriteItem::builder().update(tally_update(&self.table, t)?).build());
         }
         let actions = &actions;
@@ -161,8 +166,9 @@ impl UsageStore for DynamoStore {
     /// its sort keys for the fleet's and one tenant's; in pages, never more than `max` items.
     async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
         let mut out = Vec::new();
-        let from = query.from.max(TallyQuery::horizon(unix_now()));
-        if from >= query.to || query.max == 0 {
+        // At most four days' partitions: the horizon to two days ahead.
+        let (from, to) = query.span(unix_now());
+        if from >= to || query.max == 0 {
             return Ok(out);
         }
         let scope = match &query.scope {
@@ -172,7 +178,7 @@ impl UsageStore for DynamoStore {
         };
         let first_day = from.div_euclid(86_400) * 86_400;
         let mut day = first_day;
-        while day < query.to && out.len() < query.max {
+        while day < to && out.len() < query.max {
             // A tenant's tally starts on its day: a day that starts before `from` is not read.
             if !matches!(query.scope, TallyRead::Fleet) && day < from {
                 day += 86_400;
@@ -182,7 +188,7 @@ impl UsageStore for DynamoStore {
             let base = self.client.query().table_name(&self.table).consistent_read(true);
             let base = match &query.scope {
                 TallyRead::Fleet => {
-                    let (lo, hi) = (from.max(day), (query.to - 1).min(day + 86_399));
+                    let (lo, hi) = (from.max(day), (to - 1).min(day + 86_399));
                     base.key_condition_expression("pk = :pk AND sk BETWEEN :lo AND :hi")
                         .expression_attribute_values(":lo", s(window_text(lo)))
                         .expression_attribute_values(":hi", s(window_text(hi)))

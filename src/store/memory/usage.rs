@@ -5,9 +5,7 @@ use super::*;
 #[async_trait]
 impl UsageStore for MemoryStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        for t in &batch.tallies {
-            t.check()?;
-        }
+        Tally::check_all(&batch.tallies)?;
         let mut inner = self.lock();
         if inner.flushes.contains(&batch.id) {
             return Ok(CommitOutcome::AlreadyApplied);

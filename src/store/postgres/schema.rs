@@ -335,6 +335,7 @@ CREATE TABLE {s}.tally (
     n       bigint NOT NULL,
     PRIMARY KEY (start, tenant, outcome)
 );
+CREATE INDEX tally_tenant ON {s}.tally (tenant, start);
 "#,
 ];
 

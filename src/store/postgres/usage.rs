@@ -61,9 +61,7 @@ impl Rows {
 #[async_trait]
 impl UsageStore for PostgresStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        for t in &batch.tallies {
-            t.check()?;
-        }
+        Tally::check_all(&batch.tallies)?;
         let rows = Rows::of(&batch.records);
         let tallies = TallyRows::of(&batch.tallies);
         let flush =
@@ -130,7 +128,7 @@ impl UsageStore for PostgresStore {
     }
 
     async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
-        let from = query.from.max(TallyQuery::horizon(unix_now()));
+        let (from, to) = query.span(unix_now());
         let (filter, tenant) = match &query.scope {
             TallyRead::Fleet => ("tenant = ''", None),
             TallyRead::Tenants => ("tenant <> ''", None),
@@ -150,8 +148,8 @@ impl UsageStore for PostgresStore {
         self.retrying(|| async {
             let client = self.client().await?;
             let rows = match tenant {
-                Some(t) => client.query_typed(&sql, args![from, query.to, t, limit]).await?,
-                None => client.query_typed(&sql, args![from, query.to, limit]).await?,
+                Some(t) => client.query_typed(&sql, args![from, to, t, limit]).await?,
+                None => client.query_typed(&sql, args![from, to, limit]).await?,
             };
             let rows = rows.iter().map(|r| {
                 Ok::<_, std::convert::Infallible>((

@@ -369,6 +369,7 @@ CREATE TABLE tally (
     n       INTEGER NOT NULL,
     PRIMARY KEY (start, tenant, outcome)
 ) WITHOUT ROWID;
+CREATE INDEX tally_tenant ON tally (tenant, start);
 ",
 ];
 

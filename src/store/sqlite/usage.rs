@@ -5,9 +5,7 @@ use super::*;
 #[async_trait]
 impl UsageStore for SqliteStore {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        for t in &batch.tallies {
-            t.check()?;
-        }
+        Tally::check_all(&batch.tallies)?;
         let batch = batch.clone();
         self.write(move |tx, progress| {
             let fresh = tx
@@ -91,8 +89,7 @@ impl UsageStore for SqliteStore {
 
     async fn tallies(&self, query: &TallyQuery) -> Result<Vec<Tally>, StoreError> {
         let query = query.clone();
-        let now = unix_now();
-        let from = query.from.max(TallyQuery::horizon(now));
+        let (from, to) = query.span(unix_now());
         self.read(move |tx| {
             // Rows in (start, tenant, outcome) order, folded into tallies; at most `max`
             // tallies, so at most `max` times the outcomes rows.
@@ -122,13 +119,12 @@ impl UsageStore for SqliteStore {
                 |r: Sql<(i64, String, String, i64)>| r.map(|(s, t, o, n)| (s, t, o, u64::try_from(n).unwrap_or(0)));
             match tenant {
                 Some(t) => crate::store::usage::fold_tallies(
-                    stmt.query_map(params![from, query.to, t], map)?.map(as_counts),
+                    stmt.query_map(params![from, to, t], map)?.map(as_counts),
                     query.max,
                 ),
-                None => crate::store::usage::fold_tallies(
-                    stmt.query_map(params![from, query.to], map)?.map(as_counts),
-                    query.max,
-                ),
+                None => {
+                    crate::store::usage::fold_tallies(stmt.query_map(params![from, to], map)?.map(as_counts), query.max)
+                }
             }
         })
         .await
