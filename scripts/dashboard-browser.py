@@ -396,7 +396,7 @@ try:
             size = os.path.getsize(file)
             check(f"week: {name}: its picture is at most 200 KB", size <= PICTURE_MAX_BYTES, size)
 
-        picture("/", "overview", 2400)
+        picture("/", "overview", 1800)
         bars = [int(r.get_attribute("data-value")) for r in driver.find_elements(By.CSS_SELECTOR, "figure.hours rect")]
         check("week: the overview's day has requests in most hours", sum(1 for b in bars if b > 0) >= 20, bars[:24])
         picture("/tenants", "tenants")

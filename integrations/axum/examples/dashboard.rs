@@ -306,7 +306,7 @@ async fn seed_week(
             start += 3600;
         }
         // The last 24 hours' requests as the nodes' tallies count them (the overview's): four
-        // minutes of each hour, now and then some refused: a free tenant past its rate, a pro
+        // minutes of each hour (the current one's up to now), now and then some refused: a free tenant past its rate, a pro
         // one out of credits, a team at its cap.
         let (mut tallies, mut today_counts) = (Vec::new(), (0u64, 0u64));
         let refusal = if pro {
@@ -318,15 +318,23 @@ async fn seed_week(
         };
         let this_hour = now - now % 3600;
         let mut hour = this_hour - 24 * 3600;
-        while hour < this_hour {
+        while hour <= this_hour {
             let rhythm = [2, 1, 1, 1, 1, 2, 3, 5, 7, 8, 9, 10, 10, 10, 9, 9, 8, 7, 6, 5, 4, 3, 3, 2]
                 [((hour % 86_400) / 3600) as usize];
             let n = (peak * rhythm / 10 + draw.next(peak / 4 + 1)) * if pro || team { 4 } else { 1 };
             for quarter in 0..4 {
                 let minute = hour + ((quarter * 15 + draw.next(15)) * 60) as i64;
+                if minute > now - 120 {
+                    // The last minutes are the layer's own (below).
+                    continue;
+                }
                 let admitted = n / 4 + u64::from(quarter < n % 4);
                 let refused = if draw.next(if pro || team { 12 } else { 3 }) == 0 { 1 + draw.next(3) } else { 0 };
                 let mut counts = vec![("admitted".to_owned(), admitted)];
+                if team {
+                    // 0.01 USD a request, in nano-units.
+                    counts.push(("spent_nanos".to_owned(), admitted * 10_000_000));
+                }
                 if refused > 0 {
                     counts.push((refusal.to_owned(), refused));
                 }
@@ -340,7 +348,10 @@ async fn seed_week(
             hour += 3600;
         }
         if today_counts != (0, 0) {
-            let counts = vec![("admitted".to_owned(), today_counts.0), (refusal.to_owned(), today_counts.1)];
+            let mut counts = vec![("admitted".to_owned(), today_counts.0), (refusal.to_owned(), today_counts.1)];
+            if team {
+                counts.push(("spent_nanos".to_owned(), today_counts.0 * 10_000_000));
+            }
             tallies.push(Tally::new(TallyScope::Tenant((*name).into()), today, counts));
         }
         let batch = UsageBatch::new(FlushId::new(format!("seed-week-{name}")), records).with_tallies(tallies);
