@@ -341,6 +341,7 @@ pub trait UsageStore: Send + Sync + fmt::Debug + 'static {
 
 /// Rows of (start, tenant (`""`: the fleet), outcome, count) in (start, tenant) order folded
 /// into tallies, at most `max`: what the SQL stores read.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn fold_tallies<E>(
     rows: impl Iterator<Item = Result<(i64, String, String, u64), E>>,
     max: usize,
