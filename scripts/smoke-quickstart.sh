@@ -147,9 +147,9 @@ dash_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0
 dash_pid=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$dash_port/" && break; sleep 0.1; done
 check "README: the dashboard lists the quickstart's tenants" yes \
-  "$(grep -q 'href="/tenants/initech"' <<<"$(curl -s "http://127.0.0.1:$dash_port/")" && echo yes || echo no)"
+  "$(grep -q 'href="/tenants/initech"' <<<"$(curl -s "http://127.0.0.1:$dash_port/tenants")" && echo yes || echo no)"
 check "README: the dashboard shows initech's balance (20 left of 100)" yes \
-  "$(grep -q 'tokens 20 left of 100' <<<"$(curl -s "http://127.0.0.1:$dash_port/")" && echo yes || echo no)"
+  "$(grep -q 'tokens 20 left of 100' <<<"$(curl -s "http://127.0.0.1:$dash_port/tenants")" && echo yes || echo no)"
 kill -TERM $dash_pid 2>/dev/null || true
 for _ in $(seq 100); do kill -0 $dash_pid 2>/dev/null || break; sleep 0.1; done
 check "the dashboard stops on SIGTERM" stopped "$(kill -0 $dash_pid 2>/dev/null && echo running || echo stopped)"

@@ -578,7 +578,11 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
     let bearer = ("authorization", "Bearer dashboard-token-0123456789-abcdefgh");
     let resp = test::call_service(&app, TestRequest::get().uri("/ops/").to_request()).await;
     assert_eq!(resp.status(), 401);
-    for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/tenants/acme", "/ops/?q=ac"] {
+    // The list's old address (the home before the overview) leads to the list.
+    let resp = test::call_service(&app, TestRequest::get().uri("/ops/?q=ac").insert_header(bearer).to_request()).await;
+    let location = resp.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_owned);
+    assert_eq!((resp.status().as_u16(), location.as_deref()), (303, Some("/ops/tenants?q=ac")));
+    for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/tenants/acme", "/ops/tenants?q=ac"] {
         let resp = test::call_service(&app, TestRequest::get().uri(uri).insert_header(bearer).to_request()).await;
         assert_eq!(resp.status(), 200, "{uri}");
         assert!(resp.headers().contains_key("content-security-policy"));

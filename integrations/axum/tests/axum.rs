@@ -721,7 +721,12 @@ async fn the_dashboard_router_serves_its_pages_under_its_path_outside_the_layer(
         app.clone().oneshot(r.body(Body::empty()).unwrap())
     };
     assert_eq!(call("/ops/", false).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/?q=a", "/ops/assets/dashboard.css"] {
+    let old = call("/ops/?q=a", true).await.unwrap();
+    let location = old.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_owned);
+    assert_eq!((old.status(), location.as_deref()), (StatusCode::SEE_OTHER, Some("/ops/tenants?q=a")), "the old list");
+    for uri in
+        ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/tenants?q=a", "/ops/assets/dashboard.css"]
+    {
         let resp = call(uri, true).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{uri}");
         let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
