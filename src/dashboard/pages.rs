@@ -1196,7 +1196,10 @@ pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
         ));
     }
     if d.top_used.is_empty() {
-        p.raw("<tr><td colspan=\"4\">no request admitted today</td></tr>");
+        p.raw(match d.unread {
+            Some(_) => "<tr><td colspan=\"4\" class=\"error\">not read</td></tr>",
+            None => "<tr><td colspan=\"4\">no request admitted today</td></tr>",
+        });
     }
     p.raw(
         "</tbody></table><h3>By requests refused</h3><table class=\"top refused\"><thead><tr><th>tenant</th>\
@@ -1213,15 +1216,23 @@ pub(crate) fn overview(base: &str, frame: Frame, d: &OverviewData) -> String {
         ));
     }
     if d.top_refused.is_empty() {
-        p.raw("<tr><td colspan=\"4\">no request refused today</td></tr>");
+        p.raw(match d.unread {
+            Some(_) => "<tr><td colspan=\"4\" class=\"error\">not read</td></tr>",
+            None => "<tr><td colspan=\"4\">no request refused today</td></tr>",
+        });
     }
-    p.fmt(format_args!(
-        "</tbody></table><p class=\"today\">Today (since midnight UTC), the whole fleet: \
+    p.raw("</tbody></table>");
+    if d.unread.is_some() {
+        p.raw("<p class=\"today error\">Today's money: not read.</p>");
+    } else {
+        p.fmt(format_args!(
+            "<p class=\"today\">Today (since midnight UTC), the whole fleet: \
          <span class=\"spent-today\">{}</span> spent, <span class=\"paid-today\">{}</span> paid \
          (payments Stripe's webhooks delivered, before refunds and disputes).</p>",
-        Money(d.spent_today, currency),
-        Minor(d.paid_today, currency)
-    ));
+            Money(d.spent_today, currency),
+            Minor(d.paid_today, currency)
+        ));
+    }
     p.raw("</section><section><h2>Waiting for a look</h2><ul class=\"waiting\">");
     match &d.alerts {
         None => p.raw("<li>alerts: no alerts store</li>"),

@@ -85,6 +85,8 @@ async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
             now - now % 86_400,
             vec![("admitted".into(), 7), ("rate_limited".into(), 1)],
         ),
+        // Tomorrow's too: a page read past midnight UTC shows it all the same.
+        Tally::new(TallyScope::Tenant(MARK.into()), now - now % 86_400 + 86_400, vec![("admitted".into(), 1)]),
     ];
     let batch = UsageBatch::new(
         FlushId::new("b1"),
@@ -1025,6 +1027,17 @@ keys = ["key-u"]
     assert_eq!(h.status("/draw", "key-t").await, 400, "a hold past the whole limit");
     assert_eq!(h.status("/draw", "key-t").await, 400);
     assert_eq!(h.status("/buy", "key-u").await, 429, "an empty balance, as configured");
+    // Refused by its handler once admitted: a feature its plan lacks, a hold past the limit.
+    let info = tollgate::door::RequestInfo::new("GET", "/other", tollgate::door::Credential::ApiKey(b"key-t"));
+    let ticket = match h.tollgate.admit(&info) {
+        tollgate::door::Admission::Admitted(t) => t,
+        tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+    };
+    let ctx = ticket.context();
+    assert!(ctx.require_feature("beta").is_err());
+    assert!(ctx.hold("tokens", 60).await.is_err());
+    ticket.give_back();
     h.tollgate.flush().await.unwrap();
     let day = now - now.rem_euclid(86_400);
     let q = tollgate::store::TallyQuery::new(tollgate::store::TallyRead::Tenants, day, day + 86_400);
@@ -1035,7 +1048,12 @@ keys = ["key-u"]
         c.sort();
         c
     };
-    assert_eq!(of("t"), [("hold_exceeds_limit".to_owned(), 2)], "refused at its hold, never admitted");
+    let refused = |n: u64| ("hold_exceeds_limit".to_owned(), n);
+    assert_eq!(
+        of("t"),
+        [("admitted".to_owned(), 1), ("feature_not_in_plan".to_owned(), 1), refused(3)],
+        "refused at its route's hold, never admitted; then its handler's refusals of the one admitted"
+    );
     assert_eq!(of("u"), [("credits_exhausted".to_owned(), 1)]);
 }
 

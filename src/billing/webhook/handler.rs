@@ -351,17 +351,17 @@ impl WebhookHandler {
         // delivered again: each records once (the ledger once per payment).
         let outcome = self.settle_event(&config, settings, &fields, payload).await;
         let tiers = self.tier_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
-        self.tally_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
+        let tallied = self.tally_payment(&config, &fields.id, &fields.kind, fields.created, payload).await;
         if matches!(
             outcome,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. }
         ) {
             return outcome;
         }
-        match tiers {
-            Err(failed) => failed,
-            Ok(paid) if outcome == WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
-            Ok(_) => outcome,
+        match (tiers, tallied) {
+            (Err(failed), _) | (Ok(_), Err(failed)) => failed,
+            (Ok(paid), Ok(())) if outcome == WebhookOutcome::Ignored => paid.unwrap_or(WebhookOutcome::Ignored),
+            (Ok(_), Ok(())) => outcome,
         }
     }
 

@@ -156,17 +156,24 @@ impl WebhookHandler {
     /// (the batch's id is the event's). Not a payment, another currency, no usage store: nothing.
     /// A failure is logged: the event's answer does not change (Stripe would deliver it again
     /// for a figure of the dashboard's).
-    pub(super) async fn tally_payment(&self, config: &Config, event: &str, kind: &str, created: i64, payload: &str) {
+    pub(super) async fn tally_payment(
+        &self,
+        config: &Config,
+        event: &str,
+        kind: &str,
+        created: i64,
+        payload: &str,
+    ) -> Result<(), WebhookOutcome> {
         use crate::store::{FlushId, Tally, TallyScope, UsageBatch, TALLY_PAID};
-        let (Some(usage), Some(billing)) = (&self.usage, config.billing().currency.as_deref()) else { return };
-        let Ok(body) = serde_json::from_str::<Value>(payload) else { return };
+        let (Some(usage), Some(billing)) = (&self.usage, config.billing().currency.as_deref()) else { return Ok(()) };
+        let Ok(body) = serde_json::from_str::<Value>(payload) else { return Ok(()) };
         if body["account"].is_string() {
-            return;
+            return Ok(());
         }
         let o = &body["data"]["object"];
-        let Some(Change::Record { amount, currency, at, .. }) = change_of(kind, created, o) else { return };
+        let Some(Change::Record { amount, currency, at, .. }) = change_of(kind, created, o) else { return Ok(()) };
         if !currency.eq_ignore_ascii_case(billing) {
-            return;
+            return Ok(());
         }
         let now = self.clock.unix_secs();
         // Paid in the future by a clock ahead: counted now.
@@ -179,10 +186,7 @@ impl WebhookHandler {
                 Ok(None) => {
                     config.tenants().iter().find(|t| t.stripe_customer() == Some(customer)).map(|t| t.id().clone())
                 }
-                Err(e) => {
-                    tracing::warn!(%event, error = %e, "a payment's tenant could not be read: tallied the fleet's only");
-                    None
-                }
+                Err(e) => return Err(failed(e)),
             },
             None => None,
         };
@@ -191,9 +195,7 @@ impl WebhookHandler {
             tallies.push(Tally::new(TallyScope::Tenant(tenant), day, vec![(TALLY_PAID.to_owned(), amount)]));
         }
         let batch = UsageBatch::new(FlushId::new(format!("stripe-paid-{event}")), Vec::new()).with_tallies(tallies);
-        if let Err(e) = usage.commit_usage(&batch).await {
-            tracing::warn!(%event, error = %e, "a payment could not be added to the fleet's tallies: the dashboard misses it");
-        }
+        usage.commit_usage(&batch).await.map(drop).map_err(failed)
     }
 
     /// The customer of payment intent `intent`, read from Stripe (`None` without a key).

@@ -156,7 +156,15 @@ impl TenantContext {
             return Ok(());
         }
         self.state.plan.metrics.rejected(r.kind()).increment(1);
+        self.tally_refused(&r);
         Err(r)
+    }
+
+    /// A refusal the handler answers with, in the fleet's tallies (the request was counted
+    /// admitted when tollgate let it through: its handler refused it since).
+    fn tally_refused(&self, r: &Rejection) {
+        let now = self.state.clock().unix_secs();
+        self.units.pipeline().tallies().refused(Some(&self.state.id), r.kind(), now);
     }
 
     /// The answer to a record of `meter` refused through a hold ([`RecordError::Overrun`],
@@ -214,6 +222,7 @@ impl TenantContext {
                     let r = crate::engine::usage::hold::spent(org, j, at, true);
                     let r = crate::engine::usage::hold::for_member(r, &self.state, j);
                     self.state.plan.metrics.rejected(r.kind()).increment(1);
+                    self.tally_refused(&r);
                     return Some(r);
                 }
                 let hard = |j: &usize| self.state.quota(*j).is_some_and(|c| c.hard());
@@ -234,6 +243,7 @@ impl TenantContext {
             _ => return None,
         };
         self.state.plan.metrics.rejected(r.kind()).increment(1);
+        self.tally_refused(&r);
         Some(r)
     }
 
@@ -591,7 +601,10 @@ impl TenantContext {
             Err(e) => return Err(self.invalid_dimension(meter, &e)),
         };
         let mut hold = hold.with_org(self.org.as_ref());
-        hold.extend(units).await?;
+        if let Err(r) = hold.extend(units).await {
+            self.tally_refused(&r);
+            return Err(r);
+        }
         Ok(hold)
     }
 
@@ -601,6 +614,7 @@ impl TenantContext {
         r.inner.policy = Some(meter.to_owned());
         r.inner.tenant = Some(self.state.id.clone());
         self.state.plan.metrics.rejected(r.kind()).increment(1);
+        self.tally_refused(&r);
         r
     }
 }

@@ -299,9 +299,19 @@ impl Pipeline {
             // Everything held was taken: the buffer has room again.
             self.buffer_full.store(false, Relaxed);
         }
-        // The tallies after the usage, whatever became of it, within one store timeout: a
-        // failed one waits for the next flush, and never changes this one's outcome.
-        let _late = tokio::time::timeout(rt.config.usage.store_timeout, self.commit_tallies(&mut p)).await;
+        // The tallies after the usage, whatever became of it, within a background call's time
+        // (`limits.background_timeout`): a failed or late one waits for the next flush (the
+        // last flush's, counted lost), and never changes this one's outcome.
+        let within = rt.config.limits.background_timeout;
+        if tokio::time::timeout(within, self.commit_tallies(&mut p)).await.is_err() {
+            let waiting = self.tallies.waiting_batches();
+            tracing::warn!(
+                batches = waiting,
+                last,
+                "the tallies of requests admitted and refused took longer than limits.background_timeout to store; \
+                 sent again at the next flush"
+            );
+        }
         usage?;
         if report.batches > 0 {
             tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");

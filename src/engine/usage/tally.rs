@@ -22,8 +22,13 @@ use crate::store::{FlushId, Tally, TallyScope, UsageBatch, TALLY_ADMITTED, TALLY
 /// The most (tenant, day) tallies a node keeps waiting for the store.
 pub(crate) const STAGED_TENANTS: usize = 10_000;
 
-/// The most minutes of the fleet's tallies a node keeps waiting for the store: three days'.
+/// The most minutes of the fleet's tallies a node keeps waiting for the store in each of its
+/// [`SHARDS`]: three days'.
 pub(crate) const STAGED_MINUTES: usize = 3 * 1_440;
+
+/// The staged tallies' locks: a tenant's refusals take its own shard's (by its id's hash), so
+/// that a tenant refused in a flood holds up few others.
+const SHARDS: usize = 16;
 
 /// Counts by outcome: outcomes are the crate's own names.
 type Counts = BTreeMap<&'static str, u64>;
@@ -41,7 +46,7 @@ struct Staged {
 /// committed (retried first, in order, under their own ids, each with when it was formed).
 #[derive(Debug, Default)]
 pub(crate) struct Tallies {
-    staged: Mutex<Staged>,
+    staged: [Mutex<Staged>; SHARDS],
     pending: Mutex<VecDeque<(Arc<UsageBatch>, i64)>>,
     /// Refusals of requests that named no tenant (an unknown or missing key), by reason
     /// ([`RejectionKind::ALL`]'s order): counted without a lock (a flood of them is a client's
@@ -58,8 +63,32 @@ fn add(counts: &mut Counts, outcome: &'static str, n: u64) {
 }
 
 impl Tallies {
-    fn staged(&self) -> MutexGuard<'_, Staged> {
-        self.staged.lock().unwrap_or_else(PoisonError::into_inner)
+    fn staged(&self, shard: usize) -> MutexGuard<'_, Staged> {
+        self.staged[shard % SHARDS].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every shard's staged tallies, taken: the fleet's minutes merged.
+    fn take_staged(&self) -> Staged {
+        let mut all = Staged::default();
+        for shard in 0..SHARDS {
+            let staged = std::mem::take(&mut *self.staged(shard));
+            for (minute, counts) in staged.fleet {
+                let into = all.fleet.entry(minute).or_default();
+                for (outcome, n) in counts {
+                    add(into, outcome, n);
+                }
+            }
+            all.tenants.extend(staged.tenants);
+        }
+        all
+    }
+
+    /// The shard of `tenant` (the fleet's own counts: the first).
+    fn shard_of(tenant: Option<&TenantId>) -> usize {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        tenant.map_or(0, |t| {
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(t.as_str()) as usize
+        })
     }
 
     fn pending(&self) -> MutexGuard<'_, VecDeque<(Arc<UsageBatch>, i64)>> {
@@ -74,7 +103,7 @@ impl Tallies {
         }
         let minute = at - at.rem_euclid(60);
         let day = at - at.rem_euclid(86_400);
-        let mut staged = self.staged();
+        let mut staged = self.staged(Self::shard_of(tenant));
         if !staged.fleet.contains_key(&minute) && staged.fleet.len() >= STAGED_MINUTES {
             // The oldest minute goes (the store has taken none for days).
             if let Some((_, counts)) = staged.fleet.pop_first() {
@@ -85,7 +114,7 @@ impl Tallies {
         add(staged.fleet.entry(minute).or_default(), outcome, n);
         if let Some(tenant) = tenant {
             let key = (tenant.clone(), day);
-            let room = staged.tenants.len() < STAGED_TENANTS;
+            let room = staged.tenants.len() < STAGED_TENANTS / SHARDS;
             match staged.tenants.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut e) => add(e.get_mut(), outcome, n),
                 std::collections::hash_map::Entry::Vacant(e) if room => add(e.insert(Counts::new()), outcome, n),
@@ -136,7 +165,7 @@ impl Tallies {
                 let n = spilled.swap(0, Relaxed);
                 self.count(None, RejectionKind::ALL[i].label(), n, now);
             }
-            let staged = std::mem::take(&mut *self.staged());
+            let staged = self.take_staged();
             let counts = |c: Counts| c.into_iter().map(|(o, n)| (o.to_owned(), n)).collect::<Vec<_>>();
             let mut tallies: Vec<Tally> =
                 staged.fleet.into_iter().map(|(m, c)| Tally::new(TallyScope::Fleet, m, counts(c))).collect();
@@ -153,7 +182,7 @@ impl Tallies {
 
     /// Forgets the tallies staged (a process restored from a snapshot: each copy has them).
     pub(crate) fn forget_staged(&self) {
-        let forgotten = std::mem::take(&mut *self.staged());
+        let forgotten = self.take_staged();
         let spilled: u64 = self.spill.iter().map(|s| s.swap(0, Relaxed)).sum();
         let n = forgotten.fleet.values().flat_map(|c| c.values()).fold(spilled, |a, b| a.saturating_add(*b));
         self.overflowed.fetch_add(n, Relaxed);
@@ -167,11 +196,21 @@ impl Tallies {
         }
     }
 
+    /// Batches formed and not committed.
+    pub(crate) fn waiting_batches(&self) -> usize {
+        self.pending().len()
+    }
+
     /// Tallies waiting: (staged fleet minutes, staged tenants' days, batches formed).
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> (usize, usize, usize) {
-        let staged = self.staged();
-        (staged.fleet.len(), staged.tenants.len(), self.pending().len())
+        let (mut minutes, mut tenants) = (std::collections::BTreeSet::new(), 0);
+        for shard in 0..SHARDS {
+            let staged = self.staged(shard);
+            minutes.extend(staged.fleet.keys().copied());
+            tenants += staged.tenants.len();
+        }
+        (minutes.len(), tenants, self.pending().len())
     }
 }
 
@@ -218,17 +257,21 @@ mod tests {
 
         // Bounded: past the tenants' room, the fleet still counts.
         let full = Tallies::default();
-        for i in 0..STAGED_TENANTS + 5 {
+        let n = 2 * STAGED_TENANTS;
+        for i in 0..n {
             full.admitted(&TenantId::from(format!("t{i}")), 1, 0);
         }
-        assert_eq!(full.waiting(), (1, STAGED_TENANTS, 0));
-        assert_eq!(full.overflowed.load(std::sync::atomic::Ordering::Relaxed), 5);
+        let (minutes, tenants, _) = full.waiting();
+        assert_eq!(minutes, 1);
+        assert!(tenants <= STAGED_TENANTS && tenants > STAGED_TENANTS * 9 / 10, "{tenants}: each shard's room");
+        let over = full.overflowed.load(Relaxed) as usize;
+        assert_eq!(over + tenants, n, "what found no room is counted");
         let batches = full.batches(usize::MAX, 0, || FlushId::new("x"));
-        assert_eq!(batches[0].tallies[0].count("admitted"), STAGED_TENANTS as u64 + 5);
+        assert_eq!(batches[0].tallies[0].count("admitted"), n as u64, "the fleet counts them all");
         for m in 0..STAGED_MINUTES as i64 + 2 {
             full.count(None, "rate_limited", 1, m * 60);
         }
-        assert_eq!(full.waiting().0, STAGED_MINUTES);
+        assert_eq!(full.waiting().0, STAGED_MINUTES, "the fleet's own shard");
 
         // A batch the store never takes is let go once the store would no longer keep it;
         // staged tallies are forgotten at a restore, counted.

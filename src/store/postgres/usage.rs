@@ -134,7 +134,7 @@ impl UsageStore for PostgresStore {
             TallyRead::Tenants => ("tenant <> ''", None),
             TallyRead::Tenant(t) => ("tenant = $3", Some(t.as_str())),
         };
-        // Read in portions as folded: the rows past the last tally wanted are never read.
+        // At most `max` tallies' rows (every outcome of each), folded.
         let sql = self.sql(&format!(
             "SELECT start, tenant, outcome, n FROM {{s}}.tally WHERE start >= $1 AND start < $2 AND {filter} \
              ORDER BY start, tenant, outcome LIMIT $4"
@@ -143,8 +143,9 @@ impl UsageStore for PostgresStore {
             Some(_) => sql,
             None => sql.replace("LIMIT $4", "LIMIT $3"),
         };
-        // Every outcome of a tally at most: a reason's label, admitted, spent.
-        let limit = i64::try_from(query.max.saturating_mul(64)).unwrap_or(i64::MAX);
+        // Every outcome of a tally at most: each reason's label, admitted, spent, paid.
+        let outcomes = crate::base::RejectionKind::ALL.len() + 3;
+        let limit = i64::try_from(query.max.saturating_mul(outcomes)).unwrap_or(i64::MAX);
         self.retrying(|| async {
             let client = self.client().await?;
             let rows = match tenant {
